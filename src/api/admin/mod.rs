@@ -1,0 +1,17 @@
+//! The admin API, `/admin/v1`; each resource owns its routes.
+
+mod operations;
+mod servers;
+mod tenants;
+
+pub use tenants::validate_slug;
+use utoipa_axum::router::OpenApiRouter;
+
+use super::AppState;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .merge(tenants::router())
+        .merge(operations::router())
+        .merge(servers::router())
+}

@@ -1,0 +1,91 @@
+//! `/admin/v1/servers`: tenant DB servers.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Extension;
+use serde::Deserialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::api::auth::Actor;
+use crate::api::error::{ApiError, ApiResult, Json, Problem};
+use crate::api::AppState;
+use crate::config::{DEFAULT_SERVER_MAX_CONNECTIONS, DEFAULT_SERVER_MAX_TENANTS};
+use crate::provision::servers::ServerUnreachable;
+use crate::registry::{is_unique_violation, DbServer};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(list_servers, create_server))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateServerBody {
+    name: String,
+    /// postgres:// URL of a role with CREATEDB and CREATEROLE. Stored encrypted, never shown.
+    admin_url: String,
+    max_connections: Option<i32>,
+    max_tenants: Option<i32>,
+}
+
+/// Registered tenant DB servers (admin URLs are never shown).
+#[utoipa::path(get, path = "/servers", tag = "servers", responses((status = 200, body = Vec<DbServer>)))]
+async fn list_servers(State(state): State<AppState>) -> ApiResult<Json<Vec<DbServer>>> {
+    Ok(Json(state.registry().servers().await?))
+}
+
+/// Register a tenant DB server; its admin URL is checked by connecting.
+#[utoipa::path(post, path = "/servers", tag = "servers", request_body = CreateServerBody,
+    responses((status = 201, body = DbServer), (status = 409, body = Problem), (status = 422, body = Problem)))]
+async fn create_server(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Json(body): Json<CreateServerBody>,
+) -> ApiResult<(StatusCode, Json<DbServer>)> {
+    let name_ok = (1..=63).contains(&body.name.len())
+        && body
+            .name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_');
+    if !name_ok {
+        return Err(ApiError::invalid(
+            "name must be 1 to 63 characters of a-z, A-Z, 0-9, '-' and '_'",
+        ));
+    }
+    let max_connections = body
+        .max_connections
+        .unwrap_or(DEFAULT_SERVER_MAX_CONNECTIONS);
+    let max_tenants = body.max_tenants.unwrap_or(DEFAULT_SERVER_MAX_TENANTS);
+    if !(1..=100_000).contains(&max_connections) || !(1..=1_000_000).contains(&max_tenants) {
+        return Err(ApiError::invalid(
+            "max_connections and max_tenants must be positive",
+        ));
+    }
+    crate::provision::servers::admin_options(&body.admin_url)
+        .map_err(|e| ApiError::invalid(format!("admin_url: {e}")))?;
+    let server = state
+        .provisioner
+        .register_server(&body.name, &body.admin_url, max_connections, max_tenants)
+        .await
+        .map_err(|e| match e.downcast_ref::<sqlx::Error>() {
+            Some(db) if is_unique_violation(db, "db_servers_name_key") => {
+                ApiError::Conflict(format!("a server named '{}' exists", body.name))
+            }
+            // The URL did not connect: the client's input, not our fault. No URL in the answer.
+            _ if e.downcast_ref::<ServerUnreachable>().is_some() => {
+                ApiError::invalid("admin_url: could not connect to the server with it")
+            }
+            _ => ApiError::Internal(e),
+        })?;
+    state
+        .registry()
+        .audit(
+            actor.0,
+            "server.create",
+            None,
+            serde_json::json!({"server": server.name}),
+        )
+        .await?;
+    Ok((StatusCode::CREATED, Json(server)))
+}

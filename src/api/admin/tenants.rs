@@ -1,0 +1,345 @@
+//! `/admin/v1/tenants`: onboarding and lifecycle of tenants.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Extension;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use crate::api::auth::Actor;
+use crate::api::error::{ApiError, ApiResult, Json, Problem, Query};
+use crate::api::AppState;
+use crate::provision::{CreateTenant, DEFAULT_PLAN, PLANS};
+use crate::registry::{Operation, Tenant, TenantPatch, TenantRecord, TenantStatus};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_tenant, list_tenants))
+        .routes(routes!(get_tenant, patch_tenant, delete_tenant))
+        .routes(routes!(suspend_tenant))
+        .routes(routes!(resume_tenant))
+}
+
+/// Longest `Idempotency-Key` accepted.
+const MAX_IDEMPOTENCY_KEY: usize = 200;
+/// Page size bounds for listing.
+const DEFAULT_PAGE: i64 = 50;
+const MAX_PAGE: i64 = 500;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTenantBody {
+    /// `^[a-z][a-z0-9-]{1,38}[a-z0-9]$`
+    slug: String,
+    name: String,
+    /// `free`, `standard` (default) or `premium`.
+    plan: Option<String>,
+    /// Server to place the tenant on; default: the one with most headroom.
+    server: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatchTenantBody {
+    name: Option<String>,
+    plan: Option<String>,
+    /// Cron expression with seconds, e.g. `0 0 3 * * *`.
+    backup_schedule: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    status: Option<String>,
+    /// 1..=500, default 50.
+    limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TenantPage {
+    items: Vec<Tenant>,
+    next_cursor: Option<String>,
+}
+
+/// Create a tenant; answers once it is active and ready to serve.
+#[utoipa::path(post, path = "/tenants", tag = "tenants",
+    request_body = CreateTenantBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "retries with the same key return the same tenant")),
+    responses(
+        (status = 201, body = Tenant),
+        (status = 409, body = Problem, description = "slug taken"),
+        (status = 422, body = Problem, description = "invalid request"),
+    ))]
+async fn create_tenant(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    headers: HeaderMap,
+    Json(body): Json<CreateTenantBody>,
+) -> ApiResult<(StatusCode, Json<Tenant>)> {
+    let key = idempotency_key(&headers)?;
+    validate_slug(&body.slug)?;
+    let name = validate_name(&body.name)?;
+    let plan = body.plan.as_deref().unwrap_or(DEFAULT_PLAN);
+    validate_plan(plan)?;
+    if let Some(server) = &body.server {
+        validate_text("server", server, 63)?;
+    }
+    let req = CreateTenant {
+        slug: body.slug,
+        name,
+        plan: plan.to_owned(),
+        server: body.server,
+    };
+    let tenant = state
+        .provisioner
+        .create(&req, key.as_deref(), actor.0)
+        .await?;
+    Ok((StatusCode::CREATED, Json(tenant.view())))
+}
+
+/// List tenants, oldest first, one page at a time.
+#[utoipa::path(get, path = "/tenants", tag = "tenants", params(ListParams),
+    responses((status = 200, body = TenantPage), (status = 422, body = Problem)))]
+async fn list_tenants(
+    State(state): State<AppState>,
+    Query(params): Query<ListParams>,
+) -> ApiResult<Json<TenantPage>> {
+    let status = params
+        .status
+        .as_deref()
+        .map(|s| {
+            TenantStatus::parse(s).ok_or_else(|| ApiError::invalid(format!("unknown status '{s}'")))
+        })
+        .transpose()?;
+    let limit = params.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::invalid(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        )));
+    }
+    let after = params
+        .cursor
+        .as_deref()
+        .map(|c| {
+            Uuid::parse_str(c)
+                .map_err(|_| ApiError::invalid("cursor is not a cursor this API returned"))
+        })
+        .transpose()?;
+    let rows = state.registry().list_tenants(status, after, limit).await?;
+    let next_cursor = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|t| t.id.to_string()))
+        .flatten();
+    Ok(Json(TenantPage {
+        items: rows.iter().map(TenantRecord::view).collect(),
+        next_cursor,
+    }))
+}
+
+/// One tenant by slug or id.
+#[utoipa::path(get, path = "/tenants/{tenant}", tag = "tenants",
+    params(("tenant" = String, Path, description = "slug or id")),
+    responses((status = 200, body = Tenant), (status = 404, body = Problem)))]
+async fn get_tenant(
+    State(state): State<AppState>,
+    Path(tenant): Path<String>,
+) -> ApiResult<Json<Tenant>> {
+    Ok(Json(resolve(&state, &tenant).await?.view()))
+}
+
+/// Change a tenant's name, plan or backup schedule.
+#[utoipa::path(patch, path = "/tenants/{tenant}", tag = "tenants", request_body = PatchTenantBody,
+    params(("tenant" = String, Path, description = "slug or id")),
+    responses((status = 200, body = Tenant), (status = 404, body = Problem), (status = 422, body = Problem)))]
+async fn patch_tenant(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(tenant): Path<String>,
+    Json(body): Json<PatchTenantBody>,
+) -> ApiResult<Json<Tenant>> {
+    let name = body.name.as_deref().map(validate_name).transpose()?;
+    if let Some(plan) = &body.plan {
+        validate_plan(plan)?;
+    }
+    if let Some(schedule) = &body.backup_schedule {
+        validate_schedule(schedule)?;
+    }
+    let t = resolve(&state, &tenant).await?;
+    let patch = TenantPatch {
+        name: name.as_deref(),
+        plan: body.plan.as_deref(),
+        backup_schedule: body.backup_schedule.as_deref(),
+    };
+    let t = state.provisioner.patch(t.id, &patch, actor.0).await?;
+    Ok(Json(t.view()))
+}
+
+/// Suspend a tenant: its role can no longer log in, its sessions end.
+#[utoipa::path(post, path = "/tenants/{tenant}/suspend", tag = "tenants",
+    params(("tenant" = String, Path, description = "slug or id")),
+    responses((status = 200, body = Tenant), (status = 404, body = Problem), (status = 409, body = Problem)))]
+async fn suspend_tenant(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(tenant): Path<String>,
+) -> ApiResult<Json<Tenant>> {
+    let t = resolve(&state, &tenant).await?;
+    Ok(Json(state.provisioner.suspend(t.id, actor.0).await?.view()))
+}
+
+/// Resume a suspended tenant.
+#[utoipa::path(post, path = "/tenants/{tenant}/resume", tag = "tenants",
+    params(("tenant" = String, Path, description = "slug or id")),
+    responses((status = 200, body = Tenant), (status = 404, body = Problem), (status = 409, body = Problem)))]
+async fn resume_tenant(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(tenant): Path<String>,
+) -> ApiResult<Json<Tenant>> {
+    let t = resolve(&state, &tenant).await?;
+    Ok(Json(state.provisioner.resume(t.id, actor.0).await?.view()))
+}
+
+/// Delete a tenant: its database and role are dropped, the row kept as `deleted`.
+#[utoipa::path(delete, path = "/tenants/{tenant}", tag = "tenants",
+    params(("tenant" = String, Path, description = "slug or id")),
+    responses((status = 202, body = Operation), (status = 404, body = Problem), (status = 409, body = Problem)))]
+async fn delete_tenant(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(tenant): Path<String>,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
+    let t = resolve(&state, &tenant).await?;
+    let op = state.provisioner.start_delete(t.id, actor.0).await?;
+    Ok((StatusCode::ACCEPTED, Json(op)))
+}
+
+/// Find a tenant by slug or id; 404 for anything else.
+async fn resolve(state: &AppState, slug_or_id: &str) -> ApiResult<TenantRecord> {
+    if slug_or_id.len() > 64 {
+        return Err(ApiError::not_found("tenant"));
+    }
+    state
+        .registry()
+        .find_tenant(slug_or_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("tenant"))
+}
+
+fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = v
+        .to_str()
+        .ok()
+        .filter(|k| {
+            !k.is_empty()
+                && k.len() <= MAX_IDEMPOTENCY_KEY
+                && k.bytes().all(|b| b.is_ascii_graphic())
+        })
+        .ok_or_else(|| {
+            ApiError::invalid(format!(
+                "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
+            ))
+        })?;
+    Ok(Some(key.to_owned()))
+}
+
+/// `^[a-z][a-z0-9-]{1,38}[a-z0-9]$`
+pub fn validate_slug(slug: &str) -> ApiResult<()> {
+    let b = slug.as_bytes();
+    let ok = (3..=40).contains(&b.len())
+        && b[0].is_ascii_lowercase()
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[b.len() - 1] != b'-';
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            "slug must be 3 to 40 characters of a-z, 0-9 and '-', start with a letter and not end with '-'",
+        ))
+    }
+}
+
+fn validate_name(name: &str) -> ApiResult<String> {
+    let name = name.trim();
+    validate_text("name", name, 200)?;
+    Ok(name.to_owned())
+}
+
+fn validate_text(field: &str, value: &str, max: usize) -> ApiResult<()> {
+    if value.trim().is_empty() || value.chars().count() > max || value.chars().any(char::is_control)
+    {
+        return Err(ApiError::invalid(format!(
+            "{field} must be 1 to {max} characters with no control characters"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_plan(plan: &str) -> ApiResult<()> {
+    if PLANS.iter().any(|(p, _)| *p == plan) {
+        return Ok(());
+    }
+    let names: Vec<&str> = PLANS.iter().map(|(p, _)| *p).collect();
+    Err(ApiError::invalid(format!(
+        "plan must be one of {}",
+        names.join(", ")
+    )))
+}
+
+fn validate_schedule(schedule: &str) -> ApiResult<()> {
+    croner::Cron::new(schedule)
+        .with_seconds_required()
+        .parse()
+        .map(|_| ())
+        .map_err(|e| {
+            ApiError::invalid(format!(
+                "backup_schedule is not a valid cron expression with seconds: {e}"
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slugs_follow_the_contract_pattern() {
+        for ok in [
+            "abc",
+            "a1-b2",
+            "clinic-north-7",
+            &format!("a{}", "b".repeat(39)),
+        ] {
+            assert!(validate_slug(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "ab",
+            "1abc",
+            "Abc",
+            "abc-",
+            "a_bc",
+            "abc def",
+            "ünï",
+            &format!("a{}", "b".repeat(40)),
+        ] {
+            assert!(validate_slug(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn schedules_must_be_cron_with_seconds() {
+        assert!(validate_schedule("0 0 3 * * *").is_ok());
+        assert!(validate_schedule("0 3 * * *").is_err());
+        assert!(validate_schedule("99 * * * * *").is_err());
+        assert!(validate_schedule("tomorrow").is_err());
+    }
+}

@@ -1,0 +1,59 @@
+//! Liveness, readiness and Prometheus metrics (unauthenticated, as probes expect).
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::error::{ApiError, ApiResult};
+use super::AppState;
+use crate::registry::TenantStatus;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+}
+
+/// The process is alive.
+#[utoipa::path(get, path = "/healthz", tag = "health", security(), responses((status = 200, description = "alive")))]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// The control database is reachable.
+#[utoipa::path(get, path = "/readyz", tag = "health", security(), responses(
+    (status = 200, description = "ready"), (status = 503, description = "control database unreachable")))]
+async fn readyz(State(state): State<AppState>) -> ApiResult<&'static str> {
+    state
+        .registry()
+        .ping()
+        .await
+        .map_err(|_| ApiError::Unavailable("control database unreachable".into()))?;
+    Ok("ready")
+}
+
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", tag = "health", security(), responses((status = 200, description = "Prometheus text format")))]
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    // Gauges read from the registry at scrape time, so every replica reports the truth.
+    if let Ok(counts) = state.registry().count_by_status().await {
+        for status in TenantStatus::ALL {
+            let n = counts
+                .iter()
+                .find(|(s, _)| s == status.as_str())
+                .map_or(0, |(_, n)| *n);
+            metrics::gauge!("silo_tenants", "status" => status.as_str()).set(n as f64);
+        }
+    }
+    if let Ok(n) = state.registry().spare_count().await {
+        metrics::gauge!("silo_warm_pool_spares").set(n as f64);
+    }
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}

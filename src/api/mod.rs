@@ -1,0 +1,95 @@
+//! HTTP interface: the admin API under `/admin/v1`, health, metrics and the
+//! generated OpenAPI document. [`app`] builds the router from state and does
+//! not serve, so tests drive it with `oneshot` as well as over a real socket.
+
+mod admin;
+mod auth;
+pub mod error;
+mod health;
+
+pub use admin::validate_slug;
+
+use std::sync::Arc;
+
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_scalar::{Scalar, Servable};
+
+use crate::config::Secret;
+use crate::provision::Provisioner;
+use crate::registry::Registry;
+
+/// Everything handlers need; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub provisioner: Provisioner,
+    pub admin_token: Arc<Secret>,
+    pub metrics: PrometheusHandle,
+}
+
+impl AppState {
+    pub fn registry(&self) -> &Registry {
+        self.provisioner.registry()
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "silo", description = "Database-per-tenant control plane for PostgreSQL"),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+    components(schemas(error::Problem))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The whole HTTP application.
+pub fn app(state: AppState) -> Router {
+    let admin = admin::router().layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        auth::require_admin,
+    ));
+    let (router, api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .nest("/admin/v1", admin)
+        .merge(health::router())
+        .split_for_parts();
+    let api = Arc::new(api);
+    let spec = api.clone();
+    router
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || async move { axum::Json(spec.as_ref().clone()) }),
+        )
+        .merge(Scalar::with_url("/docs", api.as_ref().clone()))
+        .fallback(|| async { error::ApiError::not_found("resource") })
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+                .layer(TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+                    let id = req
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-");
+                    tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = id)
+                }))
+                .layer(PropagateRequestIdLayer::x_request_id()),
+        )
+        .with_state(state)
+}

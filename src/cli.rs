@@ -1,0 +1,428 @@
+//! The `silo` commands. Each parses its configuration, then calls the library.
+//! Exit codes: 0 success, 1 operation failed, 2 bad usage or configuration.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::{app, AppState};
+use crate::config::{
+    check_admin_token, Cli, Command, ConfigError, ControlArgs, DevArgs, MigrateCommand, Secret,
+    ServerArgs, TenantsCommand,
+};
+use crate::crypto::Keyring;
+use crate::embedded::EmbeddedPostgres;
+use crate::provision::{CreateTenant, ProvisionConfig, ProvisionError, Provisioner, DEFAULT_PLAN};
+use crate::registry::{Registry, TenantStatus};
+
+/// How long shutdown waits for in-flight requests and background tasks.
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);
+
+/// A command failed: how to exit, after saying why.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("failed to {0:#}")]
+    Failed(#[from] anyhow::Error),
+}
+
+impl From<sqlx::Error> for CliError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Failed(anyhow::Error::new(e).context("query the control database"))
+    }
+}
+
+impl From<ProvisionError> for CliError {
+    fn from(e: ProvisionError) -> Self {
+        match e {
+            ProvisionError::Internal(e) => Self::Failed(e),
+            other => Self::Usage(other.to_string()),
+        }
+    }
+}
+
+pub async fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Dev(args) => dev(args).await,
+        Command::Migrate(cmd) => migrate(cmd).await,
+        Command::Tenants(cmd) => tenants(cmd).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            match e {
+                CliError::Config(_) | CliError::Usage(_) => ExitCode::from(2),
+                CliError::Failed(_) => ExitCode::from(1),
+            }
+        }
+    }
+}
+
+/// Connect to the control DB, apply its migrations, and build a provisioner.
+async fn connect(
+    control: &ControlArgs,
+    server: Option<&ServerArgs>,
+) -> Result<Provisioner, CliError> {
+    let url = control.database_url()?;
+    let keyring = control.keyring()?;
+    let registry = Registry::connect_lazy(url)?;
+    registry
+        .migrate()
+        .await
+        .context("apply control database migrations")?;
+    let config = ProvisionConfig {
+        warm_pool_size: server.map_or(0, |s| s.warm_pool_size),
+    };
+    let provisioner = Provisioner::new(registry, keyring, config);
+    let tenant_server = control
+        .tenant_server_url
+        .as_ref()
+        .map_or(url, Secret::expose);
+    provisioner.ensure_default_server(tenant_server).await?;
+    Ok(provisioner)
+}
+
+async fn serve(args: crate::config::ServeArgs) -> Result<(), CliError> {
+    // Refuse insecure configuration before touching anything.
+    let token = check_admin_token(args.admin_token.as_ref())?.to_owned();
+    args.control.keyring()?;
+    args.control.database_url()?;
+    let provisioner = connect(&args.control, Some(&args.server)).await?;
+    run_server(
+        provisioner,
+        Secret::new(token),
+        &args.server,
+        shutdown_signal(),
+        |addr| {
+            tracing::info!(%addr, "silo serving");
+        },
+    )
+    .await
+}
+
+/// Serve the API and run background jobs until `shutdown` resolves.
+pub async fn run_server(
+    provisioner: Provisioner,
+    admin_token: Secret,
+    args: &ServerArgs,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    on_listen: impl FnOnce(std::net::SocketAddr),
+) -> Result<(), CliError> {
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listen on {}", args.listen))?;
+    on_listen(listener.local_addr().context("read listen address")?);
+    let token = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    crate::jobs::spawn(
+        &provisioner,
+        Duration::from_secs(args.reconcile_interval.max(1)),
+        &token,
+        &tracker,
+    );
+    let state = AppState {
+        provisioner: provisioner.clone(),
+        admin_token: Arc::new(admin_token),
+        metrics: crate::telemetry::metrics_handle(),
+    };
+    let stop = token.clone();
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            stop.cancel();
+        })
+        .await
+        .context("serve HTTP")?;
+    token.cancel();
+    tracker.close();
+    provisioner.tasks().close();
+    let drained = async {
+        tracker.wait().await;
+        provisioner.tasks().wait().await;
+    };
+    if tokio::time::timeout(SHUTDOWN_DEADLINE, drained)
+        .await
+        .is_err()
+    {
+        tracing::warn!("background tasks did not stop within the shutdown deadline");
+    }
+    tracing::info!("silo stopped");
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Demo clinics `silo dev` creates on first start.
+const DEMO_CLINICS: [(&str, &str); 2] = [
+    ("demo-north", "North Family Clinic"),
+    ("demo-south", "South Dental Care"),
+];
+
+async fn dev(args: DevArgs) -> Result<(), CliError> {
+    let dir = args.dir.clone();
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let dir = dir.canonicalize().context("resolve the dev directory")?;
+    let pg_dir = dir.join("pg");
+    let pg = tokio::task::spawn_blocking(move || EmbeddedPostgres::start_persistent(&pg_dir))
+        .await
+        .context("start PostgreSQL")?
+        .context("start the private PostgreSQL cluster")?;
+    let result = dev_with(&args, &dir, &pg).await;
+    let mut pg = pg;
+    tokio::task::spawn_blocking(move || pg.stop())
+        .await
+        .context("stop PostgreSQL")?
+        .context("stop the private PostgreSQL cluster")?;
+    result
+}
+
+async fn dev_with(args: &DevArgs, dir: &Path, pg: &EmbeddedPostgres) -> Result<(), CliError> {
+    let master_key = read_or_create(&dir.join("master.key"), Keyring::generate_base64)?;
+    let admin_token = read_or_create(&dir.join("admin.token"), || {
+        crate::crypto::random_password(40)
+    })?;
+    ensure_database(&pg.url("postgres"), "silo_control").await?;
+    let control = ControlArgs {
+        database_url: Some(Secret::new(pg.url("silo_control"))),
+        master_key: Some(Secret::new(master_key)),
+        tenant_server_url: Some(Secret::new(pg.url("postgres"))),
+    };
+    let provisioner = connect(&control, Some(&args.server)).await?;
+    for (slug, name) in DEMO_CLINICS {
+        if provisioner.registry().find_tenant(slug).await?.is_none() {
+            let req = CreateTenant {
+                slug: slug.into(),
+                name: name.into(),
+                plan: DEFAULT_PLAN.into(),
+                server: None,
+            };
+            provisioner.create(&req, None, "silo-dev").await?;
+        }
+    }
+    let banner = |addr: std::net::SocketAddr| {
+        println!("silo dev is running (Ctrl-C stops it)");
+        println!("  admin API:    http://{addr}/admin/v1/tenants");
+        println!("  API docs:     http://{addr}/docs");
+        println!("  metrics:      http://{addr}/metrics");
+        println!("  admin token:  {admin_token}");
+        println!("  try:          curl -H 'Authorization: Bearer {admin_token}' http://{addr}/admin/v1/tenants");
+        println!(
+            "  PostgreSQL:   127.0.0.1:{} (data in {})",
+            pg.port(),
+            dir.join("pg").display()
+        );
+        println!(
+            "  demo clinics: {}",
+            DEMO_CLINICS.map(|(s, _)| s).join(", ")
+        );
+    };
+    run_server(
+        provisioner,
+        Secret::new(admin_token.clone()),
+        &args.server,
+        shutdown_signal(),
+        banner,
+    )
+    .await
+}
+
+fn read_or_create(path: &Path, make: impl FnOnce() -> String) -> anyhow::Result<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Ok(s) = std::fs::read_to_string(path) {
+        return Ok(s.trim().to_owned());
+    }
+    let value = make();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("write {}", path.display()))?;
+    std::io::Write::write_all(&mut f, value.as_bytes())?;
+    Ok(value)
+}
+
+/// Create `name` on the server behind `admin_url` unless it exists.
+pub async fn ensure_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
+    use sqlx::{ConnectOptions, Connection};
+    let mut conn = crate::provision::servers::admin_options(admin_url)?
+        .connect()
+        .await
+        .context("connect to PostgreSQL")?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(name)
+            .fetch_one(&mut conn)
+            .await?;
+    if !exists {
+        sqlx::raw_sql(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut conn)
+            .await
+            .with_context(|| format!("create database {name}"))?;
+    }
+    conn.close().await.ok();
+    Ok(())
+}
+
+async fn migrate(cmd: MigrateCommand) -> Result<(), CliError> {
+    match cmd {
+        MigrateCommand::Control { control } => {
+            let registry = Registry::connect_lazy(control.database_url()?)?;
+            registry
+                .migrate()
+                .await
+                .context("apply control database migrations")?;
+            println!("control database is at the latest migration");
+            Ok(())
+        }
+        MigrateCommand::Tenants {
+            control,
+            concurrency,
+            tenant,
+        } => {
+            if concurrency == 0 {
+                return Err(CliError::Usage("--concurrency must be at least 1".into()));
+            }
+            let provisioner = connect(&control, None).await?;
+            let report = provisioner
+                .migrate_tenants(tenant.as_deref(), concurrency)
+                .await?;
+            for (slug, outcome) in &report {
+                match outcome {
+                    Ok(v) => println!("{slug}: ok (version {v})"),
+                    Err(e) => println!("{slug}: FAILED: {e}"),
+                }
+            }
+            let failed = report.iter().filter(|(_, r)| r.is_err()).count();
+            println!("{} migrated, {failed} failed", report.len() - failed);
+            if failed > 0 {
+                return Err(CliError::Failed(anyhow::anyhow!(
+                    "migrate {failed} tenant(s)"
+                )));
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn tenants(cmd: TenantsCommand) -> Result<(), CliError> {
+    match cmd {
+        TenantsCommand::Create {
+            control,
+            slug,
+            name,
+            plan,
+            server,
+        } => {
+            crate::api::validate_slug(&slug).map_err(|e| CliError::Usage(e.to_string()))?;
+            let p = connect(&control, None).await?;
+            let req = CreateTenant {
+                slug,
+                name,
+                plan: plan.unwrap_or_else(|| DEFAULT_PLAN.into()),
+                server,
+            };
+            let t = p.create(&req, None, "cli").await?;
+            print_json(&t.view());
+        }
+        TenantsCommand::List { control, status } => {
+            let status = status
+                .map(|s| {
+                    TenantStatus::parse(&s)
+                        .ok_or_else(|| CliError::Usage(format!("unknown status '{s}'")))
+                })
+                .transpose()?;
+            let p = connect(&control, None).await?;
+            let mut after = None;
+            loop {
+                let page = p
+                    .registry()
+                    .list_tenants(status, after, 500)
+                    .await
+                    .context("list tenants")?;
+                for t in &page {
+                    println!(
+                        "{}\t{}\t{}\t{}",
+                        t.slug,
+                        t.status.as_str(),
+                        t.server_name,
+                        t.name
+                    );
+                }
+                match page.last() {
+                    Some(last) if page.len() == 500 => after = Some(last.id),
+                    _ => break,
+                }
+            }
+        }
+        TenantsCommand::Show { control, tenant } => {
+            let p = connect(&control, None).await?;
+            print_json(&find(&p, &tenant).await?.view());
+        }
+        TenantsCommand::Suspend { control, tenant } => {
+            let p = connect(&control, None).await?;
+            let t = find(&p, &tenant).await?;
+            print_json(&p.suspend(t.id, "cli").await?.view());
+        }
+        TenantsCommand::Resume { control, tenant } => {
+            let p = connect(&control, None).await?;
+            let t = find(&p, &tenant).await?;
+            print_json(&p.resume(t.id, "cli").await?.view());
+        }
+        TenantsCommand::Delete { control, tenant } => {
+            let p = connect(&control, None).await?;
+            let t = find(&p, &tenant).await?;
+            p.start_delete(t.id, "cli").await?;
+            p.tasks().close();
+            p.tasks().wait().await;
+            let t = p
+                .registry()
+                .tenant(t.id)
+                .await
+                .context("read tenant")?
+                .context("read tenant")?;
+            if t.status != TenantStatus::Deleted {
+                return Err(CliError::Failed(anyhow::anyhow!(
+                    "delete tenant: {}",
+                    t.last_error.unwrap_or_else(|| "unknown error".into())
+                )));
+            }
+            print_json(&t.view());
+        }
+    }
+    Ok(())
+}
+
+async fn find(p: &Provisioner, tenant: &str) -> Result<crate::registry::TenantRecord, CliError> {
+    p.registry()
+        .find_tenant(tenant)
+        .await
+        .context("look up tenant")?
+        .ok_or_else(|| CliError::Usage(format!("no tenant '{tenant}'")))
+}
+
+fn print_json(value: &impl serde::Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}

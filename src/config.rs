@@ -1,0 +1,285 @@
+//! One typed configuration for every command: clap flags, each also read from
+//! its `SILO_*` environment variable (see contract.md). Secrets are wrapped in
+//! [`Secret`] so `Debug` never prints them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::crypto::{KeyError, Keyring};
+
+/// Default address for `silo serve`.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default cron schedule for tenant backups (sec min hour day month weekday).
+pub const DEFAULT_BACKUP_SCHEDULE: &str = "0 0 2 * * *";
+/// Spare databases kept ready per server: a create takes one instead of cloning.
+pub const DEFAULT_WARM_POOL_SIZE: u32 = 4;
+/// Seconds between reconcile passes (also run once at start-up).
+pub const DEFAULT_RECONCILE_INTERVAL_SECS: u64 = 60;
+/// Shortest admin token `serve` accepts.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 24;
+/// Connections silo may open to the default tenant server when first registered.
+pub const DEFAULT_SERVER_MAX_CONNECTIONS: i32 = 100;
+/// Tenant databases the default server may hold when first registered.
+pub const DEFAULT_SERVER_MAX_TENANTS: i32 = 2000;
+
+/// A configuration value that must never be printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "silo",
+    version,
+    about = "Database-per-tenant control plane for PostgreSQL"
+)]
+pub struct Cli {
+    /// Log output format.
+    #[arg(long, env = "SILO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Everything on one machine with no setup: private PostgreSQL, demo clinics.
+    Dev(DevArgs),
+    /// The production server: admin API, app API, metrics, background jobs.
+    Serve(ServeArgs),
+    /// Apply migrations.
+    #[command(subcommand)]
+    Migrate(MigrateCommand),
+    /// Tenant administration from a shell.
+    #[command(subcommand)]
+    Tenants(TenantsCommand),
+}
+
+/// Where the control database is and how to read its secrets.
+#[derive(Debug, Clone, Args)]
+pub struct ControlArgs {
+    /// Control database URL (postgres://...).
+    #[arg(long, env = "SILO_DATABASE_URL")]
+    pub database_url: Option<Secret>,
+
+    /// Base64 of 32 random bytes: encrypts tenant credentials, signs tenant tokens.
+    #[arg(long, env = "SILO_MASTER_KEY", hide_env_values = true)]
+    pub master_key: Option<Secret>,
+
+    /// Admin connection (CREATEDB, CREATEROLE) to the default tenant DB server,
+    /// registered on first start. Defaults to the control database's server.
+    #[arg(long, env = "SILO_TENANT_SERVER_URL", hide_env_values = true)]
+    pub tenant_server_url: Option<Secret>,
+}
+
+/// Settings for the long-running server (`serve`, and `dev` underneath).
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// Address to serve on.
+    #[arg(long, env = "SILO_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+
+    /// Spare tenant databases kept ready per server (0 disables the warm pool).
+    #[arg(long, env = "SILO_WARM_POOL_SIZE", default_value_t = DEFAULT_WARM_POOL_SIZE)]
+    pub warm_pool_size: u32,
+
+    /// Seconds between reconcile passes.
+    #[arg(long, env = "SILO_RECONCILE_INTERVAL", default_value_t = DEFAULT_RECONCILE_INTERVAL_SECS)]
+    pub reconcile_interval: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub control: ControlArgs,
+    #[command(flatten)]
+    pub server: ServerArgs,
+
+    /// Bootstrap admin bearer token (at least 24 characters).
+    #[arg(long, env = "SILO_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DevArgs {
+    /// Folder for the private cluster, keys and state.
+    #[arg(long, env = "SILO_DEV_DIR", default_value = ".silo")]
+    pub dir: PathBuf,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MigrateCommand {
+    /// Apply control-DB migrations.
+    Control {
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Apply tenant migrations to every tenant (or one).
+    Tenants {
+        #[command(flatten)]
+        control: ControlArgs,
+        /// Tenants migrated at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Only this tenant (slug or id).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantsCommand {
+    /// Provision a tenant: database, role, migrations, registry.
+    Create {
+        #[command(flatten)]
+        control: ControlArgs,
+        slug: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        plan: Option<String>,
+        /// Server to place the tenant on (default: most headroom).
+        #[arg(long)]
+        server: Option<String>,
+    },
+    /// List tenants.
+    List {
+        #[command(flatten)]
+        control: ControlArgs,
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Show one tenant (slug or id).
+    Show {
+        #[command(flatten)]
+        control: ControlArgs,
+        tenant: String,
+    },
+    /// Suspend a tenant: its role can no longer log in.
+    Suspend {
+        #[command(flatten)]
+        control: ControlArgs,
+        tenant: String,
+    },
+    /// Resume a suspended tenant.
+    Resume {
+        #[command(flatten)]
+        control: ControlArgs,
+        tenant: String,
+    },
+    /// Drop a tenant's database and role; the registry row is kept as `deleted`.
+    Delete {
+        #[command(flatten)]
+        control: ControlArgs,
+        tenant: String,
+    },
+}
+
+/// A configuration problem: exit code 2, with a message naming what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0} is required")]
+    Missing(&'static str),
+    #[error(transparent)]
+    MasterKey(#[from] KeyError),
+    #[error("SILO_ADMIN_TOKEN is too weak: use at least {MIN_ADMIN_TOKEN_LEN} random characters (e.g. `openssl rand -hex 24`)")]
+    WeakAdminToken,
+}
+
+impl ControlArgs {
+    pub fn database_url(&self) -> Result<&str, ConfigError> {
+        self.database_url
+            .as_ref()
+            .map(Secret::expose)
+            .ok_or(ConfigError::Missing("SILO_DATABASE_URL"))
+    }
+
+    pub fn keyring(&self) -> Result<Keyring, ConfigError> {
+        let key = self
+            .master_key
+            .as_ref()
+            .ok_or(ConfigError::Missing("SILO_MASTER_KEY"))?;
+        Ok(Keyring::from_base64(key.expose())?)
+    }
+}
+
+/// Refuse admin tokens that are short or made of a few repeated characters.
+pub fn check_admin_token(token: Option<&Secret>) -> Result<&str, ConfigError> {
+    let token = token
+        .map(Secret::expose)
+        .ok_or(ConfigError::Missing("SILO_ADMIN_TOKEN"))?;
+    let mut distinct: Vec<char> = token.chars().collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    if token.len() < MIN_ADMIN_TOKEN_LEN || distinct.len() < 8 {
+        return Err(ConfigError::WeakAdminToken);
+    }
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_redacted_from_debug_output() {
+        let args = ControlArgs {
+            database_url: Some(Secret::new("postgres://u:hunter2@h/db")),
+            master_key: Some(Secret::new("c2VjcmV0")),
+            tenant_server_url: None,
+        };
+        let shown = format!("{args:?}");
+        assert!(!shown.contains("hunter2"));
+        assert!(!shown.contains("c2VjcmV0"));
+    }
+
+    #[test]
+    fn missing_and_weak_admin_tokens_are_refused_by_name() {
+        let missing = check_admin_token(None).unwrap_err().to_string();
+        assert!(missing.contains("SILO_ADMIN_TOKEN"));
+        let weak = Secret::new("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa");
+        assert!(matches!(
+            check_admin_token(Some(&weak)),
+            Err(ConfigError::WeakAdminToken)
+        ));
+        let short = Secret::new("abc123");
+        assert!(matches!(
+            check_admin_token(Some(&short)),
+            Err(ConfigError::WeakAdminToken)
+        ));
+        let good = Secret::new("3f9a0c1e7b2d48e6a5c9f01b2e7d4c8a");
+        assert!(check_admin_token(Some(&good)).is_ok());
+    }
+}

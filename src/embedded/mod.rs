@@ -1,0 +1,5 @@
+//! Self-contained infrastructure for `silo dev` and the tests.
+
+pub mod postgres;
+
+pub use postgres::EmbeddedPostgres;

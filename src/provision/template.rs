@@ -1,0 +1,131 @@
+//! The template database and the warm pool of each server.
+//!
+//! `silo_template` is kept at the latest tenant migration, with connections
+//! disallowed so nobody can hold it open and block a clone. Spares are clones
+//! of it, recorded in the registry once they exist; claiming one is a row
+//! delete plus a rename, which is why a warm create takes milliseconds.
+
+use anyhow::Context;
+use uuid::Uuid;
+
+use super::{database_exists, Provisioner, ServerAdmin, SPARE_DB_PREFIX, TEMPLATE_DB};
+use crate::migrate::latest_tenant_version;
+use crate::registry::DbServer;
+
+impl Provisioner {
+    /// Rebuild the server's template if it is missing or behind. Caller holds
+    /// the server's maintenance lock.
+    pub(crate) async fn ensure_template(
+        &self,
+        server: &DbServer,
+        admin: &ServerAdmin,
+    ) -> anyhow::Result<()> {
+        let latest = latest_tenant_version();
+        if server.template_version == Some(latest) && database_exists(admin, TEMPLATE_DB).await? {
+            return Ok(());
+        }
+        tracing::info!(server = %server.name, version = latest, "building template database");
+        // Nobody clones a template that is being rebuilt.
+        self.registry()
+            .set_template_version(server.id, None)
+            .await?;
+        if database_exists(admin, TEMPLATE_DB).await? {
+            admin
+                .exec(&format!(
+                    "ALTER DATABASE {TEMPLATE_DB} WITH IS_TEMPLATE false; DROP DATABASE {TEMPLATE_DB} WITH (FORCE)"
+                ))
+                .await
+                .context("drop the old template database")?;
+        }
+        admin
+            .exec(&format!("CREATE DATABASE {TEMPLATE_DB}"))
+            .await
+            .context("create the template database")?;
+        let db = admin
+            .single_pool(TEMPLATE_DB)
+            .await
+            .context("connect to the template database")?;
+        let migrated = crate::migrate::migrate_tenant_database(&db).await;
+        db.close().await;
+        migrated?;
+        admin
+            .exec(&format!(
+                "ALTER DATABASE {TEMPLATE_DB} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false"
+            ))
+            .await
+            .context("seal the template database")?;
+        self.registry()
+            .set_template_version(server.id, Some(latest))
+            .await?;
+        Ok(())
+    }
+
+    /// Clone spares until the server has `warm_pool_size` at the latest version.
+    /// Caller holds the server's maintenance lock. Returns how many it made.
+    pub(crate) async fn refill_warm_pool(
+        &self,
+        server: &DbServer,
+        admin: &ServerAdmin,
+    ) -> anyhow::Result<u32> {
+        let latest = latest_tenant_version();
+        let want = self.config().warm_pool_size as usize;
+        if want == 0 || server.template_version != Some(latest) {
+            return Ok(0);
+        }
+        let have = self
+            .registry()
+            .spares(server.id)
+            .await?
+            .iter()
+            .filter(|s| s.schema_version == latest)
+            .count();
+        let mut made = 0;
+        for _ in have..want {
+            let name = format!("{SPARE_DB_PREFIX}{}", Uuid::new_v4().simple());
+            admin
+                .exec(&format!(
+                    "CREATE DATABASE \"{name}\" TEMPLATE {TEMPLATE_DB}"
+                ))
+                .await
+                .context("clone a spare database")?;
+            self.registry()
+                .insert_spare(server.id, &name, latest)
+                .await?;
+            made += 1;
+        }
+        Ok(made)
+    }
+
+    /// Wait until a spare is taken (or `timeout` passes).
+    pub async fn spare_taken(&self, timeout: std::time::Duration) {
+        let _ = tokio::time::timeout(timeout, self.inner.spare_taken.notified()).await;
+    }
+
+    /// Fill every server's warm pool now (template first). Skips a server whose
+    /// maintenance lock another task or replica holds.
+    pub async fn refill_all(&self) -> anyhow::Result<u32> {
+        let mut made = 0;
+        for server in self.registry().servers().await? {
+            let Some(lock) = self.registry().try_lock_server(server.id).await? else {
+                continue;
+            };
+            let result = async {
+                let admin = self.servers().admin(&server)?;
+                self.ensure_template(&server, &admin).await?;
+                let server = self
+                    .registry()
+                    .server(server.id)
+                    .await?
+                    .context("re-read server")?;
+                self.refill_warm_pool(&server, &admin).await
+            }
+            .await;
+            lock.release().await;
+            made +=
+                result.with_context(|| format!("refill warm pool of server {}", server.name))?;
+        }
+        let spares = self.registry().spare_count().await?;
+        metrics::gauge!("silo_warm_pool_spares").set(spares as f64);
+        Ok(made)
+    }
+}

@@ -1,0 +1,83 @@
+//! The control database: the only module that runs SQL against it.
+//!
+//! It holds tenant DB servers, tenants and their lifecycle state, encrypted
+//! credentials, spare databases of the warm pool, idempotency keys, operations
+//! and the audit log. Every call is a short transaction; per-tenant work is
+//! serialized across processes and replicas with PostgreSQL advisory locks
+//! ([`Registry::lock_tenant`]).
+
+mod audit;
+mod locks;
+mod operations;
+mod servers;
+mod spares;
+mod tenants;
+
+pub use audit::AuditEntry;
+pub use locks::Lock;
+pub use operations::{Operation, OperationStatus};
+pub use servers::DbServer;
+pub use spares::Spare;
+pub use tenants::{NewTenant, Tenant, TenantPatch, TenantRecord, TenantStatus};
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+/// Connections to the control DB per silo process. Each in-flight tenant
+/// operation holds one (its advisory lock lives on it), the rest serve reads.
+/// With N replicas the control server must allow N × this plus headroom.
+pub const CONTROL_POOL_MAX: u32 = 16;
+
+/// Handle to the control database.
+#[derive(Clone, Debug)]
+pub struct Registry {
+    pool: PgPool,
+}
+
+impl Registry {
+    /// Connect (lazily: the first query opens connections) to the control DB.
+    pub fn connect_lazy(url: &str) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let opts: PgConnectOptions = url.parse().context("parse SILO_DATABASE_URL")?;
+        let pool = PgPoolOptions::new()
+            .max_connections(CONTROL_POOL_MAX)
+            .min_connections(0)
+            .acquire_timeout(Duration::from_secs(5))
+            .idle_timeout(Duration::from_secs(300))
+            .connect_lazy_with(opts.application_name("silo-control"));
+        Ok(Self { pool })
+    }
+
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// Apply the control-DB migrations (`migrations/control`).
+    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        crate::migrate::control_migrator().run(&self.pool).await
+    }
+
+    /// `SELECT 1` against the control DB, for readiness.
+    pub async fn ping(&self) -> sqlx::Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// `true` when `err` is a unique violation of the named constraint or index.
+pub fn is_unique_violation(err: &sqlx::Error, constraint: &str) -> bool {
+    match err {
+        sqlx::Error::Database(db) => {
+            db.is_unique_violation() && db.constraint() == Some(constraint)
+        }
+        _ => false,
+    }
+}

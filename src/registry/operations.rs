@@ -1,0 +1,96 @@
+//! Operations: long-running work the API answers `202` for, then reports on.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::FromRow;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::Registry;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema, sqlx::Type)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+pub enum OperationStatus {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema, FromRow)]
+pub struct Operation {
+    pub id: Uuid,
+    pub kind: String,
+    pub tenant_id: Option<Uuid>,
+    pub status: OperationStatus,
+    #[schema(value_type = Object)]
+    pub progress: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<serde_json::Value>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+const SELECT_OP: &str =
+    "SELECT id, kind, tenant_id, status, progress, error, result, created_at, updated_at FROM operations";
+
+impl Registry {
+    pub async fn create_operation(
+        &self,
+        kind: &str,
+        tenant: Option<Uuid>,
+    ) -> sqlx::Result<Operation> {
+        sqlx::query_as(&format!(
+            "INSERT INTO operations (id, kind, tenant_id, status) VALUES ($1, $2, $3, 'running')
+             RETURNING id, kind, tenant_id, status, progress, error, result, created_at, updated_at"
+        ))
+        .bind(Uuid::now_v7())
+        .bind(kind)
+        .bind(tenant)
+        .fetch_one(&self.pool)
+        .await
+    }
+
+    pub async fn operation(&self, id: Uuid) -> sqlx::Result<Option<Operation>> {
+        sqlx::query_as(&format!("{SELECT_OP} WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    /// Unfinished operations of `kind` on `tenant` (to finish after a crash).
+    pub async fn open_operations(&self, kind: &str, tenant: Uuid) -> sqlx::Result<Vec<Operation>> {
+        sqlx::query_as(&format!(
+            "{SELECT_OP} WHERE kind = $1 AND tenant_id = $2 AND status IN ('pending', 'running')"
+        ))
+        .bind(kind)
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    pub async fn finish_operation(
+        &self,
+        id: Uuid,
+        outcome: Result<serde_json::Value, String>,
+    ) -> sqlx::Result<()> {
+        let (status, result, error) = match outcome {
+            Ok(v) => ("succeeded", Some(v), None),
+            Err(e) => ("failed", None, Some(e)),
+        };
+        sqlx::query(
+            "UPDATE operations SET status = $2, result = $3, error = $4, updated_at = now() WHERE id = $1",
+        )
+        .bind(id)
+        .bind(status)
+        .bind(result)
+        .bind(error)
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+    }
+}

@@ -1,0 +1,379 @@
+//! Tenant rows: lifecycle state, placement, encrypted credentials.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::FromRow;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::Registry;
+
+/// Lifecycle state of a tenant (contract.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::Type)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+pub enum TenantStatus {
+    Provisioning,
+    Active,
+    Suspended,
+    Archiving,
+    Archived,
+    Restoring,
+    Deleting,
+    Deleted,
+    Failed,
+}
+
+impl TenantStatus {
+    pub const ALL: [TenantStatus; 9] = [
+        Self::Provisioning,
+        Self::Active,
+        Self::Suspended,
+        Self::Archiving,
+        Self::Archived,
+        Self::Restoring,
+        Self::Deleting,
+        Self::Deleted,
+        Self::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Provisioning => "provisioning",
+            Self::Active => "active",
+            Self::Suspended => "suspended",
+            Self::Archiving => "archiving",
+            Self::Archived => "archived",
+            Self::Restoring => "restoring",
+            Self::Deleting => "deleting",
+            Self::Deleted => "deleted",
+            Self::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// A tenant as the API shows it: no credentials, no internal bookkeeping.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, FromRow, PartialEq)]
+pub struct Tenant {
+    pub id: Uuid,
+    pub slug: String,
+    pub name: String,
+    pub plan: String,
+    pub status: TenantStatus,
+    /// Name of the DB server holding the tenant's database.
+    pub server: String,
+    pub database: String,
+    /// Latest tenant migration applied to its database.
+    pub schema_version: Option<i64>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub last_backup_at: Option<DateTime<Utc>>,
+}
+
+/// The full row, for silo's own use. `Debug` leaves out the sealed password.
+#[derive(Clone, FromRow)]
+pub struct TenantRecord {
+    pub id: Uuid,
+    pub slug: String,
+    pub name: String,
+    pub plan: String,
+    pub status: TenantStatus,
+    pub server_id: Uuid,
+    pub server_name: String,
+    pub database_name: String,
+    pub role_name: String,
+    pub password_enc: Vec<u8>,
+    pub key_id: String,
+    pub provision_step: Option<String>,
+    pub last_error: Option<String>,
+    pub schema_version: Option<i64>,
+    pub backup_schedule: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub last_backup_at: Option<DateTime<Utc>>,
+}
+
+impl std::fmt::Debug for TenantRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantRecord")
+            .field("id", &self.id)
+            .field("slug", &self.slug)
+            .field("status", &self.status)
+            .field("server", &self.server_name)
+            .field("database", &self.database_name)
+            .field("step", &self.provision_step)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TenantRecord {
+    pub fn view(&self) -> Tenant {
+        Tenant {
+            id: self.id,
+            slug: self.slug.clone(),
+            name: self.name.clone(),
+            plan: self.plan.clone(),
+            status: self.status,
+            server: self.server_name.clone(),
+            database: self.database_name.clone(),
+            schema_version: self.schema_version,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            last_backup_at: self.last_backup_at,
+        }
+    }
+}
+
+/// What registering a tenant writes (its first row, status `provisioning`).
+#[derive(Debug)]
+pub struct NewTenant<'a> {
+    pub id: Uuid,
+    pub slug: &'a str,
+    pub name: &'a str,
+    pub plan: &'a str,
+    pub server_id: Uuid,
+    pub database_name: &'a str,
+    pub role_name: &'a str,
+    pub password_enc: &'a [u8],
+    pub key_id: &'a str,
+}
+
+/// Fields an admin may change.
+#[derive(Debug, Default)]
+pub struct TenantPatch<'a> {
+    pub name: Option<&'a str>,
+    pub plan: Option<&'a str>,
+    pub backup_schedule: Option<&'a str>,
+}
+
+const SELECT_RECORD: &str =
+    "SELECT t.id, t.slug, t.name, t.plan, t.status, t.server_id, s.name AS server_name,
+        t.database_name, t.role_name, t.password_enc, t.key_id, t.provision_step, t.last_error,
+        t.schema_version, t.backup_schedule, t.created_at, t.updated_at, t.last_backup_at
+   FROM tenants t JOIN db_servers s ON s.id = t.server_id";
+
+impl Registry {
+    /// Insert the tenant row and, with it, the idempotency key and an audit row.
+    /// A taken slug fails on `tenants_slug_key`, a reused key on `idempotency_keys_pkey`.
+    #[tracing::instrument(skip_all, fields(tenant_id = %t.id, slug = t.slug))]
+    pub async fn register_tenant(
+        &self,
+        t: &NewTenant<'_>,
+        idempotency: Option<(&str, &[u8])>,
+        actor: &str,
+    ) -> sqlx::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO tenants (id, slug, name, plan, status, server_id, database_name, role_name,
+                                  password_enc, key_id, provision_step)
+             VALUES ($1, $2, $3, $4, 'provisioning', $5, $6, $7, $8, $9, 'registered')",
+        )
+        .bind(t.id)
+        .bind(t.slug)
+        .bind(t.name)
+        .bind(t.plan)
+        .bind(t.server_id)
+        .bind(t.database_name)
+        .bind(t.role_name)
+        .bind(t.password_enc)
+        .bind(t.key_id)
+        .execute(&mut *tx)
+        .await?;
+        if let Some((key, hash)) = idempotency {
+            sqlx::query(
+                "INSERT INTO idempotency_keys (key, request_hash, tenant_id) VALUES ($1, $2, $3)",
+            )
+            .bind(key)
+            .bind(hash)
+            .bind(t.id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        Self::audit_in(
+            &mut tx,
+            actor,
+            "tenant.create",
+            Some(t.id),
+            serde_json::json!({"slug": t.slug, "plan": t.plan}),
+        )
+        .await?;
+        tx.commit().await
+    }
+
+    /// The tenant an idempotency key created, with the hash of that request.
+    pub async fn idempotency_key(&self, key: &str) -> sqlx::Result<Option<(Vec<u8>, Uuid)>> {
+        sqlx::query_as("SELECT request_hash, tenant_id FROM idempotency_keys WHERE key = $1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    /// Look a tenant up by slug (live tenants only) or by id (any status).
+    #[tracing::instrument(skip(self))]
+    pub async fn find_tenant(&self, slug_or_id: &str) -> sqlx::Result<Option<TenantRecord>> {
+        if let Ok(id) = Uuid::parse_str(slug_or_id) {
+            return self.tenant(id).await;
+        }
+        sqlx::query_as(&format!(
+            "{SELECT_RECORD} WHERE t.slug = $1 AND t.status <> 'deleted'"
+        ))
+        .bind(slug_or_id)
+        .fetch_optional(&self.pool)
+        .await
+    }
+
+    #[tracing::instrument(skip(self))]
+    pub async fn tenant(&self, id: Uuid) -> sqlx::Result<Option<TenantRecord>> {
+        sqlx::query_as(&format!("{SELECT_RECORD} WHERE t.id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    /// One page of tenants in id (= creation, UUIDv7) order, after `cursor`.
+    pub async fn list_tenants(
+        &self,
+        status: Option<TenantStatus>,
+        after: Option<Uuid>,
+        limit: i64,
+    ) -> sqlx::Result<Vec<TenantRecord>> {
+        sqlx::query_as(&format!(
+            "{SELECT_RECORD} WHERE ($1::text IS NULL OR t.status = $1)
+               AND ($2::uuid IS NULL OR t.id > $2) ORDER BY t.id LIMIT $3"
+        ))
+        .bind(status.map(TenantStatus::as_str))
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Tenants in the given states (for the reconciler).
+    pub async fn tenants_in(&self, states: &[TenantStatus]) -> sqlx::Result<Vec<TenantRecord>> {
+        let states: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
+        sqlx::query_as(&format!(
+            "{SELECT_RECORD} WHERE t.status = ANY($1) ORDER BY t.id"
+        ))
+        .bind(states)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Count of tenants per status.
+    pub async fn count_by_status(&self) -> sqlx::Result<Vec<(String, i64)>> {
+        sqlx::query_as("SELECT status, count(*) FROM tenants GROUP BY status")
+            .fetch_all(&self.pool)
+            .await
+    }
+
+    /// Record a completed provisioning step (and the schema version when known).
+    #[tracing::instrument(skip(self))]
+    pub async fn set_provision_step(
+        &self,
+        id: Uuid,
+        step: &str,
+        schema_version: Option<i64>,
+    ) -> sqlx::Result<()> {
+        sqlx::query(
+            "UPDATE tenants SET provision_step = $2, schema_version = COALESCE($3, schema_version),
+                    updated_at = now() WHERE id = $1",
+        )
+        .bind(id)
+        .bind(step)
+        .bind(schema_version)
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+    }
+
+    /// Move a tenant to `to` if it is in one of `from`; returns the new row,
+    /// or `None` when it was in another state (the caller reports a conflict).
+    #[tracing::instrument(skip(self, from))]
+    pub async fn transition(
+        &self,
+        id: Uuid,
+        from: &[TenantStatus],
+        to: TenantStatus,
+        error: Option<&str>,
+    ) -> sqlx::Result<Option<TenantRecord>> {
+        let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
+        let done = sqlx::query(
+            "UPDATE tenants SET status = $3, last_error = $4, updated_at = now(),
+                    provision_step = CASE WHEN $3 IN ('active', 'deleted') THEN NULL ELSE provision_step END,
+                    deleted_at = CASE WHEN $3 = 'deleted' THEN now() ELSE deleted_at END
+              WHERE id = $1 AND status = ANY($2)",
+        )
+        .bind(id)
+        .bind(from)
+        .bind(to.as_str())
+        .bind(error)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
+        self.tenant(id).await
+    }
+
+    /// Record an error on a tenant without changing its state.
+    pub async fn set_last_error(&self, id: Uuid, error: &str) -> sqlx::Result<()> {
+        sqlx::query("UPDATE tenants SET last_error = $2, updated_at = now() WHERE id = $1")
+            .bind(id)
+            .bind(error)
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
+
+    /// Apply an admin patch; `None` if the tenant does not exist.
+    #[tracing::instrument(skip(self))]
+    pub async fn patch_tenant(
+        &self,
+        id: Uuid,
+        patch: &TenantPatch<'_>,
+    ) -> sqlx::Result<Option<TenantRecord>> {
+        let done = sqlx::query(
+            "UPDATE tenants SET name = COALESCE($2, name), plan = COALESCE($3, plan),
+                    backup_schedule = COALESCE($4, backup_schedule), updated_at = now()
+              WHERE id = $1 AND status <> 'deleted'",
+        )
+        .bind(id)
+        .bind(patch.name)
+        .bind(patch.plan)
+        .bind(patch.backup_schedule)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
+        self.tenant(id).await
+    }
+}
+
+impl Registry {
+    /// Every tenant on a server that is not deleted (for the reconciler).
+    pub async fn tenants_on_server(&self, server: Uuid) -> sqlx::Result<Vec<TenantRecord>> {
+        sqlx::query_as(&format!(
+            "{SELECT_RECORD} WHERE t.server_id = $1 AND t.status <> 'deleted'"
+        ))
+        .bind(server)
+        .fetch_all(&self.pool)
+        .await
+    }
+}
+
+impl Registry {
+    /// Record the schema version a tenant database was migrated to.
+    pub async fn set_schema_version(&self, id: Uuid, version: i64) -> sqlx::Result<()> {
+        sqlx::query("UPDATE tenants SET schema_version = $2, updated_at = now() WHERE id = $1")
+            .bind(id)
+            .bind(version)
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
+}
