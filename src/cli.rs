@@ -261,7 +261,7 @@ fn read_or_create(path: &Path, make: impl FnOnce() -> String) -> anyhow::Result<
     Ok(value)
 }
 
-/// Create `name` on the server behind `admin_url` unless it exists.
+/// Create `name` on the server behind `admin_url` unless it exists, closed to PUBLIC.
 pub async fn ensure_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
     use sqlx::{ConnectOptions, Connection};
     let mut conn = crate::provision::servers::admin_options(admin_url)?
@@ -274,10 +274,16 @@ pub async fn ensure_database(admin_url: &str, name: &str) -> anyhow::Result<()> 
             .fetch_one(&mut conn)
             .await?;
     if !exists {
+        // Only silo's own login reaches the control database, never a tenant role.
+        // (Two statements: CREATE DATABASE cannot share a multi-command string.)
         sqlx::raw_sql(&format!("CREATE DATABASE \"{name}\""))
             .execute(&mut conn)
             .await
             .with_context(|| format!("create database {name}"))?;
+        sqlx::raw_sql(&format!("REVOKE CONNECT, TEMPORARY ON DATABASE \"{name}\" FROM PUBLIC"))
+            .execute(&mut conn)
+            .await
+            .with_context(|| format!("close database {name} to PUBLIC"))?;
     }
     conn.close().await.ok();
     Ok(())

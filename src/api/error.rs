@@ -118,6 +118,10 @@ impl From<ProvisionError> for ApiError {
             | ProvisionError::ServerUnavailable(_) => Self::Unprocessable(e.to_string()),
             ProvisionError::NoCapacity => Self::Unavailable(e.to_string()),
             ProvisionError::NotFound => Self::not_found("tenant"),
+            ProvisionError::Internal(e) if is_unavailable(&e) => {
+                tracing::warn!("failed to {e:#}");
+                Self::Unavailable("a database silo depends on is unreachable, retry shortly".into())
+            }
             ProvisionError::Internal(e) => Self::Internal(e),
         }
     }
@@ -125,13 +129,18 @@ impl From<ProvisionError> for ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        match e {
-            sqlx::Error::PoolTimedOut => {
-                Self::Unavailable("the database is busy, retry shortly".into())
-            }
-            e => Self::Internal(anyhow::Error::new(e).context("query the database")),
-        }
+        Self::from(ProvisionError::from(e))
     }
+}
+
+/// A database was down or saturated: the client should retry (503), not a bug (500).
+fn is_unavailable(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<sqlx::Error>(),
+            Some(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_))
+        ) || cause.downcast_ref::<std::io::Error>().is_some()
+    })
 }
 
 impl From<JsonRejection> for ApiError {

@@ -59,14 +59,20 @@ impl EmbeddedPostgres {
         Self::start_at(root.to_path_buf(), Durability::Durable, None)
     }
 
-    /// Start a new cluster in a temporary directory, removed on stop.
+    /// Start a new cluster in a temporary directory, removed on stop, tuned
+    /// for speed over durability (tests).
     pub fn start_throwaway() -> anyhow::Result<Self> {
+        Self::start_temp(Durability::Throwaway)
+    }
+
+    /// Start a new cluster in a temporary directory, removed on stop.
+    pub fn start_temp(durability: Durability) -> anyhow::Result<Self> {
         let tmp = tempfile::Builder::new()
             .prefix("silo-pg-")
             .tempdir_in(std::env::temp_dir())
             .context("create temporary directory for PostgreSQL")?;
         let root = tmp.path().to_path_buf();
-        Self::start_at(root, Durability::Throwaway, Some(tmp))
+        Self::start_at(root, durability, Some(tmp))
     }
 
     fn start_at(

@@ -31,9 +31,11 @@ impl Provisioner {
             .await?;
         if database_exists(admin, TEMPLATE_DB).await? {
             admin
-                .exec(&format!(
-                    "ALTER DATABASE {TEMPLATE_DB} WITH IS_TEMPLATE false; DROP DATABASE {TEMPLATE_DB} WITH (FORCE)"
-                ))
+                .exec(&format!("ALTER DATABASE {TEMPLATE_DB} WITH IS_TEMPLATE false"))
+                .await
+                .context("unmark the old template database")?;
+            admin
+                .exec(&format!("DROP DATABASE {TEMPLATE_DB} WITH (FORCE)"))
                 .await
                 .context("drop the old template database")?;
         }

@@ -1,0 +1,207 @@
+//! Test harness: a real private PostgreSQL per test, silo's real provisioner
+//! and router on top of it. Nothing here fakes PostgreSQL.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use silo::api::{app, AppState};
+use silo::config::Secret;
+use silo::crypto::Keyring;
+use silo::embedded::EmbeddedPostgres;
+use silo::provision::{ProvisionConfig, Provisioner};
+use silo::registry::{Registry, TenantRecord};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+use tower::ServiceExt;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
+
+pub struct TestEnv {
+    pub pg: EmbeddedPostgres,
+    pub master_key: String,
+    pub keyring: Keyring,
+    pub provisioner: Provisioner,
+    /// Superuser pool on the `postgres` database, for inspecting the server.
+    pub admin: PgPool,
+}
+
+impl TestEnv {
+    pub async fn start() -> Self {
+        Self::start_with(0).await
+    }
+
+    /// A fresh cluster with silo's control DB migrated and the default server registered.
+    pub async fn start_with(warm_pool_size: u32) -> Self {
+        let pg = tokio::task::spawn_blocking(EmbeddedPostgres::start_throwaway)
+            .await
+            .unwrap()
+            .expect("start a private PostgreSQL");
+        silo::cli::ensure_database(&pg.url("postgres"), "silo_control")
+            .await
+            .unwrap();
+        let master_key = Keyring::generate_base64();
+        let keyring = Keyring::from_base64(&master_key).unwrap();
+        let registry = Registry::connect_lazy(&pg.url("silo_control")).unwrap();
+        registry.migrate().await.unwrap();
+        let provisioner = Provisioner::new(registry, keyring.clone(), ProvisionConfig { warm_pool_size });
+        provisioner.ensure_default_server(&pg.url("postgres")).await.unwrap();
+        let admin = PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&pg.url("postgres"))
+            .await
+            .unwrap();
+        Self {
+            pg,
+            master_key,
+            keyring,
+            provisioner,
+            admin,
+        }
+    }
+
+    pub fn control_url(&self) -> String {
+        self.pg.url("silo_control")
+    }
+
+    pub fn registry(&self) -> &Registry {
+        self.provisioner.registry()
+    }
+
+    pub fn app(&self) -> axum::Router {
+        app(AppState {
+            provisioner: self.provisioner.clone(),
+            admin_token: Arc::new(Secret::new(ADMIN_TOKEN)),
+            metrics: silo::telemetry::metrics_handle(),
+        })
+    }
+
+    /// One request through the whole router, authenticated as admin.
+    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        self.call_with(method, path, body, &[("authorization", &format!("Bearer {ADMIN_TOKEN}"))])
+            .await
+    }
+
+    pub async fn call_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(path);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = match body {
+            Some(b) => req
+                .header("content-type", "application/json")
+                .body(Body::from(b.to_string())),
+            None => req.body(Body::empty()),
+        }
+        .unwrap();
+        let res = self.app().oneshot(req).await.unwrap();
+        let status = res.status();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+        (status, value)
+    }
+
+    pub async fn create(&self, slug: &str) -> Value {
+        let (status, body) = self
+            .call(Method::POST, "/admin/v1/tenants", Some(serde_json::json!({"slug": slug, "name": format!("Clinic {slug}")})))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        body
+    }
+
+    pub async fn record(&self, slug: &str) -> TenantRecord {
+        self.registry().find_tenant(slug).await.unwrap().expect("tenant exists")
+    }
+
+    /// The tenant role's password, decrypted from the registry.
+    pub fn password(&self, t: &TenantRecord) -> String {
+        self.keyring.open_string(&t.key_id, &t.password_enc, t.id.as_bytes()).unwrap()
+    }
+
+    /// Connect to `database` as `role` with `password`.
+    pub async fn connect_as(&self, database: &str, role: &str, password: &str) -> Result<PgConnection, sqlx::Error> {
+        sqlx::postgres::PgConnectOptions::new()
+            .host("127.0.0.1")
+            .port(self.pg.port())
+            .database(database)
+            .username(role)
+            .password(password)
+            .connect()
+            .await
+    }
+
+    /// Connect as a tenant's own role to its own database.
+    pub async fn connect_tenant(&self, slug: &str) -> Result<PgConnection, sqlx::Error> {
+        let t = self.record(slug).await;
+        self.connect_as(&t.database_name, &t.role_name, &self.password(&t)).await
+    }
+
+    /// `silo_` databases and roles on the server that no live registry row accounts for.
+    pub async fn orphans(&self) -> Vec<String> {
+        let dbs: Vec<String> = sqlx::query_scalar(
+            "SELECT datname::text FROM pg_database WHERE datname LIKE 'silo\\_t\\_%' OR datname LIKE 'silo\\_spare\\_%'",
+        )
+        .fetch_all(&self.admin)
+        .await
+        .unwrap();
+        let roles: Vec<String> = sqlx::query_scalar("SELECT rolname::text FROM pg_roles WHERE rolname LIKE 'silo\\_r\\_%'")
+            .fetch_all(&self.admin)
+            .await
+            .unwrap();
+        let live: Vec<(String, String)> =
+            sqlx::query_as("SELECT database_name, role_name FROM tenants WHERE status <> 'deleted'")
+                .fetch_all(self.registry().pool())
+                .await
+                .unwrap();
+        let spares: Vec<String> = sqlx::query_scalar("SELECT database_name FROM spares")
+            .fetch_all(self.registry().pool())
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for d in dbs {
+            if !live.iter().any(|(db, _)| *db == d) && !spares.contains(&d) {
+                out.push(format!("database {d}"));
+            }
+        }
+        for r in roles {
+            if !live.iter().any(|(_, role)| *role == r) {
+                out.push(format!("role {r}"));
+            }
+        }
+        out
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql).fetch_one(self.registry().pool()).await.unwrap()
+    }
+
+    pub async fn database_exists(&self, name: &str) -> bool {
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(name)
+            .fetch_one(&self.admin)
+            .await
+            .unwrap()
+    }
+
+    pub async fn role_exists(&self, name: &str) -> bool {
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
+            .bind(name)
+            .fetch_one(&self.admin)
+            .await
+            .unwrap()
+    }
+}
+
+/// Close a connection, ignoring errors.
+pub async fn close(conn: PgConnection) {
+    conn.close().await.ok();
+}
