@@ -280,10 +280,12 @@ pub async fn ensure_database(admin_url: &str, name: &str) -> anyhow::Result<()> 
             .execute(&mut conn)
             .await
             .with_context(|| format!("create database {name}"))?;
-        sqlx::raw_sql(&format!("REVOKE CONNECT, TEMPORARY ON DATABASE \"{name}\" FROM PUBLIC"))
-            .execute(&mut conn)
-            .await
-            .with_context(|| format!("close database {name} to PUBLIC"))?;
+        sqlx::raw_sql(&format!(
+            "REVOKE CONNECT, TEMPORARY ON DATABASE \"{name}\" FROM PUBLIC"
+        ))
+        .execute(&mut conn)
+        .await
+        .with_context(|| format!("close database {name} to PUBLIC"))?;
     }
     conn.close().await.ok();
     Ok(())

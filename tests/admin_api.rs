@@ -7,7 +7,14 @@ use axum::http::{Method, StatusCode};
 use common::{close, TestEnv, ADMIN_TOKEN};
 use serde_json::{json, Value};
 
-const CLINIC_TABLES: [&str; 6] = ["clinics", "staff", "patients", "appointments", "invoices", "payments"];
+const CLINIC_TABLES: [&str; 6] = [
+    "clinics",
+    "staff",
+    "patients",
+    "appointments",
+    "invoices",
+    "payments",
+];
 
 #[tokio::test]
 async fn a_created_tenant_is_active_with_a_database_only_its_own_role_can_reach() {
@@ -19,28 +26,46 @@ async fn a_created_tenant_is_active_with_a_database_only_its_own_role_can_reach(
     assert!(a.get("password").is_none() && a.get("password_enc").is_none());
 
     // Its own role reads and writes its clinic tables.
-    let mut conn = env.connect_tenant("clinic-a").await.expect("tenant role logs in");
+    let mut conn = env
+        .connect_tenant("clinic-a")
+        .await
+        .expect("tenant role logs in");
     for table in CLINIC_TABLES {
         sqlx::query(&format!("SELECT count(*) FROM {table}"))
             .execute(&mut conn)
             .await
             .unwrap_or_else(|e| panic!("{table}: {e}"));
     }
-    sqlx::query("INSERT INTO patients (full_name) VALUES ('Ada')").execute(&mut conn).await.unwrap();
+    sqlx::query("INSERT INTO patients (full_name) VALUES ('Ada')")
+        .execute(&mut conn)
+        .await
+        .unwrap();
     // ...but cannot change the schema.
-    let ddl = sqlx::query("CREATE TABLE sneaky (x int)").execute(&mut conn).await;
+    let ddl = sqlx::query("CREATE TABLE sneaky (x int)")
+        .execute(&mut conn)
+        .await;
     assert!(ddl.is_err(), "tenant role must not create tables");
     close(conn).await;
 
     // Another tenant's role is refused by a's database.
     let ra = env.record("clinic-a").await;
     let rb = env.record("clinic-b").await;
-    let cross = env.connect_as(&ra.database_name, &rb.role_name, &env.password(&rb)).await;
-    let err = cross.expect_err("b's role must not connect to a's database").to_string();
+    let cross = env
+        .connect_as(&ra.database_name, &rb.role_name, &env.password(&rb))
+        .await;
+    let err = cross
+        .expect_err("b's role must not connect to a's database")
+        .to_string();
     assert!(err.contains("permission denied"), "{err}");
     // a's role with b's password fails too, and no role gets the control DB.
-    assert!(env.connect_as(&ra.database_name, &ra.role_name, &env.password(&rb)).await.is_err());
-    assert!(env.connect_as("silo_control", &ra.role_name, &env.password(&ra)).await.is_err());
+    assert!(env
+        .connect_as(&ra.database_name, &ra.role_name, &env.password(&rb))
+        .await
+        .is_err());
+    assert!(env
+        .connect_as("silo_control", &ra.role_name, &env.password(&ra))
+        .await
+        .is_err());
 }
 
 #[tokio::test]
@@ -57,10 +82,25 @@ async fn secrets_are_stored_encrypted_and_never_returned() {
     .fetch_all(env.registry().pool())
     .await
     .unwrap();
-    let pg_password = env.pg.url("x").split(':').nth(2).unwrap().split('@').next().unwrap().to_owned();
+    let pg_password = env
+        .pg
+        .url("x")
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .split('@')
+        .next()
+        .unwrap()
+        .to_owned();
     for row in &dump {
-        assert!(!row.contains(&password), "tenant password in plain text: {row}");
-        assert!(!row.contains(&pg_password), "server admin password in plain text: {row}");
+        assert!(
+            !row.contains(&password),
+            "tenant password in plain text: {row}"
+        );
+        assert!(
+            !row.contains(&pg_password),
+            "server admin password in plain text: {row}"
+        );
     }
     // The role's password is stored by PostgreSQL as a SCRAM verifier.
     let stored: String = sqlx::query_scalar("SELECT rolpassword FROM pg_authid WHERE rolname = $1")
@@ -83,60 +123,305 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
         env.count("SELECT count(*) FROM audit_log").await,
     );
     let auth = format!("Bearer {ADMIN_TOKEN}");
-    let cases: Vec<(Method, &str, Option<Value>, Vec<(&str, &str)>, StatusCode)> = vec![
-        (Method::GET, "/admin/v1/tenants", None, vec![], StatusCode::UNAUTHORIZED),
-        (Method::GET, "/admin/v1/tenants", None, vec![("authorization", "Bearer wrong")], StatusCode::UNAUTHORIZED),
-        (Method::GET, "/admin/v1/tenants", None, vec![("authorization", ADMIN_TOKEN)], StatusCode::UNAUTHORIZED),
-        (Method::POST, "/admin/v1/tenants", Some(json!({"slug": "Bad_Slug", "name": "x"})), vec![], StatusCode::UNPROCESSABLE_ENTITY),
-        (Method::POST, "/admin/v1/tenants", Some(json!({"slug": "ab", "name": "x"})), vec![], StatusCode::UNPROCESSABLE_ENTITY),
-        (Method::POST, "/admin/v1/tenants", Some(json!({"slug": "ends-", "name": "x"})), vec![], StatusCode::UNPROCESSABLE_ENTITY),
-        (Method::POST, "/admin/v1/tenants", Some(json!({"slug": "okay", "name": "x", "tenant_id": 1})), vec![], StatusCode::UNPROCESSABLE_ENTITY),
-        (Method::POST, "/admin/v1/tenants", Some(json!({"slug": "okay"})), vec![], StatusCode::UNPROCESSABLE_ENTITY),
-        (Method::POST, "/admin/v1/tenants", Some(json!({"slug": "okay", "name": "   "})), vec![], StatusCode::UNPROCESSABLE_ENTITY),
-        (Method::POST, "/admin/v1/tenants", Some(json!({"slug": "okay", "name": "a\u{0}b"})), vec![], StatusCode::UNPROCESSABLE_ENTITY),
-        (Method::POST, "/admin/v1/tenants", Some(json!({"slug": "okay", "name": "x".repeat(201)})), vec![], StatusCode::UNPROCESSABLE_ENTITY),
-        (Method::POST, "/admin/v1/tenants", Some(json!({"slug": "okay", "name": "x", "plan": "gold"})), vec![], StatusCode::UNPROCESSABLE_ENTITY),
-        (Method::POST, "/admin/v1/tenants", Some(json!({"slug": "okay", "name": "x", "server": "nowhere"})), vec![], StatusCode::UNPROCESSABLE_ENTITY),
-        (Method::POST, "/admin/v1/tenants", Some(json!({"slug": 7, "name": "x"})), vec![], StatusCode::UNPROCESSABLE_ENTITY),
-        (Method::POST, "/admin/v1/tenants", Some(json!([1, 2])), vec![], StatusCode::UNPROCESSABLE_ENTITY),
-        (Method::POST, "/admin/v1/tenants", Some(json!({"slug": "existing", "name": "x"})), vec![], StatusCode::CONFLICT),
-        (Method::POST, "/admin/v1/tenants", Some(json!({"slug": "okay", "name": "x"})), vec![("idempotency-key", "")], StatusCode::UNPROCESSABLE_ENTITY),
-        (Method::GET, "/admin/v1/tenants/nope", None, vec![], StatusCode::NOT_FOUND),
-        (Method::GET, "/admin/v1/tenants/00000000-0000-0000-0000-000000000000", None, vec![], StatusCode::NOT_FOUND),
-        (Method::GET, "/admin/v1/tenants?limit=0", None, vec![], StatusCode::UNPROCESSABLE_ENTITY),
-        (Method::GET, "/admin/v1/tenants?limit=abc", None, vec![], StatusCode::UNPROCESSABLE_ENTITY),
-        (Method::GET, "/admin/v1/tenants?status=sleepy", None, vec![], StatusCode::UNPROCESSABLE_ENTITY),
-        (Method::GET, "/admin/v1/tenants?cursor=xyz", None, vec![], StatusCode::UNPROCESSABLE_ENTITY),
-        (Method::GET, "/admin/v1/tenants?colour=red", None, vec![], StatusCode::UNPROCESSABLE_ENTITY),
-        (Method::PATCH, "/admin/v1/tenants/existing", Some(json!({"backup_schedule": "every day"})), vec![], StatusCode::UNPROCESSABLE_ENTITY),
-        (Method::PATCH, "/admin/v1/tenants/existing", Some(json!({"slug": "renamed"})), vec![], StatusCode::UNPROCESSABLE_ENTITY),
-        (Method::PATCH, "/admin/v1/tenants/nope", Some(json!({"name": "x"})), vec![], StatusCode::NOT_FOUND),
-        (Method::POST, "/admin/v1/tenants/nope/suspend", None, vec![], StatusCode::NOT_FOUND),
-        (Method::DELETE, "/admin/v1/tenants/nope", None, vec![], StatusCode::NOT_FOUND),
-        (Method::GET, "/admin/v1/operations/not-a-uuid", None, vec![], StatusCode::NOT_FOUND),
-        (Method::GET, "/admin/v1/audit?limit=100000", None, vec![], StatusCode::UNPROCESSABLE_ENTITY),
-        (Method::POST, "/admin/v1/servers", Some(json!({"name": "bad name!", "admin_url": "postgres://x"})), vec![], StatusCode::UNPROCESSABLE_ENTITY),
-        (Method::POST, "/admin/v1/servers", Some(json!({"name": "other", "admin_url": "not a url"})), vec![], StatusCode::UNPROCESSABLE_ENTITY),
-        (Method::POST, "/admin/v1/servers", Some(json!({"name": "other", "admin_url": "postgres://u:p@127.0.0.1:1/db"})), vec![], StatusCode::UNPROCESSABLE_ENTITY),
-        (Method::GET, "/admin/v1/nothing-here", None, vec![], StatusCode::NOT_FOUND),
+    type Case<'a> = (
+        Method,
+        &'a str,
+        Option<Value>,
+        Vec<(&'a str, &'a str)>,
+        StatusCode,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            Method::GET,
+            "/admin/v1/tenants",
+            None,
+            vec![],
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            Method::GET,
+            "/admin/v1/tenants",
+            None,
+            vec![("authorization", "Bearer wrong")],
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            Method::GET,
+            "/admin/v1/tenants",
+            None,
+            vec![("authorization", ADMIN_TOKEN)],
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            Method::POST,
+            "/admin/v1/tenants",
+            Some(json!({"slug": "Bad_Slug", "name": "x"})),
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::POST,
+            "/admin/v1/tenants",
+            Some(json!({"slug": "ab", "name": "x"})),
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::POST,
+            "/admin/v1/tenants",
+            Some(json!({"slug": "ends-", "name": "x"})),
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::POST,
+            "/admin/v1/tenants",
+            Some(json!({"slug": "okay", "name": "x", "tenant_id": 1})),
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::POST,
+            "/admin/v1/tenants",
+            Some(json!({"slug": "okay"})),
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::POST,
+            "/admin/v1/tenants",
+            Some(json!({"slug": "okay", "name": "   "})),
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::POST,
+            "/admin/v1/tenants",
+            Some(json!({"slug": "okay", "name": "a\u{0}b"})),
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::POST,
+            "/admin/v1/tenants",
+            Some(json!({"slug": "okay", "name": "x".repeat(201)})),
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::POST,
+            "/admin/v1/tenants",
+            Some(json!({"slug": "okay", "name": "x", "plan": "gold"})),
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::POST,
+            "/admin/v1/tenants",
+            Some(json!({"slug": "okay", "name": "x", "server": "nowhere"})),
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::POST,
+            "/admin/v1/tenants",
+            Some(json!({"slug": 7, "name": "x"})),
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::POST,
+            "/admin/v1/tenants",
+            Some(json!([1, 2])),
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::POST,
+            "/admin/v1/tenants",
+            Some(json!({"slug": "existing", "name": "x"})),
+            vec![],
+            StatusCode::CONFLICT,
+        ),
+        (
+            Method::POST,
+            "/admin/v1/tenants",
+            Some(json!({"slug": "okay", "name": "x"})),
+            vec![("idempotency-key", "")],
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::GET,
+            "/admin/v1/tenants/nope",
+            None,
+            vec![],
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::GET,
+            "/admin/v1/tenants/00000000-0000-0000-0000-000000000000",
+            None,
+            vec![],
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::GET,
+            "/admin/v1/tenants?limit=0",
+            None,
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::GET,
+            "/admin/v1/tenants?limit=abc",
+            None,
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::GET,
+            "/admin/v1/tenants?status=sleepy",
+            None,
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::GET,
+            "/admin/v1/tenants?cursor=xyz",
+            None,
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::GET,
+            "/admin/v1/tenants?colour=red",
+            None,
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::PATCH,
+            "/admin/v1/tenants/existing",
+            Some(json!({"backup_schedule": "every day"})),
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::PATCH,
+            "/admin/v1/tenants/existing",
+            Some(json!({"slug": "renamed"})),
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::PATCH,
+            "/admin/v1/tenants/nope",
+            Some(json!({"name": "x"})),
+            vec![],
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::POST,
+            "/admin/v1/tenants/nope/suspend",
+            None,
+            vec![],
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::DELETE,
+            "/admin/v1/tenants/nope",
+            None,
+            vec![],
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::GET,
+            "/admin/v1/operations/not-a-uuid",
+            None,
+            vec![],
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::GET,
+            "/admin/v1/audit?limit=100000",
+            None,
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::POST,
+            "/admin/v1/servers",
+            Some(json!({"name": "bad name!", "admin_url": "postgres://x"})),
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::POST,
+            "/admin/v1/servers",
+            Some(json!({"name": "other", "admin_url": "not a url"})),
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::POST,
+            "/admin/v1/servers",
+            Some(json!({"name": "other", "admin_url": "postgres://u:p@127.0.0.1:1/db"})),
+            vec![],
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::GET,
+            "/admin/v1/nothing-here",
+            None,
+            vec![],
+            StatusCode::NOT_FOUND,
+        ),
     ];
     for (method, path, body, extra, want) in cases {
         let mut headers = extra.clone();
         if !headers.iter().any(|(k, _)| *k == "authorization") && want != StatusCode::UNAUTHORIZED {
             headers.push(("authorization", &auth));
         }
-        let (status, problem) = env.call_with(method.clone(), path, body.clone(), &headers).await;
+        let (status, problem) = env
+            .call_with(method.clone(), path, body.clone(), &headers)
+            .await;
         assert_eq!(status, want, "{method} {path} {body:?}: {problem}");
-        assert_eq!(problem["status"], want.as_u16(), "problem+json body for {method} {path}: {problem}");
-        assert!(problem["type"].as_str().unwrap().starts_with("urn:silo:problem:"));
-        assert!(!problem["detail"].as_str().unwrap().to_lowercase().contains("select "));
+        assert_eq!(
+            problem["status"],
+            want.as_u16(),
+            "problem+json body for {method} {path}: {problem}"
+        );
+        assert!(problem["type"]
+            .as_str()
+            .unwrap()
+            .starts_with("urn:silo:problem:"));
+        assert!(!problem["detail"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("select "));
     }
     // Malformed JSON and a missing content type.
     let (s, _) = env
-        .call_with(Method::POST, "/admin/v1/tenants", None, &[("authorization", &auth), ("content-type", "application/json")])
+        .call_with(
+            Method::POST,
+            "/admin/v1/tenants",
+            None,
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+        )
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
-    let (s, _) = env.call_with(Method::POST, "/admin/v1/tenants", None, &[("authorization", &auth)]).await;
+    let (s, _) = env
+        .call_with(
+            Method::POST,
+            "/admin/v1/tenants",
+            None,
+            &[("authorization", &auth)],
+        )
+        .await;
     assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE);
 
     assert_eq!(
@@ -155,11 +440,21 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
 async fn an_idempotency_key_returns_the_same_tenant_and_never_creates_twice() {
     let env = TestEnv::start().await;
     let auth = format!("Bearer {ADMIN_TOKEN}");
-    let headers = [("authorization", auth.as_str()), ("idempotency-key", "onboard-42")];
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("idempotency-key", "onboard-42"),
+    ];
     let body = json!({"slug": "repeat", "name": "Repeat Clinic"});
     // Concurrent retries race for the key; all get the same tenant.
-    let calls = (0..5).map(|_| env.call_with(Method::POST, "/admin/v1/tenants", Some(body.clone()), &headers));
-    let results = futures_join_all(calls).await;
+    let calls = (0..5).map(|_| {
+        env.call_with(
+            Method::POST,
+            "/admin/v1/tenants",
+            Some(body.clone()),
+            &headers,
+        )
+    });
+    let results = futures::future::join_all(calls).await;
     let first = results[0].1["id"].clone();
     for (status, t) in &results {
         assert_eq!(*status, StatusCode::CREATED, "{t}");
@@ -169,50 +464,20 @@ async fn an_idempotency_key_returns_the_same_tenant_and_never_creates_twice() {
     assert_eq!(env.count("SELECT count(*) FROM tenants").await, 1);
     // The same key with another request is refused.
     let (status, _) = env
-        .call_with(Method::POST, "/admin/v1/tenants", Some(json!({"slug": "other", "name": "x"})), &headers)
+        .call_with(
+            Method::POST,
+            "/admin/v1/tenants",
+            Some(json!({"slug": "other", "name": "x"})),
+            &headers,
+        )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     // Without a key, a repeat is a conflict on the slug.
-    let (status, _) = env.call(Method::POST, "/admin/v1/tenants", Some(body)).await;
+    let (status, _) = env
+        .call(Method::POST, "/admin/v1/tenants", Some(body))
+        .await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(env.count("SELECT count(*) FROM tenants").await, 1);
-}
-
-async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut set = Vec::new();
-    for f in futs {
-        set.push(f);
-    }
-    let mut out = Vec::new();
-    // Poll all at once through a local task set.
-    let joined = futures_util_join(set).await;
-    out.extend(joined);
-    out
-}
-
-async fn futures_util_join<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
-    use std::pin::Pin;
-    use std::task::Poll;
-    let mut futs: Vec<Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (i, f) in futs.iter_mut().enumerate() {
-            if out[i].is_none() {
-                match f.as_mut().poll(cx) {
-                    Poll::Ready(v) => out[i] = Some(v),
-                    Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            Poll::Pending
-        } else {
-            Poll::Ready(())
-        }
-    })
-    .await;
-    out.into_iter().map(Option::unwrap).collect()
 }
 
 #[tokio::test]
@@ -221,22 +486,53 @@ async fn suspend_resume_patch_and_delete_change_what_the_database_allows() {
     env.create("lifecycle").await;
     let t = env.record("lifecycle").await;
 
-    let (s, body) = env.call(Method::POST, "/admin/v1/tenants/lifecycle/suspend", None).await;
-    assert_eq!((s, body["status"].as_str()), (StatusCode::OK, Some("suspended")));
-    assert!(env.connect_tenant("lifecycle").await.is_err(), "a suspended tenant's role cannot log in");
+    let (s, body) = env
+        .call(Method::POST, "/admin/v1/tenants/lifecycle/suspend", None)
+        .await;
+    assert_eq!(
+        (s, body["status"].as_str()),
+        (StatusCode::OK, Some("suspended"))
+    );
+    assert!(
+        env.connect_tenant("lifecycle").await.is_err(),
+        "a suspended tenant's role cannot log in"
+    );
     // Suspending twice is harmless.
-    let (s, _) = env.call(Method::POST, "/admin/v1/tenants/lifecycle/suspend", None).await;
+    let (s, _) = env
+        .call(Method::POST, "/admin/v1/tenants/lifecycle/suspend", None)
+        .await;
     assert_eq!(s, StatusCode::OK);
 
-    let (s, body) = env.call(Method::POST, &format!("/admin/v1/tenants/{}/resume", t.id), None).await;
-    assert_eq!((s, body["status"].as_str()), (StatusCode::OK, Some("active")));
-    close(env.connect_tenant("lifecycle").await.expect("resumed tenant logs in")).await;
+    let (s, body) = env
+        .call(
+            Method::POST,
+            &format!("/admin/v1/tenants/{}/resume", t.id),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s, body["status"].as_str()),
+        (StatusCode::OK, Some("active"))
+    );
+    close(
+        env.connect_tenant("lifecycle")
+            .await
+            .expect("resumed tenant logs in"),
+    )
+    .await;
 
     let (s, body) = env
-        .call(Method::PATCH, "/admin/v1/tenants/lifecycle", Some(json!({"name": "Renamed", "plan": "premium", "backup_schedule": "0 0 3 * * *"})))
+        .call(
+            Method::PATCH,
+            "/admin/v1/tenants/lifecycle",
+            Some(json!({"name": "Renamed", "plan": "premium", "backup_schedule": "0 0 3 * * *"})),
+        )
         .await;
     assert_eq!(s, StatusCode::OK, "{body}");
-    assert_eq!((body["name"].as_str(), body["plan"].as_str()), (Some("Renamed"), Some("premium")));
+    assert_eq!(
+        (body["name"].as_str(), body["plan"].as_str()),
+        (Some("Renamed"), Some("premium"))
+    );
     let limit: i32 = sqlx::query_scalar("SELECT rolconnlimit FROM pg_roles WHERE rolname = $1")
         .bind(&t.role_name)
         .fetch_one(&env.admin)
@@ -244,29 +540,64 @@ async fn suspend_resume_patch_and_delete_change_what_the_database_allows() {
         .unwrap();
     assert_eq!(limit, silo::provision::connection_limit("premium"));
 
-    let (s, op) = env.call(Method::DELETE, "/admin/v1/tenants/lifecycle", None).await;
+    let (s, op) = env
+        .call(Method::DELETE, "/admin/v1/tenants/lifecycle", None)
+        .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{op}");
     let op = wait_operation(&env, op["id"].as_str().unwrap()).await;
     assert_eq!(op["status"], "succeeded", "{op}");
     assert!(!env.database_exists(&t.database_name).await);
     assert!(!env.role_exists(&t.role_name).await);
-    let (s, body) = env.call(Method::GET, &format!("/admin/v1/tenants/{}", t.id), None).await;
-    assert_eq!((s, body["status"].as_str()), (StatusCode::OK, Some("deleted")));
-    let (s, _) = env.call(Method::GET, "/admin/v1/tenants/lifecycle", None).await;
-    assert_eq!(s, StatusCode::NOT_FOUND, "a deleted slug no longer resolves");
+    let (s, body) = env
+        .call(Method::GET, &format!("/admin/v1/tenants/{}", t.id), None)
+        .await;
+    assert_eq!(
+        (s, body["status"].as_str()),
+        (StatusCode::OK, Some("deleted"))
+    );
+    let (s, _) = env
+        .call(Method::GET, "/admin/v1/tenants/lifecycle", None)
+        .await;
+    assert_eq!(
+        s,
+        StatusCode::NOT_FOUND,
+        "a deleted slug no longer resolves"
+    );
     // The slug is free again.
     env.create("lifecycle").await;
 
-    let (_, audit) = env.call(Method::GET, &format!("/admin/v1/audit?tenant={}", t.id), None).await;
-    let actions: Vec<&str> = audit.as_array().unwrap().iter().map(|a| a["action"].as_str().unwrap()).collect();
-    for action in ["tenant.create", "tenant.suspend", "tenant.resume", "tenant.patch", "tenant.delete"] {
-        assert!(actions.contains(&action), "{action} missing from {actions:?}");
+    let (_, audit) = env
+        .call(
+            Method::GET,
+            &format!("/admin/v1/audit?tenant={}", t.id),
+            None,
+        )
+        .await;
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["action"].as_str().unwrap())
+        .collect();
+    for action in [
+        "tenant.create",
+        "tenant.suspend",
+        "tenant.resume",
+        "tenant.patch",
+        "tenant.delete",
+    ] {
+        assert!(
+            actions.contains(&action),
+            "{action} missing from {actions:?}"
+        );
     }
 }
 
 pub async fn wait_operation(env: &TestEnv, id: &str) -> Value {
     for _ in 0..200 {
-        let (s, op) = env.call(Method::GET, &format!("/admin/v1/operations/{id}"), None).await;
+        let (s, op) = env
+            .call(Method::GET, &format!("/admin/v1/operations/{id}"), None)
+            .await;
         assert_eq!(s, StatusCode::OK);
         if op["status"] != "running" && op["status"] != "pending" {
             return op;
@@ -305,7 +636,11 @@ async fn concurrent_operations_on_one_tenant_are_serialized() {
         .fetch_one(&env.admin)
         .await
         .unwrap();
-    assert_eq!(can_login, t.status == silo::registry::TenantStatus::Active, "registry and role agree");
+    assert_eq!(
+        can_login,
+        t.status == silo::registry::TenantStatus::Active,
+        "registry and role agree"
+    );
 }
 
 #[tokio::test]
@@ -314,7 +649,8 @@ async fn listing_pages_with_a_cursor_and_filters_by_status() {
     for i in 0..5 {
         env.create(&format!("page-{i}")).await;
     }
-    env.call(Method::POST, "/admin/v1/tenants/page-3/suspend", None).await;
+    env.call(Method::POST, "/admin/v1/tenants/page-3/suspend", None)
+        .await;
     let mut seen = Vec::new();
     let mut path = "/admin/v1/tenants?limit=2".to_owned();
     loop {
@@ -329,8 +665,15 @@ async fn listing_pages_with_a_cursor_and_filters_by_status() {
         }
     }
     assert_eq!(seen, ["page-0", "page-1", "page-2", "page-3", "page-4"]);
-    let (_, page) = env.call(Method::GET, "/admin/v1/tenants?status=suspended", None).await;
-    let slugs: Vec<&str> = page["items"].as_array().unwrap().iter().map(|t| t["slug"].as_str().unwrap()).collect();
+    let (_, page) = env
+        .call(Method::GET, "/admin/v1/tenants?status=suspended", None)
+        .await;
+    let slugs: Vec<&str> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["slug"].as_str().unwrap())
+        .collect();
     assert_eq!(slugs, ["page-3"]);
 }
 
@@ -350,8 +693,16 @@ async fn health_metrics_and_the_openapi_document_are_served() {
     assert!(text.contains("silo_warm_pool_spares"), "{text}");
     let (s, spec) = env.call_with(Method::GET, "/openapi.json", None, &[]).await;
     assert_eq!(s, StatusCode::OK);
-    for path in ["/admin/v1/tenants", "/admin/v1/tenants/{tenant}", "/admin/v1/tenants/{tenant}/suspend", "/admin/v1/operations/{id}"] {
-        assert!(spec["paths"].get(path).is_some(), "{path} missing from the OpenAPI document");
+    for path in [
+        "/admin/v1/tenants",
+        "/admin/v1/tenants/{tenant}",
+        "/admin/v1/tenants/{tenant}/suspend",
+        "/admin/v1/operations/{id}",
+    ] {
+        assert!(
+            spec["paths"].get(path).is_some(),
+            "{path} missing from the OpenAPI document"
+        );
     }
     let (s, page) = env.call_with(Method::GET, "/docs", None, &[]).await;
     assert_eq!(s, StatusCode::OK);

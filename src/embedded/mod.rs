@@ -2,4 +2,4 @@
 
 pub mod postgres;
 
-pub use postgres::EmbeddedPostgres;
+pub use postgres::{Durability, EmbeddedPostgres};

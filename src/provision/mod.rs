@@ -268,17 +268,18 @@ impl Provisioner {
         };
         let idem = idempotency_key.map(|k| (k, hash.as_slice()));
         if let Err(e) = reg.register_tenant(&new, idem, actor).await {
-            if is_unique_violation(&e, "tenants_slug_key") {
-                return Err(ProvisionError::SlugTaken(req.slug.clone()));
-            }
-            if let (Some(key), true) = (
-                idempotency_key,
-                is_unique_violation(&e, "idempotency_keys_pkey"),
-            ) {
-                // A concurrent request with the same key won the race.
-                if let Some(id) = self.replayed(key, &hash).await? {
-                    return self.finish(id).await;
+            let slug_taken = is_unique_violation(&e, "tenants_slug_key");
+            if slug_taken || is_unique_violation(&e, "idempotency_keys_pkey") {
+                // A concurrent request with the same key may have won the race
+                // (its tenant row takes the slug before its key row is visible).
+                if let Some(key) = idempotency_key {
+                    if let Some(id) = self.replayed(key, &hash).await? {
+                        return self.finish(id).await;
+                    }
                 }
+            }
+            if slug_taken {
+                return Err(ProvisionError::SlugTaken(req.slug.clone()));
             }
             return Err(e.into());
         }

@@ -38,9 +38,9 @@ impl Provisioner {
         let mut report = ReconcileReport::default();
         let reg = self.registry();
         for server in reg.servers().await? {
-            let Some(lock) = reg.try_lock_server(server.id).await? else {
-                continue;
-            };
+            // Wait (not try): the warm pool holds this lock only for a clone or
+            // two, and skipping would leave a crash's debris for a whole interval.
+            let lock = reg.lock_server(server.id).await?;
             let swept = self.reconcile_server(&server, &mut report).await;
             lock.release().await;
             if let Err(e) = swept {

@@ -31,7 +31,9 @@ impl Provisioner {
             .await?;
         if database_exists(admin, TEMPLATE_DB).await? {
             admin
-                .exec(&format!("ALTER DATABASE {TEMPLATE_DB} WITH IS_TEMPLATE false"))
+                .exec(&format!(
+                    "ALTER DATABASE {TEMPLATE_DB} WITH IS_TEMPLATE false"
+                ))
                 .await
                 .context("unmark the old template database")?;
             admin
@@ -90,6 +92,11 @@ impl Provisioner {
                 ))
                 .await
                 .context("clone a spare database")?;
+            // A fresh database grants CONNECT to PUBLIC; nobody may enter a spare.
+            admin
+                .exec(&format!("REVOKE ALL ON DATABASE \"{name}\" FROM PUBLIC"))
+                .await
+                .context("close the spare database to PUBLIC")?;
             self.registry()
                 .insert_spare(server.id, &name, latest)
                 .await?;

@@ -44,10 +44,10 @@ impl Registry {
         kind: &str,
         tenant: Option<Uuid>,
     ) -> sqlx::Result<Operation> {
-        sqlx::query_as(&format!(
+        sqlx::query_as(
             "INSERT INTO operations (id, kind, tenant_id, status) VALUES ($1, $2, $3, 'running')
-             RETURNING id, kind, tenant_id, status, progress, error, result, created_at, updated_at"
-        ))
+             RETURNING id, kind, tenant_id, status, progress, error, result, created_at, updated_at",
+        )
         .bind(Uuid::now_v7())
         .bind(kind)
         .bind(tenant)

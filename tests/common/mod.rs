@@ -47,8 +47,15 @@ impl TestEnv {
         let keyring = Keyring::from_base64(&master_key).unwrap();
         let registry = Registry::connect_lazy(&pg.url("silo_control")).unwrap();
         registry.migrate().await.unwrap();
-        let provisioner = Provisioner::new(registry, keyring.clone(), ProvisionConfig { warm_pool_size });
-        provisioner.ensure_default_server(&pg.url("postgres")).await.unwrap();
+        let provisioner = Provisioner::new(
+            registry,
+            keyring.clone(),
+            ProvisionConfig { warm_pool_size },
+        );
+        provisioner
+            .ensure_default_server(&pg.url("postgres"))
+            .await
+            .unwrap();
         let admin = PgPoolOptions::new()
             .max_connections(4)
             .connect(&pg.url("postgres"))
@@ -80,9 +87,19 @@ impl TestEnv {
     }
 
     /// One request through the whole router, authenticated as admin.
-    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-        self.call_with(method, path, body, &[("authorization", &format!("Bearer {ADMIN_TOKEN}"))])
-            .await
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        self.call_with(
+            method,
+            path,
+            body,
+            &[("authorization", &format!("Bearer {ADMIN_TOKEN}"))],
+        )
+        .await
     }
 
     pub async fn call_with(
@@ -106,29 +123,45 @@ impl TestEnv {
         let res = self.app().oneshot(req).await.unwrap();
         let status = res.status();
         let bytes = res.into_body().collect().await.unwrap().to_bytes();
-        let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
         (status, value)
     }
 
     pub async fn create(&self, slug: &str) -> Value {
         let (status, body) = self
-            .call(Method::POST, "/admin/v1/tenants", Some(serde_json::json!({"slug": slug, "name": format!("Clinic {slug}")})))
+            .call(
+                Method::POST,
+                "/admin/v1/tenants",
+                Some(serde_json::json!({"slug": slug, "name": format!("Clinic {slug}")})),
+            )
             .await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
         body
     }
 
     pub async fn record(&self, slug: &str) -> TenantRecord {
-        self.registry().find_tenant(slug).await.unwrap().expect("tenant exists")
+        self.registry()
+            .find_tenant(slug)
+            .await
+            .unwrap()
+            .expect("tenant exists")
     }
 
     /// The tenant role's password, decrypted from the registry.
     pub fn password(&self, t: &TenantRecord) -> String {
-        self.keyring.open_string(&t.key_id, &t.password_enc, t.id.as_bytes()).unwrap()
+        self.keyring
+            .open_string(&t.key_id, &t.password_enc, t.id.as_bytes())
+            .unwrap()
     }
 
     /// Connect to `database` as `role` with `password`.
-    pub async fn connect_as(&self, database: &str, role: &str, password: &str) -> Result<PgConnection, sqlx::Error> {
+    pub async fn connect_as(
+        &self,
+        database: &str,
+        role: &str,
+        password: &str,
+    ) -> Result<PgConnection, sqlx::Error> {
         sqlx::postgres::PgConnectOptions::new()
             .host("127.0.0.1")
             .port(self.pg.port())
@@ -142,7 +175,8 @@ impl TestEnv {
     /// Connect as a tenant's own role to its own database.
     pub async fn connect_tenant(&self, slug: &str) -> Result<PgConnection, sqlx::Error> {
         let t = self.record(slug).await;
-        self.connect_as(&t.database_name, &t.role_name, &self.password(&t)).await
+        self.connect_as(&t.database_name, &t.role_name, &self.password(&t))
+            .await
     }
 
     /// `silo_` databases and roles on the server that no live registry row accounts for.
@@ -153,15 +187,18 @@ impl TestEnv {
         .fetch_all(&self.admin)
         .await
         .unwrap();
-        let roles: Vec<String> = sqlx::query_scalar("SELECT rolname::text FROM pg_roles WHERE rolname LIKE 'silo\\_r\\_%'")
-            .fetch_all(&self.admin)
-            .await
-            .unwrap();
-        let live: Vec<(String, String)> =
-            sqlx::query_as("SELECT database_name, role_name FROM tenants WHERE status <> 'deleted'")
-                .fetch_all(self.registry().pool())
-                .await
-                .unwrap();
+        let roles: Vec<String> = sqlx::query_scalar(
+            "SELECT rolname::text FROM pg_roles WHERE rolname LIKE 'silo\\_r\\_%'",
+        )
+        .fetch_all(&self.admin)
+        .await
+        .unwrap();
+        let live: Vec<(String, String)> = sqlx::query_as(
+            "SELECT database_name, role_name FROM tenants WHERE status <> 'deleted'",
+        )
+        .fetch_all(self.registry().pool())
+        .await
+        .unwrap();
         let spares: Vec<String> = sqlx::query_scalar("SELECT database_name FROM spares")
             .fetch_all(self.registry().pool())
             .await
@@ -181,7 +218,10 @@ impl TestEnv {
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
-        sqlx::query_scalar(sql).fetch_one(self.registry().pool()).await.unwrap()
+        sqlx::query_scalar(sql)
+            .fetch_one(self.registry().pool())
+            .await
+            .unwrap()
     }
 
     pub async fn database_exists(&self, name: &str) -> bool {

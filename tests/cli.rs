@@ -1,0 +1,143 @@
+//! The `silo` binary: configuration refusals and the tenant commands.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::{TestEnv, ADMIN_TOKEN};
+
+fn silo(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_silo"));
+    cmd.args(args);
+    for var in [
+        "SILO_DATABASE_URL",
+        "SILO_MASTER_KEY",
+        "SILO_ADMIN_TOKEN",
+        "SILO_TENANT_SERVER_URL",
+        "SILO_FAILPOINT",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.envs(envs.iter().copied());
+    cmd.output().expect("run silo")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn serve_refuses_missing_or_weak_secrets_and_names_them() {
+    let good_key = silo::crypto::Keyring::generate_base64();
+    let url = "postgres://silo@127.0.0.1:1/silo";
+    let cases: [(&[(&str, &str)], &str); 5] = [
+        (
+            &[("SILO_DATABASE_URL", url), ("SILO_MASTER_KEY", &good_key)],
+            "SILO_ADMIN_TOKEN",
+        ),
+        (
+            &[
+                ("SILO_DATABASE_URL", url),
+                ("SILO_MASTER_KEY", &good_key),
+                ("SILO_ADMIN_TOKEN", "short"),
+            ],
+            "SILO_ADMIN_TOKEN",
+        ),
+        (
+            &[
+                ("SILO_DATABASE_URL", url),
+                ("SILO_ADMIN_TOKEN", ADMIN_TOKEN),
+            ],
+            "SILO_MASTER_KEY",
+        ),
+        (
+            &[
+                ("SILO_DATABASE_URL", url),
+                ("SILO_ADMIN_TOKEN", ADMIN_TOKEN),
+                (
+                    "SILO_MASTER_KEY",
+                    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+                ),
+            ],
+            "SILO_MASTER_KEY",
+        ),
+        (
+            &[
+                ("SILO_MASTER_KEY", &good_key),
+                ("SILO_ADMIN_TOKEN", ADMIN_TOKEN),
+            ],
+            "SILO_DATABASE_URL",
+        ),
+    ];
+    for (envs, named) in cases {
+        let out = silo(&["serve"], envs);
+        assert_eq!(out.status.code(), Some(2), "{envs:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(named),
+            "{named} not named in: {}",
+            stderr(&out)
+        );
+        assert!(
+            !stderr(&out).contains(&good_key),
+            "the key must not be echoed"
+        );
+    }
+    let out = silo(&["no-such-command"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tenant_commands_work_from_a_shell() {
+    let env = TestEnv::start().await;
+    let url = env.control_url();
+    let envs = [
+        ("SILO_DATABASE_URL", url.as_str()),
+        ("SILO_MASTER_KEY", env.master_key.as_str()),
+    ];
+    let run = |args: &[&str]| {
+        let (args, envs) = (args.to_vec(), envs);
+        let out = silo(&args, &envs);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr(&out),
+        )
+    };
+    let (code, out, err) = run(&[
+        "tenants",
+        "create",
+        "shell-clinic",
+        "--name",
+        "Shell Clinic",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let created: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(created["status"], "active");
+
+    let (code, out, _) = run(&["tenants", "list"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("shell-clinic\tactive"), "{out}");
+    let (code, _, _) = run(&["tenants", "create", "shell-clinic", "--name", "Again"]);
+    assert_eq!(code, Some(2), "a duplicate is a usage error");
+    let (code, _, err) = run(&["tenants", "create", "Bad Slug", "--name", "x"]);
+    assert_eq!(code, Some(2), "{err}");
+
+    let (code, out, _) = run(&["tenants", "suspend", "shell-clinic"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("\"suspended\""));
+    let (code, out, _) = run(&["tenants", "resume", "shell-clinic"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("\"active\""));
+    let (code, out, err) = run(&["migrate", "tenants", "--concurrency", "2"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("shell-clinic: ok"), "{out}");
+    let (code, out, _) = run(&["tenants", "show", "shell-clinic"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("Shell Clinic"));
+    let (code, out, err) = run(&["tenants", "delete", "shell-clinic"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("\"deleted\""));
+    let (code, _, _) = run(&["tenants", "show", "shell-clinic"]);
+    assert_eq!(code, Some(2), "unknown tenant");
+    assert!(env.orphans().await.is_empty());
+}

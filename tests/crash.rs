@@ -1,0 +1,326 @@
+//! Crash safety with real processes: `silo serve` is aborted (like kill -9) at
+//! every provisioning and delete step through `SILO_FAILPOINT`, restarted, and
+//! the system must converge: the tenant ends active and serving (or deleted),
+//! no orphan database or role is left, and a retried request succeeds.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{close, TestEnv, ADMIN_TOKEN};
+use serde_json::{json, Value};
+use silo::provision::STEPS;
+
+struct Silo {
+    child: Child,
+    base: String,
+}
+
+impl Silo {
+    async fn start(env: &TestEnv, failpoint: Option<&str>, warm_pool: u32, log: &Path) -> Self {
+        let port = silo::embedded::postgres::free_port().unwrap();
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_silo"));
+        cmd.arg("serve")
+            .env("SILO_DATABASE_URL", env.control_url())
+            .env("SILO_TENANT_SERVER_URL", env.pg.url("postgres"))
+            .env("SILO_MASTER_KEY", &env.master_key)
+            .env("SILO_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("SILO_LISTEN", format!("127.0.0.1:{port}"))
+            .env("SILO_WARM_POOL_SIZE", warm_pool.to_string())
+            .env("SILO_RECONCILE_INTERVAL", "3600")
+            .env("RUST_LOG", "debug")
+            .env_remove("SILO_FAILPOINT")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .stdin(Stdio::null());
+        if let Some(fp) = failpoint {
+            cmd.env("SILO_FAILPOINT", fp);
+        }
+        let silo = Self {
+            child: cmd.spawn().expect("start silo serve"),
+            base: format!("http://127.0.0.1:{port}"),
+        };
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = client.get(format!("{}/readyz", silo.base)).send().await {
+                if r.status().is_success() {
+                    return silo;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "silo did not become ready; see {}",
+                log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        key: Option<&str>,
+    ) -> reqwest::Result<(u16, Value)> {
+        let mut req = reqwest::Client::new()
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .timeout(Duration::from_secs(60));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        if let Some(k) = key {
+            req = req.header("idempotency-key", k);
+        }
+        let res = req.send().await?;
+        let status = res.status().as_u16();
+        Ok((status, res.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Wait for the process to die from its failpoint (SIGABRT).
+    fn expect_abort(mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert_eq!(
+                    status.signal(),
+                    Some(6),
+                    "silo should have aborted at its failpoint: {status}"
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "silo did not reach its failpoint"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(mut self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .ok();
+        let status = self.child.wait().unwrap();
+        assert!(
+            status.success(),
+            "silo should shut down cleanly on SIGTERM: {status}"
+        );
+    }
+}
+
+async fn assert_serving(env: &TestEnv, slug: &str) {
+    let t = env.record(slug).await;
+    assert_eq!(
+        t.status,
+        silo::registry::TenantStatus::Active,
+        "{slug}: {t:?}"
+    );
+    assert_eq!(
+        t.schema_version,
+        Some(silo::migrate::latest_tenant_version())
+    );
+    let mut conn = env
+        .connect_tenant(slug)
+        .await
+        .unwrap_or_else(|e| panic!("{slug} cannot log in: {e}"));
+    sqlx::query("INSERT INTO clinics (name) VALUES ('Main')")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    close(conn).await;
+    let rows = env
+        .count(&format!(
+            "SELECT count(*) FROM tenants WHERE slug = '{slug}'"
+        ))
+        .await;
+    assert_eq!(rows, 1, "{slug} was created exactly once");
+}
+
+async fn assert_no_orphans(env: &TestEnv) {
+    // The start-up reconcile pass runs in the background; give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let orphans = env.orphans().await;
+        if orphans.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "orphans left: {orphans:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn log_path(dir: &tempfile::TempDir, name: &str) -> PathBuf {
+    dir.path().join(format!("{name}.log"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn provisioning_killed_at_every_step_converges_after_restart() {
+    let env = TestEnv::start().await;
+    let logs = tempfile::tempdir().unwrap();
+    // With a warm pool (spare renamed into place) and without (template clone).
+    for (warm_pool, retry_with_key) in [(1u32, true), (0u32, false)] {
+        for step in STEPS {
+            let slug = format!("crash-{warm_pool}-{step}");
+            let key = format!("key-{slug}");
+            let log = log_path(&logs, &slug);
+            let silo = Silo::start(&env, Some(step), warm_pool, &log).await;
+            let body = json!({"slug": slug, "name": "Crash Clinic"});
+            let first = silo
+                .request(
+                    reqwest::Method::POST,
+                    "/admin/v1/tenants",
+                    Some(body.clone()),
+                    Some(&key),
+                )
+                .await;
+            assert!(
+                first.is_err(),
+                "step {step}: the process should die before answering, got {first:?}"
+            );
+            silo.expect_abort();
+
+            let silo = Silo::start(&env, None, warm_pool, &log).await;
+            if retry_with_key {
+                // The client retries with the same key: same tenant, finished.
+                let (status, t) = silo
+                    .request(
+                        reqwest::Method::POST,
+                        "/admin/v1/tenants",
+                        Some(body),
+                        Some(&key),
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(status, 201, "step {step}: retry should succeed: {t}");
+                assert_eq!(t["status"], "active");
+            } else {
+                // No retry: the reconciler alone finishes the tenant.
+                let deadline = Instant::now() + Duration::from_secs(20);
+                loop {
+                    // Every failpoint comes after the row is committed, so the
+                    // reconciler always has a row to finish.
+                    let t = env.registry().find_tenant(&slug).await.unwrap();
+                    if t.is_some_and(|t| t.status == silo::registry::TenantStatus::Active) {
+                        break;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "step {step}: reconciler did not finish the tenant"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            assert_serving(&env, &slug).await;
+            assert_no_orphans(&env).await;
+            silo.stop();
+        }
+    }
+    assert_no_secrets_in_logs(&env, &logs).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delete_killed_midway_is_finished_after_restart() {
+    let env = TestEnv::start().await;
+    let logs = tempfile::tempdir().unwrap();
+    for step in ["delete_database", "delete_role"] {
+        let slug = format!("gone-{}", step.replace('_', "-"));
+        let log = log_path(&logs, &slug);
+        let silo = Silo::start(&env, Some(step), 0, &log).await;
+        let (status, _) = silo
+            .request(
+                reqwest::Method::POST,
+                "/admin/v1/tenants",
+                Some(json!({"slug": slug, "name": "Gone"})),
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, 201);
+        let t = env.record(&slug).await;
+        let (status, op) = silo
+            .request(
+                reqwest::Method::DELETE,
+                &format!("/admin/v1/tenants/{slug}"),
+                None,
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, 202, "{op}");
+        silo.expect_abort();
+        assert_eq!(
+            env.registry().tenant(t.id).await.unwrap().unwrap().status,
+            silo::registry::TenantStatus::Deleting
+        );
+
+        let silo = Silo::start(&env, None, 0, &log).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, op) = silo
+                .request(
+                    reqwest::Method::GET,
+                    &format!("/admin/v1/operations/{}", op["id"].as_str().unwrap()),
+                    None,
+                    None,
+                )
+                .await
+                .unwrap();
+            if op["status"] == "succeeded" {
+                break;
+            }
+            assert_ne!(op["status"], "failed", "{op}");
+            assert!(Instant::now() < deadline, "delete was not finished: {op}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(!env.database_exists(&t.database_name).await);
+        assert!(!env.role_exists(&t.role_name).await);
+        assert_eq!(
+            env.registry().tenant(t.id).await.unwrap().unwrap().status,
+            silo::registry::TenantStatus::Deleted
+        );
+        assert_no_orphans(&env).await;
+        silo.stop();
+    }
+    assert_no_secrets_in_logs(&env, &logs).await;
+}
+
+/// No tenant password, admin token, master key or server password in any log line.
+async fn assert_no_secrets_in_logs(env: &TestEnv, logs: &tempfile::TempDir) {
+    let mut secrets = vec![ADMIN_TOKEN.to_owned(), env.master_key.clone()];
+    let pg_password = env
+        .pg
+        .url("x")
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .split('@')
+        .next()
+        .unwrap()
+        .to_owned();
+    secrets.push(pg_password);
+    for t in env.registry().list_tenants(None, None, 500).await.unwrap() {
+        secrets.push(env.password(&t));
+    }
+    let mut read = 0;
+    for entry in std::fs::read_dir(logs.path()).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        read += text.len();
+        for s in &secrets {
+            assert!(!text.contains(s.as_str()), "a secret appears in the logs");
+        }
+    }
+    assert!(read > 0, "the processes wrote logs");
+}

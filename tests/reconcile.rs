@@ -1,0 +1,168 @@
+//! The reconciler and the warm pool against a real server: orphans dropped,
+//! logins made to agree with the registry, spares kept ready and used.
+
+mod common;
+
+use common::TestEnv;
+use silo::provision::{CreateTenant, ProvisionConfig, Provisioner, TEMPLATE_DB};
+
+async fn exec(env: &TestEnv, sql: &str) {
+    sqlx::raw_sql(sql).execute(&env.admin).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_reconciler_drops_what_no_registry_row_accounts_for() {
+    let env = TestEnv::start().await;
+    env.create("keeper").await;
+    env.provisioner.reconcile_once().await.unwrap();
+    exec(
+        &env,
+        "CREATE DATABASE silo_t_00000000000000000000000000000bad",
+    )
+    .await;
+    exec(
+        &env,
+        "CREATE ROLE silo_r_00000000000000000000000000000bad LOGIN",
+    )
+    .await;
+    exec(
+        &env,
+        "CREATE DATABASE silo_spare_00000000000000000000000000000bad",
+    )
+    .await;
+    sqlx::query("INSERT INTO spares (database_name, server_id, schema_version) SELECT 'silo_spare_missing', id, 1 FROM db_servers")
+        .execute(env.registry().pool())
+        .await
+        .unwrap();
+    assert_eq!(env.orphans().await.len(), 3);
+
+    let report = env.provisioner.reconcile_once().await.unwrap();
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(
+        (
+            report.orphan_databases_dropped,
+            report.orphan_roles_dropped,
+            report.spares_dropped
+        ),
+        (1, 1, 1),
+        "{report:?}"
+    );
+    assert!(env.orphans().await.is_empty());
+    assert_eq!(env.count("SELECT count(*) FROM spares").await, 0);
+    // The live tenant is untouched.
+    common::close(env.connect_tenant("keeper").await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn the_reconciler_makes_role_logins_agree_with_tenant_state() {
+    let env = TestEnv::start().await;
+    env.create("awake").await;
+    env.create("asleep").await;
+    let asleep = env.record("asleep").await;
+    env.provisioner.suspend(asleep.id, "test").await.unwrap();
+    let awake = env.record("awake").await;
+    // Simulate a crash between the registry write and the role change, both ways.
+    exec(&env, &format!("ALTER ROLE \"{}\" NOLOGIN", awake.role_name)).await;
+    exec(&env, &format!("ALTER ROLE \"{}\" LOGIN", asleep.role_name)).await;
+
+    let report = env.provisioner.reconcile_once().await.unwrap();
+    assert_eq!(report.logins_fixed, 2, "{report:?}");
+    common::close(
+        env.connect_tenant("awake")
+            .await
+            .expect("active tenant logs in again"),
+    )
+    .await;
+    assert!(
+        env.connect_tenant("asleep").await.is_err(),
+        "suspended tenant stays out"
+    );
+}
+
+#[tokio::test]
+async fn the_warm_pool_keeps_spares_ready_and_creates_take_them() {
+    let env = TestEnv::start().await;
+    let warm = Provisioner::new(
+        env.registry().clone(),
+        env.keyring.clone(),
+        ProvisionConfig { warm_pool_size: 3 },
+    );
+    warm.refill_all().await.unwrap();
+    let spares: Vec<String> =
+        sqlx::query_scalar("SELECT database_name FROM spares ORDER BY created_at")
+            .fetch_all(env.registry().pool())
+            .await
+            .unwrap();
+    assert_eq!(spares.len(), 3);
+    for s in &spares {
+        assert!(env.database_exists(s).await);
+    }
+    let req = CreateTenant {
+        slug: "from-spare".into(),
+        name: "From Spare".into(),
+        plan: "standard".into(),
+        server: None,
+    };
+    let t = warm.create(&req, None, "test").await.unwrap();
+    assert_eq!(
+        env.count("SELECT count(*) FROM spares").await,
+        2,
+        "one spare was taken"
+    );
+    assert!(
+        !env.database_exists(&spares[0]).await,
+        "the oldest spare was renamed into the tenant"
+    );
+    assert!(env.database_exists(&t.database_name).await);
+    common::close(env.connect_tenant("from-spare").await.unwrap()).await;
+    // A spare is not reachable by tenant roles before it is claimed.
+    let other = env.record("from-spare").await;
+    assert!(env
+        .connect_as(&spares[1], &other.role_name, &env.password(&other))
+        .await
+        .is_err());
+
+    assert_eq!(warm.refill_all().await.unwrap(), 1);
+    assert_eq!(env.count("SELECT count(*) FROM spares").await, 3);
+}
+
+#[tokio::test]
+async fn a_stale_template_is_rebuilt_and_stale_spares_replaced() {
+    let env = TestEnv::start().await;
+    let warm = Provisioner::new(
+        env.registry().clone(),
+        env.keyring.clone(),
+        ProvisionConfig { warm_pool_size: 2 },
+    );
+    warm.refill_all().await.unwrap();
+    let old: Vec<String> = sqlx::query_scalar("SELECT database_name FROM spares")
+        .fetch_all(env.registry().pool())
+        .await
+        .unwrap();
+    // Pretend the template and spares are from an older schema version.
+    sqlx::query("UPDATE db_servers SET template_version = 0")
+        .execute(env.registry().pool())
+        .await
+        .unwrap();
+    sqlx::query("UPDATE spares SET schema_version = 0")
+        .execute(env.registry().pool())
+        .await
+        .unwrap();
+
+    let report = warm.reconcile_once().await.unwrap();
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(report.spares_dropped, 2);
+    let version: Option<i64> = sqlx::query_scalar("SELECT template_version FROM db_servers")
+        .fetch_one(env.registry().pool())
+        .await
+        .unwrap();
+    assert_eq!(version, Some(silo::migrate::latest_tenant_version()));
+    assert!(env.database_exists(TEMPLATE_DB).await);
+    let fresh: Vec<String> = sqlx::query_scalar("SELECT database_name FROM spares")
+        .fetch_all(env.registry().pool())
+        .await
+        .unwrap();
+    assert_eq!(fresh.len(), 2);
+    assert!(fresh.iter().all(|f| !old.contains(f)));
+    assert!(env.orphans().await.is_empty());
+}
