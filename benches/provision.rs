@@ -1,1 +1,514 @@
-fn main() {}
+//! Provisioning latency, three ways, in one run on one durable cluster.
+//!
+//! `cargo bench --bench provision` (N tenants per method: `SILO_BENCH_N`, default 200).
+//!
+//! 1. **Warm pool, via HTTP**: N spares are cloned ahead of time, then N
+//!    `POST /admin/v1/tenants` are sent one after another and timed end to end
+//!    (request, every provisioning step, response body). A create renames a
+//!    spare; meanwhile silo's background job re-clones the spares taken, which
+//!    is the steady state of a real server, so it is left running.
+//! 2. **Template clone, via HTTP**, against a **bare
+//!    `CREATE DATABASE … TEMPLATE silo_template`** on a superuser connection:
+//!    the floor under any template-based create. The two are interleaved (one
+//!    of each per iteration, alternating which goes first) so that noise on a
+//!    small shared machine (checkpoints, other processes, page cache) falls on
+//!    both alike instead of on whichever ran second.
+//! 3. **Naive**: `CREATE DATABASE` from `template1`, then the tenant migrations:
+//!    what a create costs without a template.
+//!
+//! Percentiles are nearest-rank over the sorted samples. The cluster is
+//! durable (fsync on), like `silo dev`, not the fsync-off cluster of the tests.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use metrics_exporter_prometheus::PrometheusHandle;
+use silo::cli::run_server;
+use silo::config::{Secret, ServerArgs};
+use silo::crypto::Keyring;
+use silo::embedded::postgres::Durability;
+use silo::embedded::EmbeddedPostgres;
+use silo::provision::{ProvisionConfig, Provisioner, TEMPLATE_DB};
+use silo::registry::Registry;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Admin bearer token of the benchmark's servers (at least 24 characters).
+const ADMIN_TOKEN: &str = "bench-admin-token-0123456789abcdef";
+/// Tenants (and statements) per method unless `SILO_BENCH_N` says otherwise.
+const DEFAULT_N: usize = 200;
+/// Pause after a server starts, so its start-up reconcile pass is not timed.
+const SETTLE: Duration = Duration::from_millis(500);
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> Result<()> {
+    init_logging();
+    let n = bench_size()?;
+    // Installed before anything provisions, so every create is counted.
+    let metrics = silo::telemetry::metrics_handle();
+    let pg = tokio::task::spawn_blocking(|| EmbeddedPostgres::start_temp(Durability::Durable))
+        .await?
+        .context("start a durable private PostgreSQL")?;
+    let outcome = run(&pg, n, &metrics).await;
+    let mut pg = pg;
+    tokio::task::spawn_blocking(move || pg.stop())
+        .await?
+        .context("stop PostgreSQL")?;
+    outcome
+}
+
+/// Warnings only by default (`RUST_LOG` overrides): logging every request
+/// would add its own cost to the timings.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn bench_size() -> Result<usize> {
+    match std::env::var("SILO_BENCH_N") {
+        Ok(s) => {
+            let n: usize = s.parse().context("SILO_BENCH_N must be a whole number")?;
+            ensure!(n > 0, "SILO_BENCH_N must be at least 1");
+            Ok(n)
+        }
+        Err(_) => Ok(DEFAULT_N),
+    }
+}
+
+/// Everything the phases share: the cluster, its control registry, a superuser pool.
+struct Env<'a> {
+    pg: &'a EmbeddedPostgres,
+    registry: Registry,
+    keyring: Keyring,
+    /// Superuser pool on the `postgres` database.
+    admin: PgPool,
+}
+
+impl Env<'_> {
+    /// A provisioner over the shared registry with its own warm-pool size.
+    fn provisioner(&self, warm_pool_size: u32) -> Provisioner {
+        Provisioner::new(
+            self.registry.clone(),
+            self.keyring.clone(),
+            ProvisionConfig { warm_pool_size },
+        )
+    }
+}
+
+async fn run(pg: &EmbeddedPostgres, n: usize, metrics: &PrometheusHandle) -> Result<()> {
+    let admin_url = pg.url("postgres");
+    silo::cli::ensure_database(&admin_url, "silo_control").await?;
+    let keyring = Keyring::from_base64(&Keyring::generate_base64())?;
+    let registry = Registry::connect_lazy(&pg.url("silo_control"))?;
+    registry
+        .migrate()
+        .await
+        .context("migrate the control database")?;
+    let admin = PgPoolOptions::new()
+        .max_connections(2)
+        // No ping before each statement: the bare timings are the floor.
+        .test_before_acquire(false)
+        .connect(&admin_url)
+        .await
+        .context("connect as superuser")?;
+    let env = Env {
+        pg,
+        registry,
+        keyring,
+        admin,
+    };
+    let base = env.provisioner(0);
+    base.ensure_default_server(&admin_url).await?;
+    base.refill_all()
+        .await
+        .context("build the template database")?;
+
+    let version: String = sqlx::query_scalar("SELECT version()")
+        .fetch_one(&env.admin)
+        .await?;
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!("provisioning benchmark: N = {n} per method, nproc = {nproc}");
+    println!("{version}");
+    println!("durable cluster (fsync on), requests sent one at a time");
+    println!();
+
+    let warm = phase_warm_pool(&env, n, metrics).await?;
+    let (template, bare) = phase_template_vs_bare(&env, n, metrics).await?;
+    let naive = phase_naive(&env, n).await?;
+
+    println!();
+    report(&warm, &template, &bare, &naive);
+
+    env.admin.close().await;
+    env.registry.pool().close().await;
+    Ok(())
+}
+
+/// Phase 1: creates through the admin API, each taking a ready spare.
+async fn phase_warm_pool(env: &Env<'_>, n: usize, metrics: &PrometheusHandle) -> Result<Summary> {
+    let size = u32::try_from(n).context("N does not fit a warm-pool size")?;
+    let provisioner = env.provisioner(size);
+    let started = Instant::now();
+    let made = provisioner
+        .refill_all()
+        .await
+        .context("fill the warm pool")?;
+    println!(
+        "[warm pool] pre-filled {made} spares in {:.1} s (not part of the timings)",
+        started.elapsed().as_secs_f64()
+    );
+    let before = SourceCounts::read(metrics);
+    let server = SiloServer::start(provisioner, size, env).await?;
+    let client = reqwest::Client::new();
+    let mut samples = Vec::with_capacity(n);
+    let measured: Result<()> = async {
+        for i in 0..n {
+            samples.push(create_via_api(&client, &server.base, &format!("warm-{i}")).await?);
+        }
+        Ok(())
+    }
+    .await;
+    server.stop().await?;
+    measured?;
+    let used = SourceCounts::read(metrics).since(&before);
+    println!(
+        "[warm pool] {n} creates; database source: {used}; the background job kept re-cloning spares meanwhile"
+    );
+    drain_spares(env).await?;
+    Ok(Summary::of("warm pool (HTTP)", samples))
+}
+
+/// Phase 2: template-clone creates through the admin API, interleaved with
+/// the bare clone statement they are built on.
+async fn phase_template_vs_bare(
+    env: &Env<'_>,
+    n: usize,
+    metrics: &PrometheusHandle,
+) -> Result<(Summary, Summary)> {
+    let before = SourceCounts::read(metrics);
+    let server = SiloServer::start(env.provisioner(0), 0, env).await?;
+    let client = reqwest::Client::new();
+    let mut template = Vec::with_capacity(n);
+    let mut bare = Vec::with_capacity(n);
+    let measured: Result<()> = async {
+        for i in 0..n {
+            let slug = format!("tmpl-{i}");
+            let clone = format!("CREATE DATABASE \"bench_bare_{i}\" TEMPLATE {TEMPLATE_DB}");
+            if i % 2 == 0 {
+                template.push(create_via_api(&client, &server.base, &slug).await?);
+                bare.push(timed_sql(&env.admin, &clone).await?);
+            } else {
+                bare.push(timed_sql(&env.admin, &clone).await?);
+                template.push(create_via_api(&client, &server.base, &slug).await?);
+            }
+        }
+        Ok(())
+    }
+    .await;
+    server.stop().await?;
+    drop_databases(&env.admin, "bench_bare", bare.len()).await?;
+    measured?;
+    let used = SourceCounts::read(metrics).since(&before);
+    println!("[template] {n} creates; database source: {used}");
+    Ok((
+        Summary::of("template clone (HTTP)", template),
+        Summary::of("bare CREATE DATABASE TEMPLATE", bare),
+    ))
+}
+
+/// Phase 3: an empty database plus the tenant migrations, no template.
+async fn phase_naive(env: &Env<'_>, n: usize) -> Result<Summary> {
+    let mut samples = Vec::with_capacity(n);
+    let measured: Result<()> = async {
+        for i in 0..n {
+            samples.push(naive_create(env, &format!("bench_naive_{i}")).await?);
+        }
+        Ok(())
+    }
+    .await;
+    drop_databases(&env.admin, "bench_naive", samples.len()).await?;
+    measured?;
+    println!("[naive] {n} CREATE DATABASE + tenant migrations");
+    Ok(Summary::of("naive CREATE DATABASE + migrate", samples))
+}
+
+/// A `silo` server (admin API and background jobs) running in a task.
+struct SiloServer {
+    base: String,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), silo::cli::CliError>>,
+}
+
+impl SiloServer {
+    async fn start(provisioner: Provisioner, warm_pool_size: u32, env: &Env<'_>) -> Result<Self> {
+        let args = ServerArgs {
+            listen: "127.0.0.1:0".parse()?,
+            warm_pool_size,
+            reconcile_interval: 3600,
+        };
+        let (addr_tx, addr_rx) = oneshot::channel();
+        let (stop, stop_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop_rx.await;
+            };
+            let on_listen = move |addr| {
+                let _ = addr_tx.send(addr);
+            };
+            run_server(
+                provisioner,
+                Secret::new(ADMIN_TOKEN),
+                &args,
+                shutdown,
+                on_listen,
+            )
+            .await
+        });
+        let addr: std::net::SocketAddr = match addr_rx.await {
+            Ok(addr) => addr,
+            Err(_) => {
+                task.await??;
+                anyhow::bail!("silo server exited before listening");
+            }
+        };
+        // Let the start-up reconcile pass finish: it holds the server's
+        // maintenance lock, so taking that lock once waits it out.
+        tokio::time::sleep(SETTLE).await;
+        for server in env.registry.servers().await? {
+            env.registry.lock_server(server.id).await?.release().await;
+        }
+        Ok(Self {
+            base: format!("http://{addr}"),
+            stop,
+            task,
+        })
+    }
+
+    /// Graceful shutdown; waits for the background jobs too.
+    async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(());
+        self.task.await??;
+        Ok(())
+    }
+}
+
+/// One `POST /admin/v1/tenants`, timed from sending to the last body byte.
+async fn create_via_api(client: &reqwest::Client, base: &str, slug: &str) -> Result<Duration> {
+    let url = format!("{base}/admin/v1/tenants");
+    let body = serde_json::json!({ "slug": slug, "name": format!("Bench {slug}") });
+    let started = Instant::now();
+    let res = client
+        .post(url)
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .with_context(|| format!("send create {slug}"))?;
+    let status = res.status();
+    let text = res
+        .text()
+        .await
+        .with_context(|| format!("read create {slug}"))?;
+    let elapsed = started.elapsed();
+    ensure!(
+        status == reqwest::StatusCode::CREATED,
+        "create {slug}: HTTP {status}: {text}"
+    );
+    Ok(elapsed)
+}
+
+/// Time one statement on the superuser pool.
+async fn timed_sql(pool: &PgPool, sql: &str) -> Result<Duration> {
+    let started = Instant::now();
+    sqlx::raw_sql(sql)
+        .execute(pool)
+        .await
+        .with_context(|| format!("run {sql}"))?;
+    Ok(started.elapsed())
+}
+
+/// `CREATE DATABASE`, connect, run the tenant migrations, disconnect.
+async fn naive_create(env: &Env<'_>, database: &str) -> Result<Duration> {
+    let started = Instant::now();
+    sqlx::raw_sql(&format!("CREATE DATABASE \"{database}\""))
+        .execute(&env.admin)
+        .await
+        .with_context(|| format!("create database {database}"))?;
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&env.pg.url(database))
+        .await
+        .with_context(|| format!("connect to {database}"))?;
+    let migrated = silo::migrate::migrate_tenant_database(&pool).await;
+    pool.close().await;
+    migrated.with_context(|| format!("migrate {database}"))?;
+    Ok(started.elapsed())
+}
+
+/// Drop `<prefix>_0` .. `<prefix>_<count-1>`, untimed.
+async fn drop_databases(admin: &PgPool, prefix: &str, count: usize) -> Result<()> {
+    for i in 0..count {
+        let sql = format!("DROP DATABASE IF EXISTS \"{prefix}_{i}\" WITH (FORCE)");
+        sqlx::raw_sql(&sql)
+            .execute(admin)
+            .await
+            .with_context(|| format!("run {sql}"))?;
+    }
+    Ok(())
+}
+
+/// Remove the spares phase 1 left, so phase 2's creates clone the template.
+/// Runs under each server's maintenance lock, which the refill job holds
+/// while it clones.
+async fn drain_spares(env: &Env<'_>) -> Result<()> {
+    for server in env.registry.servers().await? {
+        let lock = env.registry.lock_server(server.id).await?;
+        let drained: Result<()> = async {
+            for spare in env.registry.spares(server.id).await? {
+                env.registry.delete_spare(&spare.database_name).await?;
+                let sql = format!(
+                    "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                    spare.database_name
+                );
+                sqlx::raw_sql(&sql).execute(&env.admin).await?;
+            }
+            Ok(())
+        }
+        .await;
+        lock.release().await;
+        drained.context("drain the warm pool")?;
+    }
+    Ok(())
+}
+
+/// How many creates took a spare, cloned the template, or made an empty
+/// database, from silo's `silo_provision_source_total` counter.
+#[derive(Debug, Default)]
+struct SourceCounts {
+    warm_pool: u64,
+    template: u64,
+    empty: u64,
+}
+
+impl SourceCounts {
+    fn read(metrics: &PrometheusHandle) -> Self {
+        let rendered = metrics.render();
+        let count = |source: &str| {
+            let prefix = format!("silo_provision_source_total{{source=\"{source}\"}}");
+            rendered
+                .lines()
+                .find_map(|line| line.strip_prefix(&prefix))
+                .and_then(|value| value.trim().parse::<f64>().ok())
+                .map_or(0, |v| v as u64)
+        };
+        Self {
+            warm_pool: count("warm_pool"),
+            template: count("template"),
+            empty: count("empty"),
+        }
+    }
+
+    fn since(&self, before: &Self) -> Self {
+        Self {
+            warm_pool: self.warm_pool.saturating_sub(before.warm_pool),
+            template: self.template.saturating_sub(before.template),
+            empty: self.empty.saturating_sub(before.empty),
+        }
+    }
+}
+
+impl std::fmt::Display for SourceCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "warm pool {}, template {}, empty {}",
+            self.warm_pool, self.template, self.empty
+        )
+    }
+}
+
+/// Latency percentiles of one method.
+struct Summary {
+    label: &'static str,
+    n: usize,
+    p50: Duration,
+    p90: Duration,
+    p99: Duration,
+    max: Duration,
+}
+
+impl Summary {
+    fn of(label: &'static str, mut samples: Vec<Duration>) -> Self {
+        samples.sort_unstable();
+        Self {
+            label,
+            n: samples.len(),
+            p50: nearest_rank(&samples, 50),
+            p90: nearest_rank(&samples, 90),
+            p99: nearest_rank(&samples, 99),
+            max: samples.last().copied().unwrap_or_default(),
+        }
+    }
+}
+
+/// The nearest-rank `pct`th percentile of sorted samples (zero if empty).
+fn nearest_rank(sorted: &[Duration], pct: usize) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = (pct * sorted.len()).div_ceil(100).max(1);
+    sorted[rank - 1]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn ratio(a: Duration, b: Duration) -> f64 {
+    a.as_secs_f64() / b.as_secs_f64()
+}
+
+fn met(ok: bool) -> &'static str {
+    if ok {
+        "MET"
+    } else {
+        "NOT MET"
+    }
+}
+
+fn report(warm: &Summary, template: &Summary, bare: &Summary, naive: &Summary) {
+    println!(
+        "{:<32} {:>5} {:>9} {:>9} {:>9} {:>9}",
+        "method (ms)", "n", "p50", "p90", "p99", "max"
+    );
+    for s in [warm, template, bare, naive] {
+        println!(
+            "{:<32} {:>5} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
+            s.label,
+            s.n,
+            ms(s.p50),
+            ms(s.p90),
+            ms(s.p99),
+            ms(s.max)
+        );
+    }
+    let p50_ratio = ratio(template.p50, bare.p50);
+    let p99_ratio = ratio(template.p99, bare.p99);
+    println!();
+    println!("template clone / bare statement: p50 {p50_ratio:.2}x, p99 {p99_ratio:.2}x");
+    println!(
+        "target warm pool p50 <= 20 ms: {} ({:.1} ms)",
+        met(ms(warm.p50) <= 20.0),
+        ms(warm.p50)
+    );
+    println!(
+        "target template/bare p50 <= 1.3x: {} ({p50_ratio:.2}x)",
+        met(p50_ratio <= 1.3)
+    );
+}

@@ -19,4 +19,5 @@ pub mod jobs;
 pub mod migrate;
 pub mod provision;
 pub mod registry;
+pub mod router;
 pub mod telemetry;

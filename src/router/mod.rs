@@ -1,0 +1,524 @@
+//! Per-tenant routing: `TenantRouter::acquire(tenant)` hands out a connection
+//! to that tenant's own database as that tenant's own role, and nothing else.
+//!
+//! - Lookups (slug or id → tenant) are cached; "not found" only for a couple of
+//!   seconds. When the control DB is unreachable, cached tenants keep serving.
+//! - One [`TenantPool`] per tenant, built once under concurrency (moka's
+//!   `try_get_with`), evicted when idle and closed only after connections in
+//!   use come back.
+//! - Every connection holds a permit of its server's [`ServerBudget`], so open
+//!   connections to a server never exceed its budget (see [`pool`]).
+//! - A tenant whose database refuses connections is put in a short back-off and
+//!   answered 503 alone; other tenants are unaffected.
+//! - Changes to a tenant row are announced by a trigger on `silo_tenants`
+//!   (LISTEN/NOTIFY), so every replica drops its cached lookup and pool at once.
+
+pub mod pool;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Serialize;
+use sqlx::postgres::{PgConnectOptions, PgListener};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+pub use pool::{AcquireError, ServerBudget, TenantConn, TenantPool};
+
+use crate::config::Secret;
+use crate::crypto::Keyring;
+use crate::provision::connection_limit;
+use crate::registry::{Registry, TenantRecord, TenantStatus};
+
+/// Channel the `tenants` trigger notifies with a tenant id.
+pub const NOTIFY_CHANNEL: &str = "silo_tenants";
+
+/// Router settings; every duration is a trade-off written next to it.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// How long a request waits for a connection before a 503.
+    pub acquire_timeout: Duration,
+    /// `statement_timeout` of tenant sessions: one slow query cannot hold a
+    /// connection of the budget for long.
+    pub statement_timeout: Duration,
+    /// Idle connections close after this; their budget permits go back.
+    pub idle_connection_timeout: Duration,
+    /// Pools unused this long are evicted (and closed once drained).
+    pub pool_idle_ttl: Duration,
+    /// Most tenant pools cached at once.
+    pub max_pools: u64,
+    /// Cached lookups are re-read after this (NOTIFY invalidates sooner).
+    pub lookup_ttl: Duration,
+    /// "No such tenant" is remembered this long only.
+    pub negative_ttl: Duration,
+    /// A tenant whose database refused connections is answered 503 this long.
+    pub down_backoff: Duration,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            acquire_timeout: Duration::from_secs(2),
+            statement_timeout: Duration::from_secs(10),
+            idle_connection_timeout: Duration::from_secs(60),
+            pool_idle_ttl: Duration::from_secs(600),
+            max_pools: 10_000,
+            lookup_ttl: Duration::from_secs(300),
+            negative_ttl: Duration::from_secs(2),
+            down_backoff: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Why a request cannot be routed.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("tenant not found")]
+    NotFound,
+    #[error("tenant is {0}")]
+    Locked(&'static str),
+    #[error("tenant is {0}, retry later")]
+    NotReady(&'static str),
+    #[error("the tenant's database is unavailable, retry shortly")]
+    TenantDown,
+    #[error("no database connection is free, retry shortly")]
+    Busy,
+    #[error("the control database is unreachable")]
+    ControlDown(#[source] sqlx::Error),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+/// What the router knows about a tenant. `Debug` leaves out the password.
+#[derive(Clone)]
+pub struct TenantEntry {
+    pub id: Uuid,
+    pub slug: String,
+    pub status: TenantStatus,
+    pub server_id: Uuid,
+    pub database: String,
+    pub role: String,
+    pub plan: String,
+    password: Secret,
+}
+
+impl std::fmt::Debug for TenantEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantEntry")
+            .field("id", &self.id)
+            .field("slug", &self.slug)
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone)]
+struct Lookup {
+    entry: Option<Arc<TenantEntry>>,
+    fetched: Instant,
+}
+
+/// Router state for `GET /admin/v1/pools`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RouterStats {
+    pub pools_open: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub evictions: u64,
+    pub servers: Vec<ServerStats>,
+    pub tenants: Vec<TenantPoolStats>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ServerStats {
+    pub server_id: Uuid,
+    pub budget: usize,
+    pub open: usize,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TenantPoolStats {
+    pub tenant_id: Uuid,
+    pub open: usize,
+    pub in_use: usize,
+    pub idle: usize,
+    pub cap: usize,
+}
+
+/// Routes work to tenant databases. Cheap to clone.
+#[derive(Clone)]
+pub struct TenantRouter {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    keyring: Keyring,
+    config: RouterConfig,
+    lookups: moka::future::Cache<String, Lookup>,
+    pools: moka::future::Cache<Uuid, Arc<TenantPool>>,
+    budgets: Mutex<HashMap<Uuid, (Arc<ServerBudget>, PgConnectOptions)>>,
+    down: moka::sync::Cache<Uuid, ()>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    evictions: Arc<AtomicU64>,
+}
+
+impl TenantRouter {
+    pub fn new(registry: Registry, keyring: Keyring, config: RouterConfig) -> Self {
+        let evictions = Arc::new(AtomicU64::new(0));
+        let counted = evictions.clone();
+        let pools = moka::future::Cache::builder()
+            .max_capacity(config.max_pools)
+            .time_to_idle(config.pool_idle_ttl)
+            .eviction_listener(move |_id, pool: Arc<TenantPool>, _cause| {
+                // Connections in use finish first; they close when returned.
+                pool.close();
+                counted.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("silo_router_evictions_total").increment(1);
+            })
+            .build();
+        let lookups = moka::future::Cache::builder()
+            .max_capacity(config.max_pools * 4)
+            .support_invalidation_closures()
+            .build();
+        let down = moka::sync::Cache::builder()
+            .time_to_live(config.down_backoff)
+            .build();
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                keyring,
+                config,
+                lookups,
+                pools,
+                budgets: Mutex::default(),
+                down,
+                hits: AtomicU64::new(0),
+                misses: AtomicU64::new(0),
+                evictions,
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &RouterConfig {
+        &self.inner.config
+    }
+
+    /// Find a tenant by slug or id (cached).
+    pub async fn resolve(&self, name: &str) -> Result<Arc<TenantEntry>, RouteError> {
+        let inner = &self.inner;
+        if let Some(l) = inner.lookups.get(name).await {
+            let ttl = if l.entry.is_some() { inner.config.lookup_ttl } else { inner.config.negative_ttl };
+            if l.fetched.elapsed() < ttl {
+                inner.hits.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("silo_router_cache_hits_total").increment(1);
+                return l.entry.ok_or(RouteError::NotFound);
+            }
+            // Stale: re-read, but keep serving what we know if the control DB is down.
+            return match self.fetch(name).await {
+                Ok(fresh) => {
+                    inner.lookups.insert(name.to_owned(), fresh.clone()).await;
+                    fresh.entry.ok_or(RouteError::NotFound)
+                }
+                Err(e) => match l.entry {
+                    Some(entry) => {
+                        tracing::warn!(tenant_id = %entry.id, "serving a cached tenant while the control database is unreachable: {e}");
+                        let kept = Lookup { entry: Some(entry.clone()), fetched: Instant::now() };
+                        inner.lookups.insert(name.to_owned(), kept).await;
+                        Ok(entry)
+                    }
+                    None => Err(e),
+                },
+            };
+        }
+        inner.misses.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("silo_router_cache_misses_total").increment(1);
+        let l = inner
+            .lookups
+            .try_get_with(name.to_owned(), self.fetch(name))
+            .await
+            .map_err(|e| match Arc::try_unwrap(e) {
+                Ok(e) => e,
+                Err(shared) => RouteError::Internal(anyhow::anyhow!("{shared}")),
+            })?;
+        l.entry.ok_or(RouteError::NotFound)
+    }
+
+    async fn fetch(&self, name: &str) -> Result<Lookup, RouteError> {
+        let record = self
+            .inner
+            .registry
+            .find_tenant(name)
+            .await
+            .map_err(RouteError::ControlDown)?;
+        let entry = match record {
+            Some(t) => Some(Arc::new(self.entry_of(&t)?)),
+            None => None,
+        };
+        Ok(Lookup {
+            entry,
+            fetched: Instant::now(),
+        })
+    }
+
+    fn entry_of(&self, t: &TenantRecord) -> Result<TenantEntry, RouteError> {
+        let password = self
+            .inner
+            .keyring
+            .open_string(&t.key_id, &t.password_enc, t.id.as_bytes())
+            .context("decrypt tenant credentials")?;
+        Ok(TenantEntry {
+            id: t.id,
+            slug: t.slug.clone(),
+            status: t.status,
+            server_id: t.server_id,
+            database: t.database_name.clone(),
+            role: t.role_name.clone(),
+            plan: t.plan.clone(),
+            password: Secret::new(password),
+        })
+    }
+
+    /// A connection to `tenant`'s database as its role, or why not.
+    #[tracing::instrument(skip(self), fields(tenant_id = tracing::field::Empty))]
+    pub async fn acquire(&self, tenant: &str) -> Result<TenantConn, RouteError> {
+        let entry = self.resolve(tenant).await?;
+        tracing::Span::current().record("tenant_id", tracing::field::display(entry.id));
+        self.acquire_entry(entry).await
+    }
+
+    /// A connection for an already resolved tenant.
+    pub async fn acquire_entry(&self, mut entry: Arc<TenantEntry>) -> Result<TenantConn, RouteError> {
+        let started = Instant::now();
+        let deadline = started + self.inner.config.acquire_timeout;
+        loop {
+            check_status(&entry)?;
+            if self.inner.down.contains_key(&entry.id) {
+                return Err(RouteError::TenantDown);
+            }
+            let pool = self.pool_for(&entry).await?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            match pool.acquire(left).await {
+                Ok(conn) => {
+                    metrics::histogram!("silo_router_acquire_seconds").record(started.elapsed().as_secs_f64());
+                    return Ok(conn);
+                }
+                Err(AcquireError::Closed) if Instant::now() < deadline => {
+                    // Evicted or invalidated between lookup and acquire: build anew.
+                    self.inner.pools.invalidate(&entry.id).await;
+                }
+                Err(AcquireError::Connect(e)) if is_auth_failure(&e) && Instant::now() < deadline => {
+                    // Credentials rotated under us: re-read them and retry.
+                    self.invalidate(entry.id).await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    entry = self.resolve(&entry.id.to_string()).await?;
+                }
+                Err(AcquireError::Connect(e)) => {
+                    tracing::warn!(tenant_id = %entry.id, "failed to connect to tenant database: {e}");
+                    self.inner.down.insert(entry.id, ());
+                    metrics::counter!("silo_router_tenant_down_total").increment(1);
+                    return Err(RouteError::TenantDown);
+                }
+                Err(_) => return Err(RouteError::Busy),
+            }
+        }
+    }
+
+    async fn pool_for(&self, entry: &Arc<TenantEntry>) -> Result<Arc<TenantPool>, RouteError> {
+        let build = async {
+            let (budget, base) = self.budget_for(entry.server_id).await?;
+            let statement_timeout = self.inner.config.statement_timeout.as_millis().to_string();
+            let opts = base
+                .database(&entry.database)
+                .username(&entry.role)
+                .password(entry.password.expose())
+                .application_name("silo-router")
+                .options([("statement_timeout", statement_timeout.as_str())]);
+            let cap = connection_limit(&entry.plan) as usize;
+            Ok::<_, RouteError>(TenantPool::new(entry.id, opts, cap.min(budget.max), budget))
+        };
+        let pool = self
+            .inner
+            .pools
+            .try_get_with(entry.id, build)
+            .await
+            .map_err(|e| RouteError::Internal(anyhow::anyhow!("build tenant pool: {e}")))?;
+        Ok(pool)
+    }
+
+    async fn budget_for(&self, server: Uuid) -> Result<(Arc<ServerBudget>, PgConnectOptions), RouteError> {
+        if let Some(b) = self.inner.budgets.lock().expect("budgets lock").get(&server) {
+            return Ok(b.clone());
+        }
+        let s = self
+            .inner
+            .registry
+            .server(server)
+            .await
+            .map_err(RouteError::ControlDown)?
+            .context("find the tenant's server")?;
+        let url = self
+            .inner
+            .keyring
+            .open_string(&s.key_id, &s.admin_url_enc, s.id.as_bytes())
+            .context("decrypt server admin URL")?;
+        let base = crate::provision::servers::admin_options(&url)?;
+        let budget = ServerBudget::new(server, s.max_connections.max(1) as usize);
+        let mut budgets = self.inner.budgets.lock().expect("budgets lock");
+        Ok(budgets.entry(server).or_insert((budget, base)).clone())
+    }
+
+    /// Forget what is cached about a tenant: its lookups and its pool (which
+    /// closes once its connections in use are returned).
+    pub async fn invalidate(&self, tenant: Uuid) {
+        let _ = self
+            .inner
+            .lookups
+            .invalidate_entries_if(move |_, l| l.entry.as_ref().is_none_or(|e| e.id == tenant));
+        self.inner.pools.invalidate(&tenant).await;
+        self.inner.down.invalidate(&tenant);
+    }
+
+    /// Forget every cached lookup (pools stay; they are re-checked on use).
+    pub fn invalidate_lookups(&self) {
+        self.inner.lookups.invalidate_all();
+    }
+
+    /// Router state for the admin API and metrics.
+    pub fn stats(&self) -> RouterStats {
+        let budgets: Vec<Arc<ServerBudget>> = self
+            .inner
+            .budgets
+            .lock()
+            .expect("budgets lock")
+            .values()
+            .map(|(b, _)| b.clone())
+            .collect();
+        let mut tenants: Vec<TenantPoolStats> = self
+            .inner
+            .pools
+            .iter()
+            .map(|(id, p)| TenantPoolStats {
+                tenant_id: *id,
+                open: p.open(),
+                in_use: p.in_use(),
+                idle: p.idle_count(),
+                cap: p.cap,
+            })
+            .collect();
+        tenants.sort_by_key(|t| std::cmp::Reverse(t.open));
+        RouterStats {
+            pools_open: self.inner.pools.entry_count(),
+            cache_hits: self.inner.hits.load(Ordering::Relaxed),
+            cache_misses: self.inner.misses.load(Ordering::Relaxed),
+            evictions: self.inner.evictions.load(Ordering::Relaxed),
+            servers: budgets
+                .iter()
+                .map(|b| ServerStats {
+                    server_id: b.server_id,
+                    budget: b.max,
+                    open: b.open(),
+                })
+                .collect(),
+            tenants,
+        }
+    }
+
+    /// Publish gauges (called at scrape time).
+    pub fn record_metrics(&self) {
+        let stats = self.stats();
+        metrics::gauge!("silo_router_pools").set(stats.pools_open as f64);
+        for s in &stats.servers {
+            let server = s.server_id.to_string();
+            metrics::gauge!("silo_router_server_connections", "server" => server.clone()).set(s.open as f64);
+            metrics::gauge!("silo_router_server_budget", "server" => server).set(s.budget as f64);
+        }
+    }
+
+    /// Background upkeep until `token` is cancelled: close idle connections,
+    /// run moka's pending evictions, and follow tenant changes over NOTIFY.
+    pub fn spawn_maintenance(&self, token: &CancellationToken, tracker: &TaskTracker) {
+        let (router, t) = (self.clone(), token.clone());
+        tracker.spawn(async move {
+            let every = (router.inner.config.idle_connection_timeout / 4).max(Duration::from_millis(250));
+            loop {
+                tokio::select! {
+                    _ = t.cancelled() => break,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                router.inner.pools.run_pending_tasks().await;
+                for (_, pool) in router.inner.pools.iter() {
+                    pool.reap(router.inner.config.idle_connection_timeout);
+                }
+            }
+            // Shutting down: close every pool.
+            router.inner.pools.invalidate_all();
+            router.inner.pools.run_pending_tasks().await;
+        });
+        let (router, t) = (self.clone(), token.clone());
+        tracker.spawn(async move {
+            tokio::select! {
+                _ = t.cancelled() => {}
+                _ = router.follow_notifications() => {}
+            }
+        });
+    }
+
+    /// LISTEN on the control DB; invalidate tenants as they change. Reconnects
+    /// with back-off; after a gap, forgets every lookup (notices may be lost).
+    async fn follow_notifications(&self) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.listen_once().await {
+                Ok(()) => backoff = Duration::from_millis(200),
+                Err(e) => {
+                    tracing::warn!("failed to follow tenant changes, retrying: {e:#}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    async fn listen_once(&self) -> anyhow::Result<()> {
+        let mut listener = PgListener::connect_with(self.inner.registry.pool())
+            .await
+            .context("connect the listener")?;
+        listener.ignore_pool_close_event(true);
+        listener.listen(NOTIFY_CHANNEL).await.context("LISTEN")?;
+        // Anything announced while we were not listening is unknown: start clean.
+        self.invalidate_lookups();
+        loop {
+            match listener.try_recv().await.context("receive a notification")? {
+                Some(n) => {
+                    if let Ok(id) = Uuid::parse_str(n.payload()) {
+                        self.invalidate(id).await;
+                    }
+                }
+                None => {
+                    // The connection dropped; sqlx reconnects on the next call.
+                    self.invalidate_lookups();
+                }
+            }
+        }
+    }
+}
+
+fn check_status(entry: &TenantEntry) -> Result<(), RouteError> {
+    match entry.status {
+        TenantStatus::Active => Ok(()),
+        TenantStatus::Suspended | TenantStatus::Archived => Err(RouteError::Locked(entry.status.as_str())),
+        TenantStatus::Deleted => Err(RouteError::NotFound),
+        other => Err(RouteError::NotReady(other.as_str())),
+    }
+}
+
+fn is_auth_failure(e: &sqlx::Error) -> bool {
+    crate::provision::sql_state(e).as_deref() == Some("28P01")
+}
