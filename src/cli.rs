@@ -19,6 +19,7 @@ use crate::crypto::Keyring;
 use crate::embedded::EmbeddedPostgres;
 use crate::provision::{CreateTenant, ProvisionConfig, ProvisionError, Provisioner, DEFAULT_PLAN};
 use crate::registry::{Registry, TenantStatus};
+use crate::router::{RouterConfig, TenantRouter};
 
 /// How long shutdown waits for in-flight requests and background tasks.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);
@@ -130,10 +131,18 @@ pub async fn run_server(
         &token,
         &tracker,
     );
+    let router = TenantRouter::new(
+        provisioner.registry().clone(),
+        provisioner.keyring().clone(),
+        RouterConfig::default(),
+    );
+    router.spawn_maintenance(&token, &tracker);
     let state = AppState {
         provisioner: provisioner.clone(),
+        router,
         admin_token: Arc::new(admin_token),
         metrics: crate::telemetry::metrics_handle(),
+        app_domain: args.app_domain.as_deref().map(Arc::from),
     };
     let stop = token.clone();
     axum::serve(listener, app(state))

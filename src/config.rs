@@ -116,6 +116,11 @@ pub struct ServerArgs {
     /// Seconds between reconcile passes.
     #[arg(long, env = "SILO_RECONCILE_INTERVAL", default_value_t = DEFAULT_RECONCILE_INTERVAL_SECS)]
     pub reconcile_interval: u64,
+
+    /// App API: a tenant may be named by the first host label under this domain
+    /// (`acme.clinics.example.com` → `acme`), as well as by `X-Tenant-ID`.
+    #[arg(long, env = "SILO_APP_DOMAIN")]
+    pub app_domain: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

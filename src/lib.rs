@@ -21,3 +21,4 @@ pub mod provision;
 pub mod registry;
 pub mod router;
 pub mod telemetry;
+pub mod tokens;

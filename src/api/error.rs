@@ -25,6 +25,8 @@ pub enum ApiError {
     #[error("{0}")]
     UnsupportedMediaType(String),
     #[error("{0}")]
+    Locked(String),
+    #[error("{0}")]
     Unavailable(String),
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
@@ -49,6 +51,7 @@ impl ApiError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Locked(_) => StatusCode::LOCKED,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -62,6 +65,7 @@ impl ApiError {
             Self::Conflict(_) => "conflict",
             Self::Unprocessable(_) => "validation",
             Self::UnsupportedMediaType(_) => "unsupported-media-type",
+            Self::Locked(_) => "locked",
             Self::Unavailable(_) => "unavailable",
             Self::Internal(_) => "internal",
         }
@@ -97,6 +101,10 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             header::HeaderValue::from_static("application/problem+json"),
         );
+        if matches!(self, Self::Unavailable(_)) {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
         if matches!(self, Self::Unauthorized) {
             res.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -123,6 +131,22 @@ impl From<ProvisionError> for ApiError {
                 Self::Unavailable("a database silo depends on is unreachable, retry shortly".into())
             }
             ProvisionError::Internal(e) => Self::Internal(e),
+        }
+    }
+}
+
+impl From<crate::router::RouteError> for ApiError {
+    fn from(e: crate::router::RouteError) -> Self {
+        use crate::router::RouteError;
+        match e {
+            RouteError::NotFound => Self::not_found("tenant"),
+            RouteError::Locked(_) => Self::Locked(e.to_string()),
+            RouteError::NotReady(_) | RouteError::TenantDown | RouteError::Busy => Self::Unavailable(e.to_string()),
+            RouteError::ControlDown(err) => {
+                tracing::warn!("failed to reach the control database: {err}");
+                Self::Unavailable("the control database is unreachable, retry shortly".into())
+            }
+            RouteError::Internal(e) => Self::Internal(e),
         }
     }
 }

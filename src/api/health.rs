@@ -48,6 +48,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             metrics::gauge!("silo_tenants", "status" => status.as_str()).set(n as f64);
         }
     }
+    state.router.record_metrics();
     if let Ok(n) = state.registry().spare_count().await {
         metrics::gauge!("silo_warm_pool_spares").set(n as f64);
     }

@@ -3,6 +3,7 @@
 //! not serve, so tests drive it with `oneshot` as well as over a real socket.
 
 mod admin;
+mod app;
 mod auth;
 pub mod error;
 mod health;
@@ -22,13 +23,17 @@ use utoipa_scalar::{Scalar, Servable};
 use crate::config::Secret;
 use crate::provision::Provisioner;
 use crate::registry::Registry;
+use crate::router::TenantRouter;
 
 /// Everything handlers need; cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
     pub provisioner: Provisioner,
+    pub router: TenantRouter,
     pub admin_token: Arc<Secret>,
     pub metrics: PrometheusHandle,
+    /// Tenants may be named by the first host label under this domain.
+    pub app_domain: Option<Arc<str>>,
 }
 
 impl AppState {
@@ -67,6 +72,7 @@ pub fn app(state: AppState) -> Router {
     ));
     let (router, api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/admin/v1", admin)
+        .nest("/api/v1", app::router())
         .merge(health::router())
         .split_for_parts();
     let api = Arc::new(api);

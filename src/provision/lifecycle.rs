@@ -118,6 +118,41 @@ impl Provisioner {
         result
     }
 
+    /// Give the tenant role a new password. Routers drop their pools on the
+    /// change (NOTIFY) and retry a connection refused for the old password, so
+    /// requests in flight do not fail.
+    #[tracing::instrument(skip(self), fields(tenant_id = %id))]
+    pub async fn rotate_credentials(&self, id: Uuid, actor: &str) -> Result<TenantRecord, ProvisionError> {
+        let reg = self.registry();
+        let lock = reg.lock_tenant(id).await?;
+        let result = async {
+            let t = reg.tenant(id).await?.ok_or(ProvisionError::NotFound)?;
+            if !matches!(t.status, TenantStatus::Active | TenantStatus::Suspended) {
+                return Err(ProvisionError::InvalidState(
+                    t.status.as_str(),
+                    "only an active or suspended tenant has credentials to rotate",
+                ));
+            }
+            let password = crate::crypto::random_password(32);
+            let admin = self.admin_for(&t).await?;
+            admin
+                .exec(&format!(
+                    "ALTER ROLE \"{}\" PASSWORD '{}'",
+                    t.role_name,
+                    super::scram::verifier(&password)
+                ))
+                .await
+                .context("set the tenant role's new password")?;
+            let sealed = self.keyring().seal(password.as_bytes(), id.as_bytes());
+            reg.set_password(id, &sealed, self.keyring().key_id()).await?;
+            reg.audit(actor, "tenant.rotate_credentials", Some(id), serde_json::json!({})).await?;
+            reg.tenant(id).await?.ok_or(ProvisionError::NotFound)
+        }
+        .await;
+        lock.release().await;
+        result
+    }
+
     /// Start deleting a tenant: mark it `deleting` and drop its database and
     /// role in the background. Returns the operation to poll.
     #[tracing::instrument(skip(self), fields(tenant_id = %id))]

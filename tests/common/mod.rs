@@ -14,19 +14,30 @@ use silo::crypto::Keyring;
 use silo::embedded::EmbeddedPostgres;
 use silo::provision::{ProvisionConfig, Provisioner};
 use silo::registry::{Registry, TenantRecord};
+use silo::router::{RouterConfig, TenantRouter};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 use tower::ServiceExt;
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
+pub const APP_DOMAIN: &str = "clinics.test";
 
 pub struct TestEnv {
     pub pg: EmbeddedPostgres,
     pub master_key: String,
     pub keyring: Keyring,
     pub provisioner: Provisioner,
+    pub router: TenantRouter,
+    /// Stops the router's background tasks.
+    pub shutdown: tokio_util::sync::CancellationToken,
     /// Superuser pool on the `postgres` database, for inspecting the server.
     pub admin: PgPool,
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
 }
 
 impl TestEnv {
@@ -36,6 +47,11 @@ impl TestEnv {
 
     /// A fresh cluster with silo's control DB migrated and the default server registered.
     pub async fn start_with(warm_pool_size: u32) -> Self {
+        Self::start_configured(warm_pool_size, RouterConfig::default()).await
+    }
+
+    /// As `start_with`, with router settings of the test's choosing.
+    pub async fn start_configured(warm_pool_size: u32, config: RouterConfig) -> Self {
         let pg = tokio::task::spawn_blocking(EmbeddedPostgres::start_throwaway)
             .await
             .unwrap()
@@ -61,11 +77,27 @@ impl TestEnv {
             .connect(&pg.url("postgres"))
             .await
             .unwrap();
+        Self::with_router(pg, master_key, keyring, provisioner, admin, config)
+    }
+
+    fn with_router(
+        pg: EmbeddedPostgres,
+        master_key: String,
+        keyring: Keyring,
+        provisioner: Provisioner,
+        admin: PgPool,
+        config: RouterConfig,
+    ) -> Self {
+        let router = TenantRouter::new(provisioner.registry().clone(), keyring.clone(), config);
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        router.spawn_maintenance(&shutdown, &tokio_util::task::TaskTracker::new());
         Self {
             pg,
             master_key,
             keyring,
             provisioner,
+            router,
+            shutdown,
             admin,
         }
     }
@@ -81,8 +113,10 @@ impl TestEnv {
     pub fn app(&self) -> axum::Router {
         app(AppState {
             provisioner: self.provisioner.clone(),
+            router: self.router.clone(),
             admin_token: Arc::new(Secret::new(ADMIN_TOKEN)),
             metrics: silo::telemetry::metrics_handle(),
+            app_domain: Some(Arc::from(APP_DOMAIN)),
         })
     }
 

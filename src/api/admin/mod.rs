@@ -1,6 +1,7 @@
 //! The admin API, `/admin/v1`; each resource owns its routes.
 
 mod operations;
+mod pools;
 mod servers;
 mod tenants;
 
@@ -14,4 +15,5 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(tenants::router())
         .merge(operations::router())
         .merge(servers::router())
+        .merge(pools::router())
 }

@@ -21,6 +21,8 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(get_tenant, patch_tenant, delete_tenant))
         .routes(routes!(suspend_tenant))
         .routes(routes!(resume_tenant))
+        .routes(routes!(mint_token))
+        .routes(routes!(rotate_credentials))
 }
 
 /// Longest `Idempotency-Key` accepted.
@@ -188,7 +190,9 @@ async fn suspend_tenant(
     Path(tenant): Path<String>,
 ) -> ApiResult<Json<Tenant>> {
     let t = resolve(&state, &tenant).await?;
-    Ok(Json(state.provisioner.suspend(t.id, actor.0).await?.view()))
+    let t = state.provisioner.suspend(t.id, actor.0).await?;
+    state.router.invalidate(t.id).await;
+    Ok(Json(t.view()))
 }
 
 /// Resume a suspended tenant.
@@ -201,7 +205,9 @@ async fn resume_tenant(
     Path(tenant): Path<String>,
 ) -> ApiResult<Json<Tenant>> {
     let t = resolve(&state, &tenant).await?;
-    Ok(Json(state.provisioner.resume(t.id, actor.0).await?.view()))
+    let t = state.provisioner.resume(t.id, actor.0).await?;
+    state.router.invalidate(t.id).await;
+    Ok(Json(t.view()))
 }
 
 /// Delete a tenant: its database and role are dropped, the row kept as `deleted`.
@@ -215,7 +221,71 @@ async fn delete_tenant(
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
     let t = resolve(&state, &tenant).await?;
     let op = state.provisioner.start_delete(t.id, actor.0).await?;
+    state.router.invalidate(t.id).await;
     Ok((StatusCode::ACCEPTED, Json(op)))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    /// Lifetime in seconds: 60..=604800, default 3600.
+    ttl_seconds: Option<i64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenResponse {
+    token: String,
+    expires_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Mint a bearer token for this tenant's app traffic.
+#[utoipa::path(post, path = "/tenants/{tenant}/tokens", tag = "tenants", request_body = Option<TokenRequest>,
+    params(("tenant" = String, Path, description = "slug or id")),
+    responses((status = 201, body = TokenResponse), (status = 404, body = Problem), (status = 422, body = Problem)))]
+async fn mint_token(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(tenant): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<(StatusCode, Json<TokenResponse>)> {
+    // The body is optional: empty means all defaults.
+    let req: TokenRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        TokenRequest { ttl_seconds: None }
+    } else {
+        serde_json::from_slice(&body).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => ApiError::invalid(e.to_string()),
+            _ => ApiError::BadRequest(format!("malformed JSON: {e}")),
+        })?
+    };
+    let ttl = req.ttl_seconds.unwrap_or(crate::tokens::DEFAULT_TTL_SECONDS);
+    if !(60..=crate::tokens::MAX_TTL_SECONDS).contains(&ttl) {
+        return Err(ApiError::invalid(format!(
+            "ttl_seconds must be between 60 and {}",
+            crate::tokens::MAX_TTL_SECONDS
+        )));
+    }
+    let t = resolve(&state, &tenant).await?;
+    let (token, expires_at) = crate::tokens::mint(state.provisioner.keyring(), t.id, ttl);
+    state
+        .registry()
+        .audit(actor.0, "tenant.token", Some(t.id), serde_json::json!({"expires_at": expires_at}))
+        .await?;
+    Ok((StatusCode::CREATED, Json(TokenResponse { token, expires_at })))
+}
+
+/// Give the tenant's role a new password; pools switch over without failed requests.
+#[utoipa::path(post, path = "/tenants/{tenant}/credentials/rotate", tag = "tenants",
+    params(("tenant" = String, Path, description = "slug or id")),
+    responses((status = 200, body = Tenant), (status = 404, body = Problem), (status = 409, body = Problem)))]
+async fn rotate_credentials(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(tenant): Path<String>,
+) -> ApiResult<Json<Tenant>> {
+    let t = resolve(&state, &tenant).await?;
+    let t = state.provisioner.rotate_credentials(t.id, actor.0).await?;
+    state.router.invalidate(t.id).await;
+    Ok(Json(t.view()))
 }
 
 /// Find a tenant by slug or id; 404 for anything else.

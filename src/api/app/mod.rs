@@ -1,0 +1,117 @@
+//! The clinic app API, `/api/v1`, routed per tenant.
+//!
+//! Every handler takes a [`TenantDb`]: the request's tenant, resolved from
+//! `X-Tenant-ID` or the host label under `SILO_APP_DOMAIN`, authenticated by a
+//! tenant token minted for that same tenant, and a connection to that tenant's
+//! own database as its own role. There is no other way for a handler to reach
+//! tenant data, so no handler can reach the wrong tenant's.
+//!
+//! Answers: no tenant named 400; missing, forged or expired token 401 (checked
+//! before any lookup, so it reveals nothing); unknown tenant or another
+//! tenant's token 404; suspended or archived 423; database down 503.
+
+mod patients;
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, OptionalFromRequestParts};
+use axum::http::header::{AUTHORIZATION, HOST};
+use axum::http::request::Parts;
+use utoipa_axum::router::OpenApiRouter;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::router::{TenantConn, TenantEntry};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().merge(patients::router())
+}
+
+/// The request's tenant and a connection to its database.
+pub struct TenantDb {
+    #[allow(dead_code)] // for handlers that need the tenant's id or plan
+    pub tenant: Arc<TenantEntry>,
+    pub conn: TenantConn,
+}
+
+impl FromRequestParts<AppState> for TenantDb {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let name = tenant_name(parts, state.app_domain.as_deref())?;
+        let token = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or(ApiError::Unauthorized)?;
+        let token_tenant =
+            crate::tokens::verify(state.provisioner.keyring(), token.trim()).map_err(|_| ApiError::Unauthorized)?;
+        let tenant = state.router.resolve(&name).await?;
+        if tenant.id != token_tenant {
+            // Same answer as an unknown tenant: a token cannot probe for others.
+            return Err(ApiError::not_found("tenant"));
+        }
+        tracing::Span::current().record("tenant_id", tracing::field::display(tenant.id));
+        let conn = state.router.acquire_entry(tenant.clone()).await?;
+        Ok(Self { tenant, conn })
+    }
+}
+
+impl OptionalFromRequestParts<AppState> for TenantDb {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Option<Self>, ApiError> {
+        <Self as FromRequestParts<AppState>>::from_request_parts(parts, state)
+            .await
+            .map(Some)
+    }
+}
+
+/// The tenant named by `X-Tenant-ID` and/or the host; both must agree.
+fn tenant_name(parts: &Parts, app_domain: Option<&str>) -> Result<String, ApiError> {
+    let header = match parts.headers.get("x-tenant-id") {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .map(str::trim)
+                .filter(|s| !s.is_empty() && s.len() <= 64)
+                .ok_or_else(|| ApiError::BadRequest("X-Tenant-ID is not a tenant slug or id".into()))?,
+        ),
+        None => None,
+    };
+    let host = app_domain.and_then(|domain| {
+        let host = parts.headers.get(HOST)?.to_str().ok()?;
+        let host = host.split(':').next()?.to_ascii_lowercase();
+        let label = host.strip_suffix(domain)?.strip_suffix('.')?;
+        (!label.is_empty() && !label.contains('.')).then(|| label.to_owned())
+    });
+    match (header, host) {
+        (Some(h), Some(l)) if h != l => Err(ApiError::BadRequest(
+            "X-Tenant-ID and the host name name different tenants".into(),
+        )),
+        (Some(h), _) => Ok(h.to_owned()),
+        (None, Some(l)) => Ok(l),
+        (None, None) => Err(ApiError::BadRequest(
+            "no tenant named: send X-Tenant-ID or use the tenant's host name".into(),
+        )),
+    }
+}
+
+/// Map database errors of tenant queries to client answers where the client caused them.
+pub(crate) fn db_error(e: sqlx::Error) -> ApiError {
+    if let Some(db) = e.as_database_error() {
+        let constraint = db.constraint().unwrap_or("a constraint").to_owned();
+        match db.code().as_deref() {
+            Some("23505") => return ApiError::Conflict(format!("already exists ({constraint})")),
+            Some("23503") => return ApiError::invalid(format!("refers to something that does not exist ({constraint})")),
+            Some("23514") => return ApiError::invalid(format!("violates {constraint}")),
+            Some("22001") | Some("22007") | Some("22008") | Some("22P02") => {
+                return ApiError::invalid("a value is out of range or malformed")
+            }
+            Some("57014") => return ApiError::Unavailable("the query took too long".into()),
+            _ => {}
+        }
+    }
+    ApiError::from(e)
+}

@@ -1,0 +1,87 @@
+//! Tenant bearer tokens: HS256 JWTs (the `jsonwebtoken` crate) signed with a
+//! key derived from the master key. A token names one tenant (`sub`) and
+//! expires; the app API accepts it only for that tenant.
+
+use chrono::{DateTime, Utc};
+use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::crypto::Keyring;
+
+const ISSUER: &str = "silo";
+const AUDIENCE: &str = "silo-app";
+/// Default and longest lifetime of a tenant token.
+pub const DEFAULT_TTL_SECONDS: i64 = 3600;
+pub const MAX_TTL_SECONDS: i64 = 7 * 24 * 3600;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    sub: Uuid,
+    iss: String,
+    aud: String,
+    iat: i64,
+    exp: i64,
+}
+
+/// The token was malformed, forged, expired, or not for silo's app API.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid or expired tenant token")]
+pub struct InvalidToken;
+
+/// Mint a token for `tenant` valid for `ttl_seconds`.
+pub fn mint(keyring: &Keyring, tenant: Uuid, ttl_seconds: i64) -> (String, DateTime<Utc>) {
+    let now = Utc::now();
+    let expires_at = now + chrono::Duration::seconds(ttl_seconds);
+    let claims = Claims {
+        sub: tenant,
+        iss: ISSUER.into(),
+        aud: AUDIENCE.into(),
+        iat: now.timestamp(),
+        exp: expires_at.timestamp(),
+    };
+    let token = encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(keyring.token_key()),
+    )
+    .expect("HS256 signing of serializable claims cannot fail");
+    (token, expires_at)
+}
+
+/// The tenant a valid token was minted for.
+pub fn verify(keyring: &Keyring, token: &str) -> Result<Uuid, InvalidToken> {
+    let mut v = Validation::new(Algorithm::HS256);
+    v.set_issuer(&[ISSUER]);
+    v.set_audience(&[AUDIENCE]);
+    v.leeway = 5;
+    v.set_required_spec_claims(&["exp", "sub", "aud", "iss"]);
+    decode::<Claims>(token, &DecodingKey::from_secret(keyring.token_key()), &v)
+        .map(|d| d.claims.sub)
+        .map_err(|_| InvalidToken)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring() -> Keyring {
+        Keyring::from_base64(&Keyring::generate_base64()).unwrap()
+    }
+
+    #[test]
+    fn a_token_verifies_only_with_its_key_and_until_it_expires() {
+        let k = ring();
+        let tenant = Uuid::now_v7();
+        let (token, exp) = mint(&k, tenant, 60);
+        assert!(exp > Utc::now());
+        assert_eq!(verify(&k, &token).unwrap(), tenant);
+        assert!(verify(&ring(), &token).is_err(), "another master key");
+        let (expired, _) = mint(&k, tenant, -60);
+        assert!(verify(&k, &expired).is_err());
+        let mut forged = token.clone();
+        forged.replace_range(token.len() - 4.., "AAAA");
+        assert!(verify(&k, &forged).is_err());
+        assert!(verify(&k, "not.a.token").is_err());
+    }
+}
