@@ -10,6 +10,14 @@ use super::error::ApiError;
 use super::AppState;
 use crate::crypto::secret_eq;
 
+/// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive).
+pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// Who performed an admin action, for the audit log.
 #[derive(Debug, Clone)]
 pub struct Actor(pub &'static str);
@@ -19,13 +27,7 @@ pub async fn require_admin(
     mut req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let presented = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .ok_or(ApiError::Unauthorized)?;
+    let presented = bearer_token(req.headers()).ok_or(ApiError::Unauthorized)?;
     if !secret_eq(presented.as_bytes(), state.admin_token.expose().as_bytes()) {
         return Err(ApiError::Unauthorized);
     }

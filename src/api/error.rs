@@ -141,7 +141,9 @@ impl From<crate::router::RouteError> for ApiError {
         match e {
             RouteError::NotFound => Self::not_found("tenant"),
             RouteError::Locked(_) => Self::Locked(e.to_string()),
-            RouteError::NotReady(_) | RouteError::TenantDown | RouteError::Busy => Self::Unavailable(e.to_string()),
+            RouteError::NotReady(_) | RouteError::TenantDown | RouteError::Busy => {
+                Self::Unavailable(e.to_string())
+            }
             RouteError::ControlDown(err) => {
                 tracing::warn!("failed to reach the control database: {err}");
                 Self::Unavailable("the control database is unreachable, retry shortly".into())

@@ -93,7 +93,7 @@ pub fn app(state: AppState) -> Router {
                         .get("x-request-id")
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("-");
-                    tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = id)
+                    tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = id, tenant_id = tracing::field::Empty)
                 }))
                 .layer(PropagateRequestIdLayer::x_request_id()),
         )

@@ -122,7 +122,11 @@ impl Provisioner {
     /// change (NOTIFY) and retry a connection refused for the old password, so
     /// requests in flight do not fail.
     #[tracing::instrument(skip(self), fields(tenant_id = %id))]
-    pub async fn rotate_credentials(&self, id: Uuid, actor: &str) -> Result<TenantRecord, ProvisionError> {
+    pub async fn rotate_credentials(
+        &self,
+        id: Uuid,
+        actor: &str,
+    ) -> Result<TenantRecord, ProvisionError> {
         let reg = self.registry();
         let lock = reg.lock_tenant(id).await?;
         let result = async {
@@ -144,8 +148,15 @@ impl Provisioner {
                 .await
                 .context("set the tenant role's new password")?;
             let sealed = self.keyring().seal(password.as_bytes(), id.as_bytes());
-            reg.set_password(id, &sealed, self.keyring().key_id()).await?;
-            reg.audit(actor, "tenant.rotate_credentials", Some(id), serde_json::json!({})).await?;
+            reg.set_password(id, &sealed, self.keyring().key_id())
+                .await?;
+            reg.audit(
+                actor,
+                "tenant.rotate_credentials",
+                Some(id),
+                serde_json::json!({}),
+            )
+            .await?;
             reg.tenant(id).await?.ok_or(ProvisionError::NotFound)
         }
         .await;

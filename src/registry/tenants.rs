@@ -380,13 +380,20 @@ impl Registry {
 
 impl Registry {
     /// Store a tenant role's new sealed password (the trigger notifies routers).
-    pub async fn set_password(&self, id: Uuid, password_enc: &[u8], key_id: &str) -> sqlx::Result<()> {
-        sqlx::query("UPDATE tenants SET password_enc = $2, key_id = $3, updated_at = now() WHERE id = $1")
-            .bind(id)
-            .bind(password_enc)
-            .bind(key_id)
-            .execute(&self.pool)
-            .await
-            .map(|_| ())
+    pub async fn set_password(
+        &self,
+        id: Uuid,
+        password_enc: &[u8],
+        key_id: &str,
+    ) -> sqlx::Result<()> {
+        sqlx::query(
+            "UPDATE tenants SET password_enc = $2, key_id = $3, updated_at = now() WHERE id = $1",
+        )
+        .bind(id)
+        .bind(password_enc)
+        .bind(key_id)
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
     }
 }

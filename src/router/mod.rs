@@ -88,8 +88,8 @@ pub enum RouteError {
     TenantDown,
     #[error("no database connection is free, retry shortly")]
     Busy,
-    #[error("the control database is unreachable")]
-    ControlDown(#[source] sqlx::Error),
+    #[error("the control database is unreachable: {0}")]
+    ControlDown(String),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -121,6 +121,8 @@ impl std::fmt::Debug for TenantEntry {
 struct Lookup {
     entry: Option<Arc<TenantEntry>>,
     fetched: Instant,
+    /// The [`Inner::epoch`] it was read in; an older one is stale.
+    epoch: u64,
 }
 
 /// Router state for `GET /admin/v1/pools`.
@@ -130,6 +132,10 @@ pub struct RouterStats {
     pub cache_hits: u64,
     pub cache_misses: u64,
     pub evictions: u64,
+    /// Pools built since start (one per tenant unless evicted or invalidated).
+    pub pools_built: u64,
+    /// Registry lookups since start (cache misses and refreshes that reached the control DB).
+    pub registry_lookups: u64,
     pub servers: Vec<ServerStats>,
     pub tenants: Vec<TenantPoolStats>,
 }
@@ -167,6 +173,11 @@ struct Inner {
     hits: AtomicU64,
     misses: AtomicU64,
     evictions: Arc<AtomicU64>,
+    built: AtomicU64,
+    fetched: AtomicU64,
+    /// Bumped when notifications may have been missed: every lookup read
+    /// before is re-read on next use, yet still served if the control DB is down.
+    epoch: AtomicU64,
 }
 
 impl TenantRouter {
@@ -202,6 +213,9 @@ impl TenantRouter {
                 hits: AtomicU64::new(0),
                 misses: AtomicU64::new(0),
                 evictions,
+                built: AtomicU64::new(0),
+                fetched: AtomicU64::new(0),
+                epoch: AtomicU64::new(0),
             }),
         }
     }
@@ -214,8 +228,12 @@ impl TenantRouter {
     pub async fn resolve(&self, name: &str) -> Result<Arc<TenantEntry>, RouteError> {
         let inner = &self.inner;
         if let Some(l) = inner.lookups.get(name).await {
-            let ttl = if l.entry.is_some() { inner.config.lookup_ttl } else { inner.config.negative_ttl };
-            if l.fetched.elapsed() < ttl {
+            let ttl = if l.entry.is_some() {
+                inner.config.lookup_ttl
+            } else {
+                inner.config.negative_ttl
+            };
+            if l.fetched.elapsed() < ttl && l.epoch == inner.epoch.load(Ordering::Acquire) {
                 inner.hits.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("silo_router_cache_hits_total").increment(1);
                 return l.entry.ok_or(RouteError::NotFound);
@@ -229,7 +247,11 @@ impl TenantRouter {
                 Err(e) => match l.entry {
                     Some(entry) => {
                         tracing::warn!(tenant_id = %entry.id, "serving a cached tenant while the control database is unreachable: {e}");
-                        let kept = Lookup { entry: Some(entry.clone()), fetched: Instant::now() };
+                        let kept = Lookup {
+                            entry: Some(entry.clone()),
+                            fetched: Instant::now(),
+                            epoch: inner.epoch.load(Ordering::Acquire),
+                        };
                         inner.lookups.insert(name.to_owned(), kept).await;
                         Ok(entry)
                     }
@@ -245,18 +267,24 @@ impl TenantRouter {
             .await
             .map_err(|e| match Arc::try_unwrap(e) {
                 Ok(e) => e,
-                Err(shared) => RouteError::Internal(anyhow::anyhow!("{shared}")),
+                // Shared by every request that waited on the same lookup.
+                Err(shared) => match shared.as_ref() {
+                    RouteError::ControlDown(msg) => RouteError::ControlDown(msg.clone()),
+                    other => RouteError::Internal(anyhow::anyhow!("{other}")),
+                },
             })?;
         l.entry.ok_or(RouteError::NotFound)
     }
 
     async fn fetch(&self, name: &str) -> Result<Lookup, RouteError> {
+        self.inner.fetched.fetch_add(1, Ordering::Relaxed);
+        let epoch = self.inner.epoch.load(Ordering::Acquire);
         let record = self
             .inner
             .registry
             .find_tenant(name)
             .await
-            .map_err(RouteError::ControlDown)?;
+            .map_err(|e| RouteError::ControlDown(e.to_string()))?;
         let entry = match record {
             Some(t) => Some(Arc::new(self.entry_of(&t)?)),
             None => None,
@@ -264,6 +292,7 @@ impl TenantRouter {
         Ok(Lookup {
             entry,
             fetched: Instant::now(),
+            epoch,
         })
     }
 
@@ -294,7 +323,10 @@ impl TenantRouter {
     }
 
     /// A connection for an already resolved tenant.
-    pub async fn acquire_entry(&self, mut entry: Arc<TenantEntry>) -> Result<TenantConn, RouteError> {
+    pub async fn acquire_entry(
+        &self,
+        mut entry: Arc<TenantEntry>,
+    ) -> Result<TenantConn, RouteError> {
         let started = Instant::now();
         let deadline = started + self.inner.config.acquire_timeout;
         loop {
@@ -306,20 +338,23 @@ impl TenantRouter {
             let left = deadline.saturating_duration_since(Instant::now());
             match pool.acquire(left).await {
                 Ok(conn) => {
-                    metrics::histogram!("silo_router_acquire_seconds").record(started.elapsed().as_secs_f64());
+                    metrics::histogram!("silo_router_acquire_seconds")
+                        .record(started.elapsed().as_secs_f64());
                     return Ok(conn);
                 }
                 Err(AcquireError::Closed) if Instant::now() < deadline => {
                     // Evicted or invalidated between lookup and acquire: build anew.
                     self.inner.pools.invalidate(&entry.id).await;
                 }
-                Err(AcquireError::Connect(e)) if is_auth_failure(&e) && Instant::now() < deadline => {
+                Err(AcquireError::Connect(e))
+                    if is_auth_failure(&e) && Instant::now() < deadline =>
+                {
                     // Credentials rotated under us: re-read them and retry.
                     self.invalidate(entry.id).await;
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     entry = self.resolve(&entry.id.to_string()).await?;
                 }
-                Err(AcquireError::Connect(e)) => {
+                Err(e @ (AcquireError::Connect(_) | AcquireError::ConnectTimeout)) => {
                     tracing::warn!(tenant_id = %entry.id, "failed to connect to tenant database: {e}");
                     self.inner.down.insert(entry.id, ());
                     metrics::counter!("silo_router_tenant_down_total").increment(1);
@@ -341,6 +376,7 @@ impl TenantRouter {
                 .application_name("silo-router")
                 .options([("statement_timeout", statement_timeout.as_str())]);
             let cap = connection_limit(&entry.plan) as usize;
+            self.inner.built.fetch_add(1, Ordering::Relaxed);
             Ok::<_, RouteError>(TenantPool::new(entry.id, opts, cap.min(budget.max), budget))
         };
         let pool = self
@@ -352,8 +388,17 @@ impl TenantRouter {
         Ok(pool)
     }
 
-    async fn budget_for(&self, server: Uuid) -> Result<(Arc<ServerBudget>, PgConnectOptions), RouteError> {
-        if let Some(b) = self.inner.budgets.lock().expect("budgets lock").get(&server) {
+    async fn budget_for(
+        &self,
+        server: Uuid,
+    ) -> Result<(Arc<ServerBudget>, PgConnectOptions), RouteError> {
+        if let Some(b) = self
+            .inner
+            .budgets
+            .lock()
+            .expect("budgets lock")
+            .get(&server)
+        {
             return Ok(b.clone());
         }
         let s = self
@@ -361,7 +406,7 @@ impl TenantRouter {
             .registry
             .server(server)
             .await
-            .map_err(RouteError::ControlDown)?
+            .map_err(|e| RouteError::ControlDown(e.to_string()))?
             .context("find the tenant's server")?;
         let url = self
             .inner
@@ -385,9 +430,10 @@ impl TenantRouter {
         self.inner.down.invalidate(&tenant);
     }
 
-    /// Forget every cached lookup (pools stay; they are re-checked on use).
-    pub fn invalidate_lookups(&self) {
-        self.inner.lookups.invalidate_all();
+    /// Mark every cached lookup stale: re-read on next use, but still served
+    /// if the control DB cannot be reached.
+    pub fn mark_lookups_stale(&self) {
+        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Router state for the admin API and metrics.
@@ -418,6 +464,8 @@ impl TenantRouter {
             cache_hits: self.inner.hits.load(Ordering::Relaxed),
             cache_misses: self.inner.misses.load(Ordering::Relaxed),
             evictions: self.inner.evictions.load(Ordering::Relaxed),
+            pools_built: self.inner.built.load(Ordering::Relaxed),
+            registry_lookups: self.inner.fetched.load(Ordering::Relaxed),
             servers: budgets
                 .iter()
                 .map(|b| ServerStats {
@@ -436,7 +484,8 @@ impl TenantRouter {
         metrics::gauge!("silo_router_pools").set(stats.pools_open as f64);
         for s in &stats.servers {
             let server = s.server_id.to_string();
-            metrics::gauge!("silo_router_server_connections", "server" => server.clone()).set(s.open as f64);
+            metrics::gauge!("silo_router_server_connections", "server" => server.clone())
+                .set(s.open as f64);
             metrics::gauge!("silo_router_server_budget", "server" => server).set(s.budget as f64);
         }
     }
@@ -446,7 +495,8 @@ impl TenantRouter {
     pub fn spawn_maintenance(&self, token: &CancellationToken, tracker: &TaskTracker) {
         let (router, t) = (self.clone(), token.clone());
         tracker.spawn(async move {
-            let every = (router.inner.config.idle_connection_timeout / 4).max(Duration::from_millis(250));
+            let every =
+                (router.inner.config.idle_connection_timeout / 4).max(Duration::from_millis(250));
             loop {
                 tokio::select! {
                     _ = t.cancelled() => break,
@@ -492,19 +542,21 @@ impl TenantRouter {
             .context("connect the listener")?;
         listener.ignore_pool_close_event(true);
         listener.listen(NOTIFY_CHANNEL).await.context("LISTEN")?;
-        // Anything announced while we were not listening is unknown: start clean.
-        self.invalidate_lookups();
+        // Anything announced while we were not listening is unknown.
+        self.mark_lookups_stale();
         loop {
-            match listener.try_recv().await.context("receive a notification")? {
+            match listener
+                .try_recv()
+                .await
+                .context("receive a notification")?
+            {
                 Some(n) => {
                     if let Ok(id) = Uuid::parse_str(n.payload()) {
                         self.invalidate(id).await;
                     }
                 }
-                None => {
-                    // The connection dropped; sqlx reconnects on the next call.
-                    self.invalidate_lookups();
-                }
+                // The connection dropped; sqlx reconnects on the next call.
+                None => self.mark_lookups_stale(),
             }
         }
     }
@@ -513,7 +565,9 @@ impl TenantRouter {
 fn check_status(entry: &TenantEntry) -> Result<(), RouteError> {
     match entry.status {
         TenantStatus::Active => Ok(()),
-        TenantStatus::Suspended | TenantStatus::Archived => Err(RouteError::Locked(entry.status.as_str())),
+        TenantStatus::Suspended | TenantStatus::Archived => {
+            Err(RouteError::Locked(entry.status.as_str()))
+        }
         TenantStatus::Deleted => Err(RouteError::NotFound),
         other => Err(RouteError::NotReady(other.as_str())),
     }

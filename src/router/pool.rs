@@ -29,6 +29,9 @@ pub struct ServerBudget {
     pub max: usize,
     permits: Arc<Semaphore>,
     pools: Mutex<HashMap<Uuid, Weak<TenantPool>>>,
+    /// Woken whenever a connection of this server goes idle or closes, so a
+    /// request waiting for budget can reclaim it.
+    changed: tokio::sync::Notify,
 }
 
 impl ServerBudget {
@@ -38,6 +41,7 @@ impl ServerBudget {
             max,
             permits: Arc::new(Semaphore::new(max)),
             pools: Mutex::default(),
+            changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -83,6 +87,8 @@ pub enum AcquireError {
     BudgetExhausted,
     #[error("could not connect to the tenant database: {0}")]
     Connect(#[source] sqlx::Error),
+    #[error("connecting to the tenant database timed out")]
+    ConnectTimeout,
     #[error("the pool was closed")]
     Closed,
 }
@@ -117,7 +123,12 @@ impl std::fmt::Debug for TenantPool {
 }
 
 impl TenantPool {
-    pub fn new(tenant: Uuid, opts: PgConnectOptions, cap: usize, budget: Arc<ServerBudget>) -> Arc<Self> {
+    pub fn new(
+        tenant: Uuid,
+        opts: PgConnectOptions,
+        cap: usize,
+        budget: Arc<ServerBudget>,
+    ) -> Arc<Self> {
         let pool = Arc::new(Self {
             tenant,
             opts,
@@ -160,33 +171,49 @@ impl TenantPool {
             return Ok(self.wrap(idle.conn, idle.permit, slot));
         }
         let permit = self.budget_permit(deadline).await?;
-        let conn = tokio::time::timeout_at(deadline.into(), self.opts.connect())
+        // A connection attempt gets a full `timeout` of its own: waiting for a
+        // permit must not turn a healthy but slow connect into "database down".
+        let conn = tokio::time::timeout(timeout, self.opts.connect())
             .await
-            .map_err(|_| AcquireError::Connect(sqlx::Error::PoolTimedOut))?
+            .map_err(|_| AcquireError::ConnectTimeout)?
             .map_err(AcquireError::Connect)?;
         self.open.fetch_add(1, Ordering::Relaxed);
         Ok(self.wrap(conn, permit, slot))
     }
 
+    /// A budget permit: free, or freed by closing another tenant's idle
+    /// connection, or — when every connection is in use — the first to come
+    /// back idle or closed before `deadline`.
     async fn budget_permit(&self, deadline: Instant) -> Result<OwnedSemaphorePermit, AcquireError> {
-        let sem = self.budget.permits.clone();
-        if let Ok(p) = sem.clone().try_acquire_owned() {
-            return Ok(p);
-        }
-        // Full: take an idle connection away from another tenant first.
-        if self.budget.reclaim_one(self.tenant) {
-            metrics::counter!("silo_router_reclaimed_total").increment(1);
-        }
-        match tokio::time::timeout_at(deadline.into(), sem.acquire_owned()).await {
-            Ok(Ok(p)) => Ok(p),
-            _ => {
+        let budget = &self.budget;
+        loop {
+            // Register for wake-ups before checking, so none is lost in between.
+            let changed = budget.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Ok(p) = budget.permits.clone().try_acquire_owned() {
+                return Ok(p);
+            }
+            if budget.reclaim_one(self.tenant) {
+                metrics::counter!("silo_router_reclaimed_total").increment(1);
+                continue;
+            }
+            if tokio::time::timeout_at(deadline.into(), changed)
+                .await
+                .is_err()
+            {
                 metrics::counter!("silo_router_budget_rejections_total").increment(1);
-                Err(AcquireError::BudgetExhausted)
+                return Err(AcquireError::BudgetExhausted);
             }
         }
     }
 
-    fn wrap(self: &Arc<Self>, conn: PgConnection, permit: OwnedSemaphorePermit, slot: OwnedSemaphorePermit) -> TenantConn {
+    fn wrap(
+        self: &Arc<Self>,
+        conn: PgConnection,
+        permit: OwnedSemaphorePermit,
+        slot: OwnedSemaphorePermit,
+    ) -> TenantConn {
         TenantConn {
             conn: Some(conn),
             permit: Some(permit),
@@ -201,15 +228,18 @@ impl TenantPool {
     }
 
     fn oldest_idle(&self) -> Option<Instant> {
-        self.idle.lock().expect("idle lock").front().map(|i| i.since)
+        self.idle
+            .lock()
+            .expect("idle lock")
+            .front()
+            .map(|i| i.since)
     }
 
     fn close_one_idle(&self) -> bool {
         let victim = self.idle.lock().expect("idle lock").pop_front();
         match victim {
             Some(idle) => {
-                self.close_conn(idle.conn);
-                drop(idle.permit);
+                self.close_idle(idle);
                 true
             }
             None => false,
@@ -221,12 +251,15 @@ impl TenantPool {
         let now = Instant::now();
         let stale: Vec<Idle> = {
             let mut idle = self.idle.lock().expect("idle lock");
-            let keep = idle.iter().position(|i| now.duration_since(i.since) < max_idle).unwrap_or(idle.len());
+            let keep = idle
+                .iter()
+                .position(|i| now.duration_since(i.since) < max_idle)
+                .unwrap_or(idle.len());
             idle.drain(..keep).collect()
         };
         let n = stale.len();
         for i in stale {
-            self.close_conn(i.conn);
+            self.close_idle(i);
         }
         n
     }
@@ -237,7 +270,7 @@ impl TenantPool {
         self.slots.close();
         let idle: Vec<Idle> = self.idle.lock().expect("idle lock").drain(..).collect();
         for i in idle {
-            self.close_conn(i.conn);
+            self.close_idle(i);
         }
     }
 
@@ -245,8 +278,16 @@ impl TenantPool {
         self.closed.load(Ordering::Acquire)
     }
 
+    fn close_idle(&self, idle: Idle) {
+        let Idle { conn, permit, .. } = idle;
+        drop(permit); // before the wake-up, so a woken waiter finds the permit
+        self.close_conn(conn);
+    }
+
+    /// Close a connection whose budget permit was already released.
     fn close_conn(&self, conn: PgConnection) {
         self.open.fetch_sub(1, Ordering::Relaxed);
+        self.budget.changed.notify_waiters();
         // A polite Terminate when a runtime is at hand; dropping also closes the socket.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
@@ -257,8 +298,8 @@ impl TenantPool {
 
     fn give_back(&self, conn: PgConnection, permit: OwnedSemaphorePermit, broken: bool) {
         if broken || self.is_closed() {
-            self.close_conn(conn);
             drop(permit);
+            self.close_conn(conn);
             return;
         }
         self.idle.lock().expect("idle lock").push_back(Idle {
@@ -266,6 +307,7 @@ impl TenantPool {
             permit,
             since: Instant::now(),
         });
+        self.budget.changed.notify_waiters();
     }
 }
 

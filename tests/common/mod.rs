@@ -2,7 +2,11 @@
 //! and router on top of it. Nothing here fakes PostgreSQL.
 #![allow(dead_code)]
 
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
@@ -278,4 +282,112 @@ impl TestEnv {
 /// Close a connection, ignoring errors.
 pub async fn close(conn: PgConnection) {
     conn.close().await.ok();
+}
+
+/// A `silo serve` child process on a free loopback port.
+pub struct Silo {
+    pub child: Child,
+    pub base: String,
+}
+
+impl Silo {
+    pub async fn start(env: &TestEnv, failpoint: Option<&str>, warm_pool: u32, log: &Path) -> Self {
+        let port = silo::embedded::postgres::free_port().unwrap();
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_silo"));
+        cmd.arg("serve")
+            .env("SILO_DATABASE_URL", env.control_url())
+            .env("SILO_TENANT_SERVER_URL", env.pg.url("postgres"))
+            .env("SILO_MASTER_KEY", &env.master_key)
+            .env("SILO_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("SILO_LISTEN", format!("127.0.0.1:{port}"))
+            .env("SILO_WARM_POOL_SIZE", warm_pool.to_string())
+            .env("SILO_RECONCILE_INTERVAL", "3600")
+            .env("RUST_LOG", "debug")
+            .env_remove("SILO_FAILPOINT")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .stdin(Stdio::null());
+        if let Some(fp) = failpoint {
+            cmd.env("SILO_FAILPOINT", fp);
+        }
+        let silo = Self {
+            child: cmd.spawn().expect("start silo serve"),
+            base: format!("http://127.0.0.1:{port}"),
+        };
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = client.get(format!("{}/readyz", silo.base)).send().await {
+                if r.status().is_success() {
+                    return silo;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "silo did not become ready; see {}",
+                log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        key: Option<&str>,
+    ) -> reqwest::Result<(u16, Value)> {
+        let mut req = reqwest::Client::new()
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .timeout(Duration::from_secs(60));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        if let Some(k) = key {
+            req = req.header("idempotency-key", k);
+        }
+        let res = req.send().await?;
+        let status = res.status().as_u16();
+        Ok((status, res.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Wait for the process to die from its failpoint (SIGABRT).
+    pub fn expect_abort(mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert_eq!(
+                    status.signal(),
+                    Some(6),
+                    "silo should have aborted at its failpoint: {status}"
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "silo did not reach its failpoint"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stop(mut self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .ok();
+        let status = self.child.wait().unwrap();
+        assert!(
+            status.success(),
+            "silo should shut down cleanly on SIGTERM: {status}"
+        );
+    }
 }

@@ -257,7 +257,9 @@ async fn mint_token(
             _ => ApiError::BadRequest(format!("malformed JSON: {e}")),
         })?
     };
-    let ttl = req.ttl_seconds.unwrap_or(crate::tokens::DEFAULT_TTL_SECONDS);
+    let ttl = req
+        .ttl_seconds
+        .unwrap_or(crate::tokens::DEFAULT_TTL_SECONDS);
     if !(60..=crate::tokens::MAX_TTL_SECONDS).contains(&ttl) {
         return Err(ApiError::invalid(format!(
             "ttl_seconds must be between 60 and {}",
@@ -268,9 +270,17 @@ async fn mint_token(
     let (token, expires_at) = crate::tokens::mint(state.provisioner.keyring(), t.id, ttl);
     state
         .registry()
-        .audit(actor.0, "tenant.token", Some(t.id), serde_json::json!({"expires_at": expires_at}))
+        .audit(
+            actor.0,
+            "tenant.token",
+            Some(t.id),
+            serde_json::json!({"expires_at": expires_at}),
+        )
         .await?;
-    Ok((StatusCode::CREATED, Json(TokenResponse { token, expires_at })))
+    Ok((
+        StatusCode::CREATED,
+        Json(TokenResponse { token, expires_at }),
+    ))
 }
 
 /// Give the tenant's role a new password; pools switch over without failed requests.
@@ -293,11 +303,13 @@ async fn resolve(state: &AppState, slug_or_id: &str) -> ApiResult<TenantRecord> 
     if slug_or_id.len() > 64 {
         return Err(ApiError::not_found("tenant"));
     }
-    state
+    let t = state
         .registry()
         .find_tenant(slug_or_id)
         .await?
-        .ok_or_else(|| ApiError::not_found("tenant"))
+        .ok_or_else(|| ApiError::not_found("tenant"))?;
+    tracing::Span::current().record("tenant_id", tracing::field::display(t.id));
+    Ok(t)
 }
 
 fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {

@@ -10,12 +10,16 @@
 //! before any lookup, so it reveals nothing); unknown tenant or another
 //! tenant's token 404; suspended or archived 423; database down 503.
 
+mod appointments;
+mod clinics;
+mod common;
 mod patients;
+mod staff;
 
 use std::sync::Arc;
 
 use axum::extract::{FromRequestParts, OptionalFromRequestParts};
-use axum::http::header::{AUTHORIZATION, HOST};
+use axum::http::header::HOST;
 use axum::http::request::Parts;
 use utoipa_axum::router::OpenApiRouter;
 
@@ -24,7 +28,11 @@ use super::AppState;
 use crate::router::{TenantConn, TenantEntry};
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().merge(patients::router())
+    OpenApiRouter::new()
+        .merge(clinics::router())
+        .merge(staff::router())
+        .merge(patients::router())
+        .merge(appointments::router())
 }
 
 /// The request's tenant and a connection to its database.
@@ -39,14 +47,9 @@ impl FromRequestParts<AppState> for TenantDb {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let name = tenant_name(parts, state.app_domain.as_deref())?;
-        let token = parts
-            .headers
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or(ApiError::Unauthorized)?;
-        let token_tenant =
-            crate::tokens::verify(state.provisioner.keyring(), token.trim()).map_err(|_| ApiError::Unauthorized)?;
+        let token = super::auth::bearer_token(&parts.headers).ok_or(ApiError::Unauthorized)?;
+        let token_tenant = crate::tokens::verify(state.provisioner.keyring(), token)
+            .map_err(|_| ApiError::Unauthorized)?;
         let tenant = state.router.resolve(&name).await?;
         if tenant.id != token_tenant {
             // Same answer as an unknown tenant: a token cannot probe for others.
@@ -61,7 +64,10 @@ impl FromRequestParts<AppState> for TenantDb {
 impl OptionalFromRequestParts<AppState> for TenantDb {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Option<Self>, ApiError> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Option<Self>, ApiError> {
         <Self as FromRequestParts<AppState>>::from_request_parts(parts, state)
             .await
             .map(Some)
@@ -76,7 +82,10 @@ fn tenant_name(parts: &Parts, app_domain: Option<&str>) -> Result<String, ApiErr
                 .ok()
                 .map(str::trim)
                 .filter(|s| !s.is_empty() && s.len() <= 64)
-                .ok_or_else(|| ApiError::BadRequest("X-Tenant-ID is not a tenant slug or id".into()))?,
+                .map(str::to_ascii_lowercase)
+                .ok_or_else(|| {
+                    ApiError::BadRequest("X-Tenant-ID is not a tenant slug or id".into())
+                })?,
         ),
         None => None,
     };
@@ -90,6 +99,7 @@ fn tenant_name(parts: &Parts, app_domain: Option<&str>) -> Result<String, ApiErr
         (Some(h), Some(l)) if h != l => Err(ApiError::BadRequest(
             "X-Tenant-ID and the host name name different tenants".into(),
         )),
+        // Slugs are lower case and ids case-insensitive: compare and look up in lower case.
         (Some(h), _) => Ok(h.to_owned()),
         (None, Some(l)) => Ok(l),
         (None, None) => Err(ApiError::BadRequest(
@@ -104,7 +114,11 @@ pub(crate) fn db_error(e: sqlx::Error) -> ApiError {
         let constraint = db.constraint().unwrap_or("a constraint").to_owned();
         match db.code().as_deref() {
             Some("23505") => return ApiError::Conflict(format!("already exists ({constraint})")),
-            Some("23503") => return ApiError::invalid(format!("refers to something that does not exist ({constraint})")),
+            Some("23503") => {
+                return ApiError::invalid(format!(
+                    "refers to something that does not exist ({constraint})"
+                ))
+            }
             Some("23514") => return ApiError::invalid(format!("violates {constraint}")),
             Some("22001") | Some("22007") | Some("22008") | Some("22P02") => {
                 return ApiError::invalid("a value is out of range or malformed")

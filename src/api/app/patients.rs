@@ -5,11 +5,12 @@ use axum::extract::Path;
 use axum::http::StatusCode;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
+use super::common::{contact, delete_row, next_cursor, page, parse_id, text, PageParams};
 use super::{db_error, TenantDb};
 use crate::api::error::{ApiError, ApiResult, Json, Problem, Query};
 use crate::api::AppState;
@@ -53,15 +54,6 @@ pub struct PatientPatch {
     notes: Option<String>,
 }
 
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-pub struct PageParams {
-    /// 1..=200, default 50.
-    limit: Option<i64>,
-    /// `next_cursor` of the previous page.
-    cursor: Option<String>,
-}
-
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PatientPage {
     items: Vec<Patient>,
@@ -74,7 +66,10 @@ const COLUMNS: &str = "id, full_name, date_of_birth, email, phone, notes, create
 #[utoipa::path(get, path = "/patients", tag = "patients", params(PageParams,
         ("X-Tenant-ID" = String, Header, description = "tenant slug or id")),
     responses((status = 200, body = PatientPage), (status = 404, body = Problem)))]
-async fn list_patients(mut db: TenantDb, Query(p): Query<PageParams>) -> ApiResult<Json<PatientPage>> {
+async fn list_patients(
+    mut db: TenantDb,
+    Query(p): Query<PageParams>,
+) -> ApiResult<Json<PatientPage>> {
     let (limit, after) = page(&p)?;
     let items: Vec<Patient> = sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM patients WHERE ($1::uuid IS NULL OR id > $1) ORDER BY id LIMIT $2"
@@ -92,7 +87,10 @@ async fn list_patients(mut db: TenantDb, Query(p): Query<PageParams>) -> ApiResu
 #[utoipa::path(post, path = "/patients", tag = "patients", request_body = NewPatient,
     params(("X-Tenant-ID" = String, Header, description = "tenant slug or id")),
     responses((status = 201, body = Patient), (status = 422, body = Problem)))]
-async fn create_patient(mut db: TenantDb, Json(body): Json<NewPatient>) -> ApiResult<(StatusCode, Json<Patient>)> {
+async fn create_patient(
+    mut db: TenantDb,
+    Json(body): Json<NewPatient>,
+) -> ApiResult<(StatusCode, Json<Patient>)> {
     text("full_name", Some(&body.full_name), 200)?;
     contact(body.email.as_deref(), body.phone.as_deref())?;
     text("notes", body.notes.as_deref(), 10_000)?;
@@ -131,7 +129,11 @@ async fn get_patient(mut db: TenantDb, Path(id): Path<String>) -> ApiResult<Json
 #[utoipa::path(patch, path = "/patients/{id}", tag = "patients", request_body = PatientPatch,
     params(("id" = String, Path), ("X-Tenant-ID" = String, Header, description = "tenant slug or id")),
     responses((status = 200, body = Patient), (status = 404, body = Problem), (status = 422, body = Problem)))]
-async fn update_patient(mut db: TenantDb, Path(id): Path<String>, Json(body): Json<PatientPatch>) -> ApiResult<Json<Patient>> {
+async fn update_patient(
+    mut db: TenantDb,
+    Path(id): Path<String>,
+    Json(body): Json<PatientPatch>,
+) -> ApiResult<Json<Patient>> {
     let id = parse_id(&id, "patient")?;
     text("full_name", body.full_name.as_deref(), 200)?;
     contact(body.email.as_deref(), body.phone.as_deref())?;
@@ -162,68 +164,4 @@ async fn update_patient(mut db: TenantDb, Path(id): Path<String>, Json(body): Js
 async fn delete_patient(mut db: TenantDb, Path(id): Path<String>) -> ApiResult<StatusCode> {
     let id = parse_id(&id, "patient")?;
     delete_row(&mut db, "patients", id, "patient").await
-}
-
-// ---- shared by the clinic resources ----
-
-/// Page size and cursor from list parameters.
-pub(super) fn page(p: &PageParams) -> ApiResult<(i64, Option<Uuid>)> {
-    page_of(p.limit, p.cursor.as_deref())
-}
-
-pub(super) fn page_of(limit: Option<i64>, cursor: Option<&str>) -> ApiResult<(i64, Option<Uuid>)> {
-    let limit = limit.unwrap_or(50);
-    if !(1..=200).contains(&limit) {
-        return Err(ApiError::invalid("limit must be between 1 and 200"));
-    }
-    let after = cursor
-        .map(|c| Uuid::parse_str(c).map_err(|_| ApiError::invalid("cursor is not a cursor this API returned")))
-        .transpose()?;
-    Ok((limit, after))
-}
-
-/// The cursor of the next page, if this page was full.
-pub(super) fn next_cursor<T>(items: &[T], limit: i64, id: impl Fn(&T) -> Uuid) -> Option<String> {
-    (items.len() as i64 == limit).then(|| items.last().map(|t| id(t).to_string())).flatten()
-}
-
-/// A path id; anything that is not a UUID cannot exist, so 404.
-pub(super) fn parse_id(id: &str, what: &str) -> ApiResult<Uuid> {
-    Uuid::parse_str(id).map_err(|_| ApiError::not_found(what))
-}
-
-/// Optional text: when present, 1..=max characters, no control characters.
-pub(super) fn text(field: &str, value: Option<&str>, max: usize) -> ApiResult<()> {
-    match value {
-        Some(v) if v.trim().is_empty() || v.chars().count() > max || v.chars().any(|c| c.is_control() && c != '\n') => Err(
-            ApiError::invalid(format!("{field} must be 1 to {max} characters with no control characters")),
-        ),
-        _ => Ok(()),
-    }
-}
-
-pub(super) fn contact(email: Option<&str>, phone: Option<&str>) -> ApiResult<()> {
-    if let Some(e) = email {
-        let ok = e.len() <= 254 && e.split_once('@').is_some_and(|(a, b)| !a.is_empty() && b.contains('.'));
-        if !ok {
-            return Err(ApiError::invalid("email is not an email address"));
-        }
-    }
-    text("phone", phone, 40)
-}
-
-/// `DELETE FROM table WHERE id = $1`: 204, 404 when absent, 409 while referred to.
-pub(super) async fn delete_row(db: &mut TenantDb, table: &'static str, id: Uuid, what: &str) -> ApiResult<StatusCode> {
-    let done = sqlx::query(&format!("DELETE FROM {table} WHERE id = $1"))
-        .bind(id)
-        .execute(&mut *db.conn)
-        .await
-        .map_err(|e| match e.as_database_error().and_then(|d| d.code()).as_deref() {
-            Some("23503") => ApiError::Conflict(format!("the {what} is still referred to")),
-            _ => db_error(e),
-        })?;
-    if done.rows_affected() == 0 {
-        return Err(ApiError::not_found(what));
-    }
-    Ok(StatusCode::NO_CONTENT)
 }

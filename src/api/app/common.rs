@@ -1,0 +1,114 @@
+//! Helpers shared by the clinic resources: paging by id, path ids, text and
+//! contact checks, closed sets of values, and deletes that answer 409 while a
+//! row is still referred to.
+
+use axum::http::StatusCode;
+use serde::Deserialize;
+use utoipa::IntoParams;
+use uuid::Uuid;
+
+use super::{db_error, TenantDb};
+use crate::api::error::{ApiError, ApiResult};
+
+/// Paging of the plain lists (every resource without filters).
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PageParams {
+    /// 1..=200, default 50.
+    limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+/// Page size and cursor from list parameters.
+pub(super) fn page(p: &PageParams) -> ApiResult<(i64, Option<Uuid>)> {
+    page_of(p.limit, p.cursor.as_deref())
+}
+
+pub(super) fn page_of(limit: Option<i64>, cursor: Option<&str>) -> ApiResult<(i64, Option<Uuid>)> {
+    let limit = limit.unwrap_or(50);
+    if !(1..=200).contains(&limit) {
+        return Err(ApiError::invalid("limit must be between 1 and 200"));
+    }
+    let after = cursor
+        .map(|c| {
+            Uuid::parse_str(c)
+                .map_err(|_| ApiError::invalid("cursor is not a cursor this API returned"))
+        })
+        .transpose()?;
+    Ok((limit, after))
+}
+
+/// The cursor of the next page, if this page was full.
+pub(super) fn next_cursor<T>(items: &[T], limit: i64, id: impl Fn(&T) -> Uuid) -> Option<String> {
+    (items.len() as i64 == limit)
+        .then(|| items.last().map(|t| id(t).to_string()))
+        .flatten()
+}
+
+/// A path id; anything that is not a UUID cannot exist, so 404.
+pub(super) fn parse_id(id: &str, what: &str) -> ApiResult<Uuid> {
+    Uuid::parse_str(id).map_err(|_| ApiError::not_found(what))
+}
+
+/// Optional text: when present, 1..=max characters, no control characters.
+pub(super) fn text(field: &str, value: Option<&str>, max: usize) -> ApiResult<()> {
+    match value {
+        Some(v)
+            if v.trim().is_empty()
+                || v.chars().count() > max
+                || v.chars().any(|c| c.is_control() && c != '\n') =>
+        {
+            Err(ApiError::invalid(format!(
+                "{field} must be 1 to {max} characters with no control characters"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+pub(super) fn contact(email: Option<&str>, phone: Option<&str>) -> ApiResult<()> {
+    if let Some(e) = email {
+        let ok = e.len() <= 254
+            && e.split_once('@')
+                .is_some_and(|(a, b)| !a.is_empty() && b.contains('.'));
+        if !ok {
+            return Err(ApiError::invalid("email is not an email address"));
+        }
+    }
+    text("phone", phone, 40)
+}
+
+/// Optional value from a closed set; the answer names the set.
+pub(super) fn one_of(field: &str, value: Option<&str>, allowed: &[&str]) -> ApiResult<()> {
+    match value {
+        Some(v) if !allowed.contains(&v) => Err(ApiError::invalid(format!(
+            "{field} must be one of {}",
+            allowed.join(", ")
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// `DELETE FROM table WHERE id = $1`: 204, 404 when absent, 409 while referred to.
+pub(super) async fn delete_row(
+    db: &mut TenantDb,
+    table: &'static str,
+    id: Uuid,
+    what: &str,
+) -> ApiResult<StatusCode> {
+    let done = sqlx::query(&format!("DELETE FROM {table} WHERE id = $1"))
+        .bind(id)
+        .execute(&mut *db.conn)
+        .await
+        .map_err(
+            |e| match e.as_database_error().and_then(|d| d.code()).as_deref() {
+                Some("23503") => ApiError::Conflict(format!("the {what} is still referred to")),
+                _ => db_error(e),
+            },
+        )?;
+    if done.rows_affected() == 0 {
+        return Err(ApiError::not_found(what));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}

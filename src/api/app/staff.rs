@@ -1,0 +1,183 @@
+//! `/api/v1/staff`: the people who work at a tenant's clinics. A staff member's
+//! clinic must exist in the same tenant (a foreign key, answered 422); emails
+//! are unique per tenant regardless of case (`staff_email_key`, answered 409).
+
+use axum::extract::Path;
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use super::common::{contact, delete_row, next_cursor, one_of, page, parse_id, text, PageParams};
+use super::{db_error, TenantDb};
+use crate::api::error::{ApiError, ApiResult, Json, Problem, Query};
+use crate::api::AppState;
+
+/// The roles the schema's `staff_role_check` allows.
+const ROLES: [&str; 5] = ["doctor", "nurse", "receptionist", "admin", "other"];
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_staff, create_staff))
+        .routes(routes!(get_staff, update_staff, delete_staff))
+}
+
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct Staff {
+    id: Uuid,
+    clinic_id: Option<Uuid>,
+    full_name: String,
+    /// One of `doctor`, `nurse`, `receptionist`, `admin`, `other`.
+    role: String,
+    email: Option<String>,
+    active: bool,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewStaff {
+    /// A clinic of this tenant.
+    clinic_id: Option<Uuid>,
+    full_name: String,
+    /// One of `doctor`, `nurse`, `receptionist`, `admin`, `other`.
+    role: String,
+    email: Option<String>,
+    /// Default `true`.
+    active: Option<bool>,
+}
+
+/// Fields to change; absent fields stay as they are.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StaffPatch {
+    clinic_id: Option<Uuid>,
+    full_name: Option<String>,
+    role: Option<String>,
+    email: Option<String>,
+    active: Option<bool>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StaffPage {
+    items: Vec<Staff>,
+    next_cursor: Option<String>,
+}
+
+const COLUMNS: &str = "id, clinic_id, full_name, role, email, active, created_at, updated_at";
+
+/// Staff of the tenant, oldest first.
+#[utoipa::path(get, path = "/staff", tag = "staff", params(PageParams,
+        ("X-Tenant-ID" = String, Header, description = "tenant slug or id")),
+    responses((status = 200, body = StaffPage), (status = 404, body = Problem)))]
+async fn list_staff(mut db: TenantDb, Query(p): Query<PageParams>) -> ApiResult<Json<StaffPage>> {
+    let (limit, after) = page(&p)?;
+    let items: Vec<Staff> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM staff WHERE ($1::uuid IS NULL OR id > $1) ORDER BY id LIMIT $2"
+    ))
+    .bind(after)
+    .bind(limit)
+    .fetch_all(&mut *db.conn)
+    .await
+    .map_err(db_error)?;
+    let next_cursor = next_cursor(&items, limit, |s| s.id);
+    Ok(Json(StaffPage { items, next_cursor }))
+}
+
+/// Add a staff member.
+#[utoipa::path(post, path = "/staff", tag = "staff", request_body = NewStaff,
+    params(("X-Tenant-ID" = String, Header, description = "tenant slug or id")),
+    responses((status = 201, body = Staff), (status = 409, body = Problem), (status = 422, body = Problem)))]
+async fn create_staff(
+    mut db: TenantDb,
+    Json(body): Json<NewStaff>,
+) -> ApiResult<(StatusCode, Json<Staff>)> {
+    check(
+        Some(&body.full_name),
+        Some(&body.role),
+        body.email.as_deref(),
+    )?;
+    let staff: Staff = sqlx::query_as(&format!(
+        "INSERT INTO staff (id, clinic_id, full_name, role, email, active)
+         VALUES ($1, $2, $3, $4, $5, COALESCE($6, true)) RETURNING {COLUMNS}"
+    ))
+    .bind(Uuid::now_v7())
+    .bind(body.clinic_id)
+    .bind(body.full_name.trim())
+    .bind(body.role)
+    .bind(body.email)
+    .bind(body.active)
+    .fetch_one(&mut *db.conn)
+    .await
+    .map_err(db_error)?;
+    Ok((StatusCode::CREATED, Json(staff)))
+}
+
+/// One staff member.
+#[utoipa::path(get, path = "/staff/{id}", tag = "staff",
+    params(("id" = String, Path), ("X-Tenant-ID" = String, Header, description = "tenant slug or id")),
+    responses((status = 200, body = Staff), (status = 404, body = Problem)))]
+async fn get_staff(mut db: TenantDb, Path(id): Path<String>) -> ApiResult<Json<Staff>> {
+    let id = parse_id(&id, "staff member")?;
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM staff WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(&mut *db.conn)
+        .await
+        .map_err(db_error)?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("staff member"))
+}
+
+/// Change a staff member.
+#[utoipa::path(patch, path = "/staff/{id}", tag = "staff", request_body = StaffPatch,
+    params(("id" = String, Path), ("X-Tenant-ID" = String, Header, description = "tenant slug or id")),
+    responses((status = 200, body = Staff), (status = 404, body = Problem), (status = 409, body = Problem),
+        (status = 422, body = Problem)))]
+async fn update_staff(
+    mut db: TenantDb,
+    Path(id): Path<String>,
+    Json(body): Json<StaffPatch>,
+) -> ApiResult<Json<Staff>> {
+    let id = parse_id(&id, "staff member")?;
+    check(
+        body.full_name.as_deref(),
+        body.role.as_deref(),
+        body.email.as_deref(),
+    )?;
+    sqlx::query_as(&format!(
+        "UPDATE staff SET clinic_id = COALESCE($2, clinic_id), full_name = COALESCE($3, full_name),
+                role = COALESCE($4, role), email = COALESCE($5, email), active = COALESCE($6, active),
+                updated_at = now()
+          WHERE id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(body.clinic_id)
+    .bind(body.full_name.as_deref().map(str::trim))
+    .bind(body.role)
+    .bind(body.email)
+    .bind(body.active)
+    .fetch_optional(&mut *db.conn)
+    .await
+    .map_err(db_error)?
+    .map(Json)
+    .ok_or_else(|| ApiError::not_found("staff member"))
+}
+
+/// Remove a staff member (their appointments keep no staff member).
+#[utoipa::path(delete, path = "/staff/{id}", tag = "staff",
+    params(("id" = String, Path), ("X-Tenant-ID" = String, Header, description = "tenant slug or id")),
+    responses((status = 204), (status = 404, body = Problem), (status = 409, body = Problem)))]
+async fn delete_staff(mut db: TenantDb, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    let id = parse_id(&id, "staff member")?;
+    delete_row(&mut db, "staff", id, "staff member").await
+}
+
+fn check(full_name: Option<&str>, role: Option<&str>, email: Option<&str>) -> ApiResult<()> {
+    text("full_name", full_name, 200)?;
+    one_of("role", role, &ROLES)?;
+    contact(email, None)
+}

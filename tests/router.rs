@@ -1,0 +1,385 @@
+//! The tenant router against real PostgreSQL servers: single-flight pool
+//! creation, the per-server connection budget, eviction, invalidation across
+//! processes, and failures that stay with one tenant.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::{Method, StatusCode};
+use common::{Silo, TestEnv};
+use silo::embedded::EmbeddedPostgres;
+use silo::router::{RouteError, RouterConfig, TenantRouter};
+
+async fn set_budget(env: &TestEnv, max: i32) {
+    sqlx::query("UPDATE db_servers SET max_connections = $1")
+        .bind(max)
+        .execute(env.registry().pool())
+        .await
+        .unwrap();
+}
+
+async fn router_connections(env: &TestEnv) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'silo-router'",
+    )
+    .fetch_one(&env.admin)
+    .await
+    .unwrap()
+}
+
+async fn select_one(router: &TenantRouter, tenant: &str) -> Result<(), RouteError> {
+    let mut conn = router.acquire(tenant).await?;
+    sqlx::query("SELECT 1")
+        .execute(&mut *conn)
+        .await
+        .expect("query on a routed connection");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_simultaneous_first_requests_build_one_pool() {
+    let env = TestEnv::start().await;
+    env.create("popular").await;
+    let router = TenantRouter::new(
+        env.registry().clone(),
+        env.keyring.clone(),
+        RouterConfig {
+            acquire_timeout: Duration::from_secs(30),
+            ..RouterConfig::default()
+        },
+    );
+    let tasks: Vec<_> = (0..1000)
+        .map(|_| {
+            let r = router.clone();
+            tokio::spawn(async move { select_one(&r, "popular").await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let stats = router.stats();
+    assert_eq!(stats.pools_built, 1, "{stats:?}");
+    assert_eq!(
+        stats.registry_lookups, 1,
+        "one registry read for all 1000: {stats:?}"
+    );
+    let cap = silo::provision::connection_limit("standard") as usize;
+    assert!(stats.tenants[0].open <= cap, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn open_connections_never_exceed_the_server_budget() {
+    let env = TestEnv::start().await;
+    const BUDGET: i32 = 6;
+    set_budget(&env, BUDGET).await;
+    for i in 0..10 {
+        env.create(&format!("tenant-{i}")).await;
+    }
+    let router = TenantRouter::new(
+        env.registry().clone(),
+        env.keyring.clone(),
+        RouterConfig {
+            acquire_timeout: Duration::from_secs(10),
+            ..RouterConfig::default()
+        },
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (admin, stop) = (env.admin.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut max = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'silo-router'",
+                )
+                .fetch_one(&admin)
+                .await
+                .unwrap();
+                max = max.max(n);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            max
+        })
+    };
+    let errors = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = (0..40)
+        .map(|w| {
+            let (r, errors) = (router.clone(), errors.clone());
+            tokio::spawn(async move {
+                for i in 0..15 {
+                    let tenant = format!("tenant-{}", (w * 7 + i) % 10);
+                    match r.acquire(&tenant).await {
+                        Ok(mut conn) => {
+                            sqlx::query("SELECT pg_sleep(0.005)")
+                                .execute(&mut *conn)
+                                .await
+                                .unwrap();
+                            assert!(r.stats().servers.iter().all(|s| s.open <= BUDGET as usize));
+                        }
+                        Err(RouteError::Busy) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => panic!("unexpected routing error: {e}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let max = sampler.await.unwrap();
+    assert!(
+        max <= BUDGET as i64,
+        "pg_stat_activity saw {max} router connections over a budget of {BUDGET}"
+    );
+    assert!(max > 0);
+    assert_eq!(
+        errors.load(Ordering::Relaxed),
+        0,
+        "idle connections of other tenants are reclaimed before anyone gives up"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exhausted_budget_answers_busy_then_reclaims_idle_connections() {
+    let env = TestEnv::start().await;
+    set_budget(&env, 2).await;
+    env.create("hog").await;
+    env.create("waiter").await;
+    let router = TenantRouter::new(
+        env.registry().clone(),
+        env.keyring.clone(),
+        RouterConfig {
+            acquire_timeout: Duration::from_millis(300),
+            ..RouterConfig::default()
+        },
+    );
+    let a = router.acquire("hog").await.unwrap();
+    let b = router.acquire("hog").await.unwrap();
+    let started = Instant::now();
+    assert!(matches!(
+        router.acquire("waiter").await,
+        Err(RouteError::Busy)
+    ));
+    assert!(started.elapsed() < Duration::from_secs(2));
+    drop((a, b));
+    // hog's connections are idle now; waiter takes one's place.
+    select_one(&router, "waiter").await.unwrap();
+    assert!(router_connections(&env).await <= 2);
+    let (s, pools) = env.call(Method::GET, "/admin/v1/pools", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(pools["servers"].is_array());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_pools_are_evicted_and_closed_after_work_in_flight_finishes() {
+    let env = TestEnv::start().await;
+    env.create("sleepy").await;
+    let config = RouterConfig {
+        pool_idle_ttl: Duration::from_millis(300),
+        idle_connection_timeout: Duration::from_millis(400),
+        ..RouterConfig::default()
+    };
+    let token = tokio_util::sync::CancellationToken::new();
+    let router = TenantRouter::new(env.registry().clone(), env.keyring.clone(), config);
+    router.spawn_maintenance(&token, &tokio_util::task::TaskTracker::new());
+    let mut held = router.acquire("sleepy").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(router.stats().pools_open, 0, "the idle pool was evicted");
+    assert!(router.stats().evictions >= 1);
+    // The connection in use still works after eviction...
+    sqlx::query("SELECT 1").execute(&mut *held).await.unwrap();
+    drop(held);
+    // ...and closes once returned.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while router_connections(&env).await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "evicted pool's connection was not closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A new request builds a new pool.
+    select_one(&router, "sleepy").await.unwrap();
+    assert_eq!(router.stats().pools_built, 2);
+    // Idle connections close on their own and give their budget back.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while router.stats().servers.iter().any(|s| s.open > 0) {
+        assert!(Instant::now() < deadline, "idle connection was not closed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    token.cancel();
+}
+
+/// A second PostgreSQL cluster registered as tenant server "second".
+async fn second_server(env: &TestEnv) -> EmbeddedPostgres {
+    let pg = tokio::task::spawn_blocking(EmbeddedPostgres::start_throwaway)
+        .await
+        .unwrap()
+        .unwrap();
+    env.provisioner
+        .register_server("second", &pg.url("postgres"), 50, 100)
+        .await
+        .unwrap();
+    env.provisioner.refill_all().await.unwrap();
+    pg
+}
+
+async fn create_on(env: &TestEnv, slug: &str, server: &str) {
+    let (s, body) = env
+        .call(
+            Method::POST,
+            "/admin/v1/tenants",
+            Some(serde_json::json!({"slug": slug, "name": slug, "server": server})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_whose_database_is_down_fails_alone_and_recovers() {
+    let env = TestEnv::start().await;
+    let mut second = second_server(&env).await;
+    create_on(&env, "far-away", "second").await;
+    env.create("nearby").await;
+    let router = env.router.clone();
+    select_one(&router, "far-away").await.unwrap();
+    select_one(&router, "nearby").await.unwrap();
+
+    second.stop().unwrap();
+    router.invalidate(env.record("far-away").await.id).await; // drop its now-dead idle connections
+    assert!(matches!(
+        select_one(&router, "far-away").await,
+        Err(RouteError::TenantDown)
+    ));
+    // In back-off: answered at once, without touching the dead server.
+    let started = Instant::now();
+    assert!(matches!(
+        select_one(&router, "far-away").await,
+        Err(RouteError::TenantDown)
+    ));
+    assert!(started.elapsed() < Duration::from_millis(100));
+    // Everyone else is unaffected.
+    for _ in 0..20 {
+        select_one(&router, "nearby").await.unwrap();
+    }
+    second.start_again().unwrap();
+    tokio::time::sleep(router.config().down_backoff + Duration::from_millis(100)).await;
+    select_one(&router, "far-away").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cached_tenants_keep_serving_while_the_control_database_is_down() {
+    let mut env = TestEnv::start_configured(
+        0,
+        RouterConfig {
+            lookup_ttl: Duration::from_millis(200),
+            ..RouterConfig::default()
+        },
+    )
+    .await;
+    let second = second_server(&env).await;
+    create_on(&env, "resilient", "second").await;
+    let router = env.router.clone();
+    select_one(&router, "resilient").await.unwrap();
+
+    env.pg.stop().unwrap(); // the control database (and default server) goes away
+    tokio::time::sleep(Duration::from_millis(300)).await; // past the lookup TTL
+    for _ in 0..5 {
+        select_one(&router, "resilient")
+            .await
+            .expect("a cached tenant keeps serving");
+    }
+    assert!(matches!(
+        select_one(&router, "never-seen").await,
+        Err(RouteError::ControlDown(_))
+    ));
+    env.pg.start_again().unwrap();
+    drop(second);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn suspension_and_rotation_reach_another_silo_process_at_once() {
+    let env = TestEnv::start().await;
+    env.create("shared").await;
+    let (_, token) = env
+        .call(Method::POST, "/admin/v1/tenants/shared/tokens", None)
+        .await;
+    let token = token["token"].as_str().unwrap().to_owned();
+    let logs = tempfile::tempdir().unwrap();
+    let other = Silo::start(&env, None, 0, &logs.path().join("other.log")).await;
+    let client = reqwest::Client::new();
+    let get = || {
+        client
+            .get(format!("{}/api/v1/patients", other.base))
+            .header("x-tenant-id", "shared")
+            .bearer_auth(&token)
+            .send()
+    };
+    assert_eq!(get().await.unwrap().status(), 200);
+
+    // Rotation under load in the other process: no request fails.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, base, token) = (stop.clone(), other.base.clone(), token.clone());
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let r = client
+                    .get(format!("{base}/api/v1/patients"))
+                    .header("x-tenant-id", "shared")
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .unwrap();
+                if r.status() == 200 {
+                    ok += 1;
+                } else {
+                    failed.push(r.status().as_u16());
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let id = env.record("shared").await.id;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        env.provisioner
+            .rotate_credentials(id, "test")
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "requests failed during rotation: {failed:?} ({ok} ok)"
+    );
+    assert!(ok > 10);
+
+    // Suspension: the other process answers 423 almost at once (NOTIFY), not after a TTL.
+    let (s, _) = env
+        .call(Method::POST, "/admin/v1/tenants/shared/suspend", None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let status = get().await.unwrap().status();
+        if status == 423 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the other process still answers {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    other.stop();
+}
