@@ -30,6 +30,7 @@ use silo::embedded::postgres::Durability;
 use silo::embedded::EmbeddedPostgres;
 use silo::provision::{ProvisionConfig, Provisioner, TEMPLATE_DB};
 use silo::registry::Registry;
+use sqlx::migrate::Migrator;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio::sync::oneshot;
@@ -67,7 +68,16 @@ fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
+}
+
+/// The 1, 5 and 15 minute load averages: other work on the machine skews every figure.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 fn bench_size() -> Result<usize> {
@@ -88,6 +98,8 @@ struct Env<'a> {
     keyring: Keyring,
     /// Superuser pool on the `postgres` database.
     admin: PgPool,
+    /// The embedded tenant migrations, for the naive phase.
+    tenant_migrator: Migrator,
 }
 
 impl Env<'_> {
@@ -122,6 +134,7 @@ async fn run(pg: &EmbeddedPostgres, n: usize, metrics: &PrometheusHandle) -> Res
         registry,
         keyring,
         admin,
+        tenant_migrator: silo::migrate::embedded_tenant_migrator(),
     };
     let base = env.provisioner(0);
     base.ensure_default_server(&admin_url).await?;
@@ -136,12 +149,14 @@ async fn run(pg: &EmbeddedPostgres, n: usize, metrics: &PrometheusHandle) -> Res
     println!("provisioning benchmark: N = {n} per method, nproc = {nproc}");
     println!("{version}");
     println!("durable cluster (fsync on), requests sent one at a time");
+    println!("load average at start: {}", load_average());
     println!();
 
     let warm = phase_warm_pool(&env, n, metrics).await?;
     let (template, bare) = phase_template_vs_bare(&env, n, metrics).await?;
     let naive = phase_naive(&env, n).await?;
 
+    println!("load average at end: {}", load_average());
     println!();
     report(&warm, &template, &bare, &naive);
 
@@ -164,7 +179,7 @@ async fn phase_warm_pool(env: &Env<'_>, n: usize, metrics: &PrometheusHandle) ->
         started.elapsed().as_secs_f64()
     );
     let before = SourceCounts::read(metrics);
-    let server = if std::env::var("DIAG").is_ok() { drop(provisioner); SiloServer::start(env.provisioner(0), 0, env).await? } else { SiloServer::start(provisioner, size, env).await? };
+    let server = SiloServer::start(provisioner, size, env).await?;
     let client = reqwest::Client::new();
     let mut samples = Vec::with_capacity(n);
     let measured: Result<()> = async {
@@ -251,6 +266,7 @@ impl SiloServer {
             listen: "127.0.0.1:0".parse()?,
             warm_pool_size,
             reconcile_interval: 3600,
+            app_domain: None,
         };
         let (addr_tx, addr_rx) = oneshot::channel();
         let (stop, stop_rx) = oneshot::channel::<()>();
@@ -345,7 +361,7 @@ async fn naive_create(env: &Env<'_>, database: &str) -> Result<Duration> {
         .connect(&env.pg.url(database))
         .await
         .with_context(|| format!("connect to {database}"))?;
-    let migrated = silo::migrate::migrate_tenant_database(&pool).await;
+    let migrated = silo::migrate::migrate_tenant_database(&pool, &env.tenant_migrator).await;
     pool.close().await;
     migrated.with_context(|| format!("migrate {database}"))?;
     Ok(started.elapsed())

@@ -84,7 +84,9 @@ async fn connect(
     let config = ProvisionConfig {
         warm_pool_size: server.map_or(0, |s| s.warm_pool_size),
     };
-    let provisioner = Provisioner::new(registry, keyring, config);
+    let migrator =
+        crate::migrate::load_tenant_migrator(control.tenant_migrations.as_deref()).await?;
+    let provisioner = Provisioner::new(registry, keyring, config).with_migrator(migrator);
     let tenant_server = control
         .tenant_server_url
         .as_ref()
@@ -214,6 +216,7 @@ async fn dev_with(args: &DevArgs, dir: &Path, pg: &EmbeddedPostgres) -> Result<(
         database_url: Some(Secret::new(pg.url("silo_control"))),
         master_key: Some(Secret::new(master_key)),
         tenant_server_url: Some(Secret::new(pg.url("postgres"))),
+        tenant_migrations: None,
     };
     let provisioner = connect(&control, Some(&args.server)).await?;
     for (slug, name) in DEMO_CLINICS {
@@ -315,28 +318,142 @@ async fn migrate(cmd: MigrateCommand) -> Result<(), CliError> {
             control,
             concurrency,
             tenant,
+            dry_run,
+            status,
         } => {
-            if concurrency == 0 {
+            if concurrency == Some(0) {
                 return Err(CliError::Usage("--concurrency must be at least 1".into()));
             }
             let provisioner = connect(&control, None).await?;
-            let report = provisioner
-                .migrate_tenants(tenant.as_deref(), concurrency)
+            if status {
+                return migration_status(&provisioner).await;
+            }
+            let options = crate::migrate::FleetOptions {
+                concurrency,
+                tenant,
+                dry_run,
+            };
+            let run = provisioner
+                .start_fleet_migration(options, "cli")
+                .await
+                .map_err(|e| match e {
+                    crate::migrate::FleetStartError::Internal(e) => CliError::Failed(e),
+                    other => CliError::Usage(other.to_string()),
+                })?;
+            println!(
+                "migrating tenants to version {} (operation {})",
+                provisioner.latest_version(),
+                run.operation.id
+            );
+            let progress = FleetProgressView::new();
+            let report = run
+                .run(&provisioner, |result, counts| {
+                    progress.update(result, counts)
+                })
                 .await?;
-            for (slug, outcome) in &report {
-                match outcome {
-                    Ok(v) => println!("{slug}: ok (version {v})"),
-                    Err(e) => println!("{slug}: FAILED: {e}"),
+            progress.finish();
+            if dry_run {
+                println!("{} tenant(s) would be migrated", report.would_migrate);
+                return Ok(());
+            }
+            println!(
+                "{} migrated, {} failed, in {:.1}s",
+                report.migrated,
+                report.failed.len(),
+                report.seconds
+            );
+            for f in &report.failed {
+                if let crate::migrate::TenantOutcome::Failed { error } = &f.outcome {
+                    println!("  {}: {error}", f.slug);
                 }
             }
-            let failed = report.iter().filter(|(_, r)| r.is_err()).count();
-            println!("{} migrated, {failed} failed", report.len() - failed);
-            if failed > 0 {
+            if !report.failed.is_empty() {
                 return Err(CliError::Failed(anyhow::anyhow!(
-                    "migrate {failed} tenant(s)"
+                    "migrate {} tenant(s); re-run to retry only those",
+                    report.failed.len()
                 )));
             }
             Ok(())
+        }
+    }
+}
+
+/// `silo migrate tenants --status`: tenants per schema version, and who is behind.
+async fn migration_status(p: &Provisioner) -> Result<(), CliError> {
+    let latest = p.latest_version();
+    println!("latest tenant schema version: {latest}");
+    for (version, count) in p.registry().schema_versions().await? {
+        let v = version.map_or("unknown".to_owned(), |v| v.to_string());
+        let mark = if version == Some(latest) {
+            ""
+        } else {
+            "  (behind)"
+        };
+        println!("  version {v}: {count} tenant(s){mark}");
+    }
+    let behind = p.registry().tenants_behind(latest, None).await?;
+    for t in behind.iter().take(50) {
+        println!("  behind: {} at {:?}", t.slug, t.schema_version);
+    }
+    if behind.len() > 50 {
+        println!("  ... and {} more", behind.len() - 50);
+    }
+    Ok(())
+}
+
+/// A progress bar on a terminal; plain log lines otherwise (CI, pipes).
+struct FleetProgressView {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl FleetProgressView {
+    fn new() -> Self {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} tenants, {msg} [{elapsed}, {per_sec}]",
+                )
+                .expect("valid template"),
+            );
+            bar
+        });
+        Self { bar }
+    }
+
+    fn update(&self, result: &crate::migrate::TenantResult, counts: crate::migrate::FleetProgress) {
+        let failed = matches!(result.outcome, crate::migrate::TenantOutcome::Failed { .. });
+        match &self.bar {
+            Some(bar) => {
+                bar.set_length(counts.total as u64);
+                bar.set_position(counts.done as u64);
+                bar.set_message(format!("{} failed, {} left", counts.failed, counts.left));
+                if failed {
+                    bar.println(format!("{}: failed", result.slug));
+                }
+            }
+            None => {
+                if failed || counts.done % 50 == 0 || counts.left == 0 {
+                    eprintln!(
+                        "{} done, {} failed, {} left{}",
+                        counts.done,
+                        counts.failed,
+                        counts.left,
+                        if failed {
+                            format!(" ({} failed)", result.slug)
+                        } else {
+                            String::new()
+                        }
+                    );
+                }
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
         }
     }
 }

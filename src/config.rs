@@ -100,6 +100,11 @@ pub struct ControlArgs {
     /// registered on first start. Defaults to the control database's server.
     #[arg(long, env = "SILO_TENANT_SERVER_URL", hide_env_values = true)]
     pub tenant_server_url: Option<Secret>,
+
+    /// Directory of tenant migrations (`<version>_<name>.sql`), replacing the
+    /// embedded reference clinic schema with your own.
+    #[arg(long, env = "SILO_TENANT_MIGRATIONS")]
+    pub tenant_migrations: Option<PathBuf>,
 }
 
 /// Settings for the long-running server (`serve`, and `dev` underneath).
@@ -151,16 +156,22 @@ pub enum MigrateCommand {
         #[command(flatten)]
         control: ControlArgs,
     },
-    /// Apply tenant migrations to every tenant (or one).
+    /// Apply tenant migrations to every tenant (or one), resumably.
     Tenants {
         #[command(flatten)]
         control: ControlArgs,
-        /// Tenants migrated at once.
-        #[arg(long, default_value_t = 4)]
-        concurrency: usize,
+        /// Tenants migrated at once (default: from the servers' connection budgets).
+        #[arg(long)]
+        concurrency: Option<usize>,
         /// Only this tenant (slug or id).
         #[arg(long)]
         tenant: Option<String>,
+        /// Show who would be migrated; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Show which tenants are behind the latest version; change nothing.
+        #[arg(long, conflicts_with_all = ["dry_run", "concurrency", "tenant"])]
+        status: bool,
     },
 }
 
@@ -264,6 +275,7 @@ mod tests {
             database_url: Some(Secret::new("postgres://u:hunter2@h/db")),
             master_key: Some(Secret::new("c2VjcmV0")),
             tenant_server_url: None,
+            tenant_migrations: None,
         };
         let shown = format!("{args:?}");
         assert!(!shown.contains("hunter2"));

@@ -20,6 +20,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// A conflict with an operation in progress, whose id the answer carries.
+    #[error("{0}")]
+    Busy(String, uuid::Uuid),
     #[error("{0}")]
     Unprocessable(String),
     #[error("{0}")]
@@ -40,6 +43,9 @@ pub struct Problem {
     pub title: String,
     pub status: u16,
     pub detail: String,
+    /// The operation in the way, for a 409 caused by one that is running.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operation_id: Option<uuid::Uuid>,
 }
 
 impl ApiError {
@@ -48,7 +54,7 @@ impl ApiError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Conflict(_) | Self::Busy(..) => StatusCode::CONFLICT,
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Locked(_) => StatusCode::LOCKED,
@@ -62,7 +68,7 @@ impl ApiError {
             Self::BadRequest(_) => "bad-request",
             Self::Unauthorized => "unauthorized",
             Self::NotFound(_) => "not-found",
-            Self::Conflict(_) => "conflict",
+            Self::Conflict(_) | Self::Busy(..) => "conflict",
             Self::Unprocessable(_) => "validation",
             Self::UnsupportedMediaType(_) => "unsupported-media-type",
             Self::Locked(_) => "locked",
@@ -95,6 +101,10 @@ impl IntoResponse for ApiError {
             title: status.canonical_reason().unwrap_or("Error").to_owned(),
             status: status.as_u16(),
             detail,
+            operation_id: match &self {
+                Self::Busy(_, id) => Some(*id),
+                _ => None,
+            },
         };
         let mut res = (status, axum::Json(problem)).into_response();
         res.headers_mut().insert(

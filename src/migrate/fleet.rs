@@ -1,64 +1,377 @@
-//! Migrating every tenant database: bounded fan-out, a result per tenant.
+//! Migrating every tenant database: bounded fan-out, a result per tenant,
+//! resumable, one run at a time across replicas.
+//!
+//! A run is an operation (`migrate.tenants`). A partial unique index allows
+//! one unfinished run; its runner holds the operation's advisory lock (the
+//! lease). If the runner dies, the lock goes with its session, and the next
+//! start or reconcile pass takes the lease and resumes the same operation.
+//! Resuming is cheap because progress is the registry itself: each tenant's
+//! `schema_version` is written as soon as its database is migrated, and a run
+//! only visits tenants whose recorded version is behind the target.
+//!
+//! A tenant's migrations run in a transaction: one that fails leaves that
+//! tenant serving at its old version, the others carry on, and the run ends
+//! `failed` with the list. Tenants created by an older replica while a run is
+//! under way are picked up: the run re-reads who is behind until no one is.
 
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::Context;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
+use uuid::Uuid;
 
 use crate::provision::Provisioner;
-use crate::registry::TenantStatus;
+use crate::registry::{is_unique_violation, Operation, TenantRecord};
+
+/// Operation kind of a fleet migration.
+pub const FLEET_KIND: &str = "migrate.tenants";
+/// Operation kind of a dry run (no lease: it changes nothing).
+pub const FLEET_DRY_RUN_KIND: &str = "migrate.tenants.dry_run";
+/// Most tenants migrated at once, whatever the budgets allow.
+pub const MAX_CONCURRENCY: usize = 32;
+
+/// How to run a fleet migration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FleetOptions {
+    /// Tenants migrated at once; default derived from the servers' budgets.
+    pub concurrency: Option<usize>,
+    /// Only this tenant (slug or id).
+    pub tenant: Option<String>,
+    /// Report who would be migrated, change nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// What happened to one tenant.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum TenantOutcome {
+    Migrated { from: Option<i64>, to: i64 },
+    WouldMigrate { from: Option<i64>, to: i64 },
+    Failed { error: String },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TenantResult {
+    pub tenant_id: Uuid,
+    pub slug: String,
+    #[serde(flatten)]
+    pub outcome: TenantOutcome,
+    pub millis: u64,
+}
+
+/// Counts so far, for progress bars and `GET /operations/{id}`.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct FleetProgress {
+    pub total: usize,
+    pub done: usize,
+    pub failed: usize,
+    pub left: usize,
+}
+
+/// The outcome of a run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FleetReport {
+    pub target_version: i64,
+    pub migrated: usize,
+    pub would_migrate: usize,
+    pub failed: Vec<TenantResult>,
+    pub seconds: f64,
+}
+
+/// Why a run could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetStartError {
+    #[error("a fleet migration is already running (operation {0})")]
+    AlreadyRunning(Uuid),
+    #[error("no tenant '{0}'")]
+    UnknownTenant(String),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl From<sqlx::Error> for FleetStartError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Internal(anyhow::Error::new(e).context("query the control database"))
+    }
+}
+
+/// A started run: its operation, and the lease to hold while it runs.
+pub struct FleetRun {
+    pub operation: Operation,
+    pub options: FleetOptions,
+    lease: Option<crate::registry::Lock>,
+}
 
 impl Provisioner {
-    /// Apply tenant migrations to every active or suspended tenant (or only
-    /// `only`), at most `concurrency` at a time, each over its own short-lived
-    /// admin connection. One tenant's failure does not stop the others.
-    pub async fn migrate_tenants(
+    /// Start a fleet migration: create its operation and take its lease, or
+    /// take over an unfinished one whose runner died. Then call [`FleetRun::run`].
+    pub async fn start_fleet_migration(
         &self,
-        only: Option<&str>,
-        concurrency: usize,
-    ) -> anyhow::Result<Vec<(String, Result<i64, String>)>> {
+        options: FleetOptions,
+        actor: &str,
+    ) -> Result<FleetRun, FleetStartError> {
         let reg = self.registry();
-        let tenants = match only {
-            Some(t) => vec![reg
-                .find_tenant(t)
+        if let Some(t) = &options.tenant {
+            reg.find_tenant(t)
                 .await?
-                .with_context(|| format!("find tenant '{t}'"))?],
-            None => {
-                reg.tenants_in(&[TenantStatus::Active, TenantStatus::Suspended])
-                    .await?
-            }
-        };
-        let permits = Arc::new(Semaphore::new(concurrency.max(1)));
-        let mut set = tokio::task::JoinSet::new();
-        for t in tenants {
-            let (p, permits) = (self.clone(), permits.clone());
-            set.spawn(async move {
-                let _permit = permits
-                    .acquire_owned()
-                    .await
-                    .expect("semaphore is never closed");
-                let outcome = async {
-                    let admin = p.admin_for(&t).await?;
-                    let db = admin
-                        .single_pool(&t.database_name)
-                        .await
-                        .context("connect to tenant database")?;
-                    let migrated = super::migrate_tenant_database(&db).await;
-                    db.close().await;
-                    let v = migrated?;
-                    p.registry().set_schema_version(t.id, v).await?;
-                    anyhow::Ok(v)
-                }
-                .await
-                .map_err(|e| format!("{e:#}"));
-                (t.slug, outcome)
+                .ok_or_else(|| FleetStartError::UnknownTenant(t.clone()))?;
+        }
+        let params = serde_json::to_value(&options).context("encode options")?;
+        if options.dry_run {
+            let operation = reg
+                .create_operation_with(FLEET_DRY_RUN_KIND, None, params)
+                .await?;
+            return Ok(FleetRun {
+                operation,
+                options,
+                lease: None,
             });
         }
-        let mut results = Vec::new();
-        while let Some(done) = set.join_next().await {
-            results.push(done.context("join a tenant migration task")?);
+        match reg
+            .create_operation_with(FLEET_KIND, None, params.clone())
+            .await
+        {
+            Ok(operation) => {
+                let lease = reg.try_lock_operation(operation.id).await?;
+                reg.audit(
+                    actor,
+                    "migrations.tenants",
+                    None,
+                    serde_json::json!({"operation": operation.id, "options": params}),
+                )
+                .await?;
+                Ok(FleetRun {
+                    operation,
+                    options,
+                    lease,
+                })
+            }
+            Err(e) if is_unique_violation(&e, "operations_one_fleet_migration") => {
+                match self.take_over_fleet_migration().await? {
+                    Some(run) => Ok(run),
+                    None => {
+                        let running = reg.unfinished_operations(FLEET_KIND).await?;
+                        let id = running.first().map(|o| o.id).unwrap_or_default();
+                        Err(FleetStartError::AlreadyRunning(id))
+                    }
+                }
+            }
+            Err(e) => Err(e.into()),
         }
-        results.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(results)
+    }
+
+    /// An unfinished fleet migration whose runner died, with its lease now ours.
+    pub async fn take_over_fleet_migration(&self) -> Result<Option<FleetRun>, FleetStartError> {
+        let reg = self.registry();
+        for operation in reg.unfinished_operations(FLEET_KIND).await? {
+            if let Some(lease) = reg.try_lock_operation(operation.id).await? {
+                let options = serde_json::from_value(reg.operation_params(operation.id).await?)
+                    .unwrap_or_default();
+                tracing::info!(operation = %operation.id, "resuming a fleet migration whose runner stopped");
+                return Ok(Some(FleetRun {
+                    operation,
+                    options,
+                    lease: Some(lease),
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Default concurrency: a tenth of the smallest server budget, 1..=8.
+    pub async fn default_fleet_concurrency(&self) -> anyhow::Result<usize> {
+        let smallest = self
+            .registry()
+            .servers()
+            .await?
+            .iter()
+            .map(|s| s.max_connections)
+            .min()
+            .unwrap_or(10);
+        Ok(((smallest / 10).max(1) as usize).min(8))
+    }
+
+    async fn migrate_one(&self, t: &TenantRecord, target: i64, dry_run: bool) -> TenantResult {
+        let started = Instant::now();
+        let outcome = if dry_run {
+            TenantOutcome::WouldMigrate {
+                from: t.schema_version,
+                to: target,
+            }
+        } else {
+            match self.migrate_tenant_locked(t).await {
+                Ok(to) => TenantOutcome::Migrated {
+                    from: t.schema_version,
+                    to,
+                },
+                Err(e) => TenantOutcome::Failed {
+                    error: format!("{e:#}"),
+                },
+            }
+        };
+        if let TenantOutcome::Failed { error } = &outcome {
+            tracing::warn!(tenant_id = %t.id, "failed to migrate tenant: {error}");
+        }
+        crate::failpoint::hit("fleet_tenant");
+        TenantResult {
+            tenant_id: t.id,
+            slug: t.slug.clone(),
+            outcome,
+            millis: started.elapsed().as_millis() as u64,
+        }
+    }
+
+    /// Migrate one tenant's database under its lock, over a short-lived
+    /// connection, and record its new version.
+    async fn migrate_tenant_locked(&self, t: &TenantRecord) -> anyhow::Result<i64> {
+        let lock = self.registry().lock_tenant(t.id).await?;
+        let result = async {
+            let admin = self.admin_for(t).await?;
+            let db = admin
+                .single_pool(&t.database_name)
+                .await
+                .context("connect to the tenant database")?;
+            let migrated = super::migrate_tenant_database(&db, self.tenant_migrator()).await;
+            db.close().await;
+            let version = migrated?;
+            self.registry().set_schema_version(t.id, version).await?;
+            anyhow::Ok(version)
+        }
+        .await;
+        lock.release().await;
+        result
+    }
+}
+
+impl FleetRun {
+    /// Migrate every tenant behind, reporting each result to `on_result`, and
+    /// record the outcome on the operation. Releases the lease at the end.
+    pub async fn run(
+        mut self,
+        p: &Provisioner,
+        on_result: impl Fn(&TenantResult, FleetProgress) + Send + Sync,
+    ) -> anyhow::Result<FleetReport> {
+        let op = self.operation.id;
+        let outcome = self.run_inner(p, &on_result).await;
+        let reg = p.registry();
+        let finished = match &outcome {
+            Ok(report) if report.failed.is_empty() => {
+                reg.finish_operation(op, Ok(serde_json::to_value(report)?))
+                    .await
+            }
+            Ok(report) => {
+                let msg = format!("{} tenant(s) failed to migrate", report.failed.len());
+                reg.finish_operation(op, Err(msg)).await?;
+                // Keep the per-tenant failures readable on the operation.
+                sqlx::query("UPDATE operations SET result = $2 WHERE id = $1")
+                    .bind(op)
+                    .bind(serde_json::to_value(report)?)
+                    .execute(reg.pool())
+                    .await
+                    .map(|_| ())
+            }
+            Err(e) => reg.finish_operation(op, Err(format!("{e:#}"))).await,
+        };
+        if let Some(lease) = self.lease.take() {
+            lease.release().await;
+        }
+        finished.context("record the fleet migration's outcome")?;
+        let report = outcome?;
+        if report.migrated > 0 {
+            // New tenants must arrive at the new version: rebuild templates, replace spares.
+            if let Err(e) = p.reconcile_once().await {
+                tracing::warn!("failed to refresh templates after a fleet migration: {e:#}");
+            }
+        }
+        Ok(report)
+    }
+
+    async fn run_inner(
+        &self,
+        p: &Provisioner,
+        on_result: &(impl Fn(&TenantResult, FleetProgress) + Send + Sync),
+    ) -> anyhow::Result<FleetReport> {
+        let started = Instant::now();
+        let reg = p.registry();
+        let target = p.latest_version();
+        let only = match &self.options.tenant {
+            Some(t) => Some(
+                reg.find_tenant(t)
+                    .await?
+                    .with_context(|| format!("find tenant '{t}'"))?
+                    .id,
+            ),
+            None => None,
+        };
+        let concurrency = match self.options.concurrency {
+            Some(n) => n.clamp(1, MAX_CONCURRENCY),
+            None => p.default_fleet_concurrency().await?,
+        };
+        let mut report = FleetReport {
+            target_version: target,
+            ..FleetReport::default()
+        };
+        let mut progress = FleetProgress::default();
+        let mut visited: HashSet<Uuid> = HashSet::new();
+        loop {
+            // Re-read who is behind: tenants created during the run are included.
+            let batch: Vec<TenantRecord> = reg
+                .tenants_behind(target, only)
+                .await?
+                .into_iter()
+                .filter(|t| visited.insert(t.id))
+                .collect();
+            if batch.is_empty() {
+                break;
+            }
+            progress.total += batch.len();
+            progress.left += batch.len();
+            let permits = Arc::new(Semaphore::new(concurrency));
+            let mut set = tokio::task::JoinSet::new();
+            for t in batch {
+                let (p, permits, dry_run) = (p.clone(), permits.clone(), self.options.dry_run);
+                set.spawn(async move {
+                    let _permit = permits
+                        .acquire_owned()
+                        .await
+                        .expect("semaphore is never closed");
+                    p.migrate_one(&t, target, dry_run).await
+                });
+            }
+            let mut last_write = Instant::now();
+            while let Some(done) = set.join_next().await {
+                let result = done.context("join a tenant migration task")?;
+                progress.left -= 1;
+                progress.done += 1;
+                match &result.outcome {
+                    TenantOutcome::Migrated { .. } => report.migrated += 1,
+                    TenantOutcome::WouldMigrate { .. } => report.would_migrate += 1,
+                    TenantOutcome::Failed { .. } => {
+                        progress.failed += 1;
+                        report.failed.push(result.clone());
+                    }
+                }
+                on_result(&result, progress);
+                if last_write.elapsed().as_millis() >= 500 || progress.left == 0 {
+                    last_write = Instant::now();
+                    reg.set_progress(self.operation.id, serde_json::to_value(progress)?)
+                        .await?;
+                }
+            }
+            if self.options.dry_run {
+                break; // nothing changes, so re-reading would find the same tenants
+            }
+        }
+        reg.set_progress(self.operation.id, serde_json::to_value(progress)?)
+            .await?;
+        report.seconds = started.elapsed().as_secs_f64();
+        metrics::counter!("silo_fleet_migrated_total").increment(report.migrated as u64);
+        metrics::counter!("silo_fleet_failed_total").increment(report.failed.len() as u64);
+        Ok(report)
     }
 }

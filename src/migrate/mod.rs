@@ -9,7 +9,14 @@
 
 mod fleet;
 
+use std::sync::Arc;
+
 use sqlx::migrate::Migrator;
+
+pub use fleet::{
+    FleetOptions, FleetProgress, FleetReport, FleetRun, FleetStartError, TenantOutcome,
+    TenantResult, FLEET_KIND, MAX_CONCURRENCY,
+};
 
 static CONTROL: Migrator = sqlx::migrate!("./migrations/control");
 static TENANT: Migrator = sqlx::migrate!("./migrations/tenant");
@@ -33,25 +40,60 @@ pub fn control_migrator() -> &'static Migrator {
     &CONTROL
 }
 
-pub fn tenant_migrator() -> &'static Migrator {
-    &TENANT
-}
-
 /// Version of the newest tenant migration shipped in this binary.
 pub fn latest_tenant_version() -> i64 {
-    TENANT.iter().map(|m| m.version).max().unwrap_or(0)
+    latest_version(&TENANT)
+}
+
+/// The tenant migrations to apply: those embedded in this binary (the
+/// reference clinic schema), or a directory of `<version>_<name>.sql` files
+/// given with `SILO_TENANT_MIGRATIONS` — a team's own tenant schema.
+pub async fn load_tenant_migrator(dir: Option<&std::path::Path>) -> anyhow::Result<Arc<Migrator>> {
+    use anyhow::Context;
+    match dir {
+        None => Ok(Arc::new(embedded_tenant_migrator())),
+        Some(dir) => {
+            let m = Migrator::new(dir)
+                .await
+                .with_context(|| format!("read tenant migrations from {}", dir.display()))?;
+            anyhow::ensure!(
+                m.iter().next().is_some(),
+                "no migrations in {}",
+                dir.display()
+            );
+            Ok(Arc::new(m))
+        }
+    }
+}
+
+/// A copy of the embedded tenant migrator (the migrations themselves are static).
+pub fn embedded_tenant_migrator() -> Migrator {
+    Migrator {
+        migrations: TENANT.migrations.clone(),
+        ignore_missing: TENANT.ignore_missing,
+        locking: TENANT.locking,
+        no_tx: TENANT.no_tx,
+    }
+}
+
+/// Version of the newest migration of `migrator`.
+pub fn latest_version(migrator: &Migrator) -> i64 {
+    migrator.iter().map(|m| m.version).max().unwrap_or(0)
 }
 
 /// Bring one tenant database (a one-connection admin pool on it) to the latest
-/// schema and re-apply the group grants. Idempotent. A pool rather than a bare
-/// connection: sqlx's `Migrator::run` over `&mut PgConnection` defeats the
-/// compiler's `Send` inference inside spawned tasks.
-pub async fn migrate_tenant_database(db: &sqlx::PgPool) -> anyhow::Result<i64> {
+/// schema of `migrator` and re-apply the group grants. Idempotent. A pool
+/// rather than a bare connection: sqlx's `Migrator::run` over
+/// `&mut PgConnection` defeats the compiler's `Send` inference in spawned tasks.
+pub async fn migrate_tenant_database(
+    db: &sqlx::PgPool,
+    migrator: &Migrator,
+) -> anyhow::Result<i64> {
     use anyhow::Context;
-    TENANT.run(db).await.context("apply tenant migrations")?;
+    migrator.run(db).await.context("apply tenant migrations")?;
     sqlx::raw_sql(TENANT_GRANTS)
         .execute(db)
         .await
         .context("grant tenant group privileges")?;
-    Ok(latest_tenant_version())
+    Ok(latest_version(migrator))
 }

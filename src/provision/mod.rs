@@ -7,11 +7,12 @@
 //!    database/role names (from the tenant id) and the sealed password;
 //! 2. `database` — a warm-pool spare renamed into place, else a clone of the
 //!    server's template database, else an empty database;
-//! 3. `role` — a LOGIN role, member of the data-access group, nothing else;
-//! 4. `grants` — CONNECT on its own database only, PUBLIC revoked;
-//! 5. `migrate` — tenant migrations, skipped when cloned at the latest version;
-//! 6. `verify` — the tenant role logs in and reads its tables;
-//! 7. `active` — the row is marked `active`.
+//! 3. `role` — a LOGIN role, member of the data-access group, nothing else,
+//!    with CONNECT on its own database only and PUBLIC revoked (one transaction);
+//! 4. `migrate` — tenant migrations, skipped when cloned at the latest version;
+//! 5. `verify` — the tenant role logs in and reads its tables;
+//! 6. `active` — the row is marked `active`: the one durable commit of a warm
+//!    create (earlier control-DB writes commit lazily; see `Registry::begin_lazy`).
 //!
 //! All work on one tenant runs under its advisory lock, so operations on a
 //! tenant are serialized across tasks and replicas, and a lock nobody holds on
@@ -33,24 +34,24 @@ use std::time::Instant;
 
 use anyhow::Context;
 use sha2::{Digest, Sha256};
+use sqlx::migrate::Migrator;
 use sqlx::Connection;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::crypto::{random_password, Keyring};
 use crate::failpoint;
-use crate::migrate::{latest_tenant_version, TENANT_GROUP_ROLE};
+use crate::migrate::TENANT_GROUP_ROLE;
 use crate::registry::{
     is_unique_violation, DbServer, NewTenant, Registry, TenantRecord, TenantStatus,
 };
 
 /// The provisioning steps in order; each is also a failpoint name
 /// (`SILO_FAILPOINT=<step>` aborts right after the step is recorded).
-pub const STEPS: [&str; 7] = [
+pub const STEPS: [&str; 6] = [
     "registered",
     "database",
     "role",
-    "grants",
     "migrate",
     "verify",
     "active",
@@ -126,6 +127,8 @@ struct Inner {
     /// Woken whenever a spare is taken, so the warm pool refills at once.
     spare_taken: Notify,
     tasks: tokio_util::task::TaskTracker,
+    /// Tenant schema migrations (embedded, or `SILO_TENANT_MIGRATIONS`).
+    migrator: Arc<Migrator>,
 }
 
 impl Provisioner {
@@ -138,8 +141,35 @@ impl Provisioner {
                 config,
                 spare_taken: Notify::new(),
                 tasks: tokio_util::task::TaskTracker::new(),
+                migrator: Arc::new(crate::migrate::embedded_tenant_migrator()),
             }),
         }
+    }
+
+    /// The same provisioner applying `migrator`'s tenant migrations instead.
+    pub fn with_migrator(self, migrator: Arc<Migrator>) -> Self {
+        let inner = Arc::try_unwrap(self.inner).unwrap_or_else(|shared| Inner {
+            registry: shared.registry.clone(),
+            keyring: shared.keyring.clone(),
+            servers: shared.servers.clone(),
+            config: shared.config.clone(),
+            spare_taken: Notify::new(),
+            tasks: tokio_util::task::TaskTracker::new(),
+            migrator: shared.migrator.clone(),
+        });
+        Self {
+            inner: Arc::new(Inner { migrator, ..inner }),
+        }
+    }
+
+    /// The tenant migrations this provisioner applies.
+    pub fn tenant_migrator(&self) -> &Migrator {
+        &self.inner.migrator
+    }
+
+    /// Newest tenant schema version: what new tenants and fleet runs reach.
+    pub fn latest_version(&self) -> i64 {
+        crate::migrate::latest_version(&self.inner.migrator)
     }
 
     pub fn registry(&self) -> &Registry {
@@ -367,39 +397,35 @@ impl Provisioner {
             failpoint::hit("database");
         }
         if done < 2 {
-            create_role(&admin, &t.role_name, &password, connection_limit(&t.plan))
-                .await
-                .context("create tenant role")?;
+            // Role, PUBLIC revoked, CONNECT granted: one transaction on the server.
+            create_role(
+                &admin,
+                &t.role_name,
+                &t.database_name,
+                &password,
+                connection_limit(&t.plan),
+            )
+            .await
+            .context("create the tenant role and grant it its database")?;
             reg.set_provision_step(t.id, "role", None).await?;
             failpoint::hit("role");
         }
         if done < 3 {
-            admin
-                .exec(&format!(
-                    "REVOKE ALL ON DATABASE \"{db}\" FROM PUBLIC; GRANT CONNECT, TEMPORARY ON DATABASE \"{db}\" TO \"{role}\"",
-                    db = t.database_name,
-                    role = t.role_name
-                ))
-                .await
-                .context("grant the tenant role its database")?;
-            reg.set_provision_step(t.id, "grants", None).await?;
-            failpoint::hit("grants");
-        }
-        if done < 4 {
-            let latest = latest_tenant_version();
+            let latest = self.latest_version();
             if version != Some(latest) {
                 let db = admin
                     .single_pool(&t.database_name)
                     .await
                     .context("connect to tenant database")?;
-                let migrated = crate::migrate::migrate_tenant_database(&db).await;
+                let migrated =
+                    crate::migrate::migrate_tenant_database(&db, self.tenant_migrator()).await;
                 db.close().await;
                 version = Some(migrated?);
             }
             reg.set_provision_step(t.id, "migrate", version).await?;
             failpoint::hit("migrate");
         }
-        if done < 5 {
+        if done < 4 {
             verify_login(&admin, &t.database_name, &t.role_name, &password)
                 .await
                 .context("verify the tenant role can log in and read its tables")?;
@@ -430,7 +456,7 @@ impl Provisioner {
         if database_exists(admin, database).await? {
             return Ok(None);
         }
-        let latest = latest_tenant_version();
+        let latest = self.latest_version();
         while let Some(spare) = self.inner.registry.claim_spare(server.id, latest).await? {
             self.inner.spare_taken.notify_one();
             match admin
@@ -507,10 +533,12 @@ pub(crate) async fn database_exists(admin: &ServerAdmin, database: &str) -> sqlx
         .await
 }
 
-/// Create the tenant's login role, or reset it if a crashed attempt made it.
+/// Create the tenant's login role (or reset it, if a crashed attempt made it)
+/// and give it CONNECT on its database only, in one transaction.
 async fn create_role(
     admin: &ServerAdmin,
     role: &str,
+    database: &str,
     password: &str,
     limit: i32,
 ) -> anyhow::Result<()> {
@@ -518,19 +546,18 @@ async fn create_role(
     let attrs = format!(
         "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT CONNECTION LIMIT {limit} PASSWORD '{verifier}'"
     );
-    match admin
-        .exec(&format!(
-            "CREATE ROLE \"{role}\" {attrs} IN ROLE {TENANT_GROUP_ROLE}"
-        ))
-        .await
-    {
+    let grants = format!(
+        "REVOKE ALL ON DATABASE \"{database}\" FROM PUBLIC; GRANT CONNECT, TEMPORARY ON DATABASE \"{database}\" TO \"{role}\""
+    );
+    // A multi-statement string runs as one implicit transaction: one commit.
+    let create = format!("CREATE ROLE \"{role}\" {attrs} IN ROLE {TENANT_GROUP_ROLE}; {grants}");
+    match admin.exec(&create).await {
         Ok(()) => Ok(()),
         Err(e) if sql_state(&e).as_deref() == Some("42710") => {
-            admin
-                .exec(&format!(
-                    "ALTER ROLE \"{role}\" {attrs}; GRANT {TENANT_GROUP_ROLE} TO \"{role}\""
-                ))
-                .await?;
+            let reset = format!(
+                "ALTER ROLE \"{role}\" {attrs}; GRANT {TENANT_GROUP_ROLE} TO \"{role}\"; {grants}"
+            );
+            admin.exec(&reset).await?;
             Ok(())
         }
         Err(e) => Err(e.into()),
@@ -548,7 +575,8 @@ async fn verify_login(
         .tenant_options(database, role, password)
         .connect()
         .await?;
-    sqlx::query("SELECT count(*) FROM clinics")
+    // Schema-agnostic: the migrations table exists whatever the tenant schema.
+    sqlx::query("SELECT count(*) FROM _sqlx_migrations")
         .execute(&mut conn)
         .await?;
     conn.close().await.ok();

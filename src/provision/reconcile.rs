@@ -16,7 +16,6 @@ use serde::Serialize;
 
 use super::lifecycle::set_role_login;
 use super::{Provisioner, ServerAdmin, SPARE_DB_PREFIX, TENANT_DB_PREFIX};
-use crate::migrate::latest_tenant_version;
 use crate::registry::{DbServer, TenantStatus};
 
 /// What one reconcile pass did.
@@ -109,11 +108,12 @@ impl Provisioner {
             .iter()
             .map(|t| (t.role_name.as_str(), t.status))
             .collect();
-        let latest = latest_tenant_version();
+        let latest = self.latest_version();
         let spares = reg.spares(server.id).await?;
         let good_spares: HashSet<&str> = spares
             .iter()
-            .filter(|s| s.schema_version == latest)
+            // A newer spare belongs to a newer replica during a rolling deploy: keep it.
+            .filter(|s| s.schema_version >= latest)
             .map(|s| s.database_name.as_str())
             .collect();
 
@@ -133,7 +133,7 @@ impl Provisioner {
             }
         }
         for spare in &spares {
-            if !databases.contains(&spare.database_name) || spare.schema_version != latest {
+            if !databases.contains(&spare.database_name) || spare.schema_version < latest {
                 reg.delete_spare(&spare.database_name).await?;
             }
         }

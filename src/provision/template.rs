@@ -9,7 +9,6 @@ use anyhow::Context;
 use uuid::Uuid;
 
 use super::{database_exists, Provisioner, ServerAdmin, SPARE_DB_PREFIX, TEMPLATE_DB};
-use crate::migrate::latest_tenant_version;
 use crate::registry::DbServer;
 
 impl Provisioner {
@@ -20,8 +19,9 @@ impl Provisioner {
         server: &DbServer,
         admin: &ServerAdmin,
     ) -> anyhow::Result<()> {
-        let latest = latest_tenant_version();
-        if server.template_version == Some(latest) && database_exists(admin, TEMPLATE_DB).await? {
+        let latest = self.latest_version();
+        // `>=`: during a rolling deploy an older replica must not undo a newer template.
+        if server.template_version >= Some(latest) && database_exists(admin, TEMPLATE_DB).await? {
             return Ok(());
         }
         tracing::info!(server = %server.name, version = latest, "building template database");
@@ -49,7 +49,7 @@ impl Provisioner {
             .single_pool(TEMPLATE_DB)
             .await
             .context("connect to the template database")?;
-        let migrated = crate::migrate::migrate_tenant_database(&db).await;
+        let migrated = crate::migrate::migrate_tenant_database(&db, self.tenant_migrator()).await;
         db.close().await;
         migrated?;
         admin
@@ -71,7 +71,7 @@ impl Provisioner {
         server: &DbServer,
         admin: &ServerAdmin,
     ) -> anyhow::Result<u32> {
-        let latest = latest_tenant_version();
+        let latest = self.latest_version();
         let want = self.config().warm_pool_size as usize;
         if want == 0 || server.template_version != Some(latest) {
             return Ok(0);
@@ -105,9 +105,11 @@ impl Provisioner {
         Ok(made)
     }
 
-    /// Wait until a spare is taken (or `timeout` passes).
-    pub async fn spare_taken(&self, timeout: std::time::Duration) {
-        let _ = tokio::time::timeout(timeout, self.inner.spare_taken.notified()).await;
+    /// Wait until a spare is taken (`true`) or `timeout` passes (`false`).
+    pub async fn spare_taken(&self, timeout: std::time::Duration) -> bool {
+        tokio::time::timeout(timeout, self.inner.spare_taken.notified())
+            .await
+            .is_ok()
     }
 
     /// Fill every server's warm pool now (template first). Skips a server whose

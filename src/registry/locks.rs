@@ -19,6 +19,7 @@ pub struct Lock {
 /// Namespaces so tenant and server locks never collide.
 const TENANT_NS: i64 = 0x7e11;
 const SERVER_NS: i64 = 0x5e4e;
+const OPERATION_NS: i64 = 0x0b5e;
 
 fn key_of(ns: i64, id: Uuid) -> i64 {
     let (hi, lo) = id.as_u64_pair();
@@ -39,6 +40,12 @@ impl Registry {
     /// Take the maintenance lock of a server (template, warm pool, orphan sweep).
     pub async fn try_lock_server(&self, server: Uuid) -> sqlx::Result<Option<Lock>> {
         self.try_lock(key_of(SERVER_NS, server)).await
+    }
+
+    /// The lease of a long-running operation: held while it runs; free means
+    /// its runner died and whoever takes it resumes the operation.
+    pub async fn try_lock_operation(&self, op: Uuid) -> sqlx::Result<Option<Lock>> {
+        self.try_lock(key_of(OPERATION_NS, op)).await
     }
 
     /// Wait for the maintenance lock of a server.

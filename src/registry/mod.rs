@@ -70,6 +70,25 @@ impl Registry {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+
+    /// A transaction whose commit does not wait for its WAL to reach disk.
+    ///
+    /// For writes that are hints a crash may lose: provisioning progress
+    /// (every step is idempotent and re-checked on resume) and the rows that
+    /// lead up to the final `active` commit, which is durable and, WAL being
+    /// sequential, flushes everything committed before it. Only a crash of
+    /// the control *server* can lose such a write, and then the client never
+    /// received its answer. This is what keeps a warm create at a single fsync
+    /// on the control DB.
+    pub(crate) async fn begin_lazy(
+        &self,
+    ) -> sqlx::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx)
+    }
 }
 
 /// `true` when `err` is a unique violation of the named constraint or index.

@@ -35,6 +35,8 @@ pub struct Operation {
     pub updated_at: DateTime<Utc>,
 }
 
+const OP_COLUMNS: &str =
+    "id, kind, tenant_id, status, progress, error, result, created_at, updated_at";
 const SELECT_OP: &str =
     "SELECT id, kind, tenant_id, status, progress, error, result, created_at, updated_at FROM operations";
 
@@ -44,15 +46,55 @@ impl Registry {
         kind: &str,
         tenant: Option<Uuid>,
     ) -> sqlx::Result<Operation> {
-        sqlx::query_as(
-            "INSERT INTO operations (id, kind, tenant_id, status) VALUES ($1, $2, $3, 'running')
-             RETURNING id, kind, tenant_id, status, progress, error, result, created_at, updated_at",
-        )
+        self.create_operation_with(kind, tenant, serde_json::json!({}))
+            .await
+    }
+
+    /// Start an operation with the parameters it was asked with. A second
+    /// unfinished fleet migration fails on `operations_one_fleet_migration`.
+    pub async fn create_operation_with(
+        &self,
+        kind: &str,
+        tenant: Option<Uuid>,
+        params: serde_json::Value,
+    ) -> sqlx::Result<Operation> {
+        sqlx::query_as(&format!(
+            "INSERT INTO operations (id, kind, tenant_id, status, params) VALUES ($1, $2, $3, 'running', $4)
+             RETURNING {OP_COLUMNS}"
+        ))
         .bind(Uuid::now_v7())
         .bind(kind)
         .bind(tenant)
+        .bind(params)
         .fetch_one(&self.pool)
         .await
+    }
+
+    /// Unfinished operations of a kind (any tenant), oldest first.
+    pub async fn unfinished_operations(&self, kind: &str) -> sqlx::Result<Vec<Operation>> {
+        sqlx::query_as(&format!(
+            "{SELECT_OP} WHERE kind = $1 AND status IN ('pending', 'running') ORDER BY created_at"
+        ))
+        .bind(kind)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// The parameters an operation was started with.
+    pub async fn operation_params(&self, id: Uuid) -> sqlx::Result<serde_json::Value> {
+        sqlx::query_scalar("SELECT params FROM operations WHERE id = $1")
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await
+    }
+
+    pub async fn set_progress(&self, id: Uuid, progress: serde_json::Value) -> sqlx::Result<()> {
+        sqlx::query("UPDATE operations SET progress = $2, updated_at = now() WHERE id = $1")
+            .bind(id)
+            .bind(progress)
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
     }
 
     pub async fn operation(&self, id: Uuid) -> sqlx::Result<Option<Operation>> {

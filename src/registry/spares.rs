@@ -38,7 +38,10 @@ impl Registry {
         server: Uuid,
         schema_version: i64,
     ) -> sqlx::Result<Option<String>> {
-        sqlx::query_scalar(
+        // Lazy commit: if lost, the row points at a renamed database and the
+        // sweep removes it (see `begin_lazy`).
+        let mut tx = self.begin_lazy().await?;
+        let name = sqlx::query_scalar(
             "DELETE FROM spares WHERE database_name = (
                 SELECT database_name FROM spares WHERE server_id = $1 AND schema_version = $2
                  ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
@@ -46,8 +49,10 @@ impl Registry {
         )
         .bind(server)
         .bind(schema_version)
-        .fetch_optional(&self.pool)
-        .await
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(name)
     }
 
     pub async fn spares(&self, server: Uuid) -> sqlx::Result<Vec<Spare>> {

@@ -166,7 +166,8 @@ impl Registry {
         idempotency: Option<(&str, &[u8])>,
         actor: &str,
     ) -> sqlx::Result<()> {
-        let mut tx = self.pool.begin().await?;
+        // Durable with the final `active` commit (see `begin_lazy`).
+        let mut tx = self.begin_lazy().await?;
         sqlx::query(
             "INSERT INTO tenants (id, slug, name, plan, status, server_id, database_name, role_name,
                                   password_enc, key_id, provision_step)
@@ -278,6 +279,8 @@ impl Registry {
         step: &str,
         schema_version: Option<i64>,
     ) -> sqlx::Result<()> {
+        // A hint for resuming: a lost one only means an idempotent step re-runs.
+        let mut tx = self.begin_lazy().await?;
         sqlx::query(
             "UPDATE tenants SET provision_step = $2, schema_version = COALESCE($3, schema_version),
                     updated_at = now() WHERE id = $1",
@@ -285,9 +288,9 @@ impl Registry {
         .bind(id)
         .bind(step)
         .bind(schema_version)
-        .execute(&self.pool)
-        .await
-        .map(|_| ())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await
     }
 
     /// Move a tenant to `to` if it is in one of `from`; returns the new row,
@@ -395,5 +398,35 @@ impl Registry {
         .execute(&self.pool)
         .await
         .map(|_| ())
+    }
+}
+
+impl Registry {
+    /// Active or suspended tenants whose recorded schema is older than
+    /// `target` (or unknown), optionally only the one named.
+    pub async fn tenants_behind(
+        &self,
+        target: i64,
+        only: Option<Uuid>,
+    ) -> sqlx::Result<Vec<TenantRecord>> {
+        sqlx::query_as(&format!(
+            "{SELECT_RECORD} WHERE t.status IN ('active', 'suspended')
+               AND (t.schema_version IS NULL OR t.schema_version < $1)
+               AND ($2::uuid IS NULL OR t.id = $2) ORDER BY t.id"
+        ))
+        .bind(target)
+        .bind(only)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// How many active or suspended tenants are at each schema version.
+    pub async fn schema_versions(&self) -> sqlx::Result<Vec<(Option<i64>, i64)>> {
+        sqlx::query_as(
+            "SELECT schema_version, count(*) FROM tenants WHERE status IN ('active', 'suspended')
+              GROUP BY schema_version ORDER BY schema_version NULLS FIRST",
+        )
+        .fetch_all(&self.pool)
+        .await
     }
 }

@@ -1,5 +1,6 @@
 //! The admin API, `/admin/v1`; each resource owns its routes.
 
+mod migrations;
 mod operations;
 mod pools;
 mod servers;
@@ -16,4 +17,5 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(operations::router())
         .merge(servers::router())
         .merge(pools::router())
+        .merge(migrations::router())
 }

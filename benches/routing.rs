@@ -1,0 +1,1184 @@
+//! Tenant routing, measured four ways in one run on one fsync-off cluster.
+//!
+//! `cargo bench --bench routing` (tenants: `SILO_BENCH_TENANTS`, default 1000;
+//! length of the many-tenants phase: `SILO_BENCH_SECONDS`, default 60).
+//!
+//! 1. **Routing overhead**: one point query on one warm tenant, through
+//!    `TenantRouter::acquire` and on a directly held sqlx `PgPool` (one
+//!    connection, same role), interleaved in blocks; then `acquire` alone,
+//!    router against pool, for the router's own added latency.
+//! 2. **Cold open**: the first query of a tenant the router has never seen
+//!    (lookup, credentials, pool, connect, query), one tenant after another.
+//! 3. **Many tenants**: 200 client tasks over all tenants with Zipf (s = 1.1)
+//!    popularity under a 100-connection server budget; counts answers, samples
+//!    the server's router connections and this process's RSS.
+//! 4. **End to end over HTTP**: `GET /api/v1/patients/{id}` through silo
+//!    against a minimal axum handler holding its own sqlx pool.
+//!
+//! Everything (load generator, silo, PostgreSQL) shares the machine's cores.
+//! Percentiles are nearest-rank over the sorted samples. The baseline pools
+//! do not ping before handing out a connection (`test_before_acquire(false)`,
+//! sqlx pings by default), as the router does not: the strictest baseline.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use chrono::{DateTime, NaiveDate, Utc};
+use futures::{StreamExt, TryStreamExt};
+use metrics_exporter_prometheus::PrometheusHandle;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use silo::cli::run_server;
+use silo::config::{Secret, ServerArgs};
+use silo::crypto::Keyring;
+use silo::embedded::postgres::Durability;
+use silo::embedded::EmbeddedPostgres;
+use silo::provision::{CreateTenant, ProvisionConfig, Provisioner, DEFAULT_PLAN};
+use silo::registry::{Registry, TenantRecord};
+use silo::router::{RouteError, RouterConfig, TenantRouter};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+/// Admin bearer token of the benchmark's silo server.
+const ADMIN_TOKEN: &str = "bench-admin-token-0123456789abcdef";
+const DEFAULT_TENANTS: usize = 1000;
+const DEFAULT_SECONDS: u64 = 60;
+/// Tenants created at once.
+const CREATE_CONCURRENCY: usize = 3;
+
+/// Phase 1: iterations per method, in interleaved blocks.
+const OVERHEAD_ITERATIONS: usize = 20_000;
+const OVERHEAD_BLOCK: usize = 1_000;
+const OVERHEAD_WARMUP: usize = 1_000;
+/// Phase 2: tenants opened cold.
+const COLD_TENANTS: usize = 200;
+/// Phase 3.
+const SERVER_BUDGET: i32 = 100;
+const CLIENT_TASKS: usize = 200;
+const ZIPF_S: f64 = 1.1;
+const ACTIVITY_EVERY: Duration = Duration::from_millis(50);
+const RSS_EVERY: Duration = Duration::from_secs(1);
+/// Phase 4.
+const HTTP_CLIENTS: usize = 32;
+const HTTP_SECONDS: Duration = Duration::from_secs(10);
+const HTTP_WARMUP: Duration = Duration::from_secs(1);
+const DIRECT_HTTP_POOL: u32 = 20;
+/// Pause after silo starts, so its start-up reconcile pass is not measured.
+const SETTLE: Duration = Duration::from_millis(500);
+
+const POINT_QUERY: &str = "SELECT id, full_name FROM patients WHERE id = $1";
+/// What `GET /api/v1/patients/{id}` selects in silo.
+const PATIENT_QUERY: &str = "SELECT id, full_name, date_of_birth, email, phone, notes, created_at, updated_at FROM patients WHERE id = $1";
+const ROUTER_CONNECTIONS: &str =
+    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'silo-router'";
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> Result<()> {
+    init_logging();
+    let tenants = env_number("SILO_BENCH_TENANTS", DEFAULT_TENANTS as u64)? as usize;
+    ensure!(tenants >= 2, "SILO_BENCH_TENANTS must be at least 2");
+    let seconds = env_number("SILO_BENCH_SECONDS", DEFAULT_SECONDS)?;
+    ensure!(seconds >= 1, "SILO_BENCH_SECONDS must be at least 1");
+    // Installed first, as `silo serve` does: the router's metrics cost what they cost in production.
+    let metrics = silo::telemetry::metrics_handle();
+    let pg = tokio::task::spawn_blocking(|| EmbeddedPostgres::start_temp(Durability::Throwaway))
+        .await?
+        .context("start a private PostgreSQL")?;
+    let outcome = run(&pg, tenants, Duration::from_secs(seconds), &metrics).await;
+    let mut pg = pg;
+    tokio::task::spawn_blocking(move || pg.stop())
+        .await?
+        .context("stop PostgreSQL")?;
+    outcome
+}
+
+/// Warnings only (`RUST_LOG` overrides): logging each request would be timed too.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+fn env_number(name: &str, default: u64) -> Result<u64> {
+    match std::env::var(name) {
+        Ok(s) => s
+            .parse()
+            .with_context(|| format!("{name} must be a whole number")),
+        Err(_) => Ok(default),
+    }
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// What the phases share.
+struct Env<'a> {
+    pg: &'a EmbeddedPostgres,
+    registry: Registry,
+    keyring: Keyring,
+    /// Superuser pool on the `postgres` database.
+    admin: PgPool,
+}
+
+impl Env<'_> {
+    fn provisioner(&self) -> Provisioner {
+        Provisioner::new(
+            self.registry.clone(),
+            self.keyring.clone(),
+            ProvisionConfig { warm_pool_size: 0 },
+        )
+    }
+
+    fn router(&self) -> TenantRouter {
+        TenantRouter::new(
+            self.registry.clone(),
+            self.keyring.clone(),
+            RouterConfig::default(),
+        )
+    }
+
+    /// A sqlx pool on a tenant's database as the tenant's own role.
+    async fn direct_pool(&self, t: &TenantRecord, max: u32) -> Result<PgPool> {
+        let password = self
+            .keyring
+            .open_string(&t.key_id, &t.password_enc, t.id.as_bytes())
+            .context("decrypt the tenant password")?;
+        let opts = PgConnectOptions::new()
+            .host("127.0.0.1")
+            .port(self.pg.port())
+            .database(&t.database_name)
+            .username(&t.role_name)
+            .password(&password)
+            .application_name("bench-direct");
+        PgPoolOptions::new()
+            .max_connections(max)
+            .min_connections(0)
+            .test_before_acquire(false)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(opts)
+            .await
+            .context("connect the direct pool")
+    }
+
+    /// Wait (up to 15 s) until no connection matches `filter` in pg_stat_activity.
+    async fn wait_closed(&self, filter: &str, arg: &str) -> Result<()> {
+        let sql = format!("SELECT count(*) FROM pg_stat_activity WHERE {filter} = $1");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let n: i64 = sqlx::query_scalar(&sql)
+                .bind(arg)
+                .fetch_one(&self.admin)
+                .await?;
+            if n == 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{n} connections with {filter} = {arg} still open");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn run(
+    pg: &EmbeddedPostgres,
+    n: usize,
+    seconds: Duration,
+    metrics: &PrometheusHandle,
+) -> Result<()> {
+    let admin_url = pg.url("postgres");
+    silo::cli::ensure_database(&admin_url, "silo_control").await?;
+    let keyring = Keyring::from_base64(&Keyring::generate_base64())?;
+    let registry = Registry::connect_lazy(&pg.url("silo_control"))?;
+    registry.migrate().await.context("migrate the control DB")?;
+    let admin = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&admin_url)
+        .await
+        .context("connect as superuser")?;
+    let env = Env {
+        pg,
+        registry,
+        keyring,
+        admin,
+    };
+    let provisioner = env.provisioner();
+    provisioner.ensure_default_server(&admin_url).await?;
+    provisioner
+        .refill_all()
+        .await
+        .context("build the template database")?;
+
+    let version: String = sqlx::query_scalar("SELECT version()")
+        .fetch_one(&env.admin)
+        .await?;
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "routing benchmark: {n} tenants, many-tenants phase {} s, nproc = {nproc}",
+        seconds.as_secs()
+    );
+    println!("{version}");
+    println!("throwaway cluster (fsync off); load generator, silo and PostgreSQL share the cores");
+    println!("load average at start: {}", load_average());
+
+    let started = Instant::now();
+    let tenants = create_tenants(&provisioner, n).await?;
+    println!(
+        "[setup] created {n} tenants in {:.1} s ({} at a time; database source: {})",
+        started.elapsed().as_secs_f64(),
+        CREATE_CONCURRENCY,
+        provision_sources(metrics)
+    );
+    let hot = &tenants[0];
+    let patient = insert_patient(&env, hot).await?;
+
+    let mut report = Report::default();
+    phase_overhead(&env, hot, patient, &mut report).await?;
+    let cold = &tenants[1..tenants.len().min(COLD_TENANTS + 1)];
+    phase_cold_open(&env, cold, &mut report).await?;
+    phase_many_tenants(&env, &tenants, seconds, &mut report).await?;
+    phase_http(&env, hot, patient, &mut report).await?;
+
+    println!("load average at end: {}", load_average());
+    println!();
+    report.print();
+
+    env.admin.close().await;
+    env.registry.pool().close().await;
+    Ok(())
+}
+
+async fn create_tenants(provisioner: &Provisioner, n: usize) -> Result<Vec<TenantRecord>> {
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let p = provisioner.clone();
+            async move {
+                let req = CreateTenant {
+                    slug: format!("bench-{i:04}"),
+                    name: format!("Bench clinic {i}"),
+                    plan: DEFAULT_PLAN.into(),
+                    server: None,
+                };
+                p.create(&req, None, "bench")
+                    .await
+                    .with_context(|| format!("create tenant {}", req.slug))
+            }
+        })
+        .buffered(CREATE_CONCURRENCY)
+        .try_collect()
+        .await
+}
+
+/// `template 998, empty 2` from silo's `silo_provision_source_total`.
+fn provision_sources(metrics: &PrometheusHandle) -> String {
+    let rendered = metrics.render();
+    ["warm_pool", "template", "empty"]
+        .iter()
+        .map(|source| {
+            let prefix = format!("silo_provision_source_total{{source=\"{source}\"}}");
+            let count = rendered
+                .lines()
+                .find_map(|line| line.strip_prefix(&prefix))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0);
+            format!("{source} {count}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+async fn insert_patient(env: &Env<'_>, t: &TenantRecord) -> Result<Uuid> {
+    let pool = env.direct_pool(t, 1).await?;
+    let id: Uuid = sqlx::query_scalar(
+        "INSERT INTO patients (full_name, email) VALUES ('Ada Bench', 'ada@example.com') RETURNING id",
+    )
+    .fetch_one(&pool)
+    .await
+    .context("insert the benchmark patient")?;
+    pool.close().await;
+    Ok(id)
+}
+
+async fn routed_query(router: &TenantRouter, slug: &str, id: Uuid) -> Result<()> {
+    let mut conn = router.acquire(slug).await?;
+    let row: Option<(Uuid, String)> = sqlx::query_as(POINT_QUERY)
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    ensure!(row.is_some(), "the patient is missing");
+    Ok(())
+}
+
+async fn direct_query(pool: &PgPool, id: Uuid) -> Result<()> {
+    let mut conn = pool.acquire().await?;
+    let row: Option<(Uuid, String)> = sqlx::query_as(POINT_QUERY)
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    ensure!(row.is_some(), "the patient is missing");
+    Ok(())
+}
+
+/// Phase 1: the same point query routed and direct, then acquire alone.
+async fn phase_overhead(
+    env: &Env<'_>,
+    t: &TenantRecord,
+    patient: Uuid,
+    report: &mut Report,
+) -> Result<()> {
+    let router = env.router();
+    let direct = env.direct_pool(t, 1).await?;
+    let slug = t.slug.as_str();
+    for _ in 0..OVERHEAD_WARMUP {
+        routed_query(&router, slug, patient).await?;
+        direct_query(&direct, patient).await?;
+    }
+
+    // Point query, interleaved blocks; which method goes first alternates.
+    let mut routed = Samples::new(OVERHEAD_ITERATIONS);
+    let mut plain = Samples::new(OVERHEAD_ITERATIONS);
+    for block in 0..OVERHEAD_ITERATIONS / OVERHEAD_BLOCK {
+        for router_turn in [block % 2 == 0, block % 2 != 0] {
+            if router_turn {
+                let started = Instant::now();
+                for _ in 0..OVERHEAD_BLOCK {
+                    let s = Instant::now();
+                    routed_query(&router, slug, patient).await?;
+                    routed.push(s.elapsed());
+                }
+                routed.total += started.elapsed();
+            } else {
+                let started = Instant::now();
+                for _ in 0..OVERHEAD_BLOCK {
+                    let s = Instant::now();
+                    direct_query(&direct, patient).await?;
+                    plain.push(s.elapsed());
+                }
+                plain.total += started.elapsed();
+            }
+        }
+    }
+
+    // Acquire alone (returned at once, untimed), interleaved the same way.
+    let mut acq_router = Samples::new(OVERHEAD_ITERATIONS);
+    let mut acq_direct = Samples::new(OVERHEAD_ITERATIONS);
+    for block in 0..OVERHEAD_ITERATIONS / OVERHEAD_BLOCK {
+        for router_turn in [block % 2 == 0, block % 2 != 0] {
+            for _ in 0..OVERHEAD_BLOCK {
+                if router_turn {
+                    let s = Instant::now();
+                    let conn = router.acquire(slug).await?;
+                    acq_router.push(s.elapsed());
+                    drop(conn);
+                } else {
+                    let s = Instant::now();
+                    let conn = direct.acquire().await?;
+                    acq_direct.push(s.elapsed());
+                    drop(conn);
+                }
+            }
+        }
+    }
+    let stats = router.stats();
+    ensure!(
+        stats.pools_built == 1 && stats.registry_lookups == 1,
+        "the warm path should not rebuild: {stats:?}"
+    );
+    router.invalidate(t.id).await;
+    drop(router);
+    direct.close().await;
+    env.wait_closed("usename", &t.role_name).await?;
+
+    let (routed, plain) = (routed.sorted(), plain.sorted());
+    let (acq_router, acq_direct) = (acq_router.sorted(), acq_direct.sorted());
+    let router_qps = routed.rate();
+    let direct_qps = plain.rate();
+    let ratio = router_qps / direct_qps;
+    println!(
+        "[overhead] point query: router {router_qps:.0}/s (p50 {:.1} µs, p99 {:.1} µs), direct {direct_qps:.0}/s (p50 {:.1} µs, p99 {:.1} µs)",
+        us(routed.pct(50)), us(routed.pct(99)), us(plain.pct(50)), us(plain.pct(99))
+    );
+    println!(
+        "[overhead] acquire alone: router p50 {:.1} µs p99 {:.1} µs max {:.1} µs; pool p50 {:.1} µs p99 {:.1} µs max {:.1} µs",
+        us(acq_router.pct(50)), us(acq_router.pct(99)), us(acq_router.max()),
+        us(acq_direct.pct(50)), us(acq_direct.pct(99)), us(acq_direct.max())
+    );
+    report.section("1. Routing overhead (one warm tenant, sequential)");
+    report.info("point query, router: queries/s", format!("{router_qps:.0}"));
+    report.info(
+        "point query, direct PgPool: queries/s",
+        format!("{direct_qps:.0}"),
+    );
+    report.target(
+        "throughput ratio router/direct",
+        format!("{ratio:.3}"),
+        ">= 0.95",
+        ratio >= 0.95,
+    );
+    report.info(
+        "point query p50 / p99, router",
+        format!("{:.1} / {:.1} µs", us(routed.pct(50)), us(routed.pct(99))),
+    );
+    report.info(
+        "point query p50 / p99, direct",
+        format!("{:.1} / {:.1} µs", us(plain.pct(50)), us(plain.pct(99))),
+    );
+    report.info(
+        "acquire p50, router / pool",
+        format!(
+            "{:.1} / {:.1} µs",
+            us(acq_router.pct(50)),
+            us(acq_direct.pct(50))
+        ),
+    );
+    report.target(
+        "acquire p99, router",
+        format!("{:.1} µs", us(acq_router.pct(99))),
+        "<= 20 µs",
+        us(acq_router.pct(99)) <= 20.0,
+    );
+    report.info(
+        "acquire p99, pool",
+        format!("{:.1} µs", us(acq_direct.pct(99))),
+    );
+    report.info(
+        "acquire p99 difference router - pool",
+        format!("{:+.1} µs", us(acq_router.pct(99)) - us(acq_direct.pct(99))),
+    );
+    Ok(())
+}
+
+/// Phase 2: first query of tenants the router has never seen.
+async fn phase_cold_open(
+    env: &Env<'_>,
+    tenants: &[TenantRecord],
+    report: &mut Report,
+) -> Result<()> {
+    let router = env.router();
+    let mut samples = Samples::new(tenants.len());
+    for t in tenants {
+        let s = Instant::now();
+        let mut conn = router.acquire(&t.slug).await?;
+        let _: Option<(Uuid, String)> = sqlx::query_as(POINT_QUERY)
+            .bind(Uuid::new_v4())
+            .fetch_optional(&mut *conn)
+            .await?;
+        samples.push(s.elapsed());
+        // Kept idle in its pool, as in service: past the budget, opens reclaim.
+    }
+    let stats = router.stats();
+    ensure!(
+        stats.pools_built as usize == tenants.len(),
+        "every open should be cold: {stats:?}"
+    );
+    let budget_full_from = SERVER_BUDGET as usize;
+    let (free, full) = samples
+        .samples
+        .split_at(budget_full_from.min(samples.len()));
+    let (free, full) = (
+        Samples::from(free.to_vec()).sorted(),
+        Samples::from(full.to_vec()).sorted(),
+    );
+    for t in tenants {
+        router.invalidate(t.id).await;
+    }
+    drop(router);
+    env.wait_closed("application_name", "silo-router").await?;
+
+    let s = samples.sorted();
+    println!(
+        "[cold open] {} tenants: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        s.len(),
+        ms(s.pct(50)),
+        ms(s.pct(90)),
+        ms(s.pct(99)),
+        ms(s.max())
+    );
+    println!(
+        "[cold open] first {} (budget free): p50 {:.2} ms p99 {:.2} ms; the other {} (budget full, an idle connection reclaimed): p50 {:.2} ms p99 {:.2} ms",
+        free.len(), ms(free.pct(50)), ms(free.pct(99)),
+        full.len(), ms(full.pct(50)), ms(full.pct(99))
+    );
+    report.section(&format!(
+        "2. Cold open ({} tenants, acquire + first query)",
+        s.len()
+    ));
+    report.target(
+        "cold open p50",
+        format!("{:.2} ms", ms(s.pct(50))),
+        "<= 15 ms",
+        ms(s.pct(50)) <= 15.0,
+    );
+    report.target(
+        "cold open p99",
+        format!("{:.2} ms", ms(s.pct(99))),
+        "<= 100 ms",
+        ms(s.pct(99)) <= 100.0,
+    );
+    report.info("cold open max", format!("{:.2} ms", ms(s.max())));
+    Ok(())
+}
+
+/// Zipf(s) over ranks 1..=n: a precomputed CDF, sampled by binary search.
+struct Zipf {
+    cdf: Vec<f64>,
+}
+
+impl Zipf {
+    fn new(n: usize, s: f64) -> Self {
+        let mut acc = 0.0;
+        let mut cdf: Vec<f64> = (1..=n)
+            .map(|k| {
+                acc += (k as f64).powf(-s);
+                acc
+            })
+            .collect();
+        for c in &mut cdf {
+            *c /= acc;
+        }
+        Self { cdf }
+    }
+
+    /// A 0-based rank.
+    fn sample(&self, rng: &mut impl Rng) -> usize {
+        let u: f64 = rng.gen();
+        self.cdf.partition_point(|c| *c < u).min(self.cdf.len() - 1)
+    }
+
+    /// Share of draws going to the `k` most popular.
+    fn head(&self, k: usize) -> f64 {
+        self.cdf[k.min(self.cdf.len()) - 1]
+    }
+}
+
+#[derive(Default)]
+struct Counts {
+    ok: AtomicU64,
+    busy: AtomicU64,
+    other: AtomicU64,
+}
+
+/// Phase 3: every tenant, Zipf popularity, a 100-connection budget.
+async fn phase_many_tenants(
+    env: &Env<'_>,
+    tenants: &[TenantRecord],
+    seconds: Duration,
+    report: &mut Report,
+) -> Result<()> {
+    sqlx::query("UPDATE db_servers SET max_connections = $1")
+        .bind(SERVER_BUDGET)
+        .execute(env.registry.pool())
+        .await?;
+    let router = env.router();
+    let token = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    router.spawn_maintenance(&token, &tracker);
+
+    let zipf = Arc::new(Zipf::new(tenants.len(), ZIPF_S));
+    println!(
+        "[many tenants] Zipf s = {ZIPF_S}: top 1 tenant {:.1}% of requests, top 10 {:.1}%, top 100 {:.1}%",
+        zipf.head(1) * 100.0,
+        zipf.head(10) * 100.0,
+        zipf.head(100) * 100.0
+    );
+    let slugs: Arc<Vec<String>> = Arc::new(tenants.iter().map(|t| t.slug.clone()).collect());
+    let counts = Arc::new(Counts::default());
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let activity = {
+        let (admin, stop) = (env.admin.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut max = 0i64;
+            let mut n = 0u64;
+            let mut every = tokio::time::interval(ACTIVITY_EVERY);
+            while !stop.load(Ordering::Relaxed) {
+                every.tick().await;
+                let open: i64 = sqlx::query_scalar(ROUTER_CONNECTIONS)
+                    .fetch_one(&admin)
+                    .await?;
+                max = max.max(open);
+                n += 1;
+            }
+            Ok::<_, sqlx::Error>((max, n))
+        })
+    };
+    let rss = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let page = page_size();
+            let mut samples = Vec::new();
+            let mut every = tokio::time::interval(RSS_EVERY);
+            while !stop.load(Ordering::Relaxed) {
+                every.tick().await;
+                if let Some(pages) = rss_pages() {
+                    samples.push(pages * page);
+                }
+            }
+            samples
+        })
+    };
+
+    let started = Instant::now();
+    let deadline = started + seconds;
+    let workers: Vec<JoinHandle<Vec<Duration>>> = (0..CLIENT_TASKS)
+        .map(|w| {
+            let (router, zipf, slugs) = (router.clone(), zipf.clone(), slugs.clone());
+            let (counts, errors) = (counts.clone(), errors.clone());
+            tokio::spawn(async move {
+                let mut rng = StdRng::seed_from_u64(w as u64);
+                let mut latencies = Vec::with_capacity(1 << 14);
+                while Instant::now() < deadline {
+                    let slug = &slugs[zipf.sample(&mut rng)];
+                    let s = Instant::now();
+                    let outcome = match router.acquire(slug).await {
+                        Ok(mut conn) => sqlx::query_as::<_, (Uuid, String)>(POINT_QUERY)
+                            .bind(Uuid::new_v4())
+                            .fetch_optional(&mut *conn)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| format!("query on {slug}: {e}")),
+                        Err(RouteError::Busy) => {
+                            counts.busy.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        Err(e) => Err(format!("acquire {slug}: {e}")),
+                    };
+                    match outcome {
+                        Ok(()) => {
+                            latencies.push(s.elapsed());
+                            counts.ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            counts.other.fetch_add(1, Ordering::Relaxed);
+                            let mut seen = errors.lock().expect("errors lock");
+                            if seen.len() < 5 {
+                                seen.push(e);
+                            }
+                        }
+                    }
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for w in workers {
+        latencies.extend(w.await?);
+    }
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let (max_open, activity_samples) = activity.await??;
+    let rss = rss.await?;
+    let stats = router.stats();
+    token.cancel();
+    tracker.close();
+    tracker.wait().await;
+    drop(router);
+    env.wait_closed("application_name", "silo-router").await?;
+
+    let ok = counts.ok.load(Ordering::Relaxed);
+    let busy = counts.busy.load(Ordering::Relaxed);
+    let other = counts.other.load(Ordering::Relaxed);
+    let s = Samples::from(latencies).sorted();
+    let rps = ok as f64 / elapsed.as_secs_f64();
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let (first, max_rss, last) = (
+        rss.first().copied().unwrap_or(0),
+        rss.iter().copied().max().unwrap_or(0),
+        rss.last().copied().unwrap_or(0),
+    );
+    println!(
+        "[many tenants] {:.1} s: ok {ok}, busy {busy}, other errors {other}; {rps:.0} requests/s, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
+        elapsed.as_secs_f64(), ms(s.pct(50)), ms(s.pct(99)), ms(s.max())
+    );
+    println!(
+        "[many tenants] router connections: max {max_open} over {activity_samples} samples; pools built {}, evictions {}, pools open at end {}, lookups {} (hits {}, misses {})",
+        stats.pools_built, stats.evictions, stats.pools_open, stats.registry_lookups, stats.cache_hits, stats.cache_misses
+    );
+    println!(
+        "[many tenants] RSS MiB per second: {}",
+        rss.iter()
+            .map(|b| format!("{:.0}", mib(*b)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    for e in errors.lock().expect("errors lock").iter() {
+        println!("[many tenants] error: {e}");
+    }
+
+    report.section(&format!(
+        "3. Many tenants ({} tenants, Zipf s = {ZIPF_S}, {CLIENT_TASKS} tasks, budget {SERVER_BUDGET}, {:.0} s)",
+        tenants.len(),
+        elapsed.as_secs_f64()
+    ));
+    report.info("requests ok", ok.to_string());
+    report.info("requests/s (ok)", format!("{rps:.0}"));
+    report.info(
+        "latency p50 / p99 (ok)",
+        format!("{:.2} / {:.2} ms", ms(s.pct(50)), ms(s.pct(99))),
+    );
+    report.info("Busy (deliberate 503)", busy.to_string());
+    report.target("other errors", other.to_string(), "= 0", other == 0);
+    report.target(
+        "max router connections (pg_stat_activity)",
+        max_open.to_string(),
+        "<= 100",
+        max_open <= i64::from(SERVER_BUDGET),
+    );
+    report.info(
+        "pools built (distinct tenants opened, incl. rebuilds)",
+        stats.pools_built.to_string(),
+    );
+    report.info(
+        "RSS first / max / last",
+        format!(
+            "{:.1} / {:.1} / {:.1} MiB",
+            mib(first),
+            mib(max_rss),
+            mib(last)
+        ),
+    );
+    Ok(())
+}
+
+fn page_size() -> u64 {
+    std::process::Command::new("getconf")
+        .arg("PAGESIZE")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4096)
+}
+
+/// Resident pages of this process, from `/proc/self/statm`.
+fn rss_pages() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The JSON shape of silo's `GET /api/v1/patients/{id}`.
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
+struct Patient {
+    id: Uuid,
+    full_name: String,
+    date_of_birth: Option<NaiveDate>,
+    email: Option<String>,
+    phone: Option<String>,
+    notes: Option<String>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+async fn direct_get_patient(
+    State(pool): State<PgPool>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Patient>, StatusCode> {
+    let id = Uuid::parse_str(&id).map_err(|_| StatusCode::BAD_REQUEST)?;
+    sqlx::query_as(PATIENT_QUERY)
+        .bind(id)
+        .fetch_optional(&pool)
+        .await
+        .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?
+        .map(axum::Json)
+        .ok_or(StatusCode::NOT_FOUND)
+}
+
+/// A server running in a task until told to stop.
+struct Running {
+    addr: SocketAddr,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<()>>,
+}
+
+impl Running {
+    async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(());
+        self.task.await?
+    }
+}
+
+async fn start_silo(env: &Env<'_>) -> Result<Running> {
+    let args = ServerArgs {
+        listen: "127.0.0.1:0".parse()?,
+        warm_pool_size: 0,
+        reconcile_interval: 3600,
+        app_domain: None,
+    };
+    let provisioner = env.provisioner();
+    let (addr_tx, addr_rx) = oneshot::channel();
+    let (stop, stop_rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stop_rx.await;
+        };
+        let on_listen = move |addr| {
+            let _ = addr_tx.send(addr);
+        };
+        run_server(
+            provisioner,
+            Secret::new(ADMIN_TOKEN),
+            &args,
+            shutdown,
+            on_listen,
+        )
+        .await
+        .map_err(anyhow::Error::from)
+    });
+    let addr = match addr_rx.await {
+        Ok(addr) => addr,
+        Err(_) => {
+            task.await??;
+            bail!("silo exited before listening");
+        }
+    };
+    // Wait out the start-up reconcile pass: it holds each server's lock.
+    tokio::time::sleep(SETTLE).await;
+    for server in env.registry.servers().await? {
+        env.registry.lock_server(server.id).await?.release().await;
+    }
+    Ok(Running { addr, stop, task })
+}
+
+async fn start_direct(pool: PgPool) -> Result<Running> {
+    let app = axum::Router::new()
+        .route(
+            "/api/v1/patients/{id}",
+            axum::routing::get(direct_get_patient),
+        )
+        .with_state(pool);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop, stop_rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.await;
+            })
+            .await
+            .context("serve the direct handler")
+    });
+    Ok(Running { addr, stop, task })
+}
+
+struct HttpLoad {
+    ok: u64,
+    failed: u64,
+    elapsed: Duration,
+    latencies: Samples,
+}
+
+/// `HTTP_CLIENTS` clients sending GETs back to back for `length`.
+async fn http_load(url: &str, headers: &[(&str, String)], length: Duration) -> Result<HttpLoad> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()?;
+    let mut request_headers = reqwest::header::HeaderMap::new();
+    for (k, v) in headers {
+        request_headers.insert(
+            reqwest::header::HeaderName::from_bytes(k.as_bytes())?,
+            reqwest::header::HeaderValue::from_str(v)?,
+        );
+    }
+    let failure: Arc<Mutex<Option<String>>> = Arc::default();
+    let started = Instant::now();
+    let deadline = started + length;
+    let clients: Vec<JoinHandle<(u64, Vec<Duration>)>> = (0..HTTP_CLIENTS)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.to_owned());
+            let (headers, failure) = (request_headers.clone(), failure.clone());
+            tokio::spawn(async move {
+                let mut failed = 0;
+                let mut latencies = Vec::with_capacity(1 << 14);
+                while Instant::now() < deadline {
+                    let s = Instant::now();
+                    let res = client.get(&url).headers(headers.clone()).send().await;
+                    let outcome = match res {
+                        Ok(r) => {
+                            let status = r.status();
+                            match r.bytes().await {
+                                Ok(body) if status == reqwest::StatusCode::OK => Ok(body),
+                                Ok(body) => Err(format!(
+                                    "HTTP {status}: {}",
+                                    String::from_utf8_lossy(&body)
+                                )),
+                                Err(e) => Err(e.to_string()),
+                            }
+                        }
+                        Err(e) => Err(e.to_string()),
+                    };
+                    match outcome {
+                        Ok(_) => latencies.push(s.elapsed()),
+                        Err(e) => {
+                            failed += 1;
+                            failure.lock().expect("failure lock").get_or_insert(e);
+                        }
+                    }
+                }
+                (failed, latencies)
+            })
+        })
+        .collect();
+    let mut failed = 0;
+    let mut latencies = Vec::new();
+    for c in clients {
+        let (f, l) = c.await?;
+        failed += f;
+        latencies.extend(l);
+    }
+    let elapsed = started.elapsed();
+    if let Some(e) = failure.lock().expect("failure lock").take() {
+        println!("[http] first failure on {url}: {e}");
+    }
+    Ok(HttpLoad {
+        ok: latencies.len() as u64,
+        failed,
+        elapsed,
+        latencies: Samples::from(latencies).sorted(),
+    })
+}
+
+/// One GET, checked against the patient inserted.
+async fn check_patient(url: &str, headers: &[(&str, String)], patient: Uuid) -> Result<()> {
+    let mut req = reqwest::Client::new().get(url);
+    for (k, v) in headers {
+        req = req.header(*k, v);
+    }
+    let res = req.send().await?;
+    let status = res.status();
+    let text = res.text().await?;
+    ensure!(
+        status == reqwest::StatusCode::OK,
+        "{url}: HTTP {status}: {text}"
+    );
+    let p: Patient = serde_json::from_str(&text).with_context(|| format!("parse {text}"))?;
+    ensure!(p.id == patient, "{url}: wrong patient {text}");
+    Ok(())
+}
+
+/// Phase 4: the same GET through silo and through a minimal handler.
+async fn phase_http(
+    env: &Env<'_>,
+    t: &TenantRecord,
+    patient: Uuid,
+    report: &mut Report,
+) -> Result<()> {
+    let (token, _) = silo::tokens::mint(&env.keyring, t.id, 3600);
+    let path = format!("/api/v1/patients/{patient}");
+
+    let silo = start_silo(env).await?;
+    let url = format!("http://{}{path}", silo.addr);
+    let headers = [
+        ("x-tenant-id", t.slug.clone()),
+        ("authorization", format!("Bearer {token}")),
+    ];
+    let measured = async {
+        check_patient(&url, &headers, patient).await?;
+        http_load(&url, &headers, HTTP_WARMUP).await?;
+        http_load(&url, &headers, HTTP_SECONDS).await
+    }
+    .await;
+    silo.stop().await?;
+    let through_silo = measured?;
+    // The role's connection limit is the plan's 20: let silo's close first.
+    env.wait_closed("usename", &t.role_name).await?;
+
+    let pool = env.direct_pool(t, DIRECT_HTTP_POOL).await?;
+    let direct = start_direct(pool.clone()).await?;
+    let url = format!("http://{}{path}", direct.addr);
+    let measured = async {
+        check_patient(&url, &[], patient).await?;
+        http_load(&url, &[], HTTP_WARMUP).await?;
+        http_load(&url, &[], HTTP_SECONDS).await
+    }
+    .await;
+    direct.stop().await?;
+    pool.close().await;
+    let plain = measured?;
+
+    let rate = |l: &HttpLoad| l.ok as f64 / l.elapsed.as_secs_f64();
+    let (silo_rps, direct_rps) = (rate(&through_silo), rate(&plain));
+    for (name, l) in [("silo", &through_silo), ("direct", &plain)] {
+        println!(
+            "[http] {name}: {} ok, {} failed in {:.1} s: {:.0} requests/s, p50 {:.2} ms, p99 {:.2} ms",
+            l.ok,
+            l.failed,
+            l.elapsed.as_secs_f64(),
+            rate(l),
+            ms(l.latencies.pct(50)),
+            ms(l.latencies.pct(99))
+        );
+    }
+    report.section(&format!(
+        "4. End to end over HTTP (GET /api/v1/patients/{{id}}, {HTTP_CLIENTS} clients, {} s each)",
+        HTTP_SECONDS.as_secs()
+    ));
+    for (name, l) in [
+        ("through silo", &through_silo),
+        ("direct axum + PgPool(20)", &plain),
+    ] {
+        report.info(&format!("{name}: requests/s"), format!("{:.0}", rate(l)));
+        report.info(
+            &format!("{name}: p50 / p99"),
+            format!(
+                "{:.2} / {:.2} ms",
+                ms(l.latencies.pct(50)),
+                ms(l.latencies.pct(99))
+            ),
+        );
+    }
+    report.info(
+        "throughput ratio silo/direct",
+        format!("{:.3}", silo_rps / direct_rps),
+    );
+    let failed = through_silo.failed + plain.failed;
+    report.target("failed requests", failed.to_string(), "= 0", failed == 0);
+    Ok(())
+}
+
+/// Latency samples of one method.
+struct Samples {
+    samples: Vec<Duration>,
+    /// Wall time of the loops that produced them (for throughput).
+    total: Duration,
+}
+
+impl Samples {
+    fn new(capacity: usize) -> Self {
+        Self {
+            samples: Vec::with_capacity(capacity),
+            total: Duration::ZERO,
+        }
+    }
+
+    fn from(samples: Vec<Duration>) -> Self {
+        Self {
+            samples,
+            total: Duration::ZERO,
+        }
+    }
+
+    fn push(&mut self, d: Duration) {
+        self.samples.push(d);
+    }
+
+    fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    fn sorted(mut self) -> Self {
+        self.samples.sort_unstable();
+        self
+    }
+
+    /// Nearest-rank percentile of sorted samples.
+    fn pct(&self, pct: usize) -> Duration {
+        if self.samples.is_empty() {
+            return Duration::ZERO;
+        }
+        let rank = (pct * self.samples.len()).div_ceil(100).max(1);
+        self.samples[rank - 1]
+    }
+
+    fn max(&self) -> Duration {
+        self.samples.last().copied().unwrap_or_default()
+    }
+
+    fn rate(&self) -> f64 {
+        self.samples.len() as f64 / self.total.as_secs_f64()
+    }
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+enum Row {
+    Section(String),
+    Figure {
+        name: String,
+        value: String,
+        target: Option<(&'static str, bool)>,
+    },
+}
+
+/// The closing table: every figure, its target if it has one, met or not.
+#[derive(Default)]
+struct Report {
+    rows: Vec<Row>,
+}
+
+impl Report {
+    fn section(&mut self, title: &str) {
+        self.rows.push(Row::Section(title.to_owned()));
+    }
+
+    fn info(&mut self, name: &str, value: String) {
+        self.rows.push(Row::Figure {
+            name: name.to_owned(),
+            value,
+            target: None,
+        });
+    }
+
+    fn target(&mut self, name: &str, value: String, target: &'static str, met: bool) {
+        self.rows.push(Row::Figure {
+            name: name.to_owned(),
+            value,
+            target: Some((target, met)),
+        });
+    }
+
+    fn print(&self) {
+        println!(
+            "| {:<48} | {:>24} | {:>10} | {:<7} |",
+            "figure", "value", "target", "result"
+        );
+        println!("|{:-<50}|{:->26}|{:->12}|{:-<9}|", "", "", "", "");
+        for row in &self.rows {
+            match row {
+                Row::Section(title) => println!("| **{title}** | | | |"),
+                Row::Figure {
+                    name,
+                    value,
+                    target,
+                } => {
+                    let (target, result) = match target {
+                        Some((t, true)) => (*t, "met"),
+                        Some((t, false)) => (*t, "NOT MET"),
+                        None => ("", ""),
+                    };
+                    println!("| {name:<48} | {value:>24} | {target:>10} | {result:<7} |");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! `/admin/v1/migrations/tenants`: fleet migrations and who is behind.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Extension;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::api::auth::Actor;
+use crate::api::error::{ApiError, ApiResult, Json, Problem};
+use crate::api::AppState;
+use crate::migrate::{FleetOptions, FleetStartError, MAX_CONCURRENCY};
+use crate::registry::Operation;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(start_migration, migration_status))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StartMigration {
+    /// Tenants migrated at once (1..=32); default from the servers' budgets.
+    concurrency: Option<usize>,
+    /// Only this tenant (slug or id).
+    tenant: Option<String>,
+    /// Report who would be migrated; change nothing.
+    #[serde(default)]
+    dry_run: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VersionCount {
+    schema_version: Option<i64>,
+    tenants: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MigrationStatus {
+    latest_version: i64,
+    versions: Vec<VersionCount>,
+    /// Slugs of tenants behind the latest version (first 500).
+    behind: Vec<String>,
+}
+
+/// Migrate every tenant database to the latest schema, as an operation.
+#[utoipa::path(post, path = "/migrations/tenants", tag = "migrations", request_body = StartMigration,
+    responses((status = 202, body = Operation),
+        (status = 409, body = Problem, description = "a fleet migration is running; `operation_id` names it"),
+        (status = 422, body = Problem)))]
+async fn start_migration(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Json(body): Json<StartMigration>,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
+    if body
+        .concurrency
+        .is_some_and(|c| !(1..=MAX_CONCURRENCY).contains(&c))
+    {
+        return Err(ApiError::invalid(format!(
+            "concurrency must be between 1 and {MAX_CONCURRENCY}"
+        )));
+    }
+    let options = FleetOptions {
+        concurrency: body.concurrency,
+        tenant: body.tenant,
+        dry_run: body.dry_run,
+    };
+    let run = state
+        .provisioner
+        .start_fleet_migration(options, actor.0)
+        .await
+        .map_err(|e| match e {
+            FleetStartError::AlreadyRunning(id) => ApiError::Busy(e.to_string(), id),
+            FleetStartError::UnknownTenant(_) => ApiError::invalid(e.to_string()),
+            FleetStartError::Internal(e) => ApiError::Internal(e),
+        })?;
+    let operation = run.operation.clone();
+    let p = state.provisioner.clone();
+    state.provisioner.tasks().spawn(async move {
+        if let Err(e) = run.run(&p, |_, _| {}).await {
+            tracing::error!("failed to run a fleet migration: {e:#}");
+        }
+    });
+    Ok((StatusCode::ACCEPTED, Json(operation)))
+}
+
+/// Tenants per schema version, and who is behind.
+#[utoipa::path(get, path = "/migrations/tenants", tag = "migrations",
+    responses((status = 200, body = MigrationStatus)))]
+async fn migration_status(State(state): State<AppState>) -> ApiResult<Json<MigrationStatus>> {
+    let latest = state.provisioner.latest_version();
+    let versions = state
+        .registry()
+        .schema_versions()
+        .await?
+        .into_iter()
+        .map(|(schema_version, tenants)| VersionCount {
+            schema_version,
+            tenants,
+        })
+        .collect();
+    let behind = state
+        .registry()
+        .tenants_behind(latest, None)
+        .await?
+        .into_iter()
+        .take(500)
+        .map(|t| t.slug)
+        .collect();
+    Ok(Json(MigrationStatus {
+        latest_version: latest,
+        versions,
+        behind,
+    }))
+}
