@@ -267,6 +267,7 @@ impl SiloServer {
             warm_pool_size,
             reconcile_interval: 3600,
             app_domain: None,
+            replicas: 1,
         };
         let (addr_tx, addr_rx) = oneshot::channel();
         let (stop, stop_rx) = oneshot::channel::<()>();

@@ -43,7 +43,7 @@ use silo::provision::{CreateTenant, ProvisionConfig, Provisioner, DEFAULT_PLAN};
 use silo::registry::{Registry, TenantRecord};
 use silo::router::{RouteError, RouterConfig, TenantRouter};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::PgPool;
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -156,19 +156,30 @@ impl Env<'_> {
         )
     }
 
-    /// A sqlx pool on a tenant's database as the tenant's own role.
-    async fn direct_pool(&self, t: &TenantRecord, max: u32) -> Result<PgPool> {
+    /// Connect options for a tenant's database as the tenant's own role,
+    /// with the router's session settings.
+    fn direct_options(&self, t: &TenantRecord) -> Result<PgConnectOptions> {
         let password = self
             .keyring
             .open_string(&t.key_id, &t.password_enc, t.id.as_bytes())
             .context("decrypt the tenant password")?;
-        let opts = PgConnectOptions::new()
+        let statement_timeout = RouterConfig::default()
+            .statement_timeout
+            .as_millis()
+            .to_string();
+        Ok(PgConnectOptions::new()
             .host("127.0.0.1")
             .port(self.pg.port())
             .database(&t.database_name)
             .username(&t.role_name)
             .password(&password)
-            .application_name("bench-direct");
+            .application_name("bench-direct")
+            .options([("statement_timeout", statement_timeout.as_str())]))
+    }
+
+    /// A sqlx pool on a tenant's database as the tenant's own role.
+    async fn direct_pool(&self, t: &TenantRecord, max: u32) -> Result<PgPool> {
+        let opts = self.direct_options(t)?;
         PgPoolOptions::new()
             .max_connections(max)
             .min_connections(0)
@@ -253,8 +264,12 @@ async fn run(
 
     let mut report = Report::default();
     phase_overhead(&env, hot, patient, &mut report).await?;
-    let cold = &tenants[1..tenants.len().min(COLD_TENANTS + 1)];
-    phase_cold_open(&env, cold, &mut report).await?;
+    // Tenants 1..=200 are opened by the router, 201..=400 by a bare connect:
+    // none of them was ever connected to before.
+    let cold_end = tenants.len().min(COLD_TENANTS + 1);
+    let cold = &tenants[1..cold_end];
+    let floor = &tenants[cold_end..tenants.len().min(cold_end + COLD_TENANTS)];
+    phase_cold_open(&env, cold, floor, &mut report).await?;
     phase_many_tenants(&env, &tenants, seconds, &mut report).await?;
     phase_http(&env, hot, patient, &mut report).await?;
 
@@ -330,9 +345,13 @@ async fn routed_query(router: &TenantRouter, slug: &str, id: Uuid) -> Result<()>
 
 async fn direct_query(pool: &PgPool, id: Uuid) -> Result<()> {
     let mut conn = pool.acquire().await?;
+    bare_query(&mut conn, id).await
+}
+
+async fn bare_query(conn: &mut PgConnection, id: Uuid) -> Result<()> {
     let row: Option<(Uuid, String)> = sqlx::query_as(POINT_QUERY)
         .bind(id)
-        .fetch_optional(&mut *conn)
+        .fetch_optional(conn)
         .await?;
     ensure!(row.is_some(), "the patient is missing");
     Ok(())
@@ -347,36 +366,51 @@ async fn phase_overhead(
 ) -> Result<()> {
     let router = env.router();
     let direct = env.direct_pool(t, 1).await?;
+    // Not in the brief's comparison: the floor, one connection and no pool at all.
+    let mut bare = env.direct_options(t)?.connect().await?;
     let slug = t.slug.as_str();
     for _ in 0..OVERHEAD_WARMUP {
         routed_query(&router, slug, patient).await?;
         direct_query(&direct, patient).await?;
+        bare_query(&mut bare, patient).await?;
     }
 
-    // Point query, interleaved blocks; which method goes first alternates.
+    // Point query, interleaved blocks; which method goes first rotates.
     let mut routed = Samples::new(OVERHEAD_ITERATIONS);
     let mut plain = Samples::new(OVERHEAD_ITERATIONS);
+    let mut floor = Samples::new(OVERHEAD_ITERATIONS);
     for block in 0..OVERHEAD_ITERATIONS / OVERHEAD_BLOCK {
-        for router_turn in [block % 2 == 0, block % 2 != 0] {
-            if router_turn {
-                let started = Instant::now();
-                for _ in 0..OVERHEAD_BLOCK {
-                    let s = Instant::now();
-                    routed_query(&router, slug, patient).await?;
-                    routed.push(s.elapsed());
+        for turn in 0..3 {
+            let started = Instant::now();
+            match (block + turn) % 3 {
+                0 => {
+                    for _ in 0..OVERHEAD_BLOCK {
+                        let s = Instant::now();
+                        routed_query(&router, slug, patient).await?;
+                        routed.push(s.elapsed());
+                    }
+                    routed.total += started.elapsed();
                 }
-                routed.total += started.elapsed();
-            } else {
-                let started = Instant::now();
-                for _ in 0..OVERHEAD_BLOCK {
-                    let s = Instant::now();
-                    direct_query(&direct, patient).await?;
-                    plain.push(s.elapsed());
+                1 => {
+                    for _ in 0..OVERHEAD_BLOCK {
+                        let s = Instant::now();
+                        direct_query(&direct, patient).await?;
+                        plain.push(s.elapsed());
+                    }
+                    plain.total += started.elapsed();
                 }
-                plain.total += started.elapsed();
+                _ => {
+                    for _ in 0..OVERHEAD_BLOCK {
+                        let s = Instant::now();
+                        bare_query(&mut bare, patient).await?;
+                        floor.push(s.elapsed());
+                    }
+                    floor.total += started.elapsed();
+                }
             }
         }
     }
+    bare.close().await?;
 
     // Acquire alone (returned at once, untimed), interleaved the same way.
     let mut acq_router = Samples::new(OVERHEAD_ITERATIONS);
@@ -408,15 +442,26 @@ async fn phase_overhead(
     direct.close().await;
     env.wait_closed("usename", &t.role_name).await?;
 
-    let (routed, plain) = (routed.sorted(), plain.sorted());
+    let (routed, plain, floor) = (routed.sorted(), plain.sorted(), floor.sorted());
     let (acq_router, acq_direct) = (acq_router.sorted(), acq_direct.sorted());
     let router_qps = routed.rate();
     let direct_qps = plain.rate();
     let ratio = router_qps / direct_qps;
-    println!(
-        "[overhead] point query: router {router_qps:.0}/s (p50 {:.1} µs, p99 {:.1} µs), direct {direct_qps:.0}/s (p50 {:.1} µs, p99 {:.1} µs)",
-        us(routed.pct(50)), us(routed.pct(99)), us(plain.pct(50)), us(plain.pct(99))
-    );
+    for (name, q) in [
+        ("router", &routed),
+        ("direct PgPool", &plain),
+        ("bare PgConnection", &floor),
+    ] {
+        println!(
+            "[overhead] point query, {name}: {:.0}/s; p50 {:.1} µs, p90 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs, max {:.1} µs",
+            q.rate(),
+            us(q.pct(50)),
+            us(q.pct(90)),
+            us(q.pct(99)),
+            us(q.pct_1000(999)),
+            us(q.max())
+        );
+    }
     println!(
         "[overhead] acquire alone: router p50 {:.1} µs p99 {:.1} µs max {:.1} µs; pool p50 {:.1} µs p99 {:.1} µs max {:.1} µs",
         us(acq_router.pct(50)), us(acq_router.pct(99)), us(acq_router.max()),
@@ -441,6 +486,14 @@ async fn phase_overhead(
     report.info(
         "point query p50 / p99, direct",
         format!("{:.1} / {:.1} µs", us(plain.pct(50)), us(plain.pct(99))),
+    );
+    report.info(
+        "(floor) bare PgConnection: queries/s",
+        format!("{:.0}", floor.rate()),
+    );
+    report.info(
+        "(floor) bare PgConnection p50 / p99",
+        format!("{:.1} / {:.1} µs", us(floor.pct(50)), us(floor.pct(99))),
     );
     report.info(
         "acquire p50, router / pool",
@@ -471,11 +524,13 @@ async fn phase_overhead(
 async fn phase_cold_open(
     env: &Env<'_>,
     tenants: &[TenantRecord],
+    floor_tenants: &[TenantRecord],
     report: &mut Report,
 ) -> Result<()> {
     let router = env.router();
     let mut samples = Samples::new(tenants.len());
-    for t in tenants {
+    let mut floor = Samples::new(floor_tenants.len());
+    for (i, t) in tenants.iter().enumerate() {
         let s = Instant::now();
         let mut conn = router.acquire(&t.slug).await?;
         let _: Option<(Uuid, String)> = sqlx::query_as(POINT_QUERY)
@@ -483,7 +538,19 @@ async fn phase_cold_open(
             .fetch_optional(&mut *conn)
             .await?;
         samples.push(s.elapsed());
-        // Kept idle in its pool, as in service: past the budget, opens reclaim.
+        drop(conn); // kept idle in its pool, as in service: past the budget, opens reclaim
+                    // The floor: a bare connect and the same first query on another never-opened tenant.
+        if let Some(f) = floor_tenants.get(i) {
+            let opts = env.direct_options(f)?;
+            let s = Instant::now();
+            let mut conn = opts.connect().await?;
+            let _: Option<(Uuid, String)> = sqlx::query_as(POINT_QUERY)
+                .bind(Uuid::new_v4())
+                .fetch_optional(&mut conn)
+                .await?;
+            floor.push(s.elapsed());
+            conn.close().await?;
+        }
     }
     let stats = router.stats();
     ensure!(
@@ -535,6 +602,24 @@ async fn phase_cold_open(
         ms(s.pct(99)) <= 100.0,
     );
     report.info("cold open max", format!("{:.2} ms", ms(s.max())));
+    let floor = floor.sorted();
+    if floor.len() > 0 {
+        println!(
+            "[cold open] floor, bare connect + first query on {} other tenants: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            floor.len(),
+            ms(floor.pct(50)),
+            ms(floor.pct(90)),
+            ms(floor.pct(99)),
+            ms(floor.max())
+        );
+        report.info(
+            &format!(
+                "(floor) bare connect + first query p50 / p99, n={}",
+                floor.len()
+            ),
+            format!("{:.2} / {:.2} ms", ms(floor.pct(50)), ms(floor.pct(99))),
+        );
+    }
     Ok(())
 }
 
@@ -638,6 +723,7 @@ async fn phase_many_tenants(
         })
     };
 
+    let sessions_before = tenant_sessions(env).await?;
     let started = Instant::now();
     let deadline = started + seconds;
     let workers: Vec<JoinHandle<Vec<Duration>>> = (0..CLIENT_TASKS)
@@ -695,6 +781,9 @@ async fn phase_many_tenants(
     tracker.wait().await;
     drop(router);
     env.wait_closed("application_name", "silo-router").await?;
+    // Backends report their session on exit; give the last ones a moment.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let opened = tenant_sessions(env).await? - sessions_before;
 
     let ok = counts.ok.load(Ordering::Relaxed);
     let busy = counts.busy.load(Ordering::Relaxed);
@@ -721,6 +810,10 @@ async fn phase_many_tenants(
             .map(|b| format!("{:.0}", mib(*b)))
             .collect::<Vec<_>>()
             .join(" ")
+    );
+    println!(
+        "[many tenants] tenant connections opened during the phase (pg_stat_database.sessions): {opened}, i.e. {:.2} per ok request",
+        opened as f64 / ok.max(1) as f64
     );
     for e in errors.lock().expect("errors lock").iter() {
         println!("[many tenants] error: {e}");
@@ -750,6 +843,13 @@ async fn phase_many_tenants(
         stats.pools_built.to_string(),
     );
     report.info(
+        "tenant connections opened (sessions)",
+        format!(
+            "{opened} ({:.2} per ok request)",
+            opened as f64 / ok.max(1) as f64
+        ),
+    );
+    report.info(
         "RSS first / max / last",
         format!(
             "{:.1} / {:.1} / {:.1} MiB",
@@ -759,6 +859,15 @@ async fn phase_many_tenants(
         ),
     );
     Ok(())
+}
+
+/// Sessions ever opened to tenant databases (PostgreSQL 14+).
+async fn tenant_sessions(env: &Env<'_>) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT COALESCE(sum(sessions), 0)::bigint FROM pg_stat_database WHERE datname LIKE 'silo\\_t\\_%'",
+    )
+    .fetch_one(&env.admin)
+    .await?)
 }
 
 fn page_size() -> u64 {
@@ -827,6 +936,7 @@ async fn start_silo(env: &Env<'_>) -> Result<Running> {
         listen: "127.0.0.1:0".parse()?,
         warm_pool_size: 0,
         reconcile_interval: 3600,
+        replicas: 1,
         app_domain: None,
     };
     let provisioner = env.provisioner();
@@ -1101,6 +1211,15 @@ impl Samples {
             return Duration::ZERO;
         }
         let rank = (pct * self.samples.len()).div_ceil(100).max(1);
+        self.samples[rank - 1]
+    }
+
+    /// Nearest-rank per-mille percentile of sorted samples.
+    fn pct_1000(&self, permille: usize) -> Duration {
+        if self.samples.is_empty() {
+            return Duration::ZERO;
+        }
+        let rank = (permille * self.samples.len()).div_ceil(1000).max(1);
         self.samples[rank - 1]
     }
 

@@ -136,7 +136,10 @@ pub async fn run_server(
     let router = TenantRouter::new(
         provisioner.registry().clone(),
         provisioner.keyring().clone(),
-        RouterConfig::default(),
+        RouterConfig {
+            replicas: args.replicas,
+            ..RouterConfig::default()
+        },
     );
     router.spawn_maintenance(&token, &tracker);
     let state = AppState {
@@ -230,6 +233,16 @@ async fn dev_with(args: &DevArgs, dir: &Path, pg: &EmbeddedPostgres) -> Result<(
             provisioner.create(&req, None, "silo-dev").await?;
         }
     }
+    let demo = provisioner
+        .registry()
+        .find_tenant(DEMO_CLINICS[0].0)
+        .await?
+        .context("find the demo clinic")?;
+    let (demo_token, _) = crate::tokens::mint(
+        provisioner.keyring(),
+        demo.id,
+        crate::tokens::MAX_TTL_SECONDS,
+    );
     let banner = |addr: std::net::SocketAddr| {
         println!("silo dev is running (Ctrl-C stops it)");
         println!("  admin API:    http://{addr}/admin/v1/tenants");
@@ -245,6 +258,10 @@ async fn dev_with(args: &DevArgs, dir: &Path, pg: &EmbeddedPostgres) -> Result<(
         println!(
             "  demo clinics: {}",
             DEMO_CLINICS.map(|(s, _)| s).join(", ")
+        );
+        println!(
+            "  app API:      curl -H 'X-Tenant-ID: {}' -H 'Authorization: Bearer {demo_token}' http://{addr}/api/v1/patients",
+            DEMO_CLINICS[0].0
         );
     };
     run_server(

@@ -122,6 +122,12 @@ pub struct ServerArgs {
     #[arg(long, env = "SILO_RECONCILE_INTERVAL", default_value_t = DEFAULT_RECONCILE_INTERVAL_SECS)]
     pub reconcile_interval: u64,
 
+    /// How many silo replicas share the tenant servers. Each process takes
+    /// `max_connections / replicas` of every server's connection budget, so
+    /// the replicas together never exceed it.
+    #[arg(long, env = "SILO_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub replicas: u32,
+
     /// App API: a tenant may be named by the first host label under this domain
     /// (`acme.clinics.example.com` → `acme`), as well as by `X-Tenant-ID`.
     #[arg(long, env = "SILO_APP_DOMAIN")]

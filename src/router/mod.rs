@@ -8,6 +8,15 @@
 //!   use come back.
 //! - Every connection holds a permit of its server's [`ServerBudget`], so open
 //!   connections to a server never exceed its budget (see [`pool`]).
+//!
+//! The budget arithmetic, per tenant server: a server registered with
+//! `max_connections = B` (default 100) gives each of `R` replicas `B / R`
+//! tenant connections. Each replica also keeps up to 4 admin connections
+//! (`provision::servers::ADMIN_POOL_MAX`) to the server for DDL. So set `B`
+//! at most `server max_connections − superuser_reserved_connections − 4·R −
+//! headroom for other clients`; e.g. PostgreSQL's 100 with 3 reserved and
+//! 2 replicas leaves B ≤ 85. A tenant's own pool is capped by its plan (5, 20
+//! or 50, also the role's CONNECTION LIMIT) and by the replica's share.
 //! - A tenant whose database refuses connections is put in a short back-off and
 //!   answered 503 alone; other tenants are unaffected.
 //! - Changes to a tenant row are announced by a trigger on `silo_tenants`
@@ -58,6 +67,8 @@ pub struct RouterConfig {
     pub negative_ttl: Duration,
     /// A tenant whose database refused connections is answered 503 this long.
     pub down_backoff: Duration,
+    /// Replicas sharing each server's budget (`SILO_REPLICAS`).
+    pub replicas: u32,
 }
 
 impl Default for RouterConfig {
@@ -71,6 +82,7 @@ impl Default for RouterConfig {
             lookup_ttl: Duration::from_secs(300),
             negative_ttl: Duration::from_secs(2),
             down_backoff: Duration::from_secs(2),
+            replicas: 1,
         }
     }
 }
@@ -414,7 +426,8 @@ impl TenantRouter {
             .open_string(&s.key_id, &s.admin_url_enc, s.id.as_bytes())
             .context("decrypt server admin URL")?;
         let base = crate::provision::servers::admin_options(&url)?;
-        let budget = ServerBudget::new(server, s.max_connections.max(1) as usize);
+        let share = (s.max_connections as u32 / self.inner.config.replicas.max(1)).max(1);
+        let budget = ServerBudget::new(server, share as usize);
         let mut budgets = self.inner.budgets.lock().expect("budgets lock");
         Ok(budgets.entry(server).or_insert((budget, base)).clone())
     }
