@@ -82,16 +82,7 @@ async fn secrets_are_stored_encrypted_and_never_returned() {
     .fetch_all(env.registry().pool())
     .await
     .unwrap();
-    let pg_password = env
-        .pg
-        .url("x")
-        .split(':')
-        .nth(2)
-        .unwrap()
-        .split('@')
-        .next()
-        .unwrap()
-        .to_owned();
+    let pg_password = env.superuser_password();
     for row in &dump {
         assert!(
             !row.contains(&password),

@@ -4,12 +4,9 @@
 
 mod common;
 
-use axum::body::Body;
-use axum::http::{Method, Request, StatusCode};
-use common::TestEnv;
-use http_body_util::BodyExt;
+use axum::http::{Method, StatusCode};
+use common::{Answer, TestEnv};
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
 const TABLES: [&str; 4] = ["clinics", "staff", "patients", "appointments"];
 
@@ -21,13 +18,6 @@ struct Tenant {
     slug: String,
     id: String,
     token: String,
-}
-
-/// The answer to one request.
-struct Answer {
-    status: StatusCode,
-    content_type: String,
-    body: Value,
 }
 
 /// Create a tenant through the admin API and mint it a token.
@@ -48,8 +38,6 @@ async fn tenant(env: &TestEnv, slug: &str) -> Tenant {
     }
 }
 
-/// One request through the whole app, with a raw body (sent as JSON) and the
-/// answer's content type, so malformed JSON and problem+json can be checked.
 async fn send(
     env: &TestEnv,
     method: Method,
@@ -57,33 +45,7 @@ async fn send(
     body: Option<&str>,
     headers: &[(&str, &str)],
 ) -> Answer {
-    let mut req = Request::builder().method(method).uri(path);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let req = match body {
-        Some(b) => req
-            .header("content-type", "application/json")
-            .body(Body::from(b.to_owned())),
-        None => req.body(Body::empty()),
-    }
-    .unwrap();
-    let res = env.app().oneshot(req).await.unwrap();
-    let status = res.status();
-    let content_type = res
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    let bytes = res.into_body().collect().await.unwrap().to_bytes();
-    let body = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
-    Answer {
-        status,
-        content_type,
-        body,
-    }
+    env.send(method, path, body, headers).await
 }
 
 impl Tenant {

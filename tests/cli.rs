@@ -130,7 +130,10 @@ async fn tenant_commands_work_from_a_shell() {
     assert!(out.contains("\"active\""));
     let (code, out, err) = run(&["migrate", "tenants", "--concurrency", "2"]);
     assert_eq!(code, Some(0), "{err}");
-    assert!(out.contains("0 migrated, 0 failed"), "everyone is at the latest version: {out}");
+    assert!(
+        out.contains("0 migrated, 0 failed"),
+        "everyone is at the latest version: {out}"
+    );
     let (code, out, err) = run(&["migrate", "tenants", "--status"]);
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("version 1: 1 tenant(s)"), "{out}");

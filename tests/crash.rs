@@ -191,16 +191,7 @@ async fn a_delete_killed_midway_is_finished_after_restart() {
 /// No tenant password, admin token, master key or server password in any log line.
 async fn assert_no_secrets_in_logs(env: &TestEnv, logs: &tempfile::TempDir) {
     let mut secrets = vec![ADMIN_TOKEN.to_owned(), env.master_key.clone()];
-    let pg_password = env
-        .pg
-        .url("x")
-        .split(':')
-        .nth(2)
-        .unwrap()
-        .split('@')
-        .next()
-        .unwrap()
-        .to_owned();
+    let pg_password = env.superuser_password();
     secrets.push(pg_password);
     for t in env.registry().list_tenants(None, None, 500).await.unwrap() {
         secrets.push(env.password(&t));

@@ -26,6 +26,13 @@ use tower::ServiceExt;
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 pub const APP_DOMAIN: &str = "clinics.test";
 
+/// A response: status, content type, and the body as JSON (or a JSON string).
+pub struct Answer {
+    pub status: StatusCode,
+    pub content_type: String,
+    pub body: Value,
+}
+
 pub struct TestEnv {
     pub pg: EmbeddedPostgres,
     pub master_key: String,
@@ -147,6 +154,21 @@ impl TestEnv {
         body: Option<Value>,
         headers: &[(&str, &str)],
     ) -> (StatusCode, Value) {
+        let body = body.map(|b| b.to_string());
+        let answer = self.send(method, path, body.as_deref(), headers).await;
+        (answer.status, answer.body)
+    }
+
+    /// One request through the whole app with a raw body (sent as JSON),
+    /// answering with the content type too, so malformed JSON and
+    /// problem+json can be checked.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Answer {
         let mut req = Request::builder().method(method).uri(path);
         for (k, v) in headers {
             req = req.header(*k, *v);
@@ -154,16 +176,33 @@ impl TestEnv {
         let req = match body {
             Some(b) => req
                 .header("content-type", "application/json")
-                .body(Body::from(b.to_string())),
+                .body(Body::from(b.to_owned())),
             None => req.body(Body::empty()),
         }
         .unwrap();
         let res = self.app().oneshot(req).await.unwrap();
         let status = res.status();
+        let content_type = res
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
         let bytes = res.into_body().collect().await.unwrap().to_bytes();
-        let value = serde_json::from_slice(&bytes)
+        let body = serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
-        (status, value)
+        Answer {
+            status,
+            content_type,
+            body,
+        }
+    }
+
+    /// The embedded cluster's superuser password (to check it never leaks).
+    pub fn superuser_password(&self) -> String {
+        let url = self.pg.url("x");
+        let after_user = url.split_once("://").unwrap().1.split_once(':').unwrap().1;
+        after_user.split_once('@').unwrap().0.to_owned()
     }
 
     pub async fn create(&self, slug: &str) -> Value {
