@@ -370,6 +370,9 @@ async fn migrate(cmd: MigrateCommand) -> Result<(), CliError> {
                 .await?;
             progress.finish();
             if dry_run {
+                for slug in &report.pending {
+                    println!("  would migrate: {slug}");
+                }
                 println!("{} tenant(s) would be migrated", report.would_migrate);
                 return Ok(());
             }

@@ -117,6 +117,7 @@ impl EmbeddedPostgres {
             opts.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
         }
         let log = root.join("postgres.log");
+        stop_leftover(&bindir, &data, run_as);
         let status = pg_command(&bindir, "pg_ctl", run_as)
             .arg("start")
             .arg("-w")
@@ -255,6 +256,30 @@ fn init_cluster(
         );
     }
     Ok(())
+}
+
+/// A server still running in `data` (left by a killed `silo dev`) is stopped,
+/// so this start gets a known port and password.
+fn stop_leftover(bindir: &Path, data: &Path, run_as: Option<(u32, u32)>) {
+    if !data.join("postmaster.pid").exists() {
+        return;
+    }
+    let running = pg_command(bindir, "pg_ctl", run_as)
+        .arg("status")
+        .arg("-D")
+        .arg(data)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if running {
+        let _ = pg_command(bindir, "pg_ctl", run_as)
+            .args(["stop", "-w", "-m", "fast", "-D"])
+            .arg(data)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
 }
 
 fn pg_command(bindir: &Path, program: &str, run_as: Option<(u32, u32)>) -> Command {

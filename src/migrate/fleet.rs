@@ -79,6 +79,9 @@ pub struct FleetReport {
     pub target_version: i64,
     pub migrated: usize,
     pub would_migrate: usize,
+    /// Dry run: the slugs that would be migrated.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<String>,
     pub failed: Vec<TenantResult>,
     pub seconds: f64,
 }
@@ -350,7 +353,10 @@ impl FleetRun {
                 progress.done += 1;
                 match &result.outcome {
                     TenantOutcome::Migrated { .. } => report.migrated += 1,
-                    TenantOutcome::WouldMigrate { .. } => report.would_migrate += 1,
+                    TenantOutcome::WouldMigrate { .. } => {
+                        report.would_migrate += 1;
+                        report.pending.push(result.slug.clone());
+                    }
                     TenantOutcome::Failed { .. } => {
                         progress.failed += 1;
                         report.failed.push(result.clone());

@@ -358,6 +358,10 @@ impl TenantRouter {
                     // Evicted or invalidated between lookup and acquire: build anew.
                     self.inner.pools.invalidate(&entry.id).await;
                 }
+                Err(AcquireError::Connect(e)) if is_role_limit(&e) => {
+                    // The role's connection limit is reached (other replicas): busy, not down.
+                    return Err(RouteError::Busy);
+                }
                 Err(AcquireError::Connect(e))
                     if is_auth_failure(&e) && Instant::now() < deadline =>
                 {
@@ -387,7 +391,9 @@ impl TenantRouter {
                 .password(entry.password.expose())
                 .application_name("silo-router")
                 .options([("statement_timeout", statement_timeout.as_str())]);
-            let cap = connection_limit(&entry.plan) as usize;
+            // The role's CONNECTION LIMIT counts across replicas: each takes its share.
+            let replicas = self.inner.config.replicas.max(1) as usize;
+            let cap = (connection_limit(&entry.plan) as usize / replicas).max(1);
             self.inner.built.fetch_add(1, Ordering::Relaxed);
             Ok::<_, RouteError>(TenantPool::new(entry.id, opts, cap.min(budget.max), budget))
         };
@@ -584,6 +590,13 @@ fn check_status(entry: &TenantEntry) -> Result<(), RouteError> {
         TenantStatus::Deleted => Err(RouteError::NotFound),
         other => Err(RouteError::NotReady(other.as_str())),
     }
+}
+
+/// "too many connections for role": the tenant is busy, its database is fine.
+fn is_role_limit(e: &sqlx::Error) -> bool {
+    crate::provision::sql_state(e).as_deref() == Some("53300")
+        && e.as_database_error()
+            .is_some_and(|d| d.message().contains("for role"))
 }
 
 fn is_auth_failure(e: &sqlx::Error) -> bool {
