@@ -22,6 +22,10 @@ use sqlx::{ConnectOptions, Connection, PgConnection};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
+/// How long a tenant with connections in use waits for one of them to come
+/// back before taking another tenant's idle connection.
+const OWN_RETURN_GRACE: Duration = Duration::from_millis(25);
+
 /// Connections silo may hold open to one server, shared by all its tenant pools.
 #[derive(Debug)]
 pub struct ServerBudget {
@@ -167,10 +171,10 @@ impl TenantPool {
         if self.closed.load(Ordering::Acquire) {
             return Err(AcquireError::Closed);
         }
-        if let Some(idle) = self.pop_idle() {
-            return Ok(self.wrap(idle.conn, idle.permit, slot));
-        }
-        let permit = self.budget_permit(deadline).await?;
+        let permit = match self.idle_or_permit(deadline).await? {
+            Ok(idle) => return Ok(self.wrap(idle.conn, idle.permit, slot)),
+            Err(permit) => permit,
+        };
         // A connection attempt gets a full `timeout` of its own: waiting for a
         // permit must not turn a healthy but slow connect into "database down".
         let conn = tokio::time::timeout(timeout, self.opts.connect())
@@ -181,27 +185,41 @@ impl TenantPool {
         Ok(self.wrap(conn, permit, slot))
     }
 
-    /// A budget permit: free, or freed by closing another tenant's idle
-    /// connection, or — when every connection is in use — the first to come
-    /// back idle or closed before `deadline`.
-    async fn budget_permit(&self, deadline: Instant) -> Result<OwnedSemaphorePermit, AcquireError> {
+    /// An idle connection of this tenant (`Ok`), or a budget permit to open a
+    /// new one (`Err`). When the budget is full: a tenant with connections
+    /// in use waits a moment for one of its own to come back before taking
+    /// another tenant's idle connection, so busy tenants keep their warm
+    /// connections instead of trading them back and forth; a tenant with none
+    /// takes the longest-idle connection of another tenant at once.
+    async fn idle_or_permit(
+        &self,
+        deadline: Instant,
+    ) -> Result<Result<Idle, OwnedSemaphorePermit>, AcquireError> {
         let budget = &self.budget;
+        let patience = Instant::now() + OWN_RETURN_GRACE;
         loop {
             // Register for wake-ups before checking, so none is lost in between.
             let changed = budget.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if let Ok(p) = budget.permits.clone().try_acquire_owned() {
-                return Ok(p);
+            if let Some(idle) = self.pop_idle() {
+                return Ok(Ok(idle));
             }
-            if budget.reclaim_one(self.tenant) {
+            if let Ok(p) = budget.permits.clone().try_acquire_owned() {
+                return Ok(Err(p));
+            }
+            let own_coming_back = self.open() > 0 && Instant::now() < patience;
+            if !own_coming_back && budget.reclaim_one(self.tenant) {
                 metrics::counter!("silo_router_reclaimed_total").increment(1);
                 continue;
             }
-            if tokio::time::timeout_at(deadline.into(), changed)
-                .await
-                .is_err()
-            {
+            let until = if own_coming_back {
+                patience.min(deadline)
+            } else {
+                deadline
+            };
+            let woken = tokio::time::timeout_at(until.into(), changed).await.is_ok();
+            if !woken && Instant::now() >= deadline {
                 metrics::counter!("silo_router_budget_rejections_total").increment(1);
                 return Err(AcquireError::BudgetExhausted);
             }
