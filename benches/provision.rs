@@ -195,8 +195,34 @@ async fn phase_warm_pool(env: &Env<'_>, n: usize, metrics: &PrometheusHandle) ->
     println!(
         "[warm pool] {n} creates; database source: {used}; the background job kept re-cloning spares meanwhile"
     );
+    print_step_breakdown(metrics);
     drain_spares(env).await?;
     Ok(Summary::of("warm pool (HTTP)", samples))
+}
+
+/// Where a warm create spends its time: silo's own per-step histogram
+/// (`silo_provision_step_seconds`, median and p99 as Prometheus renders them).
+fn print_step_breakdown(metrics: &PrometheusHandle) {
+    println!("[warm pool] time per provisioning step (ms), from silo_provision_step_seconds:");
+    let text = metrics.render();
+    for step in [
+        "registered",
+        "database",
+        "role",
+        "migrate",
+        "verify",
+        "active",
+    ] {
+        let q = |quantile: &str| {
+            let key =
+                format!("silo_provision_step_seconds{{step=\"{step}\",quantile=\"{quantile}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(key.as_str()))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .map_or("-".to_owned(), |v| format!("{:.2}", v * 1000.0))
+        };
+        println!("    {step:<10} p50 {:>8}  p99 {:>8}", q("0.5"), q("0.99"));
+    }
 }
 
 /// Phase 2: template-clone creates through the admin API, interleaved with

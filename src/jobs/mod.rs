@@ -52,8 +52,17 @@ pub fn spawn(
     let (p, t) = (provisioner.clone(), token.clone());
     tracker.spawn(async move {
         loop {
-            if let Err(e) = p.refill_all().await {
-                tracing::warn!("failed to refill the warm pool: {e:#}");
+            // Small batches, checking for shutdown and for creates in between.
+            loop {
+                match p.refill(crate::provision::REFILL_BATCH).await {
+                    Ok(0) => break,
+                    Ok(_) if t.is_cancelled() => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!("failed to refill the warm pool: {e:#}");
+                        break;
+                    }
+                }
             }
             tokio::select! {
                 _ = t.cancelled() => break,

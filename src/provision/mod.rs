@@ -62,6 +62,10 @@ pub const PLANS: [(&str, i32); 3] = [("free", 5), ("standard", 20), ("premium", 
 /// Plan given when a create request names none.
 pub const DEFAULT_PLAN: &str = "standard";
 
+/// Spares cloned per server in one step of the background refill: small, so
+/// shutdown and the sweep never wait long behind a refill.
+pub const REFILL_BATCH: usize = 2;
+
 /// Name of the template database on every tenant server.
 pub const TEMPLATE_DB: &str = "silo_template";
 /// Prefixes of everything silo creates on a tenant server.
@@ -313,6 +317,7 @@ impl Provisioner {
             }
             return Err(e.into());
         }
+        step_timer(started, "registered");
         failpoint::hit("registered");
         let tenant = self.finish(id).await?;
         metrics::histogram!("silo_provision_seconds").record(started.elapsed().as_secs_f64());
@@ -389,14 +394,17 @@ impl Provisioner {
                 .open_string(&t.key_id, &t.password_enc, t.id.as_bytes())?;
 
         if done < 1 {
+            let step_started = Instant::now();
             version = self
                 .create_database(&admin, &server, &t.database_name)
                 .await
                 .context("create tenant database")?;
             reg.set_provision_step(t.id, "database", version).await?;
+            step_timer(step_started, "database");
             failpoint::hit("database");
         }
         if done < 2 {
+            let step_started = Instant::now();
             // Role, PUBLIC revoked, CONNECT granted: one transaction on the server.
             create_role(
                 &admin,
@@ -408,9 +416,11 @@ impl Provisioner {
             .await
             .context("create the tenant role and grant it its database")?;
             reg.set_provision_step(t.id, "role", None).await?;
+            step_timer(step_started, "role");
             failpoint::hit("role");
         }
         if done < 3 {
+            let step_started = Instant::now();
             let latest = self.latest_version();
             if version != Some(latest) {
                 let db = admin
@@ -423,15 +433,19 @@ impl Provisioner {
                 version = Some(migrated?);
             }
             reg.set_provision_step(t.id, "migrate", version).await?;
+            step_timer(step_started, "migrate");
             failpoint::hit("migrate");
         }
         if done < 4 {
+            let step_started = Instant::now();
             verify_login(&admin, &t.database_name, &t.role_name, &password)
                 .await
                 .context("verify the tenant role can log in and read its tables")?;
             reg.set_provision_step(t.id, "verify", None).await?;
+            step_timer(step_started, "verify");
             failpoint::hit("verify");
         }
+        let step_started = Instant::now();
         let active = reg
             .transition(
                 t.id,
@@ -441,6 +455,7 @@ impl Provisioner {
             )
             .await?
             .context("mark tenant active: it changed state while provisioning")?;
+        step_timer(step_started, "active");
         failpoint::hit("active");
         Ok(active)
     }
@@ -500,6 +515,12 @@ impl Provisioner {
         metrics::counter!("silo_provision_source_total", "source" => "empty").increment(1);
         Ok(None)
     }
+}
+
+/// Record how long a provisioning step took (`silo_provision_step_seconds`).
+fn step_timer(started: Instant, step: &'static str) {
+    metrics::histogram!("silo_provision_step_seconds", "step" => step)
+        .record(started.elapsed().as_secs_f64());
 }
 
 /// Database and role names of a tenant, derived from its id.

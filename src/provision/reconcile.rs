@@ -15,7 +15,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 use super::lifecycle::set_role_login;
-use super::{Provisioner, ServerAdmin, SPARE_DB_PREFIX, TENANT_DB_PREFIX};
+use super::{Provisioner, ServerAdmin, REFILL_BATCH, SPARE_DB_PREFIX, TENANT_DB_PREFIX};
 use crate::registry::{DbServer, TenantStatus};
 
 /// What one reconcile pass did.
@@ -160,7 +160,7 @@ impl Provisioner {
             }
         }
         let server = reg.server(server.id).await?.context("re-read server")?;
-        self.refill_warm_pool(&server, &admin).await?;
+        self.refill_warm_pool(&server, &admin, REFILL_BATCH).await?;
         Ok(())
     }
 }

@@ -64,12 +64,13 @@ impl Provisioner {
         Ok(())
     }
 
-    /// Clone spares until the server has `warm_pool_size` at the latest version.
+    /// Clone up to `batch` spares towards `warm_pool_size` at the latest version.
     /// Caller holds the server's maintenance lock. Returns how many it made.
     pub(crate) async fn refill_warm_pool(
         &self,
         server: &DbServer,
         admin: &ServerAdmin,
+        batch: usize,
     ) -> anyhow::Result<u32> {
         let latest = self.latest_version();
         let want = self.config().warm_pool_size as usize;
@@ -84,7 +85,7 @@ impl Provisioner {
             .filter(|s| s.schema_version == latest)
             .count();
         let mut made = 0;
-        for _ in have..want {
+        for _ in (have..want).take(batch) {
             let name = format!("{SPARE_DB_PREFIX}{}", Uuid::new_v4().simple());
             admin
                 .exec(&format!(
@@ -115,6 +116,12 @@ impl Provisioner {
     /// Fill every server's warm pool now (template first). Skips a server whose
     /// maintenance lock another task or replica holds.
     pub async fn refill_all(&self) -> anyhow::Result<u32> {
+        self.refill(usize::MAX).await
+    }
+
+    /// As [`Self::refill_all`], but at most `batch` clones per server, so a
+    /// caller can stop between batches (shutdown) or yield to creates.
+    pub async fn refill(&self, batch: usize) -> anyhow::Result<u32> {
         let mut made = 0;
         for server in self.registry().servers().await? {
             let Some(lock) = self.registry().try_lock_server(server.id).await? else {
@@ -128,7 +135,7 @@ impl Provisioner {
                     .server(server.id)
                     .await?
                     .context("re-read server")?;
-                self.refill_warm_pool(&server, &admin).await
+                self.refill_warm_pool(&server, &admin, batch).await
             }
             .await;
             lock.release().await;
