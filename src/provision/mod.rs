@@ -43,7 +43,7 @@ use crate::crypto::{random_password, Keyring};
 use crate::failpoint;
 use crate::migrate::TENANT_GROUP_ROLE;
 use crate::registry::{
-    is_unique_violation, DbServer, NewTenant, Registry, TenantRecord, TenantStatus,
+    is_unique_violation, DbServer, NewTenant, Registry, Spare, TenantRecord, TenantStatus,
 };
 
 /// The provisioning steps in order; each is also a failpoint name
@@ -72,6 +72,7 @@ pub const TEMPLATE_DB: &str = "silo_template";
 pub const TENANT_DB_PREFIX: &str = "silo_t_";
 pub const TENANT_ROLE_PREFIX: &str = "silo_r_";
 pub const SPARE_DB_PREFIX: &str = "silo_spare_";
+pub const SPARE_ROLE_PREFIX: &str = "silo_rs_";
 
 /// A request to create a tenant, already validated by the caller.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -388,33 +389,50 @@ impl Provisioner {
             .and_then(|s| STEPS.iter().position(|x| *x == s))
             .unwrap_or(0);
         let mut version = t.schema_version;
-        let password =
+        let mut password =
             self.inner
                 .keyring
                 .open_string(&t.key_id, &t.password_enc, t.id.as_bytes())?;
+        // A warm-pool spare arrives with its role created, granted and verified.
+        let mut prepared = false;
 
         if done < 1 {
             let step_started = Instant::now();
-            version = self
-                .create_database(&admin, &server, &t.database_name)
+            let created = self
+                .create_database(&admin, &server, t)
                 .await
                 .context("create tenant database")?;
+            version = created.version;
+            if let Some(spare_password) = created.spare_password {
+                // The tenant takes the spare role's password. Lazily recorded:
+                // if lost, a resumed `role` step sets the registry's one again.
+                let sealed = self
+                    .inner
+                    .keyring
+                    .seal(spare_password.as_bytes(), t.id.as_bytes());
+                reg.set_password_lazily(t.id, &sealed, self.inner.keyring.key_id())
+                    .await?;
+                password = spare_password;
+                prepared = true;
+            }
             reg.set_provision_step(t.id, "database", version).await?;
             step_timer(step_started, "database");
             failpoint::hit("database");
         }
         if done < 2 {
             let step_started = Instant::now();
-            // Role, PUBLIC revoked, CONNECT granted: one transaction on the server.
-            create_role(
-                &admin,
-                &t.role_name,
-                &t.database_name,
-                &password,
-                connection_limit(&t.plan),
-            )
-            .await
-            .context("create the tenant role and grant it its database")?;
+            if !prepared {
+                // Role, PUBLIC revoked, CONNECT granted: one transaction on the server.
+                create_role(
+                    &admin,
+                    &t.role_name,
+                    &t.database_name,
+                    &password,
+                    connection_limit(&t.plan),
+                )
+                .await
+                .context("create the tenant role and grant it its database")?;
+            }
             reg.set_provision_step(t.id, "role", None).await?;
             step_timer(step_started, "role");
             failpoint::hit("role");
@@ -438,9 +456,11 @@ impl Provisioner {
         }
         if done < 4 {
             let step_started = Instant::now();
-            verify_login(&admin, &t.database_name, &t.role_name, &password)
-                .await
-                .context("verify the tenant role can log in and read its tables")?;
+            if !prepared {
+                verify_login(&admin, &t.database_name, &t.role_name, &password)
+                    .await
+                    .context("verify the tenant role can log in and read its tables")?;
+            }
             reg.set_provision_step(t.id, "verify", None).await?;
             step_timer(step_started, "verify");
             failpoint::hit("verify");
@@ -460,33 +480,42 @@ impl Provisioner {
         Ok(active)
     }
 
-    /// Create the tenant database: a spare if one is ready, else a template
-    /// clone, else an empty database. Returns the schema version it starts at.
+    /// Create the tenant database: a spare if one is ready (renamed into
+    /// place together with its role), else a template clone, else an empty
+    /// database.
     async fn create_database(
         &self,
         admin: &ServerAdmin,
         server: &DbServer,
-        database: &str,
-    ) -> anyhow::Result<Option<i64>> {
+        t: &TenantRecord,
+    ) -> anyhow::Result<CreatedDatabase> {
+        let database = t.database_name.as_str();
+        let made = |version, source: &'static str| {
+            metrics::counter!("silo_provision_source_total", "source" => source).increment(1);
+            CreatedDatabase {
+                version,
+                spare_password: None,
+            }
+        };
         if database_exists(admin, database).await? {
-            return Ok(None);
+            return Ok(CreatedDatabase {
+                version: None,
+                spare_password: None,
+            });
         }
         let latest = self.latest_version();
         while let Some(spare) = self.inner.registry.claim_spare(server.id, latest).await? {
             self.inner.spare_taken.notify_one();
-            match admin
-                .exec(&format!(
-                    "ALTER DATABASE \"{spare}\" RENAME TO \"{database}\""
-                ))
-                .await
-            {
-                Ok(()) => {
-                    metrics::counter!("silo_provision_source_total", "source" => "warm_pool")
-                        .increment(1);
-                    return Ok(Some(latest));
+            match self.take_spare(admin, &spare, t).await {
+                Ok(password) => {
+                    let mut created = made(Some(latest), "warm_pool");
+                    created.spare_password = Some(password);
+                    return Ok(created);
                 }
                 // Gone or busy: the sweep owns it now; try the next spare.
-                Err(e) => tracing::warn!(spare, "failed to take spare database: {e}"),
+                Err(e) => {
+                    tracing::warn!(spare = spare.database_name, "failed to take a spare: {e:#}")
+                }
             }
         }
         if server.template_version == Some(latest) {
@@ -496,12 +525,10 @@ impl Provisioner {
                 ))
                 .await
             {
-                Ok(()) => {
-                    metrics::counter!("silo_provision_source_total", "source" => "template")
-                        .increment(1);
-                    return Ok(Some(latest));
+                Ok(()) => return Ok(made(Some(latest), "template")),
+                Err(e) if sql_state(&e).as_deref() == Some("42P04") => {
+                    return Ok(made(None, "template"))
                 }
-                Err(e) if sql_state(&e).as_deref() == Some("42P04") => return Ok(None),
                 Err(e) => tracing::warn!(
                     "failed to clone the template database, creating an empty one: {e}"
                 ),
@@ -512,9 +539,47 @@ impl Provisioner {
             Err(e) if sql_state(&e).as_deref() == Some("42P04") => {}
             Err(e) => return Err(e.into()),
         }
-        metrics::counter!("silo_provision_source_total", "source" => "empty").increment(1);
-        Ok(None)
+        Ok(made(None, "empty"))
     }
+
+    /// Rename a claimed spare's database and role to the tenant's, in one
+    /// transaction on the server; returns the role's password.
+    async fn take_spare(
+        &self,
+        admin: &ServerAdmin,
+        spare: &Spare,
+        t: &TenantRecord,
+    ) -> anyhow::Result<String> {
+        let (Some(role), Some(sealed), Some(key_id)) =
+            (&spare.role_name, &spare.password_enc, &spare.key_id)
+        else {
+            anyhow::bail!("the spare has no role");
+        };
+        let password =
+            self.inner
+                .keyring
+                .open_string(key_id, sealed, spare.database_name.as_bytes())?;
+        admin
+            .exec(&format!(
+                "ALTER DATABASE \"{spare_db}\" RENAME TO \"{db}\"; ALTER ROLE \"{role}\" RENAME TO \"{tenant_role}\";
+                 ALTER ROLE \"{tenant_role}\" CONNECTION LIMIT {limit}",
+                spare_db = spare.database_name,
+                db = t.database_name,
+                tenant_role = t.role_name,
+                limit = connection_limit(&t.plan),
+            ))
+            .await
+            .context("rename the spare's database and role")?;
+        Ok(password)
+    }
+}
+
+/// What `create_database` made.
+struct CreatedDatabase {
+    /// Schema version it starts at, when known.
+    version: Option<i64>,
+    /// Set when a spare was taken: its role is the tenant's, with this password.
+    spare_password: Option<String>,
 }
 
 /// Record how long a provisioning step took (`silo_provision_step_seconds`).
@@ -556,7 +621,7 @@ pub(crate) async fn database_exists(admin: &ServerAdmin, database: &str) -> sqlx
 
 /// Create the tenant's login role (or reset it, if a crashed attempt made it)
 /// and give it CONNECT on its database only, in one transaction.
-async fn create_role(
+pub(crate) async fn create_role(
     admin: &ServerAdmin,
     role: &str,
     database: &str,
@@ -585,7 +650,7 @@ async fn create_role(
     }
 }
 
-async fn verify_login(
+pub(crate) async fn verify_login(
     admin: &ServerAdmin,
     database: &str,
     role: &str,

@@ -100,6 +100,13 @@ impl Provisioner {
         .await
         .context("list roles")?;
 
+        let spare_roles: Vec<String> = sqlx::query_scalar(
+            "SELECT rolname::text FROM pg_roles WHERE rolname LIKE 'silo\\_rs\\_%'",
+        )
+        .fetch_all(&admin.pool)
+        .await
+        .context("list spare roles")?;
+
         // 2. What the registry accounts for.
         let reg = self.registry();
         let live = reg.tenants_on_server(server.id).await?;
@@ -113,8 +120,13 @@ impl Provisioner {
         let good_spares: HashSet<&str> = spares
             .iter()
             // A newer spare belongs to a newer replica during a rolling deploy: keep it.
-            .filter(|s| s.schema_version >= latest)
+            .filter(|s| s.schema_version >= latest && s.role_name.is_some())
             .map(|s| s.database_name.as_str())
+            .collect();
+        let good_spare_roles: HashSet<&str> = spares
+            .iter()
+            .filter(|s| good_spares.contains(s.database_name.as_str()))
+            .filter_map(|s| s.role_name.as_deref())
             .collect();
 
         for db in &databases {
@@ -133,7 +145,9 @@ impl Provisioner {
             }
         }
         for spare in &spares {
-            if !databases.contains(&spare.database_name) || spare.schema_version < latest {
+            if !good_spares.contains(spare.database_name.as_str())
+                || !databases.contains(&spare.database_name)
+            {
                 reg.delete_spare(&spare.database_name).await?;
             }
         }
@@ -158,6 +172,17 @@ impl Provisioner {
                     }
                 }
             }
+        }
+        // Spare roles last: their databases (which hold their CONNECT grant) are gone by now.
+        for role in spare_roles
+            .iter()
+            .filter(|r| !good_spare_roles.contains(r.as_str()))
+        {
+            admin
+                .exec(&format!("DROP ROLE IF EXISTS \"{role}\""))
+                .await
+                .context("drop an orphan spare role")?;
+            report.orphan_roles_dropped += 1;
         }
         let server = reg.server(server.id).await?.context("re-read server")?;
         self.refill_warm_pool(&server, &admin, REFILL_BATCH).await?;

@@ -8,8 +8,11 @@
 use anyhow::Context;
 use uuid::Uuid;
 
-use super::{database_exists, Provisioner, ServerAdmin, SPARE_DB_PREFIX, TEMPLATE_DB};
-use crate::registry::DbServer;
+use super::{
+    connection_limit, database_exists, Provisioner, ServerAdmin, DEFAULT_PLAN, SPARE_DB_PREFIX,
+    SPARE_ROLE_PREFIX, TEMPLATE_DB,
+};
+use crate::registry::{DbServer, Spare};
 
 impl Provisioner {
     /// Rebuild the server's template if it is missing or behind. Caller holds
@@ -82,28 +85,61 @@ impl Provisioner {
             .spares(server.id)
             .await?
             .iter()
-            .filter(|s| s.schema_version == latest)
+            .filter(|s| s.schema_version == latest && s.role_name.is_some())
             .count();
         let mut made = 0;
         for _ in (have..want).take(batch) {
-            let name = format!("{SPARE_DB_PREFIX}{}", Uuid::new_v4().simple());
-            admin
-                .exec(&format!(
-                    "CREATE DATABASE \"{name}\" TEMPLATE {TEMPLATE_DB}"
-                ))
-                .await
-                .context("clone a spare database")?;
-            // A fresh database grants CONNECT to PUBLIC; nobody may enter a spare.
-            admin
-                .exec(&format!("REVOKE ALL ON DATABASE \"{name}\" FROM PUBLIC"))
-                .await
-                .context("close the spare database to PUBLIC")?;
-            self.registry()
-                .insert_spare(server.id, &name, latest)
-                .await?;
+            self.make_spare(server, admin, latest).await?;
             made += 1;
         }
         Ok(made)
+    }
+
+    /// Clone one spare: database, its login role with CONNECT on it only, and a
+    /// verified login, so that taking it later is one rename of both. Recorded
+    /// last: until then, the sweep owns whatever a crash leaves.
+    async fn make_spare(
+        &self,
+        server: &DbServer,
+        admin: &ServerAdmin,
+        version: i64,
+    ) -> anyhow::Result<()> {
+        let hex = Uuid::new_v4().simple().to_string();
+        let database = format!("{SPARE_DB_PREFIX}{hex}");
+        let role = format!("{SPARE_ROLE_PREFIX}{hex}");
+        admin
+            .exec(&format!(
+                "CREATE DATABASE \"{database}\" TEMPLATE {TEMPLATE_DB}"
+            ))
+            .await
+            .context("clone a spare database")?;
+        let password = crate::crypto::random_password(32);
+        super::create_role(
+            admin,
+            &role,
+            &database,
+            &password,
+            connection_limit(DEFAULT_PLAN),
+        )
+        .await
+        .context("create the spare's role")?;
+        super::verify_login(admin, &database, &role, &password)
+            .await
+            .context("verify the spare's role can log in")?;
+        let sealed = self
+            .keyring()
+            .seal(password.as_bytes(), database.as_bytes());
+        self.registry()
+            .insert_spare(&Spare {
+                database_name: database,
+                server_id: server.id,
+                schema_version: version,
+                role_name: Some(role),
+                password_enc: Some(sealed),
+                key_id: Some(self.keyring().key_id().to_owned()),
+            })
+            .await?;
+        Ok(())
     }
 
     /// Wait until a spare is taken (`true`) or `timeout` passes (`false`).

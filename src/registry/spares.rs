@@ -5,60 +5,79 @@ use uuid::Uuid;
 
 use super::Registry;
 
-#[derive(Debug, Clone, FromRow)]
+#[derive(Clone, FromRow)]
 pub struct Spare {
     pub database_name: String,
     pub server_id: Uuid,
     pub schema_version: i64,
+    /// Its login role, ready and verified (None for spares made before roles came with them).
+    pub role_name: Option<String>,
+    pub password_enc: Option<Vec<u8>>,
+    pub key_id: Option<String>,
 }
 
+impl std::fmt::Debug for Spare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spare")
+            .field("database_name", &self.database_name)
+            .field("role_name", &self.role_name)
+            .field("schema_version", &self.schema_version)
+            .finish_non_exhaustive()
+    }
+}
+
+const SPARE_COLUMNS: &str =
+    "database_name, server_id, schema_version, role_name, password_enc, key_id";
+
 impl Registry {
-    /// Record a spare that exists and is ready.
-    pub async fn insert_spare(
-        &self,
-        server: Uuid,
-        database: &str,
-        schema_version: i64,
-    ) -> sqlx::Result<()> {
+    /// Record a spare that exists and is ready: database cloned, role
+    /// created, granted and verified.
+    pub async fn insert_spare(&self, spare: &Spare) -> sqlx::Result<()> {
         sqlx::query(
-            "INSERT INTO spares (database_name, server_id, schema_version) VALUES ($1, $2, $3)",
+            "INSERT INTO spares (database_name, server_id, schema_version, role_name, password_enc, key_id)
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
-        .bind(database)
-        .bind(server)
-        .bind(schema_version)
+        .bind(&spare.database_name)
+        .bind(spare.server_id)
+        .bind(spare.schema_version)
+        .bind(&spare.role_name)
+        .bind(&spare.password_enc)
+        .bind(&spare.key_id)
         .execute(&self.pool)
         .await
         .map(|_| ())
     }
 
-    /// Take the oldest spare at `schema_version` off the pool. The caller now
-    /// owns the database; if it dies before renaming it, the sweep drops it.
+    /// Take the oldest ready spare at `schema_version` off the pool. The
+    /// caller now owns its database and role; if it dies before renaming
+    /// them, the sweep drops both.
     pub async fn claim_spare(
         &self,
         server: Uuid,
         schema_version: i64,
-    ) -> sqlx::Result<Option<String>> {
-        // Lazy commit: if lost, the row points at a renamed database and the
+    ) -> sqlx::Result<Option<Spare>> {
+        // Lazy commit: if lost, the row points at renamed objects and the
         // sweep removes it (see `begin_lazy`).
         let mut tx = self.begin_lazy().await?;
-        let name = sqlx::query_scalar(
+        let spare = sqlx::query_as(&format!(
             "DELETE FROM spares WHERE database_name = (
-                SELECT database_name FROM spares WHERE server_id = $1 AND schema_version = $2
+                SELECT database_name FROM spares
+                 WHERE server_id = $1 AND schema_version = $2 AND role_name IS NOT NULL
                  ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
-             RETURNING database_name",
-        )
+             RETURNING {SPARE_COLUMNS}"
+        ))
         .bind(server)
         .bind(schema_version)
         .fetch_optional(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(name)
+        Ok(spare)
     }
 
     pub async fn spares(&self, server: Uuid) -> sqlx::Result<Vec<Spare>> {
-        sqlx::query_as(
-            "SELECT database_name, server_id, schema_version FROM spares WHERE server_id = $1",
-        )
+        sqlx::query_as(&format!(
+            "SELECT {SPARE_COLUMNS} FROM spares WHERE server_id = $1"
+        ))
         .bind(server)
         .fetch_all(&self.pool)
         .await

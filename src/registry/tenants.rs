@@ -382,6 +382,26 @@ impl Registry {
 }
 
 impl Registry {
+    /// As [`Self::set_password`], committed lazily (see `begin_lazy`): for
+    /// provisioning, where a resumed step re-asserts the password anyway.
+    pub async fn set_password_lazily(
+        &self,
+        id: Uuid,
+        password_enc: &[u8],
+        key_id: &str,
+    ) -> sqlx::Result<()> {
+        let mut tx = self.begin_lazy().await?;
+        sqlx::query(
+            "UPDATE tenants SET password_enc = $2, key_id = $3, updated_at = now() WHERE id = $1",
+        )
+        .bind(id)
+        .bind(password_enc)
+        .bind(key_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await
+    }
+
     /// Store a tenant role's new sealed password (the trigger notifies routers).
     pub async fn set_password(
         &self,

@@ -280,6 +280,17 @@ impl TestEnv {
             .fetch_all(self.registry().pool())
             .await
             .unwrap();
+        let spare_roles: Vec<String> =
+            sqlx::query_scalar("SELECT role_name FROM spares WHERE role_name IS NOT NULL")
+                .fetch_all(self.registry().pool())
+                .await
+                .unwrap();
+        let roles_on_server: Vec<String> = sqlx::query_scalar(
+            "SELECT rolname::text FROM pg_roles WHERE rolname LIKE 'silo\\_rs\\_%'",
+        )
+        .fetch_all(&self.admin)
+        .await
+        .unwrap();
         let mut out = Vec::new();
         for d in dbs {
             if !live.iter().any(|(db, _)| *db == d) && !spares.contains(&d) {
@@ -289,6 +300,11 @@ impl TestEnv {
         for r in roles {
             if !live.iter().any(|(_, role)| *role == r) {
                 out.push(format!("role {r}"));
+            }
+        }
+        for r in roles_on_server {
+            if !spare_roles.contains(&r) {
+                out.push(format!("spare role {r}"));
             }
         }
         out
