@@ -1,12 +1,13 @@
 //! Fleet migration of many tenant databases, against a sequential baseline,
 //! in one run on one cluster.
 //!
-//! `cargo bench --bench fleet`. Knobs: `SILO_BENCH_TENANTS` (default 1000),
-//! `SILO_BENCH_ROWS` patients per tenant (default 3000),
-//! `SILO_BENCH_CONCURRENCY` of the fleet run (default 4), `SILO_BENCH_SAMPLE`
-//! tenants in the sequential baseline (default min(100, N/10)), and
-//! `SILO_BENCH_DURABILITY` (`durable`, `bulk-loaded` or `throwaway`) to skip
-//! the automatic choice below.
+//! `cargo bench --bench fleet`; without `--bench` (as under
+//! `cargo test --all-targets`) it only makes a small fsync-off smoke run.
+//! Knobs: `SILO_BENCH_TENANTS` (default 1000), `SILO_BENCH_ROWS` patients
+//! per tenant (default 3000), `SILO_BENCH_CONCURRENCY` of the fleet run
+//! (default 4), `SILO_BENCH_SAMPLE` tenants in the sequential baseline
+//! (default min(100, N/10)), and `SILO_BENCH_DURABILITY` (`auto`, `durable`,
+//! `bulk-loaded`, `throwaway`) to skip the automatic choice below.
 //!
 //! 1. **Setup** (timed, not part of the result): the template database is
 //!    built, the patient rows are inserted into it, then the N tenants are
@@ -63,7 +64,7 @@ CREATE INDEX patients_language_idx ON patients (preferred_language);";
 /// Tenants created at once during setup.
 const CREATE_CONCURRENCY: usize = 2;
 /// Tenants created (and checkpointed) to project the durable setup's length.
-const PROBE: usize = 50;
+const PROBE: usize = 25;
 /// Longest acceptable durable setup before bulk-loading the rest.
 const SETUP_BUDGET: Duration = Duration::from_secs(240);
 /// The issue's target for migrating the whole fleet.
@@ -74,7 +75,14 @@ const SPOT_CHECKS: usize = 5;
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
     init_logging();
-    let cfg = Config::from_env()?;
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` does not.
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    if smoke {
+        println!(
+            "no --bench argument: a small smoke run (`cargo bench --bench fleet` for the real one)"
+        );
+    }
+    let cfg = Config::from_env(smoke)?;
     let durability = match cfg.mode {
         Mode::Throwaway => Durability::Throwaway,
         Mode::Auto | Mode::Durable | Mode::BulkLoaded => Durability::Durable,
@@ -143,10 +151,12 @@ enum Mode {
 }
 
 impl Config {
-    fn from_env() -> Result<Self> {
-        let tenants = env_number("SILO_BENCH_TENANTS", 1000)?;
+    /// `smoke`: run without `--bench` (by `cargo test --all-targets`):
+    /// small defaults and an fsync-off cluster, to check the bench works.
+    fn from_env(smoke: bool) -> Result<Self> {
+        let tenants = env_number("SILO_BENCH_TENANTS", if smoke { 6 } else { 1000 })?;
         ensure!(tenants >= 2, "SILO_BENCH_TENANTS must be at least 2");
-        let rows = env_number("SILO_BENCH_ROWS", 3000)?;
+        let rows = env_number("SILO_BENCH_ROWS", if smoke { 100 } else { 3000 })?;
         let concurrency = env_number("SILO_BENCH_CONCURRENCY", 4)?;
         ensure!(
             concurrency >= 1,
@@ -158,6 +168,7 @@ impl Config {
             "SILO_BENCH_SAMPLE must be between 1 and SILO_BENCH_TENANTS - 1"
         );
         let mode = match std::env::var("SILO_BENCH_DURABILITY").as_deref() {
+            Err(_) if smoke => Mode::Throwaway,
             Err(_) | Ok("auto") => Mode::Auto,
             Ok("durable") => Mode::Durable,
             Ok("bulk-loaded") => Mode::BulkLoaded,
