@@ -37,9 +37,12 @@
 //! The new migration adds a column, backfills every row and indexes it.
 //! Percentiles are nearest-rank over the sorted samples.
 
+mod support;
+
 use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::{env_number, init_logging, load_average, ms, nearest_rank};
 
 use anyhow::{ensure, Context, Result};
 use futures::{StreamExt, TryStreamExt};
@@ -109,25 +112,6 @@ async fn main() -> Result<()> {
     outcome
 }
 
-/// Warnings only by default (`RUST_LOG` overrides).
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
-}
-
-/// The 1, 5 and 15 minute load averages: other work on the machine skews every figure.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|| "unknown".into())
-}
-
 struct Config {
     tenants: usize,
     rows: usize,
@@ -184,15 +168,6 @@ impl Config {
             sample,
             mode,
         })
-    }
-}
-
-fn env_number(name: &str, default: usize) -> Result<usize> {
-    match std::env::var(name) {
-        Ok(s) => s
-            .parse()
-            .with_context(|| format!("{name} must be a whole number")),
-        Err(_) => Ok(default),
     }
 }
 
@@ -659,24 +634,11 @@ async fn verify(
     Ok(())
 }
 
-/// The nearest-rank `pct`th percentile of sorted samples (zero if empty).
-fn nearest_rank(sorted: &[Duration], pct: usize) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = (pct * sorted.len()).div_ceil(100).max(1);
-    sorted[rank - 1]
-}
-
 fn mean(samples: &[Duration]) -> Duration {
     if samples.is_empty() {
         return Duration::ZERO;
     }
     samples.iter().sum::<Duration>() / samples.len() as u32
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 /// What the measured phases produced.

@@ -19,7 +19,10 @@
 //! Percentiles are nearest-rank over the sorted samples. The cluster is
 //! durable (fsync on), like `silo dev`, not the fsync-off cluster of the tests.
 
+mod support;
+
 use std::time::{Duration, Instant};
+use support::{init_logging, load_average, ms, nearest_rank};
 
 use anyhow::{ensure, Context, Result};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -58,26 +61,6 @@ async fn main() -> Result<()> {
         .await?
         .context("stop PostgreSQL")?;
     outcome
-}
-
-/// Warnings only by default (`RUST_LOG` overrides): logging every request
-/// would add its own cost to the timings.
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
-}
-
-/// The 1, 5 and 15 minute load averages: other work on the machine skews every figure.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|| "unknown".into())
 }
 
 fn bench_size() -> Result<usize> {
@@ -498,19 +481,6 @@ impl Summary {
             max: samples.last().copied().unwrap_or_default(),
         }
     }
-}
-
-/// The nearest-rank `pct`th percentile of sorted samples (zero if empty).
-fn nearest_rank(sorted: &[Duration], pct: usize) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = (pct * sorted.len()).div_ceil(100).max(1);
-    sorted[rank - 1]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 fn ratio(a: Duration, b: Duration) -> f64 {

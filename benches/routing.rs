@@ -20,10 +20,13 @@
 //! do not ping before handing out a connection (`test_before_acquire(false)`,
 //! sqlx pings by default), as the router does not: the strictest baseline.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::{env_number, init_logging, load_average, ms};
 
 use anyhow::{bail, ensure, Context, Result};
 use axum::extract::{Path, State};
@@ -101,33 +104,6 @@ async fn main() -> Result<()> {
         .await?
         .context("stop PostgreSQL")?;
     outcome
-}
-
-/// Warnings only (`RUST_LOG` overrides): logging each request would be timed too.
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
-}
-
-fn env_number(name: &str, default: u64) -> Result<u64> {
-    match std::env::var(name) {
-        Ok(s) => s
-            .parse()
-            .with_context(|| format!("{name} must be a whole number")),
-        Err(_) => Ok(default),
-    }
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|| "unknown".into())
 }
 
 /// What the phases share.
@@ -1234,10 +1210,6 @@ impl Samples {
 
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 enum Row {
