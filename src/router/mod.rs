@@ -445,7 +445,11 @@ impl TenantRouter {
             .inner
             .lookups
             .invalidate_entries_if(move |_, l| l.entry.as_ref().is_none_or(|e| e.id == tenant));
-        self.inner.pools.invalidate(&tenant).await;
+        // Close it here rather than trusting the eviction notice alone: the
+        // pool must stop handing out the old credentials now.
+        if let Some(pool) = self.inner.pools.remove(&tenant).await {
+            pool.close();
+        }
         self.inner.down.invalidate(&tenant);
     }
 
