@@ -30,6 +30,9 @@ use crate::registry::{is_unique_violation, Operation, TenantRecord};
 pub const FLEET_KIND: &str = "migrate.tenants";
 /// Operation kind of a dry run (no lease: it changes nothing).
 pub const FLEET_DRY_RUN_KIND: &str = "migrate.tenants.dry_run";
+/// Longest a run waits at its end for tenants still provisioning (a crashed
+/// create is finished by the reconciler within its interval).
+const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
 /// Most tenants migrated at once, whatever the budgets allow.
 pub const MAX_CONCURRENCY: usize = 32;
 
@@ -251,6 +254,16 @@ impl Provisioner {
     }
 }
 
+/// Tenants in `provisioning` right now.
+async fn provisioning(reg: &crate::registry::Registry) -> anyhow::Result<i64> {
+    Ok(reg
+        .count_by_status()
+        .await?
+        .into_iter()
+        .find(|(status, _)| status == "provisioning")
+        .map_or(0, |(_, n)| n))
+}
+
 impl FleetRun {
     /// Migrate every tenant behind, reporting each result to `on_result`, and
     /// record the outcome on the operation. Releases the lease at the end.
@@ -321,6 +334,8 @@ impl FleetRun {
         };
         let mut progress = FleetProgress::default();
         let mut visited: HashSet<Uuid> = HashSet::new();
+        // Set while the run waits for creates in flight before it ends.
+        let mut settling_until: Option<Instant> = None;
         loop {
             // Re-read who is behind: tenants created during the run are included.
             let batch: Vec<TenantRecord> = reg
@@ -330,8 +345,20 @@ impl FleetRun {
                 .filter(|t| visited.insert(t.id))
                 .collect();
             if batch.is_empty() {
+                // A tenant still provisioning (perhaps by an older replica) may
+                // land behind: wait for creates in flight, then look again.
+                if !self.options.dry_run && provisioning(reg).await? > 0 {
+                    let until =
+                        *settling_until.get_or_insert_with(|| Instant::now() + SETTLE_LIMIT);
+                    if Instant::now() < until {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                    tracing::warn!("ending a fleet migration with tenants still provisioning; the next run picks them up");
+                }
                 break;
             }
+            settling_until = None;
             progress.total += batch.len();
             progress.left += batch.len();
             let permits = Arc::new(Semaphore::new(concurrency));
