@@ -446,3 +446,13 @@ impl Silo {
         );
     }
 }
+
+impl Drop for Silo {
+    /// A test that fails midway must not leave its `silo serve` running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
