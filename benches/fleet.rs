@@ -42,11 +42,10 @@ mod support;
 use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::{env_number, init_logging, load_average, ms, nearest_rank};
+use support::{control_plane, env_number, init_logging, load_average, ms, nearest_rank};
 
 use anyhow::{ensure, Context, Result};
 use futures::{StreamExt, TryStreamExt};
-use silo::crypto::Keyring;
 use silo::embedded::postgres::Durability;
 use silo::embedded::EmbeddedPostgres;
 use silo::migrate::{embedded_tenant_migrator, FleetOptions, FleetReport};
@@ -188,13 +187,7 @@ fn migrator_v2() -> Arc<Migrator> {
 
 async fn run(pg: &EmbeddedPostgres, cfg: &Config) -> Result<()> {
     let admin_url = pg.url("postgres");
-    silo::cli::ensure_database(&admin_url, "silo_control").await?;
-    let keyring = Keyring::from_base64(&Keyring::generate_base64())?;
-    let registry = Registry::connect_lazy(&pg.url("silo_control"))?;
-    registry
-        .migrate()
-        .await
-        .context("migrate the control database")?;
+    let (keyring, registry) = control_plane(pg).await?;
     let admin = PgPoolOptions::new()
         .max_connections(2)
         .connect(&admin_url)

@@ -22,12 +22,12 @@
 mod support;
 
 use std::time::{Duration, Instant};
-use support::{init_logging, load_average, ms, nearest_rank};
+use support::{
+    control_plane, init_logging, load_average, ms, nearest_rank, SiloServer, ADMIN_TOKEN,
+};
 
 use anyhow::{ensure, Context, Result};
 use metrics_exporter_prometheus::PrometheusHandle;
-use silo::cli::run_server;
-use silo::config::{Secret, ServerArgs};
 use silo::crypto::Keyring;
 use silo::embedded::postgres::Durability;
 use silo::embedded::EmbeddedPostgres;
@@ -36,15 +36,10 @@ use silo::registry::Registry;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 /// Admin bearer token of the benchmark's servers (at least 24 characters).
-const ADMIN_TOKEN: &str = "bench-admin-token-0123456789abcdef";
 /// Tenants (and statements) per method unless `SILO_BENCH_N` says otherwise.
 const DEFAULT_N: usize = 200;
-/// Pause after a server starts, so its start-up reconcile pass is not timed.
-const SETTLE: Duration = Duration::from_millis(500);
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
@@ -98,13 +93,7 @@ impl Env<'_> {
 
 async fn run(pg: &EmbeddedPostgres, n: usize, metrics: &PrometheusHandle) -> Result<()> {
     let admin_url = pg.url("postgres");
-    silo::cli::ensure_database(&admin_url, "silo_control").await?;
-    let keyring = Keyring::from_base64(&Keyring::generate_base64())?;
-    let registry = Registry::connect_lazy(&pg.url("silo_control"))?;
-    registry
-        .migrate()
-        .await
-        .context("migrate the control database")?;
+    let (keyring, registry) = control_plane(pg).await?;
     let admin = PgPoolOptions::new()
         .max_connections(2)
         // No ping before each statement: the bare timings are the floor.
@@ -162,12 +151,12 @@ async fn phase_warm_pool(env: &Env<'_>, n: usize, metrics: &PrometheusHandle) ->
         started.elapsed().as_secs_f64()
     );
     let before = SourceCounts::read(metrics);
-    let server = SiloServer::start(provisioner, size, env).await?;
+    let server = SiloServer::start(provisioner, size).await?;
     let client = reqwest::Client::new();
     let mut samples = Vec::with_capacity(n);
     let measured: Result<()> = async {
         for i in 0..n {
-            samples.push(create_via_api(&client, &server.base, &format!("warm-{i}")).await?);
+            samples.push(create_via_api(&client, &server.base(), &format!("warm-{i}")).await?);
         }
         Ok(())
     }
@@ -188,14 +177,7 @@ async fn phase_warm_pool(env: &Env<'_>, n: usize, metrics: &PrometheusHandle) ->
 fn print_step_breakdown(metrics: &PrometheusHandle) {
     println!("[warm pool] time per provisioning step (ms), from silo_provision_step_seconds:");
     let text = metrics.render();
-    for step in [
-        "registered",
-        "database",
-        "role",
-        "migrate",
-        "verify",
-        "active",
-    ] {
+    for step in silo::provision::STEPS {
         let q = |quantile: &str| {
             let key =
                 format!("silo_provision_step_seconds{{step=\"{step}\",quantile=\"{quantile}\"}} ");
@@ -216,7 +198,7 @@ async fn phase_template_vs_bare(
     metrics: &PrometheusHandle,
 ) -> Result<(Summary, Summary)> {
     let before = SourceCounts::read(metrics);
-    let server = SiloServer::start(env.provisioner(0), 0, env).await?;
+    let server = SiloServer::start(env.provisioner(0), 0).await?;
     let client = reqwest::Client::new();
     let mut template = Vec::with_capacity(n);
     let mut bare = Vec::with_capacity(n);
@@ -225,11 +207,11 @@ async fn phase_template_vs_bare(
             let slug = format!("tmpl-{i}");
             let clone = format!("CREATE DATABASE \"bench_bare_{i}\" TEMPLATE {TEMPLATE_DB}");
             if i % 2 == 0 {
-                template.push(create_via_api(&client, &server.base, &slug).await?);
+                template.push(create_via_api(&client, &server.base(), &slug).await?);
                 bare.push(timed_sql(&env.admin, &clone).await?);
             } else {
                 bare.push(timed_sql(&env.admin, &clone).await?);
-                template.push(create_via_api(&client, &server.base, &slug).await?);
+                template.push(create_via_api(&client, &server.base(), &slug).await?);
             }
         }
         Ok(())
@@ -260,68 +242,6 @@ async fn phase_naive(env: &Env<'_>, n: usize) -> Result<Summary> {
     measured?;
     println!("[naive] {n} CREATE DATABASE + tenant migrations");
     Ok(Summary::of("naive CREATE DATABASE + migrate", samples))
-}
-
-/// A `silo` server (admin API and background jobs) running in a task.
-struct SiloServer {
-    base: String,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), silo::cli::CliError>>,
-}
-
-impl SiloServer {
-    async fn start(provisioner: Provisioner, warm_pool_size: u32, env: &Env<'_>) -> Result<Self> {
-        let args = ServerArgs {
-            listen: "127.0.0.1:0".parse()?,
-            warm_pool_size,
-            reconcile_interval: 3600,
-            app_domain: None,
-            replicas: 1,
-        };
-        let (addr_tx, addr_rx) = oneshot::channel();
-        let (stop, stop_rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = stop_rx.await;
-            };
-            let on_listen = move |addr| {
-                let _ = addr_tx.send(addr);
-            };
-            run_server(
-                provisioner,
-                Secret::new(ADMIN_TOKEN),
-                &args,
-                shutdown,
-                on_listen,
-            )
-            .await
-        });
-        let addr: std::net::SocketAddr = match addr_rx.await {
-            Ok(addr) => addr,
-            Err(_) => {
-                task.await??;
-                anyhow::bail!("silo server exited before listening");
-            }
-        };
-        // Let the start-up reconcile pass finish: it holds the server's
-        // maintenance lock, so taking that lock once waits it out.
-        tokio::time::sleep(SETTLE).await;
-        for server in env.registry.servers().await? {
-            env.registry.lock_server(server.id).await?.release().await;
-        }
-        Ok(Self {
-            base: format!("http://{addr}"),
-            stop,
-            task,
-        })
-    }
-
-    /// Graceful shutdown; waits for the background jobs too.
-    async fn stop(self) -> Result<()> {
-        let _ = self.stop.send(());
-        self.task.await??;
-        Ok(())
-    }
 }
 
 /// One `POST /admin/v1/tenants`, timed from sending to the last body byte.

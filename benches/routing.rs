@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::{env_number, init_logging, load_average, ms};
+use support::{control_plane, env_number, init_logging, load_average, ms, SiloServer};
 
 use anyhow::{bail, ensure, Context, Result};
 use axum::extract::{Path, State};
@@ -37,8 +37,6 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use silo::cli::run_server;
-use silo::config::{Secret, ServerArgs};
 use silo::crypto::Keyring;
 use silo::embedded::postgres::Durability;
 use silo::embedded::EmbeddedPostgres;
@@ -54,7 +52,6 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 /// Admin bearer token of the benchmark's silo server.
-const ADMIN_TOKEN: &str = "bench-admin-token-0123456789abcdef";
 const DEFAULT_TENANTS: usize = 1000;
 const DEFAULT_SECONDS: u64 = 60;
 /// Tenants created at once.
@@ -77,8 +74,6 @@ const HTTP_CLIENTS: usize = 32;
 const HTTP_SECONDS: Duration = Duration::from_secs(10);
 const HTTP_WARMUP: Duration = Duration::from_secs(1);
 const DIRECT_HTTP_POOL: u32 = 20;
-/// Pause after silo starts, so its start-up reconcile pass is not measured.
-const SETTLE: Duration = Duration::from_millis(500);
 
 const POINT_QUERY: &str = "SELECT id, full_name FROM patients WHERE id = $1";
 /// What `GET /api/v1/patients/{id}` selects in silo.
@@ -193,10 +188,7 @@ async fn run(
     metrics: &PrometheusHandle,
 ) -> Result<()> {
     let admin_url = pg.url("postgres");
-    silo::cli::ensure_database(&admin_url, "silo_control").await?;
-    let keyring = Keyring::from_base64(&Keyring::generate_base64())?;
-    let registry = Registry::connect_lazy(&pg.url("silo_control"))?;
-    registry.migrate().await.context("migrate the control DB")?;
+    let (keyring, registry) = control_plane(pg).await?;
     let admin = PgPoolOptions::new()
         .max_connections(2)
         .connect(&admin_url)
@@ -908,46 +900,12 @@ impl Running {
 }
 
 async fn start_silo(env: &Env<'_>) -> Result<Running> {
-    let args = ServerArgs {
-        listen: "127.0.0.1:0".parse()?,
-        warm_pool_size: 0,
-        reconcile_interval: 3600,
-        replicas: 1,
-        app_domain: None,
-    };
-    let provisioner = env.provisioner();
-    let (addr_tx, addr_rx) = oneshot::channel();
-    let (stop, stop_rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = stop_rx.await;
-        };
-        let on_listen = move |addr| {
-            let _ = addr_tx.send(addr);
-        };
-        run_server(
-            provisioner,
-            Secret::new(ADMIN_TOKEN),
-            &args,
-            shutdown,
-            on_listen,
-        )
-        .await
-        .map_err(anyhow::Error::from)
-    });
-    let addr = match addr_rx.await {
-        Ok(addr) => addr,
-        Err(_) => {
-            task.await??;
-            bail!("silo exited before listening");
-        }
-    };
-    // Wait out the start-up reconcile pass: it holds each server's lock.
-    tokio::time::sleep(SETTLE).await;
-    for server in env.registry.servers().await? {
-        env.registry.lock_server(server.id).await?.release().await;
-    }
-    Ok(Running { addr, stop, task })
+    let s = SiloServer::start(env.provisioner(), 0).await?;
+    Ok(Running {
+        addr: s.addr,
+        stop: s.stop,
+        task: s.task,
+    })
 }
 
 async fn start_direct(pool: PgPool) -> Result<Running> {

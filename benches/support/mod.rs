@@ -50,3 +50,89 @@ pub fn nearest_rank(sorted: &[Duration], pct: usize) -> Duration {
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
+
+/// Bearer token of the admin API in every benchmark's silo.
+pub const ADMIN_TOKEN: &str = "bench-admin-token-0123456789abcdef";
+/// Pause after a server starts, before its start-up reconcile is waited out.
+const SETTLE: Duration = Duration::from_millis(500);
+
+/// The control database on `pg`, created and migrated, with a fresh master key.
+pub async fn control_plane(
+    pg: &silo::embedded::EmbeddedPostgres,
+) -> Result<(silo::crypto::Keyring, silo::registry::Registry)> {
+    silo::cli::ensure_database(&pg.url("postgres"), "silo_control").await?;
+    let keyring = silo::crypto::Keyring::from_base64(&silo::crypto::Keyring::generate_base64())?;
+    let registry = silo::registry::Registry::connect_lazy(&pg.url("silo_control"))?;
+    registry
+        .migrate()
+        .await
+        .context("migrate the control database")?;
+    Ok((keyring, registry))
+}
+
+/// A `silo serve` running in this process on a free loopback port.
+pub struct SiloServer {
+    pub addr: std::net::SocketAddr,
+    pub stop: tokio::sync::oneshot::Sender<()>,
+    pub task: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl SiloServer {
+    /// Serve `provisioner`, then wait out the start-up reconcile pass (it
+    /// holds each server's maintenance lock) so it is not timed.
+    pub async fn start(
+        provisioner: silo::provision::Provisioner,
+        warm_pool_size: u32,
+    ) -> Result<Self> {
+        let registry = provisioner.registry().clone();
+        let args = silo::config::ServerArgs {
+            listen: "127.0.0.1:0".parse()?,
+            warm_pool_size,
+            reconcile_interval: 3600,
+            app_domain: None,
+            replicas: 1,
+        };
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop_rx.await;
+            };
+            let on_listen = move |addr| {
+                let _ = addr_tx.send(addr);
+            };
+            silo::cli::run_server(
+                provisioner,
+                silo::config::Secret::new(ADMIN_TOKEN),
+                &args,
+                shutdown,
+                on_listen,
+            )
+            .await
+            .map_err(anyhow::Error::from)
+        });
+        let addr = match addr_rx.await {
+            Ok(addr) => addr,
+            Err(_) => {
+                task.await??;
+                anyhow::bail!("silo exited before listening");
+            }
+        };
+        tokio::time::sleep(SETTLE).await;
+        for server in registry.servers().await? {
+            registry.lock_server(server.id).await?.release().await;
+        }
+        Ok(Self { addr, stop, task })
+    }
+
+    /// `http://addr`
+    pub fn base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Graceful shutdown; waits for the background jobs too.
+    pub async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(());
+        self.task.await?
+    }
+}
