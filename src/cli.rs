@@ -12,8 +12,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::{app, AppState};
 use crate::config::{
-    check_admin_token, Cli, Command, ConfigError, ControlArgs, DevArgs, MigrateCommand, Secret,
-    ServerArgs, TenantsCommand,
+    check_admin_token, BackupCommand, Cli, Command, ConfigError, ControlArgs, DevArgs,
+    MigrateCommand, Secret, ServerArgs, TenantsCommand,
 };
 use crate::crypto::Keyring;
 use crate::embedded::EmbeddedPostgres;
@@ -41,6 +41,17 @@ impl From<sqlx::Error> for CliError {
     }
 }
 
+impl From<crate::backup::BackupError> for CliError {
+    fn from(e: crate::backup::BackupError) -> Self {
+        use crate::backup::BackupError as B;
+        match e {
+            B::Internal(e) => Self::Failed(e),
+            B::NotConfigured | B::NotFound(_) | B::Invalid(_) => Self::Usage(e.to_string()),
+            other => Self::Failed(anyhow::anyhow!("{other}")),
+        }
+    }
+}
+
 impl From<ProvisionError> for CliError {
     fn from(e: ProvisionError) -> Self {
         match e {
@@ -56,6 +67,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Dev(args) => dev(args).await,
         Command::Migrate(cmd) => migrate(cmd).await,
         Command::Tenants(cmd) => tenants(cmd).await,
+        Command::Backup(cmd) => backup(cmd).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -87,6 +99,12 @@ async fn connect(
     let migrator =
         crate::migrate::load_tenant_migrator(control.tenant_migrations.as_deref()).await?;
     let provisioner = Provisioner::new(registry, keyring, config).with_migrator(migrator);
+    if let Some(storage) = crate::backup::Storage::from_args(&control.storage)
+        .await
+        .context("set up backup storage")?
+    {
+        provisioner.set_storage(storage);
+    }
     let tenant_server = control
         .tenant_server_url
         .as_ref()
@@ -130,6 +148,7 @@ pub async fn run_server(
     crate::jobs::spawn(
         &provisioner,
         Duration::from_secs(args.reconcile_interval.max(1)),
+        Duration::from_secs(args.scheduler_tick.max(1)),
         &token,
         &tracker,
     );
@@ -209,19 +228,51 @@ async fn dev(args: DevArgs) -> Result<(), CliError> {
     result
 }
 
+/// Bucket of the embedded object store in `silo dev`.
+pub const DEV_BUCKET: &str = "silo-backups";
+
 async fn dev_with(args: &DevArgs, dir: &Path, pg: &EmbeddedPostgres) -> Result<(), CliError> {
     let master_key = read_or_create(&dir.join("master.key"), Keyring::generate_base64)?;
     let admin_token = read_or_create(&dir.join("admin.token"), || {
         crate::crypto::random_password(40)
     })?;
+    let s3_secret = read_or_create(&dir.join("s3.secret"), || {
+        crate::crypto::random_password(40)
+    })?;
+    let s3 = crate::embedded::EmbeddedS3::start(&dir.join("s3"), "silo-dev", &s3_secret)
+        .await
+        .context("start the embedded object store")?;
     ensure_database(&pg.url("postgres"), "silo_control").await?;
+    let mut storage_args =
+        crate::config::StorageArgs::from_env().map_err(|e| CliError::Usage(e.to_string()))?;
+    storage_args.s3_bucket = Some(DEV_BUCKET.into());
+    storage_args.s3_endpoint = Some(s3.endpoint());
+    storage_args.s3_force_path_style = true;
     let control = ControlArgs {
         database_url: Some(Secret::new(pg.url("silo_control"))),
         master_key: Some(Secret::new(master_key)),
         tenant_server_url: Some(Secret::new(pg.url("postgres"))),
         tenant_migrations: None,
+        storage: crate::config::StorageArgs::default(),
     };
     let provisioner = connect(&control, Some(&args.server)).await?;
+    let store_config = crate::backup::StoreConfig {
+        bucket: DEV_BUCKET.into(),
+        endpoint: Some(s3.endpoint()),
+        region: storage_args.s3_region.clone(),
+        force_path_style: true,
+        checksums: storage_args.s3_checksums,
+        static_credentials: Some(("silo-dev".into(), Secret::new(s3_secret))),
+    };
+    let storage = crate::backup::Storage::connect(&store_config, &storage_args)
+        .await
+        .context("connect to the embedded object store")?;
+    storage
+        .store
+        .ensure_bucket()
+        .await
+        .context("create the backup bucket")?;
+    provisioner.set_storage(storage);
     for (slug, name) in DEMO_CLINICS {
         if provisioner.registry().find_tenant(slug).await?.is_none() {
             let req = CreateTenant {
@@ -254,6 +305,11 @@ async fn dev_with(args: &DevArgs, dir: &Path, pg: &EmbeddedPostgres) -> Result<(
             "  PostgreSQL:   127.0.0.1:{} (data in {})",
             pg.port(),
             dir.join("pg").display()
+        );
+        println!(
+            "  backups:      embedded S3 at {} (bucket {DEV_BUCKET}, data in {})",
+            s3.endpoint(),
+            dir.join("s3").display()
         );
         println!(
             "  demo clinics: {}",
@@ -365,7 +421,9 @@ async fn migrate(cmd: MigrateCommand) -> Result<(), CliError> {
             let progress = FleetProgressView::new();
             let report = run
                 .run(&provisioner, |result, counts| {
-                    progress.update(result, counts)
+                    let failed =
+                        matches!(result.outcome, crate::migrate::TenantOutcome::Failed { .. });
+                    progress.update(&result.slug, failed, counts)
                 })
                 .await?;
             progress.finish();
@@ -442,15 +500,15 @@ impl FleetProgressView {
         Self { bar }
     }
 
-    fn update(&self, result: &crate::migrate::TenantResult, counts: crate::migrate::FleetProgress) {
-        let failed = matches!(result.outcome, crate::migrate::TenantOutcome::Failed { .. });
+    /// One tenant done (`failed` or not); `counts` so far.
+    fn update(&self, slug: &str, failed: bool, counts: crate::migrate::FleetProgress) {
         match &self.bar {
             Some(bar) => {
                 bar.set_length(counts.total as u64);
                 bar.set_position(counts.done as u64);
                 bar.set_message(format!("{} failed, {} left", counts.failed, counts.left));
                 if failed {
-                    bar.println(format!("{}: failed", result.slug));
+                    bar.println(format!("{slug}: failed"));
                 }
             }
             None => {
@@ -461,7 +519,7 @@ impl FleetProgressView {
                         counts.failed,
                         counts.left,
                         if failed {
-                            format!(" ({} failed)", result.slug)
+                            format!(" ({slug} failed)")
                         } else {
                             String::new()
                         }
@@ -542,6 +600,54 @@ async fn tenants(cmd: TenantsCommand) -> Result<(), CliError> {
             let t = find(&p, &tenant).await?;
             print_json(&p.resume(t.id, "cli").await?.view());
         }
+        TenantsCommand::Archive { control, tenant } => {
+            let p = connect(&control, None).await?;
+            let t = find(&p, &tenant).await?;
+            let op = p.start_archive(t.id, "cli").await?;
+            eprintln!(
+                "archiving {} (operation {}): final backup, verify, drop",
+                t.slug, op.id
+            );
+            p.tasks().close();
+            p.tasks().wait().await;
+            let op = p
+                .registry()
+                .operation(op.id)
+                .await?
+                .context("read the operation")?;
+            if let Some(error) = op.error {
+                return Err(CliError::Failed(anyhow::anyhow!("archive tenant: {error}")));
+            }
+            print_json(
+                &p.registry()
+                    .tenant(t.id)
+                    .await?
+                    .context("read tenant")?
+                    .view(),
+            );
+        }
+        TenantsCommand::Restore {
+            control,
+            tenant,
+            backup,
+        } => {
+            let p = connect(&control, None).await?;
+            let t = find(&p, &tenant).await?;
+            let b = match backup {
+                Some(id) => id,
+                None => {
+                    p.registry()
+                        .latest_good_backup(t.id)
+                        .await?
+                        .ok_or_else(|| {
+                            CliError::Usage(format!("tenant '{tenant}' has no succeeded backup"))
+                        })?
+                        .id
+                }
+            };
+            let t = restore_with_progress(&p, b, crate::backup::RestoreTarget::InPlace).await?;
+            print_json(&t.view());
+        }
         TenantsCommand::Delete { control, tenant } => {
             let p = connect(&control, None).await?;
             let t = find(&p, &tenant).await?;
@@ -579,4 +685,181 @@ fn print_json(value: &impl serde::Serialize) {
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_default()
     );
+}
+
+async fn backup(cmd: BackupCommand) -> Result<(), CliError> {
+    use crate::backup::{BackupKind, RestoreTarget};
+    match cmd {
+        BackupCommand::Run {
+            control,
+            tenant: Some(tenant),
+            ..
+        } => {
+            let p = connect(&control, None).await?;
+            p.storage_or_err()?;
+            let t = find(&p, &tenant).await?;
+            let bar = bytes_bar(None, &format!("backing up {}", t.slug));
+            let progress = bar.clone().map(|bar| {
+                std::sync::Arc::new(move |n: u64| bar.set_position(n)) as crate::backup::Progress
+            });
+            let b = p.backup_now(t.id, BackupKind::Manual, progress).await;
+            if let Some(bar) = &bar {
+                bar.finish_and_clear();
+            }
+            let b = b?;
+            p.prune_backups(t.id).await?;
+            print_json(&b);
+        }
+        BackupCommand::Run { control, .. } => {
+            let p = connect(&control, None).await?;
+            let storage = p.storage_or_err()?;
+            let tenants = p.registry().schedulable_tenants().await?;
+            let view = FleetProgressView::new();
+            let total = tenants.len();
+            let sem =
+                std::sync::Arc::new(tokio::sync::Semaphore::new(storage.settings.concurrency));
+            let mut set = tokio::task::JoinSet::new();
+            for t in tenants {
+                let permit = sem.clone().acquire_owned().await.expect("semaphore open");
+                let p = p.clone();
+                set.spawn(async move {
+                    let _permit = permit;
+                    let outcome = p.backup_now(t.id, BackupKind::Manual, None).await;
+                    if outcome.is_ok() {
+                        p.prune_backups(t.id).await.ok();
+                    }
+                    (t.slug, outcome)
+                });
+            }
+            let (mut done, mut failed) = (0, Vec::new());
+            while let Some(joined) = set.join_next().await {
+                let (slug, outcome) = joined.context("join a backup task")?;
+                done += 1;
+                let ok = outcome.is_ok();
+                if let Err(e) = outcome {
+                    failed.push(format!("{slug}: {e}"));
+                }
+                view.update(
+                    &slug,
+                    !ok,
+                    crate::migrate::FleetProgress {
+                        total,
+                        done,
+                        failed: failed.len(),
+                        left: total - done,
+                    },
+                );
+            }
+            view.finish();
+            println!("{} backed up, {} failed", done - failed.len(), failed.len());
+            for f in &failed {
+                println!("  {f}");
+            }
+            if !failed.is_empty() {
+                return Err(CliError::Failed(anyhow::anyhow!(
+                    "back up {} tenant(s)",
+                    failed.len()
+                )));
+            }
+        }
+        BackupCommand::List { control, tenant } => {
+            let p = connect(&control, None).await?;
+            let tenants = match tenant {
+                Some(t) => vec![find(&p, &t).await?],
+                None => p
+                    .registry()
+                    .list_tenants(None, None, 10_000)
+                    .await
+                    .context("list tenants")?,
+            };
+            for t in tenants {
+                for b in p.registry().backups_of(t.id, None, 1000).await? {
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}\t{}",
+                        b.id,
+                        t.slug,
+                        b.kind,
+                        b.status,
+                        b.started_at.format("%Y-%m-%d %H:%M:%S"),
+                        b.size_bytes.map_or("-".into(), |s| s.to_string())
+                    );
+                }
+            }
+        }
+        BackupCommand::Verify { control, id } => {
+            let p = connect(&control, None).await?;
+            p.storage_or_err()?;
+            let size = p.registry().backup(id).await?.and_then(|b| b.size_bytes);
+            let bar = bytes_bar(size, "verifying");
+            let progress = bar.clone().map(|bar| {
+                std::sync::Arc::new(move |n: u64| bar.set_position(n)) as crate::backup::Progress
+            });
+            let report = p.verify_backup(id, progress).await;
+            if let Some(bar) = &bar {
+                bar.finish_and_clear();
+            }
+            let report = report?;
+            print_json(&report);
+            if !report.ok {
+                return Err(CliError::Failed(anyhow::anyhow!(
+                    "verify backup {id}: {}",
+                    report.mismatches.join("; ")
+                )));
+            }
+        }
+        BackupCommand::Restore { control, id, into } => {
+            let p = connect(&control, None).await?;
+            if let Some(slug) = &into {
+                crate::api::validate_slug(slug).map_err(|e| CliError::Usage(e.to_string()))?;
+            }
+            let target = into.map_or(RestoreTarget::InPlace, RestoreTarget::IntoSlug);
+            let t = restore_with_progress(&p, id, target).await?;
+            print_json(&t.view());
+        }
+    }
+    Ok(())
+}
+
+async fn restore_with_progress(
+    p: &Provisioner,
+    backup: uuid::Uuid,
+    target: crate::backup::RestoreTarget,
+) -> Result<crate::registry::TenantRecord, CliError> {
+    p.storage_or_err()?;
+    let size = p
+        .registry()
+        .backup(backup)
+        .await?
+        .and_then(|b| b.size_bytes);
+    let bar = bytes_bar(size, "restoring");
+    let progress = bar.clone().map(|bar| {
+        std::sync::Arc::new(move |n: u64| bar.set_position(n)) as crate::backup::Progress
+    });
+    let t = p.restore_backup(backup, target, "cli", progress).await;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    Ok(t?)
+}
+
+/// A bytes progress bar on a terminal (`None` off a terminal).
+fn bytes_bar(total: Option<i64>, what: &str) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        eprintln!("{what}...");
+        return None;
+    }
+    let bar = match total {
+        Some(n) => indicatif::ProgressBar::new(n.max(0) as u64),
+        None => indicatif::ProgressBar::new_spinner(),
+    };
+    let template = if total.is_some() {
+        "{msg} {bar:40} {bytes}/{total_bytes} [{elapsed}, {bytes_per_sec}]"
+    } else {
+        "{spinner} {msg} {bytes} [{elapsed}, {bytes_per_sec}]"
+    };
+    bar.set_style(indicatif::ProgressStyle::with_template(template).expect("valid template"));
+    bar.set_message(what.to_owned());
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    Some(bar)
 }

@@ -83,6 +83,46 @@ pub enum Command {
     /// Tenant administration from a shell.
     #[command(subcommand)]
     Tenants(TenantsCommand),
+    /// Backups from a shell, with progress.
+    #[command(subcommand)]
+    Backup(BackupCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// Back up one tenant, or every active tenant.
+    Run {
+        #[command(flatten)]
+        control: ControlArgs,
+        /// Tenant (slug or id).
+        #[arg(long, required_unless_present = "all", conflicts_with = "all")]
+        tenant: Option<String>,
+        /// Every active tenant, `SILO_BACKUP_CONCURRENCY` at a time.
+        #[arg(long)]
+        all: bool,
+    },
+    /// List backups, newest first.
+    List {
+        #[command(flatten)]
+        control: ControlArgs,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Restore a backup into a scratch database and compare row counts.
+    Verify {
+        #[command(flatten)]
+        control: ControlArgs,
+        id: uuid::Uuid,
+    },
+    /// Restore a backup into its tenant, or into another slug.
+    Restore {
+        #[command(flatten)]
+        control: ControlArgs,
+        id: uuid::Uuid,
+        /// Restore into this tenant (created if it does not exist).
+        #[arg(long)]
+        into: Option<String>,
+    },
 }
 
 /// Where the control database is and how to read its secrets.
@@ -105,6 +145,87 @@ pub struct ControlArgs {
     /// embedded reference clinic schema with your own.
     #[arg(long, env = "SILO_TENANT_MIGRATIONS")]
     pub tenant_migrations: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub storage: StorageArgs,
+}
+
+/// Default parts uploaded at once per backup; memory ≈ part size × (this + 1).
+pub const DEFAULT_PARTS_IN_FLIGHT: usize = 3;
+/// Default number of tenant backups running at once per silo process.
+pub const DEFAULT_BACKUP_CONCURRENCY: u32 = 4;
+
+/// Whether to send S3 request checksums the SDK adds by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum S3Checksums {
+    /// CRC32C on every part (the store verifies each part as it arrives).
+    #[default]
+    WhenSupported,
+    /// Only where an operation requires one: for S3-compatible stores that
+    /// reject the SDK's default checksum headers.
+    WhenRequired,
+}
+
+/// Backup destination and policy. Storage is off unless `SILO_S3_BUCKET` is set.
+#[derive(Debug, Clone, Args, Default)]
+pub struct StorageArgs {
+    /// Bucket for tenant backups; unset disables backups.
+    #[arg(long, env = "SILO_S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+
+    /// S3-compatible endpoint URL (MinIO, R2, Garage, ...); default: AWS.
+    #[arg(long, env = "SILO_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+
+    /// Region of the bucket.
+    #[arg(long, env = "SILO_S3_REGION", default_value = "us-east-1")]
+    pub s3_region: String,
+
+    /// Path-style addressing (`endpoint/bucket/key`), needed by most S3-compatible stores.
+    #[arg(long, env = "SILO_S3_FORCE_PATH_STYLE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub s3_force_path_style: bool,
+
+    /// Request checksums: `when-supported` (CRC32C per part) or `when-required`.
+    #[arg(long, env = "SILO_S3_CHECKSUMS", value_enum, default_value_t = S3Checksums::WhenSupported)]
+    pub s3_checksums: S3Checksums,
+
+    /// Storage class of archive backups (e.g. `GLACIER_IR`, `STANDARD_IA`).
+    #[arg(long, env = "SILO_S3_ARCHIVE_STORAGE_CLASS")]
+    pub s3_archive_storage_class: Option<String>,
+
+    /// Default cron (with seconds) for tenant backups; a tenant's `backup_schedule` overrides it.
+    #[arg(long, env = "SILO_BACKUP_SCHEDULE", default_value = DEFAULT_BACKUP_SCHEDULE)]
+    pub backup_schedule: String,
+
+    /// Tenant backups run at once by one silo process.
+    #[arg(long, env = "SILO_BACKUP_CONCURRENCY", default_value_t = DEFAULT_BACKUP_CONCURRENCY, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub backup_concurrency: u32,
+
+    /// Parts of one backup uploaded at once (2–4).
+    #[arg(long, env = "SILO_BACKUP_PARTS_IN_FLIGHT", default_value_t = DEFAULT_PARTS_IN_FLIGHT as u32, value_parser = clap::value_parser!(u32).range(2..=4))]
+    pub backup_parts_in_flight: u32,
+
+    /// Retention: newest backups always kept.
+    #[arg(long, env = "SILO_BACKUP_KEEP_LAST", default_value_t = 7)]
+    pub backup_keep_last: u32,
+    /// Retention: beyond those, the newest backup of each of this many days.
+    #[arg(long, env = "SILO_BACKUP_KEEP_DAILY", default_value_t = 7)]
+    pub backup_keep_daily: u32,
+    /// Retention: and of each of this many ISO weeks.
+    #[arg(long, env = "SILO_BACKUP_KEEP_WEEKLY", default_value_t = 4)]
+    pub backup_keep_weekly: u32,
+    /// Retention: and of each of this many months.
+    #[arg(long, env = "SILO_BACKUP_KEEP_MONTHLY", default_value_t = 6)]
+    pub backup_keep_monthly: u32,
+
+    /// Share of scheduled backups verified by a scratch restore right after (0–1).
+    #[arg(long, env = "SILO_BACKUP_VERIFY_SAMPLE", default_value_t = 0.05)]
+    pub backup_verify_sample: f64,
+
+    /// Folder of `pg_dump`/`pg_restore` (default: PATH, `pg_config --bindir`,
+    /// then the newest `/usr/lib/postgresql/*/bin`).
+    #[arg(long, env = "SILO_PG_BIN_DIR")]
+    pub pg_bin_dir: Option<PathBuf>,
 }
 
 /// Settings for the long-running server (`serve`, and `dev` underneath).
@@ -132,6 +253,10 @@ pub struct ServerArgs {
     /// (`acme.clinics.example.com` → `acme`), as well as by `X-Tenant-ID`.
     #[arg(long, env = "SILO_APP_DOMAIN")]
     pub app_domain: Option<String>,
+
+    /// Seconds between scheduler ticks: due backups, retention, backup metrics.
+    #[arg(long, env = "SILO_SCHEDULER_TICK", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
+    pub scheduler_tick: u64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -221,12 +346,39 @@ pub enum TenantsCommand {
         control: ControlArgs,
         tenant: String,
     },
+    /// Final backup, verified, then database and role dropped: `archived`.
+    Archive {
+        #[command(flatten)]
+        control: ControlArgs,
+        tenant: String,
+    },
+    /// Bring an archived tenant back (or roll an active one back) from a backup.
+    Restore {
+        #[command(flatten)]
+        control: ControlArgs,
+        tenant: String,
+        /// Backup to restore (default: the newest succeeded one).
+        #[arg(long)]
+        backup: Option<uuid::Uuid>,
+    },
     /// Drop a tenant's database and role; the registry row is kept as `deleted`.
     Delete {
         #[command(flatten)]
         control: ControlArgs,
         tenant: String,
     },
+}
+
+impl StorageArgs {
+    /// Storage settings from the environment and defaults alone (for `silo dev`).
+    pub fn from_env() -> Result<Self, clap::Error> {
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            storage: StorageArgs,
+        }
+        Only::try_parse_from(["silo"]).map(|o| o.storage)
+    }
 }
 
 /// A configuration problem: exit code 2, with a message naming what is wrong.
@@ -282,6 +434,7 @@ mod tests {
             master_key: Some(Secret::new("c2VjcmV0")),
             tenant_server_url: None,
             tenant_migrations: None,
+            storage: StorageArgs::default(),
         };
         let shown = format!("{args:?}");
         assert!(!shown.contains("hunter2"));

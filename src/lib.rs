@@ -1,3 +1,4 @@
+#![recursion_limit = "256"]
 //! silo: a database-per-tenant control plane for PostgreSQL.
 //!
 //! - [`registry`]: the control database (the only code that writes it);
@@ -10,6 +11,7 @@
 //! - [`cli`]: the `silo` commands.
 
 pub mod api;
+pub mod backup;
 pub mod cli;
 pub mod config;
 pub mod crypto;

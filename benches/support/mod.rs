@@ -91,6 +91,7 @@ impl SiloServer {
             reconcile_interval: 3600,
             app_domain: None,
             replicas: 1,
+            scheduler_tick: 15,
         };
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -218,3 +218,30 @@ impl<T: Serialize> IntoResponse for Json<T> {
 pub struct Query<T>(pub T);
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+/// A JSON body that may be left out: empty (or blank) means `None`.
+pub fn optional_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<Option<T>> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(body)
+        .map(Some)
+        .map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => ApiError::invalid(e.to_string()),
+            _ => ApiError::BadRequest(format!("malformed JSON: {e}")),
+        })
+}
+
+impl From<crate::backup::BackupError> for ApiError {
+    fn from(e: crate::backup::BackupError) -> Self {
+        use crate::backup::BackupError as B;
+        match e {
+            B::NotConfigured | B::Conflict(_) | B::KeyErased => Self::Conflict(e.to_string()),
+            B::Running(id) => Self::Conflict(format!("{e}: backup {id}")),
+            B::Busy(op) => Self::Busy(e.to_string(), op),
+            B::NotFound(what) => Self::not_found(what),
+            B::Invalid(msg) => Self::Unprocessable(msg),
+            B::Internal(e) => Self::from(ProvisionError::Internal(e)),
+        }
+    }
+}

@@ -1,6 +1,13 @@
-//! Background work of a running silo: the reconciler and the warm pool.
-//! Every task watches one `CancellationToken` and lives in one `TaskTracker`,
-//! so shutdown cancels them and waits for them to finish their current step.
+//! Background work of a running silo: the reconciler, the warm pool and the
+//! backup scheduler. Every task watches one `CancellationToken` and lives in
+//! one `TaskTracker`, so shutdown cancels them and waits for them to finish
+//! their current step.
+//!
+//! The backup scheduler's clock is tokio-cron-scheduler: a repeated job that
+//! only signals a tick; the tick's work (claiming due slots, running backups,
+//! retention) runs in a task of ours, so shutdown joins it. Whether a slot
+//! runs on this replica or another is decided in the control DB (see
+//! `backup::schedule`), not by the clock.
 
 use std::time::Duration;
 
@@ -18,6 +25,7 @@ const WARM_POOL_QUIET: Duration = Duration::from_millis(500);
 pub fn spawn(
     provisioner: &Provisioner,
     reconcile_every: Duration,
+    scheduler_tick: Duration,
     token: &CancellationToken,
     tracker: &TaskTracker,
 ) {
@@ -49,6 +57,9 @@ pub fn spawn(
             }
         }
     });
+    if provisioner.storage().is_some() {
+        spawn_backup_scheduler(provisioner, scheduler_tick, token, tracker);
+    }
     let (p, t) = (provisioner.clone(), token.clone());
     tracker.spawn(async move {
         loop {
@@ -71,5 +82,52 @@ pub fn spawn(
             // Refill when creates pause: cloning competes with them for the disk.
             while !t.is_cancelled() && p.spare_taken(WARM_POOL_QUIET).await {}
         }
+    });
+}
+
+/// Tick the backup scheduler every `tick` until `token` is cancelled.
+fn spawn_backup_scheduler(
+    provisioner: &Provisioner,
+    tick: Duration,
+    token: &CancellationToken,
+    tracker: &TaskTracker,
+) {
+    let (p, t) = (provisioner.clone(), token.clone());
+    tracker.spawn(async move {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+        let clock = async {
+            let sched = tokio_cron_scheduler::JobScheduler::new().await?;
+            let job = tokio_cron_scheduler::Job::new_repeated_async(tick, move |_, _| {
+                let tx = tx.clone();
+                Box::pin(async move {
+                    // A tick still running absorbs the next one.
+                    let _ = tx.try_send(());
+                })
+            })?;
+            sched.add(job).await?;
+            sched.start().await?;
+            Ok::<_, tokio_cron_scheduler::JobSchedulerError>(sched)
+        }
+        .await;
+        let mut sched = match clock {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("failed to start the backup scheduler: {e}");
+                return;
+            }
+        };
+        let guard = crate::backup::schedule::TickGuard::default();
+        loop {
+            tokio::select! {
+                _ = t.cancelled() => break,
+                ticked = rx.recv() => if ticked.is_none() { break },
+            }
+            match p.run_due_backups(&guard, &t).await {
+                Ok(r) if r.due > 0 => tracing::info!(?r, "scheduled backups ran"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("failed to run scheduled backups: {e}"),
+            }
+        }
+        sched.shutdown().await.ok();
     });
 }

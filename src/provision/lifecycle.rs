@@ -251,6 +251,15 @@ impl Provisioner {
             return Ok(());
         }
         let admin = self.admin_for(&t).await?;
+        if self.storage().is_some()
+            && super::database_exists(&admin, &t.database_name).await?
+            && !self.final_backup_taken(&t).await?
+        {
+            // Nothing is dropped before a final backup of it exists.
+            Box::pin(self.backup_now(id, crate::backup::BackupKind::Final, None))
+                .await
+                .map_err(|e| anyhow::anyhow!("take the final backup before deleting: {e:#}"))?;
+        }
         admin
             .exec(&format!(
                 "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
@@ -291,7 +300,7 @@ pub(crate) async fn set_role_login(
         .with_context(|| format!("set tenant role {attr}"))
 }
 
-async fn terminate_sessions(admin: &ServerAdmin, role: &str) -> anyhow::Result<()> {
+pub(crate) async fn terminate_sessions(admin: &ServerAdmin, role: &str) -> anyhow::Result<()> {
     sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1")
         .bind(role)
         .execute(&admin.pool)

@@ -26,6 +26,7 @@ pub mod scram;
 pub mod servers;
 mod template;
 
+pub(crate) use lifecycle::{set_role_login, terminate_sessions};
 pub use reconcile::ReconcileReport;
 pub use servers::{ServerAdmin, ServerPools};
 
@@ -134,6 +135,8 @@ struct Inner {
     tasks: tokio_util::task::TaskTracker,
     /// Tenant schema migrations (embedded, or `SILO_TENANT_MIGRATIONS`).
     migrator: Arc<Migrator>,
+    /// Backup storage, when configured.
+    storage: std::sync::OnceLock<Arc<crate::backup::Storage>>,
 }
 
 impl Provisioner {
@@ -147,6 +150,7 @@ impl Provisioner {
                 spare_taken: Notify::new(),
                 tasks: tokio_util::task::TaskTracker::new(),
                 migrator: Arc::new(crate::migrate::embedded_tenant_migrator()),
+                storage: Default::default(),
             }),
         }
     }
@@ -161,10 +165,21 @@ impl Provisioner {
             spare_taken: Notify::new(),
             tasks: tokio_util::task::TaskTracker::new(),
             migrator: shared.migrator.clone(),
+            storage: shared.storage.clone(),
         });
         Self {
             inner: Arc::new(Inner { migrator, ..inner }),
         }
+    }
+
+    /// Use `storage` for backups (once; later calls are ignored).
+    pub fn set_storage(&self, storage: crate::backup::Storage) {
+        let _ = self.inner.storage.set(Arc::new(storage));
+    }
+
+    /// Backup storage, if configured.
+    pub fn storage(&self) -> Option<&Arc<crate::backup::Storage>> {
+        self.inner.storage.get()
     }
 
     /// The tenant migrations this provisioner applies.

@@ -27,6 +27,10 @@ pub struct ReconcileReport {
     pub orphan_roles_dropped: u32,
     pub spares_dropped: u32,
     pub logins_fixed: u32,
+    /// Restore/verify scratch databases whose runner died, dropped.
+    pub scratch_databases_dropped: u32,
+    /// Backups, uploads and backup operations left by a stopped process.
+    pub backups: crate::backup::BackupSweep,
     pub errors: Vec<String>,
 }
 
@@ -71,6 +75,10 @@ impl Provisioner {
             if let Err(e) = outcome {
                 report.errors.push(format!("tenant {}: {e:#}", t.slug));
             }
+        }
+        match self.sweep_backups().await {
+            Ok(swept) => report.backups = swept,
+            Err(e) => report.errors.push(format!("sweep backups: {e:#}")),
         }
         for e in &report.errors {
             tracing::warn!("reconcile: failed to {e}");
@@ -184,6 +192,7 @@ impl Provisioner {
                 .context("drop an orphan spare role")?;
             report.orphan_roles_dropped += 1;
         }
+        report.scratch_databases_dropped += self.sweep_scratch_databases(&admin).await?;
         let server = reg.server(server.id).await?.context("re-read server")?;
         self.refill_warm_pool(&server, &admin, REFILL_BATCH).await?;
         Ok(())

@@ -24,6 +24,8 @@ pub struct ServerAdmin {
     /// Pool on the server's maintenance database (the admin URL's database).
     pub pool: PgPool,
     opts: PgConnectOptions,
+    /// The same login for `pg_dump`/`pg_restore`.
+    pub libpq: crate::backup::LibpqEnv,
 }
 
 impl ServerAdmin {
@@ -87,6 +89,7 @@ impl ServerPools {
             server.id.as_bytes(),
         )?;
         let opts = admin_options(&url)?;
+        let libpq = crate::backup::LibpqEnv::from_url(&url)?;
         let pool = PgPoolOptions::new()
             .max_connections(ADMIN_POOL_MAX)
             .min_connections(0)
@@ -97,6 +100,7 @@ impl ServerPools {
             server_id: server.id,
             pool,
             opts,
+            libpq,
         };
         self.pools
             .write()

@@ -20,6 +20,7 @@ pub struct Lock {
 const TENANT_NS: i64 = 0x7e11;
 const SERVER_NS: i64 = 0x5e4e;
 const OPERATION_NS: i64 = 0x0b5e;
+const BACKUP_NS: i64 = 0xbac0;
 
 fn key_of(ns: i64, id: Uuid) -> i64 {
     let (hi, lo) = id.as_u64_pair();
@@ -46,6 +47,12 @@ impl Registry {
     /// its runner died and whoever takes it resumes the operation.
     pub async fn try_lock_operation(&self, op: Uuid) -> sqlx::Result<Option<Lock>> {
         self.try_lock(key_of(OPERATION_NS, op)).await
+    }
+
+    /// The liveness lock of a running backup (or scratch restore): held by its
+    /// runner; free means the runner died and the sweep may clean up after it.
+    pub async fn try_lock_backup(&self, id: Uuid) -> sqlx::Result<Option<Lock>> {
+        self.try_lock(key_of(BACKUP_NS, id)).await
     }
 
     /// Wait for the maintenance lock of a server.

@@ -1,12 +1,13 @@
 //! The control database: the only module that runs SQL against it.
 //!
 //! It holds tenant DB servers, tenants and their lifecycle state, encrypted
-//! credentials, spare databases of the warm pool, idempotency keys, operations
-//! and the audit log. Every call is a short transaction; per-tenant work is
+//! credentials, spare databases of the warm pool, idempotency keys, operations,
+//! backups and the audit log. Every call is a short transaction; per-tenant work is
 //! serialized across processes and replicas with PostgreSQL advisory locks
 //! ([`Registry::lock_tenant`]).
 
 mod audit;
+mod backups;
 mod locks;
 mod operations;
 mod servers;
@@ -14,6 +15,7 @@ mod spares;
 mod tenants;
 
 pub use audit::AuditEntry;
+pub use backups::{Backup, BackupDone, NewBackup, Schedulable};
 pub use locks::Lock;
 pub use operations::{Operation, OperationStatus};
 pub use servers::DbServer;

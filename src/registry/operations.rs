@@ -70,6 +70,26 @@ impl Registry {
         .await
     }
 
+    /// As [`Self::create_operation_with`], with an id chosen (and locked) by the caller.
+    pub async fn create_operation_as(
+        &self,
+        id: Uuid,
+        kind: &str,
+        tenant: Option<Uuid>,
+        params: serde_json::Value,
+    ) -> sqlx::Result<Operation> {
+        sqlx::query_as(&format!(
+            "INSERT INTO operations (id, kind, tenant_id, status, params) VALUES ($1, $2, $3, 'running', $4)
+             RETURNING {OP_COLUMNS}"
+        ))
+        .bind(id)
+        .bind(kind)
+        .bind(tenant)
+        .bind(params)
+        .fetch_one(&self.pool)
+        .await
+    }
+
     /// Unfinished operations of a kind (any tenant), oldest first.
     pub async fn unfinished_operations(&self, kind: &str) -> sqlx::Result<Vec<Operation>> {
         sqlx::query_as(&format!(

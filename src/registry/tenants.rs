@@ -382,6 +382,38 @@ impl Registry {
 }
 
 impl Registry {
+    /// Point a tenant at another database (a restore's swap) and, optionally,
+    /// move it between states in the same statement. Routers on every replica
+    /// drop their pool for it (NOTIFY). `None` when it was in none of `from`.
+    pub async fn set_tenant_database(
+        &self,
+        id: Uuid,
+        from: &[TenantStatus],
+        to: TenantStatus,
+        database: &str,
+        schema_version: Option<i64>,
+    ) -> sqlx::Result<Option<TenantRecord>> {
+        let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
+        let done = sqlx::query(
+            "UPDATE tenants SET database_name = $3, schema_version = coalesce($4, schema_version),
+                    status = $5, last_error = NULL, updated_at = now()
+              WHERE id = $1 AND status = ANY($2)",
+        )
+        .bind(id)
+        .bind(from)
+        .bind(database)
+        .bind(schema_version)
+        .bind(to.as_str())
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
+        self.tenant(id).await
+    }
+}
+
+impl Registry {
     /// As [`Self::set_password`], committed lazily (see `begin_lazy`): for
     /// provisioning, where a resumed step re-asserts the password anyway.
     pub async fn set_password_lazily(

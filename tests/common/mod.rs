@@ -15,7 +15,7 @@ use serde_json::Value;
 use silo::api::{app, AppState};
 use silo::config::Secret;
 use silo::crypto::Keyring;
-use silo::embedded::EmbeddedPostgres;
+use silo::embedded::{EmbeddedPostgres, EmbeddedS3};
 use silo::provision::{ProvisionConfig, Provisioner};
 use silo::registry::{Registry, TenantRecord};
 use silo::router::{RouterConfig, TenantRouter};
@@ -43,7 +43,15 @@ pub struct TestEnv {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Superuser pool on the `postgres` database, for inspecting the server.
     pub admin: PgPool,
+    /// The embedded S3 store, when the test uses backups.
+    pub s3: Option<Arc<EmbeddedS3>>,
+    s3_dir: Option<Arc<tempfile::TempDir>>,
 }
+
+/// Bucket the tests back up into.
+pub const BUCKET: &str = "silo-test";
+const S3_ACCESS: &str = "silo-test-access";
+const S3_SECRET: &str = "silo-test-secret-0123456789";
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
@@ -110,7 +118,50 @@ impl TestEnv {
             router,
             shutdown,
             admin,
+            s3: None,
+            s3_dir: None,
         }
+    }
+
+    /// A fresh cluster plus an embedded S3 store, with backups configured.
+    pub async fn start_with_storage() -> Self {
+        Self::start_with_storage_args(storage_args()).await
+    }
+
+    /// As [`Self::start_with_storage`], with backup settings of the test's choosing.
+    pub async fn start_with_storage_args(args: silo::config::StorageArgs) -> Self {
+        let mut env = Self::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let s3 = EmbeddedS3::start(dir.path(), S3_ACCESS, S3_SECRET)
+            .await
+            .unwrap();
+        let storage = storage_for(&s3, &args).await;
+        storage.store.ensure_bucket().await.unwrap();
+        env.provisioner.set_storage(storage);
+        env.s3 = Some(Arc::new(s3));
+        env.s3_dir = Some(Arc::new(dir));
+        env
+    }
+
+    pub fn s3(&self) -> &EmbeddedS3 {
+        self.s3.as_deref().expect("this test started with storage")
+    }
+
+    /// Objects stored under a tenant's backup prefix (names relative to it).
+    pub fn stored_objects(&self, tenant: uuid::Uuid) -> Vec<String> {
+        let dir = self
+            .s3()
+            .object_path(BUCKET, &format!("silo/tenants/{}", tenant.simple()));
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| !n.starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
     }
 
     pub fn control_url(&self) -> String {
@@ -259,7 +310,7 @@ impl TestEnv {
     /// `silo_` databases and roles on the server that no live registry row accounts for.
     pub async fn orphans(&self) -> Vec<String> {
         let dbs: Vec<String> = sqlx::query_scalar(
-            "SELECT datname::text FROM pg_database WHERE datname LIKE 'silo\\_t\\_%' OR datname LIKE 'silo\\_spare\\_%'",
+            "SELECT datname::text FROM pg_database WHERE datname LIKE 'silo\\_t\\_%' OR datname LIKE 'silo\\_spare\\_%' OR datname LIKE 'silo\\_x\\_%'",
         )
         .fetch_all(&self.admin)
         .await
@@ -370,6 +421,16 @@ impl Silo {
         if let Some(fp) = failpoint {
             cmd.env("SILO_FAILPOINT", fp);
         }
+        if let Some(s3) = &env.s3 {
+            cmd.env("SILO_S3_BUCKET", BUCKET)
+                .env("SILO_S3_ENDPOINT", s3.endpoint())
+                .env("SILO_S3_FORCE_PATH_STYLE", "true")
+                .env("SILO_S3_REGION", "us-east-1")
+                .env("AWS_ACCESS_KEY_ID", S3_ACCESS)
+                .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+                .env("AWS_EC2_METADATA_DISABLED", "true")
+                .env("SILO_BACKUP_PARTS_IN_FLIGHT", "2");
+        }
         let silo = Self {
             child: cmd.spawn().expect("start silo serve"),
             base: format!("http://127.0.0.1:{port}"),
@@ -455,4 +516,48 @@ impl Drop for Silo {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Backup settings for tests: the defaults, with a bucket.
+pub fn storage_args() -> silo::config::StorageArgs {
+    let mut args = silo::config::StorageArgs::from_env().unwrap();
+    args.s3_bucket = Some(BUCKET.into());
+    args.s3_force_path_style = true;
+    args.backup_verify_sample = 0.0;
+    args
+}
+
+/// Backup storage on `s3` with `args`.
+pub async fn storage_for(
+    s3: &EmbeddedS3,
+    args: &silo::config::StorageArgs,
+) -> silo::backup::Storage {
+    let config = silo::backup::StoreConfig {
+        bucket: BUCKET.into(),
+        endpoint: Some(s3.endpoint()),
+        region: "us-east-1".into(),
+        force_path_style: true,
+        checksums: args.s3_checksums,
+        static_credentials: Some((S3_ACCESS.into(), Secret::new(S3_SECRET))),
+    };
+    silo::backup::Storage::connect(&config, args).await.unwrap()
+}
+
+/// Fill the tenant's database with `megabytes` of incompressible data (a
+/// `ballast` table), so its dump spans several upload parts.
+pub async fn add_ballast(env: &TestEnv, t: &TenantRecord, megabytes: usize) {
+    let mut conn = PgConnection::connect(&env.pg.url(&t.database_name))
+        .await
+        .unwrap();
+    sqlx::raw_sql(&format!(
+        "CREATE TABLE IF NOT EXISTS ballast (id serial PRIMARY KEY, data bytea NOT NULL);
+         INSERT INTO ballast (data)
+           SELECT decode(string_agg(md5(random()::text || g::text || r::text), ''), 'hex')
+             FROM generate_series(1, {rows}) r, generate_series(1, 4096) g GROUP BY r;",
+        rows = megabytes * 16
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.ok();
 }

@@ -1,5 +1,6 @@
 //! The admin API, `/admin/v1`; each resource owns its routes.
 
+mod backups;
 mod migrations;
 mod operations;
 mod pools;
@@ -18,4 +19,5 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(servers::router())
         .merge(pools::router())
         .merge(migrations::router())
+        .merge(backups::router())
 }

@@ -10,7 +10,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::api::auth::Actor;
-use crate::api::error::{ApiError, ApiResult, Json, Problem, Query};
+use crate::api::error::{optional_body, ApiError, ApiResult, Json, Problem, Query};
 use crate::api::AppState;
 use crate::provision::{CreateTenant, DEFAULT_PLAN, PLANS};
 use crate::registry::{Operation, Tenant, TenantPatch, TenantRecord, TenantStatus};
@@ -249,14 +249,7 @@ async fn mint_token(
     body: axum::body::Bytes,
 ) -> ApiResult<(StatusCode, Json<TokenResponse>)> {
     // The body is optional: empty means all defaults.
-    let req: TokenRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        TokenRequest { ttl_seconds: None }
-    } else {
-        serde_json::from_slice(&body).map_err(|e| match e.classify() {
-            serde_json::error::Category::Data => ApiError::invalid(e.to_string()),
-            _ => ApiError::BadRequest(format!("malformed JSON: {e}")),
-        })?
-    };
+    let req: TokenRequest = optional_body(&body)?.unwrap_or(TokenRequest { ttl_seconds: None });
     let ttl = req
         .ttl_seconds
         .unwrap_or(crate::tokens::DEFAULT_TTL_SECONDS);
@@ -299,7 +292,7 @@ async fn rotate_credentials(
 }
 
 /// Find a tenant by slug or id; 404 for anything else.
-async fn resolve(state: &AppState, slug_or_id: &str) -> ApiResult<TenantRecord> {
+pub(crate) async fn resolve(state: &AppState, slug_or_id: &str) -> ApiResult<TenantRecord> {
     if slug_or_id.len() > 64 {
         return Err(ApiError::not_found("tenant"));
     }

@@ -1,0 +1,278 @@
+//! Backups, restores, verification, archival and erasure of tenants' backups.
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Extension;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use super::tenants::{resolve, validate_slug};
+use crate::api::auth::Actor;
+use crate::api::error::{optional_body, ApiError, ApiResult, Json, Problem, Query};
+use crate::api::AppState;
+use crate::backup::{BackupError, BackupKind, RestoreTarget};
+use crate::registry::{Backup, Operation};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(start_backup, list_backups, erase_backups))
+        .routes(routes!(get_backup))
+        .routes(routes!(verify_backup))
+        .routes(routes!(restore_backup))
+        .routes(routes!(archive_tenant))
+        .routes(routes!(restore_tenant))
+}
+
+const DEFAULT_PAGE: i64 = 50;
+const MAX_PAGE: i64 = 500;
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct BackupListParams {
+    /// 1..=500, default 50.
+    limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BackupPage {
+    items: Vec<Backup>,
+    next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreBackupBody {
+    /// Restore into this tenant instead (created if no tenant has the slug).
+    into_slug: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreTenantBody {
+    /// Backup to restore; default: the tenant's newest succeeded backup.
+    backup_id: Option<Uuid>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Erased {
+    /// Backups whose objects were deleted.
+    backups_erased: u32,
+}
+
+/// Back a tenant up now; answers with the backup, `running`, to poll.
+#[utoipa::path(post, path = "/tenants/{tenant}/backups", tag = "backups",
+    params(("tenant" = String, Path, description = "slug or id")),
+    responses((status = 202, body = Backup), (status = 404, body = Problem),
+        (status = 409, body = Problem, description = "one is running, the tenant cannot be backed up, or storage is not configured")))]
+async fn start_backup(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(tenant): Path<String>,
+) -> ApiResult<(StatusCode, Json<Backup>)> {
+    let t = resolve(&state, &tenant).await?;
+    let p = &state.provisioner;
+    let (backup, lock) = p.start_backup(t.id, BackupKind::Manual, None).await?;
+    p.registry()
+        .audit(
+            actor.0,
+            "backup.start",
+            Some(t.id),
+            serde_json::json!({"backup_id": backup.id}),
+        )
+        .await?;
+    let runner = p.clone();
+    let started = backup.clone();
+    p.tasks().spawn(async move {
+        let tenant = started.tenant_id;
+        if runner.run_backup(started, lock, None).await.is_ok() {
+            if let Err(e) = runner.prune_backups(tenant).await {
+                tracing::warn!(tenant_id = %tenant, "failed to apply backup retention: {e}");
+            }
+        }
+    });
+    Ok((StatusCode::ACCEPTED, Json(backup)))
+}
+
+/// A tenant's backups, newest first.
+#[utoipa::path(get, path = "/tenants/{tenant}/backups", tag = "backups",
+    params(("tenant" = String, Path, description = "slug or id"), BackupListParams),
+    responses((status = 200, body = BackupPage), (status = 404, body = Problem), (status = 422, body = Problem)))]
+async fn list_backups(
+    State(state): State<AppState>,
+    Path(tenant): Path<String>,
+    Query(params): Query<BackupListParams>,
+) -> ApiResult<Json<BackupPage>> {
+    let limit = params.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::invalid(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        )));
+    }
+    let before = params
+        .cursor
+        .as_deref()
+        .map(|c| {
+            Uuid::parse_str(c)
+                .map_err(|_| ApiError::invalid("cursor is not a cursor this API returned"))
+        })
+        .transpose()?;
+    let t = resolve(&state, &tenant).await?;
+    let items = state.registry().backups_of(t.id, before, limit).await?;
+    let next_cursor = (items.len() as i64 == limit)
+        .then(|| items.last().map(|b| b.id.to_string()))
+        .flatten();
+    Ok(Json(BackupPage { items, next_cursor }))
+}
+
+/// Crypto-shred a deleted tenant's backups: its data key is forgotten and
+/// the objects deleted; nothing can read them again.
+#[utoipa::path(delete, path = "/tenants/{tenant}/backups", tag = "backups",
+    params(("tenant" = String, Path, description = "slug or id")),
+    responses((status = 200, body = Erased), (status = 404, body = Problem),
+        (status = 409, body = Problem, description = "the tenant is not deleted")))]
+async fn erase_backups(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(tenant): Path<String>,
+) -> ApiResult<Json<Erased>> {
+    let t = find_any(&state, &tenant).await?;
+    let n = state.provisioner.erase_backups(t, actor.0).await?;
+    Ok(Json(Erased { backups_erased: n }))
+}
+
+/// One backup.
+#[utoipa::path(get, path = "/backups/{id}", tag = "backups",
+    params(("id" = Uuid, Path)),
+    responses((status = 200, body = Backup), (status = 404, body = Problem)))]
+async fn get_backup(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Backup>> {
+    let id = backup_id(&id)?;
+    state
+        .registry()
+        .backup(id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("backup"))
+}
+
+/// Restore a backup into a scratch database and compare row counts with
+/// those recorded at backup time.
+#[utoipa::path(post, path = "/backups/{id}/verify", tag = "backups",
+    params(("id" = Uuid, Path)),
+    responses((status = 202, body = Operation), (status = 404, body = Problem), (status = 409, body = Problem)))]
+async fn verify_backup(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
+    let id = backup_id(&id)?;
+    let op = state.provisioner.start_verify(id).await?;
+    state
+        .registry()
+        .audit(
+            actor.0,
+            "backup.verify",
+            op.tenant_id,
+            serde_json::json!({"backup_id": id, "operation": op.id}),
+        )
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(op)))
+}
+
+/// Restore a backup into its tenant (replacing its database; the tenant keeps
+/// serving its current one until the swap) or into `into_slug`.
+#[utoipa::path(post, path = "/backups/{id}/restore", tag = "backups", request_body = Option<RestoreBackupBody>,
+    params(("id" = Uuid, Path)),
+    responses((status = 202, body = Operation), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
+async fn restore_backup(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
+    let body: Option<RestoreBackupBody> = optional_body(&body)?;
+    let id = backup_id(&id)?;
+    let target = match body.and_then(|b| b.into_slug) {
+        Some(slug) => {
+            validate_slug(&slug)?;
+            RestoreTarget::IntoSlug(slug)
+        }
+        None => RestoreTarget::InPlace,
+    };
+    let op = state.provisioner.start_restore(id, target, "admin").await?;
+    Ok((StatusCode::ACCEPTED, Json(op)))
+}
+
+/// Archive a tenant: final backup, verified, then database and role dropped.
+#[utoipa::path(post, path = "/tenants/{tenant}/archive", tag = "backups",
+    params(("tenant" = String, Path, description = "slug or id")),
+    responses((status = 202, body = Operation), (status = 404, body = Problem), (status = 409, body = Problem)))]
+async fn archive_tenant(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(tenant): Path<String>,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
+    let t = resolve(&state, &tenant).await?;
+    let op = state.provisioner.start_archive(t.id, actor.0).await?;
+    state.router.invalidate(t.id).await;
+    Ok((StatusCode::ACCEPTED, Json(op)))
+}
+
+/// Restore a tenant from a backup (default: its newest): an archived tenant
+/// comes back `active` at the latest schema; an active one gets its data
+/// replaced.
+#[utoipa::path(post, path = "/tenants/{tenant}/restore", tag = "backups", request_body = Option<RestoreTenantBody>,
+    params(("tenant" = String, Path, description = "slug or id")),
+    responses((status = 202, body = Operation), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
+async fn restore_tenant(
+    State(state): State<AppState>,
+    Path(tenant): Path<String>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
+    let body: Option<RestoreTenantBody> = optional_body(&body)?;
+    let t = resolve(&state, &tenant).await?;
+    let reg = state.registry();
+    let backup = match body.and_then(|b| b.backup_id) {
+        Some(id) => {
+            let b = reg
+                .backup(id)
+                .await?
+                .ok_or_else(|| ApiError::not_found("backup"))?;
+            if b.tenant_id != t.id {
+                return Err(ApiError::invalid("backup_id names another tenant's backup"));
+            }
+            b
+        }
+        None => reg.latest_good_backup(t.id).await?.ok_or_else(|| {
+            ApiError::from(BackupError::Conflict(
+                "the tenant has no succeeded backup".into(),
+            ))
+        })?,
+    };
+    let op = state
+        .provisioner
+        .start_restore(backup.id, RestoreTarget::InPlace, "admin")
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(op)))
+}
+
+fn backup_id(raw: &str) -> ApiResult<Uuid> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::not_found("backup"))
+}
+
+/// A tenant by slug or id, deleted ones included (erasure is for those).
+async fn find_any(state: &AppState, slug_or_id: &str) -> ApiResult<Uuid> {
+    if let Ok(id) = Uuid::parse_str(slug_or_id) {
+        if state.registry().tenant(id).await?.is_some() {
+            return Ok(id);
+        }
+    }
+    Ok(resolve(state, slug_or_id).await?.id)
+}

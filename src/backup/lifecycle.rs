@@ -1,0 +1,516 @@
+//! Backup work as operations (`202` + poll), archival, erasure, and the
+//! sweep that cleans up after backups, restores and archivals whose process
+//! died.
+
+use std::collections::HashSet;
+use std::future::Future;
+
+use anyhow::Context;
+use serde::Serialize;
+use serde_json::json;
+use uuid::Uuid;
+
+use super::{BackupError, BackupKind, RestoreTarget, OBJECT_PREFIX, SCRATCH_DB_PREFIX};
+use crate::provision::{set_role_login, terminate_sessions, Provisioner, ServerAdmin};
+use crate::registry::{Operation, TenantRecord, TenantStatus};
+
+/// Operation kinds run by this module; an unfinished one whose lock is free
+/// was interrupted by a crash.
+pub const OPERATION_KINDS: [&str; 3] = ["tenant.archive", "backup.restore", "backup.verify"];
+
+/// What one backup sweep cleaned up.
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct BackupSweep {
+    /// Running backups whose runner died, now `failed` with their upload aborted.
+    pub backups_abandoned: u32,
+    /// Open multipart uploads no running backup owned, aborted.
+    pub uploads_aborted: u32,
+    /// Operations whose runner died, now `failed` (or finished, for archivals past the drop).
+    pub operations_interrupted: u32,
+}
+
+fn error_text(e: &BackupError) -> String {
+    match e {
+        BackupError::Internal(e) => format!("{e:#}"),
+        other => other.to_string(),
+    }
+}
+
+impl Provisioner {
+    /// Record an operation, hold its lock, and run `work` in the background;
+    /// its result (or error) is stored on the operation.
+    pub(crate) async fn spawn_operation<F, Fut>(
+        &self,
+        kind: &'static str,
+        tenant: Option<Uuid>,
+        params: serde_json::Value,
+        work: F,
+    ) -> Result<Operation, BackupError>
+    where
+        F: FnOnce(Provisioner) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<serde_json::Value, BackupError>> + Send + 'static,
+    {
+        let reg = self.registry();
+        let id = Uuid::now_v7();
+        let lock = reg
+            .try_lock_operation(id)
+            .await?
+            .context("lock a fresh operation id")?;
+        let op = match reg.create_operation_as(id, kind, tenant, params).await {
+            Ok(op) => op,
+            Err(e) => {
+                lock.release().await;
+                return Err(e.into());
+            }
+        };
+        let this = self.clone();
+        self.tasks().spawn(async move {
+            let outcome = work(this.clone()).await.map_err(|e| error_text(&e));
+            if let Err(e) = &outcome {
+                tracing::error!(operation_id = %id, kind, "failed to {kind}: {e}");
+            }
+            if let Err(e) = this.registry().finish_operation(id, outcome).await {
+                tracing::error!(operation_id = %id, "failed to record the end of an operation: {e}");
+            }
+            lock.release().await;
+        });
+        Ok(op)
+    }
+
+    /// `POST /backups/{id}/verify` as an operation.
+    pub async fn start_verify(&self, backup: Uuid) -> Result<Operation, BackupError> {
+        self.storage_or_err()?;
+        let b = self
+            .registry()
+            .backup(backup)
+            .await?
+            .ok_or(BackupError::NotFound("backup"))?;
+        if b.status != "succeeded" {
+            return Err(BackupError::Conflict(format!(
+                "backup is {}: only a succeeded backup can be verified",
+                b.status
+            )));
+        }
+        self.spawn_operation(
+            "backup.verify",
+            Some(b.tenant_id),
+            json!({"backup_id": backup}),
+            move |p| async move {
+                let report = p.verify_backup(backup, None).await?;
+                if !report.ok {
+                    return Err(BackupError::Internal(anyhow::anyhow!(
+                        "verify the backup: {}",
+                        report.mismatches.join("; ")
+                    )));
+                }
+                Ok(serde_json::to_value(report).unwrap_or_default())
+            },
+        )
+        .await
+    }
+
+    /// `POST /backups/{id}/restore` and `POST /tenants/{t}/restore` as an operation.
+    pub async fn start_restore(
+        &self,
+        backup: Uuid,
+        target: RestoreTarget,
+        actor: &'static str,
+    ) -> Result<Operation, BackupError> {
+        self.storage_or_err()?;
+        let reg = self.registry();
+        let b = reg
+            .backup(backup)
+            .await?
+            .ok_or(BackupError::NotFound("backup"))?;
+        if b.status != "succeeded" {
+            return Err(BackupError::Conflict(format!(
+                "backup is {}: only a succeeded backup can be restored",
+                b.status
+            )));
+        }
+        if reg.backup_key_erased(b.tenant_id).await? {
+            return Err(BackupError::KeyErased);
+        }
+        let into = match &target {
+            RestoreTarget::InPlace => None,
+            RestoreTarget::IntoSlug(s) => Some(s.clone()),
+        };
+        let target_tenant = match &into {
+            Some(slug) => reg.find_tenant(slug).await?.map(|t| t.id),
+            None => Some(b.tenant_id),
+        };
+        if let Some(t) = target_tenant {
+            for kind in OPERATION_KINDS {
+                if let Some(op) = reg.open_operations(kind, t).await?.first() {
+                    return Err(BackupError::Busy(op.id));
+                }
+            }
+        }
+        self.spawn_operation(
+            "backup.restore",
+            target_tenant.or(Some(b.tenant_id)),
+            json!({"backup_id": backup, "into_slug": into}),
+            move |p| async move {
+                let t = p.restore_backup(backup, target, actor, None).await?;
+                Ok(json!({"tenant_id": t.id, "slug": t.slug, "status": t.status, "database": t.database_name, "backup_id": backup}))
+            },
+        )
+        .await
+    }
+
+    /// Archive a tenant: final backup, verified, then its database and role
+    /// dropped and the tenant `archived`. The tenant stops serving at once
+    /// (no write may land after the backup); a failure brings it back.
+    #[tracing::instrument(skip(self), fields(tenant_id = %id))]
+    pub async fn start_archive(&self, id: Uuid, actor: &str) -> Result<Operation, BackupError> {
+        self.storage_or_err()?;
+        let reg = self.registry();
+        let lock = reg.lock_tenant(id).await?;
+        let from = async {
+            let t = reg
+                .tenant(id)
+                .await?
+                .ok_or(BackupError::NotFound("tenant"))?;
+            match t.status {
+                TenantStatus::Active | TenantStatus::Suspended => {}
+                TenantStatus::Deleted => return Err(BackupError::NotFound("tenant")),
+                other => {
+                    return Err(BackupError::Conflict(format!(
+                        "tenant is {}: only an active or suspended tenant can be archived",
+                        other.as_str()
+                    )))
+                }
+            }
+            if reg.backup_key_erased(id).await? {
+                return Err(BackupError::KeyErased);
+            }
+            reg.transition(id, &[t.status], TenantStatus::Archiving, None)
+                .await?
+                .ok_or_else(|| BackupError::Conflict("tenant changed state".into()))?;
+            reg.audit(actor, "tenant.archive", Some(id), json!({}))
+                .await?;
+            Ok(t.status)
+        }
+        .await;
+        lock.release().await;
+        let from = from?;
+        self.spawn_operation(
+            "tenant.archive",
+            Some(id),
+            json!({"from": from.as_str()}),
+            move |p| async move {
+                let backup = p.run_archive(id, from).await?;
+                Ok(json!({"tenant_id": id, "status": "archived", "backup_id": backup}))
+            },
+        )
+        .await
+    }
+
+    async fn run_archive(&self, id: Uuid, from: TenantStatus) -> Result<Uuid, BackupError> {
+        let reg = self.registry();
+        let t = reg
+            .tenant(id)
+            .await?
+            .ok_or(BackupError::NotFound("tenant"))?;
+        let admin = self.admin_for(&t).await?;
+        let backed_up = async {
+            set_role_login(&admin, &t.role_name, false).await?;
+            terminate_sessions(&admin, &t.role_name).await?;
+            let b = self.backup_now(id, BackupKind::Archive, None).await?;
+            let report = self.verify_backup(b.id, None).await?;
+            if !report.ok {
+                return Err(BackupError::Internal(anyhow::anyhow!(
+                    "verify the archive backup: {}",
+                    report.mismatches.join("; ")
+                )));
+            }
+            crate::failpoint::hit("archive_backup");
+            Ok(b.id)
+        }
+        .await;
+        match backed_up {
+            Ok(backup) => {
+                let lock = reg.lock_tenant(id).await?;
+                let done = self.finish_archive_locked(&admin, &t).await;
+                lock.release().await;
+                done?;
+                Ok(backup)
+            }
+            Err(e) => {
+                self.undo_archive(&admin, &t, from, &error_text(&e)).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn finish_archive_locked(
+        &self,
+        admin: &ServerAdmin,
+        t: &TenantRecord,
+    ) -> anyhow::Result<()> {
+        admin
+            .exec(&format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                t.database_name
+            ))
+            .await
+            .context("drop the archived tenant's database")?;
+        admin
+            .exec(&format!("DROP ROLE IF EXISTS \"{}\"", t.role_name))
+            .await
+            .context("drop the archived tenant's role")?;
+        self.registry()
+            .transition(
+                t.id,
+                &[TenantStatus::Archiving],
+                TenantStatus::Archived,
+                None,
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn undo_archive(
+        &self,
+        admin: &ServerAdmin,
+        t: &TenantRecord,
+        from: TenantStatus,
+        error: &str,
+    ) {
+        let reg = self.registry();
+        if reg
+            .transition(t.id, &[TenantStatus::Archiving], from, Some(error))
+            .await
+            .is_ok()
+            && from == TenantStatus::Active
+        {
+            if let Err(e) = set_role_login(admin, &t.role_name, true).await {
+                tracing::warn!(tenant_id = %t.id, "failed to let the tenant in again (the reconciler will): {e:#}");
+            }
+        }
+    }
+
+    /// Crypto-shred a deleted tenant's backups: forget its data key, delete
+    /// the objects. Nothing can read them afterwards.
+    pub async fn erase_backups(&self, id: Uuid, actor: &str) -> Result<u32, BackupError> {
+        let storage = self.storage_or_err()?;
+        let reg = self.registry();
+        let t = reg
+            .tenant(id)
+            .await?
+            .ok_or(BackupError::NotFound("tenant"))?;
+        if t.status != TenantStatus::Deleted {
+            return Err(BackupError::Conflict(format!(
+                "tenant is {}: only a deleted tenant's backups can be erased",
+                t.status.as_str()
+            )));
+        }
+        reg.erase_backup_key(id).await?;
+        let mut removed = 0;
+        for b in reg.live_backups_of(id).await? {
+            storage.store.delete(&b.manifest_key).await?;
+            storage.store.delete(&b.object_key).await?;
+            reg.mark_backup_deleted(b.id).await?;
+            removed += 1;
+        }
+        reg.audit(
+            actor,
+            "tenant.erase_backups",
+            Some(id),
+            json!({"backups": removed}),
+        )
+        .await?;
+        Ok(removed)
+    }
+
+    /// Clean up after backups, restores and archivals whose process died.
+    pub async fn sweep_backups(&self) -> anyhow::Result<BackupSweep> {
+        let mut report = BackupSweep::default();
+        let Some(storage) = self.storage().cloned() else {
+            return Ok(report);
+        };
+        let reg = self.registry();
+        for b in reg.running_backups().await? {
+            let Some(lock) = reg.try_lock_backup(b.id).await? else {
+                continue; // alive
+            };
+            // Re-read under the lock: it may have finished meanwhile.
+            if let Some(b) = reg.backup(b.id).await?.filter(|b| b.status == "running") {
+                self.discard_backup(&storage.store, &b).await;
+                reg.fail_backup(
+                    b.id,
+                    "interrupted: the silo process running this backup stopped",
+                )
+                .await?;
+                report.backups_abandoned += 1;
+                tracing::warn!(backup_id = %b.id, tenant_id = %b.tenant_id, "backup abandoned by a stopped process: upload aborted, marked failed");
+            }
+            lock.release().await;
+        }
+        // Uploads the registry never learnt of (a crash right after starting one),
+        // where the store can list them.
+        if let Some(open) = storage.store.open_uploads(OBJECT_PREFIX).await? {
+            for (key, upload) in open {
+                let owner = key
+                    .rsplit('/')
+                    .next()
+                    .and_then(|f| f.strip_suffix(".dump"))
+                    .and_then(|id| Uuid::parse_str(id).ok());
+                let alive = match owner {
+                    Some(id) => reg.backup(id).await?.is_some_and(|b| b.status == "running"),
+                    None => false,
+                };
+                if !alive {
+                    storage.store.abort_upload(&key, &upload).await?;
+                    report.uploads_aborted += 1;
+                }
+            }
+        }
+        for kind in OPERATION_KINDS {
+            for op in reg.unfinished_operations(kind).await? {
+                let Some(lock) = reg.try_lock_operation(op.id).await? else {
+                    continue;
+                };
+                let outcome = self.settle_interrupted(&op).await;
+                reg.finish_operation(op.id, outcome).await?;
+                lock.release().await;
+                report.operations_interrupted += 1;
+            }
+        }
+        // A tenant left `archiving` or `restoring` with no live operation.
+        for t in reg
+            .tenants_in(&[TenantStatus::Archiving, TenantStatus::Restoring])
+            .await?
+        {
+            let Some(lock) = reg.try_lock_tenant(t.id).await? else {
+                continue;
+            };
+            let mut live = false;
+            for kind in OPERATION_KINDS {
+                live |= !reg.open_operations(kind, t.id).await?.is_empty();
+            }
+            if !live {
+                match t.status {
+                    TenantStatus::Restoring => {
+                        self.undo_unarchive(
+                            t.id,
+                            "interrupted: the silo process restoring it stopped",
+                        )
+                        .await
+                    }
+                    _ => {
+                        let admin = self.admin_for(&t).await?;
+                        self.settle_archive(&admin, &t, TenantStatus::Active).await;
+                    }
+                }
+            }
+            lock.release().await;
+        }
+        Ok(report)
+    }
+
+    /// The outcome to record for an operation whose runner died, after
+    /// putting its tenant back in a settled state.
+    async fn settle_interrupted(&self, op: &Operation) -> Result<serde_json::Value, String> {
+        let reg = self.registry();
+        let interrupted =
+            "interrupted: the silo process running it stopped; nothing was changed".to_owned();
+        let Some(tenant) = op.tenant_id else {
+            return Err(interrupted);
+        };
+        let Ok(Some(t)) = reg.tenant(tenant).await else {
+            return Err(interrupted);
+        };
+        match (op.kind.as_str(), t.status) {
+            ("tenant.archive", TenantStatus::Archiving) => {
+                let from = reg
+                    .operation_params(op.id)
+                    .await
+                    .ok()
+                    .and_then(|p| p["from"].as_str().and_then(TenantStatus::parse))
+                    .unwrap_or(TenantStatus::Active);
+                let Ok(admin) = self.admin_for(&t).await else {
+                    return Err(interrupted);
+                };
+                if self.settle_archive(&admin, &t, from).await {
+                    Ok(json!({"tenant_id": t.id, "status": "archived"}))
+                } else {
+                    Err("interrupted: the silo process archiving it stopped; the tenant was put back".into())
+                }
+            }
+            ("backup.restore", TenantStatus::Restoring) => {
+                self.undo_unarchive(t.id, "interrupted: the silo process restoring it stopped")
+                    .await;
+                Err(interrupted)
+            }
+            _ => Err(interrupted),
+        }
+    }
+
+    /// An archival that lost its process: finished if the database is
+    /// already gone, else undone. Returns `true` when it ended archived.
+    async fn settle_archive(
+        &self,
+        admin: &ServerAdmin,
+        t: &TenantRecord,
+        from: TenantStatus,
+    ) -> bool {
+        match crate::provision::database_exists(admin, &t.database_name).await {
+            Ok(false) => self.finish_archive_locked(admin, t).await.is_ok(),
+            Ok(true) => {
+                self.undo_archive(
+                    admin,
+                    t,
+                    from,
+                    "interrupted: the silo process archiving it stopped",
+                )
+                .await;
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Drop scratch databases (`silo_x_*`) whose restore or verification died.
+    pub(crate) async fn sweep_scratch_databases(&self, admin: &ServerAdmin) -> anyhow::Result<u32> {
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT datname::text FROM pg_database WHERE datname LIKE 'silo\\_x\\_%'",
+        )
+        .fetch_all(&admin.pool)
+        .await
+        .context("list scratch databases")?;
+        let mut dropped = 0;
+        let reg = self.registry();
+        let mut seen = HashSet::new();
+        for name in names {
+            let Some(id) = name
+                .strip_prefix(SCRATCH_DB_PREFIX)
+                .and_then(|h| Uuid::parse_str(h).ok())
+            else {
+                continue;
+            };
+            if !seen.insert(id) {
+                continue;
+            }
+            if let Some(lock) = reg.try_lock_backup(id).await? {
+                admin
+                    .exec(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                    .await
+                    .with_context(|| format!("drop abandoned scratch database {name}"))?;
+                lock.release().await;
+                dropped += 1;
+            }
+        }
+        Ok(dropped)
+    }
+
+    /// Has the tenant a succeeded final backup taken since it began deleting?
+    pub(crate) async fn final_backup_taken(&self, t: &TenantRecord) -> sqlx::Result<bool> {
+        Ok(self
+            .registry()
+            .live_backups_of(t.id)
+            .await?
+            .iter()
+            .any(|b| b.kind == "final" && b.status == "succeeded" && b.started_at >= t.updated_at))
+    }
+}

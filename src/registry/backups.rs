@@ -1,0 +1,333 @@
+//! Backup rows: one per attempt, `running` → `succeeded` | `failed`, and
+//! `deleted` once retention removed its objects. A row says `succeeded` only
+//! after the manifest was written (invariant 5).
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::FromRow;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::Registry;
+
+/// One backup attempt of one tenant.
+#[derive(Debug, Clone, Serialize, ToSchema, FromRow, PartialEq)]
+pub struct Backup {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    /// `manual`, `scheduled`, `archive` or `final`.
+    pub kind: String,
+    /// `running`, `succeeded`, `failed` or `deleted`.
+    pub status: String,
+    pub bucket: String,
+    pub object_key: String,
+    pub manifest_key: String,
+    #[serde(skip)]
+    pub upload_id: Option<String>,
+    pub storage_class: Option<String>,
+    /// Bytes per multipart part (all parts but the last are this size).
+    pub part_size: Option<i64>,
+    pub parts: Option<i32>,
+    /// Bytes stored (encrypted dump).
+    pub size_bytes: Option<i64>,
+    /// SHA-256 (hex) of the stored bytes.
+    pub sha256: Option<String>,
+    /// Id of the master key that seals the tenant's backup data key.
+    pub key_id: Option<String>,
+    pub server_version: Option<String>,
+    pub pg_dump_version: Option<String>,
+    pub schema_version: Option<i64>,
+    /// Rows per table at the dump's snapshot.
+    #[schema(value_type = Option<Object>)]
+    pub row_counts: Option<serde_json::Value>,
+    pub error: Option<String>,
+    pub scheduled_for: Option<DateTime<Utc>>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub verified_at: Option<DateTime<Utc>>,
+    /// Why the last verification failed; `null` when it passed or never ran.
+    pub verify_error: Option<String>,
+}
+
+const SELECT_BACKUP: &str = "SELECT id, tenant_id, kind, status, bucket, object_key, manifest_key, upload_id,
+        storage_class, part_size, parts, size_bytes, sha256, key_id, server_version, pg_dump_version,
+        schema_version, row_counts, error, scheduled_for, started_at, finished_at, verified_at, verify_error
+   FROM backups";
+
+/// A backup attempt about to start.
+#[derive(Debug)]
+pub struct NewBackup<'a> {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub kind: &'a str,
+    pub bucket: &'a str,
+    pub object_key: &'a str,
+    pub manifest_key: &'a str,
+    pub storage_class: Option<&'a str>,
+    pub scheduled_for: Option<DateTime<Utc>>,
+}
+
+/// What a finished upload recorded.
+#[derive(Debug)]
+pub struct BackupDone<'a> {
+    pub part_size: i64,
+    pub parts: i32,
+    pub size_bytes: i64,
+    pub sha256: &'a str,
+    pub key_id: &'a str,
+    pub server_version: &'a str,
+    pub pg_dump_version: &'a str,
+    pub schema_version: Option<i64>,
+    pub row_counts: serde_json::Value,
+}
+
+/// A tenant the scheduler may back up.
+#[derive(Debug, Clone, FromRow)]
+pub struct Schedulable {
+    pub id: Uuid,
+    pub slug: String,
+    pub backup_schedule: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Registry {
+    /// Record a backup as `running`. Fails on `backups_one_running` when the
+    /// tenant has one running, and on `backups_one_per_slot` when the scheduled
+    /// slot was claimed by another replica.
+    pub async fn insert_backup(&self, b: &NewBackup<'_>) -> sqlx::Result<Backup> {
+        sqlx::query(
+            "INSERT INTO backups (id, tenant_id, kind, status, bucket, object_key, manifest_key, storage_class, scheduled_for)
+             VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8)",
+        )
+        .bind(b.id)
+        .bind(b.tenant_id)
+        .bind(b.kind)
+        .bind(b.bucket)
+        .bind(b.object_key)
+        .bind(b.manifest_key)
+        .bind(b.storage_class)
+        .bind(b.scheduled_for)
+        .execute(&self.pool)
+        .await?;
+        self.backup(b.id).await?.ok_or(sqlx::Error::RowNotFound)
+    }
+
+    pub async fn backup(&self, id: Uuid) -> sqlx::Result<Option<Backup>> {
+        sqlx::query_as(&format!("{SELECT_BACKUP} WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    /// The running backup of a tenant, if any.
+    pub async fn running_backup(&self, tenant: Uuid) -> sqlx::Result<Option<Backup>> {
+        sqlx::query_as(&format!(
+            "{SELECT_BACKUP} WHERE tenant_id = $1 AND status = 'running'"
+        ))
+        .bind(tenant)
+        .fetch_optional(&self.pool)
+        .await
+    }
+
+    /// A tenant's backups, newest first, a page before `before` (a backup id).
+    pub async fn backups_of(
+        &self,
+        tenant: Uuid,
+        before: Option<Uuid>,
+        limit: i64,
+    ) -> sqlx::Result<Vec<Backup>> {
+        sqlx::query_as(&format!(
+            "{SELECT_BACKUP} WHERE tenant_id = $1 AND status <> 'deleted' AND ($2::uuid IS NULL OR id < $2)
+             ORDER BY id DESC LIMIT $3"
+        ))
+        .bind(tenant)
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Every backup not yet pruned, newest first, for retention.
+    pub async fn live_backups_of(&self, tenant: Uuid) -> sqlx::Result<Vec<Backup>> {
+        sqlx::query_as(&format!(
+            "{SELECT_BACKUP} WHERE tenant_id = $1 AND status IN ('succeeded', 'failed') ORDER BY started_at DESC"
+        ))
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// The newest succeeded backup of a tenant.
+    pub async fn latest_good_backup(&self, tenant: Uuid) -> sqlx::Result<Option<Backup>> {
+        sqlx::query_as(&format!(
+            "{SELECT_BACKUP} WHERE tenant_id = $1 AND status = 'succeeded' ORDER BY started_at DESC LIMIT 1"
+        ))
+        .bind(tenant)
+        .fetch_optional(&self.pool)
+        .await
+    }
+
+    /// Backups recorded as running anywhere (alive or left by a crash).
+    pub async fn running_backups(&self) -> sqlx::Result<Vec<Backup>> {
+        sqlx::query_as(&format!("{SELECT_BACKUP} WHERE status = 'running'"))
+            .fetch_all(&self.pool)
+            .await
+    }
+
+    /// Remember the open multipart upload (durably, before any part is sent).
+    pub async fn set_backup_upload(
+        &self,
+        id: Uuid,
+        upload_id: &str,
+        part_size: i64,
+    ) -> sqlx::Result<()> {
+        sqlx::query("UPDATE backups SET upload_id = $2, part_size = $3 WHERE id = $1")
+            .bind(id)
+            .bind(upload_id)
+            .bind(part_size)
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
+
+    /// Mark a backup `succeeded` (its manifest exists) and stamp the tenant.
+    pub async fn finish_backup(&self, id: Uuid, done: &BackupDone<'_>) -> sqlx::Result<Backup> {
+        let mut tx = self.pool.begin().await?;
+        let tenant: Uuid = sqlx::query_scalar(
+            "UPDATE backups SET status = 'succeeded', upload_id = NULL, part_size = $2, parts = $3,
+                    size_bytes = $4, sha256 = $5, key_id = $6, server_version = $7, pg_dump_version = $8,
+                    schema_version = $9, row_counts = $10, finished_at = now()
+              WHERE id = $1 AND status = 'running' RETURNING tenant_id",
+        )
+        .bind(id)
+        .bind(done.part_size)
+        .bind(done.parts)
+        .bind(done.size_bytes)
+        .bind(done.sha256)
+        .bind(done.key_id)
+        .bind(done.server_version)
+        .bind(done.pg_dump_version)
+        .bind(done.schema_version)
+        .bind(&done.row_counts)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE tenants SET last_backup_at = now() WHERE id = $1")
+            .bind(tenant)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        self.backup(id).await?.ok_or(sqlx::Error::RowNotFound)
+    }
+
+    /// Mark a running backup `failed` with why; its upload is gone.
+    pub async fn fail_backup(&self, id: Uuid, error: &str) -> sqlx::Result<()> {
+        sqlx::query(
+            "UPDATE backups SET status = 'failed', upload_id = NULL, error = $2, finished_at = now()
+              WHERE id = $1 AND status = 'running'",
+        )
+        .bind(id)
+        .bind(error)
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+    }
+
+    /// Retention removed a backup's objects.
+    pub async fn mark_backup_deleted(&self, id: Uuid) -> sqlx::Result<()> {
+        sqlx::query("UPDATE backups SET status = 'deleted' WHERE id = $1 AND status <> 'running'")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
+
+    /// Record the outcome of a verification.
+    pub async fn set_backup_verified(&self, id: Uuid, error: Option<&str>) -> sqlx::Result<()> {
+        sqlx::query("UPDATE backups SET verified_at = now(), verify_error = $2 WHERE id = $1")
+            .bind(id)
+            .bind(error)
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
+
+    /// The tenant's sealed backup data key, storing `candidate` first if it has
+    /// none. `None` when the key was erased (crypto-shredded).
+    pub async fn backup_key(
+        &self,
+        tenant: Uuid,
+        candidate: Option<(&[u8], &str)>,
+    ) -> sqlx::Result<Option<(Vec<u8>, String)>> {
+        if let Some((sealed, key_id)) = candidate {
+            sqlx::query(
+                "UPDATE tenants SET backup_key_enc = $2, backup_key_id = $3
+                  WHERE id = $1 AND backup_key_enc IS NULL AND backup_key_erased_at IS NULL",
+            )
+            .bind(tenant)
+            .bind(sealed)
+            .bind(key_id)
+            .execute(&self.pool)
+            .await?;
+        }
+        let row: Option<(Option<Vec<u8>>, Option<String>)> =
+            sqlx::query_as("SELECT backup_key_enc, backup_key_id FROM tenants WHERE id = $1")
+                .bind(tenant)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(match row {
+            Some((Some(sealed), Some(key_id))) => Some((sealed, key_id)),
+            _ => None,
+        })
+    }
+
+    /// `true` when the tenant's backup key was erased.
+    pub async fn backup_key_erased(&self, tenant: Uuid) -> sqlx::Result<bool> {
+        sqlx::query_scalar("SELECT backup_key_erased_at IS NOT NULL FROM tenants WHERE id = $1")
+            .bind(tenant)
+            .fetch_one(&self.pool)
+            .await
+    }
+
+    /// Forget the tenant's backup data key for good: its backups become unreadable.
+    pub async fn erase_backup_key(&self, tenant: Uuid) -> sqlx::Result<()> {
+        sqlx::query(
+            "UPDATE tenants SET backup_key_enc = NULL, backup_key_id = NULL,
+                    backup_key_erased_at = coalesce(backup_key_erased_at, now())
+              WHERE id = $1",
+        )
+        .bind(tenant)
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+    }
+
+    /// Tenants the scheduler backs up: active ones.
+    pub async fn schedulable_tenants(&self) -> sqlx::Result<Vec<Schedulable>> {
+        sqlx::query_as(
+            "SELECT id, slug, backup_schedule, created_at FROM tenants WHERE status = 'active' ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Scheduled attempts at or after `since`: (tenant, slot, status).
+    pub async fn scheduled_attempts(
+        &self,
+        since: DateTime<Utc>,
+    ) -> sqlx::Result<Vec<(Uuid, DateTime<Utc>, String)>> {
+        sqlx::query_as(
+            "SELECT tenant_id, scheduled_for, status FROM backups
+              WHERE scheduled_for IS NOT NULL AND scheduled_for >= $1",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// (slug, last successful backup) of every active tenant, for metrics.
+    pub async fn last_backups(&self) -> sqlx::Result<Vec<(String, Option<DateTime<Utc>>)>> {
+        sqlx::query_as("SELECT slug, last_backup_at FROM tenants WHERE status = 'active'")
+            .fetch_all(&self.pool)
+            .await
+    }
+}

@@ -1,0 +1,645 @@
+//! Backups against a real PostgreSQL and a real S3-protocol server (s3s-fs
+//! over HTTP, SigV4 and all), with the failure paths forced for real: the
+//! store failing a part, pg_dump killed, the object corrupted.
+
+mod common;
+
+use std::time::Duration;
+
+use axum::http::{Method, StatusCode};
+use common::{add_ballast, TestEnv};
+use serde_json::{json, Value};
+use silo::backup::{BackupKind, RestoreTarget};
+use silo::registry::TenantStatus;
+use sqlx::PgConnection;
+
+/// Every row of the clinic tables, as JSON text: compared by content.
+async fn contents(conn: &mut PgConnection) -> String {
+    let mut out = String::new();
+    for table in ["clinics", "staff", "patients", "appointments"] {
+        let rows: Option<String> = sqlx::query_scalar(&format!(
+            "SELECT json_agg(t ORDER BY t.id)::text FROM {table} t"
+        ))
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        out.push_str(&format!("{table}: {}\n", rows.unwrap_or_default()));
+    }
+    out
+}
+
+async fn seed(conn: &mut PgConnection, tag: &str, patients: i32) {
+    sqlx::raw_sql(&format!(
+        "INSERT INTO clinics (name) VALUES ('Clinic {tag}');
+         INSERT INTO patients (full_name, date_of_birth)
+           SELECT 'Ada {tag} ' || g, date '1990-01-01' + g FROM generate_series(1, {patients}) g;"
+    ))
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backup_round_trip_restores_exactly_the_rows_of_the_backup_point() {
+    let env = TestEnv::start_with_storage().await;
+    env.create("roundtrip").await;
+    let t = env.record("roundtrip").await;
+    let mut conn = env.connect_tenant("roundtrip").await.unwrap();
+    seed(&mut conn, "before", 200).await;
+    let at_backup = contents(&mut conn).await;
+
+    let b = env
+        .provisioner
+        .backup_now(t.id, BackupKind::Manual, None)
+        .await
+        .expect("backup succeeds");
+    assert_eq!(b.status, "succeeded");
+    assert_eq!(b.row_counts.as_ref().unwrap()["public.patients"], 200);
+    assert!(b.size_bytes.unwrap() > 0 && b.sha256.as_ref().unwrap().len() == 64);
+    // Dump and manifest are stored; the dump is encrypted (pg_dump's own
+    // `PGDMP` header, always in clear in a custom-format dump, is nowhere).
+    let objects = env.stored_objects(t.id);
+    assert_eq!(objects.len(), 2, "{objects:?}");
+    let dump = std::fs::read(env.s3().object_path(common::BUCKET, &b.object_key)).unwrap();
+    assert!(dump.starts_with(b"SILOBK01"));
+    assert!(
+        !dump.windows(5).any(|w| w == b"PGDMP"),
+        "the stored dump is plaintext"
+    );
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(env.s3().object_path(common::BUCKET, &b.manifest_key)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["sha256"], json!(b.sha256));
+    assert_eq!(
+        manifest["schema_version"],
+        json!(env.provisioner.latest_version())
+    );
+    assert_eq!(env.s3().open_uploads(), 0);
+
+    // Rows change after the backup point.
+    sqlx::raw_sql(
+        "DELETE FROM patients WHERE date_of_birth < date '1990-03-01'; UPDATE patients SET notes = 'changed';
+         INSERT INTO clinics (name) VALUES ('Clinic after');",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    assert_ne!(contents(&mut conn).await, at_backup);
+    common::close(conn).await;
+
+    let restored = env
+        .provisioner
+        .restore_backup(b.id, RestoreTarget::InPlace, "test", None)
+        .await
+        .expect("restore succeeds");
+    assert_eq!(restored.status, TenantStatus::Active);
+    assert_ne!(
+        restored.database_name, t.database_name,
+        "a new database was swapped in"
+    );
+    assert!(
+        !env.database_exists(&t.database_name).await,
+        "the replaced database is dropped"
+    );
+    // The tenant's own role reads exactly the backup point's rows.
+    let mut conn = env.connect_tenant("roundtrip").await.unwrap();
+    assert_eq!(contents(&mut conn).await, at_backup);
+    // ...and can still write (grants applied to the restored database).
+    seed(&mut conn, "after-restore", 1).await;
+    common::close(conn).await;
+
+    // Restoring into another slug creates that tenant with the same data.
+    let copy = env
+        .provisioner
+        .restore_backup(
+            b.id,
+            RestoreTarget::IntoSlug("roundtrip-copy".into()),
+            "test",
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(copy.slug, "roundtrip-copy");
+    let mut conn = env.connect_tenant("roundtrip-copy").await.unwrap();
+    assert_eq!(contents(&mut conn).await, at_backup);
+    common::close(conn).await;
+
+    let report = env.provisioner.verify_backup(b.id, None).await.unwrap();
+    assert!(report.ok && report.tables >= 6, "{report:?}");
+    let b = env.registry().backup(b.id).await.unwrap().unwrap();
+    assert!(b.verified_at.is_some() && b.verify_error.is_none());
+    assert!(env.orphans().await.is_empty(), "{:?}", env.orphans().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_failing_mid_upload_leaves_no_backup_and_no_open_upload() {
+    let env = TestEnv::start_with_storage().await;
+    env.create("flaky-store").await;
+    let t = env.record("flaky-store").await;
+    add_ballast(&env, &t, 20).await; // three 8 MiB parts
+
+    env.s3().faults().fail_part(2);
+    let err = env
+        .provisioner
+        .backup_now(t.id, BackupKind::Manual, None)
+        .await
+        .expect_err("the store refuses part 2");
+    assert!(format!("{err:#}").contains("part 2"), "{err:#}");
+    let backups = env.registry().backups_of(t.id, None, 10).await.unwrap();
+    assert_eq!(backups.len(), 1);
+    assert_eq!(backups[0].status, "failed");
+    assert!(backups[0].error.as_deref().unwrap().contains("part 2"));
+    assert_eq!(
+        env.s3().open_uploads(),
+        0,
+        "the multipart upload was aborted"
+    );
+    assert!(
+        env.stored_objects(t.id).is_empty(),
+        "nothing claims to be a backup"
+    );
+    assert!(env
+        .registry()
+        .latest_good_backup(t.id)
+        .await
+        .unwrap()
+        .is_none());
+    // A failed backup cannot be restored.
+    let refused = env
+        .provisioner
+        .restore_backup(backups[0].id, RestoreTarget::InPlace, "test", None)
+        .await;
+    assert!(refused.is_err());
+
+    // A whole-store outage fails the same clean way.
+    env.s3().faults().clear();
+    env.s3().faults().set_outage(true);
+    assert!(env
+        .provisioner
+        .backup_now(t.id, BackupKind::Manual, None)
+        .await
+        .is_err());
+    env.s3().faults().set_outage(false);
+    assert_eq!(env.s3().open_uploads(), 0);
+
+    // The store back: the next backup succeeds, with equal parts.
+    let b = env
+        .provisioner
+        .backup_now(t.id, BackupKind::Manual, None)
+        .await
+        .unwrap();
+    assert!(b.parts.unwrap() >= 3, "{b:?}");
+    assert_eq!(b.part_size, Some(silo::backup::MIN_PART_SIZE as i64));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_pg_dump_fails_the_backup_and_aborts_its_upload() {
+    let env = TestEnv::start_with_storage().await;
+    env.create("dump-killed").await;
+    let t = env.record("dump-killed").await;
+    add_ballast(&env, &t, 48).await;
+    // Slow parts keep pg_dump blocked on its pipe, alive to be killed.
+    env.s3().faults().delay_parts(Duration::from_millis(1500));
+    let p = env.provisioner.clone();
+    let id = t.id;
+    let backup = tokio::spawn(async move { p.backup_now(id, BackupKind::Manual, None).await });
+    let pid = wait_for_process("pg_dump", &t.database_name).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let err = backup
+        .await
+        .unwrap()
+        .expect_err("a killed pg_dump fails the backup");
+    assert!(format!("{err:#}").contains("pg_dump"), "{err:#}");
+    env.s3().faults().clear();
+    let b = &env.registry().backups_of(t.id, None, 1).await.unwrap()[0];
+    assert_eq!(b.status, "failed");
+    assert_eq!(env.s3().open_uploads(), 0);
+    assert!(env.stored_objects(t.id).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_corrupted_object_is_refused_and_the_tenant_keeps_its_data() {
+    let env = TestEnv::start_with_storage().await;
+    env.create("corrupt").await;
+    let t = env.record("corrupt").await;
+    let mut conn = env.connect_tenant("corrupt").await.unwrap();
+    seed(&mut conn, "x", 50).await;
+    let b = env
+        .provisioner
+        .backup_now(t.id, BackupKind::Manual, None)
+        .await
+        .unwrap();
+    seed(&mut conn, "y", 5).await;
+    let now = contents(&mut conn).await;
+    common::close(conn).await;
+
+    // Flip one byte of the stored object, behind silo's back.
+    let path = env.s3().object_path(common::BUCKET, &b.object_key);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x5a;
+    std::fs::write(&path, bytes).unwrap();
+
+    let err = env
+        .provisioner
+        .restore_backup(b.id, RestoreTarget::InPlace, "test", None)
+        .await
+        .expect_err("a corrupt backup is refused");
+    assert!(
+        format!("{err:#}").contains("nothing was changed"),
+        "{err:#}"
+    );
+    let after = env.record("corrupt").await;
+    assert_eq!(after.database_name, t.database_name, "no swap happened");
+    let mut conn = env.connect_tenant("corrupt").await.unwrap();
+    assert_eq!(
+        contents(&mut conn).await,
+        now,
+        "the tenant keeps serving its data"
+    );
+    common::close(conn).await;
+
+    assert!(env.provisioner.verify_backup(b.id, None).await.is_err());
+    let b = env.registry().backup(b.id).await.unwrap().unwrap();
+    assert!(
+        b.verify_error.is_some(),
+        "the failed verification is recorded"
+    );
+    assert!(env.orphans().await.is_empty(), "{:?}", env.orphans().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn archive_then_restore_returns_the_tenant_with_all_its_data() {
+    let env = TestEnv::start_with_storage().await;
+    env.create("sleepy").await;
+    let t = env.record("sleepy").await;
+    let mut conn = env.connect_tenant("sleepy").await.unwrap();
+    seed(&mut conn, "s", 120).await;
+    let before = contents(&mut conn).await;
+    common::close(conn).await;
+
+    let (status, op) = env
+        .call(Method::POST, "/admin/v1/tenants/sleepy/archive", None)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{op}");
+    let op = wait_operation(&env, &op).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    let archived = env.record("sleepy").await;
+    assert_eq!(archived.status, TenantStatus::Archived);
+    assert!(!env.database_exists(&t.database_name).await);
+    assert!(!env.role_exists(&t.role_name).await);
+    let archive = env
+        .registry()
+        .latest_good_backup(t.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(archive.kind, "archive");
+    assert!(archive.verified_at.is_some() && archive.verify_error.is_none());
+
+    let (status, op) = env
+        .call(
+            Method::POST,
+            "/admin/v1/tenants/sleepy/restore",
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{op}");
+    let op = wait_operation(&env, &op).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    let back = env.record("sleepy").await;
+    assert_eq!(back.status, TenantStatus::Active);
+    assert_eq!(back.schema_version, Some(env.provisioner.latest_version()));
+    let mut conn = env.connect_tenant("sleepy").await.unwrap();
+    assert_eq!(contents(&mut conn).await, before);
+    common::close(conn).await;
+    assert!(env.orphans().await.is_empty(), "{:?}", env.orphans().await);
+
+    // Delete takes a final backup first.
+    let (status, op) = env
+        .call(Method::DELETE, "/admin/v1/tenants/sleepy", None)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let op = wait_operation(&env, &op).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    let last = env
+        .registry()
+        .latest_good_backup(t.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(last.kind, "final");
+
+    // Erasure crypto-shreds: the key is gone, the objects too, restore refused.
+    let (status, body) = env
+        .call(
+            Method::DELETE,
+            &format!("/admin/v1/tenants/{}/backups", t.id),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["backups_erased"].as_u64().unwrap() >= 2);
+    assert!(env.stored_objects(t.id).is_empty());
+    let (status, _) = env
+        .call(
+            Method::POST,
+            &format!("/admin/v1/backups/{}/restore", last.id),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backup_endpoints_answer_bad_input_with_4xx_and_change_nothing() {
+    let env = TestEnv::start_with_storage().await;
+    env.create("inputs").await;
+    let cases: Vec<(Method, &str, Option<&str>, StatusCode)> = vec![
+        (
+            Method::POST,
+            "/admin/v1/tenants/nobody/backups",
+            None,
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::GET,
+            "/admin/v1/tenants/inputs/backups?limit=0",
+            None,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::GET,
+            "/admin/v1/tenants/inputs/backups?cursor=zzz",
+            None,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::GET,
+            "/admin/v1/tenants/inputs/backups?colour=red",
+            None,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::GET,
+            "/admin/v1/backups/not-a-uuid",
+            None,
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::GET,
+            "/admin/v1/backups/00000000-0000-0000-0000-000000000000",
+            None,
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::POST,
+            "/admin/v1/backups/00000000-0000-0000-0000-000000000000/verify",
+            None,
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::POST,
+            "/admin/v1/backups/00000000-0000-0000-0000-000000000000/restore",
+            Some(r#"{"into_slug":"Bad Slug"}"#),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::POST,
+            "/admin/v1/backups/00000000-0000-0000-0000-000000000000/restore",
+            Some(r#"{"nope":1}"#),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::POST,
+            "/admin/v1/backups/00000000-0000-0000-0000-000000000000/restore",
+            Some("{"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/admin/v1/tenants/inputs/restore",
+            Some(r#"{"backup_id":"nope"}"#),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::POST,
+            "/admin/v1/tenants/inputs/restore",
+            None,
+            StatusCode::CONFLICT,
+        ),
+        (
+            Method::DELETE,
+            "/admin/v1/tenants/inputs/backups",
+            None,
+            StatusCode::CONFLICT,
+        ),
+        (
+            Method::POST,
+            "/admin/v1/tenants/nobody/archive",
+            None,
+            StatusCode::NOT_FOUND,
+        ),
+    ];
+    let auth = format!("Bearer {}", common::ADMIN_TOKEN);
+    for (method, path, body, want) in cases {
+        let answer = env
+            .send(method.clone(), path, body, &[("authorization", &auth)])
+            .await;
+        assert_eq!(
+            answer.status, want,
+            "{method} {path} {body:?}: {}",
+            answer.body
+        );
+        assert_eq!(answer.content_type, "application/problem+json", "{path}");
+    }
+    assert_eq!(env.count("SELECT count(*) FROM backups").await, 0);
+    assert_eq!(env.record("inputs").await.status, TenantStatus::Active);
+
+    // Without storage configured, backups are refused clearly.
+    let bare = TestEnv::start().await;
+    bare.create("nostore").await;
+    let (status, body) = bare
+        .call(Method::POST, "/admin/v1/tenants/nostore/backups", None)
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(
+        body["detail"].as_str().unwrap().contains("SILO_S3_BUCKET"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scheduled_slots_run_once_across_replicas_and_retention_prunes_old_backups() {
+    let mut args = common::storage_args();
+    args.backup_schedule = "0 0 0 1 1 *".into(); // yearly: one fixed slot during the test
+    args.backup_keep_last = 2;
+    args.backup_keep_daily = 0;
+    args.backup_keep_weekly = 0;
+    args.backup_keep_monthly = 0;
+    let env = TestEnv::start_with_storage_args(args.clone()).await;
+    for i in 0..6 {
+        env.create(&format!("sched-{i}")).await;
+    }
+    // The tenants existed before the latest slot.
+    sqlx::query("UPDATE tenants SET created_at = now() - interval '3 years'")
+        .execute(env.registry().pool())
+        .await
+        .unwrap();
+    // Two "replicas": another provisioner on the same control DB and store.
+    let other = silo::provision::Provisioner::new(
+        silo::registry::Registry::connect_lazy(&env.control_url()).unwrap(),
+        env.keyring.clone(),
+        silo::provision::ProvisionConfig { warm_pool_size: 0 },
+    );
+    other.set_storage(common::storage_for(env.s3(), &args).await);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (g1, g2) = (Default::default(), Default::default());
+    let (a, b) = tokio::join!(
+        env.provisioner.run_due_backups(&g1, &cancel),
+        other.run_due_backups(&g2, &cancel)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.succeeded + b.succeeded, 6, "{a:?} {b:?}");
+    assert_eq!(a.failed + b.failed, 0);
+    let per_slot = env
+        .count("SELECT count(*) FROM backups WHERE kind = 'scheduled' AND status = 'succeeded'")
+        .await;
+    assert_eq!(per_slot, 6, "each tenant's slot ran exactly once");
+    let again = env.provisioner.run_due_backups(&g1, &cancel).await.unwrap();
+    assert_eq!(again.due, 0);
+
+    // Retention: keep the last two; the pruned ones' objects are gone.
+    let t = env.record("sched-0").await;
+    for _ in 0..3 {
+        env.provisioner
+            .backup_now(t.id, BackupKind::Manual, None)
+            .await
+            .unwrap();
+    }
+    let pruned = env.provisioner.prune_backups(t.id).await.unwrap();
+    assert_eq!(pruned, 2);
+    let live = env.registry().backups_of(t.id, None, 10).await.unwrap();
+    assert_eq!(live.len(), 2);
+    assert_eq!(
+        env.stored_objects(t.id).len(),
+        4,
+        "two backups, two objects each"
+    );
+}
+
+/// Poll an operation until it ends.
+async fn wait_operation(env: &TestEnv, op: &Value) -> Value {
+    let id = op["id"].as_str().unwrap().to_owned();
+    for _ in 0..600 {
+        let (_, body) = env
+            .call(Method::GET, &format!("/admin/v1/operations/{id}"), None)
+            .await;
+        if body["status"] != "running" && body["status"] != "pending" {
+            return body;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("operation {id} did not finish");
+}
+
+/// Wait for a process whose command line has both words; return its pid.
+async fn wait_for_process(name: &str, arg: &str) -> i32 {
+    for _ in 0..400 {
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let cmd = String::from_utf8_lossy(&cmd);
+            if cmd.contains(name) && cmd.contains(arg) {
+                return pid;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("no {name} process for {arg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silo_killed_mid_backup_leaves_nothing_claiming_success_and_the_restart_cleans_up() {
+    let env = TestEnv::start_with_storage().await;
+    env.create("crashy").await;
+    let t = env.record("crashy").await;
+    add_ballast(&env, &t, 48).await;
+    env.s3().faults().delay_parts(Duration::from_millis(1500));
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("silo.log");
+    let mut silo = common::Silo::start(&env, None, 0, &log).await;
+    let (status, b) = silo
+        .request(Method::POST, "/admin/v1/tenants/crashy/backups", None, None)
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{b}");
+    let id: uuid::Uuid = b["id"].as_str().unwrap().parse().unwrap();
+    // Wait until the upload is open and parts are on their way, then kill -9.
+    for _ in 0..400 {
+        if env
+            .registry()
+            .backup(id)
+            .await
+            .unwrap()
+            .unwrap()
+            .upload_id
+            .is_some()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    silo.child.kill().unwrap();
+    silo.child.wait().unwrap();
+    assert_eq!(env.s3().open_uploads(), 1, "the crash left its upload open");
+    assert_eq!(
+        env.registry().backup(id).await.unwrap().unwrap().status,
+        "running"
+    );
+    env.s3().faults().clear();
+
+    // The restarted process finds the dead backup at start-up and cleans up.
+    let silo = common::Silo::start(&env, None, 0, &log).await;
+    let mut b = env.registry().backup(id).await.unwrap().unwrap();
+    for _ in 0..400 {
+        if b.status != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        b = env.registry().backup(id).await.unwrap().unwrap();
+    }
+    assert_eq!(b.status, "failed");
+    assert!(b.error.as_deref().unwrap().contains("interrupted"), "{b:?}");
+    assert_eq!(env.s3().open_uploads(), 0, "the sweep aborted the upload");
+    assert!(env.stored_objects(t.id).is_empty());
+
+    // A retry through the restarted process succeeds.
+    let (status, retry) = silo
+        .request(Method::POST, "/admin/v1/tenants/crashy/backups", None, None)
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{retry}");
+    let path = format!("/admin/v1/backups/{}", retry["id"].as_str().unwrap());
+    let mut done = Value::Null;
+    for _ in 0..600 {
+        let (_, body) = silo.request(Method::GET, &path, None, None).await.unwrap();
+        if body["status"] != "running" {
+            done = body;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(done["status"], "succeeded", "{done}");
+    silo.stop();
+}
