@@ -8,12 +8,14 @@ use tracing_subscriber::EnvFilter;
 use crate::config::LogFormat;
 
 /// Install the tracing subscriber; `RUST_LOG` overrides the default level.
+/// Logs go to stderr, so a command's answer on stdout stays parseable.
 pub fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false);
+        .with_target(false)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),

@@ -305,10 +305,12 @@ impl Provisioner {
                 self.replace_database(&storage, &b, &target, progress)
                     .await?
             }
-            other => return Err(BackupError::Conflict(format!(
+            other => {
+                return Err(BackupError::Conflict(format!(
                 "tenant is {}: only an active, suspended or archived tenant can be restored into",
                 other.as_str()
-            ))),
+            )))
+            }
         };
         reg.audit(
             actor,

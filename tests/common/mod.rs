@@ -143,6 +143,29 @@ impl TestEnv {
         env
     }
 
+    /// Environment for a `silo` child process: control DB, keys, storage.
+    pub fn silo_env(&self) -> Vec<(String, String)> {
+        let mut vars = vec![
+            ("SILO_DATABASE_URL".into(), self.control_url()),
+            ("SILO_TENANT_SERVER_URL".into(), self.pg.url("postgres")),
+            ("SILO_MASTER_KEY".into(), self.master_key.clone()),
+        ];
+        if let Some(s3) = &self.s3 {
+            for (k, v) in [
+                ("SILO_S3_BUCKET", BUCKET.to_owned()),
+                ("SILO_S3_ENDPOINT", s3.endpoint()),
+                ("SILO_S3_FORCE_PATH_STYLE", "true".into()),
+                ("SILO_S3_REGION", "us-east-1".into()),
+                ("AWS_ACCESS_KEY_ID", S3_ACCESS.into()),
+                ("AWS_SECRET_ACCESS_KEY", S3_SECRET.into()),
+                ("AWS_EC2_METADATA_DISABLED", "true".into()),
+            ] {
+                vars.push((k.into(), v));
+            }
+        }
+        vars
+    }
+
     pub fn s3(&self) -> &EmbeddedS3 {
         self.s3.as_deref().expect("this test started with storage")
     }
