@@ -222,6 +222,10 @@ pub struct StorageArgs {
     #[arg(long, env = "SILO_BACKUP_VERIFY_SAMPLE", default_value_t = 0.05)]
     pub backup_verify_sample: f64,
 
+    /// Archive tenants with no app traffic for this many days (unset: never automatically).
+    #[arg(long, env = "SILO_ARCHIVE_AFTER_DAYS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub archive_after_days: Option<u32>,
+
     /// Folder of `pg_dump`/`pg_restore` (default: PATH, `pg_config --bindir`,
     /// then the newest `/usr/lib/postgresql/*/bin`).
     #[arg(long, env = "SILO_PG_BIN_DIR")]

@@ -734,3 +734,140 @@ async fn the_backup_commands_back_up_list_verify_restore_and_archive_from_a_shel
     let out = silo_cli(&env, &["backup", "run"], true).await;
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_scheduler_archives_tenants_idle_longer_than_configured_and_spares_busy_ones() {
+    let mut args = common::storage_args();
+    args.archive_after_days = Some(7);
+    let env = TestEnv::start_with_storage_args(args).await;
+    env.create("idle-one").await;
+    env.create("busy-one").await;
+    sqlx::query("UPDATE tenants SET created_at = now() - interval '30 days'")
+        .execute(env.registry().pool())
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE tenants SET last_active_at = now() - interval '8 days' WHERE slug = 'idle-one'",
+    )
+    .execute(env.registry().pool())
+    .await
+    .unwrap();
+    // App traffic reaches busy-one through the router; its activity is flushed.
+    drop(env.router.acquire("busy-one").await.unwrap());
+    env.router.flush_activity().await;
+    let busy = env.count("SELECT count(*) FROM tenants WHERE slug = 'busy-one' AND last_active_at > now() - interval '1 minute'").await;
+    assert_eq!(busy, 1, "router activity is recorded");
+
+    let cancel = tokio_util::sync::CancellationToken::new();
+    env.provisioner
+        .run_due_backups(&Default::default(), &cancel)
+        .await
+        .unwrap();
+    let idle = env.record("idle-one").await;
+    let op = env
+        .registry()
+        .open_operations("tenant.archive", idle.id)
+        .await
+        .unwrap();
+    assert_eq!(op.len(), 1, "an archival started for the idle tenant");
+    let op = wait_operation(&env, &serde_json::to_value(&op[0]).unwrap()).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    assert_eq!(env.record("idle-one").await.status, TenantStatus::Archived);
+    assert_eq!(env.record("busy-one").await.status, TenantStatus::Active);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crash_during_archival_puts_the_tenant_back_serving() {
+    let env = TestEnv::start_with_storage().await;
+    env.create("half-archived").await;
+    let mut conn = env.connect_tenant("half-archived").await.unwrap();
+    seed(&mut conn, "h", 20).await;
+    let before = contents(&mut conn).await;
+    common::close(conn).await;
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("silo.log");
+    // The process dies after the archive backup is verified, before the drop.
+    let silo = common::Silo::start(&env, Some("archive_backup"), 0, &log).await;
+    let (status, op) = silo
+        .request(
+            Method::POST,
+            "/admin/v1/tenants/half-archived/archive",
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{op}");
+    silo.expect_abort();
+    assert_eq!(
+        env.record("half-archived").await.status,
+        TenantStatus::Archiving
+    );
+
+    let silo = common::Silo::start(&env, None, 0, &log).await;
+    let path = format!("/admin/v1/operations/{}", op["id"].as_str().unwrap());
+    let mut body = Value::Null;
+    for _ in 0..200 {
+        body = silo
+            .request(Method::GET, &path, None, None)
+            .await
+            .unwrap()
+            .1;
+        if body["status"] != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(body["status"], "failed", "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("interrupted"),
+        "{body}"
+    );
+    let t = env.record("half-archived").await;
+    assert_eq!(t.status, TenantStatus::Active, "put back as it was");
+    let mut conn = env
+        .connect_tenant("half-archived")
+        .await
+        .expect("its role logs in again");
+    assert_eq!(contents(&mut conn).await, before);
+    common::close(conn).await;
+    assert!(env.orphans().await.is_empty(), "{:?}", env.orphans().await);
+    silo.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pg_dump_older_than_the_server_is_refused_by_name() {
+    // A pg_dump that reports an old version (the machine has only one).
+    let bin = tempfile::tempdir().unwrap();
+    for tool in ["pg_dump", "pg_restore"] {
+        let path = bin.path().join(tool);
+        std::fs::write(
+            &path,
+            format!("#!/bin/sh\necho '{tool} (PostgreSQL) 9.6.24'\n"),
+        )
+        .unwrap();
+        let mut perms = std::fs::metadata(&path).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+        std::fs::set_permissions(&path, perms).unwrap();
+    }
+    let mut args = common::storage_args();
+    args.pg_bin_dir = Some(bin.path().to_owned());
+    let env = TestEnv::start_with_storage_args(args).await;
+    env.create("old-tools").await;
+    let t = env.record("old-tools").await;
+    let err = env
+        .provisioner
+        .backup_now(t.id, BackupKind::Manual, None)
+        .await
+        .expect_err("an old pg_dump is refused");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("9.6.24") && msg.contains("older than the server"),
+        "{msg}"
+    );
+    assert_eq!(env.s3().open_uploads(), 0);
+    assert_eq!(
+        env.registry().backups_of(t.id, None, 5).await.unwrap()[0].status,
+        "failed"
+    );
+}

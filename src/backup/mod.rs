@@ -84,6 +84,8 @@ pub struct BackupSettings {
     pub verify_sample: f64,
     /// Storage class of archive backups.
     pub archive_storage_class: Option<String>,
+    /// Archive tenants idle this long (scheduler); `None`: only on demand.
+    pub archive_after: Option<chrono::Duration>,
 }
 
 impl BackupSettings {
@@ -100,6 +102,9 @@ impl BackupSettings {
             },
             verify_sample: args.backup_verify_sample.clamp(0.0, 1.0),
             archive_storage_class: args.s3_archive_storage_class.clone(),
+            archive_after: args
+                .archive_after_days
+                .map(|d| chrono::Duration::days(i64::from(d))),
         }
     }
 }

@@ -24,6 +24,9 @@ use super::{BackupError, BackupKind};
 use crate::provision::Provisioner;
 use crate::registry::Schedulable;
 
+/// Idle tenants the scheduler starts archiving per tick.
+const ARCHIVE_PER_TICK: i64 = 10;
+
 /// Attempts per tenant and slot before the scheduler gives up on that slot.
 pub const MAX_ATTEMPTS: usize = 3;
 
@@ -129,6 +132,9 @@ impl Provisioner {
         let reg = self.registry();
         let now = Utc::now();
         self.record_backup_ages(now).await?;
+        if let Some(after) = storage.settings.archive_after {
+            self.archive_idle(now - after).await?;
+        }
         let tenants = reg.schedulable_tenants().await?;
         let default = storage.settings.schedule.clone();
         // Attempts since the oldest slot in question.
@@ -194,6 +200,29 @@ impl Provisioner {
             tally(&mut report, done);
         }
         Ok(report)
+    }
+
+    /// Start archiving tenants idle since before `cutoff`, a few per tick. A
+    /// tenant another replica started on already is skipped (its state moved).
+    pub async fn archive_idle(&self, cutoff: DateTime<Utc>) -> Result<usize, BackupError> {
+        let mut started = 0;
+        for id in self
+            .registry()
+            .idle_tenants(cutoff, ARCHIVE_PER_TICK)
+            .await?
+        {
+            match self.start_archive(id, "scheduler").await {
+                Ok(op) => {
+                    tracing::info!(tenant_id = %id, operation_id = %op.id, "archiving an idle tenant");
+                    started += 1;
+                }
+                Err(
+                    BackupError::Conflict(_) | BackupError::NotFound(_) | BackupError::KeyErased,
+                ) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(started)
     }
 
     /// `silo_backup_last_success_age_seconds{tenant}` for every active tenant.

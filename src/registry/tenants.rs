@@ -382,6 +382,31 @@ impl Registry {
 }
 
 impl Registry {
+    /// Stamp `last_active_at` on tenants that had app traffic.
+    pub async fn touch_tenants(&self, ids: &[Uuid]) -> sqlx::Result<()> {
+        sqlx::query("UPDATE tenants SET last_active_at = now() WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
+
+    /// Active tenants with no app traffic since `before` (nor created since), oldest first.
+    pub async fn idle_tenants(
+        &self,
+        before: chrono::DateTime<chrono::Utc>,
+        limit: i64,
+    ) -> sqlx::Result<Vec<Uuid>> {
+        sqlx::query_scalar(
+            "SELECT id FROM tenants WHERE status = 'active' AND coalesce(last_active_at, created_at) < $1
+              ORDER BY coalesce(last_active_at, created_at) LIMIT $2",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+    }
+
     /// Point a tenant at another database (a restore's swap) and, optionally,
     /// move it between states in the same statement. Routers on every replica
     /// drop their pool for it (NOTIFY). `None` when it was in none of `from`.

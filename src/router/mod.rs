@@ -24,7 +24,7 @@
 
 pub mod pool;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,6 +46,8 @@ use crate::registry::{Registry, TenantRecord, TenantStatus};
 
 /// Channel the `tenants` trigger notifies with a tenant id.
 pub const NOTIFY_CHANNEL: &str = "silo_tenants";
+/// How often tenants' app activity is written to the control DB.
+pub const ACTIVITY_FLUSH: Duration = Duration::from_secs(60);
 
 /// Router settings; every duration is a trade-off written next to it.
 #[derive(Debug, Clone)]
@@ -190,6 +192,8 @@ struct Inner {
     /// Bumped when notifications may have been missed: every lookup read
     /// before is re-read on next use, yet still served if the control DB is down.
     epoch: AtomicU64,
+    /// Tenants that got a connection since the last activity flush.
+    active: Mutex<HashSet<Uuid>>,
 }
 
 impl TenantRouter {
@@ -228,6 +232,7 @@ impl TenantRouter {
                 built: AtomicU64::new(0),
                 fetched: AtomicU64::new(0),
                 epoch: AtomicU64::new(0),
+                active: Mutex::default(),
             }),
         }
     }
@@ -352,6 +357,11 @@ impl TenantRouter {
                 Ok(conn) => {
                     metrics::histogram!("silo_router_acquire_seconds")
                         .record(started.elapsed().as_secs_f64());
+                    self.inner
+                        .active
+                        .lock()
+                        .expect("activity set")
+                        .insert(entry.id);
                     return Ok(conn);
                 }
                 Err(AcquireError::Closed) if Instant::now() < deadline => {
@@ -513,6 +523,22 @@ impl TenantRouter {
         }
     }
 
+    /// Record in the control DB which tenants had app traffic since the last
+    /// flush (`last_active_at`, for scheduled archival). Kept for the next
+    /// flush if the control DB cannot be reached.
+    pub async fn flush_activity(&self) {
+        let ids: Vec<Uuid> = std::mem::take(&mut *self.inner.active.lock().expect("activity set"))
+            .into_iter()
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        if let Err(e) = self.inner.registry.touch_tenants(&ids).await {
+            tracing::warn!("failed to record tenant activity, keeping it for the next flush: {e}");
+            self.inner.active.lock().expect("activity set").extend(ids);
+        }
+    }
+
     /// Background upkeep until `token` is cancelled: close idle connections,
     /// run moka's pending evictions, and follow tenant changes over NOTIFY.
     pub fn spawn_maintenance(&self, token: &CancellationToken, tracker: &TaskTracker) {
@@ -531,6 +557,7 @@ impl TenantRouter {
                 }
             }
             // Shutting down: close every pool.
+            router.flush_activity().await;
             router.inner.pools.invalidate_all();
             router.inner.pools.run_pending_tasks().await;
         });
@@ -539,6 +566,15 @@ impl TenantRouter {
             tokio::select! {
                 _ = t.cancelled() => {}
                 _ = router.follow_notifications() => {}
+            }
+        });
+        let (router, t) = (self.clone(), token.clone());
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = t.cancelled() => break,
+                    _ = tokio::time::sleep(ACTIVITY_FLUSH) => router.flush_activity().await,
+                }
             }
         });
     }
