@@ -132,6 +132,7 @@ mod tests {
             finished_at: None,
             verified_at: None,
             verify_error: None,
+            runner: None,
         }
     }
 

@@ -47,11 +47,13 @@ pub struct Backup {
     pub verified_at: Option<DateTime<Utc>>,
     /// Why the last verification failed; `null` when it passed or never ran.
     pub verify_error: Option<String>,
+    /// The silo process that ran it, `host:pid`.
+    pub runner: Option<String>,
 }
 
 const SELECT_BACKUP: &str = "SELECT id, tenant_id, kind, status, bucket, object_key, manifest_key, upload_id,
         storage_class, part_size, parts, size_bytes, sha256, key_id, server_version, pg_dump_version,
-        schema_version, row_counts, error, scheduled_for, started_at, finished_at, verified_at, verify_error
+        schema_version, row_counts, error, scheduled_for, started_at, finished_at, verified_at, verify_error, runner
    FROM backups";
 
 /// A backup attempt about to start.
@@ -96,8 +98,8 @@ impl Registry {
     /// slot was claimed by another replica.
     pub async fn insert_backup(&self, b: &NewBackup<'_>) -> sqlx::Result<Backup> {
         sqlx::query(
-            "INSERT INTO backups (id, tenant_id, kind, status, bucket, object_key, manifest_key, storage_class, scheduled_for)
-             VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8)",
+            "INSERT INTO backups (id, tenant_id, kind, status, bucket, object_key, manifest_key, storage_class, scheduled_for, runner)
+             VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8, $9)",
         )
         .bind(b.id)
         .bind(b.tenant_id)
@@ -107,6 +109,7 @@ impl Registry {
         .bind(b.manifest_key)
         .bind(b.storage_class)
         .bind(b.scheduled_for)
+        .bind(runner_id())
         .execute(&self.pool)
         .await?;
         self.backup(b.id).await?.ok_or(sqlx::Error::RowNotFound)
@@ -330,4 +333,12 @@ impl Registry {
             .fetch_all(&self.pool)
             .await
     }
+}
+
+/// This process, as `host:pid`.
+pub fn runner_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{host}:{}", std::process::id())
 }

@@ -421,6 +421,17 @@ pub struct Silo {
 
 impl Silo {
     pub async fn start(env: &TestEnv, failpoint: Option<&str>, warm_pool: u32, log: &Path) -> Self {
+        Self::start_with(env, failpoint, warm_pool, log, &[]).await
+    }
+
+    /// As [`Silo::start`], with extra environment variables.
+    pub async fn start_with(
+        env: &TestEnv,
+        failpoint: Option<&str>,
+        warm_pool: u32,
+        log: &Path,
+        extra: &[(&str, &str)],
+    ) -> Self {
         let port = silo::embedded::postgres::free_port().unwrap();
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -454,6 +465,7 @@ impl Silo {
                 .env("AWS_EC2_METADATA_DISABLED", "true")
                 .env("SILO_BACKUP_PARTS_IN_FLIGHT", "2");
         }
+        cmd.envs(extra.iter().copied());
         let silo = Self {
             child: cmd.spawn().expect("start silo serve"),
             base: format!("http://127.0.0.1:{port}"),
