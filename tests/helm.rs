@@ -125,7 +125,7 @@ fn the_default_render_runs_silo_safely_with_secrets_only_from_the_existing_secre
     let from: Vec<&Value> = c["envFrom"].as_sequence().unwrap().iter().collect();
     assert!(from
         .iter()
-        .any(|e| e["secretRef"]["name"] == Value::from("silo-secrets")));
+        .any(|e| e["secretRef"]["name"] == "silo-secrets"));
 
     let config = kind(&docs, "ConfigMap").unwrap()["data"]
         .as_mapping()

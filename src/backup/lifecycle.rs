@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::{BackupError, BackupKind, RestoreTarget, OBJECT_PREFIX, SCRATCH_DB_PREFIX};
 use crate::provision::{set_role_login, terminate_sessions, Provisioner, ServerAdmin};
-use crate::registry::{Operation, TenantRecord, TenantStatus};
+use crate::registry::{Operation, OperationStatus, TenantRecord, TenantStatus};
 
 /// Operation kinds run by this module; an unfinished one whose lock is free
 /// was interrupted by a crash.
@@ -248,6 +248,18 @@ impl Provisioner {
         admin: &ServerAdmin,
         t: &TenantRecord,
     ) -> anyhow::Result<()> {
+        // Only a tenant still archiving loses its database (a sweep may have
+        // put it back if this runner's lock connection was lost).
+        let current = self
+            .registry()
+            .tenant(t.id)
+            .await?
+            .context("find the tenant")?;
+        anyhow::ensure!(
+            current.status == TenantStatus::Archiving,
+            "finish the archival: the tenant is {} now; nothing was dropped",
+            current.status.as_str()
+        );
         admin
             .exec(&format!(
                 "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
@@ -266,7 +278,8 @@ impl Provisioner {
                 TenantStatus::Archived,
                 None,
             )
-            .await?;
+            .await?
+            .context("mark the tenant archived")?;
         Ok(())
     }
 
@@ -361,20 +374,45 @@ impl Provisioner {
                     None => false,
                 };
                 if !alive {
-                    storage.store.abort_upload(&key, &upload).await?;
-                    report.uploads_aborted += 1;
+                    match storage.store.abort_upload(&key, &upload).await {
+                        Ok(()) => report.uploads_aborted += 1,
+                        Err(e) => tracing::warn!("failed to abort an abandoned upload: {e:#}"),
+                    }
                 }
             }
         }
         for kind in OPERATION_KINDS {
             for op in reg.unfinished_operations(kind).await? {
                 let Some(lock) = reg.try_lock_operation(op.id).await? else {
-                    continue;
+                    continue; // its runner is alive
                 };
-                let outcome = self.settle_interrupted(&op).await;
-                reg.finish_operation(op.id, outcome).await?;
+                // Settle under the tenant's lock; if someone holds it, next pass.
+                let tenant_lock = match op.tenant_id {
+                    Some(t) => match reg.try_lock_tenant(t).await? {
+                        Some(l) => Some(l),
+                        None => {
+                            lock.release().await;
+                            continue;
+                        }
+                    },
+                    None => None,
+                };
+                // Re-read under the locks: it may have finished meanwhile.
+                let still_open = reg.operation(op.id).await?.is_some_and(|o| {
+                    matches!(
+                        o.status,
+                        OperationStatus::Pending | OperationStatus::Running
+                    )
+                });
+                if still_open {
+                    let outcome = self.settle_interrupted(&op).await;
+                    reg.finish_operation(op.id, outcome).await?;
+                    report.operations_interrupted += 1;
+                }
+                if let Some(l) = tenant_lock {
+                    l.release().await;
+                }
                 lock.release().await;
-                report.operations_interrupted += 1;
             }
         }
         // A tenant left `archiving` or `restoring` with no live operation.
@@ -383,6 +421,15 @@ impl Provisioner {
             .await?
         {
             let Some(lock) = reg.try_lock_tenant(t.id).await? else {
+                continue;
+            };
+            // Re-read under the lock: an operation may have settled it meanwhile.
+            let Some(t) = reg
+                .tenant(t.id)
+                .await?
+                .filter(|t| matches!(t.status, TenantStatus::Archiving | TenantStatus::Restoring))
+            else {
+                lock.release().await;
                 continue;
             };
             let mut live = false;
@@ -399,8 +446,13 @@ impl Provisioner {
                         .await
                     }
                     _ => {
+                        let from = reg
+                            .latest_operation_params("tenant.archive", t.id)
+                            .await?
+                            .and_then(|p| p["from"].as_str().and_then(TenantStatus::parse))
+                            .unwrap_or(TenantStatus::Active);
                         let admin = self.admin_for(&t).await?;
-                        self.settle_archive(&admin, &t, TenantStatus::Active).await;
+                        self.settle_archive(&admin, &t, from).await;
                     }
                 }
             }
@@ -413,8 +465,7 @@ impl Provisioner {
     /// putting its tenant back in a settled state.
     async fn settle_interrupted(&self, op: &Operation) -> Result<serde_json::Value, String> {
         let reg = self.registry();
-        let interrupted =
-            "interrupted: the silo process running it stopped; nothing was changed".to_owned();
+        let interrupted = "interrupted: the silo process running it stopped".to_owned();
         let Some(tenant) = op.tenant_id else {
             return Err(interrupted);
         };
@@ -504,13 +555,20 @@ impl Provisioner {
         Ok(dropped)
     }
 
-    /// Has the tenant a succeeded final backup taken since it began deleting?
+    /// Has the tenant a succeeded final backup taken since its delete was asked for?
     pub(crate) async fn final_backup_taken(&self, t: &TenantRecord) -> sqlx::Result<bool> {
-        Ok(self
-            .registry()
+        let reg = self.registry();
+        let asked = reg
+            .open_operations("tenant.delete", t.id)
+            .await?
+            .iter()
+            .map(|op| op.created_at)
+            .min()
+            .unwrap_or(t.updated_at);
+        Ok(reg
             .live_backups_of(t.id)
             .await?
             .iter()
-            .any(|b| b.kind == "final" && b.status == "succeeded" && b.started_at >= t.updated_at))
+            .any(|b| b.kind == "final" && b.status == "succeeded" && b.started_at >= asked))
     }
 }

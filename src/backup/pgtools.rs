@@ -58,18 +58,12 @@ impl LibpqEnv {
     }
 
     fn apply(&self, cmd: &mut Command) {
-        for var in [
-            "PGHOST",
-            "PGPORT",
-            "PGUSER",
-            "PGPASSWORD",
-            "PGDATABASE",
-            "PGSERVICE",
-            "PGSSLMODE",
-            "PGPASSFILE",
-            "PGOPTIONS",
-        ] {
-            cmd.env_remove(var);
+        // Only the admin URL decides where the tools connect: no PG* variable
+        // of silo's own environment leaks in.
+        for (var, _) in std::env::vars_os() {
+            if var.to_string_lossy().starts_with("PG") {
+                cmd.env_remove(var);
+            }
         }
         for (k, v) in self.0.iter() {
             cmd.env(k, v);
@@ -160,6 +154,36 @@ impl PgTools {
         .stderr(Stdio::piped())
         .kill_on_drop(true);
         cmd.spawn().context("start pg_restore")
+    }
+}
+
+/// The tool's own error lines, for an error message that is stored and shown:
+/// `CONTEXT`/`DETAIL` lines and the SQL a failed command ran (which can
+/// quote tenant data) are left out, and the whole is capped at 1 KiB.
+pub fn error_lines(stderr: &str) -> String {
+    let mut out = String::new();
+    for line in stderr.lines() {
+        let l = line.trim();
+        if l.is_empty()
+            || l.starts_with("CONTEXT:")
+            || l.starts_with("DETAIL:")
+            || l.starts_with("LINE ")
+            || l.contains("Command was:")
+        {
+            continue;
+        }
+        if out.len() + l.len() > 1024 {
+            break;
+        }
+        if !out.is_empty() {
+            out.push_str("; ");
+        }
+        out.push_str(l);
+    }
+    if out.is_empty() {
+        "no message".into()
+    } else {
+        out
     }
 }
 

@@ -176,7 +176,7 @@ impl Provisioner {
         }
         drop(stdin);
         let status = child.wait().await.context("wait for pg_restore")?;
-        let errors = stderr.await.unwrap_or_default();
+        let errors = super::pgtools::error_lines(&stderr.await.unwrap_or_default());
         if !status.success() {
             return Err(BackupError::Internal(anyhow::anyhow!(
                 "run pg_restore: it exited with {status}: {errors}"
@@ -398,14 +398,22 @@ impl Provisioner {
                 Ok(updated)
             }
             Err(e) => {
-                // Renamed or not, the database is dropped: by name if still scratch.
-                admin
-                    .exec(&format!(
-                        "DROP DATABASE IF EXISTS \"{new_name}\" WITH (FORCE)"
-                    ))
-                    .await
-                    .ok();
-                drop_scratch(&admin, scratch).await;
+                // Drop the restored database only if the registry surely does
+                // not name it (the switch may have committed before an error).
+                // When unsure, drop nothing: the sweep drops whichever
+                // database the registry does not name.
+                match reg.tenant(target.id).await {
+                    Ok(Some(now)) if now.database_name != new_name => {
+                        admin
+                            .exec(&format!(
+                                "DROP DATABASE IF EXISTS \"{new_name}\" WITH (FORCE)"
+                            ))
+                            .await
+                            .ok();
+                        drop_scratch(&admin, scratch).await;
+                    }
+                    _ => scratch.lock.release().await,
+                }
                 Err(e)
             }
         };
@@ -487,15 +495,18 @@ impl Provisioner {
                 verify_login(&admin, &new_name, &target.role_name, &password)
                     .await
                     .context("verify the tenant role can log in")?;
-                reg.transition(
-                    target.id,
-                    &[TenantStatus::Restoring],
-                    TenantStatus::Active,
-                    None,
-                )
-                .await?
-                .context("mark the tenant active")
-                .map_err(BackupError::from)
+                let active = reg
+                    .transition(
+                        target.id,
+                        &[TenantStatus::Restoring],
+                        TenantStatus::Active,
+                        None,
+                    )
+                    .await?
+                    .context("mark the tenant active")?;
+                // Just brought back: not idle, whatever its traffic before.
+                reg.touch_tenants(&[target.id]).await?;
+                Ok(active)
             }
             .await;
             match brought_back {
@@ -518,12 +529,23 @@ impl Provisioner {
     /// A failed or interrupted un-archive: drop what it built, back to `archived`.
     pub(crate) async fn undo_unarchive(&self, id: Uuid, error: &str) {
         let reg = self.registry();
-        let Ok(Some(t)) = reg.tenant(id).await else {
+        // Back to `archived` first, and only from `restoring`: a tenant that
+        // has meanwhile come back `active` keeps its database and role.
+        let Ok(Some(t)) = reg
+            .transition(
+                id,
+                &[TenantStatus::Restoring],
+                TenantStatus::Archived,
+                Some(error),
+            )
+            .await
+        else {
             return;
         };
         if let Ok(admin) = self.admin_for(&t).await {
             // An archived tenant has no database: whatever the row names now
-            // was built by this restore.
+            // was built by this restore. (If this fails, the login-state sweep
+            // keeps the role from logging in; the next restore reuses both.)
             admin
                 .exec(&format!(
                     "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
@@ -536,14 +558,6 @@ impl Provisioner {
                 .await
                 .ok();
         }
-        reg.transition(
-            id,
-            &[TenantStatus::Restoring],
-            TenantStatus::Archived,
-            Some(error),
-        )
-        .await
-        .ok();
     }
 }
 

@@ -317,10 +317,19 @@ impl Provisioner {
             .store
             .create_upload(&b.object_key, b.storage_class.as_deref())
             .await?;
-        self.registry()
+        if let Err(e) = self
+            .registry()
             .set_backup_upload(b.id, &upload_id, part_size as i64)
             .await
-            .context("record the open upload")?;
+        {
+            // Unrecorded, nobody else could abort it: abort it now.
+            storage
+                .store
+                .abort_upload(&b.object_key, &upload_id)
+                .await
+                .ok();
+            return Err(anyhow::Error::new(e).context("record the open upload"));
+        }
         failpoint::hit("backup_upload");
 
         let mut child = storage
@@ -353,15 +362,11 @@ impl Provisioner {
             sealed.clear();
         }
         let status = child.wait().await.context("wait for pg_dump")?;
-        let errors = stderr.await.unwrap_or_default();
+        let errors = super::pgtools::error_lines(&stderr.await.unwrap_or_default());
         anyhow::ensure!(
             status.success(),
             "run pg_dump: it exited with {status}: {}",
-            if errors.is_empty() {
-                "no message"
-            } else {
-                &errors
-            }
+            errors
         );
         sealer.finish(&mut sealed);
         parts.write(&sealed).await?;

@@ -68,7 +68,8 @@ pub fn due(
     let mut tried: HashMap<(Uuid, DateTime<Utc>), (bool, usize)> = HashMap::new();
     for (tenant, slot, status) in attempts {
         let e = tried.entry((*tenant, *slot)).or_default();
-        if status == "running" || status == "succeeded" {
+        // A pruned (`deleted`) backup ran its slot too.
+        if status == "running" || status == "succeeded" || status == "deleted" {
             e.0 = true;
         } else if status == "failed" {
             e.1 += 1;
@@ -133,7 +134,10 @@ impl Provisioner {
         let now = Utc::now();
         self.record_backup_ages(now).await?;
         if let Some(after) = storage.settings.archive_after {
-            self.archive_idle(now - after).await?;
+            // Archival trouble must not hold back the backups.
+            if let Err(e) = self.archive_idle(now - after).await {
+                tracing::warn!("failed to start archiving idle tenants: {e}");
+            }
         }
         let tenants = reg.schedulable_tenants().await?;
         let default = storage.settings.schedule.clone();
@@ -178,7 +182,12 @@ impl Provisioner {
                     continue;
                 }
                 Err(BackupError::NotFound(_)) => continue,
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // One tenant's trouble does not stop the others.
+                    tracing::warn!(tenant_id = %tenant, "failed to start a scheduled backup: {e}");
+                    report.failed += 1;
+                    continue;
+                }
             };
             let p = self.clone();
             let sample = storage.settings.verify_sample;

@@ -61,7 +61,7 @@ impl Registry {
     }
 
     async fn lock(&self, key: i64) -> sqlx::Result<Lock> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.locks.acquire().await?;
         sqlx::query("SELECT pg_advisory_lock($1)")
             .bind(key)
             .execute(&mut *conn)
@@ -73,7 +73,7 @@ impl Registry {
     }
 
     async fn try_lock(&self, key: i64) -> sqlx::Result<Option<Lock>> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.locks.acquire().await?;
         let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(key)
             .fetch_one(&mut *conn)

@@ -31,11 +31,18 @@ use sqlx::PgPool;
 /// operation holds one (its advisory lock lives on it), the rest serve reads.
 /// With N replicas the control server must allow N × this plus headroom.
 pub const CONTROL_POOL_MAX: u32 = 16;
+/// Connections per silo process that hold advisory locks (one per tenant
+/// operation, running backup, restore or fleet run in progress), apart from
+/// the query pool so that long-held locks never starve queries. The control
+/// server must allow replicas × (CONTROL_POOL_MAX + LOCK_POOL_MAX) plus headroom.
+pub const LOCK_POOL_MAX: u32 = 32;
 
 /// Handle to the control database.
 #[derive(Clone, Debug)]
 pub struct Registry {
     pool: PgPool,
+    /// Dedicated connections for advisory locks (see [`LOCK_POOL_MAX`]).
+    locks: PgPool,
 }
 
 impl Registry {
@@ -48,12 +55,21 @@ impl Registry {
             .min_connections(0)
             .acquire_timeout(Duration::from_secs(5))
             .idle_timeout(Duration::from_secs(300))
-            .connect_lazy_with(opts.application_name("silo-control"));
-        Ok(Self { pool })
+            .connect_lazy_with(opts.clone().application_name("silo-control"));
+        let locks = PgPoolOptions::new()
+            .max_connections(LOCK_POOL_MAX)
+            .min_connections(0)
+            .acquire_timeout(Duration::from_secs(10))
+            .idle_timeout(Duration::from_secs(300))
+            .connect_lazy_with(opts.application_name("silo-locks"));
+        Ok(Self { pool, locks })
     }
 
     pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            locks: pool.clone(),
+            pool,
+        }
     }
 
     /// Apply the control-DB migrations (`migrations/control`).

@@ -90,6 +90,21 @@ impl Registry {
         .await
     }
 
+    /// Parameters of the newest operation of `kind` on `tenant`.
+    pub async fn latest_operation_params(
+        &self,
+        kind: &str,
+        tenant: Uuid,
+    ) -> sqlx::Result<Option<serde_json::Value>> {
+        sqlx::query_scalar(
+            "SELECT params FROM operations WHERE kind = $1 AND tenant_id = $2 ORDER BY created_at DESC LIMIT 1",
+        )
+        .bind(kind)
+        .bind(tenant)
+        .fetch_optional(&self.pool)
+        .await
+    }
+
     /// Unfinished operations of a kind (any tenant), oldest first.
     pub async fn unfinished_operations(&self, kind: &str) -> sqlx::Result<Vec<Operation>> {
         sqlx::query_as(&format!(
@@ -144,8 +159,10 @@ impl Registry {
             Ok(v) => ("succeeded", Some(v), None),
             Err(e) => ("failed", None, Some(e)),
         };
+        // Only an open operation is finished: its outcome is written once.
         sqlx::query(
-            "UPDATE operations SET status = $2, result = $3, error = $4, updated_at = now() WHERE id = $1",
+            "UPDATE operations SET status = $2, result = $3, error = $4, updated_at = now()
+              WHERE id = $1 AND status IN ('pending', 'running')",
         )
         .bind(id)
         .bind(status)

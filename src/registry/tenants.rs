@@ -421,7 +421,8 @@ impl Registry {
         let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
         let done = sqlx::query(
             "UPDATE tenants SET database_name = $3, schema_version = coalesce($4, schema_version),
-                    status = $5, last_error = NULL, updated_at = now()
+                    status = $5, last_error = NULL, updated_at = now(),
+                    last_active_at = CASE WHEN $5 = 'active' THEN now() ELSE last_active_at END
               WHERE id = $1 AND status = ANY($2)",
         )
         .bind(id)
