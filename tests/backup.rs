@@ -871,3 +871,37 @@ async fn a_pg_dump_older_than_the_server_is_refused_by_name() {
         "failed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_outage_mid_backup_fails_it_and_the_sweep_aborts_its_upload() {
+    let mut env = TestEnv::start_with_storage().await;
+    env.create("outage").await;
+    let t = env.record("outage").await;
+    add_ballast(&env, &t, 48).await;
+    env.s3().faults().delay_parts(Duration::from_millis(1500));
+    let p = env.provisioner.clone();
+    let id = t.id;
+    let backup = tokio::spawn(async move { p.backup_now(id, BackupKind::Manual, None).await });
+    wait_for_process("pg_dump", &t.database_name).await;
+    // The whole PostgreSQL server (tenant and control databases) goes down mid-dump.
+    env.pg.stop().unwrap();
+    backup
+        .await
+        .unwrap()
+        .expect_err("the backup cannot succeed without its database");
+    env.s3().faults().clear();
+    env.pg.start_again().unwrap();
+    // The failure could not even be recorded; the sweep repairs it.
+    let report = env.provisioner.reconcile_once().await.unwrap();
+    assert_eq!(report.backups.backups_abandoned, 1, "{report:?}");
+    let b = &env.registry().backups_of(t.id, None, 1).await.unwrap()[0];
+    assert_eq!(b.status, "failed");
+    assert!(b.error.as_deref().unwrap().contains("interrupted"), "{b:?}");
+    assert_eq!(env.s3().open_uploads(), 0, "the upload was aborted");
+    assert!(env.stored_objects(t.id).is_empty());
+    // And once the database is back, a backup succeeds.
+    env.provisioner
+        .backup_now(t.id, BackupKind::Manual, None)
+        .await
+        .unwrap();
+}

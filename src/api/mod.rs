@@ -7,6 +7,7 @@ mod app;
 mod auth;
 pub mod error;
 mod health;
+pub mod paging;
 
 pub use admin::validate_slug;
 

@@ -29,13 +29,6 @@ pub struct BackupSweep {
     pub operations_interrupted: u32,
 }
 
-fn error_text(e: &BackupError) -> String {
-    match e {
-        BackupError::Internal(e) => format!("{e:#}"),
-        other => other.to_string(),
-    }
-}
-
 impl Provisioner {
     /// Record an operation, hold its lock, and run `work` in the background;
     /// its result (or error) is stored on the operation.
@@ -65,7 +58,7 @@ impl Provisioner {
         };
         let this = self.clone();
         self.tasks().spawn(async move {
-            let outcome = work(this.clone()).await.map_err(|e| error_text(&e));
+            let outcome = work(this.clone()).await.map_err(|e| e.detail());
             if let Err(e) = &outcome {
                 tracing::error!(operation_id = %id, kind, "failed to {kind}: {e}");
             }
@@ -80,17 +73,7 @@ impl Provisioner {
     /// `POST /backups/{id}/verify` as an operation.
     pub async fn start_verify(&self, backup: Uuid) -> Result<Operation, BackupError> {
         self.storage_or_err()?;
-        let b = self
-            .registry()
-            .backup(backup)
-            .await?
-            .ok_or(BackupError::NotFound("backup"))?;
-        if b.status != "succeeded" {
-            return Err(BackupError::Conflict(format!(
-                "backup is {}: only a succeeded backup can be verified",
-                b.status
-            )));
-        }
+        let b = self.succeeded_backup(backup, "verified").await?;
         self.spawn_operation(
             "backup.verify",
             Some(b.tenant_id),
@@ -118,16 +101,7 @@ impl Provisioner {
     ) -> Result<Operation, BackupError> {
         self.storage_or_err()?;
         let reg = self.registry();
-        let b = reg
-            .backup(backup)
-            .await?
-            .ok_or(BackupError::NotFound("backup"))?;
-        if b.status != "succeeded" {
-            return Err(BackupError::Conflict(format!(
-                "backup is {}: only a succeeded backup can be restored",
-                b.status
-            )));
-        }
+        let b = self.succeeded_backup(backup, "restored").await?;
         if reg.backup_key_erased(b.tenant_id).await? {
             return Err(BackupError::KeyErased);
         }
@@ -237,7 +211,7 @@ impl Provisioner {
                 Ok(backup)
             }
             Err(e) => {
-                self.undo_archive(&admin, &t, from, &error_text(&e)).await;
+                self.undo_archive(&admin, &t, from, &e.detail()).await;
                 Err(e)
             }
         }

@@ -160,6 +160,16 @@ pub enum BackupError {
     Internal(#[from] anyhow::Error),
 }
 
+impl BackupError {
+    /// The message to record (an internal error with its whole cause chain).
+    pub fn detail(&self) -> String {
+        match self {
+            Self::Internal(e) => format!("{e:#}"),
+            other => other.to_string(),
+        }
+    }
+}
+
 impl From<sqlx::Error> for BackupError {
     fn from(e: sqlx::Error) -> Self {
         Self::Internal(anyhow::Error::new(e).context("query the control database"))

@@ -46,6 +46,40 @@ struct Scratch {
 }
 
 impl Provisioner {
+    /// A backup and the tenant it belongs to.
+    async fn backup_and_tenant(&self, id: Uuid) -> Result<(Backup, TenantRecord), BackupError> {
+        let reg = self.registry();
+        let b = reg
+            .backup(id)
+            .await?
+            .ok_or(BackupError::NotFound("backup"))?;
+        let t = reg
+            .tenant(b.tenant_id)
+            .await?
+            .ok_or(BackupError::NotFound("tenant"))?;
+        Ok((b, t))
+    }
+
+    /// A backup that can be read back: `succeeded`, else 404/409 saying why.
+    pub(crate) async fn succeeded_backup(
+        &self,
+        id: Uuid,
+        action: &str,
+    ) -> Result<Backup, BackupError> {
+        let b = self
+            .registry()
+            .backup(id)
+            .await?
+            .ok_or(BackupError::NotFound("backup"))?;
+        if b.status != "succeeded" {
+            return Err(BackupError::Conflict(format!(
+                "backup is {}: only a succeeded backup can be {action}",
+                b.status
+            )));
+        }
+        Ok(b)
+    }
+
     /// Restore a backup into a new scratch database on `admin`'s server:
     /// manifest checked, object streamed through SHA-256 and decryption into
     /// pg_restore, checksum compared before pg_restore may commit.
@@ -195,14 +229,7 @@ impl Provisioner {
     ) -> Result<VerifyReport, BackupError> {
         let storage = self.storage_or_err()?;
         let reg = self.registry();
-        let b = reg
-            .backup(backup)
-            .await?
-            .ok_or(BackupError::NotFound("backup"))?;
-        let t = reg
-            .tenant(b.tenant_id)
-            .await?
-            .ok_or(BackupError::NotFound("tenant"))?;
+        let (b, t) = self.backup_and_tenant(backup).await?;
         let admin = self.admin_for(&t).await?;
         let outcome = async {
             let scratch = self
@@ -245,11 +272,7 @@ impl Provisioner {
                 }
             }
             Err(e) => {
-                let msg = match &e {
-                    BackupError::Internal(e) => format!("{e:#}"),
-                    other => other.to_string(),
-                };
-                reg.set_backup_verified(b.id, Some(&msg)).await?;
+                reg.set_backup_verified(b.id, Some(&e.detail())).await?;
                 metrics::counter!("silo_backup_verifications_total", "outcome" => "failed")
                     .increment(1);
                 return Err(e);
@@ -276,14 +299,7 @@ impl Provisioner {
     ) -> Result<TenantRecord, BackupError> {
         let storage = self.storage_or_err()?;
         let reg = self.registry();
-        let b = reg
-            .backup(backup)
-            .await?
-            .ok_or(BackupError::NotFound("backup"))?;
-        let source = reg
-            .tenant(b.tenant_id)
-            .await?
-            .ok_or(BackupError::NotFound("tenant"))?;
+        let (b, source) = self.backup_and_tenant(backup).await?;
         let target = match target {
             RestoreTarget::InPlace => source.clone(),
             RestoreTarget::IntoSlug(slug) => match reg.find_tenant(&slug).await? {
@@ -512,11 +528,7 @@ impl Provisioner {
             match brought_back {
                 Ok(t) => Ok(t),
                 Err(e) => {
-                    let msg = match &e {
-                        BackupError::Internal(e) => format!("{e:#}"),
-                        other => other.to_string(),
-                    };
-                    self.undo_unarchive(target.id, &msg).await;
+                    self.undo_unarchive(target.id, &e.detail()).await;
                     Err(e)
                 }
             }

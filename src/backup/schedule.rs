@@ -142,12 +142,14 @@ impl Provisioner {
         let tenants = reg.schedulable_tenants().await?;
         let default = storage.settings.schedule.clone();
         // Attempts since the oldest slot in question.
-        let oldest = tenants
+        // Each distinct schedule once, not once per tenant.
+        let schedules: std::collections::HashSet<&str> = tenants
             .iter()
-            .filter_map(|t| {
-                parse(t.backup_schedule.as_deref().unwrap_or(&default))
-                    .and_then(|c| latest_slot(&c, now))
-            })
+            .map(|t| t.backup_schedule.as_deref().unwrap_or(&default))
+            .collect();
+        let oldest = schedules
+            .into_iter()
+            .filter_map(|expr| parse(expr).and_then(|c| latest_slot(&c, now)))
             .min();
         let Some(oldest) = oldest else {
             return Ok(TickReport::default());

@@ -58,16 +58,8 @@ impl Registry {
         tenant: Option<Uuid>,
         params: serde_json::Value,
     ) -> sqlx::Result<Operation> {
-        sqlx::query_as(&format!(
-            "INSERT INTO operations (id, kind, tenant_id, status, params) VALUES ($1, $2, $3, 'running', $4)
-             RETURNING {OP_COLUMNS}"
-        ))
-        .bind(Uuid::now_v7())
-        .bind(kind)
-        .bind(tenant)
-        .bind(params)
-        .fetch_one(&self.pool)
-        .await
+        self.create_operation_as(Uuid::now_v7(), kind, tenant, params)
+            .await
     }
 
     /// As [`Self::create_operation_with`], with an id chosen (and locked) by the caller.

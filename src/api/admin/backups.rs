@@ -13,6 +13,7 @@ use uuid::Uuid;
 use super::tenants::{resolve, validate_slug};
 use crate::api::auth::Actor;
 use crate::api::error::{optional_body, ApiError, ApiResult, Json, Problem, Query};
+use crate::api::paging::{next_cursor, page};
 use crate::api::AppState;
 use crate::backup::{BackupError, BackupKind, RestoreTarget};
 use crate::registry::{Backup, Operation};
@@ -27,7 +28,6 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(restore_tenant))
 }
 
-const DEFAULT_PAGE: i64 = 50;
 const MAX_PAGE: i64 = 500;
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -108,25 +108,10 @@ async fn list_backups(
     Path(tenant): Path<String>,
     Query(params): Query<BackupListParams>,
 ) -> ApiResult<Json<BackupPage>> {
-    let limit = params.limit.unwrap_or(DEFAULT_PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::invalid(format!(
-            "limit must be between 1 and {MAX_PAGE}"
-        )));
-    }
-    let before = params
-        .cursor
-        .as_deref()
-        .map(|c| {
-            Uuid::parse_str(c)
-                .map_err(|_| ApiError::invalid("cursor is not a cursor this API returned"))
-        })
-        .transpose()?;
+    let (limit, before) = page(params.limit, params.cursor.as_deref(), MAX_PAGE)?;
     let t = resolve(&state, &tenant).await?;
     let items = state.registry().backups_of(t.id, before, limit).await?;
-    let next_cursor = (items.len() as i64 == limit)
-        .then(|| items.last().map(|b| b.id.to_string()))
-        .flatten();
+    let next_cursor = next_cursor(&items, limit, |b| b.id);
     Ok(Json(BackupPage { items, next_cursor }))
 }
 

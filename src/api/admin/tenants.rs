@@ -7,7 +7,6 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-use uuid::Uuid;
 
 use crate::api::auth::Actor;
 use crate::api::error::{optional_body, ApiError, ApiResult, Json, Problem, Query};
@@ -28,7 +27,6 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// Longest `Idempotency-Key` accepted.
 const MAX_IDEMPOTENCY_KEY: usize = 200;
 /// Page size bounds for listing.
-const DEFAULT_PAGE: i64 = 50;
 const MAX_PAGE: i64 = 500;
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -118,24 +116,10 @@ async fn list_tenants(
             TenantStatus::parse(s).ok_or_else(|| ApiError::invalid(format!("unknown status '{s}'")))
         })
         .transpose()?;
-    let limit = params.limit.unwrap_or(DEFAULT_PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::invalid(format!(
-            "limit must be between 1 and {MAX_PAGE}"
-        )));
-    }
-    let after = params
-        .cursor
-        .as_deref()
-        .map(|c| {
-            Uuid::parse_str(c)
-                .map_err(|_| ApiError::invalid("cursor is not a cursor this API returned"))
-        })
-        .transpose()?;
+    let (limit, after) =
+        crate::api::paging::page(params.limit, params.cursor.as_deref(), MAX_PAGE)?;
     let rows = state.registry().list_tenants(status, after, limit).await?;
-    let next_cursor = (rows.len() as i64 == limit)
-        .then(|| rows.last().map(|t| t.id.to_string()))
-        .flatten();
+    let next_cursor = crate::api::paging::next_cursor(&rows, limit, |t| t.id);
     Ok(Json(TenantPage {
         items: rows.iter().map(TenantRecord::view).collect(),
         next_cursor,

@@ -10,6 +10,9 @@ use uuid::Uuid;
 use super::{db_error, TenantDb};
 use crate::api::error::{ApiError, ApiResult};
 
+/// Largest page of the app API's lists.
+const MAX_PAGE: i64 = 200;
+
 /// Paging of the plain lists (every resource without filters).
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -26,25 +29,10 @@ pub(super) fn page(p: &PageParams) -> ApiResult<(i64, Option<Uuid>)> {
 }
 
 pub(super) fn page_of(limit: Option<i64>, cursor: Option<&str>) -> ApiResult<(i64, Option<Uuid>)> {
-    let limit = limit.unwrap_or(50);
-    if !(1..=200).contains(&limit) {
-        return Err(ApiError::invalid("limit must be between 1 and 200"));
-    }
-    let after = cursor
-        .map(|c| {
-            Uuid::parse_str(c)
-                .map_err(|_| ApiError::invalid("cursor is not a cursor this API returned"))
-        })
-        .transpose()?;
-    Ok((limit, after))
+    crate::api::paging::page(limit, cursor, MAX_PAGE)
 }
 
-/// The cursor of the next page, if this page was full.
-pub(super) fn next_cursor<T>(items: &[T], limit: i64, id: impl Fn(&T) -> Uuid) -> Option<String> {
-    (items.len() as i64 == limit)
-        .then(|| items.last().map(|t| id(t).to_string()))
-        .flatten()
-}
+pub(super) use crate::api::paging::next_cursor;
 
 /// A path id; anything that is not a UUID cannot exist, so 404.
 pub(super) fn parse_id(id: &str, what: &str) -> ApiResult<Uuid> {
