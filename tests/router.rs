@@ -9,8 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::{Method, StatusCode};
-use common::{Silo, TestEnv};
-use silo::embedded::EmbeddedPostgres;
+use common::{create_on, second_server, Silo, TestEnv};
 use silo::router::{RouteError, RouterConfig, TenantRouter};
 
 async fn set_budget(env: &TestEnv, max: i32) {
@@ -214,31 +213,6 @@ async fn idle_pools_are_evicted_and_closed_after_work_in_flight_finishes() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     token.cancel();
-}
-
-/// A second PostgreSQL cluster registered as tenant server "second".
-async fn second_server(env: &TestEnv) -> EmbeddedPostgres {
-    let pg = tokio::task::spawn_blocking(EmbeddedPostgres::start_throwaway)
-        .await
-        .unwrap()
-        .unwrap();
-    env.provisioner
-        .register_server("second", &pg.url("postgres"), 50, 100)
-        .await
-        .unwrap();
-    env.provisioner.refill_all().await.unwrap();
-    pg
-}
-
-async fn create_on(env: &TestEnv, slug: &str, server: &str) {
-    let (s, body) = env
-        .call(
-            Method::POST,
-            "/admin/v1/tenants",
-            Some(serde_json::json!({"slug": slug, "name": slug, "server": server})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -181,6 +181,12 @@ fn is_unavailable(e: &anyhow::Error) -> bool {
                     | sqlx::Error::Tls(_)
             )
         ) || cause.downcast_ref::<std::io::Error>().is_some()
+            // The session was ended or the server is shutting down (class 57),
+            // or the connection broke (class 08).
+            || cause
+                .downcast_ref::<sqlx::Error>()
+                .and_then(crate::provision::sql_state)
+                .is_some_and(|c| c.starts_with("57P") || c.starts_with("08"))
     })
 }
 

@@ -11,6 +11,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::{BackupError, BackupKind, RestoreTarget, OBJECT_PREFIX, SCRATCH_DB_PREFIX};
+use crate::provision::relocate::MOVE_KIND;
 use crate::provision::{set_role_login, terminate_sessions, Provisioner, ServerAdmin};
 use crate::registry::{Operation, OperationStatus, TenantRecord, TenantStatus};
 
@@ -114,7 +115,7 @@ impl Provisioner {
             None => Some(b.tenant_id),
         };
         if let Some(t) = target_tenant {
-            for kind in OPERATION_KINDS {
+            for kind in OPERATION_KINDS.into_iter().chain([MOVE_KIND]) {
                 if let Some(op) = reg.open_operations(kind, t).await?.first() {
                     return Err(BackupError::Busy(op.id));
                 }
@@ -154,6 +155,9 @@ impl Provisioner {
                         other.as_str()
                     )))
                 }
+            }
+            if let Some(op) = reg.open_operations(MOVE_KIND, id).await?.first() {
+                return Err(BackupError::Busy(op.id));
             }
             if reg.backup_key_erased(id).await? {
                 return Err(BackupError::KeyErased);

@@ -27,7 +27,7 @@ pub mod schedule;
 mod store;
 
 pub use lifecycle::{BackupSweep, OPERATION_KINDS};
-pub use pgtools::{LibpqEnv, PgTools};
+pub use pgtools::{capture_stderr, error_lines, LibpqEnv, PgTools};
 pub use restore::{RestoreTarget, VerifyReport};
 pub use retention::Retention;
 pub use run::{part_size_for, Manifest, MAX_PARTS, MIN_PART_SIZE};

@@ -57,6 +57,32 @@ impl LibpqEnv {
         Ok(Self(Arc::new(vars)))
     }
 
+    /// The same login as a libpq connection string for `database`, e.g. for
+    /// `CREATE SUBSCRIPTION`. It holds the password: never log it.
+    pub fn conninfo(&self, database: &str) -> String {
+        let quote = |v: &str| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"));
+        let mut parts: Vec<String> = self
+            .0
+            .iter()
+            .filter_map(|(var, v)| {
+                let key = match *var {
+                    "PGHOST" => "host",
+                    "PGPORT" => "port",
+                    "PGUSER" => "user",
+                    "PGPASSWORD" => "password",
+                    "PGSSLMODE" => "sslmode",
+                    "PGSSLROOTCERT" => "sslrootcert",
+                    "PGSSLCERT" => "sslcert",
+                    "PGSSLKEY" => "sslkey",
+                    _ => return None,
+                };
+                Some(format!("{key}={}", quote(v)))
+            })
+            .collect();
+        parts.push(format!("dbname={}", quote(database)));
+        parts.join(" ")
+    }
+
     fn apply(&self, cmd: &mut Command) {
         // Only the admin URL decides where the tools connect: no PG* variable
         // of silo's own environment leaks in.
@@ -126,13 +152,39 @@ impl PgTools {
     ) -> anyhow::Result<Child> {
         let mut cmd = Command::new(self.bindir.join("pg_dump"));
         env.apply(&mut cmd);
-        cmd.args(["--format=custom", "--no-password"])
-            .arg(format!("--snapshot={snapshot}"))
-            .arg(format!("--dbname={database}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        // A tenant being moved carries the move's publication and fence table: not its data.
+        cmd.args([
+            "--format=custom",
+            "--no-password",
+            "--no-publications",
+            "--no-subscriptions",
+        ])
+        .arg("--exclude-schema=silo_move")
+        .arg(format!("--snapshot={snapshot}"))
+        .arg(format!("--dbname={database}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+        cmd.spawn().context("start pg_dump")
+    }
+
+    /// Start `pg_dump -Fc --schema-only` of `database` (for a move), its output on stdout.
+    pub fn spawn_schema_dump(&self, env: &LibpqEnv, database: &str) -> anyhow::Result<Child> {
+        let mut cmd = Command::new(self.bindir.join("pg_dump"));
+        env.apply(&mut cmd);
+        cmd.args([
+            "--format=custom",
+            "--schema-only",
+            "--no-password",
+            "--no-publications",
+            "--no-subscriptions",
+        ])
+        .arg(format!("--dbname={database}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
         cmd.spawn().context("start pg_dump")
     }
 
@@ -226,5 +278,11 @@ mod tests {
         assert_eq!(get("PGPASSWORD").as_deref(), Some("p/w%d"));
         assert_eq!(get("PGSSLMODE").as_deref(), Some("require"));
         assert!(!format!("{env:?}").contains("p/w"));
+        assert_eq!(
+            env.conninfo("silo_t_1"),
+            "host='db.example' port='6543' user='ad@min' password='p/w%d' sslmode='require' dbname='silo_t_1'"
+        );
+        let quoted = LibpqEnv::from_url("postgres://u:it%27s%5Cx@h/db").unwrap();
+        assert!(quoted.conninfo("d").contains(r"password='it\'s\\x'"));
     }
 }

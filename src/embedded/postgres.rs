@@ -111,7 +111,7 @@ impl EmbeddedPostgres {
             "-c unix_socket_directories=''".to_owned()
         };
         let mut opts = format!(
-            "-p {port} -h 127.0.0.1 {sock_opt} -c max_connections=400 -c shared_buffers=64MB"
+            "-p {port} -h 127.0.0.1 {sock_opt} -c max_connections=400 -c shared_buffers=64MB -c wal_level=logical"
         );
         if durability == Durability::Throwaway {
             opts.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");

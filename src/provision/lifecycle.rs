@@ -172,6 +172,16 @@ impl Provisioner {
         let lock = reg.lock_tenant(id).await?;
         let started = async {
             let t = reg.tenant(id).await?.ok_or(ProvisionError::NotFound)?;
+            if !reg
+                .open_operations(super::relocate::MOVE_KIND, id)
+                .await?
+                .is_empty()
+            {
+                return Err(ProvisionError::InvalidState(
+                    "being moved",
+                    "wait for the move to finish",
+                ));
+            }
             match t.status {
                 TenantStatus::Deleted => return Err(ProvisionError::NotFound),
                 TenantStatus::Deleting => {}

@@ -22,6 +22,7 @@
 
 mod lifecycle;
 mod reconcile;
+pub mod relocate;
 pub mod scram;
 pub mod servers;
 mod template;

@@ -29,6 +29,10 @@ pub struct ReconcileReport {
     pub logins_fixed: u32,
     /// Restore/verify scratch databases whose runner died, dropped.
     pub scratch_databases_dropped: u32,
+    /// Moves whose process died, finished or rolled back.
+    pub moves_settled: u32,
+    /// Subscriptions and replication slots of moves that are over, dropped.
+    pub move_leftovers_dropped: u32,
     /// Backups, uploads and backup operations left by a stopped process.
     pub backups: crate::backup::BackupSweep,
     pub errors: Vec<String>,
@@ -40,6 +44,13 @@ impl Provisioner {
     pub async fn reconcile_once(&self) -> anyhow::Result<ReconcileReport> {
         let mut report = ReconcileReport::default();
         let reg = self.registry();
+        // Before the servers' sweep: a settled move leaves nothing it must protect.
+        match self.sweep_moves().await {
+            Ok(n) => report.moves_settled = n,
+            Err(e) => report
+                .errors
+                .push(format!("settle interrupted moves: {e:#}")),
+        }
         for server in reg.servers().await? {
             // Wait (not try): the warm pool holds this lock only for a clone or
             // two, and skipping would leave a crash's debris for a whole interval.
@@ -115,14 +126,18 @@ impl Provisioner {
         .await
         .context("list spare roles")?;
 
-        // 2. What the registry accounts for.
+        // 2. What the registry accounts for: its tenants, and both ends of open moves.
         let reg = self.registry();
         let live = reg.tenants_on_server(server.id).await?;
-        let live_dbs: HashSet<&str> = live.iter().map(|t| t.database_name.as_str()).collect();
-        let live_roles: HashMap<&str, TenantStatus> = live
+        let moves = self.moves_touching(server.id).await?;
+        let mut live_dbs: HashSet<&str> = live.iter().map(|t| t.database_name.as_str()).collect();
+        live_dbs.extend(moves.iter().map(|m| m.database.as_str()));
+        let mut live_roles: HashMap<&str, Option<TenantStatus>> = live
             .iter()
-            .map(|t| (t.role_name.as_str(), t.status))
+            .map(|t| (t.role_name.as_str(), Some(t.status)))
             .collect();
+        // A moving tenant's role: its LOGIN is the move's business (frozen at cut-over).
+        live_roles.extend(moves.iter().map(|m| (m.role.as_str(), None)));
         let latest = self.latest_version();
         let spares = reg.spares(server.id).await?;
         let good_spares: HashSet<&str> = spares
@@ -137,6 +152,8 @@ impl Provisioner {
             .filter_map(|s| s.role_name.as_deref())
             .collect();
 
+        // Replication leftovers first: a database with a subscription cannot be dropped.
+        report.move_leftovers_dropped += self.sweep_move_leftovers(&admin).await?;
         for db in &databases {
             let orphan = if db.starts_with(TENANT_DB_PREFIX) {
                 !live_dbs.contains(db.as_str())
@@ -170,8 +187,8 @@ impl Provisioner {
                 }
                 Some(status) => {
                     let want = match status {
-                        TenantStatus::Active => Some(true),
-                        TenantStatus::Suspended | TenantStatus::Archived => Some(false),
+                        Some(TenantStatus::Active) => Some(true),
+                        Some(TenantStatus::Suspended | TenantStatus::Archived) => Some(false),
                         _ => None,
                     };
                     if want.is_some_and(|want| want != *can_login) {

@@ -95,6 +95,8 @@ pub struct TenantRecord {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub last_backup_at: Option<DateTime<Utc>>,
+    /// Set while a move's cut-over freezes the tenant's writes.
+    pub frozen_at: Option<DateTime<Utc>>,
 }
 
 impl std::fmt::Debug for TenantRecord {
@@ -153,7 +155,8 @@ pub struct TenantPatch<'a> {
 const SELECT_RECORD: &str =
     "SELECT t.id, t.slug, t.name, t.plan, t.status, t.server_id, s.name AS server_name,
         t.database_name, t.role_name, t.password_enc, t.key_id, t.provision_step, t.last_error,
-        t.schema_version, t.backup_schedule, t.created_at, t.updated_at, t.last_backup_at
+        t.schema_version, t.backup_schedule, t.created_at, t.updated_at, t.last_backup_at,
+        t.frozen_at
    FROM tenants t JOIN db_servers s ON s.id = t.server_id";
 
 impl Registry {
@@ -440,6 +443,52 @@ impl Registry {
 }
 
 impl Registry {
+    /// Freeze or unfreeze a tenant's writes (a move's cut-over); routers on
+    /// every replica follow at once (NOTIFY).
+    pub async fn set_frozen(&self, id: Uuid, frozen: bool) -> sqlx::Result<()> {
+        sqlx::query(
+            "UPDATE tenants SET frozen_at = CASE WHEN $2 THEN now() END, updated_at = now()
+              WHERE id = $1 AND (frozen_at IS NULL) = $2",
+        )
+        .bind(id)
+        .bind(frozen)
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+    }
+
+    /// Tenants frozen for a move's cut-over.
+    pub async fn frozen_tenants(&self) -> sqlx::Result<Vec<Uuid>> {
+        sqlx::query_scalar("SELECT id FROM tenants WHERE frozen_at IS NOT NULL")
+            .fetch_all(&self.pool)
+            .await
+    }
+
+    /// A move's switch: the tenant now lives on `to` with a new password, and
+    /// is unfrozen, in one statement. `false` if it was not an active tenant on `from`.
+    pub async fn relocate_tenant(
+        &self,
+        id: Uuid,
+        from: Uuid,
+        to: Uuid,
+        password_enc: &[u8],
+        key_id: &str,
+    ) -> sqlx::Result<bool> {
+        let done = sqlx::query(
+            "UPDATE tenants SET server_id = $3, password_enc = $4, key_id = $5, frozen_at = NULL,
+                    updated_at = now()
+              WHERE id = $1 AND server_id = $2 AND status = 'active'",
+        )
+        .bind(id)
+        .bind(from)
+        .bind(to)
+        .bind(password_enc)
+        .bind(key_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// As [`Self::set_password`], committed lazily (see `begin_lazy`): for
     /// provisioning, where a resumed step re-asserts the password anyway.
     pub async fn set_password_lazily(

@@ -118,6 +118,8 @@ pub struct TenantEntry {
     pub database: String,
     pub role: String,
     pub plan: String,
+    /// A move's cut-over: answered 503 with `Retry-After` until it ends.
+    pub frozen: bool,
     password: Secret,
 }
 
@@ -327,6 +329,7 @@ impl TenantRouter {
             database: t.database_name.clone(),
             role: t.role_name.clone(),
             plan: t.plan.clone(),
+            frozen: t.frozen_at.is_some(),
             password: Secret::new(password),
         })
     }
@@ -375,7 +378,8 @@ impl TenantRouter {
                 Err(AcquireError::Connect(e))
                     if is_auth_failure(&e) && Instant::now() < deadline =>
                 {
-                    // Credentials rotated under us: re-read them and retry.
+                    // Credentials rotated, or the tenant frozen or moved, under
+                    // us (before the notice arrived): re-read them and retry.
                     self.invalidate(entry.id).await;
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     entry = self.resolve(&entry.id.to_string()).await?;
@@ -623,6 +627,7 @@ impl TenantRouter {
 
 fn check_status(entry: &TenantEntry) -> Result<(), RouteError> {
     match entry.status {
+        TenantStatus::Active if entry.frozen => Err(RouteError::NotReady("moving")),
         TenantStatus::Active => Ok(()),
         TenantStatus::Suspended | TenantStatus::Archived => {
             Err(RouteError::Locked(entry.status.as_str()))
@@ -639,6 +644,11 @@ fn is_role_limit(e: &sqlx::Error) -> bool {
             .is_some_and(|d| d.message().contains("for role"))
 }
 
+/// A wrong password (rotated), or a role that may not log in (frozen for a
+/// move, or just suspended): the registry knows better than our cache.
 fn is_auth_failure(e: &sqlx::Error) -> bool {
-    crate::provision::sql_state(e).as_deref() == Some("28P01")
+    matches!(
+        crate::provision::sql_state(e).as_deref(),
+        Some("28P01" | "28000")
+    )
 }

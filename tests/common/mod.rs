@@ -30,6 +30,7 @@ pub const APP_DOMAIN: &str = "clinics.test";
 pub struct Answer {
     pub status: StatusCode,
     pub content_type: String,
+    pub retry_after: Option<String>,
     pub body: Value,
 }
 
@@ -262,12 +263,18 @@ impl TestEnv {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_owned();
+        let retry_after = res
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let bytes = res.into_body().collect().await.unwrap().to_bytes();
         let body = serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
         Answer {
             status,
             content_type,
+            retry_after,
             body,
         }
     }
@@ -595,4 +602,29 @@ pub async fn add_ballast(env: &TestEnv, t: &TenantRecord, megabytes: usize) {
     .await
     .unwrap();
     conn.close().await.ok();
+}
+
+/// A second PostgreSQL cluster registered as tenant server "second".
+pub async fn second_server(env: &TestEnv) -> EmbeddedPostgres {
+    let pg = tokio::task::spawn_blocking(EmbeddedPostgres::start_throwaway)
+        .await
+        .unwrap()
+        .unwrap();
+    env.provisioner
+        .register_server("second", &pg.url("postgres"), 50, 100)
+        .await
+        .unwrap();
+    env.provisioner.refill_all().await.unwrap();
+    pg
+}
+
+pub async fn create_on(env: &TestEnv, slug: &str, server: &str) {
+    let (s, body) = env
+        .call(
+            Method::POST,
+            "/admin/v1/tenants",
+            Some(serde_json::json!({"slug": slug, "name": slug, "server": server})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
 }

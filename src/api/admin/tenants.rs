@@ -22,6 +22,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(resume_tenant))
         .routes(routes!(mint_token))
         .routes(routes!(rotate_credentials))
+        .routes(routes!(move_tenant))
 }
 
 /// Longest `Idempotency-Key` accepted.
@@ -273,6 +274,35 @@ async fn rotate_credentials(
     let t = state.provisioner.rotate_credentials(t.id, actor.0).await?;
     state.router.invalidate(t.id).await;
     Ok(Json(t.view()))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MoveTenantBody {
+    /// Name of the server to move the tenant to.
+    server: String,
+}
+
+/// Move a tenant to another server: copied while it serves, writes frozen
+/// (503 with `Retry-After`) for the cut-over only.
+#[utoipa::path(post, path = "/tenants/{tenant}/move", tag = "tenants", request_body = MoveTenantBody,
+    params(("tenant" = String, Path, description = "slug or id")),
+    responses((status = 202, body = Operation), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
+async fn move_tenant(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(tenant): Path<String>,
+    Json(body): Json<MoveTenantBody>,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
+    if body.server.is_empty() || body.server.len() > 63 {
+        return Err(ApiError::invalid("server must name a registered server"));
+    }
+    let t = resolve(&state, &tenant).await?;
+    let op = state
+        .provisioner
+        .start_move(t.id, &body.server, actor.0)
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(op)))
 }
 
 /// Find a tenant by slug or id; 404 for anything else.

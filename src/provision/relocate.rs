@@ -1,0 +1,1029 @@
+//! Relocation: move a tenant's database to another server, with its writes
+//! frozen for the cut-over only.
+//!
+//! 1. On the source database: a fence table (`silo_move.fence`, in a schema
+//!    the tenant role cannot use) and a publication of every table.
+//! 2. On the target server: the database; its schema, `pg_dump --schema-only`
+//!    streamed into `pg_restore`; the tenant role with a new password, its
+//!    login verified; a subscription that copies every row (logical
+//!    replication's initial `COPY`, table by table) and then follows changes.
+//! 3. Copy done and caught up (a fence token written on the source is seen
+//!    on the target).
+//! 4. Cut-over, under the tenant's lock: the tenant is frozen (routers on
+//!    every replica answer 503 with `Retry-After`), its source role loses
+//!    LOGIN, requests in flight get a moment to finish, its sessions end. A
+//!    last fence token seen on the target means every write committed on the
+//!    source is there. Sequences are copied, row counts compared, and the
+//!    registry switched to the target with the new password and unfrozen in
+//!    one statement (NOTIFY: every router rebuilds its pool on the target).
+//! 5. Subscription, replication slot, source database and role dropped.
+//!
+//! The write freeze lasts from step 4's freeze to its switch, whatever the
+//! database's size. A failure before the switch puts everything back and the
+//! tenant keeps serving from the source; after it, only clean-up is left. A
+//! crash is settled by the reconciler the same way: rolled back while the
+//! registry names the source, finished once it names the target.
+//!
+//! Logical replication needs `wal_level = logical` on the source server, a
+//! primary key (or replica identity) on every table, and an admin login on
+//! the target that may create subscriptions (a superuser on PostgreSQL 15).
+//! The target server connects to the source with the source's admin URL.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::{
+    connection_limit, create_role, set_role_login, verify_login, Provisioner, ServerAdmin,
+};
+use crate::backup::{capture_stderr, error_lines, BackupError, PgTools};
+use crate::crypto::random_password;
+use crate::migrate::TENANT_GRANTS;
+use crate::registry::{DbServer, Operation, TenantRecord, TenantStatus};
+
+/// Operation kind of a relocation.
+pub const MOVE_KIND: &str = "tenant.move";
+/// Prefix of publications, subscriptions and replication slots of a move.
+pub const MOVE_PREFIX: &str = "silo_move_";
+/// Schema of the fence table in a database being moved.
+const FENCE_SCHEMA: &str = "silo_move";
+/// How long requests in flight may finish after the freeze before their
+/// sessions are ended.
+const DRAIN: Duration = Duration::from_secs(2);
+/// Longest wait for the target to catch up with a fence token.
+const FENCE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the copy's progress is polled.
+const POLL: Duration = Duration::from_millis(200);
+
+/// What a move needs to resume or undo it; stored as the operation's params.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MovePlan {
+    pub tenant_id: Uuid,
+    pub from_server: Uuid,
+    pub to_server: Uuid,
+    pub database: String,
+    pub role: String,
+    /// Schema version at the start: a migration meanwhile cancels the move.
+    pub schema_version: Option<i64>,
+}
+
+impl MovePlan {
+    /// Publication, subscription and slot name: one move per tenant at a time.
+    pub fn name(&self) -> String {
+        move_name(self.tenant_id)
+    }
+}
+
+pub fn move_name(tenant: Uuid) -> String {
+    format!("{MOVE_PREFIX}{}", tenant.simple())
+}
+
+/// Milliseconds spent in each phase of the freeze.
+struct Phases(serde_json::Map<String, serde_json::Value>, Instant);
+
+impl Phases {
+    fn start() -> Self {
+        Self(Default::default(), Instant::now())
+    }
+
+    fn lap(&mut self, phase: &str) {
+        let now = Instant::now();
+        let ms = (now - std::mem::replace(&mut self.1, now)).as_secs_f64() * 1000.0;
+        self.0
+            .insert(phase.into(), json!((ms * 10.0).round() / 10.0));
+    }
+}
+
+/// Admin access to both ends of a move.
+struct Ends {
+    src: ServerAdmin,
+    dst: ServerAdmin,
+}
+
+impl Provisioner {
+    /// `POST /tenants/{t}/move`: check the move can work, then run it as an operation.
+    #[tracing::instrument(skip(self), fields(tenant_id = %id))]
+    pub async fn start_move(
+        &self,
+        id: Uuid,
+        server: &str,
+        actor: &str,
+    ) -> Result<Operation, BackupError> {
+        let reg = self.registry();
+        let target = reg
+            .server_by_name(server)
+            .await?
+            .ok_or_else(|| BackupError::Invalid(format!("no server named '{server}'")))?;
+        // Under the tenant's lock: two requests cannot both start a move.
+        let lock = reg.lock_tenant(id).await?;
+        let started = async {
+            let t = reg
+                .tenant(id)
+                .await?
+                .ok_or(BackupError::NotFound("tenant"))?;
+            if t.status == TenantStatus::Deleted {
+                return Err(BackupError::NotFound("tenant"));
+            }
+            if let Some(op) = self.open_tenant_operation(id).await? {
+                return Err(BackupError::Busy(op));
+            }
+            if t.status != TenantStatus::Active {
+                return Err(BackupError::Conflict(format!(
+                    "tenant is {}: only an active tenant can be moved",
+                    t.status.as_str()
+                )));
+            }
+            if t.server_id == target.id {
+                return Err(BackupError::Conflict(format!(
+                    "tenant is already on server '{server}'"
+                )));
+            }
+            check_target(&target)?;
+            let ends = self.ends(t.server_id, &target).await?;
+            check_servers(&ends, &t).await?;
+            let plan = MovePlan {
+                tenant_id: id,
+                from_server: t.server_id,
+                to_server: target.id,
+                database: t.database_name.clone(),
+                role: t.role_name.clone(),
+                schema_version: t.schema_version,
+            };
+            reg.audit(
+                actor,
+                "tenant.move",
+                Some(id),
+                json!({"from": t.server_name, "to": target.name}),
+            )
+            .await?;
+            let params = serde_json::to_value(&plan).context("record the move's plan")?;
+            self.spawn_operation(MOVE_KIND, Some(id), params, move |p| async move {
+                p.run_move(plan).await
+            })
+            .await
+        }
+        .await;
+        lock.release().await;
+        started
+    }
+
+    /// An unfinished operation on the tenant that a move must not overlap.
+    pub(crate) async fn open_tenant_operation(&self, id: Uuid) -> sqlx::Result<Option<Uuid>> {
+        let reg = self.registry();
+        for kind in [MOVE_KIND, "tenant.delete"]
+            .into_iter()
+            .chain(crate::backup::OPERATION_KINDS)
+        {
+            if let Some(op) = reg.open_operations(kind, id).await?.first() {
+                return Ok(Some(op.id));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn ends(&self, from: Uuid, to: &DbServer) -> Result<Ends, BackupError> {
+        let source = self
+            .registry()
+            .server(from)
+            .await?
+            .context("find the tenant's server")?;
+        Ok(Ends {
+            src: self.servers().admin(&source)?,
+            dst: self.servers().admin(to)?,
+        })
+    }
+
+    async fn run_move(&self, plan: MovePlan) -> Result<serde_json::Value, BackupError> {
+        let reg = self.registry();
+        let to = reg
+            .server(plan.to_server)
+            .await?
+            .context("find the target server")?;
+        let ends = self.ends(plan.from_server, &to).await?;
+        let started = Instant::now();
+        // A crashed earlier attempt may have left pieces under the same names.
+        discard_target(&ends, &plan).await;
+        let moved = async {
+            let password = self.copy_to_target(&ends, &plan).await?;
+            crate::failpoint::hit("move_copied");
+            self.cut_over(&ends, &plan, &password).await
+        }
+        .await;
+        match moved {
+            Ok((freeze, phases)) => {
+                crate::failpoint::hit("move_switched");
+                finish_source(&ends, &plan).await;
+                metrics::histogram!("silo_move_freeze_seconds").record(freeze.as_secs_f64());
+                metrics::counter!("silo_moves_total", "outcome" => "succeeded").increment(1);
+                tracing::info!(tenant_id = %plan.tenant_id, freeze_ms = freeze.as_millis() as u64, "tenant moved");
+                Ok(json!({
+                    "tenant_id": plan.tenant_id,
+                    "server": to.name,
+                    "database": plan.database,
+                    "freeze_ms": freeze.as_secs_f64() * 1000.0,
+                    "freeze_phases_ms": phases.0,
+                    "duration_ms": started.elapsed().as_millis() as u64,
+                }))
+            }
+            Err(e) => {
+                metrics::counter!("silo_moves_total", "outcome" => "failed").increment(1);
+                // The switch may have committed before an error: settle by what the registry says.
+                match self.settle_move(&ends, &plan).await {
+                    Ok(true) => Ok(json!({"tenant_id": plan.tenant_id, "server": to.name})),
+                    _ => Err(e),
+                }
+            }
+        }
+    }
+
+    /// Steps 1–3: the target database, filled and following the source.
+    /// Returns the tenant role's new password.
+    async fn copy_to_target(&self, ends: &Ends, plan: &MovePlan) -> Result<String, BackupError> {
+        let name = plan.name();
+        let db = &plan.database;
+        let progress = |phase: &str, extra: serde_json::Value| {
+            let mut v = json!({"phase": phase});
+            if let (Some(v), Some(extra)) = (v.as_object_mut(), extra.as_object()) {
+                v.extend(extra.clone());
+            }
+            v
+        };
+        let op = self.open_move_operation(plan.tenant_id).await?;
+        let reg = self.registry();
+        let src = ends
+            .src
+            .single_pool(db)
+            .await
+            .context("connect to the source database")?;
+        sqlx::raw_sql(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {FENCE_SCHEMA};
+             CREATE TABLE IF NOT EXISTS {FENCE_SCHEMA}.fence (id int PRIMARY KEY, token uuid NOT NULL);"
+        ))
+        .execute(&src)
+        .await
+        .context("create the fence table on the source")?;
+        let tables = published_tables(&src).await?;
+        sqlx::raw_sql(&format!(
+            "DROP PUBLICATION IF EXISTS {name}; CREATE PUBLICATION {name} FOR TABLE {}",
+            tables.join(", ")
+        ))
+        .execute(&src)
+        .await
+        .context("publish the source's tables")?;
+
+        ends.dst
+            .exec(&format!("CREATE DATABASE \"{db}\" TEMPLATE template0"))
+            .await
+            .context("create the database on the target")?;
+        if let Some(op) = op {
+            reg.set_progress(op, progress("schema", json!({}))).await?;
+        }
+        copy_schema(self.pg_tools()?, ends, db).await?;
+        let target = ends
+            .dst
+            .single_pool(db)
+            .await
+            .context("connect to the target database")?;
+        let granted = sqlx::raw_sql(TENANT_GRANTS).execute(&target).await;
+        target.close().await;
+        granted.context("grant the tenant group's privileges on the target")?;
+        let t = reg
+            .tenant(plan.tenant_id)
+            .await?
+            .ok_or(BackupError::NotFound("tenant"))?;
+        let password = random_password(32);
+        create_role(
+            &ends.dst,
+            &plan.role,
+            db,
+            &password,
+            connection_limit(&t.plan),
+        )
+        .await
+        .context("create the tenant role on the target")?;
+        verify_login(&ends.dst, db, &plan.role, &password)
+            .await
+            .context("log in as the tenant role on the target")?;
+
+        let dst = ends
+            .dst
+            .single_pool(db)
+            .await
+            .context("connect to the target database")?;
+        let conninfo = ends.src.libpq.conninfo(db);
+        // The statement holds the source's admin password: never logged by silo.
+        sqlx::raw_sql(&format!(
+            "CREATE SUBSCRIPTION {name} CONNECTION '{}' PUBLICATION {name} WITH (slot_name = '{name}', copy_data = true)",
+            conninfo.replace('\'', "''")
+        ))
+        .execute(&dst)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "subscribe the target to the source (the target server must reach the source with its admin URL): {}",
+                e.as_database_error().map(|d| d.message().to_owned()).unwrap_or_else(|| "connection failed".into())
+            )
+        })?;
+        let started = Instant::now();
+        loop {
+            let (left, errors): (i64, i64) = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid
+                          WHERE s.subname = $1 AND r.srsubstate <> 'r'),
+                        coalesce((SELECT apply_error_count + sync_error_count FROM pg_stat_subscription_stats
+                                   WHERE subname = $1), 0)",
+            )
+            .bind(&name)
+            .fetch_one(&dst)
+            .await
+            .context("check the copy's progress")?;
+            if errors > 0 {
+                return Err(replication_failed().into());
+            }
+            if left == 0 {
+                break;
+            }
+            if let Some(op) = op {
+                let p = progress(
+                    "copying",
+                    json!({"tables_left": left, "tables": tables.len(), "seconds": started.elapsed().as_secs()}),
+                );
+                reg.set_progress(op, p).await?;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        // Caught up: the cut-over's own fence then waits for seconds of writes at most.
+        fence(&src, &dst, &name, FENCE_TIMEOUT * 10).await?;
+        if let Some(op) = op {
+            reg.set_progress(op, progress("cut-over", json!({})))
+                .await?;
+        }
+        src.close().await;
+        dst.close().await;
+        Ok(password)
+    }
+
+    /// Step 4: freeze, fence, switch. Returns how long writes were frozen, by phase.
+    async fn cut_over(
+        &self,
+        ends: &Ends,
+        plan: &MovePlan,
+        password: &str,
+    ) -> Result<(Duration, Phases), BackupError> {
+        let reg = self.registry();
+        let db = &plan.database;
+        let src = ends
+            .src
+            .single_pool(db)
+            .await
+            .context("connect to the source database")?;
+        let dst = ends
+            .dst
+            .single_pool(db)
+            .await
+            .context("connect to the target database")?;
+        let sealed = self
+            .keyring()
+            .seal(password.as_bytes(), plan.tenant_id.as_bytes());
+        let lock = reg.lock_tenant(plan.tenant_id).await?;
+        let switched = async {
+            let t = reg
+                .tenant(plan.tenant_id)
+                .await?
+                .ok_or(BackupError::NotFound("tenant"))?;
+            if t.status != TenantStatus::Active
+                || t.server_id != plan.from_server
+                || t.database_name != plan.database
+                || t.schema_version != plan.schema_version
+            {
+                return Err(BackupError::Conflict(format!(
+                    "the tenant changed during the move (now {}, schema version {:?}); it stays where it was",
+                    t.status.as_str(),
+                    t.schema_version
+                )));
+            }
+            let frozen = Instant::now();
+            let mut phases = Phases::start();
+            reg.set_frozen(plan.tenant_id, true).await?;
+            set_role_login(&ends.src, &plan.role, false).await?;
+            phases.lap("freeze");
+            drain_sessions(&ends.src, &plan.role).await?;
+            phases.lap("drain");
+            fence(&src, &dst, &plan.name(), FENCE_TIMEOUT).await?;
+            phases.lap("fence");
+            crate::failpoint::hit("move_frozen");
+            copy_sequences(&src, &dst).await?;
+            compare_row_counts(&src, &dst).await?;
+            phases.lap("verify");
+            let moved = reg
+                .relocate_tenant(
+                    plan.tenant_id,
+                    plan.from_server,
+                    plan.to_server,
+                    &sealed,
+                    self.keyring().key_id(),
+                )
+                .await?;
+            if !moved {
+                return Err(BackupError::Conflict(
+                    "the tenant changed during the cut-over; it stays where it was".into(),
+                ));
+            }
+            phases.lap("switch");
+            Ok((frozen.elapsed(), phases))
+        }
+        .await;
+        if switched.is_err() {
+            // Undo the freeze under the same lock; the rest is undone by `settle_move`.
+            unfreeze(self, ends, plan).await;
+        }
+        lock.release().await;
+        src.close().await;
+        dst.close().await;
+        switched
+    }
+
+    /// Settle a move that stopped: finished if the registry names the target,
+    /// else rolled back so the tenant serves from the source. `Ok(true)` when
+    /// the tenant ended on the target.
+    async fn settle_move(&self, ends: &Ends, plan: &MovePlan) -> anyhow::Result<bool> {
+        let t = self
+            .registry()
+            .tenant(plan.tenant_id)
+            .await?
+            .context("find the tenant")?;
+        if t.server_id == plan.to_server {
+            finish_source(ends, plan).await;
+            return Ok(true);
+        }
+        unfreeze(self, ends, plan).await;
+        discard_target(ends, plan).await;
+        Ok(false)
+    }
+
+    /// Settle moves whose process died (from the reconciler). Returns how many.
+    pub(crate) async fn sweep_moves(&self) -> anyhow::Result<u32> {
+        let reg = self.registry();
+        let mut settled = 0;
+        for op in reg.unfinished_operations(MOVE_KIND).await? {
+            let Some(lock) = reg.try_lock_operation(op.id).await? else {
+                continue; // its runner is alive
+            };
+            let plan: Option<MovePlan> = reg
+                .operation_params(op.id)
+                .await
+                .ok()
+                .and_then(|p| serde_json::from_value(p).ok());
+            let Some(plan) = plan else {
+                reg.finish_operation(op.id, Err("interrupted: its plan was unreadable".into()))
+                    .await?;
+                lock.release().await;
+                continue;
+            };
+            let Some(tenant_lock) = reg.try_lock_tenant(plan.tenant_id).await? else {
+                lock.release().await;
+                continue; // next pass
+            };
+            let still_open = reg.operation(op.id).await?.is_some_and(|o| {
+                matches!(
+                    o.status,
+                    crate::registry::OperationStatus::Pending
+                        | crate::registry::OperationStatus::Running
+                )
+            });
+            let outcome = if still_open {
+                let to = reg.server(plan.to_server).await?;
+                match to {
+                    Some(to) => match self.ends(plan.from_server, &to).await {
+                        Ok(ends) => Some(self.settle_move(&ends, &plan).await),
+                        Err(e) => Some(Err(anyhow::anyhow!("{}", e.detail()))),
+                    },
+                    None => Some(Err(anyhow::anyhow!("the target server is gone"))),
+                }
+            } else {
+                None
+            };
+            tenant_lock.release().await;
+            match outcome {
+                Some(Ok(true)) => {
+                    reg.finish_operation(
+                        op.id,
+                        Ok(json!({"tenant_id": plan.tenant_id, "resumed": true})),
+                    )
+                    .await?;
+                    settled += 1;
+                }
+                Some(Ok(false)) => {
+                    reg.finish_operation(
+                        op.id,
+                        Err("interrupted: the silo process moving it stopped; the tenant stays on its server".into()),
+                    )
+                    .await?;
+                    settled += 1;
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(operation_id = %op.id, "failed to settle an interrupted move, retrying next pass: {e:#}");
+                }
+                None => {}
+            }
+            lock.release().await;
+        }
+        // A freeze no open move accounts for (its lifting failed): lift it.
+        for id in reg.frozen_tenants().await? {
+            if !reg.open_operations(MOVE_KIND, id).await?.is_empty() {
+                continue;
+            }
+            let Some(lock) = reg.try_lock_tenant(id).await? else {
+                continue;
+            };
+            if reg.open_operations(MOVE_KIND, id).await?.is_empty() {
+                reg.set_frozen(id, false).await?;
+                settled += 1;
+            }
+            lock.release().await;
+        }
+        Ok(settled)
+    }
+
+    /// The open move operation of a tenant (to record progress on).
+    async fn open_move_operation(&self, tenant: Uuid) -> sqlx::Result<Option<Uuid>> {
+        Ok(self
+            .registry()
+            .open_operations(MOVE_KIND, tenant)
+            .await?
+            .first()
+            .map(|o| o.id))
+    }
+
+    /// Databases and roles of open moves on a server: the sweep leaves them be.
+    pub(crate) async fn moves_touching(&self, server: Uuid) -> sqlx::Result<Vec<MovePlan>> {
+        let reg = self.registry();
+        let mut plans = Vec::new();
+        for op in reg.unfinished_operations(MOVE_KIND).await? {
+            if let Ok(plan) = serde_json::from_value::<MovePlan>(reg.operation_params(op.id).await?)
+            {
+                if plan.from_server == server || plan.to_server == server {
+                    plans.push(plan);
+                }
+            }
+        }
+        Ok(plans)
+    }
+
+    fn pg_tools(&self) -> anyhow::Result<PgTools> {
+        match self.storage() {
+            Some(s) => Ok(s.tools.clone()),
+            None => PgTools::find(None),
+        }
+    }
+
+    /// Drop replication leftovers of moves that are over: subscriptions on
+    /// this server (in their database) and inactive slots. Returns how many.
+    pub(crate) async fn sweep_move_leftovers(&self, admin: &ServerAdmin) -> anyhow::Result<u32> {
+        let open: Vec<String> = self
+            .registry()
+            .unfinished_operations(MOVE_KIND)
+            .await?
+            .iter()
+            .filter_map(|o| o.tenant_id.map(move_name))
+            .collect();
+        let mut dropped = 0;
+        let subs: Vec<(String, String)> = sqlx::query_as(
+            "SELECT s.subname::text, d.datname::text FROM pg_subscription s
+               JOIN pg_database d ON d.oid = s.subdbid WHERE s.subname LIKE 'silo\\_move\\_%'",
+        )
+        .fetch_all(&admin.pool)
+        .await
+        .context("list subscriptions")?;
+        for (sub, db) in subs.into_iter().filter(|(s, _)| !open.contains(s)) {
+            let conn = admin.single_pool(&db).await?;
+            drop_subscription(&conn, &sub).await?;
+            conn.close().await;
+            dropped += 1;
+        }
+        let slots: Vec<String> = sqlx::query_scalar(
+            "SELECT slot_name::text FROM pg_replication_slots
+              WHERE slot_name LIKE 'silo\\_move\\_%' AND NOT active",
+        )
+        .fetch_all(&admin.pool)
+        .await
+        .context("list replication slots")?;
+        for slot in slots.into_iter().filter(|s| !open.contains(s)) {
+            sqlx::query("SELECT pg_drop_replication_slot($1)")
+                .bind(&slot)
+                .execute(&admin.pool)
+                .await
+                .context("drop an abandoned replication slot")?;
+            dropped += 1;
+        }
+        Ok(dropped)
+    }
+}
+
+/// A server new tenants (and moved ones) may go to.
+fn check_target(target: &DbServer) -> Result<(), BackupError> {
+    if target.status != "active" {
+        return Err(BackupError::Conflict(format!(
+            "server '{}' is {}: it takes no tenants",
+            target.name, target.status
+        )));
+    }
+    if target.tenant_count >= i64::from(target.max_tenants) {
+        return Err(BackupError::Conflict(format!(
+            "server '{}' is full ({} of {} tenants)",
+            target.name, target.tenant_count, target.max_tenants
+        )));
+    }
+    Ok(())
+}
+
+/// What logical replication needs of both servers and the tenant's tables.
+async fn check_servers(ends: &Ends, t: &TenantRecord) -> Result<(), BackupError> {
+    let wal_level: String = sqlx::query_scalar("SELECT current_setting('wal_level')")
+        .fetch_one(&ends.src.pool)
+        .await
+        .context("read the source server's wal_level")?;
+    if wal_level != "logical" {
+        return Err(BackupError::Conflict(format!(
+            "the tenant's server runs with wal_level = {wal_level}: moving a tenant needs wal_level = logical there (a server restart)"
+        )));
+    }
+    let id_of = |pool: &sqlx::PgPool| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT system_identifier FROM pg_control_system()")
+                .fetch_one(&pool)
+                .await
+                .ok()
+        }
+    };
+    let (a, b) = tokio::join!(id_of(&ends.src.pool), id_of(&ends.dst.pool));
+    if a.is_some() && a == b {
+        return Err(BackupError::Conflict(
+            "both servers are the same PostgreSQL cluster: nothing to move".into(),
+        ));
+    }
+    let conn = ends
+        .src
+        .single_pool(&t.database_name)
+        .await
+        .context("connect to the tenant's database")?;
+    let missing: Vec<String> = sqlx::query_scalar(
+        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+            AND n.nspname NOT LIKE 'pg\\_%'
+            AND (c.relreplident = 'n'
+                 OR (c.relreplident = 'd' AND NOT EXISTS
+                       (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))
+          ORDER BY 1",
+    )
+    .fetch_all(&conn)
+    .await
+    .context("check the tenant's tables")?;
+    conn.close().await;
+    if !missing.is_empty() {
+        return Err(BackupError::Conflict(format!(
+            "these tables have no primary key, so their updates cannot be replicated: {}",
+            missing.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Every table of the tenant's database, quoted, the fence table included.
+async fn published_tables(conn: &PgPool) -> anyhow::Result<Vec<String>> {
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+            AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
+          ORDER BY 1",
+    )
+    .fetch_all(conn)
+    .await
+    .context("list the tenant's tables")?;
+    Ok(tables)
+}
+
+/// `pg_dump --schema-only` of the source streamed into `pg_restore` on the target.
+async fn copy_schema(tools: PgTools, ends: &Ends, db: &str) -> Result<(), BackupError> {
+    let mut dump = tools.spawn_schema_dump(&ends.src.libpq, db)?;
+    let mut restore = tools.spawn_restore(&ends.dst.libpq, db)?;
+    let dump_err = capture_stderr(&mut dump);
+    let restore_err = capture_stderr(&mut restore);
+    let mut out = dump.stdout.take().context("pg_dump's output")?;
+    let mut input = restore.stdin.take().context("pg_restore's input")?;
+    let copied = tokio::io::copy(&mut out, &mut input).await;
+    drop(input);
+    let dumped = dump.wait().await.context("wait for pg_dump")?;
+    let restored = restore.wait().await.context("wait for pg_restore")?;
+    let (dump_err, restore_err) = (
+        dump_err.await.unwrap_or_default(),
+        restore_err.await.unwrap_or_default(),
+    );
+    if !dumped.success() {
+        return Err(anyhow::anyhow!("dump the schema: {}", error_lines(&dump_err)).into());
+    }
+    if !restored.success() || copied.is_err() {
+        return Err(anyhow::anyhow!("restore the schema: {}", error_lines(&restore_err)).into());
+    }
+    Ok(())
+}
+
+/// Write a fresh token on the source and wait until the target has it: then
+/// every transaction committed on the source before it is applied there.
+async fn fence(
+    src: &PgPool,
+    dst: &PgPool,
+    subscription: &str,
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
+    let token = Uuid::new_v4();
+    let started = Instant::now();
+    // Flushed at commit even where the server's default is not: WAL senders
+    // only send flushed WAL, and the wal writer's delay would add to the freeze.
+    sqlx::query("SET synchronous_commit = on")
+        .execute(src)
+        .await
+        .context("ask for a flushed commit")?;
+    sqlx::query(&format!(
+        "INSERT INTO {FENCE_SCHEMA}.fence VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET token = excluded.token"
+    ))
+    .bind(token)
+    .execute(src)
+    .await
+    .context("write the fence token on the source")?;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let seen: Option<Uuid> = sqlx::query_scalar(&format!(
+            "SELECT token FROM {FENCE_SCHEMA}.fence WHERE id = 1"
+        ))
+        .fetch_optional(dst)
+        .await
+        .context("read the fence token on the target")?;
+        if seen == Some(token) {
+            return Ok(started.elapsed());
+        }
+        anyhow::ensure!(
+            started.elapsed() < timeout,
+            "the target did not catch up with the source within {}s",
+            timeout.as_secs()
+        );
+        // E.g. a column added on the source only: the changes cannot be applied.
+        let errors: i64 = sqlx::query_scalar(
+            "SELECT coalesce((SELECT apply_error_count FROM pg_stat_subscription_stats WHERE subname = $1), 0)",
+        )
+        .bind(subscription)
+        .fetch_one(dst)
+        .await
+        .context("check the replication's errors")?;
+        if errors > 0 {
+            return Err(replication_failed());
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}
+
+fn replication_failed() -> anyhow::Error {
+    anyhow::anyhow!(
+        "copy rows to the target: replication reported an error (did the schema change meanwhile? see the target server's log)"
+    )
+}
+
+/// Let the tenant's requests in flight finish (routers close their pools
+/// on the freeze), then end whatever sessions are left.
+async fn drain_sessions(admin: &ServerAdmin, role: &str) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while started.elapsed() < DRAIN {
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE usename = $1")
+                .bind(role)
+                .fetch_one(&admin.pool)
+                .await
+                .context("count the tenant's sessions")?;
+        if left == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    super::terminate_sessions(admin, role).await
+}
+
+/// Sequences do not replicate: set each on the target to the source's value.
+async fn copy_sequences(src: &PgPool, dst: &PgPool) -> anyhow::Result<()> {
+    let seqs: Vec<String> = sqlx::query_scalar(
+        "SELECT format('%I.%I', schemaname, sequencename) FROM pg_sequences
+          WHERE schemaname NOT IN ('pg_catalog', 'information_schema')",
+    )
+    .fetch_all(src)
+    .await
+    .context("list sequences")?;
+    for seq in seqs {
+        let (value, called): (i64, bool) =
+            sqlx::query_as(&format!("SELECT last_value, is_called FROM {seq}"))
+                .fetch_one(src)
+                .await
+                .context("read a sequence")?;
+        sqlx::query("SELECT setval($1::regclass, $2, $3)")
+            .bind(&seq)
+            .bind(value)
+            .bind(called)
+            .execute(dst)
+            .await
+            .context("set a sequence on the target")?;
+    }
+    Ok(())
+}
+
+/// Row counts of every table, equal on both sides (both are quiet now).
+async fn compare_row_counts(src: &PgPool, dst: &PgPool) -> anyhow::Result<()> {
+    let tables = published_tables(src).await?;
+    let (a, b) = tokio::join!(count_rows(src, &tables), count_rows(dst, &tables));
+    let (a, b) = (
+        a.context("count rows on the source")?,
+        b.context("count rows on the target")?,
+    );
+    let differ: Vec<String> = a
+        .iter()
+        .zip(&b)
+        .filter(|(x, y)| x != y)
+        .map(|((t, n), (_, m))| format!("{t}: {n} on the source, {m} on the target"))
+        .collect();
+    anyhow::ensure!(differ.is_empty(), "verify the copy: {}", differ.join("; "));
+    Ok(())
+}
+
+/// Rows of each table, by table name.
+async fn count_rows(conn: &PgPool, tables: &[String]) -> sqlx::Result<Vec<(String, i64)>> {
+    let sql = tables
+        .iter()
+        .map(|t| {
+            format!(
+                "SELECT '{}'::text, count(*) FROM {t}",
+                t.replace('\'', "''")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    let mut counts: Vec<(String, i64)> = sqlx::query_as(&sql).fetch_all(conn).await?;
+    counts.sort();
+    Ok(counts)
+}
+
+/// Lift a freeze: the tenant serves from the source again.
+async fn unfreeze(p: &Provisioner, ends: &Ends, plan: &MovePlan) {
+    let reg = p.registry();
+    match reg.tenant(plan.tenant_id).await {
+        Ok(Some(t)) if t.server_id == plan.from_server => {
+            if t.status == TenantStatus::Active {
+                if let Err(e) = set_role_login(&ends.src, &plan.role, true).await {
+                    tracing::warn!(tenant_id = %t.id, "failed to give the tenant role its login back (the reconciler retries): {e:#}");
+                }
+            }
+            if let Err(e) = reg.set_frozen(plan.tenant_id, false).await {
+                tracing::warn!(tenant_id = %t.id, "failed to lift a freeze: {e}");
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Drop a subscription without needing its publisher: detach its slot first.
+async fn drop_subscription(conn: &PgPool, name: &str) -> anyhow::Result<()> {
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_subscription WHERE subname = $1)")
+            .bind(name)
+            .fetch_one(conn)
+            .await?;
+    if exists {
+        sqlx::raw_sql(&format!(
+            "ALTER SUBSCRIPTION {name} DISABLE; ALTER SUBSCRIPTION {name} SET (slot_name = NONE)"
+        ))
+        .execute(conn)
+        .await
+        .context("detach the subscription")?;
+        sqlx::raw_sql(&format!("DROP SUBSCRIPTION IF EXISTS {name}"))
+            .execute(conn)
+            .await
+            .context("drop the subscription")?;
+    }
+    Ok(())
+}
+
+/// Drop a move's replication slot on the source, once its walsender has gone.
+async fn drop_slot(admin: &ServerAdmin, name: &str) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let active: Option<bool> =
+            sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
+                .bind(name)
+                .fetch_optional(&admin.pool)
+                .await?;
+        match active {
+            None => return Ok(()),
+            Some(false) => {
+                match sqlx::query("SELECT pg_drop_replication_slot($1)")
+                    .bind(name)
+                    .execute(&admin.pool)
+                    .await
+                {
+                    Ok(_) => return Ok(()),
+                    // Taken again between the check and the drop: wait.
+                    Err(e) if started.elapsed() > Duration::from_secs(10) => return Err(e.into()),
+                    Err(_) => {}
+                }
+            }
+            Some(true) if started.elapsed() > Duration::from_secs(10) => {
+                anyhow::bail!("the replication slot is still in use")
+            }
+            Some(true) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Undo the target side of a move and the source's publication: the
+/// registry names the source. Each step is tried even if another failed (one
+/// server may be down); what is left, the sweep drops.
+async fn discard_target(ends: &Ends, plan: &MovePlan) {
+    let name = plan.name();
+    let db = &plan.database;
+    let source = async {
+        if super::database_exists(&ends.src, db).await? {
+            let conn = ends.src.single_pool(db).await?;
+            let dropped = sqlx::raw_sql(&format!(
+                "DROP PUBLICATION IF EXISTS {name}; DROP SCHEMA IF EXISTS {FENCE_SCHEMA} CASCADE"
+            ))
+            .execute(&conn)
+            .await;
+            conn.close().await;
+            dropped.context("drop the publication")?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    let target = async {
+        if super::database_exists(&ends.dst, db).await? {
+            let conn = ends.dst.single_pool(db).await?;
+            let dropped = drop_subscription(&conn, &name).await;
+            conn.close().await;
+            dropped?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    let slot = drop_slot(&ends.src, &name).await;
+    let database = async {
+        ends.dst
+            .exec(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+            .await
+            .context("drop the target database")?;
+        ends.dst
+            .exec(&format!("DROP ROLE IF EXISTS \"{}\"", plan.role))
+            .await
+            .context("drop the target role")
+    }
+    .await;
+    for e in [source, target, slot, database]
+        .into_iter()
+        .filter_map(Result::err)
+    {
+        tracing::warn!(tenant_id = %plan.tenant_id, "failed to clean up after a move (the reconciler retries): {e:#}");
+    }
+}
+
+/// After the switch: the target stops following the source, and the
+/// source's database and role go. Failures are left to the sweep (no
+/// registry row names them any more).
+async fn finish_source(ends: &Ends, plan: &MovePlan) {
+    let name = plan.name();
+    let db = &plan.database;
+    let finished = async {
+        let conn = ends.dst.single_pool(db).await?;
+        drop_subscription(&conn, &name).await?;
+        sqlx::raw_sql(&format!("DROP SCHEMA IF EXISTS {FENCE_SCHEMA} CASCADE"))
+            .execute(&conn)
+            .await
+            .context("drop the fence table on the target")?;
+        conn.close().await;
+        drop_slot(&ends.src, &name).await?;
+        ends.src
+            .exec(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+            .await
+            .context("drop the source database")?;
+        ends.src
+            .exec(&format!("DROP ROLE IF EXISTS \"{}\"", plan.role))
+            .await
+            .context("drop the source role")?;
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = finished {
+        tracing::warn!(tenant_id = %plan.tenant_id, "failed to clean up the source after a move (the reconciler retries): {e:#}");
+    }
+}

@@ -1,0 +1,659 @@
+//! Moving a tenant between two real PostgreSQL servers: under live app
+//! traffic, with the target failing mid-copy, with silo killed mid-move, and
+//! with requests that must be refused.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::{Method, StatusCode};
+use common::{create_on, second_server, Silo, TestEnv};
+use serde_json::{json, Value};
+use silo::embedded::EmbeddedPostgres;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+
+/// A superuser pool on `database` of `pg`.
+async fn superuser(pg: &EmbeddedPostgres, database: &str) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&pg.url(database))
+        .await
+        .unwrap()
+}
+
+async fn token(env: &TestEnv, slug: &str) -> String {
+    let (s, body) = env
+        .call(
+            Method::POST,
+            &format!("/admin/v1/tenants/{slug}/tokens"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    format!("Bearer {}", body["token"].as_str().unwrap())
+}
+
+async fn start_move(env: &TestEnv, slug: &str, server: &str) -> String {
+    let (s, op) = env
+        .call(
+            Method::POST,
+            &format!("/admin/v1/tenants/{slug}/move"),
+            Some(json!({ "server": server })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{op}");
+    assert_eq!(op["kind"], "tenant.move");
+    op["id"].as_str().unwrap().to_owned()
+}
+
+/// Poll an operation until it ends.
+async fn finished(env: &TestEnv, op: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let (s, body) = env
+            .call(Method::GET, &format!("/admin/v1/operations/{op}"), None)
+            .await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        if body["status"] == "succeeded" || body["status"] == "failed" {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "operation did not end: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Patients inserted straight into a tenant database.
+async fn seed(pg: &EmbeddedPostgres, database: &str, rows: i64) {
+    let db = superuser(pg, database).await;
+    sqlx::query(
+        "INSERT INTO patients (id, full_name, notes)
+         SELECT gen_random_uuid(), 'seed ' || i, repeat('x', 200) FROM generate_series(1, $1) i",
+    )
+    .bind(rows)
+    .execute(&db)
+    .await
+    .unwrap();
+    db.close().await;
+}
+
+/// Everything a move creates besides the tenant's own database and role,
+/// on both servers; empty once a move is over.
+async fn move_leftovers(source: &EmbeddedPostgres, target: &EmbeddedPostgres) -> Vec<String> {
+    let mut found = Vec::new();
+    for (side, pg) in [("source", source), ("target", target)] {
+        let db = superuser(pg, "postgres").await;
+        let slots: Vec<String> = sqlx::query_scalar(
+            "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name LIKE 'silo_move_%'",
+        )
+        .fetch_all(&db)
+        .await
+        .unwrap();
+        let subs: Vec<String> = sqlx::query_scalar(
+            "SELECT subname::text FROM pg_subscription WHERE subname LIKE 'silo_move_%'",
+        )
+        .fetch_all(&db)
+        .await
+        .unwrap();
+        found.extend(slots.into_iter().map(|s| format!("{side} slot {s}")));
+        found.extend(subs.into_iter().map(|s| format!("{side} subscription {s}")));
+        db.close().await;
+    }
+    found
+}
+
+async fn database_on(pg: &EmbeddedPostgres, name: &str) -> bool {
+    let db = superuser(pg, "postgres").await;
+    let found: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(name)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    db.close().await;
+    found
+}
+
+async fn role_on(pg: &EmbeddedPostgres, name: &str) -> bool {
+    let db = superuser(pg, "postgres").await;
+    let found: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
+            .bind(name)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    db.close().await;
+    found
+}
+
+/// What one app client saw.
+#[derive(Default)]
+struct Traffic {
+    /// Names of patients whose create was answered 201.
+    acked: Vec<String>,
+    /// Names whose create got another answer (the write may or may not have landed).
+    unacked: Vec<String>,
+    /// 503 answers with `Retry-After` (the freeze).
+    frozen: usize,
+    /// Anything else: a create answered oddly, or a read that missed its own write.
+    wrong: Vec<String>,
+}
+
+/// Create patients one after another, reading each back, until `stop`.
+async fn client(
+    env: Arc<TestEnv>,
+    slug: String,
+    bearer: String,
+    n: usize,
+    stop: Arc<AtomicBool>,
+) -> Traffic {
+    let mut t = Traffic::default();
+    let headers = [
+        ("x-tenant-id", slug.as_str()),
+        ("authorization", bearer.as_str()),
+    ];
+    let mut i = 0;
+    while !stop.load(Ordering::Relaxed) {
+        i += 1;
+        let name = format!("client {n} write {i}");
+        let body = json!({ "full_name": name }).to_string();
+        let a = env
+            .send(Method::POST, "/api/v1/patients", Some(&body), &headers)
+            .await;
+        match a.status {
+            StatusCode::CREATED => {
+                let id = a.body["id"].as_str().unwrap().to_owned();
+                t.acked.push(name.clone());
+                // Read your write: a read from the wrong database misses it.
+                let r = env
+                    .send(
+                        Method::GET,
+                        &format!("/api/v1/patients/{id}"),
+                        None,
+                        &headers,
+                    )
+                    .await;
+                if r.status == StatusCode::SERVICE_UNAVAILABLE {
+                    t.frozen += 1;
+                } else if r.status != StatusCode::OK || r.body["full_name"] != name.as_str() {
+                    t.wrong
+                        .push(format!("read of {name}: {} {}", r.status, r.body));
+                }
+            }
+            StatusCode::SERVICE_UNAVAILABLE => {
+                t.unacked.push(name);
+                if a.retry_after.as_deref() == Some("1") {
+                    t.frozen += 1;
+                } else {
+                    t.wrong.push(format!("503 without Retry-After: {}", a.body));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            other => {
+                t.unacked.push(name);
+                t.wrong.push(format!("create: {other} {}", a.body));
+            }
+        }
+    }
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenant_moves_to_another_server_under_live_traffic_with_no_lost_write() {
+    let env = TestEnv::start().await;
+    let second = second_server(&env).await;
+    create_on(&env, "mover", "default").await;
+    let before = env.record("mover").await;
+    seed(&env.pg, &before.database_name, 20_000).await;
+    let bearer = token(&env, "mover").await;
+    let env = Arc::new(env);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|n| {
+            tokio::spawn(client(
+                env.clone(),
+                "mover".into(),
+                bearer.clone(),
+                n,
+                stop.clone(),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let op = start_move(&env, "mover", "second").await;
+    let done = finished(&env, &op, Duration::from_secs(120)).await;
+    // Traffic goes on a little on the target.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut traffic = Traffic::default();
+    for c in clients {
+        let t = c.await.unwrap();
+        traffic.acked.extend(t.acked);
+        traffic.unacked.extend(t.unacked);
+        traffic.frozen += t.frozen;
+        traffic.wrong.extend(t.wrong);
+    }
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let freeze_ms = done["result"]["freeze_ms"]
+        .as_f64()
+        .expect("freeze time reported");
+    println!(
+        "moved: freeze {freeze_ms:.1} ms {}, {} writes acknowledged, {} answered 503 + Retry-After",
+        done["result"]["freeze_phases_ms"],
+        traffic.acked.len(),
+        traffic.frozen
+    );
+    assert!(traffic.wrong.is_empty(), "{:#?}", traffic.wrong);
+    assert!(
+        traffic.acked.len() > 20,
+        "too little traffic to mean anything"
+    );
+
+    // The registry names the target; the source's database and role are gone.
+    let after = env.record("mover").await;
+    assert_eq!(after.server_name, "second");
+    assert_eq!(after.status, silo::registry::TenantStatus::Active);
+    assert!(after.frozen_at.is_none());
+    assert!(!database_on(&env.pg, &before.database_name).await);
+    assert!(!role_on(&env.pg, &before.role_name).await);
+    assert!(move_leftovers(&env.pg, &second).await.is_empty());
+
+    // Every acknowledged write is on the target, once; nothing else was invented.
+    let target = superuser(&second, &after.database_name).await;
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT full_name FROM patients WHERE full_name LIKE 'client %'")
+            .fetch_all(&target)
+            .await
+            .unwrap();
+    let present: HashSet<&str> = names.iter().map(String::as_str).collect();
+    assert_eq!(present.len(), names.len(), "a write landed twice");
+    for name in &traffic.acked {
+        assert!(
+            present.contains(name.as_str()),
+            "acknowledged write lost: {name}"
+        );
+    }
+    let attempted: HashSet<&str> = traffic
+        .acked
+        .iter()
+        .chain(&traffic.unacked)
+        .map(String::as_str)
+        .collect();
+    assert!(present.iter().all(|n| attempted.contains(n)));
+    let seeded: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM patients WHERE full_name LIKE 'seed %'")
+            .fetch_one(&target)
+            .await
+            .unwrap();
+    assert_eq!(seeded, 20_000);
+    // The move's fence table is not left in the tenant's database.
+    let fence: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'silo_move')",
+    )
+    .fetch_one(&target)
+    .await
+    .unwrap();
+    assert!(!fence);
+    target.close().await;
+
+    // The app keeps working on the target, as the tenant's own role only.
+    let headers = [("x-tenant-id", "mover"), ("authorization", bearer.as_str())];
+    let a = env
+        .send(Method::GET, "/api/v1/patients?limit=5", None, &headers)
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    // A reconcile pass finds nothing to repair and drops nothing it should keep.
+    let report = env.provisioner.reconcile_once().await.unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.orphan_databases_dropped, 0, "{report:?}");
+    assert!(database_on(&second, &after.database_name).await);
+    let a = env
+        .send(Method::GET, "/api/v1/patients?limit=5", None, &headers)
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    let (_, tenant) = env.call(Method::GET, "/admin/v1/tenants/mover", None).await;
+    assert_eq!(tenant["server"], "second");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_move_whose_target_dies_mid_copy_leaves_the_tenant_serving_from_its_source() {
+    let env = TestEnv::start().await;
+    let mut second = second_server(&env).await;
+    create_on(&env, "stayer", "default").await;
+    let before = env.record("stayer").await;
+    seed(&env.pg, &before.database_name, 400_000).await;
+    let bearer = token(&env, "stayer").await;
+
+    let op = start_move(&env, "stayer", "second").await;
+    // Stop the target while rows are being copied.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, body) = env
+            .call(Method::GET, &format!("/admin/v1/operations/{op}"), None)
+            .await;
+        if body["progress"]["phase"] == "copying" {
+            break;
+        }
+        assert_eq!(
+            body["status"], "running",
+            "the move ended before its copy: {body}"
+        );
+        assert!(Instant::now() < deadline, "the copy never started: {body}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    second.stop().unwrap();
+    let done = finished(&env, &op, Duration::from_secs(120)).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert!(
+        !done["error"]
+            .as_str()
+            .unwrap()
+            .contains(&env.superuser_password()),
+        "a password in the error: {done}"
+    );
+
+    // Still on the source, serving, every row there.
+    let t = env.record("stayer").await;
+    assert_eq!(t.server_name, "default");
+    assert!(t.frozen_at.is_none());
+    let headers = [
+        ("x-tenant-id", "stayer"),
+        ("authorization", bearer.as_str()),
+    ];
+    let a = env
+        .send(
+            Method::POST,
+            "/api/v1/patients",
+            Some(r#"{"full_name": "after the failed move"}"#),
+            &headers,
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    let db = superuser(&env.pg, &t.database_name).await;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM patients")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(n, 400_001);
+    let publications: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_publication")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(
+        publications, 0,
+        "the move's publication is left on the source"
+    );
+    db.close().await;
+
+    // The target comes back with the half-copied database: the reconciler
+    // drops it, its subscription and the source's slot.
+    second.start_again().unwrap();
+    for _ in 0..3 {
+        env.provisioner.reconcile_once().await.unwrap();
+        if move_leftovers(&env.pg, &second).await.is_empty()
+            && !database_on(&second, &t.database_name).await
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(move_leftovers(&env.pg, &second).await.is_empty());
+    assert!(!database_on(&second, &t.database_name).await);
+    assert!(!role_on(&second, &t.role_name).await);
+    assert!(database_on(&env.pg, &t.database_name).await);
+
+    // And the tenant can be moved once the target is healthy.
+    let op = start_move(&env, "stayer", "second").await;
+    let done = finished(&env, &op, Duration::from_secs(180)).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(env.record("stayer").await.server_name, "second");
+}
+
+/// `silo serve` killed at `failpoint` mid-move; a restarted one settles it.
+async fn killed_mid_move(failpoint: &str) -> (TestEnv, EmbeddedPostgres, String) {
+    let env = TestEnv::start().await;
+    let second = second_server(&env).await;
+    create_on(&env, "crasher", "default").await;
+    let t = env.record("crasher").await;
+    seed(&env.pg, &t.database_name, 1_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("silo.log");
+    let silo = Silo::start(&env, Some(failpoint), 0, &log).await;
+    let (s, op) = silo
+        .request(
+            reqwest::Method::POST,
+            "/admin/v1/tenants/crasher/move",
+            Some(json!({"server": "second"})),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 202, "{op}");
+    silo.expect_abort();
+    let op = op["id"].as_str().unwrap().to_owned();
+    // The restart's reconcile pass settles the move.
+    let silo = Silo::start(&env, None, 0, &log).await;
+    let done = finished(&env, &op, Duration::from_secs(60)).await;
+    silo.stop();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !logged.contains(&env.superuser_password()),
+        "a password in the log"
+    );
+    (env, second, done.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn silo_killed_during_the_freeze_rolls_the_move_back() {
+    let (env, second, done) = killed_mid_move("move_frozen").await;
+    assert!(done.contains("\"failed\""), "{done}");
+    let t = env.record("crasher").await;
+    assert_eq!(t.server_name, "default");
+    assert!(t.frozen_at.is_none(), "still frozen");
+    // Serving again from the source: its role got its login back.
+    let mut conn = env
+        .connect_tenant("crasher")
+        .await
+        .expect("tenant role logs in");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM patients")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(n, 1_000);
+    common::close(conn).await;
+    let bearer = token(&env, "crasher").await;
+    let headers = [
+        ("x-tenant-id", "crasher"),
+        ("authorization", bearer.as_str()),
+    ];
+    let a = env
+        .send(Method::GET, "/api/v1/patients?limit=1", None, &headers)
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert!(move_leftovers(&env.pg, &second).await.is_empty());
+    assert!(!database_on(&second, &t.database_name).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn silo_killed_after_the_switch_finishes_the_move() {
+    let (env, second, done) = killed_mid_move("move_switched").await;
+    assert!(done.contains("\"succeeded\""), "{done}");
+    let t = env.record("crasher").await;
+    assert_eq!(t.server_name, "second");
+    assert!(t.frozen_at.is_none());
+    assert!(
+        !database_on(&env.pg, &t.database_name).await,
+        "source database left"
+    );
+    assert!(!role_on(&env.pg, &t.role_name).await, "source role left");
+    assert!(move_leftovers(&env.pg, &second).await.is_empty());
+    let db = superuser(&second, &t.database_name).await;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM patients")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(n, 1_000);
+    db.close().await;
+    let bearer = token(&env, "crasher").await;
+    let headers = [
+        ("x-tenant-id", "crasher"),
+        ("authorization", bearer.as_str()),
+    ];
+    let a = env
+        .send(Method::GET, "/api/v1/patients?limit=1", None, &headers)
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_move_requests_get_a_clear_answer_and_change_nothing() {
+    let env = TestEnv::start().await;
+    let _second = second_server(&env).await;
+    create_on(&env, "still", "default").await;
+    create_on(&env, "sleepy", "default").await;
+    let cases: Vec<(&str, Option<Value>, StatusCode)> = vec![
+        (
+            "still",
+            Some(json!({"server": "nowhere"})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "still",
+            Some(json!({"server": "default"})),
+            StatusCode::CONFLICT,
+        ),
+        ("still", Some(json!({})), StatusCode::UNPROCESSABLE_ENTITY),
+        (
+            "still",
+            Some(json!({"server": ""})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "still",
+            Some(json!({"server": 7})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "still",
+            Some(json!({"server": "second", "now": true})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        ("still", None, StatusCode::UNSUPPORTED_MEDIA_TYPE),
+        (
+            "nobody",
+            Some(json!({"server": "second"})),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "sleepy",
+            Some(json!({"server": "second"})),
+            StatusCode::CONFLICT,
+        ),
+    ];
+    let (s, _) = env
+        .call(Method::POST, "/admin/v1/tenants/sleepy/suspend", None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    for (slug, body, want) in cases {
+        let (s, answer) = env
+            .call(
+                Method::POST,
+                &format!("/admin/v1/tenants/{slug}/move"),
+                body.clone(),
+            )
+            .await;
+        assert_eq!(s, want, "{slug} {body:?}: {answer}");
+        if s != StatusCode::UNSUPPORTED_MEDIA_TYPE {
+            assert!(answer["detail"].is_string(), "{answer}");
+        }
+    }
+    // A table without a primary key cannot be replicated: refused up front.
+    let t = env.record("still").await;
+    let db = superuser(&env.pg, &t.database_name).await;
+    sqlx::query("CREATE TABLE notes_without_key (body text)")
+        .execute(&db)
+        .await
+        .unwrap();
+    db.close().await;
+    let (s, answer) = env
+        .call(
+            Method::POST,
+            "/admin/v1/tenants/still/move",
+            Some(json!({"server": "second"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{answer}");
+    assert!(
+        answer["detail"]
+            .as_str()
+            .unwrap()
+            .contains("notes_without_key"),
+        "{answer}"
+    );
+    for slug in ["still", "sleepy"] {
+        let t = env.record(slug).await;
+        assert_eq!(t.server_name, "default");
+        assert!(t.frozen_at.is_none());
+    }
+    assert!(move_leftovers(&env.pg, &_second).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_schema_change_on_the_source_mid_move_fails_the_move_and_keeps_the_tenant() {
+    let env = TestEnv::start().await;
+    let second = second_server(&env).await;
+    create_on(&env, "changer", "default").await;
+    let t = env.record("changer").await;
+    seed(&env.pg, &t.database_name, 200_000).await;
+    let op = start_move(&env, "changer", "second").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, body) = env
+            .call(Method::GET, &format!("/admin/v1/operations/{op}"), None)
+            .await;
+        if body["progress"]["phase"] == "copying" {
+            break;
+        }
+        assert_eq!(
+            body["status"], "running",
+            "the move ended before its copy: {body}"
+        );
+        assert!(Instant::now() < deadline, "the copy never started: {body}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A column added on the source only (as a hand-run migration would).
+    let db = superuser(&env.pg, &t.database_name).await;
+    sqlx::raw_sql(
+        "ALTER TABLE patients ADD COLUMN ward text;
+         INSERT INTO patients (id, full_name, ward) VALUES (gen_random_uuid(), 'on the new ward', 'B')",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    let done = finished(&env, &op, Duration::from_secs(120)).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert!(
+        done["error"].as_str().unwrap().contains("replication"),
+        "{done}"
+    );
+    let t = env.record("changer").await;
+    assert_eq!(t.server_name, "default");
+    assert!(t.frozen_at.is_none());
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM patients WHERE ward = 'B'")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    db.close().await;
+    assert!(move_leftovers(&env.pg, &second).await.is_empty());
+    assert!(!database_on(&second, &t.database_name).await);
+    let conn = env
+        .connect_tenant("changer")
+        .await
+        .expect("tenant role logs in");
+    common::close(conn).await;
+}
