@@ -626,6 +626,30 @@ async fn tenants(cmd: TenantsCommand) -> Result<(), CliError> {
                     .view(),
             );
         }
+        TenantsCommand::Move {
+            control,
+            tenant,
+            to,
+        } => {
+            let p = connect(&control, None).await?;
+            let t = find(&p, &tenant).await?;
+            let op = p.start_move(t.id, &to, "cli").await?;
+            eprintln!(
+                "moving {} to {to} (operation {}): copy, cut-over, drop the source",
+                t.slug, op.id
+            );
+            p.tasks().close();
+            p.tasks().wait().await;
+            let op = p
+                .registry()
+                .operation(op.id)
+                .await?
+                .context("read the operation")?;
+            if let Some(error) = op.error {
+                return Err(CliError::Failed(anyhow::anyhow!("move tenant: {error}")));
+            }
+            print_json(&op.result);
+        }
         TenantsCommand::Restore {
             control,
             tenant,

@@ -365,6 +365,15 @@ pub enum TenantsCommand {
         #[arg(long)]
         backup: Option<uuid::Uuid>,
     },
+    /// Move a tenant to another server; writes are frozen for the cut-over only.
+    Move {
+        #[command(flatten)]
+        control: ControlArgs,
+        tenant: String,
+        /// Name of the server to move it to.
+        #[arg(long)]
+        to: String,
+    },
     /// Drop a tenant's database and role; the registry row is kept as `deleted`.
     Delete {
         #[command(flatten)]

@@ -512,7 +512,7 @@ async fn silo_killed_after_the_switch_finishes_the_move() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_move_requests_get_a_clear_answer_and_change_nothing() {
     let env = TestEnv::start().await;
-    let _second = second_server(&env).await;
+    let second = second_server(&env).await;
     create_on(&env, "still", "default").await;
     create_on(&env, "sleepy", "default").await;
     let cases: Vec<(&str, Option<Value>, StatusCode)> = vec![
@@ -599,7 +599,48 @@ async fn bad_move_requests_get_a_clear_answer_and_change_nothing() {
         assert_eq!(t.server_name, "default");
         assert!(t.frozen_at.is_none());
     }
-    assert!(move_leftovers(&env.pg, &_second).await.is_empty());
+    assert!(move_leftovers(&env.pg, &second).await.is_empty());
+
+    // From a shell: refused with the reason, then done once the table has a key.
+    let silo = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_silo"));
+        cmd.args(args).env_remove("SILO_FAILPOINT");
+        cmd.envs(env.silo_env());
+        cmd.output().unwrap()
+    };
+    let refused = silo(&["tenants", "move", "still", "--to", "nowhere"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("no server named 'nowhere'"));
+    let db = superuser(&env.pg, &t.database_name).await;
+    sqlx::query("ALTER TABLE notes_without_key ADD COLUMN id serial PRIMARY KEY")
+        .execute(&db)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO notes_without_key (body) SELECT 'n' FROM generate_series(1, 5)")
+        .execute(&db)
+        .await
+        .unwrap();
+    db.close().await;
+    let moved = silo(&["tenants", "move", "still", "--to", "second"]);
+    assert!(
+        moved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&moved.stderr)
+    );
+    let result: Value = serde_json::from_slice(&moved.stdout).unwrap();
+    assert_eq!(result["server"], "second", "{result}");
+    assert!(result["freeze_ms"].as_f64().is_some(), "{result}");
+    assert_eq!(env.record("still").await.server_name, "second");
+    // The sequence came along: the next id follows the last one copied.
+    let t = env.record("still").await;
+    let db = superuser(&second, &t.database_name).await;
+    let next: i32 =
+        sqlx::query_scalar("INSERT INTO notes_without_key (body) VALUES ('after') RETURNING id")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(next, 6);
+    db.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -656,4 +697,83 @@ async fn a_schema_change_on_the_source_mid_move_fails_the_move_and_keeps_the_ten
         .await
         .expect("tenant role logs in");
     common::close(conn).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_that_does_not_verify_keeps_the_source_database_aside() {
+    let env = TestEnv::start().await;
+    let second = second_server(&env).await;
+    create_on(&env, "lossy", "default").await;
+    let t = env.record("lossy").await;
+    seed(&env.pg, &t.database_name, 200_000).await;
+    let op = start_move(&env, "lossy", "second").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, body) = env
+            .call(Method::GET, &format!("/admin/v1/operations/{op}"), None)
+            .await;
+        if body["progress"]["phase"] == "copying" {
+            break;
+        }
+        assert_eq!(
+            body["status"], "running",
+            "the move ended before its copy: {body}"
+        );
+        assert!(Instant::now() < deadline, "the copy never started: {body}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Sabotage the target: its replication silently drops one row.
+    let target = superuser(&second, &t.database_name).await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION lose_one() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF NEW.full_name = 'lost on the way' THEN RETURN NULL; END IF; RETURN NEW; END $$;
+         CREATE TRIGGER lose_one BEFORE INSERT ON patients FOR EACH ROW EXECUTE FUNCTION lose_one();
+         ALTER TABLE patients ENABLE ALWAYS TRIGGER lose_one;",
+    )
+    .execute(&target)
+    .await
+    .unwrap();
+    target.close().await;
+    let source = superuser(&env.pg, &t.database_name).await;
+    sqlx::query(
+        "INSERT INTO patients (id, full_name) VALUES (gen_random_uuid(), 'lost on the way')",
+    )
+    .execute(&source)
+    .await
+    .unwrap();
+    source.close().await;
+
+    let done = finished(&env, &op, Duration::from_secs(120)).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    let error = done["error"].as_str().unwrap();
+    assert!(error.contains("verify the copy"), "{error}");
+    assert!(
+        error.contains("200001 on the source, 200000 on the target"),
+        "{error}"
+    );
+    // The tenant serves from the target; the source is kept aside, out of the sweep's way.
+    assert_eq!(env.record("lossy").await.server_name, "second");
+    let admin = superuser(&env.pg, "postgres").await;
+    let kept: Vec<String> = sqlx::query_scalar(
+        "SELECT datname::text FROM pg_database WHERE datname LIKE 'silo_kept_%'",
+    )
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    admin.close().await;
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(error.contains(&kept[0]), "{error}");
+    assert!(!role_on(&env.pg, &t.role_name).await);
+    assert!(move_leftovers(&env.pg, &second).await.is_empty());
+    let report = env.provisioner.reconcile_once().await.unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(database_on(&env.pg, &kept[0]).await);
+    let kept_db = superuser(&env.pg, &kept[0]).await;
+    let n: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM patients WHERE full_name = 'lost on the way'")
+            .fetch_one(&kept_db)
+            .await
+            .unwrap();
+    assert_eq!(n, 1);
+    kept_db.close().await;
 }

@@ -214,8 +214,20 @@ impl Provisioner {
         }
         .await;
         match moved {
-            Ok((freeze, phases)) => {
+            Ok((freeze, phases, mut snapshot)) => {
                 crate::failpoint::hit("move_switched");
+                let verified = verify_copy(&ends, &plan, &mut snapshot).await;
+                snapshot.rollback().await.ok();
+                if let Err(e) = verified {
+                    // The tenant serves from the target now: keep the source for inspection.
+                    let kept = keep_source(&ends, &plan).await;
+                    metrics::counter!("silo_moves_total", "outcome" => "unverified").increment(1);
+                    return Err(anyhow::anyhow!(
+                        "{e:#}; the tenant serves from server '{}', and its database as it was on the old server is kept there as '{kept}'",
+                        to.name
+                    )
+                    .into());
+                }
                 finish_source(&ends, &plan).await;
                 metrics::histogram!("silo_move_freeze_seconds").record(freeze.as_secs_f64());
                 metrics::counter!("silo_moves_total", "outcome" => "succeeded").increment(1);
@@ -366,13 +378,14 @@ impl Provisioner {
         Ok(password)
     }
 
-    /// Step 4: freeze, fence, switch. Returns how long writes were frozen, by phase.
+    /// Step 4: freeze, fence, switch. Returns how long writes were frozen, by
+    /// phase, and the target as it was at the switch (for the verification).
     async fn cut_over(
         &self,
         ends: &Ends,
         plan: &MovePlan,
         password: &str,
-    ) -> Result<(Duration, Phases), BackupError> {
+    ) -> Result<(Duration, Phases, Snapshot), BackupError> {
         let reg = self.registry();
         let db = &plan.database;
         let src = ends
@@ -416,8 +429,8 @@ impl Provisioner {
             phases.lap("fence");
             crate::failpoint::hit("move_frozen");
             copy_sequences(&src, &dst).await?;
-            compare_row_counts(&src, &dst).await?;
-            phases.lap("verify");
+            let snapshot = target_snapshot(&dst).await?;
+            phases.lap("sequences");
             let moved = reg
                 .relocate_tenant(
                     plan.tenant_id,
@@ -433,7 +446,7 @@ impl Provisioner {
                 ));
             }
             phases.lap("switch");
-            Ok((frozen.elapsed(), phases))
+            Ok((frozen.elapsed(), phases, snapshot))
         }
         .await;
         if switched.is_err() {
@@ -442,7 +455,8 @@ impl Provisioner {
         }
         lock.release().await;
         src.close().await;
-        dst.close().await;
+        // Not `close`: that would wait for the snapshot's connection.
+        drop(dst);
         switched
     }
 
@@ -840,14 +854,43 @@ async fn copy_sequences(src: &PgPool, dst: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Row counts of every table, equal on both sides (both are quiet now).
-async fn compare_row_counts(src: &PgPool, dst: &PgPool) -> anyhow::Result<()> {
-    let tables = published_tables(src).await?;
-    let (a, b) = tokio::join!(count_rows(src, &tables), count_rows(dst, &tables));
-    let (a, b) = (
-        a.context("count rows on the source")?,
-        b.context("count rows on the target")?,
-    );
+/// The target's rows as of now, held open in a repeatable-read transaction:
+/// taken after the fence and before the switch, it is exactly what the
+/// source had at its freeze, and can be counted after the switch.
+type Snapshot = sqlx::Transaction<'static, sqlx::Postgres>;
+
+async fn target_snapshot(dst: &PgPool) -> anyhow::Result<Snapshot> {
+    let mut tx = dst.begin().await.context("open the target's snapshot")?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .context("open the target's snapshot")?;
+    // The snapshot is taken at the first query.
+    sqlx::query("SELECT 1")
+        .execute(&mut *tx)
+        .await
+        .context("open the target's snapshot")?;
+    Ok(tx)
+}
+
+/// After the switch: row counts of every table, the source's (frozen for
+/// good: its role cannot log in) against the target's snapshot. Outside the
+/// freeze, so its cost does not grow the freeze with the database.
+async fn verify_copy(ends: &Ends, plan: &MovePlan, snapshot: &mut Snapshot) -> anyhow::Result<()> {
+    let src = ends
+        .src
+        .single_pool(&plan.database)
+        .await
+        .context("connect to the source database")?;
+    let tables = published_tables(&src).await?;
+    let counted = async {
+        let a = count_rows(&mut *src.acquire().await?, &tables).await?;
+        let b = count_rows(&mut **snapshot, &tables).await?;
+        anyhow::Ok((a, b))
+    }
+    .await;
+    src.close().await;
+    let (a, b) = counted.context("count rows on both servers")?;
     let differ: Vec<String> = a
         .iter()
         .zip(&b)
@@ -859,7 +902,10 @@ async fn compare_row_counts(src: &PgPool, dst: &PgPool) -> anyhow::Result<()> {
 }
 
 /// Rows of each table, by table name.
-async fn count_rows(conn: &PgPool, tables: &[String]) -> sqlx::Result<Vec<(String, i64)>> {
+async fn count_rows(
+    conn: &mut sqlx::PgConnection,
+    tables: &[String],
+) -> sqlx::Result<Vec<(String, i64)>> {
     let sql = tables
         .iter()
         .map(|t| {
@@ -870,7 +916,7 @@ async fn count_rows(conn: &PgPool, tables: &[String]) -> sqlx::Result<Vec<(Strin
         })
         .collect::<Vec<_>>()
         .join(" UNION ALL ");
-    let mut counts: Vec<(String, i64)> = sqlx::query_as(&sql).fetch_all(conn).await?;
+    let mut counts: Vec<(String, i64)> = sqlx::query_as(&sql).fetch_all(&mut *conn).await?;
     counts.sort();
     Ok(counts)
 }
@@ -995,6 +1041,51 @@ async fn discard_target(ends: &Ends, plan: &MovePlan) {
     {
         tracing::warn!(tenant_id = %plan.tenant_id, "failed to clean up after a move (the reconciler retries): {e:#}");
     }
+}
+
+/// After the switch, when the copy did not verify: the target stops
+/// following the source, whose database is renamed out of the sweep's way
+/// (`silo_kept_…`) and whose role goes. Returns the kept database's name.
+async fn keep_source(ends: &Ends, plan: &MovePlan) -> String {
+    let name = plan.name();
+    let kept = format!(
+        "silo_kept_{}_{}",
+        plan.tenant_id.simple(),
+        chrono::Utc::now().timestamp()
+    );
+    let db = &plan.database;
+    let done = async {
+        let conn = ends.dst.single_pool(db).await?;
+        let dropped = drop_subscription(&conn, &name).await;
+        conn.close().await;
+        dropped?;
+        drop_slot(&ends.src, &name).await?;
+        ends.src
+            .exec(&format!(
+                "REVOKE ALL ON DATABASE \"{db}\" FROM \"{}\"",
+                plan.role
+            ))
+            .await?;
+        ends.src
+            .exec(&format!("DROP ROLE IF EXISTS \"{}\"", plan.role))
+            .await?;
+        // A rename needs the database to itself.
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(db)
+        .execute(&ends.src.pool)
+        .await?;
+        ends.src
+            .exec(&format!("ALTER DATABASE \"{db}\" RENAME TO \"{kept}\""))
+            .await?;
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = done {
+        tracing::error!(tenant_id = %plan.tenant_id, "failed to set aside the source of an unverified move: {e:#}");
+    }
+    kept
 }
 
 /// After the switch: the target stops following the source, and the
