@@ -885,7 +885,7 @@ async fn verify_copy(ends: &Ends, plan: &MovePlan, snapshot: &mut Snapshot) -> a
     let tables = published_tables(&src).await?;
     let counted = async {
         let a = count_rows(&mut *src.acquire().await?, &tables).await?;
-        let b = count_rows(&mut **snapshot, &tables).await?;
+        let b = count_rows(snapshot, &tables).await?;
         anyhow::Ok((a, b))
     }
     .await;
