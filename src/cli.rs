@@ -149,6 +149,7 @@ pub async fn run_server(
         &provisioner,
         Duration::from_secs(args.reconcile_interval.max(1)),
         Duration::from_secs(args.scheduler_tick.max(1)),
+        Duration::from_secs(args.health_interval.max(1)),
         &token,
         &tracker,
     );

@@ -17,6 +17,9 @@ pub const DEFAULT_BACKUP_SCHEDULE: &str = "0 0 2 * * *";
 pub const DEFAULT_WARM_POOL_SIZE: u32 = 4;
 /// Seconds between reconcile passes (also run once at start-up).
 pub const DEFAULT_RECONCILE_INTERVAL_SECS: u64 = 60;
+/// Seconds between tenant server health checks; a server failing checks for
+/// three intervals becomes `unhealthy`.
+pub const DEFAULT_HEALTH_INTERVAL_SECS: u64 = 10;
 /// Shortest admin token `serve` accepts.
 pub const MIN_ADMIN_TOKEN_LEN: usize = 24;
 /// Connections silo may open to the default tenant server when first registered.
@@ -261,6 +264,11 @@ pub struct ServerArgs {
     /// Seconds between scheduler ticks: due backups, retention, backup metrics.
     #[arg(long, env = "SILO_SCHEDULER_TICK", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
     pub scheduler_tick: u64,
+
+    /// Seconds between health checks of the tenant servers; a server failing
+    /// them for three intervals is marked `unhealthy` and gets no new tenants.
+    #[arg(long, env = "SILO_HEALTH_INTERVAL", default_value_t = DEFAULT_HEALTH_INTERVAL_SECS, value_parser = clap::value_parser!(u64).range(1..))]
+    pub health_interval: u64,
 }
 
 #[derive(Debug, Clone, Args)]

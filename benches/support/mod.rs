@@ -92,6 +92,7 @@ impl SiloServer {
             app_domain: None,
             replicas: 1,
             scheduler_tick: 15,
+            health_interval: silo::config::DEFAULT_HEALTH_INTERVAL_SECS,
         };
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();

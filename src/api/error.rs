@@ -128,12 +128,12 @@ impl IntoResponse for ApiError {
 impl From<ProvisionError> for ApiError {
     fn from(e: ProvisionError) -> Self {
         match e {
-            ProvisionError::SlugTaken(_) | ProvisionError::InvalidState(..) => {
-                Self::Conflict(e.to_string())
+            ProvisionError::SlugTaken(_)
+            | ProvisionError::InvalidState(..)
+            | ProvisionError::ServerUnavailable(..) => Self::Conflict(e.to_string()),
+            ProvisionError::IdempotencyMismatch | ProvisionError::UnknownServer(_) => {
+                Self::Unprocessable(e.to_string())
             }
-            ProvisionError::IdempotencyMismatch
-            | ProvisionError::UnknownServer(_)
-            | ProvisionError::ServerUnavailable(_) => Self::Unprocessable(e.to_string()),
             ProvisionError::NoCapacity => Self::Unavailable(e.to_string()),
             ProvisionError::NotFound => Self::not_found("tenant"),
             ProvisionError::Internal(e) if is_unavailable(&e) => {

@@ -49,6 +49,17 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         }
     }
     state.router.record_metrics();
+    if let Ok(servers) = state.registry().servers().await {
+        for s in servers {
+            let up = s.status != "unhealthy" && s.health_error.is_none();
+            metrics::gauge!("silo_server_up", "server" => s.name.clone())
+                .set(f64::from(u8::from(up)));
+            metrics::gauge!("silo_server_tenants", "server" => s.name.clone())
+                .set(s.tenant_count as f64);
+            metrics::gauge!("silo_server_max_tenants", "server" => s.name)
+                .set(f64::from(s.max_tenants));
+        }
+    }
     if let Ok(n) = state.registry().spare_count().await {
         metrics::gauge!("silo_warm_pool_spares").set(n as f64);
     }

@@ -1,5 +1,5 @@
-//! Background work of a running silo: the reconciler, the warm pool and the
-//! backup scheduler. Every task watches one `CancellationToken` and lives in
+//! Background work of a running silo: the reconciler, the warm pool, tenant
+//! server health checks and the backup scheduler. Every task watches one `CancellationToken` and lives in
 //! one `TaskTracker`, so shutdown cancels them and waits for them to finish
 //! their current step.
 //!
@@ -26,9 +26,11 @@ pub fn spawn(
     provisioner: &Provisioner,
     reconcile_every: Duration,
     scheduler_tick: Duration,
+    health_interval: Duration,
     token: &CancellationToken,
     tracker: &TaskTracker,
 ) {
+    spawn_health_checks(provisioner, health_interval, token, tracker);
     let (p, t, tracker2) = (provisioner.clone(), token.clone(), tracker.clone());
     tracker.spawn(async move {
         let tracker = tracker2;
@@ -81,6 +83,32 @@ pub fn spawn(
             }
             // Refill when creates pause: cloning competes with them for the disk.
             while !t.is_cancelled() && p.spare_taken(WARM_POOL_QUIET).await {}
+        }
+    });
+}
+
+/// Check every tenant server every `interval` until `token` is cancelled. A
+/// server failing checks for three intervals becomes `unhealthy`.
+fn spawn_health_checks(
+    provisioner: &Provisioner,
+    interval: Duration,
+    token: &CancellationToken,
+    tracker: &TaskTracker,
+) {
+    let (p, t) = (provisioner.clone(), token.clone());
+    tracker.spawn(async move {
+        let unhealthy_after = interval * 3;
+        loop {
+            tokio::select! {
+                _ = t.cancelled() => break,
+                checked = p.check_servers(unhealthy_after) => if let Err(e) = checked {
+                    tracing::warn!("failed to check tenant servers: {e:#}");
+                },
+            }
+            tokio::select! {
+                _ = t.cancelled() => break,
+                _ = tokio::time::sleep(interval) => {}
+            }
         }
     });
 }

@@ -94,9 +94,10 @@ pub enum ProvisionError {
     IdempotencyMismatch,
     #[error("no server named '{0}'")]
     UnknownServer(String),
-    #[error("server '{0}' cannot take new tenants (full or not active)")]
-    ServerUnavailable(String),
-    #[error("no tenant DB server has room for a new tenant")]
+    /// The named server takes no new tenants; the second field says why.
+    #[error("server '{0}' cannot take new tenants: {1}")]
+    ServerUnavailable(String, String),
+    #[error("no tenant DB server has room for a new tenant (each is full, draining or unhealthy)")]
     NoCapacity,
     #[error("tenant not found")]
     NotFound,
@@ -290,8 +291,8 @@ impl Provisioner {
                     .server_by_name(name)
                     .await?
                     .ok_or_else(|| ProvisionError::UnknownServer(name.clone()))?;
-                if s.status != "active" || s.tenant_count >= i64::from(s.max_tenants) {
-                    return Err(ProvisionError::ServerUnavailable(name.clone()));
+                if let Some(why) = s.refusal() {
+                    return Err(ProvisionError::ServerUnavailable(name.clone(), why));
                 }
                 s
             }

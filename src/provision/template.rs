@@ -149,7 +149,7 @@ impl Provisioner {
             .is_ok()
     }
 
-    /// Fill every server's warm pool now (template first). Skips a server whose
+    /// Fill every active server's warm pool now (template first). Skips a server whose
     /// maintenance lock another task or replica holds.
     pub async fn refill_all(&self) -> anyhow::Result<u32> {
         self.refill(usize::MAX).await
@@ -160,6 +160,11 @@ impl Provisioner {
     pub async fn refill(&self, batch: usize) -> anyhow::Result<u32> {
         let mut made = 0;
         for server in self.registry().servers().await? {
+            // Draining and unhealthy servers get no new tenants, so no spares;
+            // and a server that is down must not hold up the others' refill.
+            if server.status != "active" {
+                continue;
+            }
             let Some(lock) = self.registry().try_lock_server(server.id).await? else {
                 continue;
             };

@@ -27,7 +27,34 @@ pub struct DbServer {
     /// Tenants on the server that are not deleted.
     pub tenant_count: i64,
     pub created_at: DateTime<Utc>,
+    /// When a health check last ran (from any silo replica).
+    pub checked_at: Option<DateTime<Utc>>,
+    /// When a health check last succeeded.
+    pub last_ok_at: Option<DateTime<Utc>>,
+    /// Why the last check failed; `null` once one succeeds. Never holds the URL.
+    pub health_error: Option<String>,
 }
+
+impl DbServer {
+    /// Why this server takes no new tenants, if it does not.
+    pub fn refusal(&self) -> Option<String> {
+        match self.status.as_str() {
+            "active" if self.tenant_count >= i64::from(self.max_tenants) => Some(format!(
+                "it is full ({} of {} tenants)",
+                self.tenant_count, self.max_tenants
+            )),
+            "active" => None,
+            "unhealthy" => Some(match &self.health_error {
+                Some(e) => format!("it is unhealthy (last check: {e})"),
+                None => "it is unhealthy".to_owned(),
+            }),
+            other => Some(format!("it is {other}")),
+        }
+    }
+}
+
+/// A status change made by a health check: `(before, after)`.
+pub type StatusChange = (String, String);
 
 impl std::fmt::Debug for DbServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -40,7 +67,7 @@ impl std::fmt::Debug for DbServer {
 }
 
 const SELECT_SERVER: &str = "SELECT s.id, s.name, s.admin_url_enc, s.key_id, s.max_connections, s.max_tenants,
-        s.status, s.template_version, s.created_at,
+        s.status, s.template_version, s.created_at, s.checked_at, s.last_ok_at, s.health_error,
         (SELECT count(*) FROM tenants t WHERE t.server_id = s.id AND t.status <> 'deleted') AS tenant_count
    FROM db_servers s";
 
@@ -91,13 +118,94 @@ impl Registry {
             .await
     }
 
-    /// The active server with the most free tenant capacity that is not full.
+    /// The active, not full server with the most headroom: the smallest share
+    /// of its tenant capacity used, then the most connections per tenant.
     pub async fn least_loaded_server(&self) -> sqlx::Result<Option<DbServer>> {
         sqlx::query_as(&format!(
             "SELECT * FROM ({SELECT_SERVER} WHERE s.status = 'active') x
               WHERE tenant_count < max_tenants
-              ORDER BY tenant_count::float8 / max_tenants, created_at LIMIT 1"
+              ORDER BY tenant_count::float8 / max_tenants,
+                       max_connections::float8 / (tenant_count + 1) DESC,
+                       created_at, id
+              LIMIT 1"
         ))
+        .fetch_optional(&self.pool)
+        .await
+    }
+
+    /// Change a server's status or limits; `None` leaves a field as it is.
+    /// Returns the server, or `None` if no server has that name.
+    #[tracing::instrument(skip(self))]
+    pub async fn update_server(
+        &self,
+        name: &str,
+        status: Option<&str>,
+        max_connections: Option<i32>,
+        max_tenants: Option<i32>,
+    ) -> sqlx::Result<Option<DbServer>> {
+        let id: Option<Uuid> = sqlx::query_scalar(
+            "UPDATE db_servers
+                SET status = coalesce($2, status),
+                    max_connections = coalesce($3, max_connections),
+                    max_tenants = coalesce($4, max_tenants),
+                    updated_at = now()
+              WHERE name = $1
+             RETURNING id",
+        )
+        .bind(name)
+        .bind(status)
+        .bind(max_connections)
+        .bind(max_tenants)
+        .fetch_optional(&self.pool)
+        .await?;
+        match id {
+            Some(id) => self.server(id).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Record a passed health check: an `unhealthy` server becomes `active`
+    /// again (`draining` stays). Safe to run from several replicas at once.
+    pub async fn record_server_ok(&self, id: Uuid) -> sqlx::Result<Option<StatusChange>> {
+        sqlx::query_as(
+            "UPDATE db_servers s
+                SET checked_at = now(), last_ok_at = now(), health_error = NULL,
+                    status = CASE WHEN old.status = 'unhealthy' THEN 'active' ELSE old.status END,
+                    updated_at = CASE WHEN old.status = 'unhealthy' THEN now() ELSE s.updated_at END
+               FROM (SELECT id, status FROM db_servers WHERE id = $1 FOR UPDATE) old
+              WHERE s.id = old.id
+             RETURNING old.status, s.status",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+    }
+
+    /// Record a failed health check. An `active` server becomes `unhealthy`
+    /// once no check has passed for `unhealthy_after` (counted from its
+    /// registration if none ever has). Safe to run from several replicas at once.
+    pub async fn record_server_failure(
+        &self,
+        id: Uuid,
+        error: &str,
+        unhealthy_after: std::time::Duration,
+    ) -> sqlx::Result<Option<StatusChange>> {
+        sqlx::query_as(
+            "UPDATE db_servers s
+                SET checked_at = now(), health_error = $2,
+                    status = CASE WHEN old.failing THEN 'unhealthy' ELSE old.status END,
+                    updated_at = CASE WHEN old.failing THEN now() ELSE s.updated_at END
+               FROM (SELECT id, status,
+                            status = 'active'
+                              AND coalesce(last_ok_at, created_at) < now() - make_interval(secs => $3)
+                              AS failing
+                       FROM db_servers WHERE id = $1 FOR UPDATE) old
+              WHERE s.id = old.id
+             RETURNING old.status, s.status",
+        )
+        .bind(id)
+        .bind(error)
+        .bind(unhealthy_after.as_secs_f64())
         .fetch_optional(&self.pool)
         .await
     }

@@ -159,8 +159,17 @@ pub struct RouterStats {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ServerStats {
     pub server_id: Uuid,
+    /// This process's share of the server's connections (0 until a tenant on it is served).
     pub budget: usize,
+    /// Tenant connections this process has open to the server.
     pub open: usize,
+    /// From the registry, filled in by `/admin/v1/pools` (`None` from the router alone).
+    pub name: Option<String>,
+    /// `active`, `draining` or `unhealthy`.
+    pub status: Option<String>,
+    /// Tenants on the server that are not deleted.
+    pub tenants: Option<i64>,
+    pub max_tenants: Option<i32>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -509,6 +518,10 @@ impl TenantRouter {
                     server_id: b.server_id,
                     budget: b.max,
                     open: b.open(),
+                    name: None,
+                    status: None,
+                    tenants: None,
+                    max_tenants: None,
                 })
                 .collect(),
             tenants,

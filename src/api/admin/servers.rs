@@ -1,6 +1,6 @@
 //! `/admin/v1/servers`: tenant DB servers.
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Extension;
 use serde::Deserialize;
@@ -16,7 +16,31 @@ use crate::provision::servers::ServerUnreachable;
 use crate::registry::{is_unique_violation, DbServer};
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(list_servers, create_server))
+    OpenApiRouter::new()
+        .routes(routes!(list_servers, create_server))
+        .routes(routes!(update_server))
+}
+
+/// Limits a server may be given, on create and on update.
+const MAX_CONNECTIONS_RANGE: std::ops::RangeInclusive<i32> = 1..=100_000;
+const MAX_TENANTS_RANGE: std::ops::RangeInclusive<i32> = 1..=1_000_000;
+
+fn check_limits(max_connections: Option<i32>, max_tenants: Option<i32>) -> ApiResult<()> {
+    if max_connections.is_some_and(|n| !MAX_CONNECTIONS_RANGE.contains(&n)) {
+        return Err(ApiError::invalid(format!(
+            "max_connections must be {} to {}",
+            MAX_CONNECTIONS_RANGE.start(),
+            MAX_CONNECTIONS_RANGE.end()
+        )));
+    }
+    if max_tenants.is_some_and(|n| !MAX_TENANTS_RANGE.contains(&n)) {
+        return Err(ApiError::invalid(format!(
+            "max_tenants must be {} to {}",
+            MAX_TENANTS_RANGE.start(),
+            MAX_TENANTS_RANGE.end()
+        )));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -57,11 +81,7 @@ async fn create_server(
         .max_connections
         .unwrap_or(DEFAULT_SERVER_MAX_CONNECTIONS);
     let max_tenants = body.max_tenants.unwrap_or(DEFAULT_SERVER_MAX_TENANTS);
-    if !(1..=100_000).contains(&max_connections) || !(1..=1_000_000).contains(&max_tenants) {
-        return Err(ApiError::invalid(
-            "max_connections and max_tenants must be positive",
-        ));
-    }
+    check_limits(Some(max_connections), Some(max_tenants))?;
     crate::provision::servers::admin_options(&body.admin_url)
         .map_err(|e| ApiError::invalid(format!("admin_url: {e}")))?;
     let server = state
@@ -88,4 +108,63 @@ async fn create_server(
         )
         .await?;
     Ok((StatusCode::CREATED, Json(server)))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateServerBody {
+    /// `active` or `draining` (no new tenants; its tenants stay). `unhealthy`
+    /// is set by health checks only.
+    status: Option<String>,
+    /// Takes effect in a router when it next builds the server's budget (restart).
+    max_connections: Option<i32>,
+    /// Lower than the server's tenant count makes it full; no tenant moves.
+    max_tenants: Option<i32>,
+}
+
+/// Drain a server or make it active again, or change its limits.
+#[utoipa::path(patch, path = "/servers/{name}", tag = "servers", request_body = UpdateServerBody,
+    params(("name" = String, Path, description = "server name")),
+    responses((status = 200, body = DbServer), (status = 404, body = Problem), (status = 422, body = Problem)))]
+async fn update_server(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(name): Path<String>,
+    Json(body): Json<UpdateServerBody>,
+) -> ApiResult<Json<DbServer>> {
+    match body.status.as_deref() {
+        None | Some("active" | "draining") => {}
+        Some("unhealthy") => {
+            return Err(ApiError::invalid(
+                "status 'unhealthy' is set by health checks, not by hand",
+            ))
+        }
+        Some(_) => return Err(ApiError::invalid("status must be 'active' or 'draining'")),
+    }
+    check_limits(body.max_connections, body.max_tenants)?;
+    let server = state
+        .registry()
+        .update_server(
+            &name,
+            body.status.as_deref(),
+            body.max_connections,
+            body.max_tenants,
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("server"))?;
+    state
+        .registry()
+        .audit(
+            actor.0,
+            "server.update",
+            None,
+            serde_json::json!({
+                "server": server.name,
+                "status": body.status,
+                "max_connections": body.max_connections,
+                "max_tenants": body.max_tenants,
+            }),
+        )
+        .await?;
+    Ok(Json(server))
 }

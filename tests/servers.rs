@@ -1,0 +1,318 @@
+//! Tenant DB servers against real PostgreSQL clusters: placement by headroom,
+//! draining by hand, full servers, health checks that mark a stopped server
+//! `unhealthy` and bring it back, and the per-server figures.
+
+mod common;
+
+use std::time::Duration;
+
+use axum::http::{Method, StatusCode};
+use common::TestEnv;
+use serde_json::{json, Value};
+use silo::embedded::EmbeddedPostgres;
+
+/// A second real cluster, registered as `name` (50 connections, 100 tenants).
+/// Names differ per test: the metrics recorder is shared by the whole binary.
+async fn second_server(env: &TestEnv, name: &str) -> EmbeddedPostgres {
+    let pg = tokio::task::spawn_blocking(EmbeddedPostgres::start_throwaway)
+        .await
+        .unwrap()
+        .unwrap();
+    env.provisioner
+        .register_server(name, &pg.url("postgres"), 50, 100)
+        .await
+        .unwrap();
+    pg
+}
+
+/// Create a tenant, naming its server or not; the status and body.
+async fn create(env: &TestEnv, slug: &str, server: Option<&str>) -> (StatusCode, Value) {
+    let mut body = json!({"slug": slug, "name": format!("Clinic {slug}")});
+    if let Some(s) = server {
+        body["server"] = json!(s);
+    }
+    env.call(Method::POST, "/admin/v1/tenants", Some(body))
+        .await
+}
+
+async fn patch(env: &TestEnv, name: &str, body: Value) -> (StatusCode, Value) {
+    env.call(
+        Method::PATCH,
+        &format!("/admin/v1/servers/{name}"),
+        Some(body),
+    )
+    .await
+}
+
+/// The server's entry in `GET /admin/v1/servers`.
+async fn server(env: &TestEnv, name: &str) -> Value {
+    let (s, servers) = env.call(Method::GET, "/admin/v1/servers", None).await;
+    assert_eq!(s, StatusCode::OK);
+    servers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("server {name} is listed: {servers}"))
+}
+
+async fn metrics(env: &TestEnv) -> String {
+    let answer = env.send(Method::GET, "/metrics", None, &[]).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    answer.body.as_str().unwrap().to_owned()
+}
+
+fn assert_conflict(status: StatusCode, body: &Value, reason: &str) {
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["type"], "urn:silo:problem:conflict");
+    let detail = body["detail"].as_str().unwrap();
+    assert!(detail.contains(reason), "{detail}");
+}
+
+/// The password in a `postgres://user:password@host/db` URL.
+fn password_in(url: &str) -> String {
+    let after_user = url.split_once("://").unwrap().1.split_once(':').unwrap().1;
+    after_user.split_once('@').unwrap().0.to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_draining_server_gets_no_new_tenants_until_it_is_made_active_again() {
+    const SECOND: &str = "second-a";
+    let env = TestEnv::start().await;
+    let _second = second_server(&env, SECOND).await;
+
+    let (s, body) = patch(&env, "default", json!({"status": "draining"})).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "draining");
+    assert_eq!(body["name"], "default");
+
+    for slug in ["alpha", "beta"] {
+        let (s, body) = create(&env, slug, None).await;
+        assert_eq!(s, StatusCode::CREATED, "{body}");
+        assert_eq!(body["server"], SECOND);
+    }
+    let (s, body) = create(&env, "gamma", Some("default")).await;
+    assert_conflict(s, &body, "draining");
+    assert!(body["detail"].as_str().unwrap().contains("default"));
+    assert_eq!(
+        env.count("SELECT count(*) FROM tenants WHERE slug = 'gamma'")
+            .await,
+        0
+    );
+
+    let (s, body) = patch(&env, "default", json!({"status": "active"})).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "active");
+    let (s, body) = create(&env, "gamma", Some("default")).await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    assert_eq!(body["server"], "default");
+
+    let (_, audit) = env.call(Method::GET, "/admin/v1/audit", None).await;
+    let updates: Vec<&Value> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "server.update")
+        .collect();
+    assert_eq!(updates.len(), 2, "{audit}");
+    assert_eq!(updates[0]["detail"]["server"], "default");
+
+    // Both servers, by name, with their tenant counts, whether or not the
+    // router holds connections to them.
+    let (s, pools) = env.call(Method::GET, "/admin/v1/pools", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let servers = pools["servers"].as_array().unwrap();
+    assert_eq!(servers.len(), 2, "{pools}");
+    let by_name = |name: &str| servers.iter().find(|s| s["name"] == name).unwrap().clone();
+    let (default, second) = (by_name("default"), by_name(SECOND));
+    assert_eq!(default["tenants"], 1);
+    assert_eq!(second["tenants"], 2);
+    assert_eq!(second["max_tenants"], 100);
+    assert_eq!(second["status"], "active");
+    assert_eq!(second["open"], 0);
+    assert!(second["server_id"].is_string() && second["budget"].is_number());
+
+    let text = metrics(&env).await;
+    assert!(
+        text.contains(&format!("silo_server_tenants{{server=\"{SECOND}\"}} 2")),
+        "{text}"
+    );
+    assert!(text.contains(&format!(
+        "silo_server_max_tenants{{server=\"{SECOND}\"}} 100"
+    )));
+    assert!(text.contains(&format!("silo_server_up{{server=\"{SECOND}\"}}")));
+}
+
+#[tokio::test]
+async fn bad_server_updates_get_a_clear_4xx_and_change_nothing() {
+    let env = TestEnv::start().await;
+    let before = server(&env, "default").await;
+    let refused = [
+        (json!({"status": "unhealthy"}), "health checks"),
+        (json!({"status": "gone"}), "'active' or 'draining'"),
+        (json!({"status": 5}), ""),
+        (json!({"max_tenants": 0}), "max_tenants"),
+        (json!({"max_tenants": 2_000_000}), "max_tenants"),
+        (json!({"max_connections": -1}), "max_connections"),
+        (
+            json!({"status": "draining", "max_connections": 0}),
+            "max_connections",
+        ),
+        (json!({"colour": "red"}), "colour"),
+    ];
+    for (body, says) in refused {
+        let (s, answer) = patch(&env, "default", body.clone()).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body} -> {answer}");
+        assert_eq!(answer["type"], "urn:silo:problem:validation");
+        assert!(
+            answer["detail"].as_str().unwrap().contains(says),
+            "{body} -> {answer}"
+        );
+    }
+    let answer = env
+        .send(
+            Method::PATCH,
+            "/admin/v1/servers/default",
+            Some("{\"status\":"),
+            &[("authorization", &format!("Bearer {}", common::ADMIN_TOKEN))],
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert_eq!(answer.content_type, "application/problem+json");
+
+    let answer = env
+        .send(
+            Method::PATCH,
+            "/admin/v1/servers/nowhere",
+            Some("{\"status\":\"draining\"}"),
+            &[("authorization", &format!("Bearer {}", common::ADMIN_TOKEN))],
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::NOT_FOUND);
+    assert_eq!(answer.content_type, "application/problem+json");
+    assert_eq!(answer.body["detail"], "server not found");
+
+    assert_eq!(server(&env, "default").await, before);
+    assert_eq!(
+        env.count("SELECT count(*) FROM audit_log WHERE action = 'server.update'")
+            .await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_server_is_skipped_and_refused_by_name() {
+    const SECOND: &str = "second-c";
+    let env = TestEnv::start().await;
+    let _second = second_server(&env, SECOND).await;
+
+    // Equal shares used: the server with more connections per tenant wins.
+    let (s, body) = create(&env, "first", None).await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    assert_eq!(body["server"], "default");
+
+    let (s, body) = patch(&env, SECOND, json!({"max_tenants": 1})).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["max_tenants"], 1);
+    let (s, body) = create(&env, "only-one", Some(SECOND)).await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let (s, body) = create(&env, "one-more", Some(SECOND)).await;
+    assert_conflict(s, &body, "full (1 of 1 tenants)");
+
+    // Not named: the full server is skipped.
+    let (s, body) = create(&env, "elsewhere", None).await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    assert_eq!(body["server"], "default");
+
+    // No server with room: a clear 503, never a 500.
+    let (s, _) = patch(&env, "default", json!({"max_tenants": 2})).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, body) = create(&env, "no-room", None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body["detail"]
+        .as_str()
+        .unwrap()
+        .contains("no tenant DB server has room"));
+    assert_eq!(
+        env.count("SELECT count(*) FROM tenants WHERE slug IN ('one-more', 'no-room')")
+            .await,
+        0
+    );
+
+    // Room again once a limit is raised.
+    let (s, _) = patch(&env, SECOND, json!({"max_tenants": 10})).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, body) = create(&env, "one-more", None).await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    assert_eq!(body["server"], SECOND);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_server_becomes_unhealthy_gets_no_tenants_and_recovers() {
+    const SECOND: &str = "second-d";
+    let env = TestEnv::start().await;
+    let mut second = second_server(&env, SECOND).await;
+    let second_password = password_in(&second.url("postgres"));
+    let long = Duration::from_secs(3600);
+
+    let checks = env.provisioner.check_servers(long).await.unwrap();
+    assert_eq!(checks.len(), 2);
+    assert!(checks.iter().all(|c| c.error.is_none()), "{checks:?}");
+    let s = server(&env, SECOND).await;
+    assert!(s["last_ok_at"].is_string() && s["checked_at"].is_string());
+    assert!(s["health_error"].is_null());
+
+    second.stop().unwrap();
+    // Failing, but not for long enough: still active, with the cause shown.
+    env.provisioner.check_servers(long).await.unwrap();
+    let s = server(&env, SECOND).await;
+    assert_eq!(s["status"], "active");
+    assert_eq!(s["health_error"], "connection refused");
+    assert!(metrics(&env)
+        .await
+        .contains(&format!("silo_server_up{{server=\"{SECOND}\"}} 0")));
+    assert!(server(&env, "default").await["health_error"].is_null());
+
+    // Failing past the threshold: unhealthy.
+    let checks = env.provisioner.check_servers(Duration::ZERO).await.unwrap();
+    let c = checks.iter().find(|c| c.name == SECOND).unwrap();
+    assert_eq!(c.status, "unhealthy");
+    let s = server(&env, SECOND).await;
+    assert_eq!(s["status"], "unhealthy");
+    let shown = s.to_string();
+    assert!(!shown.contains(&second_password) && !shown.contains("postgres://"));
+    assert_eq!(server(&env, "default").await["status"], "active");
+
+    // New tenants avoid it; naming it is refused with the reason.
+    let (st, body) = create(&env, "while-down", None).await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    assert_eq!(body["server"], "default");
+    let (st, body) = create(&env, "on-the-dead", Some(SECOND)).await;
+    assert_conflict(st, &body, "unhealthy (last check: connection refused)");
+
+    // Back up: the next check makes it active again.
+    second.start_again().unwrap();
+    let checks = env.provisioner.check_servers(long).await.unwrap();
+    assert!(checks.iter().all(|c| c.error.is_none()), "{checks:?}");
+    let s = server(&env, SECOND).await;
+    assert_eq!(s["status"], "active");
+    assert!(s["health_error"].is_null());
+    assert!(metrics(&env)
+        .await
+        .contains(&format!("silo_server_up{{server=\"{SECOND}\"}} 1")));
+    let (st, body) = create(&env, "on-the-living", Some(SECOND)).await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+
+    // Health checks never undo a drain, failing or passing.
+    let (st, _) = patch(&env, SECOND, json!({"status": "draining"})).await;
+    assert_eq!(st, StatusCode::OK);
+    second.stop().unwrap();
+    env.provisioner.check_servers(Duration::ZERO).await.unwrap();
+    assert_eq!(server(&env, SECOND).await["status"], "draining");
+    second.start_again().unwrap();
+    env.provisioner.check_servers(long).await.unwrap();
+    let s = server(&env, SECOND).await;
+    assert_eq!(s["status"], "draining");
+    assert!(s["health_error"].is_null());
+}
