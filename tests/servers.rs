@@ -7,23 +7,8 @@ mod common;
 use std::time::Duration;
 
 use axum::http::{Method, StatusCode};
-use common::TestEnv;
+use common::{server_named, TestEnv};
 use serde_json::{json, Value};
-use silo::embedded::EmbeddedPostgres;
-
-/// A second real cluster, registered as `name` (50 connections, 100 tenants).
-/// Names differ per test: the metrics recorder is shared by the whole binary.
-async fn second_server(env: &TestEnv, name: &str) -> EmbeddedPostgres {
-    let pg = tokio::task::spawn_blocking(EmbeddedPostgres::start_throwaway)
-        .await
-        .unwrap()
-        .unwrap();
-    env.provisioner
-        .register_server(name, &pg.url("postgres"), 50, 100)
-        .await
-        .unwrap();
-    pg
-}
 
 /// Create a tenant, naming its server or not; the status and body.
 async fn create(env: &TestEnv, slug: &str, server: Option<&str>) -> (StatusCode, Value) {
@@ -80,7 +65,7 @@ fn password_in(url: &str) -> String {
 async fn a_draining_server_gets_no_new_tenants_until_it_is_made_active_again() {
     const SECOND: &str = "second-a";
     let env = TestEnv::start().await;
-    let _second = second_server(&env, SECOND).await;
+    let _second = server_named(&env, SECOND).await;
 
     let (s, body) = patch(&env, "default", json!({"status": "draining"})).await;
     assert_eq!(s, StatusCode::OK, "{body}");
@@ -205,7 +190,7 @@ async fn bad_server_updates_get_a_clear_4xx_and_change_nothing() {
 async fn a_full_server_is_skipped_and_refused_by_name() {
     const SECOND: &str = "second-c";
     let env = TestEnv::start().await;
-    let _second = second_server(&env, SECOND).await;
+    let _second = server_named(&env, SECOND).await;
 
     // Equal shares used: the server with more connections per tenant wins.
     let (s, body) = create(&env, "first", None).await;
@@ -252,7 +237,7 @@ async fn a_full_server_is_skipped_and_refused_by_name() {
 async fn a_stopped_server_becomes_unhealthy_gets_no_tenants_and_recovers() {
     const SECOND: &str = "second-d";
     let env = TestEnv::start().await;
-    let mut second = second_server(&env, SECOND).await;
+    let mut second = server_named(&env, SECOND).await;
     let second_password = password_in(&second.url("postgres"));
     let long = Duration::from_secs(3600);
 

@@ -639,19 +639,13 @@ impl Provisioner {
 
 /// A server new tenants (and moved ones) may go to.
 fn check_target(target: &DbServer) -> Result<(), BackupError> {
-    if target.status != "active" {
-        return Err(BackupError::Conflict(format!(
-            "server '{}' is {}: it takes no tenants",
-            target.name, target.status
-        )));
+    match target.refusal() {
+        Some(why) => Err(BackupError::Conflict(format!(
+            "server '{}' takes no tenants: {why}",
+            target.name
+        ))),
+        None => Ok(()),
     }
-    if target.tenant_count >= i64::from(target.max_tenants) {
-        return Err(BackupError::Conflict(format!(
-            "server '{}' is full ({} of {} tenants)",
-            target.name, target.tenant_count, target.max_tenants
-        )));
-    }
-    Ok(())
 }
 
 /// What logical replication needs of both servers and the tenant's tables.

@@ -604,17 +604,23 @@ pub async fn add_ballast(env: &TestEnv, t: &TenantRecord, megabytes: usize) {
     conn.close().await.ok();
 }
 
-/// A second PostgreSQL cluster registered as tenant server "second".
+/// A second PostgreSQL cluster registered as tenant server "second", its warm pool filled.
 pub async fn second_server(env: &TestEnv) -> EmbeddedPostgres {
+    let pg = server_named(env, "second").await;
+    env.provisioner.refill_all().await.unwrap();
+    pg
+}
+
+/// Another real cluster, registered as `name` (50 connections, 100 tenants).
+pub async fn server_named(env: &TestEnv, name: &str) -> EmbeddedPostgres {
     let pg = tokio::task::spawn_blocking(EmbeddedPostgres::start_throwaway)
         .await
         .unwrap()
         .unwrap();
     env.provisioner
-        .register_server("second", &pg.url("postgres"), 50, 100)
+        .register_server(name, &pg.url("postgres"), 50, 100)
         .await
         .unwrap();
-    env.provisioner.refill_all().await.unwrap();
     pg
 }
 
