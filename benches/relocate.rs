@@ -9,8 +9,9 @@
 //! tenant router as fast as they can while silo moves the tenant to the
 //! other server. Reported per tenant:
 //! - the **write freeze** (silo's own measure, from freezing the tenant to
-//!   the registry switch; by phase) and the longest gap between two
-//!   successful writes seen by the writers;
+//!   the registry switch; by phase), and the longest gap between two
+//!   successful writes seen by the writers around their refused writes
+//!   (the freeze as the application sees it) and elsewhere in the move;
 //! - the whole move's duration;
 //! - the floor an offline move would freeze writes for: a bare
 //!   `pg_dump -Fc | pg_restore` of the same database between the same two
@@ -21,7 +22,7 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -68,13 +69,14 @@ async fn run() -> Result<()> {
     router.spawn_maintenance(&shutdown, &tokio_util::task::TaskTracker::new());
 
     println!(
-        "\n{:>9} {:>8} {:>12} {:>9} {:>10} {:>11} {:>7} {:>8} {:>6}  phases (ms)",
+        "\n{:>9} {:>8} {:>12} {:>9} {:>10} {:>11} {:>11} {:>7} {:>8} {:>6}  phases (ms)",
         "rows",
         "MiB",
         "offline (s)",
         "move (s)",
         "freeze ms",
-        "max gap ms",
+        "freeze gap",
+        "other gap",
         "ratio",
         "writes",
         "503s"
@@ -110,38 +112,24 @@ async fn run() -> Result<()> {
         let offline = offline_copy(&source, &target, &t.database_name).await?;
 
         let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let frozen = Arc::new(AtomicU64::new(0));
-        let last_ok = Arc::new(Mutex::new(Instant::now()));
-        let max_gap = Arc::new(Mutex::new(Duration::ZERO));
+        // Every answer a writer got: when, and whether the write was done.
+        let events = Arc::new(Mutex::new(Vec::<(Instant, bool)>::new()));
         let tasks: Vec<_> = (0..writers)
             .map(|_| {
-                let (router, stop, ok, frozen) =
-                    (router.clone(), stop.clone(), ok.clone(), frozen.clone());
-                let (last_ok, max_gap) = (last_ok.clone(), max_gap.clone());
+                let (router, stop, events) = (router.clone(), stop.clone(), events.clone());
                 tokio::spawn(async move {
                     while !stop.load(Ordering::Relaxed) {
-                        match write_once(&router, slug).await {
-                            Ok(()) => {
-                                ok.fetch_add(1, Ordering::Relaxed);
-                                let now = Instant::now();
-                                let mut last = last_ok.lock().unwrap();
-                                let gap = now - *last;
-                                *last = now;
-                                let mut max = max_gap.lock().unwrap();
-                                *max = (*max).max(gap);
-                            }
-                            Err(_) => {
-                                frozen.fetch_add(1, Ordering::Relaxed);
-                                tokio::time::sleep(Duration::from_millis(5)).await;
-                            }
+                        let ok = write_once(&router, slug).await.is_ok();
+                        events.lock().unwrap().push((Instant::now(), ok));
+                        if !ok {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
                         }
                     }
                 })
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(500)).await;
-        *max_gap.lock().unwrap() = Duration::ZERO;
+        let moving = Instant::now();
         let op = p
             .start_move(t.id, "second", "bench")
             .await
@@ -158,28 +146,75 @@ async fn run() -> Result<()> {
         for task in tasks {
             task.await?;
         }
+        let events = std::mem::take(&mut *events.lock().unwrap());
+        let gaps = Gaps::of(&events, moving);
         let result = done
             .result
             .with_context(|| format!("the move failed: {:?}", done.error))?;
         let freeze_ms = result["freeze_ms"].as_f64().unwrap_or(f64::NAN);
         let move_s = result["duration_ms"].as_f64().unwrap_or(f64::NAN) / 1000.0;
         println!(
-            "{:>9} {:>8.1} {:>12.2} {:>9.2} {:>10.1} {:>11.1} {:>7.3} {:>8} {:>6}  {}",
+            "{:>9} {:>8.1} {:>12.2} {:>9.2} {:>10.1} {:>11.1} {:>11.1} {:>7.3} {:>8} {:>6}  {}",
             n,
             bytes as f64 / 1048576.0,
             offline.as_secs_f64(),
             move_s,
             freeze_ms,
-            ms(*max_gap.lock().unwrap()),
+            ms(gaps.freeze),
+            ms(gaps.other),
             freeze_ms / ms(offline),
-            ok.load(Ordering::Relaxed),
-            frozen.load(Ordering::Relaxed),
+            gaps.ok,
+            gaps.refused,
             result["freeze_phases_ms"]
         );
     }
-    println!("\nratio = freeze / offline copy (pg_dump | pg_restore): what an offline move would freeze writes for");
+    println!("\nfreeze gap = longest time without a successful write around the refused ones (the freeze as writers see it);");
+    println!("other gap = longest time without a successful write elsewhere during the move (copy load, commits);");
+    println!("ratio = freeze / offline copy (pg_dump | pg_restore): what an offline move would freeze writes for");
     shutdown.cancel();
     Ok(())
+}
+
+/// Longest stretches with no successful write, from the writers' answers.
+struct Gaps {
+    /// The longest gap that holds refused writes: the freeze as writers see it.
+    freeze: Duration,
+    /// The longest gap with no refused write, after the move started.
+    other: Duration,
+    ok: usize,
+    refused: usize,
+}
+
+impl Gaps {
+    fn of(events: &[(Instant, bool)], since: Instant) -> Self {
+        let mut events = events.to_vec();
+        events.sort_by_key(|e| e.0);
+        let mut g = Gaps {
+            freeze: Duration::ZERO,
+            other: Duration::ZERO,
+            ok: events.iter().filter(|e| e.1).count(),
+            refused: events.iter().filter(|e| !e.1).count(),
+        };
+        let mut last_ok: Option<Instant> = None;
+        let mut refused_since = false;
+        for &(at, ok) in &events {
+            if !ok {
+                refused_since = true;
+                continue;
+            }
+            if let Some(prev) = last_ok.filter(|p| *p >= since) {
+                let gap = at - prev;
+                if refused_since {
+                    g.freeze = g.freeze.max(gap);
+                } else {
+                    g.other = g.other.max(gap);
+                }
+            }
+            last_ok = Some(at);
+            refused_since = false;
+        }
+        g
+    }
 }
 
 /// One patient inserted through the router; an error is a refused write.

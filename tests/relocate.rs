@@ -479,8 +479,8 @@ async fn silo_killed_during_the_freeze_rolls_the_move_back() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn silo_killed_after_the_switch_finishes_the_move() {
-    let (env, second, done) = killed_mid_move("move_switched").await;
+async fn silo_killed_after_the_verified_switch_finishes_the_move() {
+    let (env, second, done) = killed_mid_move("move_verified").await;
     assert!(done.contains("\"succeeded\""), "{done}");
     let t = env.record("crasher").await;
     assert_eq!(t.server_name, "second");
@@ -507,6 +507,44 @@ async fn silo_killed_after_the_switch_finishes_the_move() {
         .send(Method::GET, "/api/v1/patients?limit=1", None, &headers)
         .await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn silo_killed_between_the_switch_and_the_verification_keeps_the_old_database() {
+    let (env, second, done) = killed_mid_move("move_switched").await;
+    assert!(
+        done.contains("\"failed\"") && done.contains("not verified"),
+        "{done}"
+    );
+    // The tenant serves from the target; nothing is dropped unverified.
+    let t = env.record("crasher").await;
+    assert_eq!(t.server_name, "second");
+    assert!(t.frozen_at.is_none());
+    let bearer = token(&env, "crasher").await;
+    let headers = [
+        ("x-tenant-id", "crasher"),
+        ("authorization", bearer.as_str()),
+    ];
+    let a = env
+        .send(Method::GET, "/api/v1/patients?limit=1", None, &headers)
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert!(!database_on(&env.pg, &t.database_name).await);
+    assert!(!role_on(&env.pg, &t.role_name).await, "source role left");
+    let admin = superuser(&env.pg, "postgres").await;
+    let kept: Vec<String> = sqlx::query_scalar(
+        "SELECT datname::text FROM pg_database WHERE datname LIKE 'silo_kept_%'",
+    )
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    admin.close().await;
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(done.contains(&kept[0]), "{done}");
+    assert!(move_leftovers(&env.pg, &second).await.is_empty());
+    let report = env.provisioner.reconcile_once().await.unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(database_on(&env.pg, &kept[0]).await);
 }
 
 #[tokio::test(flavor = "multi_thread")]

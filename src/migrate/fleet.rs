@@ -237,6 +237,12 @@ impl Provisioner {
     async fn migrate_tenant_locked(&self, t: &TenantRecord) -> anyhow::Result<i64> {
         let lock = self.registry().lock_tenant(t.id).await?;
         let result = async {
+            // Re-read under the lock: a move may have switched its server meanwhile.
+            let t = &self
+                .registry()
+                .tenant(t.id)
+                .await?
+                .context("re-read the tenant")?;
             let admin = self.admin_for(t).await?;
             let db = admin
                 .single_pool(&t.database_name)

@@ -33,6 +33,8 @@ pub struct ReconcileReport {
     pub moves_settled: u32,
     /// Subscriptions and replication slots of moves that are over, dropped.
     pub move_leftovers_dropped: u32,
+    /// Databases a move left behind without verifying its copy, renamed `silo_kept_*`.
+    pub unverified_sources_kept: u32,
     /// Backups, uploads and backup operations left by a stopped process.
     pub backups: crate::backup::BackupSweep,
     pub errors: Vec<String>,
@@ -128,8 +130,10 @@ impl Provisioner {
 
         // 2. What the registry accounts for: its tenants, and both ends of open moves.
         let reg = self.registry();
-        let live = reg.tenants_on_server(server.id).await?;
+        // Moves first: a move stays open until after its switch, so whichever
+        // of the two reads comes second still covers a database being moved.
         let moves = self.moves_touching(server.id).await?;
+        let live = reg.tenants_on_server(server.id).await?;
         let mut live_dbs: HashSet<&str> = live.iter().map(|t| t.database_name.as_str()).collect();
         live_dbs.extend(moves.iter().map(|m| m.database.as_str()));
         let mut live_roles: HashMap<&str, Option<TenantStatus>> = live
@@ -160,6 +164,19 @@ impl Provisioner {
             } else {
                 db.starts_with(SPARE_DB_PREFIX) && !good_spares.contains(db.as_str())
             };
+            if orphan && db.starts_with(TENANT_DB_PREFIX) {
+                // What a move left behind without verifying its copy is kept, not dropped.
+                if reg.unverified_move_source(db, server.id).await? {
+                    if let Some(tenant) = db
+                        .strip_prefix(TENANT_DB_PREFIX)
+                        .and_then(|h| uuid::Uuid::parse_str(h).ok())
+                    {
+                        super::relocate::set_aside(&admin, db, tenant).await?;
+                        report.unverified_sources_kept += 1;
+                        continue;
+                    }
+                }
+            }
             if orphan {
                 drop_database(&admin, db).await?;
                 if db.starts_with(SPARE_DB_PREFIX) {

@@ -98,6 +98,16 @@ impl Phases {
     }
 }
 
+/// How a stopped move ended.
+enum Settled {
+    /// Rolled back: the tenant serves from its source.
+    Source,
+    /// Finished: on the target, verified, the source dropped.
+    Finished,
+    /// On the target without a verified copy: the source set aside under this name.
+    Kept(String),
+}
+
 /// Admin access to both ends of a move.
 struct Ends {
     src: ServerAdmin,
@@ -220,14 +230,21 @@ impl Provisioner {
                 snapshot.rollback().await.ok();
                 if let Err(e) = verified {
                     // The tenant serves from the target now: keep the source for inspection.
-                    let kept = keep_source(&ends, &plan).await;
                     metrics::counter!("silo_moves_total", "outcome" => "unverified").increment(1);
+                    let kept = match keep_source(&ends, &plan).await {
+                        Ok(kept) => format!("kept on the old server as '{kept}'"),
+                        Err(k) => format!("not yet set aside ({k:#}); the reconciler keeps it"),
+                    };
                     return Err(anyhow::anyhow!(
-                        "{e:#}; the tenant serves from server '{}', and its database as it was on the old server is kept there as '{kept}'",
+                        "{e:#}; the tenant serves from server '{}', and its database as it was on the old server is {kept}",
                         to.name
                     )
                     .into());
                 }
+                if let Some(op) = self.open_move_operation(plan.tenant_id).await? {
+                    reg.mark_operation(op, json!({"verified": true})).await?;
+                }
+                crate::failpoint::hit("move_verified");
                 finish_source(&ends, &plan).await;
                 metrics::histogram!("silo_move_freeze_seconds").record(freeze.as_secs_f64());
                 metrics::counter!("silo_moves_total", "outcome" => "succeeded").increment(1);
@@ -245,7 +262,15 @@ impl Provisioner {
                 metrics::counter!("silo_moves_total", "outcome" => "failed").increment(1);
                 // The switch may have committed before an error: settle by what the registry says.
                 match self.settle_move(&ends, &plan).await {
-                    Ok(true) => Ok(json!({"tenant_id": plan.tenant_id, "server": to.name})),
+                    Ok(Settled::Finished) => {
+                        Ok(json!({"tenant_id": plan.tenant_id, "server": to.name}))
+                    }
+                    Ok(Settled::Kept(kept)) => Err(anyhow::anyhow!(
+                        "{}; the switch to server '{}' committed, but the copy was not verified: the old database is kept as '{kept}'",
+                        e.detail(),
+                        to.name
+                    )
+                    .into()),
                     _ => Err(e),
                 }
             }
@@ -287,8 +312,23 @@ impl Provisioner {
         .await
         .context("publish the source's tables")?;
 
+        // Same encoding and collation as the source: the rows and the order of indexes agree.
+        let (encoding, collate, ctype): (String, String, String) = sqlx::query_as(
+            "SELECT pg_encoding_to_char(encoding)::text, datcollate::text, datctype::text
+               FROM pg_database WHERE datname = $1",
+        )
+        .bind(db)
+        .fetch_one(&ends.src.pool)
+        .await
+        .context("read the source database's encoding")?;
+        let quote = |v: &str| v.replace('\'', "''");
         ends.dst
-            .exec(&format!("CREATE DATABASE \"{db}\" TEMPLATE template0"))
+            .exec(&format!(
+                "CREATE DATABASE \"{db}\" TEMPLATE template0 ENCODING '{}' LC_COLLATE '{}' LC_CTYPE '{}'",
+                quote(&encoding),
+                quote(&collate),
+                quote(&ctype)
+            ))
             .await
             .context("create the database on the target")?;
         if let Some(op) = op {
@@ -326,18 +366,32 @@ impl Provisioner {
             .single_pool(db)
             .await
             .context("connect to the target database")?;
+        // The statement holds the source's admin password: sent over a
+        // connection that logs no statement, dollar-quoted under a tag the
+        // password cannot contain. (The target server may still log it if
+        // its own `log_statement` says so.)
+        let quiet = ends
+            .dst
+            .quiet_pool(db)
+            .await
+            .context("connect to the target database")?;
         let conninfo = ends.src.libpq.conninfo(db);
-        // The statement holds the source's admin password: never logged by silo.
-        sqlx::raw_sql(&format!(
-            "CREATE SUBSCRIPTION {name} CONNECTION '{}' PUBLICATION {name} WITH (slot_name = '{name}', copy_data = true)",
-            conninfo.replace('\'', "''")
+        let mut tag = format!("silo_{}", Uuid::new_v4().simple());
+        while conninfo.contains(&tag) {
+            tag = format!("silo_{}", Uuid::new_v4().simple());
+        }
+        let subscribed = sqlx::raw_sql(&format!(
+            "CREATE SUBSCRIPTION {name} CONNECTION ${tag}${conninfo}${tag}$ PUBLICATION {name} WITH (slot_name = '{name}', copy_data = true)"
         ))
-        .execute(&dst)
-        .await
-        .map_err(|e| {
+        .execute(&quiet)
+        .await;
+        quiet.close().await;
+        subscribed.map_err(|e| {
             anyhow::anyhow!(
                 "subscribe the target to the source (the target server must reach the source with its admin URL): {}",
-                e.as_database_error().map(|d| d.message().to_owned()).unwrap_or_else(|| "connection failed".into())
+                e.as_database_error()
+                    .map(|d| d.message().to_owned())
+                    .unwrap_or_else(|| "connection failed".into())
             )
         })?;
         let started = Instant::now();
@@ -401,6 +455,10 @@ impl Provisioner {
         let sealed = self
             .keyring()
             .seal(password.as_bytes(), plan.tenant_id.as_bytes());
+        let op = self
+            .open_move_operation(plan.tenant_id)
+            .await?
+            .context("find the move's operation")?;
         let lock = reg.lock_tenant(plan.tenant_id).await?;
         let switched = async {
             let t = reg
@@ -418,6 +476,15 @@ impl Provisioner {
                     t.schema_version
                 )));
             }
+            // The plan may have changed during the copy.
+            ends.dst
+                .exec(&format!(
+                    "ALTER ROLE \"{}\" CONNECTION LIMIT {}",
+                    plan.role,
+                    connection_limit(&t.plan)
+                ))
+                .await
+                .context("set the tenant role's connection limit on the target")?;
             let frozen = Instant::now();
             let mut phases = Phases::start();
             reg.set_frozen(plan.tenant_id, true).await?;
@@ -434,6 +501,7 @@ impl Provisioner {
             let moved = reg
                 .relocate_tenant(
                     plan.tenant_id,
+                    op,
                     plan.from_server,
                     plan.to_server,
                     &sealed,
@@ -460,22 +528,25 @@ impl Provisioner {
         switched
     }
 
-    /// Settle a move that stopped: finished if the registry names the target,
-    /// else rolled back so the tenant serves from the source. `Ok(true)` when
-    /// the tenant ended on the target.
-    async fn settle_move(&self, ends: &Ends, plan: &MovePlan) -> anyhow::Result<bool> {
-        let t = self
-            .registry()
+    /// Settle a move that stopped, by what the registry names: rolled back
+    /// while it names the source; once it names the target, finished if the
+    /// copy was verified, else the source is kept aside (never dropped).
+    async fn settle_move(&self, ends: &Ends, plan: &MovePlan) -> anyhow::Result<Settled> {
+        let reg = self.registry();
+        let t = reg
             .tenant(plan.tenant_id)
             .await?
             .context("find the tenant")?;
         if t.server_id == plan.to_server {
-            finish_source(ends, plan).await;
-            return Ok(true);
+            if reg.move_verified(plan.tenant_id).await? {
+                finish_source(ends, plan).await;
+                return Ok(Settled::Finished);
+            }
+            return Ok(Settled::Kept(keep_source(ends, plan).await?));
         }
         unfreeze(self, ends, plan).await;
         discard_target(ends, plan).await;
-        Ok(false)
+        Ok(Settled::Source)
     }
 
     /// Settle moves whose process died (from the reconciler). Returns how many.
@@ -501,48 +572,41 @@ impl Provisioner {
                 lock.release().await;
                 continue; // next pass
             };
-            let still_open = reg.operation(op.id).await?.is_some_and(|o| {
-                matches!(
-                    o.status,
-                    crate::registry::OperationStatus::Pending
-                        | crate::registry::OperationStatus::Running
-                )
-            });
-            let outcome = if still_open {
+            // Claimed first: a runner still alive after all (its lock lost
+            // with its connection) can no longer switch the registry.
+            let outcome = if reg.claim_abandoned_operation(op.id).await? {
                 let to = reg.server(plan.to_server).await?;
-                match to {
+                Some(match to {
                     Some(to) => match self.ends(plan.from_server, &to).await {
-                        Ok(ends) => Some(self.settle_move(&ends, &plan).await),
-                        Err(e) => Some(Err(anyhow::anyhow!("{}", e.detail()))),
+                        Ok(ends) => self.settle_move(&ends, &plan).await,
+                        Err(e) => Err(anyhow::anyhow!("{}", e.detail())),
                     },
-                    None => Some(Err(anyhow::anyhow!("the target server is gone"))),
-                }
+                    None => Err(anyhow::anyhow!("the target server is gone")),
+                })
             } else {
                 None
             };
             tenant_lock.release().await;
-            match outcome {
-                Some(Ok(true)) => {
-                    reg.finish_operation(
-                        op.id,
-                        Ok(json!({"tenant_id": plan.tenant_id, "resumed": true})),
-                    )
-                    .await?;
-                    settled += 1;
-                }
-                Some(Ok(false)) => {
-                    reg.finish_operation(
-                        op.id,
-                        Err("interrupted: the silo process moving it stopped; the tenant stays on its server".into()),
-                    )
-                    .await?;
-                    settled += 1;
-                }
+            let finished = match outcome {
+                Some(Ok(Settled::Finished)) => Ok(json!({"tenant_id": plan.tenant_id, "resumed": true})),
+                Some(Ok(Settled::Kept(kept))) => Err(format!(
+                    "interrupted after the switch: the tenant serves from its new server, but the copy was not verified; the old database is kept as '{kept}'"
+                )),
+                Some(Ok(Settled::Source)) => Err(
+                    "interrupted: the silo process moving it stopped; the tenant stays on its server".into(),
+                ),
                 Some(Err(e)) => {
                     tracing::warn!(operation_id = %op.id, "failed to settle an interrupted move, retrying next pass: {e:#}");
+                    lock.release().await;
+                    continue;
                 }
-                None => {}
-            }
+                None => {
+                    lock.release().await;
+                    continue;
+                }
+            };
+            reg.finish_operation(op.id, finished).await?;
+            settled += 1;
             lock.release().await;
         }
         // A freeze no open move accounts for (its lifting failed): lift it.
@@ -574,16 +638,8 @@ impl Provisioner {
 
     /// Databases and roles of open moves on a server: the sweep leaves them be.
     pub(crate) async fn moves_touching(&self, server: Uuid) -> sqlx::Result<Vec<MovePlan>> {
-        let reg = self.registry();
-        let mut plans = Vec::new();
-        for op in reg.unfinished_operations(MOVE_KIND).await? {
-            if let Ok(plan) = serde_json::from_value::<MovePlan>(reg.operation_params(op.id).await?)
-            {
-                if plan.from_server == server || plan.to_server == server {
-                    plans.push(plan);
-                }
-            }
-        }
+        let mut plans = self.open_moves().await?;
+        plans.retain(|p| p.from_server == server || p.to_server == server);
         Ok(plans)
     }
 
@@ -595,15 +651,11 @@ impl Provisioner {
     }
 
     /// Drop replication leftovers of moves that are over: subscriptions on
-    /// this server (in their database) and inactive slots. Returns how many.
+    /// this server (in their database), and inactive slots: a move's own, and
+    /// the table-sync slots its subscription could not drop while the source
+    /// was unreachable (`pg_<sub>_sync_<rel>_<sys>`, in a tenant database).
+    /// Whether a move is open is read again before each drop. Returns how many.
     pub(crate) async fn sweep_move_leftovers(&self, admin: &ServerAdmin) -> anyhow::Result<u32> {
-        let open: Vec<String> = self
-            .registry()
-            .unfinished_operations(MOVE_KIND)
-            .await?
-            .iter()
-            .filter_map(|o| o.tenant_id.map(move_name))
-            .collect();
         let mut dropped = 0;
         let subs: Vec<(String, String)> = sqlx::query_as(
             "SELECT s.subname::text, d.datname::text FROM pg_subscription s
@@ -612,20 +664,30 @@ impl Provisioner {
         .fetch_all(&admin.pool)
         .await
         .context("list subscriptions")?;
-        for (sub, db) in subs.into_iter().filter(|(s, _)| !open.contains(s)) {
+        for (sub, db) in subs {
+            if self.open_moves().await?.iter().any(|p| p.name() == sub) {
+                continue;
+            }
             let conn = admin.single_pool(&db).await?;
-            drop_subscription(&conn, &sub).await?;
+            let done = drop_subscription(&conn, &sub).await;
             conn.close().await;
+            done?;
             dropped += 1;
         }
-        let slots: Vec<String> = sqlx::query_scalar(
-            "SELECT slot_name::text FROM pg_replication_slots
-              WHERE slot_name LIKE 'silo\\_move\\_%' AND NOT active",
+        let slots: Vec<(String, String)> = sqlx::query_as(
+            "SELECT slot_name::text, coalesce(database::text, '') FROM pg_replication_slots
+              WHERE NOT active AND slot_type = 'logical'
+                AND (slot_name LIKE 'silo\\_move\\_%'
+                     OR (slot_name LIKE 'pg\\_%\\_sync\\_%' AND database LIKE 'silo\\_t\\_%'))",
         )
         .fetch_all(&admin.pool)
         .await
         .context("list replication slots")?;
-        for slot in slots.into_iter().filter(|s| !open.contains(s)) {
+        for (slot, db) in slots {
+            let open = self.open_moves().await?;
+            if open.iter().any(|p| p.name() == slot || p.database == db) {
+                continue;
+            }
             sqlx::query("SELECT pg_drop_replication_slot($1)")
                 .bind(&slot)
                 .execute(&admin.pool)
@@ -634,6 +696,18 @@ impl Provisioner {
             dropped += 1;
         }
         Ok(dropped)
+    }
+
+    /// Plans of every unfinished move.
+    async fn open_moves(&self) -> sqlx::Result<Vec<MovePlan>> {
+        let reg = self.registry();
+        let mut plans = Vec::new();
+        for op in reg.unfinished_operations(MOVE_KIND).await? {
+            if let Ok(plan) = serde_json::from_value(reg.operation_params(op.id).await?) {
+                plans.push(plan);
+            }
+        }
+        Ok(plans)
     }
 }
 
@@ -804,22 +878,33 @@ fn replication_failed() -> anyhow::Error {
 }
 
 /// Let the tenant's requests in flight finish (routers close their pools
-/// on the freeze), then end whatever sessions are left.
+/// on the freeze), then end whatever sessions are left, and wait until they
+/// are gone: a session being terminated may still be committing.
 async fn drain_sessions(admin: &ServerAdmin, role: &str) -> anyhow::Result<()> {
+    let count = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM pg_stat_activity WHERE usename = $1")
+            .bind(role)
+            .fetch_one(&admin.pool)
+            .await
+            .context("count the tenant's sessions")
+    };
     let started = Instant::now();
-    while started.elapsed() < DRAIN {
-        let left: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE usename = $1")
-                .bind(role)
-                .fetch_one(&admin.pool)
-                .await
-                .context("count the tenant's sessions")?;
-        if left == 0 {
-            return Ok(());
-        }
+    while started.elapsed() < DRAIN && count().await? > 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    super::terminate_sessions(admin, role).await
+    // Always, even if none was seen: a login that passed its check just
+    // before NOLOGIN may not show its role yet.
+    super::terminate_sessions(admin, role).await?;
+    let ended = Instant::now();
+    while count().await? > 0 {
+        anyhow::ensure!(
+            ended.elapsed() < DRAIN,
+            "the tenant's sessions did not end on the source"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        super::terminate_sessions(admin, role).await?;
+    }
+    Ok(())
 }
 
 /// Sequences do not replicate: set each on the target to the source's value.
@@ -955,7 +1040,24 @@ async fn drop_subscription(conn: &PgPool, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Drop a move's replication slot on the source, once its walsender has gone.
+/// Drop a move's replication slots on the source, once their walsenders
+/// have gone: its own, and table-sync slots left in the tenant's database.
+async fn drop_slots(admin: &ServerAdmin, plan: &MovePlan) -> anyhow::Result<()> {
+    drop_slot(admin, &plan.name()).await?;
+    let sync: Vec<String> = sqlx::query_scalar(
+        "SELECT slot_name::text FROM pg_replication_slots
+          WHERE database = $1 AND slot_type = 'logical' AND slot_name LIKE 'pg\\_%\\_sync\\_%'",
+    )
+    .bind(&plan.database)
+    .fetch_all(&admin.pool)
+    .await?;
+    for slot in sync {
+        drop_slot(admin, &slot).await?;
+    }
+    Ok(())
+}
+
+/// Drop a replication slot on the source, once its walsender has gone.
 async fn drop_slot(admin: &ServerAdmin, name: &str) -> anyhow::Result<()> {
     let started = Instant::now();
     loop {
@@ -1017,7 +1119,7 @@ async fn discard_target(ends: &Ends, plan: &MovePlan) {
         anyhow::Ok(())
     }
     .await;
-    let slot = drop_slot(&ends.src, &name).await;
+    let slot = drop_slots(&ends.src, plan).await;
     let database = async {
         ends.dst
             .exec(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
@@ -1037,49 +1139,81 @@ async fn discard_target(ends: &Ends, plan: &MovePlan) {
     }
 }
 
-/// After the switch, when the copy did not verify: the target stops
-/// following the source, whose database is renamed out of the sweep's way
-/// (`silo_kept_…`) and whose role goes. Returns the kept database's name.
-async fn keep_source(ends: &Ends, plan: &MovePlan) -> String {
+/// After the switch, when the copy was not verified: the target stops
+/// following the source, whose database is set aside (renamed out of the
+/// sweep's way) and whose role goes. Returns the kept database's name.
+async fn keep_source(ends: &Ends, plan: &MovePlan) -> anyhow::Result<String> {
     let name = plan.name();
-    let kept = format!(
-        "silo_kept_{}_{}",
-        plan.tenant_id.simple(),
-        chrono::Utc::now().timestamp()
-    );
     let db = &plan.database;
-    let done = async {
+    // Best effort: a subscription or slot left over is dropped by the sweep.
+    let detached = async {
         let conn = ends.dst.single_pool(db).await?;
         let dropped = drop_subscription(&conn, &name).await;
         conn.close().await;
         dropped?;
-        drop_slot(&ends.src, &name).await?;
+        drop_slots(&ends.src, plan).await
+    }
+    .await;
+    if let Err(e) = detached {
+        tracing::warn!(tenant_id = %plan.tenant_id, "failed to detach an unverified move (the reconciler retries): {e:#}");
+    }
+    let kept = set_aside(&ends.src, db, plan.tenant_id).await?;
+    let role = async {
         ends.src
             .exec(&format!(
-                "REVOKE ALL ON DATABASE \"{db}\" FROM \"{}\"",
+                "REVOKE ALL ON DATABASE \"{kept}\" FROM \"{}\"",
                 plan.role
             ))
             .await?;
         ends.src
             .exec(&format!("DROP ROLE IF EXISTS \"{}\"", plan.role))
-            .await?;
+            .await
+    }
+    .await;
+    if let Err(e) = role {
+        tracing::warn!(tenant_id = %plan.tenant_id, "failed to drop the old role of a moved tenant (the reconciler retries): {e}");
+    }
+    Ok(kept)
+}
+
+/// Rename `db` to `silo_kept_<tenant>_<time>`, where no sweep drops it.
+pub(crate) async fn set_aside(
+    admin: &ServerAdmin,
+    db: &str,
+    tenant: Uuid,
+) -> anyhow::Result<String> {
+    if !super::database_exists(admin, db).await? {
+        anyhow::bail!("database {db} is not there to keep");
+    }
+    let kept = format!(
+        "silo_kept_{}_{}",
+        tenant.simple(),
+        chrono::Utc::now().timestamp()
+    );
+    let mut tries = 0;
+    loop {
         // A rename needs the database to itself.
         sqlx::query(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
         )
         .bind(db)
-        .execute(&ends.src.pool)
+        .execute(&admin.pool)
         .await?;
-        ends.src
+        match admin
             .exec(&format!("ALTER DATABASE \"{db}\" RENAME TO \"{kept}\""))
-            .await?;
-        anyhow::Ok(())
+            .await
+        {
+            Ok(()) => break,
+            Err(e) if tries < 5 => {
+                tries += 1;
+                tracing::debug!("retrying a rename: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e).context("set the old database aside"),
+        }
     }
-    .await;
-    if let Err(e) = done {
-        tracing::error!(tenant_id = %plan.tenant_id, "failed to set aside the source of an unverified move: {e:#}");
-    }
-    kept
+    tracing::warn!(tenant_id = %tenant, database = kept, "kept a moved tenant's old database: its copy was not verified");
+    Ok(kept)
 }
 
 /// After the switch: the target stops following the source, and the
@@ -1096,7 +1230,7 @@ async fn finish_source(ends: &Ends, plan: &MovePlan) {
             .await
             .context("drop the fence table on the target")?;
         conn.close().await;
-        drop_slot(&ends.src, &name).await?;
+        drop_slots(&ends.src, plan).await?;
         ends.src
             .exec(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
             .await

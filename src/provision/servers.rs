@@ -43,6 +43,21 @@ impl ServerAdmin {
             .await
     }
 
+    /// As [`Self::single_pool`], with no statement ever logged (not even a
+    /// slow one): for statements that carry a secret.
+    pub async fn quiet_pool(&self, database: &str) -> sqlx::Result<PgPool> {
+        PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(
+                self.opts
+                    .clone()
+                    .database(database)
+                    .disable_statement_logging(),
+            )
+            .await
+    }
+
     /// Connection options for a tenant role on its own database.
     pub fn tenant_options(&self, database: &str, role: &str, password: &str) -> PgConnectOptions {
         self.opts

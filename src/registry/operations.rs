@@ -164,4 +164,41 @@ impl Registry {
         .await
         .map(|_| ())
     }
+
+    /// Add fields to an operation's params (a move records `verified` there).
+    pub async fn mark_operation(&self, id: Uuid, fields: serde_json::Value) -> sqlx::Result<()> {
+        sqlx::query("UPDATE operations SET params = params || $2, updated_at = now() WHERE id = $1")
+            .bind(id)
+            .bind(fields)
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
+
+    /// Claim an unfinished operation whose runner seems gone, so that a
+    /// runner still alive after all can no longer commit its decisive step
+    /// (see [`Registry::relocate_tenant`], which locks the row). `false` when
+    /// it is finished already.
+    pub async fn claim_abandoned_operation(&self, id: Uuid) -> sqlx::Result<bool> {
+        let done = sqlx::query(
+            "UPDATE operations SET params = params || '{\"abandoned\": true}', updated_at = now()
+              WHERE id = $1 AND status IN ('pending', 'running')",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Did the latest move of a tenant verify its copy?
+    pub async fn move_verified(&self, tenant: Uuid) -> sqlx::Result<bool> {
+        let v: Option<Option<bool>> = sqlx::query_scalar(
+            "SELECT (params->>'verified')::bool FROM operations
+              WHERE kind = 'tenant.move' AND tenant_id = $1 ORDER BY created_at DESC LIMIT 1",
+        )
+        .bind(tenant)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(v.flatten().unwrap_or(false))
+    }
 }

@@ -465,28 +465,68 @@ impl Registry {
     }
 
     /// A move's switch: the tenant now lives on `to` with a new password, and
-    /// is unfrozen, in one statement. `false` if it was not an active tenant on `from`.
+    /// is unfrozen, in one transaction. It holds the move's operation row
+    /// locked and requires it running and not claimed by a sweep, so a
+    /// sweep that claims it (see `claim_abandoned_operation`) decides after
+    /// this commits or never sees it. `false` if anything did not hold.
     pub async fn relocate_tenant(
         &self,
         id: Uuid,
+        operation: Uuid,
         from: Uuid,
         to: Uuid,
         password_enc: &[u8],
         key_id: &str,
     ) -> sqlx::Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let live: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM operations WHERE id = $1 AND status = 'running'
+                AND NOT coalesce((params->>'abandoned')::bool, false) FOR UPDATE",
+        )
+        .bind(operation)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if live.is_none() {
+            return Ok(false);
+        }
         let done = sqlx::query(
             "UPDATE tenants SET server_id = $3, password_enc = $4, key_id = $5, frozen_at = NULL,
                     updated_at = now()
-              WHERE id = $1 AND server_id = $2 AND status = 'active'",
+              WHERE id = $1 AND server_id = $2 AND status = 'active' AND frozen_at IS NOT NULL",
         )
         .bind(id)
         .bind(from)
         .bind(to)
         .bind(password_enc)
         .bind(key_id)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(done.rows_affected() == 1)
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// `database` on `server` is what a move from `server` left behind
+    /// without verifying its copy (the tenant now lives on the move's
+    /// target): it is kept, not dropped.
+    pub async fn unverified_move_source(&self, database: &str, server: Uuid) -> sqlx::Result<bool> {
+        sqlx::query_scalar(
+            "SELECT EXISTS (
+               SELECT 1 FROM tenants t
+                 JOIN LATERAL (SELECT o.params FROM operations o
+                                WHERE o.kind = 'tenant.move' AND o.tenant_id = t.id
+                                ORDER BY o.created_at DESC LIMIT 1) m ON true
+                WHERE t.database_name = $1 AND t.status <> 'deleted'
+                  AND m.params->>'from_server' = $2::text
+                  AND m.params->>'to_server' = t.server_id::text
+                  AND NOT coalesce((m.params->>'verified')::bool, false))",
+        )
+        .bind(database)
+        .bind(server)
+        .fetch_one(&self.pool)
+        .await
     }
 
     /// As [`Self::set_password`], committed lazily (see `begin_lazy`): for

@@ -256,10 +256,11 @@ impl TenantRouter {
     pub async fn resolve(&self, name: &str) -> Result<Arc<TenantEntry>, RouteError> {
         let inner = &self.inner;
         if let Some(l) = inner.lookups.get(name).await {
-            let ttl = if l.entry.is_some() {
-                inner.config.lookup_ttl
-            } else {
-                inner.config.negative_ttl
+            // A frozen tenant (a move's cut-over) is re-read as often as "not
+            // found": the NOTIFY that ends the freeze may race the lookup.
+            let ttl = match &l.entry {
+                Some(e) if !e.frozen => inner.config.lookup_ttl,
+                _ => inner.config.negative_ttl,
             };
             if l.fetched.elapsed() < ttl && l.epoch == inner.epoch.load(Ordering::Acquire) {
                 inner.hits.fetch_add(1, Ordering::Relaxed);
@@ -358,6 +359,7 @@ impl TenantRouter {
     ) -> Result<TenantConn, RouteError> {
         let started = Instant::now();
         let deadline = started + self.inner.config.acquire_timeout;
+        let mut reread = false;
         loop {
             check_status(&entry)?;
             if self.inner.down.contains_key(&entry.id) {
@@ -385,8 +387,9 @@ impl TenantRouter {
                     return Err(RouteError::Busy);
                 }
                 Err(AcquireError::Connect(e))
-                    if is_auth_failure(&e) && Instant::now() < deadline =>
+                    if is_auth_failure(&e) && !reread && Instant::now() < deadline =>
                 {
+                    reread = true;
                     // Credentials rotated, or the tenant frozen or moved, under
                     // us (before the notice arrived): re-read them and retry.
                     self.invalidate(entry.id).await;
