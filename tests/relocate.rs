@@ -142,9 +142,57 @@ struct Traffic {
     wrong: Vec<String>,
 }
 
+/// Where a client sends its app requests: this process's router, or
+/// another `silo serve` replica over HTTP.
+#[derive(Clone)]
+enum Via {
+    InProcess(Arc<TestEnv>),
+    Replica(String),
+}
+
+impl Via {
+    /// Status, `Retry-After` and body of one app request.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Option<String>, Value) {
+        match self {
+            Via::InProcess(env) => {
+                let a = env.send(method, path, body, headers).await;
+                (a.status, a.retry_after, a.body)
+            }
+            Via::Replica(base) => {
+                let method = reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap();
+                let mut req = reqwest::Client::new()
+                    .request(method, format!("{base}{path}"))
+                    .timeout(Duration::from_secs(30));
+                for (k, v) in headers {
+                    req = req.header(*k, *v);
+                }
+                if let Some(b) = body {
+                    req = req
+                        .header("content-type", "application/json")
+                        .body(b.to_owned());
+                }
+                let res = req.send().await.expect("the replica answers");
+                let status = StatusCode::from_u16(res.status().as_u16()).unwrap();
+                let retry = res
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                (status, retry, res.json().await.unwrap_or(Value::Null))
+            }
+        }
+    }
+}
+
 /// Create patients one after another, reading each back, until `stop`.
 async fn client(
-    env: Arc<TestEnv>,
+    via: Via,
     slug: String,
     bearer: String,
     n: usize,
@@ -160,15 +208,15 @@ async fn client(
         i += 1;
         let name = format!("client {n} write {i}");
         let body = json!({ "full_name": name }).to_string();
-        let a = env
+        let (status, retry_after, answer) = via
             .send(Method::POST, "/api/v1/patients", Some(&body), &headers)
             .await;
-        match a.status {
+        match status {
             StatusCode::CREATED => {
-                let id = a.body["id"].as_str().unwrap().to_owned();
+                let id = answer["id"].as_str().unwrap().to_owned();
                 t.acked.push(name.clone());
                 // Read your write: a read from the wrong database misses it.
-                let r = env
+                let (status, _, read) = via
                     .send(
                         Method::GET,
                         &format!("/api/v1/patients/{id}"),
@@ -176,25 +224,24 @@ async fn client(
                         &headers,
                     )
                     .await;
-                if r.status == StatusCode::SERVICE_UNAVAILABLE {
+                if status == StatusCode::SERVICE_UNAVAILABLE {
                     t.frozen += 1;
-                } else if r.status != StatusCode::OK || r.body["full_name"] != name.as_str() {
-                    t.wrong
-                        .push(format!("read of {name}: {} {}", r.status, r.body));
+                } else if status != StatusCode::OK || read["full_name"] != name.as_str() {
+                    t.wrong.push(format!("read of {name}: {status} {read}"));
                 }
             }
             StatusCode::SERVICE_UNAVAILABLE => {
                 t.unacked.push(name);
-                if a.retry_after.as_deref() == Some("1") {
+                if retry_after.as_deref() == Some("1") {
                     t.frozen += 1;
                 } else {
-                    t.wrong.push(format!("503 without Retry-After: {}", a.body));
+                    t.wrong.push(format!("503 without Retry-After: {answer}"));
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             other => {
                 t.unacked.push(name);
-                t.wrong.push(format!("create: {other} {}", a.body));
+                t.wrong.push(format!("create: {other} {answer}"));
             }
         }
     }
@@ -209,18 +256,21 @@ async fn a_tenant_moves_to_another_server_under_live_traffic_with_no_lost_write(
     let before = env.record("mover").await;
     seed(&env.pg, &before.database_name, 20_000).await;
     let bearer = token(&env, "mover").await;
+    // A second replica: a `silo serve` process on the same control DB, whose
+    // router learns of the freeze and the switch by NOTIFY only.
+    let dir = tempfile::tempdir().unwrap();
+    let replica = Silo::start(&env, None, 0, &dir.path().join("replica.log")).await;
     let env = Arc::new(env);
 
     let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..4)
+    let clients: Vec<_> = (0..6)
         .map(|n| {
-            tokio::spawn(client(
-                env.clone(),
-                "mover".into(),
-                bearer.clone(),
-                n,
-                stop.clone(),
-            ))
+            let via = if n < 4 {
+                Via::InProcess(env.clone())
+            } else {
+                Via::Replica(replica.base.clone())
+            };
+            tokio::spawn(client(via, "mover".into(), bearer.clone(), n, stop.clone()))
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -252,6 +302,11 @@ async fn a_tenant_moves_to_another_server_under_live_traffic_with_no_lost_write(
         traffic.acked.len() > 20,
         "too little traffic to mean anything"
     );
+    assert!(
+        traffic.acked.iter().any(|n| n.starts_with("client 4 ")),
+        "the other replica served no write"
+    );
+    replica.stop();
 
     // The registry names the target; the source's database and role are gone.
     let after = env.record("mover").await;

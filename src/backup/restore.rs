@@ -376,6 +376,11 @@ impl Provisioner {
         let server_lock = reg.lock_server(target.server_id).await?;
         let swapped = async {
             let t = reg.tenant(target.id).await?.context("find the tenant")?;
+            if t.server_id != target.server_id {
+                return Err(BackupError::Conflict(
+                    "tenant moved to another server during the restore; nothing was changed".into(),
+                ));
+            }
             if !matches!(t.status, TenantStatus::Active | TenantStatus::Suspended) {
                 return Err(BackupError::Conflict(format!(
                     "tenant became {} during the restore; nothing was changed",
