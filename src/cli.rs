@@ -609,16 +609,7 @@ async fn tenants(cmd: TenantsCommand) -> Result<(), CliError> {
                 "archiving {} (operation {}): final backup, verify, drop",
                 t.slug, op.id
             );
-            p.tasks().close();
-            p.tasks().wait().await;
-            let op = p
-                .registry()
-                .operation(op.id)
-                .await?
-                .context("read the operation")?;
-            if let Some(error) = op.error {
-                return Err(CliError::Failed(anyhow::anyhow!("archive tenant: {error}")));
-            }
+            finished(&p, op.id, "archive tenant").await?;
             print_json(
                 &p.registry()
                     .tenant(t.id)
@@ -639,16 +630,7 @@ async fn tenants(cmd: TenantsCommand) -> Result<(), CliError> {
                 "moving {} to {to} (operation {}): copy, cut-over, drop the source",
                 t.slug, op.id
             );
-            p.tasks().close();
-            p.tasks().wait().await;
-            let op = p
-                .registry()
-                .operation(op.id)
-                .await?
-                .context("read the operation")?;
-            if let Some(error) = op.error {
-                return Err(CliError::Failed(anyhow::anyhow!("move tenant: {error}")));
-            }
+            let op = finished(&p, op.id, "move tenant").await?;
             print_json(&op.result);
         }
         TenantsCommand::Restore {
@@ -703,6 +685,26 @@ async fn find(p: &Provisioner, tenant: &str) -> Result<crate::registry::TenantRe
         .await
         .context("look up tenant")?
         .ok_or_else(|| CliError::Usage(format!("no tenant '{tenant}'")))
+}
+
+/// Wait for this process's background work, then the operation's outcome:
+/// an error becomes exit code 1, named by `what`.
+async fn finished(
+    p: &Provisioner,
+    op: uuid::Uuid,
+    what: &str,
+) -> Result<crate::registry::Operation, CliError> {
+    p.tasks().close();
+    p.tasks().wait().await;
+    let op = p
+        .registry()
+        .operation(op)
+        .await?
+        .context("read the operation")?;
+    match &op.error {
+        Some(error) => Err(CliError::Failed(anyhow::anyhow!("{what}: {error}"))),
+        None => Ok(op),
+    }
 }
 
 fn print_json(value: &impl serde::Serialize) {

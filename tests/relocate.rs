@@ -66,6 +66,38 @@ async fn finished(env: &TestEnv, op: &str, within: Duration) -> Value {
     }
 }
 
+/// Wait until a move is copying rows (its target database and subscription exist).
+async fn copying(env: &TestEnv, op: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, body) = env
+            .call(Method::GET, &format!("/admin/v1/operations/{op}"), None)
+            .await;
+        if body["progress"]["phase"] == "copying" {
+            return;
+        }
+        assert_eq!(
+            body["status"], "running",
+            "the move ended before its copy: {body}"
+        );
+        assert!(Instant::now() < deadline, "the copy never started: {body}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Databases set aside by moves whose copy was not verified.
+async fn kept_databases(pg: &EmbeddedPostgres) -> Vec<String> {
+    let admin = superuser(pg, "postgres").await;
+    let kept = sqlx::query_scalar(
+        "SELECT datname::text FROM pg_database WHERE datname LIKE 'silo_kept_%'",
+    )
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    admin.close().await;
+    kept
+}
+
 /// Patients inserted straight into a tenant database.
 async fn seed(pg: &EmbeddedPostgres, database: &str, rows: i64) {
     let db = superuser(pg, database).await;
@@ -87,7 +119,8 @@ async fn move_leftovers(source: &EmbeddedPostgres, target: &EmbeddedPostgres) ->
     for (side, pg) in [("source", source), ("target", target)] {
         let db = superuser(pg, "postgres").await;
         let slots: Vec<String> = sqlx::query_scalar(
-            "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name LIKE 'silo_move_%'",
+            "SELECT slot_name::text FROM pg_replication_slots
+              WHERE slot_name LIKE 'silo_move_%' OR slot_name LIKE 'pg_%_sync_%'",
         )
         .fetch_all(&db)
         .await
@@ -106,25 +139,30 @@ async fn move_leftovers(source: &EmbeddedPostgres, target: &EmbeddedPostgres) ->
 }
 
 async fn database_on(pg: &EmbeddedPostgres, name: &str) -> bool {
-    let db = superuser(pg, "postgres").await;
-    let found: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(name)
-            .fetch_one(&db)
-            .await
-            .unwrap();
-    db.close().await;
-    found
+    exists_on(
+        pg,
+        "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
+        name,
+    )
+    .await
 }
 
 async fn role_on(pg: &EmbeddedPostgres, name: &str) -> bool {
+    exists_on(
+        pg,
+        "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)",
+        name,
+    )
+    .await
+}
+
+async fn exists_on(pg: &EmbeddedPostgres, sql: &str, name: &str) -> bool {
     let db = superuser(pg, "postgres").await;
-    let found: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
-            .bind(name)
-            .fetch_one(&db)
-            .await
-            .unwrap();
+    let found: bool = sqlx::query_scalar(sql)
+        .bind(name)
+        .fetch_one(&db)
+        .await
+        .unwrap();
     db.close().await;
     found
 }
@@ -385,21 +423,7 @@ async fn a_move_whose_target_dies_mid_copy_leaves_the_tenant_serving_from_its_so
 
     let op = start_move(&env, "stayer", "second").await;
     // Stop the target while rows are being copied.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, body) = env
-            .call(Method::GET, &format!("/admin/v1/operations/{op}"), None)
-            .await;
-        if body["progress"]["phase"] == "copying" {
-            break;
-        }
-        assert_eq!(
-            body["status"], "running",
-            "the move ended before its copy: {body}"
-        );
-        assert!(Instant::now() < deadline, "the copy never started: {body}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    copying(&env, &op).await;
     second.stop().unwrap();
     let done = finished(&env, &op, Duration::from_secs(120)).await;
     assert_eq!(done["status"], "failed", "{done}");
@@ -586,14 +610,7 @@ async fn silo_killed_between_the_switch_and_the_verification_keeps_the_old_datab
     assert_eq!(a.status, StatusCode::OK, "{}", a.body);
     assert!(!database_on(&env.pg, &t.database_name).await);
     assert!(!role_on(&env.pg, &t.role_name).await, "source role left");
-    let admin = superuser(&env.pg, "postgres").await;
-    let kept: Vec<String> = sqlx::query_scalar(
-        "SELECT datname::text FROM pg_database WHERE datname LIKE 'silo_kept_%'",
-    )
-    .fetch_all(&admin)
-    .await
-    .unwrap();
-    admin.close().await;
+    let kept = kept_databases(&env.pg).await;
     assert_eq!(kept.len(), 1, "{kept:?}");
     assert!(done.contains(&kept[0]), "{done}");
     assert!(move_leftovers(&env.pg, &second).await.is_empty());
@@ -744,21 +761,7 @@ async fn a_schema_change_on_the_source_mid_move_fails_the_move_and_keeps_the_ten
     let t = env.record("changer").await;
     seed(&env.pg, &t.database_name, 200_000).await;
     let op = start_move(&env, "changer", "second").await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, body) = env
-            .call(Method::GET, &format!("/admin/v1/operations/{op}"), None)
-            .await;
-        if body["progress"]["phase"] == "copying" {
-            break;
-        }
-        assert_eq!(
-            body["status"], "running",
-            "the move ended before its copy: {body}"
-        );
-        assert!(Instant::now() < deadline, "the copy never started: {body}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    copying(&env, &op).await;
     // A column added on the source only (as a hand-run migration would).
     let db = superuser(&env.pg, &t.database_name).await;
     sqlx::raw_sql(
@@ -800,21 +803,7 @@ async fn a_copy_that_does_not_verify_keeps_the_source_database_aside() {
     let t = env.record("lossy").await;
     seed(&env.pg, &t.database_name, 200_000).await;
     let op = start_move(&env, "lossy", "second").await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, body) = env
-            .call(Method::GET, &format!("/admin/v1/operations/{op}"), None)
-            .await;
-        if body["progress"]["phase"] == "copying" {
-            break;
-        }
-        assert_eq!(
-            body["status"], "running",
-            "the move ended before its copy: {body}"
-        );
-        assert!(Instant::now() < deadline, "the copy never started: {body}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    copying(&env, &op).await;
     // Sabotage the target: its replication silently drops one row.
     let target = superuser(&second, &t.database_name).await;
     sqlx::raw_sql(
@@ -846,14 +835,7 @@ async fn a_copy_that_does_not_verify_keeps_the_source_database_aside() {
     );
     // The tenant serves from the target; the source is kept aside, out of the sweep's way.
     assert_eq!(env.record("lossy").await.server_name, "second");
-    let admin = superuser(&env.pg, "postgres").await;
-    let kept: Vec<String> = sqlx::query_scalar(
-        "SELECT datname::text FROM pg_database WHERE datname LIKE 'silo_kept_%'",
-    )
-    .fetch_all(&admin)
-    .await
-    .unwrap();
-    admin.close().await;
+    let kept = kept_databases(&env.pg).await;
     assert_eq!(kept.len(), 1, "{kept:?}");
     assert!(error.contains(&kept[0]), "{error}");
     assert!(!role_on(&env.pg, &t.role_name).await);

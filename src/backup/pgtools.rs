@@ -150,36 +150,37 @@ impl PgTools {
         database: &str,
         snapshot: &str,
     ) -> anyhow::Result<Child> {
-        let mut cmd = Command::new(self.bindir.join("pg_dump"));
-        env.apply(&mut cmd);
         // A tenant being moved carries the move's publication and fence table: not its data.
-        cmd.args([
-            "--format=custom",
-            "--no-password",
-            "--no-publications",
-            "--no-subscriptions",
-        ])
-        .arg("--exclude-schema=silo_move")
-        .arg(format!("--snapshot={snapshot}"))
-        .arg(format!("--dbname={database}"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-        cmd.spawn().context("start pg_dump")
+        self.spawn_dump_with(
+            env,
+            database,
+            &[
+                "--exclude-schema=silo_move",
+                &format!("--snapshot={snapshot}"),
+            ],
+        )
     }
 
     /// Start `pg_dump -Fc --schema-only` of `database` (for a move), its output on stdout.
     pub fn spawn_schema_dump(&self, env: &LibpqEnv, database: &str) -> anyhow::Result<Child> {
+        self.spawn_dump_with(env, database, &["--schema-only"])
+    }
+
+    fn spawn_dump_with(
+        &self,
+        env: &LibpqEnv,
+        database: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Child> {
         let mut cmd = Command::new(self.bindir.join("pg_dump"));
         env.apply(&mut cmd);
         cmd.args([
             "--format=custom",
-            "--schema-only",
             "--no-password",
             "--no-publications",
             "--no-subscriptions",
         ])
+        .args(extra)
         .arg(format!("--dbname={database}"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
