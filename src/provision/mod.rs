@@ -412,14 +412,17 @@ impl Provisioner {
                 .open_string(&t.key_id, &t.password_enc, t.id.as_bytes())?;
         // A warm-pool spare arrives with its role created, granted and verified.
         let mut prepared = false;
+        // A template clone made its role alongside (not yet granted its database).
+        let mut role_made = false;
 
         if done < 1 {
             let step_started = Instant::now();
             let created = self
-                .create_database(&admin, &server, t)
+                .create_database(&admin, &server, t, &password)
                 .await
                 .context("create tenant database")?;
             version = created.version;
+            role_made = created.role_made;
             if let Some(spare_password) = created.spare_password {
                 // The tenant takes the spare role's password. Lazily recorded:
                 // if lost, a resumed `role` step sets the registry's one again.
@@ -438,7 +441,12 @@ impl Provisioner {
         }
         if done < 2 {
             let step_started = Instant::now();
-            if !prepared {
+            if role_made {
+                admin
+                    .exec(&database_grants(&t.database_name, &t.role_name))
+                    .await
+                    .context("grant the tenant role its database")?;
+            } else if !prepared {
                 // Role, PUBLIC revoked, CONNECT granted: one transaction on the server.
                 create_role(
                     &admin,
@@ -473,7 +481,14 @@ impl Provisioner {
         }
         if done < 4 {
             let step_started = Instant::now();
-            if !prepared {
+            if role_made {
+                // A clone of the template, whose tables and grants were checked
+                // when it was built: what is left to check lives in the shared
+                // catalogs, without a first session in the new database.
+                verify_role_catalog(&admin, &t.database_name, &t.role_name)
+                    .await
+                    .context("verify the tenant role can log in to its database")?;
+            } else if !prepared {
                 verify_login(&admin, &t.database_name, &t.role_name, &password)
                     .await
                     .context("verify the tenant role can log in and read its tables")?;
@@ -505,6 +520,7 @@ impl Provisioner {
         admin: &ServerAdmin,
         server: &DbServer,
         t: &TenantRecord,
+        password: &str,
     ) -> anyhow::Result<CreatedDatabase> {
         let database = t.database_name.as_str();
         let made = |version, source: &'static str| {
@@ -512,12 +528,14 @@ impl Provisioner {
             CreatedDatabase {
                 version,
                 spare_password: None,
+                role_made: false,
             }
         };
         if database_exists(admin, database).await? {
             return Ok(CreatedDatabase {
                 version: None,
                 spare_password: None,
+                role_made: false,
             });
         }
         let latest = self.latest_version();
@@ -536,13 +554,19 @@ impl Provisioner {
             }
         }
         if server.template_version == Some(latest) {
-            match admin
-                .exec(&format!(
-                    "CREATE DATABASE \"{database}\" TEMPLATE {TEMPLATE_DB}"
-                ))
-                .await
-            {
-                Ok(()) => return Ok(made(Some(latest), "template")),
+            // The login role is made while the database is cloned: its commit
+            // (a shared catalog's) overlaps the clone instead of following it.
+            let clone = format!("CREATE DATABASE \"{database}\" TEMPLATE {TEMPLATE_DB}");
+            let (cloned, role) = tokio::join!(
+                admin.exec(&clone),
+                create_login_role(admin, &t.role_name, password, connection_limit(&t.plan))
+            );
+            match cloned {
+                Ok(()) => {
+                    let mut created = made(Some(latest), "template");
+                    created.role_made = role.is_ok();
+                    return Ok(created);
+                }
                 Err(e) if sql_state(&e).as_deref() == Some("42P04") => {
                     return Ok(made(None, "template"))
                 }
@@ -597,6 +621,8 @@ struct CreatedDatabase {
     version: Option<i64>,
     /// Set when a spare was taken: its role is the tenant's, with this password.
     spare_password: Option<String>,
+    /// The tenant's login role was made too (a template clone), not yet granted.
+    role_made: bool,
 }
 
 /// Record how long a provisioning step took (`silo_provision_step_seconds`).
@@ -636,6 +662,73 @@ pub(crate) async fn database_exists(admin: &ServerAdmin, database: &str) -> sqlx
         .await
 }
 
+/// Attributes of every tenant login role; the password as a SCRAM verifier.
+fn role_attributes(password: &str, limit: i32) -> String {
+    let verifier = scram::verifier(password);
+    format!(
+        "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT CONNECTION LIMIT {limit} PASSWORD '{verifier}'"
+    )
+}
+
+/// PUBLIC loses its default access to `database`; the tenant role may connect.
+fn database_grants(database: &str, role: &str) -> String {
+    format!(
+        "REVOKE ALL ON DATABASE \"{database}\" FROM PUBLIC; GRANT CONNECT, TEMPORARY ON DATABASE \"{database}\" TO \"{role}\""
+    )
+}
+
+/// Create the tenant's login role, in the data-access group, before its
+/// database exists (or reset it, if a crashed attempt made it).
+async fn create_login_role(
+    admin: &ServerAdmin,
+    role: &str,
+    password: &str,
+    limit: i32,
+) -> anyhow::Result<()> {
+    let attrs = role_attributes(password, limit);
+    match admin
+        .exec(&format!(
+            "CREATE ROLE \"{role}\" {attrs} IN ROLE {TENANT_GROUP_ROLE}"
+        ))
+        .await
+    {
+        Ok(()) => Ok(()),
+        Err(e) if sql_state(&e).as_deref() == Some("42710") => {
+            admin
+                .exec(&format!(
+                    "ALTER ROLE \"{role}\" {attrs}; GRANT {TENANT_GROUP_ROLE} TO \"{role}\""
+                ))
+                .await?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The tenant role can log in to its database and nobody else may connect,
+/// as the shared catalogs say (no session in the database needed).
+async fn verify_role_catalog(
+    admin: &ServerAdmin,
+    database: &str,
+    role: &str,
+) -> anyhow::Result<()> {
+    let ok: bool = sqlx::query_scalar(&format!(
+        "SELECT coalesce((SELECT rolcanlogin FROM pg_roles WHERE rolname = $1), false)
+            AND has_database_privilege($1, $2, 'CONNECT')
+            AND pg_has_role($1, '{TENANT_GROUP_ROLE}', 'MEMBER')
+            AND NOT has_database_privilege('public', $2, 'CONNECT')"
+    ))
+    .bind(role)
+    .bind(database)
+    .fetch_one(&admin.pool)
+    .await?;
+    anyhow::ensure!(
+        ok,
+        "the tenant role is not set up to use its database alone"
+    );
+    Ok(())
+}
+
 /// Create the tenant's login role (or reset it, if a crashed attempt made it)
 /// and give it CONNECT on its database only, in one transaction.
 pub(crate) async fn create_role(
@@ -645,13 +738,8 @@ pub(crate) async fn create_role(
     password: &str,
     limit: i32,
 ) -> anyhow::Result<()> {
-    let verifier = scram::verifier(password);
-    let attrs = format!(
-        "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT CONNECTION LIMIT {limit} PASSWORD '{verifier}'"
-    );
-    let grants = format!(
-        "REVOKE ALL ON DATABASE \"{database}\" FROM PUBLIC; GRANT CONNECT, TEMPORARY ON DATABASE \"{database}\" TO \"{role}\""
-    );
+    let attrs = role_attributes(password, limit);
+    let grants = database_grants(database, role);
     // A multi-statement string runs as one implicit transaction: one commit.
     let create = format!("CREATE ROLE \"{role}\" {attrs} IN ROLE {TENANT_GROUP_ROLE}; {grants}");
     match admin.exec(&create).await {
