@@ -10,7 +10,8 @@
 //! 3. `role` — a LOGIN role, member of the data-access group, nothing else,
 //!    with CONNECT on its own database only and PUBLIC revoked (one transaction);
 //! 4. `migrate` — tenant migrations, skipped when cloned at the latest version;
-//! 5. `verify` — the tenant role logs in and reads its tables;
+//! 5. `verify` — the tenant role logs in and reads its tables (a fresh
+//!    template clone: the shared catalogs say it can log in and connect);
 //! 6. `active` — the row is marked `active`: the one durable commit of a warm
 //!    create (earlier control-DB writes commit lazily; see `Registry::begin_lazy`).
 //!
