@@ -66,6 +66,16 @@ async fn finished(env: &TestEnv, op: &str, within: Duration) -> Value {
     }
 }
 
+/// The tenant answers an app request through the router.
+async fn assert_serves(env: &TestEnv, slug: &str) {
+    let bearer = token(env, slug).await;
+    let headers = [("x-tenant-id", slug), ("authorization", bearer.as_str())];
+    let a = env
+        .send(Method::GET, "/api/v1/patients?limit=1", None, &headers)
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+}
+
 /// Wait until a move is copying rows (its target database and subscription exist).
 async fn copying(env: &TestEnv, op: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -544,15 +554,7 @@ async fn silo_killed_during_the_freeze_rolls_the_move_back() {
         .unwrap();
     assert_eq!(n, 1_000);
     common::close(conn).await;
-    let bearer = token(&env, "crasher").await;
-    let headers = [
-        ("x-tenant-id", "crasher"),
-        ("authorization", bearer.as_str()),
-    ];
-    let a = env
-        .send(Method::GET, "/api/v1/patients?limit=1", None, &headers)
-        .await;
-    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_serves(&env, "crasher").await;
     assert!(move_leftovers(&env.pg, &second).await.is_empty());
     assert!(!database_on(&second, &t.database_name).await);
 }
@@ -577,15 +579,7 @@ async fn silo_killed_after_the_verified_switch_finishes_the_move() {
         .unwrap();
     assert_eq!(n, 1_000);
     db.close().await;
-    let bearer = token(&env, "crasher").await;
-    let headers = [
-        ("x-tenant-id", "crasher"),
-        ("authorization", bearer.as_str()),
-    ];
-    let a = env
-        .send(Method::GET, "/api/v1/patients?limit=1", None, &headers)
-        .await;
-    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_serves(&env, "crasher").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -599,15 +593,7 @@ async fn silo_killed_between_the_switch_and_the_verification_keeps_the_old_datab
     let t = env.record("crasher").await;
     assert_eq!(t.server_name, "second");
     assert!(t.frozen_at.is_none());
-    let bearer = token(&env, "crasher").await;
-    let headers = [
-        ("x-tenant-id", "crasher"),
-        ("authorization", bearer.as_str()),
-    ];
-    let a = env
-        .send(Method::GET, "/api/v1/patients?limit=1", None, &headers)
-        .await;
-    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_serves(&env, "crasher").await;
     assert!(!database_on(&env.pg, &t.database_name).await);
     assert!(!role_on(&env.pg, &t.role_name).await, "source role left");
     let kept = kept_databases(&env.pg).await;
