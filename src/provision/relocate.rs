@@ -98,6 +98,24 @@ impl Phases {
     }
 }
 
+impl Ends {
+    /// A one-connection admin pool on the tenant's database at the source.
+    async fn src_db(&self, db: &str) -> anyhow::Result<PgPool> {
+        self.src
+            .single_pool(db)
+            .await
+            .context("connect to the source database")
+    }
+
+    /// The same on the target.
+    async fn dst_db(&self, db: &str) -> anyhow::Result<PgPool> {
+        self.dst
+            .single_pool(db)
+            .await
+            .context("connect to the target database")
+    }
+}
+
 /// How a stopped move ended.
 enum Settled {
     /// Rolled back: the tenant serves from its source.
@@ -291,11 +309,7 @@ impl Provisioner {
         };
         let op = self.open_move_operation(plan.tenant_id).await?;
         let reg = self.registry();
-        let src = ends
-            .src
-            .single_pool(db)
-            .await
-            .context("connect to the source database")?;
+        let src = ends.src_db(db).await?;
         sqlx::raw_sql(&format!(
             "CREATE SCHEMA IF NOT EXISTS {FENCE_SCHEMA};
              CREATE TABLE IF NOT EXISTS {FENCE_SCHEMA}.fence (id int PRIMARY KEY, token uuid NOT NULL);"
@@ -335,11 +349,7 @@ impl Provisioner {
             reg.set_progress(op, progress("schema", json!({}))).await?;
         }
         copy_schema(self.pg_tools()?, ends, db).await?;
-        let target = ends
-            .dst
-            .single_pool(db)
-            .await
-            .context("connect to the target database")?;
+        let target = ends.dst_db(db).await?;
         let granted = sqlx::raw_sql(TENANT_GRANTS).execute(&target).await;
         target.close().await;
         granted.context("grant the tenant group's privileges on the target")?;
@@ -361,11 +371,7 @@ impl Provisioner {
             .await
             .context("log in as the tenant role on the target")?;
 
-        let dst = ends
-            .dst
-            .single_pool(db)
-            .await
-            .context("connect to the target database")?;
+        let dst = ends.dst_db(db).await?;
         // The statement holds the source's admin password: sent over a
         // connection that logs no statement, dollar-quoted under a tag the
         // password cannot contain. (The target server may still log it if
@@ -442,16 +448,8 @@ impl Provisioner {
     ) -> Result<(Duration, Phases, Snapshot), BackupError> {
         let reg = self.registry();
         let db = &plan.database;
-        let src = ends
-            .src
-            .single_pool(db)
-            .await
-            .context("connect to the source database")?;
-        let dst = ends
-            .dst
-            .single_pool(db)
-            .await
-            .context("connect to the target database")?;
+        let src = ends.src_db(db).await?;
+        let dst = ends.dst_db(db).await?;
         let sealed = self
             .keyring()
             .seal(password.as_bytes(), plan.tenant_id.as_bytes());
@@ -700,14 +698,14 @@ impl Provisioner {
 
     /// Plans of every unfinished move.
     async fn open_moves(&self) -> sqlx::Result<Vec<MovePlan>> {
-        let reg = self.registry();
-        let mut plans = Vec::new();
-        for op in reg.unfinished_operations(MOVE_KIND).await? {
-            if let Ok(plan) = serde_json::from_value(reg.operation_params(op.id).await?) {
-                plans.push(plan);
-            }
-        }
-        Ok(plans)
+        // One query: the reconciler asks on every pass, for every server.
+        Ok(self
+            .registry()
+            .unfinished_params(MOVE_KIND)
+            .await?
+            .into_iter()
+            .filter_map(|p| serde_json::from_value(p).ok())
+            .collect())
     }
 }
 
@@ -956,11 +954,7 @@ async fn target_snapshot(dst: &PgPool) -> anyhow::Result<Snapshot> {
 /// good: its role cannot log in) against the target's snapshot. Outside the
 /// freeze, so its cost does not grow the freeze with the database.
 async fn verify_copy(ends: &Ends, plan: &MovePlan, snapshot: &mut Snapshot) -> anyhow::Result<()> {
-    let src = ends
-        .src
-        .single_pool(&plan.database)
-        .await
-        .context("connect to the source database")?;
+    let src = ends.src_db(&plan.database).await?;
     let tables = published_tables(&src).await?;
     let counted = async {
         let a = count_rows(&mut *src.acquire().await?, &tables).await?;

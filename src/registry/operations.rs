@@ -107,6 +107,16 @@ impl Registry {
         .await
     }
 
+    /// Parameters of every unfinished operation of a kind, in one query.
+    pub async fn unfinished_params(&self, kind: &str) -> sqlx::Result<Vec<serde_json::Value>> {
+        sqlx::query_scalar(
+            "SELECT params FROM operations WHERE kind = $1 AND status IN ('pending', 'running')",
+        )
+        .bind(kind)
+        .fetch_all(&self.pool)
+        .await
+    }
+
     /// The parameters an operation was started with.
     pub async fn operation_params(&self, id: Uuid) -> sqlx::Result<serde_json::Value> {
         sqlx::query_scalar("SELECT params FROM operations WHERE id = $1")
