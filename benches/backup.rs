@@ -27,9 +27,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use silo::backup::BackupKind;
+use silo::control::ControlPlane;
 use silo::embedded::postgres::Durability;
 use silo::embedded::{EmbeddedPostgres, EmbeddedS3};
-use silo::provision::{CreateTenant, ProvisionConfig, Provisioner};
 use sqlx::Connection;
 use support::{control_plane, env_number, init_logging, load_average};
 
@@ -53,8 +53,6 @@ async fn run() -> Result<()> {
     let pg = tokio::task::spawn_blocking(|| EmbeddedPostgres::start_temp(Durability::Throwaway))
         .await??;
     let (keyring, registry) = control_plane(&pg).await?;
-    let p = Provisioner::new(registry, keyring, ProvisionConfig { warm_pool_size: 0 });
-    p.ensure_default_server(&pg.url("postgres")).await?;
     let dir = tempfile::tempdir()?;
     let s3 = EmbeddedS3::start(dir.path(), "bench", "bench-secret-0123456789").await?;
     let mut args = silo::config::StorageArgs::from_env()?;
@@ -72,7 +70,8 @@ async fn run() -> Result<()> {
     };
     let storage = silo::backup::Storage::connect(&config, &args).await?;
     storage.store.ensure_bucket().await?;
-    p.set_storage(storage);
+    let p = support::control(&registry, &keyring, 0, Some(storage));
+    p.ensure_default_server(&pg.url("postgres")).await?;
 
     // 1. One large tenant, then three times larger.
     let big = create(&p, "big").await?;
@@ -109,7 +108,7 @@ async fn run() -> Result<()> {
         "\ncreated {tenants} small tenants in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    sqlx::query("UPDATE tenants SET created_at = now() - interval '3 years', backup_schedule = '0 0 0 1 1 *' WHERE slug LIKE 'small-%'")
+    sqlx::query("UPDATE tenants SET created_at = now() - interval '3 years', backup_schedule = '0 0 0 * * 0' WHERE slug LIKE 'small-%'")
         .execute(p.registry().pool())
         .await?;
     sqlx::query("UPDATE tenants SET status = 'suspended' WHERE slug = 'big'")
@@ -118,7 +117,7 @@ async fn run() -> Result<()> {
     let guard = Default::default();
     let cancel = tokio_util::sync::CancellationToken::new();
     let started = Instant::now();
-    let report = p.run_due_backups(&guard, &cancel).await?;
+    let report = p.backups()?.run_due_backups(&guard, &cancel).await?;
     let took = started.elapsed();
     println!(
         "scheduler: {} due, {} succeeded, {} failed in {:.1} s ({:.1} tenants/s, concurrency {}); target ≤ 300 s",
@@ -127,19 +126,14 @@ async fn run() -> Result<()> {
         report.failed,
         took.as_secs_f64(),
         report.succeeded as f64 / took.as_secs_f64(),
-        p.storage().map_or(0, |s| s.settings.concurrency),
+        p.backups()?.settings().concurrency,
     );
     Ok(())
 }
 
-async fn create(p: &Provisioner, slug: &str) -> Result<silo::registry::TenantRecord> {
-    let req = CreateTenant {
-        slug: slug.into(),
-        name: slug.into(),
-        plan: "standard".into(),
-        server: None,
-    };
-    Ok(p.create(&req, None, "bench").await?)
+async fn create(p: &ControlPlane, slug: &str) -> Result<silo::registry::TenantRecord> {
+    let req = support::request(slug);
+    Ok(p.provisioner().create(&req, None, "bench").await?)
 }
 
 /// Add about `mb` MB: clinic rows (compressible) and random bytes (not).
@@ -186,7 +180,7 @@ struct Measured {
 
 /// Best of `rounds` interleaved runs of each.
 async fn measure(
-    p: &Provisioner,
+    p: &ControlPlane,
     pg: &EmbeddedPostgres,
     t: &silo::registry::TenantRecord,
     rounds: usize,
@@ -216,7 +210,10 @@ async fn measure(
             })
         };
         let started = Instant::now();
-        let b = p.backup_now(t.id, BackupKind::Manual, None).await?;
+        let b = p
+            .backups()?
+            .backup_now(t.id, BackupKind::Manual, None)
+            .await?;
         let silo = started.elapsed();
         stop.cancel();
         sampler.await?;

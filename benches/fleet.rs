@@ -23,11 +23,11 @@
 //! 2. **Sequential baseline**: for the first S tenants (in the engine's
 //!    order), one after another, exactly the engine's per-tenant database
 //!    work: a one-connection superuser pool on the tenant database,
-//!    `silo::migrate::migrate_tenant_database` with the new migrator, close.
+//!    `silo::servers::TenantSchema::apply` with the new migrations, close.
 //!    No registry bookkeeping (tenant lock, version write), so the baseline
 //!    is if anything faster per tenant than the engine. Those S tenants are
 //!    then recorded at version 2 so the fleet run skips them.
-//! 3. **Fleet run**: `start_fleet_migration` + `FleetRun::run` over the
+//! 3. **Fleet run**: `Fleet::start` + `ControlPlane::run_fleet` over the
 //!    remaining N − S tenants, timed from the start call to the returned
 //!    report (this includes the template rebuild `run` does at the end).
 //! 4. **Verification**: every tenant at version 2 in the registry, no
@@ -40,18 +40,21 @@
 mod support;
 
 use std::borrow::Cow;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use support::{control_plane, env_number, init_logging, load_average, ms, nearest_rank};
 
 use anyhow::{ensure, Context, Result};
 use futures::{StreamExt, TryStreamExt};
+use silo::control::{ControlConfig, ControlPlane};
 use silo::embedded::postgres::Durability;
 use silo::embedded::EmbeddedPostgres;
-use silo::migrate::{embedded_tenant_migrator, FleetOptions, FleetReport};
-use silo::provision::{CreateTenant, ProvisionConfig, Provisioner, TEMPLATE_DB};
+use silo::migrate::{FleetOptions, FleetReport};
 use silo::registry::Registry;
-use sqlx::migrate::{Migration, MigrationType, Migrator};
+use silo::servers::names::TEMPLATE_DB;
+use silo::servers::schema::embedded_migrator;
+use silo::servers::TenantSchema;
+use sqlx::migrate::{Migration, MigrationType};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -171,8 +174,8 @@ impl Config {
 }
 
 /// The embedded tenant migrations plus the benchmark's version 2.
-fn migrator_v2() -> Arc<Migrator> {
-    let mut m = embedded_tenant_migrator();
+fn migrator_v2() -> TenantSchema {
+    let mut m = embedded_migrator();
     let mut all = m.migrations.to_vec();
     all.push(Migration::new(
         2,
@@ -182,7 +185,7 @@ fn migrator_v2() -> Arc<Migrator> {
         false,
     ));
     m.migrations = Cow::Owned(all);
-    Arc::new(m)
+    m.into()
 }
 
 async fn run(pg: &EmbeddedPostgres, cfg: &Config) -> Result<()> {
@@ -193,11 +196,7 @@ async fn run(pg: &EmbeddedPostgres, cfg: &Config) -> Result<()> {
         .connect(&admin_url)
         .await
         .context("connect as superuser")?;
-    let provisioner = Provisioner::new(
-        registry.clone(),
-        keyring,
-        ProvisionConfig { warm_pool_size: 0 },
-    );
+    let provisioner = support::control(&registry, &keyring, 0, None);
     provisioner.ensure_default_server(&admin_url).await?;
 
     let version: String = sqlx::query_scalar("SELECT version()")
@@ -220,6 +219,7 @@ async fn run(pg: &EmbeddedPostgres, cfg: &Config) -> Result<()> {
         bulk_load(&admin, true).await?;
     }
     provisioner
+        .provisioner()
         .refill_all()
         .await
         .context("build the template database")?;
@@ -342,11 +342,19 @@ async fn run(pg: &EmbeddedPostgres, cfg: &Config) -> Result<()> {
     );
 
     // --- Fleet run ----------------------------------------------------------
-    let upgraded = provisioner.clone().with_migrator(v2);
+    let upgraded = ControlPlane::new(
+        registry.clone(),
+        keyring.clone(),
+        ControlConfig {
+            schema: v2,
+            ..Default::default()
+        },
+    );
     let latencies = Mutex::new(Vec::with_capacity(cfg.tenants));
     let fleet_started = Instant::now();
     let fleet_run = upgraded
-        .start_fleet_migration(
+        .fleet()
+        .start(
             FleetOptions {
                 concurrency: Some(cfg.concurrency),
                 ..Default::default()
@@ -355,8 +363,8 @@ async fn run(pg: &EmbeddedPostgres, cfg: &Config) -> Result<()> {
         )
         .await
         .context("start the fleet migration")?;
-    let report: FleetReport = fleet_run
-        .run(&upgraded, |result, progress| {
+    let report: FleetReport = upgraded
+        .run_fleet(fleet_run, |result, progress| {
             latencies
                 .lock()
                 .expect("latencies lock")
@@ -493,17 +501,13 @@ async fn populate_template(pg: &EmbeddedPostgres, admin: &PgPool, rows: usize) -
 }
 
 /// Create tenants `bench-<i>` for `range`, a few at a time.
-async fn create_tenants(p: &Provisioner, range: std::ops::Range<usize>) -> Result<()> {
+async fn create_tenants(p: &ControlPlane, range: std::ops::Range<usize>) -> Result<()> {
     futures::stream::iter(range)
         .map(|i| async move {
             let slug = format!("bench-{i:05}");
-            let req = CreateTenant {
-                slug: slug.clone(),
-                name: format!("Clinic {i}"),
-                plan: "standard".into(),
-                server: None,
-            };
-            p.create(&req, None, "bench")
+            let req = support::request(&slug);
+            p.provisioner()
+                .create(&req, None, "bench")
                 .await
                 .with_context(|| format!("create tenant {slug}"))
                 .and_then(|t| {
@@ -525,7 +529,7 @@ async fn create_tenants(p: &Provisioner, range: std::ops::Range<usize>) -> Resul
 async fn migrate_directly(
     pg: &EmbeddedPostgres,
     database: &str,
-    migrator: &Migrator,
+    schema: &TenantSchema,
 ) -> Result<Duration> {
     let started = Instant::now();
     let db = PgPoolOptions::new()
@@ -534,7 +538,7 @@ async fn migrate_directly(
         .connect(&pg.url(database))
         .await
         .with_context(|| format!("connect to {database}"))?;
-    let migrated = silo::migrate::migrate_tenant_database(&db, migrator).await;
+    let migrated = schema.apply(&db).await;
     db.close().await;
     let version = migrated.with_context(|| format!("migrate {database}"))?;
     ensure!(version == 2, "{database} migrated to {version}, not 2");

@@ -28,12 +28,13 @@ use support::{
 
 use anyhow::{ensure, Context, Result};
 use metrics_exporter_prometheus::PrometheusHandle;
+use silo::control::ControlPlane;
 use silo::crypto::Keyring;
 use silo::embedded::postgres::Durability;
 use silo::embedded::EmbeddedPostgres;
-use silo::provision::{ProvisionConfig, Provisioner, TEMPLATE_DB};
 use silo::registry::Registry;
-use sqlx::migrate::Migrator;
+use silo::servers::names::TEMPLATE_DB;
+use silo::servers::TenantSchema;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
@@ -77,17 +78,13 @@ struct Env<'a> {
     /// Superuser pool on the `postgres` database.
     admin: PgPool,
     /// The embedded tenant migrations, for the naive phase.
-    tenant_migrator: Migrator,
+    schema: TenantSchema,
 }
 
 impl Env<'_> {
-    /// A provisioner over the shared registry with its own warm-pool size.
-    fn provisioner(&self, warm_pool_size: u32) -> Provisioner {
-        Provisioner::new(
-            self.registry.clone(),
-            self.keyring.clone(),
-            ProvisionConfig { warm_pool_size },
-        )
+    /// A control plane over the shared registry with its own warm-pool size.
+    fn provisioner(&self, warm_pool_size: u32) -> ControlPlane {
+        support::control(&self.registry, &self.keyring, warm_pool_size, None)
     }
 }
 
@@ -106,11 +103,12 @@ async fn run(pg: &EmbeddedPostgres, n: usize, metrics: &PrometheusHandle) -> Res
         registry,
         keyring,
         admin,
-        tenant_migrator: silo::migrate::embedded_tenant_migrator(),
+        schema: TenantSchema::embedded(),
     };
     let base = env.provisioner(0);
     base.ensure_default_server(&admin_url).await?;
-    base.refill_all()
+    base.provisioner()
+        .refill_all()
         .await
         .context("build the template database")?;
 
@@ -143,6 +141,7 @@ async fn phase_warm_pool(env: &Env<'_>, n: usize, metrics: &PrometheusHandle) ->
     let provisioner = env.provisioner(size);
     let started = Instant::now();
     let made = provisioner
+        .provisioner()
         .refill_all()
         .await
         .context("fill the warm pool")?;
@@ -291,7 +290,7 @@ async fn naive_create(env: &Env<'_>, database: &str) -> Result<Duration> {
         .connect(&env.pg.url(database))
         .await
         .with_context(|| format!("connect to {database}"))?;
-    let migrated = silo::migrate::migrate_tenant_database(&pool, &env.tenant_migrator).await;
+    let migrated = env.schema.apply(&pool).await;
     pool.close().await;
     migrated.with_context(|| format!("migrate {database}"))?;
     Ok(started.elapsed())

@@ -27,9 +27,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use silo::domain::Plan;
 use silo::embedded::postgres::Durability;
 use silo::embedded::EmbeddedPostgres;
-use silo::provision::{CreateTenant, ProvisionConfig, Provisioner};
+use silo::provision::CreateTenant;
 use silo::router::{RouteError, RouterConfig, TenantRouter};
 use support::{control_plane, env_number, init_logging, load_average, ms};
 
@@ -56,11 +57,7 @@ async fn run() -> Result<()> {
     );
     let (source, target) = (a??, b??);
     let (keyring, registry) = control_plane(&source).await?;
-    let p = Provisioner::new(
-        registry.clone(),
-        keyring.clone(),
-        ProvisionConfig { warm_pool_size: 0 },
-    );
+    let p = support::control(&registry, &keyring, 0, None);
     p.ensure_default_server(&source.url("postgres")).await?;
     p.register_server("second", &target.url("postgres"), 100, 1000)
         .await?;
@@ -83,12 +80,12 @@ async fn run() -> Result<()> {
     );
     for (slug, n) in [("small", 1_000), ("large", rows)] {
         let t = p
+            .provisioner()
             .create(
                 &CreateTenant {
-                    slug: slug.into(),
-                    name: slug.into(),
-                    plan: "premium".into(),
-                    server: Some("default".into()),
+                    plan: Plan::Premium,
+                    server: Some("default".parse()?),
+                    ..support::request(slug)
                 },
                 None,
                 "bench",
@@ -131,6 +128,7 @@ async fn run() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let moving = Instant::now();
         let op = p
+            .mover()
             .start_move(t.id, "second", "bench")
             .await
             .map_err(|e| anyhow::anyhow!("{}", e.detail()))?;

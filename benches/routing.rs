@@ -37,10 +37,10 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use silo::control::ControlPlane;
 use silo::crypto::Keyring;
 use silo::embedded::postgres::Durability;
 use silo::embedded::EmbeddedPostgres;
-use silo::provision::{CreateTenant, ProvisionConfig, Provisioner, DEFAULT_PLAN};
 use silo::registry::{Registry, TenantRecord};
 use silo::router::{RouteError, RouterConfig, TenantRouter};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -111,12 +111,8 @@ struct Env<'a> {
 }
 
 impl Env<'_> {
-    fn provisioner(&self) -> Provisioner {
-        Provisioner::new(
-            self.registry.clone(),
-            self.keyring.clone(),
-            ProvisionConfig { warm_pool_size: 0 },
-        )
+    fn provisioner(&self) -> ControlPlane {
+        support::control(&self.registry, &self.keyring, 0, None)
     }
 
     fn router(&self) -> TenantRouter {
@@ -203,6 +199,7 @@ async fn run(
     let provisioner = env.provisioner();
     provisioner.ensure_default_server(&admin_url).await?;
     provisioner
+        .provisioner()
         .refill_all()
         .await
         .context("build the template database")?;
@@ -250,18 +247,14 @@ async fn run(
     Ok(())
 }
 
-async fn create_tenants(provisioner: &Provisioner, n: usize) -> Result<Vec<TenantRecord>> {
+async fn create_tenants(provisioner: &ControlPlane, n: usize) -> Result<Vec<TenantRecord>> {
     futures::stream::iter(0..n)
         .map(|i| {
             let p = provisioner.clone();
             async move {
-                let req = CreateTenant {
-                    slug: format!("bench-{i:04}"),
-                    name: format!("Bench clinic {i}"),
-                    plan: DEFAULT_PLAN.into(),
-                    server: None,
-                };
-                p.create(&req, None, "bench")
+                let req = support::request(&format!("bench-{i:04}"));
+                p.provisioner()
+                    .create(&req, None, "bench")
                     .await
                     .with_context(|| format!("create tenant {}", req.slug))
             }

@@ -8,11 +8,12 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::crypto::{KeyError, Keyring};
+use crate::domain::{Plan, Schedule, ServerName, Slug, TenantName};
 
 /// Default address for `silo serve`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// Default cron schedule for tenant backups (sec min hour day month weekday).
-pub const DEFAULT_BACKUP_SCHEDULE: &str = "0 0 2 * * *";
+pub const DEFAULT_BACKUP_SCHEDULE: &str = crate::domain::DEFAULT_SCHEDULE;
 /// Spare databases kept ready per server: a create takes one instead of cloning.
 pub const DEFAULT_WARM_POOL_SIZE: u32 = 4;
 /// Seconds between reconcile passes (also run once at start-up).
@@ -124,7 +125,7 @@ pub enum BackupCommand {
         id: uuid::Uuid,
         /// Restore into this tenant (created if it does not exist).
         #[arg(long)]
-        into: Option<String>,
+        into: Option<Slug>,
     },
 }
 
@@ -132,7 +133,7 @@ pub enum BackupCommand {
 #[derive(Debug, Clone, Args)]
 pub struct ControlArgs {
     /// Control database URL (postgres://...).
-    #[arg(long, env = "SILO_DATABASE_URL")]
+    #[arg(long, env = "SILO_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<Secret>,
 
     /// Base64 of 32 random bytes: encrypts tenant credentials, signs tenant tokens.
@@ -196,9 +197,10 @@ pub struct StorageArgs {
     #[arg(long, env = "SILO_S3_ARCHIVE_STORAGE_CLASS")]
     pub s3_archive_storage_class: Option<String>,
 
-    /// Default cron (with seconds) for tenant backups; a tenant's `backup_schedule` overrides it.
+    /// Default cron for tenant backups (5 fields, or 6 with seconds first;
+    /// UTC; at least weekly); a tenant's `backup_schedule` overrides it.
     #[arg(long, env = "SILO_BACKUP_SCHEDULE", default_value = DEFAULT_BACKUP_SCHEDULE)]
-    pub backup_schedule: String,
+    pub backup_schedule: Schedule,
 
     /// Tenant backups run at once by one silo process.
     #[arg(long, env = "SILO_BACKUP_CONCURRENCY", default_value_t = DEFAULT_BACKUP_CONCURRENCY, value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -324,14 +326,15 @@ pub enum TenantsCommand {
     Create {
         #[command(flatten)]
         control: ControlArgs,
-        slug: String,
+        slug: Slug,
         #[arg(long)]
-        name: String,
-        #[arg(long)]
-        plan: Option<String>,
+        name: TenantName,
+        /// Plan (default: standard).
+        #[arg(long, value_enum)]
+        plan: Option<Plan>,
         /// Server to place the tenant on (default: most headroom).
         #[arg(long)]
-        server: Option<String>,
+        server: Option<ServerName>,
     },
     /// List tenants.
     List {
@@ -380,7 +383,7 @@ pub enum TenantsCommand {
         tenant: String,
         /// Name of the server to move it to.
         #[arg(long)]
-        to: String,
+        to: ServerName,
     },
     /// Drop a tenant's database and role; the registry row is kept as `deleted`.
     Delete {

@@ -1,26 +1,49 @@
 #![recursion_limit = "256"]
 //! silo: a database-per-tenant control plane for PostgreSQL.
 //!
-//! - [`registry`]: the control database (the only code that writes it);
-//! - [`provision`]: crash-safe creation, lifecycle and reconciliation of tenant
-//!   databases and roles, with a warm pool of spare databases;
-//! - [`migrate`]: the embedded control and tenant migrators;
-//! - [`api`]: the admin REST API, health and metrics;
-//! - [`jobs`]: background work (reconcile, warm pool), cancellable and joined;
-//! - [`embedded`]: a private PostgreSQL for `silo dev` and the tests;
-//! - [`cli`]: the `silo` commands.
+//! The modules, from the outside in (each imports only those below it):
+//!
+//! - [`cli`]: the `silo` commands; [`startup`]: how a process is put
+//!   together (control plane, router, jobs, HTTP), for `serve`, `dev`, the
+//!   tests and the benches alike;
+//! - [`api`]: the admin REST API, the clinic app API, health, metrics and the
+//!   OpenAPI document; [`jobs`]: background work (reconcile, warm pool, health
+//!   checks, backup scheduler), cancellable and joined;
+//! - [`control`]: the control plane, one handle over the features, owning
+//!   what crosses them (delete with its final backup, restore into a new
+//!   tenant, the reconciler);
+//! - the features: [`provision`] (create, lifecycle, templates and spares),
+//!   [`backup`] (backups, restores, verification, retention, archival),
+//!   [`relocate`] (moves between servers), [`migrate`] (fleet migrations);
+//! - shared machinery: [`servers`] (admin access to tenant servers: roles,
+//!   sessions, names, the tenant schema, pg tools, SQLSTATEs, health) and
+//!   [`ops`] (the operations runner, its kinds and exclusions, the one
+//!   error type of the features);
+//! - [`router`]: per-tenant connection pools under each server's budget (it
+//!   uses the registry and server access only, never a feature);
+//! - [`registry`]: the control database, the only code that writes it;
+//! - foundations: [`domain`] (typed values checked at every entry point),
+//!   [`config`], [`crypto`], [`tokens`], [`telemetry`], [`failpoint`], and
+//!   [`embedded`] (a private PostgreSQL and S3 store for `silo dev` and the
+//!   tests).
 
 pub mod api;
 pub mod backup;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod crypto;
+pub mod domain;
 pub mod embedded;
 pub mod failpoint;
 pub mod jobs;
 pub mod migrate;
+pub mod ops;
 pub mod provision;
 pub mod registry;
+pub mod relocate;
 pub mod router;
+pub mod servers;
+pub mod startup;
 pub mod telemetry;
 pub mod tokens;

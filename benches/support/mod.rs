@@ -70,6 +70,35 @@ pub async fn control_plane(
     Ok((keyring, registry))
 }
 
+/// A control plane over `registry` with its own warm-pool size (and backups
+/// when `storage` is given), as a replica of silo would have.
+pub fn control(
+    registry: &silo::registry::Registry,
+    keyring: &silo::crypto::Keyring,
+    warm_pool_size: u32,
+    storage: Option<silo::backup::Storage>,
+) -> silo::control::ControlPlane {
+    silo::control::ControlPlane::new(
+        registry.clone(),
+        keyring.clone(),
+        silo::control::ControlConfig {
+            provision: silo::provision::ProvisionConfig { warm_pool_size },
+            storage,
+            ..Default::default()
+        },
+    )
+}
+
+/// A create request for a bench tenant.
+pub fn request(slug: &str) -> silo::provision::CreateTenant {
+    silo::provision::CreateTenant {
+        slug: slug.parse().expect("a valid bench slug"),
+        name: slug.parse().expect("a valid bench name"),
+        plan: silo::domain::Plan::DEFAULT,
+        server: None,
+    }
+}
+
 /// A `silo serve` running in this process on a free loopback port.
 pub struct SiloServer {
     pub addr: std::net::SocketAddr,
@@ -78,13 +107,11 @@ pub struct SiloServer {
 }
 
 impl SiloServer {
-    /// Serve `provisioner`, then wait out the start-up reconcile pass (it
-    /// holds each server's maintenance lock) so it is not timed.
-    pub async fn start(
-        provisioner: silo::provision::Provisioner,
-        warm_pool_size: u32,
-    ) -> Result<Self> {
-        let registry = provisioner.registry().clone();
+    /// Serve `control` with silo's own start-up ([`silo::startup::serve`]),
+    /// then wait out the start-up reconcile pass (it holds each server's
+    /// maintenance lock) so it is not timed.
+    pub async fn start(control: silo::control::ControlPlane, warm_pool_size: u32) -> Result<Self> {
+        let registry = control.registry().clone();
         let args = silo::config::ServerArgs {
             listen: "127.0.0.1:0".parse()?,
             warm_pool_size,
@@ -94,6 +121,8 @@ impl SiloServer {
             scheduler_tick: 15,
             health_interval: silo::config::DEFAULT_HEALTH_INTERVAL_SECS,
         };
+        let settings =
+            silo::startup::RunSettings::from_args(&args, silo::config::Secret::new(ADMIN_TOKEN));
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -103,15 +132,7 @@ impl SiloServer {
             let on_listen = move |addr| {
                 let _ = addr_tx.send(addr);
             };
-            silo::cli::run_server(
-                provisioner,
-                silo::config::Secret::new(ADMIN_TOKEN),
-                &args,
-                shutdown,
-                on_listen,
-            )
-            .await
-            .map_err(anyhow::Error::from)
+            silo::startup::serve(control, settings, args.listen, shutdown, on_listen).await
         });
         let addr = match addr_rx.await {
             Ok(addr) => addr,

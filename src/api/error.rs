@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::provision::ProvisionError;
+use crate::ops;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -125,23 +125,28 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<ProvisionError> for ApiError {
-    fn from(e: ProvisionError) -> Self {
+impl From<ops::Error> for ApiError {
+    fn from(e: ops::Error) -> Self {
+        use ops::Error as E;
         match e {
-            ProvisionError::SlugTaken(_)
-            | ProvisionError::InvalidState(..)
-            | ProvisionError::ServerUnavailable(..) => Self::Conflict(e.to_string()),
-            ProvisionError::IdempotencyMismatch | ProvisionError::UnknownServer(_) => {
-                Self::Unprocessable(e.to_string())
-            }
-            ProvisionError::NoCapacity => Self::Unavailable(e.to_string()),
-            ProvisionError::NotFound => Self::not_found("tenant"),
-            ProvisionError::Internal(e) if is_unavailable(&e) => {
+            E::NotFound(what) => Self::not_found(what),
+            E::Invalid(msg) => Self::Unprocessable(msg),
+            E::Conflict(msg) => Self::Conflict(msg),
+            E::Busy { what, operation } => Self::Busy(what, operation),
+            E::NotConfigured => Self::Conflict(e.to_string()),
+            E::Unavailable(msg) => Self::Unavailable(msg),
+            E::Internal(e) if is_unavailable(&e) => {
                 tracing::warn!("failed to {e:#}");
                 Self::Unavailable("a database silo depends on is unreachable, retry shortly".into())
             }
-            ProvisionError::Internal(e) => Self::Internal(e),
+            E::Internal(e) => Self::Internal(e),
         }
+    }
+}
+
+impl From<crate::domain::Invalid> for ApiError {
+    fn from(e: crate::domain::Invalid) -> Self {
+        Self::Unprocessable(e.0)
     }
 }
 
@@ -163,9 +168,9 @@ impl From<crate::router::RouteError> for ApiError {
     }
 }
 
-impl From<sqlx::Error> for ApiError {
-    fn from(e: sqlx::Error) -> Self {
-        Self::from(ProvisionError::from(e))
+impl From<crate::registry::Error> for ApiError {
+    fn from(e: crate::registry::Error) -> Self {
+        Self::from(ops::Error::from(e))
     }
 }
 
@@ -185,8 +190,7 @@ fn is_unavailable(e: &anyhow::Error) -> bool {
             // or the connection broke (class 08).
             || cause
                 .downcast_ref::<sqlx::Error>()
-                .and_then(crate::provision::sql_state)
-                .is_some_and(|c| c.starts_with("57P") || c.starts_with("08"))
+                .is_some_and(crate::servers::sqlstate::is_disconnect)
     })
 }
 
@@ -236,18 +240,4 @@ pub fn optional_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<O
             serde_json::error::Category::Data => ApiError::invalid(e.to_string()),
             _ => ApiError::BadRequest(format!("malformed JSON: {e}")),
         })
-}
-
-impl From<crate::backup::BackupError> for ApiError {
-    fn from(e: crate::backup::BackupError) -> Self {
-        use crate::backup::BackupError as B;
-        match e {
-            B::NotConfigured | B::Conflict(_) | B::KeyErased => Self::Conflict(e.to_string()),
-            B::Running(id) => Self::Conflict(format!("{e}: backup {id}")),
-            B::Busy(op) => Self::Busy(e.to_string(), op),
-            B::NotFound(what) => Self::not_found(what),
-            B::Invalid(msg) => Self::Unprocessable(msg),
-            B::Internal(e) => Self::from(ProvisionError::Internal(e)),
-        }
-    }
 }

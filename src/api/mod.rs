@@ -9,8 +9,6 @@ pub mod error;
 mod health;
 pub mod paging;
 
-pub use admin::validate_slug;
-
 use std::sync::Arc;
 
 use axum::Router;
@@ -22,14 +20,14 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_scalar::{Scalar, Servable};
 
 use crate::config::Secret;
-use crate::provision::Provisioner;
+use crate::control::ControlPlane;
 use crate::registry::Registry;
 use crate::router::TenantRouter;
 
 /// Everything handlers need; cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
-    pub provisioner: Provisioner,
+    pub control: ControlPlane,
     pub router: TenantRouter,
     pub admin_token: Arc<Secret>,
     pub metrics: PrometheusHandle,
@@ -39,7 +37,7 @@ pub struct AppState {
 
 impl AppState {
     pub fn registry(&self) -> &Registry {
-        self.provisioner.registry()
+        self.control.registry()
     }
 }
 

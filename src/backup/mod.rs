@@ -17,17 +17,15 @@
 //! current database. Verification restores into a scratch database and
 //! compares per-table row counts with those recorded at the dump's snapshot.
 
+mod archive;
 pub mod crypt;
-mod lifecycle;
-mod pgtools;
 mod restore;
 pub mod retention;
 mod run;
 pub mod schedule;
 mod store;
 
-pub use lifecycle::{BackupSweep, OPERATION_KINDS};
-pub use pgtools::{capture_stderr, error_lines, LibpqEnv, PgTools};
+pub use archive::{sweep_scratch_databases, BackupSweep, SETTLED_BY_SWEEP};
 pub use restore::{RestoreTarget, VerifyReport};
 pub use retention::Retention;
 pub use run::{part_size_for, Manifest, MAX_PARTS, MIN_PART_SIZE};
@@ -38,14 +36,14 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::config::StorageArgs;
+use crate::crypto::Keyring;
+use crate::domain::Schedule;
+use crate::ops::{Error, Operations, Result};
+use crate::registry::{Backup, Registry, TenantRecord};
+use crate::servers::{PgTools, ServerAdmin, ServerPools, TenantSchema};
 
 /// Prefix of every object silo writes.
 pub const OBJECT_PREFIX: &str = "silo/tenants/";
-
-/// Names of the databases a restore or verification builds before the swap:
-/// `silo_x_<32 hex>`, the hex being the id of the advisory lock its runner
-/// holds; the sweep drops those whose lock is free.
-pub const SCRATCH_DB_PREFIX: &str = "silo_x_";
 
 /// Bytes read so far, for progress bars.
 pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
@@ -73,8 +71,8 @@ impl BackupKind {
 /// How backups are taken and kept.
 #[derive(Debug, Clone)]
 pub struct BackupSettings {
-    /// Default cron (with seconds) for tenants without their own.
-    pub schedule: String,
+    /// Default schedule of tenants without their own.
+    pub schedule: Schedule,
     /// Backups run at once by this process.
     pub concurrency: usize,
     /// Parts of one backup in flight.
@@ -127,10 +125,6 @@ impl Storage {
     }
 
     pub async fn connect(config: &StoreConfig, args: &StorageArgs) -> anyhow::Result<Self> {
-        croner::Cron::new(&args.backup_schedule)
-            .with_seconds_optional()
-            .parse()
-            .map_err(|e| anyhow::anyhow!("SILO_BACKUP_SCHEDULE is not a cron expression: {e}"))?;
         Ok(Self {
             store: Store::connect(config).await?,
             tools: PgTools::find(args.pg_bin_dir.as_deref())?,
@@ -139,61 +133,122 @@ impl Storage {
     }
 }
 
-/// Why a backup operation was refused or failed.
-#[derive(Debug, thiserror::Error)]
-pub enum BackupError {
-    #[error("backup storage is not configured (set SILO_S3_BUCKET)")]
-    NotConfigured,
-    #[error("{0} not found")]
-    NotFound(&'static str),
-    #[error("a backup of this tenant is already running")]
-    Running(Uuid),
-    #[error("{0}")]
-    Conflict(String),
-    #[error("another operation on this tenant is running")]
-    Busy(Uuid),
-    #[error("the tenant's backup key was erased: its backups can no longer be read")]
-    KeyErased,
-    #[error("{0}")]
-    Invalid(String),
-    #[error(transparent)]
-    Internal(#[from] anyhow::Error),
+/// Backups of tenants: taken, restored, verified, kept and archived.
+/// Exists only when backup storage is configured. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Backups {
+    inner: Arc<Inner>,
 }
 
-impl BackupError {
-    /// The message to record (an internal error with its whole cause chain).
-    pub fn detail(&self) -> String {
-        match self {
-            Self::Internal(e) => format!("{e:#}"),
-            other => other.to_string(),
+#[derive(Debug)]
+struct Inner {
+    registry: Registry,
+    keyring: Keyring,
+    servers: ServerPools,
+    schema: TenantSchema,
+    ops: Operations,
+    storage: Storage,
+}
+
+impl Backups {
+    pub fn new(
+        registry: Registry,
+        keyring: Keyring,
+        servers: ServerPools,
+        schema: TenantSchema,
+        ops: Operations,
+        storage: Storage,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                keyring,
+                servers,
+                schema,
+                ops,
+                storage,
+            }),
         }
     }
-}
 
-impl From<sqlx::Error> for BackupError {
-    fn from(e: sqlx::Error) -> Self {
-        Self::Internal(anyhow::Error::new(e).context("query the control database"))
+    fn registry(&self) -> &Registry {
+        &self.inner.registry
     }
-}
 
-impl From<crate::provision::ProvisionError> for BackupError {
-    fn from(e: crate::provision::ProvisionError) -> Self {
-        use crate::provision::ProvisionError as P;
-        match e {
-            P::NotFound => Self::NotFound("tenant"),
-            P::Internal(e) => Self::Internal(e),
-            other => Self::Conflict(other.to_string()),
+    fn keyring(&self) -> &Keyring {
+        &self.inner.keyring
+    }
+
+    /// The bucket, the PostgreSQL tools and the policy.
+    pub fn storage(&self) -> &Storage {
+        &self.inner.storage
+    }
+
+    pub fn settings(&self) -> &BackupSettings {
+        &self.inner.storage.settings
+    }
+
+    /// Admin access to the server a tenant lives on.
+    async fn admin_for(&self, t: &TenantRecord) -> anyhow::Result<ServerAdmin> {
+        self.inner
+            .servers
+            .admin_of(&self.inner.registry, t.server_id)
+            .await
+    }
+
+    /// A backup and the tenant it belongs to.
+    pub async fn backup_and_tenant(&self, id: Uuid) -> Result<(Backup, TenantRecord)> {
+        let reg = self.registry();
+        let b = reg.backup(id).await?.ok_or(Error::NotFound("backup"))?;
+        let t = reg
+            .tenant(b.tenant_id)
+            .await?
+            .ok_or(Error::NotFound("tenant"))?;
+        Ok((b, t))
+    }
+
+    /// A backup that can be read back: `succeeded`, else 404/409 saying why.
+    pub async fn succeeded_backup(&self, id: Uuid, action: &str) -> Result<Backup> {
+        let b = self
+            .registry()
+            .backup(id)
+            .await?
+            .ok_or(Error::NotFound("backup"))?;
+        if b.status != "succeeded" {
+            return Err(Error::conflict(format!(
+                "backup is {}: only a succeeded backup can be {action}",
+                b.status
+            )));
         }
+        Ok(b)
     }
+
+    /// Refuse when the tenant's backup key was erased.
+    async fn refuse_if_erased(&self, tenant: Uuid) -> Result<()> {
+        if self.registry().backup_key_erased(tenant).await? {
+            return Err(key_erased());
+        }
+        Ok(())
+    }
+
+    /// The tools, for another feature (a move copies a schema with them).
+    pub fn tools(&self) -> &PgTools {
+        &self.inner.storage.tools
+    }
+
+    /// Run `work` as a background task of this process (joined on shutdown).
+    fn spawn_task(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.inner.ops.tasks().spawn(work);
+    }
+}
+
+/// The tenant's backup key was forgotten (crypto-shredding): nothing can read its backups.
+fn key_erased() -> Error {
+    Error::conflict("the tenant's backup key was erased: its backups can no longer be read")
 }
 
 /// Object keys of a backup: the encrypted dump and its manifest.
 pub fn object_keys(tenant: Uuid, backup: Uuid) -> (String, String) {
     let dir = format!("{OBJECT_PREFIX}{}/{}", tenant.simple(), backup.simple());
     (format!("{dir}.dump"), format!("{dir}.manifest.json"))
-}
-
-/// Name of the scratch database held by lock `id`.
-pub fn scratch_db(id: Uuid) -> String {
-    format!("{SCRATCH_DB_PREFIX}{}", id.simple())
 }

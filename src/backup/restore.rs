@@ -10,13 +10,14 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::crypt::Opener;
-use super::pgtools::capture_stderr;
 use super::run::{hex, row_counts, Manifest};
-use super::{scratch_db, BackupError, Progress, Storage};
-use crate::provision::{
-    connection_limit, create_role, names_for, verify_login, CreateTenant, Provisioner, ServerAdmin,
-};
+use super::{Backups, Progress, Storage};
+use crate::domain::Slug;
+use crate::ops::{Error, Result};
 use crate::registry::{Backup, Lock, TenantRecord, TenantStatus};
+use crate::servers::names::{scratch_db, tenant_names};
+use crate::servers::tools::{capture_stderr, error_lines};
+use crate::servers::{roles, ServerAdmin};
 
 /// Where a restore goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,7 +25,7 @@ pub enum RestoreTarget {
     /// Replace the backed-up tenant's database (or bring it back from archive).
     InPlace,
     /// Into the tenant with this slug, created if there is none.
-    IntoSlug(String),
+    IntoSlug(Slug),
 }
 
 /// Outcome of a verification.
@@ -45,41 +46,7 @@ struct Scratch {
     manifest: Manifest,
 }
 
-impl Provisioner {
-    /// A backup and the tenant it belongs to.
-    async fn backup_and_tenant(&self, id: Uuid) -> Result<(Backup, TenantRecord), BackupError> {
-        let reg = self.registry();
-        let b = reg
-            .backup(id)
-            .await?
-            .ok_or(BackupError::NotFound("backup"))?;
-        let t = reg
-            .tenant(b.tenant_id)
-            .await?
-            .ok_or(BackupError::NotFound("tenant"))?;
-        Ok((b, t))
-    }
-
-    /// A backup that can be read back: `succeeded`, else 404/409 saying why.
-    pub(crate) async fn succeeded_backup(
-        &self,
-        id: Uuid,
-        action: &str,
-    ) -> Result<Backup, BackupError> {
-        let b = self
-            .registry()
-            .backup(id)
-            .await?
-            .ok_or(BackupError::NotFound("backup"))?;
-        if b.status != "succeeded" {
-            return Err(BackupError::Conflict(format!(
-                "backup is {}: only a succeeded backup can be {action}",
-                b.status
-            )));
-        }
-        Ok(b)
-    }
-
+impl Backups {
     /// Restore a backup into a new scratch database on `admin`'s server:
     /// manifest checked, object streamed through SHA-256 and decryption into
     /// pg_restore, checksum compared before pg_restore may commit.
@@ -89,9 +56,9 @@ impl Provisioner {
         b: &Backup,
         admin: &ServerAdmin,
         progress: Option<Progress>,
-    ) -> Result<Scratch, BackupError> {
+    ) -> Result<Scratch> {
         if b.status != "succeeded" {
-            return Err(BackupError::Conflict(format!(
+            return Err(Error::Conflict(format!(
                 "backup is {}: only a succeeded backup can be restored",
                 b.status
             )));
@@ -100,7 +67,7 @@ impl Provisioner {
             match storage.store.get_bytes(&b.manifest_key).await? {
                 Some(bytes) => serde_json::from_slice(&bytes)
                     .map_err(|e| anyhow::anyhow!("read the backup's manifest: {e}"))?,
-                None => return Err(BackupError::Conflict(
+                None => return Err(Error::Conflict(
                     "the backup's manifest is missing from the store: it is not a complete backup"
                         .into(),
                 )),
@@ -109,7 +76,7 @@ impl Provisioner {
             || Some(manifest.sha256.as_str()) != b.sha256.as_deref()
             || Some(manifest.size_bytes as i64) != b.size_bytes
         {
-            return Err(BackupError::Internal(anyhow::anyhow!(
+            return Err(Error::Internal(anyhow::anyhow!(
                 "check the backup's manifest: it does not match the registry's record"
             )));
         }
@@ -126,7 +93,7 @@ impl Provisioner {
             .await;
         if let Err(e) = created {
             lock.release().await;
-            return Err(BackupError::Internal(
+            return Err(Error::Internal(
                 anyhow::Error::new(e).context("create the database to restore into"),
             ));
         }
@@ -155,7 +122,7 @@ impl Provisioner {
         scratch: &Scratch,
         key: &[u8; 32],
         progress: Option<Progress>,
-    ) -> Result<(), BackupError> {
+    ) -> Result<()> {
         admin
             .exec(&format!(
                 "REVOKE ALL ON DATABASE \"{}\" FROM PUBLIC",
@@ -163,9 +130,10 @@ impl Provisioner {
             ))
             .await
             .context("close the restored database to PUBLIC")?;
-        let mut body = storage.store.get(&b.object_key).await?.ok_or_else(|| {
-            BackupError::Conflict("the backup's data is missing from the store".into())
-        })?;
+        let mut body =
+            storage.store.get(&b.object_key).await?.ok_or_else(|| {
+                Error::Conflict("the backup's data is missing from the store".into())
+            })?;
         let mut child = storage.tools.spawn_restore(&admin.libpq, &scratch.name)?;
         let stderr = capture_stderr(&mut child);
         let mut stdin = child.stdin.take().context("pg_restore's input")?;
@@ -183,7 +151,7 @@ impl Provisioner {
             }
             if let Err(e) = opener.push(&chunk, &mut plain) {
                 child.kill().await.ok();
-                return Err(BackupError::Internal(anyhow::anyhow!(
+                return Err(Error::Internal(anyhow::anyhow!(
                     "restore the backup: {e}; nothing was changed"
                 )));
             }
@@ -195,13 +163,13 @@ impl Provisioner {
         let sha = hex(&hasher.finalize());
         if sha != scratch.manifest.sha256 || total != scratch.manifest.size_bytes {
             child.kill().await.ok();
-            return Err(BackupError::Internal(anyhow::anyhow!(
+            return Err(Error::Internal(anyhow::anyhow!(
                 "restore the backup: checksum mismatch (the stored object is not what was uploaded); nothing was changed"
             )));
         }
         if let Err(e) = opener.finish(&mut plain) {
             child.kill().await.ok();
-            return Err(BackupError::Internal(anyhow::anyhow!(
+            return Err(Error::Internal(anyhow::anyhow!(
                 "restore the backup: {e}; nothing was changed"
             )));
         }
@@ -210,9 +178,9 @@ impl Provisioner {
         }
         drop(stdin);
         let status = child.wait().await.context("wait for pg_restore")?;
-        let errors = super::pgtools::error_lines(&stderr.await.unwrap_or_default());
+        let errors = error_lines(&stderr.await.unwrap_or_default());
         if !status.success() {
-            return Err(BackupError::Internal(anyhow::anyhow!(
+            return Err(Error::Internal(anyhow::anyhow!(
                 "run pg_restore: it exited with {status}: {errors}"
             )));
         }
@@ -226,14 +194,14 @@ impl Provisioner {
         &self,
         backup: Uuid,
         progress: Option<Progress>,
-    ) -> Result<VerifyReport, BackupError> {
-        let storage = self.storage_or_err()?;
+    ) -> Result<VerifyReport> {
+        let storage = self.storage();
         let reg = self.registry();
         let (b, t) = self.backup_and_tenant(backup).await?;
         let admin = self.admin_for(&t).await?;
         let outcome = async {
             let scratch = self
-                .restore_to_scratch(&storage, &b, &admin, progress)
+                .restore_to_scratch(storage, &b, &admin, progress)
                 .await?;
             let counted = async {
                 let mut conn = admin.connect_to(&scratch.name).await?;
@@ -243,7 +211,7 @@ impl Provisioner {
             }
             .await;
             drop_scratch(&admin, scratch).await;
-            Ok::<_, BackupError>(counted?)
+            Ok::<_, Error>(counted?)
         }
         .await;
         let report = match outcome {
@@ -285,56 +253,40 @@ impl Provisioner {
         Ok(report)
     }
 
-    /// Restore `backup` into its tenant (replacing its database, or bringing
-    /// an archived tenant back) or into another tenant. The new database is
-    /// built and checked first; only then, under the tenant's lock, is it
-    /// swapped in. On any failure the tenant keeps its current database.
-    #[tracing::instrument(skip(self, progress))]
-    pub async fn restore_backup(
+    /// Restore backup `b` into `target` (its own tenant, replacing its
+    /// database or bringing it back from archive, or another tenant). The
+    /// new database is built and checked first; only then, under the
+    /// tenant's lock, is it swapped in. On any failure the tenant keeps its
+    /// current database.
+    #[tracing::instrument(skip_all, fields(backup_id = %b.id, tenant_id = %target.id))]
+    pub async fn restore_into(
         &self,
-        backup: Uuid,
-        target: RestoreTarget,
+        b: &Backup,
+        target: &TenantRecord,
         actor: &str,
         progress: Option<Progress>,
-    ) -> Result<TenantRecord, BackupError> {
-        let storage = self.storage_or_err()?;
-        let reg = self.registry();
-        let (b, source) = self.backup_and_tenant(backup).await?;
-        let target = match target {
-            RestoreTarget::InPlace => source.clone(),
-            RestoreTarget::IntoSlug(slug) => match reg.find_tenant(&slug).await? {
-                Some(t) => t,
-                None => {
-                    let req = CreateTenant {
-                        slug,
-                        name: source.name.clone(),
-                        plan: source.plan.clone(),
-                        server: None,
-                    };
-                    self.create(&req, None, actor).await?
-                }
-            },
-        };
+    ) -> Result<TenantRecord> {
+        let storage = self.storage();
         let restored = match target.status {
-            TenantStatus::Archived => self.unarchive(&storage, &b, &target, progress).await?,
+            TenantStatus::Archived => self.unarchive(storage, b, target, progress).await?,
             TenantStatus::Active | TenantStatus::Suspended => {
-                self.replace_database(&storage, &b, &target, progress)
-                    .await?
+                self.replace_database(storage, b, target, progress).await?
             }
             other => {
-                return Err(BackupError::Conflict(format!(
-                "tenant is {}: only an active, suspended or archived tenant can be restored into",
-                other.as_str()
-            )))
+                return Err(Error::state(
+                    other.as_str(),
+                    "only an active, suspended or archived tenant can be restored into",
+                ))
             }
         };
-        reg.audit(
-            actor,
-            "tenant.restore",
-            Some(restored.id),
-            serde_json::json!({"backup_id": b.id, "from_tenant": b.tenant_id}),
-        )
-        .await?;
+        self.registry()
+            .audit(
+                actor,
+                "tenant.restore",
+                Some(restored.id),
+                serde_json::json!({"backup_id": b.id, "from_tenant": b.tenant_id}),
+            )
+            .await?;
         Ok(restored)
     }
 
@@ -344,7 +296,7 @@ impl Provisioner {
             .single_pool(database)
             .await
             .context("connect to the restored database")?;
-        let migrated = crate::migrate::migrate_tenant_database(&db, self.tenant_migrator()).await;
+        let migrated = self.inner.schema.apply(&db).await;
         db.close().await;
         migrated.context("bring the restored database to the latest schema")
     }
@@ -355,7 +307,7 @@ impl Provisioner {
         b: &Backup,
         target: &TenantRecord,
         progress: Option<Progress>,
-    ) -> Result<TenantRecord, BackupError> {
+    ) -> Result<TenantRecord> {
         let reg = self.registry();
         let admin = self.admin_for(target).await?;
         let scratch = self
@@ -372,74 +324,62 @@ impl Provisioner {
         // The tenant's lock serializes with its other operations; the server's
         // lock keeps the sweep from seeing the renamed database before the
         // registry names it.
-        let tenant_lock = reg.lock_tenant(target.id).await?;
-        let server_lock = reg.lock_server(target.server_id).await?;
-        let swapped = async {
-            let t = reg.tenant(target.id).await?.context("find the tenant")?;
-            if t.server_id != target.server_id {
-                return Err(BackupError::Conflict(
-                    "tenant moved to another server during the restore; nothing was changed".into(),
-                ));
-            }
-            if !matches!(t.status, TenantStatus::Active | TenantStatus::Suspended) {
-                return Err(BackupError::Conflict(format!(
-                    "tenant became {} during the restore; nothing was changed",
-                    t.status.as_str()
-                )));
-            }
-            admin
-                .exec(&format!(
-                    "ALTER DATABASE \"{}\" RENAME TO \"{new_name}\"; GRANT CONNECT, TEMPORARY ON DATABASE \"{new_name}\" TO \"{}\"",
-                    scratch.name, t.role_name
-                ))
-                .await
-                .context("put the restored database in place")?;
-            let updated = reg
-                .set_tenant_database(t.id, &[t.status], t.status, &new_name, Some(version))
-                .await?
-                .context("record the restored database")?;
-            Ok((t, updated))
-        }
-        .await;
-        server_lock.release().await;
-        let result = match swapped {
-            Ok((old, updated)) => {
-                crate::failpoint::hit("restore_swap");
-                if let Err(e) = admin
-                    .exec(&format!(
-                        "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                        old.database_name
-                    ))
-                    .await
-                {
-                    // The sweep drops it later: no registry row names it any more.
-                    tracing::warn!(tenant_id = %old.id, "failed to drop the replaced database: {e}");
-                }
-                scratch.lock.release().await;
-                Ok(updated)
-            }
-            Err(e) => {
-                // Drop the restored database only if the registry surely does
-                // not name it (the switch may have committed before an error).
-                // When unsure, drop nothing: the sweep drops whichever
-                // database the registry does not name.
-                match reg.tenant(target.id).await {
-                    Ok(Some(now)) if now.database_name != new_name => {
-                        admin
-                            .exec(&format!(
-                                "DROP DATABASE IF EXISTS \"{new_name}\" WITH (FORCE)"
-                            ))
-                            .await
-                            .ok();
-                        drop_scratch(&admin, scratch).await;
+        reg.with_tenant_lock(target.id, || async {
+            let swapped = reg
+                .with_server_lock(target.server_id, || async {
+                    let t = reg.tenant(target.id).await?.context("find the tenant")?;
+                    if t.server_id != target.server_id {
+                        return Err(Error::conflict(
+                            "tenant moved to another server during the restore; nothing was changed",
+                        ));
                     }
-                    _ => scratch.lock.release().await,
+                    if !matches!(t.status, TenantStatus::Active | TenantStatus::Suspended) {
+                        return Err(Error::conflict(format!(
+                            "tenant became {} during the restore; nothing was changed",
+                            t.status.as_str()
+                        )));
+                    }
+                    admin
+                        .exec(&format!(
+                            "ALTER DATABASE \"{}\" RENAME TO \"{new_name}\"; GRANT CONNECT, TEMPORARY ON DATABASE \"{new_name}\" TO \"{}\"",
+                            scratch.name, t.role_name
+                        ))
+                        .await
+                        .context("put the restored database in place")?;
+                    let updated = reg
+                        .set_tenant_database(t.id, &[t.status], t.status, &new_name, Some(version))
+                        .await?
+                        .context("record the restored database")?;
+                    Ok((t, updated))
+                })
+                .await;
+            match swapped {
+                Ok((old, updated)) => {
+                    crate::failpoint::hit("restore_swap");
+                    if let Err(e) = roles::drop_database(&admin, &old.database_name).await {
+                        // The sweep drops it later: no registry row names it any more.
+                        tracing::warn!(tenant_id = %old.id, "failed to drop the replaced database: {e:#}");
+                    }
+                    scratch.lock.release().await;
+                    Ok(updated)
                 }
-                Err(e)
+                Err(e) => {
+                    // Drop the restored database only if the registry surely does
+                    // not name it (the switch may have committed before an error).
+                    // When unsure, drop nothing: the sweep drops whichever
+                    // database the registry does not name.
+                    match reg.tenant(target.id).await {
+                        Ok(Some(now)) if now.database_name != new_name => {
+                            roles::drop_database(&admin, &new_name).await.ok();
+                            drop_scratch(&admin, scratch).await;
+                        }
+                        _ => scratch.lock.release().await,
+                    }
+                    Err(e)
+                }
             }
-        };
-        tenant_lock.release().await;
-        result
+        })
+        .await
     }
 
     /// Bring an archived tenant back: restore, migrate, a new role and
@@ -450,10 +390,9 @@ impl Provisioner {
         b: &Backup,
         target: &TenantRecord,
         progress: Option<Progress>,
-    ) -> Result<TenantRecord, BackupError> {
+    ) -> Result<TenantRecord> {
         let reg = self.registry();
-        let lock = reg.lock_tenant(target.id).await?;
-        let result = async {
+        reg.with_tenant_lock(target.id, || async {
             reg.transition(
                 target.id,
                 &[TenantStatus::Archived],
@@ -461,7 +400,7 @@ impl Provisioner {
                 None,
             )
             .await?
-            .ok_or_else(|| BackupError::Conflict("tenant is no longer archived".into()))?;
+            .ok_or_else(|| Error::conflict("tenant is no longer archived"))?;
             let admin = self.admin_for(target).await?;
             let brought_back = async {
                 let scratch = self
@@ -471,40 +410,40 @@ impl Provisioner {
                     Ok(v) => v,
                     Err(e) => {
                         drop_scratch(&admin, scratch).await;
-                        return Err(BackupError::from(e));
+                        return Err(Error::from(e));
                     }
                 };
                 let new_name = restored_name(target.id, &scratch.name);
-                let server_lock = reg.lock_server(target.server_id).await?;
-                let placed = async {
-                    admin
-                        .exec(&format!(
-                            "ALTER DATABASE \"{}\" RENAME TO \"{new_name}\"",
-                            scratch.name
-                        ))
-                        .await
-                        .context("put the restored database in place")?;
-                    reg.set_tenant_database(
-                        target.id,
-                        &[TenantStatus::Restoring],
-                        TenantStatus::Restoring,
-                        &new_name,
-                        Some(version),
-                    )
-                    .await?
-                    .context("record the restored database")
-                }
-                .await;
-                server_lock.release().await;
+                let placed = reg
+                    .with_server_lock(target.server_id, || async {
+                        admin
+                            .exec(&format!(
+                                "ALTER DATABASE \"{}\" RENAME TO \"{new_name}\"",
+                                scratch.name
+                            ))
+                            .await
+                            .context("put the restored database in place")?;
+                        reg.set_tenant_database(
+                            target.id,
+                            &[TenantStatus::Restoring],
+                            TenantStatus::Restoring,
+                            &new_name,
+                            Some(version),
+                        )
+                        .await?
+                        .context("record the restored database")
+                        .map_err(Error::from)
+                    })
+                    .await;
                 scratch.lock.release().await;
                 placed?;
                 let password = crate::crypto::random_password(32);
-                create_role(
+                roles::create_role(
                     &admin,
                     &target.role_name,
                     &new_name,
                     &password,
-                    connection_limit(&target.plan),
+                    target.plan.connection_limit(),
                 )
                 .await
                 .context("create the tenant role")?;
@@ -513,7 +452,7 @@ impl Provisioner {
                     .seal(password.as_bytes(), target.id.as_bytes());
                 reg.set_password(target.id, &sealed, self.keyring().key_id())
                     .await?;
-                verify_login(&admin, &new_name, &target.role_name, &password)
+                roles::verify_login(&admin, &new_name, &target.role_name, &password)
                     .await
                     .context("verify the tenant role can log in")?;
                 let active = reg
@@ -537,14 +476,12 @@ impl Provisioner {
                     Err(e)
                 }
             }
-        }
-        .await;
-        lock.release().await;
-        result
+        })
+        .await
     }
 
     /// A failed or interrupted un-archive: drop what it built, back to `archived`.
-    pub(crate) async fn undo_unarchive(&self, id: Uuid, error: &str) {
+    pub async fn undo_unarchive(&self, id: Uuid, error: &str) {
         let reg = self.registry();
         // Back to `archived` first, and only from `restoring`: a tenant that
         // has meanwhile come back `active` keeps its database and role.
@@ -563,24 +500,15 @@ impl Provisioner {
             // An archived tenant has no database: whatever the row names now
             // was built by this restore. (If this fails, the login-state sweep
             // keeps the role from logging in; the next restore reuses both.)
-            admin
-                .exec(&format!(
-                    "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                    t.database_name
-                ))
-                .await
-                .ok();
-            admin
-                .exec(&format!("DROP ROLE IF EXISTS \"{}\"", t.role_name))
-                .await
-                .ok();
+            roles::drop_database(&admin, &t.database_name).await.ok();
+            roles::drop_role(&admin, &t.role_name).await.ok();
         }
     }
 }
 
 /// The name a restored database takes: the tenant's prefix plus the scratch id.
 fn restored_name(tenant: Uuid, scratch: &str) -> String {
-    let (base, _) = names_for(tenant);
+    let (base, _) = tenant_names(tenant);
     let suffix = &scratch[scratch.len() - 12..];
     format!("{base}_{suffix}")
 }
@@ -610,6 +538,6 @@ mod tests {
         let t = Uuid::now_v7();
         let name = restored_name(t, &scratch_db(Uuid::now_v7()));
         assert!(name.len() <= 63, "{name}");
-        assert!(name.starts_with(&names_for(t).0));
+        assert!(name.starts_with(&tenant_names(t).0));
     }
 }

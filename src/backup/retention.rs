@@ -11,8 +11,8 @@ use std::collections::HashSet;
 use chrono::{DateTime, Datelike, Duration, Utc};
 use uuid::Uuid;
 
-use super::BackupError;
-use crate::provision::Provisioner;
+use super::Backups;
+use crate::ops::Result;
 use crate::registry::Backup;
 
 /// How many backups to keep (see the module comment).
@@ -77,11 +77,11 @@ pub fn to_prune(backups: &[Backup], policy: Retention, now: DateTime<Utc>) -> Ve
         .collect()
 }
 
-impl Provisioner {
+impl Backups {
     /// Apply the retention policy to one tenant: delete the pruned backups'
     /// objects (manifest first), then mark their rows deleted.
-    pub async fn prune_backups(&self, tenant: Uuid) -> Result<u32, BackupError> {
-        let storage = self.storage_or_err()?;
+    pub async fn prune_backups(&self, tenant: Uuid) -> Result<u32> {
+        let storage = self.storage();
         let reg = self.registry();
         let backups = reg.live_backups_of(tenant).await?;
         let mut pruned = 0;

@@ -15,12 +15,11 @@ use tokio::task::JoinSet;
 use uuid::Uuid;
 
 use super::crypt::{new_data_key, Sealer, SEGMENT};
-use super::pgtools::capture_stderr;
-use super::{object_keys, BackupError, BackupKind, Progress, Storage, Store};
+use super::{key_erased, object_keys, BackupKind, Backups, Progress, Storage, Store};
 use crate::failpoint;
-use crate::provision::Provisioner;
-use crate::registry::is_unique_violation as is_unique;
+use crate::ops::{Error, Result};
 use crate::registry::{Backup, BackupDone, Lock, NewBackup, TenantRecord, TenantStatus};
+use crate::servers::tools::{capture_stderr, error_lines};
 
 /// Smallest part silo uploads (S3's own minimum is 5 MiB).
 pub const MIN_PART_SIZE: u64 = 8 * 1024 * 1024;
@@ -70,11 +69,7 @@ pub fn part_size_for(database_bytes: u64) -> u64 {
         .clamp(MIN_PART_SIZE, 5 * 1024 * MIB)
 }
 
-impl Provisioner {
-    pub fn storage_or_err(&self) -> Result<std::sync::Arc<Storage>, BackupError> {
-        self.storage().cloned().ok_or(BackupError::NotConfigured)
-    }
-
+impl Backups {
     /// Claim a backup of `tenant`: a `running` row and the lock that says its
     /// runner is alive. Run it with [`Provisioner::run_backup`].
     pub async fn start_backup(
@@ -82,13 +77,10 @@ impl Provisioner {
         tenant: Uuid,
         kind: BackupKind,
         scheduled_for: Option<DateTime<Utc>>,
-    ) -> Result<(Backup, Lock), BackupError> {
-        let storage = self.storage_or_err()?;
+    ) -> Result<(Backup, Lock)> {
+        let storage = self.storage();
         let reg = self.registry();
-        let t = reg
-            .tenant(tenant)
-            .await?
-            .ok_or(BackupError::NotFound("tenant"))?;
+        let t = reg.tenant(tenant).await?.ok_or(Error::NotFound("tenant"))?;
         let allowed = match kind {
             BackupKind::Manual | BackupKind::Scheduled => {
                 matches!(t.status, TenantStatus::Active | TenantStatus::Suspended)
@@ -97,14 +89,12 @@ impl Provisioner {
             BackupKind::Final => t.status == TenantStatus::Deleting,
         };
         if !allowed {
-            return Err(BackupError::Conflict(format!(
-                "tenant is {}: only an active or suspended tenant can be backed up",
-                t.status.as_str()
-            )));
+            return Err(Error::state(
+                t.status.as_str(),
+                "only an active or suspended tenant can be backed up",
+            ));
         }
-        if reg.backup_key_erased(tenant).await? {
-            return Err(BackupError::KeyErased);
-        }
+        self.refuse_if_erased(tenant).await?;
         let id = Uuid::now_v7();
         // Lock before the row exists, so the sweep never sees it running unlocked.
         let lock = reg
@@ -128,16 +118,17 @@ impl Provisioner {
         };
         match reg.insert_backup(&new).await {
             Ok(b) => Ok((b, lock)),
-            Err(e) if is_unique(&e, "backups_one_running") => {
+            Err(e) if e.is_unique_violation("backups_one_running") => {
                 lock.release().await;
                 let running = reg.running_backup(tenant).await?;
-                Err(BackupError::Running(running.map_or(Uuid::nil(), |b| b.id)))
+                Err(Error::conflict(format!(
+                    "a backup of this tenant is already running: backup {}",
+                    running.map_or(Uuid::nil(), |b| b.id)
+                )))
             }
-            Err(e) if is_unique(&e, "backups_one_per_slot") => {
+            Err(e) if e.is_unique_violation("backups_one_per_slot") => {
                 lock.release().await;
-                Err(BackupError::Conflict(
-                    "this scheduled slot was already taken".into(),
-                ))
+                Err(Error::conflict("this scheduled slot was already taken"))
             }
             Err(e) => {
                 lock.release().await;
@@ -154,8 +145,8 @@ impl Provisioner {
         backup: Backup,
         lock: Lock,
         progress: Option<Progress>,
-    ) -> Result<Backup, BackupError> {
-        let storage = self.storage_or_err()?;
+    ) -> Result<Backup> {
+        let storage = self.storage();
         let started = Instant::now();
         let reg = self.registry();
         let outcome = async {
@@ -163,7 +154,7 @@ impl Provisioner {
                 .tenant(backup.tenant_id)
                 .await?
                 .context("find the tenant")?;
-            self.take_backup(&storage, &backup, &t, progress).await
+            self.take_backup(storage, &backup, &t, progress).await
         }
         .await;
         let result = match outcome {
@@ -190,7 +181,7 @@ impl Provisioner {
                 };
                 reg.finish_backup(backup.id, &done_ref)
                     .await
-                    .map_err(BackupError::from)
+                    .map_err(Error::from)
             }
             Err(e) => {
                 let msg = format!("{e:#}");
@@ -203,11 +194,35 @@ impl Provisioner {
                 };
                 self.discard_backup(&storage.store, &current).await;
                 reg.fail_backup(backup.id, &msg).await?;
-                Err(BackupError::Internal(e))
+                Err(Error::Internal(e))
             }
         };
         lock.release().await;
         result
+    }
+
+    /// `POST /tenants/{t}/backups`: claim a manual backup and run it (then
+    /// retention) in the background; answers at once with the claimed backup.
+    pub async fn start_manual(&self, tenant: Uuid, actor: &str) -> Result<Backup> {
+        let (backup, lock) = self.start_backup(tenant, BackupKind::Manual, None).await?;
+        self.registry()
+            .audit(
+                actor,
+                "backup.start",
+                Some(tenant),
+                serde_json::json!({"backup_id": backup.id}),
+            )
+            .await?;
+        let runner = self.clone();
+        let started = backup.clone();
+        self.spawn_task(async move {
+            if runner.run_backup(started, lock, None).await.is_ok() {
+                if let Err(e) = runner.prune_backups(tenant).await {
+                    tracing::warn!(tenant_id = %tenant, "failed to apply backup retention: {e}");
+                }
+            }
+        });
+        Ok(backup)
     }
 
     /// Claim and run a backup, waiting for it.
@@ -216,14 +231,14 @@ impl Provisioner {
         tenant: Uuid,
         kind: BackupKind,
         progress: Option<Progress>,
-    ) -> Result<Backup, BackupError> {
+    ) -> Result<Backup> {
         let (b, lock) = self.start_backup(tenant, kind, None).await?;
         self.run_backup(b, lock, progress).await
     }
 
     /// Remove whatever a failed or abandoned backup left in the store: the
     /// open upload, and the objects if the upload had been completed.
-    pub(crate) async fn discard_backup(&self, store: &Store, b: &Backup) {
+    pub async fn discard_backup(&self, store: &Store, b: &Backup) {
         if let Some(upload) = &b.upload_id {
             if let Err(e) = store.abort_upload(&b.object_key, upload).await {
                 tracing::warn!(backup_id = %b.id, "failed to abort the upload of a failed backup: {e:#}");
@@ -238,11 +253,7 @@ impl Provisioner {
     }
 
     /// The tenant's backup data key, created on first use.
-    pub(crate) async fn data_key(
-        &self,
-        tenant: Uuid,
-        create: bool,
-    ) -> Result<[u8; 32], BackupError> {
+    pub async fn data_key(&self, tenant: Uuid, create: bool) -> Result<[u8; 32]> {
         let context = data_key_context(tenant);
         let candidate = create.then(|| {
             let key = new_data_key();
@@ -257,20 +268,17 @@ impl Provisioner {
             .await?;
         let Some((sealed, key_id)) = sealed else {
             return Err(if self.registry().backup_key_erased(tenant).await? {
-                BackupError::KeyErased
+                key_erased()
             } else {
-                BackupError::Internal(anyhow::anyhow!("the tenant has no backup key"))
+                Error::Internal(anyhow::anyhow!("the tenant has no backup key"))
             });
         };
         let key = self
             .keyring()
             .open(&key_id, &sealed, &context)
-            .map_err(|e| {
-                BackupError::Internal(anyhow::anyhow!("open the tenant's backup key: {e}"))
-            })?;
-        key.try_into().map_err(|_| {
-            BackupError::Internal(anyhow::anyhow!("the tenant's backup key is malformed"))
-        })
+            .map_err(|e| Error::Internal(anyhow::anyhow!("open the tenant's backup key: {e}")))?;
+        key.try_into()
+            .map_err(|_| Error::Internal(anyhow::anyhow!("the tenant's backup key is malformed")))
     }
 
     async fn take_backup(
@@ -362,7 +370,7 @@ impl Provisioner {
             sealed.clear();
         }
         let status = child.wait().await.context("wait for pg_dump")?;
-        let errors = super::pgtools::error_lines(&stderr.await.unwrap_or_default());
+        let errors = error_lines(&stderr.await.unwrap_or_default());
         anyhow::ensure!(
             status.success(),
             "run pg_dump: it exited with {status}: {}",

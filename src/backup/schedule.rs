@@ -11,8 +11,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use chrono::{DateTime, Duration, Utc};
-use croner::Cron;
+use chrono::{DateTime, Utc};
 use rand::seq::SliceRandom;
 use serde::Serialize;
 use tokio::sync::Semaphore;
@@ -20,8 +19,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{BackupError, BackupKind};
-use crate::provision::Provisioner;
+use super::{BackupKind, Backups};
+use crate::domain::Schedule;
+use crate::ops::{Error, Result};
 use crate::registry::Schedulable;
 
 /// Idle tenants the scheduler starts archiving per tick.
@@ -30,41 +30,44 @@ const ARCHIVE_PER_TICK: i64 = 10;
 /// Attempts per tenant and slot before the scheduler gives up on that slot.
 pub const MAX_ATTEMPTS: usize = 3;
 
-/// Parse a backup cron expression (seconds optional).
-pub fn parse(expr: &str) -> Option<Cron> {
-    Cron::new(expr).with_seconds_optional().parse().ok()
-}
-
-/// The latest time `cron` fires at or before `now`, within the last year.
-pub fn latest_slot(cron: &Cron, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-    for lookback in [
-        Duration::hours(1),
-        Duration::days(1),
-        Duration::days(32),
-        Duration::days(367),
-    ] {
-        let mut last = None;
-        for t in cron.iter_after(now - lookback) {
-            if t > now {
-                break;
-            }
-            last = Some(t);
-        }
-        if last.is_some() {
-            return last;
-        }
-    }
-    None
-}
-
-/// Tenants whose latest slot is still to run: (tenant, slot).
-pub fn due(
+/// Each tenant's latest slot: the last time its schedule fired, if the
+/// tenant existed then (else its first slot is the next one). A tenant's
+/// own schedule that no longer parses (stored by an older version with other
+/// rules) falls back to `default`, so its backups never silently stop.
+pub fn latest_slots(
     tenants: &[Schedulable],
-    default: &str,
-    attempts: &[(Uuid, DateTime<Utc>, String)],
+    default: &Schedule,
     now: DateTime<Utc>,
 ) -> Vec<(Uuid, DateTime<Utc>)> {
+    let default_slot = default.latest_slot(now);
+    // Each distinct schedule parsed once per tick, not once per tenant.
     let mut slots: HashMap<&str, Option<DateTime<Utc>>> = HashMap::new();
+    tenants
+        .iter()
+        .filter_map(|t| {
+            let slot = match t.backup_schedule.as_deref() {
+                None => default_slot,
+                Some(expr) => *slots
+                    .entry(expr)
+                    .or_insert_with(|| match Schedule::parse(expr) {
+                        Ok(s) => s.latest_slot(now),
+                        Err(e) => {
+                            tracing::warn!(schedule = expr, "a tenant's backup schedule is no longer valid, using the default: {e}");
+                            default_slot
+                        }
+                    }),
+            }?;
+            (slot >= t.created_at).then_some((t.id, slot))
+        })
+        .collect()
+}
+
+/// The slots still to run: not run (nor running) yet, and not failed
+/// [`MAX_ATTEMPTS`] times.
+pub fn due(
+    slots: &[(Uuid, DateTime<Utc>)],
+    attempts: &[(Uuid, DateTime<Utc>, String)],
+) -> Vec<(Uuid, DateTime<Utc>)> {
     let mut tried: HashMap<(Uuid, DateTime<Utc>), (bool, usize)> = HashMap::new();
     for (tenant, slot, status) in attempts {
         let e = tried.entry((*tenant, *slot)).or_default();
@@ -75,23 +78,14 @@ pub fn due(
             e.1 += 1;
         }
     }
-    tenants
+    slots
         .iter()
-        .filter_map(|t| {
-            let expr = t.backup_schedule.as_deref().unwrap_or(default);
-            let slot = *slots
-                .entry(expr)
-                .or_insert_with(|| parse(expr).and_then(|c| latest_slot(&c, now)));
-            let slot = slot?;
-            if slot < t.created_at {
-                return None; // the tenant did not exist yet: its first slot is the next one
-            }
-            match tried.get(&(t.id, slot)) {
-                Some((true, _)) => None,
-                Some((false, failed)) if *failed >= MAX_ATTEMPTS => None,
-                _ => Some((t.id, slot)),
-            }
+        .filter(|slot| match tried.get(slot) {
+            Some((true, _)) => false,
+            Some((false, failed)) => *failed < MAX_ATTEMPTS,
+            None => true,
         })
+        .copied()
         .collect()
 }
 
@@ -109,14 +103,14 @@ pub struct TickReport {
 #[derive(Debug, Default, Clone)]
 pub struct TickGuard(Arc<AtomicBool>);
 
-impl Provisioner {
+impl Backups {
     /// Run every backup due now, `concurrency` at a time; stop claiming new
     /// ones when `cancel` fires. Skipped if a previous tick is still running.
     pub async fn run_due_backups(
         &self,
         guard: &TickGuard,
         cancel: &CancellationToken,
-    ) -> Result<TickReport, BackupError> {
+    ) -> Result<TickReport> {
         if guard.0.swap(true, Ordering::SeqCst) {
             return Ok(TickReport::default());
         }
@@ -125,11 +119,8 @@ impl Provisioner {
         result
     }
 
-    async fn run_due_backups_inner(
-        &self,
-        cancel: &CancellationToken,
-    ) -> Result<TickReport, BackupError> {
-        let storage = self.storage_or_err()?;
+    async fn run_due_backups_inner(&self, cancel: &CancellationToken) -> Result<TickReport> {
+        let storage = self.storage();
         let reg = self.registry();
         let now = Utc::now();
         self.record_backup_ages(now).await?;
@@ -140,22 +131,13 @@ impl Provisioner {
             }
         }
         let tenants = reg.schedulable_tenants().await?;
-        let default = storage.settings.schedule.clone();
+        let slots = latest_slots(&tenants, &storage.settings.schedule, now);
         // Attempts since the oldest slot in question.
-        // Each distinct schedule once, not once per tenant.
-        let schedules: std::collections::HashSet<&str> = tenants
-            .iter()
-            .map(|t| t.backup_schedule.as_deref().unwrap_or(&default))
-            .collect();
-        let oldest = schedules
-            .into_iter()
-            .filter_map(|expr| parse(expr).and_then(|c| latest_slot(&c, now)))
-            .min();
-        let Some(oldest) = oldest else {
+        let Some(oldest) = slots.iter().map(|(_, slot)| *slot).min() else {
             return Ok(TickReport::default());
         };
         let attempts = reg.scheduled_attempts(oldest).await?;
-        let mut due = due(&tenants, &default, &attempts, now);
+        let mut due = due(&slots, &attempts);
         // Replicas start at different tenants instead of racing for the same.
         due.shuffle(&mut rand::thread_rng());
         let mut report = TickReport {
@@ -163,7 +145,7 @@ impl Provisioner {
             ..Default::default()
         };
         let permits = Arc::new(Semaphore::new(storage.settings.concurrency));
-        let mut running: JoinSet<Result<(), BackupError>> = JoinSet::new();
+        let mut running: JoinSet<Result<()>> = JoinSet::new();
         for (tenant, slot) in due {
             let permit = tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -177,13 +159,11 @@ impl Provisioner {
                 .await
             {
                 Ok(claimed) => claimed,
-                Err(
-                    BackupError::Conflict(_) | BackupError::Running(_) | BackupError::KeyErased,
-                ) => {
+                Err(Error::Conflict(_) | Error::Busy { .. }) => {
                     report.skipped += 1;
                     continue;
                 }
-                Err(BackupError::NotFound(_)) => continue,
+                Err(Error::NotFound(_)) => continue,
                 Err(e) => {
                     // One tenant's trouble does not stop the others.
                     tracing::warn!(tenant_id = %tenant, "failed to start a scheduled backup: {e}");
@@ -215,7 +195,7 @@ impl Provisioner {
 
     /// Start archiving tenants idle since before `cutoff`, a few per tick. A
     /// tenant another replica started on already is skipped (its state moved).
-    pub async fn archive_idle(&self, cutoff: DateTime<Utc>) -> Result<usize, BackupError> {
+    pub async fn archive_idle(&self, cutoff: DateTime<Utc>) -> Result<usize> {
         let mut started = 0;
         for id in self
             .registry()
@@ -227,9 +207,7 @@ impl Provisioner {
                     tracing::info!(tenant_id = %id, operation_id = %op.id, "archiving an idle tenant");
                     started += 1;
                 }
-                Err(
-                    BackupError::Conflict(_) | BackupError::NotFound(_) | BackupError::KeyErased,
-                ) => {}
+                Err(Error::Conflict(_) | Error::Busy { .. } | Error::NotFound(_)) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -237,7 +215,7 @@ impl Provisioner {
     }
 
     /// `silo_backup_last_success_age_seconds{tenant}` for every active tenant.
-    async fn record_backup_ages(&self, now: DateTime<Utc>) -> Result<(), BackupError> {
+    async fn record_backup_ages(&self, now: DateTime<Utc>) -> Result<()> {
         let mut never = 0u64;
         for (slug, last) in self.registry().last_backups().await? {
             match last {
@@ -253,7 +231,7 @@ impl Provisioner {
     }
 }
 
-fn tally(report: &mut TickReport, done: Result<Result<(), BackupError>, tokio::task::JoinError>) {
+fn tally(report: &mut TickReport, done: Result<Result<()>, tokio::task::JoinError>) {
     match done {
         Ok(Ok(())) => report.succeeded += 1,
         _ => report.failed += 1,
@@ -263,7 +241,7 @@ fn tally(report: &mut TickReport, done: Result<Result<(), BackupError>, tokio::t
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::TimeZone;
+    use chrono::{Duration, TimeZone};
 
     fn tenant(created: DateTime<Utc>, schedule: Option<&str>) -> Schedulable {
         Schedulable {
@@ -272,28 +250,6 @@ mod tests {
             backup_schedule: schedule.map(str::to_owned),
             created_at: created,
         }
-    }
-
-    #[test]
-    fn the_latest_slot_is_the_last_fire_time_not_after_now() {
-        let now = Utc.with_ymd_and_hms(2026, 11, 25, 5, 30, 7).unwrap();
-        let daily = parse("0 0 2 * * *").unwrap();
-        assert_eq!(
-            latest_slot(&daily, now),
-            Some(Utc.with_ymd_and_hms(2026, 11, 25, 2, 0, 0).unwrap())
-        );
-        let at_two = Utc.with_ymd_and_hms(2026, 11, 25, 2, 0, 0).unwrap();
-        assert_eq!(latest_slot(&daily, at_two), Some(at_two));
-        let every5s = parse("*/5 * * * * *").unwrap();
-        assert_eq!(
-            latest_slot(&every5s, now),
-            Some(Utc.with_ymd_and_hms(2026, 11, 25, 5, 30, 5).unwrap())
-        );
-        let monthly = parse("0 0 3 1 * *").unwrap();
-        assert_eq!(
-            latest_slot(&monthly, now),
-            Some(Utc.with_ymd_and_hms(2026, 11, 1, 3, 0, 0).unwrap())
-        );
     }
 
     #[test]
@@ -307,6 +263,8 @@ mod tests {
             tenant(now - Duration::hours(1), None),
             tenant(old, Some("0 30 4 * * *")),
         );
+        // A stored schedule from an older version that fires too rarely: the default applies.
+        let f = tenant(old, Some("0 0 3 1 * *"));
         let e = tenant(old, None);
         let attempts = vec![
             (a.id, slot, "succeeded".to_owned()),
@@ -315,12 +273,16 @@ mod tests {
             (e.id, slot, "failed".to_owned()),
             (e.id, slot, "failed".to_owned()),
         ];
-        let due = due(
-            &[a.clone(), b.clone(), c.clone(), d.clone(), e.clone()],
-            "0 0 2 * * *",
-            &attempts,
-            now,
-        );
+        let tenants = [
+            a.clone(),
+            b.clone(),
+            c.clone(),
+            d.clone(),
+            e.clone(),
+            f.clone(),
+        ];
+        let slots = latest_slots(&tenants, &Schedule::parse("0 0 2 * * *").unwrap(), now);
+        let due = due(&slots, &attempts);
         assert!(!due.iter().any(|(t, _)| *t == a.id), "done already");
         assert!(due.contains(&(b.id, slot)), "one failure: retried");
         assert!(
@@ -332,6 +294,10 @@ mod tests {
         assert!(
             !due.iter().any(|(t, _)| *t == e.id),
             "gave up after {MAX_ATTEMPTS}"
+        );
+        assert!(
+            due.contains(&(f.id, slot)),
+            "an invalid own schedule: the default's slot"
         );
     }
 }

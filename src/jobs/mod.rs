@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::provision::Provisioner;
+use crate::control::ControlPlane;
 
 /// How long the warm pool waits for a spare to be taken before checking anyway.
 const WARM_POOL_RECHECK: Duration = Duration::from_secs(30);
@@ -23,15 +23,15 @@ const WARM_POOL_QUIET: Duration = Duration::from_millis(500);
 
 /// Start the background tasks on `tracker`; they stop when `token` is cancelled.
 pub fn spawn(
-    provisioner: &Provisioner,
+    control: &ControlPlane,
     reconcile_every: Duration,
     scheduler_tick: Duration,
     health_interval: Duration,
     token: &CancellationToken,
     tracker: &TaskTracker,
 ) {
-    spawn_health_checks(provisioner, health_interval, token, tracker);
-    let (p, t, tracker2) = (provisioner.clone(), token.clone(), tracker.clone());
+    spawn_health_checks(control, health_interval, token, tracker);
+    let (p, t, tracker2) = (control.clone(), token.clone(), tracker.clone());
     tracker.spawn(async move {
         let tracker = tracker2;
         loop {
@@ -41,11 +41,11 @@ pub fn spawn(
                 Err(e) => tracing::warn!("failed to reconcile: {e:#}"),
             }
             // A fleet migration whose runner died is resumed here, by one replica.
-            match p.take_over_fleet_migration().await {
+            match p.fleet().take_over().await {
                 Ok(Some(run)) => {
                     let p = p.clone();
                     tracker.spawn(async move {
-                        if let Err(e) = run.run(&p, |_, _| {}).await {
+                        if let Err(e) = p.run_fleet(run, |_, _| {}).await {
                             tracing::warn!("failed to resume a fleet migration: {e:#}");
                         }
                     });
@@ -59,10 +59,10 @@ pub fn spawn(
             }
         }
     });
-    if provisioner.storage().is_some() {
-        spawn_backup_scheduler(provisioner, scheduler_tick, token, tracker);
+    if let Ok(backups) = control.backups() {
+        spawn_backup_scheduler(backups, scheduler_tick, token, tracker);
     }
-    let (p, t) = (provisioner.clone(), token.clone());
+    let (p, t) = (control.provisioner().clone(), token.clone());
     tracker.spawn(async move {
         loop {
             // Small batches, checking for shutdown and for creates in between.
@@ -90,12 +90,12 @@ pub fn spawn(
 /// Check every tenant server every `interval` until `token` is cancelled. A
 /// server failing checks for three intervals becomes `unhealthy`.
 fn spawn_health_checks(
-    provisioner: &Provisioner,
+    control: &ControlPlane,
     interval: Duration,
     token: &CancellationToken,
     tracker: &TaskTracker,
 ) {
-    let (p, t) = (provisioner.clone(), token.clone());
+    let (p, t) = (control.clone(), token.clone());
     tracker.spawn(async move {
         let unhealthy_after = interval * 3;
         loop {
@@ -115,12 +115,12 @@ fn spawn_health_checks(
 
 /// Tick the backup scheduler every `tick` until `token` is cancelled.
 fn spawn_backup_scheduler(
-    provisioner: &Provisioner,
+    backups: &crate::backup::Backups,
     tick: Duration,
     token: &CancellationToken,
     tracker: &TaskTracker,
 ) {
-    let (p, t) = (provisioner.clone(), token.clone());
+    let (p, t) = (backups.clone(), token.clone());
     tracker.spawn(async move {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
         let clock = async {

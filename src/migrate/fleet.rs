@@ -23,13 +23,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
-use crate::provision::Provisioner;
-use crate::registry::{is_unique_violation, Operation, TenantRecord};
-
-/// Operation kind of a fleet migration.
-pub const FLEET_KIND: &str = "migrate.tenants";
-/// Operation kind of a dry run (no lease: it changes nothing).
-pub const FLEET_DRY_RUN_KIND: &str = "migrate.tenants.dry_run";
+use crate::domain::OperationKind;
+use crate::ops::{Error, Result};
+use crate::registry::{Operation, Registry, TenantRecord};
+use crate::servers::{ServerPools, TenantSchema};
 /// Longest a run waits at its end for tenants still provisioning (a crashed
 /// create is finished by the reconciler within its interval).
 const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
@@ -89,23 +86,6 @@ pub struct FleetReport {
     pub seconds: f64,
 }
 
-/// Why a run could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum FleetStartError {
-    #[error("a fleet migration is already running (operation {0})")]
-    AlreadyRunning(Uuid),
-    #[error("no tenant '{0}'")]
-    UnknownTenant(String),
-    #[error(transparent)]
-    Internal(#[from] anyhow::Error),
-}
-
-impl From<sqlx::Error> for FleetStartError {
-    fn from(e: sqlx::Error) -> Self {
-        Self::Internal(anyhow::Error::new(e).context("query the control database"))
-    }
-}
-
 /// A started run: its operation, and the lease to hold while it runs.
 pub struct FleetRun {
     pub operation: Operation,
@@ -113,24 +93,50 @@ pub struct FleetRun {
     lease: Option<crate::registry::Lock>,
 }
 
-impl Provisioner {
+/// Runs fleet migrations. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Fleet {
+    registry: Registry,
+    servers: ServerPools,
+    schema: TenantSchema,
+}
+
+impl Fleet {
+    pub fn new(registry: Registry, servers: ServerPools, schema: TenantSchema) -> Self {
+        Self {
+            registry,
+            servers,
+            schema,
+        }
+    }
+
+    fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Newest tenant schema version: what a run brings every tenant to.
+    pub fn target_version(&self) -> i64 {
+        self.schema.latest_version()
+    }
+
     /// Start a fleet migration: create its operation and take its lease, or
     /// take over an unfinished one whose runner died. Then call [`FleetRun::run`].
-    pub async fn start_fleet_migration(
-        &self,
-        options: FleetOptions,
-        actor: &str,
-    ) -> Result<FleetRun, FleetStartError> {
+    pub async fn start(&self, options: FleetOptions, actor: &str) -> Result<FleetRun> {
         let reg = self.registry();
         if let Some(t) = &options.tenant {
             reg.find_tenant(t)
                 .await?
-                .ok_or_else(|| FleetStartError::UnknownTenant(t.clone()))?;
+                .ok_or_else(|| Error::Invalid(format!("no tenant '{t}'")))?;
         }
         let params = serde_json::to_value(&options).context("encode options")?;
         if options.dry_run {
             let operation = reg
-                .create_operation_with(FLEET_DRY_RUN_KIND, None, params)
+                .create_operation_as(
+                    Uuid::now_v7(),
+                    OperationKind::MigrateTenantsDryRun,
+                    None,
+                    params,
+                )
                 .await?;
             return Ok(FleetRun {
                 operation,
@@ -139,7 +145,12 @@ impl Provisioner {
             });
         }
         match reg
-            .create_operation_with(FLEET_KIND, None, params.clone())
+            .create_operation_as(
+                Uuid::now_v7(),
+                OperationKind::MigrateTenants,
+                None,
+                params.clone(),
+            )
             .await
         {
             Ok(operation) => {
@@ -157,13 +168,20 @@ impl Provisioner {
                     lease,
                 })
             }
-            Err(e) if is_unique_violation(&e, "operations_one_fleet_migration") => {
-                match self.take_over_fleet_migration().await? {
+            Err(e) if e.is_unique_violation("operations_one_fleet_migration") => {
+                match self.take_over().await? {
                     Some(run) => Ok(run),
                     None => {
-                        let running = reg.unfinished_operations(FLEET_KIND).await?;
-                        let id = running.first().map(|o| o.id).unwrap_or_default();
-                        Err(FleetStartError::AlreadyRunning(id))
+                        let running = reg
+                            .unfinished_operations(OperationKind::MigrateTenants)
+                            .await?;
+                        let operation = running.first().map(|o| o.id).unwrap_or_default();
+                        Err(Error::Busy {
+                            what: format!(
+                                "a fleet migration is already running (operation {operation})"
+                            ),
+                            operation,
+                        })
                     }
                 }
             }
@@ -172,9 +190,12 @@ impl Provisioner {
     }
 
     /// An unfinished fleet migration whose runner died, with its lease now ours.
-    pub async fn take_over_fleet_migration(&self) -> Result<Option<FleetRun>, FleetStartError> {
+    pub async fn take_over(&self) -> Result<Option<FleetRun>> {
         let reg = self.registry();
-        for operation in reg.unfinished_operations(FLEET_KIND).await? {
+        for operation in reg
+            .unfinished_operations(OperationKind::MigrateTenants)
+            .await?
+        {
             if let Some(lease) = reg.try_lock_operation(operation.id).await? {
                 let options = serde_json::from_value(reg.operation_params(operation.id).await?)
                     .unwrap_or_default();
@@ -190,7 +211,7 @@ impl Provisioner {
     }
 
     /// Default concurrency: a tenth of the smallest server budget, 1..=8.
-    pub async fn default_fleet_concurrency(&self) -> anyhow::Result<usize> {
+    pub async fn default_concurrency(&self) -> anyhow::Result<usize> {
         let smallest = self
             .registry()
             .servers()
@@ -235,28 +256,22 @@ impl Provisioner {
     /// Migrate one tenant's database under its lock, over a short-lived
     /// connection, and record its new version.
     async fn migrate_tenant_locked(&self, t: &TenantRecord) -> anyhow::Result<i64> {
-        let lock = self.registry().lock_tenant(t.id).await?;
-        let result = async {
+        let reg = self.registry();
+        reg.with_tenant_lock(t.id, || async {
             // Re-read under the lock: a move may have switched its server meanwhile.
-            let t = &self
-                .registry()
-                .tenant(t.id)
-                .await?
-                .context("re-read the tenant")?;
-            let admin = self.admin_for(t).await?;
+            let t = &reg.tenant(t.id).await?.context("re-read the tenant")?;
+            let admin = self.servers.admin_of(reg, t.server_id).await?;
             let db = admin
                 .single_pool(&t.database_name)
                 .await
                 .context("connect to the tenant database")?;
-            let migrated = super::migrate_tenant_database(&db, self.tenant_migrator()).await;
+            let migrated = self.schema.apply(&db).await;
             db.close().await;
             let version = migrated?;
-            self.registry().set_schema_version(t.id, version).await?;
+            reg.set_schema_version(t.id, version).await?;
             anyhow::Ok(version)
-        }
-        .await;
-        lock.release().await;
-        result
+        })
+        .await
     }
 }
 
@@ -275,7 +290,7 @@ impl FleetRun {
     /// record the outcome on the operation. Releases the lease at the end.
     pub async fn run(
         mut self,
-        p: &Provisioner,
+        p: &Fleet,
         on_result: impl Fn(&TenantResult, FleetProgress) + Send + Sync,
     ) -> anyhow::Result<FleetReport> {
         let op = self.operation.id;
@@ -288,14 +303,9 @@ impl FleetRun {
             }
             Ok(report) => {
                 let msg = format!("{} tenant(s) failed to migrate", report.failed.len());
-                reg.finish_operation(op, Err(msg)).await?;
-                // Keep the per-tenant failures readable on the operation.
-                sqlx::query("UPDATE operations SET result = $2 WHERE id = $1")
-                    .bind(op)
-                    .bind(serde_json::to_value(report)?)
-                    .execute(reg.pool())
+                // The per-tenant failures stay readable on the operation.
+                reg.fail_operation_with_report(op, &msg, serde_json::to_value(report)?)
                     .await
-                    .map(|_| ())
             }
             Err(e) => reg.finish_operation(op, Err(format!("{e:#}"))).await,
         };
@@ -303,24 +313,17 @@ impl FleetRun {
             lease.release().await;
         }
         finished.context("record the fleet migration's outcome")?;
-        let report = outcome?;
-        if report.migrated > 0 {
-            // New tenants must arrive at the new version: rebuild templates, replace spares.
-            if let Err(e) = p.reconcile_once().await {
-                tracing::warn!("failed to refresh templates after a fleet migration: {e:#}");
-            }
-        }
-        Ok(report)
+        outcome
     }
 
     async fn run_inner(
         &self,
-        p: &Provisioner,
+        p: &Fleet,
         on_result: &(impl Fn(&TenantResult, FleetProgress) + Send + Sync),
     ) -> anyhow::Result<FleetReport> {
         let started = Instant::now();
         let reg = p.registry();
-        let target = p.latest_version();
+        let target = p.target_version();
         let only = match &self.options.tenant {
             Some(t) => Some(
                 reg.find_tenant(t)
@@ -332,7 +335,7 @@ impl FleetRun {
         };
         let concurrency = match self.options.concurrency {
             Some(n) => n.clamp(1, MAX_CONCURRENCY),
-            None => p.default_fleet_concurrency().await?,
+            None => p.default_concurrency().await?,
         };
         let mut report = FleetReport {
             target_version: target,

@@ -1,37 +1,43 @@
-//! Suspend, resume and delete. Each runs under the tenant's lock; the registry
-//! state and the server's state (role can log in, database exists) are put in
-//! agreement, and the reconciler repairs any disagreement a crash leaves.
+//! Suspend, resume, patch, rotate and delete. Each runs under the tenant's
+//! lock; the registry state and the server's state (role can log in,
+//! database exists) are put in agreement, and the reconciler repairs any
+//! disagreement a crash leaves.
 
 use anyhow::Context;
+use serde_json::json;
 use uuid::Uuid;
 
-use super::{ProvisionError, Provisioner, ServerAdmin};
+use super::Provisioner;
+use crate::domain::OperationKind;
 use crate::failpoint;
+use crate::ops::{Error, Result};
 use crate::registry::{Operation, TenantPatch, TenantRecord, TenantStatus};
+use crate::servers::{roles, scram};
+
+/// A delete that was started: its operation, and the tenant as it was.
+#[derive(Debug)]
+pub struct DeleteStarted {
+    pub operation: Operation,
+    pub tenant: TenantRecord,
+}
 
 impl Provisioner {
     /// Stop a tenant: its role can no longer log in and its sessions end.
     #[tracing::instrument(skip(self), fields(tenant_id = %id))]
-    pub async fn suspend(&self, id: Uuid, actor: &str) -> Result<TenantRecord, ProvisionError> {
+    pub async fn suspend(&self, id: Uuid, actor: &str) -> Result<TenantRecord> {
         self.set_login(id, actor, false).await
     }
 
     /// Let a suspended tenant in again.
     #[tracing::instrument(skip(self), fields(tenant_id = %id))]
-    pub async fn resume(&self, id: Uuid, actor: &str) -> Result<TenantRecord, ProvisionError> {
+    pub async fn resume(&self, id: Uuid, actor: &str) -> Result<TenantRecord> {
         self.set_login(id, actor, true).await
     }
 
-    async fn set_login(
-        &self,
-        id: Uuid,
-        actor: &str,
-        login: bool,
-    ) -> Result<TenantRecord, ProvisionError> {
+    async fn set_login(&self, id: Uuid, actor: &str, login: bool) -> Result<TenantRecord> {
         let reg = self.registry();
-        let lock = reg.lock_tenant(id).await?;
-        let result = async {
-            let t = reg.tenant(id).await?.ok_or(ProvisionError::NotFound)?;
+        reg.with_tenant_lock(id, || async {
+            let t = reg.tenant(id).await?.ok_or(Error::NotFound("tenant"))?;
             let (from, to, action) = if login {
                 (
                     TenantStatus::Suspended,
@@ -49,7 +55,7 @@ impl Provisioner {
                 return Ok(t); // already there: idempotent
             }
             if t.status != from {
-                return Err(ProvisionError::InvalidState(
+                return Err(Error::state(
                     t.status.as_str(),
                     if login {
                         "only a suspended tenant can be resumed"
@@ -64,23 +70,24 @@ impl Provisioner {
             if !login {
                 reg.transition(id, &[from], to, None).await?;
             }
-            set_role_login(&admin, &t.role_name, login).await?;
+            roles::set_role_login(&admin, &t.role_name, login)
+                .await
+                .context("change whether the tenant role may log in")?;
             if !login {
-                terminate_sessions(&admin, &t.role_name).await?;
+                roles::terminate_sessions(&admin, &t.role_name)
+                    .await
+                    .context("end the tenant's sessions")?;
             }
             let t = if login {
                 reg.transition(id, &[from], to, None).await?
             } else {
                 reg.tenant(id).await?
             }
-            .ok_or(ProvisionError::NotFound)?;
-            reg.audit(actor, action, Some(id), serde_json::json!({}))
-                .await?;
+            .ok_or(Error::NotFound("tenant"))?;
+            reg.audit(actor, action, Some(id), json!({})).await?;
             Ok(t)
-        }
-        .await;
-        lock.release().await;
-        result
+        })
+        .await
     }
 
     /// Change name, plan or backup schedule; a new plan changes the role's connection limit.
@@ -90,49 +97,43 @@ impl Provisioner {
         id: Uuid,
         patch: &TenantPatch<'_>,
         actor: &str,
-    ) -> Result<TenantRecord, ProvisionError> {
+    ) -> Result<TenantRecord> {
         let reg = self.registry();
-        let lock = reg.lock_tenant(id).await?;
-        let result = async {
-            let t = reg.tenant(id).await?.ok_or(ProvisionError::NotFound)?;
+        reg.with_tenant_lock(id, || async {
+            let t = reg.tenant(id).await?.ok_or(Error::NotFound("tenant"))?;
             if let Some(plan) = patch.plan.filter(|p| *p != t.plan) {
                 if matches!(t.status, TenantStatus::Active | TenantStatus::Suspended) {
                     let admin = self.admin_for(&t).await?;
-                    admin
-                        .exec(&format!(
-                            "ALTER ROLE \"{}\" CONNECTION LIMIT {}",
-                            t.role_name,
-                            super::connection_limit(plan)
-                        ))
+                    roles::set_connection_limit(&admin, &t.role_name, plan.connection_limit())
                         .await
                         .context("change the tenant role's connection limit")?;
                 }
             }
-            let t = reg.patch_tenant(id, patch).await?.ok_or(ProvisionError::NotFound)?;
-            let detail = serde_json::json!({"name": patch.name, "plan": patch.plan, "backup_schedule": patch.backup_schedule});
+            let t = reg
+                .patch_tenant(id, patch)
+                .await?
+                .ok_or(Error::NotFound("tenant"))?;
+            let detail = json!({
+                "name": patch.name.map(|n| n.as_str()),
+                "plan": patch.plan.map(|p| p.as_str()),
+                "backup_schedule": patch.backup_schedule.map(|s| s.as_str()),
+            });
             reg.audit(actor, "tenant.patch", Some(id), detail).await?;
             Ok(t)
-        }
-        .await;
-        lock.release().await;
-        result
+        })
+        .await
     }
 
     /// Give the tenant role a new password. Routers drop their pools on the
     /// change (NOTIFY) and retry a connection refused for the old password, so
     /// requests in flight do not fail.
     #[tracing::instrument(skip(self), fields(tenant_id = %id))]
-    pub async fn rotate_credentials(
-        &self,
-        id: Uuid,
-        actor: &str,
-    ) -> Result<TenantRecord, ProvisionError> {
+    pub async fn rotate_credentials(&self, id: Uuid, actor: &str) -> Result<TenantRecord> {
         let reg = self.registry();
-        let lock = reg.lock_tenant(id).await?;
-        let result = async {
-            let t = reg.tenant(id).await?.ok_or(ProvisionError::NotFound)?;
+        reg.with_tenant_lock(id, || async {
+            let t = reg.tenant(id).await?.ok_or(Error::NotFound("tenant"))?;
             if !matches!(t.status, TenantStatus::Active | TenantStatus::Suspended) {
-                return Err(ProvisionError::InvalidState(
+                return Err(Error::state(
                     t.status.as_str(),
                     "only an active or suspended tenant has credentials to rotate",
                 ));
@@ -143,47 +144,37 @@ impl Provisioner {
                 .exec(&format!(
                     "ALTER ROLE \"{}\" PASSWORD '{}'",
                     t.role_name,
-                    super::scram::verifier(&password)
+                    scram::verifier(&password)
                 ))
                 .await
                 .context("set the tenant role's new password")?;
             let sealed = self.keyring().seal(password.as_bytes(), id.as_bytes());
             reg.set_password(id, &sealed, self.keyring().key_id())
                 .await?;
-            reg.audit(
-                actor,
-                "tenant.rotate_credentials",
-                Some(id),
-                serde_json::json!({}),
-            )
-            .await?;
-            reg.tenant(id).await?.ok_or(ProvisionError::NotFound)
-        }
-        .await;
-        lock.release().await;
-        result
+            reg.audit(actor, "tenant.rotate_credentials", Some(id), json!({}))
+                .await?;
+            reg.tenant(id).await?.ok_or(Error::NotFound("tenant"))
+        })
+        .await
     }
 
-    /// Start deleting a tenant: mark it `deleting` and drop its database and
-    /// role in the background. Returns the operation to poll.
+    /// Start deleting a tenant: mark it `deleting` and record the operation
+    /// to poll. The caller drops it (after a final backup) with
+    /// [`Self::drop_deleting_locked`]; a crash leaves it to the reconciler.
     #[tracing::instrument(skip(self), fields(tenant_id = %id))]
-    pub async fn start_delete(&self, id: Uuid, actor: &str) -> Result<Operation, ProvisionError> {
+    pub async fn begin_delete(&self, id: Uuid, actor: &str) -> Result<DeleteStarted> {
         let reg = self.registry();
-        let lock = reg.lock_tenant(id).await?;
-        let started = async {
-            let t = reg.tenant(id).await?.ok_or(ProvisionError::NotFound)?;
-            if !reg
-                .open_operations(super::relocate::MOVE_KIND, id)
+        reg.with_tenant_lock(id, || async {
+            let t = reg.tenant(id).await?.ok_or(Error::NotFound("tenant"))?;
+            if reg
+                .open_operation_of(id, OperationKind::TenantDelete.excluded_by())
                 .await?
-                .is_empty()
+                .is_some()
             {
-                return Err(ProvisionError::InvalidState(
-                    "being moved",
-                    "wait for the move to finish",
-                ));
+                return Err(Error::state("being moved", "wait for the move to finish"));
             }
             match t.status {
-                TenantStatus::Deleted => return Err(ProvisionError::NotFound),
+                TenantStatus::Deleted => return Err(Error::NotFound("tenant")),
                 TenantStatus::Deleting => {}
                 TenantStatus::Active
                 | TenantStatus::Suspended
@@ -193,128 +184,71 @@ impl Provisioner {
                         .await?;
                 }
                 other => {
-                    return Err(ProvisionError::InvalidState(
+                    return Err(Error::state(
                         other.as_str(),
                         "wait for the running operation to finish",
                     ))
                 }
             }
-            let op = reg.create_operation("tenant.delete", Some(id)).await?;
+            let operation = reg
+                .create_operation_as(
+                    Uuid::now_v7(),
+                    OperationKind::TenantDelete,
+                    Some(id),
+                    json!({}),
+                )
+                .await?;
             reg.audit(
                 actor,
                 "tenant.delete",
                 Some(id),
-                serde_json::json!({"operation": op.id}),
+                json!({"operation": operation.id}),
             )
             .await?;
-            Ok(op)
-        }
-        .await;
-        lock.release().await;
-        let op = started?;
-        let this = self.clone();
-        self.tasks().spawn(async move {
-            if let Err(e) = this.finish_delete(id).await {
-                tracing::error!(tenant_id = %id, "failed to delete tenant: {e:#}");
-            }
-        });
-        Ok(op)
+            Ok(DeleteStarted {
+                operation,
+                tenant: t,
+            })
+        })
+        .await
     }
 
-    /// Drop the database and role of a `deleting` tenant and mark it `deleted`;
-    /// finishes the tenant's open delete operations. Idempotent.
-    pub(crate) async fn finish_delete(&self, id: Uuid) -> anyhow::Result<()> {
-        let lock = self.registry().lock_tenant(id).await?;
-        let result = self.finish_delete_locked(id).await;
-        lock.release().await;
-        self.finish_delete_operations(id, &result).await?;
-        if let Err(e) = &result {
-            self.registry()
-                .set_last_error(id, &format!("{e:#}"))
-                .await
-                .ok();
-        }
-        result
-    }
-
-    /// Report a delete's outcome to whoever polls its open operations.
-    pub(crate) async fn finish_delete_operations(
-        &self,
-        id: Uuid,
-        result: &anyhow::Result<()>,
-    ) -> sqlx::Result<()> {
-        let reg = self.registry();
-        let outcome = match result {
-            Ok(()) => Ok(serde_json::json!({"tenant_id": id, "status": "deleted"})),
-            Err(e) => Err(format!("{e:#}")),
-        };
-        for op in reg.open_operations("tenant.delete", id).await? {
-            reg.finish_operation(op.id, outcome.clone()).await?;
-        }
-        Ok(())
-    }
-
-    pub(crate) async fn finish_delete_locked(&self, id: Uuid) -> anyhow::Result<()> {
-        let reg = self.registry();
-        let t = reg.tenant(id).await?.context("find tenant")?;
-        if t.status != TenantStatus::Deleting {
-            return Ok(());
-        }
-        let admin = self.admin_for(&t).await?;
-        if self.storage().is_some()
-            && super::database_exists(&admin, &t.database_name).await?
-            && !self.final_backup_taken(&t).await?
-        {
-            // Nothing is dropped before a final backup of it exists.
-            Box::pin(self.backup_now(id, crate::backup::BackupKind::Final, None))
-                .await
-                .map_err(|e| anyhow::anyhow!("take the final backup before deleting: {e:#}"))?;
-        }
-        admin
-            .exec(&format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                t.database_name
-            ))
+    /// Drop the database and role of a `deleting` tenant and mark it
+    /// `deleted`. Idempotent; the caller holds the tenant's lock and has
+    /// taken whatever final backup is due.
+    pub async fn drop_deleting_locked(&self, t: &TenantRecord) -> anyhow::Result<()> {
+        let admin = self.admin_for(t).await?;
+        roles::drop_database(&admin, &t.database_name)
             .await
             .context("drop tenant database")?;
         failpoint::hit("delete_database");
-        admin
-            .exec(&format!("DROP ROLE IF EXISTS \"{}\"", t.role_name))
+        roles::drop_role(&admin, &t.role_name)
             .await
             .context("drop tenant role")?;
         failpoint::hit("delete_role");
-        reg.transition(id, &[TenantStatus::Deleting], TenantStatus::Deleted, None)
+        self.registry()
+            .transition(t.id, &[TenantStatus::Deleting], TenantStatus::Deleted, None)
             .await?;
         Ok(())
     }
 
-    pub(crate) async fn admin_for(&self, t: &TenantRecord) -> anyhow::Result<ServerAdmin> {
-        let server = self
-            .registry()
-            .server(t.server_id)
-            .await?
-            .context("find the tenant's server")?;
-        self.servers().admin(&server)
+    /// Report a delete's outcome to whoever polls its open operations.
+    pub async fn finish_delete_operations(
+        &self,
+        id: Uuid,
+        result: &anyhow::Result<()>,
+    ) -> Result<()> {
+        let reg = self.registry();
+        let outcome = match result {
+            Ok(()) => Ok(json!({"tenant_id": id, "status": "deleted"})),
+            Err(e) => Err(format!("{e:#}")),
+        };
+        for op in reg.open_operations(OperationKind::TenantDelete, id).await? {
+            reg.finish_operation(op.id, outcome.clone()).await?;
+        }
+        if let Err(e) = result {
+            reg.set_last_error(id, &format!("{e:#}")).await.ok();
+        }
+        Ok(())
     }
-}
-
-pub(crate) async fn set_role_login(
-    admin: &ServerAdmin,
-    role: &str,
-    login: bool,
-) -> anyhow::Result<()> {
-    let attr = if login { "LOGIN" } else { "NOLOGIN" };
-    admin
-        .exec(&format!("ALTER ROLE \"{role}\" {attr}"))
-        .await
-        .with_context(|| format!("set tenant role {attr}"))
-}
-
-pub(crate) async fn terminate_sessions(admin: &ServerAdmin, role: &str) -> anyhow::Result<()> {
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1")
-        .bind(role)
-        .execute(&admin.pool)
-        .await
-        .context("end the tenant's sessions")?;
-    Ok(())
 }

@@ -8,21 +8,22 @@
 use anyhow::Context;
 use uuid::Uuid;
 
-use super::{
-    connection_limit, database_exists, Provisioner, ServerAdmin, DEFAULT_PLAN, SPARE_DB_PREFIX,
-    SPARE_ROLE_PREFIX, TEMPLATE_DB,
-};
+use super::Provisioner;
+use crate::domain::Plan;
 use crate::registry::{DbServer, Spare};
+use crate::servers::names::{SPARE_DB_PREFIX, SPARE_ROLE_PREFIX, TEMPLATE_DB};
+use crate::servers::roles::{self, database_exists};
+use crate::servers::ServerAdmin;
 
 impl Provisioner {
     /// Rebuild the server's template if it is missing or behind. Caller holds
     /// the server's maintenance lock.
-    pub(crate) async fn ensure_template(
+    pub async fn ensure_template(
         &self,
         server: &DbServer,
         admin: &ServerAdmin,
     ) -> anyhow::Result<()> {
-        let latest = self.latest_version();
+        let latest = self.inner.schema.latest_version();
         // `>=`: during a rolling deploy an older replica must not undo a newer template.
         if server.template_version >= Some(latest) && database_exists(admin, TEMPLATE_DB).await? {
             return Ok(());
@@ -52,7 +53,7 @@ impl Provisioner {
             .single_pool(TEMPLATE_DB)
             .await
             .context("connect to the template database")?;
-        let migrated = crate::migrate::migrate_tenant_database(&db, self.tenant_migrator()).await;
+        let migrated = self.inner.schema.apply(&db).await;
         db.close().await;
         migrated?;
         admin
@@ -69,14 +70,14 @@ impl Provisioner {
 
     /// Clone up to `batch` spares towards `warm_pool_size` at the latest version.
     /// Caller holds the server's maintenance lock. Returns how many it made.
-    pub(crate) async fn refill_warm_pool(
+    pub async fn refill_warm_pool(
         &self,
         server: &DbServer,
         admin: &ServerAdmin,
         batch: usize,
     ) -> anyhow::Result<u32> {
-        let latest = self.latest_version();
-        let want = self.config().warm_pool_size as usize;
+        let latest = self.inner.schema.latest_version();
+        let want = self.inner.config.warm_pool_size as usize;
         if want == 0 || server.template_version != Some(latest) {
             return Ok(0);
         }
@@ -114,16 +115,16 @@ impl Provisioner {
             .await
             .context("clone a spare database")?;
         let password = crate::crypto::random_password(32);
-        super::create_role(
+        roles::create_role(
             admin,
             &role,
             &database,
             &password,
-            connection_limit(DEFAULT_PLAN),
+            Plan::DEFAULT.connection_limit(),
         )
         .await
         .context("create the spare's role")?;
-        super::verify_login(admin, &database, &role, &password)
+        roles::verify_login(admin, &database, &role, &password)
             .await
             .context("verify the spare's role can log in")?;
         let sealed = self
@@ -169,7 +170,7 @@ impl Provisioner {
                 continue;
             };
             let result = async {
-                let admin = self.servers().admin(&server)?;
+                let admin = self.inner.servers.admin(&server)?;
                 self.ensure_template(&server, &admin).await?;
                 let server = self
                     .registry()

@@ -6,7 +6,7 @@ use sqlx::{FromRow, Postgres, Transaction};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::Registry;
+use super::{Error, Registry, Result};
 
 #[derive(Debug, Clone, Serialize, ToSchema, FromRow)]
 pub struct AuditEntry {
@@ -27,7 +27,7 @@ impl Registry {
         action: &str,
         tenant: Option<Uuid>,
         detail: serde_json::Value,
-    ) -> sqlx::Result<()> {
+    ) -> Result<()> {
         insert(&self.pool, actor, action, tenant, detail).await
     }
 
@@ -38,16 +38,12 @@ impl Registry {
         action: &str,
         tenant: Option<Uuid>,
         detail: serde_json::Value,
-    ) -> sqlx::Result<()> {
+    ) -> Result<()> {
         insert(&mut **tx, actor, action, tenant, detail).await
     }
 
     /// Newest first, optionally for one tenant.
-    pub async fn audit_entries(
-        &self,
-        tenant: Option<Uuid>,
-        limit: i64,
-    ) -> sqlx::Result<Vec<AuditEntry>> {
+    pub async fn audit_entries(&self, tenant: Option<Uuid>, limit: i64) -> Result<Vec<AuditEntry>> {
         sqlx::query_as(
             "SELECT id, at, actor, action, tenant_id, detail FROM audit_log
               WHERE ($1::uuid IS NULL OR tenant_id = $1) ORDER BY id DESC LIMIT $2",
@@ -56,6 +52,7 @@ impl Registry {
         .bind(limit)
         .fetch_all(&self.pool)
         .await
+        .map_err(Error::from)
     }
 }
 
@@ -65,13 +62,13 @@ async fn insert<'e>(
     action: &str,
     tenant: Option<Uuid>,
     detail: serde_json::Value,
-) -> sqlx::Result<()> {
+) -> Result<()> {
     sqlx::query("INSERT INTO audit_log (actor, action, tenant_id, detail) VALUES ($1, $2, $3, $4)")
         .bind(actor)
         .bind(action)
         .bind(tenant)
         .bind(detail)
         .execute(exec)
-        .await
-        .map(|_| ())
+        .await?;
+    Ok(())
 }

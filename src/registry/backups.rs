@@ -8,7 +8,7 @@ use sqlx::FromRow;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::Registry;
+use super::{Error, Registry, Result};
 
 /// One backup attempt of one tenant.
 #[derive(Debug, Clone, Serialize, ToSchema, FromRow, PartialEq)]
@@ -96,7 +96,7 @@ impl Registry {
     /// Record a backup as `running`. Fails on `backups_one_running` when the
     /// tenant has one running, and on `backups_one_per_slot` when the scheduled
     /// slot was claimed by another replica.
-    pub async fn insert_backup(&self, b: &NewBackup<'_>) -> sqlx::Result<Backup> {
+    pub async fn insert_backup(&self, b: &NewBackup<'_>) -> Result<Backup> {
         sqlx::query(
             "INSERT INTO backups (id, tenant_id, kind, status, bucket, object_key, manifest_key, storage_class, scheduled_for, runner)
              VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8, $9)",
@@ -112,24 +112,28 @@ impl Registry {
         .bind(runner_id())
         .execute(&self.pool)
         .await?;
-        self.backup(b.id).await?.ok_or(sqlx::Error::RowNotFound)
+        self.backup(b.id)
+            .await?
+            .ok_or(Error(sqlx::Error::RowNotFound))
     }
 
-    pub async fn backup(&self, id: Uuid) -> sqlx::Result<Option<Backup>> {
+    pub async fn backup(&self, id: Uuid) -> Result<Option<Backup>> {
         sqlx::query_as(&format!("{SELECT_BACKUP} WHERE id = $1"))
             .bind(id)
             .fetch_optional(&self.pool)
             .await
+            .map_err(Error::from)
     }
 
     /// The running backup of a tenant, if any.
-    pub async fn running_backup(&self, tenant: Uuid) -> sqlx::Result<Option<Backup>> {
+    pub async fn running_backup(&self, tenant: Uuid) -> Result<Option<Backup>> {
         sqlx::query_as(&format!(
             "{SELECT_BACKUP} WHERE tenant_id = $1 AND status = 'running'"
         ))
         .bind(tenant)
         .fetch_optional(&self.pool)
         .await
+        .map_err(Error::from)
     }
 
     /// A tenant's backups, newest first, a page before `before` (a backup id).
@@ -138,7 +142,7 @@ impl Registry {
         tenant: Uuid,
         before: Option<Uuid>,
         limit: i64,
-    ) -> sqlx::Result<Vec<Backup>> {
+    ) -> Result<Vec<Backup>> {
         sqlx::query_as(&format!(
             "{SELECT_BACKUP} WHERE tenant_id = $1 AND status <> 'deleted' AND ($2::uuid IS NULL OR id < $2)
              ORDER BY id DESC LIMIT $3"
@@ -148,42 +152,41 @@ impl Registry {
         .bind(limit)
         .fetch_all(&self.pool)
         .await
+        .map_err(Error::from)
     }
 
     /// Every backup not yet pruned, newest first, for retention.
-    pub async fn live_backups_of(&self, tenant: Uuid) -> sqlx::Result<Vec<Backup>> {
+    pub async fn live_backups_of(&self, tenant: Uuid) -> Result<Vec<Backup>> {
         sqlx::query_as(&format!(
             "{SELECT_BACKUP} WHERE tenant_id = $1 AND status IN ('succeeded', 'failed') ORDER BY started_at DESC"
         ))
         .bind(tenant)
         .fetch_all(&self.pool)
         .await
+        .map_err(Error::from)
     }
 
     /// The newest succeeded backup of a tenant.
-    pub async fn latest_good_backup(&self, tenant: Uuid) -> sqlx::Result<Option<Backup>> {
+    pub async fn latest_good_backup(&self, tenant: Uuid) -> Result<Option<Backup>> {
         sqlx::query_as(&format!(
             "{SELECT_BACKUP} WHERE tenant_id = $1 AND status = 'succeeded' ORDER BY started_at DESC LIMIT 1"
         ))
         .bind(tenant)
         .fetch_optional(&self.pool)
         .await
+        .map_err(Error::from)
     }
 
     /// Backups recorded as running anywhere (alive or left by a crash).
-    pub async fn running_backups(&self) -> sqlx::Result<Vec<Backup>> {
+    pub async fn running_backups(&self) -> Result<Vec<Backup>> {
         sqlx::query_as(&format!("{SELECT_BACKUP} WHERE status = 'running'"))
             .fetch_all(&self.pool)
             .await
+            .map_err(Error::from)
     }
 
     /// Remember the open multipart upload (durably, before any part is sent).
-    pub async fn set_backup_upload(
-        &self,
-        id: Uuid,
-        upload_id: &str,
-        part_size: i64,
-    ) -> sqlx::Result<()> {
+    pub async fn set_backup_upload(&self, id: Uuid, upload_id: &str, part_size: i64) -> Result<()> {
         sqlx::query("UPDATE backups SET upload_id = $2, part_size = $3 WHERE id = $1")
             .bind(id)
             .bind(upload_id)
@@ -191,10 +194,11 @@ impl Registry {
             .execute(&self.pool)
             .await
             .map(|_| ())
+            .map_err(Error::from)
     }
 
     /// Mark a backup `succeeded` (its manifest exists) and stamp the tenant.
-    pub async fn finish_backup(&self, id: Uuid, done: &BackupDone<'_>) -> sqlx::Result<Backup> {
+    pub async fn finish_backup(&self, id: Uuid, done: &BackupDone<'_>) -> Result<Backup> {
         let mut tx = self.pool.begin().await?;
         let tenant: Uuid = sqlx::query_scalar(
             "UPDATE backups SET status = 'succeeded', upload_id = NULL, part_size = $2, parts = $3,
@@ -219,11 +223,13 @@ impl Registry {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        self.backup(id).await?.ok_or(sqlx::Error::RowNotFound)
+        self.backup(id)
+            .await?
+            .ok_or(Error(sqlx::Error::RowNotFound))
     }
 
     /// Mark a running backup `failed` with why; its upload is gone.
-    pub async fn fail_backup(&self, id: Uuid, error: &str) -> sqlx::Result<()> {
+    pub async fn fail_backup(&self, id: Uuid, error: &str) -> Result<()> {
         sqlx::query(
             "UPDATE backups SET status = 'failed', upload_id = NULL, error = $2, finished_at = now()
               WHERE id = $1 AND status = 'running'",
@@ -233,25 +239,28 @@ impl Registry {
         .execute(&self.pool)
         .await
         .map(|_| ())
+        .map_err(Error::from)
     }
 
     /// Retention removed a backup's objects.
-    pub async fn mark_backup_deleted(&self, id: Uuid) -> sqlx::Result<()> {
+    pub async fn mark_backup_deleted(&self, id: Uuid) -> Result<()> {
         sqlx::query("UPDATE backups SET status = 'deleted' WHERE id = $1 AND status <> 'running'")
             .bind(id)
             .execute(&self.pool)
             .await
             .map(|_| ())
+            .map_err(Error::from)
     }
 
     /// Record the outcome of a verification.
-    pub async fn set_backup_verified(&self, id: Uuid, error: Option<&str>) -> sqlx::Result<()> {
+    pub async fn set_backup_verified(&self, id: Uuid, error: Option<&str>) -> Result<()> {
         sqlx::query("UPDATE backups SET verified_at = now(), verify_error = $2 WHERE id = $1")
             .bind(id)
             .bind(error)
             .execute(&self.pool)
             .await
             .map(|_| ())
+            .map_err(Error::from)
     }
 
     /// The tenant's sealed backup data key, storing `candidate` first if it has
@@ -260,7 +269,7 @@ impl Registry {
         &self,
         tenant: Uuid,
         candidate: Option<(&[u8], &str)>,
-    ) -> sqlx::Result<Option<(Vec<u8>, String)>> {
+    ) -> Result<Option<(Vec<u8>, String)>> {
         if let Some((sealed, key_id)) = candidate {
             sqlx::query(
                 "UPDATE tenants SET backup_key_enc = $2, backup_key_id = $3
@@ -284,15 +293,16 @@ impl Registry {
     }
 
     /// `true` when the tenant's backup key was erased.
-    pub async fn backup_key_erased(&self, tenant: Uuid) -> sqlx::Result<bool> {
+    pub async fn backup_key_erased(&self, tenant: Uuid) -> Result<bool> {
         sqlx::query_scalar("SELECT backup_key_erased_at IS NOT NULL FROM tenants WHERE id = $1")
             .bind(tenant)
             .fetch_one(&self.pool)
             .await
+            .map_err(Error::from)
     }
 
     /// Forget the tenant's backup data key for good: its backups become unreadable.
-    pub async fn erase_backup_key(&self, tenant: Uuid) -> sqlx::Result<()> {
+    pub async fn erase_backup_key(&self, tenant: Uuid) -> Result<()> {
         sqlx::query(
             "UPDATE tenants SET backup_key_enc = NULL, backup_key_id = NULL,
                     backup_key_erased_at = coalesce(backup_key_erased_at, now())
@@ -302,22 +312,24 @@ impl Registry {
         .execute(&self.pool)
         .await
         .map(|_| ())
+        .map_err(Error::from)
     }
 
     /// Tenants the scheduler backs up: active ones.
-    pub async fn schedulable_tenants(&self) -> sqlx::Result<Vec<Schedulable>> {
+    pub async fn schedulable_tenants(&self) -> Result<Vec<Schedulable>> {
         sqlx::query_as(
             "SELECT id, slug, backup_schedule, created_at FROM tenants WHERE status = 'active' ORDER BY id",
         )
         .fetch_all(&self.pool)
         .await
+        .map_err(Error::from)
     }
 
     /// Scheduled attempts at or after `since`: (tenant, slot, status).
     pub async fn scheduled_attempts(
         &self,
         since: DateTime<Utc>,
-    ) -> sqlx::Result<Vec<(Uuid, DateTime<Utc>, String)>> {
+    ) -> Result<Vec<(Uuid, DateTime<Utc>, String)>> {
         sqlx::query_as(
             "SELECT tenant_id, scheduled_for, status FROM backups
               WHERE scheduled_for IS NOT NULL AND scheduled_for >= $1",
@@ -325,13 +337,15 @@ impl Registry {
         .bind(since)
         .fetch_all(&self.pool)
         .await
+        .map_err(Error::from)
     }
 
     /// (slug, last successful backup) of every active tenant, for metrics.
-    pub async fn last_backups(&self) -> sqlx::Result<Vec<(String, Option<DateTime<Utc>>)>> {
+    pub async fn last_backups(&self) -> Result<Vec<(String, Option<DateTime<Utc>>)>> {
         sqlx::query_as("SELECT slug, last_backup_at FROM tenants WHERE status = 'active'")
             .fetch_all(&self.pool)
             .await
+            .map_err(Error::from)
     }
 }
 

@@ -1,19 +1,36 @@
-//! Advisory locks: serialize work on one tenant (or one server's maintenance)
-//! across tasks, processes and replicas. A lock lives on a dedicated control
-//! connection; if the process dies, PostgreSQL releases it with the session,
-//! which is how the reconciler tells a crashed operation from a running one.
+//! Advisory locks: serialize work on one tenant (or one server's
+//! maintenance) across tasks, processes and replicas. A lock lives on a
+//! dedicated control connection; if the process dies, PostgreSQL releases it
+//! with the session, which is how the reconciler tells a crashed operation
+//! from a running one.
+//!
+//! A lock is released on every path by construction: [`Registry::with_tenant_lock`]
+//! and [`Registry::with_server_lock`] hold one for the length of a closure,
+//! and a [`Lock`] dropped without [`Lock::release`] (an early return, a
+//! panic, a cancelled request) closes its connection, which releases it. A
+//! wait has a deadline ([`super::LOCK_WAIT`]) and runs in a task of its own
+//! that owns the connection, so a caller cancelled mid-wait can never leave
+//! a pooled connection holding the lock once it is granted.
+
+use std::future::Future;
 
 use sqlx::pool::PoolConnection;
 use sqlx::Postgres;
 use uuid::Uuid;
 
-use super::Registry;
+use super::{Registry, Result};
 
 /// A held advisory lock. Call [`Lock::release`]; if dropped instead, the
 /// connection is closed, which releases the lock too.
 pub struct Lock {
     conn: Option<PoolConnection<Postgres>>,
     key: i64,
+}
+
+impl std::fmt::Debug for Lock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lock").field("key", &self.key).finish()
+    }
 }
 
 /// Namespaces so tenant and server locks never collide.
@@ -28,51 +45,101 @@ fn key_of(ns: i64, id: Uuid) -> i64 {
 }
 
 impl Registry {
-    /// Wait for the lock on `tenant`.
-    pub async fn lock_tenant(&self, tenant: Uuid) -> sqlx::Result<Lock> {
+    /// Wait for the lock on `tenant` (at most [`super::LOCK_WAIT`]).
+    pub async fn lock_tenant(&self, tenant: Uuid) -> Result<Lock> {
         self.lock(key_of(TENANT_NS, tenant)).await
     }
 
     /// Take the lock on `tenant` if free; `None` if someone holds it.
-    pub async fn try_lock_tenant(&self, tenant: Uuid) -> sqlx::Result<Option<Lock>> {
+    pub async fn try_lock_tenant(&self, tenant: Uuid) -> Result<Option<Lock>> {
         self.try_lock(key_of(TENANT_NS, tenant)).await
     }
 
+    /// Run `work` holding the lock on `tenant`; the lock is released however
+    /// `work` ends.
+    pub async fn with_tenant_lock<T, E, Fut>(
+        &self,
+        tenant: Uuid,
+        work: impl FnOnce() -> Fut,
+    ) -> Result<T, E>
+    where
+        Fut: Future<Output = Result<T, E>>,
+        E: From<super::Error>,
+    {
+        let lock = self.lock_tenant(tenant).await?;
+        let out = work().await;
+        lock.release().await;
+        out
+    }
+
+    /// Run `work` holding the maintenance lock of `server`.
+    pub async fn with_server_lock<T, E, Fut>(
+        &self,
+        server: Uuid,
+        work: impl FnOnce() -> Fut,
+    ) -> Result<T, E>
+    where
+        Fut: Future<Output = Result<T, E>>,
+        E: From<super::Error>,
+    {
+        let lock = self.lock_server(server).await?;
+        let out = work().await;
+        lock.release().await;
+        out
+    }
+
     /// Take the maintenance lock of a server (template, warm pool, orphan sweep).
-    pub async fn try_lock_server(&self, server: Uuid) -> sqlx::Result<Option<Lock>> {
+    pub async fn try_lock_server(&self, server: Uuid) -> Result<Option<Lock>> {
         self.try_lock(key_of(SERVER_NS, server)).await
+    }
+
+    /// Wait for the maintenance lock of a server.
+    pub async fn lock_server(&self, server: Uuid) -> Result<Lock> {
+        self.lock(key_of(SERVER_NS, server)).await
     }
 
     /// The lease of a long-running operation: held while it runs; free means
     /// its runner died and whoever takes it resumes the operation.
-    pub async fn try_lock_operation(&self, op: Uuid) -> sqlx::Result<Option<Lock>> {
+    pub async fn try_lock_operation(&self, op: Uuid) -> Result<Option<Lock>> {
         self.try_lock(key_of(OPERATION_NS, op)).await
     }
 
     /// The liveness lock of a running backup (or scratch restore): held by its
     /// runner; free means the runner died and the sweep may clean up after it.
-    pub async fn try_lock_backup(&self, id: Uuid) -> sqlx::Result<Option<Lock>> {
+    pub async fn try_lock_backup(&self, id: Uuid) -> Result<Option<Lock>> {
         self.try_lock(key_of(BACKUP_NS, id)).await
     }
 
-    /// Wait for the maintenance lock of a server.
-    pub async fn lock_server(&self, server: Uuid) -> sqlx::Result<Lock> {
-        self.lock(key_of(SERVER_NS, server)).await
+    async fn lock(&self, key: i64) -> Result<Lock> {
+        let locks = self.locks.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // The wait runs in a task that owns the connection: if the caller
+        // goes away mid-wait, the task still sees the answer, and a granted
+        // lock goes back (`release`) instead of staying on a pooled connection.
+        tokio::spawn(async move {
+            let granted = async {
+                let mut conn = locks.acquire().await?;
+                sqlx::query("SELECT pg_advisory_lock($1)")
+                    .bind(key)
+                    .execute(&mut *conn)
+                    .await?;
+                Ok(Lock {
+                    conn: Some(conn),
+                    key,
+                })
+            }
+            .await;
+            if let Err(Ok(lock)) = tx.send(granted) {
+                lock.release().await;
+            }
+        });
+        match rx.await {
+            Ok(granted) => granted,
+            Err(_) => Err(sqlx::Error::WorkerCrashed.into()),
+        }
     }
 
-    async fn lock(&self, key: i64) -> sqlx::Result<Lock> {
-        let mut conn = self.locks.acquire().await?;
-        sqlx::query("SELECT pg_advisory_lock($1)")
-            .bind(key)
-            .execute(&mut *conn)
-            .await?;
-        Ok(Lock {
-            conn: Some(conn),
-            key,
-        })
-    }
-
-    async fn try_lock(&self, key: i64) -> sqlx::Result<Option<Lock>> {
+    async fn try_lock(&self, key: i64) -> Result<Option<Lock>> {
         let mut conn = self.locks.acquire().await?;
         let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(key)
@@ -86,15 +153,16 @@ impl Registry {
 }
 
 impl Lock {
-    /// Release the lock and return its connection to the pool.
+    /// Release the lock and return its connection to the pool. A connection
+    /// that cannot prove it let go is closed instead (which releases it).
     pub async fn release(mut self) {
         if let Some(mut conn) = self.conn.take() {
-            let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
-                .bind(self.key)
-                .execute(&mut *conn)
-                .await;
-            if unlocked.is_err() {
-                // Closing the session releases the lock for certain.
+            let unlocked: std::result::Result<bool, _> =
+                sqlx::query_scalar("SELECT pg_advisory_unlock($1)")
+                    .bind(self.key)
+                    .fetch_one(&mut *conn)
+                    .await;
+            if !matches!(unlocked, Ok(true)) {
                 drop(conn.detach());
             }
         }
@@ -104,8 +172,8 @@ impl Lock {
 impl Drop for Lock {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            // Not released explicitly (an early return or a panic): close the
-            // session so the lock cannot outlive this holder.
+            // Not released explicitly (an early return, a panic, a cancelled
+            // request): close the session so the lock cannot outlive this holder.
             drop(conn.detach());
         }
     }

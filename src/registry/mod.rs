@@ -24,6 +24,8 @@ pub use tenants::{NewTenant, Tenant, TenantPatch, TenantRecord, TenantStatus};
 
 use std::time::Duration;
 
+use sqlx::migrate::Migrator;
+
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
@@ -36,6 +38,44 @@ pub const CONTROL_POOL_MAX: u32 = 16;
 /// the query pool so that long-held locks never starve queries. The control
 /// server must allow replicas × (CONTROL_POOL_MAX + LOCK_POOL_MAX) plus headroom.
 pub const LOCK_POOL_MAX: u32 = 32;
+
+/// The control-DB migrations (`migrations/control`); a migration that has
+/// shipped is never edited.
+static CONTROL: Migrator = sqlx::migrate!("./migrations/control");
+
+/// A query on the control database failed. Its message says so, whatever
+/// the cause, so an operator looks at the right database.
+#[derive(Debug, thiserror::Error)]
+#[error("query the control database")]
+pub struct Error(#[source] pub sqlx::Error);
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        Self(e)
+    }
+}
+
+impl Error {
+    /// `true` when a unique violation of the named constraint or index said no.
+    pub fn is_unique_violation(&self, constraint: &str) -> bool {
+        is_unique_violation(&self.0, constraint)
+    }
+
+    /// A lock wait reached its deadline (`lock_timeout`).
+    pub fn is_lock_timeout(&self) -> bool {
+        self.0
+            .as_database_error()
+            .and_then(|d| d.code())
+            .is_some_and(|c| c == "55P03")
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Longest a task waits for an advisory lock (a tenant's, a server's)
+/// before giving up with a "busy, retry" answer: nothing waits forever
+/// behind an operation that hangs.
+pub const LOCK_WAIT: Duration = Duration::from_secs(60);
 
 /// Handle to the control database.
 #[derive(Clone, Debug)]
@@ -61,28 +101,25 @@ impl Registry {
             .min_connections(0)
             .acquire_timeout(Duration::from_secs(10))
             .idle_timeout(Duration::from_secs(300))
-            .connect_lazy_with(opts.application_name("silo-locks"));
+            .connect_lazy_with(
+                opts.application_name("silo-locks")
+                    .options([("lock_timeout", LOCK_WAIT.as_millis().to_string())]),
+            );
         Ok(Self { pool, locks })
-    }
-
-    pub fn from_pool(pool: PgPool) -> Self {
-        Self {
-            locks: pool.clone(),
-            pool,
-        }
     }
 
     /// Apply the control-DB migrations (`migrations/control`).
     pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
-        crate::migrate::control_migrator().run(&self.pool).await
+        CONTROL.run(&self.pool).await
     }
 
     /// `SELECT 1` against the control DB, for readiness.
-    pub async fn ping(&self) -> sqlx::Result<()> {
+    pub async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1")
             .execute(&self.pool)
             .await
             .map(|_| ())
+            .map_err(Error::from)
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -98,9 +135,7 @@ impl Registry {
     /// the control *server* can lose such a write, and then the client never
     /// received its answer. This is what keeps a warm create at a single fsync
     /// on the control DB.
-    pub(crate) async fn begin_lazy(
-        &self,
-    ) -> sqlx::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    pub(crate) async fn begin_lazy(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SET LOCAL synchronous_commit = off")
             .execute(&mut *tx)

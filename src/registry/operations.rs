@@ -6,7 +6,8 @@ use sqlx::FromRow;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::Registry;
+use super::{Error, Registry, Result};
+use crate::domain::OperationKind;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema, sqlx::Type)]
 #[serde(rename_all = "snake_case")]
@@ -21,7 +22,7 @@ pub enum OperationStatus {
 #[derive(Debug, Clone, Serialize, ToSchema, FromRow)]
 pub struct Operation {
     pub id: Uuid,
-    pub kind: String,
+    pub kind: OperationKind,
     pub tenant_id: Option<Uuid>,
     pub status: OperationStatus,
     #[schema(value_type = Object)]
@@ -41,35 +42,16 @@ const SELECT_OP: &str =
     "SELECT id, kind, tenant_id, status, progress, error, result, created_at, updated_at FROM operations";
 
 impl Registry {
-    pub async fn create_operation(
-        &self,
-        kind: &str,
-        tenant: Option<Uuid>,
-    ) -> sqlx::Result<Operation> {
-        self.create_operation_with(kind, tenant, serde_json::json!({}))
-            .await
-    }
-
-    /// Start an operation with the parameters it was asked with. A second
-    /// unfinished fleet migration fails on `operations_one_fleet_migration`.
-    pub async fn create_operation_with(
-        &self,
-        kind: &str,
-        tenant: Option<Uuid>,
-        params: serde_json::Value,
-    ) -> sqlx::Result<Operation> {
-        self.create_operation_as(Uuid::now_v7(), kind, tenant, params)
-            .await
-    }
-
-    /// As [`Self::create_operation_with`], with an id chosen (and locked) by the caller.
+    /// Start an operation with the parameters it was asked with, under an
+    /// id chosen (and locked) by the caller. A second unfinished fleet
+    /// migration fails on `operations_one_fleet_migration`.
     pub async fn create_operation_as(
         &self,
         id: Uuid,
-        kind: &str,
+        kind: OperationKind,
         tenant: Option<Uuid>,
         params: serde_json::Value,
-    ) -> sqlx::Result<Operation> {
+    ) -> Result<Operation> {
         sqlx::query_as(&format!(
             "INSERT INTO operations (id, kind, tenant_id, status, params) VALUES ($1, $2, $3, 'running', $4)
              RETURNING {OP_COLUMNS}"
@@ -80,14 +62,15 @@ impl Registry {
         .bind(params)
         .fetch_one(&self.pool)
         .await
+        .map_err(Error::from)
     }
 
     /// Parameters of the newest operation of `kind` on `tenant`.
     pub async fn latest_operation_params(
         &self,
-        kind: &str,
+        kind: OperationKind,
         tenant: Uuid,
-    ) -> sqlx::Result<Option<serde_json::Value>> {
+    ) -> Result<Option<serde_json::Value>> {
         sqlx::query_scalar(
             "SELECT params FROM operations WHERE kind = $1 AND tenant_id = $2 ORDER BY created_at DESC LIMIT 1",
         )
@@ -95,54 +78,64 @@ impl Registry {
         .bind(tenant)
         .fetch_optional(&self.pool)
         .await
+        .map_err(Error::from)
     }
 
     /// Unfinished operations of a kind (any tenant), oldest first.
-    pub async fn unfinished_operations(&self, kind: &str) -> sqlx::Result<Vec<Operation>> {
+    pub async fn unfinished_operations(&self, kind: OperationKind) -> Result<Vec<Operation>> {
         sqlx::query_as(&format!(
             "{SELECT_OP} WHERE kind = $1 AND status IN ('pending', 'running') ORDER BY created_at"
         ))
         .bind(kind)
         .fetch_all(&self.pool)
         .await
+        .map_err(Error::from)
     }
 
     /// Parameters of every unfinished operation of a kind, in one query.
-    pub async fn unfinished_params(&self, kind: &str) -> sqlx::Result<Vec<serde_json::Value>> {
+    pub async fn unfinished_params(&self, kind: OperationKind) -> Result<Vec<serde_json::Value>> {
         sqlx::query_scalar(
             "SELECT params FROM operations WHERE kind = $1 AND status IN ('pending', 'running')",
         )
         .bind(kind)
         .fetch_all(&self.pool)
         .await
+        .map_err(Error::from)
     }
 
     /// The parameters an operation was started with.
-    pub async fn operation_params(&self, id: Uuid) -> sqlx::Result<serde_json::Value> {
+    pub async fn operation_params(&self, id: Uuid) -> Result<serde_json::Value> {
         sqlx::query_scalar("SELECT params FROM operations WHERE id = $1")
             .bind(id)
             .fetch_one(&self.pool)
             .await
+            .map_err(Error::from)
     }
 
-    pub async fn set_progress(&self, id: Uuid, progress: serde_json::Value) -> sqlx::Result<()> {
+    pub async fn set_progress(&self, id: Uuid, progress: serde_json::Value) -> Result<()> {
         sqlx::query("UPDATE operations SET progress = $2, updated_at = now() WHERE id = $1")
             .bind(id)
             .bind(progress)
             .execute(&self.pool)
             .await
             .map(|_| ())
+            .map_err(Error::from)
     }
 
-    pub async fn operation(&self, id: Uuid) -> sqlx::Result<Option<Operation>> {
+    pub async fn operation(&self, id: Uuid) -> Result<Option<Operation>> {
         sqlx::query_as(&format!("{SELECT_OP} WHERE id = $1"))
             .bind(id)
             .fetch_optional(&self.pool)
             .await
+            .map_err(Error::from)
     }
 
     /// Unfinished operations of `kind` on `tenant` (to finish after a crash).
-    pub async fn open_operations(&self, kind: &str, tenant: Uuid) -> sqlx::Result<Vec<Operation>> {
+    pub async fn open_operations(
+        &self,
+        kind: OperationKind,
+        tenant: Uuid,
+    ) -> Result<Vec<Operation>> {
         sqlx::query_as(&format!(
             "{SELECT_OP} WHERE kind = $1 AND tenant_id = $2 AND status IN ('pending', 'running')"
         ))
@@ -150,13 +143,14 @@ impl Registry {
         .bind(tenant)
         .fetch_all(&self.pool)
         .await
+        .map_err(Error::from)
     }
 
     pub async fn finish_operation(
         &self,
         id: Uuid,
         outcome: Result<serde_json::Value, String>,
-    ) -> sqlx::Result<()> {
+    ) -> Result<()> {
         let (status, result, error) = match outcome {
             Ok(v) => ("succeeded", Some(v), None),
             Err(e) => ("failed", None, Some(e)),
@@ -173,23 +167,25 @@ impl Registry {
         .execute(&self.pool)
         .await
         .map(|_| ())
+        .map_err(Error::from)
     }
 
     /// Add fields to an operation's params (a move records `verified` there).
-    pub async fn mark_operation(&self, id: Uuid, fields: serde_json::Value) -> sqlx::Result<()> {
+    pub async fn mark_operation(&self, id: Uuid, fields: serde_json::Value) -> Result<()> {
         sqlx::query("UPDATE operations SET params = params || $2, updated_at = now() WHERE id = $1")
             .bind(id)
             .bind(fields)
             .execute(&self.pool)
             .await
             .map(|_| ())
+            .map_err(Error::from)
     }
 
     /// Claim an unfinished operation whose runner seems gone, so that a
     /// runner still alive after all can no longer commit its decisive step
     /// (see [`Registry::relocate_tenant`], which locks the row). `false` when
     /// it is finished already.
-    pub async fn claim_abandoned_operation(&self, id: Uuid) -> sqlx::Result<bool> {
+    pub async fn claim_abandoned_operation(&self, id: Uuid) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE operations SET params = params || '{\"abandoned\": true}', updated_at = now()
               WHERE id = $1 AND status IN ('pending', 'running')",
@@ -200,8 +196,50 @@ impl Registry {
         Ok(done.rows_affected() == 1)
     }
 
+    /// The oldest unfinished operation on `tenant` of one of `kinds`.
+    pub async fn open_operation_of(
+        &self,
+        tenant: Uuid,
+        kinds: &[OperationKind],
+    ) -> Result<Option<Uuid>> {
+        if kinds.is_empty() {
+            return Ok(None);
+        }
+        let kinds: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+        sqlx::query_scalar(
+            "SELECT id FROM operations WHERE tenant_id = $1 AND kind = ANY($2)
+                AND status IN ('pending', 'running') ORDER BY created_at LIMIT 1",
+        )
+        .bind(tenant)
+        .bind(kinds)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(Error::from)
+    }
+
+    /// Fail an open operation, keeping a report of what it did (a fleet
+    /// migration's per-tenant failures stay readable). Written once, as
+    /// [`Self::finish_operation`].
+    pub async fn fail_operation_with_report(
+        &self,
+        id: Uuid,
+        error: &str,
+        report: serde_json::Value,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE operations SET status = 'failed', result = $3, error = $2, updated_at = now()
+              WHERE id = $1 AND status IN ('pending', 'running')",
+        )
+        .bind(id)
+        .bind(error)
+        .bind(report)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Did the latest move of a tenant verify its copy?
-    pub async fn move_verified(&self, tenant: Uuid) -> sqlx::Result<bool> {
+    pub async fn move_verified(&self, tenant: Uuid) -> Result<bool> {
         let v: Option<Option<bool>> = sqlx::query_scalar(
             "SELECT (params->>'verified')::bool FROM operations
               WHERE kind = 'tenant.move' AND tenant_id = $1 ORDER BY created_at DESC LIMIT 1",

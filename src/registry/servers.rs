@@ -6,7 +6,7 @@ use sqlx::FromRow;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::Registry;
+use super::{Error, Registry, Result};
 
 /// A registered tenant DB server. The admin URL stays sealed in `admin_url_enc`.
 #[derive(Clone, FromRow, Serialize, ToSchema)]
@@ -82,7 +82,7 @@ impl Registry {
         key_id: &str,
         max_connections: i32,
         max_tenants: i32,
-    ) -> sqlx::Result<()> {
+    ) -> Result<()> {
         sqlx::query(
             "INSERT INTO db_servers (id, name, admin_url_enc, key_id, max_connections, max_tenants)
              VALUES ($1, $2, $3, $4, $5, $6)",
@@ -96,31 +96,35 @@ impl Registry {
         .execute(&self.pool)
         .await
         .map(|_| ())
+        .map_err(Error::from)
     }
 
-    pub async fn servers(&self) -> sqlx::Result<Vec<DbServer>> {
+    pub async fn servers(&self) -> Result<Vec<DbServer>> {
         sqlx::query_as(&format!("{SELECT_SERVER} ORDER BY s.created_at, s.id"))
             .fetch_all(&self.pool)
             .await
+            .map_err(Error::from)
     }
 
-    pub async fn server(&self, id: Uuid) -> sqlx::Result<Option<DbServer>> {
+    pub async fn server(&self, id: Uuid) -> Result<Option<DbServer>> {
         sqlx::query_as(&format!("{SELECT_SERVER} WHERE s.id = $1"))
             .bind(id)
             .fetch_optional(&self.pool)
             .await
+            .map_err(Error::from)
     }
 
-    pub async fn server_by_name(&self, name: &str) -> sqlx::Result<Option<DbServer>> {
+    pub async fn server_by_name(&self, name: &str) -> Result<Option<DbServer>> {
         sqlx::query_as(&format!("{SELECT_SERVER} WHERE s.name = $1"))
             .bind(name)
             .fetch_optional(&self.pool)
             .await
+            .map_err(Error::from)
     }
 
     /// The active, not full server with the most headroom: the smallest share
     /// of its tenant capacity used, then the most connections per tenant.
-    pub async fn least_loaded_server(&self) -> sqlx::Result<Option<DbServer>> {
+    pub async fn least_loaded_server(&self) -> Result<Option<DbServer>> {
         sqlx::query_as(&format!(
             "SELECT * FROM ({SELECT_SERVER} WHERE s.status = 'active') x
               WHERE tenant_count < max_tenants
@@ -131,6 +135,7 @@ impl Registry {
         ))
         .fetch_optional(&self.pool)
         .await
+        .map_err(Error::from)
     }
 
     /// Change a server's status or limits; `None` leaves a field as it is.
@@ -142,7 +147,7 @@ impl Registry {
         status: Option<&str>,
         max_connections: Option<i32>,
         max_tenants: Option<i32>,
-    ) -> sqlx::Result<Option<DbServer>> {
+    ) -> Result<Option<DbServer>> {
         let id: Option<Uuid> = sqlx::query_scalar(
             "UPDATE db_servers
                 SET status = coalesce($2, status),
@@ -166,7 +171,7 @@ impl Registry {
 
     /// Record a passed health check: an `unhealthy` server becomes `active`
     /// again (`draining` stays). Safe to run from several replicas at once.
-    pub async fn record_server_ok(&self, id: Uuid) -> sqlx::Result<Option<StatusChange>> {
+    pub async fn record_server_ok(&self, id: Uuid) -> Result<Option<StatusChange>> {
         sqlx::query_as(
             "UPDATE db_servers s
                 SET checked_at = now(), last_ok_at = now(), health_error = NULL,
@@ -179,6 +184,7 @@ impl Registry {
         .bind(id)
         .fetch_optional(&self.pool)
         .await
+        .map_err(Error::from)
     }
 
     /// Record a failed health check. An `active` server becomes `unhealthy`
@@ -189,7 +195,7 @@ impl Registry {
         id: Uuid,
         error: &str,
         unhealthy_after: std::time::Duration,
-    ) -> sqlx::Result<Option<StatusChange>> {
+    ) -> Result<Option<StatusChange>> {
         sqlx::query_as(
             "UPDATE db_servers s
                 SET checked_at = now(), health_error = $2,
@@ -208,14 +214,16 @@ impl Registry {
         .bind(unhealthy_after.as_secs_f64())
         .fetch_optional(&self.pool)
         .await
+        .map_err(Error::from)
     }
 
-    pub async fn set_template_version(&self, id: Uuid, version: Option<i64>) -> sqlx::Result<()> {
+    pub async fn set_template_version(&self, id: Uuid, version: Option<i64>) -> Result<()> {
         sqlx::query("UPDATE db_servers SET template_version = $2, updated_at = now() WHERE id = $1")
             .bind(id)
             .bind(version)
             .execute(&self.pool)
             .await
             .map(|_| ())
+            .map_err(Error::from)
     }
 }

@@ -3,7 +3,7 @@
 use sqlx::FromRow;
 use uuid::Uuid;
 
-use super::Registry;
+use super::{Error, Registry, Result};
 
 #[derive(Clone, FromRow)]
 pub struct Spare {
@@ -32,7 +32,7 @@ const SPARE_COLUMNS: &str =
 impl Registry {
     /// Record a spare that exists and is ready: database cloned, role
     /// created, granted and verified.
-    pub async fn insert_spare(&self, spare: &Spare) -> sqlx::Result<()> {
+    pub async fn insert_spare(&self, spare: &Spare) -> Result<()> {
         sqlx::query(
             "INSERT INTO spares (database_name, server_id, schema_version, role_name, password_enc, key_id)
              VALUES ($1, $2, $3, $4, $5, $6)",
@@ -46,16 +46,13 @@ impl Registry {
         .execute(&self.pool)
         .await
         .map(|_| ())
+        .map_err(Error::from)
     }
 
     /// Take the oldest ready spare at `schema_version` off the pool. The
     /// caller now owns its database and role; if it dies before renaming
     /// them, the sweep drops both.
-    pub async fn claim_spare(
-        &self,
-        server: Uuid,
-        schema_version: i64,
-    ) -> sqlx::Result<Option<Spare>> {
+    pub async fn claim_spare(&self, server: Uuid, schema_version: i64) -> Result<Option<Spare>> {
         // Lazy commit: if lost, the row points at renamed objects and the
         // sweep removes it (see `begin_lazy`).
         let mut tx = self.begin_lazy().await?;
@@ -74,27 +71,30 @@ impl Registry {
         Ok(spare)
     }
 
-    pub async fn spares(&self, server: Uuid) -> sqlx::Result<Vec<Spare>> {
+    pub async fn spares(&self, server: Uuid) -> Result<Vec<Spare>> {
         sqlx::query_as(&format!(
             "SELECT {SPARE_COLUMNS} FROM spares WHERE server_id = $1"
         ))
         .bind(server)
         .fetch_all(&self.pool)
         .await
+        .map_err(Error::from)
     }
 
-    pub async fn delete_spare(&self, database: &str) -> sqlx::Result<()> {
+    pub async fn delete_spare(&self, database: &str) -> Result<()> {
         sqlx::query("DELETE FROM spares WHERE database_name = $1")
             .bind(database)
             .execute(&self.pool)
             .await
             .map(|_| ())
+            .map_err(Error::from)
     }
 
     /// Spares ready across all servers.
-    pub async fn spare_count(&self) -> sqlx::Result<i64> {
+    pub async fn spare_count(&self) -> Result<i64> {
         sqlx::query_scalar("SELECT count(*) FROM spares")
             .fetch_one(&self.pool)
             .await
+            .map_err(Error::from)
     }
 }

@@ -6,7 +6,8 @@ use sqlx::FromRow;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::Registry;
+use super::{Error, Registry, Result};
+use crate::domain::{Plan, ProvisionStep, Schedule, Slug, TenantName};
 
 /// Lifecycle state of a tenant (contract.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::Type)]
@@ -62,7 +63,7 @@ pub struct Tenant {
     pub id: Uuid,
     pub slug: String,
     pub name: String,
-    pub plan: String,
+    pub plan: Plan,
     pub status: TenantStatus,
     /// Name of the DB server holding the tenant's database.
     pub server: String,
@@ -80,7 +81,7 @@ pub struct TenantRecord {
     pub id: Uuid,
     pub slug: String,
     pub name: String,
-    pub plan: String,
+    pub plan: Plan,
     pub status: TenantStatus,
     pub server_id: Uuid,
     pub server_name: String,
@@ -88,7 +89,7 @@ pub struct TenantRecord {
     pub role_name: String,
     pub password_enc: Vec<u8>,
     pub key_id: String,
-    pub provision_step: Option<String>,
+    pub provision_step: Option<ProvisionStep>,
     pub last_error: Option<String>,
     pub schema_version: Option<i64>,
     pub backup_schedule: Option<String>,
@@ -118,7 +119,7 @@ impl TenantRecord {
             id: self.id,
             slug: self.slug.clone(),
             name: self.name.clone(),
-            plan: self.plan.clone(),
+            plan: self.plan,
             status: self.status,
             server: self.server_name.clone(),
             database: self.database_name.clone(),
@@ -134,9 +135,9 @@ impl TenantRecord {
 #[derive(Debug)]
 pub struct NewTenant<'a> {
     pub id: Uuid,
-    pub slug: &'a str,
-    pub name: &'a str,
-    pub plan: &'a str,
+    pub slug: &'a Slug,
+    pub name: &'a TenantName,
+    pub plan: Plan,
     pub server_id: Uuid,
     pub database_name: &'a str,
     pub role_name: &'a str,
@@ -147,9 +148,9 @@ pub struct NewTenant<'a> {
 /// Fields an admin may change.
 #[derive(Debug, Default)]
 pub struct TenantPatch<'a> {
-    pub name: Option<&'a str>,
-    pub plan: Option<&'a str>,
-    pub backup_schedule: Option<&'a str>,
+    pub name: Option<&'a TenantName>,
+    pub plan: Option<Plan>,
+    pub backup_schedule: Option<&'a Schedule>,
 }
 
 const SELECT_RECORD: &str =
@@ -162,13 +163,13 @@ const SELECT_RECORD: &str =
 impl Registry {
     /// Insert the tenant row and, with it, the idempotency key and an audit row.
     /// A taken slug fails on `tenants_slug_key`, a reused key on `idempotency_keys_pkey`.
-    #[tracing::instrument(skip_all, fields(tenant_id = %t.id, slug = t.slug))]
+    #[tracing::instrument(skip_all, fields(tenant_id = %t.id, slug = %t.slug))]
     pub async fn register_tenant(
         &self,
         t: &NewTenant<'_>,
         idempotency: Option<(&str, &[u8])>,
         actor: &str,
-    ) -> sqlx::Result<()> {
+    ) -> Result<()> {
         // Durable with the final `active` commit (see `begin_lazy`).
         let mut tx = self.begin_lazy().await?;
         sqlx::query(
@@ -177,8 +178,8 @@ impl Registry {
              VALUES ($1, $2, $3, $4, 'provisioning', $5, $6, $7, $8, $9, 'registered')",
         )
         .bind(t.id)
-        .bind(t.slug)
-        .bind(t.name)
+        .bind(t.slug.as_str())
+        .bind(t.name.as_str())
         .bind(t.plan)
         .bind(t.server_id)
         .bind(t.database_name)
@@ -202,23 +203,24 @@ impl Registry {
             actor,
             "tenant.create",
             Some(t.id),
-            serde_json::json!({"slug": t.slug, "plan": t.plan}),
+            serde_json::json!({"slug": t.slug, "plan": t.plan.as_str()}),
         )
         .await?;
-        tx.commit().await
+        tx.commit().await.map_err(Error::from)
     }
 
     /// The tenant an idempotency key created, with the hash of that request.
-    pub async fn idempotency_key(&self, key: &str) -> sqlx::Result<Option<(Vec<u8>, Uuid)>> {
+    pub async fn idempotency_key(&self, key: &str) -> Result<Option<(Vec<u8>, Uuid)>> {
         sqlx::query_as("SELECT request_hash, tenant_id FROM idempotency_keys WHERE key = $1")
             .bind(key)
             .fetch_optional(&self.pool)
             .await
+            .map_err(Error::from)
     }
 
     /// Look a tenant up by slug (live tenants only) or by id (any status).
     #[tracing::instrument(skip(self))]
-    pub async fn find_tenant(&self, slug_or_id: &str) -> sqlx::Result<Option<TenantRecord>> {
+    pub async fn find_tenant(&self, slug_or_id: &str) -> Result<Option<TenantRecord>> {
         if let Ok(id) = Uuid::parse_str(slug_or_id) {
             return self.tenant(id).await;
         }
@@ -228,14 +230,16 @@ impl Registry {
         .bind(slug_or_id)
         .fetch_optional(&self.pool)
         .await
+        .map_err(Error::from)
     }
 
     #[tracing::instrument(skip(self))]
-    pub async fn tenant(&self, id: Uuid) -> sqlx::Result<Option<TenantRecord>> {
+    pub async fn tenant(&self, id: Uuid) -> Result<Option<TenantRecord>> {
         sqlx::query_as(&format!("{SELECT_RECORD} WHERE t.id = $1"))
             .bind(id)
             .fetch_optional(&self.pool)
             .await
+            .map_err(Error::from)
     }
 
     /// One page of tenants in id (= creation, UUIDv7) order, after `cursor`.
@@ -244,7 +248,7 @@ impl Registry {
         status: Option<TenantStatus>,
         after: Option<Uuid>,
         limit: i64,
-    ) -> sqlx::Result<Vec<TenantRecord>> {
+    ) -> Result<Vec<TenantRecord>> {
         sqlx::query_as(&format!(
             "{SELECT_RECORD} WHERE ($1::text IS NULL OR t.status = $1)
                AND ($2::uuid IS NULL OR t.id > $2) ORDER BY t.id LIMIT $3"
@@ -254,10 +258,11 @@ impl Registry {
         .bind(limit)
         .fetch_all(&self.pool)
         .await
+        .map_err(Error::from)
     }
 
     /// Tenants in the given states (for the reconciler).
-    pub async fn tenants_in(&self, states: &[TenantStatus]) -> sqlx::Result<Vec<TenantRecord>> {
+    pub async fn tenants_in(&self, states: &[TenantStatus]) -> Result<Vec<TenantRecord>> {
         let states: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
         sqlx::query_as(&format!(
             "{SELECT_RECORD} WHERE t.status = ANY($1) ORDER BY t.id"
@@ -265,13 +270,15 @@ impl Registry {
         .bind(states)
         .fetch_all(&self.pool)
         .await
+        .map_err(Error::from)
     }
 
     /// Count of tenants per status.
-    pub async fn count_by_status(&self) -> sqlx::Result<Vec<(String, i64)>> {
+    pub async fn count_by_status(&self) -> Result<Vec<(String, i64)>> {
         sqlx::query_as("SELECT status, count(*) FROM tenants GROUP BY status")
             .fetch_all(&self.pool)
             .await
+            .map_err(Error::from)
     }
 
     /// Record a completed provisioning step (and the schema version when known).
@@ -279,9 +286,9 @@ impl Registry {
     pub async fn set_provision_step(
         &self,
         id: Uuid,
-        step: &str,
+        step: ProvisionStep,
         schema_version: Option<i64>,
-    ) -> sqlx::Result<()> {
+    ) -> Result<()> {
         // A hint for resuming: a lost one only means an idempotent step re-runs.
         let mut tx = self.begin_lazy().await?;
         sqlx::query(
@@ -293,7 +300,7 @@ impl Registry {
         .bind(schema_version)
         .execute(&mut *tx)
         .await?;
-        tx.commit().await
+        tx.commit().await.map_err(Error::from)
     }
 
     /// Move a tenant to `to` if it is in one of `from`; returns the new row,
@@ -305,7 +312,7 @@ impl Registry {
         from: &[TenantStatus],
         to: TenantStatus,
         error: Option<&str>,
-    ) -> sqlx::Result<Option<TenantRecord>> {
+    ) -> Result<Option<TenantRecord>> {
         let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
         let done = sqlx::query(
             "UPDATE tenants SET status = $3, last_error = $4, updated_at = now(),
@@ -326,13 +333,14 @@ impl Registry {
     }
 
     /// Record an error on a tenant without changing its state.
-    pub async fn set_last_error(&self, id: Uuid, error: &str) -> sqlx::Result<()> {
+    pub async fn set_last_error(&self, id: Uuid, error: &str) -> Result<()> {
         sqlx::query("UPDATE tenants SET last_error = $2, updated_at = now() WHERE id = $1")
             .bind(id)
             .bind(error)
             .execute(&self.pool)
             .await
             .map(|_| ())
+            .map_err(Error::from)
     }
 
     /// Apply an admin patch; `None` if the tenant does not exist.
@@ -341,16 +349,16 @@ impl Registry {
         &self,
         id: Uuid,
         patch: &TenantPatch<'_>,
-    ) -> sqlx::Result<Option<TenantRecord>> {
+    ) -> Result<Option<TenantRecord>> {
         let done = sqlx::query(
             "UPDATE tenants SET name = COALESCE($2, name), plan = COALESCE($3, plan),
                     backup_schedule = COALESCE($4, backup_schedule), updated_at = now()
               WHERE id = $1 AND status <> 'deleted'",
         )
         .bind(id)
-        .bind(patch.name)
+        .bind(patch.name.map(TenantName::as_str))
         .bind(patch.plan)
-        .bind(patch.backup_schedule)
+        .bind(patch.backup_schedule.map(Schedule::as_str))
         .execute(&self.pool)
         .await?;
         if done.rows_affected() == 0 {
@@ -362,36 +370,39 @@ impl Registry {
 
 impl Registry {
     /// Every tenant on a server that is not deleted (for the reconciler).
-    pub async fn tenants_on_server(&self, server: Uuid) -> sqlx::Result<Vec<TenantRecord>> {
+    pub async fn tenants_on_server(&self, server: Uuid) -> Result<Vec<TenantRecord>> {
         sqlx::query_as(&format!(
             "{SELECT_RECORD} WHERE t.server_id = $1 AND t.status <> 'deleted'"
         ))
         .bind(server)
         .fetch_all(&self.pool)
         .await
+        .map_err(Error::from)
     }
 }
 
 impl Registry {
     /// Record the schema version a tenant database was migrated to.
-    pub async fn set_schema_version(&self, id: Uuid, version: i64) -> sqlx::Result<()> {
+    pub async fn set_schema_version(&self, id: Uuid, version: i64) -> Result<()> {
         sqlx::query("UPDATE tenants SET schema_version = $2, updated_at = now() WHERE id = $1")
             .bind(id)
             .bind(version)
             .execute(&self.pool)
             .await
             .map(|_| ())
+            .map_err(Error::from)
     }
 }
 
 impl Registry {
     /// Stamp `last_active_at` on tenants that had app traffic.
-    pub async fn touch_tenants(&self, ids: &[Uuid]) -> sqlx::Result<()> {
+    pub async fn touch_tenants(&self, ids: &[Uuid]) -> Result<()> {
         sqlx::query("UPDATE tenants SET last_active_at = now() WHERE id = ANY($1)")
             .bind(ids)
             .execute(&self.pool)
             .await
             .map(|_| ())
+            .map_err(Error::from)
     }
 
     /// Active tenants with no app traffic since `before` (nor created since), oldest first.
@@ -399,7 +410,7 @@ impl Registry {
         &self,
         before: chrono::DateTime<chrono::Utc>,
         limit: i64,
-    ) -> sqlx::Result<Vec<Uuid>> {
+    ) -> Result<Vec<Uuid>> {
         sqlx::query_scalar(
             "SELECT id FROM tenants WHERE status = 'active' AND coalesce(last_active_at, created_at) < $1
               ORDER BY coalesce(last_active_at, created_at) LIMIT $2",
@@ -408,6 +419,7 @@ impl Registry {
         .bind(limit)
         .fetch_all(&self.pool)
         .await
+        .map_err(Error::from)
     }
 
     /// Point a tenant at another database (a restore's swap) and, optionally,
@@ -420,7 +432,7 @@ impl Registry {
         to: TenantStatus,
         database: &str,
         schema_version: Option<i64>,
-    ) -> sqlx::Result<Option<TenantRecord>> {
+    ) -> Result<Option<TenantRecord>> {
         let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
         let done = sqlx::query(
             "UPDATE tenants SET database_name = $3, schema_version = coalesce($4, schema_version),
@@ -445,7 +457,7 @@ impl Registry {
 impl Registry {
     /// Freeze or unfreeze a tenant's writes (a move's cut-over); routers on
     /// every replica follow at once (NOTIFY).
-    pub async fn set_frozen(&self, id: Uuid, frozen: bool) -> sqlx::Result<()> {
+    pub async fn set_frozen(&self, id: Uuid, frozen: bool) -> Result<()> {
         sqlx::query(
             "UPDATE tenants SET frozen_at = CASE WHEN $2 THEN now() END, updated_at = now()
               WHERE id = $1 AND (frozen_at IS NULL) = $2",
@@ -455,13 +467,15 @@ impl Registry {
         .execute(&self.pool)
         .await
         .map(|_| ())
+        .map_err(Error::from)
     }
 
     /// Tenants frozen for a move's cut-over.
-    pub async fn frozen_tenants(&self) -> sqlx::Result<Vec<Uuid>> {
+    pub async fn frozen_tenants(&self) -> Result<Vec<Uuid>> {
         sqlx::query_scalar("SELECT id FROM tenants WHERE frozen_at IS NOT NULL")
             .fetch_all(&self.pool)
             .await
+            .map_err(Error::from)
     }
 
     /// A move's switch: the tenant now lives on `to` with a new password, and
@@ -477,7 +491,7 @@ impl Registry {
         to: Uuid,
         password_enc: &[u8],
         key_id: &str,
-    ) -> sqlx::Result<bool> {
+    ) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let live: Option<i32> = sqlx::query_scalar(
             "SELECT 1 FROM operations WHERE id = $1 AND status = 'running'
@@ -508,25 +522,24 @@ impl Registry {
         Ok(true)
     }
 
-    /// `database` on `server` is what a move from `server` left behind
-    /// without verifying its copy (the tenant now lives on the move's
-    /// target): it is kept, not dropped.
-    pub async fn unverified_move_source(&self, database: &str, server: Uuid) -> sqlx::Result<bool> {
+    /// Databases on `server` that a move from `server` left behind without
+    /// verifying its copy (the tenant now lives on the move's target): they
+    /// are kept, never dropped.
+    pub async fn unverified_move_sources(&self, server: Uuid) -> Result<Vec<String>> {
         sqlx::query_scalar(
-            "SELECT EXISTS (
-               SELECT 1 FROM tenants t
-                 JOIN LATERAL (SELECT o.params FROM operations o
-                                WHERE o.kind = 'tenant.move' AND o.tenant_id = t.id
-                                ORDER BY o.created_at DESC LIMIT 1) m ON true
-                WHERE t.database_name = $1 AND t.status <> 'deleted'
-                  AND m.params->>'from_server' = $2::text
-                  AND m.params->>'to_server' = t.server_id::text
-                  AND NOT coalesce((m.params->>'verified')::bool, false))",
+            "SELECT t.database_name FROM tenants t
+               JOIN LATERAL (SELECT o.params FROM operations o
+                              WHERE o.kind = 'tenant.move' AND o.tenant_id = t.id
+                              ORDER BY o.created_at DESC LIMIT 1) m ON true
+              WHERE t.status <> 'deleted'
+                AND m.params->>'from_server' = $1::text
+                AND m.params->>'to_server' = t.server_id::text
+                AND NOT coalesce((m.params->>'verified')::bool, false)",
         )
-        .bind(database)
         .bind(server)
-        .fetch_one(&self.pool)
+        .fetch_all(&self.pool)
         .await
+        .map_err(Error::from)
     }
 
     /// As [`Self::set_password`], committed lazily (see `begin_lazy`): for
@@ -536,7 +549,7 @@ impl Registry {
         id: Uuid,
         password_enc: &[u8],
         key_id: &str,
-    ) -> sqlx::Result<()> {
+    ) -> Result<()> {
         let mut tx = self.begin_lazy().await?;
         sqlx::query(
             "UPDATE tenants SET password_enc = $2, key_id = $3, updated_at = now() WHERE id = $1",
@@ -546,16 +559,11 @@ impl Registry {
         .bind(key_id)
         .execute(&mut *tx)
         .await?;
-        tx.commit().await
+        tx.commit().await.map_err(Error::from)
     }
 
     /// Store a tenant role's new sealed password (the trigger notifies routers).
-    pub async fn set_password(
-        &self,
-        id: Uuid,
-        password_enc: &[u8],
-        key_id: &str,
-    ) -> sqlx::Result<()> {
+    pub async fn set_password(&self, id: Uuid, password_enc: &[u8], key_id: &str) -> Result<()> {
         sqlx::query(
             "UPDATE tenants SET password_enc = $2, key_id = $3, updated_at = now() WHERE id = $1",
         )
@@ -565,6 +573,7 @@ impl Registry {
         .execute(&self.pool)
         .await
         .map(|_| ())
+        .map_err(Error::from)
     }
 }
 
@@ -575,7 +584,7 @@ impl Registry {
         &self,
         target: i64,
         only: Option<Uuid>,
-    ) -> sqlx::Result<Vec<TenantRecord>> {
+    ) -> Result<Vec<TenantRecord>> {
         sqlx::query_as(&format!(
             "{SELECT_RECORD} WHERE t.status IN ('active', 'suspended')
                AND (t.schema_version IS NULL OR t.schema_version < $1)
@@ -585,15 +594,17 @@ impl Registry {
         .bind(only)
         .fetch_all(&self.pool)
         .await
+        .map_err(Error::from)
     }
 
     /// How many active or suspended tenants are at each schema version.
-    pub async fn schema_versions(&self) -> sqlx::Result<Vec<(Option<i64>, i64)>> {
+    pub async fn schema_versions(&self) -> Result<Vec<(Option<i64>, i64)>> {
         sqlx::query_as(
             "SELECT schema_version, count(*) FROM tenants WHERE status IN ('active', 'suspended')
               GROUP BY schema_version ORDER BY schema_version NULLS FIRST",
         )
         .fetch_all(&self.pool)
         .await
+        .map_err(Error::from)
     }
 }

@@ -12,7 +12,7 @@
 //! The budget arithmetic, per tenant server: a server registered with
 //! `max_connections = B` (default 100) gives each of `R` replicas `B / R`
 //! tenant connections. Each replica also keeps up to 4 admin connections
-//! (`provision::servers::ADMIN_POOL_MAX`) to the server for DDL. So set `B`
+//! (`servers::ADMIN_POOL_MAX`) to the server for DDL. So set `B`
 //! at most `server max_connections − superuser_reserved_connections − 4·R −
 //! headroom for other clients`; e.g. PostgreSQL's 100 with 3 reserved and
 //! 2 replicas leaves B ≤ 85. A tenant's own pool is capped by its plan (5, 20
@@ -41,8 +41,9 @@ pub use pool::{AcquireError, ServerBudget, TenantConn, TenantPool};
 
 use crate::config::Secret;
 use crate::crypto::Keyring;
-use crate::provision::connection_limit;
+use crate::domain::Plan;
 use crate::registry::{Registry, TenantRecord, TenantStatus};
+use crate::servers::sqlstate;
 
 /// Channel the `tenants` trigger notifies with a tenant id.
 pub const NOTIFY_CHANNEL: &str = "silo_tenants";
@@ -117,7 +118,7 @@ pub struct TenantEntry {
     pub server_id: Uuid,
     pub database: String,
     pub role: String,
-    pub plan: String,
+    pub plan: Plan,
     /// A move's cut-over: answered 503 with `Retry-After` until it ends.
     pub frozen: bool,
     password: Secret,
@@ -313,7 +314,7 @@ impl TenantRouter {
             .registry
             .find_tenant(name)
             .await
-            .map_err(|e| RouteError::ControlDown(e.to_string()))?;
+            .map_err(|e| RouteError::ControlDown(format!("{:#}", anyhow::Error::from(e))))?;
         let entry = match record {
             Some(t) => Some(Arc::new(self.entry_of(&t)?)),
             None => None,
@@ -338,7 +339,7 @@ impl TenantRouter {
             server_id: t.server_id,
             database: t.database_name.clone(),
             role: t.role_name.clone(),
-            plan: t.plan.clone(),
+            plan: t.plan,
             frozen: t.frozen_at.is_some(),
             password: Secret::new(password),
         })
@@ -419,7 +420,7 @@ impl TenantRouter {
                 .options([("statement_timeout", statement_timeout.as_str())]);
             // The role's CONNECTION LIMIT counts across replicas: each takes its share.
             let replicas = self.inner.config.replicas.max(1) as usize;
-            let cap = (connection_limit(&entry.plan) as usize / replicas).max(1);
+            let cap = (entry.plan.connection_limit() as usize / replicas).max(1);
             self.inner.built.fetch_add(1, Ordering::Relaxed);
             Ok::<_, RouteError>(TenantPool::new(entry.id, opts, cap.min(budget.max), budget))
         };
@@ -450,14 +451,14 @@ impl TenantRouter {
             .registry
             .server(server)
             .await
-            .map_err(|e| RouteError::ControlDown(e.to_string()))?
+            .map_err(|e| RouteError::ControlDown(format!("{:#}", anyhow::Error::from(e))))?
             .context("find the tenant's server")?;
         let url = self
             .inner
             .keyring
             .open_string(&s.key_id, &s.admin_url_enc, s.id.as_bytes())
             .context("decrypt server admin URL")?;
-        let base = crate::provision::servers::admin_options(&url)?;
+        let base = crate::servers::admin_options(&url)?;
         let share = (s.max_connections as u32 / self.inner.config.replicas.max(1)).max(1);
         let budget = ServerBudget::new(server, share as usize);
         let mut budgets = self.inner.budgets.lock().expect("budgets lock");
@@ -655,7 +656,7 @@ fn check_status(entry: &TenantEntry) -> Result<(), RouteError> {
 
 /// "too many connections for role": the tenant is busy, its database is fine.
 fn is_role_limit(e: &sqlx::Error) -> bool {
-    crate::provision::sql_state(e).as_deref() == Some("53300")
+    sqlstate::is(e, sqlstate::TOO_MANY_CONNECTIONS)
         && e.as_database_error()
             .is_some_and(|d| d.message().contains("for role"))
 }
@@ -663,8 +664,5 @@ fn is_role_limit(e: &sqlx::Error) -> bool {
 /// A wrong password (rotated), or a role that may not log in (frozen for a
 /// move, or just suspended): the registry knows better than our cache.
 fn is_auth_failure(e: &sqlx::Error) -> bool {
-    matches!(
-        crate::provision::sql_state(e).as_deref(),
-        Some("28P01" | "28000")
-    )
+    sqlstate::is(e, sqlstate::INVALID_PASSWORD) || sqlstate::is(e, sqlstate::INVALID_AUTHORIZATION)
 }

@@ -10,12 +10,13 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use super::tenants::{resolve, validate_slug};
+use super::tenants::resolve;
 use crate::api::auth::Actor;
 use crate::api::error::{optional_body, ApiError, ApiResult, Json, Problem, Query};
 use crate::api::paging::{next_cursor, page};
 use crate::api::AppState;
-use crate::backup::{BackupError, BackupKind, RestoreTarget};
+use crate::backup::RestoreTarget;
+use crate::domain::Slug;
 use crate::registry::{Backup, Operation};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -76,26 +77,7 @@ async fn start_backup(
     Path(tenant): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Backup>)> {
     let t = resolve(&state, &tenant).await?;
-    let p = &state.provisioner;
-    let (backup, lock) = p.start_backup(t.id, BackupKind::Manual, None).await?;
-    p.registry()
-        .audit(
-            actor.0,
-            "backup.start",
-            Some(t.id),
-            serde_json::json!({"backup_id": backup.id}),
-        )
-        .await?;
-    let runner = p.clone();
-    let started = backup.clone();
-    p.tasks().spawn(async move {
-        let tenant = started.tenant_id;
-        if runner.run_backup(started, lock, None).await.is_ok() {
-            if let Err(e) = runner.prune_backups(tenant).await {
-                tracing::warn!(tenant_id = %tenant, "failed to apply backup retention: {e}");
-            }
-        }
-    });
+    let backup = state.control.backups()?.start_manual(t.id, actor.0).await?;
     Ok((StatusCode::ACCEPTED, Json(backup)))
 }
 
@@ -127,7 +109,7 @@ async fn erase_backups(
     Path(tenant): Path<String>,
 ) -> ApiResult<Json<Erased>> {
     let t = find_any(&state, &tenant).await?;
-    let n = state.provisioner.erase_backups(t, actor.0).await?;
+    let n = state.control.backups()?.erase_backups(t, actor.0).await?;
     Ok(Json(Erased { backups_erased: n }))
 }
 
@@ -159,7 +141,7 @@ async fn verify_backup(
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
     let id = backup_id(&id)?;
-    let op = state.provisioner.start_verify(id).await?;
+    let op = state.control.backups()?.start_verify(id).await?;
     state
         .registry()
         .audit(
@@ -179,19 +161,17 @@ async fn verify_backup(
     responses((status = 202, body = Operation), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
 async fn restore_backup(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
     let body: Option<RestoreBackupBody> = optional_body(&body)?;
     let id = backup_id(&id)?;
     let target = match body.and_then(|b| b.into_slug) {
-        Some(slug) => {
-            validate_slug(&slug)?;
-            RestoreTarget::IntoSlug(slug)
-        }
+        Some(slug) => RestoreTarget::IntoSlug(Slug::parse(&slug)?),
         None => RestoreTarget::InPlace,
     };
-    let op = state.provisioner.start_restore(id, target, "admin").await?;
+    let op = state.control.start_restore(id, target, actor.0).await?;
     Ok((StatusCode::ACCEPTED, Json(op)))
 }
 
@@ -205,7 +185,11 @@ async fn archive_tenant(
     Path(tenant): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
     let t = resolve(&state, &tenant).await?;
-    let op = state.provisioner.start_archive(t.id, actor.0).await?;
+    let op = state
+        .control
+        .backups()?
+        .start_archive(t.id, actor.0)
+        .await?;
     state.router.invalidate(t.id).await;
     Ok((StatusCode::ACCEPTED, Json(op)))
 }
@@ -218,6 +202,7 @@ async fn archive_tenant(
     responses((status = 202, body = Operation), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
 async fn restore_tenant(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
     Path(tenant): Path<String>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
@@ -235,15 +220,14 @@ async fn restore_tenant(
             }
             b
         }
-        None => reg.latest_good_backup(t.id).await?.ok_or_else(|| {
-            ApiError::from(BackupError::Conflict(
-                "the tenant has no succeeded backup".into(),
-            ))
-        })?,
+        None => reg
+            .latest_good_backup(t.id)
+            .await?
+            .ok_or_else(|| ApiError::Conflict("the tenant has no succeeded backup".into()))?,
     };
     let op = state
-        .provisioner
-        .start_restore(backup.id, RestoreTarget::InPlace, "admin")
+        .control
+        .start_restore(backup.id, RestoreTarget::InPlace, actor.0)
         .await?;
     Ok((StatusCode::ACCEPTED, Json(op)))
 }

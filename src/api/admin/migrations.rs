@@ -11,7 +11,7 @@ use utoipa_axum::routes;
 use crate::api::auth::Actor;
 use crate::api::error::{ApiError, ApiResult, Json, Problem};
 use crate::api::AppState;
-use crate::migrate::{FleetOptions, FleetStartError, MAX_CONCURRENCY};
+use crate::migrate::{FleetOptions, MAX_CONCURRENCY};
 use crate::registry::Operation;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -67,19 +67,11 @@ async fn start_migration(
         tenant: body.tenant,
         dry_run: body.dry_run,
     };
-    let run = state
-        .provisioner
-        .start_fleet_migration(options, actor.0)
-        .await
-        .map_err(|e| match e {
-            FleetStartError::AlreadyRunning(id) => ApiError::Busy(e.to_string(), id),
-            FleetStartError::UnknownTenant(_) => ApiError::invalid(e.to_string()),
-            FleetStartError::Internal(e) => ApiError::Internal(e),
-        })?;
+    let run = state.control.fleet().start(options, actor.0).await?;
     let operation = run.operation.clone();
-    let p = state.provisioner.clone();
-    state.provisioner.tasks().spawn(async move {
-        if let Err(e) = run.run(&p, |_, _| {}).await {
+    let control = state.control.clone();
+    state.control.tasks().spawn(async move {
+        if let Err(e) = control.run_fleet(run, |_, _| {}).await {
             tracing::error!("failed to run a fleet migration: {e:#}");
         }
     });
@@ -90,7 +82,7 @@ async fn start_migration(
 #[utoipa::path(get, path = "/migrations/tenants", tag = "migrations",
     responses((status = 200, body = MigrationStatus)))]
 async fn migration_status(State(state): State<AppState>) -> ApiResult<Json<MigrationStatus>> {
-    let latest = state.provisioner.latest_version();
+    let latest = state.control.latest_version();
     let versions = state
         .registry()
         .schema_versions()

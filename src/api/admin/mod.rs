@@ -7,7 +7,6 @@ mod pools;
 mod servers;
 mod tenants;
 
-pub use tenants::validate_slug;
 use utoipa_axum::router::OpenApiRouter;
 
 use super::AppState;

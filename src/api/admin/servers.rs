@@ -12,8 +12,9 @@ use crate::api::auth::Actor;
 use crate::api::error::{ApiError, ApiResult, Json, Problem};
 use crate::api::AppState;
 use crate::config::{DEFAULT_SERVER_MAX_CONNECTIONS, DEFAULT_SERVER_MAX_TENANTS};
-use crate::provision::servers::ServerUnreachable;
-use crate::registry::{is_unique_violation, DbServer};
+use crate::domain::ServerName;
+use crate::registry::DbServer;
+use crate::servers::ServerUnreachable;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -67,29 +68,20 @@ async fn create_server(
     Extension(actor): Extension<Actor>,
     Json(body): Json<CreateServerBody>,
 ) -> ApiResult<(StatusCode, Json<DbServer>)> {
-    let name_ok = (1..=63).contains(&body.name.len())
-        && body
-            .name
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_');
-    if !name_ok {
-        return Err(ApiError::invalid(
-            "name must be 1 to 63 characters of a-z, A-Z, 0-9, '-' and '_'",
-        ));
-    }
+    let name = ServerName::parse(&body.name)?;
     let max_connections = body
         .max_connections
         .unwrap_or(DEFAULT_SERVER_MAX_CONNECTIONS);
     let max_tenants = body.max_tenants.unwrap_or(DEFAULT_SERVER_MAX_TENANTS);
     check_limits(Some(max_connections), Some(max_tenants))?;
-    crate::provision::servers::admin_options(&body.admin_url)
+    crate::servers::admin_options(&body.admin_url)
         .map_err(|e| ApiError::invalid(format!("admin_url: {e}")))?;
     let server = state
-        .provisioner
-        .register_server(&body.name, &body.admin_url, max_connections, max_tenants)
+        .control
+        .register_server(name.as_str(), &body.admin_url, max_connections, max_tenants)
         .await
-        .map_err(|e| match e.downcast_ref::<sqlx::Error>() {
-            Some(db) if is_unique_violation(db, "db_servers_name_key") => {
+        .map_err(|e| match e.downcast_ref::<crate::registry::Error>() {
+            Some(db) if db.is_unique_violation("db_servers_name_key") => {
                 ApiError::Conflict(format!("a server named '{}' exists", body.name))
             }
             // The URL did not connect: the client's input, not our fault. No URL in the answer.

@@ -11,7 +11,8 @@ use utoipa_axum::routes;
 use crate::api::auth::Actor;
 use crate::api::error::{optional_body, ApiError, ApiResult, Json, Problem, Query};
 use crate::api::AppState;
-use crate::provision::{CreateTenant, DEFAULT_PLAN, PLANS};
+use crate::domain::{Plan, Schedule, ServerName, Slug, TenantName};
+use crate::provision::CreateTenant;
 use crate::registry::{Operation, Tenant, TenantPatch, TenantRecord, TenantStatus};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -47,7 +48,8 @@ pub struct CreateTenantBody {
 pub struct PatchTenantBody {
     name: Option<String>,
     plan: Option<String>,
-    /// Cron expression with seconds, e.g. `0 0 3 * * *`.
+    /// Cron expression, 5 fields or 6 with seconds first (e.g. `0 0 3 * * *`),
+    /// in UTC, firing at least once a week.
     backup_schedule: Option<String>,
 }
 
@@ -83,21 +85,18 @@ async fn create_tenant(
     Json(body): Json<CreateTenantBody>,
 ) -> ApiResult<(StatusCode, Json<Tenant>)> {
     let key = idempotency_key(&headers)?;
-    validate_slug(&body.slug)?;
-    let name = validate_name(&body.name)?;
-    let plan = body.plan.as_deref().unwrap_or(DEFAULT_PLAN);
-    validate_plan(plan)?;
-    if let Some(server) = &body.server {
-        validate_text("server", server, 63)?;
-    }
     let req = CreateTenant {
-        slug: body.slug,
-        name,
-        plan: plan.to_owned(),
-        server: body.server,
+        slug: Slug::parse(&body.slug)?,
+        name: TenantName::parse(&body.name)?,
+        plan: body
+            .plan
+            .as_deref()
+            .map_or(Ok(Plan::DEFAULT), Plan::parse)?,
+        server: body.server.as_deref().map(ServerName::parse).transpose()?,
     };
     let tenant = state
-        .provisioner
+        .control
+        .provisioner()
         .create(&req, key.as_deref(), actor.0)
         .await?;
     Ok((StatusCode::CREATED, Json(tenant.view())))
@@ -148,20 +147,25 @@ async fn patch_tenant(
     Path(tenant): Path<String>,
     Json(body): Json<PatchTenantBody>,
 ) -> ApiResult<Json<Tenant>> {
-    let name = body.name.as_deref().map(validate_name).transpose()?;
-    if let Some(plan) = &body.plan {
-        validate_plan(plan)?;
-    }
-    if let Some(schedule) = &body.backup_schedule {
-        validate_schedule(schedule)?;
-    }
+    let name = body.name.as_deref().map(TenantName::parse).transpose()?;
+    let plan = body.plan.as_deref().map(Plan::parse).transpose()?;
+    let schedule = body
+        .backup_schedule
+        .as_deref()
+        .map(Schedule::parse)
+        .transpose()
+        .map_err(|e| ApiError::invalid(format!("backup_schedule: {e}")))?;
     let t = resolve(&state, &tenant).await?;
     let patch = TenantPatch {
-        name: name.as_deref(),
-        plan: body.plan.as_deref(),
-        backup_schedule: body.backup_schedule.as_deref(),
+        name: name.as_ref(),
+        plan,
+        backup_schedule: schedule.as_ref(),
     };
-    let t = state.provisioner.patch(t.id, &patch, actor.0).await?;
+    let t = state
+        .control
+        .provisioner()
+        .patch(t.id, &patch, actor.0)
+        .await?;
     Ok(Json(t.view()))
 }
 
@@ -175,7 +179,7 @@ async fn suspend_tenant(
     Path(tenant): Path<String>,
 ) -> ApiResult<Json<Tenant>> {
     let t = resolve(&state, &tenant).await?;
-    let t = state.provisioner.suspend(t.id, actor.0).await?;
+    let t = state.control.provisioner().suspend(t.id, actor.0).await?;
     state.router.invalidate(t.id).await;
     Ok(Json(t.view()))
 }
@@ -190,7 +194,7 @@ async fn resume_tenant(
     Path(tenant): Path<String>,
 ) -> ApiResult<Json<Tenant>> {
     let t = resolve(&state, &tenant).await?;
-    let t = state.provisioner.resume(t.id, actor.0).await?;
+    let t = state.control.provisioner().resume(t.id, actor.0).await?;
     state.router.invalidate(t.id).await;
     Ok(Json(t.view()))
 }
@@ -205,7 +209,7 @@ async fn delete_tenant(
     Path(tenant): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
     let t = resolve(&state, &tenant).await?;
-    let op = state.provisioner.start_delete(t.id, actor.0).await?;
+    let op = state.control.start_delete(t.id, actor.0).await?;
     state.router.invalidate(t.id).await;
     Ok((StatusCode::ACCEPTED, Json(op)))
 }
@@ -245,7 +249,7 @@ async fn mint_token(
         )));
     }
     let t = resolve(&state, &tenant).await?;
-    let (token, expires_at) = crate::tokens::mint(state.provisioner.keyring(), t.id, ttl);
+    let (token, expires_at) = crate::tokens::mint(state.control.keyring(), t.id, ttl);
     state
         .registry()
         .audit(
@@ -271,7 +275,11 @@ async fn rotate_credentials(
     Path(tenant): Path<String>,
 ) -> ApiResult<Json<Tenant>> {
     let t = resolve(&state, &tenant).await?;
-    let t = state.provisioner.rotate_credentials(t.id, actor.0).await?;
+    let t = state
+        .control
+        .provisioner()
+        .rotate_credentials(t.id, actor.0)
+        .await?;
     state.router.invalidate(t.id).await;
     Ok(Json(t.view()))
 }
@@ -294,13 +302,13 @@ async fn move_tenant(
     Path(tenant): Path<String>,
     Json(body): Json<MoveTenantBody>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    if body.server.is_empty() || body.server.len() > 63 {
-        return Err(ApiError::invalid("server must name a registered server"));
-    }
+    let server = ServerName::parse(&body.server)
+        .map_err(|_| ApiError::invalid("server must name a registered server"))?;
     let t = resolve(&state, &tenant).await?;
     let op = state
-        .provisioner
-        .start_move(t.id, &body.server, actor.0)
+        .control
+        .mover()
+        .start_move(t.id, server.as_str(), actor.0)
         .await?;
     Ok((StatusCode::ACCEPTED, Json(op)))
 }
@@ -337,98 +345,4 @@ fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
             ))
         })?;
     Ok(Some(key.to_owned()))
-}
-
-/// `^[a-z][a-z0-9-]{1,38}[a-z0-9]$`
-pub fn validate_slug(slug: &str) -> ApiResult<()> {
-    let b = slug.as_bytes();
-    let ok = (3..=40).contains(&b.len())
-        && b[0].is_ascii_lowercase()
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && b[b.len() - 1] != b'-';
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::invalid(
-            "slug must be 3 to 40 characters of a-z, 0-9 and '-', start with a letter and not end with '-'",
-        ))
-    }
-}
-
-fn validate_name(name: &str) -> ApiResult<String> {
-    let name = name.trim();
-    validate_text("name", name, 200)?;
-    Ok(name.to_owned())
-}
-
-fn validate_text(field: &str, value: &str, max: usize) -> ApiResult<()> {
-    if value.trim().is_empty() || value.chars().count() > max || value.chars().any(char::is_control)
-    {
-        return Err(ApiError::invalid(format!(
-            "{field} must be 1 to {max} characters with no control characters"
-        )));
-    }
-    Ok(())
-}
-
-fn validate_plan(plan: &str) -> ApiResult<()> {
-    if PLANS.iter().any(|(p, _)| *p == plan) {
-        return Ok(());
-    }
-    let names: Vec<&str> = PLANS.iter().map(|(p, _)| *p).collect();
-    Err(ApiError::invalid(format!(
-        "plan must be one of {}",
-        names.join(", ")
-    )))
-}
-
-fn validate_schedule(schedule: &str) -> ApiResult<()> {
-    croner::Cron::new(schedule)
-        .with_seconds_required()
-        .parse()
-        .map(|_| ())
-        .map_err(|e| {
-            ApiError::invalid(format!(
-                "backup_schedule is not a valid cron expression with seconds: {e}"
-            ))
-        })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn slugs_follow_the_contract_pattern() {
-        for ok in [
-            "abc",
-            "a1-b2",
-            "clinic-north-7",
-            &format!("a{}", "b".repeat(39)),
-        ] {
-            assert!(validate_slug(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "",
-            "ab",
-            "1abc",
-            "Abc",
-            "abc-",
-            "a_bc",
-            "abc def",
-            "ünï",
-            &format!("a{}", "b".repeat(40)),
-        ] {
-            assert!(validate_slug(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn schedules_must_be_cron_with_seconds() {
-        assert!(validate_schedule("0 0 3 * * *").is_ok());
-        assert!(validate_schedule("0 3 * * *").is_err());
-        assert!(validate_schedule("99 * * * * *").is_err());
-        assert!(validate_schedule("tomorrow").is_err());
-    }
 }

@@ -48,7 +48,7 @@ impl FromRequestParts<AppState> for TenantDb {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let name = tenant_name(parts, state.app_domain.as_deref())?;
         let token = super::auth::bearer_token(&parts.headers).ok_or(ApiError::Unauthorized)?;
-        let token_tenant = crate::tokens::verify(state.provisioner.keyring(), token)
+        let token_tenant = crate::tokens::verify(state.control.keyring(), token)
             .map_err(|_| ApiError::Unauthorized)?;
         let tenant = state.router.resolve(&name).await?;
         if tenant.id != token_tenant {
@@ -127,5 +127,7 @@ pub(crate) fn db_error(e: sqlx::Error) -> ApiError {
             _ => {}
         }
     }
-    ApiError::from(e)
+    ApiError::from(crate::ops::Error::Internal(
+        anyhow::Error::new(e).context("query the tenant's database"),
+    ))
 }

@@ -3,21 +3,25 @@
 //! died.
 
 use std::collections::HashSet;
-use std::future::Future;
 
 use anyhow::Context;
 use serde::Serialize;
 use serde_json::json;
 use uuid::Uuid;
 
-use super::{BackupError, BackupKind, RestoreTarget, OBJECT_PREFIX, SCRATCH_DB_PREFIX};
-use crate::provision::relocate::MOVE_KIND;
-use crate::provision::{set_role_login, terminate_sessions, Provisioner, ServerAdmin};
-use crate::registry::{Operation, OperationStatus, TenantRecord, TenantStatus};
+use super::{BackupKind, Backups, OBJECT_PREFIX};
+use crate::domain::OperationKind;
+use crate::ops::{Error, Result};
+use crate::registry::{Operation, OperationStatus, Registry, TenantRecord, TenantStatus};
+use crate::servers::names::SCRATCH_DB_PREFIX;
+use crate::servers::{roles, ServerAdmin};
 
-/// Operation kinds run by this module; an unfinished one whose lock is free
-/// was interrupted by a crash.
-pub const OPERATION_KINDS: [&str; 3] = ["tenant.archive", "backup.restore", "backup.verify"];
+/// Operation kinds whose interrupted runs the backup sweep settles.
+pub const SETTLED_BY_SWEEP: [OperationKind; 3] = [
+    OperationKind::TenantArchive,
+    OperationKind::BackupRestore,
+    OperationKind::BackupVerify,
+];
 
 /// What one backup sweep cleaned up.
 #[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
@@ -30,174 +34,89 @@ pub struct BackupSweep {
     pub operations_interrupted: u32,
 }
 
-impl Provisioner {
-    /// Record an operation, hold its lock, and run `work` in the background;
-    /// its result (or error) is stored on the operation.
-    pub(crate) async fn spawn_operation<F, Fut>(
-        &self,
-        kind: &'static str,
-        tenant: Option<Uuid>,
-        params: serde_json::Value,
-        work: F,
-    ) -> Result<Operation, BackupError>
-    where
-        F: FnOnce(Provisioner) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<serde_json::Value, BackupError>> + Send + 'static,
-    {
-        let reg = self.registry();
-        let id = Uuid::now_v7();
-        let lock = reg
-            .try_lock_operation(id)
-            .await?
-            .context("lock a fresh operation id")?;
-        let op = match reg.create_operation_as(id, kind, tenant, params).await {
-            Ok(op) => op,
-            Err(e) => {
-                lock.release().await;
-                return Err(e.into());
-            }
-        };
-        let this = self.clone();
-        self.tasks().spawn(async move {
-            let outcome = work(this.clone()).await.map_err(|e| e.detail());
-            if let Err(e) = &outcome {
-                tracing::error!(operation_id = %id, kind, "failed to {kind}: {e}");
-            }
-            if let Err(e) = this.registry().finish_operation(id, outcome).await {
-                tracing::error!(operation_id = %id, "failed to record the end of an operation: {e}");
-            }
-            lock.release().await;
-        });
-        Ok(op)
-    }
-
+impl Backups {
     /// `POST /backups/{id}/verify` as an operation.
-    pub async fn start_verify(&self, backup: Uuid) -> Result<Operation, BackupError> {
-        self.storage_or_err()?;
+    pub async fn start_verify(&self, backup: Uuid) -> Result<Operation> {
         let b = self.succeeded_backup(backup, "verified").await?;
-        self.spawn_operation(
-            "backup.verify",
-            Some(b.tenant_id),
-            json!({"backup_id": backup}),
-            move |p| async move {
-                let report = p.verify_backup(backup, None).await?;
-                if !report.ok {
-                    return Err(BackupError::Internal(anyhow::anyhow!(
-                        "verify the backup: {}",
-                        report.mismatches.join("; ")
-                    )));
-                }
-                Ok(serde_json::to_value(report).unwrap_or_default())
-            },
-        )
-        .await
-    }
-
-    /// `POST /backups/{id}/restore` and `POST /tenants/{t}/restore` as an operation.
-    pub async fn start_restore(
-        &self,
-        backup: Uuid,
-        target: RestoreTarget,
-        actor: &'static str,
-    ) -> Result<Operation, BackupError> {
-        self.storage_or_err()?;
-        let reg = self.registry();
-        let b = self.succeeded_backup(backup, "restored").await?;
-        if reg.backup_key_erased(b.tenant_id).await? {
-            return Err(BackupError::KeyErased);
-        }
-        let into = match &target {
-            RestoreTarget::InPlace => None,
-            RestoreTarget::IntoSlug(s) => Some(s.clone()),
-        };
-        let target_tenant = match &into {
-            Some(slug) => reg.find_tenant(slug).await?.map(|t| t.id),
-            None => Some(b.tenant_id),
-        };
-        if let Some(t) = target_tenant {
-            for kind in OPERATION_KINDS.into_iter().chain([MOVE_KIND]) {
-                if let Some(op) = reg.open_operations(kind, t).await?.first() {
-                    return Err(BackupError::Busy(op.id));
-                }
-            }
-        }
-        self.spawn_operation(
-            "backup.restore",
-            target_tenant.or(Some(b.tenant_id)),
-            json!({"backup_id": backup, "into_slug": into}),
-            move |p| async move {
-                let t = p.restore_backup(backup, target, actor, None).await?;
-                Ok(json!({"tenant_id": t.id, "slug": t.slug, "status": t.status, "database": t.database_name, "backup_id": backup}))
-            },
-        )
-        .await
+        let this = self.clone();
+        self.inner
+            .ops
+            .spawn(
+                OperationKind::BackupVerify,
+                Some(b.tenant_id),
+                json!({"backup_id": backup}),
+                move || async move {
+                    let report = this.verify_backup(backup, None).await?;
+                    if !report.ok {
+                        return Err(Error::Internal(anyhow::anyhow!(
+                            "verify the backup: {}",
+                            report.mismatches.join("; ")
+                        )));
+                    }
+                    Ok(serde_json::to_value(report).unwrap_or_default())
+                },
+            )
+            .await
     }
 
     /// Archive a tenant: final backup, verified, then its database and role
     /// dropped and the tenant `archived`. The tenant stops serving at once
     /// (no write may land after the backup); a failure brings it back.
     #[tracing::instrument(skip(self), fields(tenant_id = %id))]
-    pub async fn start_archive(&self, id: Uuid, actor: &str) -> Result<Operation, BackupError> {
-        self.storage_or_err()?;
+    pub async fn start_archive(&self, id: Uuid, actor: &str) -> Result<Operation> {
         let reg = self.registry();
-        let lock = reg.lock_tenant(id).await?;
-        let from = async {
-            let t = reg
-                .tenant(id)
-                .await?
-                .ok_or(BackupError::NotFound("tenant"))?;
-            match t.status {
-                TenantStatus::Active | TenantStatus::Suspended => {}
-                TenantStatus::Deleted => return Err(BackupError::NotFound("tenant")),
-                other => {
-                    return Err(BackupError::Conflict(format!(
-                        "tenant is {}: only an active or suspended tenant can be archived",
-                        other.as_str()
-                    )))
+        let from = reg
+            .with_tenant_lock(id, || async {
+                let t = reg.tenant(id).await?.ok_or(Error::NotFound("tenant"))?;
+                match t.status {
+                    TenantStatus::Active | TenantStatus::Suspended => {}
+                    TenantStatus::Deleted => return Err(Error::NotFound("tenant")),
+                    other => {
+                        return Err(Error::state(
+                            other.as_str(),
+                            "only an active or suspended tenant can be archived",
+                        ))
+                    }
                 }
-            }
-            if let Some(op) = reg.open_operations(MOVE_KIND, id).await?.first() {
-                return Err(BackupError::Busy(op.id));
-            }
-            if reg.backup_key_erased(id).await? {
-                return Err(BackupError::KeyErased);
-            }
-            reg.transition(id, &[t.status], TenantStatus::Archiving, None)
-                .await?
-                .ok_or_else(|| BackupError::Conflict("tenant changed state".into()))?;
-            reg.audit(actor, "tenant.archive", Some(id), json!({}))
-                .await?;
-            Ok(t.status)
-        }
-        .await;
-        lock.release().await;
-        let from = from?;
-        self.spawn_operation(
-            "tenant.archive",
-            Some(id),
-            json!({"from": from.as_str()}),
-            move |p| async move {
-                let backup = p.run_archive(id, from).await?;
-                Ok(json!({"tenant_id": id, "status": "archived", "backup_id": backup}))
-            },
-        )
-        .await
+                self.inner
+                    .ops
+                    .refuse_if_busy(OperationKind::TenantArchive, id)
+                    .await?;
+                self.refuse_if_erased(id).await?;
+                reg.transition(id, &[t.status], TenantStatus::Archiving, None)
+                    .await?
+                    .ok_or_else(|| Error::conflict("tenant changed state"))?;
+                reg.audit(actor, "tenant.archive", Some(id), json!({}))
+                    .await?;
+                Ok(t.status)
+            })
+            .await?;
+        let this = self.clone();
+        self.inner
+            .ops
+            .spawn(
+                OperationKind::TenantArchive,
+                Some(id),
+                json!({"from": from.as_str()}),
+                move || async move {
+                    let backup = this.run_archive(id, from).await?;
+                    Ok(json!({"tenant_id": id, "status": "archived", "backup_id": backup}))
+                },
+            )
+            .await
     }
 
-    async fn run_archive(&self, id: Uuid, from: TenantStatus) -> Result<Uuid, BackupError> {
+    async fn run_archive(&self, id: Uuid, from: TenantStatus) -> Result<Uuid> {
         let reg = self.registry();
-        let t = reg
-            .tenant(id)
-            .await?
-            .ok_or(BackupError::NotFound("tenant"))?;
+        let t = reg.tenant(id).await?.ok_or(Error::NotFound("tenant"))?;
         let admin = self.admin_for(&t).await?;
         let backed_up = async {
-            set_role_login(&admin, &t.role_name, false).await?;
-            terminate_sessions(&admin, &t.role_name).await?;
+            roles::set_role_login(&admin, &t.role_name, false).await?;
+            roles::terminate_sessions(&admin, &t.role_name).await?;
             let b = self.backup_now(id, BackupKind::Archive, None).await?;
             let report = self.verify_backup(b.id, None).await?;
             if !report.ok {
-                return Err(BackupError::Internal(anyhow::anyhow!(
+                return Err(Error::Internal(anyhow::anyhow!(
                     "verify the archive backup: {}",
                     report.mismatches.join("; ")
                 )));
@@ -208,10 +127,8 @@ impl Provisioner {
         .await;
         match backed_up {
             Ok(backup) => {
-                let lock = reg.lock_tenant(id).await?;
-                let done = self.finish_archive_locked(&admin, &t).await;
-                lock.release().await;
-                done?;
+                reg.with_tenant_lock(id, || self.finish_archive_locked(&admin, &t))
+                    .await?;
                 Ok(backup)
             }
             Err(e) => {
@@ -221,11 +138,7 @@ impl Provisioner {
         }
     }
 
-    async fn finish_archive_locked(
-        &self,
-        admin: &ServerAdmin,
-        t: &TenantRecord,
-    ) -> anyhow::Result<()> {
+    async fn finish_archive_locked(&self, admin: &ServerAdmin, t: &TenantRecord) -> Result<()> {
         // Only a tenant still archiving loses its database (a sweep may have
         // put it back if this runner's lock connection was lost).
         let current = self
@@ -233,20 +146,16 @@ impl Provisioner {
             .tenant(t.id)
             .await?
             .context("find the tenant")?;
-        anyhow::ensure!(
-            current.status == TenantStatus::Archiving,
-            "finish the archival: the tenant is {} now; nothing was dropped",
-            current.status.as_str()
-        );
-        admin
-            .exec(&format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                t.database_name
-            ))
+        if current.status != TenantStatus::Archiving {
+            return Err(Error::conflict(format!(
+                "finish the archival: the tenant is {} now; nothing was dropped",
+                current.status.as_str()
+            )));
+        }
+        roles::drop_database(admin, &t.database_name)
             .await
             .context("drop the archived tenant's database")?;
-        admin
-            .exec(&format!("DROP ROLE IF EXISTS \"{}\"", t.role_name))
+        roles::drop_role(admin, &t.role_name)
             .await
             .context("drop the archived tenant's role")?;
         self.registry()
@@ -275,7 +184,7 @@ impl Provisioner {
             .is_ok()
             && from == TenantStatus::Active
         {
-            if let Err(e) = set_role_login(admin, &t.role_name, true).await {
+            if let Err(e) = roles::set_role_login(admin, &t.role_name, true).await {
                 tracing::warn!(tenant_id = %t.id, "failed to let the tenant in again (the reconciler will): {e:#}");
             }
         }
@@ -283,18 +192,15 @@ impl Provisioner {
 
     /// Crypto-shred a deleted tenant's backups: forget its data key, delete
     /// the objects. Nothing can read them afterwards.
-    pub async fn erase_backups(&self, id: Uuid, actor: &str) -> Result<u32, BackupError> {
-        let storage = self.storage_or_err()?;
+    pub async fn erase_backups(&self, id: Uuid, actor: &str) -> Result<u32> {
+        let storage = self.storage();
         let reg = self.registry();
-        let t = reg
-            .tenant(id)
-            .await?
-            .ok_or(BackupError::NotFound("tenant"))?;
+        let t = reg.tenant(id).await?.ok_or(Error::NotFound("tenant"))?;
         if t.status != TenantStatus::Deleted {
-            return Err(BackupError::Conflict(format!(
-                "tenant is {}: only a deleted tenant's backups can be erased",
-                t.status.as_str()
-            )));
+            return Err(Error::state(
+                t.status.as_str(),
+                "only a deleted tenant's backups can be erased",
+            ));
         }
         reg.erase_backup_key(id).await?;
         let mut removed = 0;
@@ -317,9 +223,7 @@ impl Provisioner {
     /// Clean up after backups, restores and archivals whose process died.
     pub async fn sweep_backups(&self) -> anyhow::Result<BackupSweep> {
         let mut report = BackupSweep::default();
-        let Some(storage) = self.storage().cloned() else {
-            return Ok(report);
-        };
+        let storage = self.storage();
         let reg = self.registry();
         for b in reg.running_backups().await? {
             let Some(lock) = reg.try_lock_backup(b.id).await? else {
@@ -359,7 +263,7 @@ impl Provisioner {
                 }
             }
         }
-        for kind in OPERATION_KINDS {
+        for kind in SETTLED_BY_SWEEP {
             for op in reg.unfinished_operations(kind).await? {
                 let Some(lock) = reg.try_lock_operation(op.id).await? else {
                     continue; // its runner is alive
@@ -410,11 +314,8 @@ impl Provisioner {
                 lock.release().await;
                 continue;
             };
-            let mut live = false;
-            for kind in OPERATION_KINDS {
-                live |= !reg.open_operations(kind, t.id).await?.is_empty();
-            }
-            if !live {
+            let live = reg.open_operation_of(t.id, &SETTLED_BY_SWEEP).await?;
+            if live.is_none() {
                 match t.status {
                     TenantStatus::Restoring => {
                         self.undo_unarchive(
@@ -425,7 +326,7 @@ impl Provisioner {
                     }
                     _ => {
                         let from = reg
-                            .latest_operation_params("tenant.archive", t.id)
+                            .latest_operation_params(OperationKind::TenantArchive, t.id)
                             .await?
                             .and_then(|p| p["from"].as_str().and_then(TenantStatus::parse))
                             .unwrap_or(TenantStatus::Active);
@@ -450,8 +351,8 @@ impl Provisioner {
         let Ok(Some(t)) = reg.tenant(tenant).await else {
             return Err(interrupted);
         };
-        match (op.kind.as_str(), t.status) {
-            ("tenant.archive", TenantStatus::Archiving) => {
+        match (op.kind, t.status) {
+            (OperationKind::TenantArchive, TenantStatus::Archiving) => {
                 let from = reg
                     .operation_params(op.id)
                     .await
@@ -467,7 +368,7 @@ impl Provisioner {
                     Err("interrupted: the silo process archiving it stopped; the tenant was put back".into())
                 }
             }
-            ("backup.restore", TenantStatus::Restoring) => {
+            (OperationKind::BackupRestore, TenantStatus::Restoring) => {
                 self.undo_unarchive(t.id, "interrupted: the silo process restoring it stopped")
                     .await;
                 Err(interrupted)
@@ -484,7 +385,7 @@ impl Provisioner {
         t: &TenantRecord,
         from: TenantStatus,
     ) -> bool {
-        match crate::provision::database_exists(admin, &t.database_name).await {
+        match roles::database_exists(admin, &t.database_name).await {
             Ok(false) => self.finish_archive_locked(admin, t).await.is_ok(),
             Ok(true) => {
                 self.undo_archive(
@@ -500,44 +401,11 @@ impl Provisioner {
         }
     }
 
-    /// Drop scratch databases (`silo_x_*`) whose restore or verification died.
-    pub(crate) async fn sweep_scratch_databases(&self, admin: &ServerAdmin) -> anyhow::Result<u32> {
-        let names: Vec<String> = sqlx::query_scalar(
-            "SELECT datname::text FROM pg_database WHERE datname LIKE 'silo\\_x\\_%'",
-        )
-        .fetch_all(&admin.pool)
-        .await
-        .context("list scratch databases")?;
-        let mut dropped = 0;
-        let reg = self.registry();
-        let mut seen = HashSet::new();
-        for name in names {
-            let Some(id) = name
-                .strip_prefix(SCRATCH_DB_PREFIX)
-                .and_then(|h| Uuid::parse_str(h).ok())
-            else {
-                continue;
-            };
-            if !seen.insert(id) {
-                continue;
-            }
-            if let Some(lock) = reg.try_lock_backup(id).await? {
-                admin
-                    .exec(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                    .await
-                    .with_context(|| format!("drop abandoned scratch database {name}"))?;
-                lock.release().await;
-                dropped += 1;
-            }
-        }
-        Ok(dropped)
-    }
-
     /// Has the tenant a succeeded final backup taken since its delete was asked for?
-    pub(crate) async fn final_backup_taken(&self, t: &TenantRecord) -> sqlx::Result<bool> {
+    pub async fn final_backup_taken(&self, t: &TenantRecord) -> Result<bool> {
         let reg = self.registry();
         let asked = reg
-            .open_operations("tenant.delete", t.id)
+            .open_operations(OperationKind::TenantDelete, t.id)
             .await?
             .iter()
             .map(|op| op.created_at)
@@ -549,4 +417,42 @@ impl Provisioner {
             .iter()
             .any(|b| b.kind == "final" && b.status == "succeeded" && b.started_at >= asked))
     }
+}
+
+/// Drop scratch databases (`silo_x_*`) whose restore or verification died
+/// (their runner's lock is free). Runs whether or not storage is configured:
+/// a scratch database may outlive the configuration that made it.
+pub async fn sweep_scratch_databases(
+    registry: &Registry,
+    admin: &ServerAdmin,
+) -> anyhow::Result<u32> {
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT datname::text FROM pg_database WHERE datname LIKE 'silo\\_x\\_%'",
+    )
+    .fetch_all(&admin.pool)
+    .await
+    .map_err(|e| admin.error(None, e))
+    .context("list scratch databases")?;
+    let mut dropped = 0;
+    let mut seen = HashSet::new();
+    for name in names {
+        let Some(id) = name
+            .strip_prefix(SCRATCH_DB_PREFIX)
+            .and_then(|h| Uuid::parse_str(h).ok())
+        else {
+            continue;
+        };
+        if !seen.insert(id) {
+            continue;
+        }
+        if let Some(lock) = registry.try_lock_backup(id).await? {
+            let dropped_now = roles::drop_database(admin, &name)
+                .await
+                .with_context(|| format!("drop abandoned scratch database {name}"));
+            lock.release().await;
+            dropped_now?;
+            dropped += 1;
+        }
+    }
+    Ok(dropped)
 }

@@ -1,9 +1,7 @@
 //! The database going away: silo answers 503 (not 500), then recovers alone.
 
-mod common;
-
+use crate::common::TestEnv;
 use axum::http::{Method, StatusCode};
-use common::TestEnv;
 use serde_json::json;
 
 #[tokio::test]

@@ -2,15 +2,13 @@
 //! traffic, with the target failing mid-copy, with silo killed mid-move, and
 //! with requests that must be refused.
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::common::{create_on, second_server, Silo, TestEnv};
 use axum::http::{Method, StatusCode};
-use common::{create_on, second_server, Silo, TestEnv};
 use serde_json::{json, Value};
 use silo::embedded::EmbeddedPostgres;
 use sqlx::postgres::PgPoolOptions;
@@ -410,7 +408,7 @@ async fn a_tenant_moves_to_another_server_under_live_traffic_with_no_lost_write(
         .await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.body);
     // A reconcile pass finds nothing to repair and drops nothing it should keep.
-    let report = env.provisioner.reconcile_once().await.unwrap();
+    let report = env.control.reconcile_once().await.unwrap();
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(report.orphan_databases_dropped, 0, "{report:?}");
     assert!(database_on(&second, &after.database_name).await);
@@ -482,7 +480,7 @@ async fn a_move_whose_target_dies_mid_copy_leaves_the_tenant_serving_from_its_so
     // drops it, its subscription and the source's slot.
     second.start_again().unwrap();
     for _ in 0..3 {
-        env.provisioner.reconcile_once().await.unwrap();
+        env.control.reconcile_once().await.unwrap();
         if move_leftovers(&env.pg, &second).await.is_empty()
             && !database_on(&second, &t.database_name).await
         {
@@ -553,7 +551,7 @@ async fn silo_killed_during_the_freeze_rolls_the_move_back() {
         .await
         .unwrap();
     assert_eq!(n, 1_000);
-    common::close(conn).await;
+    crate::common::close(conn).await;
     assert_serves(&env, "crasher").await;
     assert!(move_leftovers(&env.pg, &second).await.is_empty());
     assert!(!database_on(&second, &t.database_name).await);
@@ -600,7 +598,7 @@ async fn silo_killed_between_the_switch_and_the_verification_keeps_the_old_datab
     assert_eq!(kept.len(), 1, "{kept:?}");
     assert!(done.contains(&kept[0]), "{done}");
     assert!(move_leftovers(&env.pg, &second).await.is_empty());
-    let report = env.provisioner.reconcile_once().await.unwrap();
+    let report = env.control.reconcile_once().await.unwrap();
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert!(database_on(&env.pg, &kept[0]).await);
 }
@@ -778,7 +776,7 @@ async fn a_schema_change_on_the_source_mid_move_fails_the_move_and_keeps_the_ten
         .connect_tenant("changer")
         .await
         .expect("tenant role logs in");
-    common::close(conn).await;
+    crate::common::close(conn).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -826,7 +824,7 @@ async fn a_copy_that_does_not_verify_keeps_the_source_database_aside() {
     assert!(error.contains(&kept[0]), "{error}");
     assert!(!role_on(&env.pg, &t.role_name).await);
     assert!(move_leftovers(&env.pg, &second).await.is_empty());
-    let report = env.provisioner.reconcile_once().await.unwrap();
+    let report = env.control.reconcile_once().await.unwrap();
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert!(database_on(&env.pg, &kept[0]).await);
     let kept_db = superuser(&env.pg, &kept[0]).await;

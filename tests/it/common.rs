@@ -1,6 +1,5 @@
-//! Test harness: a real private PostgreSQL per test, silo's real provisioner
-//! and router on top of it. Nothing here fakes PostgreSQL.
-#![allow(dead_code)]
+//! Test harness: a real private PostgreSQL per test, silo started on it by
+//! its production start-up. Nothing here fakes PostgreSQL or S3.
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
@@ -12,15 +11,15 @@ use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::Value;
-use silo::api::{app, AppState};
 use silo::config::Secret;
+use silo::control::ControlPlane;
 use silo::crypto::Keyring;
 use silo::embedded::{EmbeddedPostgres, EmbeddedS3};
-use silo::provision::{ProvisionConfig, Provisioner};
 use silo::registry::{Registry, TenantRecord};
 use silo::router::{RouterConfig, TenantRouter};
+use silo::startup::{Connection, RunSettings, Silo as Running};
 use sqlx::postgres::PgPoolOptions;
-use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+use sqlx::{ConnectOptions, Connection as _, PgConnection, PgPool};
 use tower::ServiceExt;
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
@@ -34,14 +33,17 @@ pub struct Answer {
     pub body: Value,
 }
 
+/// A private PostgreSQL cluster with silo started on it by the same
+/// start-up as `silo serve` ([`silo::startup`]); background jobs are off
+/// unless the test runs them (they would race what a test checks).
 pub struct TestEnv {
     pub pg: EmbeddedPostgres,
     pub master_key: String,
     pub keyring: Keyring,
-    pub provisioner: Provisioner,
+    pub control: ControlPlane,
     pub router: TenantRouter,
-    /// Stops the router's background tasks.
-    pub shutdown: tokio_util::sync::CancellationToken,
+    /// The running silo (router upkeep); stopped when the environment drops.
+    running: Running,
     /// Superuser pool on the `postgres` database, for inspecting the server.
     pub admin: PgPool,
     /// The embedded S3 store, when the test uses backups.
@@ -54,24 +56,40 @@ pub const BUCKET: &str = "silo-test";
 const S3_ACCESS: &str = "silo-test-access";
 const S3_SECRET: &str = "silo-test-secret-0123456789";
 
-impl Drop for TestEnv {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
+/// How a test environment is set up: `TestEnv::setup()…start()`.
+#[derive(Default)]
+pub struct Setup {
+    warm_pool: u32,
+    router: RouterConfig,
+    storage: Option<silo::config::StorageArgs>,
 }
 
-impl TestEnv {
-    pub async fn start() -> Self {
-        Self::start_with(0).await
+impl Setup {
+    /// Spares kept per server (the warm pool; 0 by default).
+    pub fn warm_pool(mut self, n: u32) -> Self {
+        self.warm_pool = n;
+        self
+    }
+
+    /// Router settings of the test's choosing.
+    pub fn router(mut self, config: RouterConfig) -> Self {
+        self.router = config;
+        self
+    }
+
+    /// Backups into an embedded S3 store, with the default settings.
+    pub fn storage(self) -> Self {
+        self.storage_args(storage_args())
+    }
+
+    /// Backups into an embedded S3 store, with settings of the test's choosing.
+    pub fn storage_args(mut self, args: silo::config::StorageArgs) -> Self {
+        self.storage = Some(args);
+        self
     }
 
     /// A fresh cluster with silo's control DB migrated and the default server registered.
-    pub async fn start_with(warm_pool_size: u32) -> Self {
-        Self::start_configured(warm_pool_size, RouterConfig::default()).await
-    }
-
-    /// As `start_with`, with router settings of the test's choosing.
-    pub async fn start_configured(warm_pool_size: u32, config: RouterConfig) -> Self {
+    pub async fn start(self) -> TestEnv {
         let pg = tokio::task::spawn_blocking(EmbeddedPostgres::start_throwaway)
             .await
             .unwrap()
@@ -81,67 +99,92 @@ impl TestEnv {
             .unwrap();
         let master_key = Keyring::generate_base64();
         let keyring = Keyring::from_base64(&master_key).unwrap();
-        let registry = Registry::connect_lazy(&pg.url("silo_control")).unwrap();
-        registry.migrate().await.unwrap();
-        let provisioner = Provisioner::new(
-            registry,
-            keyring.clone(),
-            ProvisionConfig { warm_pool_size },
+        let (mut s3, mut s3_dir, mut storage) = (None, None, None);
+        if let Some(args) = &self.storage {
+            let dir = tempfile::tempdir().unwrap();
+            let store = EmbeddedS3::start(dir.path(), S3_ACCESS, S3_SECRET)
+                .await
+                .unwrap();
+            let built = storage_for(&store, args).await;
+            built.store.ensure_bucket().await.unwrap();
+            storage = Some(built);
+            s3 = Some(Arc::new(store));
+            s3_dir = Some(Arc::new(dir));
+        }
+        let control = silo::startup::connect(Connection {
+            database_url: Secret::new(pg.url("silo_control")),
+            keyring: keyring.clone(),
+            tenant_server_url: Some(Secret::new(pg.url("postgres"))),
+            schema: silo::servers::TenantSchema::embedded(),
+            storage,
+            warm_pool_size: self.warm_pool,
+        })
+        .await
+        .unwrap();
+        let running = silo::startup::start(
+            control.clone(),
+            RunSettings {
+                admin_token: Secret::new(ADMIN_TOKEN),
+                app_domain: Some(APP_DOMAIN.into()),
+                router: self.router,
+                jobs: None,
+            },
         );
-        provisioner
-            .ensure_default_server(&pg.url("postgres"))
-            .await
-            .unwrap();
         let admin = PgPoolOptions::new()
             .max_connections(4)
             .connect(&pg.url("postgres"))
             .await
             .unwrap();
-        Self::with_router(pg, master_key, keyring, provisioner, admin, config)
-    }
-
-    fn with_router(
-        pg: EmbeddedPostgres,
-        master_key: String,
-        keyring: Keyring,
-        provisioner: Provisioner,
-        admin: PgPool,
-        config: RouterConfig,
-    ) -> Self {
-        let router = TenantRouter::new(provisioner.registry().clone(), keyring.clone(), config);
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        router.spawn_maintenance(&shutdown, &tokio_util::task::TaskTracker::new());
-        Self {
+        TestEnv {
             pg,
             master_key,
             keyring,
-            provisioner,
-            router,
-            shutdown,
+            router: running.router.clone(),
+            control,
+            running,
             admin,
-            s3: None,
-            s3_dir: None,
+            s3,
+            s3_dir,
+        }
+    }
+}
+
+impl TestEnv {
+    /// How to set one up, when the defaults do not do.
+    pub fn setup() -> Setup {
+        Setup::default()
+    }
+
+    /// Another control plane on the same control DB, with pools of its own,
+    /// as another replica would have.
+    pub fn replica(&self, config: silo::control::ControlConfig) -> ControlPlane {
+        ControlPlane::new(
+            Registry::connect_lazy(&self.control_url()).unwrap(),
+            self.keyring.clone(),
+            config,
+        )
+    }
+
+    /// A tenant's create request, its values checked as any entry point would.
+    pub fn request(slug: &str, name: &str) -> silo::provision::CreateTenant {
+        silo::provision::CreateTenant {
+            slug: slug.parse().unwrap(),
+            name: name.parse().unwrap(),
+            plan: silo::domain::Plan::DEFAULT,
+            server: None,
         }
     }
 
-    /// A fresh cluster plus an embedded S3 store, with backups configured.
-    pub async fn start_with_storage() -> Self {
-        Self::start_with_storage_args(storage_args()).await
+    /// Backups (the environment was set up with storage).
+    pub fn backups(&self) -> &silo::backup::Backups {
+        self.control
+            .backups()
+            .expect("this test started with storage")
     }
 
-    /// As [`Self::start_with_storage`], with backup settings of the test's choosing.
-    pub async fn start_with_storage_args(args: silo::config::StorageArgs) -> Self {
-        let mut env = Self::start().await;
-        let dir = tempfile::tempdir().unwrap();
-        let s3 = EmbeddedS3::start(dir.path(), S3_ACCESS, S3_SECRET)
-            .await
-            .unwrap();
-        let storage = storage_for(&s3, &args).await;
-        storage.store.ensure_bucket().await.unwrap();
-        env.provisioner.set_storage(storage);
-        env.s3 = Some(Arc::new(s3));
-        env.s3_dir = Some(Arc::new(dir));
-        env
+    /// A fresh cluster with silo on it: no warm pool, no backups.
+    pub async fn start() -> Self {
+        Self::setup().start().await
     }
 
     /// Environment for a `silo` child process: control DB, keys, storage.
@@ -193,17 +236,11 @@ impl TestEnv {
     }
 
     pub fn registry(&self) -> &Registry {
-        self.provisioner.registry()
+        self.control.registry()
     }
 
     pub fn app(&self) -> axum::Router {
-        app(AppState {
-            provisioner: self.provisioner.clone(),
-            router: self.router.clone(),
-            admin_token: Arc::new(Secret::new(ADMIN_TOKEN)),
-            metrics: silo::telemetry::metrics_handle(),
-            app_domain: Some(Arc::from(APP_DOMAIN)),
-        })
+        self.running.http()
     }
 
     /// One request through the whole router, authenticated as admin.
@@ -607,7 +644,7 @@ pub async fn add_ballast(env: &TestEnv, t: &TenantRecord, megabytes: usize) {
 /// A second PostgreSQL cluster registered as tenant server "second", its warm pool filled.
 pub async fn second_server(env: &TestEnv) -> EmbeddedPostgres {
     let pg = server_named(env, "second").await;
-    env.provisioner.refill_all().await.unwrap();
+    env.control.provisioner().refill_all().await.unwrap();
     pg
 }
 
@@ -617,7 +654,7 @@ pub async fn server_named(env: &TestEnv, name: &str) -> EmbeddedPostgres {
         .await
         .unwrap()
         .unwrap();
-    env.provisioner
+    env.control
         .register_server(name, &pg.url("postgres"), 50, 100)
         .await
         .unwrap();

@@ -2,14 +2,12 @@
 //! creation, the per-server connection budget, eviction, invalidation across
 //! processes, and failures that stay with one tenant.
 
-mod common;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::common::{create_on, second_server, Silo, TestEnv};
 use axum::http::{Method, StatusCode};
-use common::{create_on, second_server, Silo, TestEnv};
 use silo::router::{RouteError, RouterConfig, TenantRouter};
 
 async fn set_budget(env: &TestEnv, max: i32) {
@@ -65,7 +63,7 @@ async fn a_thousand_simultaneous_first_requests_build_one_pool() {
         stats.registry_lookups, 1,
         "one registry read for all 1000: {stats:?}"
     );
-    let cap = silo::provision::connection_limit("standard") as usize;
+    let cap = silo::domain::Plan::Standard.connection_limit() as usize;
     assert!(stats.tenants[0].open <= cap, "{stats:?}");
 }
 
@@ -249,14 +247,13 @@ async fn a_tenant_whose_database_is_down_fails_alone_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cached_tenants_keep_serving_while_the_control_database_is_down() {
-    let mut env = TestEnv::start_configured(
-        0,
-        RouterConfig {
+    let mut env = TestEnv::setup()
+        .router(RouterConfig {
             lookup_ttl: Duration::from_millis(200),
             ..RouterConfig::default()
-        },
-    )
-    .await;
+        })
+        .start()
+        .await;
     let second = second_server(&env).await;
     create_on(&env, "resilient", "second").await;
     let router = env.router.clone();
@@ -324,7 +321,8 @@ async fn suspension_and_rotation_reach_another_silo_process_at_once() {
     let id = env.record("shared").await.id;
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(150)).await;
-        env.provisioner
+        env.control
+            .provisioner()
             .rotate_credentials(id, "test")
             .await
             .unwrap();

@@ -2,12 +2,10 @@
 //! draining by hand, full servers, health checks that mark a stopped server
 //! `unhealthy` and bring it back, and the per-server figures.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::{server_named, TestEnv};
 use axum::http::{Method, StatusCode};
-use common::{server_named, TestEnv};
 use serde_json::{json, Value};
 
 /// Create a tenant, naming its server or not; the status and body.
@@ -160,7 +158,10 @@ async fn bad_server_updates_get_a_clear_4xx_and_change_nothing() {
             Method::PATCH,
             "/admin/v1/servers/default",
             Some("{\"status\":"),
-            &[("authorization", &format!("Bearer {}", common::ADMIN_TOKEN))],
+            &[(
+                "authorization",
+                &format!("Bearer {}", crate::common::ADMIN_TOKEN),
+            )],
         )
         .await;
     assert_eq!(answer.status, StatusCode::BAD_REQUEST);
@@ -171,7 +172,10 @@ async fn bad_server_updates_get_a_clear_4xx_and_change_nothing() {
             Method::PATCH,
             "/admin/v1/servers/nowhere",
             Some("{\"status\":\"draining\"}"),
-            &[("authorization", &format!("Bearer {}", common::ADMIN_TOKEN))],
+            &[(
+                "authorization",
+                &format!("Bearer {}", crate::common::ADMIN_TOKEN),
+            )],
         )
         .await;
     assert_eq!(answer.status, StatusCode::NOT_FOUND);
@@ -241,7 +245,7 @@ async fn a_stopped_server_becomes_unhealthy_gets_no_tenants_and_recovers() {
     let second_password = password_in(&second.url("postgres"));
     let long = Duration::from_secs(3600);
 
-    let checks = env.provisioner.check_servers(long).await.unwrap();
+    let checks = env.control.check_servers(long).await.unwrap();
     assert_eq!(checks.len(), 2);
     assert!(checks.iter().all(|c| c.error.is_none()), "{checks:?}");
     let s = server(&env, SECOND).await;
@@ -250,7 +254,7 @@ async fn a_stopped_server_becomes_unhealthy_gets_no_tenants_and_recovers() {
 
     second.stop().unwrap();
     // Failing, but not for long enough: still active, with the cause shown.
-    env.provisioner.check_servers(long).await.unwrap();
+    env.control.check_servers(long).await.unwrap();
     let s = server(&env, SECOND).await;
     assert_eq!(s["status"], "active");
     assert_eq!(s["health_error"], "connection refused");
@@ -260,7 +264,7 @@ async fn a_stopped_server_becomes_unhealthy_gets_no_tenants_and_recovers() {
     assert!(server(&env, "default").await["health_error"].is_null());
 
     // Failing past the threshold: unhealthy.
-    let checks = env.provisioner.check_servers(Duration::ZERO).await.unwrap();
+    let checks = env.control.check_servers(Duration::ZERO).await.unwrap();
     let c = checks.iter().find(|c| c.name == SECOND).unwrap();
     assert_eq!(c.status, "unhealthy");
     let s = server(&env, SECOND).await;
@@ -278,7 +282,7 @@ async fn a_stopped_server_becomes_unhealthy_gets_no_tenants_and_recovers() {
 
     // Back up: the next check makes it active again.
     second.start_again().unwrap();
-    let checks = env.provisioner.check_servers(long).await.unwrap();
+    let checks = env.control.check_servers(long).await.unwrap();
     assert!(checks.iter().all(|c| c.error.is_none()), "{checks:?}");
     let s = server(&env, SECOND).await;
     assert_eq!(s["status"], "active");
@@ -293,10 +297,10 @@ async fn a_stopped_server_becomes_unhealthy_gets_no_tenants_and_recovers() {
     let (st, _) = patch(&env, SECOND, json!({"status": "draining"})).await;
     assert_eq!(st, StatusCode::OK);
     second.stop().unwrap();
-    env.provisioner.check_servers(Duration::ZERO).await.unwrap();
+    env.control.check_servers(Duration::ZERO).await.unwrap();
     assert_eq!(server(&env, SECOND).await["status"], "draining");
     second.start_again().unwrap();
-    env.provisioner.check_servers(long).await.unwrap();
+    env.control.check_servers(long).await.unwrap();
     let s = server(&env, SECOND).await;
     assert_eq!(s["status"], "draining");
     assert!(s["health_error"].is_null());

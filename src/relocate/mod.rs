@@ -29,24 +29,23 @@
 //! the target that may create subscriptions (a superuser on PostgreSQL 15).
 //! The target server connects to the source with the source's admin URL.
 
+mod steps;
+
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{
-    connection_limit, create_role, set_role_login, verify_login, Provisioner, ServerAdmin,
-};
-use crate::backup::{capture_stderr, error_lines, BackupError, PgTools};
-use crate::crypto::random_password;
-use crate::migrate::TENANT_GRANTS;
-use crate::registry::{DbServer, Operation, TenantRecord, TenantStatus};
+use crate::crypto::{random_password, Keyring};
+use crate::domain::OperationKind;
+use crate::ops::{Error, Operations, Result};
+use crate::registry::{DbServer, Operation, Registry, TenantStatus};
+use crate::servers::schema::TENANT_GRANTS;
+use crate::servers::{roles, PgTools, ServerAdmin, ServerPools};
+use steps::*;
 
-/// Operation kind of a relocation.
-pub const MOVE_KIND: &str = "tenant.move";
 /// Prefix of publications, subscriptions and replication slots of a move.
 pub const MOVE_PREFIX: &str = "silo_move_";
 /// Schema of the fence table in a database being moved.
@@ -100,7 +99,7 @@ impl Phases {
 
 impl Ends {
     /// A one-connection admin pool on the tenant's database at the source.
-    async fn src_db(&self, db: &str) -> anyhow::Result<PgPool> {
+    async fn src_db(&self, db: &str) -> anyhow::Result<sqlx::PgPool> {
         self.src
             .single_pool(db)
             .await
@@ -108,7 +107,7 @@ impl Ends {
     }
 
     /// The same on the target.
-    async fn dst_db(&self, db: &str) -> anyhow::Result<PgPool> {
+    async fn dst_db(&self, db: &str) -> anyhow::Result<sqlx::PgPool> {
         self.dst
             .single_pool(db)
             .await
@@ -132,41 +131,60 @@ struct Ends {
     dst: ServerAdmin,
 }
 
-impl Provisioner {
+/// Moves tenants between servers. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Mover {
+    registry: Registry,
+    keyring: Keyring,
+    servers: ServerPools,
+    ops: Operations,
+    /// `pg_dump`/`pg_restore` (the schema copy); found on first use if not given.
+    tools: Option<PgTools>,
+}
+
+impl Mover {
+    pub fn new(
+        registry: Registry,
+        keyring: Keyring,
+        servers: ServerPools,
+        ops: Operations,
+        tools: Option<PgTools>,
+    ) -> Self {
+        Self {
+            registry,
+            keyring,
+            servers,
+            ops,
+            tools,
+        }
+    }
+
     /// `POST /tenants/{t}/move`: check the move can work, then run it as an operation.
     #[tracing::instrument(skip(self), fields(tenant_id = %id))]
-    pub async fn start_move(
-        &self,
-        id: Uuid,
-        server: &str,
-        actor: &str,
-    ) -> Result<Operation, BackupError> {
-        let reg = self.registry();
+    pub async fn start_move(&self, id: Uuid, server: &str, actor: &str) -> Result<Operation> {
+        let reg = &self.registry;
         let target = reg
             .server_by_name(server)
             .await?
-            .ok_or_else(|| BackupError::Invalid(format!("no server named '{server}'")))?;
+            .ok_or_else(|| Error::Invalid(format!("no server named '{server}'")))?;
         // Under the tenant's lock: two requests cannot both start a move.
         let lock = reg.lock_tenant(id).await?;
         let started = async {
-            let t = reg
-                .tenant(id)
-                .await?
-                .ok_or(BackupError::NotFound("tenant"))?;
+            let t = reg.tenant(id).await?.ok_or(Error::NotFound("tenant"))?;
             if t.status == TenantStatus::Deleted {
-                return Err(BackupError::NotFound("tenant"));
+                return Err(Error::NotFound("tenant"));
             }
-            if let Some(op) = self.open_tenant_operation(id).await? {
-                return Err(BackupError::Busy(op));
-            }
+            self.ops
+                .refuse_if_busy(OperationKind::TenantMove, id)
+                .await?;
             if t.status != TenantStatus::Active {
-                return Err(BackupError::Conflict(format!(
+                return Err(Error::Conflict(format!(
                     "tenant is {}: only an active tenant can be moved",
                     t.status.as_str()
                 )));
             }
             if t.server_id == target.id {
-                return Err(BackupError::Conflict(format!(
+                return Err(Error::Conflict(format!(
                     "tenant is already on server '{server}'"
                 )));
             }
@@ -189,44 +207,35 @@ impl Provisioner {
             )
             .await?;
             let params = serde_json::to_value(&plan).context("record the move's plan")?;
-            self.spawn_operation(MOVE_KIND, Some(id), params, move |p| async move {
-                p.run_move(plan).await
-            })
-            .await
+            let this = self.clone();
+            self.ops
+                .spawn(
+                    OperationKind::TenantMove,
+                    Some(id),
+                    params,
+                    move || async move { this.run_move(plan).await },
+                )
+                .await
         }
         .await;
         lock.release().await;
         started
     }
 
-    /// An unfinished operation on the tenant that a move must not overlap.
-    pub(crate) async fn open_tenant_operation(&self, id: Uuid) -> sqlx::Result<Option<Uuid>> {
-        let reg = self.registry();
-        for kind in [MOVE_KIND, "tenant.delete"]
-            .into_iter()
-            .chain(crate::backup::OPERATION_KINDS)
-        {
-            if let Some(op) = reg.open_operations(kind, id).await?.first() {
-                return Ok(Some(op.id));
-            }
-        }
-        Ok(None)
-    }
-
-    async fn ends(&self, from: Uuid, to: &DbServer) -> Result<Ends, BackupError> {
+    async fn ends(&self, from: Uuid, to: &DbServer) -> Result<Ends> {
         let source = self
-            .registry()
+            .registry
             .server(from)
             .await?
             .context("find the tenant's server")?;
         Ok(Ends {
-            src: self.servers().admin(&source)?,
-            dst: self.servers().admin(to)?,
+            src: self.servers.admin(&source)?,
+            dst: self.servers.admin(to)?,
         })
     }
 
-    async fn run_move(&self, plan: MovePlan) -> Result<serde_json::Value, BackupError> {
-        let reg = self.registry();
+    async fn run_move(&self, plan: MovePlan) -> Result<serde_json::Value> {
+        let reg = &self.registry;
         let to = reg
             .server(plan.to_server)
             .await?
@@ -297,7 +306,7 @@ impl Provisioner {
 
     /// Steps 1–3: the target database, filled and following the source.
     /// Returns the tenant role's new password.
-    async fn copy_to_target(&self, ends: &Ends, plan: &MovePlan) -> Result<String, BackupError> {
+    async fn copy_to_target(&self, ends: &Ends, plan: &MovePlan) -> Result<String> {
         let name = plan.name();
         let db = &plan.database;
         let progress = |phase: &str, extra: serde_json::Value| {
@@ -308,7 +317,7 @@ impl Provisioner {
             v
         };
         let op = self.open_move_operation(plan.tenant_id).await?;
-        let reg = self.registry();
+        let reg = &self.registry;
         let src = ends.src_db(db).await?;
         sqlx::raw_sql(&format!(
             "CREATE SCHEMA IF NOT EXISTS {FENCE_SCHEMA};
@@ -356,18 +365,18 @@ impl Provisioner {
         let t = reg
             .tenant(plan.tenant_id)
             .await?
-            .ok_or(BackupError::NotFound("tenant"))?;
+            .ok_or(Error::NotFound("tenant"))?;
         let password = random_password(32);
-        create_role(
+        roles::create_role(
             &ends.dst,
             &plan.role,
             db,
             &password,
-            connection_limit(&t.plan),
+            t.plan.connection_limit(),
         )
         .await
         .context("create the tenant role on the target")?;
-        verify_login(&ends.dst, db, &plan.role, &password)
+        roles::verify_login(&ends.dst, db, &plan.role, &password)
             .await
             .context("log in as the tenant role on the target")?;
 
@@ -445,13 +454,13 @@ impl Provisioner {
         ends: &Ends,
         plan: &MovePlan,
         password: &str,
-    ) -> Result<(Duration, Phases, Snapshot), BackupError> {
-        let reg = self.registry();
+    ) -> Result<(Duration, Phases, Snapshot)> {
+        let reg = &self.registry;
         let db = &plan.database;
         let src = ends.src_db(db).await?;
         let dst = ends.dst_db(db).await?;
         let sealed = self
-            .keyring()
+            .keyring
             .seal(password.as_bytes(), plan.tenant_id.as_bytes());
         let op = self
             .open_move_operation(plan.tenant_id)
@@ -462,13 +471,13 @@ impl Provisioner {
             let t = reg
                 .tenant(plan.tenant_id)
                 .await?
-                .ok_or(BackupError::NotFound("tenant"))?;
+                .ok_or(Error::NotFound("tenant"))?;
             if t.status != TenantStatus::Active
                 || t.server_id != plan.from_server
                 || t.database_name != plan.database
                 || t.schema_version != plan.schema_version
             {
-                return Err(BackupError::Conflict(format!(
+                return Err(Error::Conflict(format!(
                     "the tenant changed during the move (now {}, schema version {:?}); it stays where it was",
                     t.status.as_str(),
                     t.schema_version
@@ -479,14 +488,14 @@ impl Provisioner {
                 .exec(&format!(
                     "ALTER ROLE \"{}\" CONNECTION LIMIT {}",
                     plan.role,
-                    connection_limit(&t.plan)
+                    t.plan.connection_limit()
                 ))
                 .await
                 .context("set the tenant role's connection limit on the target")?;
             let frozen = Instant::now();
             let mut phases = Phases::start();
             reg.set_frozen(plan.tenant_id, true).await?;
-            set_role_login(&ends.src, &plan.role, false).await?;
+            roles::set_role_login(&ends.src, &plan.role, false).await?;
             phases.lap("freeze");
             drain_sessions(&ends.src, &plan.role).await?;
             phases.lap("drain");
@@ -503,11 +512,11 @@ impl Provisioner {
                     plan.from_server,
                     plan.to_server,
                     &sealed,
-                    self.keyring().key_id(),
+                    self.keyring.key_id(),
                 )
                 .await?;
             if !moved {
-                return Err(BackupError::Conflict(
+                return Err(Error::Conflict(
                     "the tenant changed during the cut-over; it stays where it was".into(),
                 ));
             }
@@ -517,7 +526,7 @@ impl Provisioner {
         .await;
         if switched.is_err() {
             // Undo the freeze under the same lock; the rest is undone by `settle_move`.
-            unfreeze(self, ends, plan).await;
+            unfreeze(&self.registry, ends, plan).await;
         }
         lock.release().await;
         src.close().await;
@@ -530,7 +539,7 @@ impl Provisioner {
     /// while it names the source; once it names the target, finished if the
     /// copy was verified, else the source is kept aside (never dropped).
     async fn settle_move(&self, ends: &Ends, plan: &MovePlan) -> anyhow::Result<Settled> {
-        let reg = self.registry();
+        let reg = &self.registry;
         let t = reg
             .tenant(plan.tenant_id)
             .await?
@@ -542,16 +551,16 @@ impl Provisioner {
             }
             return Ok(Settled::Kept(keep_source(ends, plan).await?));
         }
-        unfreeze(self, ends, plan).await;
+        unfreeze(&self.registry, ends, plan).await;
         discard_target(ends, plan).await;
         Ok(Settled::Source)
     }
 
     /// Settle moves whose process died (from the reconciler). Returns how many.
     pub(crate) async fn sweep_moves(&self) -> anyhow::Result<u32> {
-        let reg = self.registry();
+        let reg = &self.registry;
         let mut settled = 0;
-        for op in reg.unfinished_operations(MOVE_KIND).await? {
+        for op in reg.unfinished_operations(OperationKind::TenantMove).await? {
             let Some(lock) = reg.try_lock_operation(op.id).await? else {
                 continue; // its runner is alive
             };
@@ -609,13 +618,21 @@ impl Provisioner {
         }
         // A freeze no open move accounts for (its lifting failed): lift it.
         for id in reg.frozen_tenants().await? {
-            if !reg.open_operations(MOVE_KIND, id).await?.is_empty() {
+            if !reg
+                .open_operations(OperationKind::TenantMove, id)
+                .await?
+                .is_empty()
+            {
                 continue;
             }
             let Some(lock) = reg.try_lock_tenant(id).await? else {
                 continue;
             };
-            if reg.open_operations(MOVE_KIND, id).await?.is_empty() {
+            if reg
+                .open_operations(OperationKind::TenantMove, id)
+                .await?
+                .is_empty()
+            {
                 reg.set_frozen(id, false).await?;
                 settled += 1;
             }
@@ -625,25 +642,25 @@ impl Provisioner {
     }
 
     /// The open move operation of a tenant (to record progress on).
-    async fn open_move_operation(&self, tenant: Uuid) -> sqlx::Result<Option<Uuid>> {
+    async fn open_move_operation(&self, tenant: Uuid) -> Result<Option<Uuid>> {
         Ok(self
-            .registry()
-            .open_operations(MOVE_KIND, tenant)
+            .registry
+            .open_operations(OperationKind::TenantMove, tenant)
             .await?
             .first()
             .map(|o| o.id))
     }
 
     /// Databases and roles of open moves on a server: the sweep leaves them be.
-    pub(crate) async fn moves_touching(&self, server: Uuid) -> sqlx::Result<Vec<MovePlan>> {
+    pub async fn moves_touching(&self, server: Uuid) -> Result<Vec<MovePlan>> {
         let mut plans = self.open_moves().await?;
         plans.retain(|p| p.from_server == server || p.to_server == server);
         Ok(plans)
     }
 
     fn pg_tools(&self) -> anyhow::Result<PgTools> {
-        match self.storage() {
-            Some(s) => Ok(s.tools.clone()),
+        match &self.tools {
+            Some(tools) => Ok(tools.clone()),
             None => PgTools::find(None),
         }
     }
@@ -697,546 +714,14 @@ impl Provisioner {
     }
 
     /// Plans of every unfinished move.
-    async fn open_moves(&self) -> sqlx::Result<Vec<MovePlan>> {
+    async fn open_moves(&self) -> Result<Vec<MovePlan>> {
         // One query: the reconciler asks on every pass, for every server.
         Ok(self
-            .registry()
-            .unfinished_params(MOVE_KIND)
+            .registry
+            .unfinished_params(OperationKind::TenantMove)
             .await?
             .into_iter()
             .filter_map(|p| serde_json::from_value(p).ok())
             .collect())
-    }
-}
-
-/// A server new tenants (and moved ones) may go to.
-fn check_target(target: &DbServer) -> Result<(), BackupError> {
-    match target.refusal() {
-        Some(why) => Err(BackupError::Conflict(format!(
-            "server '{}' takes no tenants: {why}",
-            target.name
-        ))),
-        None => Ok(()),
-    }
-}
-
-/// What logical replication needs of both servers and the tenant's tables.
-async fn check_servers(ends: &Ends, t: &TenantRecord) -> Result<(), BackupError> {
-    let wal_level: String = sqlx::query_scalar("SELECT current_setting('wal_level')")
-        .fetch_one(&ends.src.pool)
-        .await
-        .context("read the source server's wal_level")?;
-    if wal_level != "logical" {
-        return Err(BackupError::Conflict(format!(
-            "the tenant's server runs with wal_level = {wal_level}: moving a tenant needs wal_level = logical there (a server restart)"
-        )));
-    }
-    let id_of = |pool: &sqlx::PgPool| {
-        let pool = pool.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>("SELECT system_identifier FROM pg_control_system()")
-                .fetch_one(&pool)
-                .await
-                .ok()
-        }
-    };
-    let (a, b) = tokio::join!(id_of(&ends.src.pool), id_of(&ends.dst.pool));
-    if a.is_some() && a == b {
-        return Err(BackupError::Conflict(
-            "both servers are the same PostgreSQL cluster: nothing to move".into(),
-        ));
-    }
-    let conn = ends
-        .src
-        .single_pool(&t.database_name)
-        .await
-        .context("connect to the tenant's database")?;
-    let missing: Vec<String> = sqlx::query_scalar(
-        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c
-           JOIN pg_namespace n ON n.oid = c.relnamespace
-          WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-            AND n.nspname NOT LIKE 'pg\\_%'
-            AND (c.relreplident = 'n'
-                 OR (c.relreplident = 'd' AND NOT EXISTS
-                       (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))
-          ORDER BY 1",
-    )
-    .fetch_all(&conn)
-    .await
-    .context("check the tenant's tables")?;
-    conn.close().await;
-    if !missing.is_empty() {
-        return Err(BackupError::Conflict(format!(
-            "these tables have no primary key, so their updates cannot be replicated: {}",
-            missing.join(", ")
-        )));
-    }
-    Ok(())
-}
-
-/// Every table of the tenant's database, quoted, the fence table included.
-async fn published_tables(conn: &PgPool) -> anyhow::Result<Vec<String>> {
-    let tables: Vec<String> = sqlx::query_scalar(
-        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c
-           JOIN pg_namespace n ON n.oid = c.relnamespace
-          WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
-            AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
-          ORDER BY 1",
-    )
-    .fetch_all(conn)
-    .await
-    .context("list the tenant's tables")?;
-    Ok(tables)
-}
-
-/// `pg_dump --schema-only` of the source streamed into `pg_restore` on the target.
-async fn copy_schema(tools: PgTools, ends: &Ends, db: &str) -> Result<(), BackupError> {
-    let mut dump = tools.spawn_schema_dump(&ends.src.libpq, db)?;
-    let mut restore = tools.spawn_restore(&ends.dst.libpq, db)?;
-    let dump_err = capture_stderr(&mut dump);
-    let restore_err = capture_stderr(&mut restore);
-    let mut out = dump.stdout.take().context("pg_dump's output")?;
-    let mut input = restore.stdin.take().context("pg_restore's input")?;
-    let copied = tokio::io::copy(&mut out, &mut input).await;
-    drop(input);
-    let dumped = dump.wait().await.context("wait for pg_dump")?;
-    let restored = restore.wait().await.context("wait for pg_restore")?;
-    let (dump_err, restore_err) = (
-        dump_err.await.unwrap_or_default(),
-        restore_err.await.unwrap_or_default(),
-    );
-    if !dumped.success() {
-        return Err(anyhow::anyhow!("dump the schema: {}", error_lines(&dump_err)).into());
-    }
-    if !restored.success() || copied.is_err() {
-        return Err(anyhow::anyhow!("restore the schema: {}", error_lines(&restore_err)).into());
-    }
-    Ok(())
-}
-
-/// Write a fresh token on the source and wait until the target has it: then
-/// every transaction committed on the source before it is applied there.
-async fn fence(
-    src: &PgPool,
-    dst: &PgPool,
-    subscription: &str,
-    timeout: Duration,
-) -> anyhow::Result<Duration> {
-    let token = Uuid::new_v4();
-    let started = Instant::now();
-    // Flushed at commit even where the server's default is not: WAL senders
-    // only send flushed WAL, and the wal writer's delay would add to the freeze.
-    sqlx::query("SET synchronous_commit = on")
-        .execute(src)
-        .await
-        .context("ask for a flushed commit")?;
-    sqlx::query(&format!(
-        "INSERT INTO {FENCE_SCHEMA}.fence VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET token = excluded.token"
-    ))
-    .bind(token)
-    .execute(src)
-    .await
-    .context("write the fence token on the source")?;
-    let mut pause = Duration::from_millis(1);
-    loop {
-        let seen: Option<Uuid> = sqlx::query_scalar(&format!(
-            "SELECT token FROM {FENCE_SCHEMA}.fence WHERE id = 1"
-        ))
-        .fetch_optional(dst)
-        .await
-        .context("read the fence token on the target")?;
-        if seen == Some(token) {
-            return Ok(started.elapsed());
-        }
-        anyhow::ensure!(
-            started.elapsed() < timeout,
-            "the target did not catch up with the source within {}s",
-            timeout.as_secs()
-        );
-        // E.g. a column added on the source only: the changes cannot be applied.
-        let errors: i64 = sqlx::query_scalar(
-            "SELECT coalesce((SELECT apply_error_count FROM pg_stat_subscription_stats WHERE subname = $1), 0)",
-        )
-        .bind(subscription)
-        .fetch_one(dst)
-        .await
-        .context("check the replication's errors")?;
-        if errors > 0 {
-            return Err(replication_failed());
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(20));
-    }
-}
-
-fn replication_failed() -> anyhow::Error {
-    anyhow::anyhow!(
-        "copy rows to the target: replication reported an error (did the schema change meanwhile? see the target server's log)"
-    )
-}
-
-/// Let the tenant's requests in flight finish (routers close their pools
-/// on the freeze), then end whatever sessions are left, and wait until they
-/// are gone: a session being terminated may still be committing.
-async fn drain_sessions(admin: &ServerAdmin, role: &str) -> anyhow::Result<()> {
-    let count = || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM pg_stat_activity WHERE usename = $1")
-            .bind(role)
-            .fetch_one(&admin.pool)
-            .await
-            .context("count the tenant's sessions")
-    };
-    let started = Instant::now();
-    while started.elapsed() < DRAIN && count().await? > 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    // Always, even if none was seen: a login that passed its check just
-    // before NOLOGIN may not show its role yet.
-    super::terminate_sessions(admin, role).await?;
-    let ended = Instant::now();
-    while count().await? > 0 {
-        anyhow::ensure!(
-            ended.elapsed() < DRAIN,
-            "the tenant's sessions did not end on the source"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-        super::terminate_sessions(admin, role).await?;
-    }
-    Ok(())
-}
-
-/// Sequences do not replicate: set each on the target to the source's value.
-async fn copy_sequences(src: &PgPool, dst: &PgPool) -> anyhow::Result<()> {
-    let seqs: Vec<String> = sqlx::query_scalar(
-        "SELECT format('%I.%I', schemaname, sequencename) FROM pg_sequences
-          WHERE schemaname NOT IN ('pg_catalog', 'information_schema')",
-    )
-    .fetch_all(src)
-    .await
-    .context("list sequences")?;
-    for seq in seqs {
-        let (value, called): (i64, bool) =
-            sqlx::query_as(&format!("SELECT last_value, is_called FROM {seq}"))
-                .fetch_one(src)
-                .await
-                .context("read a sequence")?;
-        sqlx::query("SELECT setval($1::regclass, $2, $3)")
-            .bind(&seq)
-            .bind(value)
-            .bind(called)
-            .execute(dst)
-            .await
-            .context("set a sequence on the target")?;
-    }
-    Ok(())
-}
-
-/// The target's rows as of now, held open in a repeatable-read transaction:
-/// taken after the fence and before the switch, it is exactly what the
-/// source had at its freeze, and can be counted after the switch.
-type Snapshot = sqlx::Transaction<'static, sqlx::Postgres>;
-
-async fn target_snapshot(dst: &PgPool) -> anyhow::Result<Snapshot> {
-    let mut tx = dst.begin().await.context("open the target's snapshot")?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .execute(&mut *tx)
-        .await
-        .context("open the target's snapshot")?;
-    // The snapshot is taken at the first query.
-    sqlx::query("SELECT 1")
-        .execute(&mut *tx)
-        .await
-        .context("open the target's snapshot")?;
-    Ok(tx)
-}
-
-/// After the switch: row counts of every table, the source's (frozen for
-/// good: its role cannot log in) against the target's snapshot. Outside the
-/// freeze, so its cost does not grow the freeze with the database.
-async fn verify_copy(ends: &Ends, plan: &MovePlan, snapshot: &mut Snapshot) -> anyhow::Result<()> {
-    let src = ends.src_db(&plan.database).await?;
-    let tables = published_tables(&src).await?;
-    let counted = async {
-        let a = count_rows(&mut *src.acquire().await?, &tables).await?;
-        let b = count_rows(snapshot, &tables).await?;
-        anyhow::Ok((a, b))
-    }
-    .await;
-    src.close().await;
-    let (a, b) = counted.context("count rows on both servers")?;
-    let differ: Vec<String> = a
-        .iter()
-        .zip(&b)
-        .filter(|(x, y)| x != y)
-        .map(|((t, n), (_, m))| format!("{t}: {n} on the source, {m} on the target"))
-        .collect();
-    anyhow::ensure!(differ.is_empty(), "verify the copy: {}", differ.join("; "));
-    Ok(())
-}
-
-/// Rows of each table, by table name.
-async fn count_rows(
-    conn: &mut sqlx::PgConnection,
-    tables: &[String],
-) -> sqlx::Result<Vec<(String, i64)>> {
-    let sql = tables
-        .iter()
-        .map(|t| {
-            format!(
-                "SELECT '{}'::text, count(*) FROM {t}",
-                t.replace('\'', "''")
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(" UNION ALL ");
-    let mut counts: Vec<(String, i64)> = sqlx::query_as(&sql).fetch_all(&mut *conn).await?;
-    counts.sort();
-    Ok(counts)
-}
-
-/// Lift a freeze: the tenant serves from the source again.
-async fn unfreeze(p: &Provisioner, ends: &Ends, plan: &MovePlan) {
-    let reg = p.registry();
-    match reg.tenant(plan.tenant_id).await {
-        Ok(Some(t)) if t.server_id == plan.from_server => {
-            if t.status == TenantStatus::Active {
-                if let Err(e) = set_role_login(&ends.src, &plan.role, true).await {
-                    tracing::warn!(tenant_id = %t.id, "failed to give the tenant role its login back (the reconciler retries): {e:#}");
-                }
-            }
-            if let Err(e) = reg.set_frozen(plan.tenant_id, false).await {
-                tracing::warn!(tenant_id = %t.id, "failed to lift a freeze: {e}");
-            }
-        }
-        _ => {}
-    }
-}
-
-/// Drop a subscription without needing its publisher: detach its slot first.
-async fn drop_subscription(conn: &PgPool, name: &str) -> anyhow::Result<()> {
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_subscription WHERE subname = $1)")
-            .bind(name)
-            .fetch_one(conn)
-            .await?;
-    if exists {
-        sqlx::raw_sql(&format!(
-            "ALTER SUBSCRIPTION {name} DISABLE; ALTER SUBSCRIPTION {name} SET (slot_name = NONE)"
-        ))
-        .execute(conn)
-        .await
-        .context("detach the subscription")?;
-        sqlx::raw_sql(&format!("DROP SUBSCRIPTION IF EXISTS {name}"))
-            .execute(conn)
-            .await
-            .context("drop the subscription")?;
-    }
-    Ok(())
-}
-
-/// Drop a move's replication slots on the source, once their walsenders
-/// have gone: its own, and table-sync slots left in the tenant's database.
-async fn drop_slots(admin: &ServerAdmin, plan: &MovePlan) -> anyhow::Result<()> {
-    drop_slot(admin, &plan.name()).await?;
-    let sync: Vec<String> = sqlx::query_scalar(
-        "SELECT slot_name::text FROM pg_replication_slots
-          WHERE database = $1 AND slot_type = 'logical' AND slot_name LIKE 'pg\\_%\\_sync\\_%'",
-    )
-    .bind(&plan.database)
-    .fetch_all(&admin.pool)
-    .await?;
-    for slot in sync {
-        drop_slot(admin, &slot).await?;
-    }
-    Ok(())
-}
-
-/// Drop a replication slot on the source, once its walsender has gone.
-async fn drop_slot(admin: &ServerAdmin, name: &str) -> anyhow::Result<()> {
-    let started = Instant::now();
-    loop {
-        let active: Option<bool> =
-            sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
-                .bind(name)
-                .fetch_optional(&admin.pool)
-                .await?;
-        match active {
-            None => return Ok(()),
-            Some(false) => {
-                match sqlx::query("SELECT pg_drop_replication_slot($1)")
-                    .bind(name)
-                    .execute(&admin.pool)
-                    .await
-                {
-                    Ok(_) => return Ok(()),
-                    // Taken again between the check and the drop: wait.
-                    Err(e) if started.elapsed() > Duration::from_secs(10) => return Err(e.into()),
-                    Err(_) => {}
-                }
-            }
-            Some(true) if started.elapsed() > Duration::from_secs(10) => {
-                anyhow::bail!("the replication slot is still in use")
-            }
-            Some(true) => {}
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Undo the target side of a move and the source's publication: the
-/// registry names the source. Each step is tried even if another failed (one
-/// server may be down); what is left, the sweep drops.
-async fn discard_target(ends: &Ends, plan: &MovePlan) {
-    let name = plan.name();
-    let db = &plan.database;
-    let source = async {
-        if super::database_exists(&ends.src, db).await? {
-            let conn = ends.src.single_pool(db).await?;
-            let dropped = sqlx::raw_sql(&format!(
-                "DROP PUBLICATION IF EXISTS {name}; DROP SCHEMA IF EXISTS {FENCE_SCHEMA} CASCADE"
-            ))
-            .execute(&conn)
-            .await;
-            conn.close().await;
-            dropped.context("drop the publication")?;
-        }
-        anyhow::Ok(())
-    }
-    .await;
-    let target = async {
-        if super::database_exists(&ends.dst, db).await? {
-            let conn = ends.dst.single_pool(db).await?;
-            let dropped = drop_subscription(&conn, &name).await;
-            conn.close().await;
-            dropped?;
-        }
-        anyhow::Ok(())
-    }
-    .await;
-    let slot = drop_slots(&ends.src, plan).await;
-    let database = async {
-        ends.dst
-            .exec(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
-            .await
-            .context("drop the target database")?;
-        ends.dst
-            .exec(&format!("DROP ROLE IF EXISTS \"{}\"", plan.role))
-            .await
-            .context("drop the target role")
-    }
-    .await;
-    for e in [source, target, slot, database]
-        .into_iter()
-        .filter_map(Result::err)
-    {
-        tracing::warn!(tenant_id = %plan.tenant_id, "failed to clean up after a move (the reconciler retries): {e:#}");
-    }
-}
-
-/// After the switch, when the copy was not verified: the target stops
-/// following the source, whose database is set aside (renamed out of the
-/// sweep's way) and whose role goes. Returns the kept database's name.
-async fn keep_source(ends: &Ends, plan: &MovePlan) -> anyhow::Result<String> {
-    let name = plan.name();
-    let db = &plan.database;
-    // Best effort: a subscription or slot left over is dropped by the sweep.
-    let detached = async {
-        let conn = ends.dst.single_pool(db).await?;
-        let dropped = drop_subscription(&conn, &name).await;
-        conn.close().await;
-        dropped?;
-        drop_slots(&ends.src, plan).await
-    }
-    .await;
-    if let Err(e) = detached {
-        tracing::warn!(tenant_id = %plan.tenant_id, "failed to detach an unverified move (the reconciler retries): {e:#}");
-    }
-    let kept = set_aside(&ends.src, db, plan.tenant_id).await?;
-    let role = async {
-        ends.src
-            .exec(&format!(
-                "REVOKE ALL ON DATABASE \"{kept}\" FROM \"{}\"",
-                plan.role
-            ))
-            .await?;
-        ends.src
-            .exec(&format!("DROP ROLE IF EXISTS \"{}\"", plan.role))
-            .await
-    }
-    .await;
-    if let Err(e) = role {
-        tracing::warn!(tenant_id = %plan.tenant_id, "failed to drop the old role of a moved tenant (the reconciler retries): {e}");
-    }
-    Ok(kept)
-}
-
-/// Rename `db` to `silo_kept_<tenant>_<time>`, where no sweep drops it.
-pub(crate) async fn set_aside(
-    admin: &ServerAdmin,
-    db: &str,
-    tenant: Uuid,
-) -> anyhow::Result<String> {
-    if !super::database_exists(admin, db).await? {
-        anyhow::bail!("database {db} is not there to keep");
-    }
-    let kept = format!(
-        "silo_kept_{}_{}",
-        tenant.simple(),
-        chrono::Utc::now().timestamp()
-    );
-    let mut tries = 0;
-    loop {
-        // A rename needs the database to itself.
-        sqlx::query(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
-        )
-        .bind(db)
-        .execute(&admin.pool)
-        .await?;
-        match admin
-            .exec(&format!("ALTER DATABASE \"{db}\" RENAME TO \"{kept}\""))
-            .await
-        {
-            Ok(()) => break,
-            Err(e) if tries < 5 => {
-                tries += 1;
-                tracing::debug!("retrying a rename: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => return Err(e).context("set the old database aside"),
-        }
-    }
-    tracing::warn!(tenant_id = %tenant, database = kept, "kept a moved tenant's old database: its copy was not verified");
-    Ok(kept)
-}
-
-/// After the switch: the target stops following the source, and the
-/// source's database and role go. Failures are left to the sweep (no
-/// registry row names them any more).
-async fn finish_source(ends: &Ends, plan: &MovePlan) {
-    let name = plan.name();
-    let db = &plan.database;
-    let finished = async {
-        let conn = ends.dst.single_pool(db).await?;
-        drop_subscription(&conn, &name).await?;
-        sqlx::raw_sql(&format!("DROP SCHEMA IF EXISTS {FENCE_SCHEMA} CASCADE"))
-            .execute(&conn)
-            .await
-            .context("drop the fence table on the target")?;
-        conn.close().await;
-        drop_slots(&ends.src, plan).await?;
-        ends.src
-            .exec(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
-            .await
-            .context("drop the source database")?;
-        ends.src
-            .exec(&format!("DROP ROLE IF EXISTS \"{}\"", plan.role))
-            .await
-            .context("drop the source role")?;
-        anyhow::Ok(())
-    }
-    .await;
-    if let Err(e) = finished {
-        tracing::warn!(tenant_id = %plan.tenant_id, "failed to clean up the source after a move (the reconciler retries): {e:#}");
     }
 }

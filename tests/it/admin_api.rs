@@ -1,10 +1,8 @@
 //! The admin API against a real PostgreSQL: provisioning, isolation,
 //! validation, idempotency, lifecycle, pagination.
 
-mod common;
-
+use crate::common::{close, TestEnv, ADMIN_TOKEN};
 use axum::http::{Method, StatusCode};
-use common::{close, TestEnv, ADMIN_TOKEN};
 use serde_json::{json, Value};
 
 const CLINIC_TABLES: [&str; 6] = [
@@ -22,7 +20,10 @@ async fn a_created_tenant_is_active_with_a_database_only_its_own_role_can_reach(
     let a = env.create("clinic-a").await;
     env.create("clinic-b").await;
     assert_eq!(a["status"], "active");
-    assert_eq!(a["schema_version"], silo::migrate::latest_tenant_version());
+    assert_eq!(
+        a["schema_version"],
+        silo::servers::schema::latest_embedded_version()
+    );
     assert!(a.get("password").is_none() && a.get("password_enc").is_none());
 
     // Its own role reads and writes its clinic tables.
@@ -529,7 +530,7 @@ async fn suspend_resume_patch_and_delete_change_what_the_database_allows() {
         .fetch_one(&env.admin)
         .await
         .unwrap();
-    assert_eq!(limit, silo::provision::connection_limit("premium"));
+    assert_eq!(limit, silo::domain::Plan::Premium.connection_limit());
 
     let (s, op) = env
         .call(Method::DELETE, "/admin/v1/tenants/lifecycle", None)
@@ -605,19 +606,19 @@ async fn concurrent_operations_on_one_tenant_are_serialized() {
     let t = env.record("busy").await;
     let mut tasks = Vec::new();
     for i in 0..12 {
-        let p = env.provisioner.clone();
+        let p = env.control.clone();
         tasks.push(tokio::spawn(async move {
             if i % 2 == 0 {
-                p.suspend(t.id, "test").await.map(|_| ())
+                p.provisioner().suspend(t.id, "test").await.map(|_| ())
             } else {
-                p.resume(t.id, "test").await.map(|_| ())
+                p.provisioner().resume(t.id, "test").await.map(|_| ())
             }
         }));
     }
     for task in tasks {
         // Each either succeeds or reports a state conflict; none fails midway.
         match task.await.unwrap() {
-            Ok(()) | Err(silo::provision::ProvisionError::InvalidState(..)) => {}
+            Ok(()) | Err(silo::ops::Error::Conflict(_)) => {}
             Err(e) => panic!("unexpected failure: {e}"),
         }
     }

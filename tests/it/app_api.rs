@@ -2,10 +2,8 @@
 //! to end in each tenant's own database, bad input that changes nothing, tenant
 //! isolation on every path, and a suspended tenant locked out.
 
-mod common;
-
+use crate::common::{Answer, TestEnv};
 use axum::http::{Method, StatusCode};
-use common::{Answer, TestEnv};
 use serde_json::{json, Value};
 
 const TABLES: [&str; 4] = ["clinics", "staff", "patients", "appointments"];
@@ -127,7 +125,7 @@ impl Tenant {
                 .unwrap();
             out.push(n);
         }
-        common::close(conn).await;
+        crate::common::close(conn).await;
         out
     }
 }
@@ -850,9 +848,9 @@ async fn a_tenant_never_sees_or_touches_another_tenants_data_on_any_path() {
         auth(&foreign_key),
     );
     let b_bearer = b.bearer();
-    let a_host = format!("alpha.{}", common::APP_DOMAIN);
-    let a_host_port = format!("alpha.{}:8443", common::APP_DOMAIN);
-    let b_host = format!("bravo.{}", common::APP_DOMAIN);
+    let a_host = format!("alpha.{}", crate::common::APP_DOMAIN);
+    let a_host_port = format!("alpha.{}:8443", crate::common::APP_DOMAIN);
+    let b_host = format!("bravo.{}", crate::common::APP_DOMAIN);
     let cases: Vec<AuthCase> = vec![
         (
             vec![("x-tenant-id", "alpha"), ("authorization", &expired)],

@@ -98,7 +98,7 @@ fn the_default_render_runs_silo_safely_with_secrets_only_from_the_existing_secre
     let pod = &deploy["spec"]["template"]["spec"];
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
     assert!(
-        grace > silo::cli::SHUTDOWN_DEADLINE.as_secs(),
+        grace > silo::startup::SHUTDOWN_DEADLINE.as_secs(),
         "Kubernetes must wait longer ({grace}s) than silo's own shutdown deadline"
     );
     assert_eq!(pod["securityContext"]["runAsNonRoot"], Value::from(true));

@@ -1,10 +1,10 @@
 //! The reconciler and the warm pool against a real server: orphans dropped,
 //! logins made to agree with the registry, spares kept ready and used.
 
-mod common;
-
-use common::TestEnv;
-use silo::provision::{CreateTenant, ProvisionConfig, Provisioner, TEMPLATE_DB};
+use crate::common::TestEnv;
+use silo::control::ControlConfig;
+use silo::provision::ProvisionConfig;
+use silo::servers::names::TEMPLATE_DB;
 
 async fn exec(env: &TestEnv, sql: &str) {
     sqlx::raw_sql(sql).execute(&env.admin).await.unwrap();
@@ -14,7 +14,7 @@ async fn exec(env: &TestEnv, sql: &str) {
 async fn the_reconciler_drops_what_no_registry_row_accounts_for() {
     let env = TestEnv::start().await;
     env.create("keeper").await;
-    env.provisioner.reconcile_once().await.unwrap();
+    env.control.reconcile_once().await.unwrap();
     exec(
         &env,
         "CREATE DATABASE silo_t_00000000000000000000000000000bad",
@@ -36,7 +36,7 @@ async fn the_reconciler_drops_what_no_registry_row_accounts_for() {
         .unwrap();
     assert_eq!(env.orphans().await.len(), 3);
 
-    let report = env.provisioner.reconcile_once().await.unwrap();
+    let report = env.control.reconcile_once().await.unwrap();
     assert!(report.errors.is_empty(), "{report:?}");
     assert_eq!(
         (
@@ -50,7 +50,7 @@ async fn the_reconciler_drops_what_no_registry_row_accounts_for() {
     assert!(env.orphans().await.is_empty());
     assert_eq!(env.count("SELECT count(*) FROM spares").await, 0);
     // The live tenant is untouched.
-    common::close(env.connect_tenant("keeper").await.unwrap()).await;
+    crate::common::close(env.connect_tenant("keeper").await.unwrap()).await;
 }
 
 #[tokio::test]
@@ -59,15 +59,19 @@ async fn the_reconciler_makes_role_logins_agree_with_tenant_state() {
     env.create("awake").await;
     env.create("asleep").await;
     let asleep = env.record("asleep").await;
-    env.provisioner.suspend(asleep.id, "test").await.unwrap();
+    env.control
+        .provisioner()
+        .suspend(asleep.id, "test")
+        .await
+        .unwrap();
     let awake = env.record("awake").await;
     // Simulate a crash between the registry write and the role change, both ways.
     exec(&env, &format!("ALTER ROLE \"{}\" NOLOGIN", awake.role_name)).await;
     exec(&env, &format!("ALTER ROLE \"{}\" LOGIN", asleep.role_name)).await;
 
-    let report = env.provisioner.reconcile_once().await.unwrap();
+    let report = env.control.reconcile_once().await.unwrap();
     assert_eq!(report.logins_fixed, 2, "{report:?}");
-    common::close(
+    crate::common::close(
         env.connect_tenant("awake")
             .await
             .expect("active tenant logs in again"),
@@ -82,11 +86,11 @@ async fn the_reconciler_makes_role_logins_agree_with_tenant_state() {
 #[tokio::test]
 async fn the_warm_pool_keeps_spares_ready_and_creates_take_them() {
     let env = TestEnv::start().await;
-    let warm = Provisioner::new(
-        env.registry().clone(),
-        env.keyring.clone(),
-        ProvisionConfig { warm_pool_size: 3 },
-    );
+    let warm = env.replica(ControlConfig {
+        provision: ProvisionConfig { warm_pool_size: 3 },
+        ..Default::default()
+    });
+    let warm = warm.provisioner();
     warm.refill_all().await.unwrap();
     let spares: Vec<String> =
         sqlx::query_scalar("SELECT database_name FROM spares ORDER BY created_at")
@@ -97,12 +101,7 @@ async fn the_warm_pool_keeps_spares_ready_and_creates_take_them() {
     for s in &spares {
         assert!(env.database_exists(s).await);
     }
-    let req = CreateTenant {
-        slug: "from-spare".into(),
-        name: "From Spare".into(),
-        plan: "standard".into(),
-        server: None,
-    };
+    let req = TestEnv::request("from-spare", "From Spare");
     let t = warm.create(&req, None, "test").await.unwrap();
     assert_eq!(
         env.count("SELECT count(*) FROM spares").await,
@@ -114,7 +113,7 @@ async fn the_warm_pool_keeps_spares_ready_and_creates_take_them() {
         "the oldest spare was renamed into the tenant"
     );
     assert!(env.database_exists(&t.database_name).await);
-    common::close(env.connect_tenant("from-spare").await.unwrap()).await;
+    crate::common::close(env.connect_tenant("from-spare").await.unwrap()).await;
     // A spare is not reachable by tenant roles before it is claimed.
     let other = env.record("from-spare").await;
     assert!(env
@@ -129,12 +128,11 @@ async fn the_warm_pool_keeps_spares_ready_and_creates_take_them() {
 #[tokio::test]
 async fn a_stale_template_is_rebuilt_and_stale_spares_replaced() {
     let env = TestEnv::start().await;
-    let warm = Provisioner::new(
-        env.registry().clone(),
-        env.keyring.clone(),
-        ProvisionConfig { warm_pool_size: 2 },
-    );
-    warm.refill_all().await.unwrap();
+    let warm = env.replica(ControlConfig {
+        provision: ProvisionConfig { warm_pool_size: 2 },
+        ..Default::default()
+    });
+    warm.provisioner().refill_all().await.unwrap();
     let old: Vec<String> = sqlx::query_scalar("SELECT database_name FROM spares")
         .fetch_all(env.registry().pool())
         .await
@@ -156,7 +154,10 @@ async fn a_stale_template_is_rebuilt_and_stale_spares_replaced() {
         .fetch_one(env.registry().pool())
         .await
         .unwrap();
-    assert_eq!(version, Some(silo::migrate::latest_tenant_version()));
+    assert_eq!(
+        version,
+        Some(silo::servers::schema::latest_embedded_version())
+    );
     assert!(env.database_exists(TEMPLATE_DB).await);
     let fresh: Vec<String> = sqlx::query_scalar("SELECT database_name FROM spares")
         .fetch_all(env.registry().pool())

@@ -3,12 +3,10 @@
 //! the system must converge: the tenant ends active and serving (or deleted),
 //! no orphan database or role is left, and a retried request succeeds.
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{close, Silo, TestEnv, ADMIN_TOKEN};
+use crate::common::{close, Silo, TestEnv, ADMIN_TOKEN};
 use serde_json::json;
 use silo::provision::STEPS;
 
@@ -21,7 +19,7 @@ async fn assert_serving(env: &TestEnv, slug: &str) {
     );
     assert_eq!(
         t.schema_version,
-        Some(silo::migrate::latest_tenant_version())
+        Some(silo::servers::schema::latest_embedded_version())
     );
     let mut conn = env
         .connect_tenant(slug)
@@ -67,7 +65,7 @@ async fn provisioning_killed_at_every_step_converges_after_restart() {
             let slug = format!("crash-{warm_pool}-{step}");
             let key = format!("key-{slug}");
             let log = log_path(&logs, &slug);
-            let silo = Silo::start(&env, Some(step), warm_pool, &log).await;
+            let silo = Silo::start(&env, Some(step.as_str()), warm_pool, &log).await;
             let body = json!({"slug": slug, "name": "Crash Clinic"});
             let first = silo
                 .request(

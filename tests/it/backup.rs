@@ -2,12 +2,10 @@
 //! over HTTP, SigV4 and all), with the failure paths forced for real: the
 //! store failing a part, pg_dump killed, the object corrupted.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::{add_ballast, TestEnv};
 use axum::http::{Method, StatusCode};
-use common::{add_ballast, TestEnv};
 use serde_json::{json, Value};
 use silo::backup::{BackupKind, RestoreTarget};
 use silo::registry::TenantStatus;
@@ -41,7 +39,7 @@ async fn seed(conn: &mut PgConnection, tag: &str, patients: i32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_backup_round_trip_restores_exactly_the_rows_of_the_backup_point() {
-    let env = TestEnv::start_with_storage().await;
+    let env = TestEnv::setup().storage().start().await;
     env.create("roundtrip").await;
     let t = env.record("roundtrip").await;
     let mut conn = env.connect_tenant("roundtrip").await.unwrap();
@@ -49,7 +47,7 @@ async fn a_backup_round_trip_restores_exactly_the_rows_of_the_backup_point() {
     let at_backup = contents(&mut conn).await;
 
     let b = env
-        .provisioner
+        .backups()
         .backup_now(t.id, BackupKind::Manual, None)
         .await
         .expect("backup succeeds");
@@ -60,20 +58,20 @@ async fn a_backup_round_trip_restores_exactly_the_rows_of_the_backup_point() {
     // `PGDMP` header, always in clear in a custom-format dump, is nowhere).
     let objects = env.stored_objects(t.id);
     assert_eq!(objects.len(), 2, "{objects:?}");
-    let dump = std::fs::read(env.s3().object_path(common::BUCKET, &b.object_key)).unwrap();
+    let dump = std::fs::read(env.s3().object_path(crate::common::BUCKET, &b.object_key)).unwrap();
     assert!(dump.starts_with(b"SILOBK01"));
     assert!(
         !dump.windows(5).any(|w| w == b"PGDMP"),
         "the stored dump is plaintext"
     );
     let manifest: Value = serde_json::from_slice(
-        &std::fs::read(env.s3().object_path(common::BUCKET, &b.manifest_key)).unwrap(),
+        &std::fs::read(env.s3().object_path(crate::common::BUCKET, &b.manifest_key)).unwrap(),
     )
     .unwrap();
     assert_eq!(manifest["sha256"], json!(b.sha256));
     assert_eq!(
         manifest["schema_version"],
-        json!(env.provisioner.latest_version())
+        json!(env.control.latest_version())
     );
     assert_eq!(env.s3().open_uploads(), 0);
 
@@ -86,11 +84,11 @@ async fn a_backup_round_trip_restores_exactly_the_rows_of_the_backup_point() {
     .await
     .unwrap();
     assert_ne!(contents(&mut conn).await, at_backup);
-    common::close(conn).await;
+    crate::common::close(conn).await;
 
     let restored = env
-        .provisioner
-        .restore_backup(b.id, RestoreTarget::InPlace, "test", None)
+        .control
+        .restore(b.id, RestoreTarget::InPlace, "test", None)
         .await
         .expect("restore succeeds");
     assert_eq!(restored.status, TenantStatus::Active);
@@ -107,14 +105,14 @@ async fn a_backup_round_trip_restores_exactly_the_rows_of_the_backup_point() {
     assert_eq!(contents(&mut conn).await, at_backup);
     // ...and can still write (grants applied to the restored database).
     seed(&mut conn, "after-restore", 1).await;
-    common::close(conn).await;
+    crate::common::close(conn).await;
 
     // Restoring into another slug creates that tenant with the same data.
     let copy = env
-        .provisioner
-        .restore_backup(
+        .control
+        .restore(
             b.id,
-            RestoreTarget::IntoSlug("roundtrip-copy".into()),
+            RestoreTarget::IntoSlug("roundtrip-copy".parse().unwrap()),
             "test",
             None,
         )
@@ -123,9 +121,9 @@ async fn a_backup_round_trip_restores_exactly_the_rows_of_the_backup_point() {
     assert_eq!(copy.slug, "roundtrip-copy");
     let mut conn = env.connect_tenant("roundtrip-copy").await.unwrap();
     assert_eq!(contents(&mut conn).await, at_backup);
-    common::close(conn).await;
+    crate::common::close(conn).await;
 
-    let report = env.provisioner.verify_backup(b.id, None).await.unwrap();
+    let report = env.backups().verify_backup(b.id, None).await.unwrap();
     assert!(report.ok && report.tables >= 6, "{report:?}");
     let b = env.registry().backup(b.id).await.unwrap().unwrap();
     assert!(b.verified_at.is_some() && b.verify_error.is_none());
@@ -134,14 +132,14 @@ async fn a_backup_round_trip_restores_exactly_the_rows_of_the_backup_point() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_store_failing_mid_upload_leaves_no_backup_and_no_open_upload() {
-    let env = TestEnv::start_with_storage().await;
+    let env = TestEnv::setup().storage().start().await;
     env.create("flaky-store").await;
     let t = env.record("flaky-store").await;
     add_ballast(&env, &t, 20).await; // three 8 MiB parts
 
     env.s3().faults().fail_part(2);
     let err = env
-        .provisioner
+        .backups()
         .backup_now(t.id, BackupKind::Manual, None)
         .await
         .expect_err("the store refuses part 2");
@@ -167,8 +165,8 @@ async fn a_store_failing_mid_upload_leaves_no_backup_and_no_open_upload() {
         .is_none());
     // A failed backup cannot be restored.
     let refused = env
-        .provisioner
-        .restore_backup(backups[0].id, RestoreTarget::InPlace, "test", None)
+        .control
+        .restore(backups[0].id, RestoreTarget::InPlace, "test", None)
         .await;
     assert!(refused.is_err());
 
@@ -176,7 +174,7 @@ async fn a_store_failing_mid_upload_leaves_no_backup_and_no_open_upload() {
     env.s3().faults().clear();
     env.s3().faults().set_outage(true);
     assert!(env
-        .provisioner
+        .backups()
         .backup_now(t.id, BackupKind::Manual, None)
         .await
         .is_err());
@@ -185,7 +183,7 @@ async fn a_store_failing_mid_upload_leaves_no_backup_and_no_open_upload() {
 
     // The store back: the next backup succeeds, with equal parts.
     let b = env
-        .provisioner
+        .backups()
         .backup_now(t.id, BackupKind::Manual, None)
         .await
         .unwrap();
@@ -195,13 +193,13 @@ async fn a_store_failing_mid_upload_leaves_no_backup_and_no_open_upload() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_pg_dump_fails_the_backup_and_aborts_its_upload() {
-    let env = TestEnv::start_with_storage().await;
+    let env = TestEnv::setup().storage().start().await;
     env.create("dump-killed").await;
     let t = env.record("dump-killed").await;
     add_ballast(&env, &t, 48).await;
     // Slow parts keep pg_dump blocked on its pipe, alive to be killed.
     env.s3().faults().delay_parts(Duration::from_millis(1500));
-    let p = env.provisioner.clone();
+    let p = env.backups().clone();
     let id = t.id;
     let backup = tokio::spawn(async move { p.backup_now(id, BackupKind::Manual, None).await });
     let pid = wait_for_process("pg_dump", &t.database_name).await;
@@ -224,30 +222,30 @@ async fn a_killed_pg_dump_fails_the_backup_and_aborts_its_upload() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_corrupted_object_is_refused_and_the_tenant_keeps_its_data() {
-    let env = TestEnv::start_with_storage().await;
+    let env = TestEnv::setup().storage().start().await;
     env.create("corrupt").await;
     let t = env.record("corrupt").await;
     let mut conn = env.connect_tenant("corrupt").await.unwrap();
     seed(&mut conn, "x", 50).await;
     let b = env
-        .provisioner
+        .backups()
         .backup_now(t.id, BackupKind::Manual, None)
         .await
         .unwrap();
     seed(&mut conn, "y", 5).await;
     let now = contents(&mut conn).await;
-    common::close(conn).await;
+    crate::common::close(conn).await;
 
     // Flip one byte of the stored object, behind silo's back.
-    let path = env.s3().object_path(common::BUCKET, &b.object_key);
+    let path = env.s3().object_path(crate::common::BUCKET, &b.object_key);
     let mut bytes = std::fs::read(&path).unwrap();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x5a;
     std::fs::write(&path, bytes).unwrap();
 
     let err = env
-        .provisioner
-        .restore_backup(b.id, RestoreTarget::InPlace, "test", None)
+        .control
+        .restore(b.id, RestoreTarget::InPlace, "test", None)
         .await
         .expect_err("a corrupt backup is refused");
     assert!(
@@ -262,9 +260,9 @@ async fn a_corrupted_object_is_refused_and_the_tenant_keeps_its_data() {
         now,
         "the tenant keeps serving its data"
     );
-    common::close(conn).await;
+    crate::common::close(conn).await;
 
-    assert!(env.provisioner.verify_backup(b.id, None).await.is_err());
+    assert!(env.backups().verify_backup(b.id, None).await.is_err());
     let b = env.registry().backup(b.id).await.unwrap().unwrap();
     assert!(
         b.verify_error.is_some(),
@@ -275,13 +273,13 @@ async fn a_corrupted_object_is_refused_and_the_tenant_keeps_its_data() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn archive_then_restore_returns_the_tenant_with_all_its_data() {
-    let env = TestEnv::start_with_storage().await;
+    let env = TestEnv::setup().storage().start().await;
     env.create("sleepy").await;
     let t = env.record("sleepy").await;
     let mut conn = env.connect_tenant("sleepy").await.unwrap();
     seed(&mut conn, "s", 120).await;
     let before = contents(&mut conn).await;
-    common::close(conn).await;
+    crate::common::close(conn).await;
 
     let (status, op) = env
         .call(Method::POST, "/admin/v1/tenants/sleepy/archive", None)
@@ -314,10 +312,10 @@ async fn archive_then_restore_returns_the_tenant_with_all_its_data() {
     assert_eq!(op["status"], "succeeded", "{op}");
     let back = env.record("sleepy").await;
     assert_eq!(back.status, TenantStatus::Active);
-    assert_eq!(back.schema_version, Some(env.provisioner.latest_version()));
+    assert_eq!(back.schema_version, Some(env.control.latest_version()));
     let mut conn = env.connect_tenant("sleepy").await.unwrap();
     assert_eq!(contents(&mut conn).await, before);
-    common::close(conn).await;
+    crate::common::close(conn).await;
     assert!(env.orphans().await.is_empty(), "{:?}", env.orphans().await);
 
     // Delete takes a final backup first.
@@ -358,7 +356,7 @@ async fn archive_then_restore_returns_the_tenant_with_all_its_data() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn backup_endpoints_answer_bad_input_with_4xx_and_change_nothing() {
-    let env = TestEnv::start_with_storage().await;
+    let env = TestEnv::setup().storage().start().await;
     env.create("inputs").await;
     let cases: Vec<(Method, &str, Option<&str>, StatusCode)> = vec![
         (
@@ -446,7 +444,7 @@ async fn backup_endpoints_answer_bad_input_with_4xx_and_change_nothing() {
             StatusCode::NOT_FOUND,
         ),
     ];
-    let auth = format!("Bearer {}", common::ADMIN_TOKEN);
+    let auth = format!("Bearer {}", crate::common::ADMIN_TOKEN);
     for (method, path, body, want) in cases {
         let answer = env
             .send(method.clone(), path, body, &[("authorization", &auth)])
@@ -476,13 +474,13 @@ async fn backup_endpoints_answer_bad_input_with_4xx_and_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn scheduled_slots_run_once_across_replicas_and_retention_prunes_old_backups() {
-    let mut args = common::storage_args();
-    args.backup_schedule = "0 0 0 1 1 *".into(); // yearly: one fixed slot during the test
+    let mut args = crate::common::storage_args();
+    args.backup_schedule = "0 0 0 * * 0".parse().unwrap(); // weekly: one fixed slot during the test
     args.backup_keep_last = 2;
     args.backup_keep_daily = 0;
     args.backup_keep_weekly = 0;
     args.backup_keep_monthly = 0;
-    let env = TestEnv::start_with_storage_args(args.clone()).await;
+    let env = TestEnv::setup().storage_args(args.clone()).start().await;
     for i in 0..6 {
         env.create(&format!("sched-{i}")).await;
     }
@@ -492,16 +490,15 @@ async fn scheduled_slots_run_once_across_replicas_and_retention_prunes_old_backu
         .await
         .unwrap();
     // Two "replicas": another provisioner on the same control DB and store.
-    let other = silo::provision::Provisioner::new(
-        silo::registry::Registry::connect_lazy(&env.control_url()).unwrap(),
-        env.keyring.clone(),
-        silo::provision::ProvisionConfig { warm_pool_size: 0 },
-    );
-    other.set_storage(common::storage_for(env.s3(), &args).await);
+    let other = env.replica(silo::control::ControlConfig {
+        storage: Some(crate::common::storage_for(env.s3(), &args).await),
+        ..Default::default()
+    });
+    let other = other.backups().unwrap();
     let cancel = tokio_util::sync::CancellationToken::new();
     let (g1, g2) = (Default::default(), Default::default());
     let (a, b) = tokio::join!(
-        env.provisioner.run_due_backups(&g1, &cancel),
+        env.backups().run_due_backups(&g1, &cancel),
         other.run_due_backups(&g2, &cancel)
     );
     let (a, b) = (a.unwrap(), b.unwrap());
@@ -511,18 +508,18 @@ async fn scheduled_slots_run_once_across_replicas_and_retention_prunes_old_backu
         .count("SELECT count(*) FROM backups WHERE kind = 'scheduled' AND status = 'succeeded'")
         .await;
     assert_eq!(per_slot, 6, "each tenant's slot ran exactly once");
-    let again = env.provisioner.run_due_backups(&g1, &cancel).await.unwrap();
+    let again = env.backups().run_due_backups(&g1, &cancel).await.unwrap();
     assert_eq!(again.due, 0);
 
     // Retention: keep the last two; the pruned ones' objects are gone.
     let t = env.record("sched-0").await;
     for _ in 0..3 {
-        env.provisioner
+        env.backups()
             .backup_now(t.id, BackupKind::Manual, None)
             .await
             .unwrap();
     }
-    let pruned = env.provisioner.prune_backups(t.id).await.unwrap();
+    let pruned = env.backups().prune_backups(t.id).await.unwrap();
     assert_eq!(pruned, 2);
     let live = env.registry().backups_of(t.id, None, 10).await.unwrap();
     assert_eq!(live.len(), 2);
@@ -570,14 +567,14 @@ async fn wait_for_process(name: &str, arg: &str) -> i32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_silo_killed_mid_backup_leaves_nothing_claiming_success_and_the_restart_cleans_up() {
-    let env = TestEnv::start_with_storage().await;
+    let env = TestEnv::setup().storage().start().await;
     env.create("crashy").await;
     let t = env.record("crashy").await;
     add_ballast(&env, &t, 48).await;
     env.s3().faults().delay_parts(Duration::from_millis(1500));
     let logs = tempfile::tempdir().unwrap();
     let log = logs.path().join("silo.log");
-    let mut silo = common::Silo::start(&env, None, 0, &log).await;
+    let mut silo = crate::common::Silo::start(&env, None, 0, &log).await;
     let (status, b) = silo
         .request(Method::POST, "/admin/v1/tenants/crashy/backups", None, None)
         .await
@@ -610,7 +607,7 @@ async fn a_silo_killed_mid_backup_leaves_nothing_claiming_success_and_the_restar
     env.s3().faults().clear();
 
     // The restarted process finds the dead backup at start-up and cleans up.
-    let silo = common::Silo::start(&env, None, 0, &log).await;
+    let silo = crate::common::Silo::start(&env, None, 0, &log).await;
     let mut b = env.registry().backup(id).await.unwrap().unwrap();
     for _ in 0..400 {
         if b.status != "running" {
@@ -664,7 +661,7 @@ async fn silo_cli(env: &TestEnv, args: &[&str], with_storage: bool) -> std::proc
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_backup_commands_back_up_list_verify_restore_and_archive_from_a_shell() {
-    let env = TestEnv::start_with_storage().await;
+    let env = TestEnv::setup().storage().start().await;
     env.create("shell").await;
     let mut conn = env.connect_tenant("shell").await.unwrap();
     seed(&mut conn, "sh", 30).await;
@@ -697,7 +694,7 @@ async fn the_backup_commands_back_up_list_verify_restore_and_archive_from_a_shel
         .execute(&mut conn)
         .await
         .unwrap();
-    common::close(conn).await;
+    crate::common::close(conn).await;
     let out = silo_cli(&env, &["backup", "restore", &id], true).await;
     assert!(
         out.status.success(),
@@ -706,7 +703,7 @@ async fn the_backup_commands_back_up_list_verify_restore_and_archive_from_a_shel
     );
     let mut conn = env.connect_tenant("shell").await.unwrap();
     assert_eq!(contents(&mut conn).await, at_backup);
-    common::close(conn).await;
+    crate::common::close(conn).await;
 
     let out = silo_cli(&env, &["tenants", "archive", "shell"], true).await;
     assert!(
@@ -724,7 +721,7 @@ async fn the_backup_commands_back_up_list_verify_restore_and_archive_from_a_shel
     assert_eq!(env.record("shell").await.status, TenantStatus::Active);
     let mut conn = env.connect_tenant("shell").await.unwrap();
     assert_eq!(contents(&mut conn).await, at_backup);
-    common::close(conn).await;
+    crate::common::close(conn).await;
 
     // Without storage: a usage error naming the setting.
     let out = silo_cli(&env, &["backup", "run", "--tenant", "shell"], false).await;
@@ -737,9 +734,9 @@ async fn the_backup_commands_back_up_list_verify_restore_and_archive_from_a_shel
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_scheduler_archives_tenants_idle_longer_than_configured_and_spares_busy_ones() {
-    let mut args = common::storage_args();
+    let mut args = crate::common::storage_args();
     args.archive_after_days = Some(7);
-    let env = TestEnv::start_with_storage_args(args).await;
+    let env = TestEnv::setup().storage_args(args).start().await;
     env.create("idle-one").await;
     env.create("busy-one").await;
     sqlx::query("UPDATE tenants SET created_at = now() - interval '30 days'")
@@ -759,14 +756,14 @@ async fn the_scheduler_archives_tenants_idle_longer_than_configured_and_spares_b
     assert_eq!(busy, 1, "router activity is recorded");
 
     let cancel = tokio_util::sync::CancellationToken::new();
-    env.provisioner
+    env.backups()
         .run_due_backups(&Default::default(), &cancel)
         .await
         .unwrap();
     let idle = env.record("idle-one").await;
     let op = env
         .registry()
-        .open_operations("tenant.archive", idle.id)
+        .open_operations(silo::domain::OperationKind::TenantArchive, idle.id)
         .await
         .unwrap();
     assert_eq!(op.len(), 1, "an archival started for the idle tenant");
@@ -778,16 +775,16 @@ async fn the_scheduler_archives_tenants_idle_longer_than_configured_and_spares_b
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crash_during_archival_puts_the_tenant_back_serving() {
-    let env = TestEnv::start_with_storage().await;
+    let env = TestEnv::setup().storage().start().await;
     env.create("half-archived").await;
     let mut conn = env.connect_tenant("half-archived").await.unwrap();
     seed(&mut conn, "h", 20).await;
     let before = contents(&mut conn).await;
-    common::close(conn).await;
+    crate::common::close(conn).await;
     let logs = tempfile::tempdir().unwrap();
     let log = logs.path().join("silo.log");
     // The process dies after the archive backup is verified, before the drop.
-    let silo = common::Silo::start(&env, Some("archive_backup"), 0, &log).await;
+    let silo = crate::common::Silo::start(&env, Some("archive_backup"), 0, &log).await;
     let (status, op) = silo
         .request(
             Method::POST,
@@ -804,7 +801,7 @@ async fn a_crash_during_archival_puts_the_tenant_back_serving() {
         TenantStatus::Archiving
     );
 
-    let silo = common::Silo::start(&env, None, 0, &log).await;
+    let silo = crate::common::Silo::start(&env, None, 0, &log).await;
     let path = format!("/admin/v1/operations/{}", op["id"].as_str().unwrap());
     let mut body = Value::Null;
     for _ in 0..200 {
@@ -830,7 +827,7 @@ async fn a_crash_during_archival_puts_the_tenant_back_serving() {
         .await
         .expect("its role logs in again");
     assert_eq!(contents(&mut conn).await, before);
-    common::close(conn).await;
+    crate::common::close(conn).await;
     assert!(env.orphans().await.is_empty(), "{:?}", env.orphans().await);
     silo.stop();
 }
@@ -850,13 +847,13 @@ async fn a_pg_dump_older_than_the_server_is_refused_by_name() {
         std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
         std::fs::set_permissions(&path, perms).unwrap();
     }
-    let mut args = common::storage_args();
+    let mut args = crate::common::storage_args();
     args.pg_bin_dir = Some(bin.path().to_owned());
-    let env = TestEnv::start_with_storage_args(args).await;
+    let env = TestEnv::setup().storage_args(args).start().await;
     env.create("old-tools").await;
     let t = env.record("old-tools").await;
     let err = env
-        .provisioner
+        .backups()
         .backup_now(t.id, BackupKind::Manual, None)
         .await
         .expect_err("an old pg_dump is refused");
@@ -874,12 +871,12 @@ async fn a_pg_dump_older_than_the_server_is_refused_by_name() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_database_outage_mid_backup_fails_it_and_the_sweep_aborts_its_upload() {
-    let mut env = TestEnv::start_with_storage().await;
+    let mut env = TestEnv::setup().storage().start().await;
     env.create("outage").await;
     let t = env.record("outage").await;
     add_ballast(&env, &t, 48).await;
     env.s3().faults().delay_parts(Duration::from_millis(1500));
-    let p = env.provisioner.clone();
+    let p = env.backups().clone();
     let id = t.id;
     let backup = tokio::spawn(async move { p.backup_now(id, BackupKind::Manual, None).await });
     wait_for_process("pg_dump", &t.database_name).await;
@@ -892,7 +889,7 @@ async fn a_database_outage_mid_backup_fails_it_and_the_sweep_aborts_its_upload()
     env.s3().faults().clear();
     env.pg.start_again().unwrap();
     // The failure could not even be recorded; the sweep repairs it.
-    let report = env.provisioner.reconcile_once().await.unwrap();
+    let report = env.control.reconcile_once().await.unwrap();
     assert_eq!(report.backups.backups_abandoned, 1, "{report:?}");
     let b = &env.registry().backups_of(t.id, None, 1).await.unwrap()[0];
     assert_eq!(b.status, "failed");
@@ -900,7 +897,7 @@ async fn a_database_outage_mid_backup_fails_it_and_the_sweep_aborts_its_upload()
     assert_eq!(env.s3().open_uploads(), 0, "the upload was aborted");
     assert!(env.stored_objects(t.id).is_empty());
     // And once the database is back, a backup succeeds.
-    env.provisioner
+    env.backups()
         .backup_now(t.id, BackupKind::Manual, None)
         .await
         .unwrap();

@@ -2,16 +2,14 @@
 //! tenant, re-runs pick up only what is left, a killed run resumes, and a
 //! tenant created mid-run is not left behind.
 
-mod common;
-
 use std::borrow::Cow;
-use std::sync::Arc;
 
+use crate::common::TestEnv;
 use axum::http::{Method, StatusCode};
-use common::TestEnv;
 use serde_json::json;
-use silo::migrate::{embedded_tenant_migrator, FleetOptions, FleetStartError, TenantOutcome};
-use silo::provision::Provisioner;
+use silo::control::{ControlConfig, ControlPlane};
+use silo::migrate::{FleetOptions, TenantOutcome};
+use silo::servers::schema::embedded_migrator;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 
 /// The new migration of these tests: a column, an index, a backfill.
@@ -20,8 +18,8 @@ const V2_SQL: &str =
 CREATE INDEX patients_language_idx ON patients (preferred_language);
 UPDATE patients SET preferred_language = 'de' WHERE full_name LIKE 'Herr %';";
 
-fn migrator_v2() -> Arc<Migrator> {
-    let mut m = embedded_tenant_migrator();
+fn migrator_v2() -> Migrator {
+    let mut m = embedded_migrator();
     let mut all = m.migrations.to_vec();
     all.push(Migration::new(
         2,
@@ -31,11 +29,15 @@ fn migrator_v2() -> Arc<Migrator> {
         false,
     ));
     m.migrations = Cow::Owned(all);
-    Arc::new(m)
+    m
 }
 
-fn upgraded(env: &TestEnv) -> Provisioner {
-    env.provisioner.clone().with_migrator(migrator_v2())
+/// A replica of the next release: the same control DB, schema version 2.
+fn upgraded(env: &TestEnv) -> ControlPlane {
+    env.replica(ControlConfig {
+        schema: migrator_v2().into(),
+        ..Default::default()
+    })
 }
 
 async fn version_of(env: &TestEnv, slug: &str) -> Option<i64> {
@@ -72,7 +74,8 @@ async fn one_failing_tenant_does_not_stop_fifty_others_and_a_rerun_finishes_only
 
     let new = upgraded(&env);
     let run = new
-        .start_fleet_migration(
+        .fleet()
+        .start(
             FleetOptions {
                 concurrency: Some(4),
                 ..Default::default()
@@ -82,7 +85,7 @@ async fn one_failing_tenant_does_not_stop_fifty_others_and_a_rerun_finishes_only
         .await
         .unwrap();
     let op = run.operation.id;
-    let report = run.run(&new, |_, _| {}).await.unwrap();
+    let report = new.run_fleet(run, |_, _| {}).await.unwrap();
     assert_eq!(report.migrated, 50, "{report:?}");
     assert_eq!(report.failed.len(), 1);
     assert_eq!(report.failed[0].slug, "fleet-13");
@@ -105,7 +108,7 @@ async fn one_failing_tenant_does_not_stop_fifty_others_and_a_rerun_finishes_only
         .execute(&mut conn)
         .await
         .unwrap();
-    common::close(conn).await;
+    crate::common::close(conn).await;
     // The backfill ran where it should.
     let mut conn = env.connect_tenant("fleet-07").await.unwrap();
     let lang: String = sqlx::query_scalar("SELECT preferred_language FROM patients")
@@ -113,7 +116,7 @@ async fn one_failing_tenant_does_not_stop_fifty_others_and_a_rerun_finishes_only
         .await
         .unwrap();
     assert_eq!(lang, "de");
-    common::close(conn).await;
+    crate::common::close(conn).await;
 
     // While a run holds the lease, a second one is refused with its id.
     superuser_exec(
@@ -123,18 +126,18 @@ async fn one_failing_tenant_does_not_stop_fifty_others_and_a_rerun_finishes_only
     )
     .await;
     let rerun = new
-        .start_fleet_migration(FleetOptions::default(), "test")
+        .fleet()
+        .start(FleetOptions::default(), "test")
         .await
         .unwrap();
-    match new
-        .start_fleet_migration(FleetOptions::default(), "test")
-        .await
-    {
-        Err(FleetStartError::AlreadyRunning(id)) => assert_eq!(id, rerun.operation.id),
+    match new.fleet().start(FleetOptions::default(), "test").await {
+        Err(silo::ops::Error::Busy { operation, .. }) => {
+            assert_eq!(operation, rerun.operation.id)
+        }
         Err(e) => panic!("expected AlreadyRunning, got {e}"),
         Ok(_) => panic!("expected AlreadyRunning, got a second run"),
     }
-    let report = rerun.run(&new, |_, _| {}).await.unwrap();
+    let report = new.run_fleet(rerun, |_, _| {}).await.unwrap();
     assert_eq!(
         (report.migrated, report.failed.len()),
         (1, 0),
@@ -149,16 +152,8 @@ async fn one_failing_tenant_does_not_stop_fifty_others_and_a_rerun_finishes_only
         .unwrap();
     assert_eq!(template, Some(2));
     let t = new
-        .create(
-            &silo::provision::CreateTenant {
-                slug: "after-run".into(),
-                name: "After".into(),
-                plan: "standard".into(),
-                server: None,
-            },
-            None,
-            "test",
-        )
+        .provisioner()
+        .create(&TestEnv::request("after-run", "After"), None, "test")
         .await
         .unwrap();
     assert_eq!(t.schema_version, Some(2));
@@ -172,7 +167,8 @@ async fn a_tenant_created_during_a_run_ends_at_the_latest_version() {
     }
     let new = upgraded(&env);
     let run = new
-        .start_fleet_migration(
+        .fleet()
+        .start(
             FleetOptions {
                 concurrency: Some(1),
                 ..Default::default()
@@ -186,7 +182,7 @@ async fn a_tenant_created_during_a_run_ends_at_the_latest_version() {
     let runner = {
         let new = new.clone();
         tokio::spawn(async move {
-            run.run(&new, move |_, _| {
+            new.run_fleet(run, move |_, _| {
                 if let Some(tx) = started_tx.lock().unwrap().take() {
                     let _ = tx.send(());
                 }
@@ -247,7 +243,7 @@ async fn a_fleet_run_killed_halfway_is_resumed_to_completion() {
     );
     let ops = env
         .registry()
-        .unfinished_operations(silo::migrate::FLEET_KIND)
+        .unfinished_operations(silo::domain::OperationKind::MigrateTenants)
         .await
         .unwrap();
     assert_eq!(ops.len(), 1, "the killed run is left unfinished");
@@ -321,8 +317,9 @@ async fn the_api_starts_runs_reports_status_and_refuses_a_second_run() {
 
     // Hold a run's lease, as a runner on another replica would.
     let held = env
-        .provisioner
-        .start_fleet_migration(FleetOptions::default(), "test")
+        .control
+        .fleet()
+        .start(FleetOptions::default(), "test")
         .await
         .unwrap();
     let (s, p) = env
@@ -334,7 +331,7 @@ async fn the_api_starts_runs_reports_status_and_refuses_a_second_run() {
         .await;
     assert_eq!(s, StatusCode::CONFLICT, "{p}");
     assert_eq!(p["operation_id"], held.operation.id.to_string());
-    held.run(&env.provisioner, |_, _| {}).await.unwrap();
+    env.control.run_fleet(held, |_, _| {}).await.unwrap();
 
     let (s, op) = env
         .call(

@@ -2,12 +2,10 @@
 //! scheduled backup runs exactly once, and a replica killed mid-backup is
 //! cleaned up after and its backup retried by another.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::{add_ballast, Silo, TestEnv};
 use chrono::{DateTime, Timelike, Utc};
-use common::{add_ballast, Silo, TestEnv};
 use uuid::Uuid;
 
 /// Slot length of the test schedule, seconds.
@@ -15,7 +13,7 @@ const EVERY: u32 = 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_run_each_scheduled_backup_once_and_retry_one_whose_replica_died() {
-    let env = TestEnv::start_with_storage().await;
+    let env = TestEnv::setup().storage().start().await;
     for i in 0..4 {
         env.create(&format!("rep-{i}")).await;
     }

@@ -1,10 +1,8 @@
 //! The `silo` binary: configuration refusals and the tenant commands.
 
-mod common;
-
 use std::process::{Command, Output};
 
-use common::{TestEnv, ADMIN_TOKEN};
+use crate::common::{TestEnv, ADMIN_TOKEN};
 
 fn silo(args: &[&str], envs: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_silo"));

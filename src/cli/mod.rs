@@ -1,0 +1,155 @@
+//! The `silo` commands, one module each. Each parses its configuration
+//! (typed by [`crate::config`]), then calls the control plane.
+//! Exit codes: 0 success, 1 operation failed, 2 bad usage or configuration.
+
+mod backup;
+mod dev;
+mod migrate;
+mod progress;
+mod tenants;
+
+pub use dev::{ensure_database, DEV_BUCKET};
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use crate::config::{check_admin_token, Cli, Command, ConfigError, ControlArgs, Secret};
+use crate::control::ControlPlane;
+use crate::ops;
+use crate::registry::{Operation, TenantRecord};
+use crate::startup::{Connection, RunSettings};
+
+/// A command failed: how to exit, after saying why.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("failed to {0:#}")]
+    Failed(#[from] anyhow::Error),
+}
+
+impl From<crate::registry::Error> for CliError {
+    fn from(e: crate::registry::Error) -> Self {
+        Self::Failed(e.into())
+    }
+}
+
+impl From<ops::Error> for CliError {
+    fn from(e: ops::Error) -> Self {
+        use ops::Error as E;
+        match e {
+            E::Internal(e) => Self::Failed(e),
+            // It was tried and did not work: exit 1.
+            E::Unavailable(_) => Self::Failed(anyhow::anyhow!("{e}")),
+            // Refused: nothing was done; the request must change (exit 2).
+            E::NotFound(_) | E::Invalid(_) | E::Conflict(_) | E::Busy { .. } | E::NotConfigured => {
+                Self::Usage(e.to_string())
+            }
+        }
+    }
+}
+
+pub async fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Dev(args) => dev::dev(args).await,
+        Command::Migrate(cmd) => migrate::migrate(cmd).await,
+        Command::Tenants(cmd) => tenants::tenants(cmd).await,
+        Command::Backup(cmd) => backup::backup(cmd).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            match e {
+                CliError::Config(_) | CliError::Usage(_) => ExitCode::from(2),
+                CliError::Failed(_) => ExitCode::from(1),
+            }
+        }
+    }
+}
+
+/// The control plane a command works with: control DB migrated, storage
+/// and the tenant schema from the configuration, the default server
+/// registered on first start.
+async fn connect(control: &ControlArgs, warm_pool_size: u32) -> Result<ControlPlane, CliError> {
+    let database_url = Secret::new(control.database_url()?);
+    let keyring = control.keyring()?;
+    let schema = crate::servers::TenantSchema::load(control.tenant_migrations.as_deref()).await?;
+    let storage = crate::backup::Storage::from_args(&control.storage)
+        .await
+        .context("set up backup storage")?;
+    let plane = crate::startup::connect(Connection {
+        database_url,
+        keyring,
+        tenant_server_url: control.tenant_server_url.clone(),
+        schema,
+        storage,
+        warm_pool_size,
+    })
+    .await?;
+    Ok(plane)
+}
+
+async fn serve(args: crate::config::ServeArgs) -> Result<(), CliError> {
+    // Refuse insecure configuration before touching anything.
+    let token = check_admin_token(args.admin_token.as_ref())?.to_owned();
+    args.control.keyring()?;
+    args.control.database_url()?;
+    let control = connect(&args.control, args.server.warm_pool_size).await?;
+    crate::startup::serve(
+        control,
+        RunSettings::from_args(&args.server, Secret::new(token)),
+        args.server.listen,
+        shutdown_signal(),
+        |addr| tracing::info!(%addr, "silo serving"),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// A tenant by slug or id; exit 2 if there is none.
+async fn find(c: &ControlPlane, tenant: &str) -> Result<TenantRecord, CliError> {
+    c.registry()
+        .find_tenant(tenant)
+        .await
+        .context("look up tenant")?
+        .ok_or_else(|| CliError::Usage(format!("no tenant '{tenant}'")))
+}
+
+/// Wait for this process's background work, then the operation's outcome:
+/// an error becomes exit code 1, named by `what`.
+async fn finished(c: &ControlPlane, op: uuid::Uuid, what: &str) -> Result<Operation, CliError> {
+    c.tasks().close();
+    c.tasks().wait().await;
+    let op = c
+        .registry()
+        .operation(op)
+        .await?
+        .context("read the operation")?;
+    match &op.error {
+        Some(error) => Err(CliError::Failed(anyhow::anyhow!("{what}: {error}"))),
+        None => Ok(op),
+    }
+}
+
+fn print_json(value: &impl serde::Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}

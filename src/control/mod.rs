@@ -1,0 +1,327 @@
+//! The control plane: one handle ([`ControlPlane`]) over the features
+//! (provisioning, backups, relocation, fleet migrations) that the admin API,
+//! the command line and the background jobs call. It owns what crosses
+//! features, so that no feature imports another:
+//!
+//! - a delete takes a final backup (backups) before the drop (provisioning);
+//! - a restore into a new slug creates the tenant (provisioning) first;
+//! - the reconciler ([`reconcile`]) settles every feature after a crash;
+//! - a fleet migration that changed the schema refreshes templates and spares.
+
+pub mod reconcile;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::backup::{Backups, Progress, RestoreTarget, Storage};
+use crate::crypto::Keyring;
+use crate::domain::{OperationKind, TenantName};
+use crate::migrate::{Fleet, FleetProgress, FleetReport, FleetRun, TenantResult};
+use crate::ops::{Error, Operations, Result};
+use crate::provision::{CreateTenant, ProvisionConfig, Provisioner};
+use crate::registry::{DbServer, Operation, Registry, TenantRecord, TenantStatus};
+use crate::relocate::Mover;
+use crate::servers::{roles, ServerCheck, ServerPools, TenantSchema};
+
+pub use reconcile::ReconcileReport;
+
+/// What the control plane is built from, besides the control DB and the keys.
+#[derive(Debug, Default)]
+pub struct ControlConfig {
+    pub provision: ProvisionConfig,
+    /// The tenant schema (embedded, or `SILO_TENANT_MIGRATIONS`).
+    pub schema: TenantSchema,
+    /// Backup storage; `None` turns backups off.
+    pub storage: Option<Storage>,
+}
+
+/// The control plane. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct ControlPlane {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    registry: Registry,
+    keyring: Keyring,
+    servers: ServerPools,
+    ops: Operations,
+    schema: TenantSchema,
+    provisioner: Provisioner,
+    backups: Option<Backups>,
+    mover: Mover,
+    fleet: Fleet,
+}
+
+impl ControlPlane {
+    pub fn new(registry: Registry, keyring: Keyring, config: ControlConfig) -> Self {
+        let servers = ServerPools::new(keyring.clone());
+        let ops = Operations::new(registry.clone());
+        let schema = config.schema;
+        let provisioner = Provisioner::new(
+            registry.clone(),
+            keyring.clone(),
+            servers.clone(),
+            schema.clone(),
+            config.provision,
+        );
+        let tools = config.storage.as_ref().map(|s| s.tools.clone());
+        let backups = config.storage.map(|storage| {
+            Backups::new(
+                registry.clone(),
+                keyring.clone(),
+                servers.clone(),
+                schema.clone(),
+                ops.clone(),
+                storage,
+            )
+        });
+        let mover = Mover::new(
+            registry.clone(),
+            keyring.clone(),
+            servers.clone(),
+            ops.clone(),
+            tools,
+        );
+        let fleet = Fleet::new(registry.clone(), servers.clone(), schema.clone());
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                keyring,
+                servers,
+                ops,
+                schema,
+                provisioner,
+                backups,
+                mover,
+                fleet,
+            }),
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    pub fn keyring(&self) -> &Keyring {
+        &self.inner.keyring
+    }
+
+    pub fn servers(&self) -> &ServerPools {
+        &self.inner.servers
+    }
+
+    pub fn ops(&self) -> &Operations {
+        &self.inner.ops
+    }
+
+    /// Background work started by operations; closed and awaited on shutdown.
+    pub fn tasks(&self) -> &tokio_util::task::TaskTracker {
+        self.inner.ops.tasks()
+    }
+
+    pub fn provisioner(&self) -> &Provisioner {
+        &self.inner.provisioner
+    }
+
+    /// Backups, or `NotConfigured` when no bucket is.
+    pub fn backups(&self) -> Result<&Backups> {
+        self.inner.backups.as_ref().ok_or(Error::NotConfigured)
+    }
+
+    pub fn has_backups(&self) -> bool {
+        self.inner.backups.is_some()
+    }
+
+    pub fn mover(&self) -> &Mover {
+        &self.inner.mover
+    }
+
+    pub fn fleet(&self) -> &Fleet {
+        &self.inner.fleet
+    }
+
+    /// Newest tenant schema version: what new tenants and fleet runs reach.
+    pub fn latest_version(&self) -> i64 {
+        self.inner.schema.latest_version()
+    }
+
+    /// Register a tenant DB server after checking its admin URL works.
+    pub async fn register_server(
+        &self,
+        name: &str,
+        admin_url: &str,
+        max_connections: i32,
+        max_tenants: i32,
+    ) -> anyhow::Result<DbServer> {
+        self.inner
+            .servers
+            .register(
+                &self.inner.registry,
+                name,
+                admin_url,
+                max_connections,
+                max_tenants,
+            )
+            .await
+    }
+
+    /// On first start, register the default server.
+    pub async fn ensure_default_server(&self, admin_url: &str) -> anyhow::Result<()> {
+        self.inner
+            .servers
+            .ensure_default(&self.inner.registry, admin_url)
+            .await
+    }
+
+    /// Check every tenant server once and record the results.
+    pub async fn check_servers(
+        &self,
+        unhealthy_after: std::time::Duration,
+    ) -> anyhow::Result<Vec<ServerCheck>> {
+        crate::servers::check_all(&self.inner.registry, &self.inner.servers, unhealthy_after).await
+    }
+
+    /// Start deleting a tenant: `deleting` now, then (in the background) a
+    /// final backup when storage is configured, then the drop. Returns the
+    /// operation to poll.
+    pub async fn start_delete(&self, id: Uuid, actor: &str) -> Result<Operation> {
+        let started = self.provisioner().begin_delete(id, actor).await?;
+        let this = self.clone();
+        self.tasks().spawn(async move {
+            if let Err(e) = this.finish_delete(id).await {
+                tracing::error!(tenant_id = %id, "failed to delete tenant: {e:#}");
+            }
+        });
+        Ok(started.operation)
+    }
+
+    /// Finish a delete under the tenant's lock and report it on its operations.
+    pub async fn finish_delete(&self, id: Uuid) -> anyhow::Result<()> {
+        let result = self
+            .registry()
+            .with_tenant_lock(id, || self.finish_delete_locked(id))
+            .await;
+        self.provisioner()
+            .finish_delete_operations(id, &result)
+            .await?;
+        result
+    }
+
+    /// Drop a `deleting` tenant (the caller holds its lock): nothing is
+    /// dropped before a final backup of it exists, when storage is configured.
+    pub async fn finish_delete_locked(&self, id: Uuid) -> anyhow::Result<()> {
+        let t = self.registry().tenant(id).await?.context("find tenant")?;
+        if t.status != TenantStatus::Deleting {
+            return Ok(());
+        }
+        if let Some(backups) = &self.inner.backups {
+            let admin = self.provisioner().admin_for(&t).await?;
+            if roles::database_exists(&admin, &t.database_name).await?
+                && !backups.final_backup_taken(&t).await?
+            {
+                Box::pin(backups.backup_now(id, crate::backup::BackupKind::Final, None))
+                    .await
+                    .map_err(|e| {
+                        anyhow::anyhow!("take the final backup before deleting: {}", e.detail())
+                    })?;
+            }
+        }
+        self.provisioner().drop_deleting_locked(&t).await
+    }
+
+    /// Restore a backup into its own tenant or into `target`'s slug (a new
+    /// tenant, created first, when the slug is free), and wait for it.
+    pub async fn restore(
+        &self,
+        backup: Uuid,
+        target: RestoreTarget,
+        actor: &str,
+        progress: Option<Progress>,
+    ) -> Result<TenantRecord> {
+        let backups = self.backups()?;
+        let (b, source) = backups.backup_and_tenant(backup).await?;
+        let target = match target {
+            RestoreTarget::InPlace => source,
+            RestoreTarget::IntoSlug(slug) => {
+                match self.registry().find_tenant(slug.as_str()).await? {
+                    Some(t) => t,
+                    None => {
+                        let req = CreateTenant {
+                            slug,
+                            name: TenantName::parse(&source.name)?,
+                            plan: source.plan,
+                            server: None,
+                        };
+                        self.provisioner().create(&req, None, actor).await?
+                    }
+                }
+            }
+        };
+        backups.restore_into(&b, &target, actor, progress).await
+    }
+
+    /// `POST /backups/{id}/restore` and `POST /tenants/{t}/restore` as an operation.
+    pub async fn start_restore(
+        &self,
+        backup: Uuid,
+        target: RestoreTarget,
+        actor: &str,
+    ) -> Result<Operation> {
+        let backups = self.backups()?;
+        let reg = self.registry();
+        let b = backups.succeeded_backup(backup, "restored").await?;
+        if reg.backup_key_erased(b.tenant_id).await? {
+            return Err(Error::conflict(
+                "the tenant's backup key was erased: its backups can no longer be read",
+            ));
+        }
+        let into = match &target {
+            RestoreTarget::InPlace => None,
+            RestoreTarget::IntoSlug(s) => Some(s.clone()),
+        };
+        let target_tenant = match &into {
+            Some(slug) => reg.find_tenant(slug.as_str()).await?.map(|t| t.id),
+            None => Some(b.tenant_id),
+        };
+        if let Some(t) = target_tenant {
+            self.ops()
+                .refuse_if_busy(OperationKind::BackupRestore, t)
+                .await?;
+        }
+        let this = self.clone();
+        let actor = actor.to_owned();
+        self.ops()
+            .spawn(
+                OperationKind::BackupRestore,
+                target_tenant.or(Some(b.tenant_id)),
+                json!({"backup_id": backup, "into_slug": into}),
+                move || async move {
+                    let t = this.restore(backup, target, &actor, None).await?;
+                    Ok(json!({"tenant_id": t.id, "slug": t.slug, "status": t.status, "database": t.database_name, "backup_id": backup}))
+                },
+            )
+            .await
+    }
+
+    /// Run a started fleet migration to its end; if it changed any tenant's
+    /// schema, new tenants must arrive at the new version too: templates are
+    /// rebuilt and spares replaced (a reconcile pass).
+    pub async fn run_fleet(
+        &self,
+        run: FleetRun,
+        on_result: impl Fn(&TenantResult, FleetProgress) + Send + Sync,
+    ) -> anyhow::Result<FleetReport> {
+        let report = run.run(self.fleet(), on_result).await?;
+        if report.migrated > 0 {
+            if let Err(e) = self.reconcile_once().await {
+                tracing::warn!("failed to refresh templates after a fleet migration: {e:#}");
+            }
+        }
+        Ok(report)
+    }
+}

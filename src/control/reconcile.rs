@@ -1,0 +1,633 @@
+//! The reconciler: makes the servers agree with the registry after a crash.
+//!
+//! One pass settles interrupted moves, then visits each server under its
+//! maintenance lock in three steps:
+//!
+//! 1. **Observe** what silo's prefixes name on the server ([`Observed`]),
+//!    *before* reading the registry: every tenant row is written before its
+//!    database or role exists, so whatever the server shows is covered by the
+//!    registry read that follows ([`Accounted`]).
+//! 2. **Plan**: [`plan`] is a pure function from the two to a list of
+//!    [`Action`]s, unit-tested on tables of cases without PostgreSQL.
+//! 3. **Apply** exactly what the plan says, logging each action.
+//!
+//! Then the template and warm pool are brought up to date, tenants left
+//! `provisioning` or `deleting` by a dead process are finished (each under
+//! its lock, skipped if someone holds it: then its operation is alive), and
+//! backups, restores and archivals of dead processes are settled.
+
+use std::collections::{HashMap, HashSet};
+
+use anyhow::Context;
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::ControlPlane;
+use crate::registry::{DbServer, TenantStatus};
+use crate::servers::names::{self, SPARE_DB_PREFIX, TENANT_DB_PREFIX};
+use crate::servers::{roles, ServerAdmin};
+
+/// What one reconcile pass did.
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct ReconcileReport {
+    pub provisioning_finished: u32,
+    pub deletes_finished: u32,
+    pub orphan_databases_dropped: u32,
+    pub orphan_roles_dropped: u32,
+    pub spares_dropped: u32,
+    pub logins_fixed: u32,
+    /// Restore/verify scratch databases whose runner died, dropped.
+    pub scratch_databases_dropped: u32,
+    /// Moves whose process died, finished or rolled back.
+    pub moves_settled: u32,
+    /// Subscriptions and replication slots of moves that are over, dropped.
+    pub move_leftovers_dropped: u32,
+    /// Databases a move left behind without verifying its copy, renamed `silo_kept_*`.
+    pub unverified_sources_kept: u32,
+    /// Backups, uploads and backup operations left by a stopped process.
+    pub backups: crate::backup::BackupSweep,
+    pub errors: Vec<String>,
+}
+
+/// What a server holds under silo's prefixes.
+#[derive(Debug, Default, Clone)]
+pub struct Observed {
+    /// `silo_t_*` and `silo_spare_*` databases.
+    pub databases: Vec<String>,
+    /// `silo_r_*` roles, and whether each may log in.
+    pub roles: Vec<(String, bool)>,
+    /// `silo_rs_*` roles (of spares).
+    pub spare_roles: Vec<String>,
+}
+
+/// A tenant row as the plan needs it.
+#[derive(Debug, Clone)]
+pub struct AccountedTenant {
+    pub database: String,
+    pub role: String,
+    pub status: TenantStatus,
+}
+
+/// A spare row as the plan needs it.
+#[derive(Debug, Clone)]
+pub struct AccountedSpare {
+    pub database: String,
+    pub role: Option<String>,
+    pub schema_version: i64,
+}
+
+/// What the registry accounts for on a server.
+#[derive(Debug, Default, Clone)]
+pub struct Accounted {
+    /// Tenants on the server that are not deleted.
+    pub tenants: Vec<AccountedTenant>,
+    /// Database and role of every open move with an end on the server.
+    pub moving: Vec<(String, String)>,
+    pub spares: Vec<AccountedSpare>,
+    /// The tenant schema version spares must be at.
+    pub latest_version: i64,
+    /// Databases a move left behind without verifying its copy.
+    pub unverified_sources: HashSet<String>,
+}
+
+/// One thing the reconciler does to a server (or to the registry's spares).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// A database a move left unverified: renamed aside, never dropped.
+    SetAside { database: String, tenant: Uuid },
+    /// A tenant database no live row or open move accounts for.
+    DropDatabase(String),
+    /// A spare database that is stale (older schema) or unrecorded.
+    DropSpare(String),
+    /// A spare row whose database is gone or stale.
+    ForgetSpare(String),
+    /// A tenant role no live row or open move accounts for.
+    DropRole(String),
+    /// A spare role whose spare is gone.
+    DropSpareRole(String),
+    /// A tenant role whose LOGIN disagrees with its tenant's state.
+    SetLogin { role: String, login: bool },
+}
+
+/// Decide what to do, from what exists and what the registry accounts for.
+/// Databases first, then the registry's spares, then roles (a role cannot
+/// be dropped while a database grants it CONNECT), spare roles last.
+pub fn plan(observed: &Observed, accounted: &Accounted) -> Vec<Action> {
+    let mut live_dbs: HashSet<&str> = accounted
+        .tenants
+        .iter()
+        .map(|t| t.database.as_str())
+        .collect();
+    live_dbs.extend(accounted.moving.iter().map(|(db, _)| db.as_str()));
+    // A moving tenant's role: its LOGIN is the move's business (frozen at cut-over).
+    let mut live_roles: HashMap<&str, Option<TenantStatus>> = accounted
+        .tenants
+        .iter()
+        .map(|t| (t.role.as_str(), Some(t.status)))
+        .collect();
+    live_roles.extend(
+        accounted
+            .moving
+            .iter()
+            .map(|(_, role)| (role.as_str(), None)),
+    );
+    // A newer spare belongs to a newer replica during a rolling deploy: keep it.
+    let good_spares: HashSet<&str> = accounted
+        .spares
+        .iter()
+        .filter(|s| s.schema_version >= accounted.latest_version && s.role.is_some())
+        .map(|s| s.database.as_str())
+        .collect();
+    let good_spare_roles: HashSet<&str> = accounted
+        .spares
+        .iter()
+        .filter(|s| good_spares.contains(s.database.as_str()))
+        .filter_map(|s| s.role.as_deref())
+        .collect();
+
+    let mut actions = Vec::new();
+    for db in &observed.databases {
+        if db.starts_with(TENANT_DB_PREFIX) && !live_dbs.contains(db.as_str()) {
+            match names::tenant_of_database(db) {
+                Some(tenant) if accounted.unverified_sources.contains(db) => {
+                    actions.push(Action::SetAside {
+                        database: db.clone(),
+                        tenant,
+                    })
+                }
+                _ => actions.push(Action::DropDatabase(db.clone())),
+            }
+        } else if db.starts_with(SPARE_DB_PREFIX) && !good_spares.contains(db.as_str()) {
+            actions.push(Action::DropSpare(db.clone()));
+        }
+    }
+    for spare in &accounted.spares {
+        if !good_spares.contains(spare.database.as_str())
+            || !observed.databases.contains(&spare.database)
+        {
+            actions.push(Action::ForgetSpare(spare.database.clone()));
+        }
+    }
+    for (role, can_login) in &observed.roles {
+        match live_roles.get(role.as_str()) {
+            None => actions.push(Action::DropRole(role.clone())),
+            Some(status) => {
+                let want = match status {
+                    Some(TenantStatus::Active) => Some(true),
+                    Some(TenantStatus::Suspended | TenantStatus::Archived) => Some(false),
+                    _ => None,
+                };
+                if let Some(login) = want.filter(|want| want != can_login) {
+                    actions.push(Action::SetLogin {
+                        role: role.clone(),
+                        login,
+                    });
+                }
+            }
+        }
+    }
+    for role in &observed.spare_roles {
+        if !good_spare_roles.contains(role.as_str()) {
+            actions.push(Action::DropSpareRole(role.clone()));
+        }
+    }
+    actions
+}
+
+impl ControlPlane {
+    /// One full reconcile pass over every server and every unsettled tenant.
+    #[tracing::instrument(skip(self))]
+    pub async fn reconcile_once(&self) -> anyhow::Result<ReconcileReport> {
+        let mut report = ReconcileReport::default();
+        let reg = self.registry();
+        // Before the servers' sweep: a settled move leaves nothing it must protect.
+        match self.mover().sweep_moves().await {
+            Ok(n) => report.moves_settled = n,
+            Err(e) => report
+                .errors
+                .push(format!("settle interrupted moves: {e:#}")),
+        }
+        for server in reg.servers().await? {
+            // Wait (not try): the warm pool holds this lock only for a clone or
+            // two, and skipping would leave a crash's debris for a whole interval.
+            let swept = reg
+                .with_server_lock(server.id, || self.reconcile_server(&server, &mut report))
+                .await;
+            if let Err(e) = swept {
+                report.errors.push(format!("server {}: {e:#}", server.name));
+            }
+        }
+        for t in reg
+            .tenants_in(&[TenantStatus::Provisioning, TenantStatus::Deleting])
+            .await?
+        {
+            let Some(lock) = reg.try_lock_tenant(t.id).await? else {
+                continue; // its operation is alive somewhere
+            };
+            let outcome = match t.status {
+                TenantStatus::Provisioning => self
+                    .provisioner()
+                    .finish_locked(t.id)
+                    .await
+                    .map(|_| report.provisioning_finished += 1)
+                    .map_err(|e| anyhow::anyhow!("{}", e.detail())),
+                _ => self
+                    .finish_delete_locked(t.id)
+                    .await
+                    .map(|_| report.deletes_finished += 1),
+            };
+            lock.release().await;
+            if t.status == TenantStatus::Deleting {
+                self.provisioner()
+                    .finish_delete_operations(t.id, &outcome)
+                    .await?;
+            }
+            if let Err(e) = outcome {
+                report.errors.push(format!("tenant {}: {e:#}", t.slug));
+            }
+        }
+        if let Ok(backups) = self.backups() {
+            match backups.sweep_backups().await {
+                Ok(swept) => report.backups = swept,
+                Err(e) => report.errors.push(format!("sweep backups: {e:#}")),
+            }
+        }
+        for e in &report.errors {
+            tracing::warn!("reconcile: failed to {e}");
+        }
+        Ok(report)
+    }
+
+    async fn reconcile_server(
+        &self,
+        server: &DbServer,
+        report: &mut ReconcileReport,
+    ) -> anyhow::Result<()> {
+        let admin = self.servers().admin(server)?;
+        self.provisioner().ensure_template(server, &admin).await?;
+        // Observed first (see the module comment), then what the registry says.
+        let observed = observe(&admin).await?;
+        let accounted = self.accounted(server).await?;
+        // Replication leftovers first: a database with a subscription cannot be dropped.
+        report.move_leftovers_dropped += self.mover().sweep_move_leftovers(&admin).await?;
+        for action in plan(&observed, &accounted) {
+            self.apply(&admin, &action, report)
+                .await
+                .with_context(|| format!("{action:?}"))?;
+        }
+        report.scratch_databases_dropped +=
+            crate::backup::sweep_scratch_databases(self.registry(), &admin).await?;
+        let server = self
+            .registry()
+            .server(server.id)
+            .await?
+            .context("re-read server")?;
+        self.provisioner()
+            .refill_warm_pool(&server, &admin, crate::provision::REFILL_BATCH)
+            .await?;
+        Ok(())
+    }
+
+    /// What the registry accounts for on `server`. Moves are read before
+    /// tenants: a move stays open until after its switch, so whichever of
+    /// the two reads comes second still covers a database being moved.
+    async fn accounted(&self, server: &DbServer) -> anyhow::Result<Accounted> {
+        let reg = self.registry();
+        let moving = self
+            .mover()
+            .moves_touching(server.id)
+            .await?
+            .into_iter()
+            .map(|m| (m.database, m.role))
+            .collect();
+        let tenants = reg
+            .tenants_on_server(server.id)
+            .await?
+            .into_iter()
+            .map(|t| AccountedTenant {
+                database: t.database_name,
+                role: t.role_name,
+                status: t.status,
+            })
+            .collect();
+        let spares = reg
+            .spares(server.id)
+            .await?
+            .into_iter()
+            .map(|s| AccountedSpare {
+                database: s.database_name,
+                role: s.role_name,
+                schema_version: s.schema_version,
+            })
+            .collect();
+        Ok(Accounted {
+            tenants,
+            moving,
+            spares,
+            latest_version: self.latest_version(),
+            unverified_sources: reg
+                .unverified_move_sources(server.id)
+                .await?
+                .into_iter()
+                .collect(),
+        })
+    }
+
+    async fn apply(
+        &self,
+        admin: &ServerAdmin,
+        action: &Action,
+        report: &mut ReconcileReport,
+    ) -> anyhow::Result<()> {
+        match action {
+            Action::SetAside { database, tenant } => {
+                roles::set_aside(admin, database, *tenant).await?;
+                report.unverified_sources_kept += 1;
+            }
+            Action::DropDatabase(db) => {
+                tracing::info!(
+                    database = db,
+                    "dropping database no registry row accounts for"
+                );
+                roles::drop_database(admin, db).await?;
+                report.orphan_databases_dropped += 1;
+            }
+            Action::DropSpare(db) => {
+                tracing::info!(database = db, "dropping a stale or unrecorded spare");
+                roles::drop_database(admin, db).await?;
+                report.spares_dropped += 1;
+            }
+            Action::ForgetSpare(db) => {
+                self.registry().delete_spare(db).await?;
+            }
+            Action::DropRole(role) | Action::DropSpareRole(role) => {
+                tracing::info!(role, "dropping a role no registry row accounts for");
+                roles::drop_role(admin, role).await?;
+                report.orphan_roles_dropped += 1;
+            }
+            Action::SetLogin { role, login } => {
+                tracing::info!(
+                    role,
+                    login,
+                    "setting a tenant role's login to match its state"
+                );
+                roles::set_role_login(admin, role, *login).await?;
+                report.logins_fixed += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the server holds under silo's prefixes.
+async fn observe(admin: &ServerAdmin) -> anyhow::Result<Observed> {
+    let wrap = |e| admin.error(None, e);
+    let databases = sqlx::query_scalar(
+        "SELECT datname::text FROM pg_database WHERE datname LIKE 'silo\\_t\\_%' OR datname LIKE 'silo\\_spare\\_%'",
+    )
+    .fetch_all(&admin.pool)
+    .await
+    .map_err(wrap)
+    .context("list databases")?;
+    let roles = sqlx::query_as(
+        "SELECT rolname::text, rolcanlogin FROM pg_roles WHERE rolname LIKE 'silo\\_r\\_%'",
+    )
+    .fetch_all(&admin.pool)
+    .await
+    .map_err(wrap)
+    .context("list roles")?;
+    let spare_roles =
+        sqlx::query_scalar("SELECT rolname::text FROM pg_roles WHERE rolname LIKE 'silo\\_rs\\_%'")
+            .fetch_all(&admin.pool)
+            .await
+            .map_err(wrap)
+            .context("list spare roles")?;
+    Ok(Observed {
+        databases,
+        roles,
+        spare_roles,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use TenantStatus::*;
+
+    const A: &str = "0190aaaa000070008000000000000001";
+    const B: &str = "0190bbbb000070008000000000000002";
+
+    fn db(hex: &str) -> String {
+        format!("silo_t_{hex}")
+    }
+    fn role(hex: &str) -> String {
+        format!("silo_r_{hex}")
+    }
+    fn tenant(hex: &str, status: TenantStatus) -> AccountedTenant {
+        AccountedTenant {
+            database: db(hex),
+            role: role(hex),
+            status,
+        }
+    }
+
+    /// One case: what the server holds, what the registry says, what must be done.
+    struct Case {
+        name: &'static str,
+        observed: Observed,
+        accounted: Accounted,
+        want: Vec<Action>,
+    }
+
+    fn on_server(dbs: &[&str], roles: &[(&str, bool)]) -> Observed {
+        Observed {
+            databases: dbs.iter().map(|d| d.to_string()).collect(),
+            roles: roles.iter().map(|(r, l)| (r.to_string(), *l)).collect(),
+            spare_roles: vec![],
+        }
+    }
+
+    fn registry(tenants: Vec<AccountedTenant>) -> Accounted {
+        Accounted {
+            tenants,
+            latest_version: 1,
+            ..Default::default()
+        }
+    }
+
+    fn cases() -> Vec<Case> {
+        let (a_db, a_role, b_db, b_role) = (db(A), role(A), db(B), role(B));
+        let restored = format!("{}_0123456789ab", db(A));
+        let spare = |name: &str, role: Option<&str>, v| AccountedSpare {
+            database: name.into(),
+            role: role.map(str::to_owned),
+            schema_version: v,
+        };
+        vec![
+            Case {
+                name: "an orphan database (no row) is dropped",
+                observed: on_server(&[&a_db], &[]),
+                accounted: registry(vec![]),
+                want: vec![Action::DropDatabase(a_db.clone())],
+            },
+            Case {
+                name: "an orphan role (no row) is dropped",
+                observed: on_server(&[], &[(&a_role, true)]),
+                accounted: registry(vec![]),
+                want: vec![Action::DropRole(a_role.clone())],
+            },
+            Case {
+                name: "a current spare and its role are kept",
+                observed: Observed {
+                    spare_roles: vec!["silo_rs_1".into()],
+                    ..on_server(&["silo_spare_1"], &[])
+                },
+                accounted: Accounted {
+                    spares: vec![spare("silo_spare_1", Some("silo_rs_1"), 1)],
+                    ..registry(vec![])
+                },
+                want: vec![],
+            },
+            Case {
+                name: "a spare of an older schema goes: database, row and role",
+                observed: Observed {
+                    spare_roles: vec!["silo_rs_1".into()],
+                    ..on_server(&["silo_spare_1"], &[])
+                },
+                accounted: Accounted {
+                    latest_version: 2,
+                    spares: vec![spare("silo_spare_1", Some("silo_rs_1"), 1)],
+                    ..registry(vec![])
+                },
+                want: vec![
+                    Action::DropSpare("silo_spare_1".into()),
+                    Action::ForgetSpare("silo_spare_1".into()),
+                    Action::DropSpareRole("silo_rs_1".into()),
+                ],
+            },
+            Case {
+                name: "a newer replica's spare is kept (rolling deploy)",
+                observed: on_server(&["silo_spare_2"], &[]),
+                accounted: Accounted {
+                    spares: vec![spare("silo_spare_2", Some("silo_rs_2"), 7)],
+                    ..registry(vec![])
+                },
+                want: vec![],
+            },
+            Case {
+                name: "an unrecorded spare (its clone crashed before the row) is dropped",
+                observed: on_server(&["silo_spare_3"], &[]),
+                accounted: registry(vec![]),
+                want: vec![Action::DropSpare("silo_spare_3".into())],
+            },
+            Case {
+                name: "a spare row whose database is gone is forgotten",
+                observed: on_server(&[], &[]),
+                accounted: Accounted {
+                    spares: vec![spare("silo_spare_4", Some("silo_rs_4"), 1)],
+                    ..registry(vec![])
+                },
+                want: vec![Action::ForgetSpare("silo_spare_4".into())],
+            },
+            Case {
+                name: "a tenant mid-create keeps its database and role, login untouched",
+                observed: on_server(&[&a_db], &[(&a_role, true)]),
+                accounted: registry(vec![tenant(A, Provisioning)]),
+                want: vec![],
+            },
+            Case {
+                name: "a tenant mid-create whose database is not made yet: its role stays",
+                observed: on_server(&[], &[(&a_role, false)]),
+                accounted: registry(vec![tenant(A, Provisioning)]),
+                want: vec![],
+            },
+            Case {
+                name: "a tenant mid-delete keeps both until its delete drops them",
+                observed: on_server(&[&a_db], &[(&a_role, true)]),
+                accounted: registry(vec![tenant(A, Deleting)]),
+                want: vec![],
+            },
+            Case {
+                name: "a tenant mid-move: the target's copy and role are kept",
+                observed: on_server(&[&a_db], &[(&a_role, false)]),
+                accounted: Accounted {
+                    moving: vec![(a_db.clone(), a_role.clone())],
+                    ..registry(vec![])
+                },
+                want: vec![],
+            },
+            Case {
+                name: "a tenant mid-restore (restoring from archive) keeps its new database",
+                observed: on_server(&[&restored], &[(&a_role, false)]),
+                accounted: registry(vec![AccountedTenant {
+                    database: restored.clone(),
+                    ..tenant(A, Restoring)
+                }]),
+                want: vec![],
+            },
+            Case {
+                name: "a restore's replaced database, no longer named, is dropped",
+                observed: on_server(&[&a_db, &restored], &[(&a_role, true)]),
+                accounted: registry(vec![AccountedTenant {
+                    database: restored.clone(),
+                    ..tenant(A, Active)
+                }]),
+                want: vec![Action::DropDatabase(a_db.clone())],
+            },
+            Case {
+                name: "a move's unverified source is set aside, never dropped",
+                observed: on_server(&[&a_db], &[]),
+                accounted: Accounted {
+                    unverified_sources: [a_db.clone()].into(),
+                    ..registry(vec![])
+                },
+                want: vec![Action::SetAside {
+                    database: a_db.clone(),
+                    tenant: Uuid::parse_str(A).unwrap(),
+                }],
+            },
+            Case {
+                name: "logins follow the state: active may, suspended and archived may not",
+                observed: on_server(&[&a_db, &b_db], &[(&a_role, false), (&b_role, true)]),
+                accounted: registry(vec![tenant(A, Active), tenant(B, Suspended)]),
+                want: vec![
+                    Action::SetLogin {
+                        role: a_role.clone(),
+                        login: true,
+                    },
+                    Action::SetLogin {
+                        role: b_role.clone(),
+                        login: false,
+                    },
+                ],
+            },
+            Case {
+                name: "an archived tenant's leftover role may not log in",
+                observed: on_server(&[], &[(&a_role, true)]),
+                accounted: registry(vec![tenant(A, Archived)]),
+                want: vec![Action::SetLogin {
+                    role: a_role.clone(),
+                    login: false,
+                }],
+            },
+            Case {
+                name: "a live tenant in agreement: nothing to do",
+                observed: on_server(&[&a_db], &[(&a_role, true)]),
+                accounted: registry(vec![tenant(A, Active)]),
+                want: vec![],
+            },
+        ]
+    }
+
+    #[test]
+    fn the_plan_drops_only_what_nothing_accounts_for() {
+        let wrong: Vec<String> = cases()
+            .into_iter()
+            .filter_map(|c| {
+                let got = plan(&c.observed, &c.accounted);
+                (got != c.want).then(|| format!("{}:\n  got  {got:?}\n  want {:?}", c.name, c.want))
+            })
+            .collect();
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+}

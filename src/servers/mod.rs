@@ -1,0 +1,329 @@
+//! Admin access to tenant DB servers, shared by every feature that changes
+//! them: one small admin pool per server ([`ServerPools`]), the roles silo
+//! gives tenants ([`roles`]), the names it gives what it creates
+//! ([`names`]), the tenant schema ([`schema`]), `pg_dump`/`pg_restore`
+//! ([`tools`]), SQLSTATE names ([`sqlstate`]) and health checks.
+//!
+//! This module uses the registry only; the features (provisioning, backups,
+//! relocation, fleet migrations) use it.
+
+mod health;
+pub mod names;
+pub mod roles;
+pub mod schema;
+pub mod scram;
+pub mod sqlstate;
+pub mod tools;
+
+pub use health::{check_all, ServerCheck, HEALTH_CHECK_TIMEOUT};
+pub use schema::TenantSchema;
+pub use tools::{LibpqEnv, PgTools};
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::crypto::Keyring;
+use crate::registry::{DbServer, Registry};
+
+/// Admin connections per server per silo process: DDL for provisioning,
+/// the warm pool and the sweep. Counted apart from the tenant traffic budget.
+pub const ADMIN_POOL_MAX: u32 = 4;
+
+/// A statement on a tenant server failed: names the server (and the
+/// database, when not the maintenance one), so an operator looks in the
+/// right place.
+#[derive(Debug, thiserror::Error)]
+#[error("tenant server '{server}'{}", .database.as_deref().map(|d| format!(", database {d}")).unwrap_or_default())]
+pub struct Error {
+    pub server: String,
+    pub database: Option<String>,
+    #[source]
+    pub source: sqlx::Error,
+}
+
+impl Error {
+    /// The SQLSTATE the server answered with, if it answered with one.
+    pub fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+        sqlstate::of(&self.source)
+    }
+
+    /// Did the server answer with this SQLSTATE?
+    pub fn is(&self, code: &str) -> bool {
+        self.code().as_deref() == Some(code)
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Admin access to one tenant DB server.
+#[derive(Clone, Debug)]
+pub struct ServerAdmin {
+    pub server_id: Uuid,
+    /// The server's registered name, for error messages.
+    pub name: Arc<str>,
+    /// Pool on the server's maintenance database (the admin URL's database).
+    pub pool: PgPool,
+    opts: PgConnectOptions,
+    /// The same login for `pg_dump`/`pg_restore`.
+    pub libpq: LibpqEnv,
+}
+
+impl ServerAdmin {
+    /// Wrap an error of a statement on this server (in `database`, if not the maintenance one).
+    pub fn error(&self, database: Option<&str>, source: sqlx::Error) -> Error {
+        Error {
+            server: self.name.to_string(),
+            database: database.map(str::to_owned),
+            source,
+        }
+    }
+
+    /// A one-off admin connection to `database` on this server.
+    pub async fn connect_to(&self, database: &str) -> Result<PgConnection> {
+        self.opts
+            .clone()
+            .database(database)
+            .connect()
+            .await
+            .map_err(|e| self.error(Some(database), e))
+    }
+
+    /// A one-connection admin pool on `database`, for migrations. Close it after use.
+    pub async fn single_pool(&self, database: &str) -> Result<PgPool> {
+        PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(self.opts.clone().database(database))
+            .await
+            .map_err(|e| self.error(Some(database), e))
+    }
+
+    /// As [`Self::single_pool`], with no statement ever logged (not even a
+    /// slow one): for statements that carry a secret.
+    pub async fn quiet_pool(&self, database: &str) -> Result<PgPool> {
+        PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(
+                self.opts
+                    .clone()
+                    .database(database)
+                    .disable_statement_logging(),
+            )
+            .await
+            .map_err(|e| self.error(Some(database), e))
+    }
+
+    /// Connection options for a tenant role on its own database.
+    pub fn tenant_options(&self, database: &str, role: &str, password: &str) -> PgConnectOptions {
+        self.opts
+            .clone()
+            .database(database)
+            .username(role)
+            .password(password)
+            .application_name("silo-tenant")
+    }
+
+    /// Run one utility statement (DDL that cannot be prepared or run in a
+    /// transaction; several separated by `;` run as one implicit transaction).
+    pub async fn exec(&self, sql: &str) -> Result<()> {
+        sqlx::raw_sql(sql)
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error(None, e))
+    }
+
+    /// `SELECT 1` on the server within `timeout`, through the admin pool. If
+    /// that fails (the pool is busy with DDL, holds a broken connection, or
+    /// the server refuses, which sqlx retries until its acquire timeout), one
+    /// direct connection settles it and names the cause.
+    pub async fn ping(&self, timeout: Duration) -> std::result::Result<(), &'static str> {
+        let pooled = sqlx::query("SELECT 1").execute(&self.pool);
+        if let Ok(Ok(_)) = tokio::time::timeout(timeout, pooled).await {
+            return Ok(());
+        }
+        let direct = async {
+            let mut conn = self.opts.connect().await?;
+            let done = sqlx::query("SELECT 1").execute(&mut conn).await.map(|_| ());
+            let _ = conn.close().await;
+            done
+        };
+        match tokio::time::timeout(timeout, direct).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(health::failure(&e)),
+            Err(_) => Err("timed out"),
+        }
+    }
+}
+
+/// Admin pools by server id, built on first use from the sealed admin URL.
+#[derive(Debug, Clone)]
+pub struct ServerPools {
+    keyring: Keyring,
+    pools: Arc<RwLock<HashMap<Uuid, ServerAdmin>>>,
+}
+
+impl ServerPools {
+    pub fn new(keyring: Keyring) -> Self {
+        Self {
+            keyring,
+            pools: Default::default(),
+        }
+    }
+
+    pub fn admin(&self, server: &DbServer) -> anyhow::Result<ServerAdmin> {
+        if let Some(a) = self
+            .pools
+            .read()
+            .expect("server pools lock")
+            .get(&server.id)
+        {
+            return Ok(a.clone());
+        }
+        let url = self.keyring.open_string(
+            &server.key_id,
+            &server.admin_url_enc,
+            server.id.as_bytes(),
+        )?;
+        let opts = admin_options(&url)?;
+        let libpq = LibpqEnv::from_url(&url)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(ADMIN_POOL_MAX)
+            .min_connections(0)
+            .acquire_timeout(Duration::from_secs(10))
+            .idle_timeout(Duration::from_secs(120))
+            .connect_lazy_with(opts.clone());
+        let admin = ServerAdmin {
+            server_id: server.id,
+            name: Arc::from(server.name.as_str()),
+            pool,
+            opts,
+            libpq,
+        };
+        self.pools
+            .write()
+            .expect("server pools lock")
+            .entry(server.id)
+            .or_insert(admin.clone());
+        Ok(admin)
+    }
+
+    /// Admin access to the server with this id, read from the registry.
+    pub async fn admin_of(&self, registry: &Registry, server: Uuid) -> anyhow::Result<ServerAdmin> {
+        let server = registry
+            .server(server)
+            .await?
+            .context("find the tenant's server")?;
+        self.admin(&server)
+    }
+
+    /// Register a tenant DB server after checking its admin URL works and
+    /// preparing it (the tenant group role).
+    pub async fn register(
+        &self,
+        registry: &Registry,
+        name: &str,
+        admin_url: &str,
+        max_connections: i32,
+        max_tenants: i32,
+    ) -> anyhow::Result<DbServer> {
+        prepare_server(admin_url).await?;
+        let id = Uuid::now_v7();
+        let sealed = self.keyring.seal(admin_url.as_bytes(), id.as_bytes());
+        registry
+            .insert_server(
+                id,
+                name,
+                &sealed,
+                self.keyring.key_id(),
+                max_connections,
+                max_tenants,
+            )
+            .await?;
+        registry
+            .server(id)
+            .await?
+            .context("read back the registered server")
+    }
+
+    /// On first start, register the default server (another replica may
+    /// win the race: then nothing is left to do).
+    pub async fn ensure_default(&self, registry: &Registry, admin_url: &str) -> anyhow::Result<()> {
+        if !registry.servers().await?.is_empty() {
+            return Ok(());
+        }
+        let created = self
+            .register(
+                registry,
+                "default",
+                admin_url,
+                crate::config::DEFAULT_SERVER_MAX_CONNECTIONS,
+                crate::config::DEFAULT_SERVER_MAX_TENANTS,
+            )
+            .await;
+        match created {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.downcast_ref::<crate::registry::Error>()
+                    .is_some_and(|e| e.is_unique_violation("db_servers_name_key")) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e.context("register the default tenant server")),
+        }
+    }
+}
+
+/// Parse an admin URL; the error never repeats the URL (it holds a password).
+pub fn admin_options(url: &str) -> anyhow::Result<PgConnectOptions> {
+    let opts: PgConnectOptions = url
+        .parse()
+        .map_err(|_| anyhow::anyhow!("not a valid postgres:// connection URL"))?;
+    Ok(opts
+        .application_name("silo-admin")
+        .log_statements(tracing::log::LevelFilter::Trace))
+}
+
+/// An admin URL that could not be used to connect (the caller's input is wrong).
+#[derive(Debug, thiserror::Error)]
+#[error("could not connect to the server with its admin URL")]
+pub struct ServerUnreachable;
+
+/// Check an admin URL works and prepare the server: create the tenant group role.
+pub async fn prepare_server(url: &str) -> anyhow::Result<()> {
+    // A one-connection pool, not a bare connection: `&mut PgConnection` with
+    // `raw_sql` defeats `Send` inference in handlers (a rustc limitation).
+    let db = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(admin_options(url)?)
+        .await
+        .map_err(|e| {
+            tracing::warn!("failed to connect to a tenant server: {e}");
+            ServerUnreachable
+        })?;
+    let created = sqlx::raw_sql(&format!(
+        "DO $$ BEGIN
+           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{group}') THEN
+             CREATE ROLE {group} NOLOGIN;
+           END IF;
+         END $$",
+        group = schema::TENANT_GROUP_ROLE
+    ))
+    .execute(&db)
+    .await;
+    db.close().await;
+    match created {
+        Ok(_) => Ok(()),
+        // Another replica created it at the same moment.
+        Err(e) if sqlstate::is(&e, sqlstate::UNIQUE_VIOLATION) => Ok(()),
+        Err(e) => Err(e).context("create the tenant group role on the new server"),
+    }
+}

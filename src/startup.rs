@@ -1,0 +1,218 @@
+//! Start-up: how a silo process is put together, in one place, for `silo
+//! serve`, `silo dev`, the tests and the benches alike.
+//!
+//! 1. [`connect`]: the control DB (migrated), the keys, the tenant schema,
+//!    backup storage and the default tenant server → a [`ControlPlane`];
+//! 2. [`start`]: the tenant router, its upkeep, the background jobs and the
+//!    HTTP application → a running [`Silo`];
+//! 3. [`Silo::serve`]: HTTP on a listener until shutdown, then every task is
+//!    stopped and joined.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::{app, AppState};
+use crate::backup::Storage;
+use crate::config::{Secret, ServerArgs};
+use crate::control::{ControlConfig, ControlPlane};
+use crate::crypto::Keyring;
+use crate::provision::ProvisionConfig;
+use crate::registry::Registry;
+use crate::router::{RouterConfig, TenantRouter};
+use crate::servers::TenantSchema;
+
+/// How long shutdown waits for in-flight requests and background tasks.
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);
+
+/// What the control plane is made of.
+pub struct Connection {
+    /// The control database.
+    pub database_url: Secret,
+    pub keyring: Keyring,
+    /// Admin URL of the default tenant server, registered on first start
+    /// (default: the control database's server).
+    pub tenant_server_url: Option<Secret>,
+    pub schema: TenantSchema,
+    /// Backup storage; `None` turns backups off.
+    pub storage: Option<Storage>,
+    /// Spare databases kept ready per server.
+    pub warm_pool_size: u32,
+}
+
+/// Connect to the control DB, apply its migrations, build the control
+/// plane, and register the default tenant server on first start.
+pub async fn connect(c: Connection) -> anyhow::Result<ControlPlane> {
+    let registry = Registry::connect_lazy(c.database_url.expose())?;
+    registry
+        .migrate()
+        .await
+        .context("apply control database migrations")?;
+    let control = ControlPlane::new(
+        registry,
+        c.keyring,
+        ControlConfig {
+            provision: ProvisionConfig {
+                warm_pool_size: c.warm_pool_size,
+            },
+            schema: c.schema,
+            storage: c.storage,
+        },
+    );
+    let tenant_server = c.tenant_server_url.as_ref().unwrap_or(&c.database_url);
+    control
+        .ensure_default_server(tenant_server.expose())
+        .await?;
+    Ok(control)
+}
+
+/// How a running silo behaves.
+#[derive(Debug, Clone)]
+pub struct RunSettings {
+    /// Bearer token of the bootstrap admin.
+    pub admin_token: Secret,
+    /// Tenants may be named by the first host label under this domain.
+    pub app_domain: Option<String>,
+    pub router: RouterConfig,
+    /// Background jobs, or `None` for none (a test that runs them by hand).
+    pub jobs: Option<JobIntervals>,
+}
+
+/// How often the background jobs run.
+#[derive(Debug, Clone, Copy)]
+pub struct JobIntervals {
+    pub reconcile: Duration,
+    pub scheduler_tick: Duration,
+    pub health: Duration,
+}
+
+impl RunSettings {
+    /// From `silo serve`'s (and `silo dev`'s) flags.
+    pub fn from_args(args: &ServerArgs, admin_token: Secret) -> Self {
+        Self {
+            admin_token,
+            app_domain: args.app_domain.clone(),
+            router: RouterConfig {
+                replicas: args.replicas,
+                ..RouterConfig::default()
+            },
+            jobs: Some(JobIntervals {
+                reconcile: Duration::from_secs(args.reconcile_interval.max(1)),
+                scheduler_tick: Duration::from_secs(args.scheduler_tick.max(1)),
+                health: Duration::from_secs(args.health_interval.max(1)),
+            }),
+        }
+    }
+}
+
+/// A running silo: its control plane, router and HTTP application, and
+/// the background tasks it stops on shutdown.
+pub struct Silo {
+    pub control: ControlPlane,
+    pub router: TenantRouter,
+    app: axum::Router,
+    token: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// Start the router, its upkeep and the background jobs, and build the HTTP
+/// application.
+pub fn start(control: ControlPlane, settings: RunSettings) -> Silo {
+    let token = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    if let Some(every) = settings.jobs {
+        crate::jobs::spawn(
+            &control,
+            every.reconcile,
+            every.scheduler_tick,
+            every.health,
+            &token,
+            &tracker,
+        );
+    }
+    let router = TenantRouter::new(
+        control.registry().clone(),
+        control.keyring().clone(),
+        settings.router,
+    );
+    router.spawn_maintenance(&token, &tracker);
+    let app = app(AppState {
+        control: control.clone(),
+        router: router.clone(),
+        admin_token: Arc::new(settings.admin_token),
+        metrics: crate::telemetry::metrics_handle(),
+        app_domain: settings.app_domain.as_deref().map(Arc::from),
+    });
+    Silo {
+        control,
+        router,
+        app,
+        token,
+        tracker,
+    }
+}
+
+impl Silo {
+    /// The HTTP application (to serve, or to call with `oneshot` in tests).
+    pub fn http(&self) -> axum::Router {
+        self.app.clone()
+    }
+
+    /// Serve HTTP on `listener` until `shutdown` resolves, then stop.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let stop = self.token.clone();
+        let served = axum::serve(listener, self.app.clone())
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                stop.cancel();
+            })
+            .await
+            .context("serve HTTP");
+        self.stop().await;
+        served
+    }
+
+    /// Stop the background tasks and operations, waiting for them (at most
+    /// [`SHUTDOWN_DEADLINE`]).
+    pub async fn stop(self) {
+        self.token.cancel();
+        self.tracker.close();
+        let tasks = self.control.tasks();
+        tasks.close();
+        let drained = async {
+            self.tracker.wait().await;
+            tasks.wait().await;
+        };
+        if tokio::time::timeout(SHUTDOWN_DEADLINE, drained)
+            .await
+            .is_err()
+        {
+            tracing::warn!("background tasks did not stop within the shutdown deadline");
+        }
+        tracing::info!("silo stopped");
+    }
+}
+
+/// Bind `addr`, report the bound address, start, and serve until `shutdown`.
+pub async fn serve(
+    control: ControlPlane,
+    settings: RunSettings,
+    addr: SocketAddr,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_listen: impl FnOnce(SocketAddr),
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listen on {addr}"))?;
+    on_listen(listener.local_addr().context("read listen address")?);
+    start(control, settings).serve(listener, shutdown).await
+}

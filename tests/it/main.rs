@@ -1,0 +1,22 @@
+//! silo's integration tests: one binary (one link of silo and its SDKs),
+//! one module per area. Every test starts its own private PostgreSQL
+//! cluster (and S3 store, where it backs up); nothing is mocked.
+
+#![allow(dead_code)] // each area uses its own part of the harness
+
+mod common;
+
+mod admin_api;
+mod app_api;
+mod architecture;
+mod backup;
+mod cli;
+mod crash;
+mod fleet;
+mod helm;
+mod outage;
+mod reconcile;
+mod relocate;
+mod replicas;
+mod router;
+mod servers;
