@@ -1,5 +1,5 @@
 //! One typed configuration for every command: clap flags, each also read from
-//! its `SILO_*` environment variable (see contract.md). Secrets are wrapped in
+//! its `SILO_*` environment variable (the README lists them). Secrets are wrapped in
 //! [`Secret`] so `Debug` never prints them.
 
 use std::net::SocketAddr;

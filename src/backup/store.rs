@@ -62,7 +62,15 @@ where
 
 impl Store {
     pub async fn connect(config: &StoreConfig) -> anyhow::Result<Self> {
+        // One HTTPS client (rustls on ring, the machine's trusted roots) for
+        // S3 and for the credential providers (STS, instance metadata).
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .build_https();
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .http_client(http)
             .region(Region::new(config.region.clone()));
         if let Some((access, secret)) = &config.static_credentials {
             loader = loader.credentials_provider(Credentials::new(

@@ -3,6 +3,10 @@
 //! backups here, and the tests use it as a real S3 endpoint: requests go over
 //! HTTP with SigV4 signatures, exactly as to AWS, R2 or MinIO.
 //!
+//! s3s-fs lacks one call silo's sweep relies on where a store has it,
+//! `ListMultipartUploads` (an upload opened by a process that died before
+//! recording it is found that way and aborted); [`Store`] adds it.
+//!
 //! [`Faults`] lets a test break the store on purpose: fail a given part
 //! number of every multipart upload, fail every request (an outage), or slow
 //! each part down (to catch a backup in the middle).
@@ -74,7 +78,10 @@ impl EmbeddedS3 {
         std::fs::create_dir_all(root).with_context(|| format!("create {}", root.display()))?;
         let fs = s3s_fs::FileSystem::new(root)
             .map_err(|e| anyhow::anyhow!("open the object store folder: {e:?}"))?;
-        let mut builder = s3s::service::S3ServiceBuilder::new(fs);
+        let mut builder = s3s::service::S3ServiceBuilder::new(Store {
+            fs,
+            root: root.to_owned(),
+        });
         builder.set_auth(s3s::auth::SimpleAuth::from_single(
             access_key.to_owned(),
             secret_key.to_owned(),
@@ -144,6 +151,166 @@ impl EmbeddedS3 {
 impl Drop for EmbeddedS3 {
     fn drop(&mut self) {
         self.stop.cancel();
+    }
+}
+
+/// s3s-fs, plus `ListMultipartUploads`: each open upload's bucket and key
+/// are recorded in `.silo-upload-<id>` beside s3s-fs's own `.upload-<id>.json`,
+/// written when the upload opens and removed when it completes or aborts.
+#[derive(Debug)]
+struct Store {
+    fs: s3s_fs::FileSystem,
+    root: PathBuf,
+}
+
+impl Store {
+    fn record(&self, upload_id: &str) -> PathBuf {
+        self.root.join(format!(".silo-upload-{upload_id}"))
+    }
+
+    /// Open uploads as (bucket, key, upload id), sorted by key then id.
+    fn open_uploads(&self) -> Vec<(String, String, String)> {
+        let mut out = Vec::new();
+        let Ok(dir) = std::fs::read_dir(&self.root) else {
+            return out;
+        };
+        for entry in dir.filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_prefix(".silo-upload-") else {
+                continue;
+            };
+            // Completed or aborted behind our back (the record is a hint).
+            if !self.root.join(format!(".upload-{id}.json")).exists() {
+                continue;
+            }
+            if let Ok(text) = std::fs::read_to_string(entry.path()) {
+                if let Some((bucket, key)) = text.split_once('\n') {
+                    out.push((bucket.to_owned(), key.to_owned(), id.to_owned()));
+                }
+            }
+        }
+        out.sort_by(|a, b| (&a.1, &a.2).cmp(&(&b.1, &b.2)));
+        out
+    }
+}
+
+type S3Res<T> = s3s::S3Result<s3s::S3Response<T>>;
+
+#[async_trait::async_trait]
+impl s3s::S3 for Store {
+    async fn create_bucket(
+        &self,
+        req: s3s::S3Request<s3s::dto::CreateBucketInput>,
+    ) -> S3Res<s3s::dto::CreateBucketOutput> {
+        self.fs.create_bucket(req).await
+    }
+
+    async fn head_bucket(
+        &self,
+        req: s3s::S3Request<s3s::dto::HeadBucketInput>,
+    ) -> S3Res<s3s::dto::HeadBucketOutput> {
+        self.fs.head_bucket(req).await
+    }
+
+    async fn put_object(
+        &self,
+        req: s3s::S3Request<s3s::dto::PutObjectInput>,
+    ) -> S3Res<s3s::dto::PutObjectOutput> {
+        self.fs.put_object(req).await
+    }
+
+    async fn get_object(
+        &self,
+        req: s3s::S3Request<s3s::dto::GetObjectInput>,
+    ) -> S3Res<s3s::dto::GetObjectOutput> {
+        self.fs.get_object(req).await
+    }
+
+    async fn head_object(
+        &self,
+        req: s3s::S3Request<s3s::dto::HeadObjectInput>,
+    ) -> S3Res<s3s::dto::HeadObjectOutput> {
+        self.fs.head_object(req).await
+    }
+
+    async fn delete_object(
+        &self,
+        req: s3s::S3Request<s3s::dto::DeleteObjectInput>,
+    ) -> S3Res<s3s::dto::DeleteObjectOutput> {
+        self.fs.delete_object(req).await
+    }
+
+    async fn list_objects_v2(
+        &self,
+        req: s3s::S3Request<s3s::dto::ListObjectsV2Input>,
+    ) -> S3Res<s3s::dto::ListObjectsV2Output> {
+        self.fs.list_objects_v2(req).await
+    }
+
+    async fn create_multipart_upload(
+        &self,
+        req: s3s::S3Request<s3s::dto::CreateMultipartUploadInput>,
+    ) -> S3Res<s3s::dto::CreateMultipartUploadOutput> {
+        let where_to = format!("{}\n{}", req.input.bucket, req.input.key);
+        let out = self.fs.create_multipart_upload(req).await?;
+        if let Some(id) = &out.output.upload_id {
+            if let Err(e) = std::fs::write(self.record(id), where_to) {
+                tracing::warn!("embedded S3 could not record an open upload: {e}");
+            }
+        }
+        Ok(out)
+    }
+
+    async fn upload_part(
+        &self,
+        req: s3s::S3Request<s3s::dto::UploadPartInput>,
+    ) -> S3Res<s3s::dto::UploadPartOutput> {
+        self.fs.upload_part(req).await
+    }
+
+    async fn complete_multipart_upload(
+        &self,
+        req: s3s::S3Request<s3s::dto::CompleteMultipartUploadInput>,
+    ) -> S3Res<s3s::dto::CompleteMultipartUploadOutput> {
+        let record = self.record(&req.input.upload_id);
+        let out = self.fs.complete_multipart_upload(req).await?;
+        let _ = std::fs::remove_file(record);
+        Ok(out)
+    }
+
+    async fn abort_multipart_upload(
+        &self,
+        req: s3s::S3Request<s3s::dto::AbortMultipartUploadInput>,
+    ) -> S3Res<s3s::dto::AbortMultipartUploadOutput> {
+        let record = self.record(&req.input.upload_id);
+        let out = self.fs.abort_multipart_upload(req).await?;
+        let _ = std::fs::remove_file(record);
+        Ok(out)
+    }
+
+    async fn list_multipart_uploads(
+        &self,
+        req: s3s::S3Request<s3s::dto::ListMultipartUploadsInput>,
+    ) -> S3Res<s3s::dto::ListMultipartUploadsOutput> {
+        let input = req.input;
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let uploads: Vec<s3s::dto::MultipartUpload> = self
+            .open_uploads()
+            .into_iter()
+            .filter(|(bucket, key, _)| *bucket == input.bucket && key.starts_with(&prefix))
+            .map(|(_, key, id)| s3s::dto::MultipartUpload {
+                key: Some(key),
+                upload_id: Some(id),
+                ..Default::default()
+            })
+            .collect();
+        Ok(s3s::S3Response::new(s3s::dto::ListMultipartUploadsOutput {
+            bucket: Some(input.bucket),
+            prefix: input.prefix,
+            is_truncated: Some(false),
+            uploads: Some(uploads),
+            ..Default::default()
+        }))
     }
 }
 

@@ -9,7 +9,7 @@ use uuid::Uuid;
 use super::{Error, Registry, Result};
 use crate::domain::{Plan, ProvisionStep, Schedule, Slug, TenantName};
 
-/// Lifecycle state of a tenant (contract.md).
+/// Lifecycle state of a tenant (README, "Admin API").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::Type)]
 #[serde(rename_all = "snake_case")]
 #[sqlx(type_name = "text", rename_all = "snake_case")]

@@ -168,8 +168,7 @@ impl Mover {
             .await?
             .ok_or_else(|| Error::Invalid(format!("no server named '{server}'")))?;
         // Under the tenant's lock: two requests cannot both start a move.
-        let lock = reg.lock_tenant(id).await?;
-        let started = async {
+        reg.with_tenant_lock(id, || async {
             let t = reg.tenant(id).await?.ok_or(Error::NotFound("tenant"))?;
             if t.status == TenantStatus::Deleted {
                 return Err(Error::NotFound("tenant"));
@@ -216,10 +215,8 @@ impl Mover {
                     move || async move { this.run_move(plan).await },
                 )
                 .await
-        }
-        .await;
-        lock.release().await;
-        started
+        })
+        .await
     }
 
     async fn ends(&self, from: Uuid, to: &DbServer) -> Result<Ends> {
@@ -466,73 +463,88 @@ impl Mover {
             .open_move_operation(plan.tenant_id)
             .await?
             .context("find the move's operation")?;
-        let lock = reg.lock_tenant(plan.tenant_id).await?;
-        let switched = async {
-            let t = reg
-                .tenant(plan.tenant_id)
-                .await?
-                .ok_or(Error::NotFound("tenant"))?;
-            if t.status != TenantStatus::Active
-                || t.server_id != plan.from_server
-                || t.database_name != plan.database
-                || t.schema_version != plan.schema_version
-            {
-                return Err(Error::Conflict(format!(
-                    "the tenant changed during the move (now {}, schema version {:?}); it stays where it was",
-                    t.status.as_str(),
-                    t.schema_version
-                )));
-            }
-            // The plan may have changed during the copy.
-            ends.dst
-                .exec(&format!(
-                    "ALTER ROLE \"{}\" CONNECTION LIMIT {}",
-                    plan.role,
-                    t.plan.connection_limit()
-                ))
-                .await
-                .context("set the tenant role's connection limit on the target")?;
-            let frozen = Instant::now();
-            let mut phases = Phases::start();
-            reg.set_frozen(plan.tenant_id, true).await?;
-            roles::set_role_login(&ends.src, &plan.role, false).await?;
-            phases.lap("freeze");
-            drain_sessions(&ends.src, &plan.role).await?;
-            phases.lap("drain");
-            fence(&src, &dst, &plan.name(), FENCE_TIMEOUT).await?;
-            phases.lap("fence");
-            crate::failpoint::hit("move_frozen");
-            copy_sequences(&src, &dst).await?;
-            let snapshot = target_snapshot(&dst).await?;
-            phases.lap("sequences");
-            let moved = reg
-                .relocate_tenant(
-                    plan.tenant_id,
-                    op,
-                    plan.from_server,
-                    plan.to_server,
-                    &sealed,
-                    self.keyring.key_id(),
-                )
-                .await?;
-            if !moved {
-                return Err(Error::Conflict(
-                    "the tenant changed during the cut-over; it stays where it was".into(),
-                ));
-            }
-            phases.lap("switch");
-            Ok((frozen.elapsed(), phases, snapshot))
-        }
-        .await;
-        if switched.is_err() {
-            // Undo the freeze under the same lock; the rest is undone by `settle_move`.
-            unfreeze(&self.registry, ends, plan).await;
-        }
-        lock.release().await;
+        let switched = reg
+            .with_tenant_lock(plan.tenant_id, || async {
+                let switched = self.switch(ends, plan, &src, &dst, &sealed, op).await;
+                if switched.is_err() {
+                    // Undo the freeze under the same lock; the rest is undone by `settle_move`.
+                    unfreeze(&self.registry, ends, plan).await;
+                }
+                switched
+            })
+            .await;
         src.close().await;
         // Not `close`: that would wait for the snapshot's connection.
         drop(dst);
         switched
+    }
+
+    /// Freeze, drain, fence, copy sequences, take the target's snapshot and
+    /// switch the registry; the caller holds the tenant's lock.
+    async fn switch(
+        &self,
+        ends: &Ends,
+        plan: &MovePlan,
+        src: &sqlx::PgPool,
+        dst: &sqlx::PgPool,
+        sealed: &[u8],
+        op: Uuid,
+    ) -> Result<(Duration, Phases, Snapshot)> {
+        let reg = &self.registry;
+        let t = reg
+            .tenant(plan.tenant_id)
+            .await?
+            .ok_or(Error::NotFound("tenant"))?;
+        if t.status != TenantStatus::Active
+            || t.server_id != plan.from_server
+            || t.database_name != plan.database
+            || t.schema_version != plan.schema_version
+        {
+            return Err(Error::Conflict(format!(
+                "the tenant changed during the move (now {}, schema version {:?}); it stays where it was",
+                t.status.as_str(),
+                t.schema_version
+            )));
+        }
+        // The plan may have changed during the copy.
+        ends.dst
+            .exec(&format!(
+                "ALTER ROLE \"{}\" CONNECTION LIMIT {}",
+                plan.role,
+                t.plan.connection_limit()
+            ))
+            .await
+            .context("set the tenant role's connection limit on the target")?;
+        let frozen = Instant::now();
+        let mut phases = Phases::start();
+        reg.set_frozen(plan.tenant_id, true).await?;
+        roles::set_role_login(&ends.src, &plan.role, false).await?;
+        phases.lap("freeze");
+        drain_sessions(&ends.src, &plan.role).await?;
+        phases.lap("drain");
+        fence(src, dst, &plan.name(), FENCE_TIMEOUT).await?;
+        phases.lap("fence");
+        crate::failpoint::hit("move_frozen");
+        copy_sequences(src, dst).await?;
+        let snapshot = target_snapshot(dst).await?;
+        phases.lap("sequences");
+        let moved = reg
+            .relocate_tenant(
+                plan.tenant_id,
+                op,
+                plan.from_server,
+                plan.to_server,
+                sealed,
+                self.keyring.key_id(),
+            )
+            .await?;
+        if !moved {
+            return Err(Error::Conflict(
+                "the tenant changed during the cut-over; it stays where it was".into(),
+            ));
+        }
+        phases.lap("switch");
+        Ok((frozen.elapsed(), phases, snapshot))
     }
 
     /// Settle a move that stopped, by what the registry names: rolled back

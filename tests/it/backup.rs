@@ -902,3 +902,36 @@ async fn a_database_outage_mid_backup_fails_it_and_the_sweep_aborts_its_upload()
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn an_upload_no_backup_recorded_is_found_in_the_store_and_aborted() {
+    let env = TestEnv::setup().storage().start().await;
+    env.create("lost-upload").await;
+    let t = env.record("lost-upload").await;
+    // What a process that died between opening an upload and recording it
+    // leaves: an upload under the tenant's prefix that no backup row names.
+    let key = silo::backup::object_keys(t.id, uuid::Uuid::now_v7()).0;
+    let store = &env.backups().storage().store;
+    store.create_upload(&key, None).await.unwrap();
+    assert_eq!(env.s3().open_uploads(), 1);
+    let listed = store
+        .open_uploads(silo::backup::OBJECT_PREFIX)
+        .await
+        .unwrap();
+    assert_eq!(listed.map(|l| l.len()), Some(1), "the store lists it");
+
+    let report = env.control.reconcile_once().await.unwrap();
+    assert_eq!(report.backups.uploads_aborted, 1, "{report:?}");
+    assert_eq!(env.s3().open_uploads(), 0, "no upload left open");
+    // A running backup's own upload is left alone.
+    let (b, lock) = env
+        .backups()
+        .start_backup(t.id, BackupKind::Manual, None)
+        .await
+        .unwrap();
+    let running = env.backups().run_backup(b, lock, None);
+    let sweep = env.control.reconcile_once();
+    let (done, report) = tokio::join!(running, sweep);
+    done.unwrap();
+    assert_eq!(report.unwrap().backups.uploads_aborted, 0);
+}

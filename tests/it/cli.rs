@@ -119,6 +119,25 @@ async fn tenant_commands_work_from_a_shell() {
     assert_eq!(code, Some(2), "a duplicate is a usage error");
     let (code, _, err) = run(&["tenants", "create", "Bad Slug", "--name", "x"]);
     assert_eq!(code, Some(2), "{err}");
+    // A mistyped plan is refused by name, with the valid ones, and nothing is created.
+    let (code, _, err) = run(&[
+        "tenants",
+        "create",
+        "typo-clinic",
+        "--name",
+        "Typo",
+        "--plan",
+        "premum",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("premum") && err.contains("free, standard, premium"),
+        "{err}"
+    );
+    let (code, _, err) = run(&["tenants", "create", "uuid-like", "--name", "  "]);
+    assert_eq!(code, Some(2), "a blank name: {err}");
+    let (code, _, _) = run(&["tenants", "show", "typo-clinic"]);
+    assert_eq!(code, Some(2), "nothing was created");
 
     let (code, out, _) = run(&["tenants", "suspend", "shell-clinic"]);
     assert_eq!(code, Some(0));

@@ -305,3 +305,43 @@ async fn a_stopped_server_becomes_unhealthy_gets_no_tenants_and_recovers() {
     assert_eq!(s["status"], "draining");
     assert!(s["health_error"].is_null());
 }
+
+#[tokio::test]
+async fn a_tenant_server_failure_names_that_server_not_the_control_database() {
+    const ELSEWHERE: &str = "elsewhere";
+    let env = TestEnv::start().await;
+    let mut other = server_named(&env, ELSEWHERE).await;
+    let (st, body) = create(&env, "far-away", Some(ELSEWHERE)).await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    other.stop().unwrap();
+
+    // The delete fails at its first statement on the stopped server.
+    let (st, op) = env
+        .call(Method::DELETE, "/admin/v1/tenants/far-away", None)
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{op}");
+    let id = op["id"].as_str().unwrap().to_owned();
+    let failed = loop {
+        let (_, op) = env
+            .call(Method::GET, &format!("/admin/v1/operations/{id}"), None)
+            .await;
+        if op["status"] != "running" {
+            break op;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!("tenant server '{ELSEWHERE}'")),
+        "the error names the tenant server: {error}"
+    );
+    assert!(!error.contains("control database"), "{error}");
+    let t = env.record("far-away").await;
+    assert_eq!(t.status.as_str(), "deleting", "nothing is marked deleted");
+
+    // Back up: the reconciler finishes the delete.
+    other.start_again().unwrap();
+    let report = env.control.reconcile_once().await.unwrap();
+    assert_eq!(report.deletes_finished, 1, "{report:?}");
+}
