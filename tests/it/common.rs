@@ -825,11 +825,8 @@ pub mod table {
                     for text in self.says.iter().filter(|t| !detail.contains(t.as_str())) {
                         wrong.push(format!("the detail does not say {text:?}"));
                     }
-                    if self.exactly.as_ref().is_some_and(|e| e != detail) {
-                        wrong.push(format!(
-                            "the detail is not {:?}",
-                            self.exactly.as_ref().unwrap()
-                        ));
+                    if let Some(exactly) = self.exactly.as_ref().filter(|e| *e != detail) {
+                        wrong.push(format!("the detail is not {exactly:?}"));
                     }
                 }
             }
@@ -960,11 +957,12 @@ pub mod table {
         answers
     }
 
-    /// Fail once, listing every failure of a table of `rows` rows.
+    /// Fail once, listing every row that went wrong (one entry each) of a
+    /// table of `rows` rows.
     pub fn assert_no_failures(rows: usize, failures: &[String]) {
         assert!(
             failures.is_empty(),
-            "{} failures in a table of {rows} rows:\n{}",
+            "{} of {rows} rows went wrong:\n{}",
             failures.len(),
             failures.join("\n")
         );
