@@ -1,6 +1,7 @@
 //! The admin API against a real PostgreSQL: provisioning, isolation,
 //! validation, idempotency, lifecycle, pagination.
 
+use crate::common::table::{self, delete, get, patch, post, Client};
 use crate::common::{close, TestEnv, ADMIN_TOKEN};
 use axum::http::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -110,320 +111,57 @@ async fn secrets_are_stored_encrypted_and_never_returned() {
 async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
     let env = TestEnv::start().await;
     env.create("existing").await;
-    let before = (
-        env.count("SELECT count(*) FROM tenants").await,
-        env.count("SELECT count(*) FROM audit_log").await,
-    );
-    let auth = format!("Bearer {ADMIN_TOKEN}");
-    type Case<'a> = (
-        Method,
-        &'a str,
-        Option<Value>,
-        Vec<(&'a str, &'a str)>,
-        StatusCode,
-    );
-    let cases: Vec<Case> = vec![
-        (
-            Method::GET,
-            "/admin/v1/tenants",
-            None,
-            vec![],
-            StatusCode::UNAUTHORIZED,
-        ),
-        (
-            Method::GET,
-            "/admin/v1/tenants",
-            None,
-            vec![("authorization", "Bearer wrong")],
-            StatusCode::UNAUTHORIZED,
-        ),
-        (
-            Method::GET,
-            "/admin/v1/tenants",
-            None,
-            vec![("authorization", ADMIN_TOKEN)],
-            StatusCode::UNAUTHORIZED,
-        ),
-        (
-            Method::POST,
-            "/admin/v1/tenants",
-            Some(json!({"slug": "Bad_Slug", "name": "x"})),
-            vec![],
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::POST,
-            "/admin/v1/tenants",
-            Some(json!({"slug": "ab", "name": "x"})),
-            vec![],
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::POST,
-            "/admin/v1/tenants",
-            Some(json!({"slug": "ends-", "name": "x"})),
-            vec![],
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::POST,
-            "/admin/v1/tenants",
-            Some(json!({"slug": "okay", "name": "x", "tenant_id": 1})),
-            vec![],
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::POST,
-            "/admin/v1/tenants",
-            Some(json!({"slug": "okay"})),
-            vec![],
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::POST,
-            "/admin/v1/tenants",
-            Some(json!({"slug": "okay", "name": "   "})),
-            vec![],
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::POST,
-            "/admin/v1/tenants",
-            Some(json!({"slug": "okay", "name": "a\u{0}b"})),
-            vec![],
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::POST,
-            "/admin/v1/tenants",
-            Some(json!({"slug": "okay", "name": "x".repeat(201)})),
-            vec![],
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::POST,
-            "/admin/v1/tenants",
-            Some(json!({"slug": "okay", "name": "x", "plan": "gold"})),
-            vec![],
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::POST,
-            "/admin/v1/tenants",
-            Some(json!({"slug": "okay", "name": "x", "server": "nowhere"})),
-            vec![],
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::POST,
-            "/admin/v1/tenants",
-            Some(json!({"slug": 7, "name": "x"})),
-            vec![],
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::POST,
-            "/admin/v1/tenants",
-            Some(json!([1, 2])),
-            vec![],
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::POST,
-            "/admin/v1/tenants",
-            Some(json!({"slug": "existing", "name": "x"})),
-            vec![],
-            StatusCode::CONFLICT,
-        ),
-        (
-            Method::POST,
-            "/admin/v1/tenants",
-            Some(json!({"slug": "okay", "name": "x"})),
-            vec![("idempotency-key", "")],
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::GET,
-            "/admin/v1/tenants/nope",
-            None,
-            vec![],
-            StatusCode::NOT_FOUND,
-        ),
-        (
-            Method::GET,
-            "/admin/v1/tenants/00000000-0000-0000-0000-000000000000",
-            None,
-            vec![],
-            StatusCode::NOT_FOUND,
-        ),
-        (
-            Method::GET,
-            "/admin/v1/tenants?limit=0",
-            None,
-            vec![],
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::GET,
-            "/admin/v1/tenants?limit=abc",
-            None,
-            vec![],
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::GET,
-            "/admin/v1/tenants?status=sleepy",
-            None,
-            vec![],
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::GET,
-            "/admin/v1/tenants?cursor=xyz",
-            None,
-            vec![],
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::GET,
-            "/admin/v1/tenants?colour=red",
-            None,
-            vec![],
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::PATCH,
-            "/admin/v1/tenants/existing",
-            Some(json!({"backup_schedule": "every day"})),
-            vec![],
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::PATCH,
-            "/admin/v1/tenants/existing",
-            Some(json!({"slug": "renamed"})),
-            vec![],
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::PATCH,
-            "/admin/v1/tenants/nope",
-            Some(json!({"name": "x"})),
-            vec![],
-            StatusCode::NOT_FOUND,
-        ),
-        (
-            Method::POST,
-            "/admin/v1/tenants/nope/suspend",
-            None,
-            vec![],
-            StatusCode::NOT_FOUND,
-        ),
-        (
-            Method::DELETE,
-            "/admin/v1/tenants/nope",
-            None,
-            vec![],
-            StatusCode::NOT_FOUND,
-        ),
-        (
-            Method::GET,
-            "/admin/v1/operations/not-a-uuid",
-            None,
-            vec![],
-            StatusCode::NOT_FOUND,
-        ),
-        (
-            Method::GET,
-            "/admin/v1/audit?limit=100000",
-            None,
-            vec![],
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::POST,
-            "/admin/v1/servers",
-            Some(json!({"name": "bad name!", "admin_url": "postgres://x"})),
-            vec![],
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::POST,
-            "/admin/v1/servers",
-            Some(json!({"name": "other", "admin_url": "not a url"})),
-            vec![],
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::POST,
-            "/admin/v1/servers",
-            Some(json!({"name": "other", "admin_url": "postgres://u:p@127.0.0.1:1/db"})),
-            vec![],
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::GET,
-            "/admin/v1/nothing-here",
-            None,
-            vec![],
-            StatusCode::NOT_FOUND,
-        ),
+    let (tenants, servers) = ("/admin/v1/tenants", "/admin/v1/servers");
+    let existing = "/admin/v1/tenants/existing";
+    let create = |body: Value| post(tenants).json(body);
+    let auth = "authorization";
+    #[rustfmt::skip]
+    let rows = vec![
+        get(tenants).without(auth).is(401),
+        get(tenants).header(auth, "Bearer wrong").is(401),
+        get(tenants).header(auth, ADMIN_TOKEN).is(401),
+        create(json!({"slug": "Bad_Slug", "name": "x"})).is(422),
+        create(json!({"slug": "ab", "name": "x"})).is(422),
+        create(json!({"slug": "ends-", "name": "x"})).is(422),
+        create(json!({"slug": "okay", "name": "x", "tenant_id": 1})).is(422),
+        create(json!({"slug": "okay"})).is(422),
+        create(json!({"slug": "okay", "name": "   "})).is(422),
+        create(json!({"slug": "okay", "name": "a\u{0}b"})).is(422),
+        create(json!({"slug": "okay", "name": "x".repeat(201)})).is(422),
+        create(json!({"slug": "okay", "name": "x", "plan": "gold"})).is(422),
+        create(json!({"slug": "okay", "name": "x", "server": "nowhere"})).is(422),
+        create(json!({"slug": 7, "name": "x"})).is(422),
+        create(json!([1, 2])).is(422),
+        create(json!({"slug": "existing", "name": "x"})).is(409),
+        create(json!({"slug": "okay", "name": "x"})).header("idempotency-key", "").is(422),
+        post(tenants).raw("").is(400).what("an empty JSON body"),
+        post(tenants).is(415).what("no content type"),
+        get("/admin/v1/tenants/nope").is(404),
+        get("/admin/v1/tenants/00000000-0000-0000-0000-000000000000").is(404),
+        get("/admin/v1/tenants?limit=0").is(422),
+        get("/admin/v1/tenants?limit=abc").is(422),
+        get("/admin/v1/tenants?status=sleepy").is(422),
+        get("/admin/v1/tenants?cursor=xyz").is(422),
+        get("/admin/v1/tenants?colour=red").is(422),
+        patch(existing).json(json!({"backup_schedule": "every day"})).is(422),
+        patch(existing).json(json!({"slug": "renamed"})).is(422),
+        patch("/admin/v1/tenants/nope").json(json!({"name": "x"})).is(404),
+        post("/admin/v1/tenants/nope/suspend").is(404),
+        delete("/admin/v1/tenants/nope").is(404),
+        get("/admin/v1/operations/not-a-uuid").is(404),
+        get("/admin/v1/audit?limit=100000").is(422),
+        post(servers).json(json!({"name": "bad name!", "admin_url": "postgres://x"})).is(422),
+        post(servers).json(json!({"name": "other", "admin_url": "not a url"})).is(422),
+        post(servers).json(json!({"name": "other", "admin_url": "postgres://u:p@127.0.0.1:1/db"})).is(422),
+        get("/admin/v1/nothing-here").is(404),
     ];
-    for (method, path, body, extra, want) in cases {
-        let mut headers = extra.clone();
-        if !headers.iter().any(|(k, _)| *k == "authorization") && want != StatusCode::UNAUTHORIZED {
-            headers.push(("authorization", &auth));
-        }
-        let (status, problem) = env
-            .call_with(method.clone(), path, body.clone(), &headers)
-            .await;
-        assert_eq!(status, want, "{method} {path} {body:?}: {problem}");
-        assert_eq!(
-            problem["status"],
-            want.as_u16(),
-            "problem+json body for {method} {path}: {problem}"
-        );
-        assert!(problem["type"]
-            .as_str()
-            .unwrap()
-            .starts_with("urn:silo:problem:"));
-        assert!(!problem["detail"]
-            .as_str()
-            .unwrap()
-            .to_lowercase()
-            .contains("select "));
-    }
-    // Malformed JSON and a missing content type.
-    let (s, _) = env
-        .call_with(
-            Method::POST,
-            "/admin/v1/tenants",
-            None,
-            &[
-                ("authorization", &auth),
-                ("content-type", "application/json"),
-            ],
-        )
-        .await;
-    assert_eq!(s, StatusCode::BAD_REQUEST);
-    let (s, _) = env
-        .call_with(
-            Method::POST,
-            "/admin/v1/tenants",
-            None,
-            &[("authorization", &auth)],
-        )
-        .await;
-    assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-
-    assert_eq!(
-        before,
-        (
-            env.count("SELECT count(*) FROM tenants").await,
-            env.count("SELECT count(*) FROM audit_log").await
-        ),
-        "rejected requests must change nothing"
-    );
+    table::run(&Client::admin(&env), rows, async || {
+        let tenants = env.count("SELECT count(*) FROM tenants").await;
+        let audit = env.count("SELECT count(*) FROM audit_log").await;
+        let servers = env.count("SELECT count(*) FROM db_servers").await;
+        (tenants, audit, servers, env.orphans().await)
+    })
+    .await;
     assert!(env.orphans().await.is_empty());
     assert_eq!(env.count("SELECT count(*) FROM db_servers").await, 1);
 }

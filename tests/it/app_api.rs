@@ -2,14 +2,12 @@
 //! to end in each tenant's own database, bad input that changes nothing, tenant
 //! isolation on every path, and a suspended tenant locked out.
 
+use crate::common::table::{self, delete, get, patch, post, Client};
 use crate::common::{Answer, TestEnv};
 use axum::http::{Method, StatusCode};
 use serde_json::{json, Value};
 
 const TABLES: [&str; 4] = ["clinics", "staff", "patients", "appointments"];
-
-/// Request headers, the answer they must get, and what the case is.
-type AuthCase<'a> = (Vec<(&'a str, &'a str)>, StatusCode, &'a str);
 
 /// A tenant and a token for its app traffic.
 struct Tenant {
@@ -49,6 +47,16 @@ async fn send(
 impl Tenant {
     fn bearer(&self) -> String {
         format!("Bearer {}", self.token)
+    }
+
+    /// Table rows sent to `/api/v1` as this tenant, named by `X-Tenant-ID`.
+    fn client<'a>(&self, env: &'a TestEnv) -> Client<'a> {
+        let bearer = self.bearer();
+        Client::new(
+            env,
+            "/api/v1",
+            &[("x-tenant-id", &self.slug), ("authorization", &bearer)],
+        )
     }
 
     /// `/api/v1{path}` as this tenant, named by `X-Tenant-ID`.
@@ -97,19 +105,29 @@ impl Tenant {
 
     /// Every id of a list, following `next_cursor` to the end; each page in id order.
     async fn list_all(&self, env: &TestEnv, path: &str) -> Vec<String> {
+        self.try_list_all(env, path)
+            .await
+            .unwrap_or_else(|wrong| panic!("{wrong}"))
+    }
+
+    /// As [`Tenant::list_all`], saying what went wrong rather than failing.
+    async fn try_list_all(&self, env: &TestEnv, path: &str) -> Result<Vec<String>, String> {
         let sep = if path.contains('?') { '&' } else { '?' };
         let mut seen = Vec::new();
         let mut next = path.to_owned();
         loop {
-            let page = self.get(env, &next).await;
-            let ids = ids(&page);
-            let mut sorted = ids.clone();
-            sorted.sort();
-            assert_eq!(ids, sorted, "a page of {path} is in id order");
+            let page = self.call(env, Method::GET, &next, None).await;
+            if page.status != StatusCode::OK {
+                return Err(format!("GET {next}: {} {}", page.status, page.body));
+            }
+            let ids = ids(&page.body);
+            if ids != sorted(ids.clone()) {
+                return Err(format!("a page of {path} is not in id order: {ids:?}"));
+            }
             seen.extend(ids);
-            match page["next_cursor"].as_str() {
+            match page.body["next_cursor"].as_str() {
                 Some(c) => next = format!("{path}{sep}cursor={c}"),
-                None => return seen,
+                None => return Ok(seen),
             }
         }
     }
@@ -360,41 +378,44 @@ async fn workflow(env: &TestEnv, t: &Tenant) {
     let all = [id(&a1), id(&a2), id(&a3), id(&a4)];
     let (p0, p1, p5) = (&patients[0], &patients[1], &patients[5]);
     let (doc, nur) = (id(&doctor), id(&nurse));
-    let cases: Vec<(String, Vec<&String>)> = vec![
+    #[rustfmt::skip]
+    let filters: Vec<(String, Vec<&String>)> = vec![
         (String::new(), all.iter().collect()),
-        (
-            format!("from={}&to={}", at(1, 0, 0), at(2, 0, 0)),
-            vec![&all[0], &all[3]],
-        ),
+        (format!("from={}&to={}", at(1, 0, 0), at(2, 0, 0)), vec![&all[0], &all[3]]),
         // `to` is exclusive, `from` inclusive.
         (format!("to={}", at(1, 12, 0)), vec![&all[0]]),
-        (
-            format!("from={}&to={}", at(1, 12, 0), at(1, 12, 1)),
-            vec![&all[3]],
-        ),
+        (format!("from={}&to={}", at(1, 12, 0), at(1, 12, 1)), vec![&all[3]]),
         (format!("from={}", at(2, 9, 0)), vec![&all[1], &all[2]]),
         (format!("patient_id={p0}"), vec![&all[0], &all[1]]),
         (format!("staff_id={doc}"), vec![&all[0], &all[2]]),
         (format!("staff_id={nur}"), vec![&all[1]]),
         (format!("patient_id={p1}&staff_id={doc}"), vec![&all[2]]),
-        (
-            format!("patient_id={p0}&from={}", at(2, 0, 0)),
-            vec![&all[1]],
-        ),
+        (format!("patient_id={p0}&from={}", at(2, 0, 0)), vec![&all[1]]),
         (format!("patient_id={p5}"), vec![]),
         (format!("from={}&to={}", at(5, 0, 0), at(5, 0, 0)), vec![]),
     ];
-    for (query, want) in cases {
-        let want = sorted(want.into_iter().cloned().collect());
+    let mut wrong = Vec::new();
+    for (query, want) in &filters {
+        let want = sorted(want.iter().map(|id| id.to_string()).collect());
         // Whole, and one at a time through the cursor with the same filters.
-        let page = t.get(env, &format!("/appointments?{query}")).await;
-        assert_eq!(sorted(ids(&page)), want, "?{query}");
-        assert!(page["next_cursor"].is_null(), "?{query}");
-        let paged = t
-            .list_all(env, &format!("/appointments?limit=1&{query}"))
+        let page = t
+            .call(env, Method::GET, &format!("/appointments?{query}"), None)
             .await;
-        assert_eq!(paged, want, "?limit=1&{query}");
+        let whole = page.status == StatusCode::OK
+            && sorted(ids(&page.body)) == want
+            && page.body["next_cursor"].is_null();
+        let paged = t
+            .try_list_all(env, &format!("/appointments?limit=1&{query}"))
+            .await;
+        if !whole || paged.as_ref() != Ok(&want) {
+            let got = format!(
+                "whole: {} {}\n    one at a time: {paged:?}",
+                page.status, page.body
+            );
+            wrong.push(format!("  ?{query}: want {want:?}\n    {got}"));
+        }
     }
+    table::assert_no_failures(filters.len(), &wrong);
 
     // PATCH changes what it names and nothing else.
     let path = format!("/appointments/{}", id(&a1));
@@ -601,130 +622,82 @@ async fn invalid_requests_get_problem_json_and_change_nothing() {
         .await);
     let nobody = uuid::Uuid::now_v7().to_string();
     let appointment_path = format!("/appointments/{appointment}");
-    let before = (
-        a.counts(&env).await,
-        b.counts(&env).await,
-        a.get(&env, &appointment_path).await,
-    );
-
+    let (staff_path, clinic_path) = (format!("/staff/{staff}"), format!("/clinics/{clinic}"));
     let book = |patient: &str, clinic: &str, staff: &str, starts: &str, ends: &str| {
-        json!({"clinic_id": clinic, "patient_id": patient, "staff_id": staff, "starts_at": starts,
-               "ends_at": ends})
-        .to_string()
+        post("/appointments").json(json!({"clinic_id": clinic, "patient_id": patient,
+            "staff_id": staff, "starts_at": starts, "ends_at": ends}))
     };
     let (s, e) = (at(3, 10, 0), at(3, 11, 0));
-    let unprocessable = StatusCode::UNPROCESSABLE_ENTITY;
-    let cases: Vec<(Method, String, Option<String>, StatusCode)> = vec![
+    let roles = ["doctor", "nurse", "receptionist", "admin", "other"];
+    #[rustfmt::skip]
+    let rows = vec![
         // Appointments: the range, the references, the status, the timestamps.
-        (Method::POST, "/appointments".into(), Some(book(&patient, &clinic, &staff, &e, &s)), unprocessable),
-        (Method::POST, "/appointments".into(), Some(book(&patient, &clinic, &staff, &s, &s)), unprocessable),
-        (Method::POST, "/appointments".into(), Some(book(&b_patient, &clinic, &staff, &s, &e)), unprocessable),
-        (Method::POST, "/appointments".into(), Some(book(&nobody, &clinic, &staff, &s, &e)), unprocessable),
-        (Method::POST, "/appointments".into(), Some(book(&patient, &nobody, &staff, &s, &e)), unprocessable),
-        (Method::POST, "/appointments".into(), Some(book(&patient, &clinic, &nobody, &s, &e)), unprocessable),
-        (Method::POST, "/appointments".into(), Some(book(&patient, &clinic, &staff, "tomorrow", &e)), unprocessable),
-        (Method::POST, "/appointments".into(), Some(book("not-a-uuid", &clinic, &staff, &s, &e)), unprocessable),
-        (
-            Method::POST,
-            "/appointments".into(),
-            Some(json!({"clinic_id": clinic, "patient_id": patient, "starts_at": s, "ends_at": e, "status": "late"}).to_string()),
-            unprocessable,
-        ),
-        (
-            Method::POST,
-            "/appointments".into(),
-            Some(json!({"clinic_id": clinic, "patient_id": patient, "starts_at": s}).to_string()),
-            unprocessable,
-        ),
-        (Method::PATCH, appointment_path.clone(), Some(json!({"ends_at": at(1, 8, 0)}).to_string()), unprocessable),
-        (Method::PATCH, appointment_path.clone(), Some(json!({"starts_at": e, "ends_at": s}).to_string()), unprocessable),
-        (Method::PATCH, appointment_path.clone(), Some(json!({"patient_id": b_patient}).to_string()), unprocessable),
-        (Method::PATCH, appointment_path.clone(), Some(json!({"staff_id": nobody}).to_string()), unprocessable),
-        (Method::PATCH, appointment_path.clone(), Some(json!({"status": "SCHEDULED"}).to_string()), unprocessable),
-        (Method::PATCH, format!("/appointments/{nobody}"), Some("{}".into()), StatusCode::NOT_FOUND),
+        book(&patient, &clinic, &staff, &e, &s).is(422),
+        book(&patient, &clinic, &staff, &s, &s).is(422),
+        book(&b_patient, &clinic, &staff, &s, &e).is(422),
+        book(&nobody, &clinic, &staff, &s, &e).is(422),
+        book(&patient, &nobody, &staff, &s, &e).is(422),
+        book(&patient, &clinic, &nobody, &s, &e).is(422),
+        book(&patient, &clinic, &staff, "tomorrow", &e).is(422),
+        book("not-a-uuid", &clinic, &staff, &s, &e).is(422),
+        post("/appointments").json(json!({"clinic_id": clinic, "patient_id": patient, "starts_at": s, "ends_at": e, "status": "late"})).is(422),
+        post("/appointments").json(json!({"clinic_id": clinic, "patient_id": patient, "starts_at": s})).is(422),
+        patch(&appointment_path).json(json!({"ends_at": at(1, 8, 0)})).is(422),
+        patch(&appointment_path).json(json!({"starts_at": e, "ends_at": s})).is(422),
+        patch(&appointment_path).json(json!({"patient_id": b_patient})).is(422),
+        patch(&appointment_path).json(json!({"staff_id": nobody})).is(422),
+        patch(&appointment_path).json(json!({"status": "SCHEDULED"})).is(422),
+        patch(format!("/appointments/{nobody}")).raw("{}").is(404),
         // Unknown fields, on every resource.
-        (Method::POST, "/patients".into(), Some(json!({"full_name": "X", "tenant_id": 1}).to_string()), unprocessable),
-        (Method::POST, "/clinics".into(), Some(json!({"name": "X", "colour": "red"}).to_string()), unprocessable),
-        (Method::POST, "/staff".into(), Some(json!({"full_name": "X", "role": "nurse", "salary": 1}).to_string()), unprocessable),
-        (Method::PATCH, appointment_path.clone(), Some(json!({"id": nobody}).to_string()), unprocessable),
-        // Staff: the role, the clinic, the email.
-        (Method::POST, "/staff".into(), Some(json!({"full_name": "X", "role": "surgeon"}).to_string()), unprocessable),
-        (Method::POST, "/staff".into(), Some(json!({"full_name": "X", "role": "nurse", "clinic_id": nobody}).to_string()), unprocessable),
-        (Method::POST, "/staff".into(), Some(json!({"full_name": "X", "role": "nurse", "email": "nope"}).to_string()), unprocessable),
-        (Method::PATCH, format!("/staff/{staff}"), Some(json!({"role": "chief"}).to_string()), unprocessable),
-        (Method::PATCH, format!("/staff/{staff}"), Some(json!({"clinic_id": nobody}).to_string()), unprocessable),
+        post("/patients").json(json!({"full_name": "X", "tenant_id": 1})).is(422),
+        post("/clinics").json(json!({"name": "X", "colour": "red"})).is(422),
+        post("/staff").json(json!({"full_name": "X", "role": "nurse", "salary": 1})).is(422),
+        patch(&appointment_path).json(json!({"id": nobody})).is(422),
+        // Staff: the role (the answer says which are allowed), the clinic, the email.
+        post("/staff").json(json!({"full_name": "X", "role": "surgeon"})).is(422).says_all(&roles),
+        post("/staff").json(json!({"full_name": "X", "role": "nurse", "clinic_id": nobody})).is(422),
+        post("/staff").json(json!({"full_name": "X", "role": "nurse", "email": "nope"})).is(422),
+        patch(&staff_path).json(json!({"role": "chief"})).is(422),
+        patch(&staff_path).json(json!({"clinic_id": nobody})).is(422),
         // Clinics: the name, the time zone, a duplicate.
-        (Method::POST, "/clinics".into(), Some(json!({"name": "  "}).to_string()), unprocessable),
-        (Method::POST, "/clinics".into(), Some(json!({"name": "x".repeat(201)}).to_string()), unprocessable),
-        (Method::POST, "/clinics".into(), Some(json!({"name": "X", "timezone": "Mars/Olympus Mons"}).to_string()), unprocessable),
-        (Method::POST, "/clinics".into(), Some(json!({"name": "X", "timezone": "x".repeat(65)}).to_string()), unprocessable),
-        (Method::POST, "/clinics".into(), Some(json!({"name": "ALPHA clinic"}).to_string()), StatusCode::CONFLICT),
-        (Method::PATCH, format!("/clinics/{clinic}"), Some(json!({"timezone": "../etc/passwd"}).to_string()), unprocessable),
-        // Malformed JSON and wrong JSON types.
-        (Method::POST, "/patients".into(), Some("{\"full_name\": ".into()), StatusCode::BAD_REQUEST),
-        (Method::PATCH, appointment_path.clone(), Some("not json".into()), StatusCode::BAD_REQUEST),
-        (Method::POST, "/patients".into(), Some("[1, 2]".into()), unprocessable),
-        (Method::POST, "/staff".into(), Some(json!({"full_name": "X", "role": "nurse", "active": "yes"}).to_string()), unprocessable),
+        post("/clinics").json(json!({"name": "  "})).is(422),
+        post("/clinics").json(json!({"name": "x".repeat(201)})).is(422),
+        post("/clinics").json(json!({"name": "X", "timezone": "Mars/Olympus Mons"})).is(422),
+        post("/clinics").json(json!({"name": "X", "timezone": "x".repeat(65)})).is(422),
+        post("/clinics").json(json!({"name": "ALPHA clinic"})).is(409),
+        patch(&clinic_path).json(json!({"timezone": "../etc/passwd"})).is(422),
+        // Malformed JSON, wrong JSON types, no content type.
+        post("/patients").raw("{\"full_name\": ").is(400),
+        patch(&appointment_path).raw("not json").is(400),
+        post("/patients").raw("[1, 2]").is(422),
+        post("/staff").json(json!({"full_name": "X", "role": "nurse", "active": "yes"})).is(422),
+        post("/patients").is(415).what("no content type"),
         // Path ids that are not UUIDs cannot exist.
-        (Method::GET, "/patients/not-a-uuid".into(), None, StatusCode::NOT_FOUND),
-        (Method::GET, "/appointments/123".into(), None, StatusCode::NOT_FOUND),
-        (Method::PATCH, "/staff/xyz".into(), Some("{}".into()), StatusCode::NOT_FOUND),
-        (Method::DELETE, "/clinics/xyz".into(), None, StatusCode::NOT_FOUND),
-        (Method::DELETE, format!("/patients/{nobody}"), None, StatusCode::NOT_FOUND),
+        get("/patients/not-a-uuid").is(404),
+        get("/appointments/123").is(404),
+        patch("/staff/xyz").raw("{}").is(404),
+        delete("/clinics/xyz").is(404),
+        delete(format!("/patients/{nobody}")).is(404),
         // List parameters.
-        (Method::GET, "/patients?limit=0".into(), None, unprocessable),
-        (Method::GET, "/clinics?limit=201".into(), None, unprocessable),
-        (Method::GET, "/staff?limit=abc".into(), None, unprocessable),
-        (Method::GET, "/staff?cursor=xyz".into(), None, unprocessable),
-        (Method::GET, "/patients?colour=red".into(), None, unprocessable),
-        (Method::GET, "/appointments?limit=0".into(), None, unprocessable),
-        (Method::GET, "/appointments?colour=red".into(), None, unprocessable),
-        (Method::GET, format!("/appointments?from={}&to={}", at(2, 0, 0), at(1, 0, 0)), None, unprocessable),
-        (Method::GET, "/appointments?from=yesterday".into(), None, unprocessable),
-        (Method::GET, "/appointments?patient_id=nope".into(), None, unprocessable),
-        (Method::GET, "/appointments?cursor=nope".into(), None, unprocessable),
-        (Method::GET, "/nothing-here".into(), None, StatusCode::NOT_FOUND),
+        get("/patients?limit=0").is(422),
+        get("/clinics?limit=201").is(422),
+        get("/staff?limit=abc").is(422),
+        get("/staff?cursor=xyz").is(422),
+        get("/patients?colour=red").is(422),
+        get("/appointments?limit=0").is(422),
+        get("/appointments?colour=red").is(422),
+        get(format!("/appointments?from={}&to={}", at(2, 0, 0), at(1, 0, 0))).is(422),
+        get("/appointments?from=yesterday").is(422),
+        get("/appointments?patient_id=nope").is(422),
+        get("/appointments?cursor=nope").is(422),
+        get("/nothing-here").is(404),
     ];
-    for (method, path, body, want) in cases {
-        let answer = a.raw(&env, method.clone(), &path, body.as_deref()).await;
-        assert_problem(&answer, want, &format!("{method} {path} {body:?}"));
-    }
-
-    // The answers say what is allowed.
-    let bad_role = a
-        .call(
-            &env,
-            Method::POST,
-            "/staff",
-            Some(json!({"full_name": "X", "role": "surgeon"})),
-        )
-        .await;
-    let detail = bad_role.body["detail"].as_str().unwrap();
-    for role in ["doctor", "nurse", "receptionist", "admin", "other"] {
-        assert!(detail.contains(role), "{detail}");
-    }
-    // No content type.
-    let bearer = a.bearer();
-    let untyped = send(
-        &env,
-        Method::POST,
-        "/api/v1/patients",
-        None,
-        &[("x-tenant-id", "alpha"), ("authorization", &bearer)],
-    )
+    // Rejected requests change nothing, in either tenant.
+    table::run(&a.client(&env), rows, async || {
+        let appointment = a.get(&env, &appointment_path).await;
+        (a.counts(&env).await, b.counts(&env).await, appointment)
+    })
     .await;
-    assert_problem(
-        &untyped,
-        StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        "no content type",
-    );
-
-    let after = (
-        a.counts(&env).await,
-        b.counts(&env).await,
-        a.get(&env, &appointment_path).await,
-    );
-    assert_eq!(before, after, "rejected requests must change nothing");
 }
 
 #[tokio::test]
@@ -745,48 +718,31 @@ async fn a_tenant_never_sees_or_touches_another_tenants_data_on_any_path() {
     let a_bearer = a.bearer();
 
     // A's token naming B (by slug or id): 404 on every path and method.
+    let mut rows = Vec::new();
     for name in [b.slug.as_str(), b.id.as_str()] {
-        let headers = [("x-tenant-id", name), ("authorization", a_bearer.as_str())];
         for (resource, b_id) in &b_rows {
-            for (method, path, body) in [
-                (Method::GET, format!("/api/v1/{resource}"), None),
-                (Method::POST, format!("/api/v1/{resource}"), Some("{}")),
-                (Method::GET, format!("/api/v1/{resource}/{b_id}"), None),
-                (
-                    Method::PATCH,
-                    format!("/api/v1/{resource}/{b_id}"),
-                    Some("{}"),
-                ),
-                (Method::DELETE, format!("/api/v1/{resource}/{b_id}"), None),
-            ] {
-                let answer = send(&env, method.clone(), &path, body, &headers).await;
-                assert_problem(
-                    &answer,
-                    StatusCode::NOT_FOUND,
-                    &format!("A's token, X-Tenant-ID {name}: {method} {path}"),
-                );
-                seen.push(answer);
-            }
+            let (list, one) = (format!("/{resource}"), format!("/{resource}/{b_id}"));
+            let requests = [
+                get(&list),
+                post(&list).raw("{}"),
+                get(&one),
+                patch(&one).raw("{}"),
+                delete(&one),
+            ];
+            rows.extend(requests.map(|r| r.header("x-tenant-id", name).is(404).what("A's token")));
         }
     }
+    let a_token = Client::new(&env, "/api/v1", &[("authorization", &a_bearer)]);
+    seen.extend(table::run(&a_token, rows, async || ()).await);
 
     // B's ids asked for under A: they do not exist there.
+    let mut rows = Vec::new();
     for (resource, b_id) in &b_rows {
-        for (method, body) in [
-            (Method::GET, None),
-            (Method::PATCH, Some(json!({}))),
-            (Method::DELETE, None),
-        ] {
-            let path = format!("/{resource}/{b_id}");
-            let answer = a.call(&env, method.clone(), &path, body).await;
-            assert_problem(
-                &answer,
-                StatusCode::NOT_FOUND,
-                &format!("B's row under A: {method} {path}"),
-            );
-            seen.push(answer);
-        }
+        let one = format!("/{resource}/{b_id}");
+        let requests = [get(&one), patch(&one).raw("{}"), delete(&one)];
+        rows.extend(requests.map(|r| r.is(404).what("B's row under A")));
     }
+    seen.extend(table::run(&a.client(&env), rows, async || ()).await);
     // ...nor can A refer to them.
     let (b_clinic, b_patient) = (&b_rows[0].1, &b_rows[2].1);
     let answer = a
@@ -839,7 +795,6 @@ async fn a_tenant_never_sees_or_touches_another_tenants_data_on_any_path() {
     let other_key =
         silo::crypto::Keyring::from_base64(&silo::crypto::Keyring::generate_base64()).unwrap();
     let (foreign_key, _) = silo::tokens::mint(&other_key, a.id.parse().unwrap(), 600);
-    let patients = "/api/v1/patients";
     let auth = |token: &str| format!("Bearer {token}");
     let (expired, forged_signature, forged_claims, foreign_key) = (
         auth(&expired),
@@ -851,105 +806,34 @@ async fn a_tenant_never_sees_or_touches_another_tenants_data_on_any_path() {
     let a_host = format!("alpha.{}", crate::common::APP_DOMAIN);
     let a_host_port = format!("alpha.{}:8443", crate::common::APP_DOMAIN);
     let b_host = format!("bravo.{}", crate::common::APP_DOMAIN);
-    let cases: Vec<AuthCase> = vec![
-        (
-            vec![("x-tenant-id", "alpha"), ("authorization", &expired)],
-            StatusCode::UNAUTHORIZED,
-            "an expired token",
-        ),
-        (
-            vec![
-                ("x-tenant-id", "alpha"),
-                ("authorization", &forged_signature),
-            ],
-            StatusCode::UNAUTHORIZED,
-            "a forged signature",
-        ),
-        (
-            vec![("x-tenant-id", "bravo"), ("authorization", &forged_claims)],
-            StatusCode::UNAUTHORIZED,
-            "B's claims under A's signature",
-        ),
-        (
-            vec![("x-tenant-id", "alpha"), ("authorization", &foreign_key)],
-            StatusCode::UNAUTHORIZED,
-            "a token of another master key",
-        ),
-        (
-            vec![("x-tenant-id", "alpha")],
-            StatusCode::UNAUTHORIZED,
-            "no Authorization",
-        ),
-        (
-            vec![("x-tenant-id", "alpha"), ("authorization", &a.token)],
-            StatusCode::UNAUTHORIZED,
-            "no Bearer scheme",
-        ),
-        (
-            vec![("x-tenant-id", "alpha"), ("authorization", "Bearer ")],
-            StatusCode::UNAUTHORIZED,
-            "an empty token",
-        ),
-        (
-            vec![("x-tenant-id", "nobody")],
-            StatusCode::UNAUTHORIZED,
-            "no token for an unknown tenant",
-        ),
-        (
-            vec![("authorization", &a_bearer)],
-            StatusCode::BAD_REQUEST,
-            "no tenant named",
-        ),
-        (
-            vec![("x-tenant-id", ""), ("authorization", &a_bearer)],
-            StatusCode::BAD_REQUEST,
-            "an empty X-Tenant-ID",
-        ),
-        (
-            vec![("x-tenant-id", "nobody"), ("authorization", &a_bearer)],
-            StatusCode::NOT_FOUND,
-            "an unknown tenant",
-        ),
-        (
-            vec![("x-tenant-id", "alpha"), ("authorization", &b_bearer)],
-            StatusCode::NOT_FOUND,
-            "B's token naming A",
-        ),
-        (
-            vec![("host", &b_host), ("authorization", &a_bearer)],
-            StatusCode::NOT_FOUND,
-            "A's token at B's host",
-        ),
-        (
-            vec![
-                ("x-tenant-id", "alpha"),
-                ("host", &b_host),
-                ("authorization", &a_bearer),
-            ],
-            StatusCode::BAD_REQUEST,
-            "X-Tenant-ID and host disagree",
-        ),
-        (
-            vec![("host", "clinics.test"), ("authorization", &a_bearer)],
-            StatusCode::BAD_REQUEST,
-            "the bare app domain",
-        ),
-        (
-            vec![("host", "alpha.example.com"), ("authorization", &a_bearer)],
-            StatusCode::BAD_REQUEST,
-            "another domain",
-        ),
+    let (tenant, auth, host) = ("x-tenant-id", "authorization", "host");
+    let patients = || get("/patients");
+    #[rustfmt::skip]
+    let rows = vec![
+        patients().header(tenant, "alpha").header(auth, &expired).is(401).what("an expired token"),
+        patients().header(tenant, "alpha").header(auth, &forged_signature).is(401).what("a forged signature"),
+        patients().header(tenant, "bravo").header(auth, &forged_claims).is(401).what("B's claims under A's signature"),
+        patients().header(tenant, "alpha").header(auth, &foreign_key).is(401).what("a token of another master key"),
+        patients().header(tenant, "alpha").is(401).what("no Authorization"),
+        patients().header(tenant, "alpha").header(auth, &a.token).is(401).what("no Bearer scheme"),
+        patients().header(tenant, "alpha").header(auth, "Bearer ").is(401).what("an empty token"),
+        patients().header(tenant, "nobody").is(401).what("no token for an unknown tenant"),
+        patients().header(auth, &a_bearer).is(400).what("no tenant named"),
+        patients().header(tenant, "").header(auth, &a_bearer).is(400).what("an empty X-Tenant-ID"),
+        patients().header(tenant, "nobody").header(auth, &a_bearer).is(404).what("an unknown tenant"),
+        patients().header(tenant, "alpha").header(auth, &b_bearer).is(404).what("B's token naming A"),
+        patients().header(host, &b_host).header(auth, &a_bearer).is(404).what("A's token at B's host"),
+        patients().header(tenant, "alpha").header(host, &b_host).header(auth, &a_bearer).is(400).what("X-Tenant-ID and host disagree"),
+        patients().header(host, "clinics.test").header(auth, &a_bearer).is(400).what("the bare app domain"),
+        patients().header(host, "alpha.example.com").header(auth, &a_bearer).is(400).what("another domain"),
     ];
-    for (headers, want, what) in cases {
-        let answer = send(&env, Method::GET, patients, None, &headers).await;
-        assert_problem(&answer, want, what);
-        assert!(answer.body.get("items").is_none(), "{what}");
-        seen.push(answer);
-    }
+    // A problem carries no `items`: nothing is listed to a caller refused.
+    seen.extend(table::run(&Client::new(&env, "/api/v1", &[]), rows, async || ()).await);
 
     // Naming A by host (with or without a port) or by id works and gives A's data.
     let a_patient = a_rows[2].1.clone();
-    for headers in [
+    let mut wrong = Vec::new();
+    let named = [
         vec![
             ("host", a_host.as_str()),
             ("authorization", a_bearer.as_str()),
@@ -967,17 +851,15 @@ async fn a_tenant_never_sees_or_touches_another_tenants_data_on_any_path() {
             ("x-tenant-id", a.id.as_str()),
             ("authorization", a_bearer.as_str()),
         ],
-    ] {
-        let answer = send(&env, Method::GET, patients, None, &headers).await;
-        assert_eq!(
-            answer.status,
-            StatusCode::OK,
-            "{headers:?}: {}",
-            answer.body
-        );
-        assert_eq!(ids(&answer.body), [a_patient.as_str()], "{headers:?}");
+    ];
+    for headers in &named {
+        let answer = send(&env, Method::GET, "/api/v1/patients", None, headers).await;
+        if answer.status != StatusCode::OK || ids(&answer.body) != [a_patient.as_str()] {
+            wrong.push(format!("  {headers:?}: {} {}", answer.status, answer.body));
+        }
         seen.push(answer);
     }
+    table::assert_no_failures(named.len(), &wrong);
 
     for answer in &seen {
         let text = answer.body.to_string();
@@ -1013,23 +895,14 @@ async fn a_suspended_tenant_is_locked_until_resumed_and_others_carry_on() {
         .call(Method::POST, "/admin/v1/tenants/sleepy/suspend", None)
         .await;
     assert_eq!(s, StatusCode::OK, "{body}");
-    for (method, path, body) in [
-        (Method::GET, "/patients".to_owned(), None),
-        (Method::GET, patient.clone(), None),
-        (
-            Method::POST,
-            "/patients".to_owned(),
-            Some(json!({"full_name": "Late"})),
-        ),
-        (Method::DELETE, patient.clone(), None),
-    ] {
-        let answer = a.call(&env, method.clone(), &path, body).await;
-        assert_problem(
-            &answer,
-            StatusCode::LOCKED,
-            &format!("suspended: {method} {path}"),
-        );
-    }
+    #[rustfmt::skip]
+    let rows = vec![
+        get("/patients").is(423),
+        get(&patient).is(423),
+        post("/patients").json(json!({"full_name": "Late"})).is(423),
+        delete(&patient).is(423),
+    ];
+    table::run(&a.client(&env), rows, async || ()).await;
     assert_eq!(
         b.get(&env, "/patients").await["items"]
             .as_array()

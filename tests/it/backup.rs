@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use crate::common::table::{self, delete, get, post, Client};
 use crate::common::{add_ballast, TestEnv};
 use axum::http::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -358,118 +359,42 @@ async fn archive_then_restore_returns_the_tenant_with_all_its_data() {
 async fn backup_endpoints_answer_bad_input_with_4xx_and_change_nothing() {
     let env = TestEnv::setup().storage().start().await;
     env.create("inputs").await;
-    let cases: Vec<(Method, &str, Option<&str>, StatusCode)> = vec![
-        (
-            Method::POST,
-            "/admin/v1/tenants/nobody/backups",
-            None,
-            StatusCode::NOT_FOUND,
-        ),
-        (
-            Method::GET,
-            "/admin/v1/tenants/inputs/backups?limit=0",
-            None,
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::GET,
-            "/admin/v1/tenants/inputs/backups?cursor=zzz",
-            None,
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::GET,
-            "/admin/v1/tenants/inputs/backups?colour=red",
-            None,
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::GET,
-            "/admin/v1/backups/not-a-uuid",
-            None,
-            StatusCode::NOT_FOUND,
-        ),
-        (
-            Method::GET,
-            "/admin/v1/backups/00000000-0000-0000-0000-000000000000",
-            None,
-            StatusCode::NOT_FOUND,
-        ),
-        (
-            Method::POST,
-            "/admin/v1/backups/00000000-0000-0000-0000-000000000000/verify",
-            None,
-            StatusCode::NOT_FOUND,
-        ),
-        (
-            Method::POST,
-            "/admin/v1/backups/00000000-0000-0000-0000-000000000000/restore",
-            Some(r#"{"into_slug":"Bad Slug"}"#),
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::POST,
-            "/admin/v1/backups/00000000-0000-0000-0000-000000000000/restore",
-            Some(r#"{"nope":1}"#),
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::POST,
-            "/admin/v1/backups/00000000-0000-0000-0000-000000000000/restore",
-            Some("{"),
-            StatusCode::BAD_REQUEST,
-        ),
-        (
-            Method::POST,
-            "/admin/v1/tenants/inputs/restore",
-            Some(r#"{"backup_id":"nope"}"#),
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            Method::POST,
-            "/admin/v1/tenants/inputs/restore",
-            None,
-            StatusCode::CONFLICT,
-        ),
-        (
-            Method::DELETE,
-            "/admin/v1/tenants/inputs/backups",
-            None,
-            StatusCode::CONFLICT,
-        ),
-        (
-            Method::POST,
-            "/admin/v1/tenants/nobody/archive",
-            None,
-            StatusCode::NOT_FOUND,
-        ),
+    let (nil, inputs) = (
+        "/admin/v1/backups/00000000-0000-0000-0000-000000000000",
+        "/admin/v1/tenants/inputs",
+    );
+    #[rustfmt::skip]
+    let rows = vec![
+        post("/admin/v1/tenants/nobody/backups").is(404),
+        get(format!("{inputs}/backups?limit=0")).is(422),
+        get(format!("{inputs}/backups?cursor=zzz")).is(422),
+        get(format!("{inputs}/backups?colour=red")).is(422),
+        get("/admin/v1/backups/not-a-uuid").is(404),
+        get(nil).is(404),
+        post(format!("{nil}/verify")).is(404),
+        post(format!("{nil}/restore")).raw(r#"{"into_slug":"Bad Slug"}"#).is(422),
+        post(format!("{nil}/restore")).raw(r#"{"nope":1}"#).is(422),
+        post(format!("{nil}/restore")).raw("{").is(400),
+        post(format!("{inputs}/restore")).raw(r#"{"backup_id":"nope"}"#).is(422),
+        post(format!("{inputs}/restore")).is(409),
+        delete(format!("{inputs}/backups")).is(409),
+        post("/admin/v1/tenants/nobody/archive").is(404),
     ];
-    let auth = format!("Bearer {}", crate::common::ADMIN_TOKEN);
-    for (method, path, body, want) in cases {
-        let answer = env
-            .send(method.clone(), path, body, &[("authorization", &auth)])
-            .await;
-        assert_eq!(
-            answer.status, want,
-            "{method} {path} {body:?}: {}",
-            answer.body
-        );
-        assert_eq!(answer.content_type, "application/problem+json", "{path}");
-    }
+    table::run(&Client::admin(&env), rows, async || {
+        let backups = env.count("SELECT count(*) FROM backups").await;
+        (backups, env.record("inputs").await.status)
+    })
+    .await;
     assert_eq!(env.count("SELECT count(*) FROM backups").await, 0);
     assert_eq!(env.record("inputs").await.status, TenantStatus::Active);
 
     // Without storage configured, backups are refused clearly.
     let bare = TestEnv::start().await;
     bare.create("nostore").await;
-    let (status, body) = bare
-        .call(Method::POST, "/admin/v1/tenants/nostore/backups", None)
-        .await;
-    assert_eq!(status, StatusCode::CONFLICT);
-    assert!(
-        body["detail"].as_str().unwrap().contains("SILO_S3_BUCKET"),
-        "{body}"
-    );
+    let rows = vec![post("/admin/v1/tenants/nostore/backups")
+        .is(409)
+        .says("SILO_S3_BUCKET")];
+    table::run(&Client::admin(&bare), rows, async || ()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

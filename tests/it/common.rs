@@ -671,3 +671,300 @@ pub async fn create_on(env: &TestEnv, slug: &str, server: &str) {
         .await;
     assert_eq!(s, StatusCode::CREATED, "{body}");
 }
+
+/// Table tests: one line per request and the answer it must get. Every row
+/// runs; one assertion at the end lists every row that was answered wrong.
+///
+/// ```ignore
+/// let rows = vec![
+///     get("/admin/v1/tenants/nope").is(404),
+///     post("/admin/v1/tenants").json(json!({"slug": "ab"})).is(422).says("name"),
+/// ];
+/// table::run(&Client::admin(&env), rows, async || env.count("…").await).await;
+/// ```
+pub mod table {
+    use std::fmt;
+
+    use axum::http::{Method, StatusCode};
+    use serde_json::Value;
+
+    use super::{Answer, TestEnv, ADMIN_TOKEN};
+
+    /// Members of an RFC 9457 problem as silo writes them.
+    const PROBLEM_MEMBERS: [&str; 5] = ["type", "title", "status", "detail", "operation_id"];
+    /// What a problem's detail must never show.
+    const SQL: [&str; 4] = ["select ", "insert ", "update ", "delete from"];
+
+    /// A request of a row: `get(path)`, `post(path).json(body)`, …
+    pub struct Request {
+        method: Method,
+        path: String,
+        body: Option<String>,
+        /// The row's own headers; `None` leaves the client's one out.
+        headers: Vec<(String, Option<String>)>,
+    }
+
+    pub fn get(path: impl Into<String>) -> Request {
+        request(Method::GET, path)
+    }
+
+    pub fn post(path: impl Into<String>) -> Request {
+        request(Method::POST, path)
+    }
+
+    pub fn patch(path: impl Into<String>) -> Request {
+        request(Method::PATCH, path)
+    }
+
+    pub fn delete(path: impl Into<String>) -> Request {
+        request(Method::DELETE, path)
+    }
+
+    fn request(method: Method, path: impl Into<String>) -> Request {
+        Request {
+            method,
+            path: path.into(),
+            body: None,
+            headers: Vec::new(),
+        }
+    }
+
+    impl Request {
+        /// A JSON body.
+        pub fn json(self, body: Value) -> Self {
+            self.raw(&body.to_string())
+        }
+
+        /// A body sent as `application/json` as it is, malformed or not.
+        pub fn raw(mut self, body: &str) -> Self {
+            self.body = Some(body.to_owned());
+            self
+        }
+
+        /// A header, in place of the client's one of that name.
+        pub fn header(mut self, name: &str, value: &str) -> Self {
+            self.headers.push((name.to_owned(), Some(value.to_owned())));
+            self
+        }
+
+        /// Without the client's header of that name.
+        pub fn without(mut self, name: &str) -> Self {
+            self.headers.push((name.to_owned(), None));
+            self
+        }
+
+        /// The answer it must get: `status`, as problem+json.
+        pub fn is(self, status: u16) -> Row {
+            Row {
+                request: self,
+                want: StatusCode::from_u16(status).expect("an HTTP status"),
+                says: Vec::new(),
+                exactly: None,
+                what: None,
+            }
+        }
+    }
+
+    /// A request and the problem+json answer it must get.
+    pub struct Row {
+        request: Request,
+        want: StatusCode,
+        says: Vec<String>,
+        exactly: Option<String>,
+        what: Option<String>,
+    }
+
+    impl Row {
+        /// Its detail must contain `text`.
+        pub fn says(mut self, text: &str) -> Self {
+            self.says.push(text.to_owned());
+            self
+        }
+
+        /// Its detail must contain each of `texts`.
+        pub fn says_all(self, texts: &[&str]) -> Self {
+            texts.iter().fold(self, |row, text| row.says(text))
+        }
+
+        /// Its detail must be `text` and nothing else.
+        pub fn says_exactly(mut self, text: &str) -> Self {
+            self.exactly = Some(text.to_owned());
+            self
+        }
+
+        /// What the row is about, for the list of failures.
+        pub fn what(mut self, what: &str) -> Self {
+            self.what = Some(what.to_owned());
+            self
+        }
+
+        /// Everything wrong with `answer`; empty when it is right.
+        fn wrong(&self, answer: &Answer) -> Vec<String> {
+            if answer.status != self.want {
+                return vec![format!("answered {}, want {}", answer.status, self.want)];
+            }
+            let mut wrong = Vec::new();
+            if answer.content_type != "application/problem+json" {
+                wrong.push(format!("content type {:?}", answer.content_type));
+            }
+            let body = &answer.body;
+            if body["status"] != self.want.as_u16() {
+                wrong.push(format!("problem status {}", body["status"]));
+            }
+            let kind = problem_type(self.want);
+            if body["type"] != kind.as_str() {
+                wrong.push(format!("problem type {}, want {kind}", body["type"]));
+            }
+            match body["detail"].as_str() {
+                None => wrong.push("no detail".into()),
+                Some(detail) => {
+                    let lower = detail.to_lowercase();
+                    if SQL.iter().any(|sql| lower.contains(sql)) {
+                        wrong.push("SQL in the detail".into());
+                    }
+                    for text in self.says.iter().filter(|t| !detail.contains(t.as_str())) {
+                        wrong.push(format!("the detail does not say {text:?}"));
+                    }
+                    if let Some(exactly) = self.exactly.as_ref().filter(|e| *e != detail) {
+                        wrong.push(format!("the detail is not {exactly:?}"));
+                    }
+                }
+            }
+            let members = body.as_object().map(|o| o.keys().collect::<Vec<_>>());
+            for member in members.unwrap_or_default() {
+                if !PROBLEM_MEMBERS.contains(&member.as_str()) {
+                    wrong.push(format!("{member:?} in a problem"));
+                }
+            }
+            wrong
+        }
+    }
+
+    /// `urn:silo:problem:…` for an answer of `status`.
+    fn problem_type(status: StatusCode) -> String {
+        let kind = match status.as_u16() {
+            400 => "bad-request",
+            401 => "unauthorized",
+            404 => "not-found",
+            409 => "conflict",
+            415 => "unsupported-media-type",
+            422 => "validation",
+            423 => "locked",
+            503 => "unavailable",
+            other => panic!("no problem type for {other}"),
+        };
+        format!("urn:silo:problem:{kind}")
+    }
+
+    impl fmt::Display for Row {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            let r = &self.request;
+            if let Some(what) = &self.what {
+                write!(f, "{what}: ")?;
+            }
+            write!(f, "{} {}", r.method, r.path)?;
+            if let Some(body) = &r.body {
+                write!(f, " {body}")?;
+            }
+            for (name, value) in &r.headers {
+                match value {
+                    Some(v) => write!(f, " [{name}: {v}]")?,
+                    None => write!(f, " [no {name}]")?,
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// Who sends the rows: a path prefix and headers every row carries
+    /// (unless it names its own).
+    pub struct Client<'a> {
+        env: &'a TestEnv,
+        prefix: String,
+        headers: Vec<(String, String)>,
+    }
+
+    impl<'a> Client<'a> {
+        pub fn new(env: &'a TestEnv, prefix: &str, headers: &[(&str, &str)]) -> Self {
+            Self {
+                env,
+                prefix: prefix.to_owned(),
+                headers: headers
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            }
+        }
+
+        /// The admin API, with the admin token.
+        pub fn admin(env: &'a TestEnv) -> Self {
+            Self::new(
+                env,
+                "",
+                &[("authorization", &format!("Bearer {ADMIN_TOKEN}"))],
+            )
+        }
+
+        async fn send(&self, row: &Row) -> Answer {
+            let r = &row.request;
+            let own = |name: &str| r.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(name));
+            let headers: Vec<(&str, &str)> = self
+                .headers
+                .iter()
+                .filter(|(k, _)| !own(k))
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .chain(
+                    r.headers
+                        .iter()
+                        .filter_map(|(k, v)| Some((k.as_str(), v.as_deref()?))),
+                )
+                .collect();
+            let path = format!("{}{}", self.prefix, r.path);
+            self.env
+                .send(r.method.clone(), &path, r.body.as_deref(), &headers)
+                .await
+        }
+    }
+
+    /// Send every row in turn, check its answer and that `unchanged` reads
+    /// as it did before; then fail once, listing every row answered wrong
+    /// or that changed something. The answers, in row order.
+    pub async fn run<S: PartialEq + fmt::Debug>(
+        client: &Client<'_>,
+        rows: Vec<Row>,
+        unchanged: impl AsyncFn() -> S,
+    ) -> Vec<Answer> {
+        let mut state = unchanged().await;
+        let mut failures = Vec::new();
+        let mut answers = Vec::new();
+        for row in &rows {
+            let answer = client.send(row).await;
+            let mut wrong = row.wrong(&answer);
+            if !wrong.is_empty() {
+                wrong.push(format!("the answer: {}", answer.body));
+            }
+            let now = unchanged().await;
+            if now != state {
+                wrong.push(format!("it changed {state:?}\n      to {now:?}"));
+                state = now;
+            }
+            if !wrong.is_empty() {
+                failures.push(format!("  {row}\n    {}", wrong.join("\n    ")));
+            }
+            answers.push(answer);
+        }
+        assert_no_failures(rows.len(), &failures);
+        answers
+    }
+
+    /// Fail once, listing every row that went wrong (one entry each) of a
+    /// table of `rows` rows.
+    pub fn assert_no_failures(rows: usize, failures: &[String]) {
+        assert!(
+            failures.is_empty(),
+            "{} of {rows} rows went wrong:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+}
