@@ -11,6 +11,7 @@ pub mod paging;
 
 use std::sync::Arc;
 
+use axum::extract::DefaultBodyLimit;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -82,6 +83,8 @@ pub fn app(state: AppState) -> Router {
             axum::routing::get(move || async move { axum::Json(spec.as_ref().clone()) }),
         )
         .merge(Scalar::with_url("/docs", api.as_ref().clone()))
+        .layer(DefaultBodyLimit::max(error::MAX_BODY_BYTES))
+        .method_not_allowed_fallback(|| async { error::ApiError::MethodNotAllowed })
         .fallback(|| async { error::ApiError::not_found("resource") })
         .layer(
             tower::ServiceBuilder::new()

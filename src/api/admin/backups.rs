@@ -1,7 +1,6 @@
 //! Backups, restores, verification, archival and erasure of tenants' backups.
 
-use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Extension;
 use serde::{Deserialize, Serialize};
@@ -12,7 +11,7 @@ use uuid::Uuid;
 
 use super::tenants::resolve;
 use crate::api::auth::Actor;
-use crate::api::error::{optional_body, ApiError, ApiResult, Json, Problem, Query};
+use crate::api::error::{ApiError, ApiResult, Json, OptionalJson, Path, Problem, Query};
 use crate::api::paging::{next_cursor, page};
 use crate::api::AppState;
 use crate::backup::RestoreTarget;
@@ -163,9 +162,8 @@ async fn restore_backup(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
     Path(id): Path<String>,
-    body: Bytes,
+    OptionalJson(body): OptionalJson<RestoreBackupBody>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    let body: Option<RestoreBackupBody> = optional_body(&body)?;
     let id = backup_id(&id)?;
     let target = match body.and_then(|b| b.into_slug) {
         Some(slug) => RestoreTarget::IntoSlug(Slug::parse(&slug)?),
@@ -204,9 +202,8 @@ async fn restore_tenant(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
     Path(tenant): Path<String>,
-    body: Bytes,
+    OptionalJson(body): OptionalJson<RestoreTenantBody>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    let body: Option<RestoreTenantBody> = optional_body(&body)?;
     let t = resolve(&state, &tenant).await?;
     let reg = state.registry();
     let backup = match body.and_then(|b| b.backup_id) {

@@ -1,13 +1,13 @@
 //! `/admin/v1/operations` and `/admin/v1/audit`.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use serde::Deserialize;
 use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::api::error::{ApiError, ApiResult, Json, Problem, Query};
+use crate::api::error::{ApiError, ApiResult, Json, Path, Problem, Query};
 use crate::api::AppState;
 use crate::registry::{AuditEntry, Operation};
 

@@ -1,6 +1,6 @@
 //! `/admin/v1/servers`: tenant DB servers.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Extension;
 use serde::Deserialize;
@@ -9,7 +9,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::api::auth::Actor;
-use crate::api::error::{ApiError, ApiResult, Json, Problem};
+use crate::api::error::{ApiError, ApiResult, Json, Path, Problem};
 use crate::api::AppState;
 use crate::config::{DEFAULT_SERVER_MAX_CONNECTIONS, DEFAULT_SERVER_MAX_TENANTS};
 use crate::domain::ServerName;

@@ -1,6 +1,6 @@
 //! `/admin/v1/tenants`: onboarding and lifecycle of tenants.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::Extension;
 use serde::{Deserialize, Serialize};
@@ -9,7 +9,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::api::auth::Actor;
-use crate::api::error::{optional_body, ApiError, ApiResult, Json, Problem, Query};
+use crate::api::error::{ApiError, ApiResult, Json, OptionalJson, Path, Problem, Query};
 use crate::api::AppState;
 use crate::domain::{Plan, Schedule, ServerName, Slug, TenantName};
 use crate::provision::CreateTenant;
@@ -235,10 +235,10 @@ async fn mint_token(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
     Path(tenant): Path<String>,
-    body: axum::body::Bytes,
+    OptionalJson(body): OptionalJson<TokenRequest>,
 ) -> ApiResult<(StatusCode, Json<TokenResponse>)> {
-    // The body is optional: empty means all defaults.
-    let req: TokenRequest = optional_body(&body)?.unwrap_or(TokenRequest { ttl_seconds: None });
+    // The body is optional: none means all defaults.
+    let req = body.unwrap_or(TokenRequest { ttl_seconds: None });
     let ttl = req
         .ttl_seconds
         .unwrap_or(crate::tokens::DEFAULT_TTL_SECONDS);

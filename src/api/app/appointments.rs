@@ -4,7 +4,6 @@
 //! starts (`appointments_ends_after_start`, also checked here when both ends
 //! are given, so a PATCH moving one end is still refused by the database).
 
-use axum::extract::Path;
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -15,7 +14,7 @@ use uuid::Uuid;
 
 use super::common::{delete_row, next_cursor, one_of, page_of, parse_id, text};
 use super::{db_error, TenantDb};
-use crate::api::error::{ApiError, ApiResult, Json, Problem, Query};
+use crate::api::error::{ApiError, ApiResult, Json, Path, Problem, Query};
 use crate::api::AppState;
 
 /// The statuses the schema's `appointments_status_check` allows.

@@ -1,7 +1,6 @@
 //! `/api/v1/patients`: the pattern every clinic resource follows. All SQL runs
 //! on the request's own tenant connection ([`TenantDb`]).
 
-use axum::extract::Path;
 use axum::http::StatusCode;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
@@ -12,7 +11,7 @@ use uuid::Uuid;
 
 use super::common::{contact, delete_row, next_cursor, page, parse_id, text, PageParams};
 use super::{db_error, TenantDb};
-use crate::api::error::{ApiError, ApiResult, Json, Problem, Query};
+use crate::api::error::{ApiError, ApiResult, Json, Path, Problem, Query};
 use crate::api::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {

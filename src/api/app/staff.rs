@@ -2,7 +2,6 @@
 //! clinic must exist in the same tenant (a foreign key, answered 422); emails
 //! are unique per tenant regardless of case (`staff_email_key`, answered 409).
 
-use axum::extract::Path;
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -13,7 +12,7 @@ use uuid::Uuid;
 
 use super::common::{contact, delete_row, next_cursor, one_of, page, parse_id, text, PageParams};
 use super::{db_error, TenantDb};
-use crate::api::error::{ApiError, ApiResult, Json, Problem, Query};
+use crate::api::error::{ApiError, ApiResult, Json, Path, Problem, Query};
 use crate::api::AppState;
 
 /// The roles the schema's `staff_role_check` allows.
