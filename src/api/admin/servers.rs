@@ -88,7 +88,8 @@ async fn create_server(
             _ if e.downcast_ref::<ServerUnreachable>().is_some() => {
                 ApiError::invalid("admin_url: could not connect to the server with it")
             }
-            _ => ApiError::Internal(e),
+            // Down is 503, anything else 500.
+            _ => ApiError::from(crate::ops::Error::Internal(e)),
         })?;
     state
         .registry()
@@ -124,6 +125,8 @@ async fn update_server(
     Path(name): Path<String>,
     Json(body): Json<UpdateServerBody>,
 ) -> ApiResult<Json<DbServer>> {
+    // No server has a name that is not a server name.
+    let name = ServerName::parse(&name).map_err(|_| ApiError::not_found("server"))?;
     match body.status.as_deref() {
         None | Some("active" | "draining") => {}
         Some("unhealthy") => {
@@ -137,7 +140,7 @@ async fn update_server(
     let server = state
         .registry()
         .update_server(
-            &name,
+            name.as_str(),
             body.status.as_deref(),
             body.max_connections,
             body.max_tenants,
