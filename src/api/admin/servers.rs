@@ -9,7 +9,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::api::auth::Actor;
-use crate::api::error::{ApiError, ApiResult, Json, Path, Problem};
+use crate::api::error::{ApiError, ApiResult, Json, Path};
+use crate::api::responses::{AdminErrors, JsonBody};
 use crate::api::AppState;
 use crate::config::{DEFAULT_SERVER_MAX_CONNECTIONS, DEFAULT_SERVER_MAX_TENANTS};
 use crate::domain::ServerName;
@@ -55,14 +56,16 @@ pub struct CreateServerBody {
 }
 
 /// Registered tenant DB servers (admin URLs are never shown).
-#[utoipa::path(get, path = "/servers", tag = "servers", responses((status = 200, body = Vec<DbServer>)))]
+#[utoipa::path(get, path = "/servers", tag = "servers", responses((status = 200, body = Vec<DbServer>), AdminErrors))]
 async fn list_servers(State(state): State<AppState>) -> ApiResult<Json<Vec<DbServer>>> {
     Ok(Json(state.registry().servers().await?))
 }
 
 /// Register a tenant DB server; its admin URL is checked by connecting.
 #[utoipa::path(post, path = "/servers", tag = "servers", request_body = CreateServerBody,
-    responses((status = 201, body = DbServer), (status = 409, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 201, body = DbServer), AdminErrors, JsonBody,
+        (status = 409, description = "a server with this name exists"),
+        (status = 422, description = "a value is invalid, or `admin_url` does not connect")))]
 async fn create_server(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -118,7 +121,8 @@ pub struct UpdateServerBody {
 /// Drain a server or make it active again, or change its limits.
 #[utoipa::path(patch, path = "/servers/{name}", tag = "servers", request_body = UpdateServerBody,
     params(("name" = String, Path, description = "server name")),
-    responses((status = 200, body = DbServer), (status = 404, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 200, body = DbServer), AdminErrors, JsonBody,
+        (status = 404, description = "no such server")))]
 async fn update_server(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
