@@ -2,9 +2,12 @@
 //! `{type, title, status, detail}`. Internal errors are logged in full once,
 //! here, and answered with a generic 500 that shows no SQL, trace or secret.
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequest, Request};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -23,6 +26,10 @@ pub enum ApiError {
     /// A conflict with an operation in progress, whose id the answer carries.
     #[error("{0}")]
     Busy(String, uuid::Uuid),
+    #[error("this method is not allowed here; `Allow` lists those that are")]
+    MethodNotAllowed,
+    #[error("{0}")]
+    PayloadTooLarge(String),
     #[error("{0}")]
     Unprocessable(String),
     #[error("{0}")]
@@ -55,6 +62,8 @@ impl ApiError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) | Self::Busy(..) => StatusCode::CONFLICT,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Locked(_) => StatusCode::LOCKED,
@@ -69,6 +78,8 @@ impl ApiError {
             Self::Unauthorized => "unauthorized",
             Self::NotFound(_) => "not-found",
             Self::Conflict(_) | Self::Busy(..) => "conflict",
+            Self::MethodNotAllowed => "method-not-allowed",
+            Self::PayloadTooLarge(_) => "payload-too-large",
             Self::Unprocessable(_) => "validation",
             Self::UnsupportedMediaType(_) => "unsupported-media-type",
             Self::Locked(_) => "locked",
@@ -200,7 +211,20 @@ impl From<JsonRejection> for ApiError {
             JsonRejection::JsonDataError(e) => Self::Unprocessable(e.body_text()),
             JsonRejection::JsonSyntaxError(e) => Self::BadRequest(e.body_text()),
             JsonRejection::MissingJsonContentType(e) => Self::UnsupportedMediaType(e.body_text()),
+            JsonRejection::BytesRejection(e) => Self::from(e),
             other => Self::BadRequest(other.body_text()),
+        }
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(r: BytesRejection) -> Self {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Self::PayloadTooLarge(format!(
+                "the body is larger than the limit of {MAX_BODY_BYTES} bytes"
+            ))
+        } else {
+            Self::BadRequest(r.body_text())
         }
     }
 }
@@ -210,6 +234,23 @@ impl From<QueryRejection> for ApiError {
         Self::Unprocessable(r.body_text())
     }
 }
+
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> Self {
+        if r.status().is_client_error() {
+            // A segment that does not decode (not UTF-8) names nothing that exists.
+            Self::NotFound(format!("nothing has this path: {}", r.body_text()))
+        } else {
+            Self::Internal(anyhow::anyhow!(
+                "extract path parameters: {}",
+                r.body_text()
+            ))
+        }
+    }
+}
+
+/// The largest request body read (axum's default limit).
+pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 
 /// `Json` whose rejections are problem+json answers.
 #[derive(Debug, axum::extract::FromRequest)]
@@ -227,17 +268,31 @@ impl<T: Serialize> IntoResponse for Json<T> {
 #[from_request(via(axum::extract::Query), rejection(ApiError))]
 pub struct Query<T>(pub T);
 
-pub type ApiResult<T> = Result<T, ApiError>;
+/// `Path` whose rejections are problem+json answers.
+#[derive(Debug, axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct Path<T>(pub T);
 
-/// A JSON body that may be left out: empty (or blank) means `None`.
-pub fn optional_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<Option<T>> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(None);
+/// A JSON body that may be left out: empty (or blank) means `None`. Its
+/// content type is not checked.
+#[derive(Debug)]
+pub struct OptionalJson<T>(pub Option<T>);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OptionalJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let body = Bytes::from_request(req, state).await?;
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self(None));
+        }
+        serde_json::from_slice(&body)
+            .map(|v| Self(Some(v)))
+            .map_err(|e| match e.classify() {
+                serde_json::error::Category::Data => ApiError::invalid(e.to_string()),
+                _ => ApiError::BadRequest(format!("malformed JSON: {e}")),
+            })
     }
-    serde_json::from_slice(body)
-        .map(Some)
-        .map_err(|e| match e.classify() {
-            serde_json::error::Category::Data => ApiError::invalid(e.to_string()),
-            _ => ApiError::BadRequest(format!("malformed JSON: {e}")),
-        })
 }
+
+pub type ApiResult<T> = Result<T, ApiError>;

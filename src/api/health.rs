@@ -18,14 +18,17 @@ pub fn router() -> OpenApiRouter<AppState> {
 }
 
 /// The process is alive.
-#[utoipa::path(get, path = "/healthz", tag = "health", security(), responses((status = 200, description = "alive")))]
+#[utoipa::path(get, path = "/healthz", tag = "health", security(),
+    responses((status = 200, description = "alive", body = String, content_type = "text/plain")))]
 async fn healthz() -> &'static str {
     "ok"
 }
 
 /// The control database is reachable.
 #[utoipa::path(get, path = "/readyz", tag = "health", security(), responses(
-    (status = 200, description = "ready"), (status = 503, description = "control database unreachable")))]
+    (status = 200, description = "ready", body = String, content_type = "text/plain"),
+    (status = 503, description = "control database unreachable",
+        headers(("Retry-After" = u32, description = "seconds to wait before retrying")))))]
 async fn readyz(State(state): State<AppState>) -> ApiResult<&'static str> {
     state
         .registry()
@@ -36,7 +39,8 @@ async fn readyz(State(state): State<AppState>) -> ApiResult<&'static str> {
 }
 
 /// Prometheus metrics.
-#[utoipa::path(get, path = "/metrics", tag = "health", security(), responses((status = 200, description = "Prometheus text format")))]
+#[utoipa::path(get, path = "/metrics", tag = "health", security(),
+    responses((status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain")))]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     // Gauges read from the registry at scrape time, so every replica reports the truth.
     if let Ok(counts) = state.registry().count_by_status().await {

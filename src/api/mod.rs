@@ -8,16 +8,20 @@ mod auth;
 pub mod error;
 mod health;
 pub mod paging;
+mod responses;
 
 use std::sync::Arc;
 
-use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::response::{Html, IntoResponse};
+use axum::{Extension, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
-use utoipa_scalar::{Scalar, Servable};
+use utoipa_axum::routes;
+use utoipa_scalar::Scalar;
 
 use crate::config::Secret;
 use crate::control::ControlPlane;
@@ -58,9 +62,40 @@ impl utoipa::Modify for BearerAuth {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "`/admin/v1`: the admin token (`SILO_ADMIN_TOKEN`); `/api/v1`: a \
+                         tenant token minted by `POST /admin/v1/tenants/{tenant}/tokens`",
+                    ))
+                    .build(),
+            ),
         );
     }
+}
+
+/// The OpenAPI document, as served and as the reference page shows it.
+struct Documents {
+    json: String,
+    html: String,
+}
+
+/// This document (OpenAPI 3.1).
+#[utoipa::path(get, path = "/openapi.json", tag = "docs", security(),
+    responses((status = 200, description = "this document", body = Object)))]
+async fn openapi_json(Extension(docs): Extension<Arc<Documents>>) -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        docs.json.clone(),
+    )
+}
+
+/// This document as a page to read and try requests from.
+#[utoipa::path(get, path = "/docs", tag = "docs", security(),
+    responses((status = 200, description = "the API reference (HTML)", body = String, content_type = "text/html")))]
+async fn docs(Extension(docs): Extension<Arc<Documents>>) -> Html<String> {
+    Html(docs.html.clone())
 }
 
 /// The whole HTTP application.
@@ -69,19 +104,22 @@ pub fn app(state: AppState) -> Router {
         state.clone(),
         auth::require_admin,
     ));
-    let (router, api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (router, mut api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/admin/v1", admin)
         .nest("/api/v1", app::router())
         .merge(health::router())
+        .routes(routes!(openapi_json))
+        .routes(routes!(docs))
         .split_for_parts();
-    let api = Arc::new(api);
-    let spec = api.clone();
+    responses::problem_json(&mut api);
+    let documents = Documents {
+        json: serde_json::to_string(&api).expect("the OpenAPI document serializes"),
+        html: Scalar::new(api).to_html(),
+    };
     router
-        .route(
-            "/openapi.json",
-            axum::routing::get(move || async move { axum::Json(spec.as_ref().clone()) }),
-        )
-        .merge(Scalar::with_url("/docs", api.as_ref().clone()))
+        .layer(Extension(Arc::new(documents)))
+        .layer(DefaultBodyLimit::max(error::MAX_BODY_BYTES))
+        .method_not_allowed_fallback(|| async { error::ApiError::MethodNotAllowed })
         .fallback(|| async { error::ApiError::not_found("resource") })
         .layer(
             tower::ServiceBuilder::new()

@@ -219,10 +219,15 @@ impl Registry {
     }
 
     /// Look a tenant up by slug (live tenants only) or by id (any status).
+    /// Anything else names no tenant, and is not sent to the database (a NUL,
+    /// for one, is refused there as an error).
     #[tracing::instrument(skip(self))]
     pub async fn find_tenant(&self, slug_or_id: &str) -> Result<Option<TenantRecord>> {
         if let Ok(id) = Uuid::parse_str(slug_or_id) {
             return self.tenant(id).await;
+        }
+        if Slug::parse(slug_or_id).is_err() {
+            return Ok(None);
         }
         sqlx::query_as(&format!(
             "{SELECT_RECORD} WHERE t.slug = $1 AND t.status <> 'deleted'"

@@ -1,7 +1,6 @@
 //! Backups, restores, verification, archival and erasure of tenants' backups.
 
-use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Extension;
 use serde::{Deserialize, Serialize};
@@ -12,8 +11,9 @@ use uuid::Uuid;
 
 use super::tenants::resolve;
 use crate::api::auth::Actor;
-use crate::api::error::{optional_body, ApiError, ApiResult, Json, Problem, Query};
+use crate::api::error::{ApiError, ApiResult, Json, OptionalJson, Path, Query};
 use crate::api::paging::{next_cursor, page};
+use crate::api::responses::{AdminErrors, OptionalJsonBody, QueryErrors};
 use crate::api::AppState;
 use crate::backup::RestoreTarget;
 use crate::domain::Slug;
@@ -69,8 +69,8 @@ pub struct Erased {
 /// Back a tenant up now; answers with the backup, `running`, to poll.
 #[utoipa::path(post, path = "/tenants/{tenant}/backups", tag = "backups",
     params(("tenant" = String, Path, description = "slug or id")),
-    responses((status = 202, body = Backup), (status = 404, body = Problem),
-        (status = 409, body = Problem, description = "one is running, the tenant cannot be backed up, or storage is not configured")))]
+    responses((status = 202, body = Backup), AdminErrors, (status = 404, description = "no such tenant"),
+        (status = 409, description = "one is running, the tenant cannot be backed up, or storage is not configured")))]
 async fn start_backup(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -84,7 +84,8 @@ async fn start_backup(
 /// A tenant's backups, newest first.
 #[utoipa::path(get, path = "/tenants/{tenant}/backups", tag = "backups",
     params(("tenant" = String, Path, description = "slug or id"), BackupListParams),
-    responses((status = 200, body = BackupPage), (status = 404, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 200, body = BackupPage), AdminErrors, QueryErrors,
+        (status = 404, description = "no such tenant")))]
 async fn list_backups(
     State(state): State<AppState>,
     Path(tenant): Path<String>,
@@ -101,8 +102,8 @@ async fn list_backups(
 /// the objects deleted; nothing can read them again.
 #[utoipa::path(delete, path = "/tenants/{tenant}/backups", tag = "backups",
     params(("tenant" = String, Path, description = "slug or id")),
-    responses((status = 200, body = Erased), (status = 404, body = Problem),
-        (status = 409, body = Problem, description = "the tenant is not deleted")))]
+    responses((status = 200, body = Erased), AdminErrors, (status = 404, description = "no such tenant"),
+        (status = 409, description = "the tenant is not deleted, or storage is not configured")))]
 async fn erase_backups(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -116,7 +117,7 @@ async fn erase_backups(
 /// One backup.
 #[utoipa::path(get, path = "/backups/{id}", tag = "backups",
     params(("id" = Uuid, Path)),
-    responses((status = 200, body = Backup), (status = 404, body = Problem)))]
+    responses((status = 200, body = Backup), AdminErrors, (status = 404, description = "no such backup")))]
 async fn get_backup(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -134,7 +135,9 @@ async fn get_backup(
 /// those recorded at backup time.
 #[utoipa::path(post, path = "/backups/{id}/verify", tag = "backups",
     params(("id" = Uuid, Path)),
-    responses((status = 202, body = Operation), (status = 404, body = Problem), (status = 409, body = Problem)))]
+    responses((status = 202, body = Operation), AdminErrors, (status = 404, description = "no such backup"),
+        (status = 409, description = "the backup cannot be read (not succeeded, or its key erased), \
+            or storage is not configured")))]
 async fn verify_backup(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -158,14 +161,16 @@ async fn verify_backup(
 /// serving its current one until the swap) or into `into_slug`.
 #[utoipa::path(post, path = "/backups/{id}/restore", tag = "backups", request_body = Option<RestoreBackupBody>,
     params(("id" = Uuid, Path)),
-    responses((status = 202, body = Operation), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 202, body = Operation), AdminErrors, OptionalJsonBody,
+        (status = 404, description = "no such backup"),
+        (status = 409, description = "the backup cannot be restored now, or storage is not configured"),
+        (status = 422, description = "the body does not fit, or `into_slug` is not a slug")))]
 async fn restore_backup(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
     Path(id): Path<String>,
-    body: Bytes,
+    OptionalJson(body): OptionalJson<RestoreBackupBody>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    let body: Option<RestoreBackupBody> = optional_body(&body)?;
     let id = backup_id(&id)?;
     let target = match body.and_then(|b| b.into_slug) {
         Some(slug) => RestoreTarget::IntoSlug(Slug::parse(&slug)?),
@@ -178,7 +183,8 @@ async fn restore_backup(
 /// Archive a tenant: final backup, verified, then database and role dropped.
 #[utoipa::path(post, path = "/tenants/{tenant}/archive", tag = "backups",
     params(("tenant" = String, Path, description = "slug or id")),
-    responses((status = 202, body = Operation), (status = 404, body = Problem), (status = 409, body = Problem)))]
+    responses((status = 202, body = Operation), AdminErrors, (status = 404, description = "no such tenant"),
+        (status = 409, description = "the tenant cannot be archived now, or storage is not configured")))]
 async fn archive_tenant(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -199,14 +205,17 @@ async fn archive_tenant(
 /// replaced.
 #[utoipa::path(post, path = "/tenants/{tenant}/restore", tag = "backups", request_body = Option<RestoreTenantBody>,
     params(("tenant" = String, Path, description = "slug or id")),
-    responses((status = 202, body = Operation), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 202, body = Operation), AdminErrors, OptionalJsonBody,
+        (status = 404, description = "no such tenant, or no such backup"),
+        (status = 409, description = "the tenant has no succeeded backup or cannot be restored now, \
+            or storage is not configured"),
+        (status = 422, description = "the body does not fit, or `backup_id` names another tenant's backup")))]
 async fn restore_tenant(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
     Path(tenant): Path<String>,
-    body: Bytes,
+    OptionalJson(body): OptionalJson<RestoreTenantBody>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    let body: Option<RestoreTenantBody> = optional_body(&body)?;
     let t = resolve(&state, &tenant).await?;
     let reg = state.registry();
     let backup = match body.and_then(|b| b.backup_id) {

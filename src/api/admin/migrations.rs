@@ -9,7 +9,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::api::auth::Actor;
-use crate::api::error::{ApiError, ApiResult, Json, Problem};
+use crate::api::error::{ApiError, ApiResult, Json};
+use crate::api::responses::{AdminErrors, JsonBody};
 use crate::api::AppState;
 use crate::migrate::{FleetOptions, MAX_CONCURRENCY};
 use crate::registry::Operation;
@@ -46,9 +47,10 @@ pub struct MigrationStatus {
 
 /// Migrate every tenant database to the latest schema, as an operation.
 #[utoipa::path(post, path = "/migrations/tenants", tag = "migrations", request_body = StartMigration,
-    responses((status = 202, body = Operation),
-        (status = 409, body = Problem, description = "a fleet migration is running; `operation_id` names it"),
-        (status = 422, body = Problem)))]
+    responses((status = 202, body = Operation), AdminErrors, JsonBody,
+        (status = 409, description = "a fleet migration is running; `operation_id` names it"),
+        (status = 422, description = "the body does not fit, `concurrency` is out of range, or \
+            `tenant` names no tenant")))]
 async fn start_migration(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -80,7 +82,7 @@ async fn start_migration(
 
 /// Tenants per schema version, and who is behind.
 #[utoipa::path(get, path = "/migrations/tenants", tag = "migrations",
-    responses((status = 200, body = MigrationStatus)))]
+    responses((status = 200, body = MigrationStatus), AdminErrors))]
 async fn migration_status(State(state): State<AppState>) -> ApiResult<Json<MigrationStatus>> {
     let latest = state.control.latest_version();
     let versions = state

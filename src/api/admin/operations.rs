@@ -1,13 +1,14 @@
 //! `/admin/v1/operations` and `/admin/v1/audit`.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use serde::Deserialize;
 use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::api::error::{ApiError, ApiResult, Json, Problem, Query};
+use crate::api::error::{ApiError, ApiResult, Json, Path, Query};
+use crate::api::responses::{AdminErrors, QueryErrors};
 use crate::api::AppState;
 use crate::registry::{AuditEntry, Operation};
 
@@ -20,7 +21,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// State of a long-running operation.
 #[utoipa::path(get, path = "/operations/{id}", tag = "operations",
     params(("id" = String, Path)),
-    responses((status = 200, body = Operation), (status = 404, body = Problem)))]
+    responses((status = 200, body = Operation), AdminErrors, (status = 404, description = "no such operation")))]
 async fn get_operation(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -45,7 +46,8 @@ pub struct AuditParams {
 
 /// Admin actions, newest first.
 #[utoipa::path(get, path = "/audit", tag = "audit", params(AuditParams),
-    responses((status = 200, body = Vec<AuditEntry>), (status = 404, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 200, body = Vec<AuditEntry>), AdminErrors, QueryErrors,
+        (status = 404, description = "`tenant` names no tenant")))]
 async fn list_audit(
     State(state): State<AppState>,
     Query(p): Query<AuditParams>,

@@ -6,6 +6,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::api::error::Json;
+use crate::api::responses::AdminAuth;
 use crate::api::AppState;
 use crate::registry::DbServer;
 use crate::router::{RouterStats, ServerStats};
@@ -16,7 +17,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 
 /// Open pools, connections per server against its budget, each server's
 /// status and tenant count, cache hits and misses.
-#[utoipa::path(get, path = "/pools", tag = "pools", responses((status = 200, body = RouterStats)))]
+#[utoipa::path(get, path = "/pools", tag = "pools", responses((status = 200, body = RouterStats), AdminAuth))]
 async fn get_pools(State(state): State<AppState>) -> Json<RouterStats> {
     let mut stats = state.router.stats();
     // The router's figures stay useful with the control DB down.

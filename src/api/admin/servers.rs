@@ -1,6 +1,6 @@
 //! `/admin/v1/servers`: tenant DB servers.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Extension;
 use serde::Deserialize;
@@ -9,7 +9,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::api::auth::Actor;
-use crate::api::error::{ApiError, ApiResult, Json, Problem};
+use crate::api::error::{ApiError, ApiResult, Json, Path};
+use crate::api::responses::{AdminErrors, JsonBody};
 use crate::api::AppState;
 use crate::config::{DEFAULT_SERVER_MAX_CONNECTIONS, DEFAULT_SERVER_MAX_TENANTS};
 use crate::domain::ServerName;
@@ -55,14 +56,16 @@ pub struct CreateServerBody {
 }
 
 /// Registered tenant DB servers (admin URLs are never shown).
-#[utoipa::path(get, path = "/servers", tag = "servers", responses((status = 200, body = Vec<DbServer>)))]
+#[utoipa::path(get, path = "/servers", tag = "servers", responses((status = 200, body = Vec<DbServer>), AdminErrors))]
 async fn list_servers(State(state): State<AppState>) -> ApiResult<Json<Vec<DbServer>>> {
     Ok(Json(state.registry().servers().await?))
 }
 
 /// Register a tenant DB server; its admin URL is checked by connecting.
 #[utoipa::path(post, path = "/servers", tag = "servers", request_body = CreateServerBody,
-    responses((status = 201, body = DbServer), (status = 409, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 201, body = DbServer), AdminErrors, JsonBody,
+        (status = 409, description = "a server with this name exists"),
+        (status = 422, description = "a value is invalid, or `admin_url` does not connect")))]
 async fn create_server(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -88,7 +91,8 @@ async fn create_server(
             _ if e.downcast_ref::<ServerUnreachable>().is_some() => {
                 ApiError::invalid("admin_url: could not connect to the server with it")
             }
-            _ => ApiError::Internal(e),
+            // Down is 503, anything else 500.
+            _ => ApiError::from(crate::ops::Error::Internal(e)),
         })?;
     state
         .registry()
@@ -117,13 +121,16 @@ pub struct UpdateServerBody {
 /// Drain a server or make it active again, or change its limits.
 #[utoipa::path(patch, path = "/servers/{name}", tag = "servers", request_body = UpdateServerBody,
     params(("name" = String, Path, description = "server name")),
-    responses((status = 200, body = DbServer), (status = 404, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 200, body = DbServer), AdminErrors, JsonBody,
+        (status = 404, description = "no such server")))]
 async fn update_server(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
     Path(name): Path<String>,
     Json(body): Json<UpdateServerBody>,
 ) -> ApiResult<Json<DbServer>> {
+    // No server has a name that is not a server name.
+    let name = ServerName::parse(&name).map_err(|_| ApiError::not_found("server"))?;
     match body.status.as_deref() {
         None | Some("active" | "draining") => {}
         Some("unhealthy") => {
@@ -137,7 +144,7 @@ async fn update_server(
     let server = state
         .registry()
         .update_server(
-            &name,
+            name.as_str(),
             body.status.as_deref(),
             body.max_connections,
             body.max_tenants,

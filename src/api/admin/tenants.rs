@@ -1,6 +1,6 @@
 //! `/admin/v1/tenants`: onboarding and lifecycle of tenants.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::Extension;
 use serde::{Deserialize, Serialize};
@@ -9,7 +9,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::api::auth::Actor;
-use crate::api::error::{optional_body, ApiError, ApiResult, Json, Problem, Query};
+use crate::api::error::{ApiError, ApiResult, Json, OptionalJson, Path, Query};
+use crate::api::responses::{AdminErrors, JsonBody, OptionalJsonBody, QueryErrors};
 use crate::api::AppState;
 use crate::domain::{Plan, Schedule, ServerName, Slug, TenantName};
 use crate::provision::CreateTenant;
@@ -75,8 +76,10 @@ pub struct TenantPage {
     params(("Idempotency-Key" = Option<String>, Header, description = "retries with the same key return the same tenant")),
     responses(
         (status = 201, body = Tenant),
-        (status = 409, body = Problem, description = "slug taken"),
-        (status = 422, body = Problem, description = "invalid request"),
+        AdminErrors, JsonBody,
+        (status = 409, description = "the slug is taken, or the server named is not active or full"),
+        (status = 422, description = "a value is invalid, the server named does not exist, or the \
+            `Idempotency-Key` is malformed or was used for another request"),
     ))]
 async fn create_tenant(
     State(state): State<AppState>,
@@ -104,7 +107,7 @@ async fn create_tenant(
 
 /// List tenants, oldest first, one page at a time.
 #[utoipa::path(get, path = "/tenants", tag = "tenants", params(ListParams),
-    responses((status = 200, body = TenantPage), (status = 422, body = Problem)))]
+    responses((status = 200, body = TenantPage), AdminErrors, QueryErrors))]
 async fn list_tenants(
     State(state): State<AppState>,
     Query(params): Query<ListParams>,
@@ -129,7 +132,7 @@ async fn list_tenants(
 /// One tenant by slug or id.
 #[utoipa::path(get, path = "/tenants/{tenant}", tag = "tenants",
     params(("tenant" = String, Path, description = "slug or id")),
-    responses((status = 200, body = Tenant), (status = 404, body = Problem)))]
+    responses((status = 200, body = Tenant), AdminErrors, (status = 404, description = "no such tenant")))]
 async fn get_tenant(
     State(state): State<AppState>,
     Path(tenant): Path<String>,
@@ -140,7 +143,8 @@ async fn get_tenant(
 /// Change a tenant's name, plan or backup schedule.
 #[utoipa::path(patch, path = "/tenants/{tenant}", tag = "tenants", request_body = PatchTenantBody,
     params(("tenant" = String, Path, description = "slug or id")),
-    responses((status = 200, body = Tenant), (status = 404, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 200, body = Tenant), AdminErrors, JsonBody,
+        (status = 404, description = "no such tenant")))]
 async fn patch_tenant(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -172,7 +176,8 @@ async fn patch_tenant(
 /// Suspend a tenant: its role can no longer log in, its sessions end.
 #[utoipa::path(post, path = "/tenants/{tenant}/suspend", tag = "tenants",
     params(("tenant" = String, Path, description = "slug or id")),
-    responses((status = 200, body = Tenant), (status = 404, body = Problem), (status = 409, body = Problem)))]
+    responses((status = 200, body = Tenant), AdminErrors, (status = 404, description = "no such tenant"),
+        (status = 409, description = "the tenant is neither active nor already suspended")))]
 async fn suspend_tenant(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -187,7 +192,8 @@ async fn suspend_tenant(
 /// Resume a suspended tenant.
 #[utoipa::path(post, path = "/tenants/{tenant}/resume", tag = "tenants",
     params(("tenant" = String, Path, description = "slug or id")),
-    responses((status = 200, body = Tenant), (status = 404, body = Problem), (status = 409, body = Problem)))]
+    responses((status = 200, body = Tenant), AdminErrors, (status = 404, description = "no such tenant"),
+        (status = 409, description = "the tenant is neither suspended nor already active")))]
 async fn resume_tenant(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -202,7 +208,8 @@ async fn resume_tenant(
 /// Delete a tenant: its database and role are dropped, the row kept as `deleted`.
 #[utoipa::path(delete, path = "/tenants/{tenant}", tag = "tenants",
     params(("tenant" = String, Path, description = "slug or id")),
-    responses((status = 202, body = Operation), (status = 404, body = Problem), (status = 409, body = Problem)))]
+    responses((status = 202, body = Operation), AdminErrors, (status = 404, description = "no such tenant"),
+        (status = 409, description = "the tenant is being created, moved or restored")))]
 async fn delete_tenant(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -230,15 +237,17 @@ pub struct TokenResponse {
 /// Mint a bearer token for this tenant's app traffic.
 #[utoipa::path(post, path = "/tenants/{tenant}/tokens", tag = "tenants", request_body = Option<TokenRequest>,
     params(("tenant" = String, Path, description = "slug or id")),
-    responses((status = 201, body = TokenResponse), (status = 404, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 201, body = TokenResponse), AdminErrors, OptionalJsonBody,
+        (status = 404, description = "no such tenant"),
+        (status = 422, description = "the body does not fit, or `ttl_seconds` is out of range")))]
 async fn mint_token(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
     Path(tenant): Path<String>,
-    body: axum::body::Bytes,
+    OptionalJson(body): OptionalJson<TokenRequest>,
 ) -> ApiResult<(StatusCode, Json<TokenResponse>)> {
-    // The body is optional: empty means all defaults.
-    let req: TokenRequest = optional_body(&body)?.unwrap_or(TokenRequest { ttl_seconds: None });
+    // The body is optional: none means all defaults.
+    let req = body.unwrap_or(TokenRequest { ttl_seconds: None });
     let ttl = req
         .ttl_seconds
         .unwrap_or(crate::tokens::DEFAULT_TTL_SECONDS);
@@ -268,7 +277,8 @@ async fn mint_token(
 /// Give the tenant's role a new password; pools switch over without failed requests.
 #[utoipa::path(post, path = "/tenants/{tenant}/credentials/rotate", tag = "tenants",
     params(("tenant" = String, Path, description = "slug or id")),
-    responses((status = 200, body = Tenant), (status = 404, body = Problem), (status = 409, body = Problem)))]
+    responses((status = 200, body = Tenant), AdminErrors, (status = 404, description = "no such tenant"),
+        (status = 409, description = "the tenant is not active or suspended")))]
 async fn rotate_credentials(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -295,7 +305,11 @@ pub struct MoveTenantBody {
 /// (503 with `Retry-After`) for the cut-over only.
 #[utoipa::path(post, path = "/tenants/{tenant}/move", tag = "tenants", request_body = MoveTenantBody,
     params(("tenant" = String, Path, description = "slug or id")),
-    responses((status = 202, body = Operation), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 202, body = Operation), AdminErrors, JsonBody,
+        (status = 404, description = "no such tenant"),
+        (status = 409, description = "the tenant cannot move now (not active, already there, another \
+            operation running), or the target server cannot take it"),
+        (status = 422, description = "`server` names no registered server")))]
 async fn move_tenant(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,

@@ -4,7 +4,6 @@
 //! starts (`appointments_ends_after_start`, also checked here when both ends
 //! are given, so a PATCH moving one end is still refused by the database).
 
-use axum::extract::Path;
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -14,8 +13,9 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::common::{delete_row, next_cursor, one_of, page_of, parse_id, text};
-use super::{db_error, TenantDb};
-use crate::api::error::{ApiError, ApiResult, Json, Problem, Query};
+use super::{db_error, TenantDb, TenantHeader};
+use crate::api::error::{ApiError, ApiResult, Json, Path, Query};
+use crate::api::responses::{AppErrors, JsonBody, QueryErrors};
 use crate::api::AppState;
 
 /// The statuses the schema's `appointments_status_check` allows.
@@ -111,9 +111,8 @@ const COLUMNS: &str =
     "id, clinic_id, patient_id, staff_id, starts_at, ends_at, status, reason, created_at, updated_at";
 
 /// Appointments of the tenant, oldest booking first, optionally filtered.
-#[utoipa::path(get, path = "/appointments", tag = "appointments", params(AppointmentParams,
-        ("X-Tenant-ID" = String, Header, description = "tenant slug or id")),
-    responses((status = 200, body = AppointmentPage), (status = 404, body = Problem), (status = 422, body = Problem)))]
+#[utoipa::path(get, path = "/appointments", tag = "appointments", params(AppointmentParams, TenantHeader),
+    responses((status = 200, body = AppointmentPage), AppErrors, QueryErrors))]
 async fn list_appointments(
     mut db: TenantDb,
     Query(p): Query<AppointmentParams>,
@@ -148,8 +147,9 @@ async fn list_appointments(
 
 /// Book an appointment.
 #[utoipa::path(post, path = "/appointments", tag = "appointments", request_body = NewAppointment,
-    params(("X-Tenant-ID" = String, Header, description = "tenant slug or id")),
-    responses((status = 201, body = Appointment), (status = 422, body = Problem)))]
+    params(TenantHeader),
+    responses((status = 201, body = Appointment), AppErrors, JsonBody,
+        (status = 422, description = "a value is invalid, `ends_at` is not after `starts_at`, or an id names nothing of the tenant")))]
 async fn create_appointment(
     mut db: TenantDb,
     Json(body): Json<NewAppointment>,
@@ -180,8 +180,9 @@ async fn create_appointment(
 
 /// One appointment.
 #[utoipa::path(get, path = "/appointments/{id}", tag = "appointments",
-    params(("id" = String, Path), ("X-Tenant-ID" = String, Header, description = "tenant slug or id")),
-    responses((status = 200, body = Appointment), (status = 404, body = Problem)))]
+    params(("id" = String, Path), TenantHeader),
+    responses((status = 200, body = Appointment), AppErrors,
+        (status = 404, description = "no such appointment, or no such tenant")))]
 async fn get_appointment(mut db: TenantDb, Path(id): Path<String>) -> ApiResult<Json<Appointment>> {
     let id = parse_id(&id, "appointment")?;
     sqlx::query_as(&format!("SELECT {COLUMNS} FROM appointments WHERE id = $1"))
@@ -195,8 +196,10 @@ async fn get_appointment(mut db: TenantDb, Path(id): Path<String>) -> ApiResult<
 
 /// Change an appointment: move it, reassign it, or record what happened.
 #[utoipa::path(patch, path = "/appointments/{id}", tag = "appointments", request_body = AppointmentPatch,
-    params(("id" = String, Path), ("X-Tenant-ID" = String, Header, description = "tenant slug or id")),
-    responses((status = 200, body = Appointment), (status = 404, body = Problem), (status = 422, body = Problem)))]
+    params(("id" = String, Path), TenantHeader),
+    responses((status = 200, body = Appointment), AppErrors, JsonBody,
+        (status = 404, description = "no such appointment, or no such tenant"),
+        (status = 422, description = "a value is invalid, `ends_at` is not after `starts_at`, or an id names nothing of the tenant")))]
 async fn update_appointment(
     mut db: TenantDb,
     Path(id): Path<String>,
@@ -233,8 +236,9 @@ async fn update_appointment(
 
 /// Remove an appointment (its invoices keep no appointment).
 #[utoipa::path(delete, path = "/appointments/{id}", tag = "appointments",
-    params(("id" = String, Path), ("X-Tenant-ID" = String, Header, description = "tenant slug or id")),
-    responses((status = 204), (status = 404, body = Problem), (status = 409, body = Problem)))]
+    params(("id" = String, Path), TenantHeader),
+    responses((status = 204), AppErrors,
+        (status = 404, description = "no such appointment, or no such tenant")))]
 async fn delete_appointment(mut db: TenantDb, Path(id): Path<String>) -> ApiResult<StatusCode> {
     let id = parse_id(&id, "appointment")?;
     delete_row(&mut db, "appointments", id, "appointment").await

@@ -1,7 +1,6 @@
 //! `/api/v1/clinics`: the locations of one tenant's clinic group. Names are
 //! unique per tenant regardless of case (`clinics_name_key`, answered 409).
 
-use axum::extract::Path;
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -11,8 +10,9 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::common::{contact, delete_row, next_cursor, page, parse_id, text, PageParams};
-use super::{db_error, TenantDb};
-use crate::api::error::{ApiError, ApiResult, Json, Problem, Query};
+use super::{db_error, TenantDb, TenantHeader};
+use crate::api::error::{ApiError, ApiResult, Json, Path, Query};
+use crate::api::responses::{AppErrors, JsonBody, QueryErrors};
 use crate::api::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -62,9 +62,8 @@ pub struct ClinicPage {
 const COLUMNS: &str = "id, name, address, phone, timezone, created_at, updated_at";
 
 /// Clinics of the tenant, oldest first.
-#[utoipa::path(get, path = "/clinics", tag = "clinics", params(PageParams,
-        ("X-Tenant-ID" = String, Header, description = "tenant slug or id")),
-    responses((status = 200, body = ClinicPage), (status = 404, body = Problem)))]
+#[utoipa::path(get, path = "/clinics", tag = "clinics", params(PageParams, TenantHeader),
+    responses((status = 200, body = ClinicPage), AppErrors, QueryErrors))]
 async fn list_clinics(
     mut db: TenantDb,
     Query(p): Query<PageParams>,
@@ -84,8 +83,10 @@ async fn list_clinics(
 
 /// Open a clinic.
 #[utoipa::path(post, path = "/clinics", tag = "clinics", request_body = NewClinic,
-    params(("X-Tenant-ID" = String, Header, description = "tenant slug or id")),
-    responses((status = 201, body = Clinic), (status = 409, body = Problem), (status = 422, body = Problem)))]
+    params(TenantHeader),
+    responses((status = 201, body = Clinic), AppErrors, JsonBody,
+        (status = 409, description = "a clinic has this name (regardless of case)"),
+        (status = 422, description = "a value is invalid, such as a `timezone` that is not an IANA name")))]
 async fn create_clinic(
     mut db: TenantDb,
     Json(body): Json<NewClinic>,
@@ -113,8 +114,9 @@ async fn create_clinic(
 
 /// One clinic.
 #[utoipa::path(get, path = "/clinics/{id}", tag = "clinics",
-    params(("id" = String, Path), ("X-Tenant-ID" = String, Header, description = "tenant slug or id")),
-    responses((status = 200, body = Clinic), (status = 404, body = Problem)))]
+    params(("id" = String, Path), TenantHeader),
+    responses((status = 200, body = Clinic), AppErrors,
+        (status = 404, description = "no such clinic, or no such tenant")))]
 async fn get_clinic(mut db: TenantDb, Path(id): Path<String>) -> ApiResult<Json<Clinic>> {
     let id = parse_id(&id, "clinic")?;
     sqlx::query_as(&format!("SELECT {COLUMNS} FROM clinics WHERE id = $1"))
@@ -128,9 +130,11 @@ async fn get_clinic(mut db: TenantDb, Path(id): Path<String>) -> ApiResult<Json<
 
 /// Change a clinic.
 #[utoipa::path(patch, path = "/clinics/{id}", tag = "clinics", request_body = ClinicPatch,
-    params(("id" = String, Path), ("X-Tenant-ID" = String, Header, description = "tenant slug or id")),
-    responses((status = 200, body = Clinic), (status = 404, body = Problem), (status = 409, body = Problem),
-        (status = 422, body = Problem)))]
+    params(("id" = String, Path), TenantHeader),
+    responses((status = 200, body = Clinic), AppErrors, JsonBody,
+        (status = 404, description = "no such clinic, or no such tenant"),
+        (status = 409, description = "a clinic has this name (regardless of case)"),
+        (status = 422, description = "a value is invalid, such as a `timezone` that is not an IANA name")))]
 async fn update_clinic(
     mut db: TenantDb,
     Path(id): Path<String>,
@@ -162,8 +166,10 @@ async fn update_clinic(
 
 /// Close a clinic (refused while appointments refer to it; its staff keep no clinic).
 #[utoipa::path(delete, path = "/clinics/{id}", tag = "clinics",
-    params(("id" = String, Path), ("X-Tenant-ID" = String, Header, description = "tenant slug or id")),
-    responses((status = 204), (status = 404, body = Problem), (status = 409, body = Problem)))]
+    params(("id" = String, Path), TenantHeader),
+    responses((status = 204), AppErrors,
+        (status = 404, description = "no such clinic, or no such tenant"),
+        (status = 409, description = "appointments still refer to the clinic")))]
 async fn delete_clinic(mut db: TenantDb, Path(id): Path<String>) -> ApiResult<StatusCode> {
     let id = parse_id(&id, "clinic")?;
     delete_row(&mut db, "clinics", id, "clinic").await

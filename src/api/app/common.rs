@@ -58,6 +58,7 @@ pub(super) fn text(field: &str, value: Option<&str>, max: usize) -> ApiResult<()
 pub(super) fn contact(email: Option<&str>, phone: Option<&str>) -> ApiResult<()> {
     if let Some(e) = email {
         let ok = e.len() <= 254
+            && !e.chars().any(char::is_control)
             && e.split_once('@')
                 .is_some_and(|(a, b)| !a.is_empty() && b.contains('.'));
         if !ok {

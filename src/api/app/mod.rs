@@ -35,6 +35,18 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(appointments::router())
 }
 
+/// How an operation names its tenant, for the document: the header, or the
+/// host name. What [`TenantDb`] answers is `responses::AppErrors`.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)] // read by `tenant_name`, from the request's headers
+pub struct TenantHeader {
+    /// Tenant slug or id; may be left out when the host name is
+    /// `<slug>.<SILO_APP_DOMAIN>`.
+    #[param(rename = "X-Tenant-ID")]
+    x_tenant_id: Option<String>,
+}
+
 /// The request's tenant and a connection to its database.
 pub struct TenantDb {
     #[allow(dead_code)] // for handlers that need the tenant's id or plan

@@ -1,7 +1,6 @@
 //! `/api/v1/patients`: the pattern every clinic resource follows. All SQL runs
 //! on the request's own tenant connection ([`TenantDb`]).
 
-use axum::extract::Path;
 use axum::http::StatusCode;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
@@ -11,8 +10,9 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::common::{contact, delete_row, next_cursor, page, parse_id, text, PageParams};
-use super::{db_error, TenantDb};
-use crate::api::error::{ApiError, ApiResult, Json, Problem, Query};
+use super::{db_error, TenantDb, TenantHeader};
+use crate::api::error::{ApiError, ApiResult, Json, Path, Query};
+use crate::api::responses::{AppErrors, JsonBody, QueryErrors};
 use crate::api::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -63,9 +63,8 @@ pub struct PatientPage {
 const COLUMNS: &str = "id, full_name, date_of_birth, email, phone, notes, created_at, updated_at";
 
 /// Patients of the tenant, oldest first.
-#[utoipa::path(get, path = "/patients", tag = "patients", params(PageParams,
-        ("X-Tenant-ID" = String, Header, description = "tenant slug or id")),
-    responses((status = 200, body = PatientPage), (status = 404, body = Problem)))]
+#[utoipa::path(get, path = "/patients", tag = "patients", params(PageParams, TenantHeader),
+    responses((status = 200, body = PatientPage), AppErrors, QueryErrors))]
 async fn list_patients(
     mut db: TenantDb,
     Query(p): Query<PageParams>,
@@ -85,8 +84,9 @@ async fn list_patients(
 
 /// Register a patient.
 #[utoipa::path(post, path = "/patients", tag = "patients", request_body = NewPatient,
-    params(("X-Tenant-ID" = String, Header, description = "tenant slug or id")),
-    responses((status = 201, body = Patient), (status = 422, body = Problem)))]
+    params(TenantHeader),
+    responses((status = 201, body = Patient), AppErrors, JsonBody,
+        (status = 422, description = "a value is invalid")))]
 async fn create_patient(
     mut db: TenantDb,
     Json(body): Json<NewPatient>,
@@ -112,8 +112,9 @@ async fn create_patient(
 
 /// One patient.
 #[utoipa::path(get, path = "/patients/{id}", tag = "patients",
-    params(("id" = String, Path), ("X-Tenant-ID" = String, Header, description = "tenant slug or id")),
-    responses((status = 200, body = Patient), (status = 404, body = Problem)))]
+    params(("id" = String, Path), TenantHeader),
+    responses((status = 200, body = Patient), AppErrors,
+        (status = 404, description = "no such patient, or no such tenant")))]
 async fn get_patient(mut db: TenantDb, Path(id): Path<String>) -> ApiResult<Json<Patient>> {
     let id = parse_id(&id, "patient")?;
     sqlx::query_as(&format!("SELECT {COLUMNS} FROM patients WHERE id = $1"))
@@ -127,8 +128,10 @@ async fn get_patient(mut db: TenantDb, Path(id): Path<String>) -> ApiResult<Json
 
 /// Change a patient.
 #[utoipa::path(patch, path = "/patients/{id}", tag = "patients", request_body = PatientPatch,
-    params(("id" = String, Path), ("X-Tenant-ID" = String, Header, description = "tenant slug or id")),
-    responses((status = 200, body = Patient), (status = 404, body = Problem), (status = 422, body = Problem)))]
+    params(("id" = String, Path), TenantHeader),
+    responses((status = 200, body = Patient), AppErrors, JsonBody,
+        (status = 404, description = "no such patient, or no such tenant"),
+        (status = 422, description = "a value is invalid")))]
 async fn update_patient(
     mut db: TenantDb,
     Path(id): Path<String>,
@@ -159,8 +162,10 @@ async fn update_patient(
 
 /// Remove a patient (refused while appointments or invoices refer to them).
 #[utoipa::path(delete, path = "/patients/{id}", tag = "patients",
-    params(("id" = String, Path), ("X-Tenant-ID" = String, Header, description = "tenant slug or id")),
-    responses((status = 204), (status = 404, body = Problem), (status = 409, body = Problem)))]
+    params(("id" = String, Path), TenantHeader),
+    responses((status = 204), AppErrors,
+        (status = 404, description = "no such patient, or no such tenant"),
+        (status = 409, description = "appointments or invoices still refer to the patient")))]
 async fn delete_patient(mut db: TenantDb, Path(id): Path<String>) -> ApiResult<StatusCode> {
     let id = parse_id(&id, "patient")?;
     delete_row(&mut db, "patients", id, "patient").await

@@ -2,7 +2,6 @@
 //! clinic must exist in the same tenant (a foreign key, answered 422); emails
 //! are unique per tenant regardless of case (`staff_email_key`, answered 409).
 
-use axum::extract::Path;
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -12,8 +11,9 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::common::{contact, delete_row, next_cursor, one_of, page, parse_id, text, PageParams};
-use super::{db_error, TenantDb};
-use crate::api::error::{ApiError, ApiResult, Json, Problem, Query};
+use super::{db_error, TenantDb, TenantHeader};
+use crate::api::error::{ApiError, ApiResult, Json, Path, Query};
+use crate::api::responses::{AppErrors, JsonBody, QueryErrors};
 use crate::api::AppState;
 
 /// The roles the schema's `staff_role_check` allows.
@@ -71,9 +71,8 @@ pub struct StaffPage {
 const COLUMNS: &str = "id, clinic_id, full_name, role, email, active, created_at, updated_at";
 
 /// Staff of the tenant, oldest first.
-#[utoipa::path(get, path = "/staff", tag = "staff", params(PageParams,
-        ("X-Tenant-ID" = String, Header, description = "tenant slug or id")),
-    responses((status = 200, body = StaffPage), (status = 404, body = Problem)))]
+#[utoipa::path(get, path = "/staff", tag = "staff", params(PageParams, TenantHeader),
+    responses((status = 200, body = StaffPage), AppErrors, QueryErrors))]
 async fn list_staff(mut db: TenantDb, Query(p): Query<PageParams>) -> ApiResult<Json<StaffPage>> {
     let (limit, after) = page(&p)?;
     let items: Vec<Staff> = sqlx::query_as(&format!(
@@ -90,8 +89,10 @@ async fn list_staff(mut db: TenantDb, Query(p): Query<PageParams>) -> ApiResult<
 
 /// Add a staff member.
 #[utoipa::path(post, path = "/staff", tag = "staff", request_body = NewStaff,
-    params(("X-Tenant-ID" = String, Header, description = "tenant slug or id")),
-    responses((status = 201, body = Staff), (status = 409, body = Problem), (status = 422, body = Problem)))]
+    params(TenantHeader),
+    responses((status = 201, body = Staff), AppErrors, JsonBody,
+        (status = 409, description = "a staff member has this email (regardless of case)"),
+        (status = 422, description = "a value is invalid, or `clinic_id` names no clinic of the tenant")))]
 async fn create_staff(
     mut db: TenantDb,
     Json(body): Json<NewStaff>,
@@ -119,8 +120,9 @@ async fn create_staff(
 
 /// One staff member.
 #[utoipa::path(get, path = "/staff/{id}", tag = "staff",
-    params(("id" = String, Path), ("X-Tenant-ID" = String, Header, description = "tenant slug or id")),
-    responses((status = 200, body = Staff), (status = 404, body = Problem)))]
+    params(("id" = String, Path), TenantHeader),
+    responses((status = 200, body = Staff), AppErrors,
+        (status = 404, description = "no such staff member, or no such tenant")))]
 async fn get_staff(mut db: TenantDb, Path(id): Path<String>) -> ApiResult<Json<Staff>> {
     let id = parse_id(&id, "staff member")?;
     sqlx::query_as(&format!("SELECT {COLUMNS} FROM staff WHERE id = $1"))
@@ -134,9 +136,11 @@ async fn get_staff(mut db: TenantDb, Path(id): Path<String>) -> ApiResult<Json<S
 
 /// Change a staff member.
 #[utoipa::path(patch, path = "/staff/{id}", tag = "staff", request_body = StaffPatch,
-    params(("id" = String, Path), ("X-Tenant-ID" = String, Header, description = "tenant slug or id")),
-    responses((status = 200, body = Staff), (status = 404, body = Problem), (status = 409, body = Problem),
-        (status = 422, body = Problem)))]
+    params(("id" = String, Path), TenantHeader),
+    responses((status = 200, body = Staff), AppErrors, JsonBody,
+        (status = 404, description = "no such staff member, or no such tenant"),
+        (status = 409, description = "a staff member has this email (regardless of case)"),
+        (status = 422, description = "a value is invalid, or `clinic_id` names no clinic of the tenant")))]
 async fn update_staff(
     mut db: TenantDb,
     Path(id): Path<String>,
@@ -169,8 +173,9 @@ async fn update_staff(
 
 /// Remove a staff member (their appointments keep no staff member).
 #[utoipa::path(delete, path = "/staff/{id}", tag = "staff",
-    params(("id" = String, Path), ("X-Tenant-ID" = String, Header, description = "tenant slug or id")),
-    responses((status = 204), (status = 404, body = Problem), (status = 409, body = Problem)))]
+    params(("id" = String, Path), TenantHeader),
+    responses((status = 204), AppErrors,
+        (status = 404, description = "no such staff member, or no such tenant")))]
 async fn delete_staff(mut db: TenantDb, Path(id): Path<String>) -> ApiResult<StatusCode> {
     let id = parse_id(&id, "staff member")?;
     delete_row(&mut db, "staff", id, "staff member").await

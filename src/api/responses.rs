@@ -1,0 +1,233 @@
+//! The error answers in the OpenAPI document.
+//!
+//! Every error silo answers is an [`ApiError`](super::error::ApiError), so
+//! every 4xx and 5xx response in the document is `application/problem+json`
+//! with the `Problem` schema: [`problem_json`] makes it so once, for the
+//! whole document, and a route's annotation only names a status and says
+//! when it happens, `(status = 404, description = "no such tenant")`.
+//!
+//! The answers many routes share, each for one reason, are sets to name in
+//! `responses(...)`:
+//!
+//! - [`AdminErrors`]: every admin route that reads the control database
+//!   (the admin token check, the database being down, a bug);
+//! - [`AdminAuth`]: an admin route that can fail no other way;
+//! - [`AppErrors`]: every app route (what [`TenantDb`](super::app) answers);
+//! - [`JsonBody`]: a route that reads a required JSON body;
+//! - [`OptionalJsonBody`]: a route that reads an optional JSON body;
+//! - [`QueryErrors`]: a route that reads query parameters (a list).
+//!
+//! A route lists a set first and its own answers after, so its own
+//! description of a status the set also names is the one kept.
+
+use std::collections::BTreeMap;
+
+use utoipa::openapi::header::{Header, HeaderBuilder};
+use utoipa::openapi::schema::{ObjectBuilder, Type};
+use utoipa::openapi::{Content, OpenApi, Ref, RefOr, Response, ResponseBuilder};
+use utoipa::IntoResponses;
+
+use super::error::MAX_BODY_BYTES;
+
+/// The media type of every error answer.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// Makes every 4xx and 5xx response of every operation `application/problem+json`
+/// with the `Problem` schema (and nothing else).
+pub fn problem_json(openapi: &mut OpenApi) {
+    for item in openapi.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.options,
+            &mut item.head,
+            &mut item.patch,
+            &mut item.trace,
+        ];
+        for operation in operations.into_iter().flatten() {
+            for (status, response) in &mut operation.responses.responses {
+                if let (true, RefOr::T(response)) = (is_error(status), response) {
+                    response.content.clear();
+                    response.content.insert(PROBLEM_JSON.to_owned(), problem());
+                }
+            }
+        }
+    }
+}
+
+fn is_error(status: &str) -> bool {
+    status.starts_with('4') || status.starts_with('5')
+}
+
+fn problem() -> Content {
+    Content::new(Some(Ref::from_schema_name("Problem")))
+}
+
+/// A problem response with `description`.
+fn problem_response(description: &str) -> ResponseBuilder {
+    ResponseBuilder::new()
+        .description(description)
+        .content(PROBLEM_JSON, problem())
+}
+
+fn header(ty: Type, description: &str) -> Header {
+    HeaderBuilder::new()
+        .schema(ObjectBuilder::new().schema_type(ty))
+        .description(Some(description))
+        .build()
+}
+
+fn responses(list: Vec<(u16, ResponseBuilder)>) -> BTreeMap<String, RefOr<Response>> {
+    list.into_iter()
+        .map(|(status, r)| (status.to_string(), RefOr::T(r.build())))
+        .collect()
+}
+
+fn unauthorized(what: &str) -> ResponseBuilder {
+    problem_response(what).header(
+        "WWW-Authenticate",
+        header(Type::String, "`Bearer`: the scheme to authenticate with"),
+    )
+}
+
+fn internal() -> ResponseBuilder {
+    problem_response("an internal error; it is logged, the answer shows nothing of it")
+}
+
+fn unavailable(what: &str) -> ResponseBuilder {
+    problem_response(what).header(
+        "Retry-After",
+        header(Type::Integer, "seconds to wait before retrying"),
+    )
+}
+
+/// The admin token check: `Authorization: Bearer <SILO_ADMIN_TOKEN>`.
+pub struct AdminAuth;
+
+impl IntoResponses for AdminAuth {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        responses(vec![(
+            401,
+            unauthorized("no `Authorization: Bearer` header with the admin token"),
+        )])
+    }
+}
+
+/// What every admin route reading the control database may answer: the
+/// token check's 401, 503 while a database silo needs is unreachable (or,
+/// creating a tenant, no server has room), and 500.
+pub struct AdminErrors;
+
+impl IntoResponses for AdminErrors {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        let mut all = AdminAuth::responses();
+        all.extend(responses(vec![
+            (500, internal()),
+            (
+                503,
+                unavailable(
+                    "the control database or a tenant server is unreachable; nothing was changed",
+                ),
+            ),
+        ]));
+        all
+    }
+}
+
+/// What every app route may answer before it runs: the tenant named, its
+/// token checked, a connection to its database taken.
+pub struct AppErrors;
+
+impl IntoResponses for AppErrors {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        responses(vec![
+            (
+                400,
+                problem_response(
+                    "no tenant named (neither `X-Tenant-ID` nor a host name under the app \
+                     domain), `X-Tenant-ID` is not a slug or id, or it names another \
+                     tenant than the host name",
+                ),
+            ),
+            (
+                401,
+                unauthorized(
+                    "no `Authorization: Bearer` header with a valid tenant token (an admin \
+                     token is not one)",
+                ),
+            ),
+            (
+                404,
+                problem_response("no such tenant, or the token is another tenant's"),
+            ),
+            (423, problem_response("the tenant is suspended or archived")),
+            (500, internal()),
+            (
+                503,
+                unavailable(
+                    "the tenant is not ready (being created, restored or moved), its \
+                     database or the control database is unreachable, no connection is \
+                     free, or the query took too long",
+                ),
+            ),
+        ])
+    }
+}
+
+fn body_errors(json_content_type: bool) -> BTreeMap<String, RefOr<Response>> {
+    let mut list = vec![
+        (400, problem_response("the body is not well-formed JSON")),
+        (
+            413,
+            problem_response(&format!("the body is larger than {MAX_BODY_BYTES} bytes")),
+        ),
+        (
+            422,
+            problem_response("the body does not fit the schema, or a value is out of range"),
+        ),
+    ];
+    if json_content_type {
+        list.push((
+            415,
+            problem_response("the body is not sent as `Content-Type: application/json`"),
+        ));
+    }
+    responses(list)
+}
+
+/// What reading a required JSON body may answer.
+pub struct JsonBody;
+
+impl IntoResponses for JsonBody {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        body_errors(true)
+    }
+}
+
+/// What reading an optional JSON body may answer (an empty body is none;
+/// the content type is not checked).
+pub struct OptionalJsonBody;
+
+impl IntoResponses for OptionalJsonBody {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        body_errors(false)
+    }
+}
+
+/// What reading query parameters may answer (every list pages with `limit`
+/// and `cursor`).
+pub struct QueryErrors;
+
+impl IntoResponses for QueryErrors {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        responses(vec![(
+            422,
+            problem_response(
+                "a query parameter is malformed, unknown or out of range (such as a `limit` \
+                 out of bounds, or a `cursor` this API did not return)",
+            ),
+        )])
+    }
+}
