@@ -538,7 +538,7 @@ async fn migrate_directly(
         .connect(&pg.url(database))
         .await
         .with_context(|| format!("connect to {database}"))?;
-    let migrated = schema.apply(&db).await;
+    let migrated = schema.apply(&db, None).await;
     db.close().await;
     let version = migrated.with_context(|| format!("migrate {database}"))?;
     ensure!(version == 2, "{database} migrated to {version}, not 2");

@@ -290,7 +290,7 @@ async fn naive_create(env: &Env<'_>, database: &str) -> Result<Duration> {
         .connect(&env.pg.url(database))
         .await
         .with_context(|| format!("connect to {database}"))?;
-    let migrated = env.schema.apply(&pool).await;
+    let migrated = env.schema.apply(&pool, None).await;
     pool.close().await;
     migrated.with_context(|| format!("migrate {database}"))?;
     Ok(started.elapsed())

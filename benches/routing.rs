@@ -1024,7 +1024,7 @@ async fn phase_http(
     patient: Uuid,
     report: &mut Report,
 ) -> Result<()> {
-    let (token, _) = silo::tokens::mint(&env.keyring, t.id, 3600);
+    let (token, _) = silo::tokens::mint(&env.keyring, t.id, t.token_generation, 3600);
     let path = format!("/api/v1/patients/{patient}");
 
     let silo = start_silo(env).await?;

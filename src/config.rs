@@ -1,6 +1,9 @@
 //! One typed configuration for every command: clap flags, each also read from
-//! its `SILO_*` environment variable (the README lists them). Secrets are wrapped in
-//! [`Secret`] so `Debug` never prints them.
+//! its `SILO_*` environment variable (the README lists them). Secrets are
+//! the exception: they are read from the environment, or from the file a
+//! `<NAME>_FILE` variable names, never from a command line (where `ps` and
+//! shell histories show them) and never shown by `--help`; they are wrapped
+//! in [`Secret`] so `Debug` never prints them.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -64,7 +67,8 @@ pub enum LogFormat {
 #[command(
     name = "silo",
     version,
-    about = "Database-per-tenant control plane for PostgreSQL"
+    about = "Database-per-tenant control plane for PostgreSQL",
+    after_help = SECRETS_HELP
 )]
 pub struct Cli {
     /// Log output format.
@@ -129,22 +133,18 @@ pub enum BackupCommand {
     },
 }
 
-/// Where the control database is and how to read its secrets.
+/// Secrets, read from the environment (or `<NAME>_FILE`) only.
+pub const SECRETS_HELP: &str = "Secrets are read from the environment only (or from the file a <NAME>_FILE variable names), never from flags:
+  SILO_DATABASE_URL       control database URL (postgres://...)
+  SILO_MASTER_KEY         base64 of 32 random bytes: encrypts tenant credentials, signs tenant tokens
+  SILO_TENANT_SERVER_URL  admin URL of the default tenant server (default: the control database's server)
+  SILO_ADMIN_TOKEN        bootstrap admin bearer token (serve)
+  SILO_METRICS_TOKEN      bearer token that may read /metrics (serve; optional)";
+
+/// Where the control database is; its secrets come from the environment
+/// ([`SECRETS_HELP`]).
 #[derive(Debug, Clone, Args)]
 pub struct ControlArgs {
-    /// Control database URL (postgres://...).
-    #[arg(long, env = "SILO_DATABASE_URL", hide_env_values = true)]
-    pub database_url: Option<Secret>,
-
-    /// Base64 of 32 random bytes: encrypts tenant credentials, signs tenant tokens.
-    #[arg(long, env = "SILO_MASTER_KEY", hide_env_values = true)]
-    pub master_key: Option<Secret>,
-
-    /// Admin connection (CREATEDB, CREATEROLE) to the default tenant DB server,
-    /// registered on first start. Defaults to the control database's server.
-    #[arg(long, env = "SILO_TENANT_SERVER_URL", hide_env_values = true)]
-    pub tenant_server_url: Option<Secret>,
-
     /// Directory of tenant migrations (`<version>_<name>.sql`), replacing the
     /// embedded reference clinic schema with your own.
     #[arg(long, env = "SILO_TENANT_MIGRATIONS")]
@@ -267,6 +267,12 @@ pub struct ServerArgs {
     #[arg(long, env = "SILO_SCHEDULER_TICK", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
     pub scheduler_tick: u64,
 
+    /// Serve `/metrics` without authentication on this address, of its own
+    /// (meant for a private port a Prometheus scraper reaches); on the main
+    /// listener `/metrics` needs `SILO_METRICS_TOKEN` or the admin token.
+    #[arg(long, env = "SILO_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Seconds between health checks of the tenant servers; a server failing
     /// them for three intervals is marked `unhealthy` and gets no new tenants.
     #[arg(long, env = "SILO_HEALTH_INTERVAL", default_value_t = DEFAULT_HEALTH_INTERVAL_SECS, value_parser = clap::value_parser!(u64).range(1..))]
@@ -281,7 +287,8 @@ pub struct ServeArgs {
     pub server: ServerArgs,
 
     /// Bootstrap admin bearer token (at least 24 characters).
-    #[arg(long, env = "SILO_ADMIN_TOKEN", hide_env_values = true)]
+    /// Bootstrap admin bearer token: `SILO_ADMIN_TOKEN` (or `_FILE`) only.
+    #[arg(skip)]
     pub admin_token: Option<Secret>,
 }
 
@@ -408,41 +415,88 @@ impl StorageArgs {
 /// A configuration problem: exit code 2, with a message naming what is wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{0} is required")]
+    #[error("{0} is required (in the environment, or a file named by {0}_FILE)")]
     Missing(&'static str),
+    #[error("{0}_FILE names a file that cannot be read: {1}")]
+    SecretFile(&'static str, std::io::Error),
     #[error(transparent)]
     MasterKey(#[from] KeyError),
-    #[error("SILO_ADMIN_TOKEN is too weak: use at least {MIN_ADMIN_TOKEN_LEN} random characters (e.g. `openssl rand -hex 24`)")]
-    WeakAdminToken,
+    #[error("{0} is too weak: use at least {MIN_ADMIN_TOKEN_LEN} random characters (e.g. `openssl rand -hex 24`)")]
+    WeakToken(&'static str),
+}
+
+impl Secret {
+    /// The secret in the environment variable `name`, or in the file named
+    /// by `<name>_FILE` (surrounding blanks trimmed); `None` if neither is set.
+    pub fn from_env(name: &'static str) -> Result<Option<Self>, ConfigError> {
+        if let Some(v) = std::env::var(name).ok().filter(|v| !v.is_empty()) {
+            return Ok(Some(Self(v)));
+        }
+        match std::env::var_os(format!("{name}_FILE")) {
+            Some(path) if !path.is_empty() => std::fs::read_to_string(&path)
+                .map(|s| Some(Self(s.trim().to_owned())))
+                .map_err(|e| ConfigError::SecretFile(name, e)),
+            _ => Ok(None),
+        }
+    }
+
+    /// As [`Self::from_env`], refusing its absence by name.
+    pub fn required(name: &'static str) -> Result<Self, ConfigError> {
+        Self::from_env(name)?.ok_or(ConfigError::Missing(name))
+    }
 }
 
 impl ControlArgs {
-    pub fn database_url(&self) -> Result<&str, ConfigError> {
-        self.database_url
-            .as_ref()
-            .map(Secret::expose)
-            .ok_or(ConfigError::Missing("SILO_DATABASE_URL"))
+    /// `SILO_DATABASE_URL`.
+    pub fn database_url(&self) -> Result<Secret, ConfigError> {
+        Secret::required("SILO_DATABASE_URL")
     }
 
+    /// `SILO_TENANT_SERVER_URL`, if set.
+    pub fn tenant_server_url(&self) -> Result<Option<Secret>, ConfigError> {
+        Secret::from_env("SILO_TENANT_SERVER_URL")
+    }
+
+    /// The keys derived from `SILO_MASTER_KEY`.
     pub fn keyring(&self) -> Result<Keyring, ConfigError> {
-        let key = self
-            .master_key
-            .as_ref()
-            .ok_or(ConfigError::Missing("SILO_MASTER_KEY"))?;
+        let key = Secret::required("SILO_MASTER_KEY")?;
         Ok(Keyring::from_base64(key.expose())?)
+    }
+}
+
+impl ServeArgs {
+    /// `SILO_METRICS_TOKEN`, if set (checked like the admin token).
+    pub fn metrics_token(&self) -> Result<Option<Secret>, ConfigError> {
+        match Secret::from_env("SILO_METRICS_TOKEN")? {
+            Some(t) => {
+                check_token("SILO_METRICS_TOKEN", &t)?;
+                Ok(Some(t))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// `SILO_ADMIN_TOKEN`, checked.
+    pub fn admin_token(&self) -> Result<Secret, ConfigError> {
+        let token = Secret::from_env("SILO_ADMIN_TOKEN")?;
+        check_admin_token(token.as_ref()).map(Secret::new)
     }
 }
 
 /// Refuse admin tokens that are short or made of a few repeated characters.
 pub fn check_admin_token(token: Option<&Secret>) -> Result<&str, ConfigError> {
-    let token = token
-        .map(Secret::expose)
-        .ok_or(ConfigError::Missing("SILO_ADMIN_TOKEN"))?;
+    let token = token.ok_or(ConfigError::Missing("SILO_ADMIN_TOKEN"))?;
+    check_token("SILO_ADMIN_TOKEN", token)
+}
+
+/// Refuse a bearer token that is short or made of a few repeated characters.
+fn check_token<'a>(name: &'static str, token: &'a Secret) -> Result<&'a str, ConfigError> {
+    let token = token.expose();
     let mut distinct: Vec<char> = token.chars().collect();
     distinct.sort_unstable();
     distinct.dedup();
     if token.len() < MIN_ADMIN_TOKEN_LEN || distinct.len() < 8 {
-        return Err(ConfigError::WeakAdminToken);
+        return Err(ConfigError::WeakToken(name));
     }
     Ok(token)
 }
@@ -453,16 +507,34 @@ mod tests {
 
     #[test]
     fn secrets_are_redacted_from_debug_output() {
-        let args = ControlArgs {
-            database_url: Some(Secret::new("postgres://u:hunter2@h/db")),
-            master_key: Some(Secret::new("c2VjcmV0")),
-            tenant_server_url: None,
-            tenant_migrations: None,
-            storage: StorageArgs::default(),
-        };
-        let shown = format!("{args:?}");
+        let shown = format!("{:?}", Secret::new("postgres://u:hunter2@h/db"));
         assert!(!shown.contains("hunter2"));
-        assert!(!shown.contains("c2VjcmV0"));
+    }
+
+    #[test]
+    fn no_secret_is_a_flag() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let mut flags = Vec::new();
+        let mut stack = vec![&cli];
+        while let Some(c) = stack.pop() {
+            flags.extend(
+                c.get_arguments()
+                    .filter_map(|a| a.get_long().map(str::to_owned)),
+            );
+            stack.extend(c.get_subcommands());
+        }
+        let secret = [
+            "database-url",
+            "master-key",
+            "admin-token",
+            "tenant-server-url",
+        ];
+        let found: Vec<_> = flags
+            .iter()
+            .filter(|f| secret.contains(&f.as_str()))
+            .collect();
+        assert!(found.is_empty(), "secrets taken as flags: {found:?}");
     }
 
     #[test]
@@ -472,12 +544,12 @@ mod tests {
         let weak = Secret::new("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa");
         assert!(matches!(
             check_admin_token(Some(&weak)),
-            Err(ConfigError::WeakAdminToken)
+            Err(ConfigError::WeakToken(_))
         ));
         let short = Secret::new("abc123");
         assert!(matches!(
             check_admin_token(Some(&short)),
-            Err(ConfigError::WeakAdminToken)
+            Err(ConfigError::WeakToken(_))
         ));
         let good = Secret::new("3f9a0c1e7b2d48e6a5c9f01b2e7d4c8a");
         assert!(check_admin_token(Some(&good)).is_ok());

@@ -48,11 +48,21 @@ pub struct Connection {
 /// Connect to the control DB, apply its migrations, build the control
 /// plane, and register the default tenant server on first start.
 pub async fn connect(c: Connection) -> anyhow::Result<ControlPlane> {
+    if let Some(why) = crate::servers::weak_tls(c.database_url.expose()) {
+        tracing::warn!("control database connection: {why}");
+    }
     let registry = Registry::connect_lazy(c.database_url.expose())?;
     registry
         .migrate()
         .await
         .context("apply control database migrations")?;
+    registry
+        .close_to_public()
+        .await
+        .context("close the control database to PUBLIC")?;
+    if c.tenant_server_url.is_none() {
+        tracing::warn!("SILO_TENANT_SERVER_URL is unset: tenants share the control database's cluster. Their roles cannot connect to the control database (it is closed to PUBLIC), but a separate cluster for tenants is the stronger wall");
+    }
     let control = ControlPlane::new(
         registry,
         c.keyring,
@@ -76,6 +86,10 @@ pub async fn connect(c: Connection) -> anyhow::Result<ControlPlane> {
 pub struct RunSettings {
     /// Bearer token of the bootstrap admin.
     pub admin_token: Secret,
+    /// Bearer token that may read `/metrics` (besides the admin token).
+    pub metrics_token: Option<Secret>,
+    /// A listener of its own for `/metrics`, without authentication.
+    pub metrics_listen: Option<SocketAddr>,
     /// Tenants may be named by the first host label under this domain.
     pub app_domain: Option<String>,
     pub router: RouterConfig,
@@ -93,9 +107,15 @@ pub struct JobIntervals {
 
 impl RunSettings {
     /// From `silo serve`'s (and `silo dev`'s) flags.
-    pub fn from_args(args: &ServerArgs, admin_token: Secret) -> Self {
+    pub fn from_args(
+        args: &ServerArgs,
+        admin_token: Secret,
+        metrics_token: Option<Secret>,
+    ) -> Self {
         Self {
             admin_token,
+            metrics_token,
+            metrics_listen: args.metrics_listen,
             app_domain: args.app_domain.clone(),
             router: RouterConfig {
                 replicas: args.replicas,
@@ -116,6 +136,9 @@ pub struct Silo {
     pub control: ControlPlane,
     pub router: TenantRouter,
     app: axum::Router,
+    /// `/metrics` alone, for its own listener.
+    metrics_app: axum::Router,
+    metrics_listen: Option<SocketAddr>,
     token: CancellationToken,
     tracker: TaskTracker,
 }
@@ -141,17 +164,20 @@ pub fn start(control: ControlPlane, settings: RunSettings) -> Silo {
         settings.router,
     );
     router.spawn_maintenance(&token, &tracker);
-    let app = app(AppState {
+    let state = AppState {
         control: control.clone(),
         router: router.clone(),
         admin_token: Arc::new(settings.admin_token),
+        metrics_token: settings.metrics_token.map(Arc::new),
         metrics: crate::telemetry::metrics_handle(),
         app_domain: settings.app_domain.as_deref().map(Arc::from),
-    });
+    };
     Silo {
         control,
         router,
-        app,
+        app: app(state.clone()),
+        metrics_app: crate::api::metrics_app(state),
+        metrics_listen: settings.metrics_listen,
         token,
         tracker,
     }
@@ -170,6 +196,21 @@ impl Silo {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let stop = self.token.clone();
+        if let Some(addr) = self.metrics_listen {
+            let metrics = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listen on {addr} for metrics"))?;
+            tracing::info!(%addr, "metrics served without authentication on their own listener");
+            let (app, stop) = (self.metrics_app.clone(), self.token.clone());
+            self.tracker.spawn(async move {
+                let served = axum::serve(metrics, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+                if let Err(e) = served {
+                    tracing::warn!("failed to serve metrics: {e}");
+                }
+            });
+        }
         let served = axum::serve(listener, self.app.clone())
             .with_graceful_shutdown(async move {
                 shutdown.await;

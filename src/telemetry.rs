@@ -29,6 +29,13 @@ pub fn metrics_handle() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
+                // A series no longer updated (a tenant that left the oldest-
+                // backups list, a server removed) drops out after a while, so
+                // the output stays small.
+                .idle_timeout(
+                    metrics_util::MetricKindMask::GAUGE,
+                    Some(std::time::Duration::from_secs(900)),
+                )
                 .set_buckets_for_metric(
                     Matcher::Full("silo_provision_seconds".into()),
                     &[0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0],

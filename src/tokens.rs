@@ -1,6 +1,9 @@
 //! Tenant bearer tokens: HS256 JWTs (the `jsonwebtoken` crate) signed with a
-//! key derived from the master key. A token names one tenant (`sub`) and
-//! expires; the app API accepts it only for that tenant.
+//! key derived from the master key. A token names one tenant (`sub`), the
+//! tenant's token generation it was minted in (`gen`), and expires; the app
+//! API accepts it only for that tenant and only while that generation is
+//! current: suspending the tenant, rotating its credentials or revoking its
+//! tokens starts a new generation, and every older token is refused.
 
 use chrono::{DateTime, Utc};
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -22,6 +25,17 @@ struct Claims {
     aud: String,
     iat: i64,
     exp: i64,
+    /// The tenant's token generation at minting (absent in tokens minted
+    /// before generations existed: generation 0).
+    #[serde(default)]
+    gen: i32,
+}
+
+/// What a valid token says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenClaims {
+    pub tenant: Uuid,
+    pub generation: i32,
 }
 
 /// The token was malformed, forged, expired, or not for silo's app API.
@@ -29,8 +43,13 @@ struct Claims {
 #[error("invalid or expired tenant token")]
 pub struct InvalidToken;
 
-/// Mint a token for `tenant` valid for `ttl_seconds`.
-pub fn mint(keyring: &Keyring, tenant: Uuid, ttl_seconds: i64) -> (String, DateTime<Utc>) {
+/// Mint a token for `tenant`, in its token `generation`, valid for `ttl_seconds`.
+pub fn mint(
+    keyring: &Keyring,
+    tenant: Uuid,
+    generation: i32,
+    ttl_seconds: i64,
+) -> (String, DateTime<Utc>) {
     let now = Utc::now();
     let expires_at = now + chrono::Duration::seconds(ttl_seconds);
     let claims = Claims {
@@ -39,6 +58,7 @@ pub fn mint(keyring: &Keyring, tenant: Uuid, ttl_seconds: i64) -> (String, DateT
         aud: AUDIENCE.into(),
         iat: now.timestamp(),
         exp: expires_at.timestamp(),
+        gen: generation,
     };
     let token = encode(
         &Header::new(Algorithm::HS256),
@@ -49,15 +69,18 @@ pub fn mint(keyring: &Keyring, tenant: Uuid, ttl_seconds: i64) -> (String, DateT
     (token, expires_at)
 }
 
-/// The tenant a valid token was minted for.
-pub fn verify(keyring: &Keyring, token: &str) -> Result<Uuid, InvalidToken> {
+/// The tenant (and generation) a valid token was minted for.
+pub fn verify(keyring: &Keyring, token: &str) -> Result<TokenClaims, InvalidToken> {
     let mut v = Validation::new(Algorithm::HS256);
     v.set_issuer(&[ISSUER]);
     v.set_audience(&[AUDIENCE]);
     v.leeway = 5;
     v.set_required_spec_claims(&["exp", "sub", "aud", "iss"]);
     decode::<Claims>(token, &DecodingKey::from_secret(keyring.token_key()), &v)
-        .map(|d| d.claims.sub)
+        .map(|d| TokenClaims {
+            tenant: d.claims.sub,
+            generation: d.claims.gen,
+        })
         .map_err(|_| InvalidToken)
 }
 
@@ -73,11 +96,17 @@ mod tests {
     fn a_token_verifies_only_with_its_key_and_until_it_expires() {
         let k = ring();
         let tenant = Uuid::now_v7();
-        let (token, exp) = mint(&k, tenant, 60);
+        let (token, exp) = mint(&k, tenant, 3, 60);
         assert!(exp > Utc::now());
-        assert_eq!(verify(&k, &token).unwrap(), tenant);
+        assert_eq!(
+            verify(&k, &token).unwrap(),
+            TokenClaims {
+                tenant,
+                generation: 3
+            }
+        );
         assert!(verify(&ring(), &token).is_err(), "another master key");
-        let (expired, _) = mint(&k, tenant, -60);
+        let (expired, _) = mint(&k, tenant, 3, -60);
         assert!(verify(&k, &expired).is_err());
         let mut forged = token.clone();
         forged.replace_range(token.len() - 4.., "AAAA");

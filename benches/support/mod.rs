@@ -120,9 +120,13 @@ impl SiloServer {
             replicas: 1,
             scheduler_tick: 15,
             health_interval: silo::config::DEFAULT_HEALTH_INTERVAL_SECS,
+            metrics_listen: None,
         };
-        let settings =
-            silo::startup::RunSettings::from_args(&args, silo::config::Secret::new(ADMIN_TOKEN));
+        let settings = silo::startup::RunSettings::from_args(
+            &args,
+            silo::config::Secret::new(ADMIN_TOKEN),
+            None,
+        );
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {

@@ -1,4 +1,8 @@
-//! Liveness, readiness and Prometheus metrics (unauthenticated, as probes expect).
+//! Liveness and readiness (unauthenticated, as probes expect), and
+//! Prometheus metrics: on the main listener only with a bearer token
+//! (`SILO_METRICS_TOKEN`, or the admin token), since they describe the whole
+//! fleet; or without one on a listener of their own (`SILO_METRICS_LISTEN`),
+//! meant for a private port.
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -38,10 +42,27 @@ async fn readyz(State(state): State<AppState>) -> ApiResult<&'static str> {
     Ok("ready")
 }
 
-/// Prometheus metrics.
-#[utoipa::path(get, path = "/metrics", tag = "health", security(),
-    responses((status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain")))]
-async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+/// Prometheus metrics (bearer: `SILO_METRICS_TOKEN`, or the admin token).
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses((status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain"),
+        (status = 401, description = "no metrics or admin token")))]
+async fn metrics(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<impl IntoResponse> {
+    let presented = super::auth::bearer_token(&headers).ok_or(ApiError::Unauthorized)?;
+    let allowed = [Some(&state.admin_token), state.metrics_token.as_ref()]
+        .into_iter()
+        .flatten()
+        .any(|t| crate::crypto::secret_eq(presented.as_bytes(), t.expose().as_bytes()));
+    if !allowed {
+        return Err(ApiError::Unauthorized);
+    }
+    Ok(render(state).await)
+}
+
+/// The metrics, fresh: gauges read from the registry at scrape time.
+pub async fn render(state: AppState) -> impl IntoResponse {
     // Gauges read from the registry at scrape time, so every replica reports the truth.
     if let Ok(counts) = state.registry().count_by_status().await {
         for status in TenantStatus::ALL {

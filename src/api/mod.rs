@@ -6,7 +6,7 @@ mod admin;
 mod app;
 mod auth;
 pub mod error;
-mod health;
+pub(crate) mod health;
 pub mod paging;
 mod responses;
 
@@ -34,6 +34,8 @@ pub struct AppState {
     pub control: ControlPlane,
     pub router: TenantRouter,
     pub admin_token: Arc<Secret>,
+    /// Bearer token that may read `/metrics` (besides the admin token).
+    pub metrics_token: Option<Arc<Secret>>,
     pub metrics: PrometheusHandle,
     /// Tenants may be named by the first host label under this domain.
     pub app_domain: Option<Arc<str>>,
@@ -96,6 +98,19 @@ async fn openapi_json(Extension(docs): Extension<Arc<Documents>>) -> impl IntoRe
     responses((status = 200, description = "the API reference (HTML)", body = String, content_type = "text/html")))]
 async fn docs(Extension(docs): Extension<Arc<Documents>>) -> Html<String> {
     Html(docs.html.clone())
+}
+
+/// `/metrics` alone, without authentication: for a listener of its own on a
+/// private port (`SILO_METRICS_LISTEN`).
+pub fn metrics_app(state: AppState) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(
+                |axum::extract::State(state): axum::extract::State<AppState>| health::render(state),
+            ),
+        )
+        .with_state(state)
 }
 
 /// The whole HTTP application.

@@ -88,9 +88,13 @@ impl Backups {
             .await?
             .context("lock a fresh scratch id")?;
         let name = scratch_db(id);
-        let created = admin
-            .exec(&format!("CREATE DATABASE \"{name}\" TEMPLATE template0"))
-            .await;
+        // Born closed, then opened to silo alone: no session of anyone else
+        // is ever inside a database a tenant's data is restored into.
+        let created = async {
+            roles::create_database(admin, &name, None, "").await?;
+            admin.exec(&roles::database_grants(&name, None)).await
+        }
+        .await;
         if let Err(e) = created {
             lock.release().await;
             return Err(Error::Internal(
@@ -123,13 +127,6 @@ impl Backups {
         key: &[u8; 32],
         progress: Option<Progress>,
     ) -> Result<()> {
-        admin
-            .exec(&format!(
-                "REVOKE ALL ON DATABASE \"{}\" FROM PUBLIC",
-                scratch.name
-            ))
-            .await
-            .context("close the restored database to PUBLIC")?;
         let mut body =
             storage.store.get(&b.object_key).await?.ok_or_else(|| {
                 Error::Conflict("the backup's data is missing from the store".into())
@@ -290,13 +287,25 @@ impl Backups {
         Ok(restored)
     }
 
-    /// Migrate and grant a restored database, as provisioning does.
-    async fn prepare_restored(&self, admin: &ServerAdmin, database: &str) -> anyhow::Result<i64> {
+    /// Migrate a restored database and grant it to `role` alone, as
+    /// provisioning does; no session of another role may be inside.
+    async fn prepare_restored(
+        &self,
+        admin: &ServerAdmin,
+        database: &str,
+        role: &str,
+    ) -> anyhow::Result<i64> {
+        let foreign = roles::foreign_sessions(admin, database, None).await?;
+        anyhow::ensure!(
+            foreign.is_empty(),
+            "check the restored database: sessions of other roles are inside ({})",
+            foreign.join(", ")
+        );
         let db = admin
             .single_pool(database)
             .await
             .context("connect to the restored database")?;
-        let migrated = self.inner.schema.apply(&db).await;
+        let migrated = self.inner.schema.apply(&db, Some(role)).await;
         db.close().await;
         migrated.context("bring the restored database to the latest schema")
     }
@@ -313,7 +322,10 @@ impl Backups {
         let scratch = self
             .restore_to_scratch(storage, b, &admin, progress)
             .await?;
-        let version = match self.prepare_restored(&admin, &scratch.name).await {
+        let version = match self
+            .prepare_restored(&admin, &scratch.name, &target.role_name)
+            .await
+        {
             Ok(v) => v,
             Err(e) => {
                 drop_scratch(&admin, scratch).await;
@@ -403,10 +415,24 @@ impl Backups {
             .ok_or_else(|| Error::conflict("tenant is no longer archived"))?;
             let admin = self.admin_for(target).await?;
             let brought_back = async {
+                // The role first (with a new password, and no database yet):
+                // the restored database is granted to it alone.
+                let password = crate::crypto::random_password(32);
+                roles::create_login_role(
+                    &admin,
+                    &target.role_name,
+                    &password,
+                    target.plan.connection_limit(),
+                )
+                .await
+                .context("create the tenant role")?;
                 let scratch = self
                     .restore_to_scratch(storage, b, &admin, progress)
                     .await?;
-                let version = match self.prepare_restored(&admin, &scratch.name).await {
+                let version = match self
+                    .prepare_restored(&admin, &scratch.name, &target.role_name)
+                    .await
+                {
                     Ok(v) => v,
                     Err(e) => {
                         drop_scratch(&admin, scratch).await;
@@ -437,16 +463,10 @@ impl Backups {
                     .await;
                 scratch.lock.release().await;
                 placed?;
-                let password = crate::crypto::random_password(32);
-                roles::create_role(
-                    &admin,
-                    &target.role_name,
-                    &new_name,
-                    &password,
-                    target.plan.connection_limit(),
-                )
-                .await
-                .context("create the tenant role")?;
+                admin
+                    .exec(&roles::database_grants(&new_name, Some(&target.role_name)))
+                    .await
+                    .context("let the tenant role connect to its database")?;
                 let sealed = self
                     .keyring()
                     .seal(password.as_bytes(), target.id.as_bytes());

@@ -24,6 +24,9 @@ use crate::domain::Schedule;
 use crate::ops::{Error, Result};
 use crate::registry::Schedulable;
 
+/// Tenants with a backup-age series of their own on `/metrics`: the oldest.
+const AGE_SERIES: i64 = 50;
+
 /// Idle tenants the scheduler starts archiving per tick.
 const ARCHIVE_PER_TICK: i64 = 10;
 
@@ -214,19 +217,20 @@ impl Backups {
         Ok(started)
     }
 
-    /// `silo_backup_last_success_age_seconds{tenant}` for every active tenant.
+    /// Backup ages for monitoring, small at any fleet size: the oldest
+    /// last good backup (`silo_backup_oldest_success_age_seconds`), how many
+    /// active tenants have none, and per tenant (by id, never by slug) only
+    /// for the [`AGE_SERIES`] oldest (`silo_backup_last_success_age_seconds`).
     async fn record_backup_ages(&self, now: DateTime<Utc>) -> Result<()> {
-        let mut never = 0u64;
-        for (slug, last) in self.registry().last_backups().await? {
-            match last {
-                Some(at) => {
-                    metrics::gauge!("silo_backup_last_success_age_seconds", "tenant" => slug)
-                        .set((now - at).num_milliseconds() as f64 / 1000.0)
-                }
-                None => never += 1,
-            }
-        }
+        let (never, oldest) = self.registry().oldest_backups(AGE_SERIES).await?;
+        let age = |at: DateTime<Utc>| (now - at).num_milliseconds() as f64 / 1000.0;
         metrics::gauge!("silo_backup_tenants_without_backup").set(never as f64);
+        metrics::gauge!("silo_backup_oldest_success_age_seconds")
+            .set(oldest.first().map_or(0.0, |(_, at)| age(*at)));
+        for (tenant, at) in oldest {
+            metrics::gauge!("silo_backup_last_success_age_seconds", "tenant_id" => tenant.to_string())
+                .set(age(at));
+        }
         Ok(())
     }
 }

@@ -99,13 +99,17 @@ async fn dev_with(args: &DevArgs, dir: &Path, pg: &EmbeddedPostgres) -> Result<(
         .find_tenant(DEMO_CLINICS[0].0)
         .await?
         .context("find the demo clinic")?;
-    let (demo_token, _) =
-        crate::tokens::mint(control.keyring(), demo.id, crate::tokens::MAX_TTL_SECONDS);
+    let (demo_token, _) = crate::tokens::mint(
+        control.keyring(),
+        demo.id,
+        demo.token_generation,
+        crate::tokens::MAX_TTL_SECONDS,
+    );
     let banner = |addr: std::net::SocketAddr| {
         println!("silo dev is running (Ctrl-C stops it)");
         println!("  admin API:    http://{addr}/admin/v1/tenants");
         println!("  API docs:     http://{addr}/docs");
-        println!("  metrics:      http://{addr}/metrics");
+        println!("  metrics:      http://{addr}/metrics (bearer: the admin token)");
         println!("  admin token:  {admin_token}");
         println!("  try:          curl -H 'Authorization: Bearer {admin_token}' http://{addr}/admin/v1/tenants");
         println!(
@@ -129,7 +133,7 @@ async fn dev_with(args: &DevArgs, dir: &Path, pg: &EmbeddedPostgres) -> Result<(
     };
     crate::startup::serve(
         control,
-        RunSettings::from_args(&args.server, Secret::new(admin_token.clone())),
+        RunSettings::from_args(&args.server, Secret::new(admin_token.clone()), None),
         args.server.listen,
         shutdown_signal(),
         banner,

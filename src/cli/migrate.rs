@@ -1,5 +1,7 @@
 //! `silo migrate`: the control schema, and fleet migrations of every tenant.
 
+use anyhow::Context;
+
 use super::progress::FleetProgressView;
 use super::{connect, CliError};
 use crate::config::MigrateCommand;
@@ -9,11 +11,15 @@ use crate::registry::Registry;
 pub(super) async fn migrate(cmd: MigrateCommand) -> Result<(), CliError> {
     match cmd {
         MigrateCommand::Control { control } => {
-            let registry = Registry::connect_lazy(control.database_url()?)?;
+            let registry = Registry::connect_lazy(control.database_url()?.expose())?;
             registry
                 .migrate()
                 .await
                 .map_err(|e| anyhow::anyhow!(e).context("apply control database migrations"))?;
+            registry
+                .close_to_public()
+                .await
+                .context("close the control database to PUBLIC")?;
             println!("control database is at the latest migration");
             Ok(())
         }

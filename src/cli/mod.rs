@@ -14,7 +14,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
-use crate::config::{check_admin_token, Cli, Command, ConfigError, ControlArgs, Secret};
+use crate::config::{Cli, Command, ConfigError, ControlArgs};
 use crate::control::ControlPlane;
 use crate::ops;
 use crate::registry::{Operation, TenantRecord};
@@ -76,7 +76,7 @@ pub async fn run(cli: Cli) -> ExitCode {
 /// and the tenant schema from the configuration, the default server
 /// registered on first start.
 async fn connect(control: &ControlArgs, warm_pool_size: u32) -> Result<ControlPlane, CliError> {
-    let database_url = Secret::new(control.database_url()?);
+    let database_url = control.database_url()?;
     let keyring = control.keyring()?;
     let schema = crate::servers::TenantSchema::load(control.tenant_migrations.as_deref()).await?;
     let storage = crate::backup::Storage::from_args(&control.storage)
@@ -85,7 +85,7 @@ async fn connect(control: &ControlArgs, warm_pool_size: u32) -> Result<ControlPl
     let plane = crate::startup::connect(Connection {
         database_url,
         keyring,
-        tenant_server_url: control.tenant_server_url.clone(),
+        tenant_server_url: control.tenant_server_url()?,
         schema,
         storage,
         warm_pool_size,
@@ -96,13 +96,14 @@ async fn connect(control: &ControlArgs, warm_pool_size: u32) -> Result<ControlPl
 
 async fn serve(args: crate::config::ServeArgs) -> Result<(), CliError> {
     // Refuse insecure configuration before touching anything.
-    let token = check_admin_token(args.admin_token.as_ref())?.to_owned();
+    let token = args.admin_token()?;
+    let metrics_token = args.metrics_token()?;
     args.control.keyring()?;
     args.control.database_url()?;
     let control = connect(&args.control, args.server.warm_pool_size).await?;
     crate::startup::serve(
         control,
-        RunSettings::from_args(&args.server, Secret::new(token)),
+        RunSettings::from_args(&args.server, token, metrics_token),
         args.server.listen,
         shutdown_signal(),
         |addr| tracing::info!(%addr, "silo serving"),

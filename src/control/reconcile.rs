@@ -23,6 +23,9 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::ControlPlane;
+
+/// Legacy tenant databases regranted per reconcile pass.
+const REGRANT_BATCH: i64 = 50;
 use crate::registry::{DbServer, TenantStatus};
 use crate::servers::names::{self, SPARE_DB_PREFIX, TENANT_DB_PREFIX};
 use crate::servers::{roles, ServerAdmin};
@@ -44,6 +47,11 @@ pub struct ReconcileReport {
     pub move_leftovers_dropped: u32,
     /// Databases a move left behind without verifying its copy, renamed `silo_kept_*`.
     pub unverified_sources_kept: u32,
+    /// Sessions of roles that may not log in (a suspend that stopped half-way), ended.
+    pub sessions_ended: u32,
+    /// Tenant databases granted through the legacy shared group, regranted
+    /// to their own role alone.
+    pub privileges_regranted: u32,
     /// Backups, uploads and backup operations left by a stopped process.
     pub backups: crate::backup::BackupSweep,
     pub errors: Vec<String>,
@@ -58,6 +66,8 @@ pub struct Observed {
     pub roles: Vec<(String, bool)>,
     /// `silo_rs_*` roles (of spares).
     pub spare_roles: Vec<String>,
+    /// `silo_r_*` roles with at least one session open.
+    pub with_sessions: Vec<String>,
 }
 
 /// A tenant row as the plan needs it.
@@ -74,6 +84,8 @@ pub struct AccountedSpare {
     pub database: String,
     pub role: Option<String>,
     pub schema_version: i64,
+    /// Granted to its own role alone (else a legacy spare: replaced).
+    pub own_privileges: bool,
 }
 
 /// What the registry accounts for on a server.
@@ -107,6 +119,8 @@ pub enum Action {
     DropSpareRole(String),
     /// A tenant role whose LOGIN disagrees with its tenant's state.
     SetLogin { role: String, login: bool },
+    /// A tenant role that may not log in still has sessions: end them.
+    EndSessions(String),
 }
 
 /// Decide what to do, from what exists and what the registry accounts for.
@@ -135,7 +149,9 @@ pub fn plan(observed: &Observed, accounted: &Accounted) -> Vec<Action> {
     let good_spares: HashSet<&str> = accounted
         .spares
         .iter()
-        .filter(|s| s.schema_version >= accounted.latest_version && s.role.is_some())
+        .filter(|s| {
+            s.schema_version >= accounted.latest_version && s.role.is_some() && s.own_privileges
+        })
         .map(|s| s.database.as_str())
         .collect();
     let good_spare_roles: HashSet<&str> = accounted
@@ -182,6 +198,9 @@ pub fn plan(observed: &Observed, accounted: &Accounted) -> Vec<Action> {
                         role: role.clone(),
                         login,
                     });
+                }
+                if want == Some(false) && observed.with_sessions.contains(role) {
+                    actions.push(Action::EndSessions(role.clone()));
                 }
             }
         }
@@ -246,6 +265,12 @@ impl ControlPlane {
                 report.errors.push(format!("tenant {}: {e:#}", t.slug));
             }
         }
+        match self.regrant_shared().await {
+            Ok(n) => report.privileges_regranted = n,
+            Err(e) => report
+                .errors
+                .push(format!("regrant tenant databases: {e:#}")),
+        }
         if let Ok(backups) = self.backups() {
             match backups.sweep_backups().await {
                 Ok(swept) => report.backups = swept,
@@ -256,6 +281,43 @@ impl ControlPlane {
             tracing::warn!("reconcile: failed to {e}");
         }
         Ok(report)
+    }
+
+    /// Tenant databases made before per-tenant privileges (granted through
+    /// one group shared by every tenant): granted to their own role alone,
+    /// the group's privileges and membership taken away. A few per pass.
+    async fn regrant_shared(&self) -> anyhow::Result<u32> {
+        let reg = self.registry();
+        let mut done = 0;
+        for t in reg.tenants_with_shared_privileges(REGRANT_BATCH).await? {
+            let Some(lock) = reg.try_lock_tenant(t.id).await? else {
+                continue;
+            };
+            let regranted = async {
+                let t = reg.tenant(t.id).await?.context("re-read the tenant")?;
+                if t.own_privileges || t.provision_step.is_some() {
+                    return anyhow::Ok(false);
+                }
+                let admin = self.provisioner().admin_for(&t).await?;
+                let db = admin
+                    .single_pool(&t.database_name)
+                    .await
+                    .context("connect to the tenant database")?;
+                let granted = crate::servers::schema::grant(&db, Some(&t.role_name)).await;
+                db.close().await;
+                granted?;
+                roles::leave_legacy_group(&admin, &t.role_name).await?;
+                reg.set_own_privileges(t.id).await?;
+                anyhow::Ok(true)
+            }
+            .await;
+            lock.release().await;
+            if regranted.with_context(|| format!("tenant {}", t.slug))? {
+                tracing::info!(tenant_id = %t.id, "tenant database granted to its own role alone");
+                done += 1;
+            }
+        }
+        Ok(done)
     }
 
     async fn reconcile_server(
@@ -318,6 +380,7 @@ impl ControlPlane {
                 database: s.database_name,
                 role: s.role_name,
                 schema_version: s.schema_version,
+                own_privileges: s.own_privileges,
             })
             .collect();
         Ok(Accounted {
@@ -374,6 +437,14 @@ impl ControlPlane {
                 roles::set_role_login(admin, role, *login).await?;
                 report.logins_fixed += 1;
             }
+            Action::EndSessions(role) => {
+                tracing::info!(
+                    role,
+                    "ending the sessions of a tenant role that may not log in"
+                );
+                roles::terminate_sessions(admin, role).await?;
+                report.sessions_ended += 1;
+            }
         }
         Ok(())
     }
@@ -402,10 +473,18 @@ async fn observe(admin: &ServerAdmin) -> anyhow::Result<Observed> {
             .await
             .map_err(wrap)
             .context("list spare roles")?;
+    let with_sessions = sqlx::query_scalar(
+        "SELECT DISTINCT usename::text FROM pg_stat_activity WHERE usename LIKE 'silo\\_r\\_%'",
+    )
+    .fetch_all(&admin.pool)
+    .await
+    .map_err(wrap)
+    .context("list tenant sessions")?;
     Ok(Observed {
         databases,
         roles,
         spare_roles,
+        with_sessions,
     })
 }
 
@@ -444,6 +523,7 @@ mod tests {
             databases: dbs.iter().map(|d| d.to_string()).collect(),
             roles: roles.iter().map(|(r, l)| (r.to_string(), *l)).collect(),
             spare_roles: vec![],
+            with_sessions: vec![],
         }
     }
 
@@ -462,6 +542,7 @@ mod tests {
             database: name.into(),
             role: role.map(str::to_owned),
             schema_version: v,
+            own_privileges: true,
         };
         vec![
             Case {
@@ -513,6 +594,25 @@ mod tests {
                     ..registry(vec![])
                 },
                 want: vec![],
+            },
+            Case {
+                name: "a spare granted through the legacy shared group is replaced",
+                observed: Observed {
+                    spare_roles: vec!["silo_rs_5".into()],
+                    ..on_server(&["silo_spare_5"], &[])
+                },
+                accounted: Accounted {
+                    spares: vec![AccountedSpare {
+                        own_privileges: false,
+                        ..spare("silo_spare_5", Some("silo_rs_5"), 1)
+                    }],
+                    ..registry(vec![])
+                },
+                want: vec![
+                    Action::DropSpare("silo_spare_5".into()),
+                    Action::ForgetSpare("silo_spare_5".into()),
+                    Action::DropSpareRole("silo_rs_5".into()),
+                ],
             },
             Case {
                 name: "an unrecorded spare (its clone crashed before the row) is dropped",
@@ -600,6 +700,15 @@ mod tests {
                         login: false,
                     },
                 ],
+            },
+            Case {
+                name: "a suspend that stopped half-way: the role's sessions are ended",
+                observed: Observed {
+                    with_sessions: vec![a_role.clone(), b_role.clone()],
+                    ..on_server(&[&a_db, &b_db], &[(&a_role, false), (&b_role, true)])
+                },
+                accounted: registry(vec![tenant(A, Suspended), tenant(B, Active)]),
+                want: vec![Action::EndSessions(a_role.clone())],
             },
             Case {
                 name: "an archived tenant's leftover role may not log in",

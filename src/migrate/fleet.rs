@@ -26,7 +26,7 @@ use uuid::Uuid;
 use crate::domain::OperationKind;
 use crate::ops::{Error, Result};
 use crate::registry::{Operation, Registry, TenantRecord};
-use crate::servers::{ServerPools, TenantSchema};
+use crate::servers::{roles, ServerPools, TenantSchema};
 /// Longest a run waits at its end for tenants still provisioning (a crashed
 /// create is finished by the reconciler within its interval).
 const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
@@ -265,10 +265,13 @@ impl Fleet {
                 .single_pool(&t.database_name)
                 .await
                 .context("connect to the tenant database")?;
-            let migrated = self.schema.apply(&db).await;
+            let migrated = self.schema.apply(&db, Some(&t.role_name)).await;
             db.close().await;
             let version = migrated?;
+            // The role holds its database's privileges alone now.
+            roles::leave_legacy_group(&admin, &t.role_name).await?;
             reg.set_schema_version(t.id, version).await?;
+            reg.set_own_privileges(t.id).await?;
             anyhow::Ok(version)
         })
         .await

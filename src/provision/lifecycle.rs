@@ -67,8 +67,10 @@ impl Provisioner {
             let admin = self.admin_for(&t).await?;
             // Suspend: registry first, then the role (an active row whose role
             // cannot log in would break invariant 2). Resume: the reverse.
+            // A suspend also refuses every app token minted so far.
             if !login {
                 reg.transition(id, &[from], to, None).await?;
+                reg.revoke_tokens(id).await?;
             }
             roles::set_role_login(&admin, &t.role_name, login)
                 .await
@@ -151,8 +153,34 @@ impl Provisioner {
             let sealed = self.keyring().seal(password.as_bytes(), id.as_bytes());
             reg.set_password(id, &sealed, self.keyring().key_id())
                 .await?;
+            // New credentials, new tokens: the old ones are refused.
+            reg.revoke_tokens(id).await?;
             reg.audit(actor, "tenant.rotate_credentials", Some(id), json!({}))
                 .await?;
+            reg.tenant(id).await?.ok_or(Error::NotFound("tenant"))
+        })
+        .await
+    }
+
+    /// Refuse every app token of the tenant minted so far (a leak, a
+    /// departing employee): a new token generation, followed by every
+    /// replica's router at once.
+    #[tracing::instrument(skip(self), fields(tenant_id = %id))]
+    pub async fn revoke_tokens(&self, id: Uuid, actor: &str) -> Result<TenantRecord> {
+        let reg = self.registry();
+        reg.with_tenant_lock(id, || async {
+            let t = reg.tenant(id).await?.ok_or(Error::NotFound("tenant"))?;
+            if t.status == TenantStatus::Deleted {
+                return Err(Error::NotFound("tenant"));
+            }
+            let generation = reg.revoke_tokens(id).await?;
+            reg.audit(
+                actor,
+                "tenant.revoke_tokens",
+                Some(id),
+                json!({"token_generation": generation}),
+            )
+            .await?;
             reg.tenant(id).await?.ok_or(Error::NotFound("tenant"))
         })
         .await

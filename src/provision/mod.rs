@@ -6,12 +6,17 @@
 //! 1. `registered` — row inserted as `provisioning` with server, deterministic
 //!    database/role names (from the tenant id) and the sealed password;
 //! 2. `database` — a warm-pool spare renamed into place, else a clone of the
-//!    server's template database, else an empty database;
-//! 3. `role` — a LOGIN role, member of the data-access group, nothing else,
-//!    with CONNECT on its own database only and PUBLIC revoked (one transaction);
-//! 4. `migrate` — tenant migrations, skipped when cloned at the latest version;
+//!    server's template database, else an empty database (from `template0`);
+//!    a new database allows no connection at all until step 3;
+//! 3. `role` — a LOGIN role in no group, holding nothing else, with CONNECT
+//!    on its own database only, PUBLIC revoked and connections allowed (one
+//!    transaction: the database is never open to anyone else);
+//! 4. `migrate` — tenant migrations (skipped when cloned at the latest
+//!    version), then the database's privileges granted to the tenant's role
+//!    alone (a spare's were granted when it was made);
 //! 5. `verify` — the tenant role logs in and reads its tables (a fresh
-//!    template clone: the shared catalogs say it can log in and connect);
+//!    template clone: the shared catalogs say it can log in and connect),
+//!    and no session of any other role is inside;
 //! 6. `active` — the row is marked `active`: the one durable commit of a warm
 //!    create (earlier control-DB writes commit lazily; see `Registry::begin_lazy`).
 //!
@@ -40,7 +45,7 @@ use crate::failpoint;
 use crate::ops::{Error, Result};
 use crate::registry::{DbServer, NewTenant, Registry, Spare, TenantRecord, TenantStatus};
 use crate::servers::names::{tenant_names, TEMPLATE_DB};
-use crate::servers::{roles, sqlstate, ServerAdmin, ServerPools, TenantSchema};
+use crate::servers::{roles, schema, sqlstate, ServerAdmin, ServerPools, TenantSchema};
 
 /// The provisioning steps in order; each is also a failpoint name
 /// (`SILO_FAILPOINT=<step>` aborts right after the step is recorded).
@@ -298,7 +303,10 @@ impl Provisioner {
             let step_started = Instant::now();
             if role_made {
                 admin
-                    .exec(&roles::database_grants(&t.database_name, &t.role_name))
+                    .exec(&roles::database_grants(
+                        &t.database_name,
+                        Some(&t.role_name),
+                    ))
                     .await
                     .context("grant the tenant role its database")?;
             } else if !prepared {
@@ -318,14 +326,20 @@ impl Provisioner {
         if todo(Step::Migrate) {
             let step_started = Instant::now();
             let latest = self.inner.schema.latest_version();
-            if version != Some(latest) {
+            // A spare arrives granted to its role (now the tenant's); a clone
+            // of the template or an empty database is granted to it here.
+            if !prepared {
                 let db = admin
                     .single_pool(&t.database_name)
                     .await
                     .context("connect to tenant database")?;
-                let migrated = self.inner.schema.apply(&db).await;
+                let done = if version == Some(latest) {
+                    schema::grant(&db, Some(&t.role_name)).await.map(|_| latest)
+                } else {
+                    self.inner.schema.apply(&db, Some(&t.role_name)).await
+                };
                 db.close().await;
-                version = Some(migrated?);
+                version = Some(done?);
             }
             self.step_done(t, Step::Migrate, version, step_started)
                 .await?;
@@ -333,9 +347,9 @@ impl Provisioner {
         if todo(Step::Verify) {
             let step_started = Instant::now();
             if role_made {
-                // A clone of the template, whose tables and grants were checked
-                // when it was built: what is left to check lives in the shared
-                // catalogs, without a first session in the new database.
+                // A clone of the template, whose tables were checked when it
+                // was built: what is left to check lives in the shared
+                // catalogs, without a first session as the tenant role.
                 roles::verify_role_catalog(&admin, &t.database_name, &t.role_name)
                     .await
                     .context("verify the tenant role can log in to its database")?;
@@ -344,6 +358,14 @@ impl Provisioner {
                     .await
                     .context("verify the tenant role can log in and read its tables")?;
             }
+            // Nobody but the tenant's role (and silo) got in while it was made.
+            let foreign =
+                roles::foreign_sessions(&admin, &t.database_name, Some(&t.role_name)).await?;
+            anyhow::ensure!(
+                foreign.is_empty(),
+                "verify the new database: sessions of other roles are inside ({})",
+                foreign.join(", ")
+            );
             self.step_done(t, Step::Verify, None, step_started).await?;
         }
         let step_started = Instant::now();
@@ -422,9 +444,8 @@ impl Provisioner {
         if server.template_version == Some(latest) {
             // The login role is made while the database is cloned: its commit
             // (a shared catalog's) overlaps the clone instead of following it.
-            let clone = format!("CREATE DATABASE \"{database}\" TEMPLATE {TEMPLATE_DB}");
             let (cloned, role) = tokio::join!(
-                admin.exec(&clone),
+                roles::create_database(admin, database, Some(TEMPLATE_DB), ""),
                 roles::create_login_role(admin, &t.role_name, password, t.plan.connection_limit())
             );
             match cloned {
@@ -439,7 +460,7 @@ impl Provisioner {
                 ),
             }
         }
-        match admin.exec(&format!("CREATE DATABASE \"{database}\"")).await {
+        match roles::create_database(admin, database, None, "").await {
             Err(e) if !e.is(sqlstate::DUPLICATE_DATABASE) => return Err(e.into()),
             _ => {}
         }

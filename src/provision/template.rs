@@ -1,7 +1,9 @@
 //! The template database and the warm pool of each server.
 //!
 //! `silo_template` is kept at the latest tenant migration, with connections
-//! disallowed so nobody can hold it open and block a clone. Spares are clones
+//! disallowed so nobody can hold it open and block a clone, and closed to
+//! PUBLIC from the moment it exists (a session in it could plant rows every
+//! future tenant is cloned with). It grants nothing to any tenant role. Spares are clones
 //! of it, recorded in the registry once they exist; claiming one is a row
 //! delete plus a rename, which is why a warm create takes milliseconds.
 
@@ -13,7 +15,26 @@ use crate::domain::Plan;
 use crate::registry::{DbServer, Spare};
 use crate::servers::names::{SPARE_DB_PREFIX, SPARE_ROLE_PREFIX, TEMPLATE_DB};
 use crate::servers::roles::{self, database_exists};
-use crate::servers::ServerAdmin;
+use crate::servers::{schema, ServerAdmin};
+
+/// The comment a template built with per-tenant privileges carries; one
+/// without it (built before) is rebuilt.
+const TEMPLATE_MARK: &str = "silo template: no privilege for any tenant role";
+
+/// The template exists, was built closed and with per-tenant privileges, and
+/// PUBLIC may not connect to it.
+async fn template_sealed(admin: &ServerAdmin) -> anyhow::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_database d
+                         WHERE d.datname = $1 AND shobj_description(d.oid, 'pg_database') = $2
+                           AND NOT has_database_privilege('public', d.oid, 'CONNECT'))",
+    )
+    .bind(TEMPLATE_DB)
+    .bind(TEMPLATE_MARK)
+    .fetch_one(&admin.pool)
+    .await
+    .map_err(|e| admin.error(None, e).into())
+}
 
 impl Provisioner {
     /// Rebuild the server's template if it is missing or behind. Caller holds
@@ -25,7 +46,7 @@ impl Provisioner {
     ) -> anyhow::Result<()> {
         let latest = self.inner.schema.latest_version();
         // `>=`: during a rolling deploy an older replica must not undo a newer template.
-        if server.template_version >= Some(latest) && database_exists(admin, TEMPLATE_DB).await? {
+        if server.template_version >= Some(latest) && template_sealed(admin).await? {
             return Ok(());
         }
         tracing::info!(server = %server.name, version = latest, "building template database");
@@ -40,25 +61,35 @@ impl Provisioner {
                 ))
                 .await
                 .context("unmark the old template database")?;
-            admin
-                .exec(&format!("DROP DATABASE {TEMPLATE_DB} WITH (FORCE)"))
+            roles::drop_database(admin, TEMPLATE_DB)
                 .await
                 .context("drop the old template database")?;
         }
-        admin
-            .exec(&format!("CREATE DATABASE {TEMPLATE_DB}"))
+        // Born closed: nobody but silo ever connects to it.
+        roles::create_database(admin, TEMPLATE_DB, None, "")
             .await
             .context("create the template database")?;
+        admin
+            .exec(&roles::database_grants(TEMPLATE_DB, None))
+            .await
+            .context("close the template database to PUBLIC")?;
         let db = admin
             .single_pool(TEMPLATE_DB)
             .await
             .context("connect to the template database")?;
-        let migrated = self.inner.schema.apply(&db).await;
+        let migrated = self.inner.schema.apply(&db, None).await;
         db.close().await;
         migrated?;
+        let foreign = roles::foreign_sessions(admin, TEMPLATE_DB, None).await?;
+        anyhow::ensure!(
+            foreign.is_empty(),
+            "seal the template database: sessions of other roles are inside ({})",
+            foreign.join(", ")
+        );
         admin
             .exec(&format!(
-                "ALTER DATABASE {TEMPLATE_DB} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false"
+                "ALTER DATABASE {TEMPLATE_DB} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false;
+                 COMMENT ON DATABASE {TEMPLATE_DB} IS '{TEMPLATE_MARK}'"
             ))
             .await
             .context("seal the template database")?;
@@ -86,7 +117,7 @@ impl Provisioner {
             .spares(server.id)
             .await?
             .iter()
-            .filter(|s| s.schema_version == latest && s.role_name.is_some())
+            .filter(|s| s.schema_version == latest && s.role_name.is_some() && s.own_privileges)
             .count();
         let mut made = 0;
         for _ in (have..want).take(batch) {
@@ -108,10 +139,7 @@ impl Provisioner {
         let hex = Uuid::new_v4().simple().to_string();
         let database = format!("{SPARE_DB_PREFIX}{hex}");
         let role = format!("{SPARE_ROLE_PREFIX}{hex}");
-        admin
-            .exec(&format!(
-                "CREATE DATABASE \"{database}\" TEMPLATE {TEMPLATE_DB}"
-            ))
+        roles::create_database(admin, &database, Some(TEMPLATE_DB), "")
             .await
             .context("clone a spare database")?;
         let password = crate::crypto::random_password(32);
@@ -124,9 +152,22 @@ impl Provisioner {
         )
         .await
         .context("create the spare's role")?;
+        let db = admin
+            .single_pool(&database)
+            .await
+            .context("connect to the spare database")?;
+        let granted = schema::grant(&db, Some(&role)).await;
+        db.close().await;
+        granted?;
         roles::verify_login(admin, &database, &role, &password)
             .await
             .context("verify the spare's role can log in")?;
+        let foreign = roles::foreign_sessions(admin, &database, Some(&role)).await?;
+        anyhow::ensure!(
+            foreign.is_empty(),
+            "verify the spare: sessions of other roles are inside ({})",
+            foreign.join(", ")
+        );
         let sealed = self
             .keyring()
             .seal(password.as_bytes(), database.as_bytes());
@@ -138,6 +179,7 @@ impl Provisioner {
                 role_name: Some(role),
                 password_enc: Some(sealed),
                 key_id: Some(self.keyring().key_id().to_owned()),
+                own_privileges: true,
             })
             .await?;
         Ok(())

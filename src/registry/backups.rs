@@ -340,12 +340,22 @@ impl Registry {
         .map_err(Error::from)
     }
 
-    /// (slug, last successful backup) of every active tenant, for metrics.
-    pub async fn last_backups(&self) -> Result<Vec<(String, Option<DateTime<Utc>>)>> {
-        sqlx::query_as("SELECT slug, last_backup_at FROM tenants WHERE status = 'active'")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(Error::from)
+    /// Active tenants without any good backup, and the `limit` active
+    /// tenants whose last good backup is oldest (with its time).
+    pub async fn oldest_backups(&self, limit: i64) -> Result<(i64, Vec<(Uuid, DateTime<Utc>)>)> {
+        let never: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM tenants WHERE status = 'active' AND last_backup_at IS NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let oldest = sqlx::query_as(
+            "SELECT id, last_backup_at FROM tenants WHERE status = 'active' AND last_backup_at IS NOT NULL
+              ORDER BY last_backup_at LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok((never, oldest))
     }
 }
 

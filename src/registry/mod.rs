@@ -113,6 +113,34 @@ impl Registry {
         CONTROL.run(&self.pool).await
     }
 
+    /// Close the control database to PUBLIC: no tenant role (on a shared
+    /// cluster) may connect to it, listen to tenant changes or announce any.
+    /// Where silo's login neither owns the database nor is a superuser, it
+    /// says so instead (the database's owner must revoke it).
+    pub async fn close_to_public(&self) -> Result<bool> {
+        let (open, may): (bool, bool) = sqlx::query_as(
+            "SELECT has_database_privilege('public', d.oid, 'CONNECT'),
+                    pg_has_role(current_user, d.datdba, 'USAGE')
+                      OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+               FROM pg_database d WHERE d.datname = current_database()",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        if open && may {
+            sqlx::raw_sql(
+                "DO $$ BEGIN
+                   EXECUTE format('REVOKE ALL ON DATABASE %I FROM PUBLIC', current_database());
+                 END $$",
+            )
+            .execute(&self.pool)
+            .await?;
+            tracing::info!("closed the control database to PUBLIC");
+        } else if open {
+            tracing::warn!("the control database is open to PUBLIC and silo's login may not close it: any role of its cluster can connect to it (run REVOKE CONNECT ON DATABASE ... FROM PUBLIC as its owner)");
+        }
+        Ok(!open || may)
+    }
+
     /// `SELECT 1` against the control DB, for readiness.
     pub async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1")

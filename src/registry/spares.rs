@@ -14,6 +14,9 @@ pub struct Spare {
     pub role_name: Option<String>,
     pub password_enc: Option<Vec<u8>>,
     pub key_id: Option<String>,
+    /// Its database's privileges are its role's alone (false: granted
+    /// through the legacy shared group; the sweep replaces it).
+    pub own_privileges: bool,
 }
 
 impl std::fmt::Debug for Spare {
@@ -27,15 +30,15 @@ impl std::fmt::Debug for Spare {
 }
 
 const SPARE_COLUMNS: &str =
-    "database_name, server_id, schema_version, role_name, password_enc, key_id";
+    "database_name, server_id, schema_version, role_name, password_enc, key_id, own_privileges";
 
 impl Registry {
     /// Record a spare that exists and is ready: database cloned, role
     /// created, granted and verified.
     pub async fn insert_spare(&self, spare: &Spare) -> Result<()> {
         sqlx::query(
-            "INSERT INTO spares (database_name, server_id, schema_version, role_name, password_enc, key_id)
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO spares (database_name, server_id, schema_version, role_name, password_enc, key_id, own_privileges)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(&spare.database_name)
         .bind(spare.server_id)
@@ -43,6 +46,7 @@ impl Registry {
         .bind(&spare.role_name)
         .bind(&spare.password_enc)
         .bind(&spare.key_id)
+        .bind(spare.own_privileges)
         .execute(&self.pool)
         .await
         .map(|_| ())
@@ -60,6 +64,7 @@ impl Registry {
             "DELETE FROM spares WHERE database_name = (
                 SELECT database_name FROM spares
                  WHERE server_id = $1 AND schema_version = $2 AND role_name IS NOT NULL
+                   AND own_privileges
                  ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
              RETURNING {SPARE_COLUMNS}"
         ))

@@ -98,6 +98,12 @@ pub struct TenantRecord {
     pub last_backup_at: Option<DateTime<Utc>>,
     /// Set while a move's cut-over freezes the tenant's writes.
     pub frozen_at: Option<DateTime<Utc>>,
+    /// Its database's privileges are its role's alone (false: granted through
+    /// the legacy shared group until the reconciler regrants it).
+    pub own_privileges: bool,
+    /// App tokens of older generations are refused (suspend, rotation and
+    /// an explicit revoke start a new one).
+    pub token_generation: i32,
 }
 
 impl std::fmt::Debug for TenantRecord {
@@ -157,7 +163,7 @@ const SELECT_RECORD: &str =
     "SELECT t.id, t.slug, t.name, t.plan, t.status, t.server_id, s.name AS server_name,
         t.database_name, t.role_name, t.password_enc, t.key_id, t.provision_step, t.last_error,
         t.schema_version, t.backup_schedule, t.created_at, t.updated_at, t.last_backup_at,
-        t.frozen_at
+        t.frozen_at, t.own_privileges, t.token_generation
    FROM tenants t JOIN db_servers s ON s.id = t.server_id";
 
 impl Registry {
@@ -174,8 +180,8 @@ impl Registry {
         let mut tx = self.begin_lazy().await?;
         sqlx::query(
             "INSERT INTO tenants (id, slug, name, plan, status, server_id, database_name, role_name,
-                                  password_enc, key_id, provision_step)
-             VALUES ($1, $2, $3, $4, 'provisioning', $5, $6, $7, $8, $9, 'registered')",
+                                  password_enc, key_id, provision_step, own_privileges)
+             VALUES ($1, $2, $3, $4, 'provisioning', $5, $6, $7, $8, $9, 'registered', true)",
         )
         .bind(t.id)
         .bind(t.slug.as_str())
@@ -611,5 +617,40 @@ impl Registry {
         .fetch_all(&self.pool)
         .await
         .map_err(Error::from)
+    }
+}
+
+impl Registry {
+    /// The tenant's database is granted to its role alone now.
+    pub async fn set_own_privileges(&self, id: Uuid) -> Result<()> {
+        sqlx::query("UPDATE tenants SET own_privileges = true WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Live tenants whose databases are still granted through the legacy
+    /// shared group (made before per-tenant privileges), oldest first.
+    pub async fn tenants_with_shared_privileges(&self, limit: i64) -> Result<Vec<TenantRecord>> {
+        Ok(sqlx::query_as(&format!(
+            "{SELECT_RECORD} WHERE NOT t.own_privileges AND t.status IN ('active', 'suspended')
+              ORDER BY t.id LIMIT $1"
+        ))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Refuse every app token minted so far: a new token generation
+    /// (routers on every replica follow at once, by NOTIFY).
+    pub async fn revoke_tokens(&self, id: Uuid) -> Result<i32> {
+        Ok(sqlx::query_scalar(
+            "UPDATE tenants SET token_generation = token_generation + 1, updated_at = now()
+              WHERE id = $1 RETURNING token_generation",
+        )
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await?)
     }
 }

@@ -42,8 +42,7 @@ use crate::crypto::{random_password, Keyring};
 use crate::domain::OperationKind;
 use crate::ops::{Error, Operations, Result};
 use crate::registry::{DbServer, Operation, Registry, TenantStatus};
-use crate::servers::schema::TENANT_GRANTS;
-use crate::servers::{roles, PgTools, ServerAdmin, ServerPools};
+use crate::servers::{roles, schema, PgTools, ServerAdmin, ServerPools};
 use steps::*;
 
 /// Prefix of publications, subscriptions and replication slots of a move.
@@ -342,23 +341,20 @@ impl Mover {
         .await
         .context("read the source database's encoding")?;
         let quote = |v: &str| v.replace('\'', "''");
-        ends.dst
-            .exec(&format!(
-                "CREATE DATABASE \"{db}\" TEMPLATE template0 ENCODING '{}' LC_COLLATE '{}' LC_CTYPE '{}'",
+        // Born closed; opened to the tenant's new role alone (and silo).
+        roles::create_database(
+            &ends.dst,
+            db,
+            None,
+            &format!(
+                "ENCODING '{}' LC_COLLATE '{}' LC_CTYPE '{}'",
                 quote(&encoding),
                 quote(&collate),
                 quote(&ctype)
-            ))
-            .await
-            .context("create the database on the target")?;
-        if let Some(op) = op {
-            reg.set_progress(op, progress("schema", json!({}))).await?;
-        }
-        copy_schema(self.pg_tools()?, ends, db).await?;
-        let target = ends.dst_db(db).await?;
-        let granted = sqlx::raw_sql(TENANT_GRANTS).execute(&target).await;
-        target.close().await;
-        granted.context("grant the tenant group's privileges on the target")?;
+            ),
+        )
+        .await
+        .context("create the database on the target")?;
         let t = reg
             .tenant(plan.tenant_id)
             .await?
@@ -373,9 +369,25 @@ impl Mover {
         )
         .await
         .context("create the tenant role on the target")?;
+        if let Some(op) = op {
+            reg.set_progress(op, progress("schema", json!({}))).await?;
+        }
+        copy_schema(self.pg_tools()?, ends, db).await?;
+        let target = ends.dst_db(db).await?;
+        let granted = schema::grant(&target, Some(&plan.role)).await;
+        target.close().await;
+        granted.context("grant the tenant role its privileges on the target")?;
         roles::verify_login(&ends.dst, db, &plan.role, &password)
             .await
             .context("log in as the tenant role on the target")?;
+        let foreign = roles::foreign_sessions(&ends.dst, db, Some(&plan.role)).await?;
+        if !foreign.is_empty() {
+            return Err(anyhow::anyhow!(
+                "check the target database: sessions of other roles are inside ({})",
+                foreign.join(", ")
+            )
+            .into());
+        }
 
         let dst = ends.dst_db(db).await?;
         // The statement holds the source's admin password: sent over a

@@ -423,12 +423,10 @@ pub(super) async fn discard_target(ends: &Ends, plan: &MovePlan) {
     .await;
     let slot = drop_slots(&ends.src, plan).await;
     let database = async {
-        ends.dst
-            .exec(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+        roles::drop_database(&ends.dst, db)
             .await
             .context("drop the target database")?;
-        ends.dst
-            .exec(&format!("DROP ROLE IF EXISTS \"{}\"", plan.role))
+        roles::drop_role(&ends.dst, &plan.role)
             .await
             .context("drop the target role")
     }
@@ -460,20 +458,9 @@ pub(super) async fn keep_source(ends: &Ends, plan: &MovePlan) -> anyhow::Result<
         tracing::warn!(tenant_id = %plan.tenant_id, "failed to detach an unverified move (the reconciler retries): {e:#}");
     }
     let kept = roles::set_aside(&ends.src, db, plan.tenant_id).await?;
-    let role = async {
-        ends.src
-            .exec(&format!(
-                "REVOKE ALL ON DATABASE \"{kept}\" FROM \"{}\"",
-                plan.role
-            ))
-            .await?;
-        ends.src
-            .exec(&format!("DROP ROLE IF EXISTS \"{}\"", plan.role))
-            .await
-    }
-    .await;
-    if let Err(e) = role {
-        tracing::warn!(tenant_id = %plan.tenant_id, "failed to drop the old role of a moved tenant (the reconciler retries): {e}");
+    // The role goes (its grants in the kept database with it): nobody logs in there.
+    if let Err(e) = roles::drop_role(&ends.src, &plan.role).await {
+        tracing::warn!(tenant_id = %plan.tenant_id, "failed to drop the old role of a moved tenant (the reconciler retries): {e:#}");
     }
     Ok(kept)
 }
@@ -493,12 +480,10 @@ pub(super) async fn finish_source(ends: &Ends, plan: &MovePlan) {
             .context("drop the fence table on the target")?;
         conn.close().await;
         drop_slots(&ends.src, plan).await?;
-        ends.src
-            .exec(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+        roles::drop_database(&ends.src, db)
             .await
             .context("drop the source database")?;
-        ends.src
-            .exec(&format!("DROP ROLE IF EXISTS \"{}\"", plan.role))
+        roles::drop_role(&ends.src, &plan.role)
             .await
             .context("drop the source role")?;
         anyhow::Ok(())

@@ -37,7 +37,7 @@ use tokio_util::task::TaskTracker;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-pub use pool::{AcquireError, ServerBudget, TenantConn, TenantPool};
+pub use pool::{AcquireError, PoolKey, ServerBudget, TenantConn, TenantPool};
 
 use crate::config::Secret;
 use crate::crypto::Keyring;
@@ -121,7 +121,22 @@ pub struct TenantEntry {
     pub plan: Plan,
     /// A move's cut-over: answered 503 with `Retry-After` until it ends.
     pub frozen: bool,
+    /// App tokens of other generations are refused.
+    pub token_generation: i32,
     password: Secret,
+}
+
+impl TenantEntry {
+    /// What a pool for this tenant, as looked up now, must have been built for.
+    pub fn pool_key(&self) -> PoolKey {
+        use sha2::{Digest, Sha256};
+        PoolKey {
+            server_id: self.server_id,
+            database: self.database.clone(),
+            role: self.role.clone(),
+            credentials: Sha256::digest(self.password.expose().as_bytes()).into(),
+        }
+    }
 }
 
 impl std::fmt::Debug for TenantEntry {
@@ -140,6 +155,9 @@ struct Lookup {
     fetched: Instant,
     /// The [`Inner::epoch`] it was read in; an older one is stale.
     epoch: u64,
+    /// Marked stale by a change notice: re-read on next use (still served
+    /// if the control DB cannot be reached).
+    stale: bool,
 }
 
 /// Router state for `GET /admin/v1/pools`.
@@ -206,6 +224,9 @@ struct Inner {
     epoch: AtomicU64,
     /// Tenants that got a connection since the last activity flush.
     active: Mutex<HashSet<Uuid>>,
+    /// Control-DB sessions (by process id) known to be silo's own or not,
+    /// for telling the tenant changes silo announces from anyone else's.
+    senders: moka::sync::Cache<u32, bool>,
 }
 
 impl TenantRouter {
@@ -245,6 +266,10 @@ impl TenantRouter {
                 fetched: AtomicU64::new(0),
                 epoch: AtomicU64::new(0),
                 active: Mutex::default(),
+                senders: moka::sync::Cache::builder()
+                    .max_capacity(10_000)
+                    .time_to_live(Duration::from_secs(600))
+                    .build(),
             }),
         }
     }
@@ -263,7 +288,10 @@ impl TenantRouter {
                 Some(e) if !e.frozen => inner.config.lookup_ttl,
                 _ => inner.config.negative_ttl,
             };
-            if l.fetched.elapsed() < ttl && l.epoch == inner.epoch.load(Ordering::Acquire) {
+            if !l.stale
+                && l.fetched.elapsed() < ttl
+                && l.epoch == inner.epoch.load(Ordering::Acquire)
+            {
                 inner.hits.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("silo_router_cache_hits_total").increment(1);
                 return l.entry.ok_or(RouteError::NotFound);
@@ -281,6 +309,7 @@ impl TenantRouter {
                             entry: Some(entry.clone()),
                             fetched: Instant::now(),
                             epoch: inner.epoch.load(Ordering::Acquire),
+                            stale: false,
                         };
                         inner.lookups.insert(name.to_owned(), kept).await;
                         Ok(entry)
@@ -323,6 +352,7 @@ impl TenantRouter {
             entry,
             fetched: Instant::now(),
             epoch,
+            stale: false,
         })
     }
 
@@ -341,6 +371,7 @@ impl TenantRouter {
             role: t.role_name.clone(),
             plan: t.plan,
             frozen: t.frozen_at.is_some(),
+            token_generation: t.token_generation,
             password: Secret::new(password),
         })
     }
@@ -409,6 +440,17 @@ impl TenantRouter {
     }
 
     async fn pool_for(&self, entry: &Arc<TenantEntry>) -> Result<Arc<TenantPool>, RouteError> {
+        let key = entry.pool_key();
+        if let Some(pool) = self.inner.pools.get(&entry.id).await {
+            if pool.key == key {
+                return Ok(pool);
+            }
+            // Built for another server, database or password (a lookup read
+            // before a change, cached after it): stale, so built anew.
+            self.inner.pools.invalidate(&entry.id).await;
+            pool.close();
+            metrics::counter!("silo_router_stale_pools_total").increment(1);
+        }
         let build = async {
             let (budget, base) = self.budget_for(entry.server_id).await?;
             let statement_timeout = self.inner.config.statement_timeout.as_millis().to_string();
@@ -422,7 +464,13 @@ impl TenantRouter {
             let replicas = self.inner.config.replicas.max(1) as usize;
             let cap = (entry.plan.connection_limit() as usize / replicas).max(1);
             self.inner.built.fetch_add(1, Ordering::Relaxed);
-            Ok::<_, RouteError>(TenantPool::new(entry.id, opts, cap.min(budget.max), budget))
+            Ok::<_, RouteError>(TenantPool::new(
+                entry.id,
+                key.clone(),
+                opts,
+                cap.min(budget.max),
+                budget,
+            ))
         };
         let pool = self
             .inner
@@ -478,6 +526,44 @@ impl TenantRouter {
             pool.close();
         }
         self.inner.down.invalidate(&tenant);
+    }
+
+    /// Mark a tenant's cached lookups stale: re-read on next use, still
+    /// served if the control DB cannot be reached. Its pool stays, and is
+    /// rebuilt only if the next lookup says it was built for something else.
+    async fn mark_stale(&self, tenant: Uuid) {
+        let stale: Vec<(Arc<String>, Lookup)> = self
+            .inner
+            .lookups
+            .iter()
+            .filter(|(_, l)| l.entry.as_ref().is_some_and(|e| e.id == tenant))
+            .collect();
+        for (name, mut l) in stale {
+            l.stale = true;
+            self.inner.lookups.insert(name.as_ref().clone(), l).await;
+        }
+    }
+
+    /// Was the session with this process id one of silo's own (its login
+    /// on the control database)? `None` when it has ended meanwhile.
+    /// Remembered, so a flood from one session costs one query.
+    async fn sent_by_silo(&self, pid: u32) -> Option<bool> {
+        if let Some(known) = self.inner.senders.get(&pid) {
+            return Some(known);
+        }
+        let silo: Option<bool> = sqlx::query_scalar(
+            "SELECT usename = current_user FROM pg_stat_activity WHERE pid = $1",
+        )
+        .bind(pid as i32)
+        .fetch_optional(self.inner.registry.pool())
+        .await
+        .ok()
+        .flatten()
+        .flatten();
+        if let Some(silo) = silo {
+            self.inner.senders.insert(pid, silo);
+        }
+        silo
     }
 
     /// Mark every cached lookup stale: re-read on next use, but still served
@@ -632,7 +718,20 @@ impl TenantRouter {
             {
                 Some(n) => {
                     if let Ok(id) = Uuid::parse_str(n.payload()) {
-                        self.invalidate(id).await;
+                        match self.sent_by_silo(n.process_id()).await {
+                            // A change silo made: drop the lookup and the pool now.
+                            Some(true) => self.invalidate(id).await,
+                            // Announced by another role of the cluster: ignored.
+                            Some(false) => {
+                                metrics::counter!("silo_router_foreign_notifications_total")
+                                    .increment(1);
+                                tracing::debug!(sender = n.process_id(), "ignored a tenant change announced by a session that is not silo's");
+                            }
+                            // Its sender is gone (or the control DB is out of
+                            // reach): re-read the tenant on next use; the pool
+                            // is kept unless the lookup then differs.
+                            None => self.mark_stale(id).await,
+                        }
                     }
                 }
                 // The connection dropped; sqlx reconnects on the next call.

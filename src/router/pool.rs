@@ -103,9 +103,22 @@ struct Idle {
     since: Instant,
 }
 
+/// What a pool was built for: a tenant's server, database and role, and a
+/// fingerprint of the credentials (never the password itself). A lookup
+/// that no longer matches means the pool is stale and is rebuilt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolKey {
+    pub server_id: Uuid,
+    pub database: String,
+    pub role: String,
+    pub credentials: [u8; 32],
+}
+
 /// One tenant's connections.
 pub struct TenantPool {
     pub tenant: Uuid,
+    /// What it was built for.
+    pub key: PoolKey,
     opts: PgConnectOptions,
     budget: Arc<ServerBudget>,
     /// At most `cap` connections of this tenant checked out at once.
@@ -129,12 +142,14 @@ impl std::fmt::Debug for TenantPool {
 impl TenantPool {
     pub fn new(
         tenant: Uuid,
+        key: PoolKey,
         opts: PgConnectOptions,
         cap: usize,
         budget: Arc<ServerBudget>,
     ) -> Arc<Self> {
         let pool = Arc::new(Self {
             tenant,
+            key,
             opts,
             slots: Arc::new(Semaphore::new(cap.max(1))),
             cap: cap.max(1),

@@ -194,6 +194,9 @@ impl ServerPools {
         )?;
         let opts = admin_options(&url)?;
         let libpq = LibpqEnv::from_url(&url)?;
+        if let Some(why) = weak_tls(&url) {
+            tracing::warn!(server = %server.name, "tenant server admin connection: {why}");
+        }
         let pool = PgPoolOptions::new()
             .max_connections(ADMIN_POOL_MAX)
             .min_connections(0)
@@ -281,6 +284,35 @@ impl ServerPools {
     }
 }
 
+/// Why a connection URL's TLS is weaker than `sslmode=verify-full` (the
+/// server's certificate checked against a trusted root and its name), if it
+/// is and the host is not this machine; the answer never repeats the URL.
+pub fn weak_tls(url: &str) -> Option<String> {
+    let u = url::Url::parse(url).ok()?;
+    let host = u.host_str().unwrap_or("");
+    let local = host.is_empty()
+        || host.starts_with('/')
+        || host == "localhost"
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    let socket = u
+        .query_pairs()
+        .any(|(k, v)| k == "host" && v.starts_with('/'));
+    if local || socket {
+        return None;
+    }
+    let mode = u
+        .query_pairs()
+        .find(|(k, _)| k == "sslmode")
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_else(|| "prefer".into());
+    (mode != "verify-full").then(|| {
+        format!("sslmode={mode}: the connection to {host} is not authenticated; use sslmode=verify-full (and sslrootcert if the server's CA is not a system root)")
+    })
+}
+
 /// Parse an admin URL; the error never repeats the URL (it holds a password).
 pub fn admin_options(url: &str) -> anyhow::Result<PgConnectOptions> {
     let opts: PgConnectOptions = url
@@ -296,8 +328,58 @@ pub fn admin_options(url: &str) -> anyhow::Result<PgConnectOptions> {
 #[error("could not connect to the server with its admin URL")]
 pub struct ServerUnreachable;
 
-/// Check an admin URL works and prepare the server: create the tenant group role.
-pub async fn prepare_server(url: &str) -> anyhow::Result<()> {
+/// The admin login lacks what silo needs of it (the caller's input is wrong).
+#[derive(Debug, thiserror::Error)]
+#[error("the admin login lacks {0}: silo needs CREATEDB, CREATEROLE and membership in pg_signal_backend (or a superuser); see the README's security model")]
+pub struct MissingPrivilege(pub String);
+
+/// What an admin login may do on its server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct AdminPowers {
+    pub superuser: bool,
+    pub create_db: bool,
+    pub create_role: bool,
+    /// May end other roles' sessions (suspend, archive, move, delete).
+    pub signal_backend: bool,
+    /// May stream WAL: a move *from* this server needs it.
+    pub replication: bool,
+}
+
+impl AdminPowers {
+    /// What is missing for silo to manage tenants on the server, if anything.
+    pub fn missing(&self) -> Option<String> {
+        if self.superuser {
+            return None;
+        }
+        let missing: Vec<&str> = [
+            (!self.create_db).then_some("CREATEDB"),
+            (!self.create_role).then_some("CREATEROLE"),
+            (!self.signal_backend).then_some("membership in pg_signal_backend"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        (!missing.is_empty()).then(|| missing.join(", "))
+    }
+}
+
+/// The admin login's powers, as the server sees them.
+pub async fn admin_powers(db: &PgPool) -> sqlx::Result<AdminPowers> {
+    sqlx::query_as(
+        "SELECT rolsuper AS superuser, rolcreatedb AS create_db, rolcreaterole AS create_role,
+                rolsuper OR pg_has_role(current_user, 'pg_signal_backend', 'MEMBER') AS signal_backend,
+                rolsuper OR rolreplication AS replication
+           FROM pg_roles WHERE rolname = current_user",
+    )
+    .fetch_one(db)
+    .await
+}
+
+/// Check an admin URL works and that its login may do what silo does
+/// (refused with [`MissingPrivilege`] naming what it lacks), then close the
+/// server's maintenance databases to PUBLIC where silo may (it owns them or
+/// is a superuser), so that tenant roles can connect to nothing but their own.
+pub async fn prepare_server(url: &str) -> anyhow::Result<AdminPowers> {
     // A one-connection pool, not a bare connection: `&mut PgConnection` with
     // `raw_sql` defeats `Send` inference in handlers (a rustc limitation).
     let db = PgPoolOptions::new()
@@ -309,21 +391,85 @@ pub async fn prepare_server(url: &str) -> anyhow::Result<()> {
             tracing::warn!("failed to connect to a tenant server: {e}");
             ServerUnreachable
         })?;
-    let created = sqlx::raw_sql(&format!(
-        "DO $$ BEGIN
-           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{group}') THEN
-             CREATE ROLE {group} NOLOGIN;
-           END IF;
-         END $$",
-        group = schema::TENANT_GROUP_ROLE
-    ))
-    .execute(&db)
+    let checked = async {
+        let powers = admin_powers(&db)
+            .await
+            .context("read the admin login's privileges")?;
+        if let Some(missing) = powers.missing() {
+            return Err(MissingPrivilege(missing).into());
+        }
+        if !powers.replication {
+            tracing::warn!(
+                "the admin login has no REPLICATION: tenants cannot be moved off this server"
+            );
+        }
+        close_maintenance_databases(&db).await?;
+        Ok(powers)
+    }
     .await;
     db.close().await;
-    match created {
-        Ok(_) => Ok(()),
-        // Another replica created it at the same moment.
-        Err(e) if sqlstate::is(&e, sqlstate::UNIQUE_VIOLATION) => Ok(()),
-        Err(e) => Err(e).context("create the tenant group role on the new server"),
+    checked
+}
+
+/// Revoke PUBLIC's CONNECT on the databases every cluster has (`postgres`,
+/// `template1`) and the admin URL's own, where the admin login owns them or
+/// is a superuser; say which stay open.
+async fn close_maintenance_databases(db: &PgPool) -> anyhow::Result<()> {
+    let open: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT d.datname::text,
+                pg_has_role(current_user, d.datdba, 'USAGE')
+                  OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+           FROM pg_database d
+          WHERE (d.datname IN ('postgres', 'template1') OR d.datname = current_database())
+            AND has_database_privilege('public', d.oid, 'CONNECT')",
+    )
+    .fetch_all(db)
+    .await
+    .context("list the maintenance databases open to PUBLIC")?;
+    for (name, may) in open {
+        if may {
+            sqlx::raw_sql(&format!(
+                "REVOKE CONNECT ON DATABASE \"{name}\" FROM PUBLIC"
+            ))
+            .execute(db)
+            .await
+            .with_context(|| format!("close database {name} to PUBLIC"))?;
+            tracing::info!(
+                database = name,
+                "closed a maintenance database to PUBLIC (tenant roles cannot connect to it)"
+            );
+        } else {
+            tracing::warn!(database = name, "a maintenance database stays open to PUBLIC (the admin login does not own it): tenant roles can connect to it, though not to any tenant's database");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::weak_tls;
+
+    #[test]
+    fn tls_weaker_than_verify_full_is_named_unless_the_server_is_local() {
+        let rows = [
+            ("postgres://u:p@db.internal/silo", true),
+            ("postgres://u:p@db.internal/silo?sslmode=require", true),
+            ("postgres://u:p@db.internal/silo?sslmode=verify-ca", true),
+            ("postgres://u:p@db.internal/silo?sslmode=verify-full", false),
+            ("postgres://u:p@10.0.0.7:5432/silo?sslmode=disable", true),
+            ("postgres://u:p@127.0.0.1:5432/silo", false),
+            ("postgres://u:p@localhost/silo", false),
+            ("postgres://u:p@[::1]:5432/silo", false),
+            ("postgres://u:p@/silo?host=/var/run/postgresql", false),
+        ];
+        let wrong: Vec<String> = rows
+            .iter()
+            .filter(|(url, weak)| weak_tls(url).is_some() != *weak)
+            .map(|(url, weak)| format!("{url}: expected weak = {weak}"))
+            .collect();
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+        assert!(!weak_tls("postgres://u:secret@db/x")
+            .unwrap()
+            .contains("secret"));
     }
 }

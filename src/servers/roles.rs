@@ -4,7 +4,7 @@
 
 use sqlx::{ConnectOptions, Connection};
 
-use super::schema::TENANT_GROUP_ROLE;
+use super::schema::LEGACY_GROUP_ROLE;
 use super::{scram, sqlstate, Result, ServerAdmin};
 
 /// Attributes of every tenant login role; the password as a SCRAM verifier.
@@ -15,15 +15,54 @@ fn role_attributes(password: &str, limit: i32) -> String {
     )
 }
 
-/// PUBLIC loses its default access to `database`; the tenant role may connect.
-pub fn database_grants(database: &str, role: &str) -> String {
+/// The role leaves the legacy group (which once held data privileges in
+/// every tenant database), where that group exists.
+pub async fn leave_legacy_group(admin: &ServerAdmin, role: &str) -> Result<()> {
+    admin.exec(&leave_legacy_group_sql(role)).await
+}
+
+fn leave_legacy_group_sql(role: &str) -> String {
     format!(
-        "REVOKE ALL ON DATABASE \"{database}\" FROM PUBLIC; GRANT CONNECT, TEMPORARY ON DATABASE \"{database}\" TO \"{role}\""
+        "DO $$ BEGIN
+           IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{LEGACY_GROUP_ROLE}') THEN
+             EXECUTE 'REVOKE {LEGACY_GROUP_ROLE} FROM \"{role}\"';
+           END IF;
+         END $$"
     )
 }
 
-/// Create the tenant's login role, in the data-access group, before its
-/// database exists (or reset it, if a crashed attempt made it).
+/// Create a database nobody can connect to yet (not even silo): it is
+/// opened, to its tenant's role alone, by [`database_grants`] once locked
+/// down. `from` is the template (`template0` when none is given, never
+/// `template1`, which other roles may have written to).
+pub async fn create_database(
+    admin: &ServerAdmin,
+    name: &str,
+    from: Option<&str>,
+    options: &str,
+) -> Result<()> {
+    let template = from.unwrap_or("template0");
+    admin
+        .exec(&format!(
+            "CREATE DATABASE \"{name}\" TEMPLATE \"{template}\" {options} ALLOW_CONNECTIONS false"
+        ))
+        .await
+}
+
+/// PUBLIC loses its default access to `database`, `role` (if any) may
+/// connect, and connections are allowed: one transaction, so the database
+/// is never connectable by anyone but its role and silo.
+pub fn database_grants(database: &str, role: Option<&str>) -> String {
+    let grant = role
+        .map(|role| format!("GRANT CONNECT, TEMPORARY ON DATABASE \"{database}\" TO \"{role}\";"))
+        .unwrap_or_default();
+    format!(
+        "REVOKE ALL ON DATABASE \"{database}\" FROM PUBLIC; {grant} ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS true"
+    )
+}
+
+/// Create the tenant's login role before its database exists (or reset it,
+/// if a crashed attempt made it).
 pub async fn create_login_role(
     admin: &ServerAdmin,
     role: &str,
@@ -31,16 +70,12 @@ pub async fn create_login_role(
     limit: i32,
 ) -> Result<()> {
     let attrs = role_attributes(password, limit);
-    match admin
-        .exec(&format!(
-            "CREATE ROLE \"{role}\" {attrs} IN ROLE {TENANT_GROUP_ROLE}"
-        ))
-        .await
-    {
+    match admin.exec(&format!("CREATE ROLE \"{role}\" {attrs}")).await {
         Err(e) if e.is(sqlstate::DUPLICATE_OBJECT) => {
             admin
                 .exec(&format!(
-                    "ALTER ROLE \"{role}\" {attrs}; GRANT {TENANT_GROUP_ROLE} TO \"{role}\""
+                    "ALTER ROLE \"{role}\" {attrs}; {}",
+                    leave_legacy_group_sql(role)
                 ))
                 .await
         }
@@ -58,13 +93,14 @@ pub async fn create_role(
     limit: i32,
 ) -> Result<()> {
     let attrs = role_attributes(password, limit);
-    let grants = database_grants(database, role);
+    let grants = database_grants(database, Some(role));
     // A multi-statement string runs as one implicit transaction: one commit.
-    let create = format!("CREATE ROLE \"{role}\" {attrs} IN ROLE {TENANT_GROUP_ROLE}; {grants}");
+    let create = format!("CREATE ROLE \"{role}\" {attrs}; {grants}");
     match admin.exec(&create).await {
         Err(e) if e.is(sqlstate::DUPLICATE_OBJECT) => {
             let reset = format!(
-                "ALTER ROLE \"{role}\" {attrs}; GRANT {TENANT_GROUP_ROLE} TO \"{role}\"; {grants}"
+                "ALTER ROLE \"{role}\" {attrs}; {}; {grants}",
+                leave_legacy_group_sql(role)
             );
             admin.exec(&reset).await
         }
@@ -72,19 +108,22 @@ pub async fn create_role(
     }
 }
 
-/// The tenant role can log in to its database and nobody else may connect,
-/// as the shared catalogs say (no session in the database needed).
+/// The tenant role can log in to its database, nobody else may connect, and
+/// the role belongs to no group, as the shared catalogs say (no session in
+/// the database needed).
 pub async fn verify_role_catalog(
     admin: &ServerAdmin,
     database: &str,
     role: &str,
 ) -> anyhow::Result<()> {
-    let ok: bool = sqlx::query_scalar(&format!(
+    let ok: bool = sqlx::query_scalar(
         "SELECT coalesce((SELECT rolcanlogin FROM pg_roles WHERE rolname = $1), false)
             AND has_database_privilege($1, $2, 'CONNECT')
-            AND pg_has_role($1, '{TENANT_GROUP_ROLE}', 'MEMBER')
-            AND NOT has_database_privilege('public', $2, 'CONNECT')"
-    ))
+            AND NOT has_database_privilege('public', $2, 'CONNECT')
+            AND (SELECT datallowconn FROM pg_database WHERE datname = $2)
+            AND NOT EXISTS (SELECT 1 FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member
+                             WHERE r.rolname = $1)",
+    )
     .bind(role)
     .bind(database)
     .fetch_one(&admin.pool)
@@ -95,6 +134,25 @@ pub async fn verify_role_catalog(
         "the tenant role is not set up to use its database alone"
     );
     Ok(())
+}
+
+/// Sessions in `database` of any role but `allowed` and silo's own admin
+/// login: there must be none in a database silo just created.
+pub async fn foreign_sessions(
+    admin: &ServerAdmin,
+    database: &str,
+    allowed: Option<&str>,
+) -> Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT DISTINCT usename::text FROM pg_stat_activity
+          WHERE datname = $1 AND usename IS NOT NULL AND usename <> current_user
+            AND ($2::text IS NULL OR usename <> $2)",
+    )
+    .bind(database)
+    .bind(allowed)
+    .fetch_all(&admin.pool)
+    .await
+    .map_err(|e| admin.error(None, e))
 }
 
 /// Log in as the tenant role and read its tables.
@@ -159,9 +217,47 @@ pub async fn drop_database(admin: &ServerAdmin, database: &str) -> Result<()> {
         .await
 }
 
-/// Drop a role; nothing if it is gone.
+/// Drop a role; nothing if it is gone. A role still granted something in a
+/// database that remains (a database set aside, say) has those grants taken
+/// away first, database by database.
 pub async fn drop_role(admin: &ServerAdmin, role: &str) -> Result<()> {
-    admin.exec(&format!("DROP ROLE IF EXISTS \"{role}\"")).await
+    let drop = format!("DROP ROLE IF EXISTS \"{role}\"");
+    match admin.exec(&drop).await {
+        Err(e) if e.is(sqlstate::DEPENDENT_OBJECTS_STILL_EXIST) => {
+            let databases: Vec<String> = sqlx::query_scalar(
+                "SELECT DISTINCT d.datname::text FROM pg_shdepend s
+                   JOIN pg_roles r ON r.oid = s.refobjid
+                   JOIN pg_database d ON d.oid = s.dbid OR (s.classid = 'pg_database'::regclass AND d.oid = s.objid)
+                  WHERE r.rolname = $1",
+            )
+            .bind(role)
+            .fetch_all(&admin.pool)
+            .await
+            .map_err(|e| admin.error(None, e))?;
+            for db in databases {
+                admin
+                    .exec(&format!("REVOKE ALL ON DATABASE \"{db}\" FROM \"{role}\""))
+                    .await?;
+                let pool = admin.single_pool(&db).await?;
+                let revoked = sqlx::raw_sql(&tenant_revokes(role)).execute(&pool).await;
+                pool.close().await;
+                revoked.map_err(|e| admin.error(Some(&db), e))?;
+            }
+            admin.exec(&drop).await
+        }
+        other => other,
+    }
+}
+
+/// Take back what [`super::schema::tenant_grants`] gave `role` in a database.
+fn tenant_revokes(role: &str) -> String {
+    format!(
+        "REVOKE ALL ON ALL TABLES IN SCHEMA public FROM \"{role}\";
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM \"{role}\";
+REVOKE ALL ON SCHEMA public FROM \"{role}\";
+ALTER DEFAULT PRIVILEGES IN SCHEMA public REVOKE ALL ON TABLES FROM \"{role}\";
+ALTER DEFAULT PRIVILEGES IN SCHEMA public REVOKE ALL ON SEQUENCES FROM \"{role}\";"
+    )
 }
 
 /// Rename `db` out of every sweep's way, to `silo_kept_<tenant>_<time>`:

@@ -1,11 +1,14 @@
 //! The tenant schema: the migrations every tenant database gets (the
 //! reference clinic schema embedded from `migrations/tenant`, or a team's own
-//! with `SILO_TENANT_MIGRATIONS`) and the grants that follow them.
+//! with `SILO_TENANT_MIGRATIONS`) and the privileges that follow them.
 //!
-//! After migrations, [`TENANT_GRANTS`] gives the shared NOLOGIN group role
-//! [`TENANT_GROUP_ROLE`] data access inside that database. Each tenant's
-//! login role is a member of the group, and only its own database grants it
-//! CONNECT, so a role reaches exactly one database. A migration that has
+//! Isolation is PostgreSQL's: inside a tenant database, data privileges go
+//! to that tenant's own login role and to no other role ([`tenant_grants`]),
+//! and only that role may connect to it. No role holds privileges in more
+//! than one tenant database, so a session that somehow got into another
+//! tenant's database could read and write nothing there. The template and
+//! spares carry no privilege a tenant role could use (a spare's privileges
+//! are its own role's, which becomes the tenant's). A migration that has
 //! shipped is never edited.
 
 use std::sync::Arc;
@@ -15,20 +18,57 @@ use sqlx::migrate::Migrator;
 
 static TENANT: Migrator = sqlx::migrate!("./migrations/tenant");
 
-/// NOLOGIN role on each tenant server holding data privileges in tenant databases.
-pub const TENANT_GROUP_ROLE: &str = "silo_tenant_app";
+/// The NOLOGIN group role that, before per-tenant privileges, held data
+/// privileges in every tenant database. Kept only to be taken away
+/// ([`LEGACY_REVOKES`]); never granted anything again.
+pub const LEGACY_GROUP_ROLE: &str = "silo_tenant_app";
 
-/// Privileges of the group role inside a tenant database: data, not schema.
-pub const TENANT_GRANTS: &str = "
-REVOKE ALL ON SCHEMA public FROM PUBLIC;
-GRANT USAGE ON SCHEMA public TO silo_tenant_app;
-GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO silo_tenant_app;
-REVOKE ALL ON TABLE _sqlx_migrations FROM silo_tenant_app;
-GRANT SELECT ON TABLE _sqlx_migrations TO silo_tenant_app;
-GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO silo_tenant_app;
-ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO silo_tenant_app;
-ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT USAGE, SELECT ON SEQUENCES TO silo_tenant_app;
-";
+/// Privileges inside a tenant database, for that tenant's role alone: data,
+/// not schema; the migrations table read-only.
+pub fn tenant_grants(role: &str) -> String {
+    format!(
+        "REVOKE ALL ON SCHEMA public FROM PUBLIC;
+GRANT USAGE ON SCHEMA public TO \"{role}\";
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO \"{role}\";
+REVOKE ALL ON TABLE _sqlx_migrations FROM \"{role}\";
+GRANT SELECT ON TABLE _sqlx_migrations TO \"{role}\";
+GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO \"{role}\";
+ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO \"{role}\";
+ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT USAGE, SELECT ON SEQUENCES TO \"{role}\";
+{LEGACY_REVOKES}
+{HIDE_ACTIVITY}"
+    )
+}
+
+/// Privileges of the template (and of anything cloned from it before its
+/// tenant's role is granted): nobody but the owner.
+pub const TEMPLATE_GRANTS: &str = "REVOKE ALL ON SCHEMA public FROM PUBLIC;";
+
+/// Where silo's admin login may (a superuser), tenant roles lose the views
+/// of every session of the cluster (who else is connected, from where, to
+/// which database): the catalog's activity view and the function under it,
+/// in this database. Elsewhere they keep seeing what PostgreSQL shows every
+/// role (never other roles' queries).
+pub const HIDE_ACTIVITY: &str = "
+DO $$ BEGIN
+  IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+    REVOKE SELECT ON pg_catalog.pg_stat_activity FROM PUBLIC;
+    REVOKE EXECUTE ON FUNCTION pg_catalog.pg_stat_get_activity(integer) FROM PUBLIC;
+  END IF;
+END $$;";
+
+/// Take away whatever the legacy group role held in this database (a no-op
+/// where the role does not exist).
+pub const LEGACY_REVOKES: &str = "
+DO $$ BEGIN
+  IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'silo_tenant_app') THEN
+    EXECUTE 'REVOKE ALL ON ALL TABLES IN SCHEMA public FROM silo_tenant_app';
+    EXECUTE 'REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM silo_tenant_app';
+    EXECUTE 'REVOKE ALL ON SCHEMA public FROM silo_tenant_app';
+    EXECUTE 'ALTER DEFAULT PRIVILEGES IN SCHEMA public REVOKE ALL ON TABLES FROM silo_tenant_app';
+    EXECUTE 'ALTER DEFAULT PRIVILEGES IN SCHEMA public REVOKE ALL ON SEQUENCES FROM silo_tenant_app';
+  END IF;
+END $$;";
 
 /// The tenant migrations silo applies. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -87,16 +127,14 @@ impl TenantSchema {
         &self.0
     }
 
-    /// Bring one tenant database (a one-connection admin pool on it) to the
-    /// latest schema and re-apply the group grants. Idempotent. A pool rather
-    /// than a bare connection: sqlx's `Migrator::run` over `&mut PgConnection`
-    /// defeats the compiler's `Send` inference in spawned tasks.
-    pub async fn apply(&self, db: &sqlx::PgPool) -> anyhow::Result<i64> {
+    /// Bring one database (a one-connection admin pool on it) to the latest
+    /// schema and grant its privileges: to `role`, the tenant's own, or, for
+    /// the template (`None`), to nobody. Idempotent. A pool rather than a bare
+    /// connection: sqlx's `Migrator::run` over `&mut PgConnection` defeats the
+    /// compiler's `Send` inference in spawned tasks.
+    pub async fn apply(&self, db: &sqlx::PgPool, role: Option<&str>) -> anyhow::Result<i64> {
         self.0.run(db).await.context("apply tenant migrations")?;
-        sqlx::raw_sql(TENANT_GRANTS)
-            .execute(db)
-            .await
-            .context("grant tenant group privileges")?;
+        grant(db, role).await?;
         Ok(self.latest_version())
     }
 }
@@ -104,4 +142,18 @@ impl TenantSchema {
 /// Version of the newest tenant migration embedded in this binary.
 pub fn latest_embedded_version() -> i64 {
     TenantSchema::embedded().latest_version()
+}
+
+/// Grant a database's privileges to `role` alone (`None`: the template's,
+/// to nobody), taking away what the legacy group held.
+pub async fn grant(db: &sqlx::PgPool, role: Option<&str>) -> anyhow::Result<()> {
+    let sql = match role {
+        Some(role) => tenant_grants(role),
+        None => format!("{TEMPLATE_GRANTS}\n{LEGACY_REVOKES}\n{HIDE_ACTIVITY}"),
+    };
+    sqlx::raw_sql(&sql)
+        .execute(db)
+        .await
+        .context("grant the tenant role its privileges")?;
+    Ok(())
 }

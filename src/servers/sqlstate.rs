@@ -9,6 +9,8 @@ pub const UNIQUE_VIOLATION: &str = "23505";
 pub const INVALID_AUTHORIZATION: &str = "28000";
 /// `28P01`: wrong password.
 pub const INVALID_PASSWORD: &str = "28P01";
+/// `2BP01`: objects (or privileges) still depend on what is being dropped.
+pub const DEPENDENT_OBJECTS_STILL_EXIST: &str = "2BP01";
 /// `3D000`: no such database.
 pub const INVALID_CATALOG_NAME: &str = "3D000";
 /// `42P04`: the database exists already.

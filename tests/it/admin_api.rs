@@ -415,7 +415,10 @@ async fn health_metrics_and_the_openapi_document_are_served() {
     assert_eq!(s, StatusCode::OK);
     let (s, _) = env.call_with(Method::GET, "/readyz", None, &[]).await;
     assert_eq!(s, StatusCode::OK);
-    let (s, metrics) = env.call_with(Method::GET, "/metrics", None, &[]).await;
+    // The fleet's figures are not public: the admin (or a metrics) token reads them.
+    let (s, _) = env.call_with(Method::GET, "/metrics", None, &[]).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, metrics) = env.call(Method::GET, "/metrics", None).await;
     assert_eq!(s, StatusCode::OK);
     let text = metrics.as_str().unwrap();
     assert!(text.contains("silo_tenants{status=\"active\"} 1"), "{text}");

@@ -784,7 +784,7 @@ async fn a_tenant_never_sees_or_touches_another_tenants_data_on_any_path() {
     }
 
     // Tokens: checked before any tenant lookup.
-    let (expired, _) = silo::tokens::mint(&env.keyring, a.id.parse().unwrap(), -120);
+    let (expired, _) = silo::tokens::mint(&env.keyring, a.id.parse().unwrap(), 0, -120);
     let mut parts: Vec<String> = a.token.split('.').map(str::to_owned).collect();
     let flipped = if parts[2].starts_with('A') { 'B' } else { 'A' };
     parts[2].replace_range(0..1, &flipped.to_string());
@@ -794,7 +794,7 @@ async fn a_tenant_never_sees_or_touches_another_tenants_data_on_any_path() {
     let forged_claims = format!("{}.{}.{}", a_parts[0], b_parts[1], a_parts[2]);
     let other_key =
         silo::crypto::Keyring::from_base64(&silo::crypto::Keyring::generate_base64()).unwrap();
-    let (foreign_key, _) = silo::tokens::mint(&other_key, a.id.parse().unwrap(), 600);
+    let (foreign_key, _) = silo::tokens::mint(&other_key, a.id.parse().unwrap(), 0, 600);
     let auth = |token: &str| format!("Bearer {token}");
     let (expired, forged_signature, forged_claims, foreign_key) = (
         auth(&expired),
@@ -895,6 +895,22 @@ async fn a_suspended_tenant_is_locked_until_resumed_and_others_carry_on() {
         .call(Method::POST, "/admin/v1/tenants/sleepy/suspend", None)
         .await;
     assert_eq!(s, StatusCode::OK, "{body}");
+    // The suspend revoked the tokens minted before it: they learn nothing.
+    #[rustfmt::skip]
+    let rows = vec![
+        get("/patients").is(404),
+        get(&patient).is(404),
+    ];
+    table::run(&a.client(&env), rows, async || ()).await;
+    // A token minted while it is suspended: the tenant is locked.
+    let (s, body) = env
+        .call(Method::POST, "/admin/v1/tenants/sleepy/tokens", None)
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let a = Tenant {
+        token: body["token"].as_str().unwrap().to_owned(),
+        ..a
+    };
     #[rustfmt::skip]
     let rows = vec![
         get("/patients").is(423),

@@ -125,6 +125,8 @@ impl Setup {
             control.clone(),
             RunSettings {
                 admin_token: Secret::new(ADMIN_TOKEN),
+                metrics_token: None,
+                metrics_listen: None,
                 app_domain: Some(APP_DOMAIN.into()),
                 router: self.router,
                 jobs: None,
@@ -966,5 +968,24 @@ pub mod table {
             failures.len(),
             failures.join("\n")
         );
+    }
+}
+
+/// Poll an operation (as answered by a `202`) until it ends; its last state.
+pub async fn wait_op(env: &TestEnv, op: &Value) -> Value {
+    let id = op["id"].as_str().expect("an operation id").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, now) = env
+            .call(Method::GET, &format!("/admin/v1/operations/{id}"), None)
+            .await;
+        if now["status"] != "running" && now["status"] != "pending" {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "operation {id} did not end: {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

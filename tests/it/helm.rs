@@ -179,6 +179,11 @@ fn autoscaling_monitoring_and_backups_render_when_enabled() {
         monitor["spec"]["endpoints"][0]["path"],
         Value::from("/metrics")
     );
+    // Scraped on its own port, where /metrics needs no token.
+    assert_eq!(
+        monitor["spec"]["endpoints"][0]["port"],
+        Value::from("metrics")
+    );
     let config = &kind(&docs, "ConfigMap").unwrap()["data"];
     // Budgets are divided by the most replicas there can be.
     assert_eq!(config["SILO_REPLICAS"], Value::from("5"));

@@ -14,6 +14,7 @@ mod cli;
 mod crash;
 mod fleet;
 mod helm;
+mod isolation;
 mod openapi;
 mod outage;
 mod reconcile;

@@ -42,7 +42,10 @@ async fn server(env: &TestEnv, name: &str) -> Value {
 }
 
 async fn metrics(env: &TestEnv) -> String {
-    let answer = env.send(Method::GET, "/metrics", None, &[]).await;
+    let auth = format!("Bearer {}", crate::common::ADMIN_TOKEN);
+    let answer = env
+        .send(Method::GET, "/metrics", None, &[("authorization", &auth)])
+        .await;
     assert_eq!(answer.status, StatusCode::OK);
     answer.body.as_str().unwrap().to_owned()
 }

@@ -15,7 +15,7 @@ use crate::api::AppState;
 use crate::config::{DEFAULT_SERVER_MAX_CONNECTIONS, DEFAULT_SERVER_MAX_TENANTS};
 use crate::domain::ServerName;
 use crate::registry::DbServer;
-use crate::servers::ServerUnreachable;
+use crate::servers::{MissingPrivilege, ServerUnreachable};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -90,6 +90,9 @@ async fn create_server(
             // The URL did not connect: the client's input, not our fault. No URL in the answer.
             _ if e.downcast_ref::<ServerUnreachable>().is_some() => {
                 ApiError::invalid("admin_url: could not connect to the server with it")
+            }
+            _ if e.downcast_ref::<MissingPrivilege>().is_some() => {
+                ApiError::invalid(format!("admin_url: {e}"))
             }
             // Down is 503, anything else 500.
             _ => ApiError::from(crate::ops::Error::Internal(e)),

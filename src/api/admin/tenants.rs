@@ -23,6 +23,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(suspend_tenant))
         .routes(routes!(resume_tenant))
         .routes(routes!(mint_token))
+        .routes(routes!(revoke_tokens))
         .routes(routes!(rotate_credentials))
         .routes(routes!(move_tenant))
 }
@@ -258,7 +259,8 @@ async fn mint_token(
         )));
     }
     let t = resolve(&state, &tenant).await?;
-    let (token, expires_at) = crate::tokens::mint(state.control.keyring(), t.id, ttl);
+    let (token, expires_at) =
+        crate::tokens::mint(state.control.keyring(), t.id, t.token_generation, ttl);
     state
         .registry()
         .audit(
@@ -272,6 +274,26 @@ async fn mint_token(
         StatusCode::CREATED,
         Json(TokenResponse { token, expires_at }),
     ))
+}
+
+/// Refuse every app token of this tenant minted so far (they get 404, as an
+/// unknown tenant would); tokens minted afterwards work.
+#[utoipa::path(post, path = "/tenants/{tenant}/tokens/revoke", tag = "tenants",
+    params(("tenant" = String, Path, description = "slug or id")),
+    responses((status = 200, body = Tenant), AdminErrors, (status = 404, description = "no such tenant")))]
+async fn revoke_tokens(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(tenant): Path<String>,
+) -> ApiResult<Json<Tenant>> {
+    let t = resolve(&state, &tenant).await?;
+    let t = state
+        .control
+        .provisioner()
+        .revoke_tokens(t.id, actor.0)
+        .await?;
+    state.router.invalidate(t.id).await;
+    Ok(Json(t.view()))
 }
 
 /// Give the tenant's role a new password; pools switch over without failed requests.

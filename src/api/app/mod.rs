@@ -7,8 +7,9 @@
 //! tenant data, so no handler can reach the wrong tenant's.
 //!
 //! Answers: no tenant named 400; missing, forged or expired token 401 (checked
-//! before any lookup, so it reveals nothing); unknown tenant or another
-//! tenant's token 404; suspended or archived 423; database down 503.
+//! before any lookup, so it reveals nothing); unknown tenant, another
+//! tenant's token or a revoked one (an older token generation) 404;
+//! suspended or archived 423; database down 503.
 
 mod appointments;
 mod clinics;
@@ -60,11 +61,15 @@ impl FromRequestParts<AppState> for TenantDb {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let name = tenant_name(parts, state.app_domain.as_deref())?;
         let token = super::auth::bearer_token(&parts.headers).ok_or(ApiError::Unauthorized)?;
-        let token_tenant = crate::tokens::verify(state.control.keyring(), token)
+        let claims = crate::tokens::verify(state.control.keyring(), token)
             .map_err(|_| ApiError::Unauthorized)?;
-        let tenant = state.router.resolve(&name).await?;
-        if tenant.id != token_tenant {
-            // Same answer as an unknown tenant: a token cannot probe for others.
+        // The tenant the token proves, not the one the request names: an
+        // attacker's made-up names never reach the registry.
+        let tenant = state.router.resolve(&claims.tenant.to_string()).await?;
+        let named = name == tenant.slug || name == tenant.id.to_string();
+        if !named || claims.generation != tenant.token_generation {
+            // Same answer as an unknown tenant: a token cannot probe for
+            // others, and a revoked one learns nothing.
             return Err(ApiError::not_found("tenant"));
         }
         tracing::Span::current().record("tenant_id", tracing::field::display(tenant.id));
