@@ -94,6 +94,16 @@ pub enum Command {
     /// Backups from a shell, with progress.
     #[command(subcommand)]
     Backup(BackupCommand),
+    /// One reconcile pass now (what every `serve` runs each interval), and
+    /// with `--adopt`, register again tenant databases the registry lost.
+    Reconcile {
+        #[command(flatten)]
+        control: ControlArgs,
+        /// Register again the tenant databases this control plane made that
+        /// the registry has no row for (a control DB restored to an earlier point).
+        #[arg(long)]
+        adopt: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -149,6 +159,11 @@ pub struct ControlArgs {
     /// embedded reference clinic schema with your own.
     #[arg(long, env = "SILO_TENANT_MIGRATIONS")]
     pub tenant_migrations: Option<PathBuf>,
+
+    /// Days a quarantined orphan database or role, or a database a restore
+    /// replaced, is kept (renamed `silo_kept_*`) before the reconciler drops it.
+    #[arg(long, env = "SILO_KEEP_DAYS", default_value_t = crate::domain::KeepFor::DEFAULT_DAYS, value_parser = clap::value_parser!(u32).range(1..=3650))]
+    pub keep_days: u32,
 
     #[command(flatten)]
     pub storage: StorageArgs,

@@ -215,6 +215,38 @@ impl Registry {
         tx.commit().await.map_err(Error::from)
     }
 
+    /// Register again a tenant whose database and role exist but whose row
+    /// the registry lost (a control DB restored to an earlier point): it is
+    /// `active` at once; its privileges are regranted by the reconciler.
+    pub async fn adopt_tenant(
+        &self,
+        t: &NewTenant<'_>,
+        schema_version: Option<i64>,
+        actor: &str,
+        detail: serde_json::Value,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO tenants (id, slug, name, plan, status, server_id, database_name, role_name,
+                                  password_enc, key_id, schema_version, own_privileges)
+             VALUES ($1, $2, $3, $4, 'active', $5, $6, $7, $8, $9, $10, false)",
+        )
+        .bind(t.id)
+        .bind(t.slug.as_str())
+        .bind(t.name.as_str())
+        .bind(t.plan)
+        .bind(t.server_id)
+        .bind(t.database_name)
+        .bind(t.role_name)
+        .bind(t.password_enc)
+        .bind(t.key_id)
+        .bind(schema_version)
+        .execute(&mut *tx)
+        .await?;
+        Self::audit_in(&mut tx, actor, "tenant.adopt", Some(t.id), detail).await?;
+        tx.commit().await.map_err(Error::from)
+    }
+
     /// The tenant an idempotency key created, with the hash of that request.
     pub async fn idempotency_key(&self, key: &str) -> Result<Option<(Vec<u8>, Uuid)>> {
         sqlx::query_as("SELECT request_hash, tenant_id FROM idempotency_keys WHERE key = $1")
@@ -380,6 +412,16 @@ impl Registry {
 }
 
 impl Registry {
+    /// State and server of each of these tenants the registry has a row
+    /// for, whatever its state (for the reconciler).
+    pub async fn tenant_states(&self, ids: &[Uuid]) -> Result<Vec<(Uuid, TenantStatus, Uuid)>> {
+        sqlx::query_as("SELECT id, status, server_id FROM tenants WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::from)
+    }
+
     /// Every tenant on a server that is not deleted (for the reconciler).
     pub async fn tenants_on_server(&self, server: Uuid) -> Result<Vec<TenantRecord>> {
         sqlx::query_as(&format!(

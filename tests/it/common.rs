@@ -62,9 +62,16 @@ pub struct Setup {
     warm_pool: u32,
     router: RouterConfig,
     storage: Option<silo::config::StorageArgs>,
+    keep_for: Option<silo::domain::KeepFor>,
 }
 
 impl Setup {
+    /// How long quarantined and replaced databases are kept (7 days by default).
+    pub fn keep_for(mut self, keep: silo::domain::KeepFor) -> Self {
+        self.keep_for = Some(keep);
+        self
+    }
+
     /// Spares kept per server (the warm pool; 0 by default).
     pub fn warm_pool(mut self, n: u32) -> Self {
         self.warm_pool = n;
@@ -118,6 +125,7 @@ impl Setup {
             schema: silo::servers::TenantSchema::embedded(),
             storage,
             warm_pool_size: self.warm_pool,
+            keep_for: self.keep_for.unwrap_or_default(),
         })
         .await
         .unwrap();

@@ -15,6 +15,7 @@ mod crash;
 mod fleet;
 mod helm;
 mod isolation;
+mod nothing_lost;
 mod openapi;
 mod outage;
 mod reconcile;
