@@ -63,9 +63,16 @@ pub struct Setup {
     router: RouterConfig,
     storage: Option<silo::config::StorageArgs>,
     keep_for: Option<silo::domain::KeepFor>,
+    admin_timeout: Option<std::time::Duration>,
 }
 
 impl Setup {
+    /// Longest an admin request may take (30 s by default).
+    pub fn admin_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.admin_timeout = Some(timeout);
+        self
+    }
+
     /// How long quarantined and replaced databases are kept (7 days by default).
     pub fn keep_for(mut self, keep: silo::domain::KeepFor) -> Self {
         self.keep_for = Some(keep);
@@ -138,6 +145,9 @@ impl Setup {
                 app_domain: Some(APP_DOMAIN.into()),
                 router: self.router,
                 jobs: None,
+                admin_timeout: self
+                    .admin_timeout
+                    .unwrap_or(std::time::Duration::from_secs(30)),
             },
         );
         let admin = PgPoolOptions::new()

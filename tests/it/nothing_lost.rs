@@ -203,3 +203,93 @@ async fn a_control_db_restored_to_before_five_tenants_loses_none_and_adopts_them
         .await;
     assert_eq!(audit, 5);
 }
+
+/// Advisory locks on the test cluster: `(granted, waiting)`.
+async fn advisory_locks(env: &TestEnv) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE granted), count(*) FILTER (WHERE NOT granted)
+           FROM pg_locks WHERE locktype = 'advisory'",
+    )
+    .fetch_one(&env.admin)
+    .await
+    .unwrap()
+}
+
+/// Wait (at most 20 s) until no advisory lock is held or awaited.
+async fn no_locks_left(env: &TestEnv, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let locks = advisory_locks(env).await;
+        if locks == (0, 0) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: locks left (granted, waiting) = {locks:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_cancelled_mid_lock_wait_leave_no_lock_behind() {
+    use std::time::Duration;
+    let env = TestEnv::setup()
+        .admin_timeout(Duration::from_secs(2))
+        .start()
+        .await;
+    env.create("waited").await;
+    let t = env.record("waited").await;
+    let reps: usize = std::env::var("SILO_LOCK_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    for rep in 0..reps {
+        // Someone else's operation holds the tenant.
+        let held = env.registry().lock_tenant(t.id).await.unwrap();
+        // A client gives up while its request waits for the lock: the
+        // request's future is dropped there, as when the connection closes.
+        let call = env.call(Method::POST, "/admin/v1/tenants/waited/suspend", None);
+        let waiting = async {
+            while advisory_locks(&env).await.1 == 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        };
+        tokio::select! {
+            (s, body) = call => panic!("rep {rep}: answered while the lock was held: {s} {body}"),
+            () = waiting => {}
+        }
+        held.release().await;
+        no_locks_left(&env, &format!("rep {rep}")).await;
+    }
+    // Nothing was suspended by a cancelled request, and the next operations complete.
+    assert_eq!(
+        env.record("waited").await.status,
+        silo::registry::TenantStatus::Active
+    );
+    let (s, body) = env
+        .call(Method::POST, "/admin/v1/tenants/waited/suspend", None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let (s, body) = env
+        .call(Method::POST, "/admin/v1/tenants/waited/resume", None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+
+    // A request stuck behind a lock past the admin deadline: 503, and no lock left.
+    let held = env.registry().lock_tenant(t.id).await.unwrap();
+    let (s, body) = env
+        .call(Method::POST, "/admin/v1/tenants/waited/suspend", None)
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("took longer"),
+        "{body}"
+    );
+    held.release().await;
+    no_locks_left(&env, "after the deadline").await;
+    assert_eq!(
+        env.record("waited").await.status,
+        silo::registry::TenantStatus::Active
+    );
+}
