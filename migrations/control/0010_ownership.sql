@@ -24,4 +24,5 @@ CREATE UNIQUE INDEX db_servers_cluster_key ON db_servers (system_identifier, clu
 -- (the router on a refused login, the reconciler) finishes the rotation.
 ALTER TABLE tenants
     ADD COLUMN pending_password_enc bytea,
-    ADD COLUMN pending_key_id text;
+    ADD COLUMN pending_key_id text,
+    ADD COLUMN pending_at timestamptz;

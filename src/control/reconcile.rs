@@ -36,6 +36,8 @@ use crate::servers::{owner, roles, ServerAdmin};
 pub struct ReconcileReport {
     pub provisioning_finished: u32,
     pub deletes_finished: u32,
+    /// Credential rotations a crash interrupted, finished.
+    pub rotations_finished: u32,
     /// Tenant databases no live tenant accounts for (deleted, failed, or
     /// replaced by a restore), renamed `silo_kept_*` and dropped after the
     /// grace period.
@@ -400,6 +402,21 @@ impl ControlPlane {
             }
             if let Err(e) = outcome {
                 report.errors.push(format!("tenant {}: {e:#}", t.slug));
+            }
+        }
+        for id in reg.tenants_rotating().await? {
+            let Some(lock) = reg.try_lock_tenant(id).await? else {
+                continue; // the rotation is running
+            };
+            let finished = self.provisioner().finish_rotation_locked(id).await;
+            lock.release().await;
+            match finished {
+                Ok(true) => report.rotations_finished += 1,
+                Ok(false) => {}
+                Err(e) => report.errors.push(format!(
+                    "finish the credential rotation of tenant {id}: {}",
+                    e.detail()
+                )),
             }
         }
         match self.regrant_shared().await {

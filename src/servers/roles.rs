@@ -200,6 +200,64 @@ pub async fn terminate_sessions(admin: &ServerAdmin, role: &str) -> Result<()> {
         .map_err(|e| admin.error(None, e))
 }
 
+/// Give a tenant role a new password (as a SCRAM verifier: the password
+/// itself never reaches the server's logs).
+pub async fn set_password(admin: &ServerAdmin, role: &str, password: &str) -> Result<()> {
+    admin
+        .exec(&format!(
+            "ALTER ROLE \"{role}\" PASSWORD '{}'",
+            scram::verifier(password)
+        ))
+        .await
+}
+
+/// End the sessions `role` has open now (after its password changed: they
+/// logged in with the old one). Idle ones end at once; a session busy with
+/// a statement gets up to `grace` to finish it, then ends too. Sessions
+/// opened from here on are left alone.
+pub async fn end_sessions_open_now(
+    admin: &ServerAdmin,
+    role: &str,
+    grace: std::time::Duration,
+) -> Result<u64> {
+    let wrap = |e| admin.error(None, e);
+    let cutoff: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(&admin.pool)
+        .await
+        .map_err(wrap)?;
+    let end = |busy_too: bool| {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+              WHERE usename = $1 AND backend_start < $2 AND ($3 OR state IS DISTINCT FROM 'active')",
+        )
+        .bind(role)
+        .bind(cutoff)
+        .bind(busy_too)
+        .fetch_one(&admin.pool)
+    };
+    let mut ended = end(false).await.map_err(wrap)? as u64;
+    let deadline = std::time::Instant::now() + grace;
+    loop {
+        let busy: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND backend_start < $2",
+        )
+        .bind(role)
+        .bind(cutoff)
+        .fetch_one(&admin.pool)
+        .await
+        .map_err(wrap)?;
+        if busy == 0 {
+            return Ok(ended);
+        }
+        if std::time::Instant::now() >= deadline {
+            ended += end(true).await.map_err(wrap)? as u64;
+            return Ok(ended);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        ended += end(false).await.map_err(wrap)? as u64;
+    }
+}
+
 pub async fn database_exists(admin: &ServerAdmin, database: &str) -> Result<bool> {
     sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
         .bind(database)

@@ -21,5 +21,6 @@ mod outage;
 mod reconcile;
 mod relocate;
 mod replicas;
+mod rotation;
 mod router;
 mod servers;
