@@ -257,7 +257,12 @@ impl Keyring {
 
     /// Open a value sealed under `key_id` and seal it again under the
     /// current key: same plaintext, same context, new ciphertext.
-    pub fn reseal(&self, key_id: &str, sealed: &[u8], context: &[u8]) -> Result<Vec<u8>, OpenError> {
+    pub fn reseal(
+        &self,
+        key_id: &str,
+        sealed: &[u8],
+        context: &[u8],
+    ) -> Result<Vec<u8>, OpenError> {
         let plaintext = self.open(key_id, sealed, context)?;
         Ok(self.seal(&plaintext, context))
     }
@@ -336,10 +341,12 @@ mod tests {
             b"hunter3"
         );
         // The key is picked by id: a value under one id does not open as the other.
-        assert!(!ring
-            .open(ring.key_id(), &sealed_old, b"row-1")
-            .unwrap_err()
-            .unknown_key);
+        assert!(
+            !ring
+                .open(ring.key_id(), &sealed_old, b"row-1")
+                .unwrap_err()
+                .unknown_key
+        );
         // Re-sealing keeps the plaintext and the context.
         let resealed = ring.reseal(old.key_id(), &sealed_old, b"row-1").unwrap();
         assert_eq!(
@@ -352,7 +359,9 @@ mod tests {
     #[test]
     fn an_unknown_key_id_is_named_with_the_variable_that_would_hold_it() {
         let ring = ring();
-        let err = ring.open("0badc0de", b"0123456789abcdef", b"x").unwrap_err();
+        let err = ring
+            .open("0badc0de", b"0123456789abcdef", b"x")
+            .unwrap_err();
         assert!(err.unknown_key);
         let msg = err.to_string();
         assert!(msg.contains("0badc0de"), "{msg}");
@@ -385,7 +394,10 @@ mod tests {
         let shown = format!("{ring:?}");
         assert!(shown.contains(ring.key_id()), "{shown}");
         assert!(!shown.contains(&old), "{shown}");
-        assert!(!shown.contains("cipher") && !shown.contains("token_key"), "{shown}");
+        assert!(
+            !shown.contains("cipher") && !shown.contains("token_key"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -53,7 +53,14 @@ const fn column(
 /// read this table only.
 pub const SEALED_COLUMNS: &[SealedColumn] = &[
     // A tenant server's admin URL (servers::ServerPools::register).
-    column("db_servers", "id", RowId::Uuid, "admin_url_enc", "key_id", b""),
+    column(
+        "db_servers",
+        "id",
+        RowId::Uuid,
+        "admin_url_enc",
+        "key_id",
+        b"",
+    ),
     // A tenant role's password (provision, lifecycle, relocate, restore).
     column("tenants", "id", RowId::Uuid, "password_enc", "key_id", b""),
     // A tenant's backup data key (backup::run, `data_key_context`).
