@@ -15,6 +15,7 @@ mod crash;
 mod fleet;
 mod helm;
 mod isolation;
+mod master_key;
 mod openapi;
 mod outage;
 mod reconcile;
