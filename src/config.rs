@@ -21,6 +21,8 @@ pub const DEFAULT_BACKUP_SCHEDULE: &str = crate::domain::DEFAULT_SCHEDULE;
 pub const DEFAULT_WARM_POOL_SIZE: u32 = 4;
 /// Seconds between reconcile passes (also run once at start-up).
 pub const DEFAULT_RECONCILE_INTERVAL_SECS: u64 = 60;
+/// Default longest an admin API request may take.
+pub const DEFAULT_ADMIN_REQUEST_TIMEOUT_SECS: u64 = 30;
 /// Seconds between tenant server health checks; a server failing checks for
 /// three intervals becomes `unhealthy`.
 pub const DEFAULT_HEALTH_INTERVAL_SECS: u64 = 10;
@@ -94,6 +96,16 @@ pub enum Command {
     /// Backups from a shell, with progress.
     #[command(subcommand)]
     Backup(BackupCommand),
+    /// One reconcile pass now (what every `serve` runs each interval), and
+    /// with `--adopt`, register again tenant databases the registry lost.
+    Reconcile {
+        #[command(flatten)]
+        control: ControlArgs,
+        /// Register again the tenant databases this control plane made that
+        /// the registry has no row for (a control DB restored to an earlier point).
+        #[arg(long)]
+        adopt: bool,
+    },
     /// Master-key rotation: re-seal stored secrets under SILO_MASTER_KEY.
     #[command(subcommand)]
     MasterKey(MasterKeyCommand),
@@ -172,6 +184,11 @@ pub struct ControlArgs {
     /// embedded reference clinic schema with your own.
     #[arg(long, env = "SILO_TENANT_MIGRATIONS")]
     pub tenant_migrations: Option<PathBuf>,
+
+    /// Days a quarantined orphan database or role, or a database a restore
+    /// replaced, is kept (renamed `silo_kept_*`) before the reconciler drops it.
+    #[arg(long, env = "SILO_KEEP_DAYS", default_value_t = crate::domain::KeepFor::DEFAULT_DAYS, value_parser = clap::value_parser!(u32).range(1..=3650))]
+    pub keep_days: u32,
 
     #[command(flatten)]
     pub storage: StorageArgs,
@@ -300,6 +317,12 @@ pub struct ServerArgs {
     /// them for three intervals is marked `unhealthy` and gets no new tenants.
     #[arg(long, env = "SILO_HEALTH_INTERVAL", default_value_t = DEFAULT_HEALTH_INTERVAL_SECS, value_parser = clap::value_parser!(u64).range(1..))]
     pub health_interval: u64,
+
+    /// Seconds an admin API request may take before it is answered 503
+    /// (its work stops; whatever it left half-done, the reconciler finishes
+    /// or undoes). Long work (backups, restores, moves) runs as operations.
+    #[arg(long, env = "SILO_ADMIN_REQUEST_TIMEOUT", default_value_t = DEFAULT_ADMIN_REQUEST_TIMEOUT_SECS, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub admin_request_timeout: u64,
 }
 
 #[derive(Debug, Clone, Args)]

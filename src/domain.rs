@@ -432,6 +432,31 @@ impl FromStr for Schedule {
     }
 }
 
+/// How long what silo sets aside (a quarantined orphan, a database a
+/// restore replaced) is kept before the reconciler drops it
+/// (`SILO_KEEP_DAYS`, default 7 days).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeepFor(pub std::time::Duration);
+
+impl KeepFor {
+    pub const DEFAULT_DAYS: u32 = 7;
+
+    pub fn days(days: u32) -> Self {
+        Self(std::time::Duration::from_secs(u64::from(days) * 86_400))
+    }
+
+    /// Unix seconds after which something set aside now may be dropped.
+    pub fn drop_after(&self) -> i64 {
+        chrono::Utc::now().timestamp() + self.0.as_secs() as i64
+    }
+}
+
+impl Default for KeepFor {
+    fn default() -> Self {
+        Self::days(Self::DEFAULT_DAYS)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

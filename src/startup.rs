@@ -43,6 +43,8 @@ pub struct Connection {
     pub storage: Option<Storage>,
     /// Spare databases kept ready per server.
     pub warm_pool_size: u32,
+    /// How long quarantined and replaced databases are kept.
+    pub keep_for: crate::domain::KeepFor,
 }
 
 /// Connect to the control DB, apply its migrations, build the control
@@ -72,6 +74,7 @@ pub async fn connect(c: Connection) -> anyhow::Result<ControlPlane> {
             },
             schema: c.schema,
             storage: c.storage,
+            keep_for: c.keep_for,
         },
     );
     let tenant_server = c.tenant_server_url.as_ref().unwrap_or(&c.database_url);
@@ -95,6 +98,8 @@ pub struct RunSettings {
     pub router: RouterConfig,
     /// Background jobs, or `None` for none (a test that runs them by hand).
     pub jobs: Option<JobIntervals>,
+    /// Longest an admin API request may take before it is answered 503.
+    pub admin_timeout: Duration,
 }
 
 /// How often the background jobs run.
@@ -126,6 +131,7 @@ impl RunSettings {
                 scheduler_tick: Duration::from_secs(args.scheduler_tick.max(1)),
                 health: Duration::from_secs(args.health_interval.max(1)),
             }),
+            admin_timeout: Duration::from_secs(args.admin_request_timeout.max(1)),
         }
     }
 }
@@ -171,6 +177,7 @@ pub fn start(control: ControlPlane, settings: RunSettings) -> Silo {
         metrics_token: settings.metrics_token.map(Arc::new),
         metrics: crate::telemetry::metrics_handle(),
         app_domain: settings.app_domain.as_deref().map(Arc::from),
+        admin_timeout: settings.admin_timeout,
     };
     Silo {
         control,

@@ -121,6 +121,7 @@ impl SiloServer {
             scheduler_tick: 15,
             health_interval: silo::config::DEFAULT_HEALTH_INTERVAL_SECS,
             metrics_listen: None,
+            admin_request_timeout: silo::config::DEFAULT_ADMIN_REQUEST_TIMEOUT_SECS,
         };
         let settings = silo::startup::RunSettings::from_args(
             &args,

@@ -42,6 +42,29 @@ pub enum ApiError {
     Internal(#[from] anyhow::Error),
 }
 
+/// Answer an admin request that takes longer than `SILO_ADMIN_REQUEST_TIMEOUT`
+/// with 503. Its handler is dropped there: every lock it held or waited
+/// for is released by construction (see `registry::locks`), and any
+/// half-done tenant work is finished or undone by the reconciler.
+pub async fn deadline(
+    axum::extract::State(state): axum::extract::State<super::AppState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let limit = state.admin_timeout;
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(res) => res,
+        Err(_) => {
+            metrics::counter!("silo_admin_request_timeouts_total").increment(1);
+            ApiError::Unavailable(format!(
+                "the request took longer than {} s and was stopped; what it started is finished or undone by silo, retry it",
+                limit.as_secs()
+            ))
+            .into_response()
+        }
+    }
+}
+
 /// RFC 9457 problem details.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Problem {

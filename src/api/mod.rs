@@ -39,6 +39,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Tenants may be named by the first host label under this domain.
     pub app_domain: Option<Arc<str>>,
+    /// Longest an admin API request may take before it is answered 503.
+    pub admin_timeout: std::time::Duration,
 }
 
 impl AppState {
@@ -115,10 +117,15 @@ pub fn metrics_app(state: AppState) -> Router {
 
 /// The whole HTTP application.
 pub fn app(state: AppState) -> Router {
-    let admin = admin::router().layer(axum::middleware::from_fn_with_state(
-        state.clone(),
-        auth::require_admin,
-    ));
+    let admin = admin::router()
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_admin,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            error::deadline,
+        ));
     let (router, mut api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/admin/v1", admin)
         .nest("/api/v1", app::router())

@@ -103,15 +103,24 @@ fn unavailable(what: &str) -> ResponseBuilder {
     )
 }
 
-/// The admin token check: `Authorization: Bearer <SILO_ADMIN_TOKEN>`.
+/// The admin token check (`Authorization: Bearer <SILO_ADMIN_TOKEN>`), and
+/// the admin request deadline.
 pub struct AdminAuth;
 
 impl IntoResponses for AdminAuth {
     fn responses() -> BTreeMap<String, RefOr<Response>> {
-        responses(vec![(
-            401,
-            unauthorized("no `Authorization: Bearer` header with the admin token"),
-        )])
+        responses(vec![
+            (
+                401,
+                unauthorized("no `Authorization: Bearer` header with the admin token"),
+            ),
+            (
+                503,
+                unavailable(
+                    "the request took longer than `SILO_ADMIN_REQUEST_TIMEOUT` and was stopped",
+                ),
+            ),
+        ])
     }
 }
 
@@ -128,7 +137,7 @@ impl IntoResponses for AdminErrors {
             (
                 503,
                 unavailable(
-                    "the control database or a tenant server is unreachable; nothing was changed",
+                    "the control database or a tenant server is unreachable (nothing was changed), or the request took longer than `SILO_ADMIN_REQUEST_TIMEOUT` and was stopped",
                 ),
             ),
         ]));

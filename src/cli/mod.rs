@@ -61,6 +61,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Tenants(cmd) => tenants::tenants(cmd).await,
         Command::Backup(cmd) => backup::backup(cmd).await,
         Command::MasterKey(cmd) => master_key::master_key(cmd).await,
+        Command::Reconcile { control, adopt } => reconcile(&control, adopt).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -91,9 +92,30 @@ async fn connect(control: &ControlArgs, warm_pool_size: u32) -> Result<ControlPl
         schema,
         storage,
         warm_pool_size,
+        keep_for: crate::domain::KeepFor::days(control.keep_days),
     })
     .await?;
     Ok(plane)
+}
+
+/// `silo reconcile [--adopt]`: one pass, printed as JSON; exit 1 if it
+/// stopped anywhere or could not do something.
+async fn reconcile(control: &ControlArgs, adopt: bool) -> Result<(), CliError> {
+    let p = connect(control, 0).await?;
+    let adopted = if adopt {
+        Some(p.adopt("cli").await.context("adopt tenant databases")?)
+    } else {
+        None
+    };
+    let report = p.reconcile_once().await.context("run a reconcile pass")?;
+    print_json(&serde_json::json!({"adopt": adopted, "reconcile": report}));
+    let skipped = adopted.as_ref().is_some_and(|a| !a.skipped.is_empty());
+    if !report.errors.is_empty() || !report.halted.is_empty() || skipped {
+        return Err(CliError::Failed(anyhow::anyhow!(
+            "reconcile: some of it could not be done (see above)"
+        )));
+    }
+    Ok(())
 }
 
 async fn serve(args: crate::config::ServeArgs) -> Result<(), CliError> {

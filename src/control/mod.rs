@@ -8,6 +8,7 @@
 //! - the reconciler ([`reconcile`]) settles every feature after a crash;
 //! - a fleet migration that changed the schema refreshes templates and spares.
 
+pub mod adopt;
 pub mod reconcile;
 
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use crate::registry::{DbServer, Operation, Registry, TenantRecord, TenantStatus}
 use crate::relocate::Mover;
 use crate::servers::{roles, ServerCheck, ServerPools, TenantSchema};
 
+pub use adopt::AdoptReport;
 pub use reconcile::ReconcileReport;
 
 /// What the control plane is built from, besides the control DB and the keys.
@@ -36,6 +38,8 @@ pub struct ControlConfig {
     pub schema: TenantSchema,
     /// Backup storage; `None` turns backups off.
     pub storage: Option<Storage>,
+    /// How long quarantined and replaced databases are kept.
+    pub keep_for: crate::domain::KeepFor,
 }
 
 /// The control plane. Cheap to clone.
@@ -55,6 +59,7 @@ struct Inner {
     backups: Option<Backups>,
     mover: Mover,
     fleet: Fleet,
+    keep_for: crate::domain::KeepFor,
 }
 
 impl ControlPlane {
@@ -99,12 +104,23 @@ impl ControlPlane {
                 backups,
                 mover,
                 fleet,
+                keep_for: config.keep_for,
             }),
         }
     }
 
     pub fn registry(&self) -> &Registry {
         &self.inner.registry
+    }
+
+    /// How long quarantined and replaced databases are kept.
+    pub fn keep_for(&self) -> crate::domain::KeepFor {
+        self.inner.keep_for
+    }
+
+    /// Unix seconds after which something set aside now may be dropped.
+    pub(crate) fn drop_after(&self) -> i64 {
+        self.inner.keep_for.drop_after()
     }
 
     pub fn keyring(&self) -> &Keyring {

@@ -28,16 +28,34 @@ use super::ControlPlane;
 const REGRANT_BATCH: i64 = 50;
 use crate::registry::{DbServer, TenantStatus};
 use crate::servers::names::{self, SPARE_DB_PREFIX, TENANT_DB_PREFIX};
-use crate::servers::{roles, ServerAdmin};
+use crate::servers::roles::Kept;
+use crate::servers::{owner, roles, ServerAdmin};
 
 /// What one reconcile pass did.
 #[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
 pub struct ReconcileReport {
     pub provisioning_finished: u32,
     pub deletes_finished: u32,
-    pub orphan_databases_dropped: u32,
-    pub orphan_roles_dropped: u32,
+    /// Credential rotations a crash interrupted, finished.
+    pub rotations_finished: u32,
+    /// Tenant databases no live tenant accounts for (deleted, failed, or
+    /// replaced by a restore), renamed `silo_kept_*` and dropped after the
+    /// grace period.
+    pub databases_quarantined: u32,
+    /// Tenant roles no live tenant accounts for: NOLOGIN, renamed aside.
+    pub roles_quarantined: u32,
+    /// Quarantined databases and roles whose grace period ended, dropped.
+    pub kept_dropped: u32,
+    /// Tenant databases and roles the registry has no row for at all (a
+    /// control DB restored to an earlier point): kept, and reported here
+    /// until `silo reconcile --adopt` registers them again.
+    pub unregistered: Vec<String>,
+    /// Servers whose sweep stopped: their cluster is another's, or the pass
+    /// would have quarantined too many tenants at once.
+    pub halted: Vec<String>,
     pub spares_dropped: u32,
+    /// Roles of spares that are gone, dropped.
+    pub spare_roles_dropped: u32,
     pub logins_fixed: u32,
     /// Restore/verify scratch databases whose runner died, dropped.
     pub scratch_databases_dropped: u32,
@@ -68,6 +86,8 @@ pub struct Observed {
     pub spare_roles: Vec<String>,
     /// `silo_r_*` roles with at least one session open.
     pub with_sessions: Vec<String>,
+    /// Databases and roles set aside (`silo_kept_*`).
+    pub kept: Vec<Kept>,
 }
 
 /// A tenant row as the plan needs it.
@@ -100,6 +120,30 @@ pub struct Accounted {
     pub latest_version: i64,
     /// Databases a move left behind without verifying its copy.
     pub unverified_sources: HashSet<String>,
+    /// The registry row, on any server and in any state, of every tenant
+    /// the observed names point at (none: the registry never heard of it).
+    pub rows: HashMap<Uuid, RowOf>,
+    /// Spare databases and roles the registry records on other servers
+    /// (the same cluster registered twice): not this server's to drop.
+    pub spares_elsewhere: HashSet<String>,
+    /// Now, in Unix seconds: kept objects past their `drop_after` go.
+    pub now: i64,
+}
+
+/// Where and in what state the registry has a tenant.
+#[derive(Debug, Clone)]
+pub struct RowOf {
+    pub status: TenantStatus,
+    /// On the server being swept.
+    pub here: bool,
+}
+
+/// Most tenants one pass may quarantine on a server: a tenth of those it
+/// holds, and at least one. More means the registry and the server
+/// disagree wholesale (a wrong URL, another deployment's cluster, a control
+/// DB restored wrongly): the pass stops and says so instead.
+pub fn quarantine_limit(live_tenants: usize) -> usize {
+    (live_tenants / 10).max(1)
 }
 
 /// One thing the reconciler does to a server (or to the registry's spares).
@@ -107,14 +151,23 @@ pub struct Accounted {
 pub enum Action {
     /// A database a move left unverified: renamed aside, never dropped.
     SetAside { database: String, tenant: Uuid },
-    /// A tenant database no live row or open move accounts for.
-    DropDatabase(String),
+    /// A tenant database whose tenant is deleted or failed, or that a
+    /// restore replaced: renamed aside, dropped after the grace period.
+    Quarantine { database: String, tenant: Uuid },
+    /// A tenant role whose tenant is deleted or failed: NOLOGIN, renamed aside.
+    QuarantineRole { role: String, tenant: Uuid },
+    /// A tenant database or role the registry has no row for: kept, reported.
+    Unregistered(String),
+    /// A kept database whose grace period is over.
+    DropKept(String),
+    /// A kept role whose grace period is over (after the kept databases).
+    DropKeptRole(String),
+    /// Too much to quarantine at once: nothing is, and an alert is raised.
+    Halt { tenants: usize, live: usize },
     /// A spare database that is stale (older schema) or unrecorded.
     DropSpare(String),
     /// A spare row whose database is gone or stale.
     ForgetSpare(String),
-    /// A tenant role no live row or open move accounts for.
-    DropRole(String),
     /// A spare role whose spare is gone.
     DropSpareRole(String),
     /// A tenant role whose LOGIN disagrees with its tenant's state.
@@ -123,9 +176,39 @@ pub enum Action {
     EndSessions(String),
 }
 
+/// What to do with a tenant database or role no live tenant here accounts for.
+enum Fate {
+    Quarantine(Uuid),
+    Unregistered,
+    /// Live on another server (the same cluster registered twice), or not a
+    /// tenant name silo makes: not this pass's business.
+    Leave,
+}
+
+fn fate(name: &str, tenant: Option<Uuid>, accounted: &Accounted) -> Fate {
+    let Some(tenant) = tenant else {
+        return Fate::Leave;
+    };
+    match accounted.rows.get(&tenant) {
+        None => Fate::Unregistered,
+        Some(row) if matches!(row.status, TenantStatus::Deleted | TenantStatus::Failed) => {
+            Fate::Quarantine(tenant)
+        }
+        // Live here under another name: what a restore replaced.
+        Some(row) if row.here => Fate::Quarantine(tenant),
+        Some(_) => {
+            tracing::debug!(name, "left alone: its tenant lives on another server");
+            Fate::Leave
+        }
+    }
+}
+
 /// Decide what to do, from what exists and what the registry accounts for.
 /// Databases first, then the registry's spares, then roles (a role cannot
-/// be dropped while a database grants it CONNECT), spare roles last.
+/// be dropped while a database grants it CONNECT), spare roles, and kept
+/// objects past their grace period last. Nothing that may hold a tenant's
+/// data is dropped here: it is quarantined, and only a quarantined object
+/// past its grace period goes.
 pub fn plan(observed: &Observed, accounted: &Accounted) -> Vec<Action> {
     let mut live_dbs: HashSet<&str> = accounted
         .tenants
@@ -162,18 +245,30 @@ pub fn plan(observed: &Observed, accounted: &Accounted) -> Vec<Action> {
         .collect();
 
     let mut actions = Vec::new();
+    let mut quarantines = Vec::new();
     for db in &observed.databases {
         if db.starts_with(TENANT_DB_PREFIX) && !live_dbs.contains(db.as_str()) {
-            match names::tenant_of_database(db) {
+            let tenant = names::tenant_of_database(db);
+            match tenant {
                 Some(tenant) if accounted.unverified_sources.contains(db) => {
                     actions.push(Action::SetAside {
                         database: db.clone(),
                         tenant,
                     })
                 }
-                _ => actions.push(Action::DropDatabase(db.clone())),
+                _ => match fate(db, tenant, accounted) {
+                    Fate::Quarantine(tenant) => quarantines.push(Action::Quarantine {
+                        database: db.clone(),
+                        tenant,
+                    }),
+                    Fate::Unregistered => actions.push(Action::Unregistered(db.clone())),
+                    Fate::Leave => {}
+                },
             }
-        } else if db.starts_with(SPARE_DB_PREFIX) && !good_spares.contains(db.as_str()) {
+        } else if db.starts_with(SPARE_DB_PREFIX)
+            && !good_spares.contains(db.as_str())
+            && !accounted.spares_elsewhere.contains(db)
+        {
             actions.push(Action::DropSpare(db.clone()));
         }
     }
@@ -186,7 +281,14 @@ pub fn plan(observed: &Observed, accounted: &Accounted) -> Vec<Action> {
     }
     for (role, can_login) in &observed.roles {
         match live_roles.get(role.as_str()) {
-            None => actions.push(Action::DropRole(role.clone())),
+            None => match fate(role, names::tenant_of_role(role), accounted) {
+                Fate::Quarantine(tenant) => quarantines.push(Action::QuarantineRole {
+                    role: role.clone(),
+                    tenant,
+                }),
+                Fate::Unregistered => actions.push(Action::Unregistered(role.clone())),
+                Fate::Leave => {}
+            },
             Some(status) => {
                 let want = match status {
                     Some(TenantStatus::Active) => Some(true),
@@ -205,11 +307,48 @@ pub fn plan(observed: &Observed, accounted: &Accounted) -> Vec<Action> {
             }
         }
     }
+    let tenants: HashSet<Uuid> = quarantines
+        .iter()
+        .filter_map(|a| match a {
+            Action::Quarantine { tenant, .. } | Action::QuarantineRole { tenant, .. } => {
+                Some(*tenant)
+            }
+            _ => None,
+        })
+        .collect();
+    let live = accounted.tenants.len();
+    if tenants.len() > quarantine_limit(live) {
+        actions.push(Action::Halt {
+            tenants: tenants.len(),
+            live,
+        });
+    } else {
+        // Databases before roles: a role is renamed after its database went aside.
+        quarantines.sort_by_key(|a| matches!(a, Action::QuarantineRole { .. }));
+        actions.extend(quarantines);
+    }
     for role in &observed.spare_roles {
-        if !good_spare_roles.contains(role.as_str()) {
+        if !good_spare_roles.contains(role.as_str()) && !accounted.spares_elsewhere.contains(role) {
             actions.push(Action::DropSpareRole(role.clone()));
         }
     }
+    let due = |k: &&Kept| k.drop_after.is_some_and(|t| t <= accounted.now);
+    actions.extend(
+        observed
+            .kept
+            .iter()
+            .filter(|k| !k.role)
+            .filter(due)
+            .map(|k| Action::DropKept(k.name.clone())),
+    );
+    actions.extend(
+        observed
+            .kept
+            .iter()
+            .filter(|k| k.role)
+            .filter(due)
+            .map(|k| Action::DropKeptRole(k.name.clone())),
+    );
     actions
 }
 
@@ -263,6 +402,21 @@ impl ControlPlane {
             }
             if let Err(e) = outcome {
                 report.errors.push(format!("tenant {}: {e:#}", t.slug));
+            }
+        }
+        for id in reg.tenants_rotating().await? {
+            let Some(lock) = reg.try_lock_tenant(id).await? else {
+                continue; // the rotation is running
+            };
+            let finished = self.provisioner().finish_rotation_locked(id).await;
+            lock.release().await;
+            match finished {
+                Ok(true) => report.rotations_finished += 1,
+                Ok(false) => {}
+                Err(e) => report.errors.push(format!(
+                    "finish the credential rotation of tenant {id}: {}",
+                    e.detail()
+                )),
             }
         }
         match self.regrant_shared().await {
@@ -326,17 +480,31 @@ impl ControlPlane {
         report: &mut ReconcileReport,
     ) -> anyhow::Result<()> {
         let admin = self.servers().admin(server)?;
+        if let Some(why) = self.ownership(server, &admin).await? {
+            // Not ours to touch: no sweep, no template, no spares.
+            tracing::error!(server = %server.name, "reconcile: not touching tenant server '{}': {why}", server.name);
+            metrics::gauge!("silo_reconcile_halted", "server" => server.name.clone()).set(1.0);
+            report.halted.push(format!("server {}: {why}", server.name));
+            return Ok(());
+        }
         self.provisioner().ensure_template(server, &admin).await?;
         // Observed first (see the module comment), then what the registry says.
         let observed = observe(&admin).await?;
-        let accounted = self.accounted(server).await?;
+        let accounted = self.accounted(server, &observed).await?;
         // Replication leftovers first: a database with a subscription cannot be dropped.
         report.move_leftovers_dropped += self.mover().sweep_move_leftovers(&admin).await?;
+        let mut halted = false;
         for action in plan(&observed, &accounted) {
-            self.apply(&admin, &action, report)
+            halted |= matches!(action, Action::Halt { .. });
+            self.apply(server, &admin, &action, report)
                 .await
                 .with_context(|| format!("{action:?}"))?;
         }
+        metrics::gauge!("silo_reconcile_halted", "server" => server.name.clone()).set(if halted {
+            1.0
+        } else {
+            0.0
+        });
         report.scratch_databases_dropped +=
             crate::backup::sweep_scratch_databases(self.registry(), &admin).await?;
         let server = self
@@ -350,11 +518,84 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// Why this control plane may not touch `server`'s cluster, if it may
+    /// not: its ownership marker names another server row or control plane.
+    /// An unmarked cluster (registered before markers) is marked now, and
+    /// the cluster behind a server registered before clusters were
+    /// recorded is recorded (a second server on the same cluster is refused).
+    async fn ownership(
+        &self,
+        server: &DbServer,
+        admin: &ServerAdmin,
+    ) -> anyhow::Result<Option<String>> {
+        let me = owner::Owner {
+            control: self.registry().control_id().await?,
+            server: server.id,
+        };
+        let mut state = owner::check(admin, me).await?;
+        if state == owner::Ownership::Unmarked {
+            state = owner::mark(admin, me).await?;
+            if state == owner::Ownership::Ours {
+                tracing::info!(server = %server.name, "marked the tenant server's cluster as this control plane's");
+            }
+        }
+        if let Some(why) = state.refusal() {
+            return Ok(Some(why));
+        }
+        if server.system_identifier.is_none() {
+            let cluster = owner::cluster_id(admin).await?;
+            let recorded = self
+                .registry()
+                .set_server_cluster(server.id, &cluster.system_identifier, cluster.port)
+                .await;
+            match recorded {
+                Err(e) if e.is_unique_violation("db_servers_cluster_key") => {
+                    return Ok(Some(
+                        "its cluster is registered already as another server".into(),
+                    ))
+                }
+                other => other?,
+            }
+        }
+        Ok(None)
+    }
+
     /// What the registry accounts for on `server`. Moves are read before
     /// tenants: a move stays open until after its switch, so whichever of
     /// the two reads comes second still covers a database being moved.
-    async fn accounted(&self, server: &DbServer) -> anyhow::Result<Accounted> {
+    async fn accounted(&self, server: &DbServer, observed: &Observed) -> anyhow::Result<Accounted> {
         let reg = self.registry();
+        let ids: Vec<Uuid> = observed
+            .databases
+            .iter()
+            .filter_map(|db| names::tenant_of_database(db))
+            .chain(
+                observed
+                    .roles
+                    .iter()
+                    .filter_map(|(role, _)| names::tenant_of_role(role)),
+            )
+            .collect();
+        let rows = reg
+            .tenant_states(&ids)
+            .await?
+            .into_iter()
+            .map(|(id, status, server_id)| {
+                (
+                    id,
+                    RowOf {
+                        status,
+                        here: server_id == server.id,
+                    },
+                )
+            })
+            .collect();
+        let spares_elsewhere = reg
+            .spares_not_on(server.id)
+            .await?
+            .into_iter()
+            .flat_map(|s| std::iter::once(s.database_name).chain(s.role_name))
+            .collect();
         let moving = self
             .mover()
             .moves_touching(server.id)
@@ -393,11 +634,15 @@ impl ControlPlane {
                 .await?
                 .into_iter()
                 .collect(),
+            rows,
+            spares_elsewhere,
+            now: chrono::Utc::now().timestamp(),
         })
     }
 
     async fn apply(
         &self,
+        server: &DbServer,
         admin: &ServerAdmin,
         action: &Action,
         report: &mut ReconcileReport,
@@ -407,13 +652,38 @@ impl ControlPlane {
                 roles::set_aside(admin, database, *tenant).await?;
                 report.unverified_sources_kept += 1;
             }
-            Action::DropDatabase(db) => {
+            Action::Quarantine { database, tenant } => {
+                let kept =
+                    roles::keep_database(admin, database, *tenant, Some(self.drop_after())).await?;
+                tracing::warn!(tenant_id = %tenant, database, kept, "quarantined a tenant database no live tenant accounts for (dropped after the grace period)");
+                report.databases_quarantined += 1;
+            }
+            Action::QuarantineRole { role, tenant } => {
+                let kept = roles::keep_role(admin, role, *tenant, Some(self.drop_after())).await?;
+                tracing::warn!(tenant_id = %tenant, role, kept, "quarantined a tenant role no live tenant accounts for (dropped after the grace period)");
+                report.roles_quarantined += 1;
+            }
+            Action::Unregistered(name) => {
+                tracing::warn!(server = %server.name, name, "the registry has no tenant for this database or role (a control DB restored to an earlier point?): kept; `silo reconcile --adopt` registers it again");
+                report.unregistered.push(format!("{}: {name}", server.name));
+            }
+            Action::DropKept(db) => {
                 tracing::info!(
                     database = db,
-                    "dropping database no registry row accounts for"
+                    "dropping a quarantined database past its grace period"
                 );
                 roles::drop_database(admin, db).await?;
-                report.orphan_databases_dropped += 1;
+                report.kept_dropped += 1;
+            }
+            Action::DropKeptRole(role) => {
+                tracing::info!(role, "dropping a quarantined role past its grace period");
+                roles::drop_role(admin, role).await?;
+                report.kept_dropped += 1;
+            }
+            Action::Halt { tenants, live } => {
+                let why = format!("the pass would quarantine {tenants} tenants' databases or roles of the {live} the server holds (more than {}): nothing was quarantined; check the server's URL and the registry, then quarantine by hand or raise the share", quarantine_limit(*live));
+                tracing::error!(server = %server.name, "reconcile: {why}");
+                report.halted.push(format!("server {}: {why}", server.name));
             }
             Action::DropSpare(db) => {
                 tracing::info!(database = db, "dropping a stale or unrecorded spare");
@@ -423,10 +693,10 @@ impl ControlPlane {
             Action::ForgetSpare(db) => {
                 self.registry().delete_spare(db).await?;
             }
-            Action::DropRole(role) | Action::DropSpareRole(role) => {
-                tracing::info!(role, "dropping a role no registry row accounts for");
+            Action::DropSpareRole(role) => {
+                tracing::info!(role, "dropping a spare role no spare accounts for");
                 roles::drop_role(admin, role).await?;
-                report.orphan_roles_dropped += 1;
+                report.spare_roles_dropped += 1;
             }
             Action::SetLogin { role, login } => {
                 tracing::info!(
@@ -480,11 +750,15 @@ async fn observe(admin: &ServerAdmin) -> anyhow::Result<Observed> {
     .await
     .map_err(wrap)
     .context("list tenant sessions")?;
+    let kept = roles::kept_objects(admin)
+        .await
+        .context("list databases and roles set aside")?;
     Ok(Observed {
         databases,
         roles,
         spare_roles,
         with_sessions,
+        kept,
     })
 }
 
@@ -524,14 +798,57 @@ mod tests {
             roles: roles.iter().map(|(r, l)| (r.to_string(), *l)).collect(),
             spare_roles: vec![],
             with_sessions: vec![],
+            kept: vec![],
         }
     }
 
+    /// The registry with these tenants live on the server (and their rows).
     fn registry(tenants: Vec<AccountedTenant>) -> Accounted {
+        let rows = tenants
+            .iter()
+            .map(|t| {
+                let id = names::tenant_of_role(&t.role).unwrap();
+                (
+                    id,
+                    RowOf {
+                        status: t.status,
+                        here: true,
+                    },
+                )
+            })
+            .collect();
         Accounted {
             tenants,
             latest_version: 1,
+            rows,
+            now: 1_000_000,
             ..Default::default()
+        }
+    }
+
+    /// ... plus rows of tenants that are not live here.
+    fn with_rows(mut accounted: Accounted, rows: &[(&str, TenantStatus, bool)]) -> Accounted {
+        for (hex, status, here) in rows {
+            accounted.rows.insert(
+                Uuid::parse_str(hex).unwrap(),
+                RowOf {
+                    status: *status,
+                    here: *here,
+                },
+            );
+        }
+        accounted
+    }
+
+    fn id(hex: &str) -> Uuid {
+        Uuid::parse_str(hex).unwrap()
+    }
+
+    fn kept(name: &str, role: bool, drop_after: Option<i64>) -> Kept {
+        Kept {
+            name: name.into(),
+            role,
+            drop_after,
         }
     }
 
@@ -546,16 +863,73 @@ mod tests {
         };
         vec![
             Case {
-                name: "an orphan database (no row) is dropped",
-                observed: on_server(&[&a_db], &[]),
+                name: "a database and role the registry never heard of are kept and reported",
+                observed: on_server(&[&a_db], &[(&a_role, true)]),
                 accounted: registry(vec![]),
-                want: vec![Action::DropDatabase(a_db.clone())],
+                want: vec![
+                    Action::Unregistered(a_db.clone()),
+                    Action::Unregistered(a_role.clone()),
+                ],
             },
             Case {
-                name: "an orphan role (no row) is dropped",
-                observed: on_server(&[], &[(&a_role, true)]),
+                name: "a deleted tenant's database and role are quarantined, database first",
+                observed: on_server(&[&a_db], &[(&a_role, true)]),
+                accounted: with_rows(registry(vec![]), &[(A, Deleted, true)]),
+                want: vec![
+                    Action::Quarantine {
+                        database: a_db.clone(),
+                        tenant: id(A),
+                    },
+                    Action::QuarantineRole {
+                        role: a_role.clone(),
+                        tenant: id(A),
+                    },
+                ],
+            },
+            Case {
+                name:
+                    "a tenant live on another server (one cluster registered twice) is left alone",
+                observed: on_server(&[&a_db], &[(&a_role, false)]),
+                accounted: with_rows(registry(vec![tenant(B, Active)]), &[(A, Active, false)]),
+                want: vec![],
+            },
+            Case {
+                name: "quarantining more than a tenth of the server's tenants halts instead",
+                observed: on_server(&[&a_db, &b_db], &[]),
+                accounted: with_rows(registry(vec![]), &[(A, Deleted, true), (B, Failed, true)]),
+                want: vec![Action::Halt {
+                    tenants: 2,
+                    live: 0,
+                }],
+            },
+            Case {
+                name: "spares another server records (one cluster registered twice) are left alone",
+                observed: Observed {
+                    spare_roles: vec!["silo_rs_9".into()],
+                    ..on_server(&["silo_spare_9"], &[])
+                },
+                accounted: Accounted {
+                    spares_elsewhere: ["silo_spare_9".to_owned(), "silo_rs_9".to_owned()].into(),
+                    ..registry(vec![])
+                },
+                want: vec![],
+            },
+            Case {
+                name: "kept objects past their grace period are dropped, databases first",
+                observed: Observed {
+                    kept: vec![
+                        kept("silo_kept_r_old", true, Some(999_999)),
+                        kept("silo_kept_old", false, Some(1_000_000)),
+                        kept("silo_kept_new", false, Some(1_000_001)),
+                        kept("silo_kept_forever", false, None),
+                    ],
+                    ..on_server(&[], &[])
+                },
                 accounted: registry(vec![]),
-                want: vec![Action::DropRole(a_role.clone())],
+                want: vec![
+                    Action::DropKept("silo_kept_old".into()),
+                    Action::DropKeptRole("silo_kept_r_old".into()),
+                ],
             },
             Case {
                 name: "a current spare and its role are kept",
@@ -666,13 +1040,16 @@ mod tests {
                 want: vec![],
             },
             Case {
-                name: "a restore's replaced database, no longer named, is dropped",
+                name: "a restore's replaced database, no longer named, is quarantined",
                 observed: on_server(&[&a_db, &restored], &[(&a_role, true)]),
                 accounted: registry(vec![AccountedTenant {
                     database: restored.clone(),
                     ..tenant(A, Active)
                 }]),
-                want: vec![Action::DropDatabase(a_db.clone())],
+                want: vec![Action::Quarantine {
+                    database: a_db.clone(),
+                    tenant: id(A),
+                }],
             },
             Case {
                 name: "a move's unverified source is set aside, never dropped",

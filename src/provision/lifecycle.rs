@@ -12,7 +12,11 @@ use crate::domain::OperationKind;
 use crate::failpoint;
 use crate::ops::{Error, Result};
 use crate::registry::{Operation, TenantPatch, TenantRecord, TenantStatus};
-use crate::servers::{roles, scram};
+use crate::servers::roles;
+
+/// How long a statement running under the old password may take to finish
+/// before its session is ended by a rotation.
+const SESSION_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A delete that was started: its operation, and the tenant as it was.
 #[derive(Debug)]
@@ -126,9 +130,17 @@ impl Provisioner {
         .await
     }
 
-    /// Give the tenant role a new password. Routers drop their pools on the
-    /// change (NOTIFY) and retry a connection refused for the old password, so
-    /// requests in flight do not fail.
+    /// Give the tenant role a new password, crash-safe at every step:
+    ///
+    /// 1. the new password is stored, sealed, as *pending*;
+    /// 2. the role gets it;
+    /// 3. the sessions the role had open (logged in with the old password)
+    ///    end, busy ones after a short grace;
+    /// 4. the pending password becomes the tenant's (routers rebuild their
+    ///    pools on the change), and app tokens minted before are refused.
+    ///
+    /// A crash anywhere leaves the pending password set: routers try it when
+    /// the recorded one is refused, and the reconciler redoes steps 2–4.
     #[tracing::instrument(skip(self), fields(tenant_id = %id))]
     pub async fn rotate_credentials(&self, id: Uuid, actor: &str) -> Result<TenantRecord> {
         let reg = self.registry();
@@ -140,26 +152,48 @@ impl Provisioner {
                     "only an active or suspended tenant has credentials to rotate",
                 ));
             }
-            let password = crate::crypto::random_password(32);
-            let admin = self.admin_for(&t).await?;
-            admin
-                .exec(&format!(
-                    "ALTER ROLE \"{}\" PASSWORD '{}'",
-                    t.role_name,
-                    scram::verifier(&password)
-                ))
-                .await
-                .context("set the tenant role's new password")?;
-            let sealed = self.keyring().seal(password.as_bytes(), id.as_bytes());
-            reg.set_password(id, &sealed, self.keyring().key_id())
-                .await?;
-            // New credentials, new tokens: the old ones are refused.
-            reg.revoke_tokens(id).await?;
+            // Audited when asked for, whether or not it gets to the end.
             reg.audit(actor, "tenant.rotate_credentials", Some(id), json!({}))
                 .await?;
+            let password = crate::crypto::random_password(32);
+            let sealed = self.keyring().seal(password.as_bytes(), id.as_bytes());
+            reg.set_pending_password(id, &sealed, self.keyring().key_id())
+                .await?;
+            failpoint::hit("rotate_pending");
+            self.finish_rotation_locked(id).await?;
             reg.tenant(id).await?.ok_or(Error::NotFound("tenant"))
         })
         .await
+    }
+
+    /// Steps 2–4 of [`Self::rotate_credentials`] for a tenant whose lock the
+    /// caller holds and whose pending password is set (a rotation, or the
+    /// reconciler finishing one that a crash interrupted). Idempotent.
+    pub async fn finish_rotation_locked(&self, id: Uuid) -> Result<bool> {
+        let reg = self.registry();
+        let t = reg.tenant(id).await?.ok_or(Error::NotFound("tenant"))?;
+        let (Some(sealed), Some(key_id)) = (&t.pending_password_enc, &t.pending_key_id) else {
+            return Ok(false);
+        };
+        let password = self
+            .keyring()
+            .open_string(key_id, sealed, id.as_bytes())
+            .context("open the pending password")?;
+        let admin = self.admin_for(&t).await?;
+        roles::set_password(&admin, &t.role_name, &password)
+            .await
+            .context("set the tenant role's new password")?;
+        failpoint::hit("rotate_password");
+        let ended = roles::end_sessions_open_now(&admin, &t.role_name, SESSION_GRACE)
+            .await
+            .context("end the sessions opened with the old password")?;
+        failpoint::hit("rotate_sessions");
+        reg.promote_pending_password(id, sealed).await?;
+        // New credentials, new tokens: the old ones are refused.
+        reg.revoke_tokens(id).await?;
+        failpoint::hit("rotate_promoted");
+        tracing::info!(tenant_id = %id, sessions_ended = ended, "tenant credentials rotated");
+        Ok(true)
     }
 
     /// Refuse every app token of the tenant minted so far (a leak, a

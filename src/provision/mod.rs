@@ -301,12 +301,11 @@ impl Provisioner {
         }
         if todo(Step::Role) {
             let step_started = Instant::now();
+            let mark = self.tenant_mark(t).await?;
             if role_made {
+                let grants = roles::database_grants(&t.database_name, Some(&t.role_name));
                 admin
-                    .exec(&roles::database_grants(
-                        &t.database_name,
-                        Some(&t.role_name),
-                    ))
+                    .exec(&format!("{grants}; {mark}"))
                     .await
                     .context("grant the tenant role its database")?;
             } else if !prepared {
@@ -320,6 +319,10 @@ impl Provisioner {
                 )
                 .await
                 .context("create the tenant role and grant it its database")?;
+                admin
+                    .exec(&mark)
+                    .await
+                    .context("mark the tenant database as this tenant's")?;
             }
             self.step_done(t, Step::Role, None, step_started).await?;
         }
@@ -467,6 +470,22 @@ impl Provisioner {
         Ok(made(None, "empty"))
     }
 
+    /// The comment that marks a tenant's database as this control plane's
+    /// tenant's, with what it takes to register it again (`silo reconcile --adopt`).
+    async fn tenant_mark(&self, t: &TenantRecord) -> anyhow::Result<String> {
+        let mark = crate::servers::owner::TenantMark {
+            control: self.registry().control_id().await?,
+            tenant: t.id,
+            slug: t.slug.clone(),
+            name: t.name.clone(),
+            plan: t.plan.as_str().to_owned(),
+        };
+        Ok(crate::servers::owner::tenant_mark_sql(
+            &t.database_name,
+            &mark,
+        ))
+    }
+
     /// Rename a claimed spare's database and role to the tenant's, in one
     /// transaction on the server; returns the role's password.
     async fn take_spare(
@@ -483,10 +502,11 @@ impl Provisioner {
         let password =
             self.keyring()
                 .open_string(key_id, sealed, spare.database_name.as_bytes())?;
+        let mark = self.tenant_mark(t).await?;
         admin
             .exec(&format!(
                 "ALTER DATABASE \"{spare_db}\" RENAME TO \"{db}\"; ALTER ROLE \"{role}\" RENAME TO \"{tenant_role}\";
-                 ALTER ROLE \"{tenant_role}\" CONNECTION LIMIT {limit}",
+                 ALTER ROLE \"{tenant_role}\" CONNECTION LIMIT {limit}; {mark}",
                 spare_db = spare.database_name,
                 db = t.database_name,
                 tenant_role = t.role_name,

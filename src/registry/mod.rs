@@ -20,7 +20,7 @@ pub use backups::{Backup, BackupDone, NewBackup, Schedulable};
 pub use keys::{Resealer, RowId, SealedColumn, SealedRow, SEALED_COLUMNS};
 pub use locks::Lock;
 pub use operations::{Operation, OperationStatus};
-pub use servers::DbServer;
+pub use servers::{DbServer, NewServer};
 pub use spares::Spare;
 pub use tenants::{NewTenant, Tenant, TenantPatch, TenantRecord, TenantStatus};
 
@@ -85,6 +85,8 @@ pub struct Registry {
     pool: PgPool,
     /// Dedicated connections for advisory locks (see [`LOCK_POOL_MAX`]).
     locks: PgPool,
+    /// This control plane's identity, once read.
+    control_id: std::sync::Arc<tokio::sync::OnceCell<uuid::Uuid>>,
 }
 
 impl Registry {
@@ -107,7 +109,24 @@ impl Registry {
                 opts.application_name("silo-locks")
                     .options([("lock_timeout", LOCK_WAIT.as_millis().to_string())]),
             );
-        Ok(Self { pool, locks })
+        Ok(Self {
+            pool,
+            locks,
+            control_id: Default::default(),
+        })
+    }
+
+    /// The identity of this control plane (written on the clusters it owns).
+    pub async fn control_id(&self) -> Result<uuid::Uuid> {
+        self.control_id
+            .get_or_try_init(|| async {
+                sqlx::query_scalar("SELECT control_id FROM control_identity")
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(Error::from)
+            })
+            .await
+            .copied()
     }
 
     /// Apply the control-DB migrations (`migrations/control`).

@@ -31,6 +31,11 @@ pub struct DbServer {
     pub checked_at: Option<DateTime<Utc>>,
     /// When a health check last succeeded.
     pub last_ok_at: Option<DateTime<Utc>>,
+    /// The cluster behind the server (`pg_control_system()`), once known.
+    #[serde(skip)]
+    pub system_identifier: Option<String>,
+    #[serde(skip)]
+    pub cluster_port: Option<i32>,
     /// Why the last check failed; `null` once one succeeds. Never holds the URL.
     pub health_error: Option<String>,
 }
@@ -53,6 +58,18 @@ impl DbServer {
     }
 }
 
+/// A server to register.
+pub struct NewServer<'a> {
+    pub id: Uuid,
+    pub name: &'a str,
+    pub admin_url_enc: &'a [u8],
+    pub key_id: &'a str,
+    pub max_connections: i32,
+    pub max_tenants: i32,
+    /// `system_identifier` and port of its cluster.
+    pub cluster: (&'a str, i32),
+}
+
 /// A status change made by a health check: `(before, after)`.
 pub type StatusChange = (String, String);
 
@@ -68,31 +85,80 @@ impl std::fmt::Debug for DbServer {
 
 const SELECT_SERVER: &str = "SELECT s.id, s.name, s.admin_url_enc, s.key_id, s.max_connections, s.max_tenants,
         s.status, s.template_version, s.created_at, s.checked_at, s.last_ok_at, s.health_error,
+        s.system_identifier, s.cluster_port,
         (SELECT count(*) FROM tenants t WHERE t.server_id = s.id AND t.status <> 'deleted') AS tenant_count
    FROM db_servers s";
 
 impl Registry {
-    /// Register a server; a taken name fails on `db_servers_name_key`.
-    #[tracing::instrument(skip(self, admin_url_enc))]
-    pub async fn insert_server(
-        &self,
-        id: Uuid,
-        name: &str,
-        admin_url_enc: &[u8],
-        key_id: &str,
-        max_connections: i32,
-        max_tenants: i32,
-    ) -> Result<()> {
+    /// Register a server; a taken name fails on `db_servers_name_key`, a
+    /// cluster registered already on `db_servers_cluster_key`.
+    #[tracing::instrument(skip(self, new), fields(name = new.name))]
+    pub async fn insert_server(&self, new: &NewServer<'_>) -> Result<()> {
         sqlx::query(
-            "INSERT INTO db_servers (id, name, admin_url_enc, key_id, max_connections, max_tenants)
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO db_servers (id, name, admin_url_enc, key_id, max_connections, max_tenants,
+                                     system_identifier, cluster_port)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(new.id)
+        .bind(new.name)
+        .bind(new.admin_url_enc)
+        .bind(new.key_id)
+        .bind(new.max_connections)
+        .bind(new.max_tenants)
+        .bind(new.cluster.0)
+        .bind(new.cluster.1)
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+        .map_err(Error::from)
+    }
+
+    /// Forget a server registered a moment ago that turned out not to be
+    /// ours to register (it holds no tenant yet).
+    pub async fn forget_new_server(&self, id: Uuid) -> Result<()> {
+        sqlx::query(
+            "DELETE FROM db_servers s WHERE id = $1
+               AND NOT EXISTS (SELECT 1 FROM tenants t WHERE t.server_id = s.id)
+               AND NOT EXISTS (SELECT 1 FROM spares p WHERE p.server_id = s.id)",
         )
         .bind(id)
-        .bind(name)
-        .bind(admin_url_enc)
-        .bind(key_id)
-        .bind(max_connections)
-        .bind(max_tenants)
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+        .map_err(Error::from)
+    }
+
+    /// The server registered for this cluster, if one is.
+    pub async fn server_by_cluster(
+        &self,
+        system_identifier: &str,
+        port: i32,
+    ) -> Result<Option<DbServer>> {
+        sqlx::query_as(&format!(
+            "{SELECT_SERVER} WHERE s.system_identifier = $1 AND s.cluster_port = $2"
+        ))
+        .bind(system_identifier)
+        .bind(port)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(Error::from)
+    }
+
+    /// Record the cluster behind a server registered before clusters were
+    /// (fails on `db_servers_cluster_key` if another server has it).
+    pub async fn set_server_cluster(
+        &self,
+        id: Uuid,
+        system_identifier: &str,
+        port: i32,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE db_servers SET system_identifier = $2, cluster_port = $3, updated_at = now()
+              WHERE id = $1",
+        )
+        .bind(id)
+        .bind(system_identifier)
+        .bind(port)
         .execute(&self.pool)
         .await
         .map(|_| ())

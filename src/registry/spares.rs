@@ -53,6 +53,17 @@ impl Registry {
         .map_err(Error::from)
     }
 
+    /// Spares recorded on every server but this one.
+    pub async fn spares_not_on(&self, server: Uuid) -> Result<Vec<Spare>> {
+        sqlx::query_as(&format!(
+            "SELECT {SPARE_COLUMNS} FROM spares WHERE server_id <> $1"
+        ))
+        .bind(server)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::from)
+    }
+
     /// Take the oldest ready spare at `schema_version` off the pool. The
     /// caller now owns its database and role; if it dies before renaming
     /// them, the sweep drops both.

@@ -104,6 +104,11 @@ pub struct TenantRecord {
     /// App tokens of older generations are refused (suspend, rotation and
     /// an explicit revoke start a new one).
     pub token_generation: i32,
+    /// A password being rotated to (sealed, with its key id, and since when):
+    /// set before the role's password changes, promoted after.
+    pub pending_password_enc: Option<Vec<u8>>,
+    pub pending_key_id: Option<String>,
+    pub pending_at: Option<DateTime<Utc>>,
 }
 
 impl std::fmt::Debug for TenantRecord {
@@ -163,7 +168,8 @@ const SELECT_RECORD: &str =
     "SELECT t.id, t.slug, t.name, t.plan, t.status, t.server_id, s.name AS server_name,
         t.database_name, t.role_name, t.password_enc, t.key_id, t.provision_step, t.last_error,
         t.schema_version, t.backup_schedule, t.created_at, t.updated_at, t.last_backup_at,
-        t.frozen_at, t.own_privileges, t.token_generation
+        t.frozen_at, t.own_privileges, t.token_generation,
+        t.pending_password_enc, t.pending_key_id, t.pending_at
    FROM tenants t JOIN db_servers s ON s.id = t.server_id";
 
 impl Registry {
@@ -212,6 +218,38 @@ impl Registry {
             serde_json::json!({"slug": t.slug, "plan": t.plan.as_str()}),
         )
         .await?;
+        tx.commit().await.map_err(Error::from)
+    }
+
+    /// Register again a tenant whose database and role exist but whose row
+    /// the registry lost (a control DB restored to an earlier point): it is
+    /// `active` at once; its privileges are regranted by the reconciler.
+    pub async fn adopt_tenant(
+        &self,
+        t: &NewTenant<'_>,
+        schema_version: Option<i64>,
+        actor: &str,
+        detail: serde_json::Value,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO tenants (id, slug, name, plan, status, server_id, database_name, role_name,
+                                  password_enc, key_id, schema_version, own_privileges)
+             VALUES ($1, $2, $3, $4, 'active', $5, $6, $7, $8, $9, $10, false)",
+        )
+        .bind(t.id)
+        .bind(t.slug.as_str())
+        .bind(t.name.as_str())
+        .bind(t.plan)
+        .bind(t.server_id)
+        .bind(t.database_name)
+        .bind(t.role_name)
+        .bind(t.password_enc)
+        .bind(t.key_id)
+        .bind(schema_version)
+        .execute(&mut *tx)
+        .await?;
+        Self::audit_in(&mut tx, actor, "tenant.adopt", Some(t.id), detail).await?;
         tx.commit().await.map_err(Error::from)
     }
 
@@ -380,6 +418,16 @@ impl Registry {
 }
 
 impl Registry {
+    /// State and server of each of these tenants the registry has a row
+    /// for, whatever its state (for the reconciler).
+    pub async fn tenant_states(&self, ids: &[Uuid]) -> Result<Vec<(Uuid, TenantStatus, Uuid)>> {
+        sqlx::query_as("SELECT id, status, server_id FROM tenants WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::from)
+    }
+
     /// Every tenant on a server that is not deleted (for the reconciler).
     pub async fn tenants_on_server(&self, server: Uuid) -> Result<Vec<TenantRecord>> {
         sqlx::query_as(&format!(
@@ -571,6 +619,54 @@ impl Registry {
         .execute(&mut *tx)
         .await?;
         tx.commit().await.map_err(Error::from)
+    }
+
+    /// Record the password a rotation is about to give the tenant role
+    /// (durably, before the role changes). Returns when it was recorded.
+    pub async fn set_pending_password(
+        &self,
+        id: Uuid,
+        password_enc: &[u8],
+        key_id: &str,
+    ) -> Result<DateTime<Utc>> {
+        sqlx::query_scalar(
+            "UPDATE tenants SET pending_password_enc = $2, pending_key_id = $3, pending_at = now(),
+                    updated_at = now()
+              WHERE id = $1 RETURNING pending_at",
+        )
+        .bind(id)
+        .bind(password_enc)
+        .bind(key_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(Error::from)
+    }
+
+    /// The role has the pending password now: make it the tenant's (the
+    /// trigger notifies routers). Only that pending password is promoted.
+    pub async fn promote_pending_password(&self, id: Uuid, password_enc: &[u8]) -> Result<bool> {
+        sqlx::query(
+            "UPDATE tenants SET password_enc = pending_password_enc, key_id = pending_key_id,
+                    pending_password_enc = NULL, pending_key_id = NULL, pending_at = NULL,
+                    updated_at = now()
+              WHERE id = $1 AND pending_password_enc = $2",
+        )
+        .bind(id)
+        .bind(password_enc)
+        .execute(&self.pool)
+        .await
+        .map(|r| r.rows_affected() == 1)
+        .map_err(Error::from)
+    }
+
+    /// Tenants with a rotation that did not finish (for the reconciler).
+    pub async fn tenants_rotating(&self) -> Result<Vec<Uuid>> {
+        sqlx::query_scalar(
+            "SELECT id FROM tenants WHERE pending_password_enc IS NOT NULL AND status <> 'deleted'",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::from)
     }
 
     /// Store a tenant role's new sealed password (the trigger notifies routers).

@@ -124,9 +124,44 @@ pub struct TenantEntry {
     /// App tokens of other generations are refused.
     pub token_generation: i32,
     password: Secret,
+    /// A credential rotation's pending password, until it is promoted.
+    pending: Option<Secret>,
+    /// Log in with `pending`: the recorded password was refused, a rotation
+    /// is half-way (its process died between changing the role and
+    /// recording it). Shared by every request that uses this cached entry.
+    use_pending: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl TenantEntry {
+    /// The password to log in with now.
+    fn login_password(&self) -> &Secret {
+        match &self.pending {
+            Some(p) if self.use_pending.load(Ordering::Relaxed) => p,
+            _ => &self.password,
+        }
+    }
+
+    /// Whether logins use the pending password now.
+    fn using_pending(&self) -> bool {
+        self.use_pending.load(Ordering::Relaxed)
+    }
+
+    /// The password used (`used_pending`) was refused: log in with the
+    /// other of the recorded and the pending one from now on (unless a
+    /// concurrent request switched already); `false` if there is no pending one.
+    fn switch_password(&self, used_pending: bool) -> bool {
+        if self.pending.is_none() {
+            return false;
+        }
+        let _ = self.use_pending.compare_exchange(
+            used_pending,
+            !used_pending,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        true
+    }
+
     /// What a pool for this tenant, as looked up now, must have been built for.
     pub fn pool_key(&self) -> PoolKey {
         use sha2::{Digest, Sha256};
@@ -134,7 +169,7 @@ impl TenantEntry {
             server_id: self.server_id,
             database: self.database.clone(),
             role: self.role.clone(),
-            credentials: Sha256::digest(self.password.expose().as_bytes()).into(),
+            credentials: Sha256::digest(self.login_password().expose().as_bytes()).into(),
         }
     }
 }
@@ -362,6 +397,15 @@ impl TenantRouter {
             .keyring
             .open_string(&t.key_id, &t.password_enc, t.id.as_bytes())
             .context("decrypt tenant credentials")?;
+        let pending = match (&t.pending_password_enc, &t.pending_key_id) {
+            (Some(sealed), Some(key_id)) => Some(Secret::new(
+                self.inner
+                    .keyring
+                    .open_string(key_id, sealed, t.id.as_bytes())
+                    .context("decrypt tenant credentials")?,
+            )),
+            _ => None,
+        };
         Ok(TenantEntry {
             id: t.id,
             slug: t.slug.clone(),
@@ -373,6 +417,8 @@ impl TenantRouter {
             frozen: t.frozen_at.is_some(),
             token_generation: t.token_generation,
             password: Secret::new(password),
+            pending,
+            use_pending: Default::default(),
         })
     }
 
@@ -392,11 +438,13 @@ impl TenantRouter {
         let started = Instant::now();
         let deadline = started + self.inner.config.acquire_timeout;
         let mut reread = false;
+        let mut switched = 0;
         loop {
             check_status(&entry)?;
             if self.inner.down.contains_key(&entry.id) {
                 return Err(RouteError::TenantDown);
             }
+            let used_pending = entry.using_pending();
             let pool = self.pool_for(&entry).await?;
             let left = deadline.saturating_duration_since(Instant::now());
             match pool.acquire(left).await {
@@ -417,6 +465,17 @@ impl TenantRouter {
                 Err(AcquireError::Connect(e)) if is_role_limit(&e) => {
                     // The role's connection limit is reached (other replicas): busy, not down.
                     return Err(RouteError::Busy);
+                }
+                Err(AcquireError::Connect(e))
+                    if is_auth_failure(&e)
+                        && switched < 2
+                        && Instant::now() < deadline
+                        && entry.switch_password(used_pending) =>
+                {
+                    // A rotation half-way: the role has the pending password
+                    // (or not yet): the next pool logs in with the other one.
+                    switched += 1;
+                    tracing::info!(tenant_id = %entry.id, "the tenant's recorded password was refused: trying its rotation's other password");
                 }
                 Err(AcquireError::Connect(e))
                     if is_auth_failure(&e) && !reread && Instant::now() < deadline =>
@@ -457,7 +516,7 @@ impl TenantRouter {
             let opts = base
                 .database(&entry.database)
                 .username(&entry.role)
-                .password(entry.password.expose())
+                .password(entry.login_password().expose())
                 .application_name("silo-router")
                 .options([("statement_timeout", statement_timeout.as_str())]);
             // The role's CONNECTION LIMIT counts across replicas: each takes its share.

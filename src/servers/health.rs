@@ -33,12 +33,16 @@ pub async fn check_all(
     unhealthy_after: Duration,
 ) -> anyhow::Result<Vec<ServerCheck>> {
     let servers = registry.servers().await.context("list tenant servers")?;
+    let control = registry
+        .control_id()
+        .await
+        .context("read the control plane's identity")?;
     // Dropping the set (on shutdown) aborts the checks in flight.
     let mut set = tokio::task::JoinSet::new();
     for (i, server) in servers.into_iter().enumerate() {
         let (registry, pools) = (registry.clone(), pools.clone());
         set.spawn(async move {
-            let check = check_one(&registry, &pools, &server, unhealthy_after).await;
+            let check = check_one(&registry, &pools, &server, control, unhealthy_after).await;
             (i, check)
         });
     }
@@ -55,10 +59,14 @@ async fn check_one(
     registry: &Registry,
     pools: &ServerPools,
     server: &DbServer,
+    control: Uuid,
     unhealthy_after: Duration,
 ) -> anyhow::Result<ServerCheck> {
     let error = match pools.admin(server) {
-        Ok(admin) => admin.ping(HEALTH_CHECK_TIMEOUT).await.err(),
+        Ok(admin) => match admin.ping(HEALTH_CHECK_TIMEOUT).await {
+            Ok(()) => owned(&admin, control, server.id).await,
+            Err(e) => Some(e),
+        },
         Err(e) => {
             tracing::warn!(server = %server.name, "failed to open the server's admin URL: {e:#}");
             Some("admin URL could not be opened")
@@ -97,6 +105,19 @@ async fn check_one(
         error,
         status,
     })
+}
+
+/// Why the server's cluster is not this server's to use, if it is not (its
+/// ownership marker names another server row or control plane): then it
+/// gets no new tenants, and the reconciler leaves it alone.
+async fn owned(admin: &super::ServerAdmin, control: Uuid, server: Uuid) -> Option<&'static str> {
+    let me = super::owner::Owner { control, server };
+    match super::owner::check(admin, me).await {
+        Ok(state) if state.refusal().is_some() => {
+            Some("its cluster belongs to another server or control plane (registered twice?)")
+        }
+        _ => None,
+    }
 }
 
 /// A fixed description of why a check failed: no host, user or URL in it.

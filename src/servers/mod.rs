@@ -9,6 +9,7 @@
 
 mod health;
 pub mod names;
+pub mod owner;
 pub mod roles;
 pub mod schema;
 pub mod scram;
@@ -228,7 +229,9 @@ impl ServerPools {
     }
 
     /// Register a tenant DB server after checking its admin URL works and
-    /// preparing it (the tenant group role).
+    /// preparing it, then mark its cluster as this control plane's. A
+    /// cluster registered already (under any name or host alias) or owned
+    /// by another control plane is refused with [`AlreadyRegistered`].
     pub async fn register(
         &self,
         registry: &Registry,
@@ -237,23 +240,89 @@ impl ServerPools {
         max_connections: i32,
         max_tenants: i32,
     ) -> anyhow::Result<DbServer> {
-        prepare_server(admin_url).await?;
+        let found = prepare_server(admin_url).await?;
+        let control = registry.control_id().await?;
+        let cluster = &found.cluster;
+        if let Some(other) = registry
+            .server_by_cluster(&cluster.system_identifier, cluster.port)
+            .await?
+        {
+            return Err(AlreadyRegistered(format!("as server '{}'", other.name)).into());
+        }
+        let taken_over = match found.marker {
+            None => false,
+            Some(Ok(o)) if o.control != control => {
+                return Err(AlreadyRegistered(format!(
+                    "by another silo control plane ({})",
+                    o.control
+                ))
+                .into())
+            }
+            Some(Ok(o)) => match registry.server(o.server).await? {
+                Some(other) => {
+                    return Err(AlreadyRegistered(format!("as server '{}'", other.name)).into())
+                }
+                // Its server row is gone (a control DB restored from before it
+                // was registered): this registration takes the cluster over.
+                None => true,
+            },
+            Some(Err(())) => {
+                return Err(AlreadyRegistered(format!(
+                    "by someone else (it has a role {} that silo did not mark)",
+                    owner::OWNER_ROLE
+                ))
+                .into())
+            }
+        };
         let id = Uuid::now_v7();
         let sealed = self.keyring.seal(admin_url.as_bytes(), id.as_bytes());
         registry
-            .insert_server(
+            .insert_server(&crate::registry::NewServer {
                 id,
                 name,
-                &sealed,
-                self.keyring.key_id(),
+                admin_url_enc: &sealed,
+                key_id: self.keyring.key_id(),
                 max_connections,
                 max_tenants,
-            )
-            .await?;
-        registry
+                cluster: (&cluster.system_identifier, cluster.port),
+            })
+            .await
+            .map_err(|e| -> anyhow::Error {
+                if e.is_unique_violation("db_servers_cluster_key") {
+                    AlreadyRegistered("by a registration that ran at the same time".into()).into()
+                } else {
+                    e.into()
+                }
+            })?;
+        let server = registry
             .server(id)
             .await?
-            .context("read back the registered server")
+            .context("read back the registered server")?;
+        let me = owner::Owner {
+            control,
+            server: id,
+        };
+        let admin = self.admin(&server)?;
+        let marked = if taken_over {
+            owner::remark(&admin, me)
+                .await
+                .map(|_| owner::Ownership::Ours)
+        } else {
+            owner::mark(&admin, me).await
+        };
+        match marked {
+            Ok(owner::Ownership::Ours) => Ok(server),
+            // Another control plane marked it first, between our check and ours.
+            Ok(other) => {
+                registry.forget_new_server(id).await?;
+                Err(AlreadyRegistered(other.refusal().unwrap_or_default()).into())
+            }
+            // Unmarked for now: the reconciler marks it (or finds it taken).
+            Err(e) => {
+                tracing::warn!(server = name, "failed to mark the server's cluster as this control plane's (the reconciler retries): {e:#}");
+                Ok(server)
+            }
+        }
     }
 
     /// On first start, register the default server (another replica may
@@ -273,9 +342,12 @@ impl ServerPools {
             .await;
         match created {
             Ok(_) => Ok(()),
+            // Another replica registered it meanwhile.
             Err(e)
                 if e.downcast_ref::<crate::registry::Error>()
-                    .is_some_and(|e| e.is_unique_violation("db_servers_name_key")) =>
+                    .is_some_and(|e| e.is_unique_violation("db_servers_name_key"))
+                    || (e.downcast_ref::<AlreadyRegistered>().is_some()
+                        && !registry.servers().await?.is_empty()) =>
             {
                 Ok(())
             }
@@ -328,6 +400,21 @@ pub fn admin_options(url: &str) -> anyhow::Result<PgConnectOptions> {
 #[error("could not connect to the server with its admin URL")]
 pub struct ServerUnreachable;
 
+/// The admin URL's cluster is registered already, or owned by another
+/// control plane (the caller's input is wrong: 409).
+#[derive(Debug, thiserror::Error)]
+#[error("this PostgreSQL cluster is registered already {0}; register each cluster once")]
+pub struct AlreadyRegistered(pub String);
+
+/// What [`prepare_server`] found on a server.
+#[derive(Debug)]
+pub struct Prepared {
+    pub powers: AdminPowers,
+    pub cluster: owner::ClusterId,
+    /// Its ownership marker, if it has one (`Err`: one silo did not write).
+    pub marker: Option<std::result::Result<owner::Owner, ()>>,
+}
+
 /// The admin login lacks what silo needs of it (the caller's input is wrong).
 #[derive(Debug, thiserror::Error)]
 #[error("the admin login lacks {0}: silo needs CREATEDB, CREATEROLE and membership in pg_signal_backend (or a superuser); see the README's security model")]
@@ -379,7 +466,7 @@ pub async fn admin_powers(db: &PgPool) -> sqlx::Result<AdminPowers> {
 /// (refused with [`MissingPrivilege`] naming what it lacks), then close the
 /// server's maintenance databases to PUBLIC where silo may (it owns them or
 /// is a superuser), so that tenant roles can connect to nothing but their own.
-pub async fn prepare_server(url: &str) -> anyhow::Result<AdminPowers> {
+pub async fn prepare_server(url: &str) -> anyhow::Result<Prepared> {
     // A one-connection pool, not a bare connection: `&mut PgConnection` with
     // `raw_sql` defeats `Send` inference in handlers (a rustc limitation).
     let db = PgPoolOptions::new()
@@ -404,7 +491,14 @@ pub async fn prepare_server(url: &str) -> anyhow::Result<AdminPowers> {
             );
         }
         close_maintenance_databases(&db).await?;
-        Ok(powers)
+        let (cluster, marker) = owner::identify(&db)
+            .await
+            .context("read the cluster's identity and ownership marker")?;
+        Ok(Prepared {
+            powers,
+            cluster,
+            marker,
+        })
     }
     .await;
     db.close().await;

@@ -40,6 +40,12 @@ pub fn tenant_of_database(name: &str) -> Option<Uuid> {
     Uuid::parse_str(hex.get(..32)?).ok()
 }
 
+/// The tenant a `silo_r_<hex>` role belongs to.
+pub fn tenant_of_role(name: &str) -> Option<Uuid> {
+    let hex = name.strip_prefix(TENANT_ROLE_PREFIX)?;
+    Uuid::parse_str(hex.get(..32)?).ok()
+}
+
 /// Name a database set aside for `tenant` takes.
 pub fn kept_db(tenant: Uuid) -> String {
     format!(

@@ -200,6 +200,64 @@ pub async fn terminate_sessions(admin: &ServerAdmin, role: &str) -> Result<()> {
         .map_err(|e| admin.error(None, e))
 }
 
+/// Give a tenant role a new password (as a SCRAM verifier: the password
+/// itself never reaches the server's logs).
+pub async fn set_password(admin: &ServerAdmin, role: &str, password: &str) -> Result<()> {
+    admin
+        .exec(&format!(
+            "ALTER ROLE \"{role}\" PASSWORD '{}'",
+            scram::verifier(password)
+        ))
+        .await
+}
+
+/// End the sessions `role` has open now (after its password changed: they
+/// logged in with the old one). Idle ones end at once; a session busy with
+/// a statement gets up to `grace` to finish it, then ends too. Sessions
+/// opened from here on are left alone.
+pub async fn end_sessions_open_now(
+    admin: &ServerAdmin,
+    role: &str,
+    grace: std::time::Duration,
+) -> Result<u64> {
+    let wrap = |e| admin.error(None, e);
+    let cutoff: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(&admin.pool)
+        .await
+        .map_err(wrap)?;
+    let end = |busy_too: bool| {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+              WHERE usename = $1 AND backend_start < $2 AND ($3 OR state IS DISTINCT FROM 'active')",
+        )
+        .bind(role)
+        .bind(cutoff)
+        .bind(busy_too)
+        .fetch_one(&admin.pool)
+    };
+    let mut ended = end(false).await.map_err(wrap)? as u64;
+    let deadline = std::time::Instant::now() + grace;
+    loop {
+        let busy: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND backend_start < $2",
+        )
+        .bind(role)
+        .bind(cutoff)
+        .fetch_one(&admin.pool)
+        .await
+        .map_err(wrap)?;
+        if busy == 0 {
+            return Ok(ended);
+        }
+        if std::time::Instant::now() >= deadline {
+            ended += end(true).await.map_err(wrap)? as u64;
+            return Ok(ended);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        ended += end(false).await.map_err(wrap)? as u64;
+    }
+}
+
 pub async fn database_exists(admin: &ServerAdmin, database: &str) -> Result<bool> {
     sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
         .bind(database)
@@ -267,11 +325,25 @@ pub async fn set_aside(
     db: &str,
     tenant: uuid::Uuid,
 ) -> anyhow::Result<String> {
+    let kept = keep_database(admin, db, tenant, None).await?;
+    tracing::warn!(tenant_id = %tenant, database = kept, "kept a tenant's old database aside (silo never drops it)");
+    Ok(kept)
+}
+
+/// Rename `db` aside to `silo_kept_<tenant>_<time>`, its comment saying
+/// when the reconciler may drop it (`None`: never). Returns its new name.
+pub async fn keep_database(
+    admin: &ServerAdmin,
+    db: &str,
+    tenant: uuid::Uuid,
+    drop_after: Option<i64>,
+) -> anyhow::Result<String> {
     use anyhow::Context;
     if !database_exists(admin, db).await? {
         anyhow::bail!("database {db} is not there to keep");
     }
     let kept = super::names::kept_db(tenant);
+    let mark = kept_mark_sql("DATABASE", &kept, drop_after);
     let mut tries = 0;
     loop {
         // A rename needs the database to itself.
@@ -282,8 +354,11 @@ pub async fn set_aside(
         .execute(&admin.pool)
         .await
         .map_err(|e| admin.error(None, e))?;
+        // Rename and mark: one transaction.
         match admin
-            .exec(&format!("ALTER DATABASE \"{db}\" RENAME TO \"{kept}\""))
+            .exec(&format!(
+                "ALTER DATABASE \"{db}\" RENAME TO \"{kept}\"; {mark}"
+            ))
             .await
         {
             Ok(()) => break,
@@ -295,6 +370,70 @@ pub async fn set_aside(
             Err(e) => return Err(e).context("set the database aside"),
         }
     }
-    tracing::warn!(tenant_id = %tenant, database = kept, "kept a tenant's old database aside (silo never drops it)");
     Ok(kept)
+}
+
+/// Quarantine a tenant role no live tenant accounts for: it may no longer
+/// log in, its sessions end, and it is renamed aside
+/// (`silo_kept_<tenant>_<time>`), to be dropped after `drop_after`.
+pub async fn keep_role(
+    admin: &ServerAdmin,
+    role: &str,
+    tenant: uuid::Uuid,
+    drop_after: Option<i64>,
+) -> Result<String> {
+    let kept = super::names::kept_db(tenant);
+    admin
+        .exec(&format!("ALTER ROLE \"{role}\" NOLOGIN"))
+        .await?;
+    terminate_sessions(admin, role).await?;
+    let mark = kept_mark_sql("ROLE", &kept, drop_after);
+    admin
+        .exec(&format!(
+            "ALTER ROLE \"{role}\" RENAME TO \"{kept}\"; {mark}"
+        ))
+        .await?;
+    Ok(kept)
+}
+
+fn kept_mark_sql(kind: &str, name: &str, drop_after: Option<i64>) -> String {
+    let mark = super::owner::KeptMark { drop_after };
+    let comment =
+        super::owner::quote_literal(&serde_json::to_string(&mark).expect("mark serializes"));
+    format!("COMMENT ON {kind} \"{name}\" IS {comment}")
+}
+
+/// Databases and roles set aside (`silo_kept_*`), each with when it may be
+/// dropped (`None`: never, or no mark silo can read).
+pub async fn kept_objects(admin: &ServerAdmin) -> Result<Vec<Kept>> {
+    let rows: Vec<(String, bool, Option<String>)> = sqlx::query_as(
+        "SELECT datname::text, false, shobj_description(oid, 'pg_database')
+           FROM pg_database WHERE datname LIKE 'silo\\_kept\\_%'
+         UNION ALL
+         SELECT rolname::text, true, shobj_description(oid, 'pg_authid')
+           FROM pg_roles WHERE rolname LIKE 'silo\\_kept\\_%'",
+    )
+    .fetch_all(&admin.pool)
+    .await
+    .map_err(|e| admin.error(None, e))?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, role, comment)| Kept {
+            name,
+            role,
+            drop_after: comment
+                .and_then(|c| serde_json::from_str::<super::owner::KeptMark>(&c).ok())
+                .and_then(|m| m.drop_after),
+        })
+        .collect())
+}
+
+/// A database or role set aside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kept {
+    pub name: String,
+    /// A role (else a database).
+    pub role: bool,
+    /// Unix seconds after which it may be dropped; `None`: never.
+    pub drop_after: Option<i64>,
 }

@@ -62,9 +62,23 @@ pub struct Setup {
     warm_pool: u32,
     router: RouterConfig,
     storage: Option<silo::config::StorageArgs>,
+    keep_for: Option<silo::domain::KeepFor>,
+    admin_timeout: Option<std::time::Duration>,
 }
 
 impl Setup {
+    /// Longest an admin request may take (30 s by default).
+    pub fn admin_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.admin_timeout = Some(timeout);
+        self
+    }
+
+    /// How long quarantined and replaced databases are kept (7 days by default).
+    pub fn keep_for(mut self, keep: silo::domain::KeepFor) -> Self {
+        self.keep_for = Some(keep);
+        self
+    }
+
     /// Spares kept per server (the warm pool; 0 by default).
     pub fn warm_pool(mut self, n: u32) -> Self {
         self.warm_pool = n;
@@ -118,6 +132,7 @@ impl Setup {
             schema: silo::servers::TenantSchema::embedded(),
             storage,
             warm_pool_size: self.warm_pool,
+            keep_for: self.keep_for.unwrap_or_default(),
         })
         .await
         .unwrap();
@@ -130,6 +145,9 @@ impl Setup {
                 app_domain: Some(APP_DOMAIN.into()),
                 router: self.router,
                 jobs: None,
+                admin_timeout: self
+                    .admin_timeout
+                    .unwrap_or(std::time::Duration::from_secs(30)),
             },
         );
         let admin = PgPoolOptions::new()

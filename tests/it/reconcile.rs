@@ -1,4 +1,4 @@
-//! The reconciler and the warm pool against a real server: orphans dropped,
+//! The reconciler and the warm pool against a real server: orphans quarantined,
 //! logins made to agree with the registry, spares kept ready and used.
 
 use crate::common::TestEnv;
@@ -11,10 +11,21 @@ async fn exec(env: &TestEnv, sql: &str) {
 }
 
 #[tokio::test]
-async fn the_reconciler_drops_what_no_registry_row_accounts_for() {
-    let env = TestEnv::start().await;
+async fn the_reconciler_quarantines_orphans_keeps_the_unknown_and_drops_stale_spares() {
+    let env = TestEnv::setup()
+        .keep_for(silo::domain::KeepFor(std::time::Duration::from_secs(1)))
+        .start()
+        .await;
     env.create("keeper").await;
+    env.create("gone").await;
+    let gone = env.record("gone").await;
     env.control.reconcile_once().await.unwrap();
+    // A delete that marked its row but never dropped anything.
+    sqlx::query("UPDATE tenants SET status = 'deleted' WHERE slug = 'gone'")
+        .execute(env.registry().pool())
+        .await
+        .unwrap();
+    // Objects the registry never heard of (a control DB restored to an earlier point).
     exec(
         &env,
         "CREATE DATABASE silo_t_00000000000000000000000000000bad",
@@ -34,23 +45,94 @@ async fn the_reconciler_drops_what_no_registry_row_accounts_for() {
         .execute(env.registry().pool())
         .await
         .unwrap();
-    assert_eq!(env.orphans().await.len(), 3);
 
     let report = env.control.reconcile_once().await.unwrap();
     assert!(report.errors.is_empty(), "{report:?}");
+    assert!(report.halted.is_empty(), "{report:?}");
     assert_eq!(
         (
-            report.orphan_databases_dropped,
-            report.orphan_roles_dropped,
-            report.spares_dropped
+            report.databases_quarantined,
+            report.roles_quarantined,
+            report.spares_dropped,
+            report.unregistered.len(),
         ),
-        (1, 1, 1),
+        (1, 1, 1, 2),
         "{report:?}"
     );
-    assert!(env.orphans().await.is_empty());
+    // The unknown stays as it was; the deleted tenant's objects are aside, not gone.
+    assert!(
+        env.database_exists("silo_t_00000000000000000000000000000bad")
+            .await
+    );
+    assert!(
+        env.role_exists("silo_r_00000000000000000000000000000bad")
+            .await
+    );
+    assert!(!env.database_exists(&gone.database_name).await);
+    assert!(!env.role_exists(&gone.role_name).await);
+    let kept = kept_names(&env).await;
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    let hex = gone.id.simple().to_string();
+    assert!(kept.iter().all(|k| k.contains(&hex)), "{kept:?}");
     assert_eq!(env.count("SELECT count(*) FROM spares").await, 0);
     // The live tenant is untouched.
     crate::common::close(env.connect_tenant("keeper").await.unwrap()).await;
+
+    // After the grace period (one second here), the quarantined objects go.
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let report = env.control.reconcile_once().await.unwrap();
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(report.kept_dropped, 2, "{report:?}");
+    assert!(kept_names(&env).await.is_empty());
+    assert!(
+        env.database_exists("silo_t_00000000000000000000000000000bad")
+            .await
+    );
+}
+
+/// Databases and roles set aside, as `database x` / `role y`.
+async fn kept_names(env: &TestEnv) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT 'database ' || datname FROM pg_database WHERE datname LIKE 'silo\\_kept\\_%'
+         UNION ALL SELECT 'role ' || rolname FROM pg_roles WHERE rolname LIKE 'silo\\_kept\\_%'",
+    )
+    .fetch_all(&env.admin)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_pass_that_would_quarantine_many_tenants_halts_and_says_so() {
+    let env = TestEnv::start().await;
+    let mut made = Vec::new();
+    for slug in ["one", "two", "three"] {
+        env.create(slug).await;
+        made.push(env.record(slug).await);
+    }
+    env.control.reconcile_once().await.unwrap();
+    // The registry suddenly says two of three tenants are deleted (say, a
+    // control DB restored wrongly): two thirds is far more than a tenth.
+    sqlx::query("UPDATE tenants SET status = 'deleted' WHERE slug IN ('one', 'two')")
+        .execute(env.registry().pool())
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let report = env.control.reconcile_once().await.unwrap();
+        assert_eq!(
+            report.databases_quarantined + report.roles_quarantined,
+            0,
+            "{report:?}"
+        );
+        assert_eq!(report.halted.len(), 1, "{report:?}");
+        assert!(
+            report.halted[0].contains("would quarantine 2"),
+            "{report:?}"
+        );
+    }
+    for t in &made {
+        assert!(env.database_exists(&t.database_name).await, "{}", t.slug);
+        assert!(env.role_exists(&t.role_name).await, "{}", t.slug);
+    }
 }
 
 #[tokio::test]

@@ -411,7 +411,7 @@ async fn a_tenant_moves_to_another_server_under_live_traffic_with_no_lost_write(
     // A reconcile pass finds nothing to repair and drops nothing it should keep.
     let report = env.control.reconcile_once().await.unwrap();
     assert!(report.errors.is_empty(), "{:?}", report.errors);
-    assert_eq!(report.orphan_databases_dropped, 0, "{report:?}");
+    assert_eq!(report.databases_quarantined, 0, "{report:?}");
     assert!(database_on(&second, &after.database_name).await);
     let a = env
         .send(Method::GET, "/api/v1/patients?limit=5", None, &headers)

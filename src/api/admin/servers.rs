@@ -15,7 +15,7 @@ use crate::api::AppState;
 use crate::config::{DEFAULT_SERVER_MAX_CONNECTIONS, DEFAULT_SERVER_MAX_TENANTS};
 use crate::domain::ServerName;
 use crate::registry::DbServer;
-use crate::servers::{MissingPrivilege, ServerUnreachable};
+use crate::servers::{AlreadyRegistered, MissingPrivilege, ServerUnreachable};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -64,7 +64,7 @@ async fn list_servers(State(state): State<AppState>) -> ApiResult<Json<Vec<DbSer
 /// Register a tenant DB server; its admin URL is checked by connecting.
 #[utoipa::path(post, path = "/servers", tag = "servers", request_body = CreateServerBody,
     responses((status = 201, body = DbServer), AdminErrors, JsonBody,
-        (status = 409, description = "a server with this name exists"),
+        (status = 409, description = "a server with this name exists, or its cluster is registered already (under any name) or owned by another control plane"),
         (status = 422, description = "a value is invalid, or `admin_url` does not connect")))]
 async fn create_server(
     State(state): State<AppState>,
@@ -86,6 +86,9 @@ async fn create_server(
         .map_err(|e| match e.downcast_ref::<crate::registry::Error>() {
             Some(db) if db.is_unique_violation("db_servers_name_key") => {
                 ApiError::Conflict(format!("a server named '{}' exists", body.name))
+            }
+            _ if e.downcast_ref::<AlreadyRegistered>().is_some() => {
+                ApiError::Conflict(e.to_string())
             }
             // The URL did not connect: the client's input, not our fault. No URL in the answer.
             _ if e.downcast_ref::<ServerUnreachable>().is_some() => {

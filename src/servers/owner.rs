@@ -1,0 +1,254 @@
+//! Ownership of a tenant server's cluster, written on the cluster itself.
+//!
+//! A NOLOGIN role [`OWNER_ROLE`] carries, as its comment, the control plane
+//! and the server row that own the cluster. Nothing destructive happens on
+//! a cluster whose marker names someone else: the same cluster registered
+//! twice (another name or host alias), or shared by two control planes,
+//! would otherwise see the other's tenants as orphans. A role, because
+//! roles are cluster-wide (one marker whatever the database) and need no
+//! more than the CREATEROLE silo needs anyway.
+//!
+//! Tenant databases carry a comment too ([`TenantMark`]): whose they are,
+//! and enough of their registry row to register them again if the control
+//! DB lost it (restored to an earlier point).
+
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::{Result, ServerAdmin};
+
+/// The marker role on every cluster silo manages.
+pub const OWNER_ROLE: &str = "silo_owner";
+
+/// Who owns a cluster: a control plane, as one of its servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub control: Uuid,
+    pub server: Uuid,
+}
+
+/// A cluster, whatever URL reaches it: its `system_identifier` and port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterId {
+    pub system_identifier: String,
+    pub port: i32,
+}
+
+/// What a cluster's marker says, compared with who asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ownership {
+    /// Marked as this control plane's, as this server.
+    Ours,
+    /// No marker yet (a server registered before markers, or a crash
+    /// between registration and marking).
+    Unmarked,
+    /// This control plane's, but as another server row: the cluster is
+    /// registered twice.
+    OtherServer(Uuid),
+    /// Another control plane's (a staging and a production silo sharing one cluster).
+    OtherControl(Uuid),
+    /// A marker silo cannot read: someone else wrote it.
+    Unreadable,
+}
+
+impl Ownership {
+    /// Why silo may not touch the cluster as `server`, if it may not.
+    pub fn refusal(&self) -> Option<String> {
+        match self {
+            Self::Ours | Self::Unmarked => None,
+            Self::OtherServer(id) => Some(format!(
+                "its cluster is registered already, as server {id}: the same cluster must not be registered twice"
+            )),
+            Self::OtherControl(id) => Some(format!(
+                "its cluster belongs to another silo control plane ({id})"
+            )),
+            Self::Unreadable => Some(format!(
+                "its cluster's ownership marker (role {OWNER_ROLE}) is not silo's"
+            )),
+        }
+    }
+}
+
+/// Compare a marker with `expected`.
+pub fn judge(marker: Option<Result<Owner, ()>>, expected: Owner) -> Ownership {
+    match marker {
+        None => Ownership::Unmarked,
+        Some(Err(())) => Ownership::Unreadable,
+        Some(Ok(o)) if o.control != expected.control => Ownership::OtherControl(o.control),
+        Some(Ok(o)) if o.server != expected.server => Ownership::OtherServer(o.server),
+        Some(Ok(_)) => Ownership::Ours,
+    }
+}
+
+/// The cluster `admin` reaches.
+pub async fn cluster_id(admin: &ServerAdmin) -> Result<ClusterId> {
+    query_cluster(&admin.pool)
+        .await
+        .map_err(|e| admin.error(None, e))
+}
+
+/// The cluster's marker: `None` if there is none, `Some(Err(()))` if it is
+/// not one silo wrote.
+pub async fn read(admin: &ServerAdmin) -> Result<Option<Result<Owner, ()>>> {
+    query_marker(&admin.pool)
+        .await
+        .map_err(|e| admin.error(None, e))
+}
+
+/// The cluster a pool reaches and its marker (for a server not registered yet).
+pub async fn identify(db: &PgPool) -> sqlx::Result<(ClusterId, Option<Result<Owner, ()>>)> {
+    Ok((query_cluster(db).await?, query_marker(db).await?))
+}
+
+async fn query_cluster(db: &PgPool) -> sqlx::Result<ClusterId> {
+    let (system_identifier, port): (String, i32) = sqlx::query_as(
+        "SELECT system_identifier::text, current_setting('port')::int FROM pg_control_system()",
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(ClusterId {
+        system_identifier,
+        port,
+    })
+}
+
+async fn query_marker(db: &PgPool) -> sqlx::Result<Option<Result<Owner, ()>>> {
+    let comment: Option<Option<String>> = sqlx::query_scalar(
+        "SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = $1",
+    )
+    .bind(OWNER_ROLE)
+    .fetch_optional(db)
+    .await?;
+    Ok(comment.map(|c| {
+        c.and_then(|c| serde_json::from_str::<Owner>(&c).ok())
+            .ok_or(())
+    }))
+}
+
+/// Whether the cluster is `expected`'s.
+pub async fn check(admin: &ServerAdmin, expected: Owner) -> Result<Ownership> {
+    Ok(judge(read(admin).await?, expected))
+}
+
+/// Mark the cluster as `owner`'s. Creating the role is the claim: of two
+/// racing claims one fails (duplicate role) and re-reads the marker.
+pub async fn mark(admin: &ServerAdmin, owner: Owner) -> Result<Ownership> {
+    let comment = quote_literal(&serde_json::to_string(&owner).expect("owner serializes"));
+    let made = admin
+        .exec(&format!(
+            "CREATE ROLE {OWNER_ROLE} NOLOGIN; COMMENT ON ROLE {OWNER_ROLE} IS {comment}"
+        ))
+        .await;
+    match made {
+        Ok(()) => Ok(Ownership::Ours),
+        Err(e) if e.is(super::sqlstate::DUPLICATE_OBJECT) => check(admin, owner).await,
+        Err(e) => Err(e),
+    }
+}
+
+/// Mark the cluster as `owner`'s even if the marker names another server of
+/// the same control plane (that server row is gone: re-registration).
+pub async fn remark(admin: &ServerAdmin, owner: Owner) -> Result<()> {
+    let comment = quote_literal(&serde_json::to_string(&owner).expect("owner serializes"));
+    admin
+        .exec(&format!("COMMENT ON ROLE {OWNER_ROLE} IS {comment}"))
+        .await
+}
+
+/// What a tenant database's comment says about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantMark {
+    pub control: Uuid,
+    pub tenant: Uuid,
+    pub slug: String,
+    pub name: String,
+    pub plan: String,
+}
+
+/// `COMMENT ON DATABASE` marking `database` as `mark`'s tenant's.
+pub fn tenant_mark_sql(database: &str, mark: &TenantMark) -> String {
+    let comment = quote_literal(&serde_json::to_string(mark).expect("mark serializes"));
+    format!("COMMENT ON DATABASE \"{database}\" IS {comment}")
+}
+
+/// Read the marks of tenant databases: `(database, mark)`; databases with no
+/// mark (made before marks, or by someone else) are left out.
+pub async fn tenant_marks(admin: &ServerAdmin) -> Result<Vec<(String, TenantMark)>> {
+    let rows: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT datname::text, shobj_description(oid, 'pg_database')
+           FROM pg_database WHERE datname LIKE 'silo\\_t\\_%'",
+    )
+    .fetch_all(&admin.pool)
+    .await
+    .map_err(|e| admin.error(None, e))?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(db, c)| Some((db, serde_json::from_str(&c?).ok()?)))
+        .collect())
+}
+
+/// What silo wrote on something it set aside: when it may drop it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptMark {
+    /// Unix seconds after which the reconciler drops it; `None`: never.
+    pub drop_after: Option<i64>,
+}
+
+/// A SQL string literal (standard strings: only `'` needs doubling).
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_marker_is_judged_against_who_asks() {
+        let (c1, c2, s1, s2) = (
+            Uuid::from_u128(1),
+            Uuid::from_u128(2),
+            Uuid::from_u128(3),
+            Uuid::from_u128(4),
+        );
+        let me = Owner {
+            control: c1,
+            server: s1,
+        };
+        let rows = [
+            (None, Ownership::Unmarked),
+            (Some(Err(())), Ownership::Unreadable),
+            (Some(Ok(me)), Ownership::Ours),
+            (
+                Some(Ok(Owner {
+                    control: c1,
+                    server: s2,
+                })),
+                Ownership::OtherServer(s2),
+            ),
+            (
+                Some(Ok(Owner {
+                    control: c2,
+                    server: s1,
+                })),
+                Ownership::OtherControl(c2),
+            ),
+        ];
+        for (marker, want) in rows {
+            assert_eq!(judge(marker, me), want);
+            assert_eq!(
+                judge(marker, me).refusal().is_none(),
+                matches!(want, Ownership::Ours | Ownership::Unmarked)
+            );
+        }
+    }
+
+    #[test]
+    fn literals_double_their_quotes() {
+        assert_eq!(
+            quote_literal(r#"{"name":"O'Brien \ co"}"#),
+            r#"'{"name":"O''Brien \ co"}'"#
+        );
+    }
+}

@@ -1,0 +1,295 @@
+//! Nothing lost to an operator's mistake: the same cluster registered twice,
+//! a control DB restored to an earlier point. Real clusters, real sweeps.
+
+use std::process::Command;
+
+use axum::http::{Method, StatusCode};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::common::TestEnv;
+
+/// Tenant databases on the test cluster.
+async fn tenant_databases(env: &TestEnv) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT datname::text FROM pg_database WHERE datname LIKE 'silo\\_t\\_%' ORDER BY 1",
+    )
+    .fetch_all(&env.admin)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_cluster_registered_twice_is_refused_and_never_swept() {
+    let env = TestEnv::start().await;
+    for slug in ["north", "south", "east"] {
+        env.create(slug).await;
+    }
+    env.control.reconcile_once().await.unwrap();
+    let before = tenant_databases(&env).await;
+    assert_eq!(before.len(), 3);
+
+    // Another name and another host alias for the same cluster: refused.
+    let alias = env.pg.url("postgres").replace("127.0.0.1", "localhost");
+    assert!(alias.contains("localhost"), "{alias}");
+    let (s, body) = env
+        .call(
+            Method::POST,
+            "/admin/v1/servers",
+            Some(json!({"name": "alias", "admin_url": alias})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+    let detail = body["detail"].as_str().unwrap();
+    assert!(detail.contains("registered already"), "{detail}");
+    assert!(detail.contains("default"), "{detail}");
+    assert!(!detail.contains(&env.superuser_password()), "{detail}");
+    assert_eq!(
+        env.count("SELECT count(*) FROM db_servers").await,
+        1,
+        "nothing was registered"
+    );
+
+    // Forced in behind silo's back, by SQL.
+    let id = Uuid::now_v7();
+    let sealed = env.keyring.seal(alias.as_bytes(), id.as_bytes());
+    sqlx::query(
+        "INSERT INTO db_servers (id, name, admin_url_enc, key_id, max_connections, max_tenants)
+         VALUES ($1, 'alias', $2, $3, 50, 100)",
+    )
+    .bind(id)
+    .bind(&sealed)
+    .bind(env.keyring.key_id())
+    .execute(env.registry().pool())
+    .await
+    .unwrap();
+
+    for pass in 0..10 {
+        let report = env.control.reconcile_once().await.unwrap();
+        assert!(report.errors.is_empty(), "pass {pass}: {report:?}");
+        assert!(
+            report.halted.iter().any(|h| h.contains("server alias")),
+            "pass {pass}: {report:?}"
+        );
+        assert_eq!(
+            report.databases_quarantined + report.roles_quarantined,
+            0,
+            "pass {pass}: {report:?}"
+        );
+    }
+    assert_eq!(
+        tenant_databases(&env).await,
+        before,
+        "0 tenant databases dropped"
+    );
+    for slug in ["north", "south", "east"] {
+        crate::common::close(env.connect_tenant(slug).await.unwrap()).await;
+    }
+    // Health checks keep new tenants off it.
+    let checks = env
+        .control
+        .check_servers(std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    let alias = checks.iter().find(|c| c.name == "alias").unwrap();
+    assert_eq!(alias.status, "unhealthy", "{alias:?}");
+    assert!(alias.error.unwrap().contains("another server"), "{alias:?}");
+    let default = checks.iter().find(|c| c.name == "default").unwrap();
+    assert_eq!(default.status, "active", "{default:?}");
+}
+
+/// `pg_dump`/`pg_restore` of the control DB, as an operator would.
+fn pg_tool(env: &TestEnv, tool: &str, args: &[&str]) {
+    let out = Command::new(env.pg.bindir().join(tool))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{tool}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_control_db_restored_to_before_five_tenants_loses_none_and_adopts_them() {
+    let env = TestEnv::start().await;
+    env.create("older").await;
+    env.control.reconcile_once().await.unwrap();
+    let dump = tempfile::tempdir().unwrap();
+    let file = dump.path().join("control.dump");
+    let file = file.to_str().unwrap();
+    pg_tool(&env, "pg_dump", &["-Fc", "-f", file, &env.control_url()]);
+
+    let newer: Vec<String> = (1..=5).map(|i| format!("newer-{i}")).collect();
+    for slug in &newer {
+        env.create(slug).await;
+    }
+    let made: Vec<(String, String)> = {
+        let mut v = Vec::new();
+        for slug in &newer {
+            let t = env.record(slug).await;
+            v.push((t.database_name, t.role_name));
+        }
+        v
+    };
+
+    // Disaster recovery: the control DB goes back to the dump.
+    for sql in [
+        "DROP DATABASE silo_control WITH (FORCE)",
+        "CREATE DATABASE silo_control",
+    ] {
+        sqlx::raw_sql(sql).execute(&env.admin).await.unwrap();
+    }
+    pg_tool(&env, "pg_restore", &["-d", &env.control_url(), file]);
+
+    // A restarted silo (fresh pools on the restored DB): ten passes.
+    let silo = env.replica(Default::default());
+    for pass in 0..10 {
+        let report = silo.reconcile_once().await.unwrap();
+        assert!(report.errors.is_empty(), "pass {pass}: {report:?}");
+        assert_eq!(
+            report.databases_quarantined + report.roles_quarantined + report.kept_dropped,
+            0,
+            "pass {pass}: {report:?}"
+        );
+        assert_eq!(report.unregistered.len(), 10, "pass {pass}: {report:?}");
+    }
+    for (db, role) in &made {
+        assert!(env.database_exists(db).await, "{db} was kept");
+        assert!(env.role_exists(role).await, "{role} was kept");
+    }
+    assert!(silo
+        .registry()
+        .find_tenant("newer-1")
+        .await
+        .unwrap()
+        .is_none());
+
+    // `silo reconcile --adopt` brings them back.
+    let adopted = silo.adopt("test").await.unwrap();
+    assert_eq!(adopted.adopted.len(), 5, "{adopted:?}");
+    assert!(adopted.skipped.is_empty(), "{adopted:?}");
+    let report = silo.reconcile_once().await.unwrap();
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert!(report.unregistered.is_empty(), "{report:?}");
+    for slug in &newer {
+        let t = silo.registry().find_tenant(slug).await.unwrap().unwrap();
+        assert_eq!(t.status, silo::registry::TenantStatus::Active, "{slug}");
+        // Its own role, with the new password, reads its tables.
+        let password = silo
+            .keyring()
+            .open_string(&t.key_id, &t.password_enc, t.id.as_bytes())
+            .unwrap();
+        let mut conn = env
+            .connect_as(&t.database_name, &t.role_name, &password)
+            .await
+            .unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM patients")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(n, 0, "{slug}");
+        crate::common::close(conn).await;
+    }
+    // Adopting again finds nothing left to adopt.
+    let again = silo.adopt("test").await.unwrap();
+    assert!(
+        again.adopted.is_empty() && again.skipped.is_empty(),
+        "{again:?}"
+    );
+    let audit = env
+        .count("SELECT count(*) FROM audit_log WHERE action = 'tenant.adopt'")
+        .await;
+    assert_eq!(audit, 5);
+}
+
+/// Advisory locks on the test cluster: `(granted, waiting)`.
+async fn advisory_locks(env: &TestEnv) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE granted), count(*) FILTER (WHERE NOT granted)
+           FROM pg_locks WHERE locktype = 'advisory'",
+    )
+    .fetch_one(&env.admin)
+    .await
+    .unwrap()
+}
+
+/// Wait (at most 20 s) until no advisory lock is held or awaited.
+async fn no_locks_left(env: &TestEnv, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let locks = advisory_locks(env).await;
+        if locks == (0, 0) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: locks left (granted, waiting) = {locks:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_cancelled_mid_lock_wait_leave_no_lock_behind() {
+    use std::time::Duration;
+    let env = TestEnv::setup()
+        .admin_timeout(Duration::from_secs(2))
+        .start()
+        .await;
+    env.create("waited").await;
+    let t = env.record("waited").await;
+    let reps: usize = std::env::var("SILO_LOCK_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    for rep in 0..reps {
+        // Someone else's operation holds the tenant.
+        let held = env.registry().lock_tenant(t.id).await.unwrap();
+        // A client gives up while its request waits for the lock: the
+        // request's future is dropped there, as when the connection closes.
+        let call = env.call(Method::POST, "/admin/v1/tenants/waited/suspend", None);
+        let waiting = async {
+            while advisory_locks(&env).await.1 == 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        };
+        tokio::select! {
+            (s, body) = call => panic!("rep {rep}: answered while the lock was held: {s} {body}"),
+            () = waiting => {}
+        }
+        held.release().await;
+        no_locks_left(&env, &format!("rep {rep}")).await;
+    }
+    // Nothing was suspended by a cancelled request, and the next operations complete.
+    assert_eq!(
+        env.record("waited").await.status,
+        silo::registry::TenantStatus::Active
+    );
+    let (s, body) = env
+        .call(Method::POST, "/admin/v1/tenants/waited/suspend", None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let (s, body) = env
+        .call(Method::POST, "/admin/v1/tenants/waited/resume", None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+
+    // A request stuck behind a lock past the admin deadline: 503, and no lock left.
+    let held = env.registry().lock_tenant(t.id).await.unwrap();
+    let (s, body) = env
+        .call(Method::POST, "/admin/v1/tenants/waited/suspend", None)
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("took longer"),
+        "{body}"
+    );
+    held.release().await;
+    no_locks_left(&env, "after the deadline").await;
+    assert_eq!(
+        env.record("waited").await.status,
+        silo::registry::TenantStatus::Active
+    );
+}
