@@ -63,6 +63,15 @@ pub const SEALED_COLUMNS: &[SealedColumn] = &[
     ),
     // A tenant role's password (provision, lifecycle, relocate, restore).
     column("tenants", "id", RowId::Uuid, "password_enc", "key_id", b""),
+    // A credential rotation's new password, until promoted (lifecycle).
+    column(
+        "tenants",
+        "id",
+        RowId::Uuid,
+        "pending_password_enc",
+        "pending_key_id",
+        b"",
+    ),
     // A tenant's backup data key (backup::run, `data_key_context`).
     column(
         "tenants",

@@ -600,13 +600,20 @@ async fn master_key_rotated_under_app_traffic_fails_no_request_and_every_backup_
 // ---- (c) killed part-way, resumed; racing writers and rotations ------------
 
 /// A control DB with secrets in every sealed column: a server, tenants,
-/// spares, backup keys.
+/// spares, backup keys, a credential rotation's pending password.
 async fn sealed_everywhere(env: &TestEnv) {
     tenants(env, &["kill-a", "kill-b", "kill-c"]).await;
     for slug in ["kill-a", "kill-b"] {
         let t = env.record(slug).await;
         env.backups().data_key(t.id, true).await.unwrap();
     }
+    // A rotation stopped before the role got its new password.
+    let t = env.record("kill-c").await;
+    let pending = env.keyring.seal(b"a-pending-password", t.id.as_bytes());
+    env.registry()
+        .set_pending_password(t.id, &pending, env.keyring.key_id())
+        .await
+        .unwrap();
     env.control.provisioner().refill_all().await.unwrap();
     for col in SEALED_COLUMNS {
         let rows = env
