@@ -164,6 +164,10 @@ pub enum BackupCommand {
         /// Restore into this tenant (created if it does not exist).
         #[arg(long)]
         into: Option<Slug>,
+        /// Replace the data of a tenant that has some (refused without it);
+        /// its current database is kept aside for SILO_KEEP_DAYS.
+        #[arg(long)]
+        overwrite: bool,
     },
 }
 
@@ -428,6 +432,10 @@ pub enum TenantsCommand {
         /// Backup to restore (default: the newest succeeded one).
         #[arg(long)]
         backup: Option<uuid::Uuid>,
+        /// Replace the data of an active or suspended tenant (refused
+        /// without it); its current database is kept aside for SILO_KEEP_DAYS.
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Move a tenant to another server; writes are frozen for the cut-over only.
     Move {

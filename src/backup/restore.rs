@@ -366,12 +366,11 @@ impl Backups {
                 })
                 .await;
             match swapped {
-                Ok((old, updated)) => {
+                Ok((_, updated)) => {
+                    // The replaced database stays, unnamed by the registry: the
+                    // caller sets it aside for the grace period (or, after a
+                    // crash here, the reconciler quarantines it).
                     crate::failpoint::hit("restore_swap");
-                    if let Err(e) = roles::drop_database(&admin, &old.database_name).await {
-                        // The sweep drops it later: no registry row names it any more.
-                        tracing::warn!(tenant_id = %old.id, "failed to drop the replaced database: {e:#}");
-                    }
                     scratch.lock.release().await;
                     Ok(updated)
                 }

@@ -126,10 +126,15 @@ pub(super) async fn backup(cmd: BackupCommand) -> Result<(), CliError> {
                 )));
             }
         }
-        BackupCommand::Restore { control, id, into } => {
+        BackupCommand::Restore {
+            control,
+            id,
+            into,
+            overwrite,
+        } => {
             let p = connect(&control, 0).await?;
             let target = into.map_or(RestoreTarget::InPlace, RestoreTarget::IntoSlug);
-            let t = restore_with_progress(&p, id, target).await?;
+            let t = restore_with_progress(&p, id, target, overwrite).await?;
             print_json(&t.view());
         }
     }

@@ -109,6 +109,7 @@ pub(super) async fn tenants(cmd: TenantsCommand) -> Result<(), CliError> {
             control,
             tenant,
             backup,
+            overwrite,
         } => {
             let p = connect(&control, 0).await?;
             let t = find(&p, &tenant).await?;
@@ -124,7 +125,7 @@ pub(super) async fn tenants(cmd: TenantsCommand) -> Result<(), CliError> {
                         .id
                 }
             };
-            let t = restore_with_progress(&p, b, RestoreTarget::InPlace).await?;
+            let t = restore_with_progress(&p, b, RestoreTarget::InPlace, overwrite).await?;
             print_json(&t.view());
         }
         TenantsCommand::Delete { control, tenant } => {
@@ -156,8 +157,23 @@ pub(super) async fn restore_with_progress(
     p: &ControlPlane,
     backup: uuid::Uuid,
     target: RestoreTarget,
+    overwrite: bool,
 ) -> Result<TenantRecord, CliError> {
     p.backups()?;
+    p.refuse_overwrite(backup, &target, overwrite).await?;
+    let into = match &target {
+        RestoreTarget::InPlace => None,
+        RestoreTarget::IntoSlug(s) => Some(s.to_string()),
+    };
+    // Audited when asked for, whether or not it succeeds.
+    p.registry()
+        .audit(
+            "cli",
+            "tenant.restore_requested",
+            None,
+            serde_json::json!({"backup_id": backup, "into_slug": into, "overwrite": overwrite}),
+        )
+        .await?;
     let size = p
         .registry()
         .backup(backup)

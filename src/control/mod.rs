@@ -250,8 +250,44 @@ impl ControlPlane {
         self.provisioner().drop_deleting_locked(&t).await
     }
 
+    /// Refuse a restore that would replace the data of a tenant that has
+    /// some (active or suspended) unless the request says `overwrite`.
+    pub async fn refuse_overwrite(
+        &self,
+        backup: Uuid,
+        target: &RestoreTarget,
+        overwrite: bool,
+    ) -> Result<()> {
+        if overwrite {
+            return Ok(());
+        }
+        let existing = match target {
+            RestoreTarget::InPlace => {
+                let b = self
+                    .registry()
+                    .backup(backup)
+                    .await?
+                    .ok_or(Error::NotFound("backup"))?;
+                self.registry().tenant(b.tenant_id).await?
+            }
+            RestoreTarget::IntoSlug(slug) => self.registry().find_tenant(slug.as_str()).await?,
+        };
+        match existing {
+            Some(t) if matches!(t.status, TenantStatus::Active | TenantStatus::Suspended) => {
+                Err(Error::conflict(format!(
+                    "tenant '{}' exists and holds data: a restore replaces it (its current database is kept aside for {} days); send \"overwrite\": true to do that",
+                    t.slug,
+                    self.keep_for().0.as_secs() / 86_400
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Restore a backup into its own tenant or into `target`'s slug (a new
-    /// tenant, created first, when the slug is free), and wait for it.
+    /// tenant, created first, when the slug is free), and wait for it. The
+    /// database it replaces, if any, is set aside for the grace period
+    /// ([`crate::domain::KeepFor`]), not dropped.
     pub async fn restore(
         &self,
         backup: Uuid,
@@ -278,7 +314,43 @@ impl ControlPlane {
                 }
             }
         };
-        backups.restore_into(&b, &target, actor, progress).await
+        let replaced = matches!(
+            target.status,
+            TenantStatus::Active | TenantStatus::Suspended
+        )
+        .then(|| target.database_name.clone());
+        let restored = backups.restore_into(&b, &target, actor, progress).await?;
+        if let Some(old) = replaced.filter(|old| *old != restored.database_name) {
+            self.keep_replaced(&restored, &old).await;
+        }
+        Ok(restored)
+    }
+
+    /// Set the database a restore replaced aside until the grace period
+    /// ends. If this fails, the reconciler quarantines it (the registry no
+    /// longer names it), with the same grace period.
+    async fn keep_replaced(&self, t: &TenantRecord, old: &str) {
+        let kept = async {
+            let admin = self
+                .servers()
+                .admin_of(self.registry(), t.server_id)
+                .await?;
+            // Under the server's lock: the sweep is not quarantining it meanwhile.
+            self.registry()
+                .with_server_lock(t.server_id, || {
+                    roles::keep_database(&admin, old, t.id, Some(self.drop_after()))
+                })
+                .await
+        }
+        .await;
+        match kept {
+            Ok(kept) => {
+                tracing::info!(tenant_id = %t.id, database = kept, "kept the database a restore replaced, until its grace period ends")
+            }
+            Err(e) => {
+                tracing::warn!(tenant_id = %t.id, database = old, "failed to set the replaced database aside (the reconciler quarantines it): {e:#}")
+            }
+        }
     }
 
     /// `POST /backups/{id}/restore` and `POST /tenants/{t}/restore` as an operation.
@@ -286,11 +358,13 @@ impl ControlPlane {
         &self,
         backup: Uuid,
         target: RestoreTarget,
+        overwrite: bool,
         actor: &str,
     ) -> Result<Operation> {
         let backups = self.backups()?;
         let reg = self.registry();
         let b = backups.succeeded_backup(backup, "restored").await?;
+        self.refuse_overwrite(backup, &target, overwrite).await?;
         if reg.backup_key_erased(b.tenant_id).await? {
             return Err(Error::conflict(
                 "the tenant's backup key was erased: its backups can no longer be read",
@@ -310,18 +384,28 @@ impl ControlPlane {
                 .await?;
         }
         let this = self.clone();
-        let actor = actor.to_owned();
-        self.ops()
+        let owned_actor = actor.to_owned();
+        let op = self
+            .ops()
             .spawn(
                 OperationKind::BackupRestore,
                 target_tenant.or(Some(b.tenant_id)),
-                json!({"backup_id": backup, "into_slug": into}),
+                json!({"backup_id": backup, "into_slug": into, "overwrite": overwrite}),
                 move || async move {
-                    let t = this.restore(backup, target, &actor, None).await?;
+                    let t = this.restore(backup, target, &owned_actor, None).await?;
                     Ok(json!({"tenant_id": t.id, "slug": t.slug, "status": t.status, "database": t.database_name, "backup_id": backup}))
                 },
             )
-            .await
+            .await?;
+        // Audited when asked for, whether or not it succeeds.
+        reg.audit(
+            actor,
+            "tenant.restore_requested",
+            target_tenant,
+            json!({"backup_id": backup, "from_tenant": b.tenant_id, "into_slug": into, "overwrite": overwrite, "operation": op.id}),
+        )
+        .await?;
+        Ok(op)
     }
 
     /// Run a started fleet migration to its end; if it changed any tenant's

@@ -620,7 +620,11 @@ async fn the_backup_commands_back_up_list_verify_restore_and_archive_from_a_shel
         .await
         .unwrap();
     crate::common::close(conn).await;
+    // Replacing a live tenant's data needs saying so.
     let out = silo_cli(&env, &["backup", "restore", &id], true).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("overwrite"));
+    let out = silo_cli(&env, &["backup", "restore", &id, "--overwrite"], true).await;
     assert!(
         out.status.success(),
         "{}",

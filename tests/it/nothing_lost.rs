@@ -293,3 +293,141 @@ async fn requests_cancelled_mid_lock_wait_leave_no_lock_behind() {
         silo::registry::TenantStatus::Active
     );
 }
+
+/// Names of the patients in a database, as the superuser sees them.
+async fn patients_in(env: &TestEnv, database: &str) -> Vec<String> {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&env.pg.url(database))
+        .await
+        .unwrap();
+    let names = sqlx::query_scalar("SELECT full_name FROM patients ORDER BY full_name")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    crate::common::close(conn).await;
+    names
+}
+
+async fn add_patient(env: &TestEnv, slug: &str, name: &str) {
+    let mut conn = env.connect_tenant(slug).await.unwrap();
+    sqlx::query("INSERT INTO patients (full_name) VALUES ($1)")
+        .bind(name)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    crate::common::close(conn).await;
+}
+
+/// The databases set aside for a tenant.
+async fn kept_of(env: &TestEnv, tenant: Uuid) -> Vec<String> {
+    sqlx::query_scalar("SELECT datname::text FROM pg_database WHERE datname LIKE $1 ORDER BY 1")
+        .bind(format!("silo\\_kept\\_{}\\_%", tenant.simple()))
+        .fetch_all(&env.admin)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restores_never_overwrite_a_live_tenant_unasked_and_keep_what_they_replace() {
+    let env = TestEnv::setup().storage().start().await;
+    env.create("alpha").await;
+    env.create("beta").await;
+    add_patient(&env, "alpha", "A1").await;
+    add_patient(&env, "beta", "B1").await;
+    let backup = env
+        .backups()
+        .backup_now(
+            env.record("alpha").await.id,
+            silo::backup::BackupKind::Manual,
+            None,
+        )
+        .await
+        .unwrap()
+        .id;
+    add_patient(&env, "alpha", "A2").await;
+    let (alpha, beta) = (env.record("alpha").await, env.record("beta").await);
+    let audits =
+        || env.count("SELECT count(*) FROM audit_log WHERE action = 'tenant.restore_requested'");
+
+    // Without `overwrite`: 409, and nothing changed.
+    for (path, body) in [
+        (
+            format!("/admin/v1/backups/{backup}/restore"),
+            Some(json!({"into_slug": "beta"})),
+        ),
+        (format!("/admin/v1/backups/{backup}/restore"), None),
+        ("/admin/v1/tenants/alpha/restore".to_owned(), None),
+        (
+            "/admin/v1/tenants/alpha/restore".to_owned(),
+            Some(json!({"overwrite": false})),
+        ),
+    ] {
+        let (s, answer) = env.call(Method::POST, &path, body.clone()).await;
+        assert_eq!(s, StatusCode::CONFLICT, "{path} {body:?}: {answer}");
+        assert!(
+            answer["detail"].as_str().unwrap().contains("overwrite"),
+            "{answer}"
+        );
+    }
+    assert_eq!(patients_in(&env, &beta.database_name).await, ["B1"]);
+    assert_eq!(patients_in(&env, &alpha.database_name).await, ["A1", "A2"]);
+    assert_eq!(audits().await, 0);
+    assert_eq!(env.record("alpha").await.database_name, alpha.database_name);
+
+    // In place, with `overwrite`: the backup's data, and the replaced
+    // database (with the write made since) kept aside, audited when asked.
+    let (s, op) = env
+        .call(
+            Method::POST,
+            "/admin/v1/tenants/alpha/restore",
+            Some(json!({"overwrite": true})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{op}");
+    assert_eq!(audits().await, 1, "audited at request time");
+    let done = crate::common::wait_op(&env, &op).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let now = env.record("alpha").await;
+    assert_ne!(now.database_name, alpha.database_name);
+    assert_eq!(patients_in(&env, &now.database_name).await, ["A1"]);
+    let kept = kept_of(&env, alpha.id).await;
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(patients_in(&env, &kept[0]).await, ["A1", "A2"]);
+
+    // Into another live tenant, with `overwrite`: its old data kept too.
+    let (s, op) = env
+        .call(
+            Method::POST,
+            &format!("/admin/v1/backups/{backup}/restore"),
+            Some(json!({"into_slug": "beta", "overwrite": true})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{op}");
+    let done = crate::common::wait_op(&env, &op).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(
+        patients_in(&env, &env.record("beta").await.database_name).await,
+        ["A1"]
+    );
+    let beta_kept = kept_of(&env, beta.id).await;
+    assert_eq!(beta_kept.len(), 1, "{beta_kept:?}");
+    assert_eq!(patients_in(&env, &beta_kept[0]).await, ["B1"]);
+
+    // Reconcile passes keep them until the grace period ends...
+    let report = env.control.reconcile_once().await.unwrap();
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(report.kept_dropped, 0, "{report:?}");
+    assert_eq!(kept_of(&env, alpha.id).await, kept);
+    // ... and then drop them (time passes: the mark says it is over).
+    sqlx::raw_sql(&format!(
+        "COMMENT ON DATABASE \"{}\" IS '{{\"drop_after\": 0}}'",
+        kept[0]
+    ))
+    .execute(&env.admin)
+    .await
+    .unwrap();
+    let report = env.control.reconcile_once().await.unwrap();
+    assert_eq!(report.kept_dropped, 1, "{report:?}");
+    assert!(kept_of(&env, alpha.id).await.is_empty());
+    assert_eq!(kept_of(&env, beta.id).await, beta_kept);
+}

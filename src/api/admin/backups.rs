@@ -51,6 +51,11 @@ pub struct BackupPage {
 pub struct RestoreBackupBody {
     /// Restore into this tenant instead (created if no tenant has the slug).
     into_slug: Option<String>,
+    /// Replace the data of a tenant that has some (active or suspended):
+    /// without it such a restore is refused with 409. The replaced database
+    /// is kept aside (`silo_kept_*`) for `SILO_KEEP_DAYS`.
+    #[serde(default)]
+    overwrite: bool,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -58,6 +63,11 @@ pub struct RestoreBackupBody {
 pub struct RestoreTenantBody {
     /// Backup to restore; default: the tenant's newest succeeded backup.
     backup_id: Option<Uuid>,
+    /// Needed to replace the data of an active or suspended tenant (409
+    /// without it); an archived one is brought back without it. The
+    /// replaced database is kept aside for `SILO_KEEP_DAYS`.
+    #[serde(default)]
+    overwrite: bool,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -163,7 +173,8 @@ async fn verify_backup(
     params(("id" = Uuid, Path)),
     responses((status = 202, body = Operation), AdminErrors, OptionalJsonBody,
         (status = 404, description = "no such backup"),
-        (status = 409, description = "the backup cannot be restored now, or storage is not configured"),
+        (status = 409, description = "the backup cannot be restored now, storage is not configured, \
+            or the target tenant holds data and the body does not say `\"overwrite\": true`"),
         (status = 422, description = "the body does not fit, or `into_slug` is not a slug")))]
 async fn restore_backup(
     State(state): State<AppState>,
@@ -172,11 +183,15 @@ async fn restore_backup(
     OptionalJson(body): OptionalJson<RestoreBackupBody>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
     let id = backup_id(&id)?;
-    let target = match body.and_then(|b| b.into_slug) {
+    let (into, overwrite) = body.map_or((None, false), |b| (b.into_slug, b.overwrite));
+    let target = match into {
         Some(slug) => RestoreTarget::IntoSlug(Slug::parse(&slug)?),
         None => RestoreTarget::InPlace,
     };
-    let op = state.control.start_restore(id, target, actor.0).await?;
+    let op = state
+        .control
+        .start_restore(id, target, overwrite, actor.0)
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(op)))
 }
 
@@ -208,7 +223,7 @@ async fn archive_tenant(
     responses((status = 202, body = Operation), AdminErrors, OptionalJsonBody,
         (status = 404, description = "no such tenant, or no such backup"),
         (status = 409, description = "the tenant has no succeeded backup or cannot be restored now, \
-            or storage is not configured"),
+            storage is not configured, or it holds data and the body does not say `\"overwrite\": true`"),
         (status = 422, description = "the body does not fit, or `backup_id` names another tenant's backup")))]
 async fn restore_tenant(
     State(state): State<AppState>,
@@ -218,7 +233,8 @@ async fn restore_tenant(
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
     let t = resolve(&state, &tenant).await?;
     let reg = state.registry();
-    let backup = match body.and_then(|b| b.backup_id) {
+    let (backup_id, overwrite) = body.map_or((None, false), |b| (b.backup_id, b.overwrite));
+    let backup = match backup_id {
         Some(id) => {
             let b = reg
                 .backup(id)
@@ -236,7 +252,7 @@ async fn restore_tenant(
     };
     let op = state
         .control
-        .start_restore(backup.id, RestoreTarget::InPlace, actor.0)
+        .start_restore(backup.id, RestoreTarget::InPlace, overwrite, actor.0)
         .await?;
     Ok((StatusCode::ACCEPTED, Json(op)))
 }
