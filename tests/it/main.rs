@@ -15,6 +15,7 @@ mod crash;
 mod fleet;
 mod helm;
 mod isolation;
+mod master_key;
 mod nothing_lost;
 mod openapi;
 mod outage;
