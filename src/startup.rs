@@ -43,6 +43,8 @@ pub struct Connection {
     pub storage: Option<Storage>,
     /// Spare databases kept ready per server.
     pub warm_pool_size: u32,
+    /// Backup-like work run at once by this process (`SILO_BACKUP_CONCURRENCY`).
+    pub work_slots: usize,
 }
 
 /// Connect to the control DB, apply its migrations, build the control
@@ -72,6 +74,7 @@ pub async fn connect(c: Connection) -> anyhow::Result<ControlPlane> {
             },
             schema: c.schema,
             storage: c.storage,
+            work_slots: Some(c.work_slots),
         },
     );
     let tenant_server = c.tenant_server_url.as_ref().unwrap_or(&c.database_url);

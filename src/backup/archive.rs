@@ -225,6 +225,9 @@ impl Backups {
         let mut report = BackupSweep::default();
         let storage = self.storage();
         let reg = self.registry();
+        // Queued work of stopped processes first: its operations are then
+        // settled below like any interrupted one.
+        report.backups_abandoned += self.sweep_queued().await?;
         for b in reg.running_backups().await? {
             let Some(lock) = reg.try_lock_backup(b.id).await? else {
                 continue; // alive

@@ -81,6 +81,7 @@ async fn dev_with(args: &DevArgs, dir: &Path, pg: &EmbeddedPostgres) -> Result<(
         schema: crate::servers::TenantSchema::embedded(),
         storage: Some(storage),
         warm_pool_size: args.server.warm_pool_size,
+        work_slots: storage_args.backup_concurrency as usize,
     })
     .await?;
     for (slug, name) in DEMO_CLINICS {

@@ -89,6 +89,7 @@ async fn connect(control: &ControlArgs, warm_pool_size: u32) -> Result<ControlPl
         schema,
         storage,
         warm_pool_size,
+        work_slots: control.storage.backup_concurrency as usize,
     })
     .await?;
     Ok(plane)

@@ -118,6 +118,12 @@ impl Setup {
             schema: silo::servers::TenantSchema::embedded(),
             storage,
             warm_pool_size: self.warm_pool,
+            work_slots: self
+                .storage
+                .as_ref()
+                .map_or(silo::config::DEFAULT_BACKUP_CONCURRENCY, |a| {
+                    a.backup_concurrency
+                }) as usize,
         })
         .await
         .unwrap();
@@ -979,7 +985,7 @@ pub async fn wait_op(env: &TestEnv, op: &Value) -> Value {
         let (_, now) = env
             .call(Method::GET, &format!("/admin/v1/operations/{id}"), None)
             .await;
-        if now["status"] != "running" && now["status"] != "pending" {
+        if now["status"] != "running" && now["status"] != "pending" && now["status"] != "queued" {
             return now;
         }
         assert!(
