@@ -194,9 +194,16 @@ mod tests {
         const V: Option<bool> = Some(true);
         const F: Option<bool> = Some(false);
         const U: Option<bool> = None;
-        // Backups, newest first, as (days ago, verification), and which survive.
+        /// What a case is, its policy, its backups newest first as (days
+        /// ago, verification), and which of them survive.
+        type Case = (
+            &'static str,
+            Retention,
+            Vec<(i64, Option<bool>)>,
+            Vec<usize>,
+        );
         #[rustfmt::skip]
-        let cases: Vec<(&str, Retention, Vec<(i64, Option<bool>)>, Vec<usize>)> = vec![
+        let cases: Vec<Case> = vec![
             ("newer unverified ones do not push out the newest verified",
                 keep_one, vec![(1, U), (2, U), (3, V), (4, V)], vec![0, 2]),
             ("a failed verification fills no slot of the policy",
