@@ -24,7 +24,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -148,18 +147,33 @@ impl Slots {
 
     /// The id of this process's lease, taken on first use: queued items
     /// name it, so a sweep knows whether the process that queued them lives.
+    /// Each call checks the lease is still held (another session cannot take
+    /// it) and takes it again if its connection was lost; items queued
+    /// meanwhile may have been settled by a sweep, and then do not run.
     pub async fn queue_lease(&self) -> anyhow::Result<Uuid> {
         let mut lease = self.inner.lease.lock().await;
-        if lease.is_none() {
-            let lock = self
+        // A sweep checking whether this process lives holds the lease for a
+        // moment: try again a few times before giving up.
+        for attempt in 0..10 {
+            match self
                 .inner
                 .registry
                 .try_lock_operation(self.inner.process)
                 .await?
-                .context("take this process's lease for queued work")?;
-            *lease = Some(lock);
+            {
+                Some(lock) => {
+                    if lease.is_some() {
+                        tracing::warn!("this process's lease for queued work was lost (its control connection closed); taken again");
+                    }
+                    *lease = Some(lock);
+                    return Ok(self.inner.process);
+                }
+                // Held: by this process's lease, or by a sweep for a moment.
+                None if lease.is_some() => return Ok(self.inner.process),
+                None => tokio::time::sleep(Duration::from_millis(20 * (attempt + 1))).await,
+            }
         }
-        Ok(self.inner.process)
+        anyhow::bail!("take this process's lease for queued work: it is held elsewhere")
     }
 
     /// This process's lease id (queued items name it).

@@ -17,9 +17,10 @@ use silo::backup::BackupKind;
 use sqlx::{Connection, PgConnection};
 
 const MIB: u64 = 1024 * 1024;
-/// The README's bound on a silo process's peak RSS: a fixed footprint plus
-/// `SILO_BACKUP_CONCURRENCY` × the memory of one backup.
-const FIXED_FOOTPRINT: u64 = 160 * MIB;
+/// The README's bound on a silo process's peak RSS ("Bounded background
+/// work"): this fixed footprint plus `SILO_BACKUP_CONCURRENCY` × the memory
+/// of one backup ([`silo::backup::memory_per_backup`]).
+const FIXED_FOOTPRINT: u64 = 64 * MIB;
 
 /// `mib` MiB of random bytes (incompressible: the dump and the upload are as
 /// large as the data), in rows of 64 KiB, into a `ballast` table by COPY.
