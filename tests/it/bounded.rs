@@ -316,15 +316,19 @@ async fn work_asked_for_while_every_slot_is_taken_is_queued_then_runs() {
         assert_eq!(op["status"], "queued", "{path}: {op}");
         ops.push(op);
     }
-    // Still waiting a moment later: one slot, held.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // All four wait for the one slot, which stays held.
+    let slots = env.control.ops().slots();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while slots.waiting() < 4 {
+        assert!(Instant::now() < deadline, "{} waiting", slots.waiting());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!((slots.in_use(), slots.waiting()), (1, 4));
     for op in &ops {
         assert_eq!(operation(&env, op).await["status"], "queued");
     }
     let row = poll_backup(&env, backup["id"].as_str().unwrap(), &["queued"]).await;
     assert_eq!(row["status"], "queued");
-    assert_eq!(env.control.ops().slots().in_use(), 1);
-    assert_eq!(env.control.ops().slots().waiting(), 4);
 
     // The slot is given back: each runs in turn, to success.
     drop(lock);
