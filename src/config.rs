@@ -200,8 +200,12 @@ pub struct ControlArgs {
 
 /// Default parts uploaded at once per backup; memory ≈ part size × (this + 1).
 pub const DEFAULT_PARTS_IN_FLIGHT: usize = 3;
-/// Default number of tenant backups running at once per silo process.
+/// Default number of tenant backups (and verifications, restores,
+/// archivals, moves) running at once per silo process.
 pub const DEFAULT_BACKUP_CONCURRENCY: u32 = 4;
+/// Default largest upload part, MiB: memory per backup ≈ this × (parts in
+/// flight + 1), largest backup 10,000 × this.
+pub const DEFAULT_BACKUP_MAX_PART_MIB: u32 = 16;
 
 /// Whether to send S3 request checksums the SDK adds by default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -246,13 +250,19 @@ pub struct StorageArgs {
     #[arg(long, env = "SILO_BACKUP_SCHEDULE", default_value = DEFAULT_BACKUP_SCHEDULE)]
     pub backup_schedule: Schedule,
 
-    /// Tenant backups run at once by one silo process.
+    /// Backups, verifications, restores, archivals and moves run at once by
+    /// one silo process (however started); more wait, `queued`.
     #[arg(long, env = "SILO_BACKUP_CONCURRENCY", default_value_t = DEFAULT_BACKUP_CONCURRENCY, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub backup_concurrency: u32,
 
     /// Parts of one backup uploaded at once (2–4).
     #[arg(long, env = "SILO_BACKUP_PARTS_IN_FLIGHT", default_value_t = DEFAULT_PARTS_IN_FLIGHT as u32, value_parser = clap::value_parser!(u32).range(2..=4))]
     pub backup_parts_in_flight: u32,
+
+    /// Largest upload part in MiB (5–64): one backup holds at most this ×
+    /// (parts in flight + 1) in memory, and stores at most 10,000 × this.
+    #[arg(long, env = "SILO_BACKUP_MAX_PART_MIB", default_value_t = DEFAULT_BACKUP_MAX_PART_MIB, value_parser = clap::value_parser!(u32).range(5..=64))]
+    pub backup_max_part_mib: u32,
 
     /// Retention: newest backups always kept.
     #[arg(long, env = "SILO_BACKUP_KEEP_LAST", default_value_t = 7)]

@@ -93,6 +93,7 @@ async fn connect(control: &ControlArgs, warm_pool_size: u32) -> Result<ControlPl
         storage,
         warm_pool_size,
         keep_for: crate::domain::KeepFor::days(control.keep_days),
+        work_slots: control.storage.backup_concurrency as usize,
     })
     .await?;
     Ok(plane)

@@ -10,6 +10,7 @@ mod admin_api;
 mod app_api;
 mod architecture;
 mod backup;
+mod bounded;
 mod cli;
 mod crash;
 mod fleet;
