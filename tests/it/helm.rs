@@ -199,12 +199,14 @@ fn autoscaling_monitoring_and_backups_render_when_enabled() {
 #[test]
 fn the_values_schema_refuses_bad_values() {
     #[rustfmt::skip]
-    let rows: [(&[&str], &str); 5] = [
+    let rows: [(&[&str], &str); 7] = [
         (&[], "existingSecret is required"),
         (&["existingSecret=s", "replicaCount=0"], "at least one replica"),
         (&["existingSecret=s", "config.bogus=1"], "unknown config key"),
         (&["existingSecret=s", "config.backup.checksums=always"], "unknown checksum mode"),
         (&["existingSecret=s", "config.logFormat=xml"], "unknown log format"),
+        (&["existingSecret=s", "extraEnv[0].name=SILO_MASTER_KEY", "extraEnv[0].value=k"], "a secret in plain values"),
+        (&["existingSecret=s", "extraEnv[0].name=SILO_MASTER_KEY_PREVIOUS", "extraEnv[0].value=k"], "the previous key in plain values"),
     ];
     let accepted: Vec<String> = rows
         .iter()
