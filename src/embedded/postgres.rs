@@ -98,7 +98,12 @@ impl EmbeddedPostgres {
             password
         };
 
-        let port = free_port()?;
+        stop_leftover(&bindir, &data, run_as);
+        let port = if tempdir.is_some() {
+            free_port()?
+        } else {
+            kept_port(&root.join("port"))?
+        };
         let sock = root.join("sock");
         std::fs::create_dir_all(&sock)?;
         if let Some((uid, gid)) = run_as {
@@ -117,7 +122,6 @@ impl EmbeddedPostgres {
             opts.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
         }
         let log = root.join("postgres.log");
-        stop_leftover(&bindir, &data, run_as);
         let status = pg_command(&bindir, "pg_ctl", run_as)
             .arg("start")
             .arg("-w")
@@ -378,6 +382,29 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
         .with_context(|| format!("write {}", path.display()))?;
     std::io::Write::write_all(&mut f, contents.as_bytes())?;
     Ok(())
+}
+
+/// The port a persistent cluster listened on last time (a free one the first
+/// time, remembered in `file`): the URLs silo stored for it (its server's
+/// admin URL) stay right across restarts.
+fn kept_port(file: &Path) -> anyhow::Result<u16> {
+    let Ok(kept) = std::fs::read_to_string(file) else {
+        let port = free_port()?;
+        std::fs::write(file, port.to_string())
+            .with_context(|| format!("write {}", file.display()))?;
+        return Ok(port);
+    };
+    let port: u16 = kept
+        .trim()
+        .parse()
+        .with_context(|| format!("{} does not hold a port number", file.display()))?;
+    std::net::TcpListener::bind(("127.0.0.1", port)).with_context(|| {
+        format!(
+            "the private PostgreSQL cluster listens on 127.0.0.1:{port} (kept in {}), and another program holds that port now: stop that program, then start again",
+            file.display()
+        )
+    })?;
+    Ok(port)
 }
 
 /// A loopback port that was free a moment ago.

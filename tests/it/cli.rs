@@ -166,3 +166,67 @@ async fn tenant_commands_work_from_a_shell() {
     assert_eq!(code, Some(2), "unknown tenant");
     assert!(env.orphans().await.is_empty());
 }
+
+/// `silo dev` as the README runs it, started, stopped (Ctrl-C) and started
+/// again on the same folder: the printed app API line works both times (the
+/// private cluster keeps its port, so the server URL silo stored stays right).
+#[tokio::test]
+async fn dev_serves_its_demo_clinic_and_again_after_a_restart() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let dir = tempfile::tempdir().unwrap();
+    // PostgreSQL runs as `postgres` when the tests run as root: it must reach its folder.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    for round in ["first start", "restart"] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_silo"))
+            .args(["dev", "--listen", "127.0.0.1:0", "--dir"])
+            .arg(dir.path())
+            .env_remove("SILO_DATABASE_URL")
+            .env_remove("SILO_FAILPOINT")
+            .env("SILO_WARM_POOL_SIZE", "0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start silo dev");
+        let stdout = child.stdout.take().unwrap();
+        // The banner's app API line: `curl -H 'X-Tenant-ID: …' -H 'Authorization: Bearer …' http://…`.
+        let line = tokio::task::spawn_blocking(move || {
+            BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .find(|l| l.trim_start().starts_with("app API:"))
+        })
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("{round}: silo dev printed no app API line"));
+        let quoted: Vec<&str> = line.split('\'').collect();
+        let tenant = quoted[1].strip_prefix("X-Tenant-ID: ").unwrap();
+        let auth = quoted[3].strip_prefix("Authorization: ").unwrap();
+        let url = line.rsplit(' ').next().unwrap();
+        let res = reqwest::Client::new()
+            .get(url)
+            .header("X-Tenant-ID", tenant)
+            .header("Authorization", auth)
+            .send()
+            .await
+            .unwrap();
+        let status = res.status();
+        let body = res.text().await.unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )
+        .unwrap();
+        let exit = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status, 200, "{round}: {url} answered {body}");
+        assert!(exit.success(), "{round}: silo dev exited {exit} on Ctrl-C");
+    }
+}
