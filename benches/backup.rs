@@ -1,7 +1,8 @@
 //! Backup speed and memory, and the scheduler over many small tenants.
 //!
 //! `cargo bench --bench backup` (tenant size `SILO_BENCH_MB`, default 300;
-//! small tenants `SILO_BENCH_TENANTS`, default 1000).
+//! small tenants `SILO_BENCH_TENANTS`, default 1000), or
+//! `cargo bench --bench backup -- bounded` for part 3 alone.
 //!
 //! 1. **One large tenant**: a database of about `SILO_BENCH_MB` MB (clinic
 //!    rows plus incompressible ballast, the worst case for upload volume) is
@@ -14,6 +15,16 @@
 //! 2. **The scheduler**: `SILO_BENCH_TENANTS` small tenants are due at once;
 //!    one tick (`run_due_backups`, `SILO_BACKUP_CONCURRENCY` at a time, 4 by
 //!    default) backs them all up. Timed from the tick's start to its end.
+//!
+//! 3. **Bounded work** (`-- bounded`): a tenant set of `SILO_BENCH_SET_MB`
+//!    MiB (default 1024) over `SILO_BENCH_SET_TENANTS` tenants (default 50),
+//!    incompressible rows, and a real `silo serve` process (the bench build
+//!    of the binary, default settings: `SILO_BACKUP_CONCURRENCY` 4, parts
+//!    of at most 16 MiB, 3 in flight). One backup per tenant is asked for
+//!    at once over HTTP; the bench polls the registry and the server's
+//!    sessions until all are done and reports the most seen running at
+//!    once, the queue, the wall time and the process's peak RSS (`VmHWM`)
+//!    against the README's bound.
 //!
 //! The cluster runs with fsync off (like the tests) so that building the
 //! fixture does not dominate; pg_dump reads, silo's pipeline and the store's
@@ -43,6 +54,9 @@ fn main() -> Result<()> {
 }
 
 async fn run() -> Result<()> {
+    if std::env::args().any(|a| a == "bounded") {
+        return bounded().await;
+    }
     let mb: usize = env_number("SILO_BENCH_MB", 300)?;
     let tenants: usize = env_number("SILO_BENCH_TENANTS", 1000)?;
     println!(
@@ -258,4 +272,286 @@ fn rss() -> u64 {
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
+}
+
+/// Part 3: one backup per tenant of a large tenant set, all asked for at
+/// once, against a `silo serve` process with the default settings.
+async fn bounded() -> Result<()> {
+    use futures::future::join_all;
+
+    const MIB: u64 = 1024 * 1024;
+    /// The README's fixed footprint of a silo process.
+    const FIXED_FOOTPRINT: u64 = 64 * MIB;
+    let set_mb: usize = env_number("SILO_BENCH_SET_MB", 1024)?;
+    let tenants: usize = env_number("SILO_BENCH_SET_TENANTS", 50)?;
+    let slots: usize = silo::config::DEFAULT_BACKUP_CONCURRENCY as usize;
+    let max_part = u64::from(silo::config::DEFAULT_BACKUP_MAX_PART_MIB) * MIB;
+    let in_flight = silo::config::DEFAULT_PARTS_IN_FLIGHT;
+    println!(
+        "bounded backups: {tenants} tenants, {set_mb} MiB in all, asked for at once; load {}",
+        load_average()
+    );
+    let pg = tokio::task::spawn_blocking(|| EmbeddedPostgres::start_temp(Durability::Throwaway))
+        .await??;
+    silo::cli::ensure_database(&pg.url("postgres"), "silo_control").await?;
+    let dir = tempfile::tempdir()?;
+    let secret = "bench-secret-0123456789";
+    let s3 = EmbeddedS3::start(dir.path(), "bench", secret).await?;
+    let config = silo::backup::StoreConfig {
+        bucket: "bench".into(),
+        endpoint: Some(s3.endpoint()),
+        region: "us-east-1".into(),
+        force_path_style: true,
+        checksums: Default::default(),
+        static_credentials: Some(("bench".into(), silo::config::Secret::new(secret))),
+    };
+    silo::backup::Store::connect(&config)
+        .await?
+        .ensure_bucket()
+        .await?;
+
+    let port = silo::embedded::postgres::free_port()?;
+    let base = format!("http://127.0.0.1:{port}");
+    let log = dir.path().join("silo.log");
+    let out = std::fs::File::create(&log)?;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_silo"))
+        .arg("serve")
+        .env("SILO_DATABASE_URL", pg.url("silo_control"))
+        .env("SILO_TENANT_SERVER_URL", pg.url("postgres"))
+        .env("SILO_MASTER_KEY", silo::crypto::Keyring::generate_base64())
+        .env("SILO_ADMIN_TOKEN", support::ADMIN_TOKEN)
+        .env("SILO_LISTEN", format!("127.0.0.1:{port}"))
+        .env("SILO_WARM_POOL_SIZE", "0")
+        .env("SILO_S3_BUCKET", "bench")
+        .env("SILO_S3_ENDPOINT", s3.endpoint())
+        .env("SILO_S3_FORCE_PATH_STYLE", "true")
+        .env("AWS_ACCESS_KEY_ID", "bench")
+        .env("AWS_SECRET_ACCESS_KEY", secret)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("RUST_LOG", "warn")
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .context("start silo serve")?;
+    let pid = child.id();
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    while http
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .map_or(true, |r| !r.status().is_success())
+    {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "silo did not start; see {}",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let post = |path: String, body: Option<serde_json::Value>| {
+        let req = http
+            .post(format!("{base}{path}"))
+            .bearer_auth(support::ADMIN_TOKEN)
+            .timeout(Duration::from_secs(120));
+        let req = match body {
+            Some(b) => req.json(&b),
+            None => req,
+        };
+        async move {
+            let res = req.send().await?;
+            let status = res.status();
+            let body: serde_json::Value = res.json().await.unwrap_or_default();
+            anyhow::ensure!(status.is_success(), "POST {path}: {status} {body}");
+            anyhow::Ok(body)
+        }
+    };
+
+    // The tenant set, filled with random bytes by COPY.
+    let started = Instant::now();
+    let slugs: Vec<String> = (0..tenants).map(|i| format!("set-{i:03}")).collect();
+    let mut databases = Vec::new();
+    for chunk in slugs.chunks(5) {
+        for t in join_all(chunk.iter().map(|s| {
+            post(
+                "/admin/v1/tenants".into(),
+                Some(serde_json::json!({"slug": s, "name": s})),
+            )
+        }))
+        .await
+        {
+            databases.push(
+                t?["database"]
+                    .as_str()
+                    .context("a database name")?
+                    .to_owned(),
+            );
+        }
+    }
+    let per_tenant = set_mb / tenants.max(1);
+    for chunk in databases.chunks(4) {
+        for filled in join_all(chunk.iter().map(|db| fill(&pg, db, per_tenant))).await {
+            filled?;
+        }
+    }
+    let mut admin = sqlx::PgConnection::connect(&pg.url("postgres")).await?;
+    let total: i64 = sqlx::query_scalar(
+        "SELECT sum(pg_database_size(datname))::bigint FROM pg_database WHERE datname LIKE 'silo\\_t\\_%'",
+    )
+    .fetch_one(&mut admin)
+    .await?;
+    let idle = memory_of(pid);
+    println!(
+        "tenant set: {tenants} databases, {} MiB in all, ready in {:.1} s; silo RSS idle {} MiB",
+        total >> 20,
+        started.elapsed().as_secs_f64(),
+        idle.1 >> 20
+    );
+
+    // All at once.
+    let asked = Instant::now();
+    let answers = join_all(
+        slugs
+            .iter()
+            .map(|s| post(format!("/admin/v1/tenants/{s}/backups"), None)),
+    )
+    .await;
+    let mut ids = Vec::new();
+    let mut queued_answers = 0;
+    for a in answers {
+        let a = a?;
+        if a["status"] == "queued" {
+            queued_answers += 1;
+        }
+        ids.push(uuid::Uuid::parse_str(
+            a["id"].as_str().context("a backup id")?,
+        )?);
+    }
+    let answered = asked.elapsed();
+    let registry = silo::registry::Registry::connect_lazy(&pg.url("silo_control"))?;
+    let (mut most_running, mut most_dumps, mut most_queued, mut most_rss) =
+        (0i64, 0i64, 0i64, 0u64);
+    let statuses = loop {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT status, count(*) FROM backups WHERE id = ANY($1) GROUP BY status",
+        )
+        .bind(&ids)
+        .fetch_all(registry.pool())
+        .await?;
+        let get = |s: &str| rows.iter().find(|(k, _)| k == s).map_or(0, |(_, n)| *n);
+        let dumps: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'silo-backup'",
+        )
+        .fetch_one(&mut admin)
+        .await?;
+        most_running = most_running.max(get("running"));
+        most_queued = most_queued.max(get("queued"));
+        most_dumps = most_dumps.max(dumps);
+        most_rss = most_rss.max(memory_of(pid).1);
+        if get("running") == 0 && get("queued") == 0 {
+            break rows;
+        }
+        anyhow::ensure!(
+            asked.elapsed() < Duration::from_secs(1800),
+            "backups still going: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let took = asked.elapsed();
+    let (peak, _) = memory_of(pid);
+    let stored: (i64, i64, i64) = sqlx::query_as(
+        "SELECT coalesce(sum(size_bytes), 0)::bigint, coalesce(max(parts), 0)::bigint, coalesce(max(part_size), 0)::bigint
+           FROM backups WHERE id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_one(registry.pool())
+    .await?;
+    let per_backup = silo::backup::memory_per_backup(max_part, in_flight);
+    let bound = FIXED_FOOTPRINT + slots as u64 * per_backup;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .ok();
+    child.wait()?;
+    println!(
+        "{tenants} backups asked at once (answered in {:.2} s, {queued_answers} queued): {statuses:?} in {:.1} s",
+        answered.as_secs_f64(),
+        took.as_secs_f64()
+    );
+    println!(
+        "at once: at most {most_running} running, {most_dumps} pg_dump sessions (limit {slots}); up to {most_queued} queued"
+    );
+    println!(
+        "stored {} MiB; largest backup {} parts of {} MiB",
+        stored.0 >> 20,
+        stored.1,
+        stored.2 >> 20
+    );
+    println!(
+        "silo RSS: idle {} MiB, peak (VmHWM) {} MiB, highest sampled {} MiB; README bound {} MiB = {} + {slots} × {:.1} MiB",
+        idle.1 >> 20,
+        peak >> 20,
+        most_rss >> 20,
+        bound >> 20,
+        FIXED_FOOTPRINT >> 20,
+        per_backup as f64 / MIB as f64
+    );
+    println!(
+        "\n| tenants | data | slots | most running | most queued | wall time | peak RSS | bound |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {tenants} | {} MiB | {slots} | {most_running} | {most_queued} | {:.1} s | {} MiB | {} MiB |",
+        total >> 20,
+        took.as_secs_f64(),
+        peak >> 20,
+        bound >> 20
+    );
+    anyhow::ensure!(
+        most_running <= slots as i64 && most_dumps <= slots as i64,
+        "more than {slots} ran at once"
+    );
+    anyhow::ensure!(peak < bound, "peak RSS over the bound");
+    Ok(())
+}
+
+/// `mib` MiB of random bytes into a `ballast` table, by COPY.
+async fn fill(pg: &EmbeddedPostgres, db: &str, mib: usize) -> Result<()> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    use rand::RngCore;
+    let mut conn = sqlx::PgConnection::connect(&pg.url(db)).await?;
+    sqlx::query("CREATE TABLE IF NOT EXISTS ballast (id serial PRIMARY KEY, data bytea NOT NULL)")
+        .execute(&mut conn)
+        .await?;
+    let mut copy = conn.copy_in_raw("COPY ballast (data) FROM STDIN").await?;
+    let mut row = vec![0u8; 64 * 1024];
+    for _ in 0..mib * 16 {
+        rand::thread_rng().fill_bytes(&mut row);
+        let mut line = Vec::with_capacity(row.len() * 2 + 4);
+        line.extend_from_slice(b"\\\\x");
+        for b in &row {
+            line.push(HEX[(b >> 4) as usize]);
+            line.push(HEX[(b & 15) as usize]);
+        }
+        line.push(b'\n');
+        copy.send(line).await?;
+    }
+    copy.finish().await?;
+    conn.close().await.ok();
+    Ok(())
+}
+
+/// (`VmHWM`, `VmRSS`) of a process, bytes.
+fn memory_of(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
 }

@@ -120,6 +120,28 @@ pub enum Command {
         #[arg(long)]
         adopt: bool,
     },
+    /// Master-key rotation: re-seal stored secrets under SILO_MASTER_KEY.
+    #[command(subcommand)]
+    MasterKey(MasterKeyCommand),
+}
+
+/// Rows `silo master-key rotate` reads and re-seals per batch.
+pub const DEFAULT_RESEAL_BATCH: u32 = 100;
+
+#[derive(Debug, Subcommand)]
+pub enum MasterKeyCommand {
+    /// Re-seal every tenant credential, server admin URL, spare credential
+    /// and backup key not yet under SILO_MASTER_KEY, opening it with
+    /// SILO_MASTER_KEY_PREVIOUS. Resumable, and safe beside running replicas.
+    Rotate {
+        /// Change nothing: count stored secrets per master key id, and exit 1
+        /// if any is not under SILO_MASTER_KEY.
+        #[arg(long)]
+        check: bool,
+        /// Rows read and re-sealed per batch.
+        #[arg(long, default_value_t = DEFAULT_RESEAL_BATCH, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        batch_size: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -167,6 +189,7 @@ pub enum BackupCommand {
 pub const SECRETS_HELP: &str = "Secrets are read from the environment only (or from the file a <NAME>_FILE variable names), never from flags:
   SILO_DATABASE_URL       control database URL (postgres://...)
   SILO_MASTER_KEY         base64 of 32 random bytes: encrypts tenant credentials, signs tenant tokens
+  SILO_MASTER_KEY_PREVIOUS  the master key being rotated away from: only opens and verifies (optional)
   SILO_TENANT_SERVER_URL  admin URL of the default tenant server (default: the control database's server)
   SILO_ADMIN_TOKEN        bootstrap admin bearer token (serve)
   SILO_METRICS_TOKEN      bearer token that may read /metrics (serve; optional)";
@@ -191,8 +214,12 @@ pub struct ControlArgs {
 
 /// Default parts uploaded at once per backup; memory ≈ part size × (this + 1).
 pub const DEFAULT_PARTS_IN_FLIGHT: usize = 3;
-/// Default number of tenant backups running at once per silo process.
+/// Default number of tenant backups (and verifications, restores,
+/// archivals, moves) running at once per silo process.
 pub const DEFAULT_BACKUP_CONCURRENCY: u32 = 4;
+/// Default largest upload part, MiB: memory per backup ≈ this × (parts in
+/// flight + 1), largest backup 10,000 × this.
+pub const DEFAULT_BACKUP_MAX_PART_MIB: u32 = 16;
 
 /// Whether to send S3 request checksums the SDK adds by default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -237,13 +264,19 @@ pub struct StorageArgs {
     #[arg(long, env = "SILO_BACKUP_SCHEDULE", default_value = DEFAULT_BACKUP_SCHEDULE)]
     pub backup_schedule: Schedule,
 
-    /// Tenant backups run at once by one silo process.
+    /// Backups, verifications, restores, archivals and moves run at once by
+    /// one silo process (however started); more wait, `queued`.
     #[arg(long, env = "SILO_BACKUP_CONCURRENCY", default_value_t = DEFAULT_BACKUP_CONCURRENCY, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub backup_concurrency: u32,
 
     /// Parts of one backup uploaded at once (2–4).
     #[arg(long, env = "SILO_BACKUP_PARTS_IN_FLIGHT", default_value_t = DEFAULT_PARTS_IN_FLIGHT as u32, value_parser = clap::value_parser!(u32).range(2..=4))]
     pub backup_parts_in_flight: u32,
+
+    /// Largest upload part in MiB (5–64): one backup holds at most this ×
+    /// (parts in flight + 1) in memory, and stores at most 10,000 × this.
+    #[arg(long, env = "SILO_BACKUP_MAX_PART_MIB", default_value_t = DEFAULT_BACKUP_MAX_PART_MIB, value_parser = clap::value_parser!(u32).range(5..=64))]
+    pub backup_max_part_mib: u32,
 
     /// Retention: newest backups always kept.
     #[arg(long, env = "SILO_BACKUP_KEEP_LAST", default_value_t = 7)]
@@ -535,10 +568,9 @@ impl ControlArgs {
         Secret::from_env("SILO_TENANT_SERVER_URL")
     }
 
-    /// The keys derived from `SILO_MASTER_KEY`.
+    /// The keys derived from the master keys ([`master_keyring`]).
     pub fn keyring(&self) -> Result<Keyring, ConfigError> {
-        let key = Secret::required("SILO_MASTER_KEY")?;
-        Ok(Keyring::from_base64(key.expose())?)
+        master_keyring()
     }
 }
 
@@ -558,6 +590,18 @@ impl ServeArgs {
     pub fn admin_token(&self) -> Result<Secret, ConfigError> {
         let token = Secret::from_env("SILO_ADMIN_TOKEN")?;
         check_admin_token(token.as_ref()).map(Secret::new)
+    }
+}
+
+/// The keys derived from `SILO_MASTER_KEY`, and from
+/// `SILO_MASTER_KEY_PREVIOUS` when a rotation is under way (refused if weak
+/// or the same key as the current one).
+pub fn master_keyring() -> Result<Keyring, ConfigError> {
+    let key = Secret::required(crate::crypto::MASTER_KEY_VAR)?;
+    let keyring = Keyring::from_base64(key.expose())?;
+    match Secret::from_env(crate::crypto::PREVIOUS_KEY_VAR)? {
+        Some(previous) => Ok(keyring.with_previous(previous.expose())?),
+        None => Ok(keyring),
     }
 }
 
@@ -605,6 +649,8 @@ mod tests {
         let secret = [
             "database-url",
             "master-key",
+            "master-key-previous",
+            "previous",
             "admin-token",
             "tenant-server-url",
         ];

@@ -3,9 +3,14 @@
 //! `SILO_MASTER_KEY` (32 random bytes, base64) is never used directly. HKDF-SHA256
 //! derives one key per purpose: an AES-256-GCM key that seals tenant credentials
 //! and server admin URLs, and a key that signs tenant tokens. Every sealed value
-//! is stored with the id of the key that sealed it, so keys can be rotated later
-//! by re-sealing under a new id. AES-GCM comes from RustCrypto's `aes-gcm`, the
-//! audited and widely used implementation.
+//! is stored with the id of the key that sealed it.
+//!
+//! A [`Keyring`] holds the current master key, which seals and signs, and
+//! optionally the previous one (`SILO_MASTER_KEY_PREVIOUS`) while a rotation is
+//! under way: it only opens values sealed under its key id and verifies tokens
+//! signed with its token key. `silo master-key rotate` re-seals every stored
+//! value under the current key. AES-GCM comes from RustCrypto's `aes-gcm`,
+//! the audited and widely used implementation.
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
@@ -16,60 +21,80 @@ use sha2::{Digest, Sha256};
 
 const NONCE_LEN: usize = 12;
 
-/// Why a master key was refused.
+/// The variable holding the current master key.
+pub const MASTER_KEY_VAR: &str = "SILO_MASTER_KEY";
+/// The variable holding the master key being rotated away from.
+pub const PREVIOUS_KEY_VAR: &str = "SILO_MASTER_KEY_PREVIOUS";
+
+/// Why a master key was refused; each names the variable it came from.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KeyError {
-    #[error("SILO_MASTER_KEY is not valid base64")]
-    NotBase64,
-    #[error("SILO_MASTER_KEY must be 32 bytes (base64 of 32 random bytes), got {0}")]
-    WrongLength(usize),
-    #[error("SILO_MASTER_KEY is weak (too few distinct bytes): generate one with `openssl rand -base64 32`")]
-    Weak,
+    #[error("{0} is not valid base64")]
+    NotBase64(&'static str),
+    #[error("{0} must be 32 bytes (base64 of 32 random bytes), got {1}")]
+    WrongLength(&'static str, usize),
+    #[error("{0} is weak (too few distinct bytes): generate one with `openssl rand -base64 32`")]
+    Weak(&'static str),
+    #[error("SILO_MASTER_KEY_PREVIOUS is the same key as SILO_MASTER_KEY: set it to the key being rotated away from, or unset it")]
+    PreviousIsCurrent,
 }
 
-/// Sealing or opening failed: wrong key, or tampered data.
+/// Opening a sealed value failed: a key id this keyring does not hold, or
+/// data that does not open under the key it names (tampered, or moved to
+/// another row).
 #[derive(Debug, thiserror::Error)]
-#[error("could not decrypt a stored secret (key id {key_id}): wrong master key or corrupted data")]
+#[error("{}", self.describe())]
 pub struct OpenError {
+    /// The key id the value was stored with.
     pub key_id: String,
+    /// `true` when no key of this keyring has that id.
+    pub unknown_key: bool,
 }
 
-/// Keys derived from the master key. `Debug` never shows them.
+impl OpenError {
+    fn describe(&self) -> String {
+        if self.unknown_key {
+            format!(
+                "could not decrypt a stored secret: it is sealed under master key id {}, which is neither SILO_MASTER_KEY nor SILO_MASTER_KEY_PREVIOUS (a master key rotation is under way or unfinished: set SILO_MASTER_KEY_PREVIOUS to the key being rotated away from)",
+                self.key_id
+            )
+        } else {
+            format!(
+                "could not decrypt a stored secret (key id {}): wrong master key or corrupted data",
+                self.key_id
+            )
+        }
+    }
+}
+
+/// One master key's derived keys. `Debug` never shows them.
 #[derive(Clone)]
-pub struct Keyring {
+struct Key {
     cipher: Aes256Gcm,
-    key_id: String,
+    id: String,
     token_key: [u8; 32],
 }
 
-impl std::fmt::Debug for Keyring {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Keyring")
-            .field("key_id", &self.key_id)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Keyring {
-    /// Parse and check a base64 master key.
-    pub fn from_base64(encoded: &str) -> Result<Self, KeyError> {
+impl Key {
+    /// Parse and check a base64 master key read from `var`.
+    fn from_base64(var: &'static str, encoded: &str) -> Result<Self, KeyError> {
         let raw = base64::engine::general_purpose::STANDARD
             .decode(encoded.trim())
-            .map_err(|_| KeyError::NotBase64)?;
+            .map_err(|_| KeyError::NotBase64(var))?;
         let raw: [u8; 32] = raw
             .as_slice()
             .try_into()
-            .map_err(|_| KeyError::WrongLength(raw.len()))?;
-        Self::from_bytes(&raw)
+            .map_err(|_| KeyError::WrongLength(var, raw.len()))?;
+        Self::from_bytes(var, &raw)
     }
 
-    pub fn from_bytes(raw: &[u8; 32]) -> Result<Self, KeyError> {
+    fn from_bytes(var: &'static str, raw: &[u8; 32]) -> Result<Self, KeyError> {
         let mut distinct = raw.to_vec();
         distinct.sort_unstable();
         distinct.dedup();
         // 32 random bytes have ~31 distinct values; a handful means a made-up key.
         if distinct.len() < 12 {
-            return Err(KeyError::Weak);
+            return Err(KeyError::Weak(var));
         }
         let hk = Hkdf::<Sha256>::new(Some(b"silo"), raw);
         let mut enc = [0u8; 32];
@@ -79,11 +104,59 @@ impl Keyring {
         hk.expand(b"silo tenant tokens v1", &mut token_key)
             .expect("32 bytes is a valid HKDF length");
         let id = Sha256::digest([b"silo key id v1".as_slice(), raw].concat());
-        let key_id = id[..4].iter().map(|b| format!("{b:02x}")).collect();
+        let id = id[..4].iter().map(|b| format!("{b:02x}")).collect();
         Ok(Self {
             cipher: Aes256Gcm::new(&enc.into()),
-            key_id,
+            id,
             token_key,
+        })
+    }
+}
+
+/// The current master key's derived keys, and the previous key's while a
+/// rotation is under way. `Debug` shows key ids only.
+#[derive(Clone)]
+pub struct Keyring {
+    current: Key,
+    previous: Option<Key>,
+}
+
+impl std::fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keyring")
+            .field("key_id", &self.current.id)
+            .field("previous_key_id", &self.previous.as_ref().map(|k| &k.id))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Keyring {
+    /// Parse and check a base64 master key (`SILO_MASTER_KEY`).
+    pub fn from_base64(encoded: &str) -> Result<Self, KeyError> {
+        Ok(Self {
+            current: Key::from_base64(MASTER_KEY_VAR, encoded)?,
+            previous: None,
+        })
+    }
+
+    pub fn from_bytes(raw: &[u8; 32]) -> Result<Self, KeyError> {
+        Ok(Self {
+            current: Key::from_bytes(MASTER_KEY_VAR, raw)?,
+            previous: None,
+        })
+    }
+
+    /// This keyring, also holding the previous master key (base64,
+    /// `SILO_MASTER_KEY_PREVIOUS`) to open what it sealed and verify what it
+    /// signed. Refused if it is weak or the same as the current key.
+    pub fn with_previous(self, encoded: &str) -> Result<Self, KeyError> {
+        let previous = Key::from_base64(PREVIOUS_KEY_VAR, encoded)?;
+        if previous.id == self.current.id {
+            return Err(KeyError::PreviousIsCurrent);
+        }
+        Ok(Self {
+            previous: Some(previous),
+            ..self
         })
     }
 
@@ -96,20 +169,43 @@ impl Keyring {
 
     /// Id of the key that `seal` uses now.
     pub fn key_id(&self) -> &str {
-        &self.key_id
+        &self.current.id
     }
 
-    /// Key for signing tenant tokens.
+    /// Id of the previous key, when one is configured.
+    pub fn previous_key_id(&self) -> Option<&str> {
+        self.previous.as_ref().map(|k| k.id.as_str())
+    }
+
+    /// `true` when this keyring holds the key with this id.
+    pub fn holds(&self, key_id: &str) -> bool {
+        self.key(key_id).is_some()
+    }
+
+    /// Key for signing tenant tokens (the current one).
     pub fn token_key(&self) -> &[u8; 32] {
-        &self.token_key
+        &self.current.token_key
     }
 
-    /// Encrypt `plaintext`, bound to `context` (e.g. the row id) so a sealed value
-    /// cannot be moved to another row. Output: nonce || ciphertext+tag.
+    /// Keys that verify tenant tokens: the current one, then the previous.
+    pub fn token_keys(&self) -> impl Iterator<Item = &[u8; 32]> {
+        std::iter::once(&self.current.token_key).chain(self.previous.iter().map(|k| &k.token_key))
+    }
+
+    fn key(&self, key_id: &str) -> Option<&Key> {
+        std::iter::once(&self.current)
+            .chain(self.previous.as_ref())
+            .find(|k| k.id == key_id)
+    }
+
+    /// Encrypt `plaintext` under the current key, bound to `context` (e.g.
+    /// the row id) so a sealed value cannot be moved to another row.
+    /// Output: nonce || ciphertext+tag.
     pub fn seal(&self, plaintext: &[u8], context: &[u8]) -> Vec<u8> {
         let mut nonce = [0u8; NONCE_LEN];
         rand::thread_rng().fill_bytes(&mut nonce);
         let ct = self
+            .current
             .cipher
             .encrypt(
                 Nonce::from_slice(&nonce),
@@ -122,16 +218,19 @@ impl Keyring {
         [nonce.as_slice(), &ct].concat()
     }
 
-    /// Decrypt a value sealed by `seal` under key `key_id` with the same context.
+    /// Decrypt a value sealed by `seal` under key `key_id` (the current or
+    /// the previous key) with the same context.
     pub fn open(&self, key_id: &str, sealed: &[u8], context: &[u8]) -> Result<Vec<u8>, OpenError> {
-        let err = || OpenError {
+        let err = |unknown_key| OpenError {
             key_id: key_id.to_owned(),
+            unknown_key,
         };
-        if key_id != self.key_id || sealed.len() < NONCE_LEN {
-            return Err(err());
+        let key = self.key(key_id).ok_or_else(|| err(true))?;
+        if sealed.len() < NONCE_LEN {
+            return Err(err(false));
         }
         let (nonce, ct) = sealed.split_at(NONCE_LEN);
-        self.cipher
+        key.cipher
             .decrypt(
                 Nonce::from_slice(nonce),
                 Payload {
@@ -139,7 +238,7 @@ impl Keyring {
                     aad: context,
                 },
             )
-            .map_err(|_| err())
+            .map_err(|_| err(false))
     }
 
     /// `open`, for values that are UTF-8 strings.
@@ -152,7 +251,20 @@ impl Keyring {
         let bytes = self.open(key_id, sealed, context)?;
         String::from_utf8(bytes).map_err(|_| OpenError {
             key_id: key_id.to_owned(),
+            unknown_key: false,
         })
+    }
+
+    /// Open a value sealed under `key_id` and seal it again under the
+    /// current key: same plaintext, same context, new ciphertext.
+    pub fn reseal(
+        &self,
+        key_id: &str,
+        sealed: &[u8],
+        context: &[u8],
+    ) -> Result<Vec<u8>, OpenError> {
+        let plaintext = self.open(key_id, sealed, context)?;
+        Ok(self.seal(&plaintext, context))
     }
 }
 
@@ -197,15 +309,94 @@ mod tests {
         let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
         assert_eq!(
             Keyring::from_base64("not base64!!").unwrap_err(),
-            KeyError::NotBase64
+            KeyError::NotBase64(MASTER_KEY_VAR)
         );
         assert_eq!(
             Keyring::from_base64(&b64(&[7; 16])).unwrap_err(),
-            KeyError::WrongLength(16)
+            KeyError::WrongLength(MASTER_KEY_VAR, 16)
         );
         assert_eq!(
             Keyring::from_base64(&b64(&[0; 32])).unwrap_err(),
-            KeyError::Weak
+            KeyError::Weak(MASTER_KEY_VAR)
+        );
+    }
+
+    #[test]
+    fn a_previous_key_opens_what_it_sealed_and_never_seals() {
+        let old_b64 = Keyring::generate_base64();
+        let old = Keyring::from_base64(&old_b64).unwrap();
+        let sealed_old = old.seal(b"hunter2", b"row-1");
+        let ring = ring().with_previous(&old_b64).unwrap();
+        assert_eq!(ring.previous_key_id(), Some(old.key_id()));
+        assert_ne!(ring.key_id(), old.key_id());
+        assert_eq!(
+            ring.open(old.key_id(), &sealed_old, b"row-1").unwrap(),
+            b"hunter2"
+        );
+        // New values are sealed under the current key only.
+        let sealed_new = ring.seal(b"hunter3", b"row-1");
+        assert!(old.open(old.key_id(), &sealed_new, b"row-1").is_err());
+        assert_eq!(
+            ring.open(ring.key_id(), &sealed_new, b"row-1").unwrap(),
+            b"hunter3"
+        );
+        // The key is picked by id: a value under one id does not open as the other.
+        assert!(
+            !ring
+                .open(ring.key_id(), &sealed_old, b"row-1")
+                .unwrap_err()
+                .unknown_key
+        );
+        // Re-sealing keeps the plaintext and the context.
+        let resealed = ring.reseal(old.key_id(), &sealed_old, b"row-1").unwrap();
+        assert_eq!(
+            ring.open(ring.key_id(), &resealed, b"row-1").unwrap(),
+            b"hunter2"
+        );
+        assert!(ring.open(ring.key_id(), &resealed, b"row-2").is_err());
+    }
+
+    #[test]
+    fn an_unknown_key_id_is_named_with_the_variable_that_would_hold_it() {
+        let ring = ring();
+        let err = ring
+            .open("0badc0de", b"0123456789abcdef", b"x")
+            .unwrap_err();
+        assert!(err.unknown_key);
+        let msg = err.to_string();
+        assert!(msg.contains("0badc0de"), "{msg}");
+        assert!(msg.contains(PREVIOUS_KEY_VAR), "{msg}");
+    }
+
+    #[test]
+    fn a_previous_key_equal_to_the_current_or_weak_is_refused_by_name() {
+        use base64::Engine;
+        let key = Keyring::generate_base64();
+        let ring = Keyring::from_base64(&key).unwrap();
+        assert_eq!(
+            ring.clone().with_previous(&key).unwrap_err(),
+            KeyError::PreviousIsCurrent
+        );
+        let weak = base64::engine::general_purpose::STANDARD.encode([1u8; 32]);
+        let err = ring.clone().with_previous(&weak).unwrap_err();
+        assert_eq!(err, KeyError::Weak(PREVIOUS_KEY_VAR));
+        assert!(err.to_string().starts_with("SILO_MASTER_KEY_PREVIOUS "));
+        assert_eq!(
+            ring.with_previous("x").unwrap_err(),
+            KeyError::NotBase64(PREVIOUS_KEY_VAR)
+        );
+    }
+
+    #[test]
+    fn debug_shows_key_ids_only() {
+        let old = Keyring::generate_base64();
+        let ring = ring().with_previous(&old).unwrap();
+        let shown = format!("{ring:?}");
+        assert!(shown.contains(ring.key_id()), "{shown}");
+        assert!(!shown.contains(&old), "{shown}");
+        assert!(
+            !shown.contains("cipher") && !shown.contains("token_key"),
+            "{shown}"
         );
     }
 

@@ -14,7 +14,8 @@
 //!   tenant, the reconciler);
 //! - the features: [`provision`] (create, lifecycle, templates and spares),
 //!   [`backup`] (backups, restores, verification, retention, archival),
-//!   [`relocate`] (moves between servers), [`migrate`] (fleet migrations);
+//!   [`relocate`] (moves between servers), [`migrate`] (fleet migrations),
+//!   [`rekey`] (master-key rotation: re-sealing stored secrets);
 //! - shared machinery: [`servers`] (admin access to tenant servers: roles,
 //!   sessions, names, the tenant schema, pg tools, SQLSTATEs, health) and
 //!   [`ops`] (the operations runner, its kinds and exclusions, the one
@@ -41,6 +42,7 @@ pub mod migrate;
 pub mod ops;
 pub mod provision;
 pub mod registry;
+pub mod rekey;
 pub mod relocate;
 pub mod router;
 pub mod servers;

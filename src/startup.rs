@@ -46,6 +46,8 @@ pub struct Connection {
     pub warm_pool_size: u32,
     /// How long quarantined and replaced databases are kept.
     pub keep_for: crate::domain::KeepFor,
+    /// Backup-like work run at once by this process (`SILO_BACKUP_CONCURRENCY`).
+    pub work_slots: usize,
 }
 
 /// Connect to the control DB, apply its migrations, build the control
@@ -76,6 +78,7 @@ pub async fn connect(c: Connection) -> anyhow::Result<ControlPlane> {
             schema: c.schema,
             storage: c.storage,
             keep_for: c.keep_for,
+            work_slots: Some(c.work_slots),
         },
     );
     let tenant_server = c.tenant_server_url.as_ref().unwrap_or(&c.database_url);

@@ -4,6 +4,10 @@
 //! API accepts it only for that tenant and only while that generation is
 //! current: suspending the tenant, rotating its credentials or revoking its
 //! tokens starts a new generation, and every older token is refused.
+//!
+//! Tokens are signed with the current master key's token key; while a
+//! master-key rotation is under way, tokens signed with the previous key's
+//! still verify (until `SILO_MASTER_KEY_PREVIOUS` is removed).
 
 use chrono::{DateTime, Utc};
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -69,19 +73,28 @@ pub fn mint(
     (token, expires_at)
 }
 
-/// The tenant (and generation) a valid token was minted for.
+/// The tenant (and generation) a valid token was minted for, signed with
+/// the current token key or, during a master-key rotation, the previous one.
 pub fn verify(keyring: &Keyring, token: &str) -> Result<TokenClaims, InvalidToken> {
     let mut v = Validation::new(Algorithm::HS256);
     v.set_issuer(&[ISSUER]);
     v.set_audience(&[AUDIENCE]);
     v.leeway = 5;
     v.set_required_spec_claims(&["exp", "sub", "aud", "iss"]);
-    decode::<Claims>(token, &DecodingKey::from_secret(keyring.token_key()), &v)
-        .map(|d| TokenClaims {
-            tenant: d.claims.sub,
-            generation: d.claims.gen,
-        })
-        .map_err(|_| InvalidToken)
+    for key in keyring.token_keys() {
+        match decode::<Claims>(token, &DecodingKey::from_secret(key), &v) {
+            Ok(d) => {
+                return Ok(TokenClaims {
+                    tenant: d.claims.sub,
+                    generation: d.claims.gen,
+                })
+            }
+            // Signed with another key: the next one may have signed it.
+            Err(e) if *e.kind() == jsonwebtoken::errors::ErrorKind::InvalidSignature => {}
+            Err(_) => return Err(InvalidToken),
+        }
+    }
+    Err(InvalidToken)
 }
 
 #[cfg(test)]
@@ -112,5 +125,28 @@ mod tests {
         forged.replace_range(token.len() - 4.., "AAAA");
         assert!(verify(&k, &forged).is_err());
         assert!(verify(&k, "not.a.token").is_err());
+    }
+
+    #[test]
+    fn tokens_of_the_previous_key_verify_while_it_is_configured() {
+        let old_b64 = Keyring::generate_base64();
+        let old = Keyring::from_base64(&old_b64).unwrap();
+        let new_b64 = Keyring::generate_base64();
+        let rotating = Keyring::from_base64(&new_b64)
+            .unwrap()
+            .with_previous(&old_b64)
+            .unwrap();
+        let only_new = Keyring::from_base64(&new_b64).unwrap();
+        let tenant = Uuid::now_v7();
+        let (before, _) = mint(&old, tenant, 1, 60);
+        assert_eq!(verify(&rotating, &before).unwrap().tenant, tenant);
+        assert!(verify(&only_new, &before).is_err(), "previous key dropped");
+        // New tokens are signed with the new key, which the old keyring lacks.
+        let (after, _) = mint(&rotating, tenant, 1, 60);
+        assert!(verify(&only_new, &after).is_ok());
+        assert!(verify(&old, &after).is_err());
+        // Expiry still applies to tokens of the previous key.
+        let (expired, _) = mint(&old, tenant, 1, -60);
+        assert!(verify(&rotating, &expired).is_err());
     }
 }

@@ -26,7 +26,8 @@ pub const SETTLED_BY_SWEEP: [OperationKind; 3] = [
 /// What one backup sweep cleaned up.
 #[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
 pub struct BackupSweep {
-    /// Running backups whose runner died, now `failed` with their upload aborted.
+    /// Running backups whose runner died, now `failed` with their upload
+    /// aborted, and queued ones whose process died, now `failed`.
     pub backups_abandoned: u32,
     /// Open multipart uploads no running backup owned, aborted.
     pub uploads_aborted: u32,
@@ -225,6 +226,9 @@ impl Backups {
         let mut report = BackupSweep::default();
         let storage = self.storage();
         let reg = self.registry();
+        // Queued work of stopped processes first: its operations are then
+        // settled below like any interrupted one.
+        report.backups_abandoned += self.sweep_queued().await?;
         for b in reg.running_backups().await? {
             let Some(lock) = reg.try_lock_backup(b.id).await? else {
                 continue; // alive

@@ -4,7 +4,9 @@
 //! A backup is `pg_dump -Fc` of the tenant database at an exported snapshot,
 //! streamed (never held whole in memory or on disk) through client-side
 //! encryption with the tenant's data key ([`crypt`]) and SHA-256 into a
-//! multipart upload of equal-sized parts, 2–4 in flight. pg_dump's exit
+//! multipart upload of equal-sized parts (at most `SILO_BACKUP_MAX_PART_MIB`
+//! each, so a backup's memory is bounded whatever the database's size), 2–4
+//! in flight. pg_dump's exit
 //! status is checked before the upload is completed; the manifest is written
 //! last, and only then is the backup row `succeeded` (invariant 5). Any
 //! failure aborts the upload and records the backup `failed`; a backup whose
@@ -16,6 +18,10 @@
 //! database in under the tenant's lock; a failure leaves the tenant on its
 //! current database. Verification restores into a scratch database and
 //! compares per-table row counts with those recorded at the dump's snapshot.
+//!
+//! Backups, verifications, restores and archivals each run in one of the
+//! process's work slots (`SILO_BACKUP_CONCURRENCY`, see [`crate::ops::slots`]);
+//! with none free a backup is recorded `queued` and starts when one is.
 
 mod archive;
 pub mod crypt;
@@ -28,7 +34,10 @@ mod store;
 pub use archive::{sweep_scratch_databases, BackupSweep, SETTLED_BY_SWEEP};
 pub use restore::{RestoreTarget, VerifyReport};
 pub use retention::Retention;
-pub use run::{part_size_for, Manifest, MAX_PARTS, MIN_PART_SIZE};
+pub use run::{
+    largest_backup, memory_per_backup, part_size_for, Claimed, Manifest, MAX_PARTS, MIN_PART_SIZE,
+    STREAM_BUFFERS,
+};
 pub use store::{Store, StoreConfig};
 
 use std::sync::Arc;
@@ -38,7 +47,7 @@ use uuid::Uuid;
 use crate::config::StorageArgs;
 use crate::crypto::Keyring;
 use crate::domain::Schedule;
-use crate::ops::{Error, Operations, Result};
+use crate::ops::{Error, Operations, Result, Slots};
 use crate::registry::{Backup, Registry, TenantRecord};
 use crate::servers::{PgTools, ServerAdmin, ServerPools, TenantSchema};
 
@@ -77,6 +86,8 @@ pub struct BackupSettings {
     pub concurrency: usize,
     /// Parts of one backup in flight.
     pub parts_in_flight: usize,
+    /// Largest part, bytes (`SILO_BACKUP_MAX_PART_MIB`).
+    pub max_part_size: u64,
     pub retention: Retention,
     /// Share of scheduled backups verified right after.
     pub verify_sample: f64,
@@ -92,6 +103,7 @@ impl BackupSettings {
             schedule: args.backup_schedule.clone(),
             concurrency: args.backup_concurrency.max(1) as usize,
             parts_in_flight: args.backup_parts_in_flight.clamp(2, 4) as usize,
+            max_part_size: u64::from(args.backup_max_part_mib.clamp(5, 64)) << 20,
             retention: Retention {
                 keep_last: args.backup_keep_last,
                 keep_daily: args.backup_keep_daily,
@@ -234,6 +246,11 @@ impl Backups {
     /// The tools, for another feature (a move copies a schema with them).
     pub fn tools(&self) -> &PgTools {
         &self.inner.storage.tools
+    }
+
+    /// The process's work slots, shared with the other backup-like work.
+    fn slots(&self) -> &Slots {
+        self.inner.ops.slots()
     }
 
     /// Run `work` as a background task of this process (joined on shutdown).

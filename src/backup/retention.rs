@@ -2,9 +2,16 @@
 //! them, the newest backup of each of the last `keep_daily` days,
 //! `keep_weekly` ISO weeks and `keep_monthly` months that have one (the
 //! grandfather-father-son scheme of restic and borg). Archive and final
-//! backups are kept until the tenant is erased, and the newest succeeded
-//! backup is never pruned whatever the policy says. Failed attempts are
-//! forgotten after a week (their objects were removed when they failed).
+//! backups are kept until the tenant is erased.
+//!
+//! What a verification found counts: a backup whose verification failed
+//! fills no slot of the policy (it is kept a week for inspection, like a
+//! failed attempt, then pruned), and two backups are kept whatever the
+//! policy says: the newest verified one (restored and checked), and the
+//! newest that may still be good (succeeded, not failed verification).
+//! So a run of bad backups never pushes out the last one known to restore.
+//! Failed attempts are forgotten after a week (their objects were removed
+//! when they failed).
 
 use std::collections::HashSet;
 
@@ -27,26 +34,48 @@ pub struct Retention {
 /// Calendar bucket of a time: (year, day / ISO week / month).
 type Bucket = fn(&DateTime<Utc>) -> (i32, u32);
 
-/// How long a failed attempt stays listed.
+/// How long a failed attempt (or a backup that failed verification) stays.
 const FAILED_KEPT: Duration = Duration::days(7);
+
+fn succeeded(b: &Backup) -> bool {
+    b.status == "succeeded"
+}
+
+/// Restored into a scratch database and found to match its record.
+fn verified(b: &Backup) -> bool {
+    succeeded(b) && b.verified_at.is_some() && b.verify_error.is_none()
+}
+
+/// A verification found it does not restore as recorded.
+fn failed_verification(b: &Backup) -> bool {
+    succeeded(b) && b.verify_error.is_some()
+}
+
+/// Taken by hand or by the schedule: the kinds the policy prunes.
+fn routine(b: &Backup) -> bool {
+    b.kind == "manual" || b.kind == "scheduled"
+}
 
 /// The backups to prune, from `backups` (any order).
 pub fn to_prune(backups: &[Backup], policy: Retention, now: DateTime<Utc>) -> Vec<Uuid> {
+    let newest = |pick: fn(&Backup) -> bool| {
+        backups
+            .iter()
+            .filter(|b| pick(b))
+            .max_by_key(|b| b.started_at)
+            .map(|b| b.id)
+    };
     let mut good: Vec<&Backup> = backups
         .iter()
-        .filter(|b| b.status == "succeeded" && (b.kind == "manual" || b.kind == "scheduled"))
+        .filter(|b| succeeded(b) && routine(b) && !failed_verification(b))
         .collect();
     good.sort_by_key(|b| std::cmp::Reverse(b.started_at));
     let mut keep: HashSet<Uuid> = HashSet::new();
     keep.extend(good.iter().take(policy.keep_last as usize).map(|b| b.id));
-    // The newest succeeded backup of any kind is kept, whatever the policy.
-    if let Some(newest) = backups
-        .iter()
-        .filter(|b| b.status == "succeeded")
-        .max_by_key(|b| b.started_at)
-    {
-        keep.insert(newest.id);
-    }
+    // Whatever the policy: the newest verified backup, and the newest that
+    // may be good (else, when every one failed verification, the newest).
+    keep.extend(newest(verified));
+    keep.extend(newest(|b| succeeded(b) && !failed_verification(b)).or_else(|| newest(succeeded)));
     let buckets: [(u32, Bucket); 3] = [
         (policy.keep_daily, |t| (t.year(), t.ordinal())),
         (policy.keep_weekly, |t| {
@@ -69,7 +98,9 @@ pub fn to_prune(backups: &[Backup], policy: Retention, now: DateTime<Utc>) -> Ve
     backups
         .iter()
         .filter(|b| match b.status.as_str() {
-            "succeeded" => (b.kind == "manual" || b.kind == "scheduled") && !keep.contains(&b.id),
+            "succeeded" if !routine(b) || keep.contains(&b.id) => false,
+            "succeeded" if failed_verification(b) => now - b.started_at > FAILED_KEPT,
+            "succeeded" => true,
             "failed" => now - b.started_at > FAILED_KEPT,
             _ => false,
         })
@@ -134,6 +165,72 @@ mod tests {
             verify_error: None,
             runner: None,
         }
+    }
+
+    /// A backup `days` ago whose verification passed (`Some(true)`),
+    /// failed (`Some(false)`) or never ran (`None`).
+    fn checked(days: i64, verify: Option<bool>, now: DateTime<Utc>) -> Backup {
+        let mut b = backup(days, 0, "succeeded", "scheduled", now);
+        if let Some(ok) = verify {
+            b.verified_at = Some(b.started_at + Duration::hours(1));
+            b.verify_error = (!ok).then(|| "public.patients: expected 10, restored 9".into());
+        }
+        b
+    }
+
+    #[test]
+    fn the_newest_verified_backup_survives_any_policy_and_failed_verifications_fill_no_slot() {
+        let now = Utc::now();
+        let keep_one = Retention {
+            keep_last: 1,
+            keep_daily: 0,
+            keep_weekly: 0,
+            keep_monthly: 0,
+        };
+        let keep_none = Retention {
+            keep_last: 0,
+            ..keep_one
+        };
+        const V: Option<bool> = Some(true);
+        const F: Option<bool> = Some(false);
+        const U: Option<bool> = None;
+        /// What a case is, its policy, its backups newest first as (days
+        /// ago, verification), and which of them survive.
+        type Case = (
+            &'static str,
+            Retention,
+            Vec<(i64, Option<bool>)>,
+            Vec<usize>,
+        );
+        #[rustfmt::skip]
+        let cases: Vec<Case> = vec![
+            ("newer unverified ones do not push out the newest verified",
+                keep_one, vec![(1, U), (2, U), (3, V), (4, V)], vec![0, 2]),
+            ("a failed verification fills no slot of the policy",
+                keep_one, vec![(1, F), (2, U), (3, U)], vec![0, 1]),
+            ("a failed verification goes after a week",
+                keep_one, vec![(1, U), (9, F), (10, V)], vec![0, 2]),
+            ("nothing verified: the newest that may be good",
+                keep_none, vec![(1, F), (2, U), (3, U)], vec![0, 1]),
+            ("every one failed verification: the newest is kept anyway",
+                keep_none, vec![(8, F), (9, F)], vec![0]),
+            ("the newest verified is also the newest",
+                keep_none, vec![(1, V), (2, V), (3, U)], vec![0]),
+            ("an old verified backup survives a full policy of newer ones",
+                keep_one, vec![(1, U), (2, U), (3, U), (60, V)], vec![0, 3]),
+        ];
+        let mut failures = Vec::new();
+        for (what, policy, specs, want) in cases {
+            let all: Vec<Backup> = specs.iter().map(|(d, v)| checked(*d, *v, now)).collect();
+            let pruned = to_prune(&all, policy, now);
+            let kept: Vec<usize> = (0..all.len())
+                .filter(|i| !pruned.contains(&all[*i].id))
+                .collect();
+            if kept != want {
+                failures.push(format!("{what}: kept {kept:?}, want {want:?}"));
+            }
+        }
+        assert!(failures.is_empty(), "{failures:#?}");
     }
 
     const POLICY: Retention = Retention {

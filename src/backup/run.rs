@@ -1,4 +1,5 @@
-//! Taking one backup: claim, dump, encrypt, upload, manifest, record.
+//! Taking one backup: claim (in a work slot, or queued for one), dump,
+//! encrypt, upload, manifest, record.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -17,18 +18,23 @@ use uuid::Uuid;
 use super::crypt::{new_data_key, Sealer, SEGMENT};
 use super::{key_erased, object_keys, BackupKind, Backups, Progress, Storage, Store};
 use crate::failpoint;
-use crate::ops::{Error, Result};
+use crate::ops::{Error, Result, Slot};
 use crate::registry::{Backup, BackupDone, Lock, NewBackup, TenantRecord, TenantStatus};
 use crate::servers::tools::{capture_stderr, error_lines};
 
-/// Smallest part silo uploads (S3's own minimum is 5 MiB).
-pub const MIN_PART_SIZE: u64 = 8 * 1024 * 1024;
+const MIB: u64 = 1024 * 1024;
+/// Smallest part silo uploads, unless `SILO_BACKUP_MAX_PART_MIB` is smaller
+/// (S3's own minimum is 5 MiB).
+pub const MIN_PART_SIZE: u64 = 8 * MIB;
 /// S3's limit of parts per upload.
 pub const MAX_PARTS: i32 = 10_000;
 /// Parts planned for at most, leaving room for a dump larger than foreseen.
 const PLANNED_PARTS: u64 = 5_000;
 /// Read size from pg_dump's pipe.
 const READ_CHUNK: usize = 4 * SEGMENT;
+/// Memory one backup holds besides its part buffers: the read buffer and
+/// the sealed (encrypted) chunk.
+pub const STREAM_BUFFERS: u64 = (READ_CHUNK + READ_CHUNK + 2 * SEGMENT) as u64;
 
 /// Format name written into every manifest.
 pub const FORMAT: &str = "silo-backup/1";
@@ -60,24 +66,135 @@ pub struct Manifest {
 }
 
 /// One fixed part size per upload, from the database size, so the dump
-/// (usually smaller than the database) stays far below 10,000 parts.
-pub fn part_size_for(database_bytes: u64) -> u64 {
-    const MIB: u64 = 1024 * 1024;
+/// (usually smaller than the database) stays far below 10,000 parts, but
+/// never over `max_part`: a backup's memory is bounded by `max_part`, not by
+/// the database (see [`memory_per_backup`]); beyond [`largest_backup`] a
+/// dump does not fit and the backup fails saying so.
+pub fn part_size_for(database_bytes: u64, max_part: u64) -> u64 {
     let want = (database_bytes.saturating_mul(2)).div_ceil(PLANNED_PARTS);
     want.div_ceil(MIB)
         .saturating_mul(MIB)
-        .clamp(MIN_PART_SIZE, 5 * 1024 * MIB)
+        .clamp(MIN_PART_SIZE.min(max_part), max_part)
+}
+
+/// The largest backup (stored, encrypted bytes) parts of `max_part` hold.
+pub fn largest_backup(max_part: u64) -> u64 {
+    max_part * MAX_PARTS as u64
+}
+
+/// Memory one backup's upload holds at most: the part being filled, the
+/// `in_flight` parts being sent, and its stream buffers.
+pub fn memory_per_backup(max_part: u64, in_flight: usize) -> u64 {
+    max_part * (in_flight as u64 + 1) + STREAM_BUFFERS
+}
+
+/// A backup claimed for a tenant: `running` (its runner's lock and a work
+/// slot held) or `queued` for a slot. Run it with [`Backups::run_claimed`].
+#[derive(Debug)]
+pub struct Claimed {
+    pub backup: Backup,
+    running: Option<(Lock, Slot)>,
 }
 
 impl Backups {
+    /// Claim a backup of `tenant` in a work slot: `running` at once when a
+    /// slot is free (or this work holds one already), else `queued`.
+    pub async fn claim_backup(&self, tenant: Uuid, kind: BackupKind) -> Result<Claimed> {
+        match self.slots().try_acquire() {
+            Some(slot) => {
+                let (backup, lock) = self.start_backup(tenant, kind, None).await?;
+                Ok(Claimed {
+                    backup,
+                    running: Some((lock, slot)),
+                })
+            }
+            None => {
+                let process = self.slots().queue_lease().await?;
+                let (backup, _) = self.insert_claim(tenant, kind, None, Some(process)).await?;
+                tracing::info!(tenant_id = %tenant, backup_id = %backup.id, "backup queued: every work slot is taken");
+                Ok(Claimed {
+                    backup,
+                    running: None,
+                })
+            }
+        }
+    }
+
+    /// Run a claimed backup to its end, waiting for its slot first if it
+    /// is queued.
+    pub async fn run_claimed(
+        &self,
+        claimed: Claimed,
+        progress: Option<Progress>,
+    ) -> Result<Backup> {
+        let (backup, lock, slot) = match claimed.running {
+            Some((lock, slot)) => (claimed.backup, lock, slot),
+            None => self.start_queued(claimed.backup).await?,
+        };
+        slot.scope(self.run_backup(backup, lock, progress)).await
+    }
+
+    /// Wait for a slot, then turn a queued backup `running` under its lock.
+    /// On any failure the row is failed (it must not stay queued under this
+    /// live process's lease, where no sweep would look).
+    async fn start_queued(&self, queued: Backup) -> Result<(Backup, Lock, Slot)> {
+        let reg = self.registry();
+        let started = async {
+            let slot = self
+                .slots()
+                .acquire()
+                .await
+                .map_err(|e| Error::Unavailable(e.to_string()))?;
+            // The lock first: the row says `running` only while someone holds it.
+            let lock = reg
+                .try_lock_backup(queued.id)
+                .await?
+                .context("lock a queued backup")?;
+            match reg.start_queued_backup(queued.id).await {
+                Ok(Some(b)) => Ok((b, lock, slot)),
+                Ok(None) => {
+                    lock.release().await;
+                    Err(Error::conflict(
+                        "the queued backup was settled by a sweep while it waited",
+                    ))
+                }
+                Err(e) => {
+                    lock.release().await;
+                    Err(e.into())
+                }
+            }
+        }
+        .await;
+        if let Err(e) = &started {
+            if let Err(f) = reg.fail_queued_backup(queued.id, &e.detail()).await {
+                tracing::warn!(backup_id = %queued.id, "failed to record a queued backup that could not start: {f}");
+            }
+        }
+        started
+    }
+
     /// Claim a backup of `tenant`: a `running` row and the lock that says its
-    /// runner is alive. Run it with [`Provisioner::run_backup`].
+    /// runner is alive. The caller holds a work slot (see
+    /// [`Self::claim_backup`]); run it with [`Self::run_backup`].
     pub async fn start_backup(
         &self,
         tenant: Uuid,
         kind: BackupKind,
         scheduled_for: Option<DateTime<Utc>>,
     ) -> Result<(Backup, Lock)> {
+        let (b, lock) = self.insert_claim(tenant, kind, scheduled_for, None).await?;
+        Ok((b, lock.context("lock a fresh backup id")?))
+    }
+
+    /// Check the tenant may be backed up and record the backup: `running`
+    /// with its lock, or `queued` under the process lease `queued_by`.
+    async fn insert_claim(
+        &self,
+        tenant: Uuid,
+        kind: BackupKind,
+        scheduled_for: Option<DateTime<Utc>>,
+        queued_by: Option<Uuid>,
+    ) -> Result<(Backup, Option<Lock>)> {
         let storage = self.storage();
         let reg = self.registry();
         let t = reg.tenant(tenant).await?.ok_or(Error::NotFound("tenant"))?;
@@ -96,11 +213,22 @@ impl Backups {
         }
         self.refuse_if_erased(tenant).await?;
         let id = Uuid::now_v7();
-        // Lock before the row exists, so the sweep never sees it running unlocked.
-        let lock = reg
-            .try_lock_backup(id)
-            .await?
-            .context("lock a fresh backup id")?;
+        // Lock before a running row exists, so the sweep never sees it
+        // running unlocked. A queued row needs none: it names the lease of
+        // the process that queued it.
+        let lock = match queued_by {
+            None => Some(
+                reg.try_lock_backup(id)
+                    .await?
+                    .context("lock a fresh backup id")?,
+            ),
+            Some(_) => None,
+        };
+        let release = |lock: Option<Lock>| async move {
+            if let Some(lock) = lock {
+                lock.release().await;
+            }
+        };
         let (object_key, manifest_key) = object_keys(tenant, id);
         let storage_class = match kind {
             BackupKind::Archive => storage.settings.archive_storage_class.as_deref(),
@@ -115,23 +243,27 @@ impl Backups {
             manifest_key: &manifest_key,
             storage_class,
             scheduled_for,
+            queued_by,
         };
         match reg.insert_backup(&new).await {
             Ok(b) => Ok((b, lock)),
             Err(e) if e.is_unique_violation("backups_one_running") => {
-                lock.release().await;
+                release(lock).await;
                 let running = reg.running_backup(tenant).await?;
-                Err(Error::conflict(format!(
-                    "a backup of this tenant is already running: backup {}",
-                    running.map_or(Uuid::nil(), |b| b.id)
-                )))
+                Err(Error::conflict(match running {
+                    Some(b) => format!(
+                        "a backup of this tenant is already {}: backup {}",
+                        b.status, b.id
+                    ),
+                    None => "a backup of this tenant is already running".to_owned(),
+                }))
             }
             Err(e) if e.is_unique_violation("backups_one_per_slot") => {
-                lock.release().await;
+                release(lock).await;
                 Err(Error::conflict("this scheduled slot was already taken"))
             }
             Err(e) => {
-                lock.release().await;
+                release(lock).await;
                 Err(e.into())
             }
         }
@@ -202,21 +334,28 @@ impl Backups {
     }
 
     /// `POST /tenants/{t}/backups`: claim a manual backup and run it (then
-    /// retention) in the background; answers at once with the claimed backup.
+    /// retention) in the background; answers at once with the claimed
+    /// backup, `running`, or `queued` while every work slot is taken.
     pub async fn start_manual(&self, tenant: Uuid, actor: &str) -> Result<Backup> {
-        let (backup, lock) = self.start_backup(tenant, BackupKind::Manual, None).await?;
-        self.registry()
+        let claimed = self.claim_backup(tenant, BackupKind::Manual).await?;
+        let backup = claimed.backup.clone();
+        let audited = self
+            .registry()
             .audit(
                 actor,
                 "backup.start",
                 Some(tenant),
-                serde_json::json!({"backup_id": backup.id}),
+                serde_json::json!({"backup_id": backup.id, "status": backup.status}),
             )
-            .await?;
+            .await;
+        if let Err(e) = audited {
+            self.abandon_claim(claimed, "not started: its audit entry could not be written")
+                .await;
+            return Err(e.into());
+        }
         let runner = self.clone();
-        let started = backup.clone();
         self.spawn_task(async move {
-            if runner.run_backup(started, lock, None).await.is_ok() {
+            if runner.run_claimed(claimed, None).await.is_ok() {
                 if let Err(e) = runner.prune_backups(tenant).await {
                     tracing::warn!(tenant_id = %tenant, "failed to apply backup retention: {e}");
                 }
@@ -225,15 +364,67 @@ impl Backups {
         Ok(backup)
     }
 
-    /// Claim and run a backup, waiting for it.
+    /// Claim and run a backup (waiting for a work slot if none is free),
+    /// waiting for it.
     pub async fn backup_now(
         &self,
         tenant: Uuid,
         kind: BackupKind,
         progress: Option<Progress>,
     ) -> Result<Backup> {
-        let (b, lock) = self.start_backup(tenant, kind, None).await?;
-        self.run_backup(b, lock, progress).await
+        let claimed = self.claim_backup(tenant, kind).await?;
+        self.run_claimed(claimed, progress).await
+    }
+
+    /// A claim that will not run after all: recorded `failed` with `why`.
+    async fn abandon_claim(&self, claimed: Claimed, why: &str) {
+        let reg = self.registry();
+        let recorded = match claimed.running {
+            Some((lock, _slot)) => {
+                let r = reg.fail_backup(claimed.backup.id, why).await;
+                lock.release().await;
+                r
+            }
+            None => reg
+                .fail_queued_backup(claimed.backup.id, why)
+                .await
+                .map(|_| ()),
+        };
+        if let Err(e) = recorded {
+            tracing::warn!(backup_id = %claimed.backup.id, "failed to record an abandoned backup (the sweep will): {e}");
+        }
+    }
+
+    /// Queued backups whose process died are failed (nothing was uploaded),
+    /// and queued operations of the kinds the backup sweep settles are
+    /// handed to it (see [`crate::ops::Operations::release_abandoned_queued`]).
+    /// Returns the backups failed.
+    pub(super) async fn sweep_queued(&self) -> anyhow::Result<u32> {
+        let reg = self.registry();
+        self.inner
+            .ops
+            .release_abandoned_queued(&super::SETTLED_BY_SWEEP)
+            .await?;
+        let queued = reg.queued_backups().await?;
+        let dead = self
+            .slots()
+            .dead_leases(queued.iter().map(|(_, lease)| *lease).collect())
+            .await?;
+        let mut failed = 0;
+        for (id, lease) in queued {
+            if dead.get(&lease) == Some(&true)
+                && reg
+                    .fail_queued_backup(
+                        id,
+                        "interrupted while queued: the silo process that queued it stopped before a slot was free; nothing was uploaded",
+                    )
+                    .await?
+            {
+                tracing::warn!(backup_id = %id, "queued backup of a stopped process: marked failed");
+                failed += 1;
+            }
+        }
+        Ok(failed)
     }
 
     /// Remove whatever a failed or abandoned backup left in the store: the
@@ -310,7 +501,17 @@ impl Backups {
             .fetch_one(&admin.pool)
             .await
             .context("read the database size")?;
-        let part_size = part_size_for(db_size.max(0) as u64);
+        let max_part = storage.settings.max_part_size;
+        let part_size = part_size_for(db_size.max(0) as u64, max_part);
+        if db_size.max(0) as u64 > largest_backup(max_part) {
+            tracing::warn!(
+                tenant_id = %t.id,
+                database_bytes = db_size,
+                "the database is larger than the largest backup parts of {} MiB can hold ({} GiB); unless its dump compresses below that, the backup fails (raise SILO_BACKUP_MAX_PART_MIB)",
+                max_part >> 20,
+                largest_backup(max_part) >> 30
+            );
+        }
 
         // The snapshot pg_dump will see; row counts are taken in it too.
         let mut snap = admin
@@ -562,8 +763,9 @@ impl PartWriter {
     async fn send_part(&mut self) -> anyhow::Result<()> {
         anyhow::ensure!(
             self.next <= MAX_PARTS,
-            "upload the dump: it outgrew {MAX_PARTS} parts of {} MiB",
-            self.part_size >> 20
+            "upload the dump: it outgrew the largest backup that fits S3's {MAX_PARTS} parts of {} MiB ({} GiB); raise SILO_BACKUP_MAX_PART_MIB (at most 64)",
+            self.part_size >> 20,
+            largest_backup(self.part_size as u64) >> 30
         );
         while self.in_flight.len() >= self.max_in_flight {
             self.join_one().await?;
@@ -613,15 +815,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn part_size_keeps_any_database_under_the_part_limit() {
-        const MIB: u64 = 1024 * 1024;
-        assert_eq!(part_size_for(0), MIN_PART_SIZE);
-        assert_eq!(part_size_for(300 * MIB), MIN_PART_SIZE);
-        for size in [10 * 1024 * MIB, 100 * 1024 * MIB, 2 * 1024 * 1024 * MIB] {
-            let part = part_size_for(size);
+    fn part_size_keeps_databases_under_the_part_limit_and_never_over_the_cap() {
+        const GIB: u64 = 1024 * MIB;
+        let cap = 16 * MIB;
+        assert_eq!(part_size_for(0, cap), MIN_PART_SIZE);
+        assert_eq!(part_size_for(300 * MIB, cap), MIN_PART_SIZE);
+        // A cap under silo's usual minimum is the part size.
+        assert_eq!(part_size_for(0, 5 * MIB), 5 * MIB);
+        for size in [10 * GIB, 30 * GIB] {
+            let part = part_size_for(size, cap);
             assert_eq!(part % MIB, 0, "whole MiB parts");
             // Even a dump twice the database size stays within the limit.
             assert!((2 * size).div_ceil(part) <= MAX_PARTS as u64, "{size}");
         }
+        // Whatever the size, no part is over the cap: memory stays bounded.
+        for size in [100 * GIB, 2048 * GIB, u64::MAX] {
+            assert_eq!(part_size_for(size, cap), cap, "{size}");
+        }
+        assert_eq!(largest_backup(cap), 10_000 * cap);
+        assert_eq!(largest_backup(16 * MIB) >> 30, 156);
+        assert_eq!(memory_per_backup(cap, 3), 4 * cap + STREAM_BUFFERS);
     }
 }

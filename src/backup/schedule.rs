@@ -6,6 +6,11 @@
 //! succeeded attempts. So every slot runs once across replicas, a slot
 //! missed while silo was down runs at the next tick, and a failed attempt
 //! (or one whose replica died) is retried, up to [`MAX_ATTEMPTS`] times.
+//!
+//! Scheduled backups share the process's work slots with every other
+//! backup-like work: a tick claims a slot before it claims a tenant's cron
+//! slot, so what is due but not yet started stays unclaimed (another replica
+//! with a free slot may take it) instead of piling up as queued rows.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,7 +19,6 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use rand::seq::SliceRandom;
 use serde::Serialize;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -75,7 +79,10 @@ pub fn due(
     for (tenant, slot, status) in attempts {
         let e = tried.entry((*tenant, *slot)).or_default();
         // A pruned (`deleted`) backup ran its slot too.
-        if status == "running" || status == "succeeded" || status == "deleted" {
+        if matches!(
+            status.as_str(),
+            "queued" | "running" | "succeeded" | "deleted"
+        ) {
             e.0 = true;
         } else if status == "failed" {
             e.1 += 1;
@@ -107,8 +114,8 @@ pub struct TickReport {
 pub struct TickGuard(Arc<AtomicBool>);
 
 impl Backups {
-    /// Run every backup due now, `concurrency` at a time; stop claiming new
-    /// ones when `cancel` fires. Skipped if a previous tick is still running.
+    /// Run every backup due now, in the process's work slots; stop claiming
+    /// new ones when `cancel` fires. Skipped if a previous tick is still running.
     pub async fn run_due_backups(
         &self,
         guard: &TickGuard,
@@ -147,12 +154,14 @@ impl Backups {
             due: due.len(),
             ..Default::default()
         };
-        let permits = Arc::new(Semaphore::new(storage.settings.concurrency));
         let mut running: JoinSet<Result<()>> = JoinSet::new();
         for (tenant, slot) in due {
-            let permit = tokio::select! {
+            let work_slot = tokio::select! {
                 _ = cancel.cancelled() => break,
-                p = permits.clone().acquire_owned() => p.expect("semaphore open"),
+                s = self.slots().acquire() => match s {
+                    Ok(s) => s,
+                    Err(_) => break, // shutting down
+                },
             };
             while let Some(done) = running.try_join_next() {
                 tally(&mut report, done);
@@ -177,13 +186,17 @@ impl Backups {
             let p = self.clone();
             let sample = storage.settings.verify_sample;
             running.spawn(async move {
-                let _permit = permit;
-                let b = p.run_backup(b, lock, None).await?;
-                if sample > 0.0 && rand::random::<f64>() < sample {
-                    if let Err(e) = p.verify_backup(b.id, None).await {
-                        tracing::warn!(backup_id = %b.id, "failed to verify a sampled backup: {e}");
-                    }
-                }
+                let b = work_slot
+                    .scope(async {
+                        let b = p.run_backup(b, lock, None).await?;
+                        if sample > 0.0 && rand::random::<f64>() < sample {
+                            if let Err(e) = p.verify_backup(b.id, None).await {
+                                tracing::warn!(backup_id = %b.id, "failed to verify a sampled backup: {e}");
+                            }
+                        }
+                        Ok::<_, Error>(b)
+                    })
+                    .await?;
                 if let Err(e) = p.prune_backups(b.tenant_id).await {
                     tracing::warn!(tenant_id = %b.tenant_id, "failed to apply backup retention: {e}");
                 }

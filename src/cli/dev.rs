@@ -82,6 +82,7 @@ async fn dev_with(args: &DevArgs, dir: &Path, pg: &EmbeddedPostgres) -> Result<(
         storage: Some(storage),
         warm_pool_size: args.server.warm_pool_size,
         keep_for: Default::default(),
+        work_slots: storage_args.backup_concurrency as usize,
     })
     .await?;
     for (slug, name) in DEMO_CLINICS {

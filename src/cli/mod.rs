@@ -4,6 +4,7 @@
 
 mod backup;
 mod dev;
+mod master_key;
 mod migrate;
 mod progress;
 mod tenants;
@@ -59,6 +60,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Migrate(cmd) => migrate::migrate(cmd).await,
         Command::Tenants(cmd) => tenants::tenants(cmd).await,
         Command::Backup(cmd) => backup::backup(cmd).await,
+        Command::MasterKey(cmd) => master_key::master_key(cmd).await,
         Command::Reconcile { control, adopt } => reconcile(&control, adopt).await,
     };
     match result {
@@ -91,6 +93,7 @@ async fn connect(control: &ControlArgs, warm_pool_size: u32) -> Result<ControlPl
         storage,
         warm_pool_size,
         keep_for: crate::domain::KeepFor::days(control.keep_days),
+        work_slots: control.storage.backup_concurrency as usize,
     })
     .await?;
     Ok(plane)

@@ -53,7 +53,7 @@ impl ControlPlane {
                 .tenant_states(&ids)
                 .await?
                 .into_iter()
-                .map(|(id, _, _)| id)
+                .map(|(id, ..)| id)
                 .collect();
             for (database, mark) in marks {
                 if known.contains(&mark.tenant) {

@@ -40,6 +40,10 @@ pub struct ControlConfig {
     pub storage: Option<Storage>,
     /// How long quarantined and replaced databases are kept.
     pub keep_for: crate::domain::KeepFor,
+    /// Work slots of this process (`SILO_BACKUP_CONCURRENCY`): backups,
+    /// verifications, restores, archivals and moves running at once. `None`:
+    /// the storage's setting, else the default.
+    pub work_slots: Option<usize>,
 }
 
 /// The control plane. Cheap to clone.
@@ -65,7 +69,11 @@ struct Inner {
 impl ControlPlane {
     pub fn new(registry: Registry, keyring: Keyring, config: ControlConfig) -> Self {
         let servers = ServerPools::new(keyring.clone());
-        let ops = Operations::new(registry.clone());
+        let slots = config
+            .work_slots
+            .or(config.storage.as_ref().map(|s| s.settings.concurrency))
+            .unwrap_or(crate::config::DEFAULT_BACKUP_CONCURRENCY as usize);
+        let ops = Operations::new(registry.clone(), slots);
         let schema = config.schema;
         let provisioner = Provisioner::new(
             registry.clone(),

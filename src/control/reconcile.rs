@@ -136,6 +136,9 @@ pub struct RowOf {
     pub status: TenantStatus,
     /// On the server being swept.
     pub here: bool,
+    /// On another server, on another cluster, where its database was found:
+    /// what the server being swept holds under its name is a copy.
+    pub copy: bool,
 }
 
 /// Most tenants one pass may quarantine on a server: a tenth of those it
@@ -196,6 +199,8 @@ fn fate(name: &str, tenant: Option<Uuid>, accounted: &Accounted) -> Fate {
         }
         // Live here under another name: what a restore replaced.
         Some(row) if row.here => Fate::Quarantine(tenant),
+        // Live on another cluster, where its database is: a copy (a failed move's).
+        Some(row) if row.copy => Fate::Quarantine(tenant),
         Some(_) => {
             tracing::debug!(name, "left alone: its tenant lives on another server");
             Fate::Leave
@@ -490,7 +495,7 @@ impl ControlPlane {
         self.provisioner().ensure_template(server, &admin).await?;
         // Observed first (see the module comment), then what the registry says.
         let observed = observe(&admin).await?;
-        let accounted = self.accounted(server, &observed).await?;
+        let accounted = self.accounted(server, &admin, &observed).await?;
         // Replication leftovers first: a database with a subscription cannot be dropped.
         report.move_leftovers_dropped += self.mover().sweep_move_leftovers(&admin).await?;
         let mut halted = false;
@@ -563,47 +568,27 @@ impl ControlPlane {
     /// What the registry accounts for on `server`. Moves are read before
     /// tenants: a move stays open until after its switch, so whichever of
     /// the two reads comes second still covers a database being moved.
-    async fn accounted(&self, server: &DbServer, observed: &Observed) -> anyhow::Result<Accounted> {
+    async fn accounted(
+        &self,
+        server: &DbServer,
+        admin: &ServerAdmin,
+        observed: &Observed,
+    ) -> anyhow::Result<Accounted> {
         let reg = self.registry();
-        let ids: Vec<Uuid> = observed
-            .databases
-            .iter()
-            .filter_map(|db| names::tenant_of_database(db))
-            .chain(
-                observed
-                    .roles
-                    .iter()
-                    .filter_map(|(role, _)| names::tenant_of_role(role)),
-            )
-            .collect();
-        let rows = reg
-            .tenant_states(&ids)
-            .await?
-            .into_iter()
-            .map(|(id, status, server_id)| {
-                (
-                    id,
-                    RowOf {
-                        status,
-                        here: server_id == server.id,
-                    },
-                )
-            })
-            .collect();
         let spares_elsewhere = reg
             .spares_not_on(server.id)
             .await?
             .into_iter()
             .flat_map(|s| std::iter::once(s.database_name).chain(s.role_name))
             .collect();
-        let moving = self
+        let moving: Vec<(String, String)> = self
             .mover()
             .moves_touching(server.id)
             .await?
             .into_iter()
             .map(|m| (m.database, m.role))
             .collect();
-        let tenants = reg
+        let tenants: Vec<AccountedTenant> = reg
             .tenants_on_server(server.id)
             .await?
             .into_iter()
@@ -613,6 +598,31 @@ impl ControlPlane {
                 status: t.status,
             })
             .collect();
+        // The rows of what no live tenant here accounts for.
+        let live: HashSet<&str> = tenants
+            .iter()
+            .flat_map(|t| [t.database.as_str(), t.role.as_str()])
+            .chain(moving.iter().flat_map(|(d, r)| [d.as_str(), r.as_str()]))
+            .collect();
+        let ids: Vec<Uuid> = observed
+            .databases
+            .iter()
+            .filter(|db| !live.contains(db.as_str()))
+            .filter_map(|db| names::tenant_of_database(db))
+            .chain(
+                observed
+                    .roles
+                    .iter()
+                    .filter(|(role, _)| !live.contains(role.as_str()))
+                    .filter_map(|(role, _)| names::tenant_of_role(role)),
+            )
+            .collect();
+        let mut rows = HashMap::new();
+        for (id, status, server_id, database) in reg.tenant_states(&ids).await? {
+            let here = server_id == server.id;
+            let copy = !here && self.live_elsewhere(admin, server_id, &database).await;
+            rows.insert(id, RowOf { status, here, copy });
+        }
         let spares = reg
             .spares(server.id)
             .await?
@@ -637,6 +647,31 @@ impl ControlPlane {
             rows,
             spares_elsewhere,
             now: chrono::Utc::now().timestamp(),
+        })
+    }
+
+    /// Whether a tenant that lives on `other` (not the server being swept)
+    /// has its database there, on another cluster than `admin`'s: then what
+    /// this server holds under its name is a copy (a failed move's, say).
+    /// `false` whenever that cannot be shown (the same cluster registered
+    /// twice, a cluster not recorded yet, the other server unreachable).
+    async fn live_elsewhere(&self, admin: &ServerAdmin, other: Uuid, database: &str) -> bool {
+        let shown = async {
+            let here = owner::cluster_id(admin).await?;
+            let Some(other) = self.registry().server(other).await? else {
+                return anyhow::Ok(false);
+            };
+            let recorded = other.system_identifier.as_deref().zip(other.cluster_port);
+            if recorded.is_none_or(|c| c == (here.system_identifier.as_str(), here.port)) {
+                return Ok(false);
+            }
+            let theirs = self.servers().admin(&other)?;
+            Ok(roles::database_exists(&theirs, database).await?)
+        }
+        .await;
+        shown.unwrap_or_else(|e| {
+            tracing::debug!("could not tell whether a tenant's database lives elsewhere: {e:#}");
+            false
         })
     }
 
@@ -813,6 +848,7 @@ mod tests {
                     RowOf {
                         status: t.status,
                         here: true,
+                        copy: false,
                     },
                 )
             })
@@ -834,6 +870,7 @@ mod tests {
                 RowOf {
                     status: *status,
                     here: *here,
+                    copy: false,
                 },
             );
         }
@@ -892,6 +929,33 @@ mod tests {
                 observed: on_server(&[&a_db], &[(&a_role, false)]),
                 accounted: with_rows(registry(vec![tenant(B, Active)]), &[(A, Active, false)]),
                 want: vec![],
+            },
+            Case {
+                name:
+                    "a copy of a tenant living on another cluster (a failed move's) is quarantined",
+                observed: on_server(&[&a_db], &[(&a_role, false)]),
+                accounted: {
+                    let mut a = registry(vec![]);
+                    a.rows.insert(
+                        id(A),
+                        RowOf {
+                            status: Active,
+                            here: false,
+                            copy: true,
+                        },
+                    );
+                    a
+                },
+                want: vec![
+                    Action::Quarantine {
+                        database: a_db.clone(),
+                        tenant: id(A),
+                    },
+                    Action::QuarantineRole {
+                        role: a_role.clone(),
+                        tenant: id(A),
+                    },
+                ],
             },
             Case {
                 name: "quarantining more than a tenth of the server's tenants halts instead",

@@ -188,7 +188,11 @@ impl Provisioner {
             .await
             .context("end the sessions opened with the old password")?;
         failpoint::hit("rotate_sessions");
-        reg.promote_pending_password(id, sealed).await?;
+        if !reg.promote_pending_password(id).await? {
+            return Err(Error::conflict(
+                "the tenant's pending password vanished during its rotation; rotate again",
+            ));
+        }
         // New credentials, new tokens: the old ones are refused.
         reg.revoke_tokens(id).await?;
         failpoint::hit("rotate_promoted");

@@ -1,5 +1,5 @@
-//! Backup rows: one per attempt, `running` → `succeeded` | `failed`, and
-//! `deleted` once retention removed its objects. A row says `succeeded` only
+//! Backup rows: one per attempt, (`queued` →) `running` → `succeeded` |
+//! `failed`, and `deleted` once retention removed its objects. A row says `succeeded` only
 //! after the manifest was written (invariant 5).
 
 use chrono::{DateTime, Utc};
@@ -17,6 +17,7 @@ pub struct Backup {
     pub tenant_id: Uuid,
     /// `manual`, `scheduled`, `archive` or `final`.
     pub kind: String,
+    /// `queued` (waiting for a slot of `SILO_BACKUP_CONCURRENCY`),
     /// `running`, `succeeded`, `failed` or `deleted`.
     pub status: String,
     pub bucket: String,
@@ -67,6 +68,9 @@ pub struct NewBackup<'a> {
     pub manifest_key: &'a str,
     pub storage_class: Option<&'a str>,
     pub scheduled_for: Option<DateTime<Utc>>,
+    /// `Some(process lease)`: recorded `queued`, waiting for a slot in that
+    /// process; `None`: `running` at once (its runner holds its lock).
+    pub queued_by: Option<Uuid>,
 }
 
 /// What a finished upload recorded.
@@ -93,13 +97,15 @@ pub struct Schedulable {
 }
 
 impl Registry {
-    /// Record a backup as `running`. Fails on `backups_one_running` when the
-    /// tenant has one running, and on `backups_one_per_slot` when the scheduled
-    /// slot was claimed by another replica.
+    /// Record a backup as `running` (or `queued`, see [`NewBackup::queued_by`]).
+    /// Fails on `backups_one_running` when the tenant has one queued or
+    /// running, and on `backups_one_per_slot` when the scheduled slot was
+    /// claimed by another replica.
     pub async fn insert_backup(&self, b: &NewBackup<'_>) -> Result<Backup> {
         sqlx::query(
-            "INSERT INTO backups (id, tenant_id, kind, status, bucket, object_key, manifest_key, storage_class, scheduled_for, runner)
-             VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8, $9)",
+            "INSERT INTO backups (id, tenant_id, kind, status, bucket, object_key, manifest_key, storage_class, scheduled_for, runner, queued_by)
+             VALUES ($1, $2, $3, CASE WHEN $10::uuid IS NULL THEN 'running' ELSE 'queued' END,
+                     $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(b.id)
         .bind(b.tenant_id)
@@ -110,6 +116,7 @@ impl Registry {
         .bind(b.storage_class)
         .bind(b.scheduled_for)
         .bind(runner_id())
+        .bind(b.queued_by)
         .execute(&self.pool)
         .await?;
         self.backup(b.id)
@@ -125,10 +132,10 @@ impl Registry {
             .map_err(Error::from)
     }
 
-    /// The running backup of a tenant, if any.
+    /// The queued or running backup of a tenant, if any.
     pub async fn running_backup(&self, tenant: Uuid) -> Result<Option<Backup>> {
         sqlx::query_as(&format!(
-            "{SELECT_BACKUP} WHERE tenant_id = $1 AND status = 'running'"
+            "{SELECT_BACKUP} WHERE tenant_id = $1 AND status IN ('queued', 'running')"
         ))
         .bind(tenant)
         .fetch_optional(&self.pool)
@@ -183,6 +190,49 @@ impl Registry {
             .fetch_all(&self.pool)
             .await
             .map_err(Error::from)
+    }
+
+    /// A queued backup got its slot (its runner holds its lock now):
+    /// `running`, started now. `None` when it is no longer queued (a sweep
+    /// failed it: the lease of the process that queued it was free).
+    pub async fn start_queued_backup(&self, id: Uuid) -> Result<Option<Backup>> {
+        let done = sqlx::query(
+            "UPDATE backups SET status = 'running', started_at = now(), runner = $2
+              WHERE id = $1 AND status = 'queued'",
+        )
+        .bind(id)
+        .bind(runner_id())
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Ok(None);
+        }
+        self.backup(id).await
+    }
+
+    /// Queued backups (any tenant) and the process lease each waits under.
+    pub async fn queued_backups(&self) -> Result<Vec<(Uuid, Uuid)>> {
+        sqlx::query_as(
+            "SELECT id, queued_by FROM backups WHERE status = 'queued' AND queued_by IS NOT NULL
+              ORDER BY started_at",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::from)
+    }
+
+    /// Mark a queued backup `failed` with why (nothing was uploaded).
+    /// `false` when it is no longer queued.
+    pub async fn fail_queued_backup(&self, id: Uuid, error: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE backups SET status = 'failed', error = $2, finished_at = now()
+              WHERE id = $1 AND status = 'queued'",
+        )
+        .bind(id)
+        .bind(error)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Remember the open multipart upload (durably, before any part is sent).
@@ -244,7 +294,9 @@ impl Registry {
 
     /// Retention removed a backup's objects.
     pub async fn mark_backup_deleted(&self, id: Uuid) -> Result<()> {
-        sqlx::query("UPDATE backups SET status = 'deleted' WHERE id = $1 AND status <> 'running'")
+        sqlx::query(
+            "UPDATE backups SET status = 'deleted' WHERE id = $1 AND status NOT IN ('queued', 'running')",
+        )
             .bind(id)
             .execute(&self.pool)
             .await

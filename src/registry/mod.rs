@@ -8,6 +8,7 @@
 
 mod audit;
 mod backups;
+mod keys;
 mod locks;
 mod operations;
 mod servers;
@@ -16,6 +17,7 @@ mod tenants;
 
 pub use audit::AuditEntry;
 pub use backups::{Backup, BackupDone, NewBackup, Schedulable};
+pub use keys::{Resealer, RowId, SealedColumn, SealedRow, SEALED_COLUMNS};
 pub use locks::Lock;
 pub use operations::{Operation, OperationStatus};
 pub use servers::{DbServer, NewServer};

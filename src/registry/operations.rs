@@ -13,6 +13,9 @@ use crate::domain::OperationKind;
 #[serde(rename_all = "snake_case")]
 #[sqlx(type_name = "text", rename_all = "snake_case")]
 pub enum OperationStatus {
+    /// Waiting for a slot of `SILO_BACKUP_CONCURRENCY` in the process that
+    /// queued it; nothing was done yet.
+    Queued,
     Pending,
     Running,
     Succeeded,
@@ -65,6 +68,59 @@ impl Registry {
         .map_err(Error::from)
     }
 
+    /// Record an operation `queued` for a slot in the process whose lease
+    /// is `process` (see [`Self::queued_operations`]); it holds no lease of
+    /// its own until it starts ([`Self::start_queued_operation`]).
+    pub async fn create_queued_operation(
+        &self,
+        id: Uuid,
+        kind: OperationKind,
+        tenant: Option<Uuid>,
+        params: serde_json::Value,
+        process: Uuid,
+    ) -> Result<Operation> {
+        sqlx::query_as(&format!(
+            "INSERT INTO operations (id, kind, tenant_id, status, params, queued_by)
+             VALUES ($1, $2, $3, 'queued', $4, $5) RETURNING {OP_COLUMNS}"
+        ))
+        .bind(id)
+        .bind(kind)
+        .bind(tenant)
+        .bind(params)
+        .bind(process)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(Error::from)
+    }
+
+    /// A queued operation got its slot (its runner holds its lease now):
+    /// `running`. `false` when it is no longer queued (a sweep settled it).
+    pub async fn start_queued_operation(&self, id: Uuid) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE operations SET status = 'running', updated_at = now()
+              WHERE id = $1 AND status = 'queued'",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Queued operations of `kinds` (any tenant) and the process lease each
+    /// waits under, oldest first.
+    pub async fn queued_operations(&self, kinds: &[OperationKind]) -> Result<Vec<(Uuid, Uuid)>> {
+        let kinds: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+        sqlx::query_as(
+            "SELECT id, queued_by FROM operations
+              WHERE status = 'queued' AND kind = ANY($1) AND queued_by IS NOT NULL
+              ORDER BY created_at",
+        )
+        .bind(kinds)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::from)
+    }
+
     /// Parameters of the newest operation of `kind` on `tenant`.
     pub async fn latest_operation_params(
         &self,
@@ -81,7 +137,10 @@ impl Registry {
         .map_err(Error::from)
     }
 
-    /// Unfinished operations of a kind (any tenant), oldest first.
+    /// Started, unfinished operations of a kind (any tenant), oldest first:
+    /// each holds its lease while its runner lives. Queued ones hold none
+    /// (their process's lease says whether they still wait; see
+    /// [`Self::queued_operations`]), so they are not listed here.
     pub async fn unfinished_operations(&self, kind: OperationKind) -> Result<Vec<Operation>> {
         sqlx::query_as(&format!(
             "{SELECT_OP} WHERE kind = $1 AND status IN ('pending', 'running') ORDER BY created_at"
@@ -92,10 +151,11 @@ impl Registry {
         .map_err(Error::from)
     }
 
-    /// Parameters of every unfinished operation of a kind, in one query.
+    /// Parameters of every unfinished operation of a kind (queued ones
+    /// too), in one query.
     pub async fn unfinished_params(&self, kind: OperationKind) -> Result<Vec<serde_json::Value>> {
         sqlx::query_scalar(
-            "SELECT params FROM operations WHERE kind = $1 AND status IN ('pending', 'running')",
+            "SELECT params FROM operations WHERE kind = $1 AND status IN ('queued', 'pending', 'running')",
         )
         .bind(kind)
         .fetch_all(&self.pool)
@@ -130,14 +190,14 @@ impl Registry {
             .map_err(Error::from)
     }
 
-    /// Unfinished operations of `kind` on `tenant` (to finish after a crash).
+    /// Unfinished operations of `kind` on `tenant`, queued ones included.
     pub async fn open_operations(
         &self,
         kind: OperationKind,
         tenant: Uuid,
     ) -> Result<Vec<Operation>> {
         sqlx::query_as(&format!(
-            "{SELECT_OP} WHERE kind = $1 AND tenant_id = $2 AND status IN ('pending', 'running')"
+            "{SELECT_OP} WHERE kind = $1 AND tenant_id = $2 AND status IN ('queued', 'pending', 'running')"
         ))
         .bind(kind)
         .bind(tenant)
@@ -158,7 +218,7 @@ impl Registry {
         // Only an open operation is finished: its outcome is written once.
         sqlx::query(
             "UPDATE operations SET status = $2, result = $3, error = $4, updated_at = now()
-              WHERE id = $1 AND status IN ('pending', 'running')",
+              WHERE id = $1 AND status IN ('queued', 'pending', 'running')",
         )
         .bind(id)
         .bind(status)
@@ -188,7 +248,7 @@ impl Registry {
     pub async fn claim_abandoned_operation(&self, id: Uuid) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE operations SET params = params || '{\"abandoned\": true}', updated_at = now()
-              WHERE id = $1 AND status IN ('pending', 'running')",
+              WHERE id = $1 AND status IN ('queued', 'pending', 'running')",
         )
         .bind(id)
         .execute(&self.pool)
@@ -196,7 +256,8 @@ impl Registry {
         Ok(done.rows_affected() == 1)
     }
 
-    /// The oldest unfinished operation on `tenant` of one of `kinds`.
+    /// The oldest unfinished operation on `tenant` of one of `kinds`, queued
+    /// ones included (a queued move keeps a restore from starting).
     pub async fn open_operation_of(
         &self,
         tenant: Uuid,
@@ -208,7 +269,7 @@ impl Registry {
         let kinds: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
         sqlx::query_scalar(
             "SELECT id FROM operations WHERE tenant_id = $1 AND kind = ANY($2)
-                AND status IN ('pending', 'running') ORDER BY created_at LIMIT 1",
+                AND status IN ('queued', 'pending', 'running') ORDER BY created_at LIMIT 1",
         )
         .bind(tenant)
         .bind(kinds)
@@ -228,7 +289,7 @@ impl Registry {
     ) -> Result<()> {
         sqlx::query(
             "UPDATE operations SET status = 'failed', result = $3, error = $2, updated_at = now()
-              WHERE id = $1 AND status IN ('pending', 'running')",
+              WHERE id = $1 AND status IN ('queued', 'pending', 'running')",
         )
         .bind(id)
         .bind(error)

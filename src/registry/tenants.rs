@@ -420,12 +420,18 @@ impl Registry {
 impl Registry {
     /// State and server of each of these tenants the registry has a row
     /// for, whatever its state (for the reconciler).
-    pub async fn tenant_states(&self, ids: &[Uuid]) -> Result<Vec<(Uuid, TenantStatus, Uuid)>> {
-        sqlx::query_as("SELECT id, status, server_id FROM tenants WHERE id = ANY($1)")
-            .bind(ids)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(Error::from)
+    /// `(id, status, server, database)`.
+    pub async fn tenant_states(
+        &self,
+        ids: &[Uuid],
+    ) -> Result<Vec<(Uuid, TenantStatus, Uuid, String)>> {
+        sqlx::query_as(
+            "SELECT id, status, server_id, database_name FROM tenants WHERE id = ANY($1)",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::from)
     }
 
     /// Every tenant on a server that is not deleted (for the reconciler).
@@ -643,16 +649,17 @@ impl Registry {
     }
 
     /// The role has the pending password now: make it the tenant's (the
-    /// trigger notifies routers). Only that pending password is promoted.
-    pub async fn promote_pending_password(&self, id: Uuid, password_enc: &[u8]) -> Result<bool> {
+    /// trigger notifies routers). The caller holds the tenant's lock, so the
+    /// pending password is the one it set (a master-key re-seal may have
+    /// sealed it anew meanwhile: same password). `false` if none is pending.
+    pub async fn promote_pending_password(&self, id: Uuid) -> Result<bool> {
         sqlx::query(
             "UPDATE tenants SET password_enc = pending_password_enc, key_id = pending_key_id,
                     pending_password_enc = NULL, pending_key_id = NULL, pending_at = NULL,
                     updated_at = now()
-              WHERE id = $1 AND pending_password_enc = $2",
+              WHERE id = $1 AND pending_password_enc IS NOT NULL",
         )
         .bind(id)
-        .bind(password_enc)
         .execute(&self.pool)
         .await
         .map(|r| r.rows_affected() == 1)

@@ -13,16 +13,25 @@
 //!    every replica answer 503 with `Retry-After`), its source role loses
 //!    LOGIN, requests in flight get a moment to finish, its sessions end. A
 //!    last fence token seen on the target means every write committed on the
-//!    source is there. Sequences are copied, row counts compared, and the
-//!    registry switched to the target with the new password and unfrozen in
-//!    one statement (NOTIFY: every router rebuilds its pool on the target).
+//!    source is there. Sequences are copied; then the copy is **verified**:
+//!    every table's row count and checksum, on both servers at once (neither
+//!    changes while frozen). Only a verified copy is switched to: the
+//!    registry points at the target with the new password and is unfrozen
+//!    in one statement (NOTIFY: every router rebuilds its pool on the
+//!    target). A copy that does not verify is never served: the freeze is
+//!    lifted on the source and the target dropped.
 //! 5. Subscription, replication slot, source database and role dropped.
 //!
-//! The write freeze lasts from step 4's freeze to its switch, whatever the
-//! database's size. A failure before the switch puts everything back and the
-//! tenant keeps serving from the source; after it, only clean-up is left. A
-//! crash is settled by the reconciler the same way: rolled back while the
-//! registry names the source, finished once it names the target.
+//! The write freeze lasts from step 4's freeze to its switch: a few commits
+//! plus the verification, which reads every row once on each server (see
+//! the README for what that costs). A failure before the switch puts
+//! everything back and the tenant keeps serving from the source; after it,
+//! only clean-up is left. A crash is settled by the reconciler the same
+//! way: rolled back while the registry names the source, finished once it
+//! names the target.
+//!
+//! A move runs in one of the process's work slots (`SILO_BACKUP_CONCURRENCY`,
+//! shared with backups): with none free it is `queued` until one is.
 //!
 //! Logical replication needs `wal_level = logical` on the source server, a
 //! primary key (or replica identity) on every table, and an admin login on
@@ -111,6 +120,74 @@ impl Ends {
             .single_pool(db)
             .await
             .context("connect to the target database")
+    }
+}
+
+/// A copy whose row counts or checksums differ from the source's.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Unverified(String);
+
+/// Pause points for tests: a move of a given tenant waits at a named point
+/// until the test lets it go (so a test can, say, change a row on the
+/// target behind the subscription's back before the verification). Nothing
+/// is armed outside tests: reaching a point is one lock and a scan of an
+/// empty list.
+#[doc(hidden)]
+pub mod testing {
+    use std::sync::{Arc, Mutex};
+
+    use tokio::sync::Notify;
+    use uuid::Uuid;
+
+    /// In the freeze, sequences copied, before the copy is verified.
+    pub const BEFORE_VERIFY: &str = "before_verify";
+
+    type Armed = Vec<(&'static str, Uuid, Arc<Pause>)>;
+    static ARMED: Mutex<Armed> = Mutex::new(Vec::new());
+
+    /// An armed pause point.
+    #[derive(Debug, Default)]
+    pub struct Pause {
+        reached: Notify,
+        resume: Notify,
+    }
+
+    impl Pause {
+        /// Wait until the move is at the point.
+        pub async fn reached(&self) {
+            self.reached.notified().await;
+        }
+
+        /// Let the move go on.
+        pub fn resume(&self) {
+            self.resume.notify_one();
+        }
+    }
+
+    /// Make the next move of `tenant` wait at `point`.
+    pub fn arm(point: &'static str, tenant: Uuid) -> Arc<Pause> {
+        let pause = Arc::new(Pause::default());
+        ARMED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((point, tenant, pause.clone()));
+        pause
+    }
+
+    pub(super) async fn reach(point: &'static str, tenant: Uuid) {
+        let pause = {
+            let mut armed = ARMED.lock().unwrap_or_else(|e| e.into_inner());
+            match armed
+                .iter()
+                .position(|(p, t, _)| *p == point && *t == tenant)
+            {
+                Some(i) => armed.swap_remove(i).2,
+                None => return,
+            }
+        };
+        pause.reached.notify_one();
+        pause.resume.notified().await;
     }
 }
 
@@ -247,27 +324,9 @@ impl Mover {
         }
         .await;
         match moved {
-            Ok((freeze, phases, mut snapshot)) => {
+            Ok((freeze, phases)) => {
+                // Switched to a verified copy: only the source's clean-up is left.
                 crate::failpoint::hit("move_switched");
-                let verified = verify_copy(&ends, &plan, &mut snapshot).await;
-                snapshot.rollback().await.ok();
-                if let Err(e) = verified {
-                    // The tenant serves from the target now: keep the source for inspection.
-                    metrics::counter!("silo_moves_total", "outcome" => "unverified").increment(1);
-                    let kept = match keep_source(&ends, &plan).await {
-                        Ok(kept) => format!("kept on the old server as '{kept}'"),
-                        Err(k) => format!("not yet set aside ({k:#}); the reconciler keeps it"),
-                    };
-                    return Err(anyhow::anyhow!(
-                        "{e:#}; the tenant serves from server '{}', and its database as it was on the old server is {kept}",
-                        to.name
-                    )
-                    .into());
-                }
-                if let Some(op) = self.open_move_operation(plan.tenant_id).await? {
-                    reg.mark_operation(op, json!({"verified": true})).await?;
-                }
-                crate::failpoint::hit("move_verified");
                 finish_source(&ends, &plan).await;
                 metrics::histogram!("silo_move_freeze_seconds").record(freeze.as_secs_f64());
                 metrics::counter!("silo_moves_total", "outcome" => "succeeded").increment(1);
@@ -282,7 +341,12 @@ impl Mover {
                 }))
             }
             Err(e) => {
-                metrics::counter!("silo_moves_total", "outcome" => "failed").increment(1);
+                let outcome = if matches!(&e, Error::Internal(a) if a.is::<Unverified>()) {
+                    "unverified"
+                } else {
+                    "failed"
+                };
+                metrics::counter!("silo_moves_total", "outcome" => outcome).increment(1);
                 // The switch may have committed before an error: settle by what the registry says.
                 match self.settle_move(&ends, &plan).await {
                     Ok(Settled::Finished) => {
@@ -456,14 +520,14 @@ impl Mover {
         Ok(password)
     }
 
-    /// Step 4: freeze, fence, switch. Returns how long writes were frozen, by
-    /// phase, and the target as it was at the switch (for the verification).
+    /// Step 4: freeze, fence, verify, switch. Returns how long writes were
+    /// frozen, by phase.
     async fn cut_over(
         &self,
         ends: &Ends,
         plan: &MovePlan,
         password: &str,
-    ) -> Result<(Duration, Phases, Snapshot)> {
+    ) -> Result<(Duration, Phases)> {
         let reg = &self.registry;
         let db = &plan.database;
         let src = ends.src_db(db).await?;
@@ -486,13 +550,12 @@ impl Mover {
             })
             .await;
         src.close().await;
-        // Not `close`: that would wait for the snapshot's connection.
-        drop(dst);
+        dst.close().await;
         switched
     }
 
-    /// Freeze, drain, fence, copy sequences, take the target's snapshot and
-    /// switch the registry; the caller holds the tenant's lock.
+    /// Freeze, drain, fence, copy sequences, verify the copy and switch the
+    /// registry; the caller holds the tenant's lock.
     async fn switch(
         &self,
         ends: &Ends,
@@ -501,7 +564,7 @@ impl Mover {
         dst: &sqlx::PgPool,
         sealed: &[u8],
         op: Uuid,
-    ) -> Result<(Duration, Phases, Snapshot)> {
+    ) -> Result<(Duration, Phases)> {
         let reg = &self.registry;
         let t = reg
             .tenant(plan.tenant_id)
@@ -538,8 +601,25 @@ impl Mover {
         phases.lap("fence");
         crate::failpoint::hit("move_frozen");
         copy_sequences(src, dst).await?;
-        let snapshot = target_snapshot(dst).await?;
         phases.lap("sequences");
+        testing::reach(testing::BEFORE_VERIFY, plan.tenant_id).await;
+        // Nothing writes to either side now: the source is frozen, the
+        // target has applied everything up to the fence.
+        let verified = verify_copy(src, dst).await?;
+        if let Err(differ) = verified {
+            let from = match reg.server(plan.from_server).await? {
+                Some(s) => s.name,
+                None => plan.from_server.to_string(),
+            };
+            return Err(anyhow::Error::new(Unverified(format!(
+                "verify the copy: {differ}; it was not switched to: the tenant stays on server '{from}' with all its data, and the copy is dropped"
+            )))
+            .into());
+        }
+        phases.lap("verify");
+        // Recorded before the switch: a switch that commits is of a verified copy.
+        reg.mark_operation(op, json!({"verified": true})).await?;
+        crate::failpoint::hit("move_verified");
         let moved = reg
             .relocate_tenant(
                 plan.tenant_id,
@@ -556,7 +636,7 @@ impl Mover {
             ));
         }
         phases.lap("switch");
-        Ok((frozen.elapsed(), phases, snapshot))
+        Ok((frozen.elapsed(), phases))
     }
 
     /// Settle a move that stopped, by what the registry names: rolled back
@@ -580,10 +660,15 @@ impl Mover {
         Ok(Settled::Source)
     }
 
-    /// Settle moves whose process died (from the reconciler). Returns how many.
+    /// Settle moves whose process died (from the reconciler), queued ones
+    /// included. Returns how many.
     pub(crate) async fn sweep_moves(&self) -> anyhow::Result<u32> {
         let reg = &self.registry;
         let mut settled = 0;
+        // Queued moves of a stopped process are settled below like running ones.
+        self.ops
+            .release_abandoned_queued(&[OperationKind::TenantMove])
+            .await?;
         for op in reg.unfinished_operations(OperationKind::TenantMove).await? {
             let Some(lock) = reg.try_lock_operation(op.id).await? else {
                 continue; // its runner is alive

@@ -236,71 +236,102 @@ pub(super) async fn copy_sequences(src: &PgPool, dst: &PgPool) -> anyhow::Result
     Ok(())
 }
 
-/// The target's rows as of now, held open in a repeatable-read transaction:
-/// taken after the fence and before the switch, it is exactly what the
-/// source had at its freeze, and can be counted after the switch.
-pub(super) type Snapshot = sqlx::Transaction<'static, sqlx::Postgres>;
+/// What verification compares of each table: its rows, and a checksum of
+/// their contents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct TableDigest {
+    pub table: String,
+    pub rows: i64,
+    pub checksum: String,
+}
 
-pub(super) async fn target_snapshot(dst: &PgPool) -> anyhow::Result<Snapshot> {
-    let mut tx = dst.begin().await.context("open the target's snapshot")?;
+/// Settings every value's text form depends on, the same on both servers
+/// whatever their defaults (the checksum hashes rows as text); for the
+/// verifying transaction only.
+const DIGEST_SETTINGS: &str =
+    "SELECT set_config('TimeZone', 'UTC', true), set_config('DateStyle', 'ISO, YMD', true),
+        set_config('IntervalStyle', 'postgres', true), set_config('extra_float_digits', '1', true),
+        set_config('bytea_output', 'hex', true), set_config('lc_monetary', 'C', true)";
+
+/// Row count and checksum of every table, in one read-only transaction.
+///
+/// The checksum is the sum, as an exact `numeric`, of the first 64 bits of
+/// the MD5 of each row's text form (`row::text`, all columns in order). A
+/// sum does not depend on the order rows are read in, so it needs no
+/// primary key and no sort; unlike XOR, it counts a duplicated row twice
+/// (two equal rows do not cancel out). A changed, missing or extra row
+/// changes the sum unless another change makes up for it exactly (odds of
+/// about 2⁻⁶⁴). MD5 of text is the same on every platform and version, where
+/// PostgreSQL's internal hash functions are not promised to be.
+pub(super) async fn table_digests(
+    pool: &PgPool,
+    tables: &[String],
+) -> anyhow::Result<Vec<TableDigest>> {
+    let mut tx = pool.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *tx)
+        .await?;
+    sqlx::query(DIGEST_SETTINGS).execute(&mut *tx).await?;
+    let mut digests = Vec::with_capacity(tables.len());
+    for table in tables {
+        let (rows, checksum): (i64, String) = sqlx::query_as(&format!(
+            "SELECT count(*), coalesce(sum(('x' || left(md5(silo_move_row::text), 16))::bit(64)::bigint::numeric), 0)::text
+               FROM {table} silo_move_row"
+        ))
+        .fetch_one(&mut *tx)
         .await
-        .context("open the target's snapshot")?;
-    // The snapshot is taken at the first query.
-    sqlx::query("SELECT 1")
-        .execute(&mut *tx)
-        .await
-        .context("open the target's snapshot")?;
-    Ok(tx)
-}
-
-/// After the switch: row counts of every table, the source's (frozen for
-/// good: its role cannot log in) against the target's snapshot. Outside the
-/// freeze, so its cost does not grow the freeze with the database.
-pub(super) async fn verify_copy(
-    ends: &Ends,
-    plan: &MovePlan,
-    snapshot: &mut Snapshot,
-) -> anyhow::Result<()> {
-    let src = ends.src_db(&plan.database).await?;
-    let tables = published_tables(&src).await?;
-    let counted = async {
-        let a = count_rows(&mut *src.acquire().await?, &tables).await?;
-        let b = count_rows(snapshot, &tables).await?;
-        anyhow::Ok((a, b))
+        .with_context(|| format!("read {table}"))?;
+        digests.push(TableDigest {
+            table: table.clone(),
+            rows,
+            checksum,
+        });
     }
-    .await;
-    src.close().await;
-    let (a, b) = counted.context("count rows on both servers")?;
-    let differ: Vec<String> = a
-        .iter()
-        .zip(&b)
-        .filter(|(x, y)| x != y)
-        .map(|((t, n), (_, m))| format!("{t}: {n} on the source, {m} on the target"))
-        .collect();
-    anyhow::ensure!(differ.is_empty(), "verify the copy: {}", differ.join("; "));
-    Ok(())
+    tx.rollback().await.ok();
+    Ok(digests)
 }
 
-/// Rows of each table, by table name.
-pub(super) async fn count_rows(
-    conn: &mut sqlx::PgConnection,
-    tables: &[String],
-) -> sqlx::Result<Vec<(String, i64)>> {
-    let sql = tables
-        .iter()
-        .map(|t| {
-            format!(
-                "SELECT '{}'::text, count(*) FROM {t}",
-                t.replace('\'', "''")
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(" UNION ALL ");
-    let mut counts: Vec<(String, i64)> = sqlx::query_as(&sql).fetch_all(&mut *conn).await?;
-    counts.sort();
-    Ok(counts)
+/// How two servers' digests differ, table by table; `None` when they agree.
+pub(super) fn compare_digests(source: &[TableDigest], target: &[TableDigest]) -> Option<String> {
+    let mut differ = Vec::new();
+    for s in source {
+        match target.iter().find(|t| t.table == s.table) {
+            None => differ.push(format!("{}: missing on the target", s.table)),
+            Some(t) if t.rows != s.rows => differ.push(format!(
+                "{}: {} rows on the source, {} on the target",
+                s.table, s.rows, t.rows
+            )),
+            Some(t) if t.checksum != s.checksum => differ.push(format!(
+                "{}: {} rows on both, but their contents differ (checksums)",
+                s.table, s.rows
+            )),
+            Some(_) => {}
+        }
+    }
+    for t in target {
+        if !source.iter().any(|s| s.table == t.table) {
+            differ.push(format!("{}: not on the source", t.table));
+        }
+    }
+    (!differ.is_empty()).then(|| differ.join("; "))
+}
+
+/// In the freeze, before the switch: the row count and checksum of every
+/// table on the source (frozen: its role cannot log in) and on the target
+/// (caught up to the last fence), read on both servers at once. `Ok(Err)`
+/// says how they differ.
+pub(super) async fn verify_copy(
+    src: &PgPool,
+    dst: &PgPool,
+) -> anyhow::Result<std::result::Result<(), String>> {
+    let tables = published_tables(src).await?;
+    let (a, b) = tokio::join!(table_digests(src, &tables), table_digests(dst, &tables));
+    let a = a.context("verify the copy: read the source")?;
+    let b = b.context("verify the copy: read the target")?;
+    Ok(match compare_digests(&a, &b) {
+        Some(differ) => Err(differ),
+        None => Ok(()),
+    })
 }
 
 /// Lift a freeze: the tenant serves from the source again.
@@ -491,5 +522,39 @@ pub(super) async fn finish_source(ends: &Ends, plan: &MovePlan) {
     .await;
     if let Err(e) = finished {
         tracing::warn!(tenant_id = %plan.tenant_id, "failed to clean up the source after a move (the reconciler retries): {e:#}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(table: &str, rows: i64, checksum: &str) -> TableDigest {
+        TableDigest {
+            table: table.into(),
+            rows,
+            checksum: checksum.into(),
+        }
+    }
+
+    #[test]
+    fn digests_differ_by_count_contents_or_tables() {
+        let source = [d("public.a", 3, "17"), d("public.b", 0, "0")];
+        #[rustfmt::skip]
+        let cases: [(&[TableDigest], Option<&str>); 5] = [
+            (&[d("public.a", 3, "17"), d("public.b", 0, "0")], None),
+            (&[d("public.a", 2, "11"), d("public.b", 0, "0")], Some("public.a: 3 rows on the source, 2 on the target")),
+            (&[d("public.a", 3, "18"), d("public.b", 0, "0")], Some("public.a: 3 rows on both, but their contents differ (checksums)")),
+            (&[d("public.a", 3, "17")], Some("public.b: missing on the target")),
+            (&[d("public.a", 3, "17"), d("public.b", 0, "0"), d("public.c", 1, "5")], Some("public.c: not on the source")),
+        ];
+        let failures: Vec<String> = cases
+            .iter()
+            .filter_map(|(target, want)| {
+                let got = compare_digests(&source, target);
+                (got.as_deref() != *want).then(|| format!("{target:?}: got {got:?}, want {want:?}"))
+            })
+            .collect();
+        assert!(failures.is_empty(), "{failures:#?}");
     }
 }

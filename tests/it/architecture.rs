@@ -28,6 +28,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("backup", 4),
     ("relocate", 4),
     ("migrate", 4),
+    ("rekey", 4),
     // The control plane over the features, then its callers.
     ("control", 5),
     ("jobs", 6),

@@ -864,3 +864,72 @@ async fn an_upload_no_backup_recorded_is_found_in_the_store_and_aborted() {
     done.unwrap();
     assert_eq!(report.unwrap().backups.uploads_aborted, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retention_never_prunes_the_newest_verified_backup_and_skips_failed_verifications() {
+    let mut args = crate::common::storage_args();
+    args.backup_keep_last = 1;
+    args.backup_keep_daily = 0;
+    args.backup_keep_weekly = 0;
+    args.backup_keep_monthly = 0;
+    let env = TestEnv::setup().storage_args(args).start().await;
+    env.create("kept").await;
+    let t = env.record("kept").await;
+    let mut conn = env.connect_tenant("kept").await.unwrap();
+    seed(&mut conn, "x", 20).await;
+    crate::common::close(conn).await;
+    let backup = || async {
+        env.backups()
+            .backup_now(t.id, BackupKind::Manual, None)
+            .await
+            .unwrap()
+    };
+    // Oldest first: never verified, verified, never verified, then one
+    // whose verification fails (its object corrupted behind silo's back).
+    let unverified_old = backup().await;
+    let verified = backup().await;
+    let report = env
+        .backups()
+        .verify_backup(verified.id, None)
+        .await
+        .unwrap();
+    assert!(report.ok, "{report:?}");
+    let unverified = backup().await;
+    let bad = backup().await;
+    let path = env.s3().object_path(crate::common::BUCKET, &bad.object_key);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x5a;
+    std::fs::write(&path, bytes).unwrap();
+    assert!(env.backups().verify_backup(bad.id, None).await.is_err());
+
+    // Keep the last one: that is `unverified` (the failed verification
+    // fills no slot), plus the newest verified one, whatever the policy;
+    // the failed one stays a week for inspection.
+    let pruned = env.backups().prune_backups(t.id).await.unwrap();
+    assert_eq!(pruned, 1);
+    let env = &env;
+    let status =
+        |id: uuid::Uuid| async move { env.registry().backup(id).await.unwrap().unwrap().status };
+    assert_eq!(status(unverified_old.id).await, "deleted");
+    assert_eq!(status(verified.id).await, "succeeded");
+    assert_eq!(status(unverified.id).await, "succeeded");
+    assert_eq!(status(bad.id).await, "succeeded");
+    // The newest verified backup still restores.
+    let restored = env
+        .control
+        .restore(
+            verified.id,
+            RestoreTarget::IntoSlug("kept-copy".parse().unwrap()),
+            "test",
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(restored.status, TenantStatus::Active);
+    assert_eq!(
+        env.stored_objects(t.id).len(),
+        6,
+        "three backups left, two objects each"
+    );
+}

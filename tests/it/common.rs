@@ -140,6 +140,12 @@ impl Setup {
             storage,
             warm_pool_size: self.warm_pool,
             keep_for: self.keep_for.unwrap_or_default(),
+            work_slots: self
+                .storage
+                .as_ref()
+                .map_or(silo::config::DEFAULT_BACKUP_CONCURRENCY, |a| {
+                    a.backup_concurrency
+                }) as usize,
         })
         .await
         .unwrap();
@@ -1005,7 +1011,7 @@ pub async fn wait_op(env: &TestEnv, op: &Value) -> Value {
         let (_, now) = env
             .call(Method::GET, &format!("/admin/v1/operations/{id}"), None)
             .await;
-        if now["status"] != "running" && now["status"] != "pending" {
+        if now["status"] != "running" && now["status"] != "pending" && now["status"] != "queued" {
             return now;
         }
         assert!(

@@ -1,6 +1,6 @@
 //! Moving a tenant between two real PostgreSQL servers: under live app
-//! traffic, with the target failing mid-copy, with silo killed mid-move, and
-//! with requests that must be refused.
+//! traffic, with the target failing mid-copy, with silo killed mid-move,
+//! with a copy that does not verify, and with requests that must be refused.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -560,7 +560,7 @@ async fn silo_killed_during_the_freeze_rolls_the_move_back() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn silo_killed_after_the_verified_switch_finishes_the_move() {
-    let (env, second, done) = killed_mid_move("move_verified").await;
+    let (env, second, done) = killed_mid_move("move_switched").await;
     assert!(done.contains("\"succeeded\""), "{done}");
     let t = env.record("crasher").await;
     assert_eq!(t.server_name, "second");
@@ -582,26 +582,28 @@ async fn silo_killed_after_the_verified_switch_finishes_the_move() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn silo_killed_between_the_switch_and_the_verification_keeps_the_old_database() {
-    let (env, second, done) = killed_mid_move("move_switched").await;
-    assert!(
-        done.contains("\"failed\"") && done.contains("not verified"),
-        "{done}"
-    );
-    // The tenant serves from the target; nothing is dropped unverified.
+async fn silo_killed_between_the_verification_and_the_switch_rolls_the_move_back() {
+    let (env, second, done) = killed_mid_move("move_verified").await;
+    assert!(done.contains("\"failed\""), "{done}");
+    // Verified but not switched: the registry names the source, so the
+    // move is undone and the tenant serves from there with every row.
     let t = env.record("crasher").await;
-    assert_eq!(t.server_name, "second");
-    assert!(t.frozen_at.is_none());
+    assert_eq!(t.server_name, "default");
+    assert!(t.frozen_at.is_none(), "still frozen");
+    let mut conn = env
+        .connect_tenant("crasher")
+        .await
+        .expect("tenant role logs in");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM patients")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(n, 1_000);
+    crate::common::close(conn).await;
     assert_serves(&env, "crasher").await;
-    assert!(!database_on(&env.pg, &t.database_name).await);
-    assert!(!role_on(&env.pg, &t.role_name).await, "source role left");
-    let kept = kept_databases(&env.pg).await;
-    assert_eq!(kept.len(), 1, "{kept:?}");
-    assert!(done.contains(&kept[0]), "{done}");
+    assert!(kept_databases(&env.pg).await.is_empty());
     assert!(move_leftovers(&env.pg, &second).await.is_empty());
-    let report = env.control.reconcile_once().await.unwrap();
-    assert!(report.errors.is_empty(), "{:?}", report.errors);
-    assert!(database_on(&env.pg, &kept[0]).await);
+    assert!(!database_on(&second, &t.database_name).await);
 }
 
 /// Where "still" and "sleepy" are, and whether each is frozen for a move.
@@ -752,8 +754,37 @@ async fn a_schema_change_on_the_source_mid_move_fails_the_move_and_keeps_the_ten
     crate::common::close(conn).await;
 }
 
+/// What a failed verification must leave: the tenant on the source,
+/// unfrozen, serving, with `rows` patients; the target and every piece of
+/// the move gone; nothing set aside.
+async fn assert_stayed_on_the_source(
+    env: &TestEnv,
+    second: &EmbeddedPostgres,
+    slug: &str,
+    rows: i64,
+) {
+    let t = env.record(slug).await;
+    assert_eq!(t.server_name, "default");
+    assert!(t.frozen_at.is_none(), "still frozen");
+    let mut conn = env.connect_tenant(slug).await.expect("tenant role logs in");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM patients")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(n, rows);
+    crate::common::close(conn).await;
+    assert_serves(env, slug).await;
+    assert!(kept_databases(&env.pg).await.is_empty());
+    assert!(move_leftovers(&env.pg, second).await.is_empty());
+    assert!(!database_on(second, &t.database_name).await);
+    assert!(!role_on(second, &t.role_name).await);
+    let report = env.control.reconcile_once().await.unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(database_on(&env.pg, &t.database_name).await);
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn a_copy_that_does_not_verify_keeps_the_source_database_aside() {
+async fn a_copy_that_loses_a_row_is_never_switched_to_and_the_source_keeps_serving() {
     let env = TestEnv::start().await;
     let second = second_server(&env).await;
     create_on(&env, "lossy", "default").await;
@@ -787,25 +818,66 @@ async fn a_copy_that_does_not_verify_keeps_the_source_database_aside() {
     let error = done["error"].as_str().unwrap();
     assert!(error.contains("verify the copy"), "{error}");
     assert!(
-        error.contains("200001 on the source, 200000 on the target"),
+        error.contains("public.patients: 200001 rows on the source, 200000 on the target"),
         "{error}"
     );
-    // The tenant serves from the target; the source is kept aside, out of the sweep's way.
-    assert_eq!(env.record("lossy").await.server_name, "second");
-    let kept = kept_databases(&env.pg).await;
-    assert_eq!(kept.len(), 1, "{kept:?}");
-    assert!(error.contains(&kept[0]), "{error}");
-    assert!(!role_on(&env.pg, &t.role_name).await);
-    assert!(move_leftovers(&env.pg, &second).await.is_empty());
-    let report = env.control.reconcile_once().await.unwrap();
-    assert!(report.errors.is_empty(), "{:?}", report.errors);
-    assert!(database_on(&env.pg, &kept[0]).await);
-    let kept_db = superuser(&env.pg, &kept[0]).await;
-    let n: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM patients WHERE full_name = 'lost on the way'")
-            .fetch_one(&kept_db)
+    assert!(error.contains("stays on server 'default'"), "{error}");
+    assert_stayed_on_the_source(&env, &second, "lossy", 200_001).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_changed_on_the_target_fails_the_checksum_and_the_source_keeps_serving() {
+    let env = TestEnv::start().await;
+    let second = second_server(&env).await;
+    create_on(&env, "tampered", "default").await;
+    let t = env.record("tampered").await;
+    seed(&env.pg, &t.database_name, 5_000).await;
+    // The move waits in its freeze, before the verification, until told.
+    let pause = silo::relocate::testing::arm(silo::relocate::testing::BEFORE_VERIFY, t.id);
+    let op = start_move(&env, "tampered", "second").await;
+    tokio::time::timeout(Duration::from_secs(120), pause.reached())
+        .await
+        .expect("the move reached its verification");
+    // Behind the subscription's back: same row count, one row different.
+    let target = superuser(&second, &t.database_name).await;
+    let changed = sqlx::query(
+        "UPDATE patients SET full_name = 'tampered with' WHERE id = (SELECT id FROM patients ORDER BY id LIMIT 1)",
+    )
+    .execute(&target)
+    .await
+    .unwrap();
+    assert_eq!(changed.rows_affected(), 1);
+    target.close().await;
+    pause.resume();
+
+    let done = finished(&env, &op, Duration::from_secs(120)).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    let error = done["error"].as_str().unwrap();
+    assert!(
+        error.contains("public.patients: 5000 rows on both, but their contents differ"),
+        "{error}"
+    );
+    assert!(error.contains("it was not switched to"), "{error}");
+    assert_stayed_on_the_source(&env, &second, "tampered", 5_000).await;
+    // Every row as it was on the source: nothing of the tampered copy.
+    let source = superuser(&env.pg, &t.database_name).await;
+    let tampered: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM patients WHERE full_name = 'tampered with'")
+            .fetch_one(&source)
             .await
             .unwrap();
-    assert_eq!(n, 1);
-    kept_db.close().await;
+    assert_eq!(tampered, 0);
+    source.close().await;
+
+    // With the tampering gone, the same move verifies and switches.
+    let op = start_move(&env, "tampered", "second").await;
+    let done = finished(&env, &op, Duration::from_secs(120)).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert!(
+        done["result"]["freeze_phases_ms"]["verify"]
+            .as_f64()
+            .is_some(),
+        "{done}"
+    );
+    assert_eq!(env.record("tampered").await.server_name, "second");
 }

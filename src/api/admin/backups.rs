@@ -76,7 +76,9 @@ pub struct Erased {
     backups_erased: u32,
 }
 
-/// Back a tenant up now; answers with the backup, `running`, to poll.
+/// Back a tenant up now; answers with the backup to poll: `running`, or
+/// `queued` while every work slot of the process (`SILO_BACKUP_CONCURRENCY`)
+/// is taken.
 #[utoipa::path(post, path = "/tenants/{tenant}/backups", tag = "backups",
     params(("tenant" = String, Path, description = "slug or id")),
     responses((status = 202, body = Backup), AdminErrors, (status = 404, description = "no such tenant"),
