@@ -64,6 +64,9 @@ pub const NOTIFY_CHANNEL: &str = "silo_tenants";
 pub const ACTIVITY_FLUSH: Duration = Duration::from_secs(60);
 /// Tenants with a series of their own in `silo_router_tenant_connects_total`.
 pub const CHURN_SERIES: usize = 20;
+/// Re-reads of a tenant whose login was refused (or whose database is
+/// gone) within one request, before it is answered 503.
+const MAX_REREADS: u64 = 3;
 
 /// Router settings; every duration is a trade-off written next to it.
 #[derive(Debug, Clone)]
@@ -294,6 +297,8 @@ struct Inner {
     keyring: Keyring,
     config: RouterConfig,
     lookups: moka::future::Cache<String, Lookup>,
+    /// Re-reads of stale lookups in flight, so concurrent requests share one.
+    refreshes: moka::future::Cache<String, Lookup>,
     pools: moka::future::Cache<Uuid, Arc<TenantPool>>,
     budgets: moka::future::Cache<Uuid, Arc<Server>>,
     down: moka::sync::Cache<Uuid, ()>,
@@ -338,12 +343,17 @@ impl TenantRouter {
         let down = moka::sync::Cache::builder()
             .time_to_live(config.down_backoff)
             .build();
+        let refreshes = moka::future::Cache::builder()
+            .max_capacity(config.max_pools)
+            .time_to_live(Duration::from_secs(1))
+            .build();
         Self {
             inner: Arc::new(Inner {
                 registry,
                 keyring,
                 config,
                 lookups,
+                refreshes,
                 pools,
                 budgets: moka::future::Cache::builder().build(),
                 down,
@@ -391,14 +401,21 @@ impl TenantRouter {
                 metrics::counter!("silo_router_cache_hits_total").increment(1);
                 return l.entry.ok_or(RouteError::NotFound);
             }
-            // Stale: re-read, but keep serving what we know if the control DB is down.
-            return match self.fetch(name).await {
+            // Stale: re-read (once for all requests waiting on the same
+            // name), but keep serving what we know if the control DB is down.
+            let refreshed = inner
+                .refreshes
+                .try_get_with(name.to_owned(), self.fetch(name))
+                .await;
+            inner.refreshes.invalidate(name).await;
+            return match refreshed {
                 Ok(fresh) => {
                     inner.lookups.insert(name.to_owned(), fresh.clone()).await;
                     fresh.entry.ok_or(RouteError::NotFound)
                 }
                 Err(e) => match l.entry {
                     Some(entry) => {
+                        let e = shared_error(&e);
                         tracing::warn!(tenant_id = %entry.id, "serving a cached tenant while the control database is unreachable: {e}");
                         let kept = Lookup {
                             entry: Some(entry.clone()),
@@ -410,7 +427,7 @@ impl TenantRouter {
                         inner.lookups.insert(name.to_owned(), kept).await;
                         Ok(entry)
                     }
-                    None => Err(e),
+                    None => Err(shared_error(&e)),
                 },
             };
         }
@@ -519,7 +536,7 @@ impl TenantRouter {
     ) -> Result<TenantConn, RouteError> {
         let started = Instant::now();
         let deadline = started + self.inner.config.acquire_timeout;
-        let mut reread = false;
+        let mut rereads = 0;
         let mut switched = 0;
         loop {
             check_status(&entry)?;
@@ -561,16 +578,26 @@ impl TenantRouter {
                 }
                 Err(AcquireError::Connect(e))
                     if (is_auth_failure(&e) || is_missing_database(&e))
-                        && !reread
+                        && rereads < MAX_REREADS
                         && Instant::now() < deadline =>
                 {
-                    reread = true;
+                    rereads += 1;
                     // Credentials rotated, the tenant frozen or moved, or its
                     // database swapped by a restore, under us (before the
-                    // notice arrived): re-read the tenant and retry.
+                    // notice arrived): re-read the tenant and retry. Rotations
+                    // in quick succession can outrun one re-read, so a few.
                     self.invalidate(entry.id).await;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    entry = self.resolve(&entry.id.to_string()).await?;
+                    tokio::time::sleep(Duration::from_millis(20 * rereads)).await;
+                    let fresh = self.resolve(&entry.id.to_string()).await?;
+                    if fresh.pool_key() == entry.pool_key() && fresh.pending.is_none() {
+                        // The registry names what was just refused: nothing
+                        // newer to try.
+                        tracing::warn!(tenant_id = %entry.id, "failed to connect to tenant database with its recorded credentials: {e}");
+                        self.inner.down.insert(entry.id, ());
+                        metrics::counter!("silo_router_tenant_down_total").increment(1);
+                        return Err(RouteError::TenantDown);
+                    }
+                    entry = fresh;
                 }
                 Err(e @ (AcquireError::Connect(_) | AcquireError::ConnectTimeout)) => {
                     tracing::warn!(tenant_id = %entry.id, "failed to connect to tenant database: {e}");
@@ -679,13 +706,15 @@ impl TenantRouter {
 
     /// Forget what is cached about a tenant: its lookups and its pool (which
     /// closes once its connections in use are returned).
+    ///
+    /// Its lookups are not dropped but marked stale (as is every "not
+    /// found", through the invalidation sequence): the next request re-reads
+    /// them, and if the control DB cannot be reached then, what is cached
+    /// keeps serving, as for any cached tenant.
     pub async fn invalidate(&self, tenant: Uuid) {
         let seq = self.inner.changes.fetch_add(1, Ordering::AcqRel) + 1;
         self.inner.invalidated.insert(tenant, seq);
-        let _ = self
-            .inner
-            .lookups
-            .invalidate_entries_if(move |_, l| l.entry.as_ref().is_none_or(|e| e.id == tenant));
+        self.mark_stale(tenant).await;
         // Close it here rather than trusting the eviction notice alone: the
         // pool must stop handing out the old credentials now.
         if let Some(pool) = self.inner.pools.remove(&tenant).await {
@@ -923,6 +952,14 @@ impl TenantRouter {
                 None => self.mark_lookups_stale(),
             }
         }
+    }
+}
+
+/// A lookup error shared by every request that waited on the same read.
+fn shared_error(e: &Arc<RouteError>) -> RouteError {
+    match e.as_ref() {
+        RouteError::ControlDown(msg) => RouteError::ControlDown(msg.clone()),
+        other => RouteError::Internal(anyhow::anyhow!("{other}")),
     }
 }
 

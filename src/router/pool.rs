@@ -137,6 +137,9 @@ struct Closing {
     _permit: OwnedSemaphorePermit,
     backend: Option<Backend>,
     closed_at: Instant,
+    /// The monitor's last look did not find the backend: one more look
+    /// that does not either, and the permit goes back.
+    missed: bool,
 }
 
 #[derive(Default)]
@@ -302,6 +305,7 @@ impl ServerBudget {
             _permit: permit,
             backend,
             closed_at: Instant::now(),
+            missed: false,
         });
         self.monitor_wake.notify_one();
         if !self.monitor_running.swap(true, Ordering::AcqRel) {
@@ -433,17 +437,26 @@ async fn monitor(budget: Weak<ServerBudget>) {
                 let now = Instant::now();
                 let gone: Vec<Closing> = {
                     let mut closing = b.closing.lock().expect("closing lock");
-                    let (gone, kept) =
-                        std::mem::take(&mut *closing)
-                            .into_iter()
-                            .partition(|c| match &c.backend {
-                                Some(w) => {
-                                    w.postmaster_started != started || !alive.contains(&w.pid)
-                                }
-                                None => now.duration_since(c.closed_at) >= FAILED_ATTEMPT_HOLD,
+                    let (gone, kept) = std::mem::take(&mut *closing)
+                        .into_iter()
+                        .map(|mut c| {
+                            let absent = c.backend.as_ref().is_some_and(|w| {
+                                w.postmaster_started != started || !alive.contains(&w.pid)
                             });
-                    *closing = kept;
-                    gone
+                            // Gone from the activity view twice in a row: a
+                            // backend leaves the view a moment before it frees
+                            // its connection slot, and a reader of the view
+                            // may see it a moment after.
+                            let confirmed = absent && c.missed;
+                            c.missed = absent;
+                            (c, confirmed)
+                        })
+                        .partition::<Vec<_>, _>(|(c, confirmed)| match &c.backend {
+                            Some(_) => *confirmed,
+                            None => now.duration_since(c.closed_at) >= FAILED_ATTEMPT_HOLD,
+                        });
+                    *closing = kept.into_iter().map(|(c, _)| c).collect();
+                    gone.into_iter().map(|(c, _)| c).collect()
                 };
                 release(&b, gone);
             }
