@@ -24,7 +24,8 @@
 //!    tenant here sends more than the default limit).
 //! 5. **Hostile traffic**: a victim tenant's p50/p99 over HTTP alone, while
 //!    50,000 requests carrying another tenant's valid token name random
-//!    `X-Tenant-ID`s, and alone again; the control-DB lookups they caused.
+//!    `X-Tenant-ID`s, and alone again; the control-DB lookups they caused
+//!    (rate limit off, so every attack request reaches the lookup).
 //!
 //! Everything (load generator, silo, PostgreSQL) shares the machine's cores.
 //! Percentiles are nearest-rank over the sorted samples. The baseline pools
@@ -791,7 +792,10 @@ async fn phase_hostile(
     patient: Uuid,
     report: &mut Report,
 ) -> Result<()> {
-    let silo = SiloServer::start(env.provisioner(), 0).await?;
+    // The per-tenant rate limit off: the victim alone sends more than the
+    // default rate here, and with it off every attack request reaches the
+    // tenant lookup (the strictest case for the lookup count).
+    let silo = SiloServer::start_with(env.provisioner(), 0, |a| a.app_rate_limit = 0).await?;
     let base = format!("http://{}", silo.addr);
     let outcome = async {
         let (victim_token, _) =
