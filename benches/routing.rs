@@ -1,7 +1,8 @@
-//! Tenant routing, measured four ways in one run on one fsync-off cluster.
+//! Tenant routing, measured six ways in one run on one fsync-off cluster.
 //!
 //! `cargo bench --bench routing` (tenants: `SILO_BENCH_TENANTS`, default 1000;
-//! length of the many-tenants phase: `SILO_BENCH_SECONDS`, default 60).
+//! length of the many-tenants phase: `SILO_BENCH_SECONDS`, default 60;
+//! phases run: `SILO_BENCH_PHASES`, default `1,2,c,3,4,5`).
 //!
 //! 1. **Routing overhead**: one point query on one warm tenant, through
 //!    `TenantRouter::acquire` and on a directly held sqlx `PgPool` (one
@@ -9,20 +10,34 @@
 //!    router against pool, for the router's own added latency.
 //! 2. **Cold open**: the first query of a tenant the router has never seen
 //!    (lookup, credentials, pool, connect, query), one tenant after another.
+//!    c. **Connection cost**: where a new tenant connection's time goes: TCP
+//!    handshake alone; a login over TCP with TLS negotiation (`sslmode=prefer`)
+//!    and PostgreSQL's default 4096 SCRAM iterations (what silo did); without
+//!    the TLS request; over the Unix socket; and over the socket with silo's
+//!    16 iterations (what silo does); and the client's PBKDF2 alone.
 //! 3. **Many tenants**: 200 client tasks over all tenants with Zipf (s = 1.1)
 //!    popularity under a 100-connection server budget; counts answers, samples
 //!    the server's router connections and this process's RSS.
 //! 4. **End to end over HTTP**: `GET /api/v1/patients/{id}` through silo
-//!    against a minimal axum handler holding its own sqlx pool.
+//!    against a minimal axum handler holding its own sqlx pool (silo's
+//!    per-tenant rate limit off for this phase: it measures routing, and one
+//!    tenant here sends more than the default limit).
+//! 5. **Hostile traffic**: a victim tenant's p50/p99 over HTTP alone, while
+//!    50,000 requests carrying another tenant's valid token name random
+//!    `X-Tenant-ID`s, and alone again; the control-DB lookups they caused
+//!    (rate limit off, so every attack request reaches the lookup).
 //!
 //! Everything (load generator, silo, PostgreSQL) shares the machine's cores.
 //! Percentiles are nearest-rank over the sorted samples. The baseline pools
 //! do not ping before handing out a connection (`test_before_acquire(false)`,
 //! sqlx pings by default), as the router does not: the strictest baseline.
+//! The baselines connect the way the router does (the server's Unix socket
+//! when there is one), so transport is not what they compare.
 
 mod support;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,7 +58,7 @@ use silo::embedded::postgres::Durability;
 use silo::embedded::EmbeddedPostgres;
 use silo::registry::{Registry, TenantRecord};
 use silo::router::{RouteError, RouterConfig, TenantRouter};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -69,6 +84,16 @@ const CLIENT_TASKS: usize = 200;
 const ZIPF_S: f64 = 1.1;
 const ACTIVITY_EVERY: Duration = Duration::from_millis(50);
 const RSS_EVERY: Duration = Duration::from_secs(1);
+/// Phase c: connections per method.
+const COST_CONNECTS: usize = 100;
+/// Phase 3 targets (issue 14).
+const MANY_MIN_RPS: f64 = 500.0;
+const MANY_MAX_P99_MS: f64 = 1000.0;
+/// Phase 5.
+const HOSTILE_REQUESTS: usize = 50_000;
+const HOSTILE_CLIENTS: usize = 16;
+const VICTIM_CLIENTS: usize = 4;
+const VICTIM_SECONDS: Duration = Duration::from_secs(10);
 /// Phase 4.
 const HTTP_CLIENTS: usize = 32;
 const HTTP_SECONDS: Duration = Duration::from_secs(10);
@@ -88,12 +113,21 @@ async fn main() -> Result<()> {
     ensure!(tenants >= 2, "SILO_BENCH_TENANTS must be at least 2");
     let seconds = env_number("SILO_BENCH_SECONDS", DEFAULT_SECONDS)?;
     ensure!(seconds >= 1, "SILO_BENCH_SECONDS must be at least 1");
+    let phases = std::env::var("SILO_BENCH_PHASES").unwrap_or_else(|_| "1,2,c,3,4,5".into());
+    let phases: Vec<String> = phases.split(',').map(|p| p.trim().to_owned()).collect();
     // Installed first, as `silo serve` does: the router's metrics cost what they cost in production.
     let metrics = silo::telemetry::metrics_handle();
     let pg = tokio::task::spawn_blocking(|| EmbeddedPostgres::start_temp(Durability::Throwaway))
         .await?
         .context("start a private PostgreSQL")?;
-    let outcome = run(&pg, tenants, Duration::from_secs(seconds), &metrics).await;
+    let outcome = run(
+        &pg,
+        tenants,
+        Duration::from_secs(seconds),
+        &phases,
+        &metrics,
+    )
+    .await;
     let mut pg = pg;
     tokio::task::spawn_blocking(move || pg.stop())
         .await?
@@ -108,6 +142,8 @@ struct Env<'a> {
     keyring: Keyring,
     /// Superuser pool on the `postgres` database.
     admin: PgPool,
+    /// The cluster's Unix socket directory (the router connects through it).
+    socket: Option<PathBuf>,
 }
 
 impl Env<'_> {
@@ -124,12 +160,18 @@ impl Env<'_> {
     }
 
     /// Connect options for a tenant's database as the tenant's own role,
-    /// with the router's session settings.
+    /// with the router's session settings and transport (the Unix socket).
     fn direct_options(&self, t: &TenantRecord) -> Result<PgConnectOptions> {
-        let password = self
-            .keyring
-            .open_string(&t.key_id, &t.password_enc, t.id.as_bytes())
-            .context("decrypt the tenant password")?;
+        let tcp = self.tcp_options(t)?;
+        Ok(match &self.socket {
+            Some(dir) => tcp.socket(dir).ssl_mode(PgSslMode::Disable),
+            None => tcp,
+        })
+    }
+
+    /// As [`Env::direct_options`], over TCP as any client would (`sslmode=prefer`).
+    fn tcp_options(&self, t: &TenantRecord) -> Result<PgConnectOptions> {
+        let password = self.password(t)?;
         let statement_timeout = RouterConfig::default()
             .statement_timeout
             .as_millis()
@@ -142,6 +184,12 @@ impl Env<'_> {
             .password(&password)
             .application_name("bench-direct")
             .options([("statement_timeout", statement_timeout.as_str())]))
+    }
+
+    fn password(&self, t: &TenantRecord) -> Result<String> {
+        self.keyring
+            .open_string(&t.key_id, &t.password_enc, t.id.as_bytes())
+            .context("decrypt the tenant password")
     }
 
     /// A sqlx pool on a tenant's database as the tenant's own role.
@@ -181,6 +229,7 @@ async fn run(
     pg: &EmbeddedPostgres,
     n: usize,
     seconds: Duration,
+    phases: &[String],
     metrics: &PrometheusHandle,
 ) -> Result<()> {
     let admin_url = pg.url("postgres");
@@ -190,11 +239,19 @@ async fn run(
         .connect(&admin_url)
         .await
         .context("connect as superuser")?;
+    let dirs: String = sqlx::query_scalar("SELECT current_setting('unix_socket_directories')")
+        .fetch_one(&admin)
+        .await?;
+    let socket = dirs
+        .split(',')
+        .map(|d| PathBuf::from(d.trim()))
+        .find(|d| d.join(format!(".s.PGSQL.{}", pg.port())).exists());
     let env = Env {
         pg,
         registry,
         keyring,
         admin,
+        socket,
     };
     let provisioner = env.provisioner();
     provisioner.ensure_default_server(&admin_url).await?;
@@ -215,6 +272,13 @@ async fn run(
     println!("{version}");
     println!("throwaway cluster (fsync off); load generator, silo and PostgreSQL share the cores");
     println!("load average at start: {}", load_average());
+    match &env.socket {
+        Some(dir) => println!(
+            "Unix socket in {} (the router and baselines use it)",
+            dir.display()
+        ),
+        None => println!("no Unix socket: the router and baselines use TCP"),
+    }
 
     let started = Instant::now();
     let tenants = create_tenants(&provisioner, n).await?;
@@ -228,15 +292,31 @@ async fn run(
     let patient = insert_patient(&env, hot).await?;
 
     let mut report = Report::default();
-    phase_overhead(&env, hot, patient, &mut report).await?;
+    let run_phase = |p: &str| phases.iter().any(|q| q == p);
+    if run_phase("1") {
+        phase_overhead(&env, hot, patient, &mut report).await?;
+    }
     // Tenants 1..=200 are opened by the router, 201..=400 by a bare connect:
     // none of them was ever connected to before.
     let cold_end = tenants.len().min(COLD_TENANTS + 1);
     let cold = &tenants[1..cold_end];
     let floor = &tenants[cold_end..tenants.len().min(cold_end + COLD_TENANTS)];
-    phase_cold_open(&env, cold, floor, &mut report).await?;
-    phase_many_tenants(&env, &tenants, seconds, &mut report).await?;
-    phase_http(&env, hot, patient, &mut report).await?;
+    if run_phase("2") {
+        phase_cold_open(&env, cold, floor, &mut report).await?;
+    }
+    if run_phase("c") {
+        let last = tenants.len() - 1;
+        phase_connection_cost(&env, &tenants[last], &tenants[last - 1], &mut report).await?;
+    }
+    if run_phase("3") {
+        phase_many_tenants(&env, &tenants, seconds, &mut report).await?;
+    }
+    if run_phase("4") {
+        phase_http(&env, hot, patient, &mut report).await?;
+    }
+    if run_phase("5") && tenants.len() >= 3 {
+        phase_hostile(&env, hot, &tenants[2], patient, &mut report).await?;
+    }
 
     println!("load average at end: {}", load_average());
     println!();
@@ -553,8 +633,12 @@ async fn phase_cold_open(
     report.target(
         "cold open p50",
         format!("{:.2} ms", ms(s.pct(50))),
-        "<= 15 ms",
-        ms(s.pct(50)) <= 15.0,
+        "<= 8 ms",
+        ms(s.pct(50)) <= 8.0,
+    );
+    report.info(
+        "cold open p50, budget free / budget full",
+        format!("{:.2} / {:.2} ms", ms(free.pct(50)), ms(full.pct(50))),
     );
     report.target(
         "cold open p99",
@@ -575,13 +659,292 @@ async fn phase_cold_open(
         );
         report.info(
             &format!(
-                "(floor) bare connect + first query p50 / p99, n={}",
+                "(floor) bare connect + first query p50 / p99, n={} (same transport and verifier as the router)",
                 floor.len()
             ),
             format!("{:.2} / {:.2} ms", ms(floor.pct(50)), ms(floor.pct(99))),
         );
     }
     Ok(())
+}
+
+/// Phase c: where a new tenant connection's time goes. Each method connects
+/// `COST_CONNECTS` times (interleaved), to ReadyForQuery; closing is untimed.
+async fn phase_connection_cost(
+    env: &Env<'_>,
+    slow: &TenantRecord,
+    fast: &TenantRecord,
+    report: &mut Report,
+) -> Result<()> {
+    use silo::servers::scram;
+    // `slow` gets PostgreSQL's default iteration count, as silo's roles had;
+    // `fast` keeps silo's.
+    let slow_password = env.password(slow)?;
+    sqlx::raw_sql(&format!(
+        "ALTER ROLE \"{}\" PASSWORD '{}'",
+        slow.role_name,
+        scram::verifier_with(&slow_password, scram::POSTGRES_DEFAULT_ITERATIONS)
+    ))
+    .execute(&env.admin)
+    .await?;
+    let tcp_addr = format!("127.0.0.1:{}", env.pg.port());
+    let methods: Vec<(&str, Option<PgConnectOptions>)> = vec![
+        ("TCP handshake alone", None),
+        (
+            "login over TCP, TLS request, 4096 iterations (silo before)",
+            Some(env.tcp_options(slow)?),
+        ),
+        (
+            "login over TCP, no TLS request, 4096 iterations",
+            Some(env.tcp_options(slow)?.ssl_mode(PgSslMode::Disable)),
+        ),
+        (
+            "login over TCP, no TLS request, 16 iterations",
+            Some(env.tcp_options(fast)?.ssl_mode(PgSslMode::Disable)),
+        ),
+        (
+            "login over the Unix socket, 4096 iterations",
+            Some(env.direct_options(slow)?),
+        ),
+        (
+            "login over the Unix socket, 16 iterations (silo now)",
+            Some(env.direct_options(fast)?),
+        ),
+    ];
+    let mut samples: Vec<Samples> = methods
+        .iter()
+        .map(|_| Samples::new(COST_CONNECTS))
+        .collect();
+    for round in 0..COST_CONNECTS {
+        for k in 0..methods.len() {
+            let i = (round + k) % methods.len();
+            let s = Instant::now();
+            match &methods[i].1 {
+                None => {
+                    let stream = tokio::net::TcpStream::connect(&tcp_addr).await?;
+                    samples[i].push(s.elapsed());
+                    drop(stream);
+                }
+                Some(opts) => {
+                    let conn = opts.connect().await?;
+                    samples[i].push(s.elapsed());
+                    conn.close().await?;
+                }
+            }
+        }
+    }
+    // The client's share of SCRAM: PBKDF2-HMAC-SHA256 alone.
+    let pbkdf2 = |iterations: u32| {
+        let s = Instant::now();
+        for _ in 0..COST_CONNECTS {
+            let _ = scram::verifier_with(&slow_password, iterations);
+        }
+        s.elapsed() / COST_CONNECTS as u32
+    };
+    let (slow_kdf, fast_kdf) = (
+        pbkdf2(scram::POSTGRES_DEFAULT_ITERATIONS),
+        pbkdf2(scram::ITERATIONS),
+    );
+    // Back to silo's own verifier for the phases after.
+    sqlx::raw_sql(&format!(
+        "ALTER ROLE \"{}\" PASSWORD '{}'",
+        slow.role_name,
+        scram::verifier(&slow_password)
+    ))
+    .execute(&env.admin)
+    .await?;
+    env.wait_closed("application_name", "bench-direct").await?;
+
+    report.section(&format!(
+        "c. Connection cost ({COST_CONNECTS} connects per method, to ReadyForQuery)"
+    ));
+    for ((name, _), s) in methods.iter().zip(samples) {
+        let s = s.sorted();
+        println!(
+            "[connection cost] {name}: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms",
+            ms(s.pct(50)),
+            ms(s.pct(90)),
+            ms(s.pct(99))
+        );
+        report.info(
+            &format!("{name}: p50 / p99"),
+            format!("{:.2} / {:.2} ms", ms(s.pct(50)), ms(s.pct(99))),
+        );
+    }
+    println!(
+        "[connection cost] client PBKDF2 alone: 4096 iterations {:.3} ms, 16 iterations {:.3} ms",
+        ms(slow_kdf),
+        ms(fast_kdf)
+    );
+    report.info(
+        "client PBKDF2 alone, 4096 / 16 iterations",
+        format!("{:.3} / {:.3} ms", ms(slow_kdf), ms(fast_kdf)),
+    );
+    Ok(())
+}
+
+/// Phase 5: a victim's latency over HTTP, alone and while another tenant's
+/// valid token is sent with random `X-Tenant-ID`s.
+async fn phase_hostile(
+    env: &Env<'_>,
+    victim: &TenantRecord,
+    attacker: &TenantRecord,
+    patient: Uuid,
+    report: &mut Report,
+) -> Result<()> {
+    // The per-tenant rate limit off: the victim alone sends more than the
+    // default rate here, and with it off every attack request reaches the
+    // tenant lookup (the strictest case for the lookup count).
+    let silo = SiloServer::start_with(env.provisioner(), 0, |a| a.app_rate_limit = 0).await?;
+    let base = format!("http://{}", silo.addr);
+    let outcome = async {
+        let (victim_token, _) =
+            silo::tokens::mint(&env.keyring, victim.id, victim.token_generation, 3600);
+        let (attacker_token, _) =
+            silo::tokens::mint(&env.keyring, attacker.id, attacker.token_generation, 3600);
+        let url = format!("{base}/api/v1/patients/{patient}");
+        let headers = [
+            ("x-tenant-id", victim.slug.clone()),
+            ("authorization", format!("Bearer {victim_token}")),
+        ];
+        check_patient(&url, &headers, patient).await?;
+        let victim_load = |length| {
+            let (url, headers) = (url.clone(), headers.clone());
+            async move { http_load_with(&url, &headers, length, VICTIM_CLIENTS).await }
+        };
+        victim_load(HTTP_WARMUP).await?;
+        let lookups_before = registry_lookups(&base).await?;
+        let commits_before = control_commits(env).await?;
+        let alone = victim_load(VICTIM_SECONDS).await?;
+
+        // The attack, with the victim's traffic beside it.
+        let sent = Arc::new(AtomicU64::new(0));
+        let answers: Arc<Mutex<std::collections::BTreeMap<u16, u64>>> = Arc::default();
+        let attack_started = Instant::now();
+        let attackers: Vec<JoinHandle<Result<()>>> = (0..HOSTILE_CLIENTS)
+            .map(|c| {
+                let client = reqwest::Client::new();
+                let (sent, answers, base) = (sent.clone(), answers.clone(), base.clone());
+                let bearer = format!("Bearer {attacker_token}");
+                tokio::spawn(async move {
+                    let mut rng = StdRng::seed_from_u64(1000 + c as u64);
+                    while sent.fetch_add(1, Ordering::Relaxed) < HOSTILE_REQUESTS as u64 {
+                        let name = format!("t{:016x}", rng.gen::<u64>());
+                        let status = client
+                            .get(format!("{base}/api/v1/patients?limit=1"))
+                            .header("x-tenant-id", &name)
+                            .header("authorization", &bearer)
+                            .send()
+                            .await?
+                            .status()
+                            .as_u16();
+                        *answers.lock().expect("answers").entry(status).or_default() += 1;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let attacked = {
+            let victim = tokio::spawn(victim_load(VICTIM_SECONDS));
+            for a in attackers {
+                a.await??;
+            }
+            victim.await??
+        };
+        let attack_secs = attack_started.elapsed().as_secs_f64();
+        let again = victim_load(VICTIM_SECONDS).await?;
+        // Statistics reach pg_stat_database within a second of a backend going idle.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let lookups = registry_lookups(&base).await? - lookups_before;
+        let commits = control_commits(env).await? - commits_before;
+        let answers = answers.lock().expect("answers").clone();
+        Ok::<_, anyhow::Error>((
+            alone,
+            attacked,
+            again,
+            lookups,
+            commits,
+            answers,
+            attack_secs,
+        ))
+    }
+    .await;
+    silo.stop().await?;
+    let (alone, attacked, again, lookups, commits, answers, attack_secs) = outcome?;
+    let p = |l: &HttpLoad| {
+        format!(
+            "{:.2} / {:.2} ms ({} ok, {} failed)",
+            ms(l.latencies.pct(50)),
+            ms(l.latencies.pct(99)),
+            l.ok,
+            l.failed
+        )
+    };
+    println!(
+        "[hostile] victim alone: {}; under attack: {}; alone again: {}",
+        p(&alone),
+        p(&attacked),
+        p(&again)
+    );
+    println!(
+        "[hostile] {HOSTILE_REQUESTS} attack requests in {attack_secs:.1} s, answers {answers:?}; router registry lookups meanwhile {lookups}; control-DB transactions {commits}"
+    );
+    report.section(&format!(
+        "5. Hostile traffic ({HOSTILE_REQUESTS} requests, random X-Tenant-ID, valid token, {HOSTILE_CLIENTS} clients; victim {VICTIM_CLIENTS} clients)"
+    ));
+    report.info("victim p50 / p99, alone", p(&alone));
+    report.info("victim p50 / p99, under attack", p(&attacked));
+    report.info("victim p50 / p99, alone again", p(&again));
+    report.info(
+        "attack answers by status",
+        answers
+            .iter()
+            .map(|(s, n)| format!("{s}: {n}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    let share = lookups as f64 / HOSTILE_REQUESTS as f64;
+    report.target(
+        "router registry lookups during the attack",
+        format!("{lookups} ({:.3}% of requests)", share * 100.0),
+        "<= 1%",
+        share <= 0.01,
+    );
+    report.info(
+        "control-DB transactions during the attack (all sources)",
+        commits.to_string(),
+    );
+    let failed = alone.failed + attacked.failed + again.failed;
+    report.target(
+        "victim failed requests",
+        failed.to_string(),
+        "= 0",
+        failed == 0,
+    );
+    Ok(())
+}
+
+/// `registry_lookups` of a running silo's router (`GET /admin/v1/pools`).
+async fn registry_lookups(base: &str) -> Result<u64> {
+    let pools: serde_json::Value = reqwest::Client::new()
+        .get(format!("{base}/admin/v1/pools"))
+        .bearer_auth(support::ADMIN_TOKEN)
+        .send()
+        .await?
+        .json()
+        .await?;
+    pools["registry_lookups"]
+        .as_u64()
+        .context("registry_lookups in /admin/v1/pools")
+}
+
+/// Transactions committed in the control database so far.
+async fn control_commits(env: &Env<'_>) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = 'silo_control'",
+    )
+    .fetch_one(&env.admin)
+    .await?)
 }
 
 /// Zipf(s) over ranks 1..=n: a precomputed CDF, sampled by binary search.
@@ -786,10 +1149,21 @@ async fn phase_many_tenants(
         elapsed.as_secs_f64()
     ));
     report.info("requests ok", ok.to_string());
-    report.info("requests/s (ok)", format!("{rps:.0}"));
+    report.target(
+        "requests/s (ok)",
+        format!("{rps:.0}"),
+        ">= 500",
+        rps >= MANY_MIN_RPS,
+    );
     report.info(
         "latency p50 / p99 (ok)",
         format!("{:.2} / {:.2} ms", ms(s.pct(50)), ms(s.pct(99))),
+    );
+    report.target(
+        "latency p99 (ok)",
+        format!("{:.0} ms", ms(s.pct(99))),
+        "<= 1000 ms",
+        ms(s.pct(99)) <= MANY_MAX_P99_MS,
     );
     report.info("Busy (deliberate 503)", busy.to_string());
     report.target("other errors", other.to_string(), "= 0", other == 0);
@@ -893,7 +1267,8 @@ impl Running {
 }
 
 async fn start_silo(env: &Env<'_>) -> Result<Running> {
-    let s = SiloServer::start(env.provisioner(), 0).await?;
+    // One tenant sends more than the default per-tenant rate here.
+    let s = SiloServer::start_with(env.provisioner(), 0, |a| a.app_rate_limit = 0).await?;
     Ok(Running {
         addr: s.addr,
         stop: s.stop,
@@ -931,6 +1306,16 @@ struct HttpLoad {
 
 /// `HTTP_CLIENTS` clients sending GETs back to back for `length`.
 async fn http_load(url: &str, headers: &[(&str, String)], length: Duration) -> Result<HttpLoad> {
+    http_load_with(url, headers, length, HTTP_CLIENTS).await
+}
+
+/// `clients` clients sending GETs back to back for `length`.
+async fn http_load_with(
+    url: &str,
+    headers: &[(&str, String)],
+    length: Duration,
+    clients: usize,
+) -> Result<HttpLoad> {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
         .build()?;
@@ -944,7 +1329,7 @@ async fn http_load(url: &str, headers: &[(&str, String)], length: Duration) -> R
     let failure: Arc<Mutex<Option<String>>> = Arc::default();
     let started = Instant::now();
     let deadline = started + length;
-    let clients: Vec<JoinHandle<(u64, Vec<Duration>)>> = (0..HTTP_CLIENTS)
+    let clients: Vec<JoinHandle<(u64, Vec<Duration>)>> = (0..clients)
         .map(|_| {
             let (client, url) = (client.clone(), url.to_owned());
             let (headers, failure) = (request_headers.clone(), failure.clone());

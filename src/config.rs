@@ -23,6 +23,20 @@ pub const DEFAULT_WARM_POOL_SIZE: u32 = 4;
 pub const DEFAULT_RECONCILE_INTERVAL_SECS: u64 = 60;
 /// Default longest an admin API request may take.
 pub const DEFAULT_ADMIN_REQUEST_TIMEOUT_SECS: u64 = 30;
+/// Default longest an app API request may take: a connection (2 s at
+/// most) and a statement (10 s at most, `statement_timeout`), with room.
+pub const DEFAULT_APP_REQUEST_TIMEOUT_SECS: u64 = 15;
+/// Default app API requests in flight per process.
+pub const DEFAULT_APP_MAX_IN_FLIGHT: usize = 512;
+/// Default admin API requests in flight per process.
+pub const DEFAULT_ADMIN_MAX_IN_FLIGHT: usize = 64;
+/// Default largest app API request body: a patient's 10,000-character
+/// notes in UTF-8, with room.
+pub const DEFAULT_APP_MAX_BODY_BYTES: usize = 64 * 1024;
+/// Default app API requests per second per tenant (per process).
+pub const DEFAULT_APP_RATE_LIMIT: u32 = 2000;
+/// Default requests a tenant may send at once above its rate.
+pub const DEFAULT_APP_RATE_BURST: u32 = 2000;
 /// Seconds between tenant server health checks; a server failing checks for
 /// three intervals becomes `unhealthy`.
 pub const DEFAULT_HEALTH_INTERVAL_SECS: u64 = 10;
@@ -337,6 +351,39 @@ pub struct ServerArgs {
     /// or undoes). Long work (backups, restores, moves) runs as operations.
     #[arg(long, env = "SILO_ADMIN_REQUEST_TIMEOUT", default_value_t = DEFAULT_ADMIN_REQUEST_TIMEOUT_SECS, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub admin_request_timeout: u64,
+
+    /// Seconds an app API request may take before it is answered 503 (its
+    /// statement still ends cleanly, within the 10 s statement timeout).
+    #[arg(long, env = "SILO_APP_REQUEST_TIMEOUT", default_value_t = DEFAULT_APP_REQUEST_TIMEOUT_SECS, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub app_request_timeout: u64,
+
+    /// App API requests one process serves at once; more are answered 503
+    /// at once (with `Retry-After`) rather than queued.
+    #[arg(long, env = "SILO_APP_MAX_IN_FLIGHT", default_value_t = DEFAULT_APP_MAX_IN_FLIGHT as u64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub app_max_in_flight: u64,
+
+    /// Admin API requests one process serves at once; more are answered 503.
+    #[arg(long, env = "SILO_ADMIN_MAX_IN_FLIGHT", default_value_t = DEFAULT_ADMIN_MAX_IN_FLIGHT as u64, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub admin_max_in_flight: u64,
+
+    /// Largest app API request body in bytes; larger ones are answered 413.
+    #[arg(long, env = "SILO_APP_MAX_BODY_BYTES", default_value_t = DEFAULT_APP_MAX_BODY_BYTES as u64, value_parser = clap::value_parser!(u64).range(1024..=16 * 1024 * 1024))]
+    pub app_max_body_bytes: u64,
+
+    /// App API requests per second one process accepts per tenant (the
+    /// tenant its token proves); more are answered 429 with `Retry-After`.
+    /// `0` turns the limit off.
+    #[arg(long, env = "SILO_APP_RATE_LIMIT", default_value_t = DEFAULT_APP_RATE_LIMIT)]
+    pub app_rate_limit: u32,
+
+    /// Requests a tenant may send at once beyond its rate.
+    #[arg(long, env = "SILO_APP_RATE_BURST", default_value_t = DEFAULT_APP_RATE_BURST, value_parser = clap::value_parser!(u32).range(1..))]
+    pub app_rate_burst: u32,
+
+    /// Tenant connections to a server on this machine go through its Unix
+    /// socket (checked to be the same cluster) rather than TCP.
+    #[arg(long, env = "SILO_LOCAL_SOCKETS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub local_sockets: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -17,6 +17,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::api::limits::{HttpLimits, Limits};
 use crate::api::{app, AppState};
 use crate::backup::Storage;
 use crate::config::{Secret, ServerArgs};
@@ -103,6 +104,8 @@ pub struct RunSettings {
     pub jobs: Option<JobIntervals>,
     /// Longest an admin API request may take before it is answered 503.
     pub admin_timeout: Duration,
+    /// Limits of the HTTP routes: in flight, time, body, rate.
+    pub limits: HttpLimits,
 }
 
 /// How often the background jobs run.
@@ -127,6 +130,7 @@ impl RunSettings {
             app_domain: args.app_domain.clone(),
             router: RouterConfig {
                 replicas: args.replicas,
+                local_sockets: args.local_sockets,
                 ..RouterConfig::default()
             },
             jobs: Some(JobIntervals {
@@ -135,6 +139,14 @@ impl RunSettings {
                 health: Duration::from_secs(args.health_interval.max(1)),
             }),
             admin_timeout: Duration::from_secs(args.admin_request_timeout.max(1)),
+            limits: HttpLimits {
+                app_request_timeout: Duration::from_secs(args.app_request_timeout.max(1)),
+                app_max_in_flight: args.app_max_in_flight as usize,
+                app_max_body_bytes: args.app_max_body_bytes as usize,
+                app_rate_limit: args.app_rate_limit,
+                app_rate_burst: args.app_rate_burst,
+                admin_max_in_flight: args.admin_max_in_flight as usize,
+            },
         }
     }
 }
@@ -181,6 +193,7 @@ pub fn start(control: ControlPlane, settings: RunSettings) -> Silo {
         metrics: crate::telemetry::metrics_handle(),
         app_domain: settings.app_domain.as_deref().map(Arc::from),
         admin_timeout: settings.admin_timeout,
+        limits: Arc::new(Limits::new(settings.limits)),
     };
     Silo {
         control,

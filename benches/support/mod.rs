@@ -111,8 +111,17 @@ impl SiloServer {
     /// then wait out the start-up reconcile pass (it holds each server's
     /// maintenance lock) so it is not timed.
     pub async fn start(control: silo::control::ControlPlane, warm_pool_size: u32) -> Result<Self> {
+        Self::start_with(control, warm_pool_size, |_| {}).await
+    }
+
+    /// As [`SiloServer::start`], with settings changed by `tweak`.
+    pub async fn start_with(
+        control: silo::control::ControlPlane,
+        warm_pool_size: u32,
+        tweak: impl FnOnce(&mut silo::config::ServerArgs),
+    ) -> Result<Self> {
         let registry = control.registry().clone();
-        let args = silo::config::ServerArgs {
+        let mut args = silo::config::ServerArgs {
             listen: "127.0.0.1:0".parse()?,
             warm_pool_size,
             reconcile_interval: 3600,
@@ -122,7 +131,15 @@ impl SiloServer {
             health_interval: silo::config::DEFAULT_HEALTH_INTERVAL_SECS,
             metrics_listen: None,
             admin_request_timeout: silo::config::DEFAULT_ADMIN_REQUEST_TIMEOUT_SECS,
+            app_request_timeout: silo::config::DEFAULT_APP_REQUEST_TIMEOUT_SECS,
+            app_max_in_flight: silo::config::DEFAULT_APP_MAX_IN_FLIGHT as u64,
+            admin_max_in_flight: silo::config::DEFAULT_ADMIN_MAX_IN_FLIGHT as u64,
+            app_max_body_bytes: silo::config::DEFAULT_APP_MAX_BODY_BYTES as u64,
+            app_rate_limit: silo::config::DEFAULT_APP_RATE_LIMIT,
+            app_rate_burst: silo::config::DEFAULT_APP_RATE_BURST,
+            local_sockets: true,
         };
+        tweak(&mut args);
         let settings = silo::startup::RunSettings::from_args(
             &args,
             silo::config::Secret::new(ADMIN_TOKEN),

@@ -36,6 +36,9 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{0}")]
     Locked(String),
+    /// Over a request rate limit: retry after this many seconds.
+    #[error("{0}")]
+    TooManyRequests(String, u64),
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error")]
@@ -90,6 +93,7 @@ impl ApiError {
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Locked(_) => StatusCode::LOCKED,
+            Self::TooManyRequests(..) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -106,6 +110,7 @@ impl ApiError {
             Self::Unprocessable(_) => "validation",
             Self::UnsupportedMediaType(_) => "unsupported-media-type",
             Self::Locked(_) => "locked",
+            Self::TooManyRequests(..) => "too-many-requests",
             Self::Unavailable(_) => "unavailable",
             Self::Internal(_) => "internal",
         }
@@ -148,6 +153,10 @@ impl IntoResponse for ApiError {
         if matches!(self, Self::Unavailable(_)) {
             res.headers_mut()
                 .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        if let Self::TooManyRequests(_, seconds) = &self {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(*seconds));
         }
         if matches!(self, Self::Unauthorized) {
             res.headers_mut().insert(
@@ -243,9 +252,9 @@ impl From<JsonRejection> for ApiError {
 impl From<BytesRejection> for ApiError {
     fn from(r: BytesRejection) -> Self {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            Self::PayloadTooLarge(format!(
-                "the body is larger than the limit of {MAX_BODY_BYTES} bytes"
-            ))
+            Self::PayloadTooLarge(
+                "the body is larger than the limit (2 MiB on /admin/v1, SILO_APP_MAX_BODY_BYTES on /api/v1)".into(),
+            )
         } else {
             Self::BadRequest(r.body_text())
         }
@@ -272,7 +281,8 @@ impl From<PathRejection> for ApiError {
     }
 }
 
-/// The largest request body read (axum's default limit).
+/// The largest request body the admin API reads (axum's default limit);
+/// the app API's is `SILO_APP_MAX_BODY_BYTES`.
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 
 /// `Json` whose rejections are problem+json answers.

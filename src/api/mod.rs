@@ -7,6 +7,7 @@ mod app;
 mod auth;
 pub mod error;
 pub(crate) mod health;
+pub mod limits;
 pub mod paging;
 mod responses;
 
@@ -41,6 +42,8 @@ pub struct AppState {
     pub app_domain: Option<Arc<str>>,
     /// Longest an admin API request may take before it is answered 503.
     pub admin_timeout: std::time::Duration,
+    /// Limits of every route: in flight, time, body, rate.
+    pub limits: Arc<limits::Limits>,
 }
 
 impl AppState {
@@ -112,28 +115,55 @@ pub fn metrics_app(state: AppState) -> Router {
                 |axum::extract::State(state): axum::extract::State<AppState>| health::render(state),
             ),
         )
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::other,
+        ))
         .with_state(state)
 }
 
 /// The whole HTTP application.
 pub fn app(state: AppState) -> Router {
+    // Outermost last: the token check, the in-flight limit, the deadline.
     let admin = admin::router()
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            auth::require_admin,
+            error::deadline,
         ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            error::deadline,
+            limits::admin,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_admin,
         ));
-    let (router, mut api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .nest("/admin/v1", admin)
-        .nest("/api/v1", app::router())
+    // Innermost first: a GET whose connection was found dead runs once
+    // more; the body limit; then the in-flight limit and the deadline.
+    let app_api = app::router()
+        .layer(axum::middleware::from_fn(app::retry_lost_connection))
+        .layer(DefaultBodyLimit::max(
+            state.limits.settings.app_max_body_bytes,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::app,
+        ));
+    let other = OpenApiRouter::new()
         .merge(health::router())
         .routes(routes!(openapi_json))
         .routes(routes!(docs))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::other,
+        ));
+    let (router, mut api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .nest("/admin/v1", admin)
+        .nest("/api/v1", app_api)
+        .merge(other)
         .split_for_parts();
     responses::problem_json(&mut api);
+    responses::overload(&mut api);
     let documents = Documents {
         json: serde_json::to_string(&api).expect("the OpenAPI document serializes"),
         html: Scalar::new(api).to_html(),

@@ -57,6 +57,38 @@ pub fn problem_json(openapi: &mut OpenApi) {
     }
 }
 
+/// Every route is under an in-flight limit and a deadline (see
+/// `api::limits`): each documents a 503 for them, unless it has its own.
+pub fn overload(openapi: &mut OpenApi) {
+    for item in openapi.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.options,
+            &mut item.head,
+            &mut item.patch,
+            &mut item.trace,
+        ];
+        for operation in operations.into_iter().flatten() {
+            operation
+                .responses
+                .responses
+                .entry("503".to_owned())
+                .or_insert_with(|| {
+                    RefOr::T(
+                        unavailable(
+                            "as many requests of this kind are in flight as silo serves at \
+                             once, or the request took too long",
+                        )
+                        .build(),
+                    )
+                });
+        }
+    }
+}
+
 fn is_error(status: &str) -> bool {
     status.starts_with('4') || status.starts_with('5')
 }
@@ -103,8 +135,8 @@ fn unavailable(what: &str) -> ResponseBuilder {
     )
 }
 
-/// The admin token check (`Authorization: Bearer <SILO_ADMIN_TOKEN>`), and
-/// the admin request deadline.
+/// The admin token check (`Authorization: Bearer <SILO_ADMIN_TOKEN>`), the
+/// admin in-flight limit and the admin request deadline.
 pub struct AdminAuth;
 
 impl IntoResponses for AdminAuth {
@@ -117,7 +149,8 @@ impl IntoResponses for AdminAuth {
             (
                 503,
                 unavailable(
-                    "the request took longer than `SILO_ADMIN_REQUEST_TIMEOUT` and was stopped",
+                    "`SILO_ADMIN_MAX_IN_FLIGHT` admin requests are in flight already, or the \
+                     request took longer than `SILO_ADMIN_REQUEST_TIMEOUT` and was stopped",
                 ),
             ),
         ])
@@ -137,7 +170,7 @@ impl IntoResponses for AdminErrors {
             (
                 503,
                 unavailable(
-                    "the control database or a tenant server is unreachable (nothing was changed), or the request took longer than `SILO_ADMIN_REQUEST_TIMEOUT` and was stopped",
+                    "the control database or a tenant server is unreachable (nothing was changed), `SILO_ADMIN_MAX_IN_FLIGHT` admin requests are in flight already, or the request took longer than `SILO_ADMIN_REQUEST_TIMEOUT` and was stopped",
                 ),
             ),
         ]));
@@ -172,13 +205,26 @@ impl IntoResponses for AppErrors {
                 problem_response("no such tenant, or the token is another tenant's"),
             ),
             (423, problem_response("the tenant is suspended or archived")),
+            (
+                429,
+                problem_response(
+                    "the tenant (the one its token names) sends more requests per second \
+                     than `SILO_APP_RATE_LIMIT` allows; `Retry-After` says when to retry",
+                )
+                .header(
+                    "Retry-After",
+                    header(Type::Integer, "seconds to wait before retrying"),
+                ),
+            ),
             (500, internal()),
             (
                 503,
                 unavailable(
                     "the tenant is not ready (being created, restored or moved), its \
                      database or the control database is unreachable, no connection is \
-                     free, or the query took too long",
+                     free, the query took too long, `SILO_APP_MAX_IN_FLIGHT` app requests \
+                     are in flight already, or the request took longer than \
+                     `SILO_APP_REQUEST_TIMEOUT`",
                 ),
             ),
         ])
@@ -190,7 +236,10 @@ fn body_errors(json_content_type: bool) -> BTreeMap<String, RefOr<Response>> {
         (400, problem_response("the body is not well-formed JSON")),
         (
             413,
-            problem_response(&format!("the body is larger than {MAX_BODY_BYTES} bytes")),
+            problem_response(&format!(
+                "the body is larger than the limit: {MAX_BODY_BYTES} bytes on `/admin/v1`, \
+                 `SILO_APP_MAX_BODY_BYTES` on `/api/v1`"
+            )),
         ),
         (
             422,

@@ -17,14 +17,27 @@
 //! headroom for other clients`; e.g. PostgreSQL's 100 with 3 reserved and
 //! 2 replicas leaves B ≤ 85. A tenant's own pool is capped by its plan (5, 20
 //! or 50, also the role's CONNECTION LIMIT) and by the replica's share.
+//! Each replica also keeps one monitor connection per server (the admin
+//! login, `silo-router-monitor`) while tenant connections close: so count
+//! `5·R` above, not `4·R`.
 //! - A tenant whose database refuses connections is put in a short back-off and
 //!   answered 503 alone; other tenants are unaffected.
 //! - Changes to a tenant row are announced by a trigger on `silo_tenants`
-//!   (LISTEN/NOTIFY), so every replica drops its cached lookup and pool at once.
+//!   (LISTEN/NOTIFY), so every replica drops its cached lookup and pool at
+//!   once; a lookup read before a change and cached after it is re-read
+//!   (each lookup remembers the invalidation sequence it was read in).
+//! - Connections heal themselves ([`pool`]): dead ones are discarded and
+//!   their server's idle ones checked; a database that no longer exists
+//!   (`3D000`, a restore swapped it) or a refused login makes the router
+//!   re-read the tenant before it answers 503.
+//! - Tenant connections go through the server's Unix socket when the
+//!   server is on this machine (checked to be the same cluster), without
+//!   TLS negotiation; otherwise TCP with the admin URL's TLS settings.
 
+mod local;
 pub mod pool;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -37,7 +50,7 @@ use tokio_util::task::TaskTracker;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-pub use pool::{AcquireError, PoolKey, ServerBudget, TenantConn, TenantPool};
+pub use pool::{AcquireError, PoolKey, PoolPolicy, ServerBudget, TenantConn, TenantPool};
 
 use crate::config::Secret;
 use crate::crypto::Keyring;
@@ -49,6 +62,11 @@ use crate::servers::sqlstate;
 pub const NOTIFY_CHANNEL: &str = "silo_tenants";
 /// How often tenants' app activity is written to the control DB.
 pub const ACTIVITY_FLUSH: Duration = Duration::from_secs(60);
+/// Tenants with a series of their own in `silo_router_tenant_connects_total`.
+pub const CHURN_SERIES: usize = 20;
+/// Re-reads of a tenant whose login was refused (or whose database is
+/// gone) within one request, before it is answered 503.
+const MAX_REREADS: u64 = 3;
 
 /// Router settings; every duration is a trade-off written next to it.
 #[derive(Debug, Clone)]
@@ -68,10 +86,21 @@ pub struct RouterConfig {
     pub lookup_ttl: Duration,
     /// "No such tenant" is remembered this long only.
     pub negative_ttl: Duration,
-    /// A tenant whose database refused connections is answered 503 this long.
+    /// A tenant whose database refused connections is answered 503 this
+    /// long (short: traffic is back this soon after the server is).
     pub down_backoff: Duration,
     /// Replicas sharing each server's budget (`SILO_REPLICAS`).
     pub replicas: u32,
+    /// An idle connection unused this long is checked (a `Sync` round
+    /// trip) before it is handed out.
+    pub check_after: Duration,
+    /// Connections are closed at this age.
+    pub max_lifetime: Duration,
+    /// Connection attempts at once per server: openings queue rather than
+    /// take the whole budget (and CPU) from tenants with warm connections.
+    pub connect_concurrency: usize,
+    /// Connect through a server's Unix socket when it is on this machine.
+    pub local_sockets: bool,
 }
 
 impl Default for RouterConfig {
@@ -84,8 +113,12 @@ impl Default for RouterConfig {
             max_pools: 10_000,
             lookup_ttl: Duration::from_secs(300),
             negative_ttl: Duration::from_secs(2),
-            down_backoff: Duration::from_secs(2),
+            down_backoff: Duration::from_millis(500),
             replicas: 1,
+            check_after: PoolPolicy::default().check_after,
+            max_lifetime: PoolPolicy::default().max_lifetime,
+            connect_concurrency: PoolPolicy::default().connect_concurrency,
+            local_sockets: true,
         }
     }
 }
@@ -190,6 +223,9 @@ struct Lookup {
     fetched: Instant,
     /// The [`Inner::epoch`] it was read in; an older one is stale.
     epoch: u64,
+    /// [`Inner::changes`] when it was read: a tenant invalidated after
+    /// that (its notice raced the read) is re-read.
+    seq: u64,
     /// Marked stale by a change notice: re-read on next use (still served
     /// if the control DB cannot be reached).
     stale: bool,
@@ -215,8 +251,13 @@ pub struct ServerStats {
     pub server_id: Uuid,
     /// This process's share of the server's connections (0 until a tenant on it is served).
     pub budget: usize,
-    /// Tenant connections this process has open to the server.
+    /// Server backends this process holds for tenants: connections open or
+    /// opening, and closed ones whose backend is not confirmed gone yet.
     pub open: usize,
+    /// Of those, closed connections whose backend is not confirmed gone yet.
+    pub closing: usize,
+    /// Tenant connections go through the server's local Unix socket.
+    pub local_socket: bool,
     /// From the registry, filled in by `/admin/v1/pools` (`None` from the router alone).
     pub name: Option<String>,
     /// `active`, `draining` or `unhealthy`.
@@ -233,6 +274,16 @@ pub struct TenantPoolStats {
     pub in_use: usize,
     pub idle: usize,
     pub cap: usize,
+    /// Connections this tenant has opened since this process started (churn).
+    pub connects: u64,
+}
+
+/// A tenant server as the router uses it: its budget, and how to reach it.
+struct Server {
+    budget: Arc<ServerBudget>,
+    /// The admin URL's options (host, port, TLS): tenants connect with
+    /// these and their own database, role and password.
+    base: PgConnectOptions,
 }
 
 /// Routes work to tenant databases. Cheap to clone.
@@ -246,9 +297,16 @@ struct Inner {
     keyring: Keyring,
     config: RouterConfig,
     lookups: moka::future::Cache<String, Lookup>,
+    /// Re-reads of stale lookups in flight, so concurrent requests share one.
+    refreshes: moka::future::Cache<String, Lookup>,
     pools: moka::future::Cache<Uuid, Arc<TenantPool>>,
-    budgets: Mutex<HashMap<Uuid, (Arc<ServerBudget>, PgConnectOptions)>>,
+    budgets: moka::future::Cache<Uuid, Arc<Server>>,
     down: moka::sync::Cache<Uuid, ()>,
+    /// Invalidations so far; and, per tenant, the number of its last one.
+    changes: AtomicU64,
+    invalidated: moka::sync::Cache<Uuid, u64>,
+    /// Connections each tenant opened since start (churn), across pool rebuilds.
+    churn: moka::sync::Cache<Uuid, Arc<AtomicU64>>,
     hits: AtomicU64,
     misses: AtomicU64,
     evictions: Arc<AtomicU64>,
@@ -285,15 +343,26 @@ impl TenantRouter {
         let down = moka::sync::Cache::builder()
             .time_to_live(config.down_backoff)
             .build();
+        let refreshes = moka::future::Cache::builder()
+            .max_capacity(config.max_pools)
+            .time_to_live(Duration::from_secs(1))
+            .build();
         Self {
             inner: Arc::new(Inner {
                 registry,
                 keyring,
                 config,
                 lookups,
+                refreshes,
                 pools,
-                budgets: Mutex::default(),
+                budgets: moka::future::Cache::builder().build(),
                 down,
+                changes: AtomicU64::new(0),
+                invalidated: moka::sync::Cache::builder()
+                    .max_capacity(100_000)
+                    .time_to_live(Duration::from_secs(600))
+                    .build(),
+                churn: moka::sync::Cache::builder().max_capacity(100_000).build(),
                 hits: AtomicU64::new(0),
                 misses: AtomicU64::new(0),
                 evictions,
@@ -326,30 +395,39 @@ impl TenantRouter {
             if !l.stale
                 && l.fetched.elapsed() < ttl
                 && l.epoch == inner.epoch.load(Ordering::Acquire)
+                && !self.changed_since(&l)
             {
                 inner.hits.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("silo_router_cache_hits_total").increment(1);
                 return l.entry.ok_or(RouteError::NotFound);
             }
-            // Stale: re-read, but keep serving what we know if the control DB is down.
-            return match self.fetch(name).await {
+            // Stale: re-read (once for all requests waiting on the same
+            // name), but keep serving what we know if the control DB is down.
+            let refreshed = inner
+                .refreshes
+                .try_get_with(name.to_owned(), self.fetch(name))
+                .await;
+            inner.refreshes.invalidate(name).await;
+            return match refreshed {
                 Ok(fresh) => {
                     inner.lookups.insert(name.to_owned(), fresh.clone()).await;
                     fresh.entry.ok_or(RouteError::NotFound)
                 }
                 Err(e) => match l.entry {
                     Some(entry) => {
+                        let e = shared_error(&e);
                         tracing::warn!(tenant_id = %entry.id, "serving a cached tenant while the control database is unreachable: {e}");
                         let kept = Lookup {
                             entry: Some(entry.clone()),
                             fetched: Instant::now(),
                             epoch: inner.epoch.load(Ordering::Acquire),
+                            seq: inner.changes.load(Ordering::Acquire),
                             stale: false,
                         };
                         inner.lookups.insert(name.to_owned(), kept).await;
                         Ok(entry)
                     }
-                    None => Err(e),
+                    None => Err(shared_error(&e)),
                 },
             };
         }
@@ -367,12 +445,32 @@ impl TenantRouter {
                     other => RouteError::Internal(anyhow::anyhow!("{other}")),
                 },
             })?;
+        if self.changed_since(&l) {
+            // Read before a change, inserted after its notice: read again.
+            let fresh = self.fetch(name).await?;
+            inner.lookups.insert(name.to_owned(), fresh.clone()).await;
+            return fresh.entry.ok_or(RouteError::NotFound);
+        }
         l.entry.ok_or(RouteError::NotFound)
+    }
+
+    /// Was the lookup read before an invalidation of its tenant (or, for
+    /// "not found", before any invalidation: a tenant may have been created)?
+    fn changed_since(&self, l: &Lookup) -> bool {
+        match &l.entry {
+            Some(e) => self
+                .inner
+                .invalidated
+                .get(&e.id)
+                .is_some_and(|seq| seq > l.seq),
+            None => self.inner.changes.load(Ordering::Acquire) > l.seq,
+        }
     }
 
     async fn fetch(&self, name: &str) -> Result<Lookup, RouteError> {
         self.inner.fetched.fetch_add(1, Ordering::Relaxed);
         let epoch = self.inner.epoch.load(Ordering::Acquire);
+        let seq = self.inner.changes.load(Ordering::Acquire);
         let record = self
             .inner
             .registry
@@ -387,6 +485,7 @@ impl TenantRouter {
             entry,
             fetched: Instant::now(),
             epoch,
+            seq,
             stale: false,
         })
     }
@@ -437,7 +536,7 @@ impl TenantRouter {
     ) -> Result<TenantConn, RouteError> {
         let started = Instant::now();
         let deadline = started + self.inner.config.acquire_timeout;
-        let mut reread = false;
+        let mut rereads = 0;
         let mut switched = 0;
         loop {
             check_status(&entry)?;
@@ -478,14 +577,27 @@ impl TenantRouter {
                     tracing::info!(tenant_id = %entry.id, "the tenant's recorded password was refused: trying its rotation's other password");
                 }
                 Err(AcquireError::Connect(e))
-                    if is_auth_failure(&e) && !reread && Instant::now() < deadline =>
+                    if (is_auth_failure(&e) || is_missing_database(&e))
+                        && rereads < MAX_REREADS
+                        && Instant::now() < deadline =>
                 {
-                    reread = true;
-                    // Credentials rotated, or the tenant frozen or moved, under
-                    // us (before the notice arrived): re-read them and retry.
+                    rereads += 1;
+                    // Credentials rotated, the tenant frozen or moved, or its
+                    // database swapped by a restore, under us (before the
+                    // notice arrived): re-read the tenant and retry. Rotations
+                    // in quick succession can outrun one re-read, so a few.
                     self.invalidate(entry.id).await;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    entry = self.resolve(&entry.id.to_string()).await?;
+                    tokio::time::sleep(Duration::from_millis(20 * rereads)).await;
+                    let fresh = self.resolve(&entry.id.to_string()).await?;
+                    if fresh.pool_key() == entry.pool_key() && fresh.pending.is_none() {
+                        // The registry names what was just refused: nothing
+                        // newer to try.
+                        tracing::warn!(tenant_id = %entry.id, "failed to connect to tenant database with its recorded credentials: {e}");
+                        self.inner.down.insert(entry.id, ());
+                        metrics::counter!("silo_router_tenant_down_total").increment(1);
+                        return Err(RouteError::TenantDown);
+                    }
+                    entry = fresh;
                 }
                 Err(e @ (AcquireError::Connect(_) | AcquireError::ConnectTimeout)) => {
                     tracing::warn!(tenant_id = %entry.id, "failed to connect to tenant database: {e}");
@@ -511,9 +623,11 @@ impl TenantRouter {
             metrics::counter!("silo_router_stale_pools_total").increment(1);
         }
         let build = async {
-            let (budget, base) = self.budget_for(entry.server_id).await?;
+            let server = self.server(entry.server_id).await?;
             let statement_timeout = self.inner.config.statement_timeout.as_millis().to_string();
-            let opts = base
+            let opts = server
+                .base
+                .clone()
                 .database(&entry.database)
                 .username(&entry.role)
                 .password(entry.login_password().expose())
@@ -523,12 +637,17 @@ impl TenantRouter {
             let replicas = self.inner.config.replicas.max(1) as usize;
             let cap = (entry.plan.connection_limit() as usize / replicas).max(1);
             self.inner.built.fetch_add(1, Ordering::Relaxed);
+            let connects = self
+                .inner
+                .churn
+                .get_with(entry.id, || Arc::new(AtomicU64::new(0)));
             Ok::<_, RouteError>(TenantPool::new(
                 entry.id,
                 key.clone(),
                 opts,
-                cap.min(budget.max),
-                budget,
+                cap.min(server.budget.max),
+                server.budget.clone(),
+                connects,
             ))
         };
         let pool = self
@@ -536,49 +655,66 @@ impl TenantRouter {
             .pools
             .try_get_with(entry.id, build)
             .await
-            .map_err(|e| RouteError::Internal(anyhow::anyhow!("build tenant pool: {e}")))?;
+            .map_err(|e| match e.as_ref() {
+                RouteError::ControlDown(msg) => RouteError::ControlDown(msg.clone()),
+                other => RouteError::Internal(anyhow::anyhow!("build tenant pool: {other}")),
+            })?;
         Ok(pool)
     }
 
-    async fn budget_for(
-        &self,
-        server: Uuid,
-    ) -> Result<(Arc<ServerBudget>, PgConnectOptions), RouteError> {
-        if let Some(b) = self
-            .inner
+    /// A tenant server's budget and connect options (built once per server,
+    /// under concurrency).
+    async fn server(&self, server: Uuid) -> Result<Arc<Server>, RouteError> {
+        let build = async {
+            let s = self
+                .inner
+                .registry
+                .server(server)
+                .await
+                .map_err(|e| RouteError::ControlDown(format!("{:#}", anyhow::Error::from(e))))?
+                .context("find the tenant's server")?;
+            let url = self
+                .inner
+                .keyring
+                .open_string(&s.key_id, &s.admin_url_enc, s.id.as_bytes())
+                .context("decrypt server admin URL")?;
+            let base = crate::servers::admin_options(&url)?;
+            let socket = if self.inner.config.local_sockets {
+                local::socket_of(&base).await
+            } else {
+                None
+            };
+            let share = (s.max_connections as u32 / self.inner.config.replicas.max(1)).max(1);
+            let config = &self.inner.config;
+            let policy = PoolPolicy {
+                check_after: config.check_after,
+                max_lifetime: config.max_lifetime,
+                connect_concurrency: config.connect_concurrency,
+            };
+            let budget = ServerBudget::new(server, share as usize, policy, base.clone(), socket);
+            Ok::<_, RouteError>(Arc::new(Server { budget, base }))
+        };
+        self.inner
             .budgets
-            .lock()
-            .expect("budgets lock")
-            .get(&server)
-        {
-            return Ok(b.clone());
-        }
-        let s = self
-            .inner
-            .registry
-            .server(server)
+            .try_get_with(server, build)
             .await
-            .map_err(|e| RouteError::ControlDown(format!("{:#}", anyhow::Error::from(e))))?
-            .context("find the tenant's server")?;
-        let url = self
-            .inner
-            .keyring
-            .open_string(&s.key_id, &s.admin_url_enc, s.id.as_bytes())
-            .context("decrypt server admin URL")?;
-        let base = crate::servers::admin_options(&url)?;
-        let share = (s.max_connections as u32 / self.inner.config.replicas.max(1)).max(1);
-        let budget = ServerBudget::new(server, share as usize);
-        let mut budgets = self.inner.budgets.lock().expect("budgets lock");
-        Ok(budgets.entry(server).or_insert((budget, base)).clone())
+            .map_err(|e| match e.as_ref() {
+                RouteError::ControlDown(msg) => RouteError::ControlDown(msg.clone()),
+                other => RouteError::Internal(anyhow::anyhow!("{other}")),
+            })
     }
 
     /// Forget what is cached about a tenant: its lookups and its pool (which
     /// closes once its connections in use are returned).
+    ///
+    /// Its lookups are not dropped but marked stale (as is every "not
+    /// found", through the invalidation sequence): the next request re-reads
+    /// them, and if the control DB cannot be reached then, what is cached
+    /// keeps serving, as for any cached tenant.
     pub async fn invalidate(&self, tenant: Uuid) {
-        let _ = self
-            .inner
-            .lookups
-            .invalidate_entries_if(move |_, l| l.entry.as_ref().is_none_or(|e| e.id == tenant));
+        let seq = self.inner.changes.fetch_add(1, Ordering::AcqRel) + 1;
+        self.inner.invalidated.insert(tenant, seq);
+        self.mark_stale(tenant).await;
         // Close it here rather than trusting the eviction notice alone: the
         // pool must stop handing out the old credentials now.
         if let Some(pool) = self.inner.pools.remove(&tenant).await {
@@ -636,10 +772,8 @@ impl TenantRouter {
         let budgets: Vec<Arc<ServerBudget>> = self
             .inner
             .budgets
-            .lock()
-            .expect("budgets lock")
-            .values()
-            .map(|(b, _)| b.clone())
+            .iter()
+            .map(|(_, s)| s.budget.clone())
             .collect();
         let mut tenants: Vec<TenantPoolStats> = self
             .inner
@@ -651,6 +785,7 @@ impl TenantRouter {
                 in_use: p.in_use(),
                 idle: p.idle_count(),
                 cap: p.cap,
+                connects: p.connects(),
             })
             .collect();
         tenants.sort_by_key(|t| std::cmp::Reverse(t.open));
@@ -667,6 +802,8 @@ impl TenantRouter {
                     server_id: b.server_id,
                     budget: b.max,
                     open: b.open(),
+                    closing: b.closing(),
+                    local_socket: b.local_socket().is_some(),
                     name: None,
                     status: None,
                     tenants: None,
@@ -685,7 +822,22 @@ impl TenantRouter {
             let server = s.server_id.to_string();
             metrics::gauge!("silo_router_server_connections", "server" => server.clone())
                 .set(s.open as f64);
+            metrics::gauge!("silo_router_server_closing", "server" => server.clone())
+                .set(s.closing as f64);
             metrics::gauge!("silo_router_server_budget", "server" => server).set(s.budget as f64);
+        }
+        // Churn per tenant: the tenants that opened the most connections
+        // (ids only, and few of them: one series each).
+        let mut churn: Vec<(Uuid, u64)> = self
+            .inner
+            .churn
+            .iter()
+            .map(|(id, n)| (*id, n.load(Ordering::Relaxed)))
+            .collect();
+        churn.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+        for (id, n) in churn.into_iter().take(CHURN_SERIES) {
+            metrics::counter!("silo_router_tenant_connects_total", "tenant" => id.to_string())
+                .absolute(n);
         }
     }
 
@@ -720,6 +872,9 @@ impl TenantRouter {
                 router.inner.pools.run_pending_tasks().await;
                 for (_, pool) in router.inner.pools.iter() {
                     pool.reap(router.inner.config.idle_connection_timeout);
+                }
+                for (_, server) in router.inner.budgets.iter() {
+                    server.budget.keep_reserve();
                 }
             }
             // Shutting down: close every pool.
@@ -800,6 +955,14 @@ impl TenantRouter {
     }
 }
 
+/// A lookup error shared by every request that waited on the same read.
+fn shared_error(e: &Arc<RouteError>) -> RouteError {
+    match e.as_ref() {
+        RouteError::ControlDown(msg) => RouteError::ControlDown(msg.clone()),
+        other => RouteError::Internal(anyhow::anyhow!("{other}")),
+    }
+}
+
 fn check_status(entry: &TenantEntry) -> Result<(), RouteError> {
     match entry.status {
         TenantStatus::Active if entry.frozen => Err(RouteError::NotReady("moving")),
@@ -822,5 +985,11 @@ fn is_role_limit(e: &sqlx::Error) -> bool {
 /// A wrong password (rotated), or a role that may not log in (frozen for a
 /// move, or just suspended): the registry knows better than our cache.
 fn is_auth_failure(e: &sqlx::Error) -> bool {
-    sqlstate::is(e, sqlstate::INVALID_PASSWORD) || sqlstate::is(e, sqlstate::INVALID_AUTHORIZATION)
+    pool::is_auth_refusal(e)
+}
+
+/// The database does not exist (any more): a restore swapped in another,
+/// or the tenant moved; the registry knows which.
+fn is_missing_database(e: &sqlx::Error) -> bool {
+    sqlstate::is(e, sqlstate::INVALID_CATALOG_NAME)
 }

@@ -64,9 +64,16 @@ pub struct Setup {
     storage: Option<silo::config::StorageArgs>,
     keep_for: Option<silo::domain::KeepFor>,
     admin_timeout: Option<std::time::Duration>,
+    limits: Option<silo::api::limits::HttpLimits>,
 }
 
 impl Setup {
+    /// Limits of the HTTP routes (the defaults of `silo serve` otherwise).
+    pub fn limits(mut self, limits: silo::api::limits::HttpLimits) -> Self {
+        self.limits = Some(limits);
+        self
+    }
+
     /// Longest an admin request may take (30 s by default).
     pub fn admin_timeout(mut self, timeout: std::time::Duration) -> Self {
         self.admin_timeout = Some(timeout);
@@ -154,6 +161,7 @@ impl Setup {
                 admin_timeout: self
                     .admin_timeout
                     .unwrap_or(std::time::Duration::from_secs(30)),
+                limits: self.limits.unwrap_or_default(),
             },
         );
         let admin = PgPoolOptions::new()

@@ -25,4 +25,5 @@ mod relocate;
 mod replicas;
 mod rotation;
 mod router;
+mod router_heal;
 mod servers;

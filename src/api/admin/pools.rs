@@ -33,17 +33,20 @@ async fn get_pools(State(state): State<AppState>) -> Json<RouterStats> {
 fn with_servers(stats: &mut RouterStats, servers: Vec<DbServer>) {
     let mut held = std::mem::take(&mut stats.servers);
     for s in servers {
-        let (budget, open) = match held.iter().position(|h| h.server_id == s.id) {
-            Some(i) => {
-                let h = held.swap_remove(i);
-                (h.budget, h.open)
-            }
-            None => (0, 0),
-        };
+        let (budget, open, closing, local_socket) =
+            match held.iter().position(|h| h.server_id == s.id) {
+                Some(i) => {
+                    let h = held.swap_remove(i);
+                    (h.budget, h.open, h.closing, h.local_socket)
+                }
+                None => (0, 0, 0, false),
+            };
         stats.servers.push(ServerStats {
             server_id: s.id,
             budget,
             open,
+            closing,
+            local_socket,
             name: Some(s.name),
             status: Some(s.status),
             tenants: Some(s.tenant_count),

@@ -13,7 +13,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::common::{delete_row, next_cursor, one_of, page_of, parse_id, text};
-use super::{db_error, TenantDb, TenantHeader};
+use super::{TenantDb, TenantHeader};
 use crate::api::error::{ApiError, ApiResult, Json, Path, Query};
 use crate::api::responses::{AppErrors, JsonBody, QueryErrors};
 use crate::api::AppState;
@@ -140,7 +140,7 @@ async fn list_appointments(
     .bind(limit)
     .fetch_all(&mut *db.conn)
     .await
-    .map_err(db_error)?;
+    .map_err(|e| db.fail(e))?;
     let next_cursor = next_cursor(&items, limit, |a| a.id);
     Ok(Json(AppointmentPage { items, next_cursor }))
 }
@@ -174,7 +174,7 @@ async fn create_appointment(
     .bind(body.reason)
     .fetch_one(&mut *db.conn)
     .await
-    .map_err(db_error)?;
+    .map_err(|e| db.fail(e))?;
     Ok((StatusCode::CREATED, Json(appointment)))
 }
 
@@ -189,7 +189,7 @@ async fn get_appointment(mut db: TenantDb, Path(id): Path<String>) -> ApiResult<
         .bind(id)
         .fetch_optional(&mut *db.conn)
         .await
-        .map_err(db_error)?
+        .map_err(|e| db.fail(e))?
         .map(Json)
         .ok_or_else(|| ApiError::not_found("appointment"))
 }
@@ -229,7 +229,7 @@ async fn update_appointment(
     .bind(body.reason)
     .fetch_optional(&mut *db.conn)
     .await
-    .map_err(db_error)?
+    .map_err(|e| db.fail(e))?
     .map(Json)
     .ok_or_else(|| ApiError::not_found("appointment"))
 }

@@ -10,7 +10,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::common::{contact, delete_row, next_cursor, page, parse_id, text, PageParams};
-use super::{db_error, TenantDb, TenantHeader};
+use super::{TenantDb, TenantHeader};
 use crate::api::error::{ApiError, ApiResult, Json, Path, Query};
 use crate::api::responses::{AppErrors, JsonBody, QueryErrors};
 use crate::api::AppState;
@@ -76,7 +76,7 @@ async fn list_clinics(
     .bind(limit)
     .fetch_all(&mut *db.conn)
     .await
-    .map_err(db_error)?;
+    .map_err(|e| db.fail(e))?;
     let next_cursor = next_cursor(&items, limit, |c| c.id);
     Ok(Json(ClinicPage { items, next_cursor }))
 }
@@ -108,7 +108,7 @@ async fn create_clinic(
     .bind(body.timezone)
     .fetch_one(&mut *db.conn)
     .await
-    .map_err(db_error)?;
+    .map_err(|e| db.fail(e))?;
     Ok((StatusCode::CREATED, Json(clinic)))
 }
 
@@ -123,7 +123,7 @@ async fn get_clinic(mut db: TenantDb, Path(id): Path<String>) -> ApiResult<Json<
         .bind(id)
         .fetch_optional(&mut *db.conn)
         .await
-        .map_err(db_error)?
+        .map_err(|e| db.fail(e))?
         .map(Json)
         .ok_or_else(|| ApiError::not_found("clinic"))
 }
@@ -159,7 +159,7 @@ async fn update_clinic(
     .bind(body.timezone)
     .fetch_optional(&mut *db.conn)
     .await
-    .map_err(db_error)?
+    .map_err(|e| db.fail(e))?
     .map(Json)
     .ok_or_else(|| ApiError::not_found("clinic"))
 }

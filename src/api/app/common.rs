@@ -7,7 +7,7 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 use uuid::Uuid;
 
-use super::{db_error, TenantDb};
+use super::TenantDb;
 use crate::api::error::{ApiError, ApiResult};
 
 /// Largest page of the app API's lists.
@@ -93,7 +93,7 @@ pub(super) async fn delete_row(
         .map_err(
             |e| match e.as_database_error().and_then(|d| d.code()).as_deref() {
                 Some("23503") => ApiError::Conflict(format!("the {what} is still referred to")),
-                _ => db_error(e),
+                _ => db.fail(e),
             },
         )?;
     if done.rows_affected() == 0 {

@@ -8,8 +8,19 @@
 //!
 //! Answers: no tenant named 400; missing, forged or expired token 401 (checked
 //! before any lookup, so it reveals nothing); unknown tenant, another
-//! tenant's token or a revoked one (an older token generation) 404;
-//! suspended or archived 423; database down 503.
+//! tenant's token or a revoked one (an older token generation) 404; over
+//! the tenant's request rate 429; suspended or archived 423; database down
+//! 503.
+//!
+//! The tenant is looked up by what the token proves (its subject), never
+//! by the name the request carries: a name is only compared with it. So
+//! no made-up name ever reaches the control database, however many are
+//! sent, and the rate limit counts against the tenant that holds the token.
+//!
+//! A statement that finds its connection's session gone (the server
+//! restarted, the backend was terminated) discards that connection; a GET
+//! is then run once more on a fresh one ([`retry_lost_connection`]), other
+//! methods are answered 503 with `Retry-After`.
 
 mod appointments;
 mod clinics;
@@ -17,11 +28,16 @@ mod common;
 mod patients;
 mod staff;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use axum::extract::{FromRequestParts, OptionalFromRequestParts};
+use axum::body::Body;
+use axum::extract::{FromRequestParts, OptionalFromRequestParts, Request};
 use axum::http::header::HOST;
 use axum::http::request::Parts;
+use axum::http::Method;
+use axum::middleware::Next;
+use axum::response::Response;
 use utoipa_axum::router::OpenApiRouter;
 
 use super::error::ApiError;
@@ -53,6 +69,51 @@ pub struct TenantDb {
     #[allow(dead_code)] // for handlers that need the tenant's id or plan
     pub tenant: Arc<TenantEntry>,
     pub conn: TenantConn,
+    /// Raised when the connection turns out dead, for [`retry_lost_connection`].
+    lost: Option<LostConnection>,
+}
+
+impl TenantDb {
+    /// The answer to a failed statement. A connection whose session is
+    /// gone is discarded (and a GET runs once more on a fresh one).
+    pub(crate) fn fail(&mut self, e: sqlx::Error) -> ApiError {
+        if self.conn.failed(&e) {
+            tracing::warn!(tenant_id = %self.tenant.id, "the tenant's database connection was lost: {e}");
+            if let Some(lost) = &self.lost {
+                lost.0.store(true, Ordering::Release);
+            }
+            return ApiError::Unavailable(
+                "the connection to the tenant's database was lost; retry".into(),
+            );
+        }
+        db_error(e)
+    }
+}
+
+/// Set by [`TenantDb::fail`] when the request's connection was dead.
+#[derive(Clone, Default)]
+struct LostConnection(Arc<AtomicBool>);
+
+/// Run a GET (or HEAD) once more when its tenant connection turned out
+/// dead: reads are safe to repeat, and the retry gets a fresh (or checked)
+/// connection. Other methods are not repeated; their 503 says to retry.
+pub async fn retry_lost_connection(mut req: Request, next: Next) -> Response {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return next.run(req).await;
+    }
+    let lost = LostConnection::default();
+    req.extensions_mut().insert(lost.clone());
+    let (mut parts, body) = req.into_parts();
+    let first = next
+        .clone()
+        .run(Request::from_parts(parts.clone(), body))
+        .await;
+    if !lost.0.load(Ordering::Acquire) {
+        return first;
+    }
+    metrics::counter!("silo_app_retries_total").increment(1);
+    parts.extensions.remove::<LostConnection>();
+    next.run(Request::from_parts(parts, Body::empty())).await
 }
 
 impl FromRequestParts<AppState> for TenantDb {
@@ -63,6 +124,8 @@ impl FromRequestParts<AppState> for TenantDb {
         let token = super::auth::bearer_token(&parts.headers).ok_or(ApiError::Unauthorized)?;
         let claims = crate::tokens::verify(state.control.keyring(), token)
             .map_err(|_| ApiError::Unauthorized)?;
+        // Every request the token's holder sends counts, whatever it names.
+        state.limits.admit(claims.tenant)?;
         // The tenant the token proves, not the one the request names: an
         // attacker's made-up names never reach the registry.
         let tenant = state.router.resolve(&claims.tenant.to_string()).await?;
@@ -74,7 +137,8 @@ impl FromRequestParts<AppState> for TenantDb {
         }
         tracing::Span::current().record("tenant_id", tracing::field::display(tenant.id));
         let conn = state.router.acquire_entry(tenant.clone()).await?;
-        Ok(Self { tenant, conn })
+        let lost = parts.extensions.get::<LostConnection>().cloned();
+        Ok(Self { tenant, conn, lost })
     }
 }
 

@@ -10,7 +10,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::common::{contact, delete_row, next_cursor, page, parse_id, text, PageParams};
-use super::{db_error, TenantDb, TenantHeader};
+use super::{TenantDb, TenantHeader};
 use crate::api::error::{ApiError, ApiResult, Json, Path, Query};
 use crate::api::responses::{AppErrors, JsonBody, QueryErrors};
 use crate::api::AppState;
@@ -77,7 +77,7 @@ async fn list_patients(
     .bind(limit)
     .fetch_all(&mut *db.conn)
     .await
-    .map_err(db_error)?;
+    .map_err(|e| db.fail(e))?;
     let next_cursor = next_cursor(&items, limit, |p| p.id);
     Ok(Json(PatientPage { items, next_cursor }))
 }
@@ -106,7 +106,7 @@ async fn create_patient(
     .bind(body.notes)
     .fetch_one(&mut *db.conn)
     .await
-    .map_err(db_error)?;
+    .map_err(|e| db.fail(e))?;
     Ok((StatusCode::CREATED, Json(patient)))
 }
 
@@ -121,7 +121,7 @@ async fn get_patient(mut db: TenantDb, Path(id): Path<String>) -> ApiResult<Json
         .bind(id)
         .fetch_optional(&mut *db.conn)
         .await
-        .map_err(db_error)?
+        .map_err(|e| db.fail(e))?
         .map(Json)
         .ok_or_else(|| ApiError::not_found("patient"))
 }
@@ -155,7 +155,7 @@ async fn update_patient(
     .bind(body.notes)
     .fetch_optional(&mut *db.conn)
     .await
-    .map_err(db_error)?
+    .map_err(|e| db.fail(e))?
     .map(Json)
     .ok_or_else(|| ApiError::not_found("patient"))
 }

@@ -11,7 +11,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::common::{contact, delete_row, next_cursor, one_of, page, parse_id, text, PageParams};
-use super::{db_error, TenantDb, TenantHeader};
+use super::{TenantDb, TenantHeader};
 use crate::api::error::{ApiError, ApiResult, Json, Path, Query};
 use crate::api::responses::{AppErrors, JsonBody, QueryErrors};
 use crate::api::AppState;
@@ -82,7 +82,7 @@ async fn list_staff(mut db: TenantDb, Query(p): Query<PageParams>) -> ApiResult<
     .bind(limit)
     .fetch_all(&mut *db.conn)
     .await
-    .map_err(db_error)?;
+    .map_err(|e| db.fail(e))?;
     let next_cursor = next_cursor(&items, limit, |s| s.id);
     Ok(Json(StaffPage { items, next_cursor }))
 }
@@ -114,7 +114,7 @@ async fn create_staff(
     .bind(body.active)
     .fetch_one(&mut *db.conn)
     .await
-    .map_err(db_error)?;
+    .map_err(|e| db.fail(e))?;
     Ok((StatusCode::CREATED, Json(staff)))
 }
 
@@ -129,7 +129,7 @@ async fn get_staff(mut db: TenantDb, Path(id): Path<String>) -> ApiResult<Json<S
         .bind(id)
         .fetch_optional(&mut *db.conn)
         .await
-        .map_err(db_error)?
+        .map_err(|e| db.fail(e))?
         .map(Json)
         .ok_or_else(|| ApiError::not_found("staff member"))
 }
@@ -166,7 +166,7 @@ async fn update_staff(
     .bind(body.active)
     .fetch_optional(&mut *db.conn)
     .await
-    .map_err(db_error)?
+    .map_err(|e| db.fail(e))?
     .map(Json)
     .ok_or_else(|| ApiError::not_found("staff member"))
 }

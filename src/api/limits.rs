@@ -1,0 +1,259 @@
+//! Limits on every route, so no client can take the process down or
+//! starve others: requests in flight, time per request, body size, and
+//! each tenant's request rate. Every refusal is a problem+json answer
+//! with `Retry-After`.
+//!
+//! | routes | in flight | time | body | rate |
+//! |---|---|---|---|---|
+//! | `/api/v1` | `SILO_APP_MAX_IN_FLIGHT` | `SILO_APP_REQUEST_TIMEOUT` | `SILO_APP_MAX_BODY_BYTES` | `SILO_APP_RATE_LIMIT` per tenant |
+//! | `/admin/v1` | `SILO_ADMIN_MAX_IN_FLIGHT` | `SILO_ADMIN_REQUEST_TIMEOUT` | 2 MiB | — |
+//! | health, metrics, the document | [`OTHER_MAX_IN_FLIGHT`] | [`OTHER_REQUEST_TIMEOUT`] | 2 MiB | — |
+//!
+//! An app request that runs out of time is answered 503 at once, but its
+//! handler runs on to its end in a task of its own (bounded by the
+//! statement timeout): a query is never abandoned mid-way, so its tenant
+//! connection goes back to the pool clean. The in-flight slot is held until
+//! the handler really ends, so requests that timed out still count.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::http::header::CONTENT_LENGTH;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::error::ApiError;
+use super::AppState;
+
+/// Health, metrics and the document: requests in flight at once.
+pub const OTHER_MAX_IN_FLIGHT: usize = 64;
+/// Health, metrics and the document: longest a request may take.
+pub const OTHER_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The limits of the HTTP routes (from `silo serve`'s settings).
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    /// Longest an app request may take before it is answered 503.
+    pub app_request_timeout: Duration,
+    /// App requests in flight at once; more are answered 503 at once.
+    pub app_max_in_flight: usize,
+    /// Largest app request body.
+    pub app_max_body_bytes: usize,
+    /// App requests per second per tenant (0: no limit).
+    pub app_rate_limit: u32,
+    /// App requests a tenant may send at once above its rate.
+    pub app_rate_burst: u32,
+    /// Admin requests in flight at once; more are answered 503 at once.
+    pub admin_max_in_flight: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            app_request_timeout: Duration::from_secs(
+                crate::config::DEFAULT_APP_REQUEST_TIMEOUT_SECS,
+            ),
+            app_max_in_flight: crate::config::DEFAULT_APP_MAX_IN_FLIGHT,
+            app_max_body_bytes: crate::config::DEFAULT_APP_MAX_BODY_BYTES,
+            app_rate_limit: crate::config::DEFAULT_APP_RATE_LIMIT,
+            app_rate_burst: crate::config::DEFAULT_APP_RATE_BURST,
+            admin_max_in_flight: crate::config::DEFAULT_ADMIN_MAX_IN_FLIGHT,
+        }
+    }
+}
+
+/// The limits at work: settings, in-flight counters, rate cells.
+pub struct Limits {
+    pub settings: HttpLimits,
+    app: Arc<Semaphore>,
+    admin: Arc<Semaphore>,
+    other: Arc<Semaphore>,
+    rate: Option<RateLimiter>,
+}
+
+impl std::fmt::Debug for Limits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limits")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Limits {
+    pub fn new(settings: HttpLimits) -> Self {
+        Self {
+            app: Arc::new(Semaphore::new(settings.app_max_in_flight.max(1))),
+            admin: Arc::new(Semaphore::new(settings.admin_max_in_flight.max(1))),
+            other: Arc::new(Semaphore::new(OTHER_MAX_IN_FLIGHT)),
+            rate: (settings.app_rate_limit > 0)
+                .then(|| RateLimiter::new(settings.app_rate_limit, settings.app_rate_burst.max(1))),
+            settings,
+        }
+    }
+
+    /// Count one app request of `tenant` against its rate: 429 when over it.
+    pub fn admit(&self, tenant: Uuid) -> Result<(), ApiError> {
+        let Some(rate) = &self.rate else {
+            return Ok(());
+        };
+        rate.check(tenant).map_err(|wait| {
+            metrics::counter!("silo_app_rate_limited_total").increment(1);
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            ApiError::TooManyRequests(
+                format!(
+                    "the tenant sends more than {} requests per second (SILO_APP_RATE_LIMIT); retry after {seconds} s",
+                    self.settings.app_rate_limit
+                ),
+                seconds.max(1),
+            )
+        })
+    }
+}
+
+fn busy(what: &str, setting: &str) -> Response {
+    metrics::counter!("silo_http_shed_total", "api" => what.to_owned()).increment(1);
+    ApiError::Unavailable(format!(
+        "silo is answering as many {what} requests as it may at once ({setting}); retry shortly"
+    ))
+    .into_response()
+}
+
+/// `/api/v1`: body size (by `Content-Length`; longer streamed bodies are
+/// refused when read), requests in flight, and the request deadline, the
+/// handler running on to its end in its own task.
+pub async fn app(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let limits = &state.limits;
+    let max_body = limits.settings.app_max_body_bytes;
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max_body as u64) {
+        return ApiError::PayloadTooLarge(format!(
+            "the body is larger than the limit of {max_body} bytes (SILO_APP_MAX_BODY_BYTES)"
+        ))
+        .into_response();
+    }
+    let Ok(slot) = limits.app.clone().try_acquire_owned() else {
+        return busy("app", "SILO_APP_MAX_IN_FLIGHT");
+    };
+    let deadline = limits.settings.app_request_timeout;
+    let span = tracing::Span::current();
+    let handler = tokio::spawn(
+        async move {
+            let res = next.run(req).await;
+            drop(slot);
+            res
+        }
+        .instrument(span),
+    );
+    match tokio::time::timeout(deadline, handler).await {
+        Ok(Ok(res)) => res,
+        Ok(Err(e)) => {
+            ApiError::Internal(anyhow::anyhow!("run an app request: {e}")).into_response()
+        }
+        Err(_) => {
+            metrics::counter!("silo_app_request_timeouts_total").increment(1);
+            ApiError::Unavailable(format!(
+                "the request took longer than {} s (SILO_APP_REQUEST_TIMEOUT); retry it",
+                deadline.as_secs_f64()
+            ))
+            .into_response()
+        }
+    }
+}
+
+/// `/admin/v1`: requests in flight (its deadline is [`super::error::deadline`]).
+pub async fn admin(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let Ok(_slot) = state.limits.admin.clone().try_acquire_owned() else {
+        return busy("admin", "SILO_ADMIN_MAX_IN_FLIGHT");
+    };
+    next.run(req).await
+}
+
+/// Health, metrics and the document: requests in flight, and a deadline.
+pub async fn other(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let Ok(_slot) = state.limits.other.clone().try_acquire_owned() else {
+        return busy("health, metrics and document", "at most 64");
+    };
+    match tokio::time::timeout(OTHER_REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(res) => res,
+        Err(_) => ApiError::Unavailable(format!(
+            "the request took longer than {} s",
+            OTHER_REQUEST_TIMEOUT.as_secs()
+        ))
+        .into_response(),
+    }
+}
+
+/// Monotonic nanoseconds since the first call.
+fn now_nanos() -> u64 {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// A per-tenant request rate (GCRA: one atomic "theoretical arrival time"
+/// per tenant, no lock, no timer).
+struct RateLimiter {
+    /// Nanoseconds between requests at the sustained rate.
+    interval: u64,
+    /// How far ahead of the sustained rate a tenant may be (its burst).
+    tolerance: u64,
+    cells: moka::sync::Cache<Uuid, Arc<AtomicU64>>,
+}
+
+impl RateLimiter {
+    fn new(per_second: u32, burst: u32) -> Self {
+        let interval = 1_000_000_000 / u64::from(per_second.max(1));
+        Self {
+            interval,
+            tolerance: interval * u64::from(burst.max(1)),
+            cells: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(Duration::from_secs(600))
+                .build(),
+        }
+    }
+
+    /// `Err(wait)` when `key` is over its rate.
+    fn check(&self, key: Uuid) -> Result<(), Duration> {
+        let cell = self.cells.get_with(key, || Arc::new(AtomicU64::new(0)));
+        let now = now_nanos();
+        let mut tat = cell.load(Ordering::Acquire);
+        loop {
+            let next = tat.max(now) + self.interval;
+            if next - now > self.tolerance {
+                return Err(Duration::from_nanos(next - now - self.tolerance));
+            }
+            match cell.compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok(()),
+                Err(seen) => tat = seen,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tenant_gets_its_burst_then_its_rate_and_others_are_not_affected() {
+        let limiter = RateLimiter::new(10, 5);
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let admitted = (0..20).filter(|_| limiter.check(a).is_ok()).count();
+        // The burst (and at most one more as time passes during the loop).
+        assert!((5..=6).contains(&admitted), "{admitted}");
+        let wait = limiter.check(a).unwrap_err();
+        assert!(wait <= Duration::from_millis(100), "{wait:?}");
+        assert!(limiter.check(b).is_ok(), "another tenant has its own rate");
+        std::thread::sleep(wait + Duration::from_millis(5));
+        assert!(limiter.check(a).is_ok(), "admitted again after the wait");
+    }
+}
