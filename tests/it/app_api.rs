@@ -19,18 +19,10 @@ struct Tenant {
 /// Create a tenant through the admin API and mint it a token.
 async fn tenant(env: &TestEnv, slug: &str) -> Tenant {
     let t = env.create(slug).await;
-    let (status, body) = env
-        .call(
-            Method::POST,
-            &format!("/admin/v1/tenants/{slug}/tokens"),
-            None,
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
     Tenant {
         slug: slug.to_owned(),
         id: t["id"].as_str().unwrap().to_owned(),
-        token: body["token"].as_str().unwrap().to_owned(),
+        token: env.app_token(slug).await,
     }
 }
 

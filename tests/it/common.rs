@@ -277,6 +277,19 @@ impl TestEnv {
         self.running.http()
     }
 
+    /// A fresh app token of `slug`, minted through the admin API.
+    pub async fn app_token(&self, slug: &str) -> String {
+        let (s, body) = self
+            .call(
+                Method::POST,
+                &format!("/admin/v1/tenants/{slug}/tokens"),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{body}");
+        body["token"].as_str().unwrap().to_owned()
+    }
+
     /// One request through the whole router, authenticated as admin.
     pub async fn call(
         &self,

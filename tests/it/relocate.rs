@@ -25,15 +25,7 @@ async fn superuser(pg: &EmbeddedPostgres, database: &str) -> PgPool {
 }
 
 async fn token(env: &TestEnv, slug: &str) -> String {
-    let (s, body) = env
-        .call(
-            Method::POST,
-            &format!("/admin/v1/tenants/{slug}/tokens"),
-            None,
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{body}");
-    format!("Bearer {}", body["token"].as_str().unwrap())
+    format!("Bearer {}", env.app_token(slug).await)
 }
 
 async fn start_move(env: &TestEnv, slug: &str, server: &str) -> String {

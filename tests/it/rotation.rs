@@ -9,15 +9,7 @@ use axum::http::{Method, StatusCode};
 use crate::common::{Silo, TestEnv};
 
 async fn token(env: &TestEnv, slug: &str) -> String {
-    let (s, body) = env
-        .call(
-            Method::POST,
-            &format!("/admin/v1/tenants/{slug}/tokens"),
-            None,
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{body}");
-    format!("Bearer {}", body["token"].as_str().unwrap())
+    format!("Bearer {}", env.app_token(slug).await)
 }
 
 async fn app_status(env: &TestEnv, slug: &str, bearer: &str) -> StatusCode {

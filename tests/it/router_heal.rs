@@ -26,15 +26,7 @@ use crate::common::{Silo, TestEnv};
 
 /// A fresh app token of `slug`.
 async fn token(env: &TestEnv, slug: &str) -> String {
-    let (s, body) = env
-        .call(
-            Method::POST,
-            &format!("/admin/v1/tenants/{slug}/tokens"),
-            None,
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{body}");
-    body["token"].as_str().unwrap().to_owned()
+    env.app_token(slug).await
 }
 
 /// One app request through the in-process app: status, `Retry-After`,
