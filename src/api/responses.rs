@@ -23,6 +23,7 @@
 use std::collections::BTreeMap;
 
 use utoipa::openapi::header::{Header, HeaderBuilder};
+use utoipa::openapi::path::Operation;
 use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::openapi::{Content, OpenApi, Ref, RefOr, Response, ResponseBuilder};
 use utoipa::IntoResponses;
@@ -35,23 +36,11 @@ pub const PROBLEM_JSON: &str = "application/problem+json";
 /// Makes every 4xx and 5xx response of every operation `application/problem+json`
 /// with the `Problem` schema (and nothing else).
 pub fn problem_json(openapi: &mut OpenApi) {
-    for item in openapi.paths.paths.values_mut() {
-        let operations = [
-            &mut item.get,
-            &mut item.put,
-            &mut item.post,
-            &mut item.delete,
-            &mut item.options,
-            &mut item.head,
-            &mut item.patch,
-            &mut item.trace,
-        ];
-        for operation in operations.into_iter().flatten() {
-            for (status, response) in &mut operation.responses.responses {
-                if let (true, RefOr::T(response)) = (is_error(status), response) {
-                    response.content.clear();
-                    response.content.insert(PROBLEM_JSON.to_owned(), problem());
-                }
+    for operation in operations_mut(openapi) {
+        for (status, response) in &mut operation.responses.responses {
+            if let (true, RefOr::T(response)) = (is_error(status), response) {
+                response.content.clear();
+                response.content.insert(PROBLEM_JSON.to_owned(), problem());
             }
         }
     }
@@ -60,8 +49,27 @@ pub fn problem_json(openapi: &mut OpenApi) {
 /// Every route is under an in-flight limit and a deadline (see
 /// `api::limits`): each documents a 503 for them, unless it has its own.
 pub fn overload(openapi: &mut OpenApi) {
-    for item in openapi.paths.paths.values_mut() {
-        let operations = [
+    for operation in operations_mut(openapi) {
+        operation
+            .responses
+            .responses
+            .entry("503".to_owned())
+            .or_insert_with(|| {
+                RefOr::T(
+                    unavailable(
+                        "as many requests of this kind are in flight as silo serves at \
+                         once, or the request took too long",
+                    )
+                    .build(),
+                )
+            });
+    }
+}
+
+/// Every operation of every path of the document.
+fn operations_mut(openapi: &mut OpenApi) -> impl Iterator<Item = &mut Operation> {
+    openapi.paths.paths.values_mut().flat_map(|item| {
+        [
             &mut item.get,
             &mut item.put,
             &mut item.post,
@@ -70,23 +78,10 @@ pub fn overload(openapi: &mut OpenApi) {
             &mut item.head,
             &mut item.patch,
             &mut item.trace,
-        ];
-        for operation in operations.into_iter().flatten() {
-            operation
-                .responses
-                .responses
-                .entry("503".to_owned())
-                .or_insert_with(|| {
-                    RefOr::T(
-                        unavailable(
-                            "as many requests of this kind are in flight as silo serves at \
-                             once, or the request took too long",
-                        )
-                        .build(),
-                    )
-                });
-        }
-    }
+        ]
+        .into_iter()
+        .flatten()
+    })
 }
 
 fn is_error(status: &str) -> bool {
