@@ -188,13 +188,12 @@ impl Provisioner {
             .await
             .context("end the sessions opened with the old password")?;
         failpoint::hit("rotate_sessions");
+        // New credentials, new tokens: the old ones are refused (one statement).
         if !reg.promote_pending_password(id).await? {
             return Err(Error::conflict(
                 "the tenant's pending password vanished during its rotation; rotate again",
             ));
         }
-        // New credentials, new tokens: the old ones are refused.
-        reg.revoke_tokens(id).await?;
         failpoint::hit("rotate_promoted");
         tracing::info!(tenant_id = %id, sessions_ended = ended, "tenant credentials rotated");
         Ok(true)

@@ -648,15 +648,17 @@ impl Registry {
         .map_err(Error::from)
     }
 
-    /// The role has the pending password now: make it the tenant's (the
-    /// trigger notifies routers). The caller holds the tenant's lock, so the
-    /// pending password is the one it set (a master-key re-seal may have
-    /// sealed it anew meanwhile: same password). `false` if none is pending.
+    /// The role has the pending password now: make it the tenant's and
+    /// refuse the app tokens minted before, in one statement (a crash cannot
+    /// promote without revoking; the trigger notifies routers). The caller
+    /// holds the tenant's lock, so the pending password is the one it set (a
+    /// master-key re-seal may have sealed it anew meanwhile: same password).
+    /// `false` if none is pending.
     pub async fn promote_pending_password(&self, id: Uuid) -> Result<bool> {
         sqlx::query(
             "UPDATE tenants SET password_enc = pending_password_enc, key_id = pending_key_id,
                     pending_password_enc = NULL, pending_key_id = NULL, pending_at = NULL,
-                    updated_at = now()
+                    token_generation = token_generation + 1, updated_at = now()
               WHERE id = $1 AND pending_password_enc IS NOT NULL",
         )
         .bind(id)

@@ -131,6 +131,17 @@ async fn a_rotation_killed_at_each_step_serves_after_restart() {
             .await
             .unwrap();
         assert_eq!(s, 201, "{body}");
+        let (s, body) = silo
+            .request(
+                reqwest::Method::POST,
+                &format!("/admin/v1/tenants/{slug}/tokens"),
+                None,
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(s, 201, "{step}: {body}");
+        let before = format!("Bearer {}", body["token"].as_str().unwrap());
         let rotate = silo
             .request(
                 reqwest::Method::POST,
@@ -172,6 +183,15 @@ async fn a_rotation_killed_at_each_step_serves_after_restart() {
             .await
             .unwrap();
         assert_eq!(res.status().as_u16(), 200, "{step}: the tenant serves");
+        // A token minted before the rotation is refused, however it ended.
+        let res = reqwest::Client::new()
+            .get(format!("{}/api/v1/patients?limit=1", silo.base))
+            .header("x-tenant-id", &slug)
+            .header("authorization", &before)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status().as_u16(), 404, "{step}: the old token");
         // The recorded password is the one the role has.
         crate::common::close(env.connect_tenant(&slug).await.unwrap()).await;
         silo.stop();
