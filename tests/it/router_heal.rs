@@ -24,9 +24,26 @@ use tower::ServiceExt;
 
 use crate::common::{Silo, TestEnv};
 
-/// A fresh app token of `slug`.
-async fn token(env: &TestEnv, slug: &str) -> String {
-    env.app_token(slug).await
+/// `GET /api/v1/patients` as `tenant` with `token`.
+async fn list_patients(
+    app: &axum::Router,
+    tenant: &str,
+    token: &str,
+) -> (u16, Option<String>, String, Value) {
+    app_call(app, Method::GET, "/api/v1/patients", tenant, token, None).await
+}
+
+/// Ask until the tenant's patients are listed (200), for at most `within`.
+async fn until_listed(app: &axum::Router, tenant: &str, token: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let (s, ..) = list_patients(app, tenant, token).await;
+        if s == 200 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{tenant}: still {s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// One app request through the in-process app: status, `Retry-After`,
@@ -175,7 +192,7 @@ async fn tenants_with_tokens(env: &TestEnv, prefix: &str, n: usize) -> Vec<(Stri
     for i in 0..n {
         let slug = format!("{prefix}-{i}");
         env.create(&slug).await;
-        out.push((slug.clone(), token(env, &slug).await));
+        out.push((slug.clone(), env.app_token(&slug).await));
     }
     out
 }
@@ -326,7 +343,7 @@ async fn a_restore_swap_under_traffic_leaves_no_replica_answering_503() {
     let env = TestEnv::setup().storage().start().await;
     env.create("swapped").await;
     let t = env.record("swapped").await;
-    let token = token(&env, "swapped").await;
+    let token = env.app_token("swapped").await;
     let app = env.app();
     let (s, ..) = app_call(
         &app,
@@ -488,17 +505,9 @@ async fn random_tenant_names_with_a_valid_token_never_reach_the_control_database
         .await;
     env.create("holder").await;
     env.create("neighbour").await;
-    let token = token(&env, "holder").await;
+    let token = env.app_token("holder").await;
     let app = env.app();
-    let (s, ..) = app_call(
-        &app,
-        Method::GET,
-        "/api/v1/patients",
-        "holder",
-        &token,
-        None,
-    )
-    .await;
+    let (s, ..) = list_patients(&app, "holder", &token).await;
     assert_eq!(s, 200);
 
     let before = env.router.stats().registry_lookups;
@@ -510,8 +519,7 @@ async fn random_tenant_names_with_a_valid_token_never_reach_the_control_database
                 let mut answers = Vec::new();
                 for i in 0..REQUESTS / 8 {
                     let name = format!("t{:08x}{w}", rand::random::<u32>() ^ i as u32);
-                    let (s, _, content_type, body) =
-                        app_call(&app, Method::GET, "/api/v1/patients", &name, &token, None).await;
+                    let (s, _, content_type, body) = list_patients(&app, &name, &token).await;
                     if s == 404 {
                         assert_eq!(content_type, "application/problem+json");
                         assert_eq!(body["status"], 404);
@@ -528,15 +536,7 @@ async fn random_tenant_names_with_a_valid_token_never_reach_the_control_database
         }
     }
     // Another tenant's name with this token: the same 404 as a made-up one.
-    let (s, _, _, body) = app_call(
-        &app,
-        Method::GET,
-        "/api/v1/patients",
-        "neighbour",
-        &token,
-        None,
-    )
-    .await;
+    let (s, _, _, body) = list_patients(&app, "neighbour", &token).await;
     assert_eq!(s, 404, "{body}");
     let lookups = env.router.stats().registry_lookups - before;
     assert_eq!(answers.get(&404), Some(&REQUESTS), "{answers:?}");
@@ -587,19 +587,11 @@ async fn a_tenant_over_its_rate_gets_429_with_retry_after_and_others_do_not() {
         .await;
     env.create("chatty").await;
     env.create("calm").await;
-    let (chatty, calm) = (token(&env, "chatty").await, token(&env, "calm").await);
+    let (chatty, calm) = (env.app_token("chatty").await, env.app_token("calm").await);
     let app = env.app();
     let mut limited = None;
     for _ in 0..100 {
-        let answer = app_call(
-            &app,
-            Method::GET,
-            "/api/v1/patients",
-            "chatty",
-            &chatty,
-            None,
-        )
-        .await;
+        let answer = list_patients(&app, "chatty", &chatty).await;
         if answer.0 == 429 {
             limited = Some(answer);
             break;
@@ -619,38 +611,14 @@ async fn a_tenant_over_its_rate_gets_429_with_retry_after_and_others_do_not() {
         "{body}"
     );
     // A made-up name with the same token counts against the same tenant.
-    let (s, ..) = app_call(
-        &app,
-        Method::GET,
-        "/api/v1/patients",
-        "made-up",
-        &chatty,
-        None,
-    )
-    .await;
+    let (s, ..) = list_patients(&app, "made-up", &chatty).await;
     assert_eq!(s, 429);
     // Another tenant has its own rate.
-    let (s, ..) = app_call(&app, Method::GET, "/api/v1/patients", "calm", &calm, None).await;
+    let (s, ..) = list_patients(&app, "calm", &calm).await;
     assert_eq!(s, 200);
     // After the wait, admitted again.
     tokio::time::sleep(Duration::from_secs(seconds)).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (s, ..) = app_call(
-            &app,
-            Method::GET,
-            "/api/v1/patients",
-            "chatty",
-            &chatty,
-            None,
-        )
-        .await;
-        if s == 200 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "still {s}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_listed(&app, "chatty", &chatty, Duration::from_secs(10)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -666,7 +634,7 @@ async fn body_deadline_and_in_flight_limits_answer_problem_json() {
         .start()
         .await;
     env.create("limited").await;
-    let token = token(&env, "limited").await;
+    let token = env.app_token("limited").await;
     let app = env.app();
     let problem = |answer: &(u16, Option<String>, String, Value), status: u16, says: &str| {
         assert_eq!(answer.0, status, "{:?}", answer.3);
@@ -724,15 +692,7 @@ async fn body_deadline_and_in_flight_limits_answer_problem_json() {
             let (app, token) = (app.clone(), token.clone());
             tokio::spawn(async move {
                 let started = Instant::now();
-                let a = app_call(
-                    &app,
-                    Method::GET,
-                    "/api/v1/patients",
-                    "limited",
-                    &token,
-                    None,
-                )
-                .await;
+                let a = list_patients(&app, "limited", &token).await;
                 (a, started.elapsed())
             })
         })
@@ -748,37 +708,13 @@ async fn body_deadline_and_in_flight_limits_answer_problem_json() {
     }
     // In flight: both handlers still wait for the lock (they end cleanly,
     // never abandoned mid-statement), so a third request is refused at once.
-    let answer = app_call(
-        &app,
-        Method::GET,
-        "/api/v1/patients",
-        "limited",
-        &token,
-        None,
-    )
-    .await;
+    let answer = list_patients(&app, "limited", &token).await;
     problem(&answer, 503, "SILO_APP_MAX_IN_FLIGHT");
     assert!(answer.1.is_some(), "Retry-After");
 
     // The lock goes: the handlers end, their slots come back, requests pass.
     tx.rollback().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let (s, ..) = app_call(
-            &app,
-            Method::GET,
-            "/api/v1/patients",
-            "limited",
-            &token,
-            None,
-        )
-        .await;
-        if s == 200 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "still {s}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_listed(&app, "limited", &token, Duration::from_secs(15)).await;
     owner.close().await.ok();
 }
 
