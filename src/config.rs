@@ -15,6 +15,8 @@ use crate::domain::{Plan, Schedule, ServerName, Slug, TenantName};
 
 /// Default address for `silo serve`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default address of the PostgreSQL-protocol front door.
+pub const DEFAULT_PG_LISTEN: &str = "127.0.0.1:6432";
 /// Default cron schedule for tenant backups (sec min hour day month weekday).
 pub const DEFAULT_BACKUP_SCHEDULE: &str = crate::domain::DEFAULT_SCHEDULE;
 /// Spare databases kept ready per server: a create takes one instead of cloning.
@@ -305,6 +307,20 @@ pub struct StorageArgs {
     pub pg_bin_dir: Option<PathBuf>,
 }
 
+/// A listen address, or none (an empty value turns a listener off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionalAddr(pub Option<SocketAddr>);
+
+fn parse_optional_addr(s: &str) -> Result<OptionalAddr, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(OptionalAddr(None));
+    }
+    s.parse()
+        .map(|a| OptionalAddr(Some(a)))
+        .map_err(|_| format!("`{s}` is not an address like 127.0.0.1:6432 (empty turns it off)"))
+}
+
 /// Settings for the long-running server (`serve`, and `dev` underneath).
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
@@ -384,6 +400,54 @@ pub struct ServerArgs {
     /// socket (checked to be the same cluster) rather than TCP.
     #[arg(long, env = "SILO_LOCAL_SOCKETS", default_value_t = true, action = clap::ArgAction::Set)]
     pub local_sockets: bool,
+
+    /// PostgreSQL-protocol front door (`host:port`); empty turns it off.
+    #[arg(long, env = "SILO_PG_LISTEN", default_value = DEFAULT_PG_LISTEN, value_parser = parse_optional_addr)]
+    pub pg_listen: OptionalAddr,
+
+    /// The `host:port` clients reach the front door at, for the connection
+    /// URIs the admin API hands out (default: the listen address).
+    #[arg(long, env = "SILO_PG_PUBLIC_ADDRESS")]
+    pub pg_public_address: Option<String>,
+
+    /// PEM certificate chain of the front door's TLS (with `SILO_PG_TLS_KEY`).
+    #[arg(long, env = "SILO_PG_TLS_CERT", requires = "pg_tls_key")]
+    pub pg_tls_cert: Option<PathBuf>,
+
+    /// PEM private key of the front door's TLS.
+    #[arg(long, env = "SILO_PG_TLS_KEY", requires = "pg_tls_cert")]
+    pub pg_tls_key: Option<PathBuf>,
+
+    /// Refuse front-door clients that do not use TLS.
+    #[arg(long, env = "SILO_PG_REQUIRE_TLS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub pg_require_tls: bool,
+
+    /// Front-door client connections one process holds at once; more are
+    /// refused with "too many connections".
+    #[arg(long, env = "SILO_PG_MAX_CLIENTS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub pg_max_clients: u32,
+
+    /// Front-door client connections per tenant per process.
+    #[arg(long, env = "SILO_PG_MAX_CLIENTS_PER_TENANT", default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub pg_max_clients_per_tenant: u32,
+
+    /// Seconds a client may take from connecting to being logged in.
+    #[arg(long, env = "SILO_PG_STARTUP_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub pg_startup_timeout: u64,
+
+    /// Seconds a logged-in client may stay silent outside a transaction
+    /// before it is disconnected (0: never).
+    #[arg(long, env = "SILO_PG_CLIENT_IDLE_TIMEOUT", default_value_t = 0)]
+    pub pg_client_idle_timeout: u64,
+
+    /// Largest protocol message a client may send, in bytes.
+    #[arg(long, env = "SILO_PG_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(8192..=1024 * 1024 * 1024))]
+    pub pg_max_message_bytes: u64,
+
+    /// Seconds a client waits for a server connection (budget full, or a
+    /// move's cut-over) before it is refused.
+    #[arg(long, env = "SILO_PG_WAIT_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub pg_wait_timeout: u64,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -122,7 +122,72 @@ macro_rules! text_value {
         }
     )*};
 }
-text_value!(Slug, TenantName, ServerName);
+text_value!(Slug, TenantName, ServerName, CredentialName);
+
+/// An app credential's name, which is also the `user` a PostgreSQL client
+/// logs in with: `^[a-z][a-z0-9_-]{0,62}$` (unique within its tenant).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct CredentialName(String);
+
+impl CredentialName {
+    pub fn parse(s: &str) -> Result<Self, Invalid> {
+        let b = s.as_bytes();
+        let shaped = (1..=63).contains(&b.len())
+            && b[0].is_ascii_lowercase()
+            && b.iter()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'_');
+        if !shaped {
+            return Err(Invalid(
+                "name must be 1 to 63 characters of a-z, 0-9, '_' and '-', starting with a letter"
+                    .into(),
+            ));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// How the PostgreSQL front door pools an app credential's sessions.
+///
+/// - `session`: a client holds one server connection for its whole session;
+///   everything PostgreSQL offers works.
+/// - `transaction`: a client holds a server connection only while a
+///   transaction is open, so many clients share few connections; session
+///   state (`SET`, `LISTEN`, session advisory locks, `WITH HOLD` cursors)
+///   does not carry over between transactions.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    ToSchema,
+    sqlx::Type,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+pub enum PoolMode {
+    #[default]
+    Session,
+    Transaction,
+}
+
+impl PoolMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Session => "session",
+            Self::Transaction => "transaction",
+        }
+    }
+}
 
 /// A tenant's plan. Today a fixed set; each sets the most connections the
 /// tenant's role may open (its `CONNECTION LIMIT`, and the router's cap).

@@ -20,6 +20,8 @@
 //!   sessions, names, the tenant schema, pg tools, SQLSTATEs, health) and
 //!   [`ops`] (the operations runner, its kinds and exclusions, the one
 //!   error type of the features);
+//! - [`wire`]: the PostgreSQL-protocol front door (app credentials, SCRAM,
+//!   session and transaction pooling on the router's budgets);
 //! - [`router`]: per-tenant connection pools under each server's budget (it
 //!   uses the registry and server access only, never a feature);
 //! - [`registry`]: the control database, the only code that writes it;
@@ -49,3 +51,4 @@ pub mod servers;
 pub mod startup;
 pub mod telemetry;
 pub mod tokens;
+pub mod wire;

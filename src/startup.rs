@@ -27,6 +27,7 @@ use crate::provision::ProvisionConfig;
 use crate::registry::Registry;
 use crate::router::{RouterConfig, TenantRouter};
 use crate::servers::TenantSchema;
+use crate::wire::WireSettings;
 
 /// How long shutdown waits for in-flight requests and background tasks.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);
@@ -106,6 +107,8 @@ pub struct RunSettings {
     pub admin_timeout: Duration,
     /// Limits of the HTTP routes: in flight, time, body, rate.
     pub limits: HttpLimits,
+    /// The PostgreSQL-protocol front door, or `None` for none.
+    pub wire: Option<WireSettings>,
 }
 
 /// How often the background jobs run.
@@ -147,6 +150,7 @@ impl RunSettings {
                 app_rate_burst: args.app_rate_burst,
                 admin_max_in_flight: args.admin_max_in_flight as usize,
             },
+            wire: WireSettings::from_args(args),
         }
     }
 }
@@ -194,6 +198,10 @@ pub fn start(control: ControlPlane, settings: RunSettings) -> Silo {
         app_domain: settings.app_domain.as_deref().map(Arc::from),
         admin_timeout: settings.admin_timeout,
         limits: Arc::new(Limits::new(settings.limits)),
+        pg_address: settings
+            .wire
+            .as_ref()
+            .map(|w| Arc::from(w.public_address.as_str())),
     };
     Silo {
         control,

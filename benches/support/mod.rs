@@ -138,6 +138,17 @@ impl SiloServer {
             app_rate_limit: silo::config::DEFAULT_APP_RATE_LIMIT,
             app_rate_burst: silo::config::DEFAULT_APP_RATE_BURST,
             local_sockets: true,
+            pg_listen: silo::config::OptionalAddr(None),
+            pg_public_address: None,
+            pg_tls_cert: None,
+            pg_tls_key: None,
+            pg_require_tls: false,
+            pg_max_clients: 10_000,
+            pg_max_clients_per_tenant: 1_000,
+            pg_startup_timeout: 10,
+            pg_client_idle_timeout: 0,
+            pg_max_message_bytes: 16 * 1024 * 1024,
+            pg_wait_timeout: 30,
         };
         tweak(&mut args);
         let settings = silo::startup::RunSettings::from_args(

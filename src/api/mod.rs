@@ -44,6 +44,9 @@ pub struct AppState {
     pub admin_timeout: std::time::Duration,
     /// Limits of every route: in flight, time, body, rate.
     pub limits: Arc<limits::Limits>,
+    /// `host:port` of the PostgreSQL-protocol front door, for the connection
+    /// URIs handed out; `None` when it is off.
+    pub pg_address: Option<Arc<str>>,
 }
 
 impl AppState {

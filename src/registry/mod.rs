@@ -6,6 +6,7 @@
 //! serialized across processes and replicas with PostgreSQL advisory locks
 //! ([`Registry::lock_tenant`]).
 
+mod app_credentials;
 mod audit;
 mod backups;
 mod keys;
@@ -15,6 +16,7 @@ mod servers;
 mod spares;
 mod tenants;
 
+pub use app_credentials::{AppCredential, AppCredentialView, LIVE_NAME_INDEX};
 pub use audit::AuditEntry;
 pub use backups::{Backup, BackupDone, NewBackup, Schedulable};
 pub use keys::{Resealer, RowId, SealedColumn, SealedRow, SEALED_COLUMNS};

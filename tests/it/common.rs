@@ -162,6 +162,7 @@ impl Setup {
                     .admin_timeout
                     .unwrap_or(std::time::Duration::from_secs(30)),
                 limits: self.limits.unwrap_or_default(),
+                wire: None,
             },
         );
         let admin = PgPoolOptions::new()
