@@ -98,6 +98,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once, at start
 pub enum Command {
     /// Everything on one machine with no setup: private PostgreSQL, demo clinics.
     Dev(DevArgs),

@@ -27,7 +27,7 @@ use crate::provision::ProvisionConfig;
 use crate::registry::Registry;
 use crate::router::{RouterConfig, TenantRouter};
 use crate::servers::TenantSchema;
-use crate::wire::WireSettings;
+use crate::wire::{Front, WireSettings};
 
 /// How long shutdown waits for in-flight requests and background tasks.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);
@@ -164,6 +164,9 @@ pub struct Silo {
     /// `/metrics` alone, for its own listener.
     metrics_app: axum::Router,
     metrics_listen: Option<SocketAddr>,
+    /// The PostgreSQL front door's settings, when it is on.
+    wire: Option<WireSettings>,
+    app_domain: Option<String>,
     token: CancellationToken,
     tracker: TaskTracker,
 }
@@ -209,6 +212,8 @@ pub fn start(control: ControlPlane, settings: RunSettings) -> Silo {
         app: app(state.clone()),
         metrics_app: crate::api::metrics_app(state),
         metrics_listen: settings.metrics_listen,
+        wire: settings.wire,
+        app_domain: settings.app_domain,
         token,
         tracker,
     }
@@ -220,6 +225,22 @@ impl Silo {
         self.app.clone()
     }
 
+    /// Serve the PostgreSQL front door on `listener` (until stop).
+    pub fn serve_wire(&self, listener: tokio::net::TcpListener) -> anyhow::Result<Front> {
+        let settings = self
+            .wire
+            .clone()
+            .context("the PostgreSQL front door is off (SILO_PG_LISTEN is empty)")?;
+        let front = Front::new(
+            settings,
+            self.app_domain.clone(),
+            self.router.clone(),
+            self.control.registry().clone(),
+        )?;
+        front.spawn(listener, &self.token, &self.tracker);
+        Ok(front)
+    }
+
     /// Serve HTTP on `listener` until `shutdown` resolves, then stop.
     pub async fn serve(
         self,
@@ -227,6 +248,18 @@ impl Silo {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let stop = self.token.clone();
+        if let Some(w) = &self.wire {
+            let pg = tokio::net::TcpListener::bind(w.listen)
+                .await
+                .with_context(|| {
+                    format!(
+                        "listen on {} for the PostgreSQL front door (SILO_PG_LISTEN)",
+                        w.listen
+                    )
+                })?;
+            tracing::info!(addr = %w.listen, "PostgreSQL front door listening");
+            self.serve_wire(pg)?;
+        }
         if let Some(addr) = self.metrics_listen {
             let metrics = tokio::net::TcpListener::bind(addr)
                 .await

@@ -278,6 +278,19 @@ pub struct TenantPoolStats {
     pub connects: u64,
 }
 
+/// Where and as whom a tenant's database is logged in to.
+pub struct Login {
+    pub budget: Arc<ServerBudget>,
+    /// The server admin URL's options (host, port, TLS).
+    pub base: PgConnectOptions,
+    /// The server's local Unix socket directory, when it is on this machine.
+    pub socket: Option<std::path::PathBuf>,
+    pub database: String,
+    pub role: String,
+    pub password: Secret,
+    pub key: PoolKey,
+}
+
 /// A tenant server as the router uses it: its budget, and how to reach it.
 struct Server {
     budget: Arc<ServerBudget>,
@@ -315,6 +328,9 @@ struct Inner {
     /// Bumped when notifications may have been missed: every lookup read
     /// before is re-read on next use, yet still served if the control DB is down.
     epoch: AtomicU64,
+    /// Tenants that changed (`Uuid::nil()`: any may have), for the front
+    /// doors that hold sessions of their own.
+    changed: tokio::sync::broadcast::Sender<Uuid>,
     /// Tenants that got a connection since the last activity flush.
     active: Mutex<HashSet<Uuid>>,
     /// Control-DB sessions (by process id) known to be silo's own or not,
@@ -369,6 +385,7 @@ impl TenantRouter {
                 built: AtomicU64::new(0),
                 fetched: AtomicU64::new(0),
                 epoch: AtomicU64::new(0),
+                changed: tokio::sync::broadcast::channel(1024).0,
                 active: Mutex::default(),
                 senders: moka::sync::Cache::builder()
                     .max_capacity(10_000)
@@ -376,6 +393,33 @@ impl TenantRouter {
                     .build(),
             }),
         }
+    }
+
+    /// Tenants as they change (their lookups invalidated); `Uuid::nil()`
+    /// when any may have (notices missed).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Uuid> {
+        self.inner.changed.subscribe()
+    }
+
+    /// How the front door logs in to `entry`'s database: the server's
+    /// budget, where it listens, the role and the password to use now.
+    pub async fn login_for(&self, entry: &TenantEntry) -> Result<Login, RouteError> {
+        let server = self.server(entry.server_id).await?;
+        let socket = server.budget.local_socket();
+        Ok(Login {
+            budget: server.budget.clone(),
+            base: server.base.clone(),
+            socket,
+            database: entry.database.clone(),
+            role: entry.role.clone(),
+            password: entry.login_password().clone(),
+            key: entry.pool_key(),
+        })
+    }
+
+    /// Why `entry` cannot be served now, if it cannot.
+    pub fn check_status(entry: &TenantEntry) -> Result<(), RouteError> {
+        check_status(entry)
     }
 
     pub fn config(&self) -> &RouterConfig {
@@ -714,6 +758,7 @@ impl TenantRouter {
     pub async fn invalidate(&self, tenant: Uuid) {
         let seq = self.inner.changes.fetch_add(1, Ordering::AcqRel) + 1;
         self.inner.invalidated.insert(tenant, seq);
+        let _ = self.inner.changed.send(tenant);
         self.mark_stale(tenant).await;
         // Close it here rather than trusting the eviction notice alone: the
         // pool must stop handing out the old credentials now.
@@ -765,6 +810,7 @@ impl TenantRouter {
     /// if the control DB cannot be reached.
     pub fn mark_lookups_stale(&self) {
         self.inner.epoch.fetch_add(1, Ordering::AcqRel);
+        let _ = self.inner.changed.send(Uuid::nil());
     }
 
     /// Router state for the admin API and metrics.
@@ -944,7 +990,10 @@ impl TenantRouter {
                             // Its sender is gone (or the control DB is out of
                             // reach): re-read the tenant on next use; the pool
                             // is kept unless the lookup then differs.
-                            None => self.mark_stale(id).await,
+                            None => {
+                                let _ = self.inner.changed.send(id);
+                                self.mark_stale(id).await
+                            }
                         }
                     }
                 }

@@ -29,7 +29,7 @@
 //! No lock is held across an `.await`: the idle lists and the budget's
 //! state are `std::sync::Mutex`es touched only for short bookkeeping.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::{Deref, DerefMut};
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -68,8 +68,9 @@ const FAILED_ATTEMPT_HOLD: Duration = Duration::from_millis(250);
 /// leak away for good.
 const CONFIRM_GIVE_UP: Duration = Duration::from_secs(120);
 
-/// Monotonic nanoseconds since the first call, for atomics.
-fn now_nanos() -> u64 {
+/// Monotonic nanoseconds since the first call, for atomics (and the
+/// "went idle at" of idle connections in [`ServerBudget`]'s ledger).
+pub fn now_nanos() -> u64 {
     static BASE: OnceLock<Instant> = OnceLock::new();
     BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
@@ -142,11 +143,22 @@ struct Closing {
     missed: bool,
 }
 
+/// Whoever holds idle connections of a server: a tenant pool of the
+/// router, or the wire front door's. The budget closes their idle
+/// connections, least recently used first, when someone else needs a permit.
+pub trait IdleOwner: Send + Sync {
+    /// Clients of the owner waiting for one of its own connections (its
+    /// idle ones are then not taken from it).
+    fn waiters(&self) -> usize;
+    /// Close idle connection `id` for someone else's demand, if it is
+    /// still idle.
+    fn reclaim(&self, id: u64);
+}
+
 #[derive(Default)]
 struct BudgetState {
-    pools: HashMap<Uuid, Weak<TenantPool>>,
-    /// Every idle connection of the server, oldest first: (went idle at, id) → tenant.
-    idle: BTreeMap<(u64, u64), Uuid>,
+    /// Every idle connection of the server, oldest first: (went idle at, id) → its owner.
+    idle: BTreeMap<(u64, u64), Weak<dyn IdleOwner>>,
     /// Requests waiting for a permit.
     waiting: usize,
 }
@@ -233,10 +245,73 @@ impl ServerBudget {
         self.socket.lock().expect("socket lock").clone()
     }
 
-    fn register(&self, pool: &Arc<TenantPool>) {
-        let mut s = self.state.lock().expect("budget lock");
-        s.pools.retain(|_, p| p.strong_count() > 0);
-        s.pools.insert(pool.tenant, Arc::downgrade(pool));
+    /// Record an idle connection (`since` from [`now_nanos`], `id` from
+    /// [`Self::next_conn_id`]) so it may be reclaimed for others.
+    pub fn idle_insert(&self, since: u64, id: u64, owner: Weak<dyn IdleOwner>) {
+        self.state
+            .lock()
+            .expect("budget lock")
+            .idle
+            .insert((since, id), owner);
+    }
+
+    /// The idle connection left the ledger (taken for use, or closed).
+    pub fn idle_remove(&self, since: u64, id: u64) {
+        self.state
+            .lock()
+            .expect("budget lock")
+            .idle
+            .remove(&(since, id));
+    }
+
+    /// A fresh connection id, unique within this budget.
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The policy of the server's connections (checks, lifetime).
+    pub fn policy(&self) -> &PoolPolicy {
+        &self.policy
+    }
+
+    /// When a connection of this server was last found dead ([`now_nanos`],
+    /// 0 never): an idle connection older than that is checked before use.
+    pub fn suspect_since(&self) -> u64 {
+        self.suspect_since.load(Ordering::Acquire)
+    }
+
+    /// A permit for a connection opened outside the router's pools (the
+    /// wire front door): a connection-attempt slot, then a permit (closing
+    /// the least recently used idle connection of the server for it if none
+    /// is free), by `deadline`.
+    pub async fn claim(self: &Arc<Self>, deadline: Instant) -> Result<Claim, AcquireError> {
+        let until = tokio::time::Instant::from_std(deadline);
+        let attempt = tokio::select! {
+            s = self.connects.clone().acquire_owned() => s.map_err(|_| AcquireError::Closed)?,
+            _ = tokio::time::sleep_until(until) => {
+                metrics::counter!("silo_router_budget_rejections_total").increment(1);
+                return Err(AcquireError::BudgetExhausted);
+            }
+        };
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                let _demand = Demand::new(self);
+                tokio::select! {
+                    p = self.permits.clone().acquire_owned() => p.map_err(|_| AcquireError::Closed)?,
+                    _ = tokio::time::sleep_until(until) => {
+                        metrics::counter!("silo_router_budget_rejections_total").increment(1);
+                        return Err(AcquireError::BudgetExhausted);
+                    }
+                }
+            }
+        };
+        self.rebalance();
+        Ok(Claim {
+            permit: Some(permit),
+            attempt: Some(attempt),
+            budget: self.clone(),
+        })
     }
 
     /// Close long-idle connections to keep the reserve of free permits (the
@@ -246,7 +321,7 @@ impl ServerBudget {
     }
 
     /// Connections of this server went bad: every idle one is checked before use.
-    fn mark_suspect(&self) {
+    pub fn mark_suspect(&self) {
         self.suspect_since.store(now_nanos(), Ordering::Release);
     }
 
@@ -264,32 +339,28 @@ impl ServerBudget {
                 if !for_waiters && !for_reserve {
                     break;
                 }
-                let Some((&key, &tenant)) = s.idle.iter().next() else {
+                let Some((&key, owner)) = s.idle.iter().next() else {
                     break;
                 };
+                let owner = owner.clone();
                 let old_enough =
                     now_nanos().saturating_sub(key.0) >= RESERVE_MIN_IDLE.as_nanos() as u64;
                 if !for_waiters && !old_enough {
                     break;
                 }
                 s.idle.remove(&key);
-                s.pools
-                    .get(&tenant)
-                    .and_then(Weak::upgrade)
-                    .map(|p| (p, key, tenant))
+                owner.upgrade().map(|o| (o, key, owner))
             };
-            let Some((pool, key, tenant)) = victim else {
-                continue; // its pool is gone: a stale entry
+            let Some((pool, key, weak)) = victim else {
+                continue; // its owner is gone: a stale entry
             };
-            if pool.waiters.load(Ordering::Acquire) > 0 {
+            if pool.waiters() > 0 {
                 // Its own tenant is waiting for it: not a victim.
-                skipped.push((key, tenant));
+                skipped.push((key, weak));
                 continue;
             }
-            if let Some(conn) = pool.take_idle(key.1) {
-                metrics::counter!("silo_router_reclaimed_total").increment(1);
-                pool.retire(conn, CloseReason::Reclaimed);
-            }
+            metrics::counter!("silo_router_reclaimed_total").increment(1);
+            pool.reclaim(key.1);
         }
         if !skipped.is_empty() {
             let mut s = self.state.lock().expect("budget lock");
@@ -542,6 +613,67 @@ impl Drop for Ticket {
     }
 }
 
+/// A budget permit for a connection being opened outside the router's
+/// pools. Dropped before [`Claim::connected`]: the attempt failed, and the
+/// permit is held a moment (the server may have started a backend that is
+/// exiting).
+pub struct Claim {
+    permit: Option<OwnedSemaphorePermit>,
+    attempt: Option<OwnedSemaphorePermit>,
+    budget: Arc<ServerBudget>,
+}
+
+impl Claim {
+    pub fn budget(&self) -> &Arc<ServerBudget> {
+        &self.budget
+    }
+
+    /// The connection is open, to backend `pid` of the server started at
+    /// `postmaster_started` (`pg_postmaster_start_time()::text`).
+    pub fn connected(mut self, pid: i32, postmaster_started: String) -> Held {
+        self.attempt.take();
+        Held {
+            permit: self.permit.take(),
+            backend: Backend {
+                pid,
+                postmaster_started,
+            },
+            budget: self.budget.clone(),
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            self.budget.retire_permit(permit, None);
+        }
+    }
+}
+
+/// An open connection's permit: when dropped (after its socket is closed),
+/// the permit goes back once the server's backend is seen gone.
+pub struct Held {
+    permit: Option<OwnedSemaphorePermit>,
+    backend: Backend,
+    budget: Arc<ServerBudget>,
+}
+
+impl Held {
+    pub fn budget(&self) -> &Arc<ServerBudget> {
+        &self.budget
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            self.budget
+                .retire_permit(permit, Some(self.backend.clone()));
+        }
+    }
+}
+
 struct Idle {
     conn: Conn,
     /// [`now_nanos`] when it went idle.
@@ -640,7 +772,7 @@ impl TenantPool {
         budget: Arc<ServerBudget>,
         connects: Arc<AtomicU64>,
     ) -> Arc<Self> {
-        let pool = Arc::new(Self {
+        Arc::new(Self {
             tenant,
             key,
             opts,
@@ -653,9 +785,7 @@ impl TenantPool {
             returned: Notify::new(),
             waiters: AtomicUsize::new(0),
             connects,
-        });
-        budget.register(&pool);
-        pool
+        })
     }
 
     /// Connections open (idle + in use).
@@ -958,7 +1088,7 @@ impl TenantPool {
         self.budget.close_conn(conn, reason);
     }
 
-    fn give_back(&self, conn: Conn, broken: bool) {
+    fn give_back(self: &Arc<Self>, conn: Conn, broken: bool) {
         if broken {
             self.retire(conn, CloseReason::Dead);
             return;
@@ -982,12 +1112,24 @@ impl TenantPool {
             .lock()
             .expect("budget lock")
             .idle
-            .insert(key, self.tenant);
+            .insert(key, Arc::downgrade(self) as Weak<dyn IdleOwner>);
         if self.waiters.load(Ordering::Acquire) > 0 {
             self.returned.notify_one();
         } else {
             // Someone may be waiting for a permit this idle connection can free.
             self.budget.rebalance();
+        }
+    }
+}
+
+impl IdleOwner for TenantPool {
+    fn waiters(&self) -> usize {
+        self.waiters.load(Ordering::Acquire)
+    }
+
+    fn reclaim(&self, id: u64) {
+        if let Some(conn) = self.take_idle(id) {
+            self.retire(conn, CloseReason::Reclaimed);
         }
     }
 }

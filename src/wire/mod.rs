@@ -65,3 +65,362 @@ impl WireSettings {
         }
     }
 }
+
+pub mod backend;
+mod pool;
+mod proto;
+mod scram;
+mod session;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::registry::{AppCredential, Registry};
+use crate::router::{RouteError, TenantEntry, TenantRouter};
+use backend::Target;
+use pool::WirePool;
+
+/// A client's byte stream: TCP, or TLS over it.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// How often idle server connections are reaped.
+const UPKEEP: Duration = Duration::from_secs(5);
+/// A tenant's app credentials are re-read this often (changes are
+/// announced sooner, by NOTIFY).
+const CREDENTIALS_TTL: Duration = Duration::from_secs(60);
+
+/// The front door: its settings and what its sessions share.
+#[derive(Clone)]
+pub struct Front {
+    inner: Arc<Shared>,
+}
+
+/// Ends a session, saying why.
+struct Ender {
+    token: CancellationToken,
+    reason: Mutex<String>,
+    credential: Uuid,
+}
+
+impl Ender {
+    fn end(&self, why: &str) {
+        *self.reason.lock().expect("reason lock") = why.to_owned();
+        self.token.cancel();
+    }
+}
+
+/// The server backend a client's cancel request must reach, while it has one.
+#[derive(Default)]
+struct CancelSlot {
+    server: Mutex<Option<(Target, i32, i32)>>,
+}
+
+pub(crate) struct Shared {
+    settings: WireSettings,
+    app_domain: Option<String>,
+    router: TenantRouter,
+    registry: Registry,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    clients: Arc<Semaphore>,
+    per_tenant: Mutex<HashMap<Uuid, usize>>,
+    pools: Mutex<HashMap<Uuid, Arc<WirePool>>>,
+    cancels: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
+    sessions: Mutex<HashMap<Uuid, HashMap<u64, Arc<Ender>>>>,
+    credentials: moka::future::Cache<Uuid, Arc<Vec<AppCredential>>>,
+    /// Salts the decoy exchange of unknown users (per process).
+    decoy: [u8; 32],
+    next_session: AtomicU64,
+}
+
+impl Front {
+    pub fn new(
+        settings: WireSettings,
+        app_domain: Option<String>,
+        router: TenantRouter,
+        registry: Registry,
+    ) -> anyhow::Result<Self> {
+        let tls = match &settings.tls {
+            Some((cert, key)) => Some(tls_acceptor(cert, key)?),
+            None => None,
+        };
+        if settings.require_tls && tls.is_none() {
+            anyhow::bail!("SILO_PG_REQUIRE_TLS needs SILO_PG_TLS_CERT and SILO_PG_TLS_KEY");
+        }
+        let mut decoy = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut decoy);
+        Ok(Self {
+            inner: Arc::new(Shared {
+                clients: Arc::new(Semaphore::new(settings.max_clients)),
+                settings,
+                app_domain: app_domain.map(|d| d.trim_start_matches('.').to_ascii_lowercase()),
+                router,
+                registry,
+                tls,
+                per_tenant: Mutex::default(),
+                pools: Mutex::default(),
+                cancels: Mutex::default(),
+                sessions: Mutex::default(),
+                credentials: moka::future::Cache::builder()
+                    .max_capacity(100_000)
+                    .time_to_live(CREDENTIALS_TTL)
+                    .build(),
+                decoy,
+                next_session: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    pub fn settings(&self) -> &WireSettings {
+        &self.inner.settings
+    }
+
+    /// Accept clients on `listener` until `stop`; upkeep runs beside.
+    pub fn spawn(
+        &self,
+        listener: tokio::net::TcpListener,
+        stop: &CancellationToken,
+        tracker: &TaskTracker,
+    ) {
+        let shared = self.inner.clone();
+        let (stop_accept, clients) = (stop.clone(), tracker.clone());
+        tracker.spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = stop_accept.cancelled() => return,
+                    a = listener.accept() => a,
+                };
+                match accepted {
+                    Ok((tcp, _)) => {
+                        let shared = shared.clone();
+                        let stop = stop_accept.clone();
+                        clients.spawn(async move {
+                            tokio::select! {
+                                _ = session::handle(shared, tcp) => {}
+                                _ = stop.cancelled() => {}
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!("front door failed to accept a client: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+        let shared = self.inner.clone();
+        let stop_upkeep = stop.clone();
+        tracker.spawn(async move {
+            let mut changes = shared.router.subscribe();
+            let mut tick = tokio::time::interval(UPKEEP);
+            loop {
+                tokio::select! {
+                    _ = stop_upkeep.cancelled() => {
+                        for p in shared.pools.lock().expect("pools lock").drain() {
+                            p.1.close();
+                        }
+                        return;
+                    }
+                    _ = tick.tick() => shared.upkeep(),
+                    changed = changes.recv() => match changed {
+                        Ok(id) => shared.tenant_changed(id).await,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            shared.tenant_changed(Uuid::nil()).await
+                        }
+                        Err(_) => return,
+                    },
+                }
+            }
+        });
+    }
+
+    /// Client sessions open now.
+    pub fn sessions(&self) -> usize {
+        self.inner.settings.max_clients - self.inner.clients.available_permits()
+    }
+}
+
+impl Shared {
+    fn upkeep(&self) {
+        let max_idle = self.router.config().idle_connection_timeout;
+        let mut pools = self.pools.lock().expect("pools lock");
+        pools.retain(|_, p| p.reap(max_idle) > 0 || Arc::strong_count(p) > 1);
+        let open: usize = pools.values().map(|p| p.idle_count()).sum();
+        metrics::gauge!("silo_wire_server_connections_idle").set(open as f64);
+        metrics::gauge!("silo_wire_pools").set(pools.len() as f64);
+    }
+
+    /// A tenant changed (`nil`: any may have): forget its credentials and
+    /// end the sessions it may no longer have (suspended, deleted, their
+    /// credential revoked).
+    async fn tenant_changed(&self, id: Uuid) {
+        let tenants: Vec<Uuid> = if id.is_nil() {
+            self.credentials.invalidate_all();
+            self.sessions
+                .lock()
+                .expect("sessions lock")
+                .keys()
+                .copied()
+                .collect()
+        } else {
+            self.credentials.invalidate(&id).await;
+            vec![id]
+        };
+        for tenant in tenants {
+            let enders: Vec<Arc<Ender>> = self
+                .sessions
+                .lock()
+                .expect("sessions lock")
+                .get(&tenant)
+                .map(|m| m.values().cloned().collect())
+                .unwrap_or_default();
+            if enders.is_empty() {
+                continue;
+            }
+            let entry = match self.router.resolve(&tenant.to_string()).await {
+                Ok(e) => Some(e),
+                Err(RouteError::NotFound) => None,
+                // Cannot tell now; the next change or connect will.
+                Err(_) => continue,
+            };
+            let why = match &entry {
+                None => Some("the tenant no longer exists".to_owned()),
+                Some(e) => match TenantRouter::check_status(e) {
+                    Err(RouteError::Locked(s)) => Some(format!("the tenant is {s}")),
+                    Err(RouteError::NotFound) => Some("the tenant no longer exists".into()),
+                    _ => None,
+                },
+            };
+            if let Some(why) = why {
+                enders.iter().for_each(|e| e.end(&why));
+                continue;
+            }
+            let Ok(live) = self.credentials_of(tenant).await else {
+                continue;
+            };
+            for e in enders {
+                if !live.iter().any(|c| c.id == e.credential) {
+                    e.end("the app credential was revoked");
+                }
+            }
+            // Pools built for an old server, database or password close.
+            if let Some(entry) = entry {
+                self.pool_if_current(&entry);
+            }
+        }
+    }
+
+    async fn credentials_of(&self, tenant: Uuid) -> anyhow::Result<Arc<Vec<AppCredential>>> {
+        let registry = self.registry.clone();
+        self.credentials
+            .try_get_with(tenant, async move {
+                registry.app_credentials(tenant).await.map(Arc::new)
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("read app credentials: {e}"))
+    }
+
+    /// The tenant's pool if it was built for what `entry` says now (a
+    /// stale one is closed and forgotten).
+    fn pool_if_current(&self, entry: &TenantEntry) -> Option<Arc<WirePool>> {
+        let mut pools = self.pools.lock().expect("pools lock");
+        match pools.get(&entry.id) {
+            Some(p) if p.key == entry.pool_key() => Some(p.clone()),
+            Some(_) => {
+                if let Some(p) = pools.remove(&entry.id) {
+                    p.close();
+                }
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// The tenant's pool, built if needed.
+    async fn pool_for(&self, entry: &TenantEntry) -> Result<Arc<WirePool>, RouteError> {
+        if let Some(p) = self.pool_if_current(entry) {
+            return Ok(p);
+        }
+        let login = self.router.login_for(entry).await?;
+        let target = match &login.socket {
+            Some(dir) => Target::Unix(dir.join(format!(".s.PGSQL.{}", login.base.get_port()))),
+            None => Target::Tcp(login.base.get_host().to_owned(), login.base.get_port()),
+        };
+        let replicas = self.router.config().replicas.max(1) as usize;
+        let cap = (entry.plan.connection_limit() as usize / replicas)
+            .max(1)
+            .min(login.budget.max);
+        let fresh = WirePool::new(
+            entry.id,
+            login.key,
+            login.budget,
+            target,
+            login.role,
+            login.password,
+            login.database,
+            cap,
+        );
+        let mut pools = self.pools.lock().expect("pools lock");
+        let pool = pools.entry(entry.id).or_insert_with(|| fresh.clone());
+        if pool.key != fresh.key {
+            pool.close();
+            *pool = fresh;
+        }
+        Ok(pool.clone())
+    }
+
+    fn register_session(&self, tenant: Uuid, ender: Arc<Ender>) -> u64 {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .entry(tenant)
+            .or_default()
+            .insert(id, ender);
+        id
+    }
+
+    fn forget_session(&self, tenant: Uuid, id: u64) {
+        let mut s = self.sessions.lock().expect("sessions lock");
+        if let Some(m) = s.get_mut(&tenant) {
+            m.remove(&id);
+            if m.is_empty() {
+                s.remove(&tenant);
+            }
+        }
+    }
+}
+
+fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use tokio_rustls::rustls;
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
+        std::fs::File::open(cert).with_context(|| format!("open {}", cert.display()))?,
+    ))
+    .collect::<Result<Vec<_>, _>>()
+    .with_context(|| format!("read certificates from {}", cert.display()))?;
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+        std::fs::File::open(key).with_context(|| format!("open {}", key.display()))?,
+    ))
+    .with_context(|| format!("read the private key from {}", key.display()))?
+    .with_context(|| format!("no private key in {}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS protocol versions")?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("the front door's TLS certificate and key")?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}

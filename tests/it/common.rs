@@ -49,6 +49,8 @@ pub struct TestEnv {
     /// The embedded S3 store, when the test uses backups.
     pub s3: Option<Arc<EmbeddedS3>>,
     s3_dir: Option<Arc<tempfile::TempDir>>,
+    /// The PostgreSQL front door's address, when the setup asked for it.
+    pub pg_addr: Option<std::net::SocketAddr>,
 }
 
 /// Bucket the tests back up into.
@@ -65,9 +67,17 @@ pub struct Setup {
     keep_for: Option<silo::domain::KeepFor>,
     admin_timeout: Option<std::time::Duration>,
     limits: Option<silo::api::limits::HttpLimits>,
+    wire: Option<fn(&mut silo::wire::WireSettings)>,
 }
 
 impl Setup {
+    /// Serve the PostgreSQL front door on a loopback port (`TestEnv::pg_addr`),
+    /// with its settings changed by `tweak`.
+    pub fn wire(mut self, tweak: fn(&mut silo::wire::WireSettings)) -> Self {
+        self.wire = Some(tweak);
+        self
+    }
+
     /// Limits of the HTTP routes (the defaults of `silo serve` otherwise).
     pub fn limits(mut self, limits: silo::api::limits::HttpLimits) -> Self {
         self.limits = Some(limits);
@@ -149,6 +159,16 @@ impl Setup {
         })
         .await
         .unwrap();
+        let wire_listener = match self.wire {
+            Some(_) => Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            None => None,
+        };
+        let pg_addr = wire_listener.as_ref().map(|l| l.local_addr().unwrap());
+        let wire = self.wire.zip(pg_addr).map(|(tweak, addr)| {
+            let mut w = silo::wire::WireSettings::on(addr);
+            tweak(&mut w);
+            w
+        });
         let running = silo::startup::start(
             control.clone(),
             RunSettings {
@@ -162,9 +182,12 @@ impl Setup {
                     .admin_timeout
                     .unwrap_or(std::time::Duration::from_secs(30)),
                 limits: self.limits.unwrap_or_default(),
-                wire: None,
+                wire,
             },
         );
+        if let Some(listener) = wire_listener {
+            running.serve_wire(listener).unwrap();
+        }
         let admin = PgPoolOptions::new()
             .max_connections(4)
             .connect(&pg.url("postgres"))
@@ -180,6 +203,7 @@ impl Setup {
             admin,
             s3,
             s3_dir,
+            pg_addr,
         }
     }
 }

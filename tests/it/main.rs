@@ -27,3 +27,4 @@ mod rotation;
 mod router;
 mod router_heal;
 mod servers;
+mod wire;

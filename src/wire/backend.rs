@@ -1,0 +1,433 @@
+//! A raw connection to a tenant server, logged in as the tenant's role:
+//! messages are forwarded to and from it whole. Its budget permit
+//! ([`Held`]) goes back once its backend is gone.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use futures_util::{FutureExt, StreamExt};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
+use tokio::net::{TcpStream, UnixStream};
+use tokio_util::codec::FramedRead;
+
+use super::proto::{self, Codec, Msg};
+use crate::router::pool::{Claim, Held};
+
+/// Where a tenant server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Tcp(String, u16),
+    /// The socket file (`<dir>/.s.PGSQL.<port>`).
+    Unix(PathBuf),
+}
+
+impl Target {
+    async fn open(&self) -> std::io::Result<Stream> {
+        Ok(match self {
+            Self::Tcp(host, port) => {
+                let s = TcpStream::connect((host.as_str(), *port)).await?;
+                s.set_nodelay(true)?;
+                Stream::Tcp(s)
+            }
+            Self::Unix(path) => Stream::Unix(UnixStream::connect(path).await?),
+        })
+    }
+
+    /// Ask the server to cancel what backend `pid` runs (the secret proves
+    /// it is ours to cancel).
+    pub async fn cancel(&self, pid: i32, secret: i32) -> std::io::Result<()> {
+        let mut s = tokio::time::timeout(Duration::from_secs(5), self.open())
+            .await
+            .map_err(|_| std::io::Error::other("timed out"))??;
+        let mut out = BytesMut::new();
+        frontend::cancel_request(pid, secret, &mut out);
+        s.write_all(&out).await?;
+        let _ = s.shutdown().await;
+        Ok(())
+    }
+}
+
+/// TCP or Unix socket.
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Self::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Why a login to a tenant server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The server said no (its SQLSTATE and message).
+    #[error("the tenant server refused: {1} ({0})")]
+    Refused(String, String),
+    #[error("could not reach the tenant server: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the tenant server spoke unexpectedly: {0}")]
+    Protocol(String),
+    #[error("connecting to the tenant server timed out")]
+    Timeout,
+}
+
+impl ConnectError {
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            Self::Refused(code, _) => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// Largest message accepted from a tenant server (rows can be big).
+const SERVER_MAX_MESSAGE: usize = 1 << 30;
+
+/// A logged-in connection to a tenant database.
+pub struct ServerConn {
+    reader: FramedRead<ReadHalf<Stream>, Codec>,
+    writer: WriteHalf<Stream>,
+    out: BytesMut,
+    pub pid: i32,
+    pub secret: i32,
+    pub target: Target,
+    /// Current values of the parameters the server reports.
+    pub params: HashMap<String, String>,
+    /// Prepared statements (silo's names for them) it holds.
+    pub prepared: std::collections::HashSet<String>,
+    pub id: u64,
+    pub born: Instant,
+    held: Held,
+}
+
+impl ServerConn {
+    /// Log in to `database` as `user` with `password`, under `claim`.
+    pub async fn connect(
+        claim: Claim,
+        target: &Target,
+        user: &str,
+        password: &str,
+        database: &str,
+        limit: Duration,
+    ) -> Result<Self, ConnectError> {
+        tokio::time::timeout(limit, Self::login(claim, target, user, password, database))
+            .await
+            .map_err(|_| ConnectError::Timeout)?
+    }
+
+    async fn login(
+        claim: Claim,
+        target: &Target,
+        user: &str,
+        password: &str,
+        database: &str,
+    ) -> Result<Self, ConnectError> {
+        let stream = target.open().await?;
+        let (read, mut writer) = tokio::io::split(stream);
+        let mut reader = FramedRead::new(
+            read,
+            Codec {
+                max: SERVER_MAX_MESSAGE,
+            },
+        );
+        let mut out = BytesMut::new();
+        frontend::startup_message(
+            [
+                ("user", user),
+                ("database", database),
+                ("application_name", "silo-wire"),
+            ],
+            &mut out,
+        )
+        .map_err(ConnectError::Io)?;
+        writer.write_all(&out).await?;
+        out.clear();
+        let mut scram: Option<ScramSha256> = None;
+        let mut params = HashMap::new();
+        let (mut pid, mut secret) = (0, 0);
+        loop {
+            let m = next(&mut reader).await?;
+            match m.tag {
+                b'R' => {
+                    let mut b = m.body();
+                    let code = proto::get_i32(&mut b)
+                        .ok_or_else(|| ConnectError::Protocol("short authentication".into()))?;
+                    match code {
+                        0 => {}
+                        3 => frontend::password_message(password.as_bytes(), &mut out)?,
+                        5 => {
+                            let salt: [u8; 4] = b
+                                .get(..4)
+                                .and_then(|s| s.try_into().ok())
+                                .ok_or_else(|| ConnectError::Protocol("short md5 salt".into()))?;
+                            let hash = postgres_protocol::authentication::md5_hash(
+                                user.as_bytes(),
+                                password.as_bytes(),
+                                salt,
+                            );
+                            frontend::password_message(hash.as_bytes(), &mut out)?;
+                        }
+                        10 => {
+                            let s = ScramSha256::new(
+                                password.as_bytes(),
+                                ChannelBinding::unsupported(),
+                            );
+                            frontend::sasl_initial_response(
+                                "SCRAM-SHA-256",
+                                s.message(),
+                                &mut out,
+                            )?;
+                            scram = Some(s);
+                        }
+                        11 => {
+                            let s = scram.as_mut().ok_or_else(|| {
+                                ConnectError::Protocol("SASL out of order".into())
+                            })?;
+                            s.update(b).map_err(ConnectError::Io)?;
+                            frontend::sasl_response(s.message(), &mut out)?;
+                        }
+                        12 => {
+                            scram
+                                .take()
+                                .ok_or_else(|| ConnectError::Protocol("SASL out of order".into()))?
+                                .finish(b)
+                                .map_err(ConnectError::Io)?;
+                        }
+                        other => {
+                            return Err(ConnectError::Protocol(format!(
+                                "authentication method {other} is not supported"
+                            )))
+                        }
+                    }
+                    if !out.is_empty() {
+                        writer.write_all(&out).await?;
+                        out.clear();
+                    }
+                }
+                b'S' => {
+                    if let Some((k, rest)) = proto::split_cstr(m.body()) {
+                        if let Some((v, _)) = proto::split_cstr(rest) {
+                            params.insert(k.to_owned(), v.to_owned());
+                        }
+                    }
+                }
+                b'K' => {
+                    let mut b = m.body();
+                    pid = proto::get_i32(&mut b).unwrap_or(0);
+                    secret = proto::get_i32(&mut b).unwrap_or(0);
+                }
+                b'E' => {
+                    let (_, code, message) = proto::error_fields(m.body());
+                    return Err(ConnectError::Refused(code, message));
+                }
+                b'N' => {}
+                b'Z' => break,
+                other => {
+                    return Err(ConnectError::Protocol(format!(
+                        "unexpected message {:?} during login",
+                        other as char
+                    )))
+                }
+            }
+        }
+        // Which server run this backend belongs to: the budget's monitor
+        // tells a restarted server's pids from the old ones by it.
+        proto::query(&mut out, "SELECT pg_postmaster_start_time()::text");
+        writer.write_all(&out).await?;
+        out.clear();
+        let mut started = None;
+        loop {
+            let m = next(&mut reader).await?;
+            match m.tag {
+                b'D' => {
+                    let b = m.body();
+                    if b.len() >= 6 {
+                        let len = i32::from_be_bytes([b[2], b[3], b[4], b[5]]);
+                        if len >= 0 && b.len() >= 6 + len as usize {
+                            started = std::str::from_utf8(&b[6..6 + len as usize])
+                                .ok()
+                                .map(str::to_owned);
+                        }
+                    }
+                }
+                b'E' => {
+                    let (_, code, message) = proto::error_fields(m.body());
+                    return Err(ConnectError::Refused(code, message));
+                }
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        let started =
+            started.ok_or_else(|| ConnectError::Protocol("no postmaster start time".into()))?;
+        let budget = claim_budget_id(&claim);
+        let held = claim.connected(pid, started);
+        Ok(Self {
+            reader,
+            writer,
+            out,
+            pid,
+            secret,
+            target: target.clone(),
+            params,
+            prepared: Default::default(),
+            id: budget,
+            born: Instant::now(),
+            held,
+        })
+    }
+
+    /// The next message from the server (`None`: it closed the connection).
+    pub async fn recv(&mut self) -> Result<Option<Msg>, proto::FrameError> {
+        self.reader.next().await.transpose()
+    }
+
+    /// The next message, cancel-safe (for `select!`).
+    pub async fn recv_frame(&mut self) -> Option<Result<Msg, proto::FrameError>> {
+        self.reader.next().await
+    }
+
+    /// Whether a whole message is already read and waiting.
+    pub fn has_buffered_message(&self) -> bool {
+        proto::has_whole_message(self.reader.read_buffer())
+    }
+
+    /// Queue a frame to send.
+    pub fn push(&mut self, frame: &[u8]) {
+        self.out.extend_from_slice(frame);
+    }
+
+    /// Where frames to send are built.
+    pub fn out(&mut self) -> &mut BytesMut {
+        &mut self.out
+    }
+
+    /// Send what is queued.
+    pub async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            let out = self.out.split();
+            self.writer.write_all(&out).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether the connection is still usable when idle: nothing arrived
+    /// on it (a terminated backend sends an error and closes). No round trip.
+    pub fn idle_ok(&mut self) -> bool {
+        self.reader.next().now_or_never().is_none()
+    }
+
+    /// Run `sql` (simple protocol) and drop its results; `Err` with the
+    /// server's message if it failed.
+    pub async fn run_quietly(&mut self, sql: &str) -> Result<(), ConnectError> {
+        proto::query(&mut self.out, sql);
+        self.flush().await?;
+        let mut failed = None;
+        loop {
+            let m = self
+                .recv()
+                .await
+                .map_err(|e| ConnectError::Protocol(e.to_string()))?
+                .ok_or_else(|| ConnectError::Protocol("the server closed the connection".into()))?;
+            match m.tag {
+                b'E' => {
+                    let (_, code, message) = proto::error_fields(m.body());
+                    failed = Some(ConnectError::Refused(code, message));
+                }
+                b'S' => self.note_parameter(&m),
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Remember a `ParameterStatus` the server sent.
+    pub fn note_parameter(&mut self, m: &Msg) {
+        if let Some((k, rest)) = proto::split_cstr(m.body()) {
+            if let Some((v, _)) = proto::split_cstr(rest) {
+                self.params.insert(k.to_owned(), v.to_owned());
+            }
+        }
+    }
+
+    /// Say goodbye and close the socket; the permit goes back once the
+    /// backend is seen gone.
+    pub async fn close(mut self) {
+        self.out.clear();
+        self.out.extend_from_slice(&[b'X', 0, 0, 0, 4]);
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = self.flush().await;
+            let _ = self.writer.shutdown().await;
+        })
+        .await;
+        let Self {
+            reader,
+            writer,
+            held,
+            ..
+        } = self;
+        drop(reader);
+        drop(writer);
+        drop(held);
+    }
+
+    pub fn budget(&self) -> &std::sync::Arc<crate::router::ServerBudget> {
+        self.held.budget()
+    }
+}
+
+fn claim_budget_id(claim: &Claim) -> u64 {
+    claim.budget().next_conn_id()
+}
+
+async fn next(reader: &mut FramedRead<ReadHalf<Stream>, Codec>) -> Result<Msg, ConnectError> {
+    match reader.next().await {
+        Some(Ok(m)) => Ok(m),
+        Some(Err(e)) => Err(ConnectError::Protocol(e.to_string())),
+        None => Err(ConnectError::Io(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the server closed the connection",
+        ))),
+    }
+}

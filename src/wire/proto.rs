@@ -1,0 +1,271 @@
+//! PostgreSQL protocol framing (version 3.0): the few messages the front
+//! door reads or writes itself. Everything else is forwarded as whole frames.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio_util::codec::Decoder;
+
+/// Request codes of the untyped first packet.
+pub const SSL_REQUEST: i32 = 80_877_103;
+pub const GSSENC_REQUEST: i32 = 80_877_104;
+pub const CANCEL_REQUEST: i32 = 80_877_102;
+/// PostgreSQL's own limit for a startup packet.
+pub const MAX_STARTUP_PACKET: usize = 10_000;
+
+/// One typed message: its tag and the whole frame (tag, length, body), so
+/// it can be forwarded without copying.
+#[derive(Debug, Clone)]
+pub struct Msg {
+    pub tag: u8,
+    pub frame: Bytes,
+}
+
+impl Msg {
+    pub fn body(&self) -> &[u8] {
+        &self.frame[5..]
+    }
+}
+
+/// Splits a byte stream into typed messages, refusing any longer than `max`.
+#[derive(Debug, Clone, Copy)]
+pub struct Codec {
+    pub max: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("message of {0} bytes is larger than allowed")]
+    TooLarge(usize),
+    #[error("malformed message length")]
+    Malformed,
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+impl Decoder for Codec {
+    type Item = Msg;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Msg>, FrameError> {
+        if src.len() < 5 {
+            return Ok(None);
+        }
+        let len = i32::from_be_bytes([src[1], src[2], src[3], src[4]]);
+        if len < 4 {
+            return Err(FrameError::Malformed);
+        }
+        let total = len as usize + 1;
+        if total > self.max {
+            return Err(FrameError::TooLarge(total));
+        }
+        if src.len() < total {
+            src.reserve(total - src.len());
+            return Ok(None);
+        }
+        let frame = src.split_to(total).freeze();
+        Ok(Some(Msg {
+            tag: frame[0],
+            frame,
+        }))
+    }
+}
+
+/// Whether `buf` holds at least one whole message (so more input is
+/// already here and an output flush can wait).
+pub fn has_whole_message(buf: &[u8]) -> bool {
+    buf.len() >= 5
+        && (i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]).max(4) as usize) < buf.len()
+}
+
+/// Start a message `tag` in `out`; returns where its length goes.
+fn begin(out: &mut BytesMut, tag: u8) -> usize {
+    out.put_u8(tag);
+    let at = out.len();
+    out.put_i32(0);
+    at
+}
+
+fn finish(out: &mut BytesMut, at: usize) {
+    let len = (out.len() - at) as i32;
+    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+fn cstr(out: &mut BytesMut, s: &str) {
+    out.put_slice(s.as_bytes());
+    out.put_u8(0);
+}
+
+/// `ErrorResponse` (or `NoticeResponse` with tag `N`).
+pub fn error(out: &mut BytesMut, severity: &str, code: &str, message: &str) {
+    let at = begin(out, b'E');
+    for (field, value) in [
+        (b'S', severity),
+        (b'V', severity),
+        (b'C', code),
+        (b'M', message),
+    ] {
+        out.put_u8(field);
+        cstr(out, value);
+    }
+    out.put_u8(0);
+    finish(out, at);
+}
+
+/// A whole `ErrorResponse` frame.
+pub fn error_frame(severity: &str, code: &str, message: &str) -> Bytes {
+    let mut out = BytesMut::new();
+    error(&mut out, severity, code, message);
+    out.freeze()
+}
+
+/// `Authentication*` with its code and data.
+pub fn auth(out: &mut BytesMut, code: i32, data: &[u8]) {
+    let at = begin(out, b'R');
+    out.put_i32(code);
+    out.put_slice(data);
+    finish(out, at);
+}
+
+pub fn parameter_status(out: &mut BytesMut, name: &str, value: &str) {
+    let at = begin(out, b'S');
+    cstr(out, name);
+    cstr(out, value);
+    finish(out, at);
+}
+
+pub fn backend_key_data(out: &mut BytesMut, pid: i32, secret: i32) {
+    let at = begin(out, b'K');
+    out.put_i32(pid);
+    out.put_i32(secret);
+    finish(out, at);
+}
+
+pub fn ready_for_query(out: &mut BytesMut, status: u8) {
+    let at = begin(out, b'Z');
+    out.put_u8(status);
+    finish(out, at);
+}
+
+/// A simple `Query`.
+pub fn query(out: &mut BytesMut, sql: &str) {
+    let at = begin(out, b'Q');
+    cstr(out, sql);
+    finish(out, at);
+}
+
+/// `Parse` of `name` with the body of another Parse (its query and
+/// parameter types) after the name.
+pub fn parse_renamed(out: &mut BytesMut, name: &str, rest: &[u8]) {
+    let at = begin(out, b'P');
+    cstr(out, name);
+    out.put_slice(rest);
+    finish(out, at);
+}
+
+/// `Bind` or `Describe`/`Close` re-written: `head` before the statement
+/// name, the new name, then `rest` after the old name.
+pub fn renamed(out: &mut BytesMut, tag: u8, head: &[u8], name: &str, rest: &[u8]) {
+    let at = begin(out, tag);
+    out.put_slice(head);
+    cstr(out, name);
+    out.put_slice(rest);
+    finish(out, at);
+}
+
+/// `Close` of a prepared statement.
+pub fn close_statement(out: &mut BytesMut, name: &str) {
+    let at = begin(out, b'C');
+    out.put_u8(b'S');
+    cstr(out, name);
+    finish(out, at);
+}
+
+/// The NUL-terminated string at the start of `b`, and what follows it.
+pub fn split_cstr(b: &[u8]) -> Option<(&str, &[u8])> {
+    let end = b.iter().position(|&c| c == 0)?;
+    let s = std::str::from_utf8(&b[..end]).ok()?;
+    Some((s, &b[end + 1..]))
+}
+
+/// The startup packet's parameters (after the protocol version).
+pub fn startup_params(mut b: &[u8]) -> Option<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    loop {
+        let (k, rest) = split_cstr(b)?;
+        if k.is_empty() {
+            return Some(out);
+        }
+        let (v, rest) = split_cstr(rest)?;
+        out.push((k.to_owned(), v.to_owned()));
+        b = rest;
+    }
+}
+
+/// The fields of an `ErrorResponse`/`NoticeResponse` body: (code, message).
+pub fn error_fields(body: &[u8]) -> (String, String, String) {
+    let (mut severity, mut code, mut message) = (String::new(), String::new(), String::new());
+    let mut b = body;
+    while let Some((&field, rest)) = b.split_first() {
+        if field == 0 {
+            break;
+        }
+        let Some((v, rest)) = split_cstr(rest) else {
+            break;
+        };
+        match field {
+            b'V' => severity = v.to_owned(),
+            b'S' if severity.is_empty() => severity = v.to_owned(),
+            b'C' => code = v.to_owned(),
+            b'M' => message = v.to_owned(),
+            _ => {}
+        }
+        b = rest;
+    }
+    (severity, code, message)
+}
+
+/// Read a big-endian i32 from the front of `b`.
+pub fn get_i32(b: &mut &[u8]) -> Option<i32> {
+    (b.len() >= 4).then(|| b.get_i32())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_split_and_refuse_oversize_or_malformed() {
+        let mut c = Codec { max: 64 };
+        let mut buf = BytesMut::new();
+        query(&mut buf, "SELECT 1");
+        ready_for_query(&mut buf, b'I');
+        assert!(has_whole_message(&buf));
+        let m = c.decode(&mut buf).unwrap().unwrap();
+        assert_eq!((m.tag, m.body()), (b'Q', &b"SELECT 1\0"[..]));
+        let m = c.decode(&mut buf).unwrap().unwrap();
+        assert_eq!((m.tag, m.body()), (b'Z', &b"I"[..]));
+        assert!(c.decode(&mut buf).unwrap().is_none());
+        let mut big = BytesMut::new();
+        query(&mut big, &"x".repeat(100));
+        assert!(matches!(c.decode(&mut big), Err(FrameError::TooLarge(_))));
+        let mut bad = BytesMut::from(&[b'Q', 0, 0, 0, 2][..]);
+        assert!(matches!(c.decode(&mut bad), Err(FrameError::Malformed)));
+    }
+
+    #[test]
+    fn startup_parameters_and_error_fields_parse() {
+        let p = startup_params(b"user\0app\0database\0acme\0\0").unwrap();
+        assert_eq!(
+            p,
+            vec![
+                ("user".into(), "app".into()),
+                ("database".into(), "acme".into())
+            ]
+        );
+        assert!(startup_params(b"user\0app").is_none());
+        let e = error_frame("FATAL", "28P01", "no");
+        assert_eq!(
+            error_fields(&e[5..]),
+            ("FATAL".into(), "28P01".into(), "no".into())
+        );
+    }
+}

@@ -1,0 +1,1175 @@
+//! One client of the front door: its startup (TLS, tenant, SCRAM), then
+//! the forwarding loop, in session or transaction pooling.
+//!
+//! In transaction mode a client holds a server connection from its first
+//! message until the server is idle again (`ReadyForQuery` `I`, with no
+//! `Sync` outstanding and no half-sent extended-protocol batch). Named
+//! prepared statements are renamed to a name derived from their text and
+//! prepared on whichever server connection the client gets (a `Parse` is
+//! slipped in before a `Bind`/`Describe` that needs it, and its
+//! `ParseComplete` is kept from the client).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::pool::{Checkout, CheckoutError};
+use super::proto::{self, Codec, Msg};
+use super::scram::{self, Exchange, Verifier};
+use super::{CancelSlot, Ender, Io, Shared};
+use crate::domain::PoolMode;
+use crate::router::{AcquireError, RouteError, TenantRouter};
+
+/// Parameters a client may set at startup that silo keeps in step on the
+/// server connection it gets (reported ones, so their value is known
+/// without asking). `application_name` follows in session mode only.
+const TRACKED: &[&str] = &[
+    "client_encoding",
+    "DateStyle",
+    "TimeZone",
+    "IntervalStyle",
+    "standard_conforming_strings",
+];
+
+type Reader = FramedRead<ReadHalf<Box<dyn Io>>, Codec>;
+
+/// Serve one client connection until it ends.
+pub(super) async fn handle(shared: Arc<Shared>, tcp: TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let mut io: Box<dyn Io> = Box::new(tcp);
+    let Ok(_client) = shared.clients.clone().try_acquire_owned() else {
+        metrics::counter!("silo_wire_refused_total", "reason" => "too_many_clients").increment(1);
+        let _ = io
+            .write_all(&proto::error_frame(
+                "FATAL",
+                "53300",
+                "sorry, too many clients already",
+            ))
+            .await;
+        return;
+    };
+    let limit = shared.settings.startup_timeout;
+    let started = tokio::time::timeout(limit, startup(&shared, io)).await;
+    let session = match started {
+        Ok(Some(s)) => s,
+        Ok(None) => return,
+        Err(_) => {
+            metrics::counter!("silo_wire_refused_total", "reason" => "startup_timeout")
+                .increment(1);
+            return;
+        }
+    };
+    session.run().await;
+}
+
+/// Read the untyped first packet: (code, rest).
+async fn first_packet(io: &mut Box<dyn Io>) -> Option<(i32, Vec<u8>)> {
+    let len = io.read_i32().await.ok()?;
+    if !(8..=proto::MAX_STARTUP_PACKET as i32).contains(&len) {
+        return None;
+    }
+    let mut body = vec![0u8; len as usize - 4];
+    io.read_exact(&mut body).await.ok()?;
+    let code = i32::from_be_bytes(body[..4].try_into().ok()?);
+    Some((code, body[4..].to_vec()))
+}
+
+/// Read one typed message during startup (small ones only).
+async fn startup_message(io: &mut Box<dyn Io>) -> Option<(u8, Vec<u8>)> {
+    let tag = io.read_u8().await.ok()?;
+    let len = io.read_i32().await.ok()?;
+    if !(4..=proto::MAX_STARTUP_PACKET as i32).contains(&len) {
+        return None;
+    }
+    let mut body = vec![0u8; len as usize - 4];
+    io.read_exact(&mut body).await.ok()?;
+    Some((tag, body))
+}
+
+async fn refuse(io: &mut Box<dyn Io>, code: &str, message: &str) {
+    let _ = io
+        .write_all(&proto::error_frame("FATAL", code, message))
+        .await;
+    let _ = io.flush().await;
+    let _ = io.shutdown().await;
+}
+
+/// TLS, the startup packet, the tenant and the login; `None` when the
+/// client was refused (and told why) or went away.
+async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
+    let mut tls_name: Option<String> = None;
+    let mut encrypted = false;
+    let (params, _minor) = loop {
+        let (code, body) = first_packet(&mut io).await?;
+        match code {
+            proto::SSL_REQUEST if !encrypted => match &shared.tls {
+                Some(acceptor) => {
+                    io.write_all(b"S").await.ok()?;
+                    let tls = acceptor.accept(io).await.ok()?;
+                    tls_name = tls.get_ref().1.server_name().map(str::to_owned);
+                    io = Box::new(tls);
+                    encrypted = true;
+                }
+                None => io.write_all(b"N").await.ok()?,
+            },
+            proto::GSSENC_REQUEST if !encrypted => io.write_all(b"N").await.ok()?,
+            proto::CANCEL_REQUEST => {
+                let mut b = &body[..];
+                if let (Some(pid), Some(key)) = (proto::get_i32(&mut b), proto::get_i32(&mut b)) {
+                    cancel(shared, pid, key).await;
+                }
+                return None;
+            }
+            v if v >> 16 == 3 => {
+                let Some(params) = proto::startup_params(&body) else {
+                    refuse(&mut io, "08P01", "invalid startup packet layout").await;
+                    return None;
+                };
+                break (params, v & 0xffff);
+            }
+            v => {
+                refuse(
+                    &mut io,
+                    "0A000",
+                    &format!(
+                        "unsupported frontend protocol {}.{}: server supports 3.0",
+                        v >> 16,
+                        v & 0xffff
+                    ),
+                )
+                .await;
+                return None;
+            }
+        }
+    };
+    // Protocol 3.x with x > 0, or `_pq_.` options: say what is spoken.
+    let unknown: Vec<&str> = params
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .filter(|k| k.starts_with("_pq_."))
+        .collect();
+    if _minor > 0 || !unknown.is_empty() {
+        let mut out = BytesMut::new();
+        out.extend_from_slice(b"v");
+        let mut body = Vec::new();
+        body.extend_from_slice(&0i32.to_be_bytes());
+        body.extend_from_slice(&(unknown.len() as i32).to_be_bytes());
+        for k in &unknown {
+            body.extend_from_slice(k.as_bytes());
+            body.push(0);
+        }
+        out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        out.extend_from_slice(&body);
+        io.write_all(&out).await.ok()?;
+    }
+    if shared.settings.require_tls && !encrypted {
+        refuse(
+            &mut io,
+            "28000",
+            "this server requires TLS (sslmode=require)",
+        )
+        .await;
+        return None;
+    }
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let Some(user) = get("user") else {
+        refuse(
+            &mut io,
+            "28000",
+            "no PostgreSQL user name specified in startup packet",
+        )
+        .await;
+        return None;
+    };
+    let from_host = tls_name
+        .as_deref()
+        .and_then(|h| tenant_of_host(h, shared.app_domain.as_deref()));
+    let tenant_name = match (get("database"), from_host) {
+        (Some(db), Some(host)) if db != host && db != user => {
+            refuse(
+                &mut io,
+                "28000",
+                "the database named and the TLS server name name different tenants",
+            )
+            .await;
+            return None;
+        }
+        (_, Some(host)) => host,
+        (Some(db), None) => db,
+        (None, None) => user.clone(),
+    };
+    if get("replication").is_some_and(|r| r != "false" && r != "0" && r != "off") {
+        refuse(
+            &mut io,
+            "0A000",
+            "replication connections are not supported",
+        )
+        .await;
+        return None;
+    }
+    // Who: the tenant and its credential (or a decoy, so an unknown tenant
+    // or user looks like a wrong password).
+    let entry = match shared.router.resolve(&tenant_name).await {
+        Ok(e) if !matches!(e.status, crate::registry::TenantStatus::Deleted) => Some(e),
+        Ok(_) | Err(RouteError::NotFound) => None,
+        Err(e) => {
+            refuse(
+                &mut io,
+                "57P03",
+                &format!(
+                    "the tenant cannot be looked up now, retry shortly ({})",
+                    short(&e)
+                ),
+            )
+            .await;
+            return None;
+        }
+    };
+    let credential = match &entry {
+        Some(e) => match shared.credentials_of(e.id).await {
+            Ok(list) => list.iter().find(|c| c.name == user).cloned(),
+            Err(_) => {
+                refuse(
+                    &mut io,
+                    "57P03",
+                    "the control database is unreachable, retry shortly",
+                )
+                .await;
+                return None;
+            }
+        },
+        None => None,
+    };
+    let verifier = credential
+        .as_ref()
+        .and_then(|c| Verifier::parse(&c.verifier))
+        .unwrap_or_else(|| Verifier::decoy(&shared.decoy, &format!("{tenant_name}/{user}")));
+    if !authenticate(&mut io, verifier, &user).await {
+        metrics::counter!("silo_wire_refused_total", "reason" => "authentication").increment(1);
+        return None;
+    }
+    let (Some(entry), Some(credential)) = (entry, credential) else {
+        // Unreachable in practice: a decoy never matches.
+        refuse(
+            &mut io,
+            "28P01",
+            &format!("password authentication failed for user \"{user}\""),
+        )
+        .await;
+        return None;
+    };
+    // Logged in. Is the tenant open, and is there room?
+    match TenantRouter::check_status(&entry) {
+        Ok(()) | Err(RouteError::NotReady("moving")) => {}
+        Err(RouteError::Locked(s)) => {
+            refuse(
+                &mut io,
+                "57P03",
+                &format!("tenant \"{}\" is {s}", entry.slug),
+            )
+            .await;
+            return None;
+        }
+        Err(e) => {
+            refuse(
+                &mut io,
+                "57P03",
+                &format!(
+                    "tenant \"{}\" cannot be served now: {}",
+                    entry.slug,
+                    short(&e)
+                ),
+            )
+            .await;
+            return None;
+        }
+    }
+    let room = {
+        let mut per = shared.per_tenant.lock().expect("per-tenant lock");
+        let n = per.entry(entry.id).or_default();
+        let room = *n < shared.settings.max_clients_per_tenant;
+        if room {
+            *n += 1;
+        }
+        room
+    };
+    if !room {
+        metrics::counter!("silo_wire_refused_total", "reason" => "tenant_clients").increment(1);
+        refuse(
+            &mut io,
+            "53300",
+            &format!("too many connections for tenant \"{}\"", entry.slug),
+        )
+        .await;
+        return None;
+    }
+    let tenant_slot = TenantSlot {
+        shared: shared.clone(),
+        tenant: entry.id,
+    };
+    let wanted: Vec<(String, String)> = params
+        .iter()
+        .filter(|(k, _)| TRACKED.contains(&k.as_str()) || k == "application_name")
+        .cloned()
+        .collect();
+    let (read, write) = tokio::io::split(io);
+    let ender = Arc::new(Ender {
+        token: CancellationToken::new(),
+        reason: Default::default(),
+        credential: credential.id,
+    });
+    let session_id = shared.register_session(entry.id, ender.clone());
+    let (key, slot) = shared.new_cancel_key();
+    let mut s = Session {
+        shared: shared.clone(),
+        mode: credential.pool_mode,
+        tenant: entry.id,
+        slug: entry.slug.clone(),
+        reader: FramedRead::new(
+            read,
+            Codec {
+                max: shared.settings.max_message_bytes,
+            },
+        ),
+        writer: write,
+        out: BytesMut::new(),
+        server: None,
+        wanted,
+        statements: HashMap::new(),
+        sent_syncs: 0,
+        done_syncs: 0,
+        in_batch: false,
+        parses: VecDeque::new(),
+        closes: VecDeque::new(),
+        pending: HashSet::new(),
+        dirty: false,
+        status: b'I',
+        ender,
+        session_id,
+        cancel_key: key,
+        cancel_slot: slot,
+        _tenant_slot: tenant_slot,
+    };
+    // A server connection now: the tenant's database is reachable, the
+    // client's settings are applied, and the client hears the server's
+    // parameters. Transaction mode gives it back at once.
+    if let Err(why) = s.attach().await {
+        s.fail(why.0, &why.1).await;
+        return None;
+    }
+    let params = s.server.as_mut().expect("attached").conn().params.clone();
+    let mut out = BytesMut::new();
+    let mut names: Vec<&String> = params.keys().collect();
+    names.sort();
+    for k in names {
+        let v = s
+            .wanted
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or(&params[k]);
+        proto::parameter_status(&mut out, k, v);
+    }
+    proto::backend_key_data(&mut out, key.0, key.1);
+    proto::ready_for_query(&mut out, b'I');
+    if s.mode == PoolMode::Transaction {
+        s.detach().await;
+    }
+    if s.writer.write_all(&out).await.is_err() {
+        return None;
+    }
+    metrics::counter!("silo_wire_logins_total").increment(1);
+    Some(s)
+}
+
+/// The SCRAM exchange; `false` (the client told) when it failed.
+async fn authenticate(io: &mut Box<dyn Io>, verifier: Verifier, user: &str) -> bool {
+    let failed = format!("password authentication failed for user \"{user}\"");
+    let mut out = BytesMut::new();
+    proto::auth(&mut out, 10, format!("{}\0\0", scram::MECHANISM).as_bytes());
+    if io.write_all(&out).await.is_err() {
+        return false;
+    }
+    let Some((b'p', body)) = startup_message(io).await else {
+        refuse(io, "28P01", &failed).await;
+        return false;
+    };
+    let Some((mechanism, mut rest)) = proto::split_cstr(&body) else {
+        refuse(io, "08P01", "malformed SASL message").await;
+        return false;
+    };
+    if mechanism != scram::MECHANISM {
+        refuse(io, "28000", "SASL authentication mechanism not supported").await;
+        return false;
+    }
+    let Some(len) = proto::get_i32(&mut rest) else {
+        refuse(io, "08P01", "malformed SASL message").await;
+        return false;
+    };
+    if len < 0 || len as usize != rest.len() {
+        refuse(io, "08P01", "malformed SASL message").await;
+        return false;
+    }
+    let Ok((exchange, server_first)) = Exchange::start(verifier, rest) else {
+        refuse(io, "08P01", "malformed SCRAM message").await;
+        return false;
+    };
+    out.clear();
+    proto::auth(&mut out, 11, server_first.as_bytes());
+    if io.write_all(&out).await.is_err() {
+        return false;
+    }
+    let Some((b'p', body)) = startup_message(io).await else {
+        refuse(io, "28P01", &failed).await;
+        return false;
+    };
+    match exchange.finish(&body) {
+        Ok(server_final) => {
+            out.clear();
+            proto::auth(&mut out, 12, server_final.as_bytes());
+            proto::auth(&mut out, 0, b"");
+            io.write_all(&out).await.is_ok()
+        }
+        Err(_) => {
+            refuse(io, "28P01", &failed).await;
+            false
+        }
+    }
+}
+
+/// A TLS server name's tenant: its first label under `domain`.
+fn tenant_of_host(host: &str, domain: Option<&str>) -> Option<String> {
+    let domain = domain?;
+    let host = host.to_ascii_lowercase();
+    let label = host.strip_suffix(domain)?.strip_suffix('.')?;
+    (!label.is_empty() && !label.contains('.')).then(|| label.to_owned())
+}
+
+fn short(e: &RouteError) -> String {
+    match e {
+        RouteError::ControlDown(_) => "the control database is unreachable".into(),
+        RouteError::Internal(_) => "internal error".into(),
+        other => other.to_string(),
+    }
+}
+
+async fn cancel(shared: &Shared, pid: i32, key: i32) {
+    let slot = shared
+        .cancels
+        .lock()
+        .expect("cancels lock")
+        .get(&(pid, key))
+        .cloned();
+    let Some(slot) = slot else { return };
+    let server = slot.server.lock().expect("cancel slot").clone();
+    if let Some((target, pid, secret)) = server {
+        metrics::counter!("silo_wire_cancels_total").increment(1);
+        if let Err(e) = target.cancel(pid, secret).await {
+            tracing::debug!("failed to forward a cancel request: {e}");
+        }
+    }
+}
+
+impl Shared {
+    fn new_cancel_key(&self) -> ((i32, i32), Arc<CancelSlot>) {
+        use rand::Rng;
+        let slot = Arc::new(CancelSlot::default());
+        let mut map = self.cancels.lock().expect("cancels lock");
+        loop {
+            let key = (
+                rand::thread_rng().gen_range(1..i32::MAX),
+                rand::thread_rng().gen::<i32>(),
+            );
+            if let std::collections::hash_map::Entry::Vacant(v) = map.entry(key) {
+                v.insert(slot.clone());
+                return (key, slot);
+            }
+        }
+    }
+}
+
+/// The tenant's count of clients, given back on drop.
+struct TenantSlot {
+    shared: Arc<Shared>,
+    tenant: Uuid,
+}
+
+impl Drop for TenantSlot {
+    fn drop(&mut self) {
+        let mut per = self.shared.per_tenant.lock().expect("per-tenant lock");
+        if let Some(n) = per.get_mut(&self.tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                per.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+/// Why a session ends with an error to its client: (SQLSTATE, message).
+struct Fatal(&'static str, String);
+
+/// A statement a client prepared: silo's name for it, and its `Parse`
+/// body after the name (query text and parameter types).
+struct Prepared {
+    server_name: String,
+    rest: Bytes,
+}
+
+/// A response the server owes for a message it was sent: in which sync
+/// it falls, whether the client must not see it, and (for a Parse) the
+/// statement it prepares.
+struct Owed {
+    sync: u64,
+    hidden: bool,
+    statement: Option<String>,
+}
+
+pub(super) struct Session {
+    shared: Arc<Shared>,
+    mode: PoolMode,
+    tenant: Uuid,
+    slug: String,
+    reader: Reader,
+    writer: WriteHalf<Box<dyn Io>>,
+    out: BytesMut,
+    server: Option<Checkout>,
+    /// Settings the client asked for at startup.
+    wanted: Vec<(String, String)>,
+    statements: HashMap<String, Prepared>,
+    /// `Sync`s (and simple queries, function calls) sent, and
+    /// `ReadyForQuery`s received.
+    sent_syncs: u64,
+    done_syncs: u64,
+    /// Extended-protocol messages sent since the last `Sync`.
+    in_batch: bool,
+    parses: VecDeque<Owed>,
+    closes: VecDeque<Owed>,
+    /// Statements whose `Parse` is on its way to the current server connection.
+    pending: HashSet<String>,
+    /// The client may have changed session state: reset before another
+    /// client gets its server connection.
+    dirty: bool,
+    /// Transaction status of the last `ReadyForQuery`.
+    status: u8,
+    ender: Arc<Ender>,
+    session_id: u64,
+    cancel_key: (i32, i32),
+    cancel_slot: Arc<CancelSlot>,
+    _tenant_slot: TenantSlot,
+}
+
+enum Event {
+    Client(Option<Result<Msg, proto::FrameError>>),
+    Server(Option<Result<Msg, proto::FrameError>>),
+    Ended,
+    Idle,
+}
+
+impl Session {
+    async fn run(mut self) {
+        let idle_limit = self.shared.settings.client_idle_timeout;
+        let token = self.ender.token.clone();
+        let outcome: Result<(), Fatal> = loop {
+            let quiet = self.server.is_none() || self.status == b'I';
+            let idle_wait = async move {
+                match idle_limit {
+                    Some(d) if quiet => tokio::time::sleep(d).await,
+                    _ => std::future::pending().await,
+                }
+            };
+            let event = match self.server.as_mut() {
+                Some(server) => tokio::select! {
+                    m = self.reader.next() => Event::Client(m),
+                    m = server.conn().recv_frame() => Event::Server(m),
+                    _ = token.cancelled() => Event::Ended,
+                    _ = idle_wait => Event::Idle,
+                },
+                None => tokio::select! {
+                    m = self.reader.next() => Event::Client(m),
+                    _ = token.cancelled() => Event::Ended,
+                    _ = idle_wait => Event::Idle,
+                },
+            };
+            let step = match event {
+                Event::Client(Some(Ok(m))) => self.on_client(m).await,
+                Event::Client(Some(Err(proto::FrameError::TooLarge(n)))) => Err(Fatal(
+                    "54000",
+                    format!("message of {n} bytes is larger than this server allows"),
+                )),
+                Event::Client(Some(Err(_))) => {
+                    Err(Fatal("08P01", "invalid message from client".into()))
+                }
+                Event::Client(None) => break Ok(()),
+                Event::Server(Some(Ok(m))) => self.on_server(m).await,
+                Event::Server(_) => Err(Fatal(
+                    "08006",
+                    "the connection to the tenant database was lost".into(),
+                )),
+                Event::Ended => {
+                    let why = self.ender.reason.lock().expect("reason lock").clone();
+                    Err(Fatal("57P01", format!("terminating connection: {why}")))
+                }
+                Event::Idle => Err(Fatal(
+                    "57P05",
+                    "terminating connection due to idle-session timeout".into(),
+                )),
+            };
+            match step {
+                Ok(true) => {}
+                Ok(false) => break Ok(()),
+                Err(f) => break Err(f),
+            }
+        };
+        match outcome {
+            Ok(()) => self.finish().await,
+            Err(Fatal(code, msg)) => self.fail(code, &msg).await,
+        }
+    }
+
+    /// Tell the client why it ends, and end.
+    async fn fail(mut self, code: &str, message: &str) {
+        self.out
+            .extend_from_slice(&proto::error_frame("FATAL", code, message));
+        let _ = self.flush_client().await;
+        let _ = self.writer.shutdown().await;
+        // Its server connection's state is unknown: closed, not reused.
+        self.server.take();
+        self.cleanup();
+    }
+
+    /// The client left: its server connection back to the pool if it can be.
+    async fn finish(mut self) {
+        self.detach_or_close().await;
+        self.cleanup();
+    }
+
+    fn cleanup(&mut self) {
+        self.shared.forget_session(self.tenant, self.session_id);
+        self.shared
+            .cancels
+            .lock()
+            .expect("cancels lock")
+            .remove(&self.cancel_key);
+    }
+
+    /// Handle a client message; `Ok(false)`: the client said goodbye.
+    async fn on_client(&mut self, m: Msg) -> Result<bool, Fatal> {
+        if m.tag == b'X' {
+            return Ok(false);
+        }
+        if self.server.is_none() {
+            self.attach().await.inspect_err(|_| {
+                metrics::counter!("silo_wire_refused_total", "reason" => "no_server").increment(1);
+            })?;
+        }
+        self.forward_client(m);
+        let more = proto::has_whole_message(self.reader.read_buffer());
+        if !more {
+            let server = self.server.as_mut().expect("attached");
+            server.conn().flush().await.map_err(|_| {
+                Fatal(
+                    "08006",
+                    "the connection to the tenant database was lost".into(),
+                )
+            })?;
+        }
+        Ok(true)
+    }
+
+    /// Queue a client message for the server, renaming prepared statements.
+    fn forward_client(&mut self, m: Msg) {
+        let sync = self.sent_syncs;
+        let server = self.server.as_mut().expect("attached").conn();
+        match m.tag {
+            b'P' => {
+                self.in_batch = true;
+                let Some((name, rest)) = proto::split_cstr(m.body()) else {
+                    server.push(&m.frame);
+                    return;
+                };
+                if let Some((sql, _)) = proto::split_cstr(rest) {
+                    self.dirty |= changes_session(sql);
+                }
+                if name.is_empty() {
+                    self.parses.push_back(Owed {
+                        sync,
+                        hidden: false,
+                        statement: None,
+                    });
+                    server.push(&m.frame);
+                    return;
+                }
+                let server_name = statement_name(rest);
+                if server.prepared.remove(&server_name) || self.pending.contains(&server_name) {
+                    // Prepared already (by this client or another): made anew.
+                    proto::close_statement(server.out(), &server_name);
+                    self.closes.push_back(Owed {
+                        sync,
+                        hidden: true,
+                        statement: None,
+                    });
+                }
+                proto::parse_renamed(server.out(), &server_name, rest);
+                self.parses.push_back(Owed {
+                    sync,
+                    hidden: false,
+                    statement: Some(server_name.clone()),
+                });
+                self.pending.insert(server_name.clone());
+                self.statements.insert(
+                    name.to_owned(),
+                    Prepared {
+                        server_name,
+                        rest: Bytes::copy_from_slice(rest),
+                    },
+                );
+            }
+            b'B' => {
+                self.in_batch = true;
+                let renamed = proto::split_cstr(m.body()).and_then(|(portal, rest)| {
+                    let (stmt, tail) = proto::split_cstr(rest)?;
+                    let p = self.statements.get(stmt).filter(|_| !stmt.is_empty())?;
+                    Some((
+                        portal.to_owned(),
+                        p.server_name.clone(),
+                        p.rest.clone(),
+                        tail.to_vec(),
+                    ))
+                });
+                match renamed {
+                    Some((portal, server_name, parse, tail)) => {
+                        ensure_prepared(
+                            server,
+                            &mut self.pending,
+                            &mut self.parses,
+                            sync,
+                            &server_name,
+                            &parse,
+                        );
+                        let mut head = portal.into_bytes();
+                        head.push(0);
+                        proto::renamed(server.out(), b'B', &head, &server_name, &tail);
+                    }
+                    None => server.push(&m.frame),
+                }
+            }
+            b'D' | b'C' => {
+                self.in_batch = true;
+                let body = m.body();
+                let renamed = (body.first() == Some(&b'S'))
+                    .then(|| proto::split_cstr(&body[1..]))
+                    .flatten()
+                    .filter(|(n, _)| !n.is_empty())
+                    .and_then(|(n, _)| {
+                        self.statements
+                            .get(n)
+                            .map(|p| (n.to_owned(), p.server_name.clone(), p.rest.clone()))
+                    });
+                match (m.tag, renamed) {
+                    (b'D', Some((_, server_name, parse))) => {
+                        ensure_prepared(
+                            server,
+                            &mut self.pending,
+                            &mut self.parses,
+                            sync,
+                            &server_name,
+                            &parse,
+                        );
+                        proto::renamed(server.out(), b'D', b"S", &server_name, &[]);
+                    }
+                    (b'C', Some((name, server_name, _))) => {
+                        self.statements.remove(&name);
+                        server.prepared.remove(&server_name);
+                        self.pending.remove(&server_name);
+                        proto::renamed(server.out(), b'C', b"S", &server_name, &[]);
+                        self.closes.push_back(Owed {
+                            sync,
+                            hidden: false,
+                            statement: None,
+                        });
+                    }
+                    (tag, _) => {
+                        if tag == b'C' {
+                            self.closes.push_back(Owed {
+                                sync,
+                                hidden: false,
+                                statement: None,
+                            });
+                        }
+                        server.push(&m.frame);
+                    }
+                }
+            }
+            b'Q' => {
+                if let Some((sql, _)) = proto::split_cstr(m.body()) {
+                    self.dirty |= changes_session(sql);
+                    if drops_statements(sql) {
+                        server.prepared.clear();
+                    }
+                }
+                self.sent_syncs += 1;
+                server.push(&m.frame);
+            }
+            b'S' | b'F' => {
+                self.in_batch = false;
+                self.sent_syncs += 1;
+                server.push(&m.frame);
+            }
+            b'E' | b'H' => {
+                self.in_batch = true;
+                server.push(&m.frame);
+            }
+            _ => server.push(&m.frame),
+        }
+    }
+
+    /// Handle a server message; `Ok(true)` to go on.
+    async fn on_server(&mut self, m: Msg) -> Result<bool, Fatal> {
+        let mut hide = false;
+        match m.tag {
+            b'1' => {
+                if let Some(owed) = self.parses.pop_front() {
+                    if let Some(name) = owed.statement {
+                        self.pending.remove(&name);
+                        if let Some(s) = self.server.as_mut() {
+                            s.conn().prepared.insert(name);
+                        }
+                    }
+                    hide = owed.hidden;
+                }
+            }
+            b'3' => {
+                if let Some(owed) = self.closes.pop_front() {
+                    hide = owed.hidden;
+                }
+            }
+            b'S' => {
+                if let Some(s) = self.server.as_mut() {
+                    s.conn().note_parameter(&m);
+                }
+            }
+            b'E' => {
+                let (severity, _, _) = proto::error_fields(m.body());
+                if matches!(severity.as_str(), "FATAL" | "PANIC") {
+                    self.out.extend_from_slice(&m.frame);
+                    self.flush_client().await.ok();
+                    return Err(Fatal(
+                        "08006",
+                        "the connection to the tenant database was lost".into(),
+                    ));
+                }
+            }
+            b'Z' => {
+                self.done_syncs += 1;
+                self.status = m.body().first().copied().unwrap_or(b'I');
+                // Whatever the finished sync still owed (skipped after an
+                // error) will not come.
+                let done = self.done_syncs;
+                self.parses.retain(|o| o.sync >= done);
+                self.closes.retain(|o| o.sync >= done);
+                if self.sent_syncs == self.done_syncs {
+                    self.pending.clear();
+                }
+            }
+            _ => {}
+        }
+        if !hide {
+            self.out.extend_from_slice(&m.frame);
+        }
+        let server_has_more = self
+            .server
+            .as_mut()
+            .is_some_and(|s| s.conn().has_buffered_message());
+        if !server_has_more || self.out.len() > 64 * 1024 {
+            self.flush_client()
+                .await
+                .map_err(|_| Fatal("08006", "client went away".into()))?;
+        }
+        if m.tag == b'Z'
+            && self.mode == PoolMode::Transaction
+            && self.status == b'I'
+            && self.sent_syncs == self.done_syncs
+            && !self.in_batch
+        {
+            self.detach().await;
+        }
+        Ok(true)
+    }
+
+    async fn flush_client(&mut self) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            let out = self.out.split();
+            self.writer.write_all(&out).await?;
+        }
+        Ok(())
+    }
+
+    /// Get a server connection for this client (waiting through a move's
+    /// cut-over), in step with the client's settings.
+    async fn attach(&mut self) -> Result<(), Fatal> {
+        let deadline = Instant::now() + self.shared.settings.wait_timeout;
+        let mut rereads = 0;
+        let mut checkout = loop {
+            let entry = self
+                .shared
+                .router
+                .resolve(&self.tenant.to_string())
+                .await
+                .map_err(|e| route_fatal(&self.slug, &e))?;
+            match TenantRouter::check_status(&entry) {
+                Ok(()) => {}
+                Err(RouteError::NotReady("moving")) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                    continue;
+                }
+                Err(e) => return Err(route_fatal(&self.slug, &e)),
+            }
+            let pool = self
+                .shared
+                .pool_for(&entry)
+                .await
+                .map_err(|e| route_fatal(&self.slug, &e))?;
+            match pool.acquire(deadline).await {
+                Ok(c) => break c,
+                Err(CheckoutError::Budget(AcquireError::Closed)) if Instant::now() < deadline => {}
+                Err(CheckoutError::Budget(_)) => {
+                    return Err(Fatal(
+                        "53300",
+                        format!(
+                            "no connection to tenant \"{}\" is free, retry shortly",
+                            self.slug
+                        ),
+                    ))
+                }
+                Err(CheckoutError::Connect(e))
+                    if matches!(e.sqlstate(), Some("28P01" | "28000" | "3D000"))
+                        && rereads < 3
+                        && Instant::now() < deadline =>
+                {
+                    // Rotated, moved or restored under us: read the tenant again.
+                    rereads += 1;
+                    self.shared.router.invalidate(entry.id).await;
+                    tokio::time::sleep(Duration::from_millis(20 * rereads)).await;
+                }
+                Err(CheckoutError::Connect(e)) => {
+                    tracing::warn!(tenant_id = %self.tenant, "front door failed to connect to the tenant database: {e}");
+                    return Err(Fatal(
+                        "08006",
+                        format!(
+                            "the database of tenant \"{}\" is unavailable, retry shortly",
+                            self.slug
+                        ),
+                    ));
+                }
+            }
+        };
+        let conn = checkout.conn();
+        let sets: Vec<String> = self
+            .wanted
+            .iter()
+            .filter(|(k, _)| self.mode == PoolMode::Session || k != "application_name")
+            .filter(|(k, v)| conn.params.get(k) != Some(v))
+            .map(|(k, v)| format!("SET {} TO {}", quote_ident(k), quote_literal(v)))
+            .collect();
+        if !sets.is_empty() {
+            if let Err(e) = conn.run_quietly(&sets.join("; ")).await {
+                let msg = match e {
+                    super::backend::ConnectError::Refused(_, m) => m,
+                    other => other.to_string(),
+                };
+                return Err(Fatal("22023", msg));
+            }
+        }
+        *self.cancel_slot.server.lock().expect("cancel slot") =
+            Some((conn.target.clone(), conn.pid, conn.secret));
+        self.server = Some(checkout);
+        Ok(())
+    }
+
+    /// Give the server connection back (transaction mode, between transactions).
+    async fn detach(&mut self) {
+        self.detach_or_close().await;
+    }
+
+    async fn detach_or_close(&mut self) {
+        *self.cancel_slot.server.lock().expect("cancel slot") = None;
+        let Some(mut checkout) = self.server.take() else {
+            return;
+        };
+        self.pending.clear();
+        self.parses.clear();
+        self.closes.clear();
+        let idle = self.status == b'I' && self.sent_syncs == self.done_syncs && !self.in_batch;
+        if !idle {
+            return; // dropped: closed
+        }
+        // Session mode hands the connection on reset; transaction mode only
+        // when the client may have changed session state.
+        if self.dirty || self.mode == PoolMode::Session {
+            let conn = checkout.conn();
+            if conn.run_quietly("DISCARD ALL").await.is_err() {
+                return;
+            }
+            conn.prepared.clear();
+            self.dirty = false;
+        }
+        checkout.release();
+    }
+}
+
+fn ensure_prepared(
+    server: &mut super::backend::ServerConn,
+    pending: &mut HashSet<String>,
+    parses: &mut VecDeque<Owed>,
+    sync: u64,
+    name: &str,
+    parse: &[u8],
+) {
+    if server.prepared.contains(name) || pending.contains(name) {
+        return;
+    }
+    proto::parse_renamed(server.out(), name, parse);
+    parses.push_back(Owed {
+        sync,
+        hidden: true,
+        statement: Some(name.to_owned()),
+    });
+    pending.insert(name.to_owned());
+}
+
+fn route_fatal(slug: &str, e: &RouteError) -> Fatal {
+    match e {
+        RouteError::Locked(s) => Fatal("57P03", format!("tenant \"{slug}\" is {s}")),
+        RouteError::NotFound => Fatal("57P01", format!("tenant \"{slug}\" no longer exists")),
+        RouteError::Busy => Fatal(
+            "53300",
+            format!("no connection to tenant \"{slug}\" is free, retry shortly"),
+        ),
+        other => Fatal(
+            "57P03",
+            format!("tenant \"{slug}\" cannot be served now: {}", short(other)),
+        ),
+    }
+}
+
+/// silo's name for a prepared statement: derived from its text and
+/// parameter types, so clients with the same statement share it.
+fn statement_name(parse_rest: &[u8]) -> String {
+    let digest = Sha256::digest(parse_rest);
+    let mut name = String::from("silo_");
+    for b in &digest[..12] {
+        name.push_str(&format!("{b:02x}"));
+    }
+    name
+}
+
+/// The first keyword of `sql`, upper-cased (after blanks and comments).
+fn first_word(sql: &str) -> String {
+    let mut s = sql.trim_start();
+    loop {
+        if let Some(rest) = s.strip_prefix("--") {
+            s = rest.split_once('\n').map_or("", |(_, r)| r).trim_start();
+        } else if let Some(rest) = s.strip_prefix("/*") {
+            s = rest.split_once("*/").map_or("", |(_, r)| r).trim_start();
+        } else {
+            break;
+        }
+    }
+    s.chars()
+        .take_while(|c| c.is_ascii_alphabetic())
+        .collect::<String>()
+        .to_ascii_uppercase()
+}
+
+/// Whether a statement may leave session state behind (a setting, a
+/// prepared statement, a listener, a temporary table, a session lock).
+fn changes_session(sql: &str) -> bool {
+    let lower = sql.to_ascii_lowercase();
+    matches!(
+        first_word(sql).as_str(),
+        "SET"
+            | "RESET"
+            | "PREPARE"
+            | "LISTEN"
+            | "UNLISTEN"
+            | "DECLARE"
+            | "LOAD"
+            | "CREATE"
+            | "DISCARD"
+            | "DEALLOCATE"
+    ) && !lower.trim_start().starts_with("set local")
+        && !lower.trim_start().starts_with("set transaction")
+        || lower.contains("pg_advisory_lock")
+        || lower.contains("set_config")
+}
+
+fn drops_statements(sql: &str) -> bool {
+    matches!(first_word(sql).as_str(), "DISCARD" | "DEALLOCATE")
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_changing_statements_are_told_apart() {
+        for (sql, dirty) in [
+            ("SELECT 1", false),
+            ("  set search_path = x", true),
+            ("SET LOCAL statement_timeout = 5", false),
+            ("/* hi */ LISTEN x", true),
+            ("-- c\nselect pg_advisory_lock(1)", true),
+            ("CREATE TEMP TABLE t (a int)", true),
+            ("INSERT INTO t VALUES (1)", false),
+            ("BEGIN", false),
+        ] {
+            assert_eq!(changes_session(sql), dirty, "{sql}");
+        }
+        assert!(drops_statements("discard all"));
+        assert!(!drops_statements("select 1"));
+    }
+
+    #[test]
+    fn tenants_are_named_by_their_first_label_only() {
+        let d = Some("clinics.example.com");
+        assert_eq!(
+            tenant_of_host("Acme.clinics.example.com", d).as_deref(),
+            Some("acme")
+        );
+        assert_eq!(tenant_of_host("a.b.clinics.example.com", d), None);
+        assert_eq!(tenant_of_host("clinics.example.com", d), None);
+        assert_eq!(tenant_of_host("acme.other.com", d), None);
+        assert_eq!(tenant_of_host("acme.clinics.example.com", None), None);
+    }
+
+    #[test]
+    fn statement_names_follow_the_text() {
+        assert_eq!(
+            statement_name(b"select 1\0\0\0"),
+            statement_name(b"select 1\0\0\0")
+        );
+        assert_ne!(
+            statement_name(b"select 1\0\0\0"),
+            statement_name(b"select 2\0\0\0")
+        );
+        assert!(statement_name(b"x").len() < 64);
+    }
+}

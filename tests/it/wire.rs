@@ -1,0 +1,400 @@
+//! The PostgreSQL-protocol front door, driven by unmodified real clients
+//! (`psql`, `pgbench`, sqlx) against real clusters: login with app
+//! credentials, isolation between tenants, session and transaction
+//! pooling with prepared statements, `\copy`, cancel, and the lifecycle
+//! (a revoked credential's session ends, a suspended tenant is refused).
+
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use axum::http::{Method, StatusCode};
+use silo::domain::PoolMode;
+use sqlx::{Connection as _, Row as _};
+
+use crate::common::TestEnv;
+
+async fn env() -> TestEnv {
+    TestEnv::setup().wire(|_| {}).start().await
+}
+
+/// Make an app credential of `slug` directly in the registry; its password.
+async fn credential(env: &TestEnv, slug: &str, name: &str, mode: PoolMode) -> String {
+    let t = env.record(slug).await;
+    let password = silo::crypto::random_password(32);
+    env.registry()
+        .create_app_credential(
+            t.id,
+            name,
+            false,
+            mode,
+            &silo::servers::scram::verifier(&password),
+            "test",
+        )
+        .await
+        .unwrap();
+    password
+}
+
+fn uri(env: &TestEnv, user: &str, password: &str, database: &str) -> String {
+    let addr = env.pg_addr.expect("front door on");
+    format!("postgresql://{user}:{password}@{addr}/{database}?sslmode=disable")
+}
+
+async fn psql(uri: &str, args: &[&str]) -> Output {
+    tokio::process::Command::new("psql")
+        .arg(uri)
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+        .args(args)
+        .env("PGCONNECT_TIMEOUT", "20")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("run psql")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// pgbench's tables in `slug`'s database, made by the server's superuser
+/// (tenant roles may not create tables; the tenant's default privileges
+/// give its role the data).
+async fn pgbench_tables(env: &TestEnv, slug: &str) {
+    let t = env.record(slug).await;
+    let out = tokio::process::Command::new("pgbench")
+        .arg("-i")
+        .arg("-q")
+        .arg(env.pg.url(&t.database_name))
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "pgbench -i: {}", text(&out));
+}
+
+async fn pgbench(uri: &str, args: &[&str]) -> Output {
+    tokio::process::Command::new("pgbench")
+        .args(["-n", "-c", "4", "-j", "2", "-t", "25"])
+        .args(args)
+        .arg(uri)
+        .env("PGCONNECT_TIMEOUT", "20")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("run pgbench")
+}
+
+#[tokio::test]
+async fn psql_reaches_its_own_tenant_and_nothing_else() {
+    let env = env().await;
+    env.create("north").await;
+    env.create("south").await;
+    let pw = credential(&env, "north", "app", PoolMode::Session).await;
+    let south_pw = credential(&env, "south", "app", PoolMode::Session).await;
+    let north = env.record("north").await;
+
+    let out = psql(
+        &uri(&env, "app", &pw, "north"),
+        &["-c", "SELECT current_database() || ' ' || current_user"],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{} {}", north.database_name, north.role_name)
+    );
+
+    // A wrong password, north's credential naming south's database, an
+    // unknown tenant and an unknown user: one and the same refusal.
+    let refusals = [
+        uri(&env, "app", "wrong-password", "north"),
+        uri(&env, "app", &pw, "south"),
+        uri(&env, "app", &pw, "nowhere"),
+        uri(&env, "nobody", &pw, "north"),
+        uri(&env, "app", &south_pw, "north"),
+    ];
+    for u in &refusals {
+        let out = psql(u, &["-c", "SELECT 1"]).await;
+        assert!(!out.status.success(), "{u} got in");
+        let said = text(&out);
+        assert!(
+            said.contains("password authentication failed for user"),
+            "{u}: {said}"
+        );
+        assert!(
+            !said.contains("south") && !said.contains("nowhere"),
+            "{said}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn psql_copies_in_and_out_and_its_cancel_stops_a_statement() {
+    let env = env().await;
+    env.create("copier").await;
+    let pw = credential(&env, "copier", "app", PoolMode::Session).await;
+    let u = uri(&env, "app", &pw, "copier");
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("in.csv");
+    let rows: String = (1..=500).map(|i| format!("{i}\n")).collect();
+    std::fs::write(&csv, rows).unwrap();
+    let back = dir.path().join("out.csv");
+    let script = format!(
+        "CREATE TEMP TABLE t (n int);\n\\copy t FROM '{}' CSV\n\\copy (SELECT n FROM t ORDER BY n) TO '{}' CSV\nSELECT count(*), sum(n) FROM t;\n",
+        csv.display(),
+        back.display()
+    );
+    let file = dir.path().join("script.sql");
+    std::fs::write(&file, script).unwrap();
+    let out = psql(&u, &["-f", file.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("500|125250"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(std::fs::read_to_string(&back).unwrap().lines().count(), 500);
+
+    // Ctrl-C: psql sends a CancelRequest, which silo forwards to the backend.
+    let child = tokio::process::Command::new("psql")
+        .arg(&u)
+        .args(["-X", "-c", "SELECT pg_sleep(60)"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    // Wait until the statement runs on the server, then interrupt psql.
+    let t = env.record("copier").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let running: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND query LIKE 'SELECT pg_sleep%' AND state = 'active'",
+        )
+        .bind(&t.database_name)
+        .fetch_one(&env.admin)
+        .await
+        .unwrap();
+        if running > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the statement never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let started = Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("psql ended after its cancel")
+        .unwrap();
+    assert!(
+        text(&out).contains("canceling statement due to user request"),
+        "{}",
+        text(&out)
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+#[tokio::test]
+async fn pgbench_runs_clean_in_every_protocol_and_pool_mode() {
+    let env = env().await;
+    env.create("bench").await;
+    pgbench_tables(&env, "bench").await;
+    let session = credential(&env, "bench", "sess", PoolMode::Session).await;
+    let txn = credential(&env, "bench", "txn", PoolMode::Transaction).await;
+    let mut failures = Vec::new();
+    for (user, pw) in [("sess", &session), ("txn", &txn)] {
+        let u = uri(&env, user, pw, "bench");
+        for mode in ["simple", "extended", "prepared"] {
+            for reconnect in [false, true] {
+                let mut args = vec!["-M", mode];
+                if reconnect {
+                    args.push("-C");
+                }
+                let out = pgbench(&u, &args).await;
+                let said = text(&out);
+                if !out.status.success()
+                    || !said.contains("number of transactions actually processed: 100/100")
+                {
+                    failures.push(format!("{user} -M {mode} -C={reconnect}: {said}"));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    // Every transaction landed: 2 pool modes × 3 protocols × 2 × 100.
+    let t = env.record("bench").await;
+    let mut c = env
+        .connect_as(&t.database_name, &t.role_name, &env.password(&t))
+        .await
+        .unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pgbench_history")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(n, 1200);
+}
+
+#[tokio::test]
+async fn transaction_mode_shares_few_server_connections_and_keeps_prepared_statements() {
+    let env = env().await;
+    env.create("shared").await;
+    pgbench_tables(&env, "shared").await;
+    let pw = credential(&env, "shared", "txn", PoolMode::Transaction).await;
+    let u = uri(&env, "txn", &pw, "shared");
+    // 16 clients with prepared statements on a standard plan (20
+    // connections): fine, and the server saw at most the tenant's cap.
+    let out = tokio::process::Command::new("pgbench")
+        .args([
+            "-n", "-c", "16", "-j", "2", "-t", "40", "-M", "prepared", "-S",
+        ])
+        .arg(&u)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("processed: 640/640"), "{}", text(&out));
+    // sqlx (extended protocol, named statements it caches) through the door.
+    let mut c = sqlx::PgConnection::connect(&u).await.unwrap();
+    for i in 0..20i32 {
+        let row = sqlx::query("SELECT $1::int + 1 AS n")
+            .bind(i)
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(row.get::<i32, _>("n"), i + 1);
+    }
+    let mut tx = c.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 1, 1, 7, now())",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+    let kept: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pgbench_history WHERE delta = 7 AND tid = 1 AND aid = 1",
+    )
+    .fetch_one(&mut c)
+    .await
+    .unwrap();
+    assert_eq!(kept, 0, "a rolled-back insert is not kept");
+    c.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_revoked_credential_and_a_suspended_tenant_lose_their_sessions() {
+    let env = env().await;
+    env.create("gated").await;
+    let pw = credential(&env, "gated", "app", PoolMode::Session).await;
+    let other = credential(&env, "gated", "other", PoolMode::Transaction).await;
+    let t = env.record("gated").await;
+    let mut c = sqlx::PgConnection::connect(&uri(&env, "app", &pw, "gated"))
+        .await
+        .unwrap();
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(one, 1);
+    let mut survivor = sqlx::PgConnection::connect(&uri(&env, "other", &other, "gated"))
+        .await
+        .unwrap();
+    let id = env.registry().app_credentials(t.id).await.unwrap()[0].id;
+    env.registry()
+        .revoke_app_credential(t.id, id, "test")
+        .await
+        .unwrap()
+        .expect("revoked");
+    // The session ends (at the notice; polled with a deadline).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match sqlx::query_scalar::<_, i32>("SELECT 1")
+            .fetch_one(&mut c)
+            .await
+        {
+            Err(e) => {
+                assert!(e.to_string().contains("revoked"), "{e}");
+                break;
+            }
+            Ok(_) => {
+                assert!(Instant::now() < deadline, "the revoked session goes on");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    // And it cannot log in again; the other credential still works.
+    let out = psql(&uri(&env, "app", &pw, "gated"), &["-c", "SELECT 1"]).await;
+    assert!(
+        text(&out).contains("password authentication failed"),
+        "{}",
+        text(&out)
+    );
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&mut survivor)
+        .await
+        .unwrap();
+    assert_eq!(one, 1);
+
+    // Suspended: the open session ends, a new one is refused, saying why.
+    let (s, body) = env
+        .call(Method::POST, "/admin/v1/tenants/gated/suspend", None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match sqlx::query_scalar::<_, i32>("SELECT 1")
+            .fetch_one(&mut survivor)
+            .await
+        {
+            Err(e) => {
+                assert!(e.to_string().contains("suspended"), "{e}");
+                break;
+            }
+            Ok(_) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the suspended tenant's session goes on"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let out = psql(&uri(&env, "other", &other, "gated"), &["-c", "SELECT 1"]).await;
+    assert!(!out.status.success());
+    assert!(text(&out).contains("is suspended"), "{}", text(&out));
+}
+
+#[tokio::test]
+async fn malformed_and_unsupported_openings_are_refused_cleanly() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = env().await;
+    env.create("sturdy").await;
+    let pw = credential(&env, "sturdy", "app", PoolMode::Session).await;
+    let addr = env.pg_addr.unwrap();
+    // Garbage, a huge length, protocol 2.0, GSSENC then nothing, a cancel
+    // for nobody: each ends without harm.
+    let openings: [&[u8]; 5] = [
+        b"GET / HTTP/1.1\r\n\r\n",
+        &[0x7f, 0xff, 0xff, 0xff, 0, 0, 0, 0],
+        &[0, 0, 0, 8, 0, 2, 0, 0],
+        &[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30],
+        &[0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e, 0, 0, 0, 1, 0, 0, 0, 2],
+    ];
+    for bytes in openings {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(bytes).await.unwrap();
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut buf)).await;
+    }
+    // A client that connects and says nothing is dropped at the startup
+    // timeout, and meanwhile others are served.
+    let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let out = psql(&uri(&env, "app", &pw, "sturdy"), &["-c", "SELECT 41 + 1"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+}
