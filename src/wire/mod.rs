@@ -264,17 +264,42 @@ impl Shared {
     async fn tenant_changed(&self, id: Uuid) {
         let tenants: Vec<Uuid> = if id.is_nil() {
             self.credentials.invalidate_all();
-            self.sessions
+            let mut all: Vec<Uuid> = self
+                .sessions
                 .lock()
                 .expect("sessions lock")
                 .keys()
                 .copied()
-                .collect()
+                .collect();
+            all.extend(self.pools.lock().expect("pools lock").keys().copied());
+            all.sort();
+            all.dedup();
+            all
         } else {
             self.credentials.invalidate(&id).await;
             vec![id]
         };
         for tenant in tenants {
+            let entry = match self.router.resolve(&tenant.to_string()).await {
+                Ok(e) => Some(e),
+                Err(RouteError::NotFound) => None,
+                // Cannot tell now; the next change or connect will.
+                Err(_) => continue,
+            };
+            // Server connections: none kept for a tenant that cannot be
+            // served, or that is frozen for a move (the move waits for its
+            // sessions to leave: transactions in flight finish first, and
+            // the next ones wait for the new server); a pool built for an
+            // old server, database or password closes.
+            match &entry {
+                Some(e) if e.frozen || TenantRouter::check_status(e).is_err() => {
+                    self.close_pool(tenant)
+                }
+                Some(e) => {
+                    self.pool_if_current(e);
+                }
+                None => self.close_pool(tenant),
+            }
             let enders: Vec<Arc<Ender>> = self
                 .sessions
                 .lock()
@@ -285,12 +310,6 @@ impl Shared {
             if enders.is_empty() {
                 continue;
             }
-            let entry = match self.router.resolve(&tenant.to_string()).await {
-                Ok(e) => Some(e),
-                Err(RouteError::NotFound) => None,
-                // Cannot tell now; the next change or connect will.
-                Err(_) => continue,
-            };
             let why = match &entry {
                 None => Some("the tenant no longer exists".to_owned()),
                 Some(e) => match TenantRouter::check_status(e) {
@@ -311,10 +330,12 @@ impl Shared {
                     e.end("the app credential was revoked");
                 }
             }
-            // Pools built for an old server, database or password close.
-            if let Some(entry) = entry {
-                self.pool_if_current(&entry);
-            }
+        }
+    }
+
+    fn close_pool(&self, tenant: Uuid) {
+        if let Some(p) = self.pools.lock().expect("pools lock").remove(&tenant) {
+            p.close();
         }
     }
 

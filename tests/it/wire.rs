@@ -398,3 +398,95 @@ async fn malformed_and_unsupported_openings_are_refused_cleanly() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
 }
+
+/// pgbench's per-transaction latencies (µs) from its `-l` logs in `dir`.
+fn logged_latencies(dir: &std::path::Path) -> Vec<u64> {
+    let mut all: Vec<u64> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("pgbench_log"))
+        .flat_map(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap()
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(2)?.parse().ok())
+                .collect::<Vec<u64>>()
+        })
+        .collect();
+    all.sort_unstable();
+    all
+}
+
+#[tokio::test]
+async fn a_move_under_pgbench_in_transaction_mode_fails_no_transaction() {
+    let env = env().await;
+    let _second = crate::common::second_server(&env).await;
+    crate::common::create_on(&env, "mover", "default").await;
+    pgbench_tables(&env, "mover").await;
+    // A move replicates updates only of tables with a primary key; the
+    // script below does not use pgbench's history table (which has none).
+    let t = env.record("mover").await;
+    let mut su = sqlx::PgConnection::connect(&env.pg.url(&t.database_name))
+        .await
+        .unwrap();
+    sqlx::query("DROP TABLE pgbench_history")
+        .execute(&mut su)
+        .await
+        .unwrap();
+    su.close().await.unwrap();
+    let pw = credential(&env, "mover", "txn", PoolMode::Transaction).await;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("update.sql");
+    std::fs::write(
+        &script,
+        "\\set aid random(1, 100000)\nBEGIN;\nUPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;\nSELECT abalance FROM pgbench_accounts WHERE aid = :aid;\nEND;\n",
+    )
+    .unwrap();
+    let bench = tokio::process::Command::new("pgbench")
+        .args([
+            "-n", "-c", "4", "-j", "2", "-T", "15", "-M", "prepared", "-l", "-f",
+        ])
+        .arg(&script)
+        .arg(uri(&env, "txn", &pw, "mover"))
+        .current_dir(dir.path())
+        .kill_on_drop(true)
+        .output();
+    let bench = tokio::spawn(bench);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (s, op) = env
+        .call(
+            Method::POST,
+            "/admin/v1/tenants/mover/move",
+            Some(serde_json::json!({"server": "second"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{op}");
+    let id = op["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let done = loop {
+        let (_, body) = env
+            .call(Method::GET, &format!("/admin/v1/operations/{id}"), None)
+            .await;
+        if body["status"] == "succeeded" || body["status"] == "failed" {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "the move did not end: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let out = bench.await.unwrap().unwrap();
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("number of failed transactions: 0 "), "{said}");
+    let (_, tenant) = env.call(Method::GET, "/admin/v1/tenants/mover", None).await;
+    assert_eq!(tenant["server"], "second", "{tenant}");
+    let lat = logged_latencies(dir.path());
+    assert!(!lat.is_empty());
+    let p99 = lat[(lat.len() * 99).div_ceil(100) - 1];
+    println!(
+        "move under pgbench: {} transactions, 0 failed; latency p99 {:.1} ms, max {:.1} ms (the pause)",
+        lat.len(),
+        p99 as f64 / 1000.0,
+        *lat.last().unwrap() as f64 / 1000.0
+    );
+}
