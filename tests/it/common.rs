@@ -65,9 +65,18 @@ pub struct Setup {
     keep_for: Option<silo::domain::KeepFor>,
     admin_timeout: Option<std::time::Duration>,
     limits: Option<silo::api::limits::HttpLimits>,
+    pg_public_address: Option<String>,
 }
 
 impl Setup {
+    /// Front-door settings (`WireSettings::on` a free loopback port) with
+    /// this public `host:port`, the one in the URIs the admin API hands out
+    /// (none by default: the front door is off, and there are no URIs).
+    pub fn pg_public_address(mut self, address: &str) -> Self {
+        self.pg_public_address = Some(address.to_owned());
+        self
+    }
+
     /// Limits of the HTTP routes (the defaults of `silo serve` otherwise).
     pub fn limits(mut self, limits: silo::api::limits::HttpLimits) -> Self {
         self.limits = Some(limits);
@@ -162,7 +171,12 @@ impl Setup {
                     .admin_timeout
                     .unwrap_or(std::time::Duration::from_secs(30)),
                 limits: self.limits.unwrap_or_default(),
-                wire: None,
+                wire: self
+                    .pg_public_address
+                    .map(|public_address| silo::wire::WireSettings {
+                        public_address,
+                        ..silo::wire::WireSettings::on(([127, 0, 0, 1], 0).into())
+                    }),
             },
         );
         let admin = PgPoolOptions::new()
