@@ -68,6 +68,7 @@ pub struct Setup {
     admin_timeout: Option<std::time::Duration>,
     limits: Option<silo::api::limits::HttpLimits>,
     wire: Option<fn(&mut silo::wire::WireSettings)>,
+    pg_public_address: Option<String>,
 }
 
 impl Setup {
@@ -75,6 +76,16 @@ impl Setup {
     /// with its settings changed by `tweak`.
     pub fn wire(mut self, tweak: fn(&mut silo::wire::WireSettings)) -> Self {
         self.wire = Some(tweak);
+        self
+    }
+
+    /// The front door on (as [`Setup::wire`]) with this public `host:port`,
+    /// the one in the URIs the admin API hands out.
+    pub fn pg_public_address(mut self, address: &str) -> Self {
+        self.pg_public_address = Some(address.to_owned());
+        if self.wire.is_none() {
+            self.wire = Some(|_| {});
+        }
         self
     }
 
@@ -164,9 +175,13 @@ impl Setup {
             None => None,
         };
         let pg_addr = wire_listener.as_ref().map(|l| l.local_addr().unwrap());
+        let public = self.pg_public_address.clone();
         let wire = self.wire.zip(pg_addr).map(|(tweak, addr)| {
             let mut w = silo::wire::WireSettings::on(addr);
             tweak(&mut w);
+            if let Some(p) = public {
+                w.public_address = p;
+            }
             w
         });
         let running = silo::startup::start(

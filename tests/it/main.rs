@@ -8,6 +8,7 @@ mod common;
 
 mod admin_api;
 mod app_api;
+mod app_credentials;
 mod architecture;
 mod backup;
 mod bounded;

@@ -1,5 +1,6 @@
 //! The admin API, `/admin/v1`; each resource owns its routes.
 
+mod app_credentials;
 mod backups;
 mod migrations;
 mod operations;
@@ -14,6 +15,7 @@ use super::AppState;
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .merge(tenants::router())
+        .merge(app_credentials::router())
         .merge(operations::router())
         .merge(servers::router())
         .merge(pools::router())
