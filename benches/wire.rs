@@ -37,7 +37,9 @@ fn main() -> Result<()> {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// TPS pgbench reports (without the initial connection time), or an error
@@ -192,7 +194,10 @@ async fn start_pgbouncer(
             dir.join("pgbouncer.log").display()
         ),
     )?;
-    std::fs::write(dir.join("users.txt"), format!("\"{role}\" \"{password}\"\n"))?;
+    std::fs::write(
+        dir.join("users.txt"),
+        format!("\"{role}\" \"{password}\"\n"),
+    )?;
     for f in ["pgbouncer.ini", "users.txt"] {
         std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o644))?;
     }
@@ -208,7 +213,10 @@ async fn start_pgbouncer(
     let child = cmd.arg(&ini).kill_on_drop(true).spawn()?;
     let uri = format!("postgresql://{role}:{password}@127.0.0.1:{port}/bench?sslmode=disable");
     for _ in 0..100 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
             return Ok((child, uri));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
