@@ -28,3 +28,4 @@ mod router;
 mod router_heal;
 mod servers;
 mod wire;
+mod wire_drivers;
