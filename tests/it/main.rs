@@ -29,3 +29,4 @@ mod router;
 mod router_heal;
 mod servers;
 mod wire;
+mod wire_drivers;

@@ -18,7 +18,7 @@ async fn env() -> TestEnv {
 }
 
 /// Make an app credential of `slug` directly in the registry; its password.
-async fn credential(env: &TestEnv, slug: &str, name: &str, mode: PoolMode) -> String {
+pub(crate) async fn credential(env: &TestEnv, slug: &str, name: &str, mode: PoolMode) -> String {
     let t = env.record(slug).await;
     let password = silo::crypto::random_password(32);
     env.registry()
@@ -35,7 +35,7 @@ async fn credential(env: &TestEnv, slug: &str, name: &str, mode: PoolMode) -> St
     password
 }
 
-fn uri(env: &TestEnv, user: &str, password: &str, database: &str) -> String {
+pub(crate) fn uri(env: &TestEnv, user: &str, password: &str, database: &str) -> String {
     let addr = env.pg_addr.expect("front door on");
     format!("postgresql://{user}:{password}@{addr}/{database}?sslmode=disable")
 }

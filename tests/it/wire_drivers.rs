@@ -1,0 +1,208 @@
+//! Real drivers from PyPI and npm, unmodified, through the PostgreSQL front
+//! door: psycopg 3 and node-postgres each run `tests/drivers/crud.{py,js}`
+//! (inserts, reads, updates and deletes, statements prepared on the
+//! server, a transaction committed and two rolled back, four connections
+//! at once) in session and in transaction pool mode, and the data they
+//! leave is checked in the tenant's database. The four connections get two
+//! server connections: in transaction mode they share them, each client's
+//! prepared statements following it from one to the other; in session
+//! mode two wait for the first two to finish. `scripts/install-deps`
+//! installs the pinned drivers into `.tools`.
+
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::Duration;
+
+use silo::domain::{Plan, PoolMode};
+use silo::router::RouterConfig;
+
+use crate::common::TestEnv;
+use crate::wire::{credential, uri};
+
+/// Where `scripts/install-deps` puts the drivers.
+const TOOLS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.tools");
+/// The driver scripts.
+const SCRIPTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/drivers");
+
+/// What one run of either script leaves under its tag, per worker (four
+/// workers): 20 rows inserted, the 4 with `n % 5 = 0` deleted, 2 committed.
+const WORKERS: i64 = 4;
+const ROWS_LEFT: i64 = WORKERS * (20 - 4 + 2);
+
+/// Replicas said to share the server: each one's cap on a tenant's server
+/// connections is the plan's limit over this, 2 for a standard tenant.
+const REPLICAS: u32 = 10;
+
+/// A generous bound on one run (it takes about a second).
+const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Clone, Copy, Debug)]
+enum Driver {
+    /// psycopg 3 (`psycopg[binary]`), in the venv `.tools/pydrivers`.
+    Psycopg,
+    /// node-postgres (`pg`), in `.tools/node/node_modules`.
+    NodePg,
+}
+
+impl Driver {
+    /// The stamp `scripts/install-deps` writes once the driver is installed.
+    fn stamp(self) -> PathBuf {
+        PathBuf::from(TOOLS).join(match self {
+            Driver::Psycopg => "pydrivers/.requirements-sha256",
+            Driver::NodePg => "node/.package-sha256",
+        })
+    }
+
+    /// Fail, saying what to do, unless the driver is installed.
+    fn ensure_installed(self) {
+        let pins = match self {
+            Driver::Psycopg => "the version pinned in scripts/requirements-pydrivers.txt",
+            Driver::NodePg => "the version locked in scripts/node-drivers",
+        };
+        assert!(
+            self.stamp().is_file(),
+            "{self:?} is not installed (no {}): run scripts/install-deps (it installs {pins} \
+             into .tools)",
+            self.stamp().display()
+        );
+    }
+
+    /// The command running this driver's script.
+    fn command(self) -> tokio::process::Command {
+        self.ensure_installed();
+        let tools = PathBuf::from(TOOLS);
+        let scripts = PathBuf::from(SCRIPTS);
+        match self {
+            Driver::Psycopg => {
+                let mut cmd = tokio::process::Command::new(tools.join("pydrivers/bin/python"));
+                cmd.arg(scripts.join("crud.py"));
+                cmd
+            }
+            Driver::NodePg => {
+                let mut cmd = tokio::process::Command::new("node");
+                cmd.arg(scripts.join("crud.js"))
+                    .env("NODE_PATH", tools.join("node/node_modules"));
+                cmd
+            }
+        }
+    }
+
+    /// Run the script against `uri`, its rows tagged `tag`.
+    async fn run(self, uri: &str, tag: &str) -> Output {
+        let mut cmd = self.command();
+        cmd.arg(uri).arg(tag).kill_on_drop(true);
+        let out = tokio::time::timeout(RUN_TIMEOUT, cmd.output())
+            .await
+            .unwrap_or_else(|_| panic!("{self:?} still running after {RUN_TIMEOUT:?}"));
+        out.unwrap_or_else(|e| {
+            panic!("run {self:?} (scripts/install-deps installs what it needs): {e}")
+        })
+    }
+}
+
+/// The scripts' table in `slug`'s database, made by the server's superuser
+/// (tenant roles may not create tables; the tenant's default privileges
+/// give its role the rows, and the identity column's sequence).
+async fn notes_table(env: &TestEnv, slug: &str) {
+    use sqlx::Connection as _;
+    let t = env.record(slug).await;
+    let mut c = sqlx::PgConnection::connect(&env.pg.url(&t.database_name))
+        .await
+        .unwrap();
+    sqlx::query(
+        "CREATE TABLE notes (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            tag text NOT NULL,
+            worker int NOT NULL,
+            n int NOT NULL,
+            body text NOT NULL
+        )",
+    )
+    .execute(&mut c)
+    .await
+    .unwrap();
+}
+
+/// Run `driver`'s script once per pool mode, each with its own credential
+/// and tag; check what it said and what it left.
+async fn runs_clean_in_both_pool_modes(driver: Driver) {
+    driver.ensure_installed();
+    let env = TestEnv::setup()
+        .router(RouterConfig {
+            replicas: REPLICAS,
+            ..RouterConfig::default()
+        })
+        .wire(|_| {})
+        .start()
+        .await;
+    assert_eq!(
+        Plan::DEFAULT.connection_limit() / REPLICAS as i32,
+        2,
+        "two server connections for the four workers"
+    );
+    env.create("drivers").await;
+    notes_table(&env, "drivers").await;
+    let mut failures = Vec::new();
+    for (user, mode) in [("sess", PoolMode::Session), ("txn", PoolMode::Transaction)] {
+        let pw = credential(&env, "drivers", user, mode).await;
+        let out = driver.run(&uri(&env, user, &pw, "drivers"), user).await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let last = stdout.lines().last().unwrap_or_default();
+        if !out.status.success() || last != format!("ok {ROWS_LEFT}") {
+            failures.push(format!(
+                "{driver:?} in {mode:?} mode: {}\n{stdout}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    // The premise: the front door held at most two server connections.
+    let t = env.record("drivers").await;
+    let backends: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND usename = $2",
+    )
+    .bind(&t.database_name)
+    .bind(&t.role_name)
+    .fetch_one(&env.admin)
+    .await
+    .unwrap();
+    assert!((1..=2).contains(&backends), "{backends} server connections");
+
+    // Per tag: rows left; upper-cased by the update (even n, less the
+    // deleted 0 and 10: 8 a worker); committed in the transaction; changed
+    // by the last statement; none of the rolled-back ones (n >= 200).
+    let mut c = env.connect_tenant("drivers").await.unwrap();
+    let left: Vec<(String, i64, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT tag, count(*),
+                count(*) FILTER (WHERE body LIKE 'NOTE %'),
+                count(*) FILTER (WHERE body = 'committed'),
+                count(*) FILTER (WHERE body = 'note 1!'),
+                count(*) FILTER (WHERE n >= 200)
+         FROM notes GROUP BY tag ORDER BY tag",
+    )
+    .fetch_all(&mut c)
+    .await
+    .unwrap();
+    let want = |tag: &str| {
+        (
+            tag.to_owned(),
+            ROWS_LEFT,
+            WORKERS * 8,
+            WORKERS * 2,
+            WORKERS,
+            0,
+        )
+    };
+    assert_eq!(left, vec![want("sess"), want("txn")], "{driver:?}");
+}
+
+#[tokio::test]
+async fn psycopg_runs_crud_prepared_statements_and_transactions_in_both_pool_modes() {
+    runs_clean_in_both_pool_modes(Driver::Psycopg).await;
+}
+
+#[tokio::test]
+async fn node_pg_runs_crud_prepared_statements_and_transactions_in_both_pool_modes() {
+    runs_clean_in_both_pool_modes(Driver::NodePg).await;
+}
