@@ -164,16 +164,15 @@ pub struct Silo {
     /// `/metrics` alone, for its own listener.
     metrics_app: axum::Router,
     metrics_listen: Option<SocketAddr>,
-    /// The PostgreSQL front door's settings, when it is on.
-    wire: Option<WireSettings>,
-    app_domain: Option<String>,
+    /// The PostgreSQL front door, when it is on (serving once `serve` runs).
+    pub wire: Option<Front>,
     token: CancellationToken,
     tracker: TaskTracker,
 }
 
 /// Start the router, its upkeep and the background jobs, and build the HTTP
-/// application.
-pub fn start(control: ControlPlane, settings: RunSettings) -> Silo {
+/// application (and the PostgreSQL front door: its TLS files are read here).
+pub fn start(control: ControlPlane, settings: RunSettings) -> anyhow::Result<Silo> {
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
     if let Some(every) = settings.jobs {
@@ -191,6 +190,17 @@ pub fn start(control: ControlPlane, settings: RunSettings) -> Silo {
         control.keyring().clone(),
         settings.router,
     );
+    let wire = settings
+        .wire
+        .map(|w| {
+            Front::new(
+                w,
+                settings.app_domain.clone(),
+                router.clone(),
+                control.registry().clone(),
+            )
+        })
+        .transpose()?;
     router.spawn_maintenance(&token, &tracker);
     let state = AppState {
         control: control.clone(),
@@ -201,22 +211,21 @@ pub fn start(control: ControlPlane, settings: RunSettings) -> Silo {
         app_domain: settings.app_domain.as_deref().map(Arc::from),
         admin_timeout: settings.admin_timeout,
         limits: Arc::new(Limits::new(settings.limits)),
-        pg_address: settings
-            .wire
+        pg_address: wire
             .as_ref()
-            .map(|w| Arc::from(w.public_address.as_str())),
+            .map(|w| Arc::from(w.settings().public_address.as_str())),
+        wire: wire.clone(),
     };
-    Silo {
+    Ok(Silo {
         control,
         router,
         app: app(state.clone()),
         metrics_app: crate::api::metrics_app(state),
         metrics_listen: settings.metrics_listen,
-        wire: settings.wire,
-        app_domain: settings.app_domain,
+        wire,
         token,
         tracker,
-    }
+    })
 }
 
 impl Silo {
@@ -226,19 +235,13 @@ impl Silo {
     }
 
     /// Serve the PostgreSQL front door on `listener` (until stop).
-    pub fn serve_wire(&self, listener: tokio::net::TcpListener) -> anyhow::Result<Front> {
-        let settings = self
+    pub fn serve_wire(&self, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
+        let front = self
             .wire
-            .clone()
+            .as_ref()
             .context("the PostgreSQL front door is off (SILO_PG_LISTEN is empty)")?;
-        let front = Front::new(
-            settings,
-            self.app_domain.clone(),
-            self.router.clone(),
-            self.control.registry().clone(),
-        )?;
         front.spawn(listener, &self.token, &self.tracker);
-        Ok(front)
+        Ok(())
     }
 
     /// Serve HTTP on `listener` until `shutdown` resolves, then stop.
@@ -248,18 +251,6 @@ impl Silo {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let stop = self.token.clone();
-        if let Some(w) = &self.wire {
-            let pg = tokio::net::TcpListener::bind(w.listen)
-                .await
-                .with_context(|| {
-                    format!(
-                        "listen on {} for the PostgreSQL front door (SILO_PG_LISTEN)",
-                        w.listen
-                    )
-                })?;
-            tracing::info!(addr = %w.listen, "PostgreSQL front door listening");
-            self.serve_wire(pg)?;
-        }
         if let Some(addr) = self.metrics_listen {
             let metrics = tokio::net::TcpListener::bind(addr)
                 .await
@@ -307,17 +298,46 @@ impl Silo {
     }
 }
 
-/// Bind `addr`, report the bound address, start, and serve until `shutdown`.
+/// Bind `addr` (and the PostgreSQL front door's), report the bound
+/// addresses (HTTP, front door), start, and serve until `shutdown`.
 pub async fn serve(
     control: ControlPlane,
-    settings: RunSettings,
+    mut settings: RunSettings,
     addr: SocketAddr,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    on_listen: impl FnOnce(SocketAddr),
+    on_listen: impl FnOnce(SocketAddr, Option<SocketAddr>),
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("listen on {addr}"))?;
-    on_listen(listener.local_addr().context("read listen address")?);
-    start(control, settings).serve(listener, shutdown).await
+    let pg = match &mut settings.wire {
+        Some(w) => {
+            let pg = tokio::net::TcpListener::bind(w.listen)
+                .await
+                .with_context(|| {
+                    format!(
+                        "listen on {} for the PostgreSQL front door (SILO_PG_LISTEN)",
+                        w.listen
+                    )
+                })?;
+            let bound = pg.local_addr().context("read listen address")?;
+            // A port chosen by the system: the URIs handed out name it.
+            if w.public_address == w.listen.to_string() {
+                w.public_address = bound.to_string();
+            }
+            w.listen = bound;
+            tracing::info!(addr = %bound, "PostgreSQL front door listening");
+            Some(pg)
+        }
+        None => None,
+    };
+    on_listen(
+        listener.local_addr().context("read listen address")?,
+        pg.as_ref().and_then(|l| l.local_addr().ok()),
+    );
+    let silo = start(control, settings)?;
+    if let Some(pg) = pg {
+        silo.serve_wire(pg)?;
+    }
+    silo.serve(listener, shutdown).await
 }

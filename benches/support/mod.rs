@@ -162,7 +162,7 @@ impl SiloServer {
             let shutdown = async move {
                 let _ = stop_rx.await;
             };
-            let on_listen = move |addr| {
+            let on_listen = move |addr, _| {
                 let _ = addr_tx.send(addr);
             };
             silo::startup::serve(control, settings, args.listen, shutdown, on_listen).await

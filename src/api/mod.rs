@@ -47,6 +47,8 @@ pub struct AppState {
     /// `host:port` of the PostgreSQL-protocol front door, for the connection
     /// URIs handed out; `None` when it is off.
     pub pg_address: Option<Arc<str>>,
+    /// The PostgreSQL front door, for its figures.
+    pub wire: Option<crate::wire::Front>,
 }
 
 impl AppState {

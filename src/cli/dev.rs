@@ -107,7 +107,19 @@ async fn dev_with(args: &DevArgs, dir: &Path, pg: &EmbeddedPostgres) -> Result<(
         demo.token_generation,
         crate::tokens::MAX_TTL_SECONDS,
     );
-    let banner = |addr: std::net::SocketAddr| {
+    // The front door: TLS with a self-signed pair kept in the folder, and a
+    // demo app credential whose password is kept there too.
+    let mut server = args.server.clone();
+    if server.pg_listen.0.is_some() && server.pg_tls_cert.is_none() {
+        let (cert, key) = self_signed(&dir.join("tls"))?;
+        server.pg_tls_cert = Some(cert);
+        server.pg_tls_key = Some(key);
+    }
+    let demo_password = read_or_create(&dir.join("demo-app.password"), || {
+        crate::crypto::random_password(32)
+    })?;
+    demo_credential(&control, demo.id, &demo_password).await?;
+    let banner = |addr: std::net::SocketAddr, pg_addr: Option<std::net::SocketAddr>| {
         println!("silo dev is running (Ctrl-C stops it)");
         println!("  admin API:    http://{addr}/admin/v1/tenants");
         println!("  API docs:     http://{addr}/docs");
@@ -132,16 +144,85 @@ async fn dev_with(args: &DevArgs, dir: &Path, pg: &EmbeddedPostgres) -> Result<(
             "  app API:      curl -H 'X-Tenant-ID: {}' -H 'Authorization: Bearer {demo_token}' http://{addr}/api/v1/patients",
             DEMO_CLINICS[0].0
         );
+        if let Some(pg_addr) = pg_addr {
+            println!(
+                "  psql:         psql 'postgresql://{DEMO_APP_USER}:{demo_password}@{pg_addr}/{}?sslmode=require'",
+                DEMO_CLINICS[0].0
+            );
+        }
     };
     crate::startup::serve(
         control,
-        RunSettings::from_args(&args.server, Secret::new(admin_token.clone()), None),
+        RunSettings::from_args(&server, Secret::new(admin_token.clone()), None),
         args.server.listen,
         shutdown_signal(),
         banner,
     )
     .await?;
     Ok(())
+}
+
+/// The app credential of the demo clinic `silo dev` prints a `psql` line for.
+const DEMO_APP_USER: &str = "demo";
+
+/// The demo app credential, with `password` (made, or given it again: the
+/// password file is what counts).
+async fn demo_credential(
+    control: &crate::control::ControlPlane,
+    tenant: uuid::Uuid,
+    password: &str,
+) -> anyhow::Result<()> {
+    let verifier = crate::servers::scram::verifier(password);
+    let registry = control.registry();
+    let existing = registry
+        .app_credentials(tenant)
+        .await?
+        .into_iter()
+        .find(|c| c.name == DEMO_APP_USER);
+    match existing {
+        Some(c) => {
+            registry
+                .rotate_app_credential(tenant, c.id, &verifier, "silo-dev")
+                .await?;
+        }
+        None => {
+            registry
+                .create_app_credential(
+                    tenant,
+                    DEMO_APP_USER,
+                    false,
+                    crate::domain::PoolMode::Session,
+                    &verifier,
+                    "silo-dev",
+                )
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// A self-signed certificate for `localhost` and 127.0.0.1 under `dir`
+/// (made on first use): the front door's TLS in `silo dev`.
+fn self_signed(dir: &Path) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    if cert.exists() && key.exists() {
+        return Ok((cert, key));
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let pair = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+        .context("make a self-signed certificate")?;
+    std::fs::write(&cert, pair.cert.pem()).with_context(|| format!("write {}", cert.display()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&key)
+        .with_context(|| format!("write {}", key.display()))?;
+    std::io::Write::write_all(&mut f, pair.key_pair.serialize_pem().as_bytes())
+        .with_context(|| format!("write {}", key.display()))?;
+    Ok((cert, key))
 }
 
 fn read_or_create(path: &Path, make: impl FnOnce() -> String) -> anyhow::Result<String> {

@@ -131,7 +131,7 @@ async fn serve(args: crate::config::ServeArgs) -> Result<(), CliError> {
         RunSettings::from_args(&args.server, token, metrics_token),
         args.server.listen,
         shutdown_signal(),
-        |addr| tracing::info!(%addr, "silo serving"),
+        |addr, _| tracing::info!(%addr, "silo serving"),
     )
     .await?;
     Ok(())

@@ -73,14 +73,16 @@ mod scram;
 mod session;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
+use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::registry::{AppCredential, Registry};
@@ -118,6 +120,45 @@ impl Ender {
     }
 }
 
+/// A tenant's figures at the front door (while it has clients).
+#[derive(Default)]
+struct TenantCounters {
+    clients: AtomicUsize,
+    /// Clients waiting for a server connection now.
+    waiting: AtomicUsize,
+    /// Transactions (and statements outside one) that ended.
+    transactions: AtomicU64,
+    /// Errors the server sent.
+    errors: AtomicU64,
+    /// Total time clients waited for a server connection.
+    wait_nanos: AtomicU64,
+}
+
+/// The front door for `GET /admin/v1/pools`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WireStats {
+    /// Client connections open now, and the most allowed.
+    pub clients: usize,
+    pub max_clients: usize,
+    /// Tenants with clients or server connections now.
+    pub tenants: Vec<WireTenantStats>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WireTenantStats {
+    pub tenant_id: Uuid,
+    pub clients: usize,
+    /// Clients waiting for a server connection now.
+    pub waiting: usize,
+    /// Server connections of the front door: checked out, and idle.
+    pub server_in_use: usize,
+    pub server_idle: usize,
+    /// Since its first client of this process's current run of them.
+    pub transactions: u64,
+    pub errors: u64,
+    pub wait_seconds_total: f64,
+}
+
 /// The server backend a client's cancel request must reach, while it has one.
 #[derive(Default)]
 struct CancelSlot {
@@ -131,7 +172,8 @@ pub(crate) struct Shared {
     registry: Registry,
     tls: Option<tokio_rustls::TlsAcceptor>,
     clients: Arc<Semaphore>,
-    per_tenant: Mutex<HashMap<Uuid, usize>>,
+    /// Per tenant with clients: counts and counters.
+    tenants: Mutex<HashMap<Uuid, Arc<TenantCounters>>>,
     pools: Mutex<HashMap<Uuid, Arc<WirePool>>>,
     cancels: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
     sessions: Mutex<HashMap<Uuid, HashMap<u64, Arc<Ender>>>>,
@@ -165,7 +207,7 @@ impl Front {
                 router,
                 registry,
                 tls,
-                per_tenant: Mutex::default(),
+                tenants: Mutex::default(),
                 pools: Mutex::default(),
                 cancels: Mutex::default(),
                 sessions: Mutex::default(),
@@ -245,6 +287,55 @@ impl Front {
     /// Client sessions open now.
     pub fn sessions(&self) -> usize {
         self.inner.settings.max_clients - self.inner.clients.available_permits()
+    }
+
+    /// Clients, server connections and counters, per tenant.
+    pub fn stats(&self) -> WireStats {
+        let s = &self.inner;
+        let counters: Vec<(Uuid, Arc<TenantCounters>)> = s
+            .tenants
+            .lock()
+            .expect("tenants lock")
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        let pools: HashMap<Uuid, (usize, usize)> = s
+            .pools
+            .lock()
+            .expect("pools lock")
+            .iter()
+            .map(|(k, p)| (*k, (p.in_use(), p.idle_count())))
+            .collect();
+        let mut ids: Vec<Uuid> = counters.iter().map(|(k, _)| *k).collect();
+        ids.extend(pools.keys().copied());
+        ids.sort();
+        ids.dedup();
+        let tenants = ids
+            .into_iter()
+            .map(|id| {
+                let c = counters
+                    .iter()
+                    .find(|(k, _)| *k == id)
+                    .map(|(_, c)| c.clone());
+                let (in_use, idle) = pools.get(&id).copied().unwrap_or_default();
+                let load = |f: fn(&TenantCounters) -> u64| c.as_deref().map_or(0, f);
+                WireTenantStats {
+                    tenant_id: id,
+                    clients: load(|c| c.clients.load(Ordering::Relaxed) as u64) as usize,
+                    waiting: load(|c| c.waiting.load(Ordering::Relaxed) as u64) as usize,
+                    server_in_use: in_use,
+                    server_idle: idle,
+                    transactions: load(|c| c.transactions.load(Ordering::Relaxed)),
+                    errors: load(|c| c.errors.load(Ordering::Relaxed)),
+                    wait_seconds_total: load(|c| c.wait_nanos.load(Ordering::Relaxed)) as f64 / 1e9,
+                }
+            })
+            .collect();
+        WireStats {
+            clients: self.sessions(),
+            max_clients: s.settings.max_clients,
+            tenants,
+        }
     }
 }
 

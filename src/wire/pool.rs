@@ -39,6 +39,7 @@ pub struct WirePool {
     database: String,
     /// At most this many connections of the tenant at once.
     slots: Arc<Semaphore>,
+    cap: usize,
     idle: Mutex<Vec<Idle>>,
     closed: AtomicBool,
 }
@@ -64,9 +65,15 @@ impl WirePool {
             password,
             database,
             slots: Arc::new(Semaphore::new(cap.max(1))),
+            cap: cap.max(1),
             idle: Mutex::default(),
             closed: AtomicBool::new(false),
         })
+    }
+
+    /// Connections checked out right now.
+    pub fn in_use(&self) -> usize {
+        self.cap.saturating_sub(self.slots.available_permits())
     }
 
     /// Connections idle right now.

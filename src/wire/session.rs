@@ -10,6 +10,7 @@
 //! `ParseComplete` is kept from the client).
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,7 +26,7 @@ use uuid::Uuid;
 use super::pool::{Checkout, CheckoutError};
 use super::proto::{self, Codec, Msg};
 use super::scram::{self, Exchange, Verifier};
-use super::{CancelSlot, Ender, Io, Shared};
+use super::{CancelSlot, Ender, Io, Shared, TenantCounters};
 use crate::domain::PoolMode;
 use crate::router::{AcquireError, RouteError, TenantRouter};
 
@@ -293,15 +294,19 @@ async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
             return None;
         }
     }
-    let room = {
-        let mut per = shared.per_tenant.lock().expect("per-tenant lock");
-        let n = per.entry(entry.id).or_default();
-        let room = *n < shared.settings.max_clients_per_tenant;
-        if room {
-            *n += 1;
-        }
-        room
-    };
+    let counters = shared
+        .tenants
+        .lock()
+        .expect("tenants lock")
+        .entry(entry.id)
+        .or_default()
+        .clone();
+    let room = counters
+        .clients
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < shared.settings.max_clients_per_tenant).then_some(n + 1)
+        })
+        .is_ok();
     if !room {
         metrics::counter!("silo_wire_refused_total", "reason" => "tenant_clients").increment(1);
         refuse(
@@ -315,6 +320,7 @@ async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
     let tenant_slot = TenantSlot {
         shared: shared.clone(),
         tenant: entry.id,
+        counters: counters.clone(),
     };
     let wanted: Vec<(String, String)> = params
         .iter()
@@ -357,7 +363,7 @@ async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
         session_id,
         cancel_key: key,
         cancel_slot: slot,
-        _tenant_slot: tenant_slot,
+        tenant_slot,
     };
     // A server connection now: the tenant's database is reachable, the
     // client's settings are applied, and the client hears the server's
@@ -497,21 +503,39 @@ impl Shared {
     }
 }
 
-/// The tenant's count of clients, given back on drop.
+/// A client counted in its tenant's figures, until dropped.
 struct TenantSlot {
     shared: Arc<Shared>,
     tenant: Uuid,
+    counters: Arc<TenantCounters>,
 }
 
 impl Drop for TenantSlot {
     fn drop(&mut self) {
-        let mut per = self.shared.per_tenant.lock().expect("per-tenant lock");
-        if let Some(n) = per.get_mut(&self.tenant) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                per.remove(&self.tenant);
+        let mut all = self.shared.tenants.lock().expect("tenants lock");
+        if self.counters.clients.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The last client: forget the tenant's figures (unless a new
+            // client counted itself in meanwhile).
+            if all.get(&self.tenant).is_some_and(|c| {
+                Arc::ptr_eq(c, &self.counters) && c.clients.load(Ordering::Acquire) == 0
+            }) {
+                all.remove(&self.tenant);
             }
         }
+    }
+}
+
+/// A client waiting for a server connection, counted until dropped.
+struct Waited<'a>(&'a TenantCounters, Instant);
+
+impl Drop for Waited<'_> {
+    fn drop(&mut self) {
+        let waited = self.1.elapsed();
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.0
+            .wait_nanos
+            .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+        metrics::histogram!("silo_wire_wait_seconds").record(waited.as_secs_f64());
     }
 }
 
@@ -565,7 +589,7 @@ pub(super) struct Session {
     session_id: u64,
     cancel_key: (i32, i32),
     cancel_slot: Arc<CancelSlot>,
-    _tenant_slot: TenantSlot,
+    tenant_slot: TenantSlot,
 }
 
 enum Event {
@@ -859,6 +883,11 @@ impl Session {
                 }
             }
             b'E' => {
+                self.tenant_slot
+                    .counters
+                    .errors
+                    .fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("silo_wire_errors_total").increment(1);
                 let (severity, _, _) = proto::error_fields(m.body());
                 if matches!(severity.as_str(), "FATAL" | "PANIC") {
                     self.out.extend_from_slice(&m.frame);
@@ -872,6 +901,13 @@ impl Session {
             b'Z' => {
                 self.done_syncs += 1;
                 self.status = m.body().first().copied().unwrap_or(b'I');
+                if self.status == b'I' {
+                    self.tenant_slot
+                        .counters
+                        .transactions
+                        .fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("silo_wire_transactions_total").increment(1);
+                }
                 // Whatever the finished sync still owed (skipped after an
                 // error) will not come.
                 let done = self.done_syncs;
@@ -917,7 +953,11 @@ impl Session {
     /// Get a server connection for this client (waiting through a move's
     /// cut-over), in step with the client's settings.
     async fn attach(&mut self) -> Result<(), Fatal> {
-        let deadline = Instant::now() + self.shared.settings.wait_timeout;
+        let started = Instant::now();
+        let deadline = started + self.shared.settings.wait_timeout;
+        let counters = self.tenant_slot.counters.clone();
+        counters.waiting.fetch_add(1, Ordering::AcqRel);
+        let waited = Waited(&counters, started);
         let mut rereads = 0;
         let mut checkout = loop {
             let entry = self
@@ -973,6 +1013,7 @@ impl Session {
                 }
             }
         };
+        drop(waited);
         let conn = checkout.conn();
         let sets: Vec<String> = self
             .wanted

@@ -184,7 +184,14 @@ async fn dev_serves_its_demo_clinic_and_again_after_a_restart() {
     .unwrap();
     for round in ["first start", "restart"] {
         let mut child = Command::new(env!("CARGO_BIN_EXE_silo"))
-            .args(["dev", "--listen", "127.0.0.1:0", "--dir"])
+            .args([
+                "dev",
+                "--listen",
+                "127.0.0.1:0",
+                "--pg-listen",
+                "127.0.0.1:0",
+                "--dir",
+            ])
             .arg(dir.path())
             .env_remove("SILO_DATABASE_URL")
             .env_remove("SILO_FAILPOINT")
@@ -195,15 +202,30 @@ async fn dev_serves_its_demo_clinic_and_again_after_a_restart() {
             .expect("start silo dev");
         let stdout = child.stdout.take().unwrap();
         // The banner's app API line: `curl -H 'X-Tenant-ID: …' -H 'Authorization: Bearer …' http://…`.
-        let line = tokio::task::spawn_blocking(move || {
-            BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .find(|l| l.trim_start().starts_with("app API:"))
+        // And its psql line, after it: `psql 'postgresql://…?sslmode=require'`
+        // (TLS required: the front door's self-signed pair answers).
+        let (line, psql) = tokio::task::spawn_blocking(move || {
+            let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
+            let app = lines.find(|l| l.trim_start().starts_with("app API:"));
+            let psql = lines.find(|l| l.trim_start().starts_with("psql:"));
+            (app, psql)
         })
         .await
-        .unwrap()
-        .unwrap_or_else(|| panic!("{round}: silo dev printed no app API line"));
+        .unwrap();
+        let line = line.unwrap_or_else(|| panic!("{round}: silo dev printed no app API line"));
+        let psql = psql.unwrap_or_else(|| panic!("{round}: silo dev printed no psql line"));
+        let uri = psql.split('\'').nth(1).unwrap().to_owned();
+        let out = tokio::process::Command::new("psql")
+            .arg(&uri)
+            .args(["-X", "-A", "-t", "-c", "SELECT 1"])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{round}: the printed psql line failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let quoted: Vec<&str> = line.split('\'').collect();
         let tenant = quoted[1].strip_prefix("X-Tenant-ID: ").unwrap();
         let auth = quoted[3].strip_prefix("Authorization: ").unwrap();

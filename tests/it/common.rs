@@ -199,7 +199,8 @@ impl Setup {
                 limits: self.limits.unwrap_or_default(),
                 wire,
             },
-        );
+        )
+        .unwrap();
         if let Some(listener) = wire_listener {
             running.serve_wire(listener).unwrap();
         }
@@ -576,6 +577,7 @@ impl Silo {
             .env("SILO_MASTER_KEY", &env.master_key)
             .env("SILO_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("SILO_LISTEN", format!("127.0.0.1:{port}"))
+            .env("SILO_PG_LISTEN", "127.0.0.1:0")
             .env("SILO_WARM_POOL_SIZE", warm_pool.to_string())
             .env("SILO_RECONCILE_INTERVAL", "3600")
             .env("RUST_LOG", "debug")

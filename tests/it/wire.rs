@@ -490,3 +490,41 @@ async fn a_move_under_pgbench_in_transaction_mode_fails_no_transaction() {
         *lat.last().unwrap() as f64 / 1000.0
     );
 }
+
+/// A self-signed pair for `localhost` in `dir`: (cert, key) paths.
+fn tls_pair(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let pair = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, pair.cert.pem()).unwrap();
+    std::fs::write(&key, pair.key_pair.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+#[tokio::test]
+async fn tls_is_offered_and_when_required_plain_clients_are_refused() {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| tempfile::tempdir().unwrap());
+    tls_pair(dir.path());
+    let env = TestEnv::setup()
+        .wire(|w| {
+            let d = DIR.get().unwrap().path();
+            w.tls = Some((d.join("cert.pem"), d.join("key.pem")));
+            w.require_tls = true;
+        })
+        .start()
+        .await;
+    env.create("secure").await;
+    let pw = credential(&env, "secure", "app", PoolMode::Transaction).await;
+    let addr = env.pg_addr.unwrap();
+    let over_tls = format!("postgresql://app:{pw}@{addr}/secure?sslmode=require");
+    let out = psql(&over_tls, &["-c", "SELECT 6 * 7"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+    // psql's own report of the session: TLS.
+    let out = psql(&over_tls, &["-c", "\\conninfo"]).await;
+    assert!(text(&out).contains("SSL connection"), "{}", text(&out));
+    let plain = format!("postgresql://app:{pw}@{addr}/secure?sslmode=disable");
+    let out = psql(&plain, &["-c", "SELECT 1"]).await;
+    assert!(!out.status.success());
+    assert!(text(&out).contains("requires TLS"), "{}", text(&out));
+}

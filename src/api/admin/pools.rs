@@ -10,22 +10,36 @@ use crate::api::responses::AdminAuth;
 use crate::api::AppState;
 use crate::registry::DbServer;
 use crate::router::{RouterStats, ServerStats};
+use crate::wire::WireStats;
+
+/// The router's pools, and the PostgreSQL front door's.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct PoolsView {
+    #[serde(flatten)]
+    pub router: RouterStats,
+    /// The front door's clients and server connections (absent when it is off).
+    pub wire: Option<WireStats>,
+}
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(get_pools))
 }
 
 /// Open pools, connections per server against its budget, each server's
-/// status and tenant count, cache hits and misses.
-#[utoipa::path(get, path = "/pools", tag = "pools", responses((status = 200, body = RouterStats), AdminAuth))]
-async fn get_pools(State(state): State<AppState>) -> Json<RouterStats> {
+/// status and tenant count, cache hits and misses; the front door's
+/// clients, waits, transactions and errors per tenant.
+#[utoipa::path(get, path = "/pools", tag = "pools", responses((status = 200, body = PoolsView), AdminAuth))]
+async fn get_pools(State(state): State<AppState>) -> Json<PoolsView> {
     let mut stats = state.router.stats();
     // The router's figures stay useful with the control DB down.
     match state.registry().servers().await {
         Ok(servers) => with_servers(&mut stats, servers),
         Err(e) => tracing::warn!("failed to read tenant servers for /pools: {e}"),
     }
-    Json(stats)
+    Json(PoolsView {
+        router: stats,
+        wire: state.wire.as_ref().map(|w| w.stats()),
+    })
 }
 
 /// Every registered server, in registration order, with the router's figures
