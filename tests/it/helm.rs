@@ -155,6 +155,73 @@ fn the_default_render_runs_silo_safely_with_secrets_only_from_the_existing_secre
 }
 
 #[test]
+fn the_postgres_front_door_is_exposed_and_its_tls_mounted_from_a_secret() {
+    let port_named = |docs: &[Value], kind_: &str, name: &str| -> Option<Value> {
+        let doc = kind(docs, kind_).unwrap();
+        let ports = match kind_ {
+            "Service" => &doc["spec"]["ports"],
+            _ => &doc["spec"]["template"]["spec"]["containers"][0]["ports"],
+        };
+        ports
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .cloned()
+    };
+    let config = |docs: &[Value], k: &str| -> Option<Value> {
+        kind(docs, "ConfigMap").unwrap()["data"].get(k).cloned()
+    };
+    let docs = render(&["existingSecret=s"]).unwrap();
+    assert_eq!(
+        config(&docs, "SILO_PG_LISTEN"),
+        Some(Value::from("0.0.0.0:6432"))
+    );
+    assert_eq!(
+        port_named(&docs, "Service", "postgres").unwrap()["port"],
+        Value::from(6432)
+    );
+    assert_eq!(
+        port_named(&docs, "Deployment", "postgres").unwrap()["containerPort"],
+        Value::from(6432)
+    );
+    assert_eq!(config(&docs, "SILO_PG_TLS_CERT"), None);
+
+    let docs = render(&[
+        "existingSecret=s",
+        "postgres.tlsSecret=pg-tls",
+        "postgres.requireTls=true",
+        "postgres.publicAddress=db.clinics.example.com:6432",
+    ])
+    .unwrap();
+    assert_eq!(
+        config(&docs, "SILO_PG_TLS_CERT"),
+        Some(Value::from("/etc/silo/pg-tls/tls.crt"))
+    );
+    assert_eq!(
+        config(&docs, "SILO_PG_REQUIRE_TLS"),
+        Some(Value::from("true"))
+    );
+    assert_eq!(
+        config(&docs, "SILO_PG_PUBLIC_ADDRESS"),
+        Some(Value::from("db.clinics.example.com:6432"))
+    );
+    let pod = &kind(&docs, "Deployment").unwrap()["spec"]["template"]["spec"];
+    let volume = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "pg-tls")
+        .expect("the TLS secret mounted");
+    assert_eq!(volume["secret"]["secretName"], Value::from("pg-tls"));
+
+    let docs = render(&["existingSecret=s", "postgres.enabled=false"]).unwrap();
+    assert_eq!(config(&docs, "SILO_PG_LISTEN"), Some(Value::from("")));
+    assert!(port_named(&docs, "Service", "postgres").is_none());
+    assert!(render(&["existingSecret=s", "postgres.containerPort=0"]).is_err());
+}
+
+#[test]
 fn autoscaling_monitoring_and_backups_render_when_enabled() {
     let docs = render(&[
         "existingSecret=silo",
