@@ -528,3 +528,178 @@ async fn tls_is_offered_and_when_required_plain_clients_are_refused() {
     assert!(!out.status.success());
     assert!(text(&out).contains("requires TLS"), "{}", text(&out));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_budget_for_both_front_doors_holds_as_postgresql_counts_it() {
+    const BUDGET: i64 = 6;
+    let env = env().await;
+    sqlx::query("UPDATE db_servers SET max_connections = $1")
+        .bind(BUDGET as i32)
+        .execute(env.registry().pool())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("sleep.sql");
+    std::fs::write(&script, "SELECT pg_sleep(0.003);\n").unwrap();
+    let mut benches = Vec::new();
+    for i in 0..3 {
+        let slug = format!("wire-{i}");
+        env.create(&slug).await;
+        let pw = credential(&env, &slug, "txn", PoolMode::Transaction).await;
+        let u = uri(&env, "txn", &pw, &slug);
+        let script = script.clone();
+        benches.push(tokio::spawn(async move {
+            tokio::process::Command::new("pgbench")
+                .args(["-n", "-c", "6", "-j", "2", "-t", "60", "-f"])
+                .arg(&script)
+                .arg(u)
+                .output()
+                .await
+                .unwrap()
+        }));
+    }
+    for i in 0..3 {
+        env.create(&format!("http-{i}")).await;
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (admin, stop) = (env.admin.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut max = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name IN ('silo-router', 'silo-wire')",
+                )
+                .fetch_one(&admin)
+                .await
+                .unwrap();
+                max = max.max(n);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            max
+        })
+    };
+    let routed: Vec<_> = (0..12)
+        .map(|w| {
+            let router = env.router.clone();
+            tokio::spawn(async move {
+                let mut served = 0;
+                for i in 0..20 {
+                    let tenant = format!("http-{}", (w + i) % 3);
+                    if let Ok(mut conn) = router.acquire(&tenant).await {
+                        sqlx::query("SELECT pg_sleep(0.003)")
+                            .execute(&mut *conn)
+                            .await
+                            .unwrap();
+                        served += 1;
+                    }
+                }
+                served
+            })
+        })
+        .collect();
+    let mut served = 0;
+    for r in routed {
+        served += r.await.unwrap();
+    }
+    for b in benches {
+        let out = b.await.unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(text(&out).contains("processed: 360/360"), "{}", text(&out));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let max = sampler.await.unwrap();
+    assert!(
+        max <= BUDGET,
+        "pg_stat_activity saw {max} connections of silo's two front doors over a budget of {BUDGET}"
+    );
+    assert!(max > 0);
+    assert!(
+        served > 0,
+        "the router served nothing beside the front door"
+    );
+}
+
+#[tokio::test]
+async fn limits_end_silent_idle_and_oversized_clients_and_cap_a_tenant() {
+    use tokio::io::AsyncReadExt;
+    let env = TestEnv::setup()
+        .wire(|w| {
+            w.startup_timeout = Duration::from_secs(1);
+            w.client_idle_timeout = Some(Duration::from_secs(2));
+            w.max_message_bytes = 8192;
+            w.max_clients_per_tenant = 2;
+        })
+        .start()
+        .await;
+    env.create("capped").await;
+    let pw = credential(&env, "capped", "app", PoolMode::Transaction).await;
+    let u = uri(&env, "app", &pw, "capped");
+    let tenant = env.record("capped").await.id;
+
+    // Says nothing: dropped at the startup timeout.
+    let mut silent = tokio::net::TcpStream::connect(env.pg_addr.unwrap())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(20), silent.read_to_end(&mut buf)).await;
+    assert!(closed.is_ok(), "a silent client is never dropped");
+
+    // A message over the limit: refused, saying so.
+    let big = format!("SELECT '{}'", "x".repeat(10_000));
+    let out = psql(&u, &["-c", &big]).await;
+    assert!(!out.status.success());
+    assert!(text(&out).contains("larger than"), "{}", text(&out));
+
+    // Two clients at most; the figures show them.
+    let mut a = sqlx::PgConnection::connect(&u).await.unwrap();
+    let mut b = sqlx::PgConnection::connect(&u).await.unwrap();
+    let third = sqlx::PgConnection::connect(&u).await;
+    let refused = third
+        .err()
+        .expect("a third client of the tenant is refused");
+    assert!(
+        refused
+            .to_string()
+            .contains("too many connections for tenant"),
+        "{refused}"
+    );
+    let _: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&mut a)
+        .await
+        .unwrap();
+    let (s, pools) = env.call(Method::GET, "/admin/v1/pools", None).await;
+    assert_eq!(s, StatusCode::OK, "{pools}");
+    let mine = pools["wire"]["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tenant_id"] == tenant.to_string())
+        .cloned()
+        .unwrap_or_else(|| panic!("no figures of the tenant: {pools}"));
+    assert_eq!(mine["clients"], 2, "{mine}");
+    assert!(mine["transactions"].as_u64().unwrap() >= 1, "{mine}");
+
+    // Idle past the limit: both are ended (watched in the figures, then seen).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, pools) = env.call(Method::GET, "/admin/v1/pools", None).await;
+        let gone = !pools["wire"]["tenants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["tenant_id"] == tenant.to_string() && t["clients"].as_u64() > Some(0));
+        if gone {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "idle clients are never ended: {pools}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = sqlx::query_scalar::<_, i32>("SELECT 1")
+        .fetch_one(&mut b)
+        .await;
+    assert!(after.is_err(), "an idle client ended by silo still answers");
+}
