@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::crypto::{KeyError, Keyring};
-use crate::domain::{Plan, Schedule, ServerName, Slug, TenantName};
+use crate::domain::{AdminRole, KeyName, Plan, Schedule, ServerName, Slug, TenantName};
 
 /// Default address for `silo serve`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -128,6 +128,27 @@ pub enum Command {
     /// Master-key rotation: re-seal stored secrets under SILO_MASTER_KEY.
     #[command(subcommand)]
     MasterKey(MasterKeyCommand),
+    /// Named admin API keys; needs only SILO_DATABASE_URL (to bootstrap).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Make a key and print it with its token, which is shown only now.
+    Create {
+        /// 1 to 63 characters of a-z, 0-9, '_' and '-', starting with a
+        /// letter; the audit log names the key's actions by it.
+        name: KeyName,
+        /// viewer reads; operator also runs lifecycle, backups, moves and
+        /// migrations (no deletes, keys or overwriting restores); admin does all.
+        #[arg(long, value_enum)]
+        role: AdminRole,
+    },
+    /// Live keys: name, role, created, created by, last used.
+    List,
+    /// Revoke a key: refused at once on every replica; its name is free again.
+    Revoke { name: KeyName },
 }
 
 /// Rows `silo master-key rotate` reads and re-seals per batch.

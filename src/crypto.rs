@@ -281,9 +281,75 @@ pub fn secret_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && bool::from(a.ct_eq(b))
 }
 
+/// What every admin key's token starts with: a leaked one is recognised (by
+/// people and by secret scanners), and a bearer token without it is refused
+/// without a lookup in the control database.
+pub const ADMIN_KEY_PREFIX: &str = "silo_ak_";
+/// Random bytes in an admin key's token (256 bits).
+const ADMIN_KEY_BYTES: usize = 32;
+/// Length of an admin key's token: the prefix and 43 base64url characters.
+const ADMIN_KEY_LEN: usize = ADMIN_KEY_PREFIX.len() + (ADMIN_KEY_BYTES * 4).div_ceil(3);
+
+/// A new admin key's token and its hash. The token is shown once, to whoever
+/// made the key; only the hash is stored. No `Debug`: it holds the token.
+pub struct AdminKeyToken {
+    pub token: String,
+    pub hash: [u8; 32],
+}
+
+impl AdminKeyToken {
+    /// [`ADMIN_KEY_PREFIX`] and 32 bytes from the operating system's CSPRNG.
+    pub fn generate() -> Self {
+        let mut raw = [0u8; ADMIN_KEY_BYTES];
+        rand::rngs::OsRng.fill_bytes(&mut raw);
+        let token = format!(
+            "{ADMIN_KEY_PREFIX}{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+        );
+        let hash = admin_key_hash(&token);
+        Self { token, hash }
+    }
+}
+
+/// `true` when `token` has the shape of an admin key's token (worth a lookup).
+pub fn is_admin_key_shaped(token: &str) -> bool {
+    token.len() == ADMIN_KEY_LEN && token.starts_with(ADMIN_KEY_PREFIX)
+}
+
+/// The stored form of an admin key's token: one SHA-256 of it.
+///
+/// A password needs a slow, salted hash (argon2, bcrypt) because a person
+/// chose it from a small space: whoever steals the hashes can try likely
+/// passwords offline, and the hash's cost is what slows each guess. This
+/// token is 256 bits from the OS CSPRNG, never chosen by a person: there is
+/// no likely value to try, only 2^256 equally likely ones (at 10^18 SHA-256
+/// a second, about 10^51 years to search), so a slow hash would add nothing
+/// against a stolen table but cost on every request. Being
+/// unsalted and deterministic, it is also what the key is found by: one
+/// indexed lookup, no secret compared in a loop. (Timing of that lookup can
+/// reveal at most something of a hash, which does not help find a token.)
+pub fn admin_key_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn admin_key_tokens_are_random_prefixed_and_stored_as_their_sha256() {
+        let a = AdminKeyToken::generate();
+        let b = AdminKeyToken::generate();
+        assert_ne!(a.token, b.token);
+        for t in [&a, &b] {
+            assert!(is_admin_key_shaped(&t.token), "{}", t.token);
+            assert_eq!(t.hash, admin_key_hash(&t.token));
+        }
+        assert!(!is_admin_key_shaped("silo_ak_short"));
+        assert!(!is_admin_key_shaped(
+            &a.token.replace("silo_ak_", "silo_xx_")
+        ));
+    }
 
     fn ring() -> Keyring {
         Keyring::from_base64(&Keyring::generate_base64()).unwrap()

@@ -4,6 +4,7 @@
 //!
 //! - [`Slug`], [`TenantName`], [`ServerName`]: names a client chooses;
 //! - [`Plan`]: a tenant's plan and what it allows;
+//! - [`KeyName`], [`AdminRole`]: a named admin key and what it may do;
 //! - [`ProvisionStep`]: the steps of a create, in order;
 //! - [`OperationKind`]: the kinds of long-running operation;
 //! - [`Schedule`]: a backup cron expression, parsed by one rule everywhere.
@@ -122,7 +123,7 @@ macro_rules! text_value {
         }
     )*};
 }
-text_value!(Slug, TenantName, ServerName, CredentialName);
+text_value!(Slug, TenantName, ServerName, CredentialName, KeyName);
 
 /// An app credential's name, which is also the `user` a PostgreSQL client
 /// logs in with: `^[a-z][a-z0-9_-]{0,62}$` (unique within its tenant).
@@ -186,6 +187,101 @@ impl PoolMode {
             Self::Session => "session",
             Self::Transaction => "transaction",
         }
+    }
+}
+
+/// The audit log's `actor` for requests made with the bootstrap admin token
+/// (`SILO_ADMIN_TOKEN`): `admin`, as every entry before named keys said.
+pub const BOOTSTRAP_ACTOR: &str = "admin";
+
+/// Actors silo itself writes in the audit log: the bootstrap token, the
+/// command line, the scheduler and `silo dev` (and `bootstrap`, which reads
+/// as the token too). No admin key may take one of these names, so an
+/// actor always names one principal.
+pub const SYSTEM_ACTORS: [&str; 5] = [BOOTSTRAP_ACTOR, "bootstrap", "cli", "scheduler", "silo-dev"];
+
+/// A named admin key's name: `^[a-z][a-z0-9_-]{0,62}$`, none of
+/// [`SYSTEM_ACTORS`]. Unique among live keys; the audit log's `actor` of
+/// everything the key does.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct KeyName(String);
+
+impl KeyName {
+    pub fn parse(s: &str) -> Result<Self, Invalid> {
+        if !is_actor_shaped(s) {
+            return Err(Invalid(
+                "name must be 1 to 63 characters of a-z, 0-9, '_' and '-', starting with a letter"
+                    .into(),
+            ));
+        }
+        if SYSTEM_ACTORS.contains(&s) {
+            return Err(Invalid(format!(
+                "name '{s}' is reserved: the audit log uses it for silo itself ({})",
+                SYSTEM_ACTORS.join(", ")
+            )));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// `true` when `s` could be an audit log actor: a key's name or one of
+/// [`SYSTEM_ACTORS`] (`^[a-z][a-z0-9_-]{0,62}$`).
+pub fn is_actor_shaped(s: &str) -> bool {
+    let b = s.as_bytes();
+    (1..=63).contains(&b.len())
+        && b[0].is_ascii_lowercase()
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'_')
+}
+
+/// What an admin key may do, each role all that the one before may:
+///
+/// - `viewer`: read (`GET`), except the admin keys and a tenant role's
+///   direct connection URI (it holds the role's password);
+/// - `operator`: also change things: lifecycle, backups, restores that
+///   replace no data, moves, migrations, servers, app credentials and
+///   tokens; no deletes, no keys, no direct URIs, no `"overwrite": true`;
+/// - `admin`: everything, as the bootstrap token.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    ToSchema,
+    sqlx::Type,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+pub enum AdminRole {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+impl AdminRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Viewer => "viewer",
+            Self::Operator => "operator",
+            Self::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for AdminRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
     }
 }
 
@@ -589,6 +685,35 @@ mod tests {
             ],
             ServerName::parse,
         );
+    }
+
+    #[test]
+    fn key_names_are_shaped_and_never_an_actor_of_silo_itself() {
+        failures(
+            &[
+                ("night-shift", true),
+                ("ops_2", true),
+                ("a", true),
+                (&"k".repeat(63), true),
+                (&"k".repeat(64), false),
+                ("", false),
+                ("Ops", false),
+                ("9lives", false),
+                ("-ops", false),
+                ("a b", false),
+                ("a\u{0}b", false),
+                ("admin", false),
+                ("bootstrap", false),
+                ("cli", false),
+                ("scheduler", false),
+                ("silo-dev", false),
+            ],
+            KeyName::parse,
+        );
+        let e = KeyName::parse("cli").unwrap_err().to_string();
+        assert!(e.contains("reserved"), "{e}");
+        assert!(SYSTEM_ACTORS.iter().all(|a| is_actor_shaped(a)));
+        assert!(AdminRole::Viewer < AdminRole::Operator && AdminRole::Operator < AdminRole::Admin);
     }
 
     #[test]

@@ -78,7 +78,9 @@ impl utoipa::Modify for BearerAuth {
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
                     .description(Some(
-                        "`/admin/v1`: the admin token (`SILO_ADMIN_TOKEN`); `/api/v1`: a \
+                        "`/admin/v1`: the bootstrap admin token (`SILO_ADMIN_TOKEN`) or a \
+                         named admin key's token (`POST /admin/v1/keys`), whose role \
+                         (`viewer`, `operator`, `admin`) says what it may do; `/api/v1`: a \
                          tenant token minted by `POST /admin/v1/tenants/{tenant}/tokens`",
                     ))
                     .build(),
@@ -129,7 +131,7 @@ pub fn metrics_app(state: AppState) -> Router {
 
 /// The whole HTTP application.
 pub fn app(state: AppState) -> Router {
-    // Outermost last: the token check, the in-flight limit, the deadline.
+    // Outermost last: the token and role check, the in-flight limit, the deadline.
     let admin = admin::router()
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -10,7 +10,7 @@
 //! `responses(...)`:
 //!
 //! - [`AdminErrors`]: every admin route that reads the control database
-//!   (the admin token check, the database being down, a bug);
+//!   (the admin token and role check, the database being down, a bug);
 //! - [`AdminAuth`]: an admin route that can fail no other way;
 //! - [`AppErrors`]: every app route (what [`TenantDb`](super::app) answers);
 //! - [`JsonBody`]: a route that reads a required JSON body;
@@ -130,8 +130,9 @@ fn unavailable(what: &str) -> ResponseBuilder {
     )
 }
 
-/// The admin token check (`Authorization: Bearer <SILO_ADMIN_TOKEN>`), the
-/// admin in-flight limit and the admin request deadline.
+/// The admin token check (`Authorization: Bearer` with `SILO_ADMIN_TOKEN`
+/// or a live admin key), the key's role (`api::auth`), the admin in-flight
+/// limit and the admin request deadline.
 pub struct AdminAuth;
 
 impl IntoResponses for AdminAuth {
@@ -139,12 +140,26 @@ impl IntoResponses for AdminAuth {
         responses(vec![
             (
                 401,
-                unauthorized("no `Authorization: Bearer` header with the admin token"),
+                unauthorized(
+                    "no `Authorization: Bearer` header with the admin token or a live admin \
+                     key (a revoked key is refused at once)",
+                ),
             ),
+            (
+                403,
+                problem_response(
+                    "the admin key's role may not do this: a `viewer` only reads (and not the \
+                     keys, nor a direct connection URI); an `operator` may not delete, manage \
+                     keys, restore with `\"overwrite\": true` or read a direct connection URI",
+                ),
+            ),
+            // An admin key is looked up in the control database.
+            (500, internal()),
             (
                 503,
                 unavailable(
-                    "`SILO_ADMIN_MAX_IN_FLIGHT` admin requests are in flight already, or the \
+                    "the control database is unreachable (an admin key is checked there), \
+                     `SILO_ADMIN_MAX_IN_FLIGHT` admin requests are in flight already, or the \
                      request took longer than `SILO_ADMIN_REQUEST_TIMEOUT` and was stopped",
                 ),
             ),
@@ -153,8 +168,8 @@ impl IntoResponses for AdminAuth {
 }
 
 /// What every admin route reading the control database may answer: the
-/// token check's 401, 503 while a database silo needs is unreachable (or,
-/// creating a tenant, no server has room), and 500.
+/// token check's 401 and the role check's 403, 503 while a database silo
+/// needs is unreachable (or, creating a tenant, no server has room), and 500.
 pub struct AdminErrors;
 
 impl IntoResponses for AdminErrors {

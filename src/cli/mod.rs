@@ -4,6 +4,7 @@
 
 mod backup;
 mod dev;
+mod keys;
 mod master_key;
 mod migrate;
 mod progress;
@@ -61,6 +62,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Tenants(cmd) => tenants::tenants(cmd).await,
         Command::Backup(cmd) => backup::backup(cmd).await,
         Command::MasterKey(cmd) => master_key::master_key(cmd).await,
+        Command::Keys(cmd) => keys::keys(cmd).await,
         Command::Reconcile { control, adopt } => reconcile(&control, adopt).await,
     };
     match result {

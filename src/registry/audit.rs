@@ -1,4 +1,5 @@
-//! The audit log: one row per admin action, never updated.
+//! The audit log: one row per admin action, never updated nor deleted (a
+//! trigger refuses both, and TRUNCATE, to silo's own login too).
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -12,6 +13,8 @@ use super::{Error, Registry, Result};
 pub struct AuditEntry {
     pub id: i64,
     pub at: DateTime<Utc>,
+    /// Who acted: the name of the admin key, `admin` for the bootstrap token
+    /// (`SILO_ADMIN_TOKEN`), or silo itself (`cli`, `scheduler`, `silo-dev`).
     pub actor: String,
     pub action: String,
     pub tenant_id: Option<Uuid>,
@@ -42,18 +45,36 @@ impl Registry {
         insert(&mut **tx, actor, action, tenant, detail).await
     }
 
-    /// Newest first, optionally for one tenant.
-    pub async fn audit_entries(&self, tenant: Option<Uuid>, limit: i64) -> Result<Vec<AuditEntry>> {
+    /// Newest first; each filter optional: one tenant, one actor (an admin
+    /// key's name), one action.
+    pub async fn audit_entries(
+        &self,
+        filter: &AuditFilter<'_>,
+        limit: i64,
+    ) -> Result<Vec<AuditEntry>> {
         sqlx::query_as(
             "SELECT id, at, actor, action, tenant_id, detail FROM audit_log
-              WHERE ($1::uuid IS NULL OR tenant_id = $1) ORDER BY id DESC LIMIT $2",
+              WHERE ($1::uuid IS NULL OR tenant_id = $1)
+                AND ($2::text IS NULL OR actor = $2)
+                AND ($3::text IS NULL OR action = $3)
+              ORDER BY id DESC LIMIT $4",
         )
-        .bind(tenant)
+        .bind(filter.tenant)
+        .bind(filter.actor)
+        .bind(filter.action)
         .bind(limit)
         .fetch_all(&self.pool)
         .await
         .map_err(Error::from)
     }
+}
+
+/// Which audit entries to read; `None` is any.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AuditFilter<'a> {
+    pub tenant: Option<Uuid>,
+    pub actor: Option<&'a str>,
+    pub action: Option<&'a str>,
 }
 
 async fn insert<'e>(

@@ -2,10 +2,11 @@
 //!
 //! It holds tenant DB servers, tenants and their lifecycle state, encrypted
 //! credentials, spare databases of the warm pool, idempotency keys, operations,
-//! backups and the audit log. Every call is a short transaction; per-tenant work is
-//! serialized across processes and replicas with PostgreSQL advisory locks
-//! ([`Registry::lock_tenant`]).
+//! backups, named admin keys and the audit log. Every call is a short
+//! transaction; per-tenant work is serialized across processes and replicas
+//! with PostgreSQL advisory locks ([`Registry::lock_tenant`]).
 
+mod admin_keys;
 mod app_credentials;
 mod audit;
 mod backups;
@@ -16,8 +17,9 @@ mod servers;
 mod spares;
 mod tenants;
 
+pub use admin_keys::{AdminKey, KeyHolder, LAST_USED_EVERY, LIVE_KEY_NAME_INDEX};
 pub use app_credentials::{AppCredential, AppCredentialView, LIVE_NAME_INDEX};
-pub use audit::AuditEntry;
+pub use audit::{AuditEntry, AuditFilter};
 pub use backups::{Backup, BackupDone, NewBackup, Schedulable};
 pub use keys::{Resealer, RowId, SealedColumn, SealedRow, SEALED_COLUMNS};
 pub use locks::Lock;

@@ -934,6 +934,7 @@ pub mod table {
         let kind = match status.as_u16() {
             400 => "bad-request",
             401 => "unauthorized",
+            403 => "forbidden",
             404 => "not-found",
             409 => "conflict",
             415 => "unsupported-media-type",

@@ -7,6 +7,7 @@
 mod common;
 
 mod admin_api;
+mod admin_keys;
 mod app_api;
 mod app_credentials;
 mod architecture;

@@ -257,10 +257,8 @@ async fn every_error_in_the_document_is_problem_json_and_shared_answers_are_on_e
             }
         }
         let have = statuses(op);
-        let want: &[&str] = if path == "/admin/v1/pools" {
-            &["401"]
-        } else if path.starts_with("/admin/") {
-            &["401", "500", "503"]
+        let want: &[&str] = if path.starts_with("/admin/") {
+            &["401", "403", "500", "503"]
         } else if path.starts_with("/api/") {
             &["400", "401", "404", "423", "500", "503"]
         } else {

@@ -110,7 +110,7 @@ async fn create_app_credential(
             false,
             body.pool_mode,
             &verifier,
-            actor.0,
+            actor.name(),
         )
         .await
         .map_err(|e| {
@@ -157,7 +157,7 @@ async fn revoke_app_credential(
     let id = credential_id(&id)?;
     state
         .registry()
-        .revoke_app_credential(t.id, id, actor.0)
+        .revoke_app_credential(t.id, id, actor.name())
         .await?
         .ok_or_else(|| ApiError::not_found("app credential"))?;
     Ok(StatusCode::NO_CONTENT)
@@ -180,7 +180,7 @@ async fn rotate_app_credential(
     let verifier = crate::servers::scram::verifier(&password);
     let c = state
         .registry()
-        .rotate_app_credential(t.id, id, &verifier, actor.0)
+        .rotate_app_credential(t.id, id, &verifier, actor.name())
         .await?
         .ok_or_else(|| ApiError::not_found("app credential"))?;
     Ok(Json(issued(&state, &t, &c, password)))
@@ -281,7 +281,7 @@ async fn direct_connection(
     state
         .registry()
         .audit(
-            actor.0,
+            actor.name(),
             "tenant.connection.direct",
             Some(t.id),
             serde_json::json!({

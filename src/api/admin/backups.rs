@@ -89,7 +89,11 @@ async fn start_backup(
     Path(tenant): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Backup>)> {
     let t = resolve(&state, &tenant).await?;
-    let backup = state.control.backups()?.start_manual(t.id, actor.0).await?;
+    let backup = state
+        .control
+        .backups()?
+        .start_manual(t.id, actor.name())
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(backup)))
 }
 
@@ -122,7 +126,11 @@ async fn erase_backups(
     Path(tenant): Path<String>,
 ) -> ApiResult<Json<Erased>> {
     let t = find_any(&state, &tenant).await?;
-    let n = state.control.backups()?.erase_backups(t, actor.0).await?;
+    let n = state
+        .control
+        .backups()?
+        .erase_backups(t, actor.name())
+        .await?;
     Ok(Json(Erased { backups_erased: n }))
 }
 
@@ -160,7 +168,7 @@ async fn verify_backup(
     state
         .registry()
         .audit(
-            actor.0,
+            actor.name(),
             "backup.verify",
             op.tenant_id,
             serde_json::json!({"backup_id": id, "operation": op.id}),
@@ -192,7 +200,7 @@ async fn restore_backup(
     };
     let op = state
         .control
-        .start_restore(id, target, overwrite, actor.0)
+        .start_restore(id, target, overwrite, actor.name())
         .await?;
     Ok((StatusCode::ACCEPTED, Json(op)))
 }
@@ -211,7 +219,7 @@ async fn archive_tenant(
     let op = state
         .control
         .backups()?
-        .start_archive(t.id, actor.0)
+        .start_archive(t.id, actor.name())
         .await?;
     state.router.invalidate(t.id).await;
     Ok((StatusCode::ACCEPTED, Json(op)))
@@ -254,7 +262,7 @@ async fn restore_tenant(
     };
     let op = state
         .control
-        .start_restore(backup.id, RestoreTarget::InPlace, overwrite, actor.0)
+        .start_restore(backup.id, RestoreTarget::InPlace, overwrite, actor.name())
         .await?;
     Ok((StatusCode::ACCEPTED, Json(op)))
 }

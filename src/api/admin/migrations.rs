@@ -69,7 +69,7 @@ async fn start_migration(
         tenant: body.tenant,
         dry_run: body.dry_run,
     };
-    let run = state.control.fleet().start(options, actor.0).await?;
+    let run = state.control.fleet().start(options, actor.name()).await?;
     let operation = run.operation.clone();
     let control = state.control.clone();
     state.control.tasks().spawn(async move {

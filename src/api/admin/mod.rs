@@ -2,6 +2,7 @@
 
 mod app_credentials;
 mod backups;
+mod keys;
 mod migrations;
 mod operations;
 mod pools;
@@ -21,4 +22,5 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(pools::router())
         .merge(migrations::router())
         .merge(backups::router())
+        .merge(keys::router())
 }

@@ -10,7 +10,8 @@ use uuid::Uuid;
 use crate::api::error::{ApiError, ApiResult, Json, Path, Query};
 use crate::api::responses::{AdminErrors, QueryErrors};
 use crate::api::AppState;
-use crate::registry::{AuditEntry, Operation};
+use crate::domain::is_actor_shaped;
+use crate::registry::{AuditEntry, AuditFilter, Operation};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -40,11 +41,19 @@ async fn get_operation(
 pub struct AuditParams {
     /// Tenant slug or id.
     tenant: Option<String>,
+    /// Only what this admin key did (its name; `admin` is the bootstrap
+    /// token, `cli` and `scheduler` silo's own commands and jobs).
+    key: Option<String>,
+    /// Only this action, such as `tenant.suspend` or `key.create`.
+    action: Option<String>,
     /// 1..=500, default 100.
     limit: Option<i64>,
 }
 
-/// Admin actions, newest first.
+/// Longest action name a filter may give (every action is shorter).
+const MAX_ACTION: usize = 64;
+
+/// Admin actions, newest first, each naming who acted (`actor`).
 #[utoipa::path(get, path = "/audit", tag = "audit", params(AuditParams),
     responses((status = 200, body = Vec<AuditEntry>), AdminErrors, QueryErrors,
         (status = 404, description = "`tenant` names no tenant")))]
@@ -55,6 +64,22 @@ async fn list_audit(
     let limit = p.limit.unwrap_or(100);
     if !(1..=500).contains(&limit) {
         return Err(ApiError::invalid("limit must be between 1 and 500"));
+    }
+    if p.key.as_deref().is_some_and(|k| !is_actor_shaped(k)) {
+        return Err(ApiError::invalid(
+            "key must be an admin key's name: 1 to 63 characters of a-z, 0-9, '_' and '-', \
+             starting with a letter",
+        ));
+    }
+    let action_shaped = |a: &str| {
+        (1..=MAX_ACTION).contains(&a.len())
+            && a.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'.')
+    };
+    if p.action.as_deref().is_some_and(|a| !action_shaped(a)) {
+        return Err(ApiError::invalid(format!(
+            "action must be 1 to {MAX_ACTION} characters of a-z, 0-9, '_' and '.'"
+        )));
     }
     let tenant = match p.tenant.as_deref() {
         None => None,
@@ -67,5 +92,10 @@ async fn list_audit(
                 .id,
         ),
     };
-    Ok(Json(state.registry().audit_entries(tenant, limit).await?))
+    let filter = AuditFilter {
+        tenant,
+        actor: p.key.as_deref(),
+        action: p.action.as_deref(),
+    };
+    Ok(Json(state.registry().audit_entries(&filter, limit).await?))
 }

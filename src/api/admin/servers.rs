@@ -103,7 +103,7 @@ async fn create_server(
     state
         .registry()
         .audit(
-            actor.0,
+            actor.name(),
             "server.create",
             None,
             serde_json::json!({"server": server.name}),
@@ -160,7 +160,7 @@ async fn update_server(
     state
         .registry()
         .audit(
-            actor.0,
+            actor.name(),
             "server.update",
             None,
             serde_json::json!({

@@ -101,7 +101,7 @@ async fn create_tenant(
     let tenant = state
         .control
         .provisioner()
-        .create(&req, key.as_deref(), actor.0)
+        .create(&req, key.as_deref(), actor.name())
         .await?;
     Ok((StatusCode::CREATED, Json(tenant.view())))
 }
@@ -169,7 +169,7 @@ async fn patch_tenant(
     let t = state
         .control
         .provisioner()
-        .patch(t.id, &patch, actor.0)
+        .patch(t.id, &patch, actor.name())
         .await?;
     Ok(Json(t.view()))
 }
@@ -185,7 +185,11 @@ async fn suspend_tenant(
     Path(tenant): Path<String>,
 ) -> ApiResult<Json<Tenant>> {
     let t = resolve(&state, &tenant).await?;
-    let t = state.control.provisioner().suspend(t.id, actor.0).await?;
+    let t = state
+        .control
+        .provisioner()
+        .suspend(t.id, actor.name())
+        .await?;
     state.router.invalidate(t.id).await;
     Ok(Json(t.view()))
 }
@@ -201,7 +205,11 @@ async fn resume_tenant(
     Path(tenant): Path<String>,
 ) -> ApiResult<Json<Tenant>> {
     let t = resolve(&state, &tenant).await?;
-    let t = state.control.provisioner().resume(t.id, actor.0).await?;
+    let t = state
+        .control
+        .provisioner()
+        .resume(t.id, actor.name())
+        .await?;
     state.router.invalidate(t.id).await;
     Ok(Json(t.view()))
 }
@@ -217,7 +225,7 @@ async fn delete_tenant(
     Path(tenant): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
     let t = resolve(&state, &tenant).await?;
-    let op = state.control.start_delete(t.id, actor.0).await?;
+    let op = state.control.start_delete(t.id, actor.name()).await?;
     state.router.invalidate(t.id).await;
     Ok((StatusCode::ACCEPTED, Json(op)))
 }
@@ -264,7 +272,7 @@ async fn mint_token(
     state
         .registry()
         .audit(
-            actor.0,
+            actor.name(),
             "tenant.token",
             Some(t.id),
             serde_json::json!({"expires_at": expires_at}),
@@ -290,7 +298,7 @@ async fn revoke_tokens(
     let t = state
         .control
         .provisioner()
-        .revoke_tokens(t.id, actor.0)
+        .revoke_tokens(t.id, actor.name())
         .await?;
     state.router.invalidate(t.id).await;
     Ok(Json(t.view()))
@@ -310,7 +318,7 @@ async fn rotate_credentials(
     let t = state
         .control
         .provisioner()
-        .rotate_credentials(t.id, actor.0)
+        .rotate_credentials(t.id, actor.name())
         .await?;
     state.router.invalidate(t.id).await;
     Ok(Json(t.view()))
@@ -344,7 +352,7 @@ async fn move_tenant(
     let op = state
         .control
         .mover()
-        .start_move(t.id, server.as_str(), actor.0)
+        .start_move(t.id, server.as_str(), actor.name())
         .await?;
     Ok((StatusCode::ACCEPTED, Json(op)))
 }

@@ -1,0 +1,134 @@
+//! `/admin/v1/keys`: named admin keys. Only an `admin` (a key of that role,
+//! or the bootstrap token) reaches these routes (see `api::auth`).
+//!
+//! A key's token is made here, shown once (in the answer that made it) and
+//! never stored: the registry keeps only its SHA-256.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Extension;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use crate::api::auth::Actor;
+use crate::api::error::{ApiError, ApiResult, Json, Path};
+use crate::api::responses::{AdminErrors, JsonBody};
+use crate::api::AppState;
+use crate::crypto::AdminKeyToken;
+use crate::domain::{AdminRole, KeyName};
+use crate::registry::{AdminKey, LIVE_KEY_NAME_INDEX};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_key, list_keys))
+        .routes(routes!(revoke_key))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKeyBody {
+    /// `^[a-z][a-z0-9_-]{0,62}$`, unique among live keys, and none of the
+    /// names silo itself acts under (`admin`, `bootstrap`, `cli`,
+    /// `scheduler`, `silo-dev`); the audit log's `actor` of what it does.
+    name: String,
+    /// `viewer` reads; `operator` also runs lifecycle, backups, restores that
+    /// replace no data, moves, migrations and app credentials; `admin` does
+    /// everything, deletes and keys included.
+    role: AdminRole,
+}
+
+/// A key with its token: answered once, by the request that made it. No
+/// `Debug`: it holds the token.
+#[derive(Serialize, ToSchema)]
+pub struct IssuedKey {
+    id: Uuid,
+    name: String,
+    role: AdminRole,
+    created_at: DateTime<Utc>,
+    created_by: String,
+    last_used_at: Option<DateTime<Utc>>,
+    /// `Authorization: Bearer <token>` on `/admin/v1`. Shown only in this
+    /// answer; silo keeps a SHA-256 of it.
+    token: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyList {
+    /// Live keys, oldest first (no token, no hash).
+    items: Vec<AdminKey>,
+}
+
+/// Make an admin key; its token is in this answer only.
+#[utoipa::path(post, path = "/keys", tag = "keys", request_body = CreateKeyBody,
+    responses(
+        (status = 201, body = IssuedKey),
+        AdminErrors, JsonBody,
+        (status = 409, description = "a live key has this name"),
+        (status = 422, description = "the body does not fit, the name is malformed or reserved, \
+            or the role is not `viewer`, `operator` or `admin`"),
+    ))]
+async fn create_key(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Json(body): Json<CreateKeyBody>,
+) -> ApiResult<(StatusCode, Json<IssuedKey>)> {
+    let name = KeyName::parse(&body.name)?;
+    let issued = AdminKeyToken::generate();
+    let key = state
+        .registry()
+        .create_admin_key(name.as_str(), body.role, &issued.hash, actor.name())
+        .await
+        .map_err(|e| {
+            if e.is_unique_violation(LIVE_KEY_NAME_INDEX) {
+                ApiError::Conflict(format!("a live admin key is named '{name}'"))
+            } else {
+                e.into()
+            }
+        })?;
+    Ok((
+        StatusCode::CREATED,
+        Json(IssuedKey {
+            id: key.id,
+            name: key.name,
+            role: key.role,
+            created_at: key.created_at,
+            created_by: key.created_by,
+            last_used_at: key.last_used_at,
+            token: issued.token,
+        }),
+    ))
+}
+
+/// Live admin keys: name, role, who made them and when, last use.
+#[utoipa::path(get, path = "/keys", tag = "keys",
+    responses((status = 200, body = KeyList), AdminErrors))]
+async fn list_keys(State(state): State<AppState>) -> ApiResult<Json<KeyList>> {
+    Ok(Json(KeyList {
+        items: state.registry().admin_keys().await?,
+    }))
+}
+
+/// Revoke an admin key: every request with it is refused (401) from now
+/// on, on every replica. Its record is kept; its name may be used again.
+#[utoipa::path(delete, path = "/keys/{name}", tag = "keys",
+    params(("name" = String, Path, description = "the key's name")),
+    responses((status = 204, description = "revoked"), AdminErrors,
+        (status = 404, description = "no live key has this name")))]
+async fn revoke_key(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    // No key has a name that is not a key's name.
+    let name = KeyName::parse(&name).map_err(|_| ApiError::not_found("admin key"))?;
+    state
+        .registry()
+        .revoke_admin_key(name.as_str(), actor.name())
+        .await?
+        .ok_or_else(|| ApiError::not_found("admin key"))?;
+    Ok(StatusCode::NO_CONTENT)
+}

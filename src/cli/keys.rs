@@ -1,0 +1,75 @@
+//! `silo keys`: named admin keys from a shell. Needs only
+//! `SILO_DATABASE_URL` (no master key: a key's token is hashed, not
+//! sealed), so the first key of a fresh install can be made before any
+//! `silo serve` runs. Audited as `cli`.
+
+use anyhow::Context;
+
+use super::{print_json, CliError};
+use crate::config::{KeysCommand, Secret};
+use crate::crypto::AdminKeyToken;
+use crate::registry::{Registry, LIVE_KEY_NAME_INDEX};
+
+/// The audit log's actor of what these commands do.
+const ACTOR: &str = "cli";
+
+pub(super) async fn keys(cmd: KeysCommand) -> Result<(), CliError> {
+    let database_url = Secret::required("SILO_DATABASE_URL")?;
+    let registry = Registry::connect_lazy(database_url.expose())?;
+    registry
+        .migrate()
+        .await
+        .context("apply control database migrations")?;
+    match cmd {
+        KeysCommand::Create { name, role } => {
+            let issued = AdminKeyToken::generate();
+            let key = registry
+                .create_admin_key(name.as_str(), role, &issued.hash, ACTOR)
+                .await
+                .map_err(|e| {
+                    if e.is_unique_violation(LIVE_KEY_NAME_INDEX) {
+                        CliError::Usage(format!(
+                            "a live admin key is named '{name}'; revoke it first or pick another name"
+                        ))
+                    } else {
+                        CliError::Failed(anyhow::Error::from(e).context("create the admin key"))
+                    }
+                })?;
+            print_json(&serde_json::json!({
+                "id": key.id,
+                "name": key.name,
+                "role": key.role,
+                "created_at": key.created_at,
+                "created_by": key.created_by,
+                "last_used_at": key.last_used_at,
+                "token": issued.token,
+            }));
+            eprintln!(
+                "the token is shown only now (silo keeps a SHA-256 of it): use it as \
+                 `Authorization: Bearer <token>` on /admin/v1"
+            );
+        }
+        KeysCommand::List => {
+            let keys = registry.admin_keys().await.context("list admin keys")?;
+            for k in &keys {
+                let last = k.last_used_at.map_or("-".to_owned(), |t| t.to_rfc3339());
+                println!(
+                    "{}\t{}\t{}\t{}\t{last}",
+                    k.name,
+                    k.role,
+                    k.created_at.to_rfc3339(),
+                    k.created_by
+                );
+            }
+        }
+        KeysCommand::Revoke { name } => {
+            registry
+                .revoke_admin_key(name.as_str(), ACTOR)
+                .await
+                .context("revoke the admin key")?
+                .ok_or_else(|| CliError::Usage(format!("no live admin key is named '{name}'")))?;
+            println!("revoked admin key {name}");
+        }
+    }
+    Ok(())
+}

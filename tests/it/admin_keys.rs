@@ -1,0 +1,708 @@
+//! Named admin keys: each role is held to what it may do on every route of
+//! the published document, the audit log names the key that acted and
+//! cannot be rewritten, a revoke holds at once on another replica, tokens
+//! are stored hashed, and `silo keys` works with only the database URL.
+
+use std::process::{Command, Output};
+
+use axum::http::{Method, StatusCode};
+use serde_json::{json, Value};
+use silo::backup::BackupKind;
+
+use crate::common::table::{self, delete, get, patch, post, Client, Row};
+use crate::common::{Silo, TestEnv, ADMIN_TOKEN};
+
+/// An admin key made through the API with the bootstrap token; its token.
+async fn make_key(env: &TestEnv, name: &str, role: &str) -> String {
+    let (status, body) = env
+        .call(
+            Method::POST,
+            "/admin/v1/keys",
+            Some(json!({"name": name, "role": role})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["name"], name);
+    assert_eq!(body["role"], role);
+    body["token"].as_str().unwrap().to_owned()
+}
+
+/// One request with `token` as the bearer.
+async fn call_as(
+    env: &TestEnv,
+    token: &str,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let bearer = format!("Bearer {token}");
+    env.call_with(method, path, body, &[("authorization", bearer.as_str())])
+        .await
+}
+
+/// Everything an admin request could change in the control database (a
+/// key's `last_used_at` aside): compared before and after each refused one.
+async fn control_state(env: &TestEnv) -> Vec<String> {
+    let mut rows = Vec::new();
+    for sql in [
+        "SELECT row_to_json(t)::text FROM tenants t ORDER BY id",
+        "SELECT row_to_json(b)::text FROM backups b ORDER BY id",
+        "SELECT row_to_json(o)::text FROM operations o ORDER BY id",
+        "SELECT row_to_json(c)::text FROM app_credentials c ORDER BY id",
+        "SELECT row_to_json(s)::text FROM
+           (SELECT id, name, status, max_connections, max_tenants FROM db_servers) s ORDER BY id",
+        "SELECT row_to_json(k)::text FROM
+           (SELECT id, name, role, revoked_at FROM admin_keys) k ORDER BY id",
+        "SELECT row_to_json(a)::text FROM audit_log a ORDER BY id",
+    ] {
+        let found: Vec<String> = sqlx::query_scalar(sql)
+            .fetch_all(env.registry().pool())
+            .await
+            .unwrap();
+        rows.extend(found);
+    }
+    rows
+}
+
+/// Real values for the path parameters of every admin route.
+struct Ids {
+    tenant: String,
+    backup: String,
+    operation: String,
+    credential: String,
+    server: String,
+    key: String,
+}
+
+impl Ids {
+    /// A tenant with a succeeded backup and an app credential, a finished
+    /// operation, and a key named `victim`: every admin route has something
+    /// real to act on.
+    async fn make(env: &TestEnv, slug: &str) -> Self {
+        env.create(slug).await;
+        let t = env.record(slug).await;
+        let backup = env
+            .backups()
+            .backup_now(t.id, BackupKind::Manual, None)
+            .await
+            .expect("back the tenant up");
+        let (status, op) = env
+            .call(
+                Method::POST,
+                "/admin/v1/migrations/tenants",
+                Some(json!({"dry_run": true})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{op}");
+        crate::common::wait_op(env, &op).await;
+        let (status, cred) = env
+            .call(
+                Method::POST,
+                &format!("/admin/v1/tenants/{slug}/app-credentials"),
+                Some(json!({"name": "reporting"})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{cred}");
+        make_key(env, "victim", "viewer").await;
+        Self {
+            tenant: slug.to_owned(),
+            backup: backup.id.to_string(),
+            operation: op["id"].as_str().unwrap().to_owned(),
+            credential: cred["id"].as_str().unwrap().to_owned(),
+            server: "default".to_owned(),
+            key: "victim".to_owned(),
+        }
+    }
+
+    /// `template` (a path of the document) with its parameters filled; a
+    /// parameter this test does not know fails it, so a new route gets a value.
+    fn fill(&self, template: &str) -> String {
+        let segments: Vec<&str> = template.split('/').collect();
+        let filled: Vec<&str> = segments
+            .iter()
+            .enumerate()
+            .map(
+                |(i, segment)| match (*segment, segments[i.saturating_sub(1)]) {
+                    ("{tenant}", _) => self.tenant.as_str(),
+                    ("{id}", "backups") => self.backup.as_str(),
+                    ("{id}", "operations") => self.operation.as_str(),
+                    ("{id}", "app-credentials") => self.credential.as_str(),
+                    ("{name}", "servers") => self.server.as_str(),
+                    ("{name}", "keys") => self.key.as_str(),
+                    (p, _) if p.starts_with('{') => panic!("no value for {p} of {template}"),
+                    (s, _) => s,
+                },
+            )
+            .collect();
+        filled.join("/")
+    }
+}
+
+/// Every operation under `/admin/v1` of the published document: method
+/// (lower case), path template, whether it reads a body.
+async fn admin_operations(env: &TestEnv) -> Vec<(String, String, bool)> {
+    let (status, spec) = env.call_with(Method::GET, "/openapi.json", None, &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut out = Vec::new();
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        if !path.starts_with("/admin/v1/") {
+            continue;
+        }
+        for (method, op) in item.as_object().unwrap() {
+            out.push((method.clone(), path.clone(), !op["requestBody"].is_null()));
+        }
+    }
+    assert!(
+        out.len() > 30,
+        "the document lists {} admin operations",
+        out.len()
+    );
+    out
+}
+
+/// A row sending `method` to `path`: a body that would be accepted where
+/// the route reads one, so only the role can stop it.
+fn row(method: &str, template: &str, path: String, reads_body: bool) -> table::Request {
+    let body = match (method, template) {
+        ("post", "/admin/v1/tenants") => json!({"slug": "made-anyway", "name": "Made Anyway"}),
+        ("patch", "/admin/v1/tenants/{tenant}") => json!({"name": "Renamed"}),
+        ("post", "/admin/v1/tenants/{tenant}/app-credentials") => json!({"name": "made-anyway"}),
+        ("post", "/admin/v1/tenants/{tenant}/move") => json!({"server": "default"}),
+        ("patch", "/admin/v1/servers/{name}") => json!({"status": "draining"}),
+        ("post", "/admin/v1/keys") => json!({"name": "made-anyway", "role": "admin"}),
+        ("post", "/admin/v1/migrations/tenants") => json!({"dry_run": true}),
+        _ => json!({}),
+    };
+    let request = match method {
+        "get" => get(path),
+        "post" => post(path),
+        "patch" => patch(path),
+        "delete" => delete(path),
+        other => panic!("a method this test does not send: {other}"),
+    };
+    if reads_body {
+        request.json(body)
+    } else {
+        request
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_viewer_key_is_refused_every_route_that_changes_something_and_reads_the_rest() {
+    let env = TestEnv::setup().storage().wire(|_| {}).start().await;
+    let ids = Ids::make(&env, "viewed").await;
+    let viewer = make_key(&env, "auditor", "viewer").await;
+    let operations = admin_operations(&env).await;
+
+    // Every operation that is not a GET: 403 naming the role, nothing changed.
+    let rows: Vec<Row> = operations
+        .iter()
+        .filter(|(method, _, _)| method != "get")
+        .map(|(method, template, body)| {
+            row(method, template, ids.fill(template), *body)
+                .is(403)
+                .says_all(&["'auditor'", "viewer"])
+        })
+        .collect();
+    assert!(rows.len() > 20, "{} routes change something", rows.len());
+    let client = Client::new(&env, "", &[("authorization", &format!("Bearer {viewer}"))]);
+    table::run(&client, rows, async || control_state(&env).await).await;
+
+    // Every GET answers 200, but the keys and a direct (password-bearing) URI.
+    let mut wrong = Vec::new();
+    for (method, template, _) in operations.iter().filter(|(m, _, _)| m == "get") {
+        let path = ids.fill(template);
+        let want = if template == "/admin/v1/keys" {
+            StatusCode::FORBIDDEN
+        } else {
+            StatusCode::OK
+        };
+        let (status, body) = call_as(&env, &viewer, Method::GET, &path, None).await;
+        if status != want {
+            wrong.push(format!("{method} {path}: {status}, want {want}: {body}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    let direct = format!("/admin/v1/tenants/{}/connection?direct=true", ids.tenant);
+    let (status, body) = call_as(&env, &viewer, Method::GET, &direct, None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.get("uri").is_none());
+    // The audit log is one of the reads, and the refused requests left no entry.
+    let (_, mine) = call_as(
+        &env,
+        &viewer,
+        Method::GET,
+        "/admin/v1/audit?key=auditor",
+        None,
+    )
+    .await;
+    assert_eq!(mine, json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_key_runs_lifecycle_but_may_not_delete_manage_keys_overwrite_or_read_direct_uris(
+) {
+    let env = TestEnv::setup().storage().wire(|_| {}).start().await;
+    let ids = Ids::make(&env, "operated").await;
+    let operator = make_key(&env, "night-shift", "operator").await;
+    let operations = admin_operations(&env).await;
+    let tenant = format!("/admin/v1/tenants/{}", ids.tenant);
+    let backup = format!("/admin/v1/backups/{}", ids.backup);
+
+    let mut rows: Vec<Row> = operations
+        .iter()
+        .filter(|(method, template, _)| {
+            method == "delete" || template.starts_with("/admin/v1/keys")
+        })
+        .map(|(method, template, body)| row(method, template, ids.fill(template), *body).is(403))
+        .collect();
+    assert!(rows.len() >= 6, "{} delete and key routes", rows.len());
+    #[rustfmt::skip]
+    rows.extend([
+        post(format!("{tenant}/restore")).json(json!({"overwrite": true})).is(403).says("overwrite"),
+        post(format!("{tenant}/restore"))
+            .json(json!({"backup_id": ids.backup, "overwrite": true})).is(403).says("overwrite"),
+        post(format!("{backup}/restore")).json(json!({"overwrite": true})).is(403).says("overwrite"),
+        post(format!("{backup}/restore")).raw(r#"{"overwrite": "yes"}"#).is(403)
+            .what("anything but false asks to overwrite"),
+        get(format!("{tenant}/connection?direct=true")).is(403).says("direct connection URI"),
+        get(format!("{tenant}/connection?direct=false&direct=true")).is(403),
+    ]);
+    let rows: Vec<Row> = rows
+        .into_iter()
+        .map(|r| r.says_all(&["'night-shift'", "operator"]))
+        .collect();
+    let client = Client::new(
+        &env,
+        "",
+        &[("authorization", &format!("Bearer {operator}"))],
+    );
+    table::run(&client, rows, async || control_state(&env).await).await;
+
+    // What an operator does: suspend and resume, credentials, a restore
+    // that replaces nothing (refused by its handler, not by the role).
+    let suspend = format!("{tenant}/suspend");
+    let (status, body) = call_as(&env, &operator, Method::POST, &suspend, None).await;
+    assert_eq!(
+        (status, &body["status"]),
+        (StatusCode::OK, &json!("suspended")),
+        "{body}"
+    );
+    let resume = format!("{tenant}/resume");
+    let (status, body) = call_as(&env, &operator, Method::POST, &resume, None).await;
+    assert_eq!(
+        (status, &body["status"]),
+        (StatusCode::OK, &json!("active")),
+        "{body}"
+    );
+    let creds = format!("{tenant}/app-credentials");
+    let (status, body) = call_as(
+        &env,
+        &operator,
+        Method::POST,
+        &creds,
+        Some(json!({"name": "billing"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let restore = format!("{tenant}/restore");
+    let (status, body) = call_as(
+        &env,
+        &operator,
+        Method::POST,
+        &restore,
+        Some(json!({"overwrite": false})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("overwrite"),
+        "{body}"
+    );
+    let (status, body) = call_as(
+        &env,
+        &operator,
+        Method::GET,
+        &format!("{tenant}/connection"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["user"], Value::Null);
+    // An admin key may do what the operator may not.
+    let admin = make_key(&env, "lead", "admin").await;
+    let (status, body) = call_as(&env, &admin, Method::GET, "/admin/v1/keys", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let direct = format!("{tenant}/connection?direct=true");
+    let (status, body) = call_as(&env, &admin, Method::GET, &direct, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["user"].is_string(), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_audit_log_names_the_key_that_acted_and_filters_by_it() {
+    let env = TestEnv::start().await;
+    env.create("audited").await;
+    let alice = make_key(&env, "ops-alice", "operator").await;
+    let (status, _) = call_as(
+        &env,
+        &alice,
+        Method::POST,
+        "/admin/v1/tenants/audited/suspend",
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = env
+        .call(Method::POST, "/admin/v1/tenants/audited/resume", None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+
+    let audit = |query: &'static str| {
+        let env = &env;
+        async move {
+            let (status, body) = env
+                .call(Method::GET, &format!("/admin/v1/audit?{query}"), None)
+                .await;
+            assert_eq!(status, StatusCode::OK, "{query}: {body}");
+            body.as_array().unwrap().clone()
+        }
+    };
+    let actions = |entries: &[Value]| -> Vec<String> {
+        entries
+            .iter()
+            .map(|e| e["action"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let by_alice = audit("key=ops-alice").await;
+    assert_eq!(actions(&by_alice), ["tenant.suspend"], "{by_alice:?}");
+    assert!(by_alice.iter().all(|e| e["actor"] == "ops-alice"));
+    // The bootstrap token acts as `admin`, as it always has.
+    let by_admin = audit("key=admin").await;
+    assert_eq!(
+        actions(&by_admin),
+        ["tenant.resume", "key.create", "tenant.create"],
+        "{by_admin:?}"
+    );
+    assert_eq!(by_admin[1]["detail"]["name"], "ops-alice");
+    assert_eq!(by_admin[1]["detail"]["role"], "operator");
+    let everyone = audit("tenant=audited").await;
+    assert_eq!(
+        everyone
+            .iter()
+            .map(|e| e["actor"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["admin", "ops-alice", "admin"]
+    );
+    let suspends = audit("key=ops-alice&action=tenant.suspend&tenant=audited").await;
+    assert_eq!(suspends.len(), 1);
+    assert!(audit("key=ops-alice&action=tenant.resume").await.is_empty());
+    assert!(audit("key=nobody").await.is_empty());
+    for query in [
+        "key=Not%20A%20Key",
+        "key=a%00b",
+        "action=DROP%20TABLE",
+        "key=",
+    ] {
+        let (status, body) = env
+            .call(Method::GET, &format!("/admin/v1/audit?{query}"), None)
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{query}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn the_audit_log_refuses_update_and_delete_even_from_silo_s_own_login() {
+    let env = TestEnv::start().await;
+    env.create("kept").await;
+    make_key(&env, "witness", "viewer").await;
+    let before = control_state(&env).await;
+    // silo's own login: the one its registry connects with.
+    let pool = env.registry().pool();
+    for sql in [
+        "UPDATE audit_log SET actor = 'someone-else'",
+        "UPDATE audit_log SET detail = '{}' WHERE false",
+        "DELETE FROM audit_log",
+        "DELETE FROM audit_log WHERE action = 'key.create'",
+        "TRUNCATE audit_log",
+    ] {
+        let err = sqlx::query(sql)
+            .execute(pool)
+            .await
+            .expect_err(sql)
+            .to_string();
+        assert!(err.contains("append-only"), "{sql}: {err}");
+    }
+    assert_eq!(control_state(&env).await, before);
+    // Appending still works.
+    let (status, _) = env
+        .call(Method::POST, "/admin/v1/tenants/kept/suspend", None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        env.count("SELECT count(*) FROM audit_log").await,
+        3,
+        "tenant.create, key.create, tenant.suspend"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_key_is_refused_at_once_on_every_replica() {
+    let env = TestEnv::start().await;
+    let token = make_key(&env, "contractor", "operator").await;
+    let logs = tempfile::tempdir().unwrap();
+    let other = Silo::start(&env, None, 0, &logs.path().join("replica.log")).await;
+    let client = reqwest::Client::new();
+    let on_other = |token: String| {
+        let (client, base) = (client.clone(), other.base.clone());
+        async move {
+            client
+                .get(format!("{base}/admin/v1/tenants"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let here = async |token: &str| {
+        call_as(&env, token, Method::GET, "/admin/v1/tenants", None)
+            .await
+            .0
+    };
+    assert_eq!(here(&token).await, StatusCode::OK);
+    assert_eq!(on_other(token.clone()).await, 200);
+
+    let (status, body) = env
+        .call(Method::DELETE, "/admin/v1/keys/contractor", None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    assert_eq!(here(&token).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(on_other(token.clone()).await, 401);
+
+    // The name is free again; the old token stays refused.
+    let again = make_key(&env, "contractor", "viewer").await;
+    assert_eq!(on_other(again.clone()).await, 200);
+    assert_eq!(here(&again).await, StatusCode::OK);
+    assert_eq!(on_other(token.clone()).await, 401);
+    let rows = env
+        .count("SELECT count(*) FROM admin_keys WHERE name = 'contractor'")
+        .await;
+    assert_eq!(rows, 2, "the revoked key's row is kept");
+    other.stop();
+}
+
+#[tokio::test]
+async fn keys_are_stored_hashed_and_their_last_use_is_recorded_once_a_minute() {
+    let env = TestEnv::start().await;
+    let token = make_key(&env, "hashed", "viewer").await;
+    let last_used = async || -> Option<chrono::DateTime<chrono::Utc>> {
+        sqlx::query_scalar("SELECT last_used_at FROM admin_keys WHERE name = 'hashed'")
+            .fetch_one(env.registry().pool())
+            .await
+            .unwrap()
+    };
+    assert_eq!(last_used().await, None);
+    let (status, keys) = env.call(Method::GET, "/admin/v1/keys", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(keys["items"][0]["name"], "hashed");
+    assert_eq!(keys["items"][0]["last_used_at"], Value::Null);
+    assert!(!keys.to_string().contains(&token));
+
+    let (status, _) = call_as(&env, &token, Method::GET, "/admin/v1/tenants", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let first = last_used().await.expect("last use recorded");
+    let (status, _) = call_as(&env, &token, Method::GET, "/admin/v1/servers", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        last_used().await,
+        Some(first),
+        "not written again within a minute"
+    );
+    sqlx::query("UPDATE admin_keys SET last_used_at = now() - interval '2 minutes'")
+        .execute(env.registry().pool())
+        .await
+        .unwrap();
+    let (status, _) = call_as(&env, &token, Method::GET, "/admin/v1/servers", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        last_used().await.unwrap() > first,
+        "written again after a minute"
+    );
+
+    // Only the token's SHA-256 is stored; the token is nowhere in the control DB.
+    let stored: Vec<u8> =
+        sqlx::query_scalar("SELECT token_hash FROM admin_keys WHERE name = 'hashed'")
+            .fetch_one(env.registry().pool())
+            .await
+            .unwrap();
+    assert_eq!(stored, silo::crypto::admin_key_hash(&token));
+    let out = Command::new(env.pg.bindir().join("pg_dump"))
+        .args(["--data-only", &env.control_url()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump = String::from_utf8_lossy(&out.stdout);
+    assert!(dump.contains("hashed"), "the dump holds the key's row");
+    let random_part = token.trim_start_matches(silo::crypto::ADMIN_KEY_PREFIX);
+    assert!(
+        !dump.contains(random_part),
+        "the token is in the control DB"
+    );
+}
+
+/// `silo` with no `SILO_*` variable but those given.
+fn silo(args: &[&str], envs: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_silo"));
+    cmd.args(args);
+    for (var, _) in std::env::vars() {
+        if var.starts_with("SILO_") || var.starts_with("AWS_") {
+            cmd.env_remove(var);
+        }
+    }
+    cmd.envs(envs.iter().copied());
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = cmd.output().expect("run silo");
+    (
+        status.code(),
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn key_commands_work_from_a_shell_with_only_the_database_url() {
+    let env = TestEnv::start().await;
+    let url = env.control_url();
+    let only_url = [("SILO_DATABASE_URL", url.as_str())];
+    let run = |args: &[&str]| silo(args, &only_url);
+
+    let (code, out, err) = run(&["keys", "create", "shell-ops", "--role", "operator"]);
+    assert_eq!(code, Some(0), "{err}");
+    let made: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (&made["name"], &made["role"]),
+        (&json!("shell-ops"), &json!("operator"))
+    );
+    assert!(err.contains("shown only now"), "{err}");
+    let token = made["token"].as_str().unwrap().to_owned();
+    // The token works on the API, as an operator.
+    let (status, _) = call_as(&env, &token, Method::GET, "/admin/v1/tenants", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = call_as(&env, &token, Method::GET, "/admin/v1/keys", None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    let (code, out, _) = run(&["keys", "list"]);
+    assert_eq!(code, Some(0));
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("shell-ops\t"))
+        .expect(&out);
+    let fields: Vec<&str> = line.split('\t').collect();
+    assert_eq!(fields[..2], ["shell-ops", "operator"], "{line}");
+    assert_eq!(fields[3], "cli", "made by the CLI: {line}");
+    assert_ne!(fields[4], "-", "used on the API above: {line}");
+    assert!(!out.contains(&token));
+
+    // Refusals are usage errors (2) and change nothing.
+    let keys_before = env.count("SELECT count(*) FROM admin_keys").await;
+    for args in [
+        &["keys", "create", "shell-ops", "--role", "viewer"][..],
+        &["keys", "create", "Bad Name", "--role", "viewer"],
+        &["keys", "create", "admin", "--role", "admin"],
+        &["keys", "create", "someone", "--role", "root"],
+        &["keys", "create", "someone"],
+        &["keys", "revoke", "nobody"],
+    ] {
+        let (code, out, err) = run(args);
+        assert_eq!(code, Some(2), "{args:?}: {out}{err}");
+    }
+    assert_eq!(
+        env.count("SELECT count(*) FROM admin_keys").await,
+        keys_before
+    );
+    // Without the database URL: a configuration error naming it.
+    let (code, _, err) = silo(&["keys", "list"], &[]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("SILO_DATABASE_URL"), "{err}");
+
+    let (code, out, err) = run(&["keys", "revoke", "shell-ops"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("revoked"), "{out}");
+    let (status, _) = call_as(&env, &token, Method::GET, "/admin/v1/tenants", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (code, out, _) = run(&["keys", "list"]);
+    assert_eq!(code, Some(0));
+    assert!(!out.contains("shell-ops"), "{out}");
+    let (_, audit) = env.call(Method::GET, "/admin/v1/audit?key=cli", None).await;
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["key.revoke", "key.create"]);
+
+    // To bootstrap: the first key of a fresh control database, nothing else set.
+    silo::cli::ensure_database(&env.pg.url("postgres"), "silo_fresh")
+        .await
+        .unwrap();
+    let fresh = env.pg.url("silo_fresh");
+    let (code, out, err) = silo(
+        &["keys", "create", "first", "--role", "admin"],
+        &[("SILO_DATABASE_URL", fresh.as_str())],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let first: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(first["role"], "admin");
+    assert_eq!(first["created_by"], "cli");
+}
+
+#[tokio::test]
+async fn bad_key_requests_get_a_clear_4xx_and_change_nothing() {
+    let env = TestEnv::start().await;
+    make_key(&env, "taken", "viewer").await;
+    let gone = make_key(&env, "gone", "viewer").await;
+    let (status, _) = env.call(Method::DELETE, "/admin/v1/keys/gone", None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let keys = "/admin/v1/keys";
+    let create = |body: Value| post(keys).json(body);
+    let auth = "authorization";
+    let lookalike = format!("Bearer {}", silo::crypto::AdminKeyToken::generate().token);
+    #[rustfmt::skip]
+    let rows = vec![
+        create(json!({"name": "Bad Name", "role": "viewer"})).is(422).says("name"),
+        create(json!({"name": "x".repeat(64), "role": "viewer"})).is(422),
+        create(json!({"name": "a\u{0}b", "role": "viewer"})).is(422),
+        create(json!({"name": "9lives", "role": "viewer"})).is(422),
+        create(json!({"name": "admin", "role": "admin"})).is(422).says("reserved"),
+        create(json!({"name": "cli", "role": "viewer"})).is(422).says("reserved"),
+        create(json!({"name": "fine", "role": "root"})).is(422),
+        create(json!({"name": "fine", "role": "Admin"})).is(422),
+        create(json!({"name": "fine"})).is(422),
+        create(json!({"name": "fine", "role": "viewer", "token": "my own"})).is(422),
+        create(json!({"name": "taken", "role": "admin"})).is(409).says("taken"),
+        post(keys).raw("{").is(400),
+        delete("/admin/v1/keys/nobody").is(404),
+        delete("/admin/v1/keys/gone").is(404).what("a revoked key"),
+        delete("/admin/v1/keys/Bad%20Name").is(404),
+        delete("/admin/v1/keys/%00").is(404),
+        get(keys).header(auth, &lookalike).is(401).what("a token of the right shape, not a key's"),
+        get(keys).header(auth, &format!("Bearer {gone}")).is(401).what("a revoked key's token"),
+        get(keys).header(auth, ADMIN_TOKEN).is(401).what("no Bearer scheme"),
+    ];
+    table::run(&Client::admin(&env), rows, async || {
+        control_state(&env).await
+    })
+    .await;
+    let (_, listed) = env.call(Method::GET, keys, None).await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1, "{listed}");
+}
