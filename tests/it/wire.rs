@@ -655,9 +655,7 @@ async fn limits_end_silent_idle_and_oversized_clients_and_cap_a_tenant() {
     let mut a = sqlx::PgConnection::connect(&u).await.unwrap();
     let mut b = sqlx::PgConnection::connect(&u).await.unwrap();
     let third = sqlx::PgConnection::connect(&u).await;
-    let refused = third
-        .err()
-        .expect("a third client of the tenant is refused");
+    let refused = third.expect_err("a third client of the tenant is refused");
     assert!(
         refused
             .to_string()
