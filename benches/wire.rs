@@ -68,8 +68,12 @@ async fn pgbench(uri: &str, clients: u32, seconds: u64, reconnect: bool) -> Resu
     said.lines()
         .find_map(|l| {
             let l = l.trim();
+            // With -C, the figure that counts includes the reconnections.
             l.strip_prefix("tps = ")
-                .filter(|_| l.contains("without initial connection time"))
+                .filter(|_| {
+                    l.contains("without initial connection time")
+                        || l.contains("including reconnection times")
+                })
                 .and_then(|r| r.split_whitespace().next())
                 .and_then(|n| n.parse().ok())
         })
@@ -102,6 +106,16 @@ async fn run() -> Result<()> {
         .output()
         .await?;
     anyhow::ensure!(init.status.success(), "pgbench -i failed");
+    // The three paths each keep their idle server connections a while:
+    // the role's own limit (the plan's 50) must not make one path refuse
+    // another's clients. silo still opens at most 50, and PgBouncer's pool is 50.
+    let admin = sqlx::PgPool::connect(&pg.url("postgres")).await?;
+    sqlx::query(&format!(
+        "ALTER ROLE \"{}\" CONNECTION LIMIT -1",
+        t.role_name
+    ))
+    .execute(&admin)
+    .await?;
     let app_password = silo::crypto::random_password(32);
     registry
         .create_app_credential(
@@ -128,10 +142,20 @@ async fn run() -> Result<()> {
     let silo = format!(
         "postgresql://bench:{app_password}@127.0.0.1:{wire_port}/bench-wire?sslmode=disable"
     );
+    // PgBouncer gets the role's password: 1.18 cannot log in to the server
+    // with a SCRAM verifier in its auth file ("client authentication did not
+    // provide SCRAM keys"), so it checks clients with its own verifier of
+    // PostgreSQL's default 4096 iterations (paid by the client at each login).
     let bouncer = start_pgbouncer(&pg, &t.database_name, &t.role_name, &role_password).await;
     let mut paths = vec![("direct", direct), ("silo", silo)];
     match &bouncer {
-        Ok((_, uri)) => paths.push(("pgbouncer", uri.clone())),
+        Ok((_, port)) => paths.push((
+            "pgbouncer",
+            format!(
+                "postgresql://{}:{role_password}@127.0.0.1:{port}/bench?sslmode=disable",
+                t.role_name
+            ),
+        )),
         Err(e) => println!("pgbouncer skipped: {e:#}"),
     }
 
@@ -167,13 +191,14 @@ async fn run() -> Result<()> {
 }
 
 /// PgBouncer in transaction mode, pool size 50, in front of the tenant's
-/// database as its role; the child and the URI clients use.
+/// database as its role (known to it by its password); the child, and the
+/// port it listens on.
 async fn start_pgbouncer(
     pg: &EmbeddedPostgres,
     database: &str,
     role: &str,
     password: &str,
-) -> Result<(tokio::process::Child, String)> {
+) -> Result<(tokio::process::Child, u16)> {
     let bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
@@ -201,23 +226,23 @@ async fn start_pgbouncer(
     for f in ["pgbouncer.ini", "users.txt"] {
         std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o644))?;
     }
-    let mut cmd = if nix::unistd::geteuid().is_root() {
+    let mut cmd = tokio::process::Command::new(bin);
+    if nix::unistd::geteuid().is_root() {
         // PgBouncer will not run as root.
-        let mut c = tokio::process::Command::new("runuser");
-        c.args(["-u", "postgres", "--", bin]);
+        let user = nix::unistd::User::from_name("postgres")?
+            .context("the postgres user (PgBouncer will not run as root)")?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))?;
-        c
-    } else {
-        tokio::process::Command::new(bin)
-    };
+        cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
+    }
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
     let child = cmd.arg(&ini).kill_on_drop(true).spawn()?;
-    let uri = format!("postgresql://{role}:{password}@127.0.0.1:{port}/bench?sslmode=disable");
     for _ in 0..100 {
         if tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .is_ok()
         {
-            return Ok((child, uri));
+            return Ok((child, port));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -76,6 +76,10 @@ impl WirePool {
         self.cap.saturating_sub(self.slots.available_permits())
     }
 
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
     /// Connections idle right now.
     pub fn idle_count(&self) -> usize {
         self.idle.lock().expect("idle lock").len()

@@ -41,6 +41,9 @@ const TRACKED: &[&str] = &[
     "standard_conforming_strings",
 ];
 
+/// A client's read buffer to start with.
+const CLIENT_BUFFER: usize = 1024;
+
 type Reader = FramedRead<ReadHalf<Box<dyn Io>>, Codec>;
 
 /// Serve one client connection until it ends.
@@ -340,15 +343,20 @@ async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
         mode: credential.pool_mode,
         tenant: entry.id,
         slug: entry.slug.clone(),
-        reader: FramedRead::new(
+        reader: FramedRead::with_capacity(
             read,
             Codec {
                 max: shared.settings.max_message_bytes,
             },
+            // Small while idle (10,000 idle clients), grown by what arrives.
+            CLIENT_BUFFER,
         ),
         writer: write,
         out: BytesMut::new(),
         server: None,
+        pool: None,
+        transactions: metrics::counter!("silo_wire_transactions_total"),
+        errors: metrics::counter!("silo_wire_errors_total"),
         wanted,
         statements: HashMap::new(),
         sent_syncs: 0,
@@ -567,6 +575,10 @@ pub(super) struct Session {
     writer: WriteHalf<Box<dyn Io>>,
     out: BytesMut,
     server: Option<Checkout>,
+    /// The pool its server connections come from, while it stands.
+    pool: Option<Arc<super::pool::WirePool>>,
+    transactions: metrics::Counter,
+    errors: metrics::Counter,
     /// Settings the client asked for at startup.
     wanted: Vec<(String, String)>,
     statements: HashMap<String, Prepared>,
@@ -887,7 +899,7 @@ impl Session {
                     .counters
                     .errors
                     .fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("silo_wire_errors_total").increment(1);
+                self.errors.increment(1);
                 let (severity, _, _) = proto::error_fields(m.body());
                 if matches!(severity.as_str(), "FATAL" | "PANIC") {
                     self.out.extend_from_slice(&m.frame);
@@ -906,7 +918,7 @@ impl Session {
                         .counters
                         .transactions
                         .fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!("silo_wire_transactions_total").increment(1);
+                    self.transactions.increment(1);
                 }
                 // Whatever the finished sync still owed (skipped after an
                 // error) will not come.
@@ -960,28 +972,40 @@ impl Session {
         let waited = Waited(&counters, started);
         let mut rereads = 0;
         let mut checkout = loop {
-            let entry = self
-                .shared
-                .router
-                .resolve(&self.tenant.to_string())
-                .await
-                .map_err(|e| route_fatal(&self.slug, &e))?;
-            match TenantRouter::check_status(&entry) {
-                Ok(()) => {}
-                Err(RouteError::NotReady("moving")) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(25)).await;
-                    continue;
+            // The pool of the last transaction, while it stands: any change
+            // of the tenant (suspended, frozen for a move, moved, rotated)
+            // closes it, and the tenant is read again.
+            let pool = match self.pool.as_ref().filter(|p| !p.is_closed()) {
+                Some(p) => p.clone(),
+                None => {
+                    let entry = self
+                        .shared
+                        .router
+                        .resolve(&self.tenant.to_string())
+                        .await
+                        .map_err(|e| route_fatal(&self.slug, &e))?;
+                    match TenantRouter::check_status(&entry) {
+                        Ok(()) => {}
+                        Err(RouteError::NotReady("moving")) if Instant::now() < deadline => {
+                            tokio::time::sleep(Duration::from_millis(25)).await;
+                            continue;
+                        }
+                        Err(e) => return Err(route_fatal(&self.slug, &e)),
+                    }
+                    let pool = self
+                        .shared
+                        .pool_for(&entry)
+                        .await
+                        .map_err(|e| route_fatal(&self.slug, &e))?;
+                    self.pool = Some(pool.clone());
+                    pool
                 }
-                Err(e) => return Err(route_fatal(&self.slug, &e)),
-            }
-            let pool = self
-                .shared
-                .pool_for(&entry)
-                .await
-                .map_err(|e| route_fatal(&self.slug, &e))?;
+            };
             match pool.acquire(deadline).await {
                 Ok(c) => break c,
-                Err(CheckoutError::Budget(AcquireError::Closed)) if Instant::now() < deadline => {}
+                Err(CheckoutError::Budget(AcquireError::Closed)) if Instant::now() < deadline => {
+                    self.pool = None;
+                }
                 Err(CheckoutError::Budget(_)) => {
                     return Err(Fatal(
                         "53300",
@@ -998,7 +1022,9 @@ impl Session {
                 {
                     // Rotated, moved or restored under us: read the tenant again.
                     rereads += 1;
-                    self.shared.router.invalidate(entry.id).await;
+                    self.pool = None;
+                    self.shared.close_pool(self.tenant);
+                    self.shared.router.invalidate(self.tenant).await;
                     tokio::time::sleep(Duration::from_millis(20 * rereads)).await;
                 }
                 Err(CheckoutError::Connect(e)) => {
