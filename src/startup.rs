@@ -198,6 +198,7 @@ pub fn start(control: ControlPlane, settings: RunSettings) -> anyhow::Result<Sil
                 settings.app_domain.clone(),
                 router.clone(),
                 control.registry().clone(),
+                control.keyring(),
             )
         })
         .transpose()?;

@@ -498,6 +498,13 @@ impl TenantRouter {
         l.entry.ok_or(RouteError::NotFound)
     }
 
+    /// Read a tenant from the registry now, without caching what was read
+    /// (a reader reacting to a change notice must not leave behind a read
+    /// that a later change, whose notice is still on its way, outdates).
+    pub async fn read_uncached(&self, name: &str) -> Result<Arc<TenantEntry>, RouteError> {
+        self.fetch(name).await?.entry.ok_or(RouteError::NotFound)
+    }
+
     /// Was the lookup read before an invalidation of its tenant (or, for
     /// "not found", before any invalidation: a tenant may have been created)?
     fn changed_since(&self, l: &Lookup) -> bool {

@@ -178,7 +178,9 @@ pub(crate) struct Shared {
     cancels: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
     sessions: Mutex<HashMap<Uuid, HashMap<u64, Arc<Ender>>>>,
     credentials: moka::future::Cache<Uuid, Arc<Vec<AppCredential>>>,
-    /// Salts the decoy exchange of unknown users (per process).
+    /// Salts the decoy exchange of unknown users: derived from the master
+    /// key, so every replica (and every restart) gives an unknown user the
+    /// same salt, as it would a known one.
     decoy: [u8; 32],
     next_session: AtomicU64,
 }
@@ -189,6 +191,7 @@ impl Front {
         app_domain: Option<String>,
         router: TenantRouter,
         registry: Registry,
+        keyring: &crate::crypto::Keyring,
     ) -> anyhow::Result<Self> {
         let tls = match &settings.tls {
             Some((cert, key)) => Some(tls_acceptor(cert, key)?),
@@ -197,8 +200,13 @@ impl Front {
         if settings.require_tls && tls.is_none() {
             anyhow::bail!("SILO_PG_REQUIRE_TLS needs SILO_PG_TLS_CERT and SILO_PG_TLS_KEY");
         }
-        let mut decoy = [0u8; 32];
-        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut decoy);
+        let decoy = {
+            use hmac::Mac;
+            let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(keyring.token_key())
+                .expect("HMAC takes any key length");
+            m.update(b"silo wire decoy verifiers");
+            m.finalize().into_bytes().into()
+        };
         Ok(Self {
             inner: Arc::new(Shared {
                 clients: Arc::new(Semaphore::new(settings.max_clients)),
@@ -371,7 +379,18 @@ impl Shared {
             vec![id]
         };
         for tenant in tenants {
-            let entry = match self.router.resolve(&tenant.to_string()).await {
+            // Nothing held for it here: nothing to look at (and no lookup
+            // of the control DB for the router's sake).
+            let held = self.pools.lock().expect("pools lock").contains_key(&tenant)
+                || self
+                    .sessions
+                    .lock()
+                    .expect("sessions lock")
+                    .contains_key(&tenant);
+            if !held {
+                continue;
+            }
+            let entry = match self.router.read_uncached(&tenant.to_string()).await {
                 Ok(e) => Some(e),
                 Err(RouteError::NotFound) => None,
                 // Cannot tell now; the next change or connect will.

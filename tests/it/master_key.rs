@@ -574,7 +574,8 @@ async fn master_key_rotated_under_app_traffic_fails_no_request_and_every_backup_
         .send()
         .await
         .unwrap();
-    assert_eq!(res.status(), 200);
+    let status = res.status();
+    assert_eq!(status, 200, "{}", res.text().await.unwrap_or_default());
     stop(c).await;
 
     // No key or password in any log or in the rotation's output.
