@@ -149,15 +149,7 @@ impl Registry {
         .fetch_optional(&mut *tx)
         .await?;
         if let Some(c) = &c {
-            Self::audit_in(
-                &mut tx,
-                actor,
-                "app_credential.revoke",
-                Some(tenant),
-                serde_json::json!({"credential_id": c.id, "name": c.name}),
-            )
-            .await?;
-            notify(&mut tx, tenant).await?;
+            audit_and_notify(&mut tx, actor, "app_credential.revoke", c).await?;
         }
         tx.commit().await?;
         Ok(c)
@@ -183,19 +175,30 @@ impl Registry {
         .fetch_optional(&mut *tx)
         .await?;
         if let Some(c) = &c {
-            Self::audit_in(
-                &mut tx,
-                actor,
-                "app_credential.rotate",
-                Some(tenant),
-                serde_json::json!({"credential_id": c.id, "name": c.name}),
-            )
-            .await?;
-            notify(&mut tx, tenant).await?;
+            audit_and_notify(&mut tx, actor, "app_credential.rotate", c).await?;
         }
         tx.commit().await?;
         Ok(c)
     }
+}
+
+/// Audit a change of credential `c` and announce it, in the transaction
+/// that makes it.
+async fn audit_and_notify(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    actor: &str,
+    action: &str,
+    c: &AppCredential,
+) -> Result<()> {
+    Registry::audit_in(
+        tx,
+        actor,
+        action,
+        Some(c.tenant_id),
+        serde_json::json!({"credential_id": c.id, "name": c.name}),
+    )
+    .await?;
+    notify(tx, c.tenant_id).await
 }
 
 /// Announce a change of the tenant's credentials on the tenants channel

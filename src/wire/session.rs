@@ -274,26 +274,9 @@ async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
     // Logged in. Is the tenant open, and is there room?
     match TenantRouter::check_status(&entry) {
         Ok(()) | Err(RouteError::NotReady("moving")) => {}
-        Err(RouteError::Locked(s)) => {
-            refuse(
-                &mut io,
-                "57P03",
-                &format!("tenant \"{}\" is {s}", entry.slug),
-            )
-            .await;
-            return None;
-        }
         Err(e) => {
-            refuse(
-                &mut io,
-                "57P03",
-                &format!(
-                    "tenant \"{}\" cannot be served now: {}",
-                    entry.slug,
-                    short(&e)
-                ),
-            )
-            .await;
+            let Fatal(code, message) = route_fatal(&entry.slug, &e);
+            refuse(&mut io, code, &message).await;
             return None;
         }
     }

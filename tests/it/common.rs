@@ -730,6 +730,38 @@ pub async fn add_ballast(env: &TestEnv, t: &TenantRecord, megabytes: usize) {
     conn.close().await.ok();
 }
 
+/// The most a count query (`SELECT count(*) …`) answered, sampled every
+/// 5 ms from `start` until `finish`: sessions as PostgreSQL counts them.
+pub struct MaxSampler {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<i64>,
+}
+
+impl MaxSampler {
+    pub fn start(admin: &PgPool, count_sql: &'static str) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (admin, until) = (admin.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut max = 0i64;
+            while !until.load(std::sync::atomic::Ordering::Relaxed) {
+                let n: i64 = sqlx::query_scalar(count_sql)
+                    .fetch_one(&admin)
+                    .await
+                    .unwrap();
+                max = max.max(n);
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            max
+        });
+        Self { stop, task }
+    }
+
+    pub async fn finish(self) -> i64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
 /// A second PostgreSQL cluster registered as tenant server "second", its warm pool filled.
 pub async fn second_server(env: &TestEnv) -> EmbeddedPostgres {
     let pg = server_named(env, "second").await;

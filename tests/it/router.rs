@@ -83,24 +83,10 @@ async fn open_connections_never_exceed_the_server_budget() {
             ..RouterConfig::default()
         },
     );
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = {
-        let (admin, stop) = (env.admin.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut max = 0i64;
-            while !stop.load(Ordering::Relaxed) {
-                let n: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'silo-router'",
-                )
-                .fetch_one(&admin)
-                .await
-                .unwrap();
-                max = max.max(n);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            max
-        })
-    };
+    let sampler = crate::common::MaxSampler::start(
+        &env.admin,
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'silo-router'",
+    );
     let errors = Arc::new(AtomicUsize::new(0));
     let workers: Vec<_> = (0..40)
         .map(|w| {
@@ -128,8 +114,7 @@ async fn open_connections_never_exceed_the_server_budget() {
     for w in workers {
         w.await.unwrap();
     }
-    stop.store(true, Ordering::Relaxed);
-    let max = sampler.await.unwrap();
+    let max = sampler.finish().await;
     assert!(
         max <= BUDGET as i64,
         "pg_stat_activity saw {max} router connections over a budget of {BUDGET}"

@@ -561,24 +561,10 @@ async fn one_budget_for_both_front_doors_holds_as_postgresql_counts_it() {
     for i in 0..3 {
         env.create(&format!("http-{i}")).await;
     }
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = {
-        let (admin, stop) = (env.admin.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut max = 0i64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let n: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name IN ('silo-router', 'silo-wire')",
-                )
-                .fetch_one(&admin)
-                .await
-                .unwrap();
-                max = max.max(n);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            max
-        })
-    };
+    let sampler = crate::common::MaxSampler::start(
+        &env.admin,
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name IN ('silo-router', 'silo-wire')",
+    );
     let routed: Vec<_> = (0..12)
         .map(|w| {
             let router = env.router.clone();
@@ -607,8 +593,7 @@ async fn one_budget_for_both_front_doors_holds_as_postgresql_counts_it() {
         assert!(out.status.success(), "{}", text(&out));
         assert!(text(&out).contains("processed: 360/360"), "{}", text(&out));
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let max = sampler.await.unwrap();
+    let max = sampler.finish().await;
     assert!(
         max <= BUDGET,
         "pg_stat_activity saw {max} connections of silo's two front doors over a budget of {BUDGET}"
