@@ -41,7 +41,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::{control_plane, env_number, init_logging, load_average, ms, SiloServer};
+use support::{control_plane, env_number, init_logging, load_average, ms, SiloServer, Zipf};
 
 use anyhow::{bail, ensure, Context, Result};
 use axum::extract::{Path, State};
@@ -945,38 +945,6 @@ async fn control_commits(env: &Env<'_>) -> Result<i64> {
     )
     .fetch_one(&env.admin)
     .await?)
-}
-
-/// Zipf(s) over ranks 1..=n: a precomputed CDF, sampled by binary search.
-struct Zipf {
-    cdf: Vec<f64>,
-}
-
-impl Zipf {
-    fn new(n: usize, s: f64) -> Self {
-        let mut acc = 0.0;
-        let mut cdf: Vec<f64> = (1..=n)
-            .map(|k| {
-                acc += (k as f64).powf(-s);
-                acc
-            })
-            .collect();
-        for c in &mut cdf {
-            *c /= acc;
-        }
-        Self { cdf }
-    }
-
-    /// A 0-based rank.
-    fn sample(&self, rng: &mut impl Rng) -> usize {
-        let u: f64 = rng.gen();
-        self.cdf.partition_point(|c| *c < u).min(self.cdf.len() - 1)
-    }
-
-    /// Share of draws going to the `k` most popular.
-    fn head(&self, k: usize) -> f64 {
-        self.cdf[k.min(self.cdf.len()) - 1]
-    }
 }
 
 #[derive(Default)]

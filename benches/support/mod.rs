@@ -60,14 +60,24 @@ const SETTLE: Duration = Duration::from_millis(500);
 pub async fn control_plane(
     pg: &silo::embedded::EmbeddedPostgres,
 ) -> Result<(silo::crypto::Keyring, silo::registry::Registry)> {
+    let (_, keyring, registry) = control_plane_keyed(pg).await?;
+    Ok((keyring, registry))
+}
+
+/// As [`control_plane`], with the master key's base64 too (for a
+/// `silo serve` child process's `SILO_MASTER_KEY`).
+pub async fn control_plane_keyed(
+    pg: &silo::embedded::EmbeddedPostgres,
+) -> Result<(String, silo::crypto::Keyring, silo::registry::Registry)> {
     silo::cli::ensure_database(&pg.url("postgres"), "silo_control").await?;
-    let keyring = silo::crypto::Keyring::from_base64(&silo::crypto::Keyring::generate_base64())?;
+    let master_key = silo::crypto::Keyring::generate_base64();
+    let keyring = silo::crypto::Keyring::from_base64(&master_key)?;
     let registry = silo::registry::Registry::connect_lazy(&pg.url("silo_control"))?;
     registry
         .migrate()
         .await
         .context("migrate the control database")?;
-    Ok((keyring, registry))
+    Ok((master_key, keyring, registry))
 }
 
 /// A control plane over `registry` with its own warm-pool size (and backups
@@ -190,5 +200,37 @@ impl SiloServer {
     pub async fn stop(self) -> Result<()> {
         let _ = self.stop.send(());
         self.task.await?
+    }
+}
+
+/// Zipf(s) over ranks 1..=n: a precomputed CDF, sampled by binary search.
+pub struct Zipf {
+    cdf: Vec<f64>,
+}
+
+impl Zipf {
+    pub fn new(n: usize, s: f64) -> Self {
+        let mut acc = 0.0;
+        let mut cdf: Vec<f64> = (1..=n)
+            .map(|k| {
+                acc += (k as f64).powf(-s);
+                acc
+            })
+            .collect();
+        for c in &mut cdf {
+            *c /= acc;
+        }
+        Self { cdf }
+    }
+
+    /// A 0-based rank.
+    pub fn sample(&self, rng: &mut impl rand::Rng) -> usize {
+        let u: f64 = rng.gen();
+        self.cdf.partition_point(|c| *c < u).min(self.cdf.len() - 1)
+    }
+
+    /// Share of draws going to the `k` most popular.
+    pub fn head(&self, k: usize) -> f64 {
+        self.cdf[k.min(self.cdf.len()) - 1]
     }
 }
