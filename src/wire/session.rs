@@ -62,7 +62,10 @@ pub(super) async fn handle(shared: Arc<Shared>, tcp: TcpStream) {
         return;
     };
     let limit = shared.settings.startup_timeout;
-    let started = tokio::time::timeout(limit, startup(&shared, io)).await;
+    // Boxed, as are the other one-off steps (attach, detach, the ending): a
+    // task is as large as its largest state, and an idle client's task
+    // should hold its session only (10,000 idle clients, see docs/benchmarks.md).
+    let started = tokio::time::timeout(limit, Box::pin(startup(&shared, io))).await;
     let session = match started {
         Ok(Some(s)) => s,
         Ok(None) => return,
@@ -359,7 +362,7 @@ async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
     // A server connection now: the tenant's database is reachable, the
     // client's settings are applied, and the client hears the server's
     // parameters. Transaction mode gives it back at once.
-    if let Err(why) = s.attach().await {
+    if let Err(why) = Box::pin(s.attach()).await {
         s.fail(why.0, &why.1).await;
         return None;
     }
@@ -379,7 +382,7 @@ async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
     proto::backend_key_data(&mut out, key.0, key.1);
     proto::ready_for_query(&mut out, b'I');
     if s.mode == PoolMode::Transaction {
-        s.detach().await;
+        Box::pin(s.detach()).await;
     }
     if s.writer.write_all(&out).await.is_err() {
         return None;
@@ -650,8 +653,8 @@ impl Session {
             }
         };
         match outcome {
-            Ok(()) => self.finish().await,
-            Err(Fatal(code, msg)) => self.fail(code, &msg).await,
+            Ok(()) => Box::pin(self.finish()).await,
+            Err(Fatal(code, msg)) => Box::pin(self.fail(code, &msg)).await,
         }
     }
 
@@ -687,7 +690,7 @@ impl Session {
             return Ok(false);
         }
         if self.server.is_none() {
-            self.attach().await.inspect_err(|_| {
+            Box::pin(self.attach()).await.inspect_err(|_| {
                 metrics::counter!("silo_wire_refused_total", "reason" => "no_server").increment(1);
             })?;
         }
@@ -932,7 +935,7 @@ impl Session {
             && self.sent_syncs == self.done_syncs
             && !self.in_batch
         {
-            self.detach().await;
+            Box::pin(self.detach()).await;
         }
         Ok(true)
     }
