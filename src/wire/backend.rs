@@ -120,9 +120,6 @@ impl ConnectError {
     }
 }
 
-/// Largest message accepted from a tenant server (rows can be big).
-const SERVER_MAX_MESSAGE: usize = 1 << 30;
-
 /// A logged-in connection to a tenant database.
 pub struct ServerConn {
     reader: FramedRead<ReadHalf<Stream>, Codec>,
@@ -133,6 +130,8 @@ pub struct ServerConn {
     pub target: Target,
     /// Current values of the parameters the server reports.
     pub params: HashMap<String, String>,
+    /// Their values at login (what `DISCARD ALL` returns them to).
+    pub initial: HashMap<String, String>,
     /// Prepared statements (silo's names for them) it holds.
     pub prepared: std::collections::HashSet<String>,
     pub id: u64,
@@ -142,17 +141,24 @@ pub struct ServerConn {
 
 impl ServerConn {
     /// Log in to `database` as `user` with `password`, under `claim`.
+    /// Messages from the server larger than `max_message` end the session
+    /// that reads them (a client cannot make silo hold a 1 GiB row).
+    #[allow(clippy::too_many_arguments)]
     pub async fn connect(
         claim: Claim,
         target: &Target,
         user: &str,
         password: &str,
         database: &str,
+        max_message: usize,
         limit: Duration,
     ) -> Result<Self, ConnectError> {
-        tokio::time::timeout(limit, Self::login(claim, target, user, password, database))
-            .await
-            .map_err(|_| ConnectError::Timeout)?
+        tokio::time::timeout(
+            limit,
+            Self::login(claim, target, user, password, database, max_message),
+        )
+        .await
+        .map_err(|_| ConnectError::Timeout)?
     }
 
     async fn login(
@@ -161,15 +167,11 @@ impl ServerConn {
         user: &str,
         password: &str,
         database: &str,
+        max_message: usize,
     ) -> Result<Self, ConnectError> {
         let stream = target.open().await?;
         let (read, mut writer) = tokio::io::split(stream);
-        let mut reader = FramedRead::new(
-            read,
-            Codec {
-                max: SERVER_MAX_MESSAGE,
-            },
-        );
+        let mut reader = FramedRead::new(read, Codec { max: max_message });
         let mut out = BytesMut::new();
         frontend::startup_message(
             [
@@ -309,6 +311,7 @@ impl ServerConn {
             pid,
             secret,
             target: target.clone(),
+            initial: params.clone(),
             params,
             prepared: Default::default(),
             id: budget,

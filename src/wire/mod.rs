@@ -94,6 +94,10 @@ use pool::WirePool;
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
+/// Connections logging in at once (each for at most the startup timeout),
+/// apart from the logged-in clients' room.
+const MAX_STARTUPS: usize = 1024;
+
 /// How often idle server connections are reaped.
 const UPKEEP: Duration = Duration::from_secs(5);
 /// A tenant's app credentials are re-read this often (changes are
@@ -172,6 +176,8 @@ pub(crate) struct Shared {
     registry: Registry,
     tls: Option<tokio_rustls::TlsAcceptor>,
     clients: Arc<Semaphore>,
+    /// Connections not logged in yet.
+    startups: Arc<Semaphore>,
     /// Per tenant with clients: counts and counters.
     tenants: Mutex<HashMap<Uuid, Arc<TenantCounters>>>,
     pools: Mutex<HashMap<Uuid, Arc<WirePool>>>,
@@ -210,6 +216,7 @@ impl Front {
         Ok(Self {
             inner: Arc::new(Shared {
                 clients: Arc::new(Semaphore::new(settings.max_clients)),
+                startups: Arc::new(Semaphore::new(settings.max_clients.clamp(16, MAX_STARTUPS))),
                 settings,
                 app_domain: app_domain.map(|d| d.trim_start_matches('.').to_ascii_lowercase()),
                 router,
@@ -498,6 +505,7 @@ impl Shared {
             login.password,
             login.database,
             cap,
+            self.settings.max_message_bytes,
         );
         let mut pools = self.pools.lock().expect("pools lock");
         let pool = pools.entry(entry.id).or_insert_with(|| fresh.clone());

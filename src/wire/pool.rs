@@ -40,6 +40,8 @@ pub struct WirePool {
     /// At most this many connections of the tenant at once.
     slots: Arc<Semaphore>,
     cap: usize,
+    /// Largest message read from the server.
+    max_message: usize,
     idle: Mutex<Vec<Idle>>,
     closed: AtomicBool,
 }
@@ -55,6 +57,7 @@ impl WirePool {
         password: Secret,
         database: String,
         cap: usize,
+        max_message: usize,
     ) -> Arc<Self> {
         let _ = tenant;
         Arc::new(Self {
@@ -66,6 +69,7 @@ impl WirePool {
             database,
             slots: Arc::new(Semaphore::new(cap.max(1))),
             cap: cap.max(1),
+            max_message,
             idle: Mutex::default(),
             closed: AtomicBool::new(false),
         })
@@ -120,6 +124,7 @@ impl WirePool {
                 &self.role,
                 self.password.expose(),
                 &self.database,
+                self.max_message,
                 left,
             )
             .await

@@ -41,6 +41,9 @@ const TRACKED: &[&str] = &[
     "standard_conforming_strings",
 ];
 
+/// Server messages larger than this are written to the client directly.
+const DIRECT_WRITE: usize = 64 * 1024;
+
 /// A client's read buffer to start with.
 const CLIENT_BUFFER: usize = 1024;
 
@@ -50,13 +53,15 @@ type Reader = FramedRead<ReadHalf<Box<dyn Io>>, Codec>;
 pub(super) async fn handle(shared: Arc<Shared>, tcp: TcpStream) {
     let _ = tcp.set_nodelay(true);
     let mut io: Box<dyn Io> = Box::new(tcp);
-    let Ok(_client) = shared.clients.clone().try_acquire_owned() else {
-        metrics::counter!("silo_wire_refused_total", "reason" => "too_many_clients").increment(1);
+    // Connections not logged in yet have slots of their own: a flood of
+    // silent connections cannot take the logged-in clients' room.
+    let Ok(starting) = shared.startups.clone().try_acquire_owned() else {
+        metrics::counter!("silo_wire_refused_total", "reason" => "too_many_logins").increment(1);
         let _ = io
             .write_all(&proto::error_frame(
                 "FATAL",
                 "53300",
-                "sorry, too many clients already",
+                "too many connections are logging in, retry shortly",
             ))
             .await;
         return;
@@ -66,6 +71,7 @@ pub(super) async fn handle(shared: Arc<Shared>, tcp: TcpStream) {
     // task is as large as its largest state, and an idle client's task
     // should hold its session only (10,000 idle clients, see docs/benchmarks.md).
     let started = tokio::time::timeout(limit, Box::pin(startup(&shared, io))).await;
+    drop(starting);
     let session = match started {
         Ok(Some(s)) => s,
         Ok(None) => return,
@@ -74,6 +80,11 @@ pub(super) async fn handle(shared: Arc<Shared>, tcp: TcpStream) {
                 .increment(1);
             return;
         }
+    };
+    let Ok(_client) = shared.clients.clone().try_acquire_owned() else {
+        metrics::counter!("silo_wire_refused_total", "reason" => "too_many_clients").increment(1);
+        Box::pin(session.fail("53300", "sorry, too many clients already")).await;
+        return;
     };
     session.run().await;
 }
@@ -259,7 +270,18 @@ async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
     let verifier = credential
         .as_ref()
         .and_then(|c| Verifier::parse(&c.verifier))
-        .unwrap_or_else(|| Verifier::decoy(&shared.decoy, &format!("{tenant_name}/{user}")));
+        .unwrap_or_else(|| {
+            // Seeded by the tenant as it is, not as it was spelt (slug or
+            // id in any case), so every spelling gets one salt, as a real
+            // credential would.
+            let tenant = match &entry {
+                Some(e) => e.id.to_string(),
+                None => uuid::Uuid::parse_str(&tenant_name)
+                    .map(|u| u.to_string())
+                    .unwrap_or_else(|_| tenant_name.to_ascii_lowercase()),
+            };
+            Verifier::decoy(&shared.decoy, &format!("{tenant}/{user}"))
+        });
     if !authenticate(&mut io, verifier, &user).await {
         metrics::counter!("silo_wire_refused_total", "reason" => "authentication").increment(1);
         return None;
@@ -311,11 +333,7 @@ async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
         tenant: entry.id,
         counters: counters.clone(),
     };
-    let wanted: Vec<(String, String)> = params
-        .iter()
-        .filter(|(k, _)| TRACKED.contains(&k.as_str()) || k == "application_name")
-        .cloned()
-        .collect();
+    let wanted = wanted_settings(&params);
     let (read, write) = tokio::io::split(io);
     let ender = Arc::new(Ender {
         token: CancellationToken::new(),
@@ -366,7 +384,9 @@ async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
         s.fail(why.0, &why.1).await;
         return None;
     }
-    let params = s.server.as_mut().expect("attached").conn().params.clone();
+    // What the client's sessions will have: the server's own values at
+    // login, with the client's settings on top.
+    let params = s.server.as_mut().expect("attached").conn().initial.clone();
     let mut out = BytesMut::new();
     let mut names: Vec<&String> = params.keys().collect();
     names.sort();
@@ -374,7 +394,7 @@ async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
         let v = s
             .wanted
             .iter()
-            .find(|(n, _)| n == k)
+            .find(|(n, _)| n.eq_ignore_ascii_case(k))
             .map(|(_, v)| v.as_str())
             .unwrap_or(&params[k]);
         proto::parameter_status(&mut out, k, v);
@@ -633,6 +653,10 @@ impl Session {
                 }
                 Event::Client(None) => break Ok(()),
                 Event::Server(Some(Ok(m))) => self.on_server(m).await,
+                Event::Server(Some(Err(proto::FrameError::TooLarge(n)))) => Err(Fatal(
+                    "54000",
+                    format!("a message of {n} bytes from the database is larger than this server relays (SILO_PG_MAX_MESSAGE_BYTES)"),
+                )),
                 Event::Server(_) => Err(Fatal(
                     "08006",
                     "the connection to the tenant database was lost".into(),
@@ -918,7 +942,18 @@ impl Session {
             _ => {}
         }
         if !hide {
-            self.out.extend_from_slice(&m.frame);
+            if m.frame.len() > DIRECT_WRITE {
+                // A large message goes out as it is, not copied first.
+                self.flush_client()
+                    .await
+                    .map_err(|_| Fatal("08006", "client went away".into()))?;
+                self.writer
+                    .write_all(&m.frame)
+                    .await
+                    .map_err(|_| Fatal("08006", "client went away".into()))?;
+            } else {
+                self.out.extend_from_slice(&m.frame);
+            }
         }
         let server_has_more = self
             .server
@@ -1027,15 +1062,34 @@ impl Session {
         };
         drop(waited);
         let conn = checkout.conn();
-        let sets: Vec<String> = self
-            .wanted
+        // The tracked settings as this client has them (its own, else the
+        // server's at login), whatever a client before it left; in session
+        // mode also the rest it asked for.
+        let mut sets: Vec<String> = TRACKED
             .iter()
-            .filter(|(k, _)| self.mode == PoolMode::Session || k != "application_name")
-            .filter(|(k, v)| conn.params.get(k) != Some(v))
-            .map(|(k, v)| format!("SET {} TO {}", quote_ident(k), quote_literal(v)))
+            .filter_map(|k| {
+                let want = self
+                    .wanted
+                    .iter()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, v)| v)
+                    .or_else(|| conn.initial.get(*k))?;
+                (conn.params.get(*k) != Some(want)).then(|| set_config(k, want))
+            })
             .collect();
+        if self.mode == PoolMode::Session {
+            sets.extend(
+                self.wanted
+                    .iter()
+                    .filter(|(k, _)| !TRACKED.contains(&k.as_str()))
+                    .map(|(k, v)| set_config(k, v)),
+            );
+        }
         if !sets.is_empty() {
-            if let Err(e) = conn.run_quietly(&sets.join("; ")).await {
+            if let Err(e) = conn
+                .run_quietly(&format!("SELECT {}", sets.join(", ")))
+                .await
+            {
                 let msg = match e {
                     super::backend::ConnectError::Refused(_, m) => m,
                     other => other.to_string(),
@@ -1115,6 +1169,43 @@ fn route_fatal(slug: &str, e: &RouteError) -> Fatal {
     }
 }
 
+/// The settings a client asked for at startup, by their canonical names:
+/// the tracked ones (in any case: libpq sends `PGTZ` as `timezone`),
+/// `application_name`, and `-c name=value` / `--name=value` in `options`.
+fn wanted_settings(params: &[(String, String)]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut put = |k: &str, v: &str| {
+        let k = TRACKED
+            .iter()
+            .find(|t| t.eq_ignore_ascii_case(k))
+            .map_or_else(|| k.to_ascii_lowercase(), |t| (*t).to_owned());
+        out.retain(|(n, _)| *n != k);
+        out.push((k, v.to_owned()));
+    };
+    for (k, v) in params {
+        if k == "options" {
+            let mut words = v.split_ascii_whitespace();
+            while let Some(w) = words.next() {
+                let setting = match w {
+                    "-c" => words.next(),
+                    w => w.strip_prefix("-c").or_else(|| w.strip_prefix("--")),
+                };
+                if let Some((name, value)) = setting.and_then(|s| s.split_once('=')) {
+                    if name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+                    {
+                        put(&name.replace('-', "_"), value);
+                    }
+                }
+            }
+        } else if k == "application_name" || TRACKED.iter().any(|t| t.eq_ignore_ascii_case(k)) {
+            put(k, v);
+        }
+    }
+    out
+}
+
 /// silo's name for a prepared statement: derived from its text and
 /// parameter types, so clients with the same statement share it.
 fn statement_name(parse_rest: &[u8]) -> String {
@@ -1144,34 +1235,58 @@ fn first_word(sql: &str) -> String {
         .to_ascii_uppercase()
 }
 
-/// Whether a statement may leave session state behind (a setting, a
-/// prepared statement, a listener, a temporary table, a session lock).
+/// Whether SQL text may leave session state behind (a setting, a prepared
+/// statement, a listener, a temporary table, a held cursor, a session
+/// lock), looked at statement by statement (split at every `;`, so more
+/// often than needed, never less), and for the words that do it anywhere.
 fn changes_session(sql: &str) -> bool {
-    let lower = sql.to_ascii_lowercase();
-    matches!(
-        first_word(sql).as_str(),
-        "SET"
-            | "RESET"
-            | "PREPARE"
-            | "LISTEN"
-            | "UNLISTEN"
-            | "DECLARE"
-            | "LOAD"
-            | "CREATE"
-            | "DISCARD"
-            | "DEALLOCATE"
-    ) && !lower.trim_start().starts_with("set local")
-        && !lower.trim_start().starts_with("set transaction")
-        || lower.contains("pg_advisory_lock")
-        || lower.contains("set_config")
+    const ANYWHERE: &[&str] = &[
+        "SET_CONFIG",
+        "TEMP",
+        "TEMPORARY",
+        "HOLD",
+        "PG_ADVISORY_LOCK",
+        "PG_ADVISORY_LOCK_SHARED",
+        "PG_TRY_ADVISORY_LOCK",
+        "PG_TRY_ADVISORY_LOCK_SHARED",
+    ];
+    let words = sql
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| !w.is_empty());
+    if words
+        .clone()
+        .any(|w| ANYWHERE.iter().any(|a| a.eq_ignore_ascii_case(w)))
+    {
+        return true;
+    }
+    sql.split(';').any(|statement| {
+        let first = first_word(statement);
+        let second = statement
+            .trim_start()
+            .get(first.len()..)
+            .map(first_word)
+            .unwrap_or_default();
+        match first.as_str() {
+            "SET" => !matches!(second.as_str(), "LOCAL" | "TRANSACTION"),
+            "RESET" | "PREPARE" | "LISTEN" | "UNLISTEN" | "DECLARE" | "LOAD" | "DISCARD"
+            | "DEALLOCATE" | "DO" | "CREATE" => true,
+            _ => false,
+        }
+    })
 }
 
 fn drops_statements(sql: &str) -> bool {
     matches!(first_word(sql).as_str(), "DISCARD" | "DEALLOCATE")
 }
 
-fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
+/// `set_config(name, value, false)`: a setting as `-c name=value` gives it
+/// (a list such as `search_path` parsed from the text, as at login).
+fn set_config(name: &str, value: &str) -> String {
+    format!(
+        "pg_catalog.set_config({}, {}, false)",
+        quote_literal(name),
+        quote_literal(value)
+    )
 }
 
 fn quote_literal(s: &str) -> String {
@@ -1193,11 +1308,52 @@ mod tests {
             ("CREATE TEMP TABLE t (a int)", true),
             ("INSERT INTO t VALUES (1)", false),
             ("BEGIN", false),
+            ("UPDATE t SET a = 1 WHERE b = 2", false),
+            // What an attacker tried, each leaking before:
+            ("select 1; set statement_timeout='1ms'", true),
+            ("set local work_mem='1MB'; set work_mem='77MB'", true),
+            ("begin; set x.y='leaked'; commit", true),
+            ("do $$begin execute 'set work_mem=''66MB'''; end$$", true),
+            ("select pg_try_advisory_lock(4242)", true),
+            ("select 1 as a into temp leak_t", true),
+            (
+                "begin; declare c cursor with hold for select 1; commit",
+                true,
+            ),
+            ("SELECT set_config('search_path', 'x', false)", true),
         ] {
             assert_eq!(changes_session(sql), dirty, "{sql}");
         }
         assert!(drops_statements("discard all"));
         assert!(!drops_statements("select 1"));
+    }
+
+    #[test]
+    fn startup_settings_are_named_canonically_and_options_read() {
+        let p = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter().map(|(a, b)| ((*a).into(), (*b).into())).collect()
+        };
+        let got = wanted_settings(&p(&[
+            ("timezone", "Asia/Tokyo"),
+            ("datestyle", "ISO, DMY"),
+            ("application_name", "app"),
+            (
+                "options",
+                "-c search_path=app,public --statement-timeout=5s -cwork_mem=8MB -c bad;name=x",
+            ),
+            ("user", "u"),
+        ]));
+        assert_eq!(
+            got,
+            p(&[
+                ("TimeZone", "Asia/Tokyo"),
+                ("DateStyle", "ISO, DMY"),
+                ("application_name", "app"),
+                ("search_path", "app,public"),
+                ("statement_timeout", "5s"),
+                ("work_mem", "8MB"),
+            ])
+        );
     }
 
     #[test]

@@ -688,3 +688,61 @@ async fn limits_end_silent_idle_and_oversized_clients_and_cap_a_tenant() {
         .await;
     assert!(after.is_err(), "an idle client ended by silo still answers");
 }
+
+/// `psql -c` with extra environment (libpq's `PG*` settings).
+async fn psql_with(uri: &str, env: &[(&str, &str)], sql: &str) -> Output {
+    tokio::process::Command::new("psql")
+        .arg(uri)
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .envs(env.iter().copied())
+        .env("PGCONNECT_TIMEOUT", "20")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("run psql")
+}
+
+#[tokio::test]
+async fn transaction_mode_keeps_each_clients_settings_and_leaks_none_to_the_next() {
+    let env = env().await;
+    env.create("tidy").await;
+    let pw = credential(&env, "tidy", "txn", PoolMode::Transaction).await;
+    let u = uri(&env, "txn", &pw, "tidy");
+    let show = "SELECT current_setting('client_encoding') || ' ' || current_setting('TimeZone') || ' ' || current_setting('statement_timeout') || ' ' || current_setting('search_path') || ' ' || (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory')";
+    let plain = [("PGCLIENTENCODING", "UTF8"), ("PGTZ", "UTC")];
+    let baseline = psql_with(&u, &plain, show).await;
+    assert!(baseline.status.success(), "{}", text(&baseline));
+    let baseline = String::from_utf8_lossy(&baseline.stdout).trim().to_owned();
+    assert!(baseline.starts_with("UTF8 UTC 0 "), "{baseline}");
+    // A client's own settings (libpq sends PGTZ as `timezone`) hold for it...
+    let own = psql_with(
+        &u,
+        &[("PGCLIENTENCODING", "LATIN1"), ("PGTZ", "Asia/Tokyo")],
+        "SELECT current_setting('client_encoding') || ' ' || current_setting('TimeZone')",
+    )
+    .await;
+    assert!(own.status.success(), "{}", text(&own));
+    assert_eq!(
+        String::from_utf8_lossy(&own.stdout).trim(),
+        "LATIN1 Asia/Tokyo"
+    );
+    // ...and what clients change in their sessions stays with them: the next
+    // client on the (one, reused) server connection sees none of it.
+    for leak in [
+        "select 1; set statement_timeout='1ms'",
+        "set local work_mem='1MB'; set search_path=pg_catalog",
+        "begin; set statement_timeout='2ms'; commit",
+        "do $$begin execute 'set statement_timeout=''3ms'''; end$$",
+        "select pg_try_advisory_lock(4242)",
+    ] {
+        let out = psql_with(&u, &plain, leak).await;
+        assert!(out.status.success(), "{leak}: {}", text(&out));
+        let next = psql_with(&u, &plain, show).await;
+        assert!(next.status.success(), "{}", text(&next));
+        assert_eq!(
+            String::from_utf8_lossy(&next.stdout).trim(),
+            baseline,
+            "after {leak:?}"
+        );
+    }
+}
