@@ -1191,11 +1191,12 @@ fn wanted_settings(params: &[(String, String)]) -> Vec<(String, String)> {
                     w => w.strip_prefix("-c").or_else(|| w.strip_prefix("--")),
                 };
                 if let Some((name, value)) = setting.and_then(|s| s.split_once('=')) {
+                    let name = name.replace('-', "_");
                     if name
                         .chars()
                         .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
                     {
-                        put(&name.replace('-', "_"), value);
+                        put(&name, value);
                     }
                 }
             }
