@@ -42,6 +42,8 @@ pub struct WirePool {
     cap: usize,
     /// Largest message read from the server.
     max_message: usize,
+    /// The server's parameters at login, from the first connection made.
+    initial: Mutex<Option<std::collections::HashMap<String, String>>>,
     idle: Mutex<Vec<Idle>>,
     closed: AtomicBool,
 }
@@ -70,6 +72,7 @@ impl WirePool {
             slots: Arc::new(Semaphore::new(cap.max(1))),
             cap: cap.max(1),
             max_message,
+            initial: Mutex::default(),
             idle: Mutex::default(),
             closed: AtomicBool::new(false),
         })
@@ -78,6 +81,11 @@ impl WirePool {
     /// Connections checked out right now.
     pub fn in_use(&self) -> usize {
         self.cap.saturating_sub(self.slots.available_permits())
+    }
+
+    /// The server's parameters at login, once a connection was made.
+    pub fn initial_params(&self) -> Option<std::collections::HashMap<String, String>> {
+        self.initial.lock().expect("initial lock").clone()
     }
 
     pub fn is_closed(&self) -> bool {
@@ -141,6 +149,10 @@ impl WirePool {
             }
         };
         metrics::counter!("silo_wire_server_connects_total").increment(1);
+        self.initial
+            .lock()
+            .expect("initial lock")
+            .get_or_insert_with(|| conn.initial.clone());
         Ok(self.checkout(conn, slot))
     }
 

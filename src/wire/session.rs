@@ -377,16 +377,34 @@ async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
         cancel_slot: slot,
         tenant_slot,
     };
-    // A server connection now: the tenant's database is reachable, the
-    // client's settings are applied, and the client hears the server's
-    // parameters. Transaction mode gives it back at once.
-    if let Err(why) = Box::pin(s.attach()).await {
-        s.fail(why.0, &why.1).await;
-        return None;
-    }
+    // Transaction mode, and the tenant's pool knows the server's parameters
+    // from a connection it made: the client logs in without a server
+    // connection (its first transaction gets one, with its settings).
+    // Otherwise a server connection now: the tenant's database is
+    // reachable, the client's settings are applied, and the client hears
+    // the server's parameters; transaction mode gives it back at once.
+    let known = match s.mode {
+        PoolMode::Transaction => match shared.pool_for(&entry).await {
+            Ok(pool) => pool.initial_params().map(|p| (pool, p)),
+            Err(_) => None,
+        },
+        PoolMode::Session => None,
+    };
+    let params = match known {
+        Some((pool, params)) => {
+            s.pool = Some(pool);
+            params
+        }
+        None => {
+            if let Err(why) = Box::pin(s.attach()).await {
+                s.fail(why.0, &why.1).await;
+                return None;
+            }
+            s.server.as_mut().expect("attached").conn().initial.clone()
+        }
+    };
     // What the client's sessions will have: the server's own values at
     // login, with the client's settings on top.
-    let params = s.server.as_mut().expect("attached").conn().initial.clone();
     let mut out = BytesMut::new();
     let mut names: Vec<&String> = params.keys().collect();
     names.sort();
@@ -401,7 +419,7 @@ async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
     }
     proto::backend_key_data(&mut out, key.0, key.1);
     proto::ready_for_query(&mut out, b'I');
-    if s.mode == PoolMode::Transaction {
+    if s.mode == PoolMode::Transaction && s.server.is_some() {
         Box::pin(s.detach()).await;
     }
     if s.writer.write_all(&out).await.is_err() {
