@@ -444,7 +444,7 @@ async fn a_move_under_pgbench_in_transaction_mode_fails_no_transaction() {
     .unwrap();
     let bench = tokio::process::Command::new("pgbench")
         .args([
-            "-n", "-c", "4", "-j", "2", "-T", "15", "-M", "prepared", "-l", "-f",
+            "-n", "-c", "4", "-j", "2", "-T", "40", "-M", "prepared", "-l", "-f",
         ])
         .arg(&script)
         .arg(uri(&env, "txn", &pw, "mover"))
@@ -474,6 +474,12 @@ async fn a_move_under_pgbench_in_transaction_mode_fails_no_transaction() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(done["status"], "succeeded", "{done}");
+    // The cut-over happened under the traffic, not after it (a move takes
+    // seconds; pgbench runs 40).
+    assert!(
+        !bench.is_finished(),
+        "pgbench ended before the move did: its cut-over was not under traffic"
+    );
     let out = bench.await.unwrap().unwrap();
     let said = text(&out);
     assert!(out.status.success(), "{said}");
@@ -744,5 +750,50 @@ async fn transaction_mode_keeps_each_clients_settings_and_leaks_none_to_the_next
             baseline,
             "after {leak:?}"
         );
+    }
+}
+
+#[tokio::test]
+async fn a_tenant_whose_server_stops_is_refused_alone_and_comes_back() {
+    let env = env().await;
+    let mut second = crate::common::second_server(&env).await;
+    crate::common::create_on(&env, "far", "second").await;
+    env.create("near").await;
+    let far = uri(
+        &env,
+        "txn",
+        &credential(&env, "far", "txn", PoolMode::Transaction).await,
+        "far",
+    );
+    let near = uri(
+        &env,
+        "txn",
+        &credential(&env, "near", "txn", PoolMode::Transaction).await,
+        "near",
+    );
+    for u in [&far, &near] {
+        let out = psql(u, &["-c", "SELECT 1"]).await;
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    second.stop().unwrap();
+    // Its idle server connection died with the server: found dead, not used.
+    let out = psql(&far, &["-c", "SELECT 1"]).await;
+    assert!(!out.status.success());
+    assert!(text(&out).contains("unavailable"), "{}", text(&out));
+    let out = psql(&near, &["-c", "SELECT 1"]).await;
+    assert!(
+        out.status.success(),
+        "another tenant is affected: {}",
+        text(&out)
+    );
+    second.start_again().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = psql(&far, &["-c", "SELECT 1"]).await;
+        if out.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never came back: {}", text(&out));
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
