@@ -83,7 +83,7 @@ async fn run() -> Result<()> {
             .provisioner()
             .create(
                 &CreateTenant {
-                    plan: Plan::Premium,
+                    plan: Plan::parse("premium").unwrap(),
                     server: Some("default".parse()?),
                     ..support::request(slug)
                 },

@@ -176,7 +176,7 @@ async fn pgbench_case() -> Result<()> {
     let control = support::control(&registry, &keyring, 0, None);
     control.ensure_default_server(&pg.url("postgres")).await?;
     let mut req = support::request("bench-wire");
-    req.plan = Plan::Premium;
+    req.plan = Plan::parse("premium").unwrap();
     control.provisioner().create(&req, None, "bench").await?;
     let t = registry
         .find_tenant("bench-wire")

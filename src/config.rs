@@ -532,7 +532,7 @@ pub enum TenantsCommand {
         #[arg(long)]
         name: TenantName,
         /// Plan (default: standard).
-        #[arg(long, value_enum)]
+        #[arg(long)]
         plan: Option<Plan>,
         /// Server to place the tenant on (default: most headroom).
         #[arg(long)]

@@ -3,7 +3,7 @@
 //! re-validates a string.
 //!
 //! - [`Slug`], [`TenantName`], [`ServerName`]: names a client chooses;
-//! - [`Plan`]: a tenant's plan and what it allows;
+//! - [`Plan`]: the name of a tenant's plan (what it allows is a `plans` row);
 //! - [`KeyName`], [`AdminRole`]: a named admin key and what it may do;
 //! - [`ProvisionStep`]: the steps of a create, in order;
 //! - [`OperationKind`]: the kinds of long-running operation;
@@ -285,59 +285,48 @@ impl fmt::Display for AdminRole {
     }
 }
 
-/// A tenant's plan. Today a fixed set; each sets the most connections the
-/// tenant's role may open (its `CONNECTION LIMIT`, and the router's cap).
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    Serialize,
-    Deserialize,
-    ToSchema,
-    sqlx::Type,
-    clap::ValueEnum,
-)]
-#[serde(rename_all = "snake_case")]
-#[sqlx(type_name = "text", rename_all = "snake_case")]
-pub enum Plan {
-    Free,
-    Standard,
-    Premium,
-}
+/// The name of a plan, a row of the control DB's `plans` table (what each
+/// plan allows lives there, see `registry::plans`): 1 to 40 characters of
+/// a-z, 0-9, `-` and `_`, starting with a letter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema, sqlx::Type)]
+#[serde(try_from = "String")]
+#[sqlx(transparent)]
+#[schema(value_type = String, example = "standard")]
+pub struct Plan(String);
 
 impl Plan {
-    pub const ALL: [Plan; 3] = [Plan::Free, Plan::Standard, Plan::Premium];
-    /// Plan of a tenant created without one.
-    pub const DEFAULT: Plan = Plan::Standard;
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Free => "free",
-            Self::Standard => "standard",
-            Self::Premium => "premium",
-        }
-    }
-
-    /// Most connections a tenant role of this plan may open.
-    pub fn connection_limit(self) -> i32 {
-        match self {
-            Self::Free => 5,
-            Self::Standard => 20,
-            Self::Premium => 50,
-        }
-    }
+    /// Plan of a tenant created without one (a seed row of `plans`).
+    pub const DEFAULT: &'static str = "standard";
 
     pub fn parse(s: &str) -> Result<Self, Invalid> {
-        Self::ALL
-            .into_iter()
-            .find(|p| p.as_str() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = Self::ALL.iter().map(|p| p.as_str()).collect();
-                Invalid(format!("plan must be one of {}", names.join(", ")))
-            })
+        let b = s.as_bytes();
+        let shaped = (1..=40).contains(&b.len())
+            && b[0].is_ascii_lowercase()
+            && b.iter()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'_');
+        if !shaped {
+            return Err(Invalid(
+                "plan must be 1 to 40 characters of a-z, 0-9, '-' and '_', starting with a letter"
+                    .into(),
+            ));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    /// The plan of a tenant created without one.
+    pub fn default_plan() -> Self {
+        Self(Self::DEFAULT.to_owned())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Plan {
+    type Error = Invalid;
+    fn try_from(s: String) -> Result<Self, Invalid> {
+        Self::parse(&s)
     }
 }
 
@@ -717,21 +706,23 @@ mod tests {
     }
 
     #[test]
-    fn plans_are_the_known_names_and_say_which_when_not() {
+    fn plan_names_are_short_lower_case_words() {
+        let long = "x".repeat(41);
         failures(
             &[
                 ("free", true),
-                ("standard", true),
-                ("premium", true),
-                ("premum", false),
+                ("clinic_pro-2", true),
+                ("p", true),
                 ("Free", false),
+                ("2pro", false),
                 ("", false),
+                ("a b", false),
+                (long.as_str(), false),
             ],
             Plan::parse,
         );
-        let e = Plan::parse("premum").unwrap_err().to_string();
-        assert!(e.contains("free, standard, premium"), "{e}");
-        assert!(Plan::Free.connection_limit() < Plan::Premium.connection_limit());
+        assert_eq!(Plan::default_plan().as_str(), "standard");
+        assert!(serde_json::from_value::<Plan>(serde_json::json!("No!")).is_err());
     }
 
     #[test]

@@ -104,7 +104,7 @@ pub fn request(slug: &str) -> silo::provision::CreateTenant {
     silo::provision::CreateTenant {
         slug: slug.parse().expect("a valid bench slug"),
         name: slug.parse().expect("a valid bench name"),
-        plan: silo::domain::Plan::DEFAULT,
+        plan: silo::domain::Plan::default_plan(),
         server: None,
     }
 }

@@ -79,6 +79,10 @@ const MANAGE_KEYS: Need = Need {
     role: AdminRole::Admin,
     what: "see or manage admin keys",
 };
+const MANAGE_PLANS: Need = Need {
+    role: AdminRole::Admin,
+    what: "make, change or delete plans",
+};
 const DELETE: Need = Need {
     role: AdminRole::Admin,
     what: "delete anything",
@@ -106,6 +110,11 @@ pub fn need(method: &Method, route: &str, query: Option<&str>) -> Need {
         MANAGE_KEYS
     } else if method == Method::DELETE {
         DELETE
+    } else if (route == "/plans" || route.starts_with("/plans/"))
+        && method != Method::GET
+        && method != Method::HEAD
+    {
+        MANAGE_PLANS
     } else if matches(route, CONNECTION) && asks_direct(query) {
         DIRECT_URI
     } else if method == Method::GET || method == Method::HEAD {
@@ -245,6 +254,11 @@ mod tests {
                 Admin,
             ),
             (Method::POST, "/tenants", None, Operator),
+            (Method::GET, "/plans", None, Viewer),
+            (Method::GET, "/plans/{plan}", None, Viewer),
+            (Method::POST, "/plans", None, Admin),
+            (Method::PATCH, "/plans/{plan}", None, Admin),
+            (Method::DELETE, "/plans/{plan}", None, Admin),
             (Method::PATCH, "/tenants/{tenant}", None, Operator),
             (Method::POST, "/tenants/{tenant}/suspend", None, Operator),
             (Method::POST, "/backups/{id}/restore", None, Operator),

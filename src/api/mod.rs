@@ -57,6 +57,16 @@ impl AppState {
     }
 }
 
+/// For a body field that may be left out (`None`: unchanged), `null`
+/// (`Some(None)`: cleared) or a value: `#[serde(default, deserialize_with = "crate::api::nullable")]`.
+pub(crate) fn nullable<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    <Option<T> as serde::Deserialize>::deserialize(d).map(Some)
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "silo", description = "Database-per-tenant control plane for PostgreSQL"),

@@ -421,7 +421,7 @@ impl Backups {
                     &admin,
                     &target.role_name,
                     &password,
-                    target.plan.connection_limit(),
+                    target.limits.connection_limit,
                 )
                 .await
                 .context("create the tenant role")?;

@@ -90,7 +90,7 @@ async fn dev_with(args: &DevArgs, dir: &Path, pg: &EmbeddedPostgres) -> Result<(
             let req = CreateTenant {
                 slug: Slug::parse(slug).expect("a valid demo slug"),
                 name: TenantName::parse(name).expect("a valid demo name"),
-                plan: Plan::DEFAULT,
+                plan: Plan::default_plan(),
                 server: None,
             };
             control.provisioner().create(&req, None, "silo-dev").await?;

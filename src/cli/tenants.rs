@@ -23,7 +23,7 @@ pub(super) async fn tenants(cmd: TenantsCommand) -> Result<(), CliError> {
             let req = CreateTenant {
                 slug,
                 name,
-                plan: plan.unwrap_or(crate::domain::Plan::DEFAULT),
+                plan: plan.unwrap_or_else(crate::domain::Plan::default_plan),
                 server,
             };
             let t = p.provisioner().create(&req, None, "cli").await?;

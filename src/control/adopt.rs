@@ -105,7 +105,16 @@ impl ControlPlane {
     ) -> anyhow::Result<()> {
         let slug = Slug::parse(&mark.slug).map_err(|e| anyhow::anyhow!("its slug: {e}"))?;
         let name = TenantName::parse(&mark.name).map_err(|e| anyhow::anyhow!("its name: {e}"))?;
-        let plan = Plan::parse(&mark.plan).map_err(|e| anyhow::anyhow!("its plan: {e}"))?;
+        // Its plan, if it still exists; else the default one.
+        let named = Plan::parse(&mark.plan).map_err(|e| anyhow::anyhow!("its plan: {e}"))?;
+        let plan = match self.registry().plan(&named).await? {
+            Some(p) => p,
+            None => self
+                .registry()
+                .plan(&Plan::default_plan())
+                .await?
+                .context("the default plan is gone")?,
+        };
         if let Some(other) = self.registry().find_tenant(slug.as_str()).await? {
             anyhow::bail!(
                 "slug '{slug}' belongs to another tenant now ({}); rename that one first",
@@ -116,7 +125,7 @@ impl ControlPlane {
         let schema_version = schema_version(admin, database).await?;
         // The old password was sealed in the row that was lost: a new one.
         let password = crate::crypto::random_password(32);
-        roles::create_role(admin, &role, database, &password, plan.connection_limit())
+        roles::create_role(admin, &role, database, &password, plan.connection_limit)
             .await
             .context("reset the tenant role's password and grants")?;
         let sealed = self
@@ -128,7 +137,7 @@ impl ControlPlane {
                     id: mark.tenant,
                     slug: &slug,
                     name: &name,
-                    plan,
+                    plan: plan.name.clone(),
                     server_id: server.id,
                     database_name: database,
                     role_name: &role,

@@ -38,10 +38,48 @@ impl Provisioner {
         self.set_login(id, actor, true).await
     }
 
+    /// Suspend a tenant whose trial has ended (`expires_at` passed): the
+    /// scheduler's work. `None` when there is nothing to do (not active,
+    /// not expired, or another replica did it).
+    #[tracing::instrument(skip(self), fields(tenant_id = %id))]
+    pub async fn expire(&self, id: Uuid, actor: &str) -> Result<Option<TenantRecord>> {
+        let reg = self.registry();
+        reg.with_tenant_lock(id, || async {
+            let Some(t) = reg.tenant(id).await? else {
+                return Ok(None);
+            };
+            if t.frozen_at.is_some() {
+                return Ok(None); // a move's cut-over: next pass
+            }
+            // Registry first (one statement decides who does it), then the role.
+            let Some(t) = reg.expire_tenant(id).await? else {
+                return Ok(None);
+            };
+            let admin = self.admin_for(&t).await?;
+            roles::set_role_login(&admin, &t.role_name, false)
+                .await
+                .context("stop the expired tenant's role from logging in")?;
+            roles::terminate_sessions(&admin, &t.role_name)
+                .await
+                .context("end the expired tenant's sessions")?;
+            let detail = json!({"expires_at": t.expires_at, "plan": t.plan});
+            reg.audit(actor, "tenant.expire", Some(id), detail).await?;
+            Ok(Some(t))
+        })
+        .await
+    }
+
     async fn set_login(&self, id: Uuid, actor: &str, login: bool) -> Result<TenantRecord> {
         let reg = self.registry();
         reg.with_tenant_lock(id, || async {
             let t = reg.tenant(id).await?.ok_or(Error::NotFound("tenant"))?;
+            if login && t.status == TenantStatus::Suspended {
+                if let Some(at) = t.expires_at.filter(|at| *at <= chrono::Utc::now()) {
+                    return Err(Error::conflict(format!(
+                        "its trial ended at {at}: change its plan, or set a later expires_at, to resume it"
+                    )));
+                }
+            }
             let (from, to, action) = if login {
                 (
                     TenantStatus::Suspended,
@@ -96,7 +134,10 @@ impl Provisioner {
         .await
     }
 
-    /// Change name, plan or backup schedule; a new plan changes the role's connection limit.
+    /// Change name, plan, backup schedule, expiry or settings. A new plan
+    /// changes the role's connection limit and restarts the trial clock;
+    /// a tenant its expiry suspended is resumed when the change lifts the
+    /// expiry (a plan without a trial, or a later `expires_at`).
     #[tracing::instrument(skip(self, patch), fields(tenant_id = %id))]
     pub async fn patch(
         &self,
@@ -105,26 +146,47 @@ impl Provisioner {
         actor: &str,
     ) -> Result<TenantRecord> {
         let reg = self.registry();
+        let plan = match &patch.plan {
+            Some(name) => Some(self.known_plan(name).await?),
+            None => None,
+        };
         reg.with_tenant_lock(id, || async {
             let t = reg.tenant(id).await?.ok_or(Error::NotFound("tenant"))?;
-            if let Some(plan) = patch.plan.filter(|p| *p != t.plan) {
+            if let Some(plan) = plan.as_ref().filter(|p| p.name != t.plan) {
                 if matches!(t.status, TenantStatus::Active | TenantStatus::Suspended) {
                     let admin = self.admin_for(&t).await?;
-                    roles::set_connection_limit(&admin, &t.role_name, plan.connection_limit())
+                    roles::set_connection_limit(&admin, &t.role_name, plan.connection_limit)
                         .await
                         .context("change the tenant role's connection limit")?;
                 }
             }
-            let t = reg
+            let was_expired = t.status == TenantStatus::Suspended && t.expired_at.is_some();
+            let mut t = reg
                 .patch_tenant(id, patch)
                 .await?
                 .ok_or(Error::NotFound("tenant"))?;
             let detail = json!({
                 "name": patch.name.map(|n| n.as_str()),
-                "plan": patch.plan.map(|p| p.as_str()),
+                "plan": patch.plan.as_ref().map(|p| p.as_str()),
                 "backup_schedule": patch.backup_schedule.map(|s| s.as_str()),
+                "expires_at": t.expires_at,
+                "settings": patch.settings.is_some(),
             });
             reg.audit(actor, "tenant.patch", Some(id), detail).await?;
+            let lifted =
+                t.expired_at.is_none() && t.expires_at.is_none_or(|at| at > chrono::Utc::now());
+            if was_expired && lifted {
+                let admin = self.admin_for(&t).await?;
+                roles::set_role_login(&admin, &t.role_name, true)
+                    .await
+                    .context("let the tenant role log in again")?;
+                t = reg
+                    .transition(id, &[TenantStatus::Suspended], TenantStatus::Active, None)
+                    .await?
+                    .ok_or(Error::NotFound("tenant"))?;
+                let detail = json!({"reason": "its expiry was lifted"});
+                reg.audit(actor, "tenant.resume", Some(id), detail).await?;
+            }
             Ok(t)
         })
         .await

@@ -27,6 +27,7 @@
 //! databases and roles that no registry row accounts for.
 
 mod lifecycle;
+pub mod plans;
 mod template;
 
 pub use lifecycle::DeleteStarted;
@@ -142,6 +143,7 @@ impl Provisioner {
                 return self.finish(id).await;
             }
         }
+        self.known_plan(&req.plan).await?;
         let server = match &req.server {
             Some(name) => {
                 let s = reg
@@ -171,7 +173,7 @@ impl Provisioner {
             id,
             slug: &req.slug,
             name: &req.name,
-            plan: req.plan,
+            plan: req.plan.clone(),
             server_id: server.id,
             database_name: &database,
             role_name: &role,
@@ -195,6 +197,9 @@ impl Provisioner {
                     "a tenant with slug '{}' already exists",
                     req.slug
                 )));
+            }
+            if crate::registry::is_plan_reference(&e) {
+                return Err(Error::Invalid(format!("no plan is named '{}'", req.plan)));
             }
             return Err(e.into());
         }
@@ -315,7 +320,7 @@ impl Provisioner {
                     &t.role_name,
                     &t.database_name,
                     &password,
-                    t.plan.connection_limit(),
+                    t.limits.connection_limit,
                 )
                 .await
                 .context("create the tenant role and grant it its database")?;
@@ -449,7 +454,7 @@ impl Provisioner {
             // (a shared catalog's) overlaps the clone instead of following it.
             let (cloned, role) = tokio::join!(
                 roles::create_database(admin, database, Some(TEMPLATE_DB), ""),
-                roles::create_login_role(admin, &t.role_name, password, t.plan.connection_limit())
+                roles::create_login_role(admin, &t.role_name, password, t.limits.connection_limit)
             );
             match cloned {
                 Ok(()) => {
@@ -510,7 +515,7 @@ impl Provisioner {
                 spare_db = spare.database_name,
                 db = t.database_name,
                 tenant_role = t.role_name,
-                limit = t.plan.connection_limit(),
+                limit = t.limits.connection_limit,
             ))
             .await
             .context("rename the spare's database and role")?;

@@ -11,7 +11,6 @@ use anyhow::Context;
 use uuid::Uuid;
 
 use super::Provisioner;
-use crate::domain::Plan;
 use crate::registry::{DbServer, Spare};
 use crate::servers::names::{SPARE_DB_PREFIX, SPARE_ROLE_PREFIX, TEMPLATE_DB};
 use crate::servers::roles::{self, database_exists};
@@ -19,6 +18,9 @@ use crate::servers::{schema, ServerAdmin};
 
 /// The comment a template built with per-tenant privileges carries; one
 /// without it (built before) is rebuilt.
+/// A spare role's connection limit until a tenant takes it (then its plan's).
+const SPARE_CONNECTION_LIMIT: i32 = 5;
+
 const TEMPLATE_MARK: &str = "silo template: no privilege for any tenant role";
 
 /// The template exists, was built closed and with per-tenant privileges, and
@@ -143,15 +145,9 @@ impl Provisioner {
             .await
             .context("clone a spare database")?;
         let password = crate::crypto::random_password(32);
-        roles::create_role(
-            admin,
-            &role,
-            &database,
-            &password,
-            Plan::DEFAULT.connection_limit(),
-        )
-        .await
-        .context("create the spare's role")?;
+        roles::create_role(admin, &role, &database, &password, SPARE_CONNECTION_LIMIT)
+            .await
+            .context("create the spare's role")?;
         let db = admin
             .single_pool(&database)
             .await

@@ -13,6 +13,7 @@ mod backups;
 mod keys;
 mod locks;
 mod operations;
+mod plans;
 mod servers;
 mod spares;
 mod tenants;
@@ -24,9 +25,10 @@ pub use backups::{Backup, BackupDone, NewBackup, Schedulable};
 pub use keys::{Resealer, RowId, SealedColumn, SealedRow, SEALED_COLUMNS};
 pub use locks::Lock;
 pub use operations::{Operation, OperationStatus};
+pub use plans::{is_plan_reference, PlanFields, PlanRecord, PLAN_IN_USE};
 pub use servers::{DbServer, NewServer};
 pub use spares::Spare;
-pub use tenants::{NewTenant, Tenant, TenantPatch, TenantRecord, TenantStatus};
+pub use tenants::{NewTenant, PlanLimits, Tenant, TenantPatch, TenantRecord, TenantStatus};
 
 use std::time::Duration;
 

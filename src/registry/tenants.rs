@@ -73,6 +73,16 @@ pub struct Tenant {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub last_backup_at: Option<DateTime<Utc>>,
+    /// When a trial ends: the tenant is suspended then (a plan change or a
+    /// new `expires_at` lifts it).
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Set when its expiry suspended it.
+    pub expired_at: Option<DateTime<Utc>>,
+    /// Since when it is over its plan's storage quota, and so read-only.
+    pub over_quota_at: Option<DateTime<Utc>>,
+    /// Free-form settings the app reads (`GET /api/v1/settings`).
+    #[schema(value_type = Object)]
+    pub settings: serde_json::Value,
 }
 
 /// The full row, for silo's own use. `Debug` leaves out the sealed password.
@@ -109,6 +119,26 @@ pub struct TenantRecord {
     pub pending_password_enc: Option<Vec<u8>>,
     pub pending_key_id: Option<String>,
     pub pending_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub expired_at: Option<DateTime<Utc>>,
+    pub over_quota_at: Option<DateTime<Utc>>,
+    pub settings: serde_json::Value,
+    /// Its plan's limits (joined from `plans`).
+    #[sqlx(flatten)]
+    pub limits: PlanLimits,
+}
+
+/// What a tenant's plan allows, as the routers and the clinic API need it
+/// (the whole plan is a `registry::PlanRecord`).
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+pub struct PlanLimits {
+    /// The tenant role's `CONNECTION LIMIT`.
+    pub connection_limit: i32,
+    pub storage_quota_bytes: Option<i64>,
+    pub requests_per_second: Option<i32>,
+    pub wire_clients: Option<i32>,
+    pub max_staff: Option<i32>,
+    pub max_patients: Option<i32>,
 }
 
 impl std::fmt::Debug for TenantRecord {
@@ -130,7 +160,7 @@ impl TenantRecord {
             id: self.id,
             slug: self.slug.clone(),
             name: self.name.clone(),
-            plan: self.plan,
+            plan: self.plan.clone(),
             status: self.status,
             server: self.server_name.clone(),
             database: self.database_name.clone(),
@@ -138,6 +168,10 @@ impl TenantRecord {
             created_at: self.created_at,
             updated_at: self.updated_at,
             last_backup_at: self.last_backup_at,
+            expires_at: self.expires_at,
+            expired_at: self.expired_at,
+            over_quota_at: self.over_quota_at,
+            settings: self.settings.clone(),
         }
     }
 }
@@ -160,8 +194,14 @@ pub struct NewTenant<'a> {
 #[derive(Debug, Default)]
 pub struct TenantPatch<'a> {
     pub name: Option<&'a TenantName>,
+    /// A new plan also restarts the trial clock: `expires_at` becomes the
+    /// new plan's trial length from now (none without one).
     pub plan: Option<Plan>,
     pub backup_schedule: Option<&'a Schedule>,
+    /// An explicit expiry (`Some(None)` clears it); wins over the plan's.
+    pub expires_at: Option<Option<DateTime<Utc>>>,
+    /// Replaces the settings object.
+    pub settings: Option<&'a serde_json::Value>,
 }
 
 const SELECT_RECORD: &str =
@@ -169,8 +209,11 @@ const SELECT_RECORD: &str =
         t.database_name, t.role_name, t.password_enc, t.key_id, t.provision_step, t.last_error,
         t.schema_version, t.backup_schedule, t.created_at, t.updated_at, t.last_backup_at,
         t.frozen_at, t.own_privileges, t.token_generation,
-        t.pending_password_enc, t.pending_key_id, t.pending_at
-   FROM tenants t JOIN db_servers s ON s.id = t.server_id";
+        t.pending_password_enc, t.pending_key_id, t.pending_at,
+        t.expires_at, t.expired_at, t.over_quota_at, t.settings,
+        p.connection_limit, p.storage_quota_bytes, p.requests_per_second, p.wire_clients,
+        p.max_staff, p.max_patients
+   FROM tenants t JOIN db_servers s ON s.id = t.server_id JOIN plans p ON p.name = t.plan";
 
 impl Registry {
     /// Insert the tenant row and, with it, the idempotency key and an audit row.
@@ -186,13 +229,14 @@ impl Registry {
         let mut tx = self.begin_lazy().await?;
         sqlx::query(
             "INSERT INTO tenants (id, slug, name, plan, status, server_id, database_name, role_name,
-                                  password_enc, key_id, provision_step, own_privileges)
-             VALUES ($1, $2, $3, $4, 'provisioning', $5, $6, $7, $8, $9, 'registered', true)",
+                                  password_enc, key_id, provision_step, own_privileges, expires_at)
+             VALUES ($1, $2, $3, $4, 'provisioning', $5, $6, $7, $8, $9, 'registered', true,
+                     now() + make_interval(days => (SELECT trial_days FROM plans WHERE name = $4)))",
         )
         .bind(t.id)
         .bind(t.slug.as_str())
         .bind(t.name.as_str())
-        .bind(t.plan)
+        .bind(&t.plan)
         .bind(t.server_id)
         .bind(t.database_name)
         .bind(t.role_name)
@@ -240,7 +284,7 @@ impl Registry {
         .bind(t.id)
         .bind(t.slug.as_str())
         .bind(t.name.as_str())
-        .bind(t.plan)
+        .bind(&t.plan)
         .bind(t.server_id)
         .bind(t.database_name)
         .bind(t.role_name)
@@ -381,6 +425,37 @@ impl Registry {
         self.tenant(id).await
     }
 
+    /// Suspend a tenant whose trial ended, and record that its expiry did
+    /// (one statement: only one caller wins, whichever replica it runs on).
+    /// `None` if it is not an active tenant past `expires_at` any more.
+    pub async fn expire_tenant(&self, id: Uuid) -> Result<Option<TenantRecord>> {
+        let done = sqlx::query(
+            "UPDATE tenants SET status = 'suspended', expired_at = now(), updated_at = now(),
+                    token_generation = token_generation + 1
+              WHERE id = $1 AND status = 'active' AND expires_at <= now() AND expired_at IS NULL",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
+        self.tenant(id).await
+    }
+
+    /// Active tenants whose trial has ended, at most `limit`.
+    pub async fn expired_tenants(&self, limit: i64) -> Result<Vec<Uuid>> {
+        sqlx::query_scalar(
+            "SELECT id FROM tenants
+              WHERE expires_at <= now() AND expired_at IS NULL AND status = 'active'
+              ORDER BY expires_at LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::from)
+    }
+
     /// Record an error on a tenant without changing its state.
     pub async fn set_last_error(&self, id: Uuid, error: &str) -> Result<()> {
         sqlx::query("UPDATE tenants SET last_error = $2, updated_at = now() WHERE id = $1")
@@ -400,14 +475,27 @@ impl Registry {
         patch: &TenantPatch<'_>,
     ) -> Result<Option<TenantRecord>> {
         let done = sqlx::query(
-            "UPDATE tenants SET name = COALESCE($2, name), plan = COALESCE($3, plan),
-                    backup_schedule = COALESCE($4, backup_schedule), updated_at = now()
+            "UPDATE tenants t SET name = COALESCE($2, name), plan = COALESCE($3, plan),
+                    backup_schedule = COALESCE($4, backup_schedule),
+                    expires_at = CASE
+                        WHEN $5 THEN $6
+                        WHEN $3 IS NOT NULL AND $3 <> t.plan THEN now() + make_interval(
+                            days => (SELECT trial_days FROM plans WHERE name = $3))
+                        ELSE expires_at END,
+                    expired_at = CASE
+                        WHEN $5 OR ($3 IS NOT NULL AND $3 <> t.plan) THEN NULL
+                        ELSE expired_at END,
+                    settings = COALESCE($7, settings),
+                    updated_at = now()
               WHERE id = $1 AND status <> 'deleted'",
         )
         .bind(id)
         .bind(patch.name.map(TenantName::as_str))
-        .bind(patch.plan)
+        .bind(&patch.plan)
         .bind(patch.backup_schedule.map(Schedule::as_str))
+        .bind(patch.expires_at.is_some())
+        .bind(patch.expires_at.flatten())
+        .bind(patch.settings)
         .execute(&self.pool)
         .await?;
         if done.rows_affected() == 0 {

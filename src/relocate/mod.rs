@@ -429,7 +429,7 @@ impl Mover {
             &plan.role,
             db,
             &password,
-            t.plan.connection_limit(),
+            t.limits.connection_limit,
         )
         .await
         .context("create the tenant role on the target")?;
@@ -585,8 +585,7 @@ impl Mover {
         ends.dst
             .exec(&format!(
                 "ALTER ROLE \"{}\" CONNECTION LIMIT {}",
-                plan.role,
-                t.plan.connection_limit()
+                plan.role, t.limits.connection_limit
             ))
             .await
             .context("set the tenant role's connection limit on the target")?;

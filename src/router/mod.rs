@@ -55,7 +55,7 @@ pub use pool::{AcquireError, PoolKey, PoolPolicy, ServerBudget, TenantConn, Tena
 use crate::config::Secret;
 use crate::crypto::Keyring;
 use crate::domain::Plan;
-use crate::registry::{Registry, TenantRecord, TenantStatus};
+use crate::registry::{PlanLimits, Registry, TenantRecord, TenantStatus};
 use crate::servers::sqlstate;
 
 /// Channel the `tenants` trigger notifies with a tenant id.
@@ -152,6 +152,12 @@ pub struct TenantEntry {
     pub database: String,
     pub role: String,
     pub plan: Plan,
+    /// What its plan allows.
+    pub limits: PlanLimits,
+    /// Over its storage quota: its role may only read.
+    pub read_only: bool,
+    /// Its settings object, for the app.
+    pub settings: Arc<serde_json::Value>,
     /// A move's cut-over: answered 503 with `Retry-After` until it ends.
     pub frozen: bool,
     /// App tokens of other generations are refused.
@@ -563,7 +569,10 @@ impl TenantRouter {
             server_id: t.server_id,
             database: t.database_name.clone(),
             role: t.role_name.clone(),
-            plan: t.plan,
+            plan: t.plan.clone(),
+            limits: t.limits.clone(),
+            read_only: t.over_quota_at.is_some(),
+            settings: Arc::new(t.settings.clone()),
             frozen: t.frozen_at.is_some(),
             token_generation: t.token_generation,
             password: Secret::new(password),
@@ -686,7 +695,7 @@ impl TenantRouter {
                 .options([("statement_timeout", statement_timeout.as_str())]);
             // The role's CONNECTION LIMIT counts across replicas: each takes its share.
             let replicas = self.inner.config.replicas.max(1) as usize;
-            let cap = (entry.plan.connection_limit() as usize / replicas).max(1);
+            let cap = (entry.limits.connection_limit.max(1) as usize / replicas).max(1);
             self.inner.built.fetch_add(1, Ordering::Relaxed);
             let connects = self
                 .inner

@@ -190,6 +190,23 @@ pub async fn set_connection_limit(admin: &ServerAdmin, role: &str, limit: i32) -
         .await
 }
 
+/// Set the connection limit of each of these roles (silo's own role names),
+/// a few hundred statements per round trip.
+pub async fn set_connection_limits(
+    admin: &ServerAdmin,
+    roles: &[String],
+    limit: i32,
+) -> Result<()> {
+    for chunk in roles.chunks(500) {
+        let sql: String = chunk
+            .iter()
+            .map(|role| format!("ALTER ROLE \"{role}\" CONNECTION LIMIT {limit};"))
+            .collect();
+        admin.exec(&sql).await?;
+    }
+    Ok(())
+}
+
 /// End every session of the role.
 pub async fn terminate_sessions(admin: &ServerAdmin, role: &str) -> Result<()> {
     sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1")

@@ -493,7 +493,7 @@ impl Shared {
             None => Target::Tcp(login.base.get_host().to_owned(), login.base.get_port()),
         };
         let replicas = self.router.config().replicas.max(1) as usize;
-        let cap = (entry.plan.connection_limit() as usize / replicas)
+        let cap = (entry.limits.connection_limit.max(1) as usize / replicas)
             .max(1)
             .min(login.budget.max);
         let fresh = WirePool::new(

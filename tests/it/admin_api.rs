@@ -268,7 +268,7 @@ async fn suspend_resume_patch_and_delete_change_what_the_database_allows() {
         .fetch_one(&env.admin)
         .await
         .unwrap();
-    assert_eq!(limit, silo::domain::Plan::Premium.connection_limit());
+    assert_eq!(limit, 50, "the premium seed plan's connection limit");
 
     let (s, op) = env
         .call(Method::DELETE, "/admin/v1/tenants/lifecycle", None)

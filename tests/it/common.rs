@@ -245,7 +245,7 @@ impl TestEnv {
         silo::provision::CreateTenant {
             slug: slug.parse().unwrap(),
             name: name.parse().unwrap(),
-            plan: silo::domain::Plan::DEFAULT,
+            plan: silo::domain::Plan::default_plan(),
             server: None,
         }
     }

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
 
-use silo::domain::{Plan, PoolMode};
+use silo::domain::PoolMode;
 use silo::router::RouterConfig;
 
 use crate::common::TestEnv;
@@ -136,7 +136,7 @@ async fn runs_clean_in_both_pool_modes(driver: Driver) {
         .start()
         .await;
     assert_eq!(
-        Plan::DEFAULT.connection_limit() / REPLICAS as i32,
+        20 / REPLICAS as i32, // the standard seed plan
         2,
         "two server connections for the four workers"
     );

@@ -5,6 +5,7 @@ mod backups;
 mod keys;
 mod migrations;
 mod operations;
+mod plans;
 mod pools;
 mod servers;
 mod tenants;
@@ -23,4 +24,5 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(migrations::router())
         .merge(backups::router())
         .merge(keys::router())
+        .merge(plans::router())
 }

@@ -3,6 +3,7 @@
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::Extension;
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -39,7 +40,7 @@ pub struct CreateTenantBody {
     /// `^[a-z][a-z0-9-]{1,38}[a-z0-9]$`
     slug: String,
     name: String,
-    /// `free`, `standard` (default) or `premium`.
+    /// A plan's name (`GET /admin/v1/plans`); default `standard`.
     plan: Option<String>,
     /// Server to place the tenant on; default: the one with most headroom.
     server: Option<String>,
@@ -49,11 +50,25 @@ pub struct CreateTenantBody {
 #[serde(deny_unknown_fields)]
 pub struct PatchTenantBody {
     name: Option<String>,
+    /// Another plan: applies at once (connection limit, rates, quotas) and
+    /// restarts the trial clock (the new plan's `trial_days`, or no expiry).
     plan: Option<String>,
     /// Cron expression, 5 fields or 6 with seconds first (e.g. `0 0 3 * * *`),
     /// in UTC, firing at least once a week.
     backup_schedule: Option<String>,
+    /// When the tenant expires (is suspended); `null` clears it. A tenant
+    /// its expiry suspended is resumed when this moves to the future.
+    #[serde(default, deserialize_with = "crate::api::nullable")]
+    #[schema(value_type = Option<DateTime<Utc>>)]
+    expires_at: Option<Option<DateTime<Utc>>>,
+    /// Replaces the tenant's settings: a JSON object of at most 16 KiB,
+    /// which the app reads at `GET /api/v1/settings`.
+    #[schema(value_type = Option<Object>)]
+    settings: Option<serde_json::Value>,
 }
+
+/// Largest settings object of a tenant, serialized.
+pub const MAX_SETTINGS_BYTES: usize = 16 * 1024;
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -95,7 +110,7 @@ async fn create_tenant(
         plan: body
             .plan
             .as_deref()
-            .map_or(Ok(Plan::DEFAULT), Plan::parse)?,
+            .map_or(Ok(Plan::default_plan()), Plan::parse)?,
         server: body.server.as_deref().map(ServerName::parse).transpose()?,
     };
     let tenant = state
@@ -141,7 +156,7 @@ async fn get_tenant(
     Ok(Json(resolve(&state, &tenant).await?.view()))
 }
 
-/// Change a tenant's name, plan or backup schedule.
+/// Change a tenant's name, plan, backup schedule, expiry or settings.
 #[utoipa::path(patch, path = "/tenants/{tenant}", tag = "tenants", request_body = PatchTenantBody,
     params(("tenant" = String, Path, description = "slug or id")),
     responses((status = 200, body = Tenant), AdminErrors, JsonBody,
@@ -160,11 +175,23 @@ async fn patch_tenant(
         .map(Schedule::parse)
         .transpose()
         .map_err(|e| ApiError::invalid(format!("backup_schedule: {e}")))?;
+    if let Some(settings) = &body.settings {
+        if !settings.is_object() {
+            return Err(ApiError::invalid("settings must be a JSON object"));
+        }
+        if settings.to_string().len() > MAX_SETTINGS_BYTES {
+            return Err(ApiError::invalid(format!(
+                "settings must be at most {MAX_SETTINGS_BYTES} bytes as JSON"
+            )));
+        }
+    }
     let t = resolve(&state, &tenant).await?;
     let patch = TenantPatch {
         name: name.as_ref(),
         plan,
         backup_schedule: schedule.as_ref(),
+        expires_at: body.expires_at,
+        settings: body.settings.as_ref(),
     };
     let t = state
         .control
