@@ -112,6 +112,9 @@ pub enum Command {
     /// Tenant administration from a shell.
     #[command(subcommand)]
     Tenants(TenantsCommand),
+    /// Plans: what a tenant of each plan may use.
+    #[command(subcommand)]
+    Plans(PlansCommand),
     /// Backups from a shell, with progress.
     #[command(subcommand)]
     Backup(BackupCommand),
@@ -131,6 +134,77 @@ pub enum Command {
     /// Named admin API keys; needs only SILO_DATABASE_URL (to bootstrap).
     #[command(subcommand)]
     Keys(KeysCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PlansCommand {
+    /// Every plan with its limits (JSON lines).
+    List {
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// One plan (JSON).
+    Show {
+        #[command(flatten)]
+        control: ControlArgs,
+        name: Plan,
+    },
+    /// Add a plan.
+    Create {
+        #[command(flatten)]
+        control: ControlArgs,
+        name: Plan,
+        #[command(flatten)]
+        limits: PlanLimitArgs,
+    },
+    /// Change a plan; applies to every tenant of it at once.
+    Set {
+        #[command(flatten)]
+        control: ControlArgs,
+        name: Plan,
+        #[command(flatten)]
+        limits: PlanLimitArgs,
+        /// Clear a limit (back to silo's setting, or no limit): a field
+        /// name such as `storage_quota_bytes`; repeatable.
+        #[arg(long = "clear", value_name = "FIELD")]
+        clear: Vec<String>,
+    },
+    /// Delete a plan no tenant is on.
+    Delete {
+        #[command(flatten)]
+        control: ControlArgs,
+        name: Plan,
+    },
+}
+
+/// A plan's limits on the command line (see `PATCH /admin/v1/plans/{plan}`).
+#[derive(Debug, clap::Args)]
+pub struct PlanLimitArgs {
+    #[arg(long)]
+    pub connection_limit: Option<i32>,
+    #[arg(long)]
+    pub storage_quota_bytes: Option<i64>,
+    #[arg(long)]
+    pub requests_per_second: Option<i32>,
+    #[arg(long)]
+    pub wire_clients: Option<i32>,
+    #[arg(long)]
+    pub max_staff: Option<i32>,
+    #[arg(long)]
+    pub max_patients: Option<i32>,
+    #[arg(long)]
+    pub trial_days: Option<i32>,
+    /// The plan's backup schedule (`--backup-schedule` is silo's own).
+    #[arg(long = "plan-backup-schedule", id = "plan_backup_schedule")]
+    pub backup_schedule: Option<String>,
+    #[arg(long = "plan-keep-last", id = "plan_keep_last")]
+    pub backup_keep_last: Option<i32>,
+    #[arg(long = "plan-keep-daily", id = "plan_keep_daily")]
+    pub backup_keep_daily: Option<i32>,
+    #[arg(long = "plan-keep-weekly", id = "plan_keep_weekly")]
+    pub backup_keep_weekly: Option<i32>,
+    #[arg(long = "plan-keep-monthly", id = "plan_keep_monthly")]
+    pub backup_keep_monthly: Option<i32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -714,6 +788,12 @@ fn check_token<'a>(name: &'static str, token: &'a Secret) -> Result<&'a str, Con
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_command_line_is_well_formed() {
+        // clap checks clashing names and ids only when a command is used.
+        <Cli as clap::CommandFactory>::command().debug_assert();
+    }
 
     #[test]
     fn secrets_are_redacted_from_debug_output() {

@@ -198,7 +198,17 @@ pub const BOOTSTRAP_ACTOR: &str = "admin";
 /// command line, the scheduler and `silo dev` (and `bootstrap`, which reads
 /// as the token too). No admin key may take one of these names, so an
 /// actor always names one principal.
-pub const SYSTEM_ACTORS: [&str; 5] = [BOOTSTRAP_ACTOR, "bootstrap", "cli", "scheduler", "silo-dev"];
+pub const SYSTEM_ACTORS: [&str; 5] = [
+    BOOTSTRAP_ACTOR,
+    "bootstrap",
+    "cli",
+    SCHEDULER_ACTOR,
+    "silo-dev",
+];
+
+/// The audit log's actor of what silo's background jobs do on their own
+/// (scheduled backups, trial expiry, quotas).
+pub const SCHEDULER_ACTOR: &str = "scheduler";
 
 /// A named admin key's name: `^[a-z][a-z0-9_-]{0,62}$`, none of
 /// [`SYSTEM_ACTORS`]. Unique among live keys; the audit log's `actor` of

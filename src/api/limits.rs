@@ -73,7 +73,7 @@ pub struct Limits {
     app: Arc<Semaphore>,
     admin: Arc<Semaphore>,
     other: Arc<Semaphore>,
-    rate: Option<RateLimiter>,
+    rate: RateLimiter,
 }
 
 impl std::fmt::Debug for Limits {
@@ -90,24 +90,28 @@ impl Limits {
             app: Arc::new(Semaphore::new(settings.app_max_in_flight.max(1))),
             admin: Arc::new(Semaphore::new(settings.admin_max_in_flight.max(1))),
             other: Arc::new(Semaphore::new(OTHER_MAX_IN_FLIGHT)),
-            rate: (settings.app_rate_limit > 0)
-                .then(|| RateLimiter::new(settings.app_rate_limit, settings.app_rate_burst.max(1))),
+            rate: RateLimiter::new(),
             settings,
         }
     }
 
-    /// Count one app request of `tenant` against its rate: 429 when over it.
-    pub fn admit(&self, tenant: Uuid) -> Result<(), ApiError> {
-        let Some(rate) = &self.rate else {
-            return Ok(());
+    /// Count one app request of `tenant` against its rate (its plan's
+    /// `plan_rate`, else `SILO_APP_RATE_LIMIT`): 429 when over it.
+    pub fn admit(&self, tenant: Uuid, plan_rate: Option<i32>) -> Result<(), ApiError> {
+        let (per_second, source) = match plan_rate {
+            Some(r) => (r.max(1) as u32, "its plan's requests_per_second"),
+            None if self.settings.app_rate_limit > 0 => {
+                (self.settings.app_rate_limit, "SILO_APP_RATE_LIMIT")
+            }
+            None => return Ok(()),
         };
-        rate.check(tenant).map_err(|wait| {
+        let burst = self.settings.app_rate_burst.max(1);
+        self.rate.check(tenant, per_second, burst).map_err(|wait| {
             metrics::counter!("silo_app_rate_limited_total").increment(1);
             let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
             ApiError::TooManyRequests(
                 format!(
-                    "the tenant sends more than {} requests per second (SILO_APP_RATE_LIMIT); retry after {seconds} s",
-                    self.settings.app_rate_limit
+                    "the tenant sends more than {per_second} requests per second ({source}); retry after {seconds} s"
                 ),
                 seconds.max(1),
             )
@@ -199,21 +203,15 @@ fn now_nanos() -> u64 {
 }
 
 /// A per-tenant request rate (GCRA: one atomic "theoretical arrival time"
-/// per tenant, no lock, no timer).
+/// per tenant, no lock, no timer). Each check says the rate it applies, so
+/// a plan change applies at the next request.
 struct RateLimiter {
-    /// Nanoseconds between requests at the sustained rate.
-    interval: u64,
-    /// How far ahead of the sustained rate a tenant may be (its burst).
-    tolerance: u64,
     cells: moka::sync::Cache<Uuid, Arc<AtomicU64>>,
 }
 
 impl RateLimiter {
-    fn new(per_second: u32, burst: u32) -> Self {
-        let interval = 1_000_000_000 / u64::from(per_second.max(1));
+    fn new() -> Self {
         Self {
-            interval,
-            tolerance: interval * u64::from(burst.max(1)),
             cells: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_idle(Duration::from_secs(600))
@@ -221,15 +219,19 @@ impl RateLimiter {
         }
     }
 
-    /// `Err(wait)` when `key` is over its rate.
-    fn check(&self, key: Uuid) -> Result<(), Duration> {
+    /// `Err(wait)` when `key` is over `per_second` (with `burst` ahead).
+    fn check(&self, key: Uuid, per_second: u32, burst: u32) -> Result<(), Duration> {
+        // Nanoseconds between requests at the sustained rate, and how far
+        // ahead of it a tenant may be (its burst).
+        let interval = 1_000_000_000 / u64::from(per_second.max(1));
+        let tolerance = interval * u64::from(burst.max(1));
         let cell = self.cells.get_with(key, || Arc::new(AtomicU64::new(0)));
         let now = now_nanos();
         let mut tat = cell.load(Ordering::Acquire);
         loop {
-            let next = tat.max(now) + self.interval;
-            if next - now > self.tolerance {
-                return Err(Duration::from_nanos(next - now - self.tolerance));
+            let next = tat.max(now) + interval;
+            if next - now > tolerance {
+                return Err(Duration::from_nanos(next - now - tolerance));
             }
             match cell.compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return Ok(()),
@@ -245,15 +247,21 @@ mod tests {
 
     #[test]
     fn a_tenant_gets_its_burst_then_its_rate_and_others_are_not_affected() {
-        let limiter = RateLimiter::new(10, 5);
+        let limiter = RateLimiter::new();
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-        let admitted = (0..20).filter(|_| limiter.check(a).is_ok()).count();
+        let admitted = (0..20).filter(|_| limiter.check(a, 10, 5).is_ok()).count();
         // The burst (and at most one more as time passes during the loop).
         assert!((5..=6).contains(&admitted), "{admitted}");
-        let wait = limiter.check(a).unwrap_err();
+        let wait = limiter.check(a, 10, 5).unwrap_err();
         assert!(wait <= Duration::from_millis(100), "{wait:?}");
-        assert!(limiter.check(b).is_ok(), "another tenant has its own rate");
+        assert!(
+            limiter.check(b, 10, 5).is_ok(),
+            "another tenant has its own rate"
+        );
         std::thread::sleep(wait + Duration::from_millis(5));
-        assert!(limiter.check(a).is_ok(), "admitted again after the wait");
+        assert!(
+            limiter.check(a, 10, 5).is_ok(),
+            "admitted again after the wait"
+        );
     }
 }

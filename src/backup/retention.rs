@@ -31,6 +31,20 @@ pub struct Retention {
     pub keep_monthly: u32,
 }
 
+impl Retention {
+    /// This policy with the counts a plan sets (keep last, daily, weekly,
+    /// monthly; `None` keeps silo's).
+    pub fn with_plan(self, plan: [Option<i32>; 4]) -> Self {
+        let or = |v: Option<i32>, d: u32| v.map_or(d, |v| v.max(0) as u32);
+        Self {
+            keep_last: or(plan[0], self.keep_last),
+            keep_daily: or(plan[1], self.keep_daily),
+            keep_weekly: or(plan[2], self.keep_weekly),
+            keep_monthly: or(plan[3], self.keep_monthly),
+        }
+    }
+}
+
 /// Calendar bucket of a time: (year, day / ISO week / month).
 type Bucket = fn(&DateTime<Utc>) -> (i32, u32);
 
@@ -115,8 +129,12 @@ impl Backups {
         let storage = self.storage();
         let reg = self.registry();
         let backups = reg.live_backups_of(tenant).await?;
+        let policy = match reg.plan_retention(tenant).await? {
+            Some(plan) => storage.settings.retention.with_plan(plan),
+            None => storage.settings.retention,
+        };
         let mut pruned = 0;
-        for id in to_prune(&backups, storage.settings.retention, Utc::now()) {
+        for id in to_prune(&backups, policy, Utc::now()) {
             let b = backups
                 .iter()
                 .find(|b| b.id == id)

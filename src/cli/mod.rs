@@ -7,6 +7,7 @@ mod dev;
 mod keys;
 mod master_key;
 mod migrate;
+mod plans;
 mod progress;
 mod tenants;
 
@@ -63,6 +64,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Backup(cmd) => backup::backup(cmd).await,
         Command::MasterKey(cmd) => master_key::master_key(cmd).await,
         Command::Keys(cmd) => keys::keys(cmd).await,
+        Command::Plans(cmd) => plans::plans(cmd).await,
         Command::Reconcile { control, adopt } => reconcile(&control, adopt).await,
     };
     match result {

@@ -62,6 +62,7 @@ pub fn spawn(
     if let Ok(backups) = control.backups() {
         spawn_backup_scheduler(backups, scheduler_tick, token, tracker);
     }
+    spawn_trial_expiry(control, scheduler_tick, token, tracker);
     let (p, t) = (control.provisioner().clone(), token.clone());
     tracker.spawn(async move {
         loop {
@@ -108,6 +109,31 @@ fn spawn_health_checks(
             tokio::select! {
                 _ = t.cancelled() => break,
                 _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    });
+}
+
+/// Every `tick`, suspend the tenants whose trial ended. Every replica looks;
+/// one statement per tenant decides which replica suspends it (see
+/// `Provisioner::expire`), so each expiry is done and audited once.
+fn spawn_trial_expiry(
+    control: &ControlPlane,
+    tick: Duration,
+    token: &CancellationToken,
+    tracker: &TaskTracker,
+) {
+    let (p, t) = (control.provisioner().clone(), token.clone());
+    tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = t.cancelled() => break,
+                _ = tokio::time::sleep(tick) => {}
+            }
+            match p.expire_due(crate::domain::SCHEDULER_ACTOR).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(tenants = n, "suspended tenants whose trial ended"),
+                Err(e) => tracing::warn!("failed to expire trials: {e:#}"),
             }
         }
     });

@@ -69,6 +69,29 @@ impl Provisioner {
         .await
     }
 
+    /// Suspend every active tenant whose trial has ended (a batch at a
+    /// time); how many this call suspended.
+    pub async fn expire_due(&self, actor: &str) -> Result<usize> {
+        let mut done = 0;
+        loop {
+            let due = self.registry().expired_tenants(100).await?;
+            let mut progressed = false;
+            for id in &due {
+                match self.expire(*id, actor).await {
+                    Ok(Some(_)) => {
+                        done += 1;
+                        progressed = true;
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(tenant_id = %id, "failed to expire a trial: {e:#}"),
+                }
+            }
+            if due.len() < 100 || !progressed {
+                return Ok(done);
+            }
+        }
+    }
+
     async fn set_login(&self, id: Uuid, actor: &str, login: bool) -> Result<TenantRecord> {
         let reg = self.registry();
         reg.with_tenant_lock(id, || async {

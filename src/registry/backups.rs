@@ -87,7 +87,8 @@ pub struct BackupDone<'a> {
     pub row_counts: serde_json::Value,
 }
 
-/// A tenant the scheduler may back up.
+/// A tenant the scheduler may back up (`backup_schedule`: its own, else
+/// its plan's).
 #[derive(Debug, Clone, FromRow)]
 pub struct Schedulable {
     pub id: Uuid,
@@ -370,7 +371,10 @@ impl Registry {
     /// Tenants the scheduler backs up: active ones.
     pub async fn schedulable_tenants(&self) -> Result<Vec<Schedulable>> {
         sqlx::query_as(
-            "SELECT id, slug, backup_schedule, created_at FROM tenants WHERE status = 'active' ORDER BY id",
+            "SELECT t.id, t.slug, COALESCE(t.backup_schedule, p.backup_schedule) AS backup_schedule,
+                    t.created_at
+               FROM tenants t JOIN plans p ON p.name = t.plan
+              WHERE t.status = 'active' ORDER BY t.id",
         )
         .fetch_all(&self.pool)
         .await

@@ -260,6 +260,23 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// The backup retention counts the plan of `tenant` sets (each `None`
+    /// where silo's setting applies): keep last, daily, weekly, monthly.
+    pub async fn plan_retention(&self, tenant: uuid::Uuid) -> Result<Option<[Option<i32>; 4]>> {
+        type Counts = (Option<i32>, Option<i32>, Option<i32>, Option<i32>);
+        let row: Option<Counts> = sqlx::query_as(
+            "SELECT p.backup_keep_last, p.backup_keep_daily, p.backup_keep_weekly,
+                    p.backup_keep_monthly
+               FROM tenants t JOIN plans p ON p.name = t.plan WHERE t.id = $1",
+        )
+        .bind(tenant)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(a, b, c, d)| [a, b, c, d]))
+    }
+}
+
 /// Is `e` a foreign-key violation of the tenants' plan (in use, or unknown)?
 pub fn is_plan_reference(e: &Error) -> bool {
     e.0.as_database_error().is_some_and(|d| {

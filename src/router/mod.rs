@@ -822,6 +822,20 @@ impl TenantRouter {
         silo
     }
 
+    /// Drop the lookups and pools of every cached tenant of `plan`: its
+    /// limits changed.
+    pub async fn invalidate_plan(&self, plan: &str) {
+        let ids: std::collections::HashSet<Uuid> = self
+            .inner
+            .lookups
+            .iter()
+            .filter_map(|(_, l)| l.entry.filter(|e| e.plan.as_str() == plan).map(|e| e.id))
+            .collect();
+        for id in ids {
+            self.invalidate(id).await;
+        }
+    }
+
     /// Mark every cached lookup stale: re-read on next use, but still served
     /// if the control DB cannot be reached.
     pub fn mark_lookups_stale(&self) {
@@ -992,6 +1006,13 @@ impl TenantRouter {
                 .await
                 .context("receive a notification")?
             {
+                Some(n) if n.payload().starts_with("plan:") => {
+                    // A plan's limits changed: every tenant of it is re-read.
+                    let plan = &n.payload()["plan:".len()..];
+                    if self.sent_by_silo(n.process_id()).await != Some(false) {
+                        self.invalidate_plan(plan).await;
+                    }
+                }
                 Some(n) => {
                     if let Ok(id) = Uuid::parse_str(n.payload()) {
                         match self.sent_by_silo(n.process_id()).await {

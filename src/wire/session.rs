@@ -312,10 +312,17 @@ async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
         .entry(entry.id)
         .or_default()
         .clone();
+    // Its plan's client limit, else silo's setting (per replica).
+    let limit = entry
+        .limits
+        .wire_clients
+        .map_or(shared.settings.max_clients_per_tenant, |n| {
+            n.max(1) as usize
+        });
     let room = counters
         .clients
         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-            (n < shared.settings.max_clients_per_tenant).then_some(n + 1)
+            (n < limit).then_some(n + 1)
         })
         .is_ok();
     if !room {
@@ -323,7 +330,10 @@ async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
         refuse(
             &mut io,
             "53300",
-            &format!("too many connections for tenant \"{}\"", entry.slug),
+            &format!(
+                "too many connections for tenant \"{}\" (its plan allows {limit})",
+                entry.slug
+            ),
         )
         .await;
         return None;

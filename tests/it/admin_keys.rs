@@ -54,6 +54,7 @@ async fn control_state(env: &TestEnv) -> Vec<String> {
         "SELECT row_to_json(k)::text FROM
            (SELECT id, name, role, revoked_at FROM admin_keys) k ORDER BY id",
         "SELECT row_to_json(a)::text FROM audit_log a ORDER BY id",
+        "SELECT row_to_json(p)::text FROM plans p ORDER BY name",
     ] {
         let found: Vec<String> = sqlx::query_scalar(sql)
             .fetch_all(env.registry().pool())
@@ -129,6 +130,7 @@ impl Ids {
                     ("{id}", "app-credentials") => self.credential.as_str(),
                     ("{name}", "servers") => self.server.as_str(),
                     ("{name}", "keys") => self.key.as_str(),
+                    ("{plan}", _) => "standard",
                     (p, _) if p.starts_with('{') => panic!("no value for {p} of {template}"),
                     (s, _) => s,
                 },
@@ -170,6 +172,8 @@ fn row(method: &str, template: &str, path: String, reads_body: bool) -> table::R
         ("post", "/admin/v1/tenants/{tenant}/move") => json!({"server": "default"}),
         ("patch", "/admin/v1/servers/{name}") => json!({"status": "draining"}),
         ("post", "/admin/v1/keys") => json!({"name": "made-anyway", "role": "admin"}),
+        ("post", "/admin/v1/plans") => json!({"name": "made-anyway", "connection_limit": 5}),
+        ("patch", "/admin/v1/plans/{plan}") => json!({"connection_limit": 6}),
         ("post", "/admin/v1/migrations/tenants") => json!({"dry_run": true}),
         _ => json!({}),
     };
@@ -252,7 +256,9 @@ async fn an_operator_key_runs_lifecycle_but_may_not_delete_manage_keys_overwrite
     let mut rows: Vec<Row> = operations
         .iter()
         .filter(|(method, template, _)| {
-            method == "delete" || template.starts_with("/admin/v1/keys")
+            method == "delete"
+                || template.starts_with("/admin/v1/keys")
+                || (template.starts_with("/admin/v1/plans") && method != "get")
         })
         .map(|(method, template, body)| row(method, template, ids.fill(template), *body).is(403))
         .collect();

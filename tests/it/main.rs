@@ -22,6 +22,7 @@ mod master_key;
 mod nothing_lost;
 mod openapi;
 mod outage;
+mod plans;
 mod reconcile;
 mod relocate;
 mod replicas;

@@ -79,6 +79,59 @@ pub(super) fn one_of(field: &str, value: Option<&str>, allowed: &[&str]) -> ApiR
     }
 }
 
+/// A plan limit on a table's rows: its table, the plan's field and what a
+/// row is, for the answer.
+pub(super) struct RowLimit {
+    pub table: &'static str,
+    pub field: &'static str,
+    pub what: &'static str,
+}
+
+/// Run `insert` (an `INSERT … RETURNING`) unless the tenant has its plan's
+/// `max` rows in the limit's table already: 422 naming the limit then.
+/// Inserts under a limit run in a transaction that first takes a
+/// transaction-scoped advisory lock (one per table), so concurrent
+/// requests count one after the other and the limit holds exactly.
+pub(super) async fn insert_within<'q, T>(
+    db: &mut TenantDb,
+    limit: &RowLimit,
+    max: Option<i32>,
+    insert: sqlx::query::QueryAs<'q, sqlx::Postgres, T, sqlx::postgres::PgArguments>,
+) -> ApiResult<T>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+{
+    let Some(max) = max else {
+        return insert
+            .fetch_one(&mut *db.conn)
+            .await
+            .map_err(|e| db.fail(e));
+    };
+    let attempt = async {
+        let mut tx = sqlx::Connection::begin(&mut *db.conn).await?;
+        let rows: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM (SELECT pg_advisory_xact_lock(hashtext('silo.plan_limit.{}'))) l, {}",
+            limit.table, limit.table
+        ))
+        .fetch_one(&mut *tx)
+        .await?;
+        if rows >= i64::from(max) {
+            return Ok(None); // rolled back on drop
+        }
+        let row = insert.fetch_one(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(Some(row))
+    };
+    match attempt.await {
+        Ok(Some(row)) => Ok(row),
+        Ok(None) => Err(ApiError::invalid(format!(
+            "the tenant's plan allows at most {max} {} ({}); remove one or move the tenant to a larger plan",
+            limit.what, limit.field
+        ))),
+        Err(e) => Err(db.fail(e)),
+    }
+}
+
 /// `DELETE FROM table WHERE id = $1`: 204, 404 when absent, 409 while referred to.
 pub(super) async fn delete_row(
     db: &mut TenantDb,

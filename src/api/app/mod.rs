@@ -26,6 +26,7 @@ mod appointments;
 mod clinics;
 mod common;
 mod patients;
+mod settings;
 mod staff;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,6 +51,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(staff::router())
         .merge(patients::router())
         .merge(appointments::router())
+        .merge(settings::router())
 }
 
 /// How an operation names its tenant, for the document: the header, or the
@@ -116,7 +118,11 @@ pub async fn retry_lost_connection(mut req: Request, next: Next) -> Response {
     next.run(Request::from_parts(parts, Body::empty())).await
 }
 
-impl FromRequestParts<AppState> for TenantDb {
+/// The request's tenant, authenticated (as for [`TenantDb`]) but with no
+/// connection to its database: for answers the registry holds.
+pub struct AppTenant(pub Arc<TenantEntry>);
+
+impl FromRequestParts<AppState> for AppTenant {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
@@ -124,11 +130,14 @@ impl FromRequestParts<AppState> for TenantDb {
         let token = super::auth::bearer_token(&parts.headers).ok_or(ApiError::Unauthorized)?;
         let claims = crate::tokens::verify(state.control.keyring(), token)
             .map_err(|_| ApiError::Unauthorized)?;
-        // Every request the token's holder sends counts, whatever it names.
-        state.limits.admit(claims.tenant)?;
         // The tenant the token proves, not the one the request names: an
         // attacker's made-up names never reach the registry.
         let tenant = state.router.resolve(&claims.tenant.to_string()).await?;
+        // Every request the token's holder sends counts, whatever it names,
+        // at its plan's rate (else silo's).
+        state
+            .limits
+            .admit(claims.tenant, tenant.limits.requests_per_second)?;
         let named = name == tenant.slug || name == tenant.id.to_string();
         if !named || claims.generation != tenant.token_generation {
             // Same answer as an unknown tenant: a token cannot probe for
@@ -136,6 +145,16 @@ impl FromRequestParts<AppState> for TenantDb {
             return Err(ApiError::not_found("tenant"));
         }
         tracing::Span::current().record("tenant_id", tracing::field::display(tenant.id));
+        crate::router::TenantRouter::check_status(&tenant)?;
+        Ok(Self(tenant))
+    }
+}
+
+impl FromRequestParts<AppState> for TenantDb {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let AppTenant(tenant) = AppTenant::from_request_parts(parts, state).await?;
         let conn = state.router.acquire_entry(tenant.clone()).await?;
         let lost = parts.extensions.get::<LostConnection>().cloned();
         Ok(Self { tenant, conn, lost })

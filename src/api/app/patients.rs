@@ -9,7 +9,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use super::common::{contact, delete_row, next_cursor, page, parse_id, text, PageParams};
+use super::common::{
+    contact, delete_row, insert_within, next_cursor, page, parse_id, text, PageParams, RowLimit,
+};
 use super::{TenantDb, TenantHeader};
 use crate::api::error::{ApiError, ApiResult, Json, Path, Query};
 use crate::api::responses::{AppErrors, JsonBody, QueryErrors};
@@ -60,6 +62,13 @@ pub struct PatientPage {
     next_cursor: Option<String>,
 }
 
+/// The plan's `max_patients`: patient rows of the tenant.
+const LIMIT: RowLimit = RowLimit {
+    table: "patients",
+    field: "max_patients",
+    what: "patients",
+};
+
 const COLUMNS: &str = "id, full_name, date_of_birth, email, phone, notes, created_at, updated_at";
 
 /// Patients of the tenant, oldest first.
@@ -86,7 +95,8 @@ async fn list_patients(
 #[utoipa::path(post, path = "/patients", tag = "patients", request_body = NewPatient,
     params(TenantHeader),
     responses((status = 201, body = Patient), AppErrors, JsonBody,
-        (status = 422, description = "a value is invalid")))]
+        (status = 422, description = "a value is invalid, or the tenant has as many patients \
+            as its plan allows (`max_patients`)")))]
 async fn create_patient(
     mut db: TenantDb,
     Json(body): Json<NewPatient>,
@@ -94,19 +104,19 @@ async fn create_patient(
     text("full_name", Some(&body.full_name), 200)?;
     contact(body.email.as_deref(), body.phone.as_deref())?;
     text("notes", body.notes.as_deref(), 10_000)?;
-    let patient: Patient = sqlx::query_as(&format!(
+    let sql = format!(
         "INSERT INTO patients (id, full_name, date_of_birth, email, phone, notes)
          VALUES ($1, $2, $3, $4, $5, $6) RETURNING {COLUMNS}"
-    ))
-    .bind(Uuid::now_v7())
-    .bind(body.full_name.trim())
-    .bind(body.date_of_birth)
-    .bind(body.email)
-    .bind(body.phone)
-    .bind(body.notes)
-    .fetch_one(&mut *db.conn)
-    .await
-    .map_err(|e| db.fail(e))?;
+    );
+    let insert = sqlx::query_as(&sql)
+        .bind(Uuid::now_v7())
+        .bind(body.full_name.trim())
+        .bind(body.date_of_birth)
+        .bind(body.email)
+        .bind(body.phone)
+        .bind(body.notes);
+    let max = db.tenant.limits.max_patients;
+    let patient: Patient = insert_within(&mut db, &LIMIT, max, insert).await?;
     Ok((StatusCode::CREATED, Json(patient)))
 }
 

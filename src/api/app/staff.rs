@@ -10,7 +10,10 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use super::common::{contact, delete_row, next_cursor, one_of, page, parse_id, text, PageParams};
+use super::common::{
+    contact, delete_row, insert_within, next_cursor, one_of, page, parse_id, text, PageParams,
+    RowLimit,
+};
 use super::{TenantDb, TenantHeader};
 use crate::api::error::{ApiError, ApiResult, Json, Path, Query};
 use crate::api::responses::{AppErrors, JsonBody, QueryErrors};
@@ -68,6 +71,13 @@ pub struct StaffPage {
     next_cursor: Option<String>,
 }
 
+/// The plan's `max_staff`: staff rows of the tenant, active or not.
+const LIMIT: RowLimit = RowLimit {
+    table: "staff",
+    field: "max_staff",
+    what: "staff members",
+};
+
 const COLUMNS: &str = "id, clinic_id, full_name, role, email, active, created_at, updated_at";
 
 /// Staff of the tenant, oldest first.
@@ -92,7 +102,8 @@ async fn list_staff(mut db: TenantDb, Query(p): Query<PageParams>) -> ApiResult<
     params(TenantHeader),
     responses((status = 201, body = Staff), AppErrors, JsonBody,
         (status = 409, description = "a staff member has this email (regardless of case)"),
-        (status = 422, description = "a value is invalid, or `clinic_id` names no clinic of the tenant")))]
+        (status = 422, description = "a value is invalid, `clinic_id` names no clinic of the tenant, \
+            or the tenant has as many staff members as its plan allows (`max_staff`)")))]
 async fn create_staff(
     mut db: TenantDb,
     Json(body): Json<NewStaff>,
@@ -102,19 +113,19 @@ async fn create_staff(
         Some(&body.role),
         body.email.as_deref(),
     )?;
-    let staff: Staff = sqlx::query_as(&format!(
+    let sql = format!(
         "INSERT INTO staff (id, clinic_id, full_name, role, email, active)
          VALUES ($1, $2, $3, $4, $5, COALESCE($6, true)) RETURNING {COLUMNS}"
-    ))
-    .bind(Uuid::now_v7())
-    .bind(body.clinic_id)
-    .bind(body.full_name.trim())
-    .bind(body.role)
-    .bind(body.email)
-    .bind(body.active)
-    .fetch_one(&mut *db.conn)
-    .await
-    .map_err(|e| db.fail(e))?;
+    );
+    let insert = sqlx::query_as(&sql)
+        .bind(Uuid::now_v7())
+        .bind(body.clinic_id)
+        .bind(body.full_name.trim())
+        .bind(body.role)
+        .bind(body.email)
+        .bind(body.active);
+    let max = db.tenant.limits.max_staff;
+    let staff: Staff = insert_within(&mut db, &LIMIT, max, insert).await?;
     Ok((StatusCode::CREATED, Json(staff)))
 }
 
