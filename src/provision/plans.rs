@@ -149,10 +149,14 @@ impl Provisioner {
 
     /// The plan a new or changed tenant names, which must exist.
     pub async fn known_plan(&self, name: &Plan) -> Result<PlanRecord> {
-        self.registry().plan(name).await?.ok_or_else(|| {
-            Error::Invalid(format!(
-                "no plan is named '{name}' (GET /admin/v1/plans lists them)"
-            ))
-        })
+        if let Some(plan) = self.registry().plan(name).await? {
+            return Ok(plan);
+        }
+        let plans = self.registry().plans().await?;
+        let names: Vec<&str> = plans.iter().map(|p| p.name.as_str()).collect();
+        Err(Error::Invalid(format!(
+            "no plan is named '{name}' (plans: {})",
+            names.join(", ")
+        )))
     }
 }

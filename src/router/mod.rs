@@ -209,6 +209,7 @@ impl TenantEntry {
             database: self.database.clone(),
             role: self.role.clone(),
             credentials: Sha256::digest(self.login_password().expose().as_bytes()).into(),
+            connection_limit: self.limits.connection_limit,
         }
     }
 }

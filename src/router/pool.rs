@@ -680,15 +680,18 @@ struct Idle {
     since: u64,
 }
 
-/// What a pool was built for: a tenant's server, database and role, and a
-/// fingerprint of the credentials (never the password itself). A lookup
-/// that no longer matches means the pool is stale and is rebuilt.
+/// What a pool was built for: a tenant's server, database and role, a
+/// fingerprint of the credentials (never the password itself), and the
+/// connection limit its plan sets. A lookup that no longer matches means
+/// the pool is stale and is rebuilt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolKey {
     pub server_id: Uuid,
     pub database: String,
     pub role: String,
     pub credentials: [u8; 32],
+    /// Its plan's connection limit, which sets the pool's cap.
+    pub connection_limit: i32,
 }
 
 /// One tenant's connections.

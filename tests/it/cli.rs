@@ -131,7 +131,7 @@ async fn tenant_commands_work_from_a_shell() {
     ]);
     assert_eq!(code, Some(2), "{err}");
     assert!(
-        err.contains("premum") && err.contains("free, standard, premium"),
+        err.contains("premum") && err.contains("free, premium, standard"),
         "{err}"
     );
     let (code, _, err) = run(&["tenants", "create", "uuid-like", "--name", "  "]);

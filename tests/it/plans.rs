@@ -467,6 +467,8 @@ async fn settings_are_set_by_the_operator_and_read_by_the_app() {
         json!({"settings": [1, 2]}),
         json!({"settings": "on"}),
         json!({"settings": big}),
+        json!({"settings": {"a\u{0}b": 1}}),
+        json!({"settings": {"nested": ["ok", "not\u{0}ok"]}}),
         json!({"expires_at": "next tuesday"}),
         json!({"plan": "gold"}),
     ] {

@@ -70,6 +70,16 @@ pub struct PatchTenantBody {
 /// Largest settings object of a tenant, serialized.
 pub const MAX_SETTINGS_BYTES: usize = 16 * 1024;
 
+/// Does a key or a string anywhere in `v` hold U+0000?
+fn holds_nul(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(holds_nul),
+        serde_json::Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
+    }
+}
+
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct ListParams {
@@ -183,6 +193,12 @@ async fn patch_tenant(
             return Err(ApiError::invalid(format!(
                 "settings must be at most {MAX_SETTINGS_BYTES} bytes as JSON"
             )));
+        }
+        if holds_nul(settings) {
+            // PostgreSQL's jsonb cannot store \u0000.
+            return Err(ApiError::invalid(
+                "settings must not hold the character U+0000 in a key or a string",
+            ));
         }
     }
     let t = resolve(&state, &tenant).await?;
