@@ -89,10 +89,14 @@ pub(super) async fn handle(shared: Arc<Shared>, tcp: TcpStream) {
     session.run().await;
 }
 
-/// Read the untyped first packet: (code, rest).
+/// Read the untyped first packet: (code, rest). A length no startup packet
+/// has is refused with `08P01` (the client may not speak PostgreSQL at
+/// all, but an error it can show beats a bare reset).
 async fn first_packet(io: &mut Box<dyn Io>) -> Option<(i32, Vec<u8>)> {
     let len = io.read_i32().await.ok()?;
     if !(8..=proto::MAX_STARTUP_PACKET as i32).contains(&len) {
+        metrics::counter!("silo_wire_refused_total", "reason" => "malformed").increment(1);
+        refuse(io, "08P01", "invalid length of startup packet").await;
         return None;
     }
     let mut body = vec![0u8; len as usize - 4];

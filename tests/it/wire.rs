@@ -377,19 +377,36 @@ async fn malformed_and_unsupported_openings_are_refused_cleanly() {
     let pw = credential(&env, "sturdy", "app", PoolMode::Session).await;
     let addr = env.pg_addr.unwrap();
     // Garbage, a huge length, protocol 2.0, GSSENC then nothing, a cancel
-    // for nobody: each ends without harm.
-    let openings: [&[u8]; 5] = [
-        b"GET / HTTP/1.1\r\n\r\n",
-        &[0x7f, 0xff, 0xff, 0xff, 0, 0, 0, 0],
-        &[0, 0, 0, 8, 0, 2, 0, 0],
-        &[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30],
-        &[0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e, 0, 0, 0, 1, 0, 0, 0, 2],
+    // for nobody: each ends without harm, with a FATAL error naming the
+    // problem where there is one (an ErrorResponse: 'E', then its fields).
+    let openings: [(&[u8], &str); 5] = [
+        (b"GET / HTTP/1.1\r\n\r\n", "C08P01"),
+        (&[0x7f, 0xff, 0xff, 0xff, 0, 0, 0, 0], "C08P01"),
+        (&[0, 0, 0, 8, 0, 2, 0, 0], "C0A000"),
+        (&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30], "N"),
+        (
+            &[0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e, 0, 0, 0, 1, 0, 0, 0, 2],
+            "",
+        ),
     ];
-    for bytes in openings {
+    for (bytes, answer) in openings {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         s.write_all(bytes).await.unwrap();
         let mut buf = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut buf)).await;
+        // Within the startup timeout (10 s) at the latest.
+        tokio::time::timeout(Duration::from_secs(40), s.read_to_end(&mut buf))
+            .await
+            .expect("the connection is closed")
+            .ok();
+        let got = String::from_utf8_lossy(&buf);
+        match answer {
+            "" => assert!(buf.is_empty(), "{bytes:?}: {got}"),
+            "N" => assert_eq!(buf, b"N", "{bytes:?}: {got}"),
+            code => assert!(
+                buf.first() == Some(&b'E') && got.contains(code) && got.contains("SFATAL"),
+                "{bytes:?}: {got}"
+            ),
+        }
     }
     // A client that connects and says nothing is dropped at the startup
     // timeout, and meanwhile others are served.
