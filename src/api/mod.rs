@@ -5,6 +5,7 @@
 mod admin;
 mod app;
 mod auth;
+mod docs;
 pub mod error;
 pub(crate) mod health;
 pub mod limits;
@@ -14,7 +15,7 @@ mod responses;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::response::{Html, IntoResponse};
+use axum::response::IntoResponse;
 use axum::{Extension, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -22,7 +23,6 @@ use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-use utoipa_scalar::Scalar;
 
 use crate::config::Secret;
 use crate::control::ControlPlane;
@@ -102,7 +102,6 @@ impl utoipa::Modify for BearerAuth {
 /// The OpenAPI document, as served and as the reference page shows it.
 struct Documents {
     json: String,
-    html: String,
 }
 
 /// This document (OpenAPI 3.1).
@@ -118,8 +117,8 @@ async fn openapi_json(Extension(docs): Extension<Arc<Documents>>) -> impl IntoRe
 /// This document as a page to read and try requests from.
 #[utoipa::path(get, path = "/docs", tag = "docs", security(),
     responses((status = 200, description = "the API reference (HTML)", body = String, content_type = "text/html")))]
-async fn docs(Extension(docs): Extension<Arc<Documents>>) -> Html<String> {
-    Html(docs.html.clone())
+async fn docs() -> impl IntoResponse {
+    docs::page()
 }
 
 /// `/metrics` alone, without authentication: for a listener of its own on a
@@ -183,9 +182,12 @@ pub fn app(state: AppState) -> Router {
     responses::overload(&mut api);
     let documents = Documents {
         json: serde_json::to_string(&api).expect("the OpenAPI document serializes"),
-        html: Scalar::new(api).to_html(),
     };
     router
+        .merge(docs::assets().layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::other,
+        )))
         .layer(Extension(Arc::new(documents)))
         .layer(DefaultBodyLimit::max(error::MAX_BODY_BYTES))
         .method_not_allowed_fallback(|| async { error::ApiError::MethodNotAllowed })
