@@ -135,8 +135,13 @@ impl Provisioner {
         Ok(())
     }
 
-    /// Delete a plan no tenant is on.
+    /// Delete a plan no tenant is on (and not the default one).
     pub async fn delete_plan(&self, name: &Plan, actor: &str) -> Result<()> {
+        if name.as_str() == Plan::DEFAULT {
+            return Err(Error::Conflict(format!(
+                "plan '{name}' is the plan of tenants created without one; it cannot be deleted"
+            )));
+        }
         match self.registry().delete_plan(name, actor).await {
             Ok(true) => Ok(()),
             Ok(false) => Err(Error::NotFound("plan")),

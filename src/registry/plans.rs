@@ -47,20 +47,33 @@ pub struct PlanRecord {
 }
 
 /// Every settable field of a plan; a patch leaves `None` fields as they are,
-/// and `Some(None)` clears a limit.
-#[derive(Debug, Default, Clone)]
+/// and `Some(None)` clears a limit. Serialized (for the audit log), it
+/// lists the fields given, `null` for a cleared one.
+#[derive(Debug, Default, Clone, Serialize)]
 pub struct PlanFields {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub connection_limit: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub storage_quota_bytes: Option<Option<i64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub requests_per_second: Option<Option<i32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub wire_clients: Option<Option<i32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_staff: Option<Option<i32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_patients: Option<Option<i32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub trial_days: Option<Option<i32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub backup_schedule: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub backup_keep_last: Option<Option<i32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub backup_keep_daily: Option<Option<i32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub backup_keep_weekly: Option<Option<i32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub backup_keep_monthly: Option<Option<i32>>,
 }
 
@@ -119,7 +132,7 @@ impl Registry {
             actor,
             "plan.create",
             None,
-            serde_json::json!({"plan": name}),
+            serde_json::json!({"plan": name, "fields": f}),
         )
         .await?;
         tx.commit().await?;
@@ -155,7 +168,7 @@ impl Registry {
             actor,
             "plan.update",
             None,
-            serde_json::json!({"plan": name}),
+            serde_json::json!({"plan": name, "fields": f}),
         )
         .await?;
         tx.commit().await?;

@@ -217,6 +217,26 @@ async fn plans_are_data_and_a_change_applies_to_every_tenant_of_the_plan() {
     assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
     let (status, _) = env.call(Method::GET, "/admin/v1/plans/small", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    // The default plan stays, with or without tenants.
+    let (status, body) = env
+        .call(Method::DELETE, "/admin/v1/plans/standard", None)
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (status, _) = env.call(Method::DELETE, "/admin/v1/plans/free", None).await;
+    assert_eq!(
+        status,
+        StatusCode::NO_CONTENT,
+        "a seed plan without tenants may go"
+    );
+
+    // The audit log says what changed.
+    let (_, updates) = env
+        .call(Method::GET, "/admin/v1/audit?action=plan.update", None)
+        .await;
+    assert_eq!(
+        updates[0]["detail"],
+        json!({"plan": "small", "fields": {"connection_limit": 7, "trial_days": null}})
+    );
 
     let (_, audit) = env
         .call(Method::GET, "/admin/v1/audit?limit=100", None)
@@ -392,11 +412,12 @@ async fn a_plan_s_request_rate_answers_429_with_retry_after_and_spares_other_pla
         .iter()
         .filter(|a| a.status == StatusCode::TOO_MANY_REQUESTS)
         .collect();
-    // The burst of 3 (and at most one more as a second passes), then 429s.
+    // The burst of 3 gets in, then 429s (one more may get in per second
+    // the eight requests take, on a busy machine).
+    let statuses: Vec<StatusCode> = answers.iter().map(|a| a.status).collect();
     assert!(
-        (4..=5).contains(&limited.len()),
-        "{:?}",
-        answers.iter().map(|a| a.status).collect::<Vec<_>>()
+        statuses[..3].iter().all(|s| *s == StatusCode::OK) && limited.len() >= 3,
+        "{statuses:?}"
     );
     let first = limited[0];
     assert!(first
