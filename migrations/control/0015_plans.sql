@@ -61,6 +61,12 @@ ALTER TABLE tenants ADD COLUMN settings jsonb NOT NULL DEFAULT '{}'
 -- privileges are granted again.
 ALTER TABLE tenants ADD COLUMN over_quota_at timestamptz;
 
+-- Read-only app credentials log in, behind the front door, as the
+-- tenant's reader role (`silo_q_<hex>`, SELECT only), made with its first
+-- read-only credential: its password, sealed like the tenant role's.
+ALTER TABLE tenants ADD COLUMN reader_password_enc bytea;
+ALTER TABLE tenants ADD COLUMN reader_key_id text;
+
 -- Routers follow plan and settings changes too (a plan's own row change is
 -- announced by silo as `plan:<name>` on the same channel).
 DROP TRIGGER tenants_notify_changed ON tenants;
@@ -75,5 +81,6 @@ CREATE TRIGGER tenants_notify_changed
           OR OLD.frozen_at IS DISTINCT FROM NEW.frozen_at
           OR OLD.token_generation IS DISTINCT FROM NEW.token_generation
           OR OLD.settings IS DISTINCT FROM NEW.settings
-          OR OLD.over_quota_at IS DISTINCT FROM NEW.over_quota_at)
+          OR OLD.over_quota_at IS DISTINCT FROM NEW.over_quota_at
+          OR OLD.reader_password_enc IS DISTINCT FROM NEW.reader_password_enc)
     EXECUTE FUNCTION silo_notify_tenant_changed();

@@ -474,6 +474,9 @@ impl Backups {
                 roles::verify_login(&admin, &new_name, &target.role_name, &password)
                     .await
                     .context("verify the tenant role can log in")?;
+                // Archiving dropped its reader role with its role.
+                crate::provision::readers::follow_reader(self.keyring(), &admin, target, &new_name)
+                    .await?;
                 let active = reg
                     .transition(
                         target.id,

@@ -28,6 +28,7 @@
 
 mod lifecycle;
 pub mod plans;
+pub mod readers;
 mod template;
 
 pub use lifecycle::DeleteStarted;

@@ -47,6 +47,15 @@ const fn column(
     }
 }
 
+/// Put before a tenant's id to make the associated data of its reader
+/// role's sealed password (so it can never pass for the tenant role's).
+pub const READER_AAD_PREFIX: &[u8] = b"silo-reader:";
+
+/// The associated data a tenant's reader password is sealed with.
+pub fn reader_aad(tenant: Uuid) -> Vec<u8> {
+    [READER_AAD_PREFIX, tenant.as_bytes().as_slice()].concat()
+}
+
 /// Every column of the control DB holding a value sealed under the master
 /// key: (table, id column, id type, sealed column, key-id column, AAD prefix).
 /// A new sealed column is one more line here; the re-seal and `--check`
@@ -80,6 +89,15 @@ pub const SEALED_COLUMNS: &[SealedColumn] = &[
         "backup_key_enc",
         "backup_key_id",
         b"silo-backup-key:",
+    ),
+    // A tenant reader role's password (provision::readers).
+    column(
+        "tenants",
+        "id",
+        RowId::Uuid,
+        "reader_password_enc",
+        "reader_key_id",
+        READER_AAD_PREFIX,
     ),
     // A warm-pool spare role's password (provision::template).
     column(

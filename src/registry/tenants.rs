@@ -123,6 +123,10 @@ pub struct TenantRecord {
     pub expired_at: Option<DateTime<Utc>>,
     pub over_quota_at: Option<DateTime<Utc>>,
     pub settings: serde_json::Value,
+    /// Its reader role's password (sealed), once it has a read-only app
+    /// credential.
+    pub reader_password_enc: Option<Vec<u8>>,
+    pub reader_key_id: Option<String>,
     /// Its plan's limits (joined from `plans`).
     #[sqlx(flatten)]
     pub limits: PlanLimits,
@@ -211,6 +215,7 @@ const SELECT_RECORD: &str =
         t.frozen_at, t.own_privileges, t.token_generation,
         t.pending_password_enc, t.pending_key_id, t.pending_at,
         t.expires_at, t.expired_at, t.over_quota_at, t.settings,
+        t.reader_password_enc, t.reader_key_id,
         p.connection_limit, p.storage_quota_bytes, p.requests_per_second, p.wire_clients,
         p.max_staff, p.max_patients
    FROM tenants t JOIN db_servers s ON s.id = t.server_id JOIN plans p ON p.name = t.plan";
@@ -441,6 +446,27 @@ impl Registry {
             return Ok(None);
         }
         self.tenant(id).await
+    }
+
+    /// Record the tenant's reader password (sealed) unless it has one; the
+    /// one it has now (this or the one recorded before).
+    pub async fn set_reader_password(
+        &self,
+        id: Uuid,
+        sealed: &[u8],
+        key_id: &str,
+    ) -> Result<Option<(Vec<u8>, String)>> {
+        sqlx::query_as(
+            "UPDATE tenants SET reader_password_enc = COALESCE(reader_password_enc, $2),
+                    reader_key_id = COALESCE(reader_key_id, $3), updated_at = now()
+              WHERE id = $1 RETURNING reader_password_enc, reader_key_id",
+        )
+        .bind(id)
+        .bind(sealed)
+        .bind(key_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(Error::from)
     }
 
     /// Active tenants whose trial has ended, at most `limit`.

@@ -581,12 +581,11 @@ impl Mover {
                 t.schema_version
             )));
         }
-        // The plan may have changed during the copy.
-        ends.dst
-            .exec(&format!(
-                "ALTER ROLE \"{}\" CONNECTION LIMIT {}",
-                plan.role, t.limits.connection_limit
-            ))
+        // Its reader role (if it has one) on the target too, and the plan
+        // may have changed during the copy.
+        crate::provision::readers::follow_reader(&self.keyring, &ends.dst, &t, &plan.database)
+            .await?;
+        roles::set_connection_limit(&ends.dst, &plan.role, t.limits.connection_limit)
             .await
             .context("set the tenant role's connection limit on the target")?;
         let frozen = Instant::now();

@@ -165,6 +165,9 @@ pub struct TenantEntry {
     password: Secret,
     /// A credential rotation's pending password, until it is promoted.
     pending: Option<Secret>,
+    /// Its reader role and that role's password, once it has one (the
+    /// front door's read-only credentials log in as it).
+    reader: Option<(String, Secret)>,
     /// Log in with `pending`: the recorded password was refused, a rotation
     /// is half-way (its process died between changing the role and
     /// recording it). Shared by every request that uses this cached entry.
@@ -199,6 +202,19 @@ impl TenantEntry {
             Ordering::Relaxed,
         );
         true
+    }
+
+    /// What a pool of its reader role must have been built for.
+    pub fn reader_pool_key(&self) -> Option<PoolKey> {
+        use sha2::{Digest, Sha256};
+        let (role, password) = self.reader.as_ref()?;
+        Some(PoolKey {
+            server_id: self.server_id,
+            database: self.database.clone(),
+            role: role.clone(),
+            credentials: Sha256::digest(password.expose().as_bytes()).into(),
+            connection_limit: self.limits.connection_limit,
+        })
     }
 
     /// What a pool for this tenant, as looked up now, must have been built for.
@@ -409,18 +425,30 @@ impl TenantRouter {
     }
 
     /// How the front door logs in to `entry`'s database: the server's
-    /// budget, where it listens, the role and the password to use now.
-    pub async fn login_for(&self, entry: &TenantEntry) -> Result<Login, RouteError> {
+    /// budget, where it listens, the role and the password to use now
+    /// (`reader`: its reader role's; a tenant without one is not found).
+    pub async fn login_for(&self, entry: &TenantEntry, reader: bool) -> Result<Login, RouteError> {
         let server = self.server(entry.server_id).await?;
         let socket = server.budget.local_socket();
+        let (role, password, key) = if reader {
+            let (role, password) = entry.reader.clone().ok_or(RouteError::NotFound)?;
+            let key = entry.reader_pool_key().ok_or(RouteError::NotFound)?;
+            (role, password, key)
+        } else {
+            (
+                entry.role.clone(),
+                entry.login_password().clone(),
+                entry.pool_key(),
+            )
+        };
         Ok(Login {
             budget: server.budget.clone(),
             base: server.base.clone(),
             socket,
             database: entry.database.clone(),
-            role: entry.role.clone(),
-            password: entry.login_password().clone(),
-            key: entry.pool_key(),
+            role,
+            password,
+            key,
         })
     }
 
@@ -563,6 +591,19 @@ impl TenantRouter {
             )),
             _ => None,
         };
+        let reader = match (&t.reader_password_enc, &t.reader_key_id) {
+            (Some(sealed), Some(key_id)) => Some((
+                crate::servers::names::reader_role(&t.role_name)
+                    .context("a tenant role's reader")?,
+                Secret::new(
+                    self.inner
+                        .keyring
+                        .open_string(key_id, sealed, &crate::registry::reader_aad(t.id))
+                        .context("decrypt tenant credentials")?,
+                ),
+            )),
+            _ => None,
+        };
         Ok(TenantEntry {
             id: t.id,
             slug: t.slug.clone(),
@@ -578,6 +619,7 @@ impl TenantRouter {
             token_generation: t.token_generation,
             password: Secret::new(password),
             pending,
+            reader,
             use_pending: Default::default(),
         })
     }

@@ -10,6 +10,10 @@ pub const TEMPLATE_DB: &str = "silo_template";
 pub const TENANT_DB_PREFIX: &str = "silo_t_";
 /// A tenant's login role: `silo_r_<tenant id hex>`.
 pub const TENANT_ROLE_PREFIX: &str = "silo_r_";
+/// A tenant's reader role, which its read-only app credentials log in as
+/// behind the front door: `silo_q_<tenant id hex>`, made with the tenant's
+/// first read-only credential; SELECT only.
+pub const READER_ROLE_PREFIX: &str = "silo_q_";
 /// A warm-pool spare database and its role.
 pub const SPARE_DB_PREFIX: &str = "silo_spare_";
 pub const SPARE_ROLE_PREFIX: &str = "silo_rs_";
@@ -27,6 +31,13 @@ pub fn tenant_names(id: Uuid) -> (String, String) {
         format!("{TENANT_DB_PREFIX}{hex}"),
         format!("{TENANT_ROLE_PREFIX}{hex}"),
     )
+}
+
+/// The reader role of the tenant whose login role is `role` (none for a
+/// role that is not a tenant's, such as a spare's).
+pub fn reader_role(role: &str) -> Option<String> {
+    let hex = role.strip_prefix(TENANT_ROLE_PREFIX)?;
+    Some(format!("{READER_ROLE_PREFIX}{hex}"))
 }
 
 /// Name of the scratch database held by lock `id`.

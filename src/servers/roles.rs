@@ -54,7 +54,18 @@ pub async fn create_database(
 /// is never connectable by anyone but its role and silo.
 pub fn database_grants(database: &str, role: Option<&str>) -> String {
     let grant = role
-        .map(|role| format!("GRANT CONNECT, TEMPORARY ON DATABASE \"{database}\" TO \"{role}\";"))
+        .map(|role| {
+            let mut grant =
+                format!("GRANT CONNECT, TEMPORARY ON DATABASE \"{database}\" TO \"{role}\";");
+            // Its reader, if it has one, may connect (and nothing more).
+            if let Some(reader) = super::names::reader_role(role) {
+                grant.push_str(&format!(
+                    " DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{reader}') THEN \
+                     GRANT CONNECT ON DATABASE \"{database}\" TO \"{reader}\"; END IF; END $$;"
+                ));
+            }
+            grant
+        })
         .unwrap_or_default();
     format!(
         "REVOKE ALL ON DATABASE \"{database}\" FROM PUBLIC; {grant} ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS true"
@@ -180,14 +191,31 @@ pub async fn verify_login(
 /// Let the role log in, or not.
 pub async fn set_role_login(admin: &ServerAdmin, role: &str, login: bool) -> Result<()> {
     let attr = if login { "LOGIN" } else { "NOLOGIN" };
-    admin.exec(&format!("ALTER ROLE \"{role}\" {attr}")).await
+    let mut sql = format!("ALTER ROLE \"{role}\" {attr};");
+    // Its reader, if it has one, follows.
+    if let Some(reader) = super::names::reader_role(role) {
+        sql.push_str(&format!(
+            " DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{reader}') THEN \
+             ALTER ROLE \"{reader}\" {attr}; END IF; END $$;"
+        ));
+    }
+    admin.exec(&sql).await
 }
 
-/// Set the role's connection limit.
+/// Set the role's connection limit (and its reader's, if it has one).
 pub async fn set_connection_limit(admin: &ServerAdmin, role: &str, limit: i32) -> Result<()> {
-    admin
-        .exec(&format!("ALTER ROLE \"{role}\" CONNECTION LIMIT {limit}"))
-        .await
+    admin.exec(&connection_limit_sql(role, limit)).await
+}
+
+fn connection_limit_sql(role: &str, limit: i32) -> String {
+    let mut sql = format!("ALTER ROLE \"{role}\" CONNECTION LIMIT {limit};");
+    if let Some(reader) = super::names::reader_role(role) {
+        sql.push_str(&format!(
+            " DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{reader}') THEN \
+             ALTER ROLE \"{reader}\" CONNECTION LIMIT {limit}; END IF; END $$;"
+        ));
+    }
+    sql
 }
 
 /// Set the connection limit of each of these roles (silo's own role names),
@@ -200,7 +228,7 @@ pub async fn set_connection_limits(
     for chunk in roles.chunks(500) {
         let sql: String = chunk
             .iter()
-            .map(|role| format!("ALTER ROLE \"{role}\" CONNECTION LIMIT {limit};"))
+            .map(|role| connection_limit_sql(role, limit))
             .collect();
         admin.exec(&sql).await?;
     }
@@ -209,12 +237,16 @@ pub async fn set_connection_limits(
 
 /// End every session of the role.
 pub async fn terminate_sessions(admin: &ServerAdmin, role: &str) -> Result<()> {
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1")
-        .bind(role)
-        .execute(&admin.pool)
-        .await
-        .map(|_| ())
-        .map_err(|e| admin.error(None, e))
+    let reader = super::names::reader_role(role).unwrap_or_default();
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1 OR usename = $2",
+    )
+    .bind(role)
+    .bind(reader)
+    .execute(&admin.pool)
+    .await
+    .map(|_| ())
+    .map_err(|e| admin.error(None, e))
 }
 
 /// Give a tenant role a new password (as a SCRAM verifier: the password
@@ -292,10 +324,28 @@ pub async fn drop_database(admin: &ServerAdmin, database: &str) -> Result<()> {
         .await
 }
 
-/// Drop a role; nothing if it is gone. A role still granted something in a
-/// database that remains (a database set aside, say) has those grants taken
-/// away first, database by database.
+/// Drop a role (and a tenant role's reader); nothing if it is gone. A
+/// role still granted something in a database that remains (a database set
+/// aside, say) has those grants taken away first, database by database.
 pub async fn drop_role(admin: &ServerAdmin, role: &str) -> Result<()> {
+    let Some(reader) = super::names::reader_role(role) else {
+        return drop_one_role(admin, role).await;
+    };
+    // Both in one statement (neither outlives the other), unless one still
+    // holds grants somewhere: then each on its own.
+    match admin
+        .exec(&format!("DROP ROLE IF EXISTS \"{role}\", \"{reader}\""))
+        .await
+    {
+        Err(e) if e.is(sqlstate::DEPENDENT_OBJECTS_STILL_EXIST) => {
+            drop_one_role(admin, role).await?;
+            drop_one_role(admin, &reader).await
+        }
+        other => other,
+    }
+}
+
+async fn drop_one_role(admin: &ServerAdmin, role: &str) -> Result<()> {
     let drop = format!("DROP ROLE IF EXISTS \"{role}\"");
     match admin.exec(&drop).await {
         Err(e) if e.is(sqlstate::DEPENDENT_OBJECTS_STILL_EXIST) => {
@@ -331,8 +381,39 @@ fn tenant_revokes(role: &str) -> String {
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM \"{role}\";
 REVOKE ALL ON SCHEMA public FROM \"{role}\";
 ALTER DEFAULT PRIVILEGES IN SCHEMA public REVOKE ALL ON TABLES FROM \"{role}\";
-ALTER DEFAULT PRIVILEGES IN SCHEMA public REVOKE ALL ON SEQUENCES FROM \"{role}\";"
+ALTER DEFAULT PRIVILEGES IN SCHEMA public REVOKE ALL ON SEQUENCES FROM \"{role}\";
+DO $$ BEGIN
+  IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+    REVOKE EXECUTE ON FUNCTION {} FROM \"{role}\";
+  END IF;
+END $$;",
+        super::schema::LARGE_OBJECT_WRITES
     )
+}
+
+/// Create (or reset) a tenant's reader role, which may CONNECT to the
+/// tenant's database and nothing else yet: its SELECT privileges come with
+/// the tenant role's (`schema::grant`).
+pub async fn create_reader(
+    admin: &ServerAdmin,
+    reader: &str,
+    database: &str,
+    password: &str,
+    limit: i32,
+) -> Result<()> {
+    let attrs = role_attributes(password, limit);
+    let connect = format!("GRANT CONNECT ON DATABASE \"{database}\" TO \"{reader}\"");
+    match admin
+        .exec(&format!("CREATE ROLE \"{reader}\" {attrs}; {connect}"))
+        .await
+    {
+        Err(e) if e.is(sqlstate::DUPLICATE_OBJECT) => {
+            admin
+                .exec(&format!("ALTER ROLE \"{reader}\" {attrs}; {connect}"))
+                .await
+        }
+        other => other,
+    }
 }
 
 /// Rename `db` out of every sweep's way, to `silo_kept_<tenant>_<time>`:

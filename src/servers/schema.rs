@@ -36,7 +36,45 @@ GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO \"{role}\";
 ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO \"{role}\";
 ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT USAGE, SELECT ON SEQUENCES TO \"{role}\";
 {LEGACY_REVOKES}
-{HIDE_ACTIVITY}"
+{HIDE_ACTIVITY}
+{}",
+        reader_grants(role)
+    )
+}
+
+/// The functions that create or change large objects. Every role may call
+/// them by default (large objects need no table privilege); where a reader
+/// role exists they are the tenant role's alone.
+pub const LARGE_OBJECT_WRITES: &str = "lo_creat(integer), lo_create(oid), \
+lo_from_bytea(oid, bytea), lowrite(integer, bytea), lo_put(oid, bigint, bytea), \
+lo_truncate(integer, integer), lo_truncate64(integer, bigint), lo_unlink(oid), lo_import(text), \
+lo_import(text, oid)";
+
+/// Privileges inside a tenant database for its reader role, if the tenant
+/// has one: SELECT on tables and sequences, now and for what migrations
+/// create later; nothing that writes (no `nextval`, no temporary tables:
+/// it may only CONNECT to the database, no large objects where silo's
+/// login may take them away from PUBLIC, a superuser). Part of
+/// [`tenant_grants`], so every path that grants the tenant role (fleet
+/// migrations, the reconciler, moves, restores) grants its reader too.
+fn reader_grants(role: &str) -> String {
+    let Some(reader) = super::names::reader_role(role) else {
+        return String::new();
+    };
+    format!(
+        "DO $$ BEGIN
+  IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{reader}') THEN
+    GRANT USAGE ON SCHEMA public TO \"{reader}\";
+    GRANT SELECT ON ALL TABLES IN SCHEMA public TO \"{reader}\";
+    GRANT SELECT ON ALL SEQUENCES IN SCHEMA public TO \"{reader}\";
+    ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO \"{reader}\";
+    ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON SEQUENCES TO \"{reader}\";
+    IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+      REVOKE EXECUTE ON FUNCTION {LARGE_OBJECT_WRITES} FROM PUBLIC;
+      GRANT EXECUTE ON FUNCTION {LARGE_OBJECT_WRITES} TO \"{role}\";
+    END IF;
+  END IF;
+END $$;"
     )
 }
 
@@ -142,6 +180,29 @@ impl TenantSchema {
 /// Version of the newest tenant migration embedded in this binary.
 pub fn latest_embedded_version() -> i64 {
     TenantSchema::embedded().latest_version()
+}
+
+/// Make (or reset) the reader role of the tenant whose role is `role`, on
+/// the server of `admin`, and grant it what [`reader_grants`] says in the
+/// tenant's `database`. Idempotent.
+pub async fn ensure_reader(
+    admin: &super::ServerAdmin,
+    database: &str,
+    role: &str,
+    password: &str,
+    limit: i32,
+) -> anyhow::Result<()> {
+    let reader = super::names::reader_role(role).context("a tenant role has a reader")?;
+    super::roles::create_reader(admin, &reader, database, password, limit)
+        .await
+        .context("create the tenant's reader role")?;
+    let db = admin
+        .single_pool(database)
+        .await
+        .context("connect to the tenant's database")?;
+    let granted = grant(&db, Some(role)).await;
+    db.close().await;
+    granted
 }
 
 /// Grant a database's privileges to `role` alone (`None`: the template's,

@@ -180,7 +180,9 @@ pub(crate) struct Shared {
     startups: Arc<Semaphore>,
     /// Per tenant with clients: counts and counters.
     tenants: Mutex<HashMap<Uuid, Arc<TenantCounters>>>,
-    pools: Mutex<HashMap<Uuid, Arc<WirePool>>>,
+    /// Per tenant, the pool of its role (`false`) and of its reader role
+    /// (`true`, for read-only credentials).
+    pools: Mutex<HashMap<(Uuid, bool), Arc<WirePool>>>,
     cancels: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
     sessions: Mutex<HashMap<Uuid, HashMap<u64, Arc<Ender>>>>,
     credentials: moka::future::Cache<Uuid, Arc<Vec<AppCredential>>>,
@@ -314,13 +316,12 @@ impl Front {
             .iter()
             .map(|(k, v)| (*k, v.clone()))
             .collect();
-        let pools: HashMap<Uuid, (usize, usize)> = s
-            .pools
-            .lock()
-            .expect("pools lock")
-            .iter()
-            .map(|(k, p)| (*k, (p.in_use(), p.idle_count())))
-            .collect();
+        let mut pools: HashMap<Uuid, (usize, usize)> = HashMap::new();
+        for ((tenant, _), p) in s.pools.lock().expect("pools lock").iter() {
+            let counts = pools.entry(*tenant).or_default();
+            counts.0 += p.in_use();
+            counts.1 += p.idle_count();
+        }
         let mut ids: Vec<Uuid> = counters.iter().map(|(k, _)| *k).collect();
         ids.extend(pools.keys().copied());
         ids.sort();
@@ -377,7 +378,7 @@ impl Shared {
                 .keys()
                 .copied()
                 .collect();
-            all.extend(self.pools.lock().expect("pools lock").keys().copied());
+            all.extend(self.pools.lock().expect("pools lock").keys().map(|k| k.0));
             all.sort();
             all.dedup();
             all
@@ -388,7 +389,12 @@ impl Shared {
         for tenant in tenants {
             // Nothing held for it here: nothing to look at (and no lookup
             // of the control DB for the router's sake).
-            let held = self.pools.lock().expect("pools lock").contains_key(&tenant)
+            let held = self
+                .pools
+                .lock()
+                .expect("pools lock")
+                .keys()
+                .any(|k| k.0 == tenant)
                 || self
                     .sessions
                     .lock()
@@ -413,7 +419,8 @@ impl Shared {
                     self.close_pool(tenant)
                 }
                 Some(e) => {
-                    self.pool_if_current(e);
+                    self.pool_if_current(e, false);
+                    self.pool_if_current(e, true);
                 }
                 None => self.close_pool(tenant),
             }
@@ -450,9 +457,13 @@ impl Shared {
         }
     }
 
+    /// Close the tenant's pools (of its role and of its reader).
     fn close_pool(&self, tenant: Uuid) {
-        if let Some(p) = self.pools.lock().expect("pools lock").remove(&tenant) {
-            p.close();
+        let mut pools = self.pools.lock().expect("pools lock");
+        for reader in [false, true] {
+            if let Some(p) = pools.remove(&(tenant, reader)) {
+                p.close();
+            }
         }
     }
 
@@ -466,14 +477,20 @@ impl Shared {
             .map_err(|e| anyhow::anyhow!("read app credentials: {e}"))
     }
 
-    /// The tenant's pool if it was built for what `entry` says now (a
-    /// stale one is closed and forgotten).
-    fn pool_if_current(&self, entry: &TenantEntry) -> Option<Arc<WirePool>> {
+    /// The tenant's pool (of its reader role with `reader`) if it was
+    /// built for what `entry` says now (a stale one is closed and forgotten).
+    fn pool_if_current(&self, entry: &TenantEntry, reader: bool) -> Option<Arc<WirePool>> {
         let mut pools = self.pools.lock().expect("pools lock");
-        match pools.get(&entry.id) {
-            Some(p) if p.key == entry.pool_key() => Some(p.clone()),
+        let id = (entry.id, reader);
+        let key = if reader {
+            entry.reader_pool_key()
+        } else {
+            Some(entry.pool_key())
+        };
+        match pools.get(&id) {
+            Some(p) if Some(&p.key) == key.as_ref() => Some(p.clone()),
             Some(_) => {
-                if let Some(p) = pools.remove(&entry.id) {
+                if let Some(p) = pools.remove(&id) {
                     p.close();
                 }
                 None
@@ -482,12 +499,16 @@ impl Shared {
         }
     }
 
-    /// The tenant's pool, built if needed.
-    async fn pool_for(&self, entry: &TenantEntry) -> Result<Arc<WirePool>, RouteError> {
-        if let Some(p) = self.pool_if_current(entry) {
+    /// The tenant's pool (of its reader role with `reader`), built if needed.
+    async fn pool_for(
+        &self,
+        entry: &TenantEntry,
+        reader: bool,
+    ) -> Result<Arc<WirePool>, RouteError> {
+        if let Some(p) = self.pool_if_current(entry, reader) {
             return Ok(p);
         }
-        let login = self.router.login_for(entry).await?;
+        let login = self.router.login_for(entry, reader).await?;
         let target = match &login.socket {
             Some(dir) => Target::Unix(dir.join(format!(".s.PGSQL.{}", login.base.get_port()))),
             None => Target::Tcp(login.base.get_host().to_owned(), login.base.get_port()),
@@ -508,7 +529,9 @@ impl Shared {
             self.settings.max_message_bytes,
         );
         let mut pools = self.pools.lock().expect("pools lock");
-        let pool = pools.entry(entry.id).or_insert_with(|| fresh.clone());
+        let pool = pools
+            .entry((entry.id, reader))
+            .or_insert_with(|| fresh.clone());
         if pool.key != fresh.key {
             pool.close();
             *pool = fresh;

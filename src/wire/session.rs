@@ -359,6 +359,7 @@ async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
     let mut s = Session {
         shared: shared.clone(),
         mode: credential.pool_mode,
+        read_only: credential.read_only,
         tenant: entry.id,
         slug: entry.slug.clone(),
         reader: FramedRead::with_capacity(
@@ -398,7 +399,7 @@ async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
     // reachable, the client's settings are applied, and the client hears
     // the server's parameters; transaction mode gives it back at once.
     let known = match s.mode {
-        PoolMode::Transaction => match shared.pool_for(&entry).await {
+        PoolMode::Transaction => match shared.pool_for(&entry, s.read_only).await {
             Ok(pool) => pool.initial_params().map(|p| (pool, p)),
             Err(_) => None,
         },
@@ -607,6 +608,9 @@ struct Owed {
 pub(super) struct Session {
     shared: Arc<Shared>,
     mode: PoolMode,
+    /// A read-only credential: its server connections are its tenant's
+    /// reader role's.
+    read_only: bool,
     tenant: Uuid,
     slug: String,
     reader: Reader,
@@ -1047,7 +1051,7 @@ impl Session {
                     }
                     let pool = self
                         .shared
-                        .pool_for(&entry)
+                        .pool_for(&entry, self.read_only)
                         .await
                         .map_err(|e| route_fatal(&self.slug, &e))?;
                     self.pool = Some(pool.clone());

@@ -32,3 +32,4 @@ mod router_heal;
 mod servers;
 mod wire;
 mod wire_drivers;
+mod wire_readers;

@@ -45,7 +45,8 @@ pub struct CreateAppCredentialBody {
     /// `^[a-z][a-z0-9_-]{0,62}$`, unique among the tenant's live
     /// credentials; also the `user` clients log in with.
     name: String,
-    /// Read-only credentials are not available yet: `true` is refused (422).
+    /// Log in as the tenant's reader role: SELECT only (made with the
+    /// tenant's first read-only credential). Default `false`.
     #[serde(default)]
     read_only: bool,
     /// `session` (default) or `transaction`.
@@ -80,9 +81,9 @@ pub struct AppCredentialList {
         (status = 201, body = IssuedAppCredential),
         AdminErrors, JsonBody,
         (status = 404, description = "no such tenant (or it is deleted)"),
-        (status = 409, description = "the tenant has a live credential of this name, or it is being deleted"),
-        (status = 422, description = "the body does not fit, the name is malformed, or `read_only` \
-            is `true` (read-only credentials are not available yet)"),
+        (status = 409, description = "the tenant has a live credential of this name, it is being \
+            deleted, or (for a read-only credential) it is neither active nor suspended"),
+        (status = 422, description = "the body does not fit, or the name is malformed"),
     ))]
 async fn create_app_credential(
     State(state): State<AppState>,
@@ -91,14 +92,13 @@ async fn create_app_credential(
     Json(body): Json<CreateAppCredentialBody>,
 ) -> ApiResult<(StatusCode, Json<IssuedAppCredential>)> {
     let name = CredentialName::parse(&body.name)?;
-    if body.read_only {
-        return Err(ApiError::invalid(
-            "read-only app credentials are not available yet; leave read_only out or false",
-        ));
-    }
     let t = live_tenant(&state, &tenant).await?;
     if t.status == TenantStatus::Deleting {
         return Err(ApiError::Conflict("the tenant is being deleted".into()));
+    }
+    if body.read_only {
+        // Its logins go through the tenant's reader role: made now if need be.
+        state.control.provisioner().ensure_reader(t.id).await?;
     }
     let password = crate::crypto::random_password(PASSWORD_LEN);
     let verifier = crate::servers::scram::verifier(&password);
@@ -107,7 +107,7 @@ async fn create_app_credential(
         .create_app_credential(
             t.id,
             name.as_str(),
-            false,
+            body.read_only,
             body.pool_mode,
             &verifier,
             actor.name(),
