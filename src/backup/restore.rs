@@ -475,7 +475,7 @@ impl Backups {
                     .await
                     .context("verify the tenant role can log in")?;
                 // Archiving dropped its reader role with its role.
-                crate::provision::readers::follow_reader(self.keyring(), &admin, target, &new_name)
+                crate::servers::readers::follow_reader(self.keyring(), &admin, target, &new_name)
                     .await?;
                 let active = reg
                     .transition(

@@ -583,7 +583,7 @@ impl Mover {
         }
         // Its reader role (if it has one) on the target too, and the plan
         // may have changed during the copy.
-        crate::provision::readers::follow_reader(&self.keyring, &ends.dst, &t, &plan.database)
+        crate::servers::readers::follow_reader(&self.keyring, &ends.dst, &t, &plan.database)
             .await?;
         roles::set_connection_limit(&ends.dst, &plan.role, t.limits.connection_limit)
             .await

@@ -10,6 +10,7 @@
 mod health;
 pub mod names;
 pub mod owner;
+pub mod readers;
 pub mod roles;
 pub mod schema;
 pub mod scram;

@@ -608,6 +608,9 @@ async fn sealed_everywhere(env: &TestEnv) {
         let t = env.record(slug).await;
         env.backups().data_key(t.id, true).await.unwrap();
     }
+    // A reader role (a read-only app credential's).
+    let t = env.record("kill-a").await;
+    env.control.provisioner().ensure_reader(t.id).await.unwrap();
     // A rotation stopped before the role got its new password.
     let t = env.record("kill-c").await;
     let pending = env.keyring.seal(b"a-pending-password", t.id.as_bytes());
