@@ -469,6 +469,20 @@ impl Registry {
         .map_err(Error::from)
     }
 
+    /// Tenants on `server` that have a reader role (active or suspended,
+    /// not frozen by a move): `(id, role)`.
+    pub async fn tenants_with_readers(&self, server: Uuid) -> Result<Vec<(Uuid, String)>> {
+        sqlx::query_as(
+            "SELECT id, role_name FROM tenants
+              WHERE server_id = $1 AND reader_password_enc IS NOT NULL
+                AND status IN ('active', 'suspended') AND frozen_at IS NULL",
+        )
+        .bind(server)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::from)
+    }
+
     /// Active tenants whose trial has ended, at most `limit`.
     pub async fn expired_tenants(&self, limit: i64) -> Result<Vec<Uuid>> {
         sqlx::query_scalar(

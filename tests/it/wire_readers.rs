@@ -133,6 +133,30 @@ async fn a_read_only_credential_reads_and_nothing_it_tries_writes() {
     let (ok, out) = psql(&session, "SELECT count(*) FROM patients").await;
     assert!(ok && out == "1", "{out}");
 
+    // A reader role lost (dropped by hand, as a crash between making a
+    // tenant's roles and its reader would leave it) is made again by the
+    // reconciler, and a reader without its tenant's role is dropped.
+    let mut su = <sqlx::PgConnection as sqlx::Connection>::connect(&env.pg.url(&t.database_name))
+        .await
+        .unwrap();
+    sqlx::raw_sql(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{reader}';
+         DROP OWNED BY \"{reader}\"; DROP ROLE \"{reader}\";
+         CREATE ROLE silo_q_00000000000000000000000000000abc LOGIN"
+    ))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    crate::common::close(su).await;
+    let report = env.control.reconcile_once().await.unwrap();
+    assert_eq!(report.readers_fixed, 2, "{report:?}");
+    assert!(role_exists(&env, &reader).await);
+    assert!(!role_exists(&env, "silo_q_00000000000000000000000000000abc").await);
+    let (ok, out) = psql(&session, "SELECT count(*) FROM patients").await;
+    assert!(ok && out == "1", "{out}");
+    let (ok, out) = psql(&session, "DELETE FROM patients").await;
+    assert!(!ok && out.contains("permission denied"), "{out}");
+
     // Deleted: its reader role goes with its role.
     let (status, op) = env
         .call(Method::DELETE, "/admin/v1/tenants/library", None)
