@@ -386,6 +386,20 @@ pub struct ServerArgs {
     #[arg(long, env = "SILO_HEALTH_INTERVAL", default_value_t = DEFAULT_HEALTH_INTERVAL_SECS, value_parser = clap::value_parser!(u64).range(1..))]
     pub health_interval: u64,
 
+    /// Seconds between usage collector passes (one replica runs each):
+    /// database sizes, counters, storage quotas.
+    #[arg(long, env = "SILO_USAGE_INTERVAL", default_value_t = crate::usage::DEFAULT_INTERVAL_SECS, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub usage_interval: u64,
+
+    /// Days of daily usage rollups kept.
+    #[arg(long, env = "SILO_USAGE_KEEP_DAYS", default_value_t = crate::usage::DEFAULT_KEEP_DAYS, value_parser = clap::value_parser!(u32).range(1..=3650))]
+    pub usage_keep_days: u32,
+
+    /// Tenants with usage series of their own on `/metrics` (the largest,
+    /// and the busiest today); the rest count in the fleet totals only.
+    #[arg(long, env = "SILO_USAGE_TOP_N", default_value_t = crate::usage::DEFAULT_TOP_N as u32, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub usage_top_n: u32,
+
     /// Seconds an admin API request may take before it is answered 503
     /// (its work stops; whatever it left half-done, the reconciler finishes
     /// or undoes). Long work (backups, restores, moves) runs as operations.

@@ -17,7 +17,7 @@ use crate::ops::{Error, Result};
 use crate::registry::{Backup, Lock, TenantRecord, TenantStatus};
 use crate::servers::names::{scratch_db, tenant_names};
 use crate::servers::tools::{capture_stderr, error_lines};
-use crate::servers::{roles, ServerAdmin};
+use crate::servers::{roles, schema, ServerAdmin};
 
 /// Where a restore goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -466,6 +466,17 @@ impl Backups {
                     .exec(&roles::database_grants(&new_name, Some(&target.role_name)))
                     .await
                     .context("let the tenant role connect to its database")?;
+                // Over its storage quota: read-only again before its role
+                // logs in (the restore opened the database in full).
+                if target.over_quota_at.is_some() {
+                    let db = admin
+                        .single_pool(&new_name)
+                        .await
+                        .context("connect to the restored database")?;
+                    let kept = schema::set_read_only(&db, &new_name, &target.role_name, true).await;
+                    db.close().await;
+                    kept?;
+                }
                 let sealed = self
                     .keyring()
                     .seal(password.as_bytes(), target.id.as_bytes());

@@ -36,8 +36,90 @@ GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO \"{role}\";
 ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO \"{role}\";
 ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT USAGE, SELECT ON SEQUENCES TO \"{role}\";
 {LEGACY_REVOKES}
-{HIDE_ACTIVITY}"
+{HIDE_ACTIVITY}
+{}",
+        keep_read_only(role)
     )
+}
+
+/// The functions that create or change large objects: any role may call
+/// them (large objects need no table privilege), so a read-only tenant
+/// loses them too (where silo's login may take them: a superuser).
+const LARGE_OBJECT_WRITES: &str = "lo_creat(integer), lo_create(oid), lo_from_bytea(oid, bytea), \
+lowrite(integer, bytea), lo_put(oid, bigint, bytea), lo_truncate(integer, integer), \
+lo_truncate64(integer, bigint), lo_unlink(oid)";
+
+/// The storage quota, inside a tenant database: a tenant role that may
+/// connect to its database but not create temporary tables there is
+/// read-only (the usage collector took `TEMPORARY` away, see
+/// [`set_read_only`]), and keeps only SELECT on tables and sequences, for
+/// what exists and for what migrations create later (default privileges):
+/// no INSERT, UPDATE, DELETE, TRUNCATE, no `nextval`, no large objects.
+/// These are privileges, not settings: nothing a session may `SET`,
+/// `RESET` or `SET ROLE` (the role belongs to no other) gives them back.
+///
+/// Part of [`tenant_grants`], so every path that grants a tenant its
+/// privileges (provisioning, fleet migrations, the reconciler's regrant,
+/// spares, moves, restores) keeps a read-only tenant read-only; the
+/// database-level `TEMPORARY` is the state's one record that survives them.
+/// A database the role may not connect to yet (a restore's scratch
+/// database) is granted in full, and the restore re-applies the state
+/// after it opens the database.
+fn keep_read_only(role: &str) -> String {
+    format!(
+        "DO $$
+DECLARE
+  su boolean := (SELECT rolsuper FROM pg_roles WHERE rolname = current_user);
+BEGIN
+  IF has_database_privilege('{role}', current_database(), 'CONNECT')
+     AND NOT has_database_privilege('{role}', current_database(), 'TEMPORARY') THEN
+    REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER ON ALL TABLES IN SCHEMA public FROM \"{role}\";
+    REVOKE USAGE, UPDATE ON ALL SEQUENCES IN SCHEMA public FROM \"{role}\";
+    ALTER DEFAULT PRIVILEGES IN SCHEMA public REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER ON TABLES FROM \"{role}\";
+    ALTER DEFAULT PRIVILEGES IN SCHEMA public REVOKE USAGE, UPDATE ON SEQUENCES FROM \"{role}\";
+    IF su THEN
+      REVOKE EXECUTE ON FUNCTION {LARGE_OBJECT_WRITES} FROM PUBLIC;
+    END IF;
+  ELSIF su THEN
+    GRANT EXECUTE ON FUNCTION {LARGE_OBJECT_WRITES} TO PUBLIC;
+  END IF;
+END $$;"
+    )
+}
+
+/// Make a tenant database read-only for its role (`true`), or writable
+/// again, in one transaction on a connection to that database: the
+/// database-level `TEMPORARY` (the state's record) and every table and
+/// sequence privilege ([`keep_read_only`]). Idempotent: applying the state
+/// it is already in changes nothing, so a pass that crashed midway is
+/// simply run again.
+pub async fn set_read_only(
+    db: &sqlx::PgPool,
+    database: &str,
+    role: &str,
+    read_only: bool,
+) -> anyhow::Result<()> {
+    sqlx::raw_sql(&read_only_sql(database, role, read_only))
+        .execute(db)
+        .await
+        .with_context(|| {
+            if read_only {
+                "make the tenant's database read-only"
+            } else {
+                "make the tenant's database writable"
+            }
+        })?;
+    Ok(())
+}
+
+/// The statements of [`set_read_only`] (one implicit transaction).
+pub fn read_only_sql(database: &str, role: &str, read_only: bool) -> String {
+    let database_level = if read_only {
+        format!("REVOKE TEMPORARY ON DATABASE \"{database}\" FROM \"{role}\";")
+    } else {
+        format!("GRANT TEMPORARY ON DATABASE \"{database}\" TO \"{role}\";")
+    };
+    format!("{database_level}\n{}", tenant_grants(role))
 }
 
 /// Privileges of the template (and of anything cloned from it before its
