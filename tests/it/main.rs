@@ -29,5 +29,6 @@ mod rotation;
 mod router;
 mod router_heal;
 mod servers;
+mod usage;
 mod wire;
 mod wire_drivers;
