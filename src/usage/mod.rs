@@ -42,12 +42,12 @@ use crate::registry::{
 use crate::servers::{roles, schema, ServerAdmin, ServerPools};
 use decide::{PassPlan, Reading};
 
-/// Default seconds between collector passes.
-pub const DEFAULT_INTERVAL_SECS: u64 = 60;
-/// Default days of daily rollups kept.
-pub const DEFAULT_KEEP_DAYS: u32 = 90;
+pub use crate::config::{
+    DEFAULT_USAGE_INTERVAL_SECS as DEFAULT_INTERVAL_SECS,
+    DEFAULT_USAGE_KEEP_DAYS as DEFAULT_KEEP_DAYS,
+};
 /// Default tenants with series of their own on `/metrics`.
-pub const DEFAULT_TOP_N: usize = 20;
+pub const DEFAULT_TOP_N: usize = crate::config::DEFAULT_USAGE_TOP_N as usize;
 /// Privilege changes run at once (each on a connection of its own to the
 /// tenant's database).
 const CHANGES_AT_ONCE: usize = 4;
@@ -114,7 +114,7 @@ pub struct Collector {
 /// database named, its size, counters and sessions, its role's connection
 /// limit, and whether the role may write there (`TEMPORARY`, the quota
 /// state's record).
-const READ_SERVER: &str = "
+pub const READ_SERVER: &str = "
 SELECT t.tenant, d.oid::int8 AS datid,
        CASE WHEN has_database_privilege(d.oid, 'CONNECT') THEN pg_database_size(d.oid) END AS size_bytes,
        coalesce(s.xact_commit, 0)::int8 AS commits,
