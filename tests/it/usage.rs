@@ -434,6 +434,113 @@ async fn a_tenant_filled_past_its_quota_goes_read_only_in_one_pass_and_writable_
     }
 }
 
+/// Whether the tenant role may write in its database now.
+async fn writable(env: &TestEnv, slug: &str) -> bool {
+    let mut conn = env.connect_tenant(slug).await.unwrap();
+    let wrote = sqlx::query("INSERT INTO clinics (name) VALUES ('probe ' || gen_random_uuid())")
+        .execute(&mut conn)
+        .await;
+    conn.close().await.unwrap();
+    match wrote {
+        Ok(_) => true,
+        Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("42501") => false,
+        Err(e) => panic!("neither written nor refused by privileges: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pass_sets_right_a_quota_change_a_crash_or_a_regrant_left_half_done() {
+    let env = TestEnv::start().await;
+    env.create("crash-a").await;
+    let t = env.record("crash-a").await;
+    let set = |read_only: bool| {
+        let (env, t) = (&env, &t);
+        async move {
+            let db = env
+                .control
+                .servers()
+                .admin_of(env.registry(), t.server_id)
+                .await
+                .unwrap()
+                .single_pool(&t.database_name)
+                .await
+                .unwrap();
+            silo::servers::schema::set_read_only(&db, &t.database_name, &t.role_name, read_only)
+                .await
+                .unwrap();
+            db.close().await;
+        }
+    };
+    let audits = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT action FROM audit_log WHERE tenant_id = $1 AND actor = 'usage-collector' ORDER BY id",
+        )
+        .bind(t.id)
+        .fetch_all(env.registry().pool())
+        .await
+        .unwrap()
+    };
+    // A plan whose quota an empty database is already past.
+    let (s, body) = env
+        .call(
+            Method::POST,
+            "/admin/v1/plans",
+            Some(json!({"name": "mini", "connection_limit": 5, "storage_quota_bytes": 1 << 20})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let (s, body) = env
+        .call(
+            Method::PATCH,
+            "/admin/v1/tenants/crash-a",
+            Some(json!({"plan": "mini"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+
+    // Crashed after the revoke, before the record: the pass records it.
+    set(true).await;
+    let pass = env.control.collect_usage_once().await.unwrap().unwrap();
+    assert!(pass.went_read_only.is_empty(), "{pass:?}");
+    assert_eq!(pass.records_fixed, 1, "{pass:?}");
+    assert!(env.record("crash-a").await.over_quota_at.is_some());
+    assert!(!writable(&env, "crash-a").await);
+    assert_eq!(audits().await, ["tenant.over_quota"]);
+
+    // Something granted it everything again (a restore, by hand): the next
+    // pass takes it back, and the record (unchanged) is not audited twice.
+    set(false).await;
+    assert!(writable(&env, "crash-a").await);
+    let pass = env.control.collect_usage_once().await.unwrap().unwrap();
+    assert_eq!(pass.went_read_only, ["crash-a"], "{pass:?}");
+    assert!(!writable(&env, "crash-a").await);
+    assert_eq!(audits().await, ["tenant.over_quota"]);
+
+    // Its plan's quota removed; crashed after the grant, before the record.
+    let (s, body) = env
+        .call(
+            Method::PATCH,
+            "/admin/v1/plans/mini",
+            Some(json!({"storage_quota_bytes": null})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    set(false).await;
+    let pass = env.control.collect_usage_once().await.unwrap().unwrap();
+    assert!(pass.went_writable.is_empty(), "{pass:?}");
+    assert_eq!(pass.records_fixed, 1, "{pass:?}");
+    assert!(env.record("crash-a").await.over_quota_at.is_none());
+    assert!(writable(&env, "crash-a").await);
+    assert_eq!(audits().await, ["tenant.over_quota", "tenant.under_quota"]);
+
+    // Nothing left to do: a pass changes nothing.
+    let pass = env.control.collect_usage_once().await.unwrap().unwrap();
+    assert!(
+        pass.went_read_only.is_empty() && pass.went_writable.is_empty() && pass.records_fixed == 0,
+        "{pass:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_role_whose_connection_limit_differs_from_its_plan_is_set_right_by_a_pass() {
     let env = TestEnv::start().await;
