@@ -351,9 +351,24 @@ impl Backups {
                             t.status.as_str()
                         )));
                     }
+                    // Over its storage quota: the restored database is made
+                    // read-only before the tenant's role may connect to it
+                    // (CONNECT without TEMPORARY is the read-only record).
+                    let over_quota = t.over_quota_at.is_some();
+                    if over_quota {
+                        let db = admin
+                            .single_pool(&scratch.name)
+                            .await
+                            .context("connect to the restored database")?;
+                        let kept =
+                            schema::set_read_only(&db, &scratch.name, &t.role_name, true).await;
+                        db.close().await;
+                        kept?;
+                    }
+                    let privileges = if over_quota { "CONNECT" } else { "CONNECT, TEMPORARY" };
                     admin
                         .exec(&format!(
-                            "ALTER DATABASE \"{}\" RENAME TO \"{new_name}\"; GRANT CONNECT, TEMPORARY ON DATABASE \"{new_name}\" TO \"{}\"",
+                            "ALTER DATABASE \"{}\" RENAME TO \"{new_name}\"; GRANT {privileges} ON DATABASE \"{new_name}\" TO \"{}\"",
                             scratch.name, t.role_name
                         ))
                         .await

@@ -73,17 +73,26 @@ DECLARE
 BEGIN
   IF has_database_privilege('{role}', current_database(), 'CONNECT')
      AND NOT has_database_privilege('{role}', current_database(), 'TEMPORARY') THEN
-    REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER ON ALL TABLES IN SCHEMA public FROM \"{role}\";
-    REVOKE USAGE, UPDATE ON ALL SEQUENCES IN SCHEMA public FROM \"{role}\";
-    ALTER DEFAULT PRIVILEGES IN SCHEMA public REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER ON TABLES FROM \"{role}\";
-    ALTER DEFAULT PRIVILEGES IN SCHEMA public REVOKE USAGE, UPDATE ON SEQUENCES FROM \"{role}\";
-    IF su THEN
-      REVOKE EXECUTE ON FUNCTION {LARGE_OBJECT_WRITES} FROM PUBLIC;
-    END IF;
+    {}
   ELSIF su THEN
     GRANT EXECUTE ON FUNCTION {LARGE_OBJECT_WRITES} TO PUBLIC;
   END IF;
-END $$;"
+END $$;",
+        read_only_revokes(role)
+    )
+}
+
+/// What a read-only tenant role loses, whatever the database's record says
+/// (PL/pgSQL statements: inside a `DO` block).
+fn read_only_revokes(role: &str) -> String {
+    format!(
+        "REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER ON ALL TABLES IN SCHEMA public FROM \"{role}\";
+    REVOKE USAGE, UPDATE ON ALL SEQUENCES IN SCHEMA public FROM \"{role}\";
+    ALTER DEFAULT PRIVILEGES IN SCHEMA public REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER ON TABLES FROM \"{role}\";
+    ALTER DEFAULT PRIVILEGES IN SCHEMA public REVOKE USAGE, UPDATE ON SEQUENCES FROM \"{role}\";
+    IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+      REVOKE EXECUTE ON FUNCTION {LARGE_OBJECT_WRITES} FROM PUBLIC;
+    END IF;"
     )
 }
 
@@ -112,14 +121,26 @@ pub async fn set_read_only(
     Ok(())
 }
 
-/// The statements of [`set_read_only`] (one implicit transaction).
+/// The statements of [`set_read_only`] (one implicit transaction). Read-only
+/// takes the privileges whether or not the role may connect yet (a restore
+/// makes its fresh database read-only before it opens it to the role).
 pub fn read_only_sql(database: &str, role: &str, read_only: bool) -> String {
-    let database_level = if read_only {
-        format!("REVOKE TEMPORARY ON DATABASE \"{database}\" FROM \"{role}\";")
+    if read_only {
+        format!(
+            "REVOKE TEMPORARY ON DATABASE \"{database}\" FROM \"{role}\";
+{}
+DO $$ BEGIN
+    {}
+END $$;",
+            tenant_grants(role),
+            read_only_revokes(role)
+        )
     } else {
-        format!("GRANT TEMPORARY ON DATABASE \"{database}\" TO \"{role}\";")
-    };
-    format!("{database_level}\n{}", tenant_grants(role))
+        format!(
+            "GRANT TEMPORARY ON DATABASE \"{database}\" TO \"{role}\";\n{}",
+            tenant_grants(role)
+        )
+    }
 }
 
 /// Privileges of the template (and of anything cloned from it before its

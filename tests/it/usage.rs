@@ -436,7 +436,11 @@ async fn a_tenant_filled_past_its_quota_goes_read_only_in_one_pass_and_writable_
 
 /// Whether the tenant role may write in its database now.
 async fn writable(env: &TestEnv, slug: &str) -> bool {
-    let mut conn = env.connect_tenant(slug).await.unwrap();
+    writes(env.connect_tenant(slug).await.unwrap()).await
+}
+
+/// Whether this session of a tenant role may write.
+async fn writes(mut conn: PgConnection) -> bool {
     let wrote = sqlx::query("INSERT INTO clinics (name) VALUES ('probe ' || gen_random_uuid())")
         .execute(&mut conn)
         .await;
@@ -683,4 +687,86 @@ async fn of_three_replicas_one_collects_at_a_time_and_once_per_interval() {
             .await
             .unwrap();
     assert!(rows < 1000, "{rows} rows written counted for idle tenants");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_over_quota_tenant_stays_read_only_when_restored_from_a_backup_and_moved_to_another_server(
+) {
+    let env = TestEnv::setup().storage().start().await;
+    let second = crate::common::second_server(&env).await;
+    crate::common::create_on(&env, "ro-moved", "default").await;
+    let mut conn = env.connect_tenant("ro-moved").await.unwrap();
+    sqlx::query("INSERT INTO clinics (name) VALUES ('Main')")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    let (s, body) = env
+        .call(
+            Method::POST,
+            "/admin/v1/plans",
+            Some(json!({"name": "mini", "connection_limit": 5, "storage_quota_bytes": 1 << 20})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let (s, body) = env
+        .call(
+            Method::PATCH,
+            "/admin/v1/tenants/ro-moved",
+            Some(json!({"plan": "mini"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let pass = env.control.collect_usage_once().await.unwrap().unwrap();
+    assert_eq!(pass.went_read_only, ["ro-moved"], "{pass:?}");
+    assert!(!writable(&env, "ro-moved").await);
+
+    // A restore into a fresh database, swapped in: read-only before the
+    // collector runs again.
+    let t = env.record("ro-moved").await;
+    let b = env
+        .backups()
+        .backup_now(t.id, silo::backup::BackupKind::Manual, None)
+        .await
+        .expect("backup succeeds");
+    let restored = env
+        .control
+        .restore(b.id, silo::backup::RestoreTarget::InPlace, "test", None)
+        .await
+        .expect("restore succeeds");
+    assert_ne!(restored.database_name, t.database_name, "a new database");
+    assert!(restored.over_quota_at.is_some());
+    assert!(
+        !writable(&env, "ro-moved").await,
+        "writable after a restore"
+    );
+
+    // A move to the other server: read-only there too.
+    let (s, op) = env
+        .call(
+            Method::POST,
+            "/admin/v1/tenants/ro-moved/move",
+            Some(json!({"server": "second"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{op}");
+    let done = crate::common::wait_op(&env, &op).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let moved = env.record("ro-moved").await;
+    assert_eq!(moved.server_name, "second");
+    let on_second = sqlx::postgres::PgConnectOptions::new()
+        .host("127.0.0.1")
+        .port(second.port())
+        .database(&moved.database_name)
+        .username(&moved.role_name)
+        .password(&env.password(&moved));
+    let conn = sqlx::ConnectOptions::connect(&on_second).await.unwrap();
+    assert!(!writes(conn).await, "writable after a move");
+
+    // And the collector agrees: nothing to change.
+    let pass = env.control.collect_usage_once().await.unwrap().unwrap();
+    assert!(
+        pass.went_read_only.is_empty() && pass.records_fixed == 0,
+        "{pass:?}"
+    );
 }
