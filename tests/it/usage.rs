@@ -647,10 +647,10 @@ async fn of_three_replicas_one_collects_at_a_time_and_once_per_interval() {
         replicas.push(Silo::start_with(&env, None, 0, &log, &extra).await);
     }
     let deadline = Instant::now() + Duration::from_secs(120);
-    let passes = loop {
+    loop {
         let passes = env.registry().usage_passes(100).await.unwrap();
         if passes.len() >= 8 {
-            break passes;
+            break;
         }
         assert!(
             Instant::now() < deadline,
@@ -658,11 +658,41 @@ async fn of_three_replicas_one_collects_at_a_time_and_once_per_interval() {
             passes.len()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    }
+    // App requests to each replica: their routers' flushes (the last one
+    // at shutdown) add up in the tenant's totals.
+    let token = env.app_token("rep-usage-0").await;
+    let client = reqwest::Client::new();
+    let mut sent = 0;
+    for (i, r) in replicas.iter().enumerate() {
+        for _ in 0..=i {
+            let res = client
+                .get(format!("{}/api/v1/clinics", r.base))
+                .bearer_auth(&token)
+                .header("x-tenant-id", "rep-usage-0")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 200);
+            sent += 1;
+        }
+    }
     for r in replicas {
         r.stop();
     }
-    let mut passes = passes;
+    let counted: (i64, i64) = sqlx::query_as(
+        "SELECT u.requests, u.errors FROM tenant_usage u JOIN tenants t ON t.id = u.tenant_id
+          WHERE t.slug = 'rep-usage-0'",
+    )
+    .fetch_one(env.registry().pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        counted,
+        (sent, 0),
+        "the replicas' requests, counted once each"
+    );
+    let mut passes = env.registry().usage_passes(100).await.unwrap();
     passes.sort_by_key(|p| p.started_at);
     for w in passes.windows(2) {
         // Never two at once, and never two within 0.9 of an interval.
