@@ -10,7 +10,8 @@
 //! before any lookup, so it reveals nothing); unknown tenant, another
 //! tenant's token or a revoked one (an older token generation) 404; over
 //! the tenant's request rate 429; suspended or archived 423; database down
-//! 503.
+//! 503; a write of a tenant over its storage quota 403 (its role may only
+//! read: see `usage`).
 //!
 //! The tenant is looked up by what the token proves (its subject), never
 //! by the name the request carries: a name is only compared with it. So
