@@ -42,6 +42,12 @@ pub const DEFAULT_APP_RATE_BURST: u32 = 2000;
 /// Seconds between tenant server health checks; a server failing checks for
 /// three intervals becomes `unhealthy`.
 pub const DEFAULT_HEALTH_INTERVAL_SECS: u64 = 10;
+/// Seconds between usage collector passes.
+pub const DEFAULT_USAGE_INTERVAL_SECS: u64 = 60;
+/// Days of daily usage rollups kept.
+pub const DEFAULT_USAGE_KEEP_DAYS: u32 = 90;
+/// Tenants with usage series of their own on `/metrics`.
+pub const DEFAULT_USAGE_TOP_N: u32 = 20;
 /// Shortest admin token `serve` accepts.
 pub const MIN_ADMIN_TOKEN_LEN: usize = 24;
 /// Connections silo may open to the default tenant server when first registered.
@@ -459,6 +465,20 @@ pub struct ServerArgs {
     /// them for three intervals is marked `unhealthy` and gets no new tenants.
     #[arg(long, env = "SILO_HEALTH_INTERVAL", default_value_t = DEFAULT_HEALTH_INTERVAL_SECS, value_parser = clap::value_parser!(u64).range(1..))]
     pub health_interval: u64,
+
+    /// Seconds between usage collector passes (one replica runs each):
+    /// database sizes, counters, storage quotas.
+    #[arg(long, env = "SILO_USAGE_INTERVAL", default_value_t = DEFAULT_USAGE_INTERVAL_SECS, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub usage_interval: u64,
+
+    /// Days of daily usage rollups kept.
+    #[arg(long, env = "SILO_USAGE_KEEP_DAYS", default_value_t = DEFAULT_USAGE_KEEP_DAYS, value_parser = clap::value_parser!(u32).range(1..=3650))]
+    pub usage_keep_days: u32,
+
+    /// Tenants with usage series of their own on `/metrics` (the largest,
+    /// and the busiest today); the rest count in the fleet totals only.
+    #[arg(long, env = "SILO_USAGE_TOP_N", default_value_t = DEFAULT_USAGE_TOP_N, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub usage_top_n: u32,
 
     /// Seconds an admin API request may take before it is answered 503
     /// (its work stops; whatever it left half-done, the reconciler finishes

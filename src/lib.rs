@@ -15,7 +15,8 @@
 //! - the features: [`provision`] (create, lifecycle, templates and spares),
 //!   [`backup`] (backups, restores, verification, retention, archival),
 //!   [`relocate`] (moves between servers), [`migrate`] (fleet migrations),
-//!   [`rekey`] (master-key rotation: re-sealing stored secrets);
+//!   [`rekey`] (master-key rotation: re-sealing stored secrets), [`usage`]
+//!   (usage metering and storage quotas enforced by privileges);
 //! - shared machinery: [`servers`] (admin access to tenant servers: roles,
 //!   sessions, names, the tenant schema, pg tools, SQLSTATEs, health) and
 //!   [`ops`] (the operations runner, its kinds and exclusions, the one
@@ -51,4 +52,5 @@ pub mod servers;
 pub mod startup;
 pub mod telemetry;
 pub mod tokens;
+pub mod usage;
 pub mod wire;

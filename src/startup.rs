@@ -117,6 +117,8 @@ pub struct JobIntervals {
     pub reconcile: Duration,
     pub scheduler_tick: Duration,
     pub health: Duration,
+    /// The usage collector's interval, rollup retention and top N.
+    pub usage: crate::usage::UsageSettings,
 }
 
 impl RunSettings {
@@ -140,6 +142,11 @@ impl RunSettings {
                 reconcile: Duration::from_secs(args.reconcile_interval.max(1)),
                 scheduler_tick: Duration::from_secs(args.scheduler_tick.max(1)),
                 health: Duration::from_secs(args.health_interval.max(1)),
+                usage: crate::usage::UsageSettings {
+                    interval: Duration::from_secs(args.usage_interval.max(1)),
+                    keep_days: args.usage_keep_days,
+                    top_n: args.usage_top_n as usize,
+                },
             }),
             admin_timeout: Duration::from_secs(args.admin_request_timeout.max(1)),
             limits: HttpLimits {
@@ -181,6 +188,7 @@ pub fn start(control: ControlPlane, settings: RunSettings) -> anyhow::Result<Sil
             every.reconcile,
             every.scheduler_tick,
             every.health,
+            every.usage,
             &token,
             &tracker,
         );

@@ -159,6 +159,10 @@ impl SiloServer {
             pg_client_idle_timeout: 0,
             pg_max_message_bytes: 16 * 1024 * 1024,
             pg_wait_timeout: 30,
+            // No usage pass in the middle of another bench's figures.
+            usage_interval: 86_400,
+            usage_keep_days: silo::usage::DEFAULT_KEEP_DAYS,
+            usage_top_n: silo::usage::DEFAULT_TOP_N as u32,
         };
         tweak(&mut args);
         let settings = silo::startup::RunSettings::from_args(

@@ -164,6 +164,10 @@ pub fn app(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             limits::app,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            app::meter_requests,
         ));
     let other = OpenApiRouter::new()
         .merge(health::router())

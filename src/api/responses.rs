@@ -211,6 +211,14 @@ impl IntoResponses for AppErrors {
                 ),
             ),
             (
+                403,
+                problem_response(
+                    "a write (any method but GET or HEAD) of a tenant over its plan's storage \
+                     quota: writes are refused until it is under it or its plan grows; reads \
+                     still work",
+                ),
+            ),
+            (
                 404,
                 problem_response("no such tenant, or the token is another tenant's"),
             ),

@@ -17,7 +17,7 @@ use crate::ops::{Error, Result};
 use crate::registry::{Backup, Lock, TenantRecord, TenantStatus};
 use crate::servers::names::{scratch_db, tenant_names};
 use crate::servers::tools::{capture_stderr, error_lines};
-use crate::servers::{roles, ServerAdmin};
+use crate::servers::{roles, schema, ServerAdmin};
 
 /// Where a restore goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -351,9 +351,24 @@ impl Backups {
                             t.status.as_str()
                         )));
                     }
+                    // Over its storage quota: the restored database is made
+                    // read-only before the tenant's role may connect to it
+                    // (CONNECT without TEMPORARY is the read-only record).
+                    let over_quota = t.over_quota_at.is_some();
+                    if over_quota {
+                        let db = admin
+                            .single_pool(&scratch.name)
+                            .await
+                            .context("connect to the restored database")?;
+                        let kept =
+                            schema::set_read_only(&db, &scratch.name, &t.role_name, true).await;
+                        db.close().await;
+                        kept?;
+                    }
+                    let privileges = if over_quota { "CONNECT" } else { "CONNECT, TEMPORARY" };
                     admin
                         .exec(&format!(
-                            "ALTER DATABASE \"{}\" RENAME TO \"{new_name}\"; GRANT CONNECT, TEMPORARY ON DATABASE \"{new_name}\" TO \"{}\"",
+                            "ALTER DATABASE \"{}\" RENAME TO \"{new_name}\"; GRANT {privileges} ON DATABASE \"{new_name}\" TO \"{}\"",
                             scratch.name, t.role_name
                         ))
                         .await
@@ -466,6 +481,17 @@ impl Backups {
                     .exec(&roles::database_grants(&new_name, Some(&target.role_name)))
                     .await
                     .context("let the tenant role connect to its database")?;
+                // Over its storage quota: read-only again before its role
+                // logs in (the restore opened the database in full).
+                if target.over_quota_at.is_some() {
+                    let db = admin
+                        .single_pool(&new_name)
+                        .await
+                        .context("connect to the restored database")?;
+                    let kept = schema::set_read_only(&db, &new_name, &target.role_name, true).await;
+                    db.close().await;
+                    kept?;
+                }
                 let sealed = self
                     .keyring()
                     .seal(password.as_bytes(), target.id.as_bytes());

@@ -64,6 +64,7 @@ struct Inner {
     mover: Mover,
     fleet: Fleet,
     keep_for: crate::domain::KeepFor,
+    usage: crate::usage::Collector,
 }
 
 impl ControlPlane {
@@ -101,6 +102,7 @@ impl ControlPlane {
             tools,
         );
         let fleet = Fleet::new(registry.clone(), servers.clone(), schema.clone());
+        let usage = crate::usage::Collector::new(registry.clone(), servers.clone());
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -113,6 +115,7 @@ impl ControlPlane {
                 mover,
                 fleet,
                 keep_for: config.keep_for,
+                usage,
             }),
         }
     }
@@ -167,6 +170,21 @@ impl ControlPlane {
 
     pub fn fleet(&self) -> &Fleet {
         &self.inner.fleet
+    }
+
+    /// The usage collector (see [`crate::usage`]).
+    pub fn usage(&self) -> &crate::usage::Collector {
+        &self.inner.usage
+    }
+
+    /// Run a usage pass now, whenever the last one ran (still one replica
+    /// at a time: `None` if another is running one), with the default
+    /// settings: for tests, benches and operators.
+    pub async fn collect_usage_once(&self) -> anyhow::Result<Option<crate::usage::PassReport>> {
+        self.inner
+            .usage
+            .run(&crate::usage::UsageSettings::default(), true)
+            .await
     }
 
     /// Newest tenant schema version: what new tenants and fleet runs reach.

@@ -1,5 +1,5 @@
 //! Background work of a running silo: the reconciler, the warm pool, tenant
-//! server health checks and the backup scheduler. Every task watches one `CancellationToken` and lives in
+//! server health checks, the usage collector and the backup scheduler. Every task watches one `CancellationToken` and lives in
 //! one `TaskTracker`, so shutdown cancels them and waits for them to finish
 //! their current step.
 //!
@@ -27,10 +27,12 @@ pub fn spawn(
     reconcile_every: Duration,
     scheduler_tick: Duration,
     health_interval: Duration,
+    usage: crate::usage::UsageSettings,
     token: &CancellationToken,
     tracker: &TaskTracker,
 ) {
     spawn_health_checks(control, health_interval, token, tracker);
+    spawn_usage_collector(control, usage, token, tracker);
     let (p, t, tracker2) = (control.clone(), token.clone(), tracker.clone());
     tracker.spawn(async move {
         let tracker = tracker2;
@@ -183,5 +185,36 @@ fn spawn_backup_scheduler(
             }
         }
         sched.shutdown().await.ok();
+    });
+}
+
+/// Offer a usage pass every interval until `token` is cancelled; the
+/// control DB decides which replica runs it (see `usage`).
+fn spawn_usage_collector(
+    control: &ControlPlane,
+    settings: crate::usage::UsageSettings,
+    token: &CancellationToken,
+    tracker: &TaskTracker,
+) {
+    let (usage, t) = (control.usage().clone(), token.clone());
+    tracker.spawn(async move {
+        loop {
+            // A first pass one interval after start (not in the middle of
+            // a start-up), then one per interval across the replicas.
+            tokio::select! {
+                _ = t.cancelled() => break,
+                _ = tokio::time::sleep(settings.interval) => {}
+            }
+            tokio::select! {
+                _ = t.cancelled() => break,
+                ran = usage.run(&settings, false) => match ran {
+                    Ok(Some(r)) if !r.went_read_only.is_empty() || !r.went_writable.is_empty() || r.errors > 0 => {
+                        tracing::info!(?r, "usage pass")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("failed to run a usage pass: {e:#}"),
+                },
+            }
+        }
     });
 }

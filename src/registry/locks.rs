@@ -38,6 +38,8 @@ const TENANT_NS: i64 = 0x7e11;
 const SERVER_NS: i64 = 0x5e4e;
 const OPERATION_NS: i64 = 0x0b5e;
 const BACKUP_NS: i64 = 0xbac0;
+/// The usage collector's one key (no id: one collector per control plane).
+const USAGE_KEY: i64 = 0x05a6_e000_c011_ec70;
 
 fn key_of(ns: i64, id: Uuid) -> i64 {
     let (hi, lo) = id.as_u64_pair();
@@ -108,6 +110,12 @@ impl Registry {
     /// runner; free means the runner died and the sweep may clean up after it.
     pub async fn try_lock_backup(&self, id: Uuid) -> Result<Option<Lock>> {
         self.try_lock(key_of(BACKUP_NS, id)).await
+    }
+
+    /// The usage collector's lock: held while a pass runs, so passes of
+    /// several replicas never overlap (and never count twice).
+    pub async fn try_lock_usage(&self) -> Result<Option<Lock>> {
+        self.try_lock(USAGE_KEY).await
     }
 
     async fn lock(&self, key: i64) -> Result<Lock> {

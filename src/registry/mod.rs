@@ -17,6 +17,7 @@ mod plans;
 mod servers;
 mod spares;
 mod tenants;
+mod usage;
 
 pub use admin_keys::{AdminKey, KeyHolder, LAST_USED_EVERY, LIVE_KEY_NAME_INDEX};
 pub use app_credentials::{AppCredential, AppCredentialView, LIVE_NAME_INDEX};
@@ -29,6 +30,10 @@ pub use plans::{is_plan_reference, PlanFields, PlanRecord, PLAN_IN_USE};
 pub use servers::{DbServer, NewServer};
 pub use spares::Spare;
 pub use tenants::{NewTenant, PlanLimits, Tenant, TenantPatch, TenantRecord, TenantStatus};
+pub use usage::{
+    CurrentUsage, DailyUsage, PassRecord, QuotaChange, TenantUsageRow, UsagePass, UsageSample,
+    UsageSort, UsageTarget, UsageTotals, USAGE_ACTOR,
+};
 
 use std::time::Duration;
 

@@ -438,7 +438,11 @@ impl Mover {
         }
         copy_schema(self.pg_tools()?, ends, db).await?;
         let target = ends.dst_db(db).await?;
-        let granted = schema::grant(&target, Some(&plan.role)).await;
+        let mut granted = schema::grant(&target, Some(&plan.role)).await;
+        // Over its storage quota: read-only on the target too.
+        if granted.is_ok() && t.over_quota_at.is_some() {
+            granted = schema::set_read_only(&target, db, &plan.role, true).await;
+        }
         target.close().await;
         granted.context("grant the tenant role its privileges on the target")?;
         roles::verify_login(&ends.dst, db, &plan.role, &password)

@@ -36,6 +36,7 @@
 
 mod local;
 pub mod pool;
+mod requests;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,7 +63,7 @@ use crate::servers::sqlstate;
 pub const NOTIFY_CHANNEL: &str = "silo_tenants";
 /// How often tenants' app activity is written to the control DB.
 pub const ACTIVITY_FLUSH: Duration = Duration::from_secs(60);
-/// Tenants with a series of their own in `silo_router_tenant_connects_total`.
+/// Tenants with a series of their own in `silo_router_tenant_connects`.
 pub const CHURN_SERIES: usize = 20;
 /// Re-reads of a tenant whose login was refused (or whose database is
 /// gone) within one request, before it is answered 503.
@@ -356,6 +357,8 @@ struct Inner {
     changed: tokio::sync::broadcast::Sender<Uuid>,
     /// Tenants that got a connection since the last activity flush.
     active: Mutex<HashSet<Uuid>>,
+    /// App requests and errors per tenant since the last flush (usage).
+    requests: requests::RequestCounts,
     /// Control-DB sessions (by process id) known to be silo's own or not,
     /// for telling the tenant changes silo announces from anyone else's.
     senders: moka::sync::Cache<u32, bool>,
@@ -410,6 +413,7 @@ impl TenantRouter {
                 epoch: AtomicU64::new(0),
                 changed: tokio::sync::broadcast::channel(1024).0,
                 active: Mutex::default(),
+                requests: Default::default(),
                 senders: moka::sync::Cache::builder()
                     .max_capacity(10_000)
                     .time_to_live(Duration::from_secs(600))
@@ -954,9 +958,12 @@ impl TenantRouter {
             .map(|(id, n)| (*id, n.load(Ordering::Relaxed)))
             .collect();
         churn.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+        // A gauge, not a counter: a tenant that leaves the top drops out of
+        // `/metrics` after the exporter's idle timeout (counters never do, so
+        // over time every tenant would keep a series).
         for (id, n) in churn.into_iter().take(CHURN_SERIES) {
-            metrics::counter!("silo_router_tenant_connects_total", "tenant" => id.to_string())
-                .absolute(n);
+            metrics::gauge!("silo_router_tenant_connects", "tenant" => id.to_string())
+                .set(n as f64);
         }
     }
 
@@ -964,6 +971,7 @@ impl TenantRouter {
     /// flush (`last_active_at`, for scheduled archival). Kept for the next
     /// flush if the control DB cannot be reached.
     pub async fn flush_activity(&self) {
+        self.flush_requests().await;
         let ids: Vec<Uuid> = std::mem::take(&mut *self.inner.active.lock().expect("activity set"))
             .into_iter()
             .collect();
@@ -973,6 +981,25 @@ impl TenantRouter {
         if let Err(e) = self.inner.registry.touch_tenants(&ids).await {
             tracing::warn!("failed to record tenant activity, keeping it for the next flush: {e}");
             self.inner.active.lock().expect("activity set").extend(ids);
+        }
+    }
+
+    /// Count an app request of `tenant` (`error`: answered 400 or more),
+    /// for its usage; written at the next activity flush.
+    pub fn count_request(&self, tenant: Uuid, error: bool) {
+        self.inner.requests.count(tenant, error);
+    }
+
+    /// Add the app requests counted since the last flush to the tenants'
+    /// usage, in one statement; kept for the next flush if that fails.
+    pub async fn flush_requests(&self) {
+        let counts = self.inner.requests.take();
+        if counts.is_empty() {
+            return;
+        }
+        if let Err(e) = self.inner.registry.add_requests(&counts).await {
+            tracing::warn!("failed to record app requests, keeping them for the next flush: {e}");
+            self.inner.requests.restore(counts);
         }
     }
 

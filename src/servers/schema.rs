@@ -37,8 +37,10 @@ ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT, INSERT, UPDATE, DELETE O
 ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT USAGE, SELECT ON SEQUENCES TO \"{role}\";
 {LEGACY_REVOKES}
 {HIDE_ACTIVITY}
+{}
 {}",
-        reader_grants(role)
+        reader_grants(role),
+        keep_read_only(role)
     )
 }
 
@@ -76,6 +78,104 @@ fn reader_grants(role: &str) -> String {
   END IF;
 END $$;"
     )
+}
+
+/// The storage quota, inside a tenant database: a tenant role that may
+/// connect to its database but not create temporary tables there is
+/// read-only (the usage collector took `TEMPORARY` away, see
+/// [`set_read_only`]), and keeps only SELECT on tables and sequences, for
+/// what exists and for what migrations create later (default privileges):
+/// no INSERT, UPDATE, DELETE, TRUNCATE, no `nextval`, no large objects.
+/// These are privileges, not settings: nothing a session may `SET`,
+/// `RESET` or `SET ROLE` (the role belongs to no other) gives them back.
+///
+/// Part of [`tenant_grants`], so every path that grants a tenant its
+/// privileges (provisioning, fleet migrations, the reconciler's regrant,
+/// spares, moves, restores) keeps a read-only tenant read-only; the
+/// database-level `TEMPORARY` is the state's one record that survives them.
+/// A database the role may not connect to yet (a restore's scratch
+/// database) is granted in full, and the restore re-applies the state
+/// after it opens the database.
+fn keep_read_only(role: &str) -> String {
+    format!(
+        "DO $$
+DECLARE
+  su boolean := (SELECT rolsuper FROM pg_roles WHERE rolname = current_user);
+BEGIN
+  IF has_database_privilege('{role}', current_database(), 'CONNECT')
+     AND NOT has_database_privilege('{role}', current_database(), 'TEMPORARY') THEN
+    {}
+  ELSIF su AND NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{reader}') THEN
+    -- Writable, and no reader role: large objects are PUBLIC's again (with
+    -- a reader, `reader_grants` gave them to the tenant role alone).
+    GRANT EXECUTE ON FUNCTION {LARGE_OBJECT_WRITES} TO PUBLIC;
+  END IF;
+END $$;",
+        read_only_revokes(role),
+        reader = super::names::reader_role(role).unwrap_or_default(),
+    )
+}
+
+/// What a read-only tenant role loses, whatever the database's record says
+/// (PL/pgSQL statements: inside a `DO` block).
+fn read_only_revokes(role: &str) -> String {
+    format!(
+        "REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER ON ALL TABLES IN SCHEMA public FROM \"{role}\";
+    REVOKE USAGE, UPDATE ON ALL SEQUENCES IN SCHEMA public FROM \"{role}\";
+    ALTER DEFAULT PRIVILEGES IN SCHEMA public REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER ON TABLES FROM \"{role}\";
+    ALTER DEFAULT PRIVILEGES IN SCHEMA public REVOKE USAGE, UPDATE ON SEQUENCES FROM \"{role}\";
+    IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+      REVOKE EXECUTE ON FUNCTION {LARGE_OBJECT_WRITES} FROM PUBLIC;
+      REVOKE EXECUTE ON FUNCTION {LARGE_OBJECT_WRITES} FROM \"{role}\";
+    END IF;"
+    )
+}
+
+/// Make a tenant database read-only for its role (`true`), or writable
+/// again, in one transaction on a connection to that database: the
+/// database-level `TEMPORARY` (the state's record) and every table and
+/// sequence privilege ([`keep_read_only`]). Idempotent: applying the state
+/// it is already in changes nothing, so a pass that crashed midway is
+/// simply run again.
+pub async fn set_read_only(
+    db: &sqlx::PgPool,
+    database: &str,
+    role: &str,
+    read_only: bool,
+) -> anyhow::Result<()> {
+    sqlx::raw_sql(&read_only_sql(database, role, read_only))
+        .execute(db)
+        .await
+        .with_context(|| {
+            if read_only {
+                "make the tenant's database read-only"
+            } else {
+                "make the tenant's database writable"
+            }
+        })?;
+    Ok(())
+}
+
+/// The statements of [`set_read_only`] (one implicit transaction). Read-only
+/// takes the privileges whether or not the role may connect yet (a restore
+/// makes its fresh database read-only before it opens it to the role).
+pub fn read_only_sql(database: &str, role: &str, read_only: bool) -> String {
+    if read_only {
+        format!(
+            "REVOKE TEMPORARY ON DATABASE \"{database}\" FROM \"{role}\";
+{}
+DO $$ BEGIN
+    {}
+END $$;",
+            tenant_grants(role),
+            read_only_revokes(role)
+        )
+    } else {
+        format!(
+            "GRANT TEMPORARY ON DATABASE \"{database}\" TO \"{role}\";\n{}",
+            tenant_grants(role)
+        )
+    }
 }
 
 /// Privileges of the template (and of anything cloned from it before its

@@ -29,6 +29,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("relocate", 4),
     ("migrate", 4),
     ("rekey", 4),
+    ("usage", 4),
     // The PostgreSQL-protocol front door: the router's budget, the registry.
     ("wire", 4),
     // The control plane over the features, then its callers.

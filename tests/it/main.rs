@@ -30,6 +30,7 @@ mod rotation;
 mod router;
 mod router_heal;
 mod servers;
+mod usage;
 mod wire;
 mod wire_drivers;
 mod wire_readers;

@@ -9,6 +9,7 @@ mod plans;
 mod pools;
 mod servers;
 mod tenants;
+mod usage;
 
 use utoipa_axum::router::OpenApiRouter;
 
@@ -25,4 +26,5 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(backups::router())
         .merge(keys::router())
         .merge(plans::router())
+        .merge(usage::router())
 }

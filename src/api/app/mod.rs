@@ -10,7 +10,8 @@
 //! before any lookup, so it reveals nothing); unknown tenant, another
 //! tenant's token or a revoked one (an older token generation) 404; over
 //! the tenant's request rate 429; suspended or archived 423; database down
-//! 503.
+//! 503; a write of a tenant over its storage quota 403 (its role may only
+//! read: see `usage`).
 //!
 //! The tenant is looked up by what the token proves (its subject), never
 //! by the name the request carries: a name is only compared with it. So
@@ -88,8 +89,67 @@ impl TenantDb {
                 "the connection to the tenant's database was lost; retry".into(),
             );
         }
+        // Write privileges taken by the usage collector before this
+        // process heard of it: the quota's answer, not a 500.
+        let refused = e
+            .as_database_error()
+            .and_then(|d| d.code())
+            .is_some_and(|c| c == crate::servers::sqlstate::INSUFFICIENT_PRIVILEGE);
+        if refused && (self.tenant.read_only || self.tenant.limits.storage_quota_bytes.is_some()) {
+            return ApiError::Forbidden(crate::usage::over_quota_detail(
+                None,
+                self.tenant.limits.storage_quota_bytes,
+            ));
+        }
         db_error(e)
     }
+}
+
+/// Count every app request against the tenant it was resolved to (set by
+/// [`TenantDb`]), with its answer: the usage totals' requests and errors
+/// (status 400 or more). Requests refused before a tenant was known count
+/// for nobody.
+pub async fn meter_requests(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let slot = MeteredTenant::default();
+    req.extensions_mut().insert(slot.clone());
+    let res = next.run(req).await;
+    if let Some(tenant) = slot.0.get() {
+        state
+            .router
+            .count_request(*tenant, res.status().as_u16() >= 400);
+    }
+    res
+}
+
+/// The tenant a request was resolved to, for [`meter_requests`].
+#[derive(Clone, Default)]
+struct MeteredTenant(Arc<std::sync::OnceLock<uuid::Uuid>>);
+
+/// A write to a tenant over its storage quota: refused here, before its
+/// database (whose privileges refuse it too), with the quota named.
+async fn refuse_writes_over_quota(
+    parts: &Parts,
+    state: &AppState,
+    tenant: &TenantEntry,
+) -> Result<(), ApiError> {
+    if !tenant.read_only || matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        return Ok(());
+    }
+    let size = match state.registry().current_usage(tenant.id).await {
+        Ok(usage) => usage.and_then(|u| u.size_bytes),
+        Err(e) => {
+            tracing::warn!(tenant_id = %tenant.id, "failed to read the tenant's size: {e}");
+            None
+        }
+    };
+    Err(ApiError::Forbidden(crate::usage::over_quota_detail(
+        size,
+        tenant.limits.storage_quota_bytes,
+    )))
 }
 
 /// Set by [`TenantDb::fail`] when the request's connection was dead.
@@ -145,6 +205,9 @@ impl FromRequestParts<AppState> for AppTenant {
             return Err(ApiError::not_found("tenant"));
         }
         tracing::Span::current().record("tenant_id", tracing::field::display(tenant.id));
+        if let Some(slot) = parts.extensions.get::<MeteredTenant>() {
+            let _ = slot.0.set(tenant.id);
+        }
         crate::router::TenantRouter::check_status(&tenant)?;
         Ok(Self(tenant))
     }
@@ -155,6 +218,7 @@ impl FromRequestParts<AppState> for TenantDb {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let AppTenant(tenant) = AppTenant::from_request_parts(parts, state).await?;
+        refuse_writes_over_quota(parts, state, &tenant).await?;
         let conn = state.router.acquire_entry(tenant.clone()).await?;
         let lost = parts.extensions.get::<LostConnection>().cloned();
         Ok(Self { tenant, conn, lost })
