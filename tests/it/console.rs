@@ -331,6 +331,55 @@ async fn an_admin_runs_tenants_backups_moves_and_a_fleet_migration_from_the_cons
     assert!(!failures.contains("fleet-ok"), "{failures}");
     c.check("fleet-migration").await;
 
+    // Rename it from the edit form.
+    c.goto("/console/tenants/console-made").await;
+    b.click("details:has(form[action$='/edit']) summary").await;
+    b.fill(
+        "form[action$='/edit'] input[name=name]",
+        "Renamed In The Console",
+    )
+    .await;
+    b.click("form[action$='/edit'] button[type=submit]").await;
+    b.wait_text("#facts + dl", "Renamed In The Console").await;
+
+    // Servers: both listed, each with its form.
+    c.goto("/console/servers").await;
+    assert_eq!(b.count("form[action^='/console/servers/']").await, 2);
+    c.check("servers").await;
+
+    // Keys: one made (its token shown once), then revoked by typing its name.
+    c.goto("/console/keys").await;
+    b.fill(
+        "form[action='/console/keys'] input[name=name]",
+        "night-shift",
+    )
+    .await;
+    b.click("form[action='/console/keys'] select[name=role] option[value=operator]")
+        .await;
+    b.click("form[action='/console/keys'] button[type=submit]")
+        .await;
+    let shown = b.wait_text("[role=status]", "Admin key created").await;
+    assert!(shown.contains("operator"), "{shown}");
+    assert_eq!(b.count(".secret").await, 2, "its role and its token");
+    c.check("key-created").await;
+    c.goto("/console/keys").await;
+    c.check("keys").await;
+    b.fill(
+        "form[action='/console/keys/night-shift/revoke'] input[name=confirm]",
+        "night-shift",
+    )
+    .await;
+    b.click("form[action='/console/keys/night-shift/revoke'] button")
+        .await;
+    b.wait_url(|u| u.ends_with("/console/keys"), "the keys page")
+        .await;
+    assert_eq!(
+        b.count("form[action='/console/keys/night-shift/revoke']")
+            .await,
+        0,
+        "the key is gone"
+    );
+
     // The audit log names the console's actions, filtered by action.
     c.goto("/console/audit?action=tenant.suspend").await;
     let audit = b.wait_text("main table", "tenant.suspend").await;
@@ -383,6 +432,7 @@ async fn a_viewer_sees_no_control_it_cannot_use_and_forged_or_forbidden_posts_ch
         ("/console", "fleet"),
         ("/console/tenants", "tenants"),
         ("/console/tenants/watched", "tenant"),
+        ("/console/servers", "servers"),
         ("/console/migrations", "migrations"),
         ("/console/audit", "audit"),
     ] {
@@ -396,6 +446,11 @@ async fn a_viewer_sees_no_control_it_cannot_use_and_forged_or_forbidden_posts_ch
         assert_eq!(b.count("button.danger").await, 0, "{page}");
         c.check(page).await;
     }
+
+    // Keys are not even listed to a viewer; asked for, the API refuses.
+    assert_eq!(b.count("header a[href='/console/keys']").await, 0);
+    c.goto("/console/keys").await;
+    b.wait_text("main", "403").await;
 
     // The accessibility check does find what it looks for: a control
     // with no label, added to the page, is reported.

@@ -160,11 +160,16 @@ pub struct ActionForm {
     /// A move's target server.
     #[serde(default)]
     server: String,
-    /// An app credential's name and pool mode.
+    /// An app credential's name and pool mode; a tenant's new name.
     #[serde(default)]
     name: String,
     #[serde(default)]
     pool_mode: String,
+    /// A tenant's new plan and backup schedule.
+    #[serde(default)]
+    plan: String,
+    #[serde(default)]
+    backup_schedule: String,
 }
 
 /// The tenant a form names (slug or id), or a 404 page.
@@ -223,11 +228,14 @@ pub async fn tenant_action(
     };
     let (actor, f) = (&posted.signed.actor, &posted.form);
     let base = format!("/tenants/{}", t.id);
-    let page = format!("/console/tenants/{}", seg(&t.slug));
+    let page = format!("/console/tenants/{}", t.id);
     let call = |method: Method, path: String, body: Option<Value>| async move {
         console.call(actor, method, &path, body).await
     };
-    let needs_confirm = matches!(action.as_str(), "rotate" | "move" | "archive" | "delete");
+    let needs_confirm = matches!(
+        action.as_str(),
+        "rotate" | "move" | "archive" | "delete" | "erase-backups"
+    );
     if needs_confirm {
         if let Some(refused) = unconfirmed(&f.confirm, &t.slug) {
             return refused;
@@ -253,6 +261,27 @@ pub async fn tenant_action(
         )
         .await
         .map(|op| to_operation(&op)),
+        "edit" => {
+            let mut patch = json!({});
+            for (field, value) in [
+                ("name", &f.name),
+                ("plan", &f.plan),
+                ("backup_schedule", &f.backup_schedule),
+            ] {
+                if !value.trim().is_empty() {
+                    patch[field] = json!(value.trim());
+                }
+            }
+            call(Method::PATCH, base.clone(), Some(patch))
+                .await
+                .map(|_| see(&page))
+        }
+        "unarchive" => call(Method::POST, format!("{base}/restore"), Some(json!({})))
+            .await
+            .map(|op| to_operation(&op)),
+        "erase-backups" => call(Method::DELETE, format!("{base}/backups"), None)
+            .await
+            .map(|_| see(&page)),
         "archive" => call(Method::POST, format!("{base}/archive"), None)
             .await
             .map(|op| to_operation(&op)),
@@ -281,7 +310,8 @@ pub async fn tenant_action(
                         v["expires_at"].as_str().unwrap_or_default().to_owned(),
                     ),
                 ];
-                pages::secret(&posted.signed, &t, "App token minted", &lines).into_response()
+                pages::secret(&posted.signed, "App token minted", &t.slug, &page, &lines)
+                    .into_response()
             })
         }
         "app-credentials" => {
@@ -303,7 +333,14 @@ pub async fn tenant_action(
                 if let Some(uri) = v["uri"].as_str() {
                     lines.push(("Connection URI", uri.to_owned()));
                 }
-                pages::secret(&posted.signed, &t, "App credential created", &lines).into_response()
+                pages::secret(
+                    &posted.signed,
+                    "App credential created",
+                    &t.slug,
+                    &page,
+                    &lines,
+                )
+                .into_response()
             })
         }
         _ => {
@@ -337,7 +374,49 @@ pub async fn revoke_app_credential(
         )
         .await
     {
-        Ok(_) => see(&format!("/console/tenants/{}", seg(&t.slug))),
+        Ok(_) => see(&format!("/console/tenants/{}", t.id)),
+        Err(f) => f.into_response(),
+    }
+}
+
+/// Rotate one app credential's password (shown once).
+pub async fn rotate_app_credential(
+    State(state): State<AppState>,
+    Extension(console): Extension<Console>,
+    Path((tenant, id)): Path<(String, String)>,
+    posted: Posted<Empty>,
+) -> Response {
+    let t = match find(&state, &tenant).await {
+        Ok(t) => t,
+        Err(res) => return res,
+    };
+    let page = format!("/console/tenants/{}", t.id);
+    match console
+        .call(
+            &posted.signed.actor,
+            Method::POST,
+            &format!("/tenants/{}/app-credentials/{}/rotate", t.id, seg(&id)),
+            None,
+        )
+        .await
+    {
+        Ok(v) => {
+            let lines = [
+                ("User", v["user"].as_str().unwrap_or_default().to_owned()),
+                (
+                    "Password",
+                    v["password"].as_str().unwrap_or_default().to_owned(),
+                ),
+            ];
+            pages::secret(
+                &posted.signed,
+                "App credential rotated",
+                &t.slug,
+                &page,
+                &lines,
+            )
+            .into_response()
+        }
         Err(f) => f.into_response(),
     }
 }
@@ -350,6 +429,9 @@ pub struct BackupForm {
     /// `true` to replace a tenant that holds data.
     #[serde(default)]
     overwrite: String,
+    /// Restore into a new tenant of this slug instead.
+    #[serde(default)]
+    into: String,
 }
 
 /// Verify a backup, or restore it into its tenant (typed confirmation).
@@ -378,6 +460,17 @@ pub async fn backup_action(
                     Method::POST,
                     &format!("/backups/{backup_id}/verify"),
                     None,
+                )
+                .await
+        }
+        "restore" if !posted.form.into.trim().is_empty() => {
+            let into = posted.form.into.trim();
+            console
+                .call(
+                    actor,
+                    Method::POST,
+                    &format!("/backups/{backup_id}/restore"),
+                    Some(json!({"into_slug": into})),
                 )
                 .await
         }
@@ -449,6 +542,157 @@ pub async fn start_migration(
         .await
     {
         Ok(op) => to_operation(&op),
+        Err(f) => f.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct ServerForm {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    admin_url: String,
+    #[serde(default)]
+    status: String,
+    #[serde(default)]
+    max_connections: String,
+    #[serde(default)]
+    max_tenants: String,
+}
+
+/// `max_connections` and `max_tenants` of a server form, when given.
+fn limits(f: &ServerForm, body: &mut Value) -> Result<(), Response> {
+    for (field, value) in [
+        ("max_connections", &f.max_connections),
+        ("max_tenants", &f.max_tenants),
+    ] {
+        if value.trim().is_empty() {
+            continue;
+        }
+        let n: i32 = value.trim().parse().map_err(|_| {
+            pages::refusal(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Not saved",
+                &format!("{field} is a whole number."),
+            )
+        })?;
+        body[field] = json!(n);
+    }
+    Ok(())
+}
+
+/// Register a tenant server (`POST /servers`); its admin URL is sent on
+/// and never shown again.
+pub async fn create_server(
+    Extension(console): Extension<Console>,
+    posted: Posted<ServerForm>,
+) -> Response {
+    let f = &posted.form;
+    let mut body = json!({"name": f.name.trim(), "admin_url": f.admin_url.trim()});
+    if let Err(res) = limits(f, &mut body) {
+        return res;
+    }
+    match console
+        .call(&posted.signed.actor, Method::POST, "/servers", Some(body))
+        .await
+    {
+        Ok(_) => see("/console/servers"),
+        Err(f) => f.into_response(),
+    }
+}
+
+/// Drain a server or make it active, or change its limits.
+pub async fn update_server(
+    Extension(console): Extension<Console>,
+    Path(name): Path<String>,
+    posted: Posted<ServerForm>,
+) -> Response {
+    let f = &posted.form;
+    let mut body = json!({});
+    if !f.status.trim().is_empty() {
+        body["status"] = json!(f.status.trim());
+    }
+    if let Err(res) = limits(f, &mut body) {
+        return res;
+    }
+    match console
+        .call(
+            &posted.signed.actor,
+            Method::PATCH,
+            &format!("/servers/{}", seg(&name)),
+            Some(body),
+        )
+        .await
+    {
+        Ok(_) => see("/console/servers"),
+        Err(f) => f.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct KeyForm {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    role: String,
+    #[serde(default)]
+    confirm: String,
+}
+
+/// Make an admin key (`POST /keys`); its token is shown once.
+pub async fn create_key(
+    Extension(console): Extension<Console>,
+    posted: Posted<KeyForm>,
+) -> Response {
+    let f = &posted.form;
+    let body = json!({"name": f.name.trim(), "role": f.role.trim()});
+    match console
+        .call(&posted.signed.actor, Method::POST, "/keys", Some(body))
+        .await
+    {
+        Ok(v) => {
+            let name = v["name"].as_str().unwrap_or_default().to_owned();
+            let lines = [
+                ("Role", v["role"].as_str().unwrap_or_default().to_owned()),
+                ("Token", v["token"].as_str().unwrap_or_default().to_owned()),
+            ];
+            let subject = format!("the key {name}");
+            pages::secret(
+                &posted.signed,
+                "Admin key created",
+                &subject,
+                "/console/keys",
+                &lines,
+            )
+            .into_response()
+        }
+        Err(f) => f.into_response(),
+    }
+}
+
+/// Revoke an admin key (`DELETE /keys/{name}`), its name typed.
+pub async fn revoke_key(
+    Extension(console): Extension<Console>,
+    Path(name): Path<String>,
+    posted: Posted<KeyForm>,
+) -> Response {
+    if posted.form.confirm.trim() != name {
+        return pages::refusal(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Not confirmed",
+            &format!("Type the key's name, {name}, to revoke it; nothing was done."),
+        );
+    }
+    match console
+        .call(
+            &posted.signed.actor,
+            Method::DELETE,
+            &format!("/keys/{}", seg(&name)),
+            None,
+        )
+        .await
+    {
+        Ok(_) => see("/console/keys"),
         Err(f) => f.into_response(),
     }
 }

@@ -170,9 +170,20 @@ pub fn router(admin: Router) -> Router<AppState> {
             post(actions::revoke_app_credential),
         )
         .route(
+            "/console/tenants/{tenant}/app-credentials/{id}/rotate",
+            post(actions::rotate_app_credential),
+        )
+        .route(
             "/console/backups/{id}/{action}",
             post(actions::backup_action),
         )
+        .route(
+            "/console/servers",
+            get(servers).post(actions::create_server),
+        )
+        .route("/console/servers/{name}", post(actions::update_server))
+        .route("/console/keys", get(keys).post(actions::create_key))
+        .route("/console/keys/{name}/revoke", post(actions::revoke_key))
         .route("/console/operations/{id}", get(operation))
         .route("/console/operations/{id}/progress", get(operation_progress))
         .route(
@@ -320,6 +331,21 @@ async fn migrations(
         .await
         .map_err(failed)?;
     Ok(pages::migrations(&signed, &status, latest.as_ref()))
+}
+
+async fn servers(State(state): State<AppState>, signed: Signed) -> Result<Markup, Response> {
+    let servers = state.registry().servers().await.map_err(failed)?;
+    Ok(pages::servers(&signed, &servers))
+}
+
+/// Admin keys, as `GET /keys` lists them (the admin role's alone: others
+/// get its 403).
+async fn keys(Extension(console): Extension<Console>, signed: Signed) -> Result<Markup, Response> {
+    let keys = console
+        .call(&signed.actor, Method::GET, "/keys", None)
+        .await
+        .map_err(IntoResponse::into_response)?;
+    Ok(pages::keys(&signed, &keys))
 }
 
 /// The audit page's filters; empty = any.

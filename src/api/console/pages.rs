@@ -27,16 +27,20 @@ use crate::registry::{
 pub enum Part {
     Fleet,
     Tenants,
+    Servers,
     Migrations,
     Audit,
+    Keys,
     None,
 }
 
-const PARTS: [(Part, &str, &str); 4] = [
+const PARTS: [(Part, &str, &str); 6] = [
     (Part::Fleet, "/console", "Fleet"),
     (Part::Tenants, "/console/tenants", "Tenants"),
+    (Part::Servers, "/console/servers", "Servers"),
     (Part::Migrations, "/console/migrations", "Migrations"),
     (Part::Audit, "/console/audit", "Audit"),
+    (Part::Keys, "/console/keys", "Keys"),
 ];
 
 fn head(title: &str, refresh: bool) -> Markup {
@@ -69,7 +73,10 @@ pub fn page(signed: &Signed, part: Part, title: &str, refresh: bool, body: Marku
                     nav aria-label="Console" {
                         ul {
                             @for (p, href, label) in PARTS {
-                                li { a href=(href) aria-current=[(p == part).then_some("page")] { (label) } }
+                                // Keys are the admin role's alone.
+                                @if p != Part::Keys || signed.actor.may(&Method::GET, "/keys") {
+                                    li { a href=(href) aria-current=[(p == part).then_some("page")] { (label) } }
+                                }
                             }
                         }
                     }
@@ -498,6 +505,8 @@ pub struct TenantData {
     operations: Vec<Operation>,
     audit: Vec<AuditEntry>,
     credentials: Vec<Value>,
+    /// The front door's URI (no secret), when it is on.
+    connection: Option<String>,
     servers: Vec<String>,
 }
 
@@ -537,7 +546,18 @@ impl TenantData {
             .ok()
             .and_then(|v| v["items"].as_array().cloned())
             .unwrap_or_default();
+        let connection = console
+            .call(
+                &signed.actor,
+                Method::GET,
+                &format!("/tenants/{}/connection", t.id),
+                None,
+            )
+            .await
+            .ok()
+            .and_then(|v| v["uri"].as_str().map(str::to_owned));
         Ok(Self {
+            connection,
             backups: reg.backups_of(t.id, None, 20).await.map_err(db)?,
             operations: reg.operations_of(t.id, 20).await.map_err(db)?,
             audit: reg.audit_entries(&filter, 20).await.map_err(db)?,
@@ -574,7 +594,7 @@ fn action(
 ) -> Markup {
     let id = format!("confirm-{action}");
     html! {
-        form method="post" action=(format!("/console/tenants/{}/{action}", seg(&t.slug))) {
+        form method="post" action=(format!("/console/tenants/{}/{action}", t.id)) {
             (csrf(signed))
             (extra)
             @if confirm {
@@ -605,6 +625,9 @@ pub fn tenant(signed: &Signed, d: &TenantData) -> Markup {
                 dt { "Plan" } dd { (t.plan) }
                 dt { "Server" } dd { (t.server_name) }
                 dt { "Database" } dd { code { (t.database_name) } }
+                @if let Some(uri) = &d.connection {
+                    dt { "Front door" } dd { code { (uri) } " (with an app credential's user and password)" }
+                }
                 dt { "Schema version" } dd { (t.schema_version.map_or("–".into(), |v| v.to_string())) }
                 dt { "Created" } dd { (when(t.created_at)) }
                 dt { "Last backup" } dd { (when_opt(t.last_backup_at)) }
@@ -629,11 +652,31 @@ pub fn tenant(signed: &Signed, d: &TenantData) -> Markup {
                             br;
                         }))
                     }
-                    (action(signed, t, "archive", "Archive", true, true, html!{}))
+                    @if matches!(t.status, TenantStatus::Active | TenantStatus::Suspended) {
+                        (action(signed, t, "archive", "Archive", true, true, html!{}))
+                    }
+                    @if t.status == TenantStatus::Archived {
+                        (action(signed, t, "unarchive", "Bring back from the archive", false, false, html!{}))
+                    }
                     @if delete {
                         (action(signed, t, "delete", "Delete", true, true, html!{}))
                     }
                 }
+                details {
+                    summary { "Edit name, plan or backup schedule" }
+                    (action(signed, t, "edit", "Save", false, false, html! {
+                        p { label { "Name " input type="text" name="name" value=(t.name) required maxlength="200"; } }
+                        p { label { "Plan " input type="text" name="plan" value=(t.plan); } }
+                        p { label { "Backup schedule (cron, UTC) " input type="text" name="backup_schedule" value=(t.backup_schedule.as_deref().unwrap_or("")) placeholder="the default"; } }
+                    }))
+                }
+            }
+        }
+        @if delete && t.status == TenantStatus::Deleted {
+            section aria-labelledby="erase" {
+                h2 id="erase" { "Erase backups" }
+                p { "The tenant is deleted; its backups are kept until erased." }
+                (action(signed, t, "erase-backups", "Erase every backup", true, true, html!{}))
             }
         }
         section aria-labelledby="tokens" {
@@ -660,7 +703,7 @@ pub fn tenant(signed: &Signed, d: &TenantData) -> Markup {
             }
             @if d.credentials.is_empty() { p { "No app credential." } } @else {
                 table {
-                    thead { tr { th scope="col" { "Credential" } th scope="col" { "Pool mode" } th scope="col" { "Created" } th scope="col" { span.muted { "Revoke" } } } }
+                    thead { tr { th scope="col" { "Credential" } th scope="col" { "Pool mode" } th scope="col" { "Created" } th scope="col" { "Rotate or revoke" } } }
                     tbody {
                         @for c in &d.credentials {
                             tr {
@@ -668,8 +711,15 @@ pub fn tenant(signed: &Signed, d: &TenantData) -> Markup {
                                 td { (c["pool_mode"].as_str().unwrap_or("")) }
                                 td { (c["created_at"].as_str().unwrap_or("")) }
                                 td {
+                                    @if change {
+                                        form.inline method="post" action=(format!("/console/tenants/{}/app-credentials/{}/rotate", t.id, seg(c["id"].as_str().unwrap_or("")))) {
+                                            (csrf(signed))
+                                            button type="submit" aria-label=(format!("Rotate the password of {}", c["name"].as_str().unwrap_or(""))) { "Rotate" }
+                                        }
+                                        " "
+                                    }
                                     @if may(Method::DELETE, "/tenants/{tenant}/app-credentials/{id}") {
-                                        form.inline method="post" action=(format!("/console/tenants/{}/app-credentials/{}/revoke", seg(&t.slug), seg(c["id"].as_str().unwrap_or("")))) {
+                                        form.inline method="post" action=(format!("/console/tenants/{}/app-credentials/{}/revoke", t.id, seg(c["id"].as_str().unwrap_or("")))) {
                                             (csrf(signed))
                                             button.danger type="submit" aria-label=(format!("Revoke {}", c["name"].as_str().unwrap_or(""))) { "Revoke" }
                                         }
@@ -757,6 +807,15 @@ fn backup_forms(signed: &Signed, t: &TenantRecord, b: &Backup, overwrite: bool) 
                 }
             }
         }
+        details {
+            summary { "Restore into a new tenant…" }
+            form method="post" action=(format!("/console/backups/{}/restore", b.id)) {
+                (csrf(signed))
+                label { "New tenant's slug " input type="text" name="into" required pattern="[a-z][a-z0-9\\-]{1,38}[a-z0-9]"; }
+                " "
+                button type="submit" { "Restore into it" }
+            }
+        }
     }
 }
 
@@ -780,17 +839,136 @@ fn audit_table(entries: &[AuditEntry]) -> Markup {
 }
 
 /// A freshly minted secret, shown once (never again, never in a URL).
-pub fn secret(signed: &Signed, t: &TenantRecord, what: &str, lines: &[(&str, String)]) -> Markup {
+pub fn secret(
+    signed: &Signed,
+    what: &str,
+    subject: &str,
+    back: &str,
+    lines: &[(&str, String)],
+) -> Markup {
     let body = html! {
         div.notice role="status" {
-            p { strong { (what) } " for " (t.slug) ". It is shown only now: copy it before leaving this page." }
+            p { strong { (what) } " for " (subject) ". It is shown only now: copy it before leaving this page." }
             dl.facts {
                 @for (k, v) in lines { dt { (k) } dd.secret { (v) } }
             }
         }
-        p { a href=(format!("/console/tenants/{}", seg(&t.slug))) { "Back to " (t.slug) } }
+        p { a href=(back) { "Back to " (subject) } }
     };
-    page(signed, Part::Tenants, what, false, body)
+    page(signed, Part::None, what, false, body)
+}
+
+// -------------------------------------------------------------- servers
+
+pub fn servers(signed: &Signed, servers: &[DbServer]) -> Markup {
+    let change = signed.actor.may(&Method::PATCH, "/servers/{name}");
+    let body = html! {
+        table {
+            thead { tr {
+                th scope="col" { "Server" } th scope="col" { "Status" } th scope="col" { "Last health check" }
+                th scope="col" class="num" { "Tenants" } th scope="col" class="num" { "Most connections" }
+                th scope="col" { "Template version" }
+            } }
+            tbody {
+                @for s in servers {
+                    tr {
+                        th scope="row" { (s.name) }
+                        td { (status_word(&s.status)) @if let Some(e) = &s.health_error { br; span.bad { (e) } } }
+                        td { (when_opt(s.checked_at)) }
+                        td.num { (s.tenant_count) " of " (s.max_tenants) }
+                        td.num { (s.max_connections) }
+                        td { (s.template_version.map_or("–".into(), |v| v.to_string())) }
+                    }
+                }
+            }
+        }
+        @if change {
+            h2 { "Change a server" }
+            div.actions {
+                @for s in servers {
+                    form method="post" action=(format!("/console/servers/{}", seg(&s.name))) {
+                        (csrf(signed))
+                        fieldset {
+                            legend { (s.name) }
+                            label { "Status "
+                                select name="status" {
+                                    option value="active" selected[s.status == "active"] { "active" }
+                                    option value="draining" selected[s.status == "draining"] { "draining (no new tenants)" }
+                                }
+                            }
+                            br;
+                            label { "Most connections " input type="number" name="max_connections" min="1" value=(s.max_connections); }
+                            br;
+                            label { "Most tenants " input type="number" name="max_tenants" min="1" value=(s.max_tenants); }
+                            br;
+                            button type="submit" { "Save " (s.name) }
+                        }
+                    }
+                }
+            }
+        }
+        @if signed.actor.may(&Method::POST, "/servers") {
+            h2 { "Register a server" }
+            form method="post" action="/console/servers" {
+                (csrf(signed))
+                p { label { "Name " input type="text" name="name" required; } }
+                p { label { "Admin URL (a role with CREATEDB and CREATEROLE; stored encrypted, never shown) "
+                    input type="password" name="admin_url" required autocomplete="off" size="60"; } }
+                p { label { "Most connections " input type="number" name="max_connections" min="1" placeholder="default"; } }
+                p { label { "Most tenants " input type="number" name="max_tenants" min="1" placeholder="default"; } }
+                button type="submit" { "Register" }
+            }
+        }
+    };
+    page(signed, Part::Servers, "Servers", false, body)
+}
+
+// ----------------------------------------------------------------- keys
+
+pub fn keys(signed: &Signed, keys: &Value) -> Markup {
+    let body = html! {
+        table {
+            thead { tr {
+                th scope="col" { "Key" } th scope="col" { "Role" } th scope="col" { "Created" }
+                th scope="col" { "Created by" } th scope="col" { "Last used" } th scope="col" { "Revoke" }
+            } }
+            tbody {
+                @for k in keys["items"].as_array().into_iter().flatten() {
+                    @let name = k["name"].as_str().unwrap_or("");
+                    tr {
+                        th scope="row" { (name) }
+                        td { (k["role"].as_str().unwrap_or("")) }
+                        td { (k["created_at"].as_str().unwrap_or("")) }
+                        td { (k["created_by"].as_str().unwrap_or("")) }
+                        td { (k["last_used_at"].as_str().unwrap_or("never")) }
+                        td {
+                            form method="post" action=(format!("/console/keys/{}/revoke", seg(name))) {
+                                (csrf(signed))
+                                label { "Type " code { (name) } " to revoke it " input type="text" name="confirm" required autocomplete="off"; }
+                                " "
+                                button.danger type="submit" { "Revoke" }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        h2 { "Create a key" }
+        form method="post" action="/console/keys" {
+            (csrf(signed))
+            label { "Name " input type="text" name="name" required pattern="[a-z][a-z0-9_\\-]{0,62}"; }
+            label { "Role "
+                select name="role" {
+                    option value="viewer" { "viewer (reads)" }
+                    option value="operator" { "operator (lifecycle, backups, moves)" }
+                    option value="admin" { "admin (everything)" }
+                }
+            }
+            " "
+            button type="submit" { "Create key" }
+        }
+    };
+    page(signed, Part::Keys, "Admin keys", false, body)
 }
 
 // ------------------------------------------------------------ operation
