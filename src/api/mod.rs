@@ -106,11 +106,51 @@ async fn openapi_json(Extension(docs): Extension<Arc<Documents>>) -> impl IntoRe
     )
 }
 
+/// The reference page: Scalar, vendored (`assets/vendor/`, MIT) and served
+/// by silo itself, without its web fonts, so the page loads nothing from
+/// elsewhere (its CSP says so too).
+const DOCS_HTML: &str = r#"<!doctype html>
+<html lang="en">
+<head>
+<title>silo API reference</title>
+<meta charset="utf-8"/>
+<meta name="viewport" content="width=device-width, initial-scale=1"/>
+</head>
+<body>
+<script id="api-reference" type="application/json" data-configuration='{"withDefaultFonts":false}'>
+$spec
+</script>
+<script src="/docs/scalar-1.25.0.js"></script>
+</body>
+</html>"#;
+const SCALAR_JS: &[u8] =
+    include_bytes!("../../assets/vendor/scalar-api-reference-1.25.0/standalone.js");
+/// Scalar sets inline styles; everything else comes from silo.
+const DOCS_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
+    img-src 'self' data:; font-src 'self' data:; connect-src 'self'; base-uri 'none'; \
+    frame-ancestors 'none'";
+
 /// This document as a page to read and try requests from.
 #[utoipa::path(get, path = "/docs", tag = "docs", security(),
     responses((status = 200, description = "the API reference (HTML)", body = String, content_type = "text/html")))]
-async fn docs(Extension(docs): Extension<Arc<Documents>>) -> Html<String> {
-    Html(docs.html.clone())
+async fn docs(Extension(docs): Extension<Arc<Documents>>) -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_SECURITY_POLICY, DOCS_CSP)],
+        Html(docs.html.clone()),
+    )
+}
+
+async fn scalar_js() -> impl IntoResponse {
+    (
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "text/javascript; charset=utf-8",
+            ),
+            (axum::http::header::CACHE_CONTROL, "public, max-age=86400"),
+        ],
+        SCALAR_JS,
+    )
 }
 
 /// `/metrics` alone, without authentication: for a listener of its own on a
@@ -189,9 +229,10 @@ pub fn app(state: AppState) -> Router {
     responses::overload(&mut api);
     let documents = Documents {
         json: serde_json::to_string(&api).expect("the OpenAPI document serializes"),
-        html: Scalar::new(api).to_html(),
+        html: Scalar::new(api).custom_html(DOCS_HTML).to_html(),
     };
     router
+        .route("/docs/scalar-1.25.0.js", axum::routing::get(scalar_js))
         .merge(console)
         .layer(Extension(Arc::new(documents)))
         .layer(DefaultBodyLimit::max(error::MAX_BODY_BYTES))

@@ -72,6 +72,17 @@ impl Console {
     /// Check the page now shown: no serious or critical axe violation, no
     /// request that left silo's origin; keep its screenshot.
     async fn check(&self, page: &str) {
+        self.same_origin(page).await;
+        assert_eq!(
+            self.violations().await,
+            json!([]),
+            "{page}: accessibility violations (axe-core)"
+        );
+    }
+
+    /// Keep the page's screenshot; fail if it made a request that left
+    /// silo's origin.
+    async fn same_origin(&self, page: &str) {
         let b = &self.browser;
         b.screenshot(&screenshots().join(format!("{}-{page}.png", self.prefix)))
             .await;
@@ -92,11 +103,6 @@ impl Console {
         assert!(
             foreign.is_empty(),
             "{page}: requests left silo's origin: {foreign:?}"
-        );
-        assert_eq!(
-            self.violations().await,
-            json!([]),
-            "{page}: accessibility violations (axe-core)"
         );
     }
 
@@ -248,6 +254,12 @@ async fn an_admin_runs_tenants_backups_moves_and_a_fleet_migration_from_the_cons
         "{servers}"
     );
     c.check("fleet").await;
+
+    // The API reference, Scalar served by silo, loads nothing from elsewhere.
+    c.goto("/docs").await;
+    b.wait_text("body", "Database-per-tenant control plane")
+        .await;
+    c.same_origin("api-docs").await;
 
     // Create a tenant from the form; its page shows it active.
     c.goto("/console/tenants/new").await;
