@@ -464,6 +464,22 @@ async fn a_viewer_sees_no_control_it_cannot_use_and_forged_or_forbidden_posts_ch
     c.goto("/console/keys").await;
     b.wait_text("main", "403").await;
 
+    // Reading needs no JavaScript: the page as served holds the tenant, and
+    // every console answer carries the strict CSP.
+    let session = b.cookie("silo_console").await.expect("a session cookie");
+    let page = reqwest::Client::new()
+        .get(format!("{}/console/tenants?q=watch", silo.base))
+        .header("cookie", format!("silo_console={session}"))
+        .send()
+        .await
+        .unwrap();
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(csp.starts_with("default-src 'none'"), "{csp}");
+    assert!(page.text().await.unwrap().contains(">watched</a>"));
+
     // The accessibility check does find what it looks for: a control
     // with no label, added to the page, is reported.
     b.exec(

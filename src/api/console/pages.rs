@@ -507,6 +507,8 @@ pub struct TenantData {
     credentials: Vec<Value>,
     /// The front door's URI (no secret), when it is on.
     connection: Option<String>,
+    /// This replica's pool of the tenant: open, in use, cap.
+    pool: Option<(usize, usize, usize)>,
     servers: Vec<String>,
 }
 
@@ -556,8 +558,16 @@ impl TenantData {
             .await
             .ok()
             .and_then(|v| v["uri"].as_str().map(str::to_owned));
+        let pool = state
+            .router
+            .stats()
+            .tenants
+            .iter()
+            .find(|p| p.tenant_id == t.id)
+            .map(|p| (p.open, p.in_use, p.cap));
         Ok(Self {
             connection,
+            pool,
             backups: reg.backups_of(t.id, None, 20).await.map_err(db)?,
             operations: reg.operations_of(t.id, 20).await.map_err(db)?,
             audit: reg.audit_entries(&filter, 20).await.map_err(db)?,
@@ -625,6 +635,11 @@ pub fn tenant(signed: &Signed, d: &TenantData) -> Markup {
                 dt { "Plan" } dd { (t.plan) }
                 dt { "Server" } dd { (t.server_name) }
                 dt { "Database" } dd { code { (t.database_name) } }
+                dt { "Connections (this replica)" }
+                dd { @match d.pool {
+                    Some((open, in_use, cap)) => { (open) " open, " (in_use) " in use, at most " (cap) }
+                    None => "no pool open",
+                } }
                 @if let Some(uri) = &d.connection {
                     dt { "Front door" } dd { code { (uri) } " (with an app credential's user and password)" }
                 }
