@@ -1,6 +1,7 @@
-//! The reads the admin console needs beyond the admin API's own: tenants
-//! searched, filtered and sorted a page at a time, and the fleet's figures
-//! (operations in flight, backups that failed lately). Read-only.
+//! What the admin console needs beyond the admin API's own reads: tenants
+//! searched, filtered and sorted a page at a time; the fleet's figures
+//! (operations in flight, backups that failed lately); and its sessions,
+//! shared by every replica (`console_sessions`: hashes only, no secret).
 
 use chrono::{DateTime, Utc};
 use sqlx::FromRow;
@@ -80,6 +81,15 @@ pub struct FailedBackup {
     pub kind: String,
     pub error: Option<String>,
     pub started_at: DateTime<Utc>,
+}
+
+/// A console session as stored: who signed in, by the hash of their token.
+#[derive(Debug, Clone, FromRow)]
+pub struct ConsoleSession {
+    /// `bootstrap` or `key`.
+    pub kind: String,
+    pub token_hash: Vec<u8>,
+    pub expires_at: DateTime<Utc>,
 }
 
 /// `%text%` for `ILIKE`, with the pattern characters in `text` taken literally.
@@ -189,6 +199,54 @@ impl Registry {
         .fetch_all(&self.pool)
         .await
         .map_err(Error::from)
+    }
+}
+
+impl Registry {
+    /// Record a new console session until `expires_at`; expired sessions
+    /// are cleared on the way.
+    pub async fn open_console_session(
+        &self,
+        id_hash: &[u8; 32],
+        kind: &str,
+        token_hash: &[u8; 32],
+        expires_at: DateTime<Utc>,
+    ) -> Result<()> {
+        sqlx::query("DELETE FROM console_sessions WHERE expires_at < now()")
+            .execute(&self.pool)
+            .await?;
+        sqlx::query(
+            "INSERT INTO console_sessions (id_hash, kind, token_hash, expires_at)
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&id_hash[..])
+        .bind(kind)
+        .bind(&token_hash[..])
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The live console session whose cookie hashes to `id_hash`.
+    pub async fn console_session(&self, id_hash: &[u8; 32]) -> Result<Option<ConsoleSession>> {
+        sqlx::query_as(
+            "SELECT kind, token_hash, expires_at FROM console_sessions
+              WHERE id_hash = $1 AND expires_at > now()",
+        )
+        .bind(&id_hash[..])
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(Error::from)
+    }
+
+    /// End a console session (signing out), on every replica at once.
+    pub async fn close_console_session(&self, id_hash: &[u8; 32]) -> Result<()> {
+        sqlx::query("DELETE FROM console_sessions WHERE id_hash = $1")
+            .bind(&id_hash[..])
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 }
 

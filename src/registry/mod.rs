@@ -22,7 +22,7 @@ pub use admin_keys::{AdminKey, KeyHolder, LAST_USED_EVERY, LIVE_KEY_NAME_INDEX};
 pub use app_credentials::{AppCredential, AppCredentialView, LIVE_NAME_INDEX};
 pub use audit::{AuditEntry, AuditFilter};
 pub use backups::{Backup, BackupDone, NewBackup, Schedulable};
-pub use console::{FailedBackup, TenantListed, TenantQuery, TenantSort};
+pub use console::{ConsoleSession, FailedBackup, TenantListed, TenantQuery, TenantSort};
 pub use keys::{Resealer, RowId, SealedColumn, SealedRow, SEALED_COLUMNS};
 pub use locks::Lock;
 pub use operations::{Operation, OperationStatus};

@@ -540,3 +540,111 @@ async fn a_viewer_sees_no_control_it_cannot_use_and_forged_or_forbidden_posts_ch
     b.wait_url(|u| u.ends_with("/console/sign-in"), "the sign-in page")
         .await;
 }
+
+/// Sign in to the console of `base` with `token` over plain HTTP; the
+/// session cookie's value.
+async fn sign_in_http(http: &reqwest::Client, base: &str, token: &str) -> String {
+    let page = http
+        .get(format!("{base}/console/sign-in"))
+        .send()
+        .await
+        .unwrap();
+    let nonce_cookie = set_cookie(&page, "silo_console_sign_in").expect("a sign-in cookie");
+    let html = page.text().await.unwrap();
+    let nonce = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .expect("the sign-in form's token")
+        .to_owned();
+    let res = http
+        .post(format!("{base}/console/sign-in"))
+        .header("cookie", format!("silo_console_sign_in={nonce_cookie}"))
+        .form(&[("csrf", nonce.as_str()), ("token", token)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 303);
+    set_cookie(&res, "silo_console").expect("a session cookie")
+}
+
+fn set_cookie(res: &reqwest::Response, name: &str) -> Option<String> {
+    res.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| v.split(';').next()?.split_once('='))
+        .find(|(k, v)| *k == name && !v.is_empty())
+        .map(|(_, v)| v.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_opened_on_one_replica_works_on_another_and_ends_on_both_with_nothing_secret_kept(
+) {
+    let env = TestEnv::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    let a = Silo::start(&env, None, 0, &log_a).await;
+    let b = Silo::start(&env, None, 0, &log_b).await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let cookie = sign_in_http(&http, &a.base, ADMIN_TOKEN).await;
+    let get = |base: &str| {
+        http.get(format!("{base}/console"))
+            .header("cookie", format!("silo_console={cookie}"))
+            .send()
+    };
+    // Signed in on A, and so on B.
+    let page = get(&b.base).await.unwrap();
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("Signed in as"), "{html}");
+    // Only hashes are kept: neither the cookie nor the token is stored.
+    let stored: Vec<(Vec<u8>, String, Vec<u8>)> =
+        sqlx::query_as("SELECT id_hash, kind, token_hash FROM console_sessions")
+            .fetch_all(env.registry().pool())
+            .await
+            .unwrap();
+    assert_eq!(stored.len(), 1);
+    let (id_hash, kind, token_hash) = &stored[0];
+    assert_eq!(kind, "bootstrap");
+    assert_eq!(id_hash.as_slice(), silo::crypto::admin_key_hash(&cookie));
+    assert_eq!(
+        token_hash.as_slice(),
+        silo::crypto::admin_key_hash(ADMIN_TOKEN)
+    );
+    // Signing out on B ends the session on A too.
+    let csrf = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .unwrap()
+        .to_owned();
+    let out = http
+        .post(format!("{}/console/sign-out", b.base))
+        .header("cookie", format!("silo_console={cookie}"))
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status(), 303);
+    let after = get(&a.base).await.unwrap();
+    assert_eq!(after.status(), 303, "A still knew the session");
+    assert_eq!(after.headers()["location"], "/console/sign-in");
+    // Neither replica logged the token, the cookie or the form token
+    // (they log at debug level here).
+    drop((a, b));
+    for log in [&log_a, &log_b] {
+        let text = std::fs::read_to_string(log).unwrap();
+        assert!(text.contains("console"), "{} is not the log", log.display());
+        for secret in [ADMIN_TOKEN, cookie.as_str(), csrf.as_str()] {
+            assert!(
+                !text.contains(secret),
+                "{} holds a secret of the console",
+                log.display()
+            );
+        }
+    }
+}

@@ -55,7 +55,6 @@ pub struct SignInForm {
 /// session. The token itself is kept nowhere.
 pub async fn sign_in(
     State(state): State<AppState>,
-    Extension(console): Extension<Console>,
     headers: HeaderMap,
     form: Result<Form<SignInForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
@@ -87,7 +86,10 @@ pub async fn sign_in(
     match auth::sign_in(&state, token).await {
         Ok((actor, holder)) => {
             tracing::info!(key = actor.name(), role = %actor.role(), "console sign-in");
-            session::signed_in(&headers, &console.sessions.open(holder))
+            match session::open(&state, &holder).await {
+                Ok(cookie) => session::signed_in(&headers, &cookie),
+                Err(e) => pages::api_failure(e),
+            }
         }
         Err(ApiError::Unauthorized) => sign_in_form(
             &headers,
@@ -103,12 +105,14 @@ pub async fn sign_in(
 pub struct Empty {}
 
 pub async fn sign_out(
-    Extension(console): Extension<Console>,
+    State(state): State<AppState>,
     headers: HeaderMap,
     posted: Posted<Empty>,
 ) -> Response {
-    console.sessions.close(&posted.signed.cookie);
-    session::signed_out(&headers)
+    match session::close(&state, &posted.signed.cookie).await {
+        Ok(()) => session::signed_out(&headers),
+        Err(e) => pages::api_failure(e),
+    }
 }
 
 #[derive(Deserialize)]

@@ -42,7 +42,6 @@ use tower::ServiceExt;
 
 use super::auth::{Actor, Authenticated};
 use super::AppState;
-pub use session::Sessions;
 use session::Signed;
 
 /// What every page may load: its own origin only, no inline script or style.
@@ -57,10 +56,9 @@ const CSS: &str = include_str!("../../../assets/console/console.css");
 pub const HTMX_PATH: &str = "/console/assets/htmx-2.0.4.min.js";
 pub const CSS_PATH: &str = "/console/assets/console.css";
 
-/// The console's own state: its sessions, and the admin API to call.
+/// The console's own state: the admin API to call.
 #[derive(Clone)]
 pub struct Console {
-    sessions: Sessions,
     /// `/admin/v1`, as `app` serves it, for in-process calls.
     admin: Router,
 }
@@ -143,10 +141,7 @@ pub fn seg(s: &str) -> String {
 
 /// The console's routes, calling `admin` (the admin API router) in-process.
 pub fn router(admin: Router) -> Router<AppState> {
-    let console = Console {
-        sessions: Sessions::default(),
-        admin,
-    };
+    let console = Console { admin };
     Router::new()
         .route("/console", get(fleet))
         .route("/console/", get(fleet))

@@ -80,7 +80,10 @@ pub fn page(signed: &Signed, part: Part, title: &str, refresh: bool, body: Marku
                             }
                         }
                     }
-                    p.who { "Signed in as " strong { (signed.actor.name()) } " (" (signed.actor.role()) ")" }
+                    p.who {
+                        "Signed in as " strong { (signed.actor.name()) } " (" (signed.actor.role()) ")"
+                        span.muted { ", until " (signed.session.expires_at.format("%H:%M UTC")) }
+                    }
                     form method="post" action="/console/sign-out" {
                         (csrf(signed))
                         button type="submit" { "Sign out" }

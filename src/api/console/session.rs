@@ -1,17 +1,17 @@
 //! Console sessions: a random id in an HttpOnly, SameSite=Strict cookie
-//! (Secure when the request came over TLS), mapped in this process's memory
-//! to who signed in and the session's CSRF token.
+//! (Secure when the request came over TLS), recorded in the control
+//! database (`console_sessions`) so that every replica knows it.
 //!
-//! Kept in memory (a bounded cache whose entries expire): the session
-//! holds no secret, only the bootstrap marker or the key's hash, which
-//! [`actor_of`] looks up on every request, so a revoked key's sessions end
-//! at once everywhere. With several replicas, a browser must stay on the
-//! replica it signed in to (session affinity), or sign in again.
+//! Nothing secret is stored: the row is found by the SHA-256 of the
+//! cookie, and says who signed in by the SHA-256 of the token used — a
+//! named key's hash, looked up again on every request ([`actor_of`]), so a
+//! revoked key's sessions end at once everywhere; or the bootstrap token's,
+//! compared with the running `SILO_ADMIN_TOKEN`, so changing it ends them.
 //!
-//! Every form carries the session's CSRF token; [`Posted`] checks it
+//! Every form carries the session's CSRF token, an HMAC of the cookie
+//! (so it is never stored, and differs per session); [`Posted`] checks it
 //! before the handler runs, so no handler can forget to.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{FromRequest, FromRequestParts, Request};
@@ -21,15 +21,16 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use base64::Engine;
 use chrono::{DateTime, Utc};
-use moka::sync::Cache;
+use hmac::{Hmac, Mac};
 use rand::RngCore;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
-use super::{pages, Console};
+use super::pages;
 use crate::api::auth::{actor_of, Actor, Holder};
+use crate::api::error::ApiError;
 use crate::api::AppState;
-use crate::crypto::secret_eq;
+use crate::crypto::{admin_key_hash, secret_eq};
 
 /// The session cookie.
 pub const COOKIE_NAME: &str = "silo_console";
@@ -37,59 +38,66 @@ pub const COOKIE_NAME: &str = "silo_console";
 pub const SIGN_IN_COOKIE: &str = "silo_console_sign_in";
 /// How long a session lasts from sign-in, whatever its use.
 pub const SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
-/// Most sessions one process keeps (the oldest go first beyond it).
-const MAX_SESSIONS: u64 = 10_000;
 
 /// One signed-in browser.
 #[derive(Clone)]
 pub struct Session {
     pub holder: Holder,
     /// The token every form of this session carries.
-    pub csrf: Arc<str>,
+    pub csrf: String,
     pub expires_at: DateTime<Utc>,
 }
 
-/// The sessions of this process, by the SHA-256 of their cookie.
-#[derive(Clone)]
-pub struct Sessions(Cache<[u8; 32], Session>);
-
-impl Default for Sessions {
-    fn default() -> Self {
-        Self(
-            Cache::builder()
-                .max_capacity(MAX_SESSIONS)
-                .time_to_live(SESSION_TTL)
-                .build(),
-        )
-    }
+/// Open a session for `holder`; its cookie's value.
+pub async fn open(state: &AppState, holder: &Holder) -> Result<String, ApiError> {
+    let id = random_token();
+    let (kind, token_hash) = match holder {
+        Holder::Bootstrap => ("bootstrap", admin_key_hash(state.admin_token.expose())),
+        Holder::Key(hash) => ("key", *hash),
+    };
+    let expires_at = Utc::now() + SESSION_TTL;
+    state
+        .registry()
+        .open_console_session(&digest(&id), kind, &token_hash, expires_at)
+        .await?;
+    Ok(id)
 }
 
-impl Sessions {
-    /// A new session for `holder`; its cookie's value.
-    pub fn open(&self, holder: Holder) -> String {
-        let id = random_token();
-        let session = Session {
-            holder,
-            csrf: random_token().into(),
-            expires_at: Utc::now() + SESSION_TTL,
-        };
-        self.0.insert(digest(&id), session);
-        id
-    }
+/// The live session of a cookie, if any.
+async fn load(state: &AppState, id: &str) -> Result<Option<Session>, ApiError> {
+    let Some(row) = state.registry().console_session(&digest(id)).await? else {
+        return Ok(None);
+    };
+    let Ok(hash) = <[u8; 32]>::try_from(row.token_hash.as_slice()) else {
+        return Ok(None);
+    };
+    let holder = match row.kind.as_str() {
+        // A session of an earlier bootstrap token ends when it changes.
+        "bootstrap" if hash == admin_key_hash(state.admin_token.expose()) => Holder::Bootstrap,
+        "key" => Holder::Key(hash),
+        _ => return Ok(None),
+    };
+    Ok(Some(Session {
+        holder,
+        csrf: csrf_of(id),
+        expires_at: row.expires_at,
+    }))
+}
 
-    fn get(&self, id: &str) -> Option<Session> {
-        self.0
-            .get(&digest(id))
-            .filter(|s| s.expires_at > Utc::now())
-    }
-
-    pub fn close(&self, id: &str) {
-        self.0.invalidate(&digest(id));
-    }
+/// End the session of a cookie, on every replica.
+pub async fn close(state: &AppState, id: &str) -> Result<(), ApiError> {
+    Ok(state.registry().close_console_session(&digest(id)).await?)
 }
 
 fn digest(id: &str) -> [u8; 32] {
     Sha256::digest(id.as_bytes()).into()
+}
+
+/// A session's CSRF token: an HMAC of its cookie, base64url.
+fn csrf_of(id: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(id.as_bytes()).expect("HMAC takes any key");
+    mac.update(b"silo console form");
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
 }
 
 /// 32 random bytes, base64url.
@@ -145,11 +153,6 @@ impl FromRequestParts<AppState> for Signed {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
-        let console = parts
-            .extensions
-            .get::<Console>()
-            .cloned()
-            .expect("the console router carries its state");
         let refuse = |method: &Method| -> Response {
             if method == Method::GET || method == Method::HEAD {
                 Redirect::to("/console/sign-in").into_response()
@@ -164,18 +167,21 @@ impl FromRequestParts<AppState> for Signed {
         let Some(id) = cookie(&parts.headers, COOKIE_NAME) else {
             return Err(refuse(&parts.method));
         };
-        let Some(session) = console.sessions.get(id) else {
-            return Err(refuse(&parts.method));
-        };
         let cookie = id.to_owned();
+        let session = match load(state, &cookie).await {
+            Ok(Some(session)) => session,
+            Ok(None) => return Err(refuse(&parts.method)),
+            Err(e) => return Err(pages::api_failure(e)),
+        };
         match actor_of(state, &session.holder).await {
             Ok(actor) => Ok(Self {
                 actor,
                 session,
                 cookie,
             }),
-            Err(crate::api::error::ApiError::Unauthorized) => {
-                console.sessions.close(&cookie);
+            Err(ApiError::Unauthorized) => {
+                // The key was revoked: its session ends with it.
+                close(state, &cookie).await.map_err(pages::api_failure)?;
                 Err(refuse(&parts.method))
             }
             Err(e) => Err(pages::api_failure(e)),
@@ -285,12 +291,11 @@ mod tests {
     }
 
     #[test]
-    fn a_session_is_found_by_its_cookie_only_until_closed() {
-        let sessions = Sessions::default();
-        let id = sessions.open(Holder::Bootstrap);
-        assert!(sessions.get(&id).is_some());
-        assert!(sessions.get("another").is_none());
-        sessions.close(&id);
-        assert!(sessions.get(&id).is_none());
+    fn a_session_s_form_token_is_its_own_and_not_its_cookie() {
+        let (a, b) = (random_token(), random_token());
+        assert_eq!(csrf_of(&a), csrf_of(&a));
+        assert_ne!(csrf_of(&a), csrf_of(&b));
+        assert_ne!(csrf_of(&a), a);
+        assert_eq!(csrf_of(&a).len(), 43);
     }
 }
