@@ -73,6 +73,20 @@ impl Console {
     /// request that left silo's origin; keep its screenshot.
     async fn check(&self, page: &str) {
         self.same_origin(page).await;
+        // No script error, and nothing the page tried was refused by its
+        // CSP (an inline style or script, a request elsewhere).
+        let problems: Vec<(String, String)> = self
+            .browser
+            .console_log()
+            .await
+            .into_iter()
+            .filter(|(level, message)| {
+                level == "SEVERE" || message.contains("Content Security Policy")
+            })
+            // A page answered 4xx on purpose is logged as a failed load.
+            .filter(|(_, message)| !message.contains("the server responded with a status of 4"))
+            .collect();
+        assert!(problems.is_empty(), "{page}: browser console: {problems:?}");
         assert_eq!(
             self.violations().await,
             json!([]),
@@ -260,6 +274,8 @@ async fn an_admin_runs_tenants_backups_moves_and_a_fleet_migration_from_the_cons
     b.wait_text("body", "Database-per-tenant control plane")
         .await;
     c.same_origin("api-docs").await;
+    // (What Scalar logs is its own; the console's pages are checked below.)
+    b.console_log().await;
 
     // Create a tenant from the form; its page shows it active.
     c.goto("/console/tenants/new").await;

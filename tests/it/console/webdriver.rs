@@ -76,6 +76,7 @@ impl Browser {
             "browserName": "chrome",
             "pageLoadStrategy": "normal",
             "timeouts": {"script": 60_000, "pageLoad": 120_000, "implicit": 0},
+            "goog:loggingPrefs": {"browser": "ALL"},
             "goog:chromeOptions": {
                 "binary": chromium_binary(),
                 "args": [
@@ -287,6 +288,29 @@ impl Browser {
             .unwrap();
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, png).unwrap();
+    }
+
+    /// The browser console's entries since the last call (level, message):
+    /// script errors and Content-Security-Policy refusals among them.
+    pub async fn console_log(&self) -> Vec<(String, String)> {
+        let entries = self
+            .cmd(
+                reqwest::Method::POST,
+                "/se/log",
+                Some(json!({"type": "browser"})),
+            )
+            .await;
+        entries
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                (
+                    e["level"].as_str().unwrap_or_default().to_owned(),
+                    e["message"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
     }
 
     /// The browser's cookie `name` for the current page, if it has one.
