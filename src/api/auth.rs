@@ -58,7 +58,36 @@ impl Actor {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// What this actor may do.
+    pub fn role(&self) -> AdminRole {
+        self.role
+    }
+
+    /// `true` when this actor's role may make the admin request `method
+    /// route` (a route under `/admin/v1`, such as `/tenants/{tenant}/suspend`):
+    /// the same rule [`require_admin`] applies, for the console to show only
+    /// what it may use.
+    pub fn may(&self, method: &Method, route: &str) -> bool {
+        self.role >= need(method, route, None).role
+    }
 }
+
+/// Who signed in to the console, kept in its session instead of the token:
+/// the bootstrap token, or a named key by its hash (looked up again on each
+/// request, so a revoked key's sessions end at once on every replica).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    Bootstrap,
+    Key([u8; 32]),
+}
+
+/// An [`Actor`] already authenticated by the console's session, set on the
+/// requests the console makes of the admin API in-process. Only silo's own
+/// code can put it there (a client sets headers, never extensions); the
+/// role check of [`require_admin`] still applies to it.
+#[derive(Debug, Clone)]
+pub struct Authenticated(pub Actor);
 
 /// What a request takes of an admin key's role, and what it is (for the 403).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,7 +194,10 @@ pub async fn require_admin(
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let actor = authenticate(&state, req.headers()).await?;
+    let actor = match req.extensions().get::<Authenticated>() {
+        Some(Authenticated(actor)) => actor.clone(),
+        None => authenticate(&state, req.headers()).await?,
+    };
     let mut req = authorize(&actor, req).await?;
     req.extensions_mut().insert(actor);
     Ok(next.run(req).await)
@@ -174,20 +206,36 @@ pub async fn require_admin(
 /// The bootstrap token, or a live admin key; 401 for anything else.
 async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Actor, ApiError> {
     let presented = bearer_token(headers).ok_or(ApiError::Unauthorized)?;
+    Ok(sign_in(state, presented).await?.0)
+}
+
+/// Who holds the token `presented`: the bootstrap token or a live admin
+/// key; 401 for anything else.
+pub async fn sign_in(state: &AppState, presented: &str) -> Result<(Actor, Holder), ApiError> {
     if secret_eq(presented.as_bytes(), state.admin_token.expose().as_bytes()) {
-        return Ok(Actor::bootstrap());
+        return Ok((Actor::bootstrap(), Holder::Bootstrap));
     }
     if !is_admin_key_shaped(presented) {
         return Err(ApiError::Unauthorized);
     }
-    let holder = state
+    let holder = Holder::Key(admin_key_hash(presented));
+    Ok((actor_of(state, &holder).await?, holder))
+}
+
+/// The actor behind a holder, now: 401 once its key is revoked.
+pub async fn actor_of(state: &AppState, holder: &Holder) -> Result<Actor, ApiError> {
+    let hash = match holder {
+        Holder::Bootstrap => return Ok(Actor::bootstrap()),
+        Holder::Key(hash) => hash,
+    };
+    let key = state
         .registry()
-        .admin_key_holder(&admin_key_hash(presented))
+        .admin_key_holder(hash)
         .await?
         .ok_or(ApiError::Unauthorized)?;
     Ok(Actor {
-        name: holder.name.into(),
-        role: holder.role,
+        name: key.name.into(),
+        role: key.role,
     })
 }
 

@@ -5,6 +5,7 @@
 mod admin;
 mod app;
 mod auth;
+mod console;
 mod docs;
 pub mod error;
 pub(crate) mod health;
@@ -141,19 +142,34 @@ pub fn metrics_app(state: AppState) -> Router {
 /// The whole HTTP application.
 pub fn app(state: AppState) -> Router {
     // Outermost last: the token and role check, the in-flight limit, the deadline.
-    let admin = admin::router()
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            error::deadline,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            limits::admin,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            auth::require_admin,
-        ));
+    let admin_api = || {
+        admin::router()
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                error::deadline,
+            ))
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                limits::admin,
+            ))
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                auth::require_admin,
+            ))
+    };
+    let admin = admin_api();
+    // The console calls the same admin API in-process, as its signed-in key.
+    let console = console::router(
+        OpenApiRouter::new()
+            .nest("/admin/v1", admin_api())
+            .split_for_parts()
+            .0
+            .with_state(state.clone()),
+    )
+    .layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        limits::other,
+    ));
     // Innermost first: a GET whose connection was found dead runs once
     // more; the body limit; then the in-flight limit and the deadline.
     let app_api = app::router()
@@ -192,6 +208,7 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             limits::other,
         )))
+        .merge(console)
         .layer(Extension(Arc::new(documents)))
         .layer(DefaultBodyLimit::max(error::MAX_BODY_BYTES))
         .method_not_allowed_fallback(|| async { error::ApiError::MethodNotAllowed })

@@ -93,7 +93,8 @@ async fn dev_with(args: &DevArgs, dir: &Path, pg: &EmbeddedPostgres) -> Result<(
                 plan: Plan::default_plan(),
                 server: None,
             };
-            control.provisioner().create(&req, None, "silo-dev").await?;
+            let t = control.provisioner().create(&req, None, "silo-dev").await?;
+            super::demo_data::seed(&pg.url(&t.database_name), &t.role_name, name).await?;
         }
     }
     let demo = control
@@ -122,6 +123,7 @@ async fn dev_with(args: &DevArgs, dir: &Path, pg: &EmbeddedPostgres) -> Result<(
     let banner = |addr: std::net::SocketAddr, pg_addr: Option<std::net::SocketAddr>| {
         println!("silo dev is running (Ctrl-C stops it)");
         println!("  admin API:    http://{addr}/admin/v1/tenants");
+        println!("  console:      http://{addr}/console (sign in with the admin token)");
         println!("  API docs:     http://{addr}/docs");
         println!("  metrics:      http://{addr}/metrics (bearer: the admin token)");
         println!("  admin token:  {admin_token}");

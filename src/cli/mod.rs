@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 operation failed, 2 bad usage or configuration.
 
 mod backup;
+mod demo_data;
 mod dev;
 mod keys;
 mod master_key;

@@ -14,6 +14,7 @@ mod architecture;
 mod backup;
 mod bounded;
 mod cli;
+mod console;
 mod crash;
 mod fleet;
 mod helm;
