@@ -103,6 +103,8 @@ impl utoipa::Modify for BearerAuth {
 /// The OpenAPI document, as served and as the reference page shows it.
 struct Documents {
     json: String,
+    /// The reference page, with the document in it.
+    html: String,
 }
 
 /// This document (OpenAPI 3.1).
@@ -118,8 +120,8 @@ async fn openapi_json(Extension(docs): Extension<Arc<Documents>>) -> impl IntoRe
 /// This document as a page to read and try requests from.
 #[utoipa::path(get, path = "/docs", tag = "docs", security(),
     responses((status = 200, description = "the API reference (HTML)", body = String, content_type = "text/html")))]
-async fn docs() -> impl IntoResponse {
-    docs::page()
+async fn docs(Extension(docs): Extension<Arc<Documents>>) -> impl IntoResponse {
+    docs::page(docs.html.clone())
 }
 
 /// `/metrics` alone, without authentication: for a listener of its own on a
@@ -200,8 +202,10 @@ pub fn app(state: AppState) -> Router {
         .split_for_parts();
     responses::problem_json(&mut api);
     responses::overload(&mut api);
+    let json = serde_json::to_string(&api).expect("the OpenAPI document serializes");
     let documents = Documents {
-        json: serde_json::to_string(&api).expect("the OpenAPI document serializes"),
+        html: docs::html(&json),
+        json,
     };
     router
         .merge(docs::assets().layer(axum::middleware::from_fn_with_state(

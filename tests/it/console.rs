@@ -269,13 +269,12 @@ async fn an_admin_runs_tenants_backups_moves_and_a_fleet_migration_from_the_cons
     );
     c.check("fleet").await;
 
-    // The API reference, Redoc served by silo, loads nothing from elsewhere.
+    // The API reference, Scalar served by silo, loads nothing from elsewhere.
     c.goto("/docs").await;
     b.wait_text("body", "Database-per-tenant control plane")
         .await;
     c.same_origin("api-docs").await;
-    // (What Redoc logs is its own, such as the refused remote logo; the
-    // console's pages are checked below.)
+    // (What Scalar logs is its own; the console's pages are checked below.)
     b.console_log().await;
 
     // Create a tenant from the form; its page shows it active.
