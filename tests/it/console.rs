@@ -370,6 +370,11 @@ async fn an_admin_runs_tenants_backups_moves_and_a_fleet_migration_from_the_cons
     b.click("form[action$='/edit'] button[type=submit]").await;
     b.wait_text("#facts + dl", "Renamed In The Console").await;
 
+    // An admin may see the direct URI, once, with the role's password.
+    c.act("direct-uri", None).await;
+    let shown = b.wait_text("[role=status]", "Direct connection URI").await;
+    assert!(shown.contains("postgres"), "{shown}");
+
     // Servers: both listed, each with its form.
     c.goto("/console/servers").await;
     assert_eq!(b.count("form[action^='/console/servers/']").await, 2);
@@ -702,7 +707,7 @@ async fn an_operator_is_offered_lifecycle_but_not_delete_or_keys_and_is_refused_
             "an operator is not offered {offered}"
         );
     }
-    for withheld in ["/delete\"", "href=\"/console/keys\""] {
+    for withheld in ["/delete\"", "/direct-uri\"", "href=\"/console/keys\""] {
         assert!(
             !html.contains(withheld),
             "an operator is offered {withheld}"
