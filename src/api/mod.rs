@@ -1,4 +1,5 @@
-//! HTTP interface: the admin API under `/admin/v1`, health, metrics and the
+//! HTTP interface: the admin API under `/admin/v1`, the admin console under
+//! `/console` (pages over the same admin API), health, metrics and the
 //! generated OpenAPI document. [`app`] builds the router from state and does
 //! not serve, so tests drive it with `oneshot` as well as over a real socket.
 

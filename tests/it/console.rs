@@ -370,6 +370,11 @@ async fn an_admin_runs_tenants_backups_moves_and_a_fleet_migration_from_the_cons
     b.click("form[action$='/edit'] button[type=submit]").await;
     b.wait_text("#facts + dl", "Renamed In The Console").await;
 
+    // An admin may see the direct URI, once, with the role's password.
+    c.act("direct-uri", None).await;
+    let shown = b.wait_text("[role=status]", "Direct connection URI").await;
+    assert!(shown.contains("postgres"), "{shown}");
+
     // Servers: both listed, each with its form.
     c.goto("/console/servers").await;
     assert_eq!(b.count("form[action^='/console/servers/']").await, 2);
@@ -399,14 +404,12 @@ async fn an_admin_runs_tenants_backups_moves_and_a_fleet_migration_from_the_cons
     .await;
     b.click("form[action='/console/keys/night-shift/revoke'] button")
         .await;
-    b.wait_url(|u| u.ends_with("/console/keys"), "the keys page")
+    // The page comes back without the key.
+    b.wait_gone("form[action='/console/keys/night-shift/revoke']")
         .await;
-    assert_eq!(
-        b.count("form[action='/console/keys/night-shift/revoke']")
-            .await,
-        0,
-        "the key is gone"
-    );
+    assert!(b.url().await.ends_with("/console/keys"));
+    let live = env.registry().admin_keys().await.unwrap();
+    assert!(live.iter().all(|k| k.name != "night-shift"), "{live:?}");
 
     // The audit log names the console's actions, filtered by action.
     c.goto("/console/audit?action=tenant.suspend").await;
@@ -663,4 +666,106 @@ async fn a_session_opened_on_one_replica_works_on_another_and_ends_on_both_with_
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_is_offered_lifecycle_but_not_delete_or_keys_and_is_refused_them() {
+    let env = TestEnv::start().await;
+    let t = env.create("operated").await;
+    let id = t["id"].as_str().unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let silo = Silo::start(&env, None, 0, &dir.path().join("silo.log")).await;
+    let (status, key) = silo
+        .request(
+            reqwest::Method::POST,
+            "/admin/v1/keys",
+            Some(json!({"name": "day-shift", "role": "operator"})),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{key}");
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let cookie = sign_in_http(&http, &silo.base, key["token"].as_str().unwrap()).await;
+    let cookie = format!("silo_console={cookie}");
+    let html = http
+        .get(format!("{}/console/tenants/operated", silo.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // Offered: lifecycle. Not offered: delete, keys.
+    for offered in ["/suspend\"", "/rotate\"", "/archive\"", "/backup\""] {
+        assert!(
+            html.contains(offered),
+            "an operator is not offered {offered}"
+        );
+    }
+    for withheld in ["/delete\"", "/direct-uri\"", "href=\"/console/keys\""] {
+        assert!(
+            !html.contains(withheld),
+            "an operator is offered {withheld}"
+        );
+    }
+    let csrf = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .unwrap()
+        .to_owned();
+    // Asked anyway, with a valid form token: the admin API refuses.
+    let post = |path: String, form: Vec<(&'static str, String)>| {
+        http.post(format!("{}{path}", silo.base))
+            .header("cookie", &cookie)
+            .form(&form)
+            .send()
+    };
+    let delete = post(
+        format!("/console/tenants/{id}/delete"),
+        vec![("csrf", csrf.clone()), ("confirm", "operated".into())],
+    )
+    .await
+    .unwrap();
+    assert_eq!(delete.status(), 403);
+    assert!(delete.text().await.unwrap().contains("role operator"));
+    let keys = post(
+        "/console/keys".into(),
+        vec![
+            ("csrf", csrf.clone()),
+            ("name", "sneaky".into()),
+            ("role", "admin".into()),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(keys.status(), 403);
+    assert_eq!(
+        env.record("operated").await.status,
+        silo::registry::TenantStatus::Active
+    );
+    assert!(env
+        .registry()
+        .admin_keys()
+        .await
+        .unwrap()
+        .iter()
+        .all(|k| k.name != "sneaky"));
+    // What an operator may do, it does.
+    let suspend = post(
+        format!("/console/tenants/{id}/suspend"),
+        vec![("csrf", csrf)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(suspend.status(), 303);
+    assert_eq!(
+        env.record("operated").await.status,
+        silo::registry::TenantStatus::Suspended
+    );
 }

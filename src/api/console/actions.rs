@@ -280,6 +280,22 @@ pub async fn tenant_action(
                 .await
                 .map(|_| see(&page))
         }
+        "direct-uri" => call(Method::GET, format!("{base}/connection?direct=true"), None)
+            .await
+            .map(|v| {
+                let lines = [
+                    ("User", v["user"].as_str().unwrap_or_default().to_owned()),
+                    ("URI", v["uri"].as_str().unwrap_or_default().to_owned()),
+                ];
+                pages::secret(
+                    &posted.signed,
+                    "Direct connection URI",
+                    &t.slug,
+                    &page,
+                    &lines,
+                )
+                .into_response()
+            }),
         "unarchive" => call(Method::POST, format!("{base}/restore"), Some(json!({})))
             .await
             .map(|op| to_operation(&op)),
@@ -517,6 +533,9 @@ pub struct MigrationForm {
     concurrency: String,
     #[serde(default)]
     dry_run: String,
+    /// One tenant (slug or id) instead of every one.
+    #[serde(default)]
+    tenant: String,
 }
 
 /// Start a fleet migration (`POST /migrations/tenants`), then watch it.
@@ -526,6 +545,9 @@ pub async fn start_migration(
 ) -> Response {
     let f = &posted.form;
     let mut body = json!({"dry_run": f.dry_run == "true"});
+    if !f.tenant.trim().is_empty() {
+        body["tenant"] = json!(f.tenant.trim());
+    }
     if !f.concurrency.trim().is_empty() {
         let Ok(n) = f.concurrency.trim().parse::<usize>() else {
             return pages::refusal(

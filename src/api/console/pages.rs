@@ -712,6 +712,10 @@ pub fn tenant(signed: &Signed, d: &TenantData) -> Markup {
                         " "
                     }))
                     (action(signed, t, "revoke-tokens", "Revoke every app token", false, true, html!{}))
+                    // A direct URI holds the role's password: the admin role's alone.
+                    @if signed.actor.role() >= AdminRole::Admin {
+                        (action(signed, t, "direct-uri", "Show the direct URI (with the role's password; audited)", false, false, html!{}))
+                    }
                     (action(signed, t, "app-credentials", "Create an app credential", false, false, html! {
                         label { "Name " input type="text" name="name" required pattern="[a-z][a-z0-9_\\-]{0,62}"; }
                         label { "Pool mode " select name="pool_mode" { option value="session" { "session" } option value="transaction" { "transaction" } } }
@@ -1130,6 +1134,7 @@ pub fn migrations(signed: &Signed, status: &Value, latest: Option<&Operation>) -
             form method="post" action="/console/migrations" {
                 (csrf(signed))
                 label { "Concurrency " input type="number" name="concurrency" min="1" max="32" placeholder="default"; }
+                label { "Only the tenant " input type="text" name="tenant" placeholder="every tenant"; }
                 label { input type="checkbox" name="dry_run" value="true"; " Dry run (change nothing)" }
                 " "
                 button type="submit" { "Migrate every tenant" }

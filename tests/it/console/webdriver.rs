@@ -247,7 +247,20 @@ impl Browser {
         }
     }
 
-    /// Wait until the page's address ends with `suffix` (after a form post).
+    /// Wait until nothing matches `css` (after a form post reloads the page).
+    pub async fn wait_gone(&self, css: &str) {
+        let deadline = Instant::now() + WAIT;
+        while self.count(css).await > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{css} is still on {}",
+                self.url().await
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Wait until the page's address passes `pred` (after a form post).
     pub async fn wait_url(&self, pred: impl Fn(&str) -> bool, what: &str) -> String {
         let deadline = Instant::now() + WAIT;
         loop {
