@@ -311,6 +311,20 @@ async fn an_admin_runs_tenants_backups_moves_and_a_fleet_migration_from_the_cons
         .await;
     assert_eq!(b.count("tbody tr").await, 10, "seeded-00990 … seeded-00999");
 
+    // Its usage, once the collector has measured it: the size, and a
+    // daily line named for assistive technology.
+    // (A pass the served replica runs meanwhile holds the lock: try again.)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while env.control.collect_usage_once().await.unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "no usage pass ran");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    c.goto("/console/tenants/console-made").await;
+    let usage = b.text("#usage + dl").await;
+    assert!(usage.contains("MiB") && usage.contains("1 days"), "{usage}");
+    assert_eq!(b.count("#usage + dl svg[role=img][aria-label]").await, 2);
+    c.check("tenant-usage").await;
+
     // Suspend, then resume.
     c.goto("/console/tenants/console-made").await;
     c.act("suspend", None).await;

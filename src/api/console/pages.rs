@@ -175,6 +175,44 @@ fn op_kind(k: OperationKind) -> String {
         .unwrap_or_else(|| format!("{k:?}"))
 }
 
+/// A small line of `values` (oldest first) as inline SVG, named by `label`
+/// for assistive technology, with the range beside it in words (readable
+/// without colour, or without the picture).
+fn sparkline(label: &str, values: &[f64], unit: impl Fn(f64) -> String) -> Markup {
+    let (w, h) = (160.0_f64, 28.0_f64);
+    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if values.is_empty() {
+        return html! { span { "no data yet" } };
+    }
+    let span = (hi - lo).max(f64::EPSILON);
+    let step = if values.len() > 1 {
+        w / (values.len() - 1) as f64
+    } else {
+        0.0
+    };
+    let points: Vec<String> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let y = h - 2.0 - (v - lo) / span * (h - 4.0);
+            format!("{:.1},{:.1}", i as f64 * step, y)
+        })
+        .collect();
+    let words = format!(
+        "{label}: {} to {} over {} days",
+        unit(lo),
+        unit(hi),
+        values.len()
+    );
+    html! {
+        svg.spark role="img" aria-label=(words) width="160" height="28" viewBox="0 0 160 28" {
+            polyline fill="none" stroke="currentColor" stroke-width="1.5" points=(points.join(" ")) {}
+        }
+        " " span { (unit(lo)) " – " (unit(hi)) " (" (values.len()) " days)" }
+    }
+}
+
 fn bytes(n: Option<i64>) -> String {
     match n {
         None => "–".into(),
@@ -513,6 +551,11 @@ pub struct TenantData {
     /// This replica's pool of the tenant: open, in use, cap.
     pool: Option<(usize, usize, usize)>,
     servers: Vec<String>,
+    /// What the usage collector measured last, and the last 30 days.
+    usage: Option<crate::registry::CurrentUsage>,
+    daily: Vec<crate::registry::DailyUsage>,
+    /// Every plan's name, for the edit form.
+    plans: Vec<String>,
 }
 
 impl TenantData {
@@ -568,9 +611,20 @@ impl TenantData {
             .iter()
             .find(|p| p.tenant_id == t.id)
             .map(|p| (p.open, p.in_use, p.cap));
+        let mut daily = reg.daily_usage(t.id, 30).await.map_err(db)?;
+        daily.sort_by_key(|d| d.day);
         Ok(Self {
             connection,
             pool,
+            usage: reg.current_usage(t.id).await.map_err(db)?,
+            plans: reg
+                .plans()
+                .await
+                .map_err(db)?
+                .into_iter()
+                .map(|p| p.name.to_string())
+                .collect(),
+            daily,
             backups: reg.backups_of(t.id, None, 20).await.map_err(db)?,
             operations: reg.operations_of(t.id, 20).await.map_err(db)?,
             audit: reg.audit_entries(&filter, 20).await.map_err(db)?,
@@ -653,6 +707,29 @@ pub fn tenant(signed: &Signed, d: &TenantData) -> Markup {
                 dt { "Id" } dd { code { (t.id) } }
             }
         }
+        section aria-labelledby="usage" {
+            h2 id="usage" { "Usage" }
+            @match &d.usage {
+                None => p { "Not measured yet: the usage collector measures every tenant once an interval (SILO_USAGE_INTERVAL)." }
+                Some(u) => dl.facts {
+                    dt { "Database size" }
+                    dd {
+                        (bytes(u.size_bytes))
+                        @if let Some(q) = t.limits.storage_quota_bytes { " of a " (bytes(Some(q))) " quota" }
+                        @if let Some(at) = t.over_quota_at { strong.bad { " — over quota since " (when(at)) ": read-only" } }
+                    }
+                    dt { "Connections" } dd { (u.connections.map_or("–".into(), |c| c.to_string())) }
+                    dt { "App requests" } dd { (u.requests) " (" (u.errors) " errors)" }
+                    dt { "Commits, rollbacks" } dd { (u.commits) ", " (u.rollbacks) }
+                    dt { "Rows written" } dd { (u.rows_written) }
+                    dt { "Measured" } dd { (when_opt(u.sampled_at)) }
+                    dt { "Size, daily" }
+                    dd { (sparkline("database size", &d.daily.iter().filter_map(|x| x.max_size_bytes).map(|b| b as f64).collect::<Vec<_>>(), |v| bytes(Some(v as i64)))) }
+                    dt { "Requests, daily" }
+                    dd { (sparkline("app requests a day", &d.daily.iter().map(|x| x.requests as f64).collect::<Vec<_>>(), |v| format!("{v:.0}"))) }
+                }
+            }
+        }
         @if change && live {
             section aria-labelledby="actions" {
                 h2 id="actions" { "Actions" }
@@ -684,7 +761,13 @@ pub fn tenant(signed: &Signed, d: &TenantData) -> Markup {
                     summary { "Edit name, plan or backup schedule" }
                     (action(signed, t, "edit", "Save", false, false, html! {
                         p { label { "Name " input type="text" name="name" value=(t.name) required maxlength="200"; } }
-                        p { label { "Plan " input type="text" name="plan" value=(t.plan); } }
+                        p { label { "Plan "
+                            select name="plan" {
+                                @for plan in &d.plans {
+                                    option value=(plan) selected[plan.as_str() == t.plan.as_str()] { (plan) }
+                                }
+                            }
+                        } }
                         p { label { "Backup schedule (cron, UTC) " input type="text" name="backup_schedule" value=(t.backup_schedule.as_deref().unwrap_or("")) placeholder="the default"; } }
                     }))
                 }
