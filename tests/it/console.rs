@@ -394,6 +394,37 @@ async fn an_admin_runs_tenants_backups_moves_and_a_fleet_migration_from_the_cons
     assert_eq!(b.count("form[action^='/console/servers/']").await, 2);
     c.check("servers").await;
 
+    // Plans: one added, changed (an emptied limit is cleared), deleted by
+    // typing its name.
+    c.goto("/console/plans").await;
+    c.check("plans").await;
+    let add = "form[action='/console/plans']";
+    b.fill(&format!("{add} input[name=name]"), "console-plan")
+        .await;
+    b.fill(&format!("{add} input[name=connection_limit]"), "7")
+        .await;
+    b.fill(&format!("{add} input[name=max_staff]"), "3").await;
+    b.click(&format!("{add} button[type=submit]")).await;
+    b.wait_text("main table", "console-plan").await;
+    let name: silo::domain::Plan = "console-plan".parse().unwrap();
+    let made = env.registry().plan(&name).await.unwrap().unwrap();
+    assert_eq!((made.connection_limit, made.max_staff), (7, Some(3)));
+    let edit = "form[action='/console/plans/console-plan']";
+    b.fill(&format!("{edit} input[name=max_staff]"), "").await;
+    b.fill(&format!("{edit} input[name=connection_limit]"), "9")
+        .await;
+    b.click(&format!("{edit} button[type=submit]")).await;
+    b.wait_url(|u| u.ends_with("/console/plans"), "the plans page")
+        .await;
+    let changed = env.registry().plan(&name).await.unwrap().unwrap();
+    assert_eq!((changed.connection_limit, changed.max_staff), (9, None));
+    let gone = "form[action='/console/plans/console-plan/delete']";
+    b.fill(&format!("{gone} input[name=confirm]"), "console-plan")
+        .await;
+    b.click(&format!("{gone} button[type=submit]")).await;
+    b.wait_gone(gone).await;
+    assert!(env.registry().plan(&name).await.unwrap().is_none());
+
     // Keys: one made (its token shown once), then revoked by typing its name.
     c.goto("/console/keys").await;
     b.fill(
@@ -478,6 +509,7 @@ async fn a_viewer_sees_no_control_it_cannot_use_and_forged_or_forbidden_posts_ch
         ("/console/tenants", "tenants"),
         ("/console/tenants/watched", "tenant"),
         ("/console/servers", "servers"),
+        ("/console/plans", "plans"),
         ("/console/migrations", "migrations"),
         ("/console/audit", "audit"),
     ] {
@@ -759,6 +791,20 @@ async fn an_operator_is_offered_lifecycle_but_not_delete_or_keys_and_is_refused_
     .await
     .unwrap();
     assert_eq!(keys.status(), 403);
+    let plan = post(
+        "/console/plans/standard".into(),
+        vec![("csrf", csrf.clone()), ("connection_limit", "1".into())],
+    )
+    .await
+    .unwrap();
+    assert_eq!(plan.status(), 403, "plans are the admin role's");
+    let standard = env
+        .registry()
+        .plan(&silo::domain::Plan::default_plan())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(standard.connection_limit, 20);
     assert_eq!(
         env.record("operated").await.status,
         silo::registry::TenantStatus::Active

@@ -655,6 +655,107 @@ pub async fn update_server(
     }
 }
 
+/// A plan's form: every limit as typed (empty: cleared), and a delete's
+/// confirmation.
+#[derive(Deserialize)]
+pub struct PlanForm {
+    #[serde(flatten)]
+    fields: std::collections::HashMap<String, String>,
+}
+
+/// The API's body for a plan's form: the known fields, numbers parsed,
+/// empty ones `null` (the connection limit is left out when empty).
+fn plan_body(f: &PlanForm) -> Result<Value, Response> {
+    let mut body = json!({});
+    for (field, label) in pages::PLAN_FIELDS {
+        let v = f.fields.get(field).map(|s| s.trim()).unwrap_or("");
+        body[field] = match (field, v) {
+            ("connection_limit", "") => continue,
+            (_, "") => Value::Null,
+            ("backup_schedule", v) => json!(v),
+            (_, v) => json!(v.parse::<i64>().map_err(|_| {
+                pages::refusal(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Not saved",
+                    &format!("{label} is a whole number, or empty; nothing was saved."),
+                )
+            })?),
+        };
+    }
+    Ok(body)
+}
+
+/// Add a plan (`POST /plans`).
+pub async fn create_plan(
+    Extension(console): Extension<Console>,
+    posted: Posted<PlanForm>,
+) -> Response {
+    let mut body = match plan_body(&posted.form) {
+        Ok(b) => b,
+        Err(res) => return res,
+    };
+    let name = posted.form.fields.get("name").map_or("", |s| s.trim());
+    body["name"] = json!(name);
+    match console
+        .call(&posted.signed.actor, Method::POST, "/plans", Some(body))
+        .await
+    {
+        Ok(_) => see("/console/plans"),
+        Err(f) => f.into_response(),
+    }
+}
+
+/// Change a plan (`PATCH /plans/{plan}`): it applies to its tenants at once.
+pub async fn update_plan(
+    Extension(console): Extension<Console>,
+    Path(name): Path<String>,
+    posted: Posted<PlanForm>,
+) -> Response {
+    let body = match plan_body(&posted.form) {
+        Ok(b) => b,
+        Err(res) => return res,
+    };
+    match console
+        .call(
+            &posted.signed.actor,
+            Method::PATCH,
+            &format!("/plans/{}", seg(&name)),
+            Some(body),
+        )
+        .await
+    {
+        Ok(_) => see("/console/plans"),
+        Err(f) => f.into_response(),
+    }
+}
+
+/// Delete a plan no tenant is on (`DELETE /plans/{plan}`), its name typed.
+pub async fn delete_plan(
+    Extension(console): Extension<Console>,
+    Path(name): Path<String>,
+    posted: Posted<PlanForm>,
+) -> Response {
+    if posted.form.fields.get("confirm").map(|s| s.trim()) != Some(name.as_str()) {
+        return pages::refusal(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Not confirmed",
+            &format!("Type the plan's name, {name}, to delete it; nothing was done."),
+        );
+    }
+    match console
+        .call(
+            &posted.signed.actor,
+            Method::DELETE,
+            &format!("/plans/{}", seg(&name)),
+            None,
+        )
+        .await
+    {
+        Ok(_) => see("/console/plans"),
+        Err(f) => f.into_response(),
+    }
+}
+
 #[derive(Deserialize)]
 pub struct KeyForm {
     #[serde(default)]

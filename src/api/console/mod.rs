@@ -177,6 +177,9 @@ pub fn router(admin: Router) -> Router<AppState> {
             get(servers).post(actions::create_server),
         )
         .route("/console/servers/{name}", post(actions::update_server))
+        .route("/console/plans", get(plans).post(actions::create_plan))
+        .route("/console/plans/{name}", post(actions::update_plan))
+        .route("/console/plans/{name}/delete", post(actions::delete_plan))
         .route("/console/keys", get(keys).post(actions::create_key))
         .route("/console/keys/{name}/revoke", post(actions::revoke_key))
         .route("/console/operations/{id}", get(operation))
@@ -331,6 +334,15 @@ async fn migrations(
 async fn servers(State(state): State<AppState>, signed: Signed) -> Result<Markup, Response> {
     let servers = state.registry().servers().await.map_err(failed)?;
     Ok(pages::servers(&signed, &servers))
+}
+
+/// Plans, as `GET /plans` lists them.
+async fn plans(Extension(console): Extension<Console>, signed: Signed) -> Result<Markup, Response> {
+    let plans = console
+        .call(&signed.actor, Method::GET, "/plans", None)
+        .await
+        .map_err(IntoResponse::into_response)?;
+    Ok(pages::plans(&signed, &plans))
 }
 
 /// Admin keys, as `GET /keys` lists them (the admin role's alone: others

@@ -28,16 +28,18 @@ pub enum Part {
     Fleet,
     Tenants,
     Servers,
+    Plans,
     Migrations,
     Audit,
     Keys,
     None,
 }
 
-const PARTS: [(Part, &str, &str); 6] = [
+const PARTS: [(Part, &str, &str); 7] = [
     (Part::Fleet, "/console", "Fleet"),
     (Part::Tenants, "/console/tenants", "Tenants"),
     (Part::Servers, "/console/servers", "Servers"),
+    (Part::Plans, "/console/plans", "Plans"),
     (Part::Migrations, "/console/migrations", "Migrations"),
     (Part::Audit, "/console/audit", "Audit"),
     (Part::Keys, "/console/keys", "Keys"),
@@ -1026,6 +1028,96 @@ pub fn servers(signed: &Signed, servers: &[DbServer]) -> Markup {
         }
     };
     page(signed, Part::Servers, "Servers", false, body)
+}
+
+// ---------------------------------------------------------------- plans
+
+/// A plan's limits as the page shows and edits them: (field, label).
+pub const PLAN_FIELDS: [(&str, &str); 12] = [
+    ("connection_limit", "Connection limit"),
+    ("storage_quota_bytes", "Storage quota (bytes)"),
+    ("requests_per_second", "App requests per second"),
+    ("wire_clients", "Front-door clients"),
+    ("max_staff", "Most staff"),
+    ("max_patients", "Most patients"),
+    ("trial_days", "Trial days"),
+    ("backup_schedule", "Backup schedule (cron, UTC)"),
+    ("backup_keep_last", "Backups kept: last"),
+    ("backup_keep_daily", "daily"),
+    ("backup_keep_weekly", "weekly"),
+    ("backup_keep_monthly", "monthly"),
+];
+
+fn plan_value(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+pub fn plans(signed: &Signed, plans: &Value) -> Markup {
+    let change = signed.actor.may(&Method::PATCH, "/plans/{plan}");
+    let delete = signed.actor.may(&Method::DELETE, "/plans/{plan}");
+    let items: Vec<&Value> = plans["items"].as_array().into_iter().flatten().collect();
+    let body = html! {
+        p.muted { "What a tenant of each plan may use. An empty limit is silo's setting, or no limit; a change applies to every tenant of the plan at once." }
+        table {
+            thead { tr {
+                th scope="col" { "Plan" } th scope="col" class="num" { "Tenants" }
+                @for (_, label) in &PLAN_FIELDS[..7] { th scope="col" { (label) } }
+            } }
+            tbody {
+                @for p in &items {
+                    tr {
+                        th scope="row" { (p["name"].as_str().unwrap_or("")) }
+                        td.num { (plan_value(&p["tenants"])) }
+                        @for (field, _) in &PLAN_FIELDS[..7] {
+                            td { @match plan_value(&p[*field]) { v if v.is_empty() => "–", v => (v) } }
+                        }
+                    }
+                }
+            }
+        }
+        @if change {
+            h2 { "Change a plan" }
+            div.actions {
+                @for p in &items {
+                    @let name = p["name"].as_str().unwrap_or("");
+                    form method="post" action=(format!("/console/plans/{}", seg(name))) {
+                        (csrf(signed))
+                        fieldset {
+                            legend { (name) }
+                            @for (field, label) in &PLAN_FIELDS {
+                                label { (label) " " input type="text" name=(field) value=(plan_value(&p[*field])) size="12"; }
+                                br;
+                            }
+                            button type="submit" { "Save " (name) }
+                        }
+                    }
+                    @if delete && p["tenants"].as_i64() == Some(0) {
+                        form method="post" action=(format!("/console/plans/{}/delete", seg(name))) {
+                            (csrf(signed))
+                            label { "Type " (name) " to delete it " input type="text" name="confirm" required autocomplete="off"; }
+                            " " button type="submit" { "Delete " (name) }
+                        }
+                    }
+                }
+            }
+        }
+        @if signed.actor.may(&Method::POST, "/plans") {
+            h2 { "Add a plan" }
+            form method="post" action="/console/plans" {
+                (csrf(signed))
+                p { label { "Name " input type="text" name="name" required maxlength="40"; } }
+                @for (field, label) in &PLAN_FIELDS {
+                    p { label { (label) " " input type="text" name=(field) required[*field == "connection_limit"]; } }
+                }
+                button type="submit" { "Add the plan" }
+            }
+        }
+    };
+    page(signed, Part::Plans, "Plans", false, body)
 }
 
 // ----------------------------------------------------------------- keys
