@@ -324,6 +324,23 @@ async fn an_admin_runs_tenants_backups_moves_and_a_fleet_migration_from_the_cons
     assert!(usage.contains("MiB") && usage.contains("1 days"), "{usage}");
     assert_eq!(b.count("#usage + dl svg[role=img][aria-label]").await, 2);
     c.check("tenant-usage").await;
+    // A read-only app credential made from the page: its password shown
+    // once, and the credential is the reader's.
+    let cred = "form[action$='/app-credentials']";
+    b.fill(&format!("{cred} input[name=name]"), "reports").await;
+    b.click(&format!("{cred} input[name=read_only]")).await;
+    b.click(&format!("{cred} button[type=submit]")).await;
+    b.wait_text("[role=status]", "reports").await;
+    let t = env.record("console-made").await;
+    let creds = env.registry().app_credentials(t.id).await.unwrap();
+    assert!(
+        creds.iter().any(|c| c.name == "reports" && c.read_only),
+        "{creds:?}"
+    );
+    // The fleet lists the largest tenants the collector measured.
+    c.goto("/console").await;
+    let largest = b.text("#largest + table").await;
+    assert!(largest.contains("console-made"), "{largest}");
 
     // Suspend, then resume.
     c.goto("/console/tenants/console-made").await;

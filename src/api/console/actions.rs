@@ -169,6 +169,9 @@ pub struct ActionForm {
     name: String,
     #[serde(default)]
     pool_mode: String,
+    /// An app credential that may only read (a checked box sends `true`).
+    #[serde(default)]
+    read_only: String,
     /// A tenant's new plan and backup schedule.
     #[serde(default)]
     plan: String,
@@ -339,7 +342,11 @@ pub async fn tenant_action(
             call(
                 Method::POST,
                 format!("{base}/app-credentials"),
-                Some(json!({"name": f.name.trim(), "pool_mode": mode.unwrap_or("session")})),
+                Some(json!({
+                    "name": f.name.trim(),
+                    "pool_mode": mode.unwrap_or("session"),
+                    "read_only": f.read_only == "true",
+                })),
             )
             .await
             .map(|v| {

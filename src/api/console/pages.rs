@@ -233,6 +233,8 @@ pub struct FleetData {
     by_status: Vec<(String, i64)>,
     running: Vec<Operation>,
     failed_backups: Vec<FailedBackup>,
+    /// The largest tenants, as the usage collector measured them.
+    top: Vec<crate::registry::TenantUsageRow>,
     migration: Option<Operation>,
 }
 
@@ -257,6 +259,7 @@ impl FleetData {
                 .failed_backups_since(Utc::now() - Duration::days(1), 50)
                 .await?,
             migration: reg.latest_operation(OperationKind::MigrateTenants).await?,
+            top: reg.top_usage(crate::registry::UsageSort::Size, 10).await?,
         })
     }
 }
@@ -311,6 +314,27 @@ pub fn fleet(signed: &Signed, d: &FleetData) -> Markup {
                                 td { a href=(format!("/console/tenants/{}", seg(&b.slug))) { (b.slug) } }
                                 td { (b.kind) } td { (when(b.started_at)) }
                                 td { (b.error.as_deref().unwrap_or("")) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        section aria-labelledby="largest" {
+            h2 id="largest" { "Largest tenants" }
+            @if d.top.is_empty() { p { "Not measured yet (the usage collector runs every SILO_USAGE_INTERVAL)." } } @else {
+                table {
+                    thead { tr {
+                        th scope="col" { "Tenant" } th scope="col" { "Plan" }
+                        th scope="col" class="num" { "Size" } th scope="col" class="num" { "Quota" }
+                    } }
+                    tbody {
+                        @for u in &d.top {
+                            tr {
+                                td { a href=(format!("/console/tenants/{}", seg(&u.slug))) { (u.slug) } }
+                                td { (u.plan) }
+                                td.num { (bytes(u.size_bytes)) }
+                                td.num { (bytes(u.storage_quota_bytes)) }
                             }
                         }
                     }
@@ -804,6 +828,7 @@ pub fn tenant(signed: &Signed, d: &TenantData) -> Markup {
                     (action(signed, t, "app-credentials", "Create an app credential", false, false, html! {
                         label { "Name " input type="text" name="name" required pattern="[a-z][a-z0-9_\\-]{0,62}"; }
                         label { "Pool mode " select name="pool_mode" { option value="session" { "session" } option value="transaction" { "transaction" } } }
+                        label { input type="checkbox" name="read_only" value="true"; " read-only (SELECT only)" }
                         " "
                     }))
                 }
