@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use super::pages;
 use super::session::{self, cookie, random_token, set_cookie, Posted, SIGN_IN_COOKIE};
 use super::{seg, Console, Failure};
-use crate::api::auth;
+use crate::api::auth::{self, Actor};
 use crate::api::error::ApiError;
 use crate::api::AppState;
 use crate::crypto::secret_eq;
@@ -214,6 +214,22 @@ fn see(to: &str) -> Response {
     Redirect::to(to).into_response()
 }
 
+/// Send a change to the admin API as `actor`; once done, 303 to `to`,
+/// else the API's refusal as a page.
+async fn change_then_see(
+    console: &Console,
+    actor: &Actor,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+    to: &str,
+) -> Response {
+    match console.call(actor, method, path, body).await {
+        Ok(_) => see(to),
+        Err(f) => f.into_response(),
+    }
+}
+
 /// 303 to the page of the operation an answer names.
 fn to_operation(op: &Value) -> Response {
     see(&format!(
@@ -392,18 +408,15 @@ pub async fn revoke_app_credential(
         Ok(t) => t,
         Err(res) => return res,
     };
-    match console
-        .call(
-            &posted.signed.actor,
-            Method::DELETE,
-            &format!("/tenants/{}/app-credentials/{}", t.id, seg(&id)),
-            None,
-        )
-        .await
-    {
-        Ok(_) => see(&format!("/console/tenants/{}", t.id)),
-        Err(f) => f.into_response(),
-    }
+    change_then_see(
+        &console,
+        &posted.signed.actor,
+        Method::DELETE,
+        &format!("/tenants/{}/app-credentials/{}", t.id, seg(&id)),
+        None,
+        &format!("/console/tenants/{}", t.id),
+    )
+    .await
 }
 
 /// Rotate one app credential's password (shown once).
@@ -625,13 +638,15 @@ pub async fn create_server(
     if let Err(res) = limits(f, &mut body) {
         return res;
     }
-    match console
-        .call(&posted.signed.actor, Method::POST, "/servers", Some(body))
-        .await
-    {
-        Ok(_) => see("/console/servers"),
-        Err(f) => f.into_response(),
-    }
+    change_then_see(
+        &console,
+        &posted.signed.actor,
+        Method::POST,
+        "/servers",
+        Some(body),
+        "/console/servers",
+    )
+    .await
 }
 
 /// Drain a server or make it active, or change its limits.
@@ -648,18 +663,15 @@ pub async fn update_server(
     if let Err(res) = limits(f, &mut body) {
         return res;
     }
-    match console
-        .call(
-            &posted.signed.actor,
-            Method::PATCH,
-            &format!("/servers/{}", seg(&name)),
-            Some(body),
-        )
-        .await
-    {
-        Ok(_) => see("/console/servers"),
-        Err(f) => f.into_response(),
-    }
+    change_then_see(
+        &console,
+        &posted.signed.actor,
+        Method::PATCH,
+        &format!("/servers/{}", seg(&name)),
+        Some(body),
+        "/console/servers",
+    )
+    .await
 }
 
 /// A plan's form: every limit as typed (empty: cleared), and a delete's
@@ -703,13 +715,15 @@ pub async fn create_plan(
     };
     let name = posted.form.fields.get("name").map_or("", |s| s.trim());
     body["name"] = json!(name);
-    match console
-        .call(&posted.signed.actor, Method::POST, "/plans", Some(body))
-        .await
-    {
-        Ok(_) => see("/console/plans"),
-        Err(f) => f.into_response(),
-    }
+    change_then_see(
+        &console,
+        &posted.signed.actor,
+        Method::POST,
+        "/plans",
+        Some(body),
+        "/console/plans",
+    )
+    .await
 }
 
 /// Change a plan (`PATCH /plans/{plan}`): it applies to its tenants at once.
@@ -722,18 +736,15 @@ pub async fn update_plan(
         Ok(b) => b,
         Err(res) => return res,
     };
-    match console
-        .call(
-            &posted.signed.actor,
-            Method::PATCH,
-            &format!("/plans/{}", seg(&name)),
-            Some(body),
-        )
-        .await
-    {
-        Ok(_) => see("/console/plans"),
-        Err(f) => f.into_response(),
-    }
+    change_then_see(
+        &console,
+        &posted.signed.actor,
+        Method::PATCH,
+        &format!("/plans/{}", seg(&name)),
+        Some(body),
+        "/console/plans",
+    )
+    .await
 }
 
 /// Delete a plan no tenant is on (`DELETE /plans/{plan}`), its name typed.
@@ -749,18 +760,15 @@ pub async fn delete_plan(
             &format!("Type the plan's name, {name}, to delete it; nothing was done."),
         );
     }
-    match console
-        .call(
-            &posted.signed.actor,
-            Method::DELETE,
-            &format!("/plans/{}", seg(&name)),
-            None,
-        )
-        .await
-    {
-        Ok(_) => see("/console/plans"),
-        Err(f) => f.into_response(),
-    }
+    change_then_see(
+        &console,
+        &posted.signed.actor,
+        Method::DELETE,
+        &format!("/plans/{}", seg(&name)),
+        None,
+        "/console/plans",
+    )
+    .await
 }
 
 #[derive(Deserialize)]
@@ -817,16 +825,13 @@ pub async fn revoke_key(
             &format!("Type the key's name, {name}, to revoke it; nothing was done."),
         );
     }
-    match console
-        .call(
-            &posted.signed.actor,
-            Method::DELETE,
-            &format!("/keys/{}", seg(&name)),
-            None,
-        )
-        .await
-    {
-        Ok(_) => see("/console/keys"),
-        Err(f) => f.into_response(),
-    }
+    change_then_see(
+        &console,
+        &posted.signed.actor,
+        Method::DELETE,
+        &format!("/keys/{}", seg(&name)),
+        None,
+        "/console/keys",
+    )
+    .await
 }
