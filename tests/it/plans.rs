@@ -152,6 +152,28 @@ async fn plans_are_data_and_a_change_applies_to_every_tenant_of_the_plan() {
     let days = (expires - Utc::now()).num_hours();
     assert!((29 * 24..=30 * 24).contains(&days), "{made}");
     assert_eq!(role_limit(&env, "smallclinic").await, 3);
+    // The router's pool of it is capped by the plan too (one replica: all of it).
+    let token = env.app_token("smallclinic").await;
+    let t = env.record("smallclinic").await;
+    let cap = || {
+        env.router
+            .stats()
+            .tenants
+            .iter()
+            .find(|p| p.tenant_id == t.id)
+            .map(|p| p.cap)
+    };
+    let (status, body) = app(
+        &env,
+        &token,
+        "smallclinic",
+        Method::GET,
+        "/api/v1/patients",
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(cap(), Some(3));
     let (status, body) = env
         .call(
             Method::POST,
@@ -188,6 +210,20 @@ async fn plans_are_data_and_a_change_applies_to_every_tenant_of_the_plan() {
     );
     assert_eq!(changed["tenants"], 1);
     assert_eq!(role_limit(&env, "smallclinic").await, 7);
+    // Every router hears of it: the pool is rebuilt with the new cap.
+    eventually("the router's pool to take the plan's new cap", || async {
+        let (status, _) = app(
+            &env,
+            &token,
+            "smallclinic",
+            Method::GET,
+            "/api/v1/patients",
+            None,
+        )
+        .await;
+        status == StatusCode::OK && cap() == Some(7)
+    })
+    .await;
     let (status, body) = env
         .call(
             Method::PATCH,
