@@ -4,7 +4,9 @@
 //!
 //! **pgbench**: against a direct connection and PgBouncer, driven by
 //! `pgbench -S` (select-only, simple protocol) in one run (seconds per case
-//! `SILO_BENCH_SECONDS`, default 10; scale `SILO_BENCH_SCALE`, default 10).
+//! `SILO_BENCH_SECONDS`, default 10; scale `SILO_BENCH_SCALE`, default 10;
+//! some cases only: `SILO_BENCH_ONLY=1,50,C`; this process's runtime
+//! threads, which silo runs on here: `SILO_BENCH_WORKERS`, default 2).
 //!
 //! One PostgreSQL cluster, one tenant (premium plan: 50 connections). The
 //! same pgbench runs three ways, SCRAM-SHA-256 on every path:
@@ -84,8 +86,10 @@ fn main() -> Result<()> {
     if cases.iter().any(|c| c != "pgbench") {
         raise_open_files()?;
     }
+    // The runtime silo runs on in the pgbench case (in this process).
+    let workers: usize = env_number("SILO_BENCH_WORKERS", 2)?;
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .enable_all()
         .build()?
         .block_on(async {
@@ -247,11 +251,17 @@ async fn pgbench_case() -> Result<()> {
         "\n{:<22} {:>12} {:>12} {:>12} {:>12} {:>14}",
         "case", "direct tps", "silo tps", "pgbouncer", "silo/direct", "silo/pgbouncer"
     );
-    for (case, clients, reconnect) in [
-        ("1 client", 1, false),
-        ("50 clients", 50, false),
-        ("-C storm (8 clients)", 8, true),
+    // `SILO_BENCH_ONLY=1,50,C`: some of the cases.
+    let only = std::env::var("SILO_BENCH_ONLY").unwrap_or_else(|_| "1,50,C".into());
+    let only: Vec<&str> = only.split(',').map(str::trim).collect();
+    for (key, case, clients, reconnect) in [
+        ("1", "1 client", 1, false),
+        ("50", "50 clients", 50, false),
+        ("C", "-C storm (8 clients)", 8, true),
     ] {
+        if !only.contains(&key) {
+            continue;
+        }
         let mut tps = Vec::new();
         for (_, uri) in &paths {
             tps.push(pgbench(uri, clients, seconds, reconnect).await?);

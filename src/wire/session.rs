@@ -375,6 +375,7 @@ async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
         server: None,
         pool: None,
         transactions: metrics::counter!("silo_wire_transactions_total"),
+        wait_seconds: metrics::histogram!("silo_wire_wait_seconds"),
         errors: metrics::counter!("silo_wire_errors_total"),
         wanted,
         statements: HashMap::new(),
@@ -573,7 +574,7 @@ impl Drop for TenantSlot {
 }
 
 /// A client waiting for a server connection, counted until dropped.
-struct Waited<'a>(&'a TenantCounters, Instant);
+struct Waited<'a>(&'a TenantCounters, Instant, &'a metrics::Histogram);
 
 impl Drop for Waited<'_> {
     fn drop(&mut self) {
@@ -582,7 +583,7 @@ impl Drop for Waited<'_> {
         self.0
             .wait_nanos
             .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
-        metrics::histogram!("silo_wire_wait_seconds").record(waited.as_secs_f64());
+        self.2.record(waited.as_secs_f64());
     }
 }
 
@@ -621,6 +622,7 @@ pub(super) struct Session {
     pool: Option<Arc<super::pool::WirePool>>,
     transactions: metrics::Counter,
     errors: metrics::Counter,
+    wait_seconds: metrics::Histogram,
     /// Settings the client asked for at startup.
     wanted: Vec<(String, String)>,
     statements: HashMap<String, Prepared>,
@@ -657,6 +659,10 @@ impl Session {
     async fn run(mut self) {
         let idle_limit = self.shared.settings.client_idle_timeout;
         let token = self.ender.token.clone();
+        // Made once: a waiter registered anew each round trip would lock
+        // the token's list twice per message.
+        let ended = token.cancelled();
+        tokio::pin!(ended);
         let outcome: Result<(), Fatal> = loop {
             let quiet = self.server.is_none() || self.status == b'I';
             let idle_wait = async move {
@@ -666,15 +672,20 @@ impl Session {
                 }
             };
             let event = match self.server.as_mut() {
+                // `biased`: polled in this order, no random draw per
+                // message; the server's answers go first, so a client
+                // sending fast cannot hold them back.
                 Some(server) => tokio::select! {
-                    m = self.reader.next() => Event::Client(m),
+                    biased;
+                    _ = &mut ended => Event::Ended,
                     m = server.conn().recv_frame() => Event::Server(m),
-                    _ = token.cancelled() => Event::Ended,
+                    m = self.reader.next() => Event::Client(m),
                     _ = idle_wait => Event::Idle,
                 },
                 None => tokio::select! {
+                    biased;
+                    _ = &mut ended => Event::Ended,
                     m = self.reader.next() => Event::Client(m),
-                    _ = token.cancelled() => Event::Ended,
                     _ = idle_wait => Event::Idle,
                 },
             };
@@ -1026,7 +1037,7 @@ impl Session {
         let deadline = started + self.shared.settings.wait_timeout;
         let counters = self.tenant_slot.counters.clone();
         counters.waiting.fetch_add(1, Ordering::AcqRel);
-        let waited = Waited(&counters, started);
+        let waited = Waited(&counters, started, &self.wait_seconds);
         let mut rereads = 0;
         let mut checkout = loop {
             // The pool of the last transaction, while it stands: any change
@@ -1254,8 +1265,10 @@ fn statement_name(parse_rest: &[u8]) -> String {
     name
 }
 
-/// The first keyword of `sql`, upper-cased (after blanks and comments).
-fn first_word(sql: &str) -> String {
+/// The first keyword of `sql` (after blanks and comments), and the text
+/// after it; compared case-insensitively, never copied (every simple query
+/// and `Parse` goes through here).
+fn first_word(sql: &str) -> (&str, &str) {
     let mut s = sql.trim_start();
     loop {
         if let Some(rest) = s.strip_prefix("--") {
@@ -1266,10 +1279,15 @@ fn first_word(sql: &str) -> String {
             break;
         }
     }
-    s.chars()
-        .take_while(|c| c.is_ascii_alphabetic())
-        .collect::<String>()
-        .to_ascii_uppercase()
+    let end = s
+        .find(|c: char| !c.is_ascii_alphabetic())
+        .unwrap_or(s.len());
+    s.split_at(end)
+}
+
+/// Whether `word` is one of `words`, ignoring ASCII case.
+fn is_one_of(word: &str, words: &[&str]) -> bool {
+    words.iter().any(|w| w.eq_ignore_ascii_case(word))
 }
 
 /// Whether SQL text may leave session state behind (a setting, a prepared
@@ -1297,23 +1315,31 @@ fn changes_session(sql: &str) -> bool {
         return true;
     }
     sql.split(';').any(|statement| {
-        let first = first_word(statement);
-        let second = statement
-            .trim_start()
-            .get(first.len()..)
-            .map(first_word)
-            .unwrap_or_default();
-        match first.as_str() {
-            "SET" => !matches!(second.as_str(), "LOCAL" | "TRANSACTION"),
-            "RESET" | "PREPARE" | "LISTEN" | "UNLISTEN" | "DECLARE" | "LOAD" | "DISCARD"
-            | "DEALLOCATE" | "DO" | "CREATE" => true,
-            _ => false,
+        let (first, rest) = first_word(statement);
+        if first.eq_ignore_ascii_case("SET") {
+            let (second, _) = first_word(rest);
+            return !is_one_of(second, &["LOCAL", "TRANSACTION"]);
         }
+        is_one_of(
+            first,
+            &[
+                "RESET",
+                "PREPARE",
+                "LISTEN",
+                "UNLISTEN",
+                "DECLARE",
+                "LOAD",
+                "DISCARD",
+                "DEALLOCATE",
+                "DO",
+                "CREATE",
+            ],
+        )
     })
 }
 
 fn drops_statements(sql: &str) -> bool {
-    matches!(first_word(sql).as_str(), "DISCARD" | "DEALLOCATE")
+    is_one_of(first_word(sql).0, &["DISCARD", "DEALLOCATE"])
 }
 
 /// `set_config(name, value, false)`: a setting as `-c name=value` gives it
