@@ -25,7 +25,10 @@
 //! 5. **Hostile traffic**: a victim tenant's p50/p99 over HTTP alone, while
 //!    50,000 requests carrying another tenant's valid token name random
 //!    `X-Tenant-ID`s, and alone again; the control-DB lookups they caused
-//!    (rate limit off, so every attack request reaches the lookup).
+//!    (rate limit off, so every attack request reaches the lookup). Then,
+//!    as the control, the victim under as many requests with a token silo
+//!    did not sign (refused before any lookup): what any flood of that size
+//!    costs the victim on the same cores.
 //!
 //! Everything (load generator, silo, PostgreSQL) shares the machine's cores.
 //! Percentiles are nearest-rank over the sorted samples. The baseline pools
@@ -818,46 +821,28 @@ async fn phase_hostile(
         let alone = victim_load(VICTIM_SECONDS).await?;
 
         // The attack, with the victim's traffic beside it.
-        let sent = Arc::new(AtomicU64::new(0));
-        let answers: Arc<Mutex<std::collections::BTreeMap<u16, u64>>> = Arc::default();
         let attack_started = Instant::now();
-        let attackers: Vec<JoinHandle<Result<()>>> = (0..HOSTILE_CLIENTS)
-            .map(|c| {
-                let client = reqwest::Client::new();
-                let (sent, answers, base) = (sent.clone(), answers.clone(), base.clone());
-                let bearer = format!("Bearer {attacker_token}");
-                tokio::spawn(async move {
-                    let mut rng = StdRng::seed_from_u64(1000 + c as u64);
-                    while sent.fetch_add(1, Ordering::Relaxed) < HOSTILE_REQUESTS as u64 {
-                        let name = format!("t{:016x}", rng.gen::<u64>());
-                        let status = client
-                            .get(format!("{base}/api/v1/patients?limit=1"))
-                            .header("x-tenant-id", &name)
-                            .header("authorization", &bearer)
-                            .send()
-                            .await?
-                            .status()
-                            .as_u16();
-                        *answers.lock().expect("answers").entry(status).or_default() += 1;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        let attacked = {
-            let victim = tokio::spawn(victim_load(VICTIM_SECONDS));
-            for a in attackers {
-                a.await??;
-            }
-            victim.await??
-        };
+        let (attacked, answers) = under_flood(
+            victim_load(VICTIM_SECONDS),
+            &base,
+            format!("Bearer {attacker_token}"),
+        )
+        .await?;
         let attack_secs = attack_started.elapsed().as_secs_f64();
         let again = victim_load(VICTIM_SECONDS).await?;
         // Statistics reach pg_stat_database within a second of a backend going idle.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let lookups = registry_lookups(&base).await? - lookups_before;
         let commits = control_commits(env).await? - commits_before;
-        let answers = answers.lock().expect("answers").clone();
+        // The control: a flood as large that silo refuses before any
+        // tenant is looked up (a token it did not sign), with the victim
+        // beside it; what any flood costs the victim on these cores.
+        let (control, control_answers) = under_flood(
+            victim_load(VICTIM_SECONDS),
+            &base,
+            "Bearer not-a-token".into(),
+        )
+        .await?;
         Ok::<_, anyhow::Error>((
             alone,
             attacked,
@@ -866,11 +851,14 @@ async fn phase_hostile(
             commits,
             answers,
             attack_secs,
+            control,
+            control_answers,
         ))
     }
     .await;
     silo.stop().await?;
-    let (alone, attacked, again, lookups, commits, answers, attack_secs) = outcome?;
+    let (alone, attacked, again, lookups, commits, answers, attack_secs, control, control_answers) =
+        outcome?;
     let p = |l: &HttpLoad| {
         format!(
             "{:.2} / {:.2} ms ({} ok, {} failed)",
@@ -881,10 +869,11 @@ async fn phase_hostile(
         )
     };
     println!(
-        "[hostile] victim alone: {}; under attack: {}; alone again: {}",
+        "[hostile] victim alone: {}; under attack: {}; alone again: {}; under a flood of bad tokens: {}",
         p(&alone),
         p(&attacked),
-        p(&again)
+        p(&again),
+        p(&control)
     );
     println!(
         "[hostile] {HOSTILE_REQUESTS} attack requests in {attack_secs:.1} s, answers {answers:?}; router registry lookups meanwhile {lookups}; control-DB transactions {commits}"
@@ -895,6 +884,17 @@ async fn phase_hostile(
     report.info("victim p50 / p99, alone", p(&alone));
     report.info("victim p50 / p99, under attack", p(&attacked));
     report.info("victim p50 / p99, alone again", p(&again));
+    report.info(
+        "victim p50 / p99, under as many requests with a bad token (401 before any lookup)",
+        p(&control),
+    );
+    report.info(
+        "victim p99 under attack / under the bad-token flood",
+        format!(
+            "{:.2}",
+            attacked.latencies.pct(99).as_secs_f64() / control.latencies.pct(99).as_secs_f64()
+        ),
+    );
     report.info(
         "attack answers by status",
         answers
@@ -914,7 +914,15 @@ async fn phase_hostile(
         "control-DB transactions during the attack (all sources)",
         commits.to_string(),
     );
-    let failed = alone.failed + attacked.failed + again.failed;
+    report.info(
+        "bad-token flood answers by status",
+        control_answers
+            .iter()
+            .map(|(s, n)| format!("{s}: {n}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    let failed = alone.failed + attacked.failed + again.failed + control.failed;
     report.target(
         "victim failed requests",
         failed.to_string(),
@@ -922,6 +930,47 @@ async fn phase_hostile(
         failed == 0,
     );
     Ok(())
+}
+
+/// `victim` run while `HOSTILE_CLIENTS` clients send `HOSTILE_REQUESTS`
+/// requests with `bearer`, each naming a random tenant; the victim's load
+/// and the flood's answers by status.
+async fn under_flood(
+    victim: impl std::future::Future<Output = Result<HttpLoad>> + Send + 'static,
+    base: &str,
+    bearer: String,
+) -> Result<(HttpLoad, std::collections::BTreeMap<u16, u64>)> {
+    let sent = Arc::new(AtomicU64::new(0));
+    let answers: Arc<Mutex<std::collections::BTreeMap<u16, u64>>> = Arc::default();
+    let flood: Vec<JoinHandle<Result<()>>> = (0..HOSTILE_CLIENTS)
+        .map(|c| {
+            let client = reqwest::Client::new();
+            let (sent, answers, bearer) = (sent.clone(), answers.clone(), bearer.clone());
+            let url = format!("{base}/api/v1/patients?limit=1");
+            tokio::spawn(async move {
+                let mut rng = StdRng::seed_from_u64(1000 + c as u64);
+                while sent.fetch_add(1, Ordering::Relaxed) < HOSTILE_REQUESTS as u64 {
+                    let status = client
+                        .get(&url)
+                        .header("authorization", &bearer)
+                        .header("x-tenant-id", format!("t{:016x}", rng.gen::<u64>()))
+                        .send()
+                        .await?
+                        .status()
+                        .as_u16();
+                    *answers.lock().expect("answers").entry(status).or_default() += 1;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let victim = tokio::spawn(victim);
+    for f in flood {
+        f.await??;
+    }
+    let load = victim.await??;
+    let answers = answers.lock().expect("answers").clone();
+    Ok((load, answers))
 }
 
 /// `registry_lookups` of a running silo's router (`GET /admin/v1/pools`).
