@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::limits::{HttpLimits, Limits};
-use crate::api::{app, AppState};
+use crate::api::{app, AppParts, AppState};
 use crate::backup::Storage;
 use crate::config::{Secret, ServerArgs};
 use crate::control::{ControlConfig, ControlPlane};
@@ -211,7 +211,7 @@ pub fn start(control: ControlPlane, settings: RunSettings) -> anyhow::Result<Sil
         })
         .transpose()?;
     router.spawn_maintenance(&token, &tracker);
-    let state = AppState {
+    let state = AppState::new(AppParts {
         control: control.clone(),
         router: router.clone(),
         admin_token: Arc::new(settings.admin_token),
@@ -224,7 +224,7 @@ pub fn start(control: ControlPlane, settings: RunSettings) -> anyhow::Result<Sil
             .as_ref()
             .map(|w| Arc::from(w.settings().public_address.as_str())),
         wire: wire.clone(),
-    };
+    });
     Ok(Silo {
         control,
         router,

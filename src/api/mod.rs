@@ -31,9 +31,28 @@ use crate::control::ControlPlane;
 use crate::registry::Registry;
 use crate::router::TenantRouter;
 
-/// Everything handlers need; cheap to clone.
+/// Everything handlers need: one `Arc`, so the clone each middleware layer
+/// and `State` extractor makes per request is one reference count, not one
+/// per field (those are shared by every request on every core).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppParts>);
+
+impl AppState {
+    pub fn new(parts: AppParts) -> Self {
+        Self(Arc::new(parts))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppParts;
+
+    fn deref(&self) -> &AppParts {
+        &self.0
+    }
+}
+
+/// What [`AppState`] holds.
+pub struct AppParts {
     pub control: ControlPlane,
     pub router: TenantRouter,
     pub admin_token: Arc<Secret>,
@@ -53,7 +72,7 @@ pub struct AppState {
     pub wire: Option<crate::wire::Front>,
 }
 
-impl AppState {
+impl AppParts {
     pub fn registry(&self) -> &Registry {
         self.control.registry()
     }
