@@ -163,15 +163,18 @@ async fn plans_are_data_and_a_change_applies_to_every_tenant_of_the_plan() {
             .find(|p| p.tenant_id == t.id)
             .map(|p| p.cap)
     };
-    let (status, body) = app(
-        &env,
-        &token,
-        "smallclinic",
-        Method::GET,
-        "/api/v1/patients",
-        None,
-    )
-    .await;
+    // An app request makes the router build (or rebuild) the tenant's pool.
+    let list_patients = || {
+        app(
+            &env,
+            &token,
+            "smallclinic",
+            Method::GET,
+            "/api/v1/patients",
+            None,
+        )
+    };
+    let (status, body) = list_patients().await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(cap(), Some(3));
     let (status, body) = env
@@ -212,15 +215,7 @@ async fn plans_are_data_and_a_change_applies_to_every_tenant_of_the_plan() {
     assert_eq!(role_limit(&env, "smallclinic").await, 7);
     // Every router hears of it: the pool is rebuilt with the new cap.
     eventually("the router's pool to take the plan's new cap", || async {
-        let (status, _) = app(
-            &env,
-            &token,
-            "smallclinic",
-            Method::GET,
-            "/api/v1/patients",
-            None,
-        )
-        .await;
+        let (status, _) = list_patients().await;
         status == StatusCode::OK && cap() == Some(7)
     })
     .await;
