@@ -191,6 +191,9 @@ pub(crate) struct Shared {
     /// same salt, as it would a known one.
     decoy: [u8; 32],
     next_session: AtomicU64,
+    /// Cancelled when the front door stops: every session's own token is
+    /// a child of it, so sessions end with a message, as PostgreSQL's do.
+    stopping: CancellationToken,
 }
 
 impl Front {
@@ -234,6 +237,7 @@ impl Front {
                     .build(),
                 decoy,
                 next_session: AtomicU64::new(1),
+                stopping: CancellationToken::new(),
             }),
         })
     }
@@ -254,16 +258,23 @@ impl Front {
         tracker.spawn(async move {
             loop {
                 let accepted = tokio::select! {
-                    _ = stop_accept.cancelled() => return,
+                    _ = stop_accept.cancelled() => {
+                        shared.stopping.cancel();
+                        return;
+                    }
                     a = listener.accept() => a,
                 };
                 match accepted {
                     Ok((tcp, _)) => {
                         let shared = shared.clone();
                         let stop = stop_accept.clone();
+                        let sessions = clients.clone();
+                        // The login in a task of its own; a logged-in
+                        // session is then a task of its own too (see
+                        // `session::handle`), which ends by its token.
                         clients.spawn(async move {
                             tokio::select! {
-                                _ = session::handle(shared, tcp) => {}
+                                _ = session::handle(shared, tcp, sessions) => {}
                                 _ = stop.cancelled() => {}
                             }
                         });

@@ -25,7 +25,7 @@ pub enum CheckoutError {
 }
 
 struct Idle {
-    conn: ServerConn,
+    conn: Box<ServerConn>,
     since: u64,
 }
 
@@ -137,7 +137,7 @@ impl WirePool {
             )
             .await
             {
-                Ok(c) => break c,
+                Ok(c) => break Box::new(c),
                 // The role's CONNECTION LIMIT, shared with the router and
                 // other replicas: busy, not down; try again until the deadline.
                 Err(ConnectError::Refused(code, m))
@@ -156,7 +156,7 @@ impl WirePool {
         Ok(self.checkout(conn, slot))
     }
 
-    fn checkout(self: &Arc<Self>, conn: ServerConn, slot: OwnedSemaphorePermit) -> Checkout {
+    fn checkout(self: &Arc<Self>, conn: Box<ServerConn>, slot: OwnedSemaphorePermit) -> Checkout {
         Checkout {
             conn: Some(conn),
             _slot: slot,
@@ -170,7 +170,7 @@ impl WirePool {
         Some(idle)
     }
 
-    fn give_back(self: &Arc<Self>, conn: ServerConn) {
+    fn give_back(self: &Arc<Self>, conn: Box<ServerConn>) {
         if self.closed.load(Ordering::Acquire)
             || conn.born.elapsed() >= self.budget.policy().max_lifetime
         {
@@ -234,7 +234,9 @@ impl IdleOwner for WirePool {
 /// A server connection checked out by one client; closed when dropped
 /// unless [`Checkout::release`]d (its state unknown).
 pub struct Checkout {
-    conn: Option<ServerConn>,
+    /// Boxed: a session holds its checkout inline, and 10,000 idle
+    /// sessions should not each keep room for a connection they lack.
+    conn: Option<Box<ServerConn>>,
     _slot: OwnedSemaphorePermit,
     pool: Arc<WirePool>,
 }

@@ -19,8 +19,9 @@ use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::codec::FramedRead;
-use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use super::pool::{Checkout, CheckoutError};
@@ -50,7 +51,13 @@ const CLIENT_BUFFER: usize = 1024;
 type Reader = FramedRead<ReadHalf<Box<dyn Io>>, Codec>;
 
 /// Serve one client connection until it ends.
-pub(super) async fn handle(shared: Arc<Shared>, tcp: TcpStream) {
+///
+/// A client that logs in is served by a task of its own spawned on
+/// `sessions`, holding only its session: a task is as large as its largest
+/// state, and this function's states (the login, a moved-from session the
+/// compiler keeps room for) would otherwise stay with each of 10,000 idle
+/// clients (see docs/benchmarks.md).
+pub(super) async fn handle(shared: Arc<Shared>, tcp: TcpStream, sessions: TaskTracker) {
     let _ = tcp.set_nodelay(true);
     let mut io: Box<dyn Io> = Box::new(tcp);
     // Connections not logged in yet have slots of their own: a flood of
@@ -72,7 +79,7 @@ pub(super) async fn handle(shared: Arc<Shared>, tcp: TcpStream) {
     // should hold its session only (10,000 idle clients, see docs/benchmarks.md).
     let started = tokio::time::timeout(limit, Box::pin(startup(&shared, io))).await;
     drop(starting);
-    let session = match started {
+    let mut session = match started {
         Ok(Some(s)) => s,
         Ok(None) => return,
         Err(_) => {
@@ -81,12 +88,12 @@ pub(super) async fn handle(shared: Arc<Shared>, tcp: TcpStream) {
             return;
         }
     };
-    let Ok(_client) = shared.clients.clone().try_acquire_owned() else {
+    let Ok(client) = shared.clients.clone().try_acquire_owned() else {
         metrics::counter!("silo_wire_refused_total", "reason" => "too_many_clients").increment(1);
         Box::pin(session.fail("53300", "sorry, too many clients already")).await;
         return;
     };
-    session.run().await;
+    sessions.spawn(session.run(client));
 }
 
 /// Read the untyped first packet: (code, rest). A length no startup packet
@@ -350,7 +357,7 @@ async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
     let wanted = wanted_settings(&params);
     let (read, write) = tokio::io::split(io);
     let ender = Arc::new(Ender {
-        token: CancellationToken::new(),
+        token: shared.stopping.child_token(),
         reason: Default::default(),
         credential: credential.id,
     });
@@ -656,7 +663,27 @@ enum Event {
 }
 
 impl Session {
-    async fn run(mut self) {
+    /// Serve the client until it leaves or its session is ended; `client`
+    /// is its place under the front door's client limit.
+    ///
+    /// Not an `async fn`: one moves its arguments into locals of its own,
+    /// and the session would take room twice in every client's task; a
+    /// block that only borrows what it captured keeps it once (the test
+    /// `task_size` holds it to that).
+    #[allow(clippy::manual_async_fn)]
+    fn run(mut self, client: OwnedSemaphorePermit) -> impl std::future::Future<Output = ()> + Send {
+        async move {
+            match self.serve().await {
+                Ok(()) => Box::pin(self.finish()).await,
+                Err(Fatal(code, msg)) => Box::pin(self.fail(code, &msg)).await,
+            }
+            drop(client);
+        }
+    }
+
+    /// The message loop: until the client leaves (`Ok`) or the session
+    /// must end with an error to it.
+    async fn serve(&mut self) -> Result<(), Fatal> {
         let idle_limit = self.shared.settings.client_idle_timeout;
         let token = self.ender.token.clone();
         // Made once: a waiter registered anew each round trip would lock
@@ -710,7 +737,15 @@ impl Session {
                 )),
                 Event::Ended => {
                     let why = self.ender.reason.lock().expect("reason lock").clone();
-                    Err(Fatal("57P01", format!("terminating connection: {why}")))
+                    // No reason given: the front door is stopping.
+                    Err(Fatal(
+                        "57P01",
+                        if why.is_empty() {
+                            "terminating connection due to administrator command".into()
+                        } else {
+                            format!("terminating connection: {why}")
+                        },
+                    ))
                 }
                 Event::Idle => Err(Fatal(
                     "57P05",
@@ -723,14 +758,11 @@ impl Session {
                 Err(f) => break Err(f),
             }
         };
-        match outcome {
-            Ok(()) => Box::pin(self.finish()).await,
-            Err(Fatal(code, msg)) => Box::pin(self.fail(code, &msg)).await,
-        }
+        outcome
     }
 
     /// Tell the client why it ends, and end.
-    async fn fail(mut self, code: &str, message: &str) {
+    async fn fail(&mut self, code: &str, message: &str) {
         self.out
             .extend_from_slice(&proto::error_frame("FATAL", code, message));
         let _ = self.flush_client().await;
@@ -741,7 +773,7 @@ impl Session {
     }
 
     /// The client left: its server connection back to the pool if it can be.
-    async fn finish(mut self) {
+    async fn finish(&mut self) {
         self.detach_or_close().await;
         self.cleanup();
     }
@@ -1443,5 +1475,38 @@ mod tests {
             statement_name(b"select 2\0\0\0")
         );
         assert!(statement_name(b"x").len() < 64);
+    }
+}
+
+#[cfg(test)]
+mod task_size {
+    use super::*;
+
+    fn future_of<A, B, F>(_: fn(A, B) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+    fn borrowing_future_of<'a, F>(_: fn(&'a mut Session) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// A logged-in client's task is its session's future: 10,000 idle
+    /// clients keep 10,000 of them. It holds the session once (an `async
+    /// fn` taking it by value, or a step that moves it, would hold it
+    /// twice), the message loop, and little else; the one-off steps are
+    /// boxed, not kept inline.
+    #[test]
+    fn an_idle_client_s_task_holds_its_session_once() {
+        let session = std::mem::size_of::<Session>();
+        let run = future_of(Session::run);
+        let serve = borrowing_future_of(Session::serve);
+        assert!(
+            run < 2 * session && run <= session + serve + 128,
+            "session {session} B, its task's future {run} B, the message loop {serve} B"
+        );
+        // What an idle session holds inline stays small; a server
+        // connection is boxed in its checkout.
+        assert!(std::mem::size_of::<Checkout>() <= 64);
+        assert!(session <= 640, "session {session} B");
+        assert!(serve <= 512, "message loop {serve} B");
     }
 }

@@ -814,3 +814,55 @@ async fn a_tenant_whose_server_stops_is_refused_alone_and_comes_back() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// `silo serve` stopping (SIGTERM) ends its front door's sessions the way
+/// PostgreSQL ends its own at a shutdown: a client in the middle of a
+/// statement hears `57P01` "terminating connection due to administrator
+/// command" rather than a bare reset, and the process still exits cleanly.
+#[tokio::test]
+async fn a_stopping_silo_tells_its_clients_why_their_sessions_end() {
+    let env = TestEnv::setup().start().await;
+    env.create("stopping").await;
+    let pw = credential(&env, "stopping", "app", PoolMode::Transaction).await;
+    let port = silo::embedded::postgres::free_port().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let logs = tempfile::tempdir().unwrap();
+    let silo = crate::common::Silo::start_with(
+        &env,
+        None,
+        0,
+        &logs.path().join("silo.log"),
+        &[("SILO_PG_LISTEN", listen.as_str())],
+    )
+    .await;
+    let uri = format!("postgresql://app:{pw}@{listen}/stopping?sslmode=disable");
+    let client = tokio::spawn(async move { psql(&uri, &["-c", "SELECT pg_sleep(60)"]).await });
+    // Its statement is running on the tenant's database.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let running: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND query LIKE 'SELECT pg_sleep%' AND state = 'active'",
+        )
+        .bind(env.record("stopping").await.database_name)
+        .fetch_one(&env.admin)
+        .await
+        .unwrap();
+        if running == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the statement never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let started = Instant::now();
+    tokio::task::spawn_blocking(move || silo.stop())
+        .await
+        .unwrap();
+    let out = client.await.unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("terminating connection due to administrator command"),
+        "{}",
+        text(&out)
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
