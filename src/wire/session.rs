@@ -1192,9 +1192,11 @@ impl Session {
         let Some(mut checkout) = self.server.take() else {
             return;
         };
-        self.pending.clear();
-        self.parses.clear();
-        self.closes.clear();
+        // Emptied and their room given back: a client idle between
+        // transactions keeps no capacity it is not using.
+        self.pending = HashSet::new();
+        self.parses = VecDeque::new();
+        self.closes = VecDeque::new();
         let idle = self.status == b'I' && self.sent_syncs == self.done_syncs && !self.in_batch;
         if !idle {
             return; // dropped: closed
