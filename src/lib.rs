@@ -54,3 +54,14 @@ pub mod telemetry;
 pub mod tokens;
 pub mod usage;
 pub mod wire;
+
+/// jemalloc, not glibc's malloc. glibc took about a tenth of all CPU time
+/// of an app request end to end (its arena locks and `malloc_consolidate`,
+/// with memory freed on another runtime thread than the one that allocated
+/// it); with jemalloc silo's app API served about 30 % more requests per
+/// second, and 10,000 idle front-door clients take no more memory (80.1
+/// against 81.1 MiB; docs/benchmarks.md, phase 4 and "10,000 idle
+/// clients"). Set here, in the library, so every process silo runs in (the
+/// `silo` binary, the tests, the benches) allocates the same way.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
