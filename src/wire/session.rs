@@ -45,6 +45,10 @@ const TRACKED: &[&str] = &[
 /// Server messages larger than this are written to the client directly.
 const DIRECT_WRITE: usize = 64 * 1024;
 
+/// How long a session that ends with an error waits for its client to
+/// take the message.
+const LAST_WORDS: Duration = Duration::from_secs(2);
+
 /// A client's read buffer to start with.
 const CLIENT_BUFFER: usize = 1024;
 
@@ -763,13 +767,19 @@ impl Session {
 
     /// Tell the client why it ends, and end.
     async fn fail(&mut self, code: &str, message: &str) {
-        self.out
-            .extend_from_slice(&proto::error_frame("FATAL", code, message));
-        let _ = self.flush_client().await;
-        let _ = self.writer.shutdown().await;
-        // Its server connection's state is unknown: closed, not reused.
+        // Its server connection's state is unknown: closed, not reused,
+        // and at once, not after the client took its message.
         self.server.take();
         self.cleanup();
+        self.out
+            .extend_from_slice(&proto::error_frame("FATAL", code, message));
+        // A client that does not read cannot hold its task (nor a
+        // stopping silo, which waits for its sessions) longer than this.
+        let _ = tokio::time::timeout(LAST_WORDS, async {
+            let _ = self.flush_client().await;
+            let _ = self.writer.shutdown().await;
+        })
+        .await;
     }
 
     /// The client left: its server connection back to the pool if it can be.
