@@ -739,18 +739,7 @@ impl Session {
                     "08006",
                     "the connection to the tenant database was lost".into(),
                 )),
-                Event::Ended => {
-                    let why = self.ender.reason.lock().expect("reason lock").clone();
-                    // No reason given: the front door is stopping.
-                    Err(Fatal(
-                        "57P01",
-                        if why.is_empty() {
-                            "terminating connection due to administrator command".into()
-                        } else {
-                            format!("terminating connection: {why}")
-                        },
-                    ))
-                }
+                Event::Ended => Err(self.ended()),
                 Event::Idle => Err(Fatal(
                     "57P05",
                     "terminating connection due to idle-session timeout".into(),
@@ -759,6 +748,8 @@ impl Session {
             match step {
                 Ok(true) => {}
                 Ok(false) => break Ok(()),
+                // A step cut short by the session's end says why it ended.
+                Err(_) if self.ender.token.is_cancelled() => break Err(self.ended()),
                 Err(f) => break Err(f),
             }
         };
@@ -1036,8 +1027,7 @@ impl Session {
                 self.flush_client()
                     .await
                     .map_err(|_| Fatal("08006", "client went away".into()))?;
-                self.writer
-                    .write_all(&m.frame)
+                self.write_client(&m.frame)
                     .await
                     .map_err(|_| Fatal("08006", "client went away".into()))?;
             } else {
@@ -1067,9 +1057,43 @@ impl Session {
     async fn flush_client(&mut self) -> std::io::Result<()> {
         if !self.out.is_empty() {
             let out = self.out.split();
-            self.writer.write_all(&out).await?;
+            self.write_client(&out).await?;
         }
         Ok(())
+    }
+
+    /// Write to the client, unless the session is ended first: a client
+    /// that stops reading must not keep a revoked, suspended or stopping
+    /// session (and its server connection) alive by never taking its
+    /// answers.
+    ///
+    /// Boxed (a small allocation per flush): inline, the race would grow
+    /// every client's task by its size (see the test `task_size`).
+    async fn write_client(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let (writer, token) = (&mut self.writer, &self.ender.token);
+        Box::pin(async move {
+            tokio::select! {
+                biased;
+                written = writer.write_all(bytes) => written,
+                _ = token.cancelled() => Err(std::io::Error::other("session ended")),
+            }
+        })
+        .await
+    }
+
+    /// The error a session ended by its token (revocation, suspension, the
+    /// front door stopping) ends with.
+    fn ended(&self) -> Fatal {
+        let why = self.ender.reason.lock().expect("reason lock").clone();
+        // No reason given: the front door is stopping.
+        Fatal(
+            "57P01",
+            if why.is_empty() {
+                "terminating connection due to administrator command".into()
+            } else {
+                format!("terminating connection: {why}")
+            },
+        )
     }
 
     /// Get a server connection for this client (waiting through a move's

@@ -866,3 +866,74 @@ async fn a_stopping_silo_tells_its_clients_why_their_sessions_end() {
     );
     assert!(started.elapsed() < Duration::from_secs(30));
 }
+
+/// A client that stops reading cannot keep its session alive: revoking its
+/// credential ends the session even while silo is blocked writing it a
+/// large result, and the tenant's server connection is let go (revocation
+/// terminates no backend on the server: only silo can let it go).
+#[tokio::test]
+async fn a_client_that_stops_reading_cannot_outlive_its_credential_s_revocation() {
+    let env = env().await;
+    env.create("stuck").await;
+    let pw = credential(&env, "stuck", "app", PoolMode::Session).await;
+    let database = env.record("stuck").await.database_name;
+    // The tenant's backends; with `Some(event)`, those running psql's
+    // statement and waiting on `event`; with `Some("")`, running it.
+    let backends = |wait_event: Option<&'static str>| {
+        let (admin, database) = (env.admin.clone(), database.clone());
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1
+                   AND ($2::text IS NULL OR (state = 'active' AND query LIKE 'SELECT repeat%'
+                                             AND ($2 = '' OR wait_event = $2)))",
+            )
+            .bind(database)
+            .bind(wait_event)
+            .fetch_one(&admin)
+            .await
+            .unwrap()
+        }
+    };
+    // 500 MB of rows, far more than the sockets between them hold.
+    let mut psql = std::process::Command::new("psql")
+        .arg(uri(&env, "app", &pw, "stuck"))
+        .args(["-X", "-A", "-t", "-o", "/dev/null", "-c"])
+        .arg("SELECT repeat('x', 1000) FROM generate_series(1, 500000)")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run psql");
+    let pid = nix::unistd::Pid::from_raw(psql.id() as i32);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while backends(Some("")).await == 0 {
+        assert!(Instant::now() < deadline, "psql's statement never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    // The result backs up: the tenant's backend waits to write to silo,
+    // silo waits to write to psql.
+    while backends(Some("ClientWrite")).await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the result never backed up (psql took it all?)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let t = env.record("stuck").await;
+    let id = env.registry().app_credentials(t.id).await.unwrap()[0].id;
+    env.registry()
+        .revoke_app_credential(t.id, id, "test")
+        .await
+        .unwrap()
+        .expect("revoked");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while backends(None).await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the revoked session's backend is still held for a client that does not read"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).ok();
+    let _ = psql.wait();
+}
