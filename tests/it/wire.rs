@@ -60,6 +60,33 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// Wait (at most 30 s) until a statement whose text is `LIKE like` runs in
+/// `slug`'s database, waiting on `wait_event` when one is given.
+async fn wait_until_running(env: &TestEnv, slug: &str, like: &str, wait_event: Option<&str>) {
+    let database = env.record(slug).await.database_name;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let running: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND query LIKE $2
+               AND state = 'active' AND ($3::text IS NULL OR wait_event = $3)",
+        )
+        .bind(&database)
+        .bind(like)
+        .bind(wait_event)
+        .fetch_one(&env.admin)
+        .await
+        .unwrap();
+        if running > 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no statement {like} running (waiting on {wait_event:?}) in {slug}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// pgbench's tables in `slug`'s database, made by the server's superuser
 /// (tenant roles may not create tables; the tenant's default privileges
 /// give its role the data).
@@ -169,22 +196,7 @@ async fn psql_copies_in_and_out_and_its_cancel_stops_a_statement() {
         .unwrap();
     let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
     // Wait until the statement runs on the server, then interrupt psql.
-    let t = env.record("copier").await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let running: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND query LIKE 'SELECT pg_sleep%' AND state = 'active'",
-        )
-        .bind(&t.database_name)
-        .fetch_one(&env.admin)
-        .await
-        .unwrap();
-        if running > 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the statement never started");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_running(&env, "copier", "SELECT pg_sleep%", None).await;
     let started = Instant::now();
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
     let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
@@ -838,21 +850,7 @@ async fn a_stopping_silo_tells_its_clients_why_their_sessions_end() {
     let uri = format!("postgresql://app:{pw}@{listen}/stopping?sslmode=disable");
     let client = tokio::spawn(async move { psql(&uri, &["-c", "SELECT pg_sleep(60)"]).await });
     // Its statement is running on the tenant's database.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let running: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND query LIKE 'SELECT pg_sleep%' AND state = 'active'",
-        )
-        .bind(env.record("stopping").await.database_name)
-        .fetch_one(&env.admin)
-        .await
-        .unwrap();
-        if running == 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the statement never started");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_running(&env, "stopping", "SELECT pg_sleep%", None).await;
     let started = Instant::now();
     tokio::task::spawn_blocking(move || silo.stop())
         .await
@@ -876,24 +874,6 @@ async fn a_client_that_stops_reading_cannot_outlive_its_credential_s_revocation(
     let env = env().await;
     env.create("stuck").await;
     let pw = credential(&env, "stuck", "app", PoolMode::Session).await;
-    let database = env.record("stuck").await.database_name;
-    // The tenant's backends; with `Some(event)`, those running psql's
-    // statement and waiting on `event`; with `Some("")`, running it.
-    let backends = |wait_event: Option<&'static str>| {
-        let (admin, database) = (env.admin.clone(), database.clone());
-        async move {
-            sqlx::query_scalar::<_, i64>(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1
-                   AND ($2::text IS NULL OR (state = 'active' AND query LIKE 'SELECT repeat%'
-                                             AND ($2 = '' OR wait_event = $2)))",
-            )
-            .bind(database)
-            .bind(wait_event)
-            .fetch_one(&admin)
-            .await
-            .unwrap()
-        }
-    };
     // 500 MB of rows, far more than the sockets between them hold.
     let mut psql = std::process::Command::new("psql")
         .arg(uri(&env, "app", &pw, "stuck"))
@@ -904,21 +884,11 @@ async fn a_client_that_stops_reading_cannot_outlive_its_credential_s_revocation(
         .spawn()
         .expect("run psql");
     let pid = nix::unistd::Pid::from_raw(psql.id() as i32);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while backends(Some("")).await == 0 {
-        assert!(Instant::now() < deadline, "psql's statement never started");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until_running(&env, "stuck", "SELECT repeat%", None).await;
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
     // The result backs up: the tenant's backend waits to write to silo,
     // silo waits to write to psql.
-    while backends(Some("ClientWrite")).await == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the result never backed up (psql took it all?)"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_running(&env, "stuck", "SELECT repeat%", Some("ClientWrite")).await;
     let t = env.record("stuck").await;
     let id = env.registry().app_credentials(t.id).await.unwrap()[0].id;
     env.registry()
@@ -926,8 +896,15 @@ async fn a_client_that_stops_reading_cannot_outlive_its_credential_s_revocation(
         .await
         .unwrap()
         .expect("revoked");
+    // Every backend of the tenant's database gone (the session's only one).
     let deadline = Instant::now() + Duration::from_secs(20);
-    while backends(None).await > 0 {
+    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&t.database_name)
+        .fetch_one(&env.admin)
+        .await
+        .unwrap()
+        > 0
+    {
         assert!(
             Instant::now() < deadline,
             "the revoked session's backend is still held for a client that does not read"
