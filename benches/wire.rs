@@ -6,7 +6,8 @@
 //! `pgbench -S` (select-only, simple protocol) in one run (seconds per case
 //! `SILO_BENCH_SECONDS`, default 10; scale `SILO_BENCH_SCALE`, default 10;
 //! some cases only: `SILO_BENCH_ONLY=1,50,C`; this process's runtime
-//! threads, which silo runs on here: `SILO_BENCH_WORKERS`, default 2).
+//! threads, which silo runs on here: `SILO_BENCH_WORKERS`, default 2;
+//! `SILO_BENCH_MODE=session` puts silo's credential in session mode).
 //!
 //! One PostgreSQL cluster, one tenant (premium plan: 50 connections). The
 //! same pgbench runs three ways, SCRAM-SHA-256 on every path:
@@ -210,7 +211,12 @@ async fn pgbench_case() -> Result<()> {
             t.id,
             "bench",
             false,
-            PoolMode::Transaction,
+            // `SILO_BENCH_MODE=session`: the credential in session mode.
+            if std::env::var("SILO_BENCH_MODE").as_deref() == Ok("session") {
+                PoolMode::Session
+            } else {
+                PoolMode::Transaction
+            },
             &silo::servers::scram::verifier(&app_password),
             "bench",
         )
