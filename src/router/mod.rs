@@ -37,6 +37,7 @@
 mod local;
 pub mod pool;
 mod requests;
+pub mod tls;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -307,6 +308,8 @@ pub struct Login {
     pub budget: Arc<ServerBudget>,
     /// The server admin URL's options (host, port, TLS).
     pub base: PgConnectOptions,
+    /// TLS over TCP, as the admin URL asks.
+    pub tls: Arc<tls::ServerTls>,
     /// The server's local Unix socket directory, when it is on this machine.
     pub socket: Option<std::path::PathBuf>,
     pub database: String,
@@ -321,6 +324,8 @@ struct Server {
     /// The admin URL's options (host, port, TLS): tenants connect with
     /// these and their own database, role and password.
     base: PgConnectOptions,
+    /// TLS for the connections silo speaks the protocol on itself.
+    tls: Arc<tls::ServerTls>,
 }
 
 /// Routes work to tenant databases. Cheap to clone.
@@ -448,6 +453,7 @@ impl TenantRouter {
         Ok(Login {
             budget: server.budget.clone(),
             base: server.base.clone(),
+            tls: server.tls.clone(),
             socket,
             database: entry.database.clone(),
             role,
@@ -799,7 +805,8 @@ impl TenantRouter {
                 connect_concurrency: config.connect_concurrency,
             };
             let budget = ServerBudget::new(server, share as usize, policy, base.clone(), socket);
-            Ok::<_, RouteError>(Arc::new(Server { budget, base }))
+            let tls = Arc::new(tls::ServerTls::from_url(&url, &base));
+            Ok::<_, RouteError>(Arc::new(Server { budget, base, tls }))
         };
         self.inner
             .budgets

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -12,17 +13,20 @@ use bytes::BytesMut;
 use futures_util::{FutureExt, StreamExt};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::{TcpStream, UnixStream};
+use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_util::codec::FramedRead;
 
 use super::proto::{self, Codec, Msg};
 use crate::router::pool::{Claim, Held};
+use crate::router::tls::ServerTls;
 
 /// Where a tenant server listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Target {
-    Tcp(String, u16),
+    /// Host, port, and TLS as the server's admin URL asks.
+    Tcp(String, u16, Arc<ServerTls>),
     /// The socket file (`<dir>/.s.PGSQL.<port>`).
     Unix(PathBuf),
 }
@@ -30,10 +34,19 @@ pub enum Target {
 impl Target {
     async fn open(&self) -> std::io::Result<Stream> {
         Ok(match self {
-            Self::Tcp(host, port) => {
+            Self::Tcp(host, port, tls) => {
                 let s = TcpStream::connect((host.as_str(), *port)).await?;
                 s.set_nodelay(true)?;
-                Stream::Tcp(s)
+                match tls.as_ref() {
+                    ServerTls::Off => Stream::Tcp(s),
+                    ServerTls::Unusable(why) => {
+                        return Err(std::io::Error::other(format!(
+                            "the server's TLS settings cannot be used: {why}"
+                        )))
+                    }
+                    ServerTls::Prefer(c) => encrypt(s, host, c, false).await?,
+                    ServerTls::Require(c) => encrypt(s, host, c, true).await?,
+                }
             }
             Self::Unix(path) => Stream::Unix(UnixStream::connect(path).await?),
         })
@@ -53,9 +66,41 @@ impl Target {
     }
 }
 
-/// TCP or Unix socket.
+/// Ask the server for TLS (`SSLRequest`) and shake hands if it agrees;
+/// if it does not, plain unless `required`.
+async fn encrypt(
+    mut s: TcpStream,
+    host: &str,
+    tls: &tokio_rustls::TlsConnector,
+    required: bool,
+) -> std::io::Result<Stream> {
+    let mut out = BytesMut::new();
+    frontend::ssl_request(&mut out);
+    s.write_all(&out).await?;
+    let mut answer = [0u8; 1];
+    s.read_exact(&mut answer).await?;
+    match answer[0] {
+        b'S' => {
+            let name = ServerName::try_from(host.to_owned()).map_err(|_| {
+                std::io::Error::other(format!("{host:?} is not a name TLS can check"))
+            })?;
+            let stream = tls.connect(name, s).await?;
+            Ok(Stream::Tls(Box::new(stream)))
+        }
+        b'N' if !required => Ok(Stream::Tcp(s)),
+        b'N' => Err(std::io::Error::other(
+            "the server does not offer TLS, which its admin URL's sslmode requires",
+        )),
+        _ => Err(std::io::Error::other(
+            "the server answered the TLS request unexpectedly",
+        )),
+    }
+}
+
+/// TCP, TLS over TCP, or a Unix socket.
 pub enum Stream {
     Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     Unix(UnixStream),
 }
 
@@ -67,6 +112,7 @@ impl AsyncRead for Stream {
     ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Self::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
@@ -80,18 +126,21 @@ impl AsyncWrite for Stream {
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Self::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Self::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Self::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }

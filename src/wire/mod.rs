@@ -522,7 +522,11 @@ impl Shared {
         let login = self.router.login_for(entry, reader).await?;
         let target = match &login.socket {
             Some(dir) => Target::Unix(dir.join(format!(".s.PGSQL.{}", login.base.get_port()))),
-            None => Target::Tcp(login.base.get_host().to_owned(), login.base.get_port()),
+            None => Target::Tcp(
+                login.base.get_host().to_owned(),
+                login.base.get_port(),
+                login.tls.clone(),
+            ),
         };
         let replicas = self.router.config().replicas.max(1) as usize;
         let cap = (entry.limits.connection_limit.max(1) as usize / replicas)

@@ -914,3 +914,158 @@ async fn a_client_that_stops_reading_cannot_outlive_its_credential_s_revocation(
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).ok();
     let _ = psql.wait();
 }
+
+/// A CA and a certificate it signed for `localhost` and 127.0.0.1, in
+/// `dir`, readable by the cluster's user: (CA, certificate, key) paths.
+fn signed_pair(dir: &std::path::Path) -> [std::path::PathBuf; 3] {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "silo test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let paths = [
+        dir.join("ca.pem"),
+        dir.join("server.crt"),
+        dir.join("server.key"),
+    ];
+    std::fs::write(&paths[0], ca.pem()).unwrap();
+    std::fs::write(&paths[1], cert.pem()).unwrap();
+    std::fs::write(&paths[2], key.serialize_pem()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&paths[2], std::fs::Permissions::from_mode(0o600)).unwrap();
+    if nix::unistd::geteuid().is_root() {
+        let pg = nix::unistd::User::from_name("postgres").unwrap().unwrap();
+        for p in &paths[1..] {
+            std::os::unix::fs::chown(p, Some(pg.uid.as_raw()), Some(pg.gid.as_raw())).unwrap();
+        }
+    }
+    paths
+}
+
+#[tokio::test]
+async fn a_tenant_server_that_accepts_only_tls_is_reached_over_verified_tls() {
+    // TCP, not the local socket: the way to a server on another machine.
+    let env = TestEnv::setup()
+        .router(silo::router::RouterConfig {
+            local_sockets: false,
+            ..Default::default()
+        })
+        .wire(|_| {})
+        .start()
+        .await;
+    let pg =
+        tokio::task::spawn_blocking(silo::embedded::postgres::EmbeddedPostgres::start_throwaway)
+            .await
+            .unwrap()
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let [ca, cert, key] = signed_pair(dir.path());
+    // TLS on, and every TCP login without it refused.
+    let superuser = sqlx::PgPool::connect(&pg.url("postgres")).await.unwrap();
+    let hba: String = sqlx::query_scalar("SHOW hba_file")
+        .fetch_one(&superuser)
+        .await
+        .unwrap();
+    let rules = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!("hostnossl all all 127.0.0.1/32 reject\n{rules}"),
+    )
+    .unwrap();
+    for sql in [
+        format!("ALTER SYSTEM SET ssl_cert_file = '{}'", cert.display()),
+        format!("ALTER SYSTEM SET ssl_key_file = '{}'", key.display()),
+        "ALTER SYSTEM SET ssl = on".to_owned(),
+        "SELECT pg_reload_conf()".to_owned(),
+    ] {
+        sqlx::query(&sql).execute(&superuser).await.unwrap();
+    }
+    superuser.close().await;
+    let plain = format!("{}?sslmode=disable", pg.url("postgres"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sqlx::PgConnection::connect(&plain).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the server still takes plain logins"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let verified = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        pg.url("postgres"),
+        ca.display()
+    );
+    env.control
+        .register_server("vault", &verified, 50, 100)
+        .await
+        .unwrap();
+    env.control.provisioner().refill_all().await.unwrap();
+    crate::common::create_on(&env, "locked", "vault").await;
+
+    let watch = sqlx::PgPool::connect(&verified).await.unwrap();
+    for mode in [PoolMode::Transaction, PoolMode::Session] {
+        let name = format!("app-{mode:?}").to_lowercase();
+        let pw = credential(&env, "locked", &name, mode).await;
+        let out = psql(
+            &uri(&env, &name, &pw, "locked"),
+            &["-c", "SELECT 6 * 7 FROM pg_sleep(0.2)"],
+        )
+        .await;
+        assert!(out.status.success(), "{mode:?}: {}", text(&out));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+    }
+    // The front door's backends (a transaction-mode one stays in its pool):
+    // each over TLS, as the server accepts no other.
+    let (all, tls): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE s.ssl) FROM pg_stat_activity a
+           JOIN pg_stat_ssl s USING (pid) WHERE a.application_name = 'silo-wire'",
+    )
+    .fetch_one(&watch)
+    .await
+    .unwrap();
+    assert!(all >= 1 && tls == all, "{tls} of {all} over TLS");
+
+    // Ctrl-C reaches the backend over TLS too.
+    let pw = credential(&env, "locked", "canceller", PoolMode::Transaction).await;
+    let child = tokio::process::Command::new("psql")
+        .arg(uri(&env, "canceller", &pw, "locked"))
+        .args(["-X", "-c", "SELECT pg_sleep(60)"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let running: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%' AND state = 'active'",
+        )
+        .fetch_one(&watch)
+        .await
+        .unwrap();
+        if running > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pg_sleep never ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("psql ended after its cancel")
+        .unwrap();
+    assert!(
+        text(&out).contains("canceling statement due to user request"),
+        "{}",
+        text(&out)
+    );
+}
