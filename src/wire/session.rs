@@ -396,6 +396,8 @@ async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
         parses: VecDeque::new(),
         closes: VecDeque::new(),
         pending: HashSet::new(),
+        unnamed: None,
+        unnamed_here: false,
         dirty: false,
         status: b'I',
         ender,
@@ -647,6 +649,12 @@ pub(super) struct Session {
     closes: VecDeque<Owed>,
     /// Statements whose `Parse` is on its way to the current server connection.
     pending: HashSet<String>,
+    /// The client's unnamed statement (its `Parse` body after the name),
+    /// for a `Bind` or `Describe` in a later `Sync`, which may come on
+    /// another server connection (sqlx, pgx's describe-exec mode).
+    unnamed: Option<Bytes>,
+    /// The current server connection holds that statement.
+    unnamed_here: bool,
     /// The client may have changed session state: reset before another
     /// client gets its server connection.
     dirty: bool,
@@ -832,6 +840,10 @@ impl Session {
                         hidden: false,
                         statement: None,
                     });
+                    // Copied: the frame shares its read buffer, which an
+                    // idle client should not keep.
+                    self.unnamed = Some(Bytes::copy_from_slice(rest));
+                    self.unnamed_here = true;
                     server.push(&m.frame);
                     return;
                 }
@@ -886,7 +898,16 @@ impl Session {
                         head.push(0);
                         proto::renamed(server.out(), b'B', &head, &server_name, &tail);
                     }
-                    None => server.push(&m.frame),
+                    None => {
+                        let unnamed = proto::split_cstr(m.body())
+                            .and_then(|(_, rest)| proto::split_cstr(rest))
+                            .is_some_and(|(stmt, _)| stmt.is_empty());
+                        if unnamed {
+                            self.unnamed_again(sync);
+                        }
+                        let server = self.server.as_mut().expect("attached").conn();
+                        server.push(&m.frame);
+                    }
                 }
             }
             b'D' | b'C' => {
@@ -925,6 +946,14 @@ impl Session {
                         });
                     }
                     (tag, _) => {
+                        if tag == b'D' && body.get(..2) == Some(b"S\0") {
+                            // The unnamed statement described.
+                            self.unnamed_again(sync);
+                        }
+                        if tag == b'C' && body.get(..2) == Some(b"S\0") {
+                            self.unnamed = None;
+                        }
+                        let server = self.server.as_mut().expect("attached").conn();
                         if tag == b'C' {
                             self.closes.push_back(Owed {
                                 sync,
@@ -943,6 +972,9 @@ impl Session {
                         server.prepared.clear();
                     }
                 }
+                // A simple query ends the unnamed statement.
+                self.unnamed = None;
+                self.unnamed_here = false;
                 self.sent_syncs += 1;
                 server.push(&m.frame);
             }
@@ -957,6 +989,26 @@ impl Session {
             }
             _ => server.push(&m.frame),
         }
+    }
+
+    /// Before a `Bind` or `Describe` of the unnamed statement: prepare it
+    /// again (its answer hidden) if it was prepared on another server
+    /// connection, or on this one before another client had it.
+    fn unnamed_again(&mut self, sync: u64) {
+        if self.unnamed_here {
+            return;
+        }
+        let Some(rest) = self.unnamed.as_ref() else {
+            return;
+        };
+        let server = self.server.as_mut().expect("attached").conn();
+        proto::parse_renamed(server.out(), "", rest);
+        self.parses.push_back(Owed {
+            sync,
+            hidden: true,
+            statement: None,
+        });
+        self.unnamed_here = true;
     }
 
     /// Handle a server message; `Ok(true)` to go on.
@@ -1213,6 +1265,7 @@ impl Session {
         *self.cancel_slot.server.lock().expect("cancel slot") =
             Some((conn.target.clone(), conn.pid, conn.secret));
         self.server = Some(checkout);
+        self.unnamed_here = false;
         Ok(())
     }
 

@@ -1069,3 +1069,38 @@ async fn a_tenant_server_that_accepts_only_tls_is_reached_over_verified_tls() {
         text(&out)
     );
 }
+
+/// sqlx's unpersisted queries prepare the unnamed statement in one `Sync`
+/// and bind it in the next; in transaction mode the two may be on
+/// different server connections, with another client's unnamed statement
+/// (or none) on the second.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unnamed_statement_bound_in_a_later_sync_is_the_client_s_own() {
+    let env = env().await;
+    env.create("unnamed").await;
+    let pw = credential(&env, "unnamed", "app", PoolMode::Transaction).await;
+    let u = uri(&env, "app", &pw, "unnamed");
+    let clients: Vec<_> = (0..8i64)
+        .map(|k| {
+            let u = u.clone();
+            tokio::spawn(async move {
+                let mut c = sqlx::PgConnection::connect(&u).await.unwrap();
+                // Each client's own statement: another's answers differently.
+                let sql = format!("SELECT $1::int8 * 1000 + {k}");
+                for i in 0..150i64 {
+                    let got: i64 = sqlx::query_scalar(&sql)
+                        .bind(i)
+                        .persistent(false)
+                        .fetch_one(&mut c)
+                        .await
+                        .unwrap_or_else(|e| panic!("client {k}, query {i}: {e}"));
+                    assert_eq!(got, i * 1000 + k, "client {k}, query {i}");
+                }
+                c.close().await.unwrap();
+            })
+        })
+        .collect();
+    for c in clients {
+        c.await.unwrap();
+    }
+}
