@@ -9,7 +9,7 @@
 //! slipped in before a `Bind`/`Describe` that needs it, and its
 //! `ParseComplete` is kept from the client).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -250,7 +250,9 @@ async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
         return None;
     }
     // Who: the tenant and its credential (or a decoy, so an unknown tenant
-    // or user looks like a wrong password).
+    // or user looks like a wrong password). Slugs are lower case, so any
+    // spelling of one names it (and gets the same salt, known or not).
+    let tenant_name = tenant_name.to_ascii_lowercase();
     let entry = match shared.router.resolve(&tenant_name).await {
         Ok(e) if !matches!(e.status, crate::registry::TenantStatus::Deleted) => Some(e),
         Ok(_) | Err(RouteError::NotFound) => None,
@@ -395,9 +397,11 @@ async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
         in_batch: false,
         parses: VecDeque::new(),
         closes: VecDeque::new(),
-        pending: HashSet::new(),
+        pending: HashMap::new(),
         unnamed: None,
         unnamed_here: false,
+        bound: false,
+        copy_in: false,
         dirty: false,
         status: b'I',
         ender,
@@ -603,11 +607,17 @@ impl Drop for Waited<'_> {
 /// Why a session ends with an error to its client: (SQLSTATE, message).
 struct Fatal(&'static str, String);
 
+/// The SQLSTATE of a [`Fatal`] whose client has had its last message.
+const TOLD: &str = "";
+
 /// A statement a client prepared: silo's name for it, and its `Parse`
 /// body after the name (query text and parameter types).
 struct Prepared {
     server_name: String,
     rest: Bytes,
+    /// Running it may change session state (see [`changes_session`]): a
+    /// server connection it runs on is reset before another client has it.
+    changes: bool,
 }
 
 /// A response the server owes for a message it was sent: in which sync
@@ -647,14 +657,20 @@ pub(super) struct Session {
     in_batch: bool,
     parses: VecDeque<Owed>,
     closes: VecDeque<Owed>,
-    /// Statements whose `Parse` is on its way to the current server connection.
-    pending: HashSet<String>,
+    /// Statements whose `Parse` is on its way to the current server
+    /// connection, with the sync it falls in (an error in that sync skips it).
+    pending: HashMap<String, u64>,
     /// The client's unnamed statement (its `Parse` body after the name),
     /// for a `Bind` or `Describe` in a later `Sync`, which may come on
     /// another server connection (sqlx, pgx's describe-exec mode).
-    unnamed: Option<Bytes>,
+    unnamed: Option<(Bytes, bool)>,
     /// The current server connection holds that statement.
     unnamed_here: bool,
+    /// The server answered a `Bind` in the current sync: a `COPY FROM
+    /// STDIN` starting now was started by the extended protocol.
+    bound: bool,
+    /// In such a copy: PostgreSQL ignores the client's `Sync`s until it ends.
+    copy_in: bool,
     /// The client may have changed session state: reset before another
     /// client gets its server connection.
     dirty: bool,
@@ -764,14 +780,16 @@ impl Session {
         outcome
     }
 
-    /// Tell the client why it ends, and end.
+    /// Tell the client why it ends (unless it was told), and end.
     async fn fail(&mut self, code: &str, message: &str) {
         // Its server connection's state is unknown: closed, not reused,
         // and at once, not after the client took its message.
         self.server.take();
         self.cleanup();
-        self.out
-            .extend_from_slice(&proto::error_frame("FATAL", code, message));
+        if code != TOLD {
+            self.out
+                .extend_from_slice(&proto::error_frame("FATAL", code, message));
+        }
         // A client that does not read cannot hold its task (nor a
         // stopping silo, which waits for its sessions) longer than this.
         let _ = tokio::time::timeout(LAST_WORDS, async {
@@ -831,9 +849,8 @@ impl Session {
                     server.push(&m.frame);
                     return;
                 };
-                if let Some((sql, _)) = proto::split_cstr(rest) {
-                    self.dirty |= changes_session(sql);
-                }
+                let changes = proto::split_cstr(rest).is_some_and(|(sql, _)| changes_session(sql));
+                self.dirty |= changes;
                 if name.is_empty() {
                     self.parses.push_back(Owed {
                         sync,
@@ -842,33 +859,29 @@ impl Session {
                     });
                     // Copied: the frame shares its read buffer, which an
                     // idle client should not keep.
-                    self.unnamed = Some(Bytes::copy_from_slice(rest));
+                    self.unnamed = Some((Bytes::copy_from_slice(rest), changes));
                     self.unnamed_here = true;
                     server.push(&m.frame);
                     return;
                 }
                 let server_name = statement_name(rest);
-                if server.prepared.remove(&server_name) || self.pending.contains(&server_name) {
-                    // Prepared already (by this client or another): made anew.
-                    proto::close_statement(server.out(), &server_name);
-                    self.closes.push_back(Owed {
-                        sync,
-                        hidden: true,
-                        statement: None,
-                    });
-                }
-                proto::parse_renamed(server.out(), &server_name, rest);
-                self.parses.push_back(Owed {
+                server.prepared.remove(&server_name);
+                prepare(
+                    server,
+                    &mut self.pending,
+                    &mut self.parses,
+                    &mut self.closes,
                     sync,
-                    hidden: false,
-                    statement: Some(server_name.clone()),
-                });
-                self.pending.insert(server_name.clone());
+                    &server_name,
+                    rest,
+                    false,
+                );
                 self.statements.insert(
                     name.to_owned(),
                     Prepared {
                         server_name,
                         rest: Bytes::copy_from_slice(rest),
+                        changes,
                     },
                 );
             }
@@ -882,14 +895,19 @@ impl Session {
                         p.server_name.clone(),
                         p.rest.clone(),
                         tail.to_vec(),
+                        p.changes,
                     ))
                 });
                 match renamed {
-                    Some((portal, server_name, parse, tail)) => {
+                    Some((portal, server_name, parse, tail, changes)) => {
+                        // Run on this connection: its state may change
+                        // here, wherever the statement was prepared.
+                        self.dirty |= changes;
                         ensure_prepared(
                             server,
                             &mut self.pending,
                             &mut self.parses,
+                            &mut self.closes,
                             sync,
                             &server_name,
                             &parse,
@@ -903,6 +921,7 @@ impl Session {
                             .and_then(|(_, rest)| proto::split_cstr(rest))
                             .is_some_and(|(stmt, _)| stmt.is_empty());
                         if unnamed {
+                            self.dirty |= self.unnamed.as_ref().is_some_and(|u| u.1);
                             self.unnamed_again(sync);
                         }
                         let server = self.server.as_mut().expect("attached").conn();
@@ -928,6 +947,7 @@ impl Session {
                             server,
                             &mut self.pending,
                             &mut self.parses,
+                            &mut self.closes,
                             sync,
                             &server_name,
                             &parse,
@@ -969,6 +989,7 @@ impl Session {
                 if let Some((sql, _)) = proto::split_cstr(m.body()) {
                     self.dirty |= changes_session(sql);
                     if drops_statements(sql) {
+                        // Made again (closed first) when next used.
                         server.prepared.clear();
                     }
                 }
@@ -978,9 +999,26 @@ impl Session {
                 self.sent_syncs += 1;
                 server.push(&m.frame);
             }
-            b'S' | b'F' => {
+            b'S' => {
+                self.in_batch = false;
+                // Inside an extended-protocol copy PostgreSQL ignores it:
+                // no `ReadyForQuery` will answer it.
+                if !self.copy_in {
+                    self.sent_syncs += 1;
+                }
+                server.push(&m.frame);
+            }
+            b'F' => {
+                // A function call by OID: what it changes cannot be read
+                // from it (it may be `set_config`).
+                self.dirty = true;
                 self.in_batch = false;
                 self.sent_syncs += 1;
+                server.push(&m.frame);
+            }
+            b'c' | b'f' => {
+                // CopyDone, CopyFail: the copy ends; `Sync`s count again.
+                self.copy_in = false;
                 server.push(&m.frame);
             }
             b'E' | b'H' => {
@@ -991,6 +1029,26 @@ impl Session {
         }
     }
 
+    /// A setting the server reported to the client (a `SET` it ran): the
+    /// value the client now believes is given again to the next server
+    /// connection it gets, as its startup values are.
+    fn client_sees(&mut self, m: &Msg) {
+        let Some((key, rest)) = proto::split_cstr(m.body()) else {
+            return;
+        };
+        let Some(key) = TRACKED.iter().find(|t| **t == key) else {
+            return;
+        };
+        let Some((value, _)) = proto::split_cstr(rest) else {
+            return;
+        };
+        match self.wanted.iter_mut().find(|(k, _)| k == key) {
+            Some((_, v)) if v == value => {}
+            Some((_, v)) => *v = value.to_owned(),
+            None => self.wanted.push(((*key).to_owned(), value.to_owned())),
+        }
+    }
+
     /// Before a `Bind` or `Describe` of the unnamed statement: prepare it
     /// again (its answer hidden) if it was prepared on another server
     /// connection, or on this one before another client had it.
@@ -998,7 +1056,7 @@ impl Session {
         if self.unnamed_here {
             return;
         }
-        let Some(rest) = self.unnamed.as_ref() else {
+        let Some((rest, _)) = self.unnamed.as_ref() else {
             return;
         };
         let server = self.server.as_mut().expect("attached").conn();
@@ -1035,6 +1093,16 @@ impl Session {
                 if let Some(s) = self.server.as_mut() {
                     s.conn().note_parameter(&m);
                 }
+                self.client_sees(&m);
+            }
+            b'2' => self.bound = true,
+            b'G' if self.bound => {
+                // `COPY FROM STDIN` by `Bind`/`Execute`: the `Sync` sent
+                // after the `Execute` (libpq, tokio-postgres) is ignored
+                // by the server, as are any before the copy ends; the one
+                // after `CopyDone`/`CopyFail` is answered.
+                self.sent_syncs = self.done_syncs;
+                self.copy_in = true;
             }
             b'E' => {
                 self.tenant_slot
@@ -1044,15 +1112,14 @@ impl Session {
                 self.errors.increment(1);
                 let (severity, _, _) = proto::error_fields(m.body());
                 if matches!(severity.as_str(), "FATAL" | "PANIC") {
+                    // The server's own last word is the client's.
                     self.out.extend_from_slice(&m.frame);
                     self.flush_client().await.ok();
-                    return Err(Fatal(
-                        "08006",
-                        "the connection to the tenant database was lost".into(),
-                    ));
+                    return Err(Fatal(TOLD, String::new()));
                 }
             }
             b'Z' => {
+                self.bound = false;
                 self.done_syncs += 1;
                 self.status = m.body().first().copied().unwrap_or(b'I');
                 if self.status == b'I' {
@@ -1281,7 +1348,7 @@ impl Session {
         };
         // Emptied and their room given back: a client idle between
         // transactions keeps no capacity it is not using.
-        self.pending = HashSet::new();
+        self.pending = HashMap::new();
         self.parses = VecDeque::new();
         self.closes = VecDeque::new();
         let idle = self.status == b'I' && self.sent_syncs == self.done_syncs && !self.in_batch;
@@ -1302,24 +1369,54 @@ impl Session {
     }
 }
 
+/// Prepare statement `name` on the server connection (its answers
+/// hidden) unless it is there, or its `Parse` is on its way in this same
+/// sync (a `Parse` in an earlier one may have been skipped by an error).
+#[allow(clippy::too_many_arguments)]
 fn ensure_prepared(
     server: &mut super::backend::ServerConn,
-    pending: &mut HashSet<String>,
+    pending: &mut HashMap<String, u64>,
     parses: &mut VecDeque<Owed>,
+    closes: &mut VecDeque<Owed>,
     sync: u64,
     name: &str,
     parse: &[u8],
 ) {
-    if server.prepared.contains(name) || pending.contains(name) {
+    if server.prepared.contains(name) || pending.get(name) == Some(&sync) {
         return;
     }
+    prepare(server, pending, parses, closes, sync, name, parse, true);
+}
+
+/// `Close` then `Parse` of statement `name`: whatever silo believes the
+/// server holds (a client's `DEALLOCATE`, an earlier `Parse` an error
+/// skipped), it holds this statement after. The `Close` is never seen by
+/// the client (closing what does not exist is no error); the `Parse`'s
+/// answer is when the client sent it (`hidden` false).
+#[allow(clippy::too_many_arguments)]
+fn prepare(
+    server: &mut super::backend::ServerConn,
+    pending: &mut HashMap<String, u64>,
+    parses: &mut VecDeque<Owed>,
+    closes: &mut VecDeque<Owed>,
+    sync: u64,
+    name: &str,
+    parse: &[u8],
+    hidden: bool,
+) {
+    proto::close_statement(server.out(), name);
+    closes.push_back(Owed {
+        sync,
+        hidden: true,
+        statement: None,
+    });
     proto::parse_renamed(server.out(), name, parse);
     parses.push_back(Owed {
         sync,
-        hidden: true,
+        hidden,
         statement: Some(name.to_owned()),
     });
-    pending.insert(name.to_owned());
+    pending.insert(name.to_owned(), sync);
 }
 
 fn route_fatal(slug: &str, e: &RouteError) -> Fatal {
@@ -1400,8 +1497,10 @@ fn first_word(sql: &str) -> (&str, &str) {
             break;
         }
     }
+    // A whole word, as PostgreSQL reads one: `SET local_x.y` sets
+    // `local_x.y`, it is not `SET LOCAL`.
     let end = s
-        .find(|c: char| !c.is_ascii_alphabetic())
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '$'))
         .unwrap_or(s.len());
     s.split_at(end)
 }
@@ -1425,14 +1524,21 @@ fn changes_session(sql: &str) -> bool {
         "PG_ADVISORY_LOCK_SHARED",
         "PG_TRY_ADVISORY_LOCK",
         "PG_TRY_ADVISORY_LOCK_SHARED",
+        "SETSEED",
     ];
+    // `U&"..."` spells any name (`U&"set\005Fconfig"`), `pg_temp` (and
+    // `pg_temp_N`) is the session's own schema.
+    if sql.contains("U&") || sql.contains("u&") {
+        return true;
+    }
     let words = sql
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
         .filter(|w| !w.is_empty());
-    if words
-        .clone()
-        .any(|w| ANYWHERE.iter().any(|a| a.eq_ignore_ascii_case(w)))
-    {
+    if words.clone().any(|w| {
+        ANYWHERE.iter().any(|a| a.eq_ignore_ascii_case(w))
+            || w.get(..7)
+                .is_some_and(|p| p.eq_ignore_ascii_case("pg_temp"))
+    }) {
         return true;
     }
     sql.split(';').any(|statement| {
@@ -1460,7 +1566,8 @@ fn changes_session(sql: &str) -> bool {
 }
 
 fn drops_statements(sql: &str) -> bool {
-    is_one_of(first_word(sql).0, &["DISCARD", "DEALLOCATE"])
+    sql.split(';')
+        .any(|statement| is_one_of(first_word(statement).0, &["DISCARD", "DEALLOCATE"]))
 }
 
 /// `set_config(name, value, false)`: a setting as `-c name=value` gives it
@@ -1505,10 +1612,21 @@ mod tests {
                 true,
             ),
             ("SELECT set_config('search_path', 'x', false)", true),
+            // The second review's, each leaking before:
+            ("SET local_app.user_id = 'alice'", true),
+            ("SELECT 1 AS a INTO pg_temp.leak_t", true),
+            ("select * from PG_TEMP_3.t", true),
+            (
+                r#"SELECT U&"set\005Fconfig"('search_path','x',false)"#,
+                true,
+            ),
+            (r#"select u&"pg\005Fadvisory\005Flock"(777)"#, true),
+            ("select setseed(0.5)", true),
         ] {
             assert_eq!(changes_session(sql), dirty, "{sql}");
         }
         assert!(drops_statements("discard all"));
+        assert!(drops_statements("SELECT 1; DEALLOCATE ALL"));
         assert!(!drops_statements("select 1"));
     }
 

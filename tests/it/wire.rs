@@ -1104,3 +1104,100 @@ async fn an_unnamed_statement_bound_in_a_later_sync_is_the_client_s_own() {
         c.await.unwrap();
     }
 }
+
+/// A session-changing statement prepared in one `Sync` (sqlx's persistent
+/// statements: `Parse`/`Describe`/`Sync`, then `Bind`/`Execute`/`Sync`)
+/// changes the server connection it runs on, which may not be the one it
+/// was prepared on: that one is reset before the next client has it.
+#[tokio::test]
+async fn a_prepared_statement_that_changes_the_session_leaks_nothing_to_the_next_client() {
+    let env = env().await;
+    env.create("leaky").await;
+    let a = credential(&env, "leaky", "a", PoolMode::Transaction).await;
+    let b = credential(&env, "leaky", "b", PoolMode::Transaction).await;
+    let mut first = sqlx::PgConnection::connect(&uri(&env, "a", &a, "leaky"))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        sqlx::query("SELECT set_config('app.user_id', $1, false)")
+            .bind("alice")
+            .execute(&mut first)
+            .await
+            .unwrap();
+    }
+    first.close().await.unwrap();
+    // The tenant's one server connection, next client.
+    let mut next = sqlx::PgConnection::connect(&uri(&env, "b", &b, "leaky"))
+        .await
+        .unwrap();
+    let seen: Option<String> = sqlx::query_scalar("SELECT current_setting('app.user_id', true)")
+        .fetch_one(&mut next)
+        .await
+        .unwrap();
+    assert!(seen.as_deref().unwrap_or("").is_empty(), "{seen:?}");
+}
+
+/// A setting the client changes with `SET` is its own until it changes it
+/// again, whichever server connection its next transaction gets: the
+/// value the server reported to it is given to that connection too.
+#[tokio::test]
+async fn a_client_s_own_set_follows_it_across_transactions() {
+    let env = env().await;
+    env.create("zoned").await;
+    let pw = credential(&env, "zoned", "app", PoolMode::Transaction).await;
+    let out = psql(
+        &uri(&env, "app", &pw, "zoned"),
+        &[
+            "-c",
+            "SET TimeZone = 'Asia/Tokyo'",
+            "-c",
+            "SET client_encoding = 'LATIN1'",
+            "-c",
+            "SHOW TimeZone",
+            "-c",
+            "SHOW client_encoding",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.lines().filter(|l| !l.is_empty()).collect::<Vec<_>>(),
+        ["SET", "SET", "Asia/Tokyo", "LATIN1"],
+        "{}",
+        text(&out)
+    );
+}
+
+/// `DEALLOCATE` of a statement of the client's own, in SQL, leaves the
+/// statements it prepared by the protocol working; a tenant named in
+/// capitals is the tenant (slugs are lower case).
+#[tokio::test]
+async fn sql_deallocate_leaves_protocol_statements_working() {
+    let env = env().await;
+    env.create("dealer").await;
+    let pw = credential(&env, "dealer", "app", PoolMode::Session).await;
+    let mut c = sqlx::PgConnection::connect(&uri(&env, "app", &pw, "DEALER"))
+        .await
+        .unwrap();
+    for sql in [
+        "PREPARE mine AS SELECT 1",
+        "DEALLOCATE mine",
+        "DISCARD PLANS",
+        "DEALLOCATE ALL",
+    ] {
+        let n: i32 = sqlx::query_scalar("SELECT $1::int + 1")
+            .bind(41)
+            .fetch_one(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("after {sql}: {e}"));
+        assert_eq!(n, 42);
+        sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
+    }
+    let n: i32 = sqlx::query_scalar("SELECT $1::int + 1")
+        .bind(41)
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(n, 42);
+}

@@ -206,3 +206,63 @@ async fn psycopg_runs_crud_prepared_statements_and_transactions_in_both_pool_mod
 async fn node_pg_runs_crud_prepared_statements_and_transactions_in_both_pool_modes() {
     runs_clean_in_both_pool_modes(Driver::NodePg).await;
 }
+
+/// libpq's `COPY FROM STDIN` by the extended protocol (psycopg 3's libpq
+/// binding, `tests/drivers/copy_extended.py`) in transaction mode:
+/// PostgreSQL ignores the `Sync` libpq sends after the `Execute`. The
+/// session must not wait for an answer to it: it would keep its server
+/// connection between transactions (closing it when the client leaves,
+/// as its state is unknown) and misplace what it hides from the client.
+#[tokio::test]
+async fn an_extended_protocol_copy_keeps_the_session_in_step() {
+    Driver::Psycopg.ensure_installed();
+    let env = TestEnv::setup().wire(|_| {}).start().await;
+    env.create("copier").await;
+    let t = env.record("copier").await;
+    {
+        use sqlx::Connection as _;
+        let mut c = sqlx::PgConnection::connect(&env.pg.url(&t.database_name))
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE copied (n int NOT NULL)")
+            .execute(&mut c)
+            .await
+            .unwrap();
+    }
+    let pw = credential(&env, "copier", "txn", PoolMode::Transaction).await;
+    let mut cmd = tokio::process::Command::new(PathBuf::from(TOOLS).join("pydrivers/bin/python"));
+    cmd.arg(PathBuf::from(SCRIPTS).join("copy_extended.py"))
+        .arg(uri(&env, "txn", &pw, "copier"))
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(RUN_TIMEOUT, cmd.output())
+        .await
+        .expect("the copy script ends")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.lines().last() == Some("ok 300"),
+        "{}\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The client gone between transactions: its server connection went
+    // back to the tenant's pool (it is closed at once otherwise).
+    let (_, pools) = env
+        .call(axum::http::Method::GET, "/admin/v1/pools", None)
+        .await;
+    let tenant = pools["wire"]["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["tenant_id"] == t.id.to_string())
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        (
+            tenant["server_in_use"].as_u64(),
+            tenant["server_idle"].as_u64()
+        ),
+        (Some(0), Some(1)),
+        "{pools}"
+    );
+}
