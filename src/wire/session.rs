@@ -784,6 +784,7 @@ impl Session {
     async fn fail(&mut self, code: &str, message: &str) {
         // Its server connection's state is unknown: closed, not reused,
         // and at once, not after the client took its message.
+        self.stop_running();
         self.server.take();
         self.cleanup();
         if code != TOLD {
@@ -1336,6 +1337,24 @@ impl Session {
         Ok(())
     }
 
+    /// Before its server connection is closed: a statement still running
+    /// there would go on until it next writes (a long query holding its
+    /// budget slot, a revoked client's query running to its end); it is
+    /// cancelled too.
+    fn stop_running(&mut self) {
+        if self.sent_syncs == self.done_syncs {
+            return;
+        }
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
+        let conn = server.conn();
+        let (target, pid, secret) = (conn.target.clone(), conn.pid, conn.secret);
+        tokio::spawn(async move {
+            let _ = target.cancel(pid, secret).await;
+        });
+    }
+
     /// Give the server connection back (transaction mode, between transactions).
     async fn detach(&mut self) {
         self.detach_or_close().await;
@@ -1353,7 +1372,10 @@ impl Session {
         self.closes = VecDeque::new();
         let idle = self.status == b'I' && self.sent_syncs == self.done_syncs && !self.in_batch;
         if !idle {
-            return; // dropped: closed
+            self.server = Some(checkout);
+            self.stop_running();
+            self.server = None; // dropped: closed
+            return;
         }
         // Session mode hands the connection on reset; transaction mode only
         // when the client may have changed session state.

@@ -1201,3 +1201,42 @@ async fn sql_deallocate_leaves_protocol_statements_working() {
         .unwrap();
     assert_eq!(n, 42);
 }
+
+/// A client that goes away while its statement runs (killed, its socket
+/// closed by the kernel) leaves no statement running: its backend, and
+/// the budget slot it holds, are gone long before the statement would end.
+#[tokio::test]
+async fn a_client_killed_mid_statement_leaves_nothing_running() {
+    let env = env().await;
+    env.create("quitter").await;
+    let pw = credential(&env, "quitter", "app", PoolMode::Transaction).await;
+    let mut child = tokio::process::Command::new("psql")
+        .arg(uri(&env, "app", &pw, "quitter"))
+        .args(["-X", "-c", "SELECT pg_sleep(120)"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_until_running(&env, "quitter", "SELECT pg_sleep%", None).await;
+    child.kill().await.unwrap();
+    let database = env.record("quitter").await.database_name;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND query LIKE 'SELECT pg_sleep%'",
+        )
+        .bind(&database)
+        .fetch_one(&env.admin)
+        .await
+        .unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the killed client's statement still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
