@@ -655,6 +655,9 @@ async fn invalid_requests_get_problem_json_and_change_nothing() {
         post("/clinics").json(json!({"name": "  "})).is(422),
         post("/clinics").json(json!({"name": "x".repeat(201)})).is(422),
         post("/clinics").json(json!({"name": "X", "timezone": "Mars/Olympus Mons"})).is(422),
+        // Shaped like a zone, known to no tz database.
+        post("/clinics").json(json!({"name": "X", "timezone": "Not/AZone"})).is(422),
+        patch(&clinic_path).json(json!({"timezone": "Mars/Base"})).is(422),
         post("/clinics").json(json!({"name": "X", "timezone": "x".repeat(65)})).is(422),
         post("/clinics").json(json!({"name": "ALPHA clinic"})).is(409),
         patch(&clinic_path).json(json!({"timezone": "../etc/passwd"})).is(422),

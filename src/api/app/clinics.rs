@@ -97,6 +97,7 @@ async fn create_clinic(
         body.phone.as_deref(),
         body.timezone.as_deref(),
     )?;
+    known_timezone(&mut db, body.timezone.as_deref()).await?;
     let clinic: Clinic = sqlx::query_as(&format!(
         "INSERT INTO clinics (id, name, address, phone, timezone)
          VALUES ($1, $2, $3, $4, COALESCE($5, 'UTC')) RETURNING {COLUMNS}"
@@ -147,6 +148,7 @@ async fn update_clinic(
         body.phone.as_deref(),
         body.timezone.as_deref(),
     )?;
+    known_timezone(&mut db, body.timezone.as_deref()).await?;
     sqlx::query_as(&format!(
         "UPDATE clinics SET name = COALESCE($2, name), address = COALESCE($3, address),
                 phone = COALESCE($4, phone), timezone = COALESCE($5, timezone), updated_at = now()
@@ -189,6 +191,28 @@ fn check(
             "timezone must be an IANA time zone name such as Europe/Berlin or UTC",
         )),
         _ => Ok(()),
+    }
+}
+
+/// A zone PostgreSQL knows (its time zone database decides, the one the
+/// clinic's times are read in), after [`plausible_timezone`] kept out
+/// the POSIX forms it also takes.
+async fn known_timezone(db: &mut TenantDb, tz: Option<&str>) -> ApiResult<()> {
+    let Some(tz) = tz else {
+        return Ok(());
+    };
+    match sqlx::query("SELECT now() AT TIME ZONE $1")
+        .bind(tz)
+        .execute(&mut *db.conn)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("22023") => {
+            Err(ApiError::invalid(format!(
+                "timezone {tz:?} is not a time zone this database knows"
+            )))
+        }
+        Err(e) => Err(db.fail(e)),
     }
 }
 
