@@ -160,7 +160,7 @@ pub(super) async fn restore_with_progress(
     overwrite: bool,
 ) -> Result<TenantRecord, CliError> {
     p.backups()?;
-    p.refuse_overwrite(backup, &target, overwrite).await?;
+    p.refuse_restore(backup, &target, overwrite).await?;
     let into = match &target {
         RestoreTarget::InPlace => None,
         RestoreTarget::IntoSlug(s) => Some(s.to_string()),

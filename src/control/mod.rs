@@ -23,7 +23,7 @@ use crate::domain::{OperationKind, TenantName};
 use crate::migrate::{Fleet, FleetProgress, FleetReport, FleetRun, TenantResult};
 use crate::ops::{Error, Operations, Result};
 use crate::provision::{CreateTenant, ProvisionConfig, Provisioner};
-use crate::registry::{DbServer, Operation, Registry, TenantRecord, TenantStatus};
+use crate::registry::{Backup, DbServer, Operation, Registry, TenantRecord, TenantStatus};
 use crate::relocate::Mover;
 use crate::servers::{roles, ServerCheck, ServerPools, TenantSchema};
 
@@ -276,28 +276,35 @@ impl ControlPlane {
         self.provisioner().drop_deleting_locked(&t).await
     }
 
-    /// Refuse a restore that would replace the data of a tenant that has
-    /// some (active or suspended) unless the request says `overwrite`.
-    pub async fn refuse_overwrite(
+    /// Refuse a restore that may not happen, before anything changes: into
+    /// another existing tenant than the backup's own (422, see
+    /// [`refuse_foreign_target`]), or replacing the data of a tenant that
+    /// has some (active or suspended) unless the request says `overwrite`
+    /// (409).
+    pub async fn refuse_restore(
         &self,
         backup: Uuid,
         target: &RestoreTarget,
         overwrite: bool,
     ) -> Result<()> {
+        let b = self
+            .registry()
+            .backup(backup)
+            .await?
+            .ok_or(Error::NotFound("backup"))?;
+        let existing = match target {
+            RestoreTarget::InPlace => self.registry().tenant(b.tenant_id).await?,
+            RestoreTarget::IntoSlug(slug) => {
+                let t = self.registry().find_tenant(slug.as_str()).await?;
+                if let Some(t) = &t {
+                    refuse_foreign_target(&b, t)?;
+                }
+                t
+            }
+        };
         if overwrite {
             return Ok(());
         }
-        let existing = match target {
-            RestoreTarget::InPlace => {
-                let b = self
-                    .registry()
-                    .backup(backup)
-                    .await?
-                    .ok_or(Error::NotFound("backup"))?;
-                self.registry().tenant(b.tenant_id).await?
-            }
-            RestoreTarget::IntoSlug(slug) => self.registry().find_tenant(slug.as_str()).await?,
-        };
         match existing {
             Some(t) if matches!(t.status, TenantStatus::Active | TenantStatus::Suspended) => {
                 Err(Error::conflict(format!(
@@ -327,7 +334,10 @@ impl ControlPlane {
             RestoreTarget::InPlace => source,
             RestoreTarget::IntoSlug(slug) => {
                 match self.registry().find_tenant(slug.as_str()).await? {
-                    Some(t) => t,
+                    Some(t) => {
+                        refuse_foreign_target(&b, &t)?;
+                        t
+                    }
                     None => {
                         let req = CreateTenant {
                             slug,
@@ -390,7 +400,7 @@ impl ControlPlane {
         let backups = self.backups()?;
         let reg = self.registry();
         let b = backups.succeeded_backup(backup, "restored").await?;
-        self.refuse_overwrite(backup, &target, overwrite).await?;
+        self.refuse_restore(backup, &target, overwrite).await?;
         if reg.backup_key_erased(b.tenant_id).await? {
             return Err(Error::conflict(
                 "the tenant's backup key was erased: its backups can no longer be read",
@@ -450,4 +460,17 @@ impl ControlPlane {
         }
         Ok(report)
     }
+}
+
+/// A backup is restored into its own tenant or into a new one, never into
+/// another existing tenant: that tenant's tokens and credentials would then
+/// read the backup's tenant's data.
+fn refuse_foreign_target(b: &Backup, into: &TenantRecord) -> Result<()> {
+    if into.id == b.tenant_id {
+        return Ok(());
+    }
+    Err(Error::Invalid(format!(
+        "into_slug names another tenant ('{}'): a backup can only be restored into its own tenant or into a new tenant (a slug no tenant has)",
+        into.slug
+    )))
 }

@@ -933,3 +933,115 @@ async fn retention_never_prunes_the_newest_verified_backup_and_skips_failed_veri
         "three backups left, two objects each"
     );
 }
+
+/// A backup is restored into its own tenant or into a new one, never into
+/// another existing tenant: that tenant's tokens and credentials would then
+/// read the backup's data. Refused with 422, `overwrite` or not, the other
+/// tenant active or archived, through the API and through the library (the
+/// command line's path), and nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backup_is_never_restored_into_another_existing_tenant() {
+    let env = TestEnv::setup().storage().start().await;
+    let mut before = std::collections::HashMap::new();
+    for slug in ["owner", "other", "sleeper"] {
+        env.create(slug).await;
+        let mut conn = env.connect_tenant(slug).await.unwrap();
+        seed(&mut conn, slug, 5).await;
+        before.insert(slug, contents(&mut conn).await);
+        crate::common::close(conn).await;
+    }
+    let owner = env.record("owner").await;
+    let b = env
+        .backups()
+        .backup_now(owner.id, BackupKind::Manual, None)
+        .await
+        .unwrap();
+    let (status, op) = env
+        .call(Method::POST, "/admin/v1/tenants/sleeper/archive", None)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{op}");
+    assert_eq!(wait_operation(&env, &op).await["status"], "succeeded");
+    let other = env.record("other").await;
+    let restores = || {
+        env.count(
+            "SELECT (SELECT count(*) FROM operations WHERE kind = 'backup.restore')
+                  + (SELECT count(*) FROM audit_log WHERE action = 'tenant.restore_requested')",
+        )
+    };
+
+    for (slug, overwrite) in [
+        ("other", true),
+        ("other", false),
+        ("sleeper", true),
+        ("sleeper", false),
+    ] {
+        let body = json!({"into_slug": slug, "overwrite": overwrite});
+        let (status, answer) = env
+            .call(
+                Method::POST,
+                &format!("/admin/v1/backups/{}/restore", b.id),
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {answer}");
+        assert!(
+            answer["detail"]
+                .as_str()
+                .unwrap()
+                .contains("another tenant"),
+            "{answer}"
+        );
+    }
+    for slug in ["other", "sleeper"] {
+        let into = || RestoreTarget::IntoSlug(slug.parse().unwrap());
+        let refused = env.control.refuse_restore(b.id, &into(), true).await;
+        assert!(
+            matches!(refused, Err(silo::ops::Error::Invalid(_))),
+            "{refused:?}"
+        );
+        let restored = env.control.restore(b.id, into(), "test", None).await;
+        assert!(
+            matches!(restored, Err(silo::ops::Error::Invalid(_))),
+            "{restored:?}"
+        );
+    }
+
+    // Nothing changed: no restore started, the other tenant reads its own
+    // rows from the same database, the archived one comes back with its own.
+    assert_eq!(restores().await, 0);
+    assert_eq!(env.record("other").await.database_name, other.database_name);
+    let mut conn = env.connect_tenant("other").await.unwrap();
+    assert_eq!(contents(&mut conn).await, before["other"]);
+    crate::common::close(conn).await;
+    assert_eq!(env.record("sleeper").await.status, TenantStatus::Archived);
+    let (status, op) = env
+        .call(Method::POST, "/admin/v1/tenants/sleeper/restore", None)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{op}");
+    assert_eq!(wait_operation(&env, &op).await["status"], "succeeded");
+    let mut conn = env.connect_tenant("sleeper").await.unwrap();
+    assert_eq!(contents(&mut conn).await, before["sleeper"]);
+    crate::common::close(conn).await;
+
+    // Its own tenant's slug, and a slug no tenant has, still work.
+    env.control
+        .refuse_restore(
+            b.id,
+            &RestoreTarget::IntoSlug("owner".parse().unwrap()),
+            true,
+        )
+        .await
+        .unwrap();
+    let (status, op) = env
+        .call(
+            Method::POST,
+            &format!("/admin/v1/backups/{}/restore", b.id),
+            Some(json!({"into_slug": "owner-copy"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{op}");
+    assert_eq!(wait_operation(&env, &op).await["status"], "succeeded");
+    let mut conn = env.connect_tenant("owner-copy").await.unwrap();
+    assert_eq!(contents(&mut conn).await, before["owner"]);
+    crate::common::close(conn).await;
+}

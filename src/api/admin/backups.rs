@@ -49,7 +49,9 @@ pub struct BackupPage {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestoreBackupBody {
-    /// Restore into this tenant instead (created if no tenant has the slug).
+    /// Restore into a new tenant of this slug instead (created from the
+    /// backup). It may name the backup's own tenant, never another existing
+    /// one (422).
     into_slug: Option<String>,
     /// Replace the data of a tenant that has some (active or suspended):
     /// without it such a restore is refused with 409. The replaced database
@@ -185,7 +187,8 @@ async fn verify_backup(
         (status = 404, description = "no such backup"),
         (status = 409, description = "the backup cannot be restored now, storage is not configured, \
             or the target tenant holds data and the body does not say `\"overwrite\": true`"),
-        (status = 422, description = "the body does not fit, or `into_slug` is not a slug")))]
+        (status = 422, description = "the body does not fit, or `into_slug` is not a slug or names \
+            another existing tenant than the backup's")))]
 async fn restore_backup(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
