@@ -400,12 +400,6 @@ impl ControlPlane {
         let backups = self.backups()?;
         let reg = self.registry();
         let b = backups.succeeded_backup(backup, "restored").await?;
-        self.refuse_restore(backup, &target, overwrite).await?;
-        if reg.backup_key_erased(b.tenant_id).await? {
-            return Err(Error::conflict(
-                "the tenant's backup key was erased: its backups can no longer be read",
-            ));
-        }
         let into = match &target {
             RestoreTarget::InPlace => None,
             RestoreTarget::IntoSlug(s) => Some(s.clone()),
@@ -414,34 +408,60 @@ impl ControlPlane {
             Some(slug) => reg.find_tenant(slug.as_str()).await?.map(|t| t.id),
             None => Some(b.tenant_id),
         };
-        if let Some(t) = target_tenant {
-            self.ops()
-                .refuse_if_busy(OperationKind::BackupRestore, t)
+        // The operation is recorded on the tenant restored into (the
+        // backup's own when a new one is created).
+        let recorded_on = target_tenant.unwrap_or(b.tenant_id);
+        // Checked and recorded under the tenant's lock, as moves and
+        // archivals are: of concurrent requests, one starts; the others
+        // see it (or the state it left) and are refused.
+        reg.with_tenant_lock(recorded_on, || async move {
+            self.refuse_restore(backup, &target, overwrite).await?;
+            if reg.backup_key_erased(b.tenant_id).await? {
+                return Err(Error::conflict(
+                    "the tenant's backup key was erased: its backups can no longer be read",
+                ));
+            }
+            if let Some(t) = target_tenant {
+                self.ops()
+                    .refuse_if_busy(OperationKind::BackupRestore, t)
+                    .await?;
+                if let Some(t) = reg.tenant(t).await? {
+                    if !matches!(
+                        t.status,
+                        TenantStatus::Active | TenantStatus::Suspended | TenantStatus::Archived
+                    ) {
+                        return Err(Error::state(
+                            t.status.as_str(),
+                            "only an active, suspended or archived tenant can be restored into",
+                        ));
+                    }
+                }
+            }
+            let this = self.clone();
+            let owned_actor = actor.to_owned();
+            let op = self
+                .ops()
+                .spawn(
+                    OperationKind::BackupRestore,
+                    Some(recorded_on),
+                    json!({"backup_id": backup, "into_slug": into, "overwrite": overwrite}),
+                    move || async move {
+                        let t = this.restore(backup, target, &owned_actor, None).await?;
+                        Ok(json!({"tenant_id": t.id, "slug": t.slug, "status": t.status, "database": t.database_name, "backup_id": backup}))
+                    },
+                )
                 .await?;
-        }
-        let this = self.clone();
-        let owned_actor = actor.to_owned();
-        let op = self
-            .ops()
-            .spawn(
-                OperationKind::BackupRestore,
-                target_tenant.or(Some(b.tenant_id)),
-                json!({"backup_id": backup, "into_slug": into, "overwrite": overwrite}),
-                move || async move {
-                    let t = this.restore(backup, target, &owned_actor, None).await?;
-                    Ok(json!({"tenant_id": t.id, "slug": t.slug, "status": t.status, "database": t.database_name, "backup_id": backup}))
-                },
+            // Audited when asked for, whether or not it succeeds.
+            reg.audit(
+                actor,
+                "tenant.restore_requested",
+                target_tenant,
+                json!({"backup_id": backup, "from_tenant": b.tenant_id, "into_slug": into, "overwrite": overwrite, "operation": op.id}),
             )
             .await?;
-        // Audited when asked for, whether or not it succeeds.
-        reg.audit(
-            actor,
-            "tenant.restore_requested",
-            target_tenant,
-            json!({"backup_id": backup, "from_tenant": b.tenant_id, "into_slug": into, "overwrite": overwrite, "operation": op.id}),
-        )
-        .await?;
-        Ok(op)
+            Ok(op)
+        })
+        .await
     }
 
     /// Run a started fleet migration to its end; if it changed any tenant's

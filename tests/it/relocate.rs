@@ -873,3 +873,69 @@ async fn a_row_changed_on_the_target_fails_the_checksum_and_the_source_keeps_ser
     );
     assert_eq!(env.record("tampered").await.server_name, "second");
 }
+
+/// A restore and a move of one tenant asked at once: exactly one starts and
+/// the other is refused with 409 naming the running operation (both check
+/// and record under the tenant's lock), round after round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restore_and_a_move_of_one_tenant_asked_at_once_start_exactly_one() {
+    let env = TestEnv::setup().storage().start().await;
+    let _second = second_server(&env).await;
+    create_on(&env, "contested", "default").await;
+    let t = env.record("contested").await;
+    let b = env
+        .backups()
+        .backup_now(t.id, silo::backup::BackupKind::Manual, None)
+        .await
+        .unwrap();
+    let restore = json!({"backup_id": b.id, "overwrite": true});
+    for round in 0..5 {
+        let to = match env.record("contested").await.server_name.as_str() {
+            "default" => "second",
+            _ => "default",
+        };
+        let ((rs, r), (ms, m)) = tokio::join!(
+            env.call(
+                Method::POST,
+                "/admin/v1/tenants/contested/restore",
+                Some(restore.clone()),
+            ),
+            env.call(
+                Method::POST,
+                "/admin/v1/tenants/contested/move",
+                Some(json!({ "server": to })),
+            ),
+        );
+        let answers = [(rs, &r), (ms, &m)];
+        let accepted: Vec<&Value> = answers
+            .iter()
+            .filter(|(s, _)| *s == StatusCode::ACCEPTED)
+            .map(|(_, op)| *op)
+            .collect();
+        let ended: Vec<Value> = futures::future::join_all(
+            accepted
+                .iter()
+                .map(|op| finished(&env, op["id"].as_str().unwrap(), Duration::from_secs(120))),
+        )
+        .await;
+        assert_eq!(
+            accepted.len(),
+            1,
+            "round {round}: restore {rs} {r}, move {ms} {m}; ended: {ended:?}"
+        );
+        assert_eq!(ended[0]["status"], "succeeded", "round {round}: {ended:?}");
+        let (s, refused) = answers
+            .iter()
+            .find(|(s, _)| *s != StatusCode::ACCEPTED)
+            .unwrap();
+        assert_eq!(*s, StatusCode::CONFLICT, "round {round}: {refused}");
+        assert!(
+            refused["detail"]
+                .as_str()
+                .unwrap()
+                .contains("another operation on this tenant is running"),
+            "round {round}: {refused}"
+        );
+    }
+    assert_serves(&env, "contested").await;
+}
