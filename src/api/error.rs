@@ -4,7 +4,8 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
@@ -301,10 +302,47 @@ impl<T: Serialize> IntoResponse for Json<T> {
     }
 }
 
-/// `Query` whose rejections are problem+json answers.
-#[derive(Debug, axum::extract::FromRequestParts)]
-#[from_request(via(axum::extract::Query), rejection(ApiError))]
+/// `Query` whose rejections are problem+json answers. A parameter holding
+/// U+0000 is refused (422) before any handler sees it: PostgreSQL text
+/// cannot hold it, so it could only fail deeper down.
+#[derive(Debug)]
 pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        if let Some(name) = nul_in_query(parts.uri.query()) {
+            return Err(ApiError::invalid(format!(
+                "{name} must not hold the character U+0000"
+            )));
+        }
+        let axum::extract::Query(v) =
+            axum::extract::Query::<T>::from_request_parts(parts, state).await?;
+        Ok(Self(v))
+    }
+}
+
+/// The first parameter of a query string whose name or value holds U+0000
+/// once decoded (`%00`), named for a message (`the query parameter 'q'`,
+/// or `the query string` when the name itself is not fit to show);
+/// `None` if none does. The admin API's and the console's query strings
+/// are both checked with it.
+pub fn nul_in_query(query: Option<&str>) -> Option<String> {
+    let query = query?;
+    if !query.contains("%00") && !query.contains('\0') {
+        return None;
+    }
+    url::form_urlencoded::parse(query.as_bytes())
+        .find(|(k, v)| k.contains('\0') || v.contains('\0'))
+        .map(|(k, _)| {
+            if k.contains('\0') || k.is_empty() || k.chars().count() > 64 {
+                "the query string".to_owned()
+            } else {
+                format!("the query parameter '{k}'")
+            }
+        })
+}
 
 /// `Path` whose rejections are problem+json answers.
 #[derive(Debug, axum::extract::FromRequestParts)]

@@ -408,7 +408,7 @@ async fn a_nul_in_a_name_or_an_email_is_a_clear_4xx() {
             Method::GET,
             "/admin/v1/audit?tenant=%00",
             None,
-            StatusCode::NOT_FOUND,
+            StatusCode::UNPROCESSABLE_ENTITY,
         ),
         (
             Method::PATCH,

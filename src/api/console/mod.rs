@@ -29,7 +29,7 @@ use axum::http::header::{
     CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS,
     X_FRAME_OPTIONS,
 };
-use axum::http::{HeaderValue, Method, StatusCode};
+use axum::http::{HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -268,11 +268,37 @@ const MAX_PAGE: i64 = 200;
 async fn tenants(
     State(state): State<AppState>,
     signed: Signed,
+    uri: Uri,
     params: Result<Query<TenantsParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Markup, Response> {
-    let Query(p) = params.map_err(|e| bad_request(&e.body_text()))?;
+    let p = query_params(&uri, params)?;
     let listing = pages::Listing::read(&state, &p).await?;
     Ok(pages::tenants(&signed, &p, &listing))
+}
+
+/// A page's query string, read: 400 if it does not fit, or if a parameter
+/// holds U+0000 (PostgreSQL text cannot hold it; see
+/// [`crate::api::error::nul_in_query`]).
+fn query_params<T>(
+    uri: &Uri,
+    params: Result<Query<T>, axum::extract::rejection::QueryRejection>,
+) -> Result<T, Response> {
+    if let Some(name) = crate::api::error::nul_in_query(uri.query()) {
+        return Err(bad_request(&format!(
+            "{} must not hold the character U+0000.",
+            capitalized(&name)
+        )));
+    }
+    let Query(p) = params.map_err(|e| bad_request(&e.body_text()))?;
+    Ok(p)
+}
+
+fn capitalized(s: &str) -> String {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .map(|c| c.to_uppercase().chain(chars).collect())
+        .unwrap_or_default()
 }
 
 fn bad_request(detail: &str) -> Response {
@@ -369,9 +395,10 @@ pub struct AuditParams {
 async fn audit(
     Extension(console): Extension<Console>,
     signed: Signed,
+    uri: Uri,
     params: Result<Query<AuditParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Markup, Response> {
-    let Query(p) = params.map_err(|e| bad_request(&e.body_text()))?;
+    let p = query_params(&uri, params)?;
     let query = {
         let mut query = url::form_urlencoded::Serializer::new(String::new());
         for (k, v) in [
