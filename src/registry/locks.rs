@@ -14,6 +14,7 @@
 
 use std::future::Future;
 
+use sha2::Digest;
 use sqlx::pool::PoolConnection;
 use sqlx::Postgres;
 use uuid::Uuid;
@@ -38,6 +39,7 @@ const TENANT_NS: i64 = 0x7e11;
 const SERVER_NS: i64 = 0x5e4e;
 const OPERATION_NS: i64 = 0x0b5e;
 const BACKUP_NS: i64 = 0xbac0;
+const CLUSTER_NS: i64 = 0xc105;
 /// The usage collector's one key (no id: one collector per control plane).
 const USAGE_KEY: i64 = 0x05a6_e000_c011_ec70;
 
@@ -85,6 +87,28 @@ impl Registry {
         E: From<super::Error>,
     {
         let lock = self.lock_server(server).await?;
+        let out = work().await;
+        lock.release().await;
+        out
+    }
+
+    /// Run `work` holding the registration lock of the PostgreSQL cluster
+    /// with this identity (`pg_control_system()`'s system identifier and its
+    /// port): registrations of one cluster, under any name or host alias,
+    /// run one at a time.
+    pub async fn with_cluster_lock<T, E, Fut>(
+        &self,
+        system_identifier: &str,
+        port: i32,
+        work: impl FnOnce() -> Fut,
+    ) -> Result<T, E>
+    where
+        Fut: Future<Output = Result<T, E>>,
+        E: From<super::Error>,
+    {
+        let digest = sha2::Sha256::digest(format!("{system_identifier}:{port}"));
+        let id = Uuid::from_slice(&digest[..16]).expect("16 bytes");
+        let lock = self.lock(key_of(CLUSTER_NS, id)).await?;
         let out = work().await;
         lock.release().await;
         out

@@ -241,16 +241,59 @@ impl ServerPools {
         max_connections: i32,
         max_tenants: i32,
     ) -> anyhow::Result<DbServer> {
-        let found = prepare_server(admin_url).await?;
+        let db = connect_admin(admin_url).await?;
+        let registered = async {
+            check_admin_powers(&db).await?;
+            let (cluster, _) = owner::identify(&db)
+                .await
+                .context("read the cluster's identity")?;
+            // Registrations of one cluster run one at a time, from any
+            // replica: the first prepares and records it, the others then
+            // find it registered and are refused without touching it (two
+            // sessions closing its databases at once fail in PostgreSQL:
+            // "tuple concurrently updated").
+            registry
+                .with_cluster_lock(&cluster.system_identifier, cluster.port, || {
+                    self.register_locked(
+                        registry,
+                        &db,
+                        &cluster,
+                        name,
+                        admin_url,
+                        (max_connections, max_tenants),
+                    )
+                })
+                .await
+        }
+        .await;
+        db.close().await;
+        registered
+    }
+
+    /// [`Self::register`] once the cluster's registration lock is held:
+    /// refuse a cluster registered or owned already, else close its
+    /// maintenance databases, record it and mark it.
+    async fn register_locked(
+        &self,
+        registry: &Registry,
+        db: &PgPool,
+        cluster: &owner::ClusterId,
+        name: &str,
+        admin_url: &str,
+        (max_connections, max_tenants): (i32, i32),
+    ) -> anyhow::Result<DbServer> {
         let control = registry.control_id().await?;
-        let cluster = &found.cluster;
         if let Some(other) = registry
             .server_by_cluster(&cluster.system_identifier, cluster.port)
             .await?
         {
             return Err(AlreadyRegistered(format!("as server '{}'", other.name)).into());
         }
-        let taken_over = match found.marker {
+        // Read under the lock: a registration that just ended marked it.
+        let (_, marker) = owner::identify(db)
+            .await
+            .context("read the cluster's ownership marker")?;
+        let taken_over = match marker {
             None => false,
             Some(Ok(o)) if o.control != control => {
                 return Err(AlreadyRegistered(format!(
@@ -275,6 +318,7 @@ impl ServerPools {
                 .into())
             }
         };
+        close_maintenance_databases(db).await?;
         let id = Uuid::now_v7();
         let sealed = self.keyring.seal(admin_url.as_bytes(), id.as_bytes());
         registry
@@ -407,15 +451,6 @@ pub struct ServerUnreachable;
 #[error("this PostgreSQL cluster is registered already {0}; register each cluster once")]
 pub struct AlreadyRegistered(pub String);
 
-/// What [`prepare_server`] found on a server.
-#[derive(Debug)]
-pub struct Prepared {
-    pub powers: AdminPowers,
-    pub cluster: owner::ClusterId,
-    /// Its ownership marker, if it has one (`Err`: one silo did not write).
-    pub marker: Option<std::result::Result<owner::Owner, ()>>,
-}
-
 /// The admin login lacks what silo needs of it (the caller's input is wrong).
 #[derive(Debug, thiserror::Error)]
 #[error("the admin login lacks {0}: silo needs CREATEDB, CREATEROLE and membership in pg_signal_backend (or a superuser); see the README's security model")]
@@ -463,14 +498,12 @@ pub async fn admin_powers(db: &PgPool) -> sqlx::Result<AdminPowers> {
     .await
 }
 
-/// Check an admin URL works and that its login may do what silo does
-/// (refused with [`MissingPrivilege`] naming what it lacks), then close the
-/// server's maintenance databases to PUBLIC where silo may (it owns them or
-/// is a superuser), so that tenant roles can connect to nothing but their own.
-pub async fn prepare_server(url: &str) -> anyhow::Result<Prepared> {
+/// A one-connection pool on a server not registered yet, with its admin
+/// URL: [`ServerUnreachable`] if it does not connect.
+async fn connect_admin(url: &str) -> anyhow::Result<PgPool> {
     // A one-connection pool, not a bare connection: `&mut PgConnection` with
     // `raw_sql` defeats `Send` inference in handlers (a rustc limitation).
-    let db = PgPoolOptions::new()
+    Ok(PgPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(Duration::from_secs(10))
         .connect_with(admin_options(url)?)
@@ -478,37 +511,30 @@ pub async fn prepare_server(url: &str) -> anyhow::Result<Prepared> {
         .map_err(|e| {
             tracing::warn!("failed to connect to a tenant server: {e}");
             ServerUnreachable
-        })?;
-    let checked = async {
-        let powers = admin_powers(&db)
-            .await
-            .context("read the admin login's privileges")?;
-        if let Some(missing) = powers.missing() {
-            return Err(MissingPrivilege(missing).into());
-        }
-        if !powers.replication {
-            tracing::warn!(
-                "the admin login has no REPLICATION: tenants cannot be moved off this server"
-            );
-        }
-        close_maintenance_databases(&db).await?;
-        let (cluster, marker) = owner::identify(&db)
-            .await
-            .context("read the cluster's identity and ownership marker")?;
-        Ok(Prepared {
-            powers,
-            cluster,
-            marker,
-        })
+        })?)
+}
+
+/// Check the admin login may do what silo does (refused with
+/// [`MissingPrivilege`] naming what it lacks).
+async fn check_admin_powers(db: &PgPool) -> anyhow::Result<AdminPowers> {
+    let powers = admin_powers(db)
+        .await
+        .context("read the admin login's privileges")?;
+    if let Some(missing) = powers.missing() {
+        return Err(MissingPrivilege(missing).into());
     }
-    .await;
-    db.close().await;
-    checked
+    if !powers.replication {
+        tracing::warn!(
+            "the admin login has no REPLICATION: tenants cannot be moved off this server"
+        );
+    }
+    Ok(powers)
 }
 
 /// Revoke PUBLIC's CONNECT on the databases every cluster has (`postgres`,
 /// `template1`) and the admin URL's own, where the admin login owns them or
-/// is a superuser; say which stay open.
+/// is a superuser, so that tenant roles can connect to nothing but their
+/// own; say which stay open.
 async fn close_maintenance_databases(db: &PgPool) -> anyhow::Result<()> {
     let open: Vec<(String, bool)> = sqlx::query_as(
         "SELECT d.datname::text,

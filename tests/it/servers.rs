@@ -316,3 +316,64 @@ async fn a_tenant_server_failure_names_that_server_not_the_control_database() {
     let report = env.control.reconcile_once().await.unwrap();
     assert_eq!(report.deletes_finished, 1, "{report:?}");
 }
+
+/// One new cluster registered by several requests at once (other names,
+/// the same admin URL): registrations of one cluster run one at a time, so
+/// the first is created (201) and every other finds it registered (409),
+/// never a 500 from preparing the cluster twice at once. Forty rounds of eight
+/// requests on one cluster, made new again between rounds (its row, its
+/// ownership marker and the closing of its maintenance databases undone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_registrations_of_one_cluster_create_it_once_and_refuse_the_rest_with_409() {
+    // Each request in a task of its own: they run in parallel.
+    let env = std::sync::Arc::new(TestEnv::start().await);
+    let pg = tokio::task::spawn_blocking(silo::embedded::EmbeddedPostgres::start_throwaway)
+        .await
+        .unwrap()
+        .unwrap();
+    let url = pg.url("postgres");
+    let cluster = sqlx::PgPool::connect(&url).await.unwrap();
+    for round in 0..40 {
+        let answers: Vec<(StatusCode, Value)> = futures::future::join_all((0..8).map(|i| {
+            let body = json!({"name": format!("racer-{round}-{i}"), "admin_url": url});
+            let env = env.clone();
+            tokio::spawn(async move {
+                env.call(Method::POST, "/admin/v1/servers", Some(body))
+                    .await
+            })
+        }))
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+        let count = |status| answers.iter().filter(|(s, _)| *s == status).count();
+        assert_eq!(
+            (count(StatusCode::CREATED), count(StatusCode::CONFLICT)),
+            (1, 7),
+            "round {round}: {answers:?}"
+        );
+        for (s, body) in &answers {
+            if *s == StatusCode::CONFLICT {
+                let detail = body["detail"].as_str().unwrap();
+                assert!(detail.contains("registered already"), "{detail}");
+                assert!(!detail.contains(&env.superuser_password()), "{detail}");
+            }
+        }
+        let sql = format!("SELECT count(*) FROM db_servers WHERE name LIKE 'racer-{round}-%'");
+        assert_eq!(env.count(&sql).await, 1, "round {round}");
+        // The cluster new again for the next round.
+        sqlx::query("DELETE FROM db_servers WHERE name LIKE 'racer-%'")
+            .execute(env.registry().pool())
+            .await
+            .unwrap();
+        sqlx::raw_sql(&format!(
+            "DROP ROLE {}; GRANT CONNECT ON DATABASE postgres TO PUBLIC;
+             GRANT CONNECT ON DATABASE template1 TO PUBLIC;",
+            silo::servers::owner::OWNER_ROLE
+        ))
+        .execute(&cluster)
+        .await
+        .unwrap();
+    }
+    cluster.close().await;
+}
