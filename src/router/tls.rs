@@ -54,8 +54,9 @@ impl ServerTls {
     /// From the server's admin URL and its parsed options (which carry
     /// the `PGSSLMODE` default when the URL names no mode).
     pub fn from_url(url: &str, options: &PgConnectOptions) -> Self {
+        let parsed = url::Url::parse(url).ok();
         let param = |name: &str| {
-            url::Url::parse(url).ok().and_then(|u| {
+            parsed.as_ref().and_then(|u| {
                 u.query_pairs()
                     .find(|(k, _)| k == name)
                     .map(|(_, v)| v.into_owned())

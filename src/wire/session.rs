@@ -1122,6 +1122,12 @@ impl Session {
             b'Z' => {
                 self.bound = false;
                 self.done_syncs += 1;
+                // A copy ends by a `ReadyForQuery` at the latest; one more
+                // than silo counted `Sync`s for (a client that skipped
+                // `CopyDone` after an error in its copy) puts the count
+                // right rather than leaving it behind for good.
+                self.copy_in = false;
+                self.sent_syncs = self.sent_syncs.max(self.done_syncs);
                 self.status = m.body().first().copied().unwrap_or(b'I');
                 if self.status == b'I' {
                     self.tenant_slot
@@ -1362,6 +1368,10 @@ impl Session {
 
     async fn detach_or_close(&mut self) {
         *self.cancel_slot.server.lock().expect("cancel slot") = None;
+        let idle = self.status == b'I' && self.sent_syncs == self.done_syncs && !self.in_batch;
+        if !idle {
+            self.stop_running();
+        }
         let Some(mut checkout) = self.server.take() else {
             return;
         };
@@ -1370,12 +1380,8 @@ impl Session {
         self.pending = HashMap::new();
         self.parses = VecDeque::new();
         self.closes = VecDeque::new();
-        let idle = self.status == b'I' && self.sent_syncs == self.done_syncs && !self.in_batch;
         if !idle {
-            self.server = Some(checkout);
-            self.stop_running();
-            self.server = None; // dropped: closed
-            return;
+            return; // dropped: closed
         }
         // Session mode hands the connection on reset; transaction mode only
         // when the client may have changed session state.

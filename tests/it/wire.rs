@@ -1125,6 +1125,12 @@ async fn a_prepared_statement_that_changes_the_session_leaks_nothing_to_the_next
             .await
             .unwrap();
     }
+    let backend = "SELECT pg_backend_pid()";
+    let first_pid: i32 = sqlx::raw_sql(backend)
+        .fetch_one(&mut first)
+        .await
+        .unwrap()
+        .get(0);
     first.close().await.unwrap();
     // The tenant's one server connection, next client.
     let mut next = sqlx::PgConnection::connect(&uri(&env, "b", &b, "leaky"))
@@ -1134,6 +1140,13 @@ async fn a_prepared_statement_that_changes_the_session_leaks_nothing_to_the_next
         .fetch_one(&mut next)
         .await
         .unwrap();
+    let next_pid: i32 = sqlx::raw_sql(backend)
+        .fetch_one(&mut next)
+        .await
+        .unwrap()
+        .get(0);
+    // The premise: the same backend served both clients.
+    assert_eq!(first_pid, next_pid);
     assert!(seen.as_deref().unwrap_or("").is_empty(), "{seen:?}");
 }
 
