@@ -175,6 +175,8 @@ pub(crate) struct Shared {
     router: TenantRouter,
     registry: Registry,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The TLS certificate's channel-binding data (SCRAM `-PLUS`).
+    tls_end_point: Option<Vec<u8>>,
     clients: Arc<Semaphore>,
     /// Connections not logged in yet.
     startups: Arc<Semaphore>,
@@ -204,9 +206,12 @@ impl Front {
         registry: Registry,
         keyring: &crate::crypto::Keyring,
     ) -> anyhow::Result<Self> {
-        let tls = match &settings.tls {
-            Some((cert, key)) => Some(tls_acceptor(cert, key)?),
-            None => None,
+        let (tls, tls_end_point) = match &settings.tls {
+            Some((cert, key)) => {
+                let (acceptor, end_point) = tls_acceptor(cert, key)?;
+                (Some(acceptor), end_point)
+            }
+            None => (None, None),
         };
         if settings.require_tls && tls.is_none() {
             anyhow::bail!("SILO_PG_REQUIRE_TLS needs SILO_PG_TLS_CERT and SILO_PG_TLS_KEY");
@@ -227,6 +232,7 @@ impl Front {
                 router,
                 registry,
                 tls,
+                tls_end_point,
                 tenants: Mutex::default(),
                 pools: Mutex::default(),
                 cancels: Mutex::default(),
@@ -576,10 +582,12 @@ impl Shared {
     }
 }
 
+/// The front door's TLS, and its certificate's channel-binding data
+/// (`None` when its signature algorithm names no hash).
 fn tls_acceptor(
     cert: &std::path::Path,
     key: &std::path::Path,
-) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+) -> anyhow::Result<(tokio_rustls::TlsAcceptor, Option<Vec<u8>>)> {
     use tokio_rustls::rustls;
     let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
         std::fs::File::open(cert).with_context(|| format!("open {}", cert.display()))?,
@@ -591,6 +599,7 @@ fn tls_acceptor(
     ))
     .with_context(|| format!("read the private key from {}", key.display()))?
     .with_context(|| format!("no private key in {}", key.display()))?;
+    let end_point = certs.first().and_then(|c| scram::end_point(c));
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -599,5 +608,5 @@ fn tls_acceptor(
     .with_no_client_auth()
     .with_single_cert(certs, key)
     .context("the front door's TLS certificate and key")?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    Ok((tokio_rustls::TlsAcceptor::from(Arc::new(config)), end_point))
 }

@@ -1,7 +1,10 @@
 //! The server side of SCRAM-SHA-256 (RFC 5802/7677) against a stored
 //! verifier, as PostgreSQL does it: silo never holds an app credential's
 //! password, only `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`.
-//! Channel binding is not offered (no `-PLUS` mechanism).
+//! Over TLS, `SCRAM-SHA-256-PLUS` is offered too, bound to the front door's
+//! certificate (RFC 5929 `tls-server-end-point`, what libpq and PostgreSQL
+//! use), so a client with `channel_binding=require` knows no one in the
+//! middle relayed its login.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -11,6 +14,51 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 pub const MECHANISM: &str = "SCRAM-SHA-256";
+pub const MECHANISM_PLUS: &str = "SCRAM-SHA-256-PLUS";
+/// The only channel-binding type PostgreSQL's clients use.
+const END_POINT: &str = "tls-server-end-point";
+
+/// What a connection can bind its SCRAM exchange to.
+#[derive(Debug, Clone, Copy)]
+pub enum Channel<'a> {
+    /// No TLS (or a certificate with no end-point hash): `SCRAM-SHA-256` only.
+    Plain,
+    /// TLS, with the end-point data of the front door's certificate
+    /// ([`end_point`]): `SCRAM-SHA-256-PLUS` is offered first.
+    Tls(&'a [u8]),
+}
+
+impl Channel<'_> {
+    /// The `AuthenticationSASL` body: the mechanisms, most preferred first.
+    pub fn mechanisms(&self) -> String {
+        match self {
+            Self::Plain => format!("{MECHANISM}\0\0"),
+            Self::Tls(_) => format!("{MECHANISM_PLUS}\0{MECHANISM}\0\0"),
+        }
+    }
+}
+
+/// RFC 5929's `tls-server-end-point` data of a DER certificate: its hash
+/// by the hash of its signature algorithm (SHA-256 for MD5 and SHA-1).
+/// `None` for an algorithm that names no single hash (Ed25519, RSA-PSS),
+/// where PostgreSQL cannot bind either: `-PLUS` is not offered then.
+pub fn end_point(certificate: &[u8]) -> Option<Vec<u8>> {
+    use sha2::{Sha384, Sha512};
+    use x509_cert::der::Decode;
+    let cert = x509_cert::Certificate::from_der(certificate).ok()?;
+    let hash = match cert.signature_algorithm.oid.to_string().as_str() {
+        // md5, sha1, sha256 with RSA; ecdsa with sha1, sha256
+        "1.2.840.113549.1.1.4"
+        | "1.2.840.113549.1.1.5"
+        | "1.2.840.113549.1.1.11"
+        | "1.2.840.10045.4.1"
+        | "1.2.840.10045.4.3.2" => Sha256::digest(certificate).to_vec(),
+        "1.2.840.113549.1.1.12" | "1.2.840.10045.4.3.3" => Sha384::digest(certificate).to_vec(),
+        "1.2.840.113549.1.1.13" | "1.2.840.10045.4.3.4" => Sha512::digest(certificate).to_vec(),
+        _ => return None,
+    };
+    Some(hash)
+}
 
 /// A parsed verifier.
 #[derive(Clone)]
@@ -65,10 +113,12 @@ impl Verifier {
     }
 }
 
-/// Why an exchange failed: the client's message was not SCRAM, or the
-/// proof did not match (a wrong password, or no such credential).
+/// Why an exchange failed: a mechanism not offered, the client's message
+/// was not SCRAM (or broke its channel-binding rules), or the proof did
+/// not match (a wrong password, or no such credential).
 #[derive(Debug, PartialEq, Eq)]
 pub enum Failure {
+    Unsupported,
     Malformed(&'static str),
     Mismatch,
 }
@@ -79,20 +129,48 @@ pub struct Exchange {
     client_first_bare: String,
     server_first: String,
     nonce: String,
-    gs2_header: String,
+    /// What the client's final message must carry as `c=`: the GS2 header,
+    /// and the channel's end-point data when it binds.
+    binding: String,
 }
 
 impl Exchange {
-    /// Read the client's first message; returns the exchange and the
-    /// server's first message.
-    pub fn start(verifier: Verifier, client_first: &[u8]) -> Result<(Self, String), Failure> {
+    /// Read the client's first message for `mechanism` (one `channel`
+    /// offered); returns the exchange and the server's first message.
+    pub fn start(
+        verifier: Verifier,
+        channel: Channel<'_>,
+        mechanism: &str,
+        client_first: &[u8],
+    ) -> Result<(Self, String), Failure> {
+        let bound = match (mechanism, channel) {
+            (MECHANISM, _) => None,
+            (MECHANISM_PLUS, Channel::Tls(data)) => Some(data),
+            _ => return Err(Failure::Unsupported),
+        };
         let msg = std::str::from_utf8(client_first).map_err(|_| Failure::Malformed("not UTF-8"))?;
         // gs2-header: a channel-binding flag, an (empty) authzid.
         let (flag, rest) = msg
             .split_once(',')
             .ok_or(Failure::Malformed("no GS2 header"))?;
-        if !matches!(flag, "n" | "y") {
-            return Err(Failure::Malformed("channel binding is not offered"));
+        match (flag, bound, channel) {
+            (_, Some(_), _) if flag.strip_prefix("p=") == Some(END_POINT) => {}
+            (_, Some(_), _) => {
+                return Err(Failure::Malformed(
+                    "SCRAM-SHA-256-PLUS needs channel binding of type tls-server-end-point",
+                ))
+            }
+            // "y": the client could bind but believes the server cannot,
+            // which over TLS means someone took `-PLUS` out of the offer.
+            ("y", None, Channel::Tls(_)) => return Err(Failure::Malformed(
+                "SCRAM channel binding negotiation error: this server does support channel binding",
+            )),
+            ("n" | "y", None, _) => {}
+            _ => {
+                return Err(Failure::Malformed(
+                    "channel binding needs the SCRAM-SHA-256-PLUS mechanism",
+                ))
+            }
         }
         let (authzid, bare) = rest
             .split_once(',')
@@ -120,7 +198,11 @@ impl Exchange {
             client_first_bare: bare.to_owned(),
             server_first: server_first.clone(),
             nonce,
-            gs2_header: format!("{flag},,"),
+            binding: {
+                let mut input = format!("{flag},,").into_bytes();
+                input.extend_from_slice(bound.unwrap_or_default());
+                B64.encode(input)
+            },
         };
         Ok((exchange, server_first))
     }
@@ -141,7 +223,7 @@ impl Exchange {
                 nonce = Some(r);
             }
         }
-        if binding != Some(B64.encode(&self.gs2_header).as_str()) {
+        if binding != Some(self.binding.as_str()) {
             return Err(Failure::Malformed("channel binding does not match"));
         }
         if nonce != Some(self.nonce.as_str()) {
@@ -174,13 +256,85 @@ mod tests {
 
     /// rust-postgres's client against this server side.
     fn login(verifier: &str, password: &str) -> Result<(), Failure> {
-        let mut client = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+        let client = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+        exchange(verifier, Channel::Plain, MECHANISM, client)
+    }
+
+    fn exchange(
+        verifier: &str,
+        channel: Channel<'_>,
+        mechanism: &str,
+        mut client: ScramSha256,
+    ) -> Result<(), Failure> {
+        let verifier = Verifier::parse(verifier).unwrap();
         let (exchange, server_first) =
-            Exchange::start(Verifier::parse(verifier).unwrap(), client.message())?;
+            Exchange::start(verifier, channel, mechanism, client.message())?;
         client.update(server_first.as_bytes()).unwrap();
         let server_final = exchange.finish(client.message())?;
         client.finish(server_final.as_bytes()).unwrap();
         Ok(())
+    }
+
+    #[test]
+    fn a_client_binds_to_the_channel_and_a_downgrade_or_other_channel_is_refused() {
+        let v = crate::servers::scram::verifier("pw");
+        let ours = b"end-point data of our certificate";
+        let tls = Channel::Tls(ours);
+        let bound = |data: &[u8]| {
+            ScramSha256::new(b"pw", ChannelBinding::tls_server_end_point(data.to_vec()))
+        };
+        assert_eq!(exchange(&v, tls, MECHANISM_PLUS, bound(ours)), Ok(()));
+        // Bound to another certificate (a relay in the middle): refused.
+        assert!(matches!(
+            exchange(&v, tls, MECHANISM_PLUS, bound(b"someone else's")),
+            Err(Failure::Malformed(_))
+        ));
+        // Plain SCRAM over TLS, from a client that cannot bind: fine.
+        let plain = || ScramSha256::new(b"pw", ChannelBinding::unsupported());
+        assert_eq!(exchange(&v, tls, MECHANISM, plain()), Ok(()));
+        // A client that could bind but was told it cannot ("y"): refused
+        // over TLS, fine without it.
+        let could = || ScramSha256::new(b"pw", ChannelBinding::unrequested());
+        assert!(matches!(
+            exchange(&v, tls, MECHANISM, could()),
+            Err(Failure::Malformed(_))
+        ));
+        assert_eq!(exchange(&v, Channel::Plain, MECHANISM, could()), Ok(()));
+        // -PLUS without TLS, or an unknown mechanism: not offered.
+        assert_eq!(
+            exchange(&v, Channel::Plain, MECHANISM_PLUS, bound(ours)),
+            Err(Failure::Unsupported)
+        );
+        assert_eq!(
+            exchange(&v, tls, "SCRAM-SHA-1", plain()),
+            Err(Failure::Unsupported)
+        );
+        assert!(Channel::Plain.mechanisms().starts_with("SCRAM-SHA-256\0"));
+        assert!(tls
+            .mechanisms()
+            .starts_with("SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0"));
+    }
+
+    #[test]
+    fn a_certificate_s_end_point_is_hashed_by_its_signature_hash() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let der = cert.der().as_ref().to_vec();
+        assert_eq!(end_point(&der), Some(sha2::Sha384::digest(&der).to_vec()));
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        assert_eq!(
+            end_point(cert.der().as_ref()),
+            None,
+            "Ed25519 names no hash"
+        );
+        assert_eq!(end_point(b"not a certificate"), None);
     }
 
     #[test]
@@ -199,7 +353,7 @@ mod tests {
         let b = Verifier::decoy(b"k", "acme/app");
         assert_eq!(a.salt, b.salt);
         let mut client = ScramSha256::new(b"anything", ChannelBinding::unsupported());
-        let (ex, first) = Exchange::start(a, client.message()).unwrap();
+        let (ex, first) = Exchange::start(a, Channel::Plain, MECHANISM, client.message()).unwrap();
         client.update(first.as_bytes()).unwrap();
         assert_eq!(ex.finish(client.message()), Err(Failure::Mismatch));
     }
@@ -214,9 +368,12 @@ mod tests {
             b"n,,n=",
             b"\xff",
         ] {
-            assert!(Exchange::start(v.clone(), bad).is_err(), "{bad:?}");
+            assert!(
+                Exchange::start(v.clone(), Channel::Plain, MECHANISM, bad).is_err(),
+                "{bad:?}"
+            );
         }
-        let (ex, _) = Exchange::start(v, b"n,,n=,r=abc").unwrap();
+        let (ex, _) = Exchange::start(v, Channel::Plain, MECHANISM, b"n,,n=,r=abc").unwrap();
         assert!(matches!(
             ex.finish(b"c=biws,r=abc,p=AAAA"),
             Err(Failure::Malformed(_))

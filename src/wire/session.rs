@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 use super::pool::{Checkout, CheckoutError};
 use super::proto::{self, Codec, Msg};
-use super::scram::{self, Exchange, Verifier};
+use super::scram::{Channel, Exchange, Failure, Verifier};
 use super::{CancelSlot, Ender, Io, Shared, TenantCounters};
 use crate::domain::PoolMode;
 use crate::router::{AcquireError, RouteError, TenantRouter};
@@ -299,7 +299,11 @@ async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
             };
             Verifier::decoy(&shared.decoy, &format!("{tenant}/{user}"))
         });
-    if !authenticate(&mut io, verifier, &user).await {
+    let channel = match (&shared.tls_end_point, encrypted) {
+        (Some(end_point), true) => Channel::Tls(end_point),
+        _ => Channel::Plain,
+    };
+    if !authenticate(&mut io, verifier, channel, &user).await {
         metrics::counter!("silo_wire_refused_total", "reason" => "authentication").increment(1);
         return None;
     }
@@ -463,25 +467,25 @@ async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
 }
 
 /// The SCRAM exchange; `false` (the client told) when it failed.
-async fn authenticate(io: &mut Box<dyn Io>, verifier: Verifier, user: &str) -> bool {
+async fn authenticate(
+    io: &mut Box<dyn Io>,
+    verifier: Verifier,
+    channel: Channel<'_>,
+    user: &str,
+) -> bool {
     let failed = format!("password authentication failed for user \"{user}\"");
     let mut out = BytesMut::new();
-    proto::auth(&mut out, 10, format!("{}\0\0", scram::MECHANISM).as_bytes());
+    proto::auth(&mut out, 10, channel.mechanisms().as_bytes());
     if io.write_all(&out).await.is_err() {
         return false;
     }
-    let Some((b'p', body)) = startup_message(io).await else {
-        refuse(io, "28P01", &failed).await;
+    let Some(body) = sasl_response(io).await else {
         return false;
     };
     let Some((mechanism, mut rest)) = proto::split_cstr(&body) else {
         refuse(io, "08P01", "malformed SASL message").await;
         return false;
     };
-    if mechanism != scram::MECHANISM {
-        refuse(io, "28000", "SASL authentication mechanism not supported").await;
-        return false;
-    }
     let Some(len) = proto::get_i32(&mut rest) else {
         refuse(io, "08P01", "malformed SASL message").await;
         return false;
@@ -490,17 +494,27 @@ async fn authenticate(io: &mut Box<dyn Io>, verifier: Verifier, user: &str) -> b
         refuse(io, "08P01", "malformed SASL message").await;
         return false;
     }
-    let Ok((exchange, server_first)) = Exchange::start(verifier, rest) else {
-        refuse(io, "08P01", "malformed SCRAM message").await;
-        return false;
+    let (exchange, server_first) = match Exchange::start(verifier, channel, mechanism, rest) {
+        Ok(started) => started,
+        Err(Failure::Unsupported) => {
+            refuse(io, "28000", "SASL authentication mechanism not supported").await;
+            return false;
+        }
+        Err(Failure::Malformed(why)) => {
+            refuse(io, "08P01", &format!("malformed SCRAM message: {why}")).await;
+            return false;
+        }
+        Err(Failure::Mismatch) => {
+            refuse(io, "28P01", &failed).await;
+            return false;
+        }
     };
     out.clear();
     proto::auth(&mut out, 11, server_first.as_bytes());
     if io.write_all(&out).await.is_err() {
         return false;
     }
-    let Some((b'p', body)) = startup_message(io).await else {
-        refuse(io, "28P01", &failed).await;
+    let Some(body) = sasl_response(io).await else {
         return false;
     };
     match exchange.finish(&body) {
@@ -510,9 +524,30 @@ async fn authenticate(io: &mut Box<dyn Io>, verifier: Verifier, user: &str) -> b
             proto::auth(&mut out, 0, b"");
             io.write_all(&out).await.is_ok()
         }
+        Err(Failure::Malformed(why)) => {
+            refuse(io, "08P01", &format!("malformed SCRAM message: {why}")).await;
+            false
+        }
         Err(_) => {
             refuse(io, "28P01", &failed).await;
             false
+        }
+    }
+}
+
+/// The client's next SASL message; `None` (the client told, as
+/// PostgreSQL tells it, where it can be) for anything else.
+async fn sasl_response(io: &mut Box<dyn Io>) -> Option<Vec<u8>> {
+    match startup_message(io).await {
+        Some((b'p', body)) => Some(body),
+        Some((tag, _)) => {
+            let message = format!("expected SASL response, got message type {tag}");
+            refuse(io, "08P01", &message).await;
+            None
+        }
+        None => {
+            refuse(io, "08P01", "invalid SASL response").await;
+            None
         }
     }
 }

@@ -420,6 +420,26 @@ async fn malformed_and_unsupported_openings_are_refused_cleanly() {
             ),
         }
     }
+    // A query where the SASL response belongs: a protocol violation, as
+    // PostgreSQL answers it (not a failed password).
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let params = b"user\0app\0database\0sturdy\0\0";
+    let mut startup = ((8 + params.len()) as i32).to_be_bytes().to_vec();
+    startup.extend_from_slice(&196_608i32.to_be_bytes());
+    startup.extend_from_slice(params);
+    s.write_all(&startup).await.unwrap();
+    s.write_all(b"Q\0\0\0\x0dSELECT 1\0").await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(40), s.read_to_end(&mut buf))
+        .await
+        .expect("the connection is closed")
+        .ok();
+    let got = String::from_utf8_lossy(&buf);
+    assert!(
+        got.contains("C08P01") && got.contains("expected SASL response"),
+        "{got}"
+    );
+
     // A client that connects and says nothing is dropped at the startup
     // timeout, and meanwhile others are served.
     let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -558,6 +578,27 @@ async fn tls_is_offered_and_when_required_plain_clients_are_refused() {
     // psql's own report of the session: TLS.
     let out = psql(&over_tls, &["-c", "\\conninfo"]).await;
     assert!(text(&out).contains("SSL connection"), "{}", text(&out));
+    // Its login bound to silo's certificate (SCRAM-SHA-256-PLUS): libpq
+    // refuses to go on otherwise when told to require it.
+    let bound = format!("{over_tls}&channel_binding=require");
+    let out = psql(&bound, &["-c", "SELECT 6 * 7"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+    let wrong =
+        format!("postgresql://app:not-{pw}@{addr}/secure?sslmode=require&channel_binding=require");
+    let out = psql(&wrong, &["-c", "SELECT 1"]).await;
+    assert!(
+        text(&out).contains("password authentication failed"),
+        "{}",
+        text(&out)
+    );
+    // A client that cannot bind (sqlx) still logs in over TLS.
+    let mut c = sqlx::PgConnection::connect(&over_tls).await.unwrap();
+    let n: i32 = sqlx::query_scalar("SELECT 6 * 7")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(n, 42);
     let plain = format!("postgresql://app:{pw}@{addr}/secure?sslmode=disable");
     let out = psql(&plain, &["-c", "SELECT 1"]).await;
     assert!(!out.status.success());
