@@ -17,6 +17,9 @@ use crate::domain::{AdminRole, KeyName, Plan, Schedule, ServerName, Slug, Tenant
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// Default address of the PostgreSQL-protocol front door.
 pub const DEFAULT_PG_LISTEN: &str = "127.0.0.1:6432";
+/// Front-door connections from one address logging in at once: a quarter
+/// of the room for logins (1,024), so no one address can hold it all.
+pub const DEFAULT_PG_MAX_LOGINS_PER_ADDRESS: u32 = 256;
 /// Default cron schedule for tenant backups (sec min hour day month weekday).
 pub const DEFAULT_BACKUP_SCHEDULE: &str = crate::domain::DEFAULT_SCHEDULE;
 /// Spare databases kept ready per server: a create takes one instead of cloning.
@@ -548,6 +551,11 @@ pub struct ServerArgs {
     /// Front-door client connections per tenant per process.
     #[arg(long, env = "SILO_PG_MAX_CLIENTS_PER_TENANT", default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub pg_max_clients_per_tenant: u32,
+
+    /// Connections from one address (an IPv6 /64) logging in at once; more
+    /// are refused at once, so one address cannot hold back others' logins.
+    #[arg(long, env = "SILO_PG_MAX_LOGINS_PER_ADDRESS", default_value_t = DEFAULT_PG_MAX_LOGINS_PER_ADDRESS, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub pg_max_logins_per_address: u32,
 
     /// Seconds a client may take from connecting to being logged in.
     #[arg(long, env = "SILO_PG_STARTUP_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]

@@ -155,6 +155,7 @@ impl SiloServer {
             pg_require_tls: false,
             pg_max_clients: 10_000,
             pg_max_clients_per_tenant: 1_000,
+            pg_max_logins_per_address: silo::config::DEFAULT_PG_MAX_LOGINS_PER_ADDRESS,
             pg_startup_timeout: 10,
             pg_client_idle_timeout: 0,
             pg_max_message_bytes: 16 * 1024 * 1024,

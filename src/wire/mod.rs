@@ -2,7 +2,7 @@
 //! an app credential and gets its tenant's database, under the same
 //! per-server connection budget as the HTTP router.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -19,6 +19,8 @@ pub struct WireSettings {
     pub require_tls: bool,
     pub max_clients: usize,
     pub max_clients_per_tenant: usize,
+    /// Connections from one address (IPv6: one /64) logging in at once.
+    pub max_logins_per_address: usize,
     pub startup_timeout: Duration,
     /// `None`: idle clients are never disconnected.
     pub client_idle_timeout: Option<Duration>,
@@ -41,6 +43,7 @@ impl WireSettings {
             require_tls: args.pg_require_tls,
             max_clients: args.pg_max_clients as usize,
             max_clients_per_tenant: args.pg_max_clients_per_tenant as usize,
+            max_logins_per_address: args.pg_max_logins_per_address as usize,
             startup_timeout: Duration::from_secs(args.pg_startup_timeout),
             client_idle_timeout: (args.pg_client_idle_timeout > 0)
                 .then(|| Duration::from_secs(args.pg_client_idle_timeout)),
@@ -58,6 +61,7 @@ impl WireSettings {
             require_tls: false,
             max_clients: 10_000,
             max_clients_per_tenant: 1_000,
+            max_logins_per_address: crate::config::DEFAULT_PG_MAX_LOGINS_PER_ADDRESS as usize,
             startup_timeout: Duration::from_secs(10),
             client_idle_timeout: None,
             max_message_bytes: 16 * 1024 * 1024,
@@ -138,12 +142,71 @@ struct TenantCounters {
     wait_nanos: AtomicU64,
 }
 
+/// Logins in progress per client address, so that one address cannot take
+/// all the room for logins ([`MAX_STARTUPS`]) and hold back everyone
+/// else's (`SILO_PG_MAX_LOGINS_PER_ADDRESS`).
+#[derive(Default)]
+struct LoginsByAddress(Mutex<HashMap<IpAddr, usize>>);
+
+impl LoginsByAddress {
+    /// Room for one more login from `peer`, held until the slot is
+    /// dropped; `None` when its address has `limit` logging in already.
+    fn enter(self: &Arc<Self>, peer: IpAddr, limit: usize) -> Option<AddressSlot> {
+        let address = address_key(peer);
+        let mut counts = self.0.lock().expect("logins lock");
+        let n = counts.entry(address).or_insert(0);
+        if *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            of: self.clone(),
+            address,
+        })
+    }
+}
+
+/// One login in progress from an address (see [`LoginsByAddress`]).
+struct AddressSlot {
+    of: Arc<LoginsByAddress>,
+    address: IpAddr,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut counts = self.of.0.lock().expect("logins lock");
+        if let Some(n) = counts.get_mut(&self.address) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.address);
+            }
+        }
+    }
+}
+
+/// What one client address counts as: an IPv4 address (IPv4-mapped IPv6
+/// ones too), or an IPv6 /64, which one host or site usually has whole.
+fn address_key(peer: IpAddr) -> IpAddr {
+    match peer {
+        IpAddr::V4(_) => peer,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
 /// The front door for `GET /admin/v1/pools`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct WireStats {
     /// Client connections open now, and the most allowed.
     pub clients: usize,
     pub max_clients: usize,
+    /// Connections logging in now (not counted in `clients` yet).
+    pub logging_in: usize,
     /// Tenants with clients or server connections now.
     pub tenants: Vec<WireTenantStats>,
 }
@@ -178,8 +241,11 @@ pub(crate) struct Shared {
     /// The TLS certificate's channel-binding data (SCRAM `-PLUS`).
     tls_end_point: Option<Vec<u8>>,
     clients: Arc<Semaphore>,
-    /// Connections not logged in yet.
+    /// Connections not logged in yet, and as many as may be.
     startups: Arc<Semaphore>,
+    startups_room: usize,
+    /// Of those, per client address.
+    logins: Arc<LoginsByAddress>,
     /// Per tenant with clients: counts and counters.
     tenants: Mutex<HashMap<Uuid, Arc<TenantCounters>>>,
     /// Per tenant, the pool of its role (`false`) and of its reader role
@@ -223,10 +289,13 @@ impl Front {
             m.update(b"silo wire decoy verifiers");
             m.finalize().into_bytes().into()
         };
+        let startups_room = settings.max_clients.clamp(16, MAX_STARTUPS);
         Ok(Self {
             inner: Arc::new(Shared {
                 clients: Arc::new(Semaphore::new(settings.max_clients)),
-                startups: Arc::new(Semaphore::new(settings.max_clients.clamp(16, MAX_STARTUPS))),
+                startups: Arc::new(Semaphore::new(startups_room)),
+                startups_room,
+                logins: Arc::default(),
                 settings,
                 app_domain: app_domain.map(|d| d.trim_start_matches('.').to_ascii_lowercase()),
                 router,
@@ -367,6 +436,7 @@ impl Front {
         WireStats {
             clients: self.sessions(),
             max_clients: s.settings.max_clients,
+            logging_in: s.startups_room - s.startups.available_permits(),
             tenants,
         }
     }
@@ -609,4 +679,40 @@ fn tls_acceptor(
     .with_single_cert(certs, key)
     .context("the front door's TLS certificate and key")?;
     Ok((tokio_rustls::TlsAcceptor::from(Arc::new(config)), end_point))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logins_are_counted_per_address_and_ipv6_per_64() {
+        let logins = Arc::new(LoginsByAddress::default());
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let a = logins.enter(ip("10.0.0.1"), 2).expect("first");
+        let b = logins
+            .enter(ip("::ffff:10.0.0.1"), 2)
+            .expect("the same host, mapped");
+        assert!(logins.enter(ip("10.0.0.1"), 2).is_none(), "a third of two");
+        let other = logins
+            .enter(ip("10.0.0.2"), 2)
+            .expect("another address has its own");
+        let v6 = logins
+            .enter(ip("2001:db8:1:2::1"), 1)
+            .expect("an IPv6 host");
+        assert!(
+            logins.enter(ip("2001:db8:1:2:ffff::9"), 1).is_none(),
+            "the same /64 counts as one address"
+        );
+        assert!(
+            logins.enter(ip("2001:db8:1:3::1"), 1).is_some(),
+            "another /64"
+        );
+        drop(a);
+        let again = logins
+            .enter(ip("10.0.0.1"), 2)
+            .expect("a slot comes back when a login ends");
+        drop((b, again, other, v6));
+        assert!(logins.0.lock().unwrap().is_empty(), "no count left behind");
+    }
 }

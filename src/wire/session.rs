@@ -63,26 +63,29 @@ type Reader = FramedRead<ReadHalf<Box<dyn Io>>, Codec>;
 /// clients (see docs/benchmarks.md).
 pub(super) async fn handle(shared: Arc<Shared>, tcp: TcpStream, sessions: TaskTracker) {
     let _ = tcp.set_nodelay(true);
+    let Ok(peer) = tcp.peer_addr() else { return };
     let mut io: Box<dyn Io> = Box::new(tcp);
     // Connections not logged in yet have slots of their own: a flood of
-    // silent connections cannot take the logged-in clients' room.
+    // silent connections cannot take the logged-in clients' room; and one
+    // address may hold only its share of them, so a flood from one
+    // address cannot hold back the logins of others.
+    let Some(from_address) = shared
+        .logins
+        .enter(peer.ip(), shared.settings.max_logins_per_address)
+    else {
+        let why = "too many connections from this address are logging in, retry shortly";
+        return too_many(&mut io, "too_many_logins_from_address", why).await;
+    };
     let Ok(starting) = shared.startups.clone().try_acquire_owned() else {
-        metrics::counter!("silo_wire_refused_total", "reason" => "too_many_logins").increment(1);
-        let _ = io
-            .write_all(&proto::error_frame(
-                "FATAL",
-                "53300",
-                "too many connections are logging in, retry shortly",
-            ))
-            .await;
-        return;
+        let why = "too many connections are logging in, retry shortly";
+        return too_many(&mut io, "too_many_logins", why).await;
     };
     let limit = shared.settings.startup_timeout;
     // Boxed, as are the other one-off steps (attach, detach, the ending): a
     // task is as large as its largest state, and an idle client's task
     // should hold its session only (10,000 idle clients, see docs/benchmarks.md).
     let started = tokio::time::timeout(limit, Box::pin(startup(&shared, io))).await;
-    drop(starting);
+    drop((starting, from_address));
     let mut session = match started {
         Ok(Some(s)) => s,
         Ok(None) => return,
@@ -98,6 +101,14 @@ pub(super) async fn handle(shared: Arc<Shared>, tcp: TcpStream, sessions: TaskTr
         return;
     };
     sessions.spawn(session.run(client));
+}
+
+/// Refuse a connection before its login for want of room (`53300`).
+async fn too_many(io: &mut Box<dyn Io>, reason: &'static str, message: &str) {
+    metrics::counter!("silo_wire_refused_total", "reason" => reason).increment(1);
+    let _ = io
+        .write_all(&proto::error_frame("FATAL", "53300", message))
+        .await;
 }
 
 /// Read the untyped first packet: (code, rest). A length no startup packet

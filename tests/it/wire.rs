@@ -448,6 +448,92 @@ async fn malformed_and_unsupported_openings_are_refused_cleanly() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
 }
 
+/// One address that opens more silent connections than there is room for
+/// logins (1,024) fills only its share (`SILO_PG_MAX_LOGINS_PER_ADDRESS`,
+/// 256): the rest are refused at once, saying why, and clients from other
+/// addresses still log in while they are held.
+#[tokio::test]
+async fn silent_connections_from_one_address_cannot_hold_back_others_logins() {
+    use tokio::io::AsyncReadExt;
+    let env = TestEnv::setup()
+        // The silent connections are held for the whole test.
+        .wire(|w| w.startup_timeout = Duration::from_secs(300))
+        .start()
+        .await;
+    env.create("open").await;
+    let pw = credential(&env, "open", "app", PoolMode::Transaction).await;
+    let addr = env.pg_addr.unwrap();
+    let share = silo::config::DEFAULT_PG_MAX_LOGINS_PER_ADDRESS as usize;
+    let flood = 1_100;
+    // From 127.0.0.2 (any 127/8 address is this machine's loopback).
+    let mut readers = tokio::task::JoinSet::new();
+    for _ in 0..flood {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut s = socket.connect(addr).await.expect("connect from 127.0.0.2");
+        readers.spawn(async move {
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf).await;
+            String::from_utf8_lossy(&buf).into_owned()
+        });
+    }
+    let logging_in = |pools: &serde_json::Value| pools["wire"]["logging_in"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut refused = 0;
+    while refused < flood - share {
+        let answer = tokio::time::timeout_at(deadline.into(), readers.join_next())
+            .await
+            .expect("the connections over the address's share are refused at once")
+            .expect("a reader")
+            .unwrap();
+        assert!(
+            answer.contains("C53300") && answer.contains("from this address"),
+            "{answer}"
+        );
+        refused += 1;
+    }
+    let (_, pools) = env.call(Method::GET, "/admin/v1/pools", None).await;
+    assert_eq!(logging_in(&pools), share as u64, "{pools}");
+
+    // Meanwhile a client from 127.0.0.1 logs in and is served.
+    let out = psql(&uri(&env, "app", &pw, "open"), &["-c", "SELECT 41 + 1"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+    let (_, pools) = env.call(Method::GET, "/admin/v1/pools", None).await;
+    assert_eq!(logging_in(&pools), share as u64, "still held: {pools}");
+    assert!(
+        readers.try_join_next().is_none(),
+        "a held connection ended early"
+    );
+
+    // When they go, the address's room comes back.
+    readers.shutdown().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, pools) = env.call(Method::GET, "/admin/v1/pools", None).await;
+        if logging_in(&pools) == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "logins never let go: {pools}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let _again = socket.connect(addr).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, pools) = env.call(Method::GET, "/admin/v1/pools", None).await;
+        if logging_in(&pools) == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a new connection is not let in: {pools}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// pgbench's per-transaction latencies (µs) from its `-l` logs in `dir`.
 fn logged_latencies(dir: &std::path::Path) -> Vec<u64> {
     let mut all: Vec<u64> = std::fs::read_dir(dir)
