@@ -42,7 +42,15 @@
 //! PostgreSQL counted (`pg_stat_activity`, every 5 ms). Goals: no error but
 //! clean refusals, never over the budget.
 //!
-//! `idle` and `zipf` run this build's `silo serve` (or the binary
+//! **wide**: one row far larger than `SILO_PG_MAX_MESSAGE_BYTES` (256 MiB,
+//! `SILO_BENCH_WIDE_MIB`; the limit is 16 MiB), fetched by `psql` into
+//! `/dev/null` three times through a `silo serve` child process (transaction
+//! mode) and three times straight from PostgreSQL, interleaved. Reported:
+//! each fetch's time and MiB/s, and silo's peak RSS (`VmHWM`) before and
+//! after: the row is passed on in parts, so the peak should not grow by
+//! anything like the row's size.
+//!
+//! `idle`, `zipf` and `wide` run this build's `silo serve` (or the binary
 //! `SILO_BENCH_SILO_BIN` names) and raise the open-files limit to its hard limit.
 
 mod support;
@@ -66,7 +74,7 @@ use sqlx::{ConnectOptions, Connection, PgConnection};
 use support::{control_plane, env_number, init_logging, load_average, ms, nearest_rank, Zipf};
 use uuid::Uuid;
 
-const CASES: &[&str] = &["pgbench", "idle", "zipf"];
+const CASES: &[&str] = &["pgbench", "idle", "zipf", "wide"];
 
 fn main() -> Result<()> {
     init_logging();
@@ -98,6 +106,7 @@ fn main() -> Result<()> {
                 match case.as_str() {
                     "pgbench" => pgbench_case().await?,
                     "idle" => idle_case().await?,
+                    "wide" => wide_case().await?,
                     _ => zipf_case().await?,
                 }
             }
@@ -632,6 +641,95 @@ async fn point_query(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
 
 fn mib(b: u64) -> f64 {
     b as f64 / MIB
+}
+
+/// One row far larger than the message limit: time and silo's memory.
+async fn wide_case() -> Result<()> {
+    let size: u64 = env_number("SILO_BENCH_WIDE_MIB", 256)?;
+    anyhow::ensure!((1..1024).contains(&size), "SILO_BENCH_WIDE_MIB: 1 to 1023");
+    println!(
+        "\nwire wide: one {size} MiB row through silo (transaction mode) and direct; load {}",
+        load_average()
+    );
+    let (pg, master_key, keyring, registry) = child_control_plane().await?;
+    let password = silo::crypto::random_password(32);
+    let slugs = tenants_with_credentials(&registry, &keyring, "wide", 1, &password).await?;
+    let silo = SiloChild::start(&pg, &master_key, &registry, &[]).await?;
+    let via_silo = format!(
+        "postgresql://app:{password}@127.0.0.1:{}/{}?sslmode=disable",
+        silo.wire_port, slugs[0]
+    );
+    let tenant = registry
+        .find_tenant(&slugs[0])
+        .await?
+        .context("the tenant")?;
+    let direct = format!("{}?sslmode=disable", pg.url(&tenant.database_name));
+    let sql = format!("SELECT repeat('x', {})", size * 1024 * 1024);
+    let fetch = |uri: String| {
+        let sql = sql.clone();
+        async move {
+            let started = Instant::now();
+            let out = tokio::process::Command::new("psql")
+                .arg(&uri)
+                .args([
+                    "-X",
+                    "-A",
+                    "-t",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-o",
+                    "/dev/null",
+                    "-c",
+                ])
+                .arg(&sql)
+                .output()
+                .await
+                .context("run psql")?;
+            anyhow::ensure!(
+                out.status.success(),
+                "psql failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            anyhow::Ok(started.elapsed())
+        }
+    };
+    let before = silo.memory()?;
+    println!("[wide] silo before: {}", before.describe());
+    let (mut silo_s, mut direct_s) = (Vec::new(), Vec::new());
+    for round in 1..=3 {
+        let d = fetch(direct.clone()).await?;
+        let t = fetch(via_silo.clone()).await?;
+        let mibs = |e: Duration| size as f64 / e.as_secs_f64();
+        println!(
+            "[wide] round {round}: direct {:.2} s ({:.0} MiB/s), silo {:.2} s ({:.0} MiB/s)",
+            d.as_secs_f64(),
+            mibs(d),
+            t.as_secs_f64(),
+            mibs(t)
+        );
+        direct_s.push(d.as_secs_f64());
+        silo_s.push(t.as_secs_f64());
+    }
+    let after = silo.memory()?;
+    println!("[wide] silo after: {}", after.describe());
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    println!("\n| figure | value |\n|---|---:|");
+    println!("| row | {size} MiB (limit 16 MiB) |");
+    println!(
+        "| fetch time, direct / silo (mean of 3) | {:.2} / {:.2} s (silo/direct {:.2}) |",
+        mean(&direct_s),
+        mean(&silo_s),
+        mean(&silo_s) / mean(&direct_s)
+    );
+    println!(
+        "| silo peak RSS before / after | {:.1} / {:.1} MiB ({:+.1} MiB) |",
+        mib(before.hwm),
+        mib(after.hwm),
+        mib(after.hwm) - mib(before.hwm)
+    );
+    silo.stop().await?;
+    drop(pg);
+    Ok(())
 }
 
 /// 10,000 idle clients: silo's memory.

@@ -566,8 +566,9 @@ pub struct ServerArgs {
     #[arg(long, env = "SILO_PG_CLIENT_IDLE_TIMEOUT", default_value_t = 0)]
     pub pg_client_idle_timeout: u64,
 
-    /// Largest protocol message a client may send, or the server may send
-    /// it (a row), in bytes: a larger one ends the session.
+    /// Largest protocol message a client may send, in bytes, and a tenant
+    /// server other than a row or COPY data (those are passed on in parts,
+    /// however large): a larger one ends the session.
     #[arg(long, env = "SILO_PG_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(8192..=1024 * 1024 * 1024))]
     pub pg_max_message_bytes: u64,
 

@@ -220,7 +220,7 @@ impl ServerConn {
     ) -> Result<Self, ConnectError> {
         let stream = target.open().await?;
         let (read, mut writer) = tokio::io::split(stream);
-        let mut reader = FramedRead::new(read, Codec { max: max_message });
+        let mut reader = FramedRead::new(read, Codec::server(max_message));
         let mut out = BytesMut::new();
         frontend::startup_message(
             [
@@ -381,7 +381,7 @@ impl ServerConn {
 
     /// Whether a whole message is already read and waiting.
     pub fn has_buffered_message(&self) -> bool {
-        proto::has_whole_message(self.reader.read_buffer())
+        self.reader.decoder().has_message(self.reader.read_buffer())
     }
 
     /// Queue a frame to send.

@@ -25,10 +25,60 @@ impl Msg {
     }
 }
 
-/// Splits a byte stream into typed messages, refusing any longer than `max`.
-#[derive(Debug, Clone, Copy)]
+/// The tag of a later part of a message passed on in parts (no message of
+/// the protocol has it): see [`Codec::server`].
+pub const PART: u8 = 0;
+
+/// Splits a byte stream into typed messages, refusing any longer than `max`
+/// (except, from a server, rows and `COPY` data: see [`Codec::server`]).
+#[derive(Debug, Clone)]
 pub struct Codec {
-    pub max: usize,
+    max: usize,
+    /// Whether rows and `COPY` data longer than `max` are passed on in parts.
+    stream_large: bool,
+    /// Bytes still to come of the message being passed on in parts.
+    rest: usize,
+}
+
+impl Codec {
+    /// A client's messages: any longer than `max` is refused.
+    pub fn client(max: usize) -> Self {
+        Self {
+            max,
+            stream_large: true,
+            rest: 0,
+        }
+    }
+
+    /// A server's messages: a row (`DataRow`) or `COPY` data longer than
+    /// `max` is not held whole but given in parts as they arrive, the
+    /// first with the message's tag and header, the others tagged
+    /// [`PART`], to be relayed as they are (PostgreSQL bounds them at
+    /// 1 GiB); any other message longer than `max` is refused.
+    pub fn server(max: usize) -> Self {
+        Self {
+            stream_large: true,
+            ..Self::client(max)
+        }
+    }
+
+    /// Whether a message (or a part of one) is already here to decode.
+    pub fn has_message(&self, buf: &[u8]) -> bool {
+        if self.rest > 0 {
+            return !buf.is_empty();
+        }
+        has_whole_message(buf) || (buf.len() >= 5 && self.streamed(buf))
+    }
+
+    /// Whether the message at the front of `buf` (its header read) is
+    /// passed on in parts.
+    fn streamed(&self, buf: &[u8]) -> bool {
+        let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+        self.stream_large
+            && matches!(buf[0], b'D' | b'd')
+            && len >= 4
+            && len as usize + 1 > self.max
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +96,17 @@ impl Decoder for Codec {
     type Error = FrameError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Msg>, FrameError> {
+        if self.rest > 0 {
+            if src.is_empty() {
+                return Ok(None);
+            }
+            let n = src.len().min(self.rest);
+            self.rest -= n;
+            return Ok(Some(Msg {
+                tag: PART,
+                frame: src.split_to(n).freeze(),
+            }));
+        }
         if src.len() < 5 {
             return Ok(None);
         }
@@ -55,7 +116,17 @@ impl Decoder for Codec {
         }
         let total = len as usize + 1;
         if total > self.max {
-            return Err(FrameError::TooLarge(total));
+            if !self.streamed(src) {
+                return Err(FrameError::TooLarge(total));
+            }
+            // The header and what is here of the body; the rest in parts.
+            let n = src.len().min(total);
+            self.rest = total - n;
+            let frame = src.split_to(n).freeze();
+            return Ok(Some(Msg {
+                tag: frame[0],
+                frame,
+            }));
         }
         if src.len() < total {
             src.reserve(total - src.len());
@@ -234,7 +305,7 @@ mod tests {
 
     #[test]
     fn frames_split_and_refuse_oversize_or_malformed() {
-        let mut c = Codec { max: 64 };
+        let mut c = Codec::client(64);
         let mut buf = BytesMut::new();
         query(&mut buf, "SELECT 1");
         ready_for_query(&mut buf, b'I');
@@ -249,6 +320,55 @@ mod tests {
         assert!(matches!(c.decode(&mut big), Err(FrameError::TooLarge(_))));
         let mut bad = BytesMut::from(&[b'Q', 0, 0, 0, 2][..]);
         assert!(matches!(c.decode(&mut bad), Err(FrameError::Malformed)));
+    }
+
+    #[test]
+    fn a_server_s_large_rows_come_in_parts_and_other_large_messages_are_refused() {
+        let mut c = Codec::server(64);
+        let row = |n: usize| {
+            let mut b = BytesMut::new();
+            let at = begin(&mut b, b'D');
+            b.put_i16(1);
+            b.put_i32(n as i32);
+            b.put_slice(&vec![b'x'; n]);
+            finish(&mut b, at);
+            b
+        };
+        let (small, large) = (row(10), row(200));
+        let mut stream = BytesMut::new();
+        stream.extend_from_slice(&small);
+        stream.extend_from_slice(&large);
+        ready_for_query(&mut stream, b'I');
+        // Arriving 37 bytes at a time, as a socket may give them.
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        for chunk in stream.chunks(37) {
+            buf.extend_from_slice(chunk);
+            while c.has_message(&buf) {
+                got.push(c.decode(&mut buf).unwrap().expect("has_message said so"));
+            }
+            assert!(c.decode(&mut buf).unwrap().is_none());
+        }
+        assert_eq!(got[0].frame, small, "a small row whole");
+        let parts: Vec<&Msg> = got[1..got.len() - 1].iter().collect();
+        assert!(parts.len() > 1, "the large row in parts");
+        assert_eq!(parts[0].tag, b'D');
+        assert!(parts[1..].iter().all(|m| m.tag == PART));
+        let joined: Vec<u8> = parts.iter().flat_map(|m| m.frame.to_vec()).collect();
+        assert_eq!(joined, large, "the parts are the row, byte for byte");
+        assert_eq!(got.last().unwrap().tag, b'Z', "then the next message whole");
+
+        // A client's large row, or a server's large other message: refused.
+        assert!(matches!(
+            Codec::client(64).decode(&mut row(200)),
+            Err(FrameError::TooLarge(_))
+        ));
+        let mut notice = BytesMut::new();
+        error(&mut notice, "NOTICE", "00000", &"x".repeat(100));
+        assert!(matches!(
+            Codec::server(64).decode(&mut notice),
+            Err(FrameError::TooLarge(_))
+        ));
     }
 
     #[test]

@@ -392,9 +392,7 @@ async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
         slug: entry.slug.clone(),
         reader: FramedRead::with_capacity(
             read,
-            Codec {
-                max: shared.settings.max_message_bytes,
-            },
+            Codec::client(shared.settings.max_message_bytes),
             // Small while idle (10,000 idle clients), grown by what arrives.
             CLIENT_BUFFER,
         ),

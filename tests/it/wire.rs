@@ -534,6 +534,82 @@ async fn silent_connections_from_one_address_cannot_hold_back_others_logins() {
     }
 }
 
+/// Rows and `COPY` data larger than `SILO_PG_MAX_MESSAGE_BYTES` come
+/// through in parts, byte for byte (not refused, not held whole), by the
+/// simple and the extended protocol, in both pool modes; the session and
+/// its server connection stay in step for what follows.
+#[tokio::test]
+async fn rows_larger_than_the_message_limit_come_through_whole() {
+    use sqlx::Executor as _;
+    let env = TestEnv::setup()
+        .wire(|w| w.max_message_bytes = 8192)
+        .start()
+        .await;
+    env.create("wide").await;
+    // Both credentials before the first login (the front door caches a
+    // tenant's list of them).
+    let mut logins = Vec::new();
+    for mode in [PoolMode::Transaction, PoolMode::Session] {
+        let name = format!("{mode:?}").to_lowercase();
+        let pw = credential(&env, "wide", &name, mode).await;
+        logins.push(uri(&env, &name, &pw, "wide"));
+    }
+    for u in logins {
+        // Extended protocol (sqlx): rows from 1 kB to 1.6 MB, each its own.
+        let mut c = sqlx::PgConnection::connect(&u).await.unwrap();
+        let rows: Vec<(i32, String)> = sqlx::query_as(
+            "SELECT i, repeat(chr(65 + i % 26), 1000 * i * i) FROM generate_series(1, 40) i",
+        )
+        .fetch_all(&mut c)
+        .await
+        .unwrap();
+        assert_eq!(rows.len(), 40);
+        for (i, text) in &rows {
+            let letter = char::from(65 + (*i % 26) as u8);
+            assert_eq!(text.len(), (1000 * i * i) as usize, "row {i}");
+            assert!(text.chars().all(|ch| ch == letter), "row {i}");
+        }
+        // Simple protocol, then a statement after it on the same session.
+        let many = c
+            .fetch_all("SELECT repeat('q', 50000); SELECT 'after'")
+            .await
+            .unwrap();
+        assert_eq!(many[0].get::<String, _>(0).len(), 50_000);
+        assert_eq!(many[1].get::<String, _>(0), "after");
+        drop(c);
+
+        // psql: a 20 MB row, and COPY data lines of 100 kB.
+        let out = psql(&u, &["-c", "SELECT repeat('z', 20000000)"]).await;
+        assert!(out.status.success(), "{}", text(&out));
+        let got = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(got.trim_end().len(), 20_000_000);
+        assert!(got.trim_end().bytes().all(|b| b == b'z'));
+        let out = psql(
+            &u,
+            &[
+                "-c",
+                "COPY (SELECT i, repeat('y', 100000) FROM generate_series(1, 5) i) TO STDOUT",
+            ],
+        )
+        .await;
+        assert!(out.status.success(), "{}", text(&out));
+        let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(lines.len(), 5);
+        for (n, line) in lines.iter().enumerate() {
+            assert_eq!(*line, format!("{}\t{}", n + 1, "y".repeat(100_000)));
+        }
+
+        // The next client (on the same server connection, in transaction
+        // mode) gets its own answer.
+        let out = psql(&u, &["-c", "SELECT 41 + 1"]).await;
+        assert!(out.status.success(), "{}", text(&out));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+    }
+}
+
 /// pgbench's per-transaction latencies (µs) from its `-l` logs in `dir`.
 fn logged_latencies(dir: &std::path::Path) -> Vec<u64> {
     let mut all: Vec<u64> = std::fs::read_dir(dir)
