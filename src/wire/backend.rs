@@ -384,6 +384,11 @@ impl ServerConn {
         self.reader.decoder().has_message(self.reader.read_buffer())
     }
 
+    /// Whether a message passed on in parts has more to come.
+    pub fn mid_message(&self) -> bool {
+        self.reader.decoder().mid_message()
+    }
+
     /// Queue a frame to send.
     pub fn push(&mut self, frame: &[u8]) {
         self.out.extend_from_slice(frame);

@@ -45,7 +45,7 @@ impl Codec {
     pub fn client(max: usize) -> Self {
         Self {
             max,
-            stream_large: true,
+            stream_large: false,
             rest: 0,
         }
     }
@@ -60,6 +60,11 @@ impl Codec {
             stream_large: true,
             ..Self::client(max)
         }
+    }
+
+    /// Whether a message passed on in parts has more to come.
+    pub fn mid_message(&self) -> bool {
+        self.rest > 0
     }
 
     /// Whether a message (or a part of one) is already here to decode.
@@ -357,6 +362,10 @@ mod tests {
         let joined: Vec<u8> = parts.iter().flat_map(|m| m.frame.to_vec()).collect();
         assert_eq!(joined, large, "the parts are the row, byte for byte");
         assert_eq!(got.last().unwrap().tag, b'Z', "then the next message whole");
+        assert!(!c.mid_message());
+        let mut first = BytesMut::from(&large[..100]);
+        assert_eq!(c.decode(&mut first).unwrap().unwrap().tag, b'D');
+        assert!(c.mid_message(), "the rest of the row is still to come");
 
         // A client's large row, or a server's large other message: refused.
         assert!(matches!(

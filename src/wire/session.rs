@@ -415,6 +415,7 @@ async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
         unnamed_here: false,
         bound: false,
         copy_in: false,
+        torn: false,
         dirty: false,
         status: b'I',
         ender,
@@ -720,6 +721,9 @@ pub(super) struct Session {
     dirty: bool,
     /// Transaction status of the last `ReadyForQuery`.
     status: u8,
+    /// A write to the client was cut short inside its bytes: the client's
+    /// stream stops mid-message, and nothing more can be said on it.
+    torn: bool,
     ender: Arc<Ender>,
     session_id: u64,
     cancel_key: (i32, i32),
@@ -826,12 +830,19 @@ impl Session {
 
     /// Tell the client why it ends (unless it was told), and end.
     async fn fail(&mut self, code: &str, message: &str) {
+        // Inside a message to the client (a write cut short, or a row
+        // being passed on in parts), an error would land in its bytes: the
+        // client is left without one, as PostgreSQL leaves it when ended
+        // mid-send.
+        let torn = self.torn || self.server.as_mut().is_some_and(|s| s.conn().mid_message());
         // Its server connection's state is unknown: closed, not reused,
         // and at once, not after the client took its message.
         self.stop_running();
         self.server.take();
         self.cleanup();
-        if code != TOLD {
+        if torn {
+            self.out.clear();
+        } else if code != TOLD {
             self.out
                 .extend_from_slice(&proto::error_frame("FATAL", code, message));
         }
@@ -1240,13 +1251,23 @@ impl Session {
     /// Boxed (a small allocation per flush): inline, the race would grow
     /// every client's task by its size (see the test `task_size`).
     async fn write_client(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        let (writer, token) = (&mut self.writer, &self.ender.token);
+        let (writer, token, torn) = (&mut self.writer, &self.ender.token, &mut self.torn);
         Box::pin(async move {
-            tokio::select! {
-                biased;
-                written = writer.write_all(bytes) => written,
-                _ = token.cancelled() => Err(std::io::Error::other("session ended")),
+            let mut written = 0;
+            while written < bytes.len() {
+                tokio::select! {
+                    biased;
+                    n = writer.write(&bytes[written..]) => match n? {
+                        0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                        n => written += n,
+                    },
+                    _ = token.cancelled() => {
+                        *torn = written > 0;
+                        return Err(std::io::Error::other("session ended"));
+                    }
+                }
             }
+            Ok(())
         })
         .await
     }

@@ -602,6 +602,35 @@ async fn rows_larger_than_the_message_limit_come_through_whole() {
             assert_eq!(*line, format!("{}\t{}", n + 1, "y".repeat(100_000)));
         }
 
+        // What a client sends is still bounded: COPY data of 20 kB in one
+        // message ends its session (sqlx reports the closed connection
+        // rather than silo's 54000, which it reads and drops), and nothing
+        // of it is written.
+        let mut c = sqlx::PgConnection::connect(&u).await.unwrap();
+        let mut copy = c
+            .copy_in_raw("COPY clinics (name, address) FROM STDIN")
+            .await
+            .unwrap();
+        let line = format!("wide\t{}\n", "w".repeat(20_000));
+        let refused = match copy.send(line.as_bytes()).await {
+            Ok(_) => copy.finish().await.expect_err("a 20 kB message is refused"),
+            Err(e) => e,
+        };
+        assert!(
+            refused.as_database_error().is_none()
+                || refused
+                    .to_string()
+                    .contains("larger than this server allows"),
+            "{refused}"
+        );
+        let mut c = sqlx::PgConnection::connect(&u).await.unwrap();
+        let written: i64 = sqlx::query_scalar("SELECT count(*) FROM clinics WHERE name = 'wide'")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(written, 0);
+        drop(c);
+
         // The next client (on the same server connection, in transaction
         // mode) gets its own answer.
         let out = psql(&u, &["-c", "SELECT 41 + 1"]).await;
