@@ -307,6 +307,27 @@ impl Silo {
     }
 }
 
+/// Connections the kernel completes and holds for a listener before it
+/// accepts them: a burst of new connections (a pool starting, `pgbench -C`)
+/// beyond it waits a second for the client's SYN to be sent again. Tokio
+/// (and the standard library) ask for 128; the kernel caps it at
+/// `net.core.somaxconn` (4096 on current Linux).
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// A TCP listener on `addr` with [`LISTEN_BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As tokio's own `bind`: a restarted silo may take its port back at
+    // once, with connections of its last run still in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Bind `addr` (and the PostgreSQL front door's), report the bound
 /// addresses (HTTP, front door), start, and serve until `shutdown`.
 pub async fn serve(
@@ -316,19 +337,15 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_listen: impl FnOnce(SocketAddr, Option<SocketAddr>),
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("listen on {addr}"))?;
+    let listener = listen(addr).with_context(|| format!("listen on {addr}"))?;
     let pg = match &mut settings.wire {
         Some(w) => {
-            let pg = tokio::net::TcpListener::bind(w.listen)
-                .await
-                .with_context(|| {
-                    format!(
-                        "listen on {} for the PostgreSQL front door (SILO_PG_LISTEN)",
-                        w.listen
-                    )
-                })?;
+            let pg = listen(w.listen).with_context(|| {
+                format!(
+                    "listen on {} for the PostgreSQL front door (SILO_PG_LISTEN)",
+                    w.listen
+                )
+            })?;
             let bound = pg.local_addr().context("read listen address")?;
             // A port chosen by the system: the URIs handed out name it.
             if w.public_address == w.listen.to_string() {

@@ -463,6 +463,17 @@ async fn silent_connections_from_one_address_cannot_hold_back_others_logins() {
     env.create("open").await;
     let pw = credential(&env, "open", "app", PoolMode::Transaction).await;
     let addr = env.pg_addr.unwrap();
+    // The kernel holds up to 1,024 connections before silo accepts them
+    // (a listening socket's Send-Q, as `ss` shows it, is its backlog), not
+    // the 128 that would make a burst like the one below wait a second
+    // for SYNs sent again.
+    let ss = std::process::Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{}", addr.port())])
+        .output()
+        .expect("run ss (scripts/install-deps installs iproute2)");
+    let listening = String::from_utf8_lossy(&ss.stdout);
+    let backlog = listening.split_whitespace().nth(2);
+    assert_eq!(backlog, Some("1024"), "{listening}");
     let share = silo::config::DEFAULT_PG_MAX_LOGINS_PER_ADDRESS as usize;
     let flood = 1_100;
     // From 127.0.0.2 (any 127/8 address is this machine's loopback).
