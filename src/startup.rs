@@ -312,10 +312,11 @@ impl Silo {
 /// beyond it waits a second for the client's SYN to be sent again. Tokio
 /// (and the standard library) ask for 128; the kernel caps it at
 /// `net.core.somaxconn` (4096 on current Linux).
-const LISTEN_BACKLOG: u32 = 1024;
+pub const LISTEN_BACKLOG: u32 = 1024;
 
-/// A TCP listener on `addr` with [`LISTEN_BACKLOG`].
-fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+/// A TCP listener on `addr` with [`LISTEN_BACKLOG`], as `silo serve` binds
+/// its own (the HTTP API and the front door).
+pub fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {

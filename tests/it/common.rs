@@ -170,10 +170,11 @@ impl Setup {
         })
         .await
         .unwrap();
-        let wire_listener = match self.wire {
-            Some(_) => Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
-            None => None,
-        };
+        // Bound as `silo serve` binds it (its backlog).
+        let wire_listener = self
+            .wire
+            .as_ref()
+            .map(|_| silo::startup::listen("127.0.0.1:0".parse().unwrap()).unwrap());
         let pg_addr = wire_listener.as_ref().map(|l| l.local_addr().unwrap());
         let public = self.pg_public_address.clone();
         let wire = self.wire.zip(pg_addr).map(|(tweak, addr)| {
