@@ -35,6 +35,10 @@ pub const DEFAULT_APP_REQUEST_TIMEOUT_SECS: u64 = 15;
 pub const DEFAULT_APP_MAX_IN_FLIGHT: usize = 512;
 /// Default admin API requests in flight per process.
 pub const DEFAULT_ADMIN_MAX_IN_FLIGHT: usize = 64;
+/// Default failed admin authentications one client address may make per
+/// minute: plenty for a person mistyping, nothing for a guesser (the
+/// bootstrap token has at least 24 random characters, admin keys 256 bits).
+pub const DEFAULT_ADMIN_AUTH_FAILURES: u32 = 20;
 /// Default largest app API request body: a patient's 10,000-character
 /// notes in UTF-8, with room.
 pub const DEFAULT_APP_MAX_BODY_BYTES: usize = 64 * 1024;
@@ -227,8 +231,13 @@ pub enum KeysCommand {
         /// migrations (no deletes, keys or overwriting restores); admin does all.
         #[arg(long, value_enum)]
         role: AdminRole,
+        /// Days until the key expires and is refused as a revoked one is
+        /// (1–3650); without it the key does not expire.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=3650))]
+        expires_in_days: Option<u32>,
     },
-    /// Live keys: name, role, created, created by, last used.
+    /// Keys not revoked: name, role, created, created by, last used,
+    /// expires (`-` for never; expired ones say `expired`).
     List,
     /// Revoke a key: refused at once on every replica; its name is free again.
     Revoke { name: KeyName },
@@ -502,6 +511,14 @@ pub struct ServerArgs {
     /// Admin API requests one process serves at once; more are answered 503.
     #[arg(long, env = "SILO_ADMIN_MAX_IN_FLIGHT", default_value_t = DEFAULT_ADMIN_MAX_IN_FLIGHT as u64, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub admin_max_in_flight: u64,
+
+    /// Failed admin authentications (a token that is neither a live admin
+    /// key nor the bootstrap token, at the admin API or the console's
+    /// sign-in) one client address (an IPv6 /64) may make per minute; past
+    /// them, its requests that present a token are answered 429 with
+    /// `Retry-After` until the allowance refills. `0` turns it off.
+    #[arg(long, env = "SILO_ADMIN_AUTH_FAILURES", default_value_t = DEFAULT_ADMIN_AUTH_FAILURES)]
+    pub admin_auth_failures: u32,
 
     /// Largest app API request body in bytes; larger ones are answered 413.
     #[arg(long, env = "SILO_APP_MAX_BODY_BYTES", default_value_t = DEFAULT_APP_MAX_BODY_BYTES as u64, value_parser = clap::value_parser!(u64).range(1024..=16 * 1024 * 1024))]

@@ -156,6 +156,7 @@ impl RunSettings {
                 app_rate_limit: args.app_rate_limit,
                 app_rate_burst: args.app_rate_burst,
                 admin_max_in_flight: args.admin_max_in_flight as usize,
+                admin_auth_failures: args.admin_auth_failures,
             },
             wire: WireSettings::from_args(args),
         }
@@ -237,6 +238,15 @@ pub fn start(control: ControlPlane, settings: RunSettings) -> anyhow::Result<Sil
     })
 }
 
+/// `app` as served: each request knows its client's address (which the
+/// limit on failed admin sign-ins counts by, [`crate::api::auth::Peer`]).
+pub fn with_peers(
+    app: axum::Router,
+) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<axum::Router, std::net::SocketAddr>
+{
+    app.into_make_service_with_connect_info::<std::net::SocketAddr>()
+}
+
 impl Silo {
     /// The HTTP application (to serve, or to call with `oneshot` in tests).
     pub fn http(&self) -> axum::Router {
@@ -275,7 +285,7 @@ impl Silo {
                 }
             });
         }
-        let served = axum::serve(listener, self.app.clone())
+        let served = axum::serve(listener, with_peers(self.app.clone()))
             .with_graceful_shutdown(async move {
                 shutdown.await;
                 stop.cancel();

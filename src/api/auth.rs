@@ -6,18 +6,24 @@
 //! `admin` in the audit log), or a named admin key's token (found by its
 //! hash in the control database on every request: a revoked key is refused
 //! at once on every replica). Anything else is a 401 before any handler runs.
+//! A client address whose tokens failed `SILO_ADMIN_AUTH_FAILURES` times in
+//! a minute is answered 429 before its next token is looked at
+//! ([`super::limits::Limits::may_authenticate`]).
 //!
 //! Then [`need`] says, from the method and the matched route (and, for a
 //! connection URI, the query), what role the request takes; a restore asked
 //! with a lesser role has its body read for `"overwrite": true` first. A key
 //! whose role falls short gets a 403 naming what it may not do.
 
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{FromRequest, MatchedPath, Request, State};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, MatchedPath, Request, State};
 use axum::http::header::AUTHORIZATION;
-use axum::http::{HeaderMap, Method};
+use axum::http::request::Parts;
+use axum::http::{Extensions, HeaderMap, Method};
 use axum::middleware::Next;
 use axum::response::Response;
 
@@ -35,6 +41,29 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
     let token = token.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// The address of the client that sent a request, when it came over the
+/// network (`silo serve` records it); `None` for a request made in-process.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub Option<IpAddr>);
+
+impl Peer {
+    fn of(extensions: &Extensions) -> Self {
+        Self(
+            extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|ConnectInfo(addr)| addr.ip()),
+        )
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        Ok(Self::of(&parts.extensions))
+    }
 }
 
 /// Who performed an admin action, for the audit log: the admin key's name
@@ -196,7 +225,7 @@ pub async fn require_admin(
 ) -> Result<Response, ApiError> {
     let actor = match req.extensions().get::<Authenticated>() {
         Some(Authenticated(actor)) => actor.clone(),
-        None => authenticate(&state, req.headers()).await?,
+        None => authenticate(&state, Peer::of(req.extensions()), req.headers()).await?,
     };
     let mut req = authorize(&actor, req).await?;
     req.extensions_mut().insert(actor);
@@ -204,14 +233,32 @@ pub async fn require_admin(
 }
 
 /// The bootstrap token, or a live admin key; 401 for anything else.
-async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Actor, ApiError> {
+async fn authenticate(
+    state: &AppState,
+    peer: Peer,
+    headers: &HeaderMap,
+) -> Result<Actor, ApiError> {
     let presented = bearer_token(headers).ok_or(ApiError::Unauthorized)?;
-    Ok(sign_in(state, presented).await?.0)
+    Ok(sign_in(state, peer, presented).await?.0)
 }
 
 /// Who holds the token `presented`: the bootstrap token or a live admin
-/// key; 401 for anything else.
-pub async fn sign_in(state: &AppState, presented: &str) -> Result<(Actor, Holder), ApiError> {
+/// key; 401 for anything else, counted against the client's address (429
+/// once it failed too often, without looking at the token).
+pub async fn sign_in(
+    state: &AppState,
+    Peer(peer): Peer,
+    presented: &str,
+) -> Result<(Actor, Holder), ApiError> {
+    state.limits.may_authenticate(peer)?;
+    let found = holder_of(state, presented).await;
+    if matches!(found, Err(ApiError::Unauthorized)) {
+        state.limits.authentication_failed(peer);
+    }
+    found
+}
+
+async fn holder_of(state: &AppState, presented: &str) -> Result<(Actor, Holder), ApiError> {
     if secret_eq(presented.as_bytes(), state.admin_token.expose().as_bytes()) {
         return Ok((Actor::bootstrap(), Holder::Bootstrap));
     }

@@ -42,21 +42,30 @@ async fn readyz(State(state): State<AppState>) -> ApiResult<&'static str> {
     Ok("ready")
 }
 
-/// Prometheus metrics (bearer: `SILO_METRICS_TOKEN`, or the admin token).
+/// Prometheus metrics (bearer: `SILO_METRICS_TOKEN`, the bootstrap admin
+/// token, or a live admin key of any role).
 #[utoipa::path(get, path = "/metrics", tag = "health",
     responses((status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain"),
-        (status = 401, description = "no metrics or admin token")))]
+        (status = 401, description = "no metrics token, admin token or live admin key"),
+        (status = 429, description = "too many failed tokens from this address (SILO_ADMIN_AUTH_FAILURES)",
+            headers(("Retry-After" = u32, description = "seconds to wait before retrying"))),
+        (status = 503, description = "an admin key was presented and the control database, where it is looked up, is unreachable",
+            headers(("Retry-After" = u32, description = "seconds to wait before retrying")))))]
 async fn metrics(
     State(state): State<AppState>,
+    super::auth::Peer(peer): super::auth::Peer,
     headers: axum::http::HeaderMap,
 ) -> ApiResult<impl IntoResponse> {
     let presented = super::auth::bearer_token(&headers).ok_or(ApiError::Unauthorized)?;
-    let allowed = [Some(&state.admin_token), state.metrics_token.as_ref()]
-        .into_iter()
-        .flatten()
-        .any(|t| crate::crypto::secret_eq(presented.as_bytes(), t.expose().as_bytes()));
-    if !allowed {
-        return Err(ApiError::Unauthorized);
+    // Wrong tokens count as at the admin API, this one's own included.
+    state.limits.may_authenticate(peer)?;
+    let metrics_token = state
+        .metrics_token
+        .as_ref()
+        .is_some_and(|t| crate::crypto::secret_eq(presented.as_bytes(), t.expose().as_bytes()));
+    if !metrics_token {
+        // The bootstrap token, or a live admin key of any role.
+        super::auth::sign_in(&state, super::auth::Peer(peer), presented).await?;
     }
     Ok(render(state).await)
 }

@@ -15,6 +15,8 @@
 //! connection goes back to the pool clean. The in-flight slot is held until
 //! the handler really ends, so requests that timed out still count.
 
+use std::hash::Hash;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -29,6 +31,7 @@ use uuid::Uuid;
 
 use super::error::ApiError;
 use super::AppState;
+use crate::wire::address_key;
 
 /// Health, metrics and the document: requests in flight at once.
 pub const OTHER_MAX_IN_FLIGHT: usize = 64;
@@ -50,6 +53,9 @@ pub struct HttpLimits {
     pub app_rate_burst: u32,
     /// Admin requests in flight at once; more are answered 503 at once.
     pub admin_max_in_flight: usize,
+    /// Failed admin authentications one client address may make per
+    /// minute (0: no limit).
+    pub admin_auth_failures: u32,
 }
 
 impl Default for HttpLimits {
@@ -63,6 +69,7 @@ impl Default for HttpLimits {
             app_rate_limit: crate::config::DEFAULT_APP_RATE_LIMIT,
             app_rate_burst: crate::config::DEFAULT_APP_RATE_BURST,
             admin_max_in_flight: crate::config::DEFAULT_ADMIN_MAX_IN_FLIGHT,
+            admin_auth_failures: crate::config::DEFAULT_ADMIN_AUTH_FAILURES,
         }
     }
 }
@@ -73,7 +80,8 @@ pub struct Limits {
     app: Arc<Semaphore>,
     admin: Arc<Semaphore>,
     other: Arc<Semaphore>,
-    rate: RateLimiter,
+    rate: RateLimiter<Uuid>,
+    auth_failures: RateLimiter<IpAddr>,
 }
 
 impl std::fmt::Debug for Limits {
@@ -91,6 +99,7 @@ impl Limits {
             admin: Arc::new(Semaphore::new(settings.admin_max_in_flight.max(1))),
             other: Arc::new(Semaphore::new(OTHER_MAX_IN_FLIGHT)),
             rate: RateLimiter::new(),
+            auth_failures: RateLimiter::new(),
             settings,
         }
     }
@@ -106,17 +115,76 @@ impl Limits {
             None => return Ok(()),
         };
         let burst = self.settings.app_rate_burst.max(1);
-        self.rate.check(tenant, per_second, burst).map_err(|wait| {
+        let interval = NANOS_PER_SECOND / u64::from(per_second.max(1));
+        self.rate.check(tenant, interval, burst).map_err(|wait| {
             metrics::counter!("silo_app_rate_limited_total").increment(1);
-            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            let seconds = whole_seconds(wait);
             ApiError::TooManyRequests(
                 format!(
                     "the tenant sends more than {per_second} requests per second ({source}); retry after {seconds} s"
                 ),
-                seconds.max(1),
+                seconds,
             )
         })
     }
+
+    /// Whether the client at `peer` may try an admin key or the bootstrap
+    /// token now: 429 once its failures used up the minute's allowance
+    /// (`SILO_ADMIN_AUTH_FAILURES`), before any token is looked at, so a
+    /// guesser learns nothing more until it refills. `None` (a request
+    /// made in-process) is never limited.
+    pub fn may_authenticate(&self, peer: Option<IpAddr>) -> Result<(), ApiError> {
+        let (Some(peer), Some(interval)) = (peer, self.auth_failure_interval()) else {
+            return Ok(());
+        };
+        let allowed = self.settings.admin_auth_failures;
+        self.auth_failures
+            .peek(address_key(peer), interval, allowed)
+            .map_err(|wait| {
+                metrics::counter!("silo_admin_auth_refused_total").increment(1);
+                let seconds = whole_seconds(wait);
+                ApiError::TooManyRequests(
+                    format!(
+                        "too many failed sign-ins from this address (more than {allowed} a minute, SILO_ADMIN_AUTH_FAILURES); retry after {seconds} s"
+                    ),
+                    seconds,
+                )
+            })
+    }
+
+    /// Count a failed admin authentication (a token that is neither a live
+    /// admin key nor the bootstrap token) against `peer`.
+    pub fn authentication_failed(&self, peer: Option<IpAddr>) {
+        metrics::counter!("silo_admin_auth_failures_total").increment(1);
+        let (Some(peer), Some(interval)) = (peer, self.auth_failure_interval()) else {
+            return;
+        };
+        let allowed = self.settings.admin_auth_failures;
+        // Charged even past the allowance: guesses that raced past
+        // `may_authenticate` in parallel push the next try back each.
+        if self
+            .auth_failures
+            .charge(address_key(peer), interval, allowed)
+        {
+            tracing::warn!(
+                address = %peer,
+                "failed admin sign-ins from this address are over SILO_ADMIN_AUTH_FAILURES a minute: its next attempts are answered 429"
+            );
+        }
+    }
+
+    /// Nanoseconds between failures at the allowed rate; `None` when off.
+    fn auth_failure_interval(&self) -> Option<u64> {
+        let per_minute = self.settings.admin_auth_failures;
+        (per_minute > 0).then(|| 60 * NANOS_PER_SECOND / u64::from(per_minute))
+    }
+}
+
+const NANOS_PER_SECOND: u64 = 1_000_000_000;
+
+/// A wait in whole seconds, rounded up, at least 1 (for `Retry-After`).
+fn whole_seconds(wait: Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 
 fn busy(what: &str, setting: &str) -> Response {
@@ -202,14 +270,14 @@ fn now_nanos() -> u64 {
     BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
-/// A per-tenant request rate (GCRA: one atomic "theoretical arrival time"
-/// per tenant, no lock, no timer). Each check says the rate it applies, so
-/// a plan change applies at the next request.
-struct RateLimiter {
-    cells: moka::sync::Cache<Uuid, Arc<AtomicU64>>,
+/// A rate per key, a tenant or a client address (GCRA: one atomic
+/// "theoretical arrival time" per key, no lock, no timer). Each check says
+/// the rate it applies, so a plan change applies at the next request.
+struct RateLimiter<K> {
+    cells: moka::sync::Cache<K, Arc<AtomicU64>>,
 }
 
-impl RateLimiter {
+impl<K: Hash + Eq + Send + Sync + 'static> RateLimiter<K> {
     fn new() -> Self {
         Self {
             cells: moka::sync::Cache::builder()
@@ -219,11 +287,10 @@ impl RateLimiter {
         }
     }
 
-    /// `Err(wait)` when `key` is over `per_second` (with `burst` ahead).
-    fn check(&self, key: Uuid, per_second: u32, burst: u32) -> Result<(), Duration> {
-        // Nanoseconds between requests at the sustained rate, and how far
-        // ahead of it a tenant may be (its burst).
-        let interval = 1_000_000_000 / u64::from(per_second.max(1));
+    /// Count one event of `key`, or `Err(wait)` when it is over one per
+    /// `interval` nanoseconds (with `burst` ahead of that).
+    fn check(&self, key: K, interval: u64, burst: u32) -> Result<(), Duration> {
+        // How far ahead of the sustained rate a key may be (its burst).
         let tolerance = interval * u64::from(burst.max(1));
         let cell = self.cells.get_with(key, || Arc::new(AtomicU64::new(0)));
         let now = now_nanos();
@@ -239,6 +306,34 @@ impl RateLimiter {
             }
         }
     }
+
+    /// Count one event of `key` whatever its rate; `true` when the next
+    /// would be over one per `interval` nanoseconds (with `burst` ahead).
+    fn charge(&self, key: K, interval: u64, burst: u32) -> bool {
+        let tolerance = interval * u64::from(burst.max(1));
+        let cell = self.cells.get_with(key, || Arc::new(AtomicU64::new(0)));
+        let now = now_nanos();
+        let tat = cell
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+                Some(tat.max(now) + interval)
+            })
+            .expect("the update always gives a value");
+        tat.max(now) + 2 * interval - now > tolerance
+    }
+
+    /// What [`Self::check`] would answer now, counting nothing.
+    fn peek(&self, key: K, interval: u64, burst: u32) -> Result<(), Duration> {
+        let tolerance = interval * u64::from(burst.max(1));
+        let Some(cell) = self.cells.get(&key) else {
+            return Ok(());
+        };
+        let now = now_nanos();
+        let next = cell.load(Ordering::Acquire).max(now) + interval;
+        match next - now > tolerance {
+            true => Err(Duration::from_nanos(next - now - tolerance)),
+            false => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -249,19 +344,48 @@ mod tests {
     fn a_tenant_gets_its_burst_then_its_rate_and_others_are_not_affected() {
         let limiter = RateLimiter::new();
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-        let admitted = (0..20).filter(|_| limiter.check(a, 10, 5).is_ok()).count();
+        let tenth = NANOS_PER_SECOND / 10;
+        let admitted = (0..20)
+            .filter(|_| limiter.check(a, tenth, 5).is_ok())
+            .count();
         // The burst (and at most one more as time passes during the loop).
         assert!((5..=6).contains(&admitted), "{admitted}");
-        let wait = limiter.check(a, 10, 5).unwrap_err();
+        let wait = limiter.check(a, tenth, 5).unwrap_err();
         assert!(wait <= Duration::from_millis(100), "{wait:?}");
         assert!(
-            limiter.check(b, 10, 5).is_ok(),
+            limiter.check(b, tenth, 5).is_ok(),
             "another tenant has its own rate"
         );
         std::thread::sleep(wait + Duration::from_millis(5));
         assert!(
-            limiter.check(a, 10, 5).is_ok(),
+            limiter.check(a, tenth, 5).is_ok(),
             "admitted again after the wait"
         );
+    }
+
+    #[test]
+    fn failures_are_looked_at_without_counting_and_counted_past_the_allowance() {
+        let limiter = RateLimiter::new();
+        let address = IpAddr::from([192, 0, 2, 7]);
+        let minute = 60 * NANOS_PER_SECOND;
+        for _ in 0..10 {
+            assert!(
+                limiter.peek(address, minute, 3).is_ok(),
+                "peeking counts nothing"
+            );
+        }
+        assert!(!limiter.charge(address, minute, 3));
+        assert!(!limiter.charge(address, minute, 3));
+        assert!(limiter.charge(address, minute, 3), "the third uses it up");
+        let wait = limiter.peek(address, minute, 3).unwrap_err();
+        assert!(wait > Duration::from_secs(55), "{wait:?}");
+        // Failures that raced past the check still count: each pushes the
+        // next try a further interval back.
+        assert!(limiter.charge(address, minute, 3));
+        let later = limiter.peek(address, minute, 3).unwrap_err();
+        assert!(later > wait + Duration::from_secs(55), "{later:?}");
+        assert!(limiter
+            .peek(IpAddr::from([192, 0, 2, 8]), minute, 3)
+            .is_ok());
     }
 }

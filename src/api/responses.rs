@@ -153,6 +153,18 @@ impl IntoResponses for AdminAuth {
                      keys, restore with `\"overwrite\": true` or read a direct connection URI",
                 ),
             ),
+            (
+                429,
+                problem_response(
+                    "tokens from this client address failed more than \
+                     `SILO_ADMIN_AUTH_FAILURES` times in a minute: no token is looked at \
+                     until `Retry-After` has passed",
+                )
+                .header(
+                    "Retry-After",
+                    header(Type::Integer, "seconds to wait before retrying"),
+                ),
+            ),
             // An admin key is looked up in the control database.
             (500, internal()),
             (

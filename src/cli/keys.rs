@@ -21,15 +21,19 @@ pub(super) async fn keys(cmd: KeysCommand) -> Result<(), CliError> {
         .await
         .context("apply control database migrations")?;
     match cmd {
-        KeysCommand::Create { name, role } => {
+        KeysCommand::Create {
+            name,
+            role,
+            expires_in_days,
+        } => {
             let issued = AdminKeyToken::generate();
             let key = registry
-                .create_admin_key(name.as_str(), role, &issued.hash, ACTOR)
+                .create_admin_key(name.as_str(), role, &issued.hash, expires_in_days, ACTOR)
                 .await
                 .map_err(|e| {
                     if e.is_unique_violation(LIVE_KEY_NAME_INDEX) {
                         CliError::Usage(format!(
-                            "a live admin key is named '{name}'; revoke it first or pick another name"
+                            "an admin key not revoked (perhaps expired) is named '{name}'; revoke it first or pick another name"
                         ))
                     } else {
                         CliError::Failed(anyhow::Error::from(e).context("create the admin key"))
@@ -42,6 +46,7 @@ pub(super) async fn keys(cmd: KeysCommand) -> Result<(), CliError> {
                 "created_at": key.created_at,
                 "created_by": key.created_by,
                 "last_used_at": key.last_used_at,
+                "expires_at": key.expires_at,
                 "token": issued.token,
             }));
             eprintln!(
@@ -51,10 +56,16 @@ pub(super) async fn keys(cmd: KeysCommand) -> Result<(), CliError> {
         }
         KeysCommand::List => {
             let keys = registry.admin_keys().await.context("list admin keys")?;
+            let now = chrono::Utc::now();
             for k in &keys {
                 let last = k.last_used_at.map_or("-".to_owned(), |t| t.to_rfc3339());
+                let expires = match k.expires_at {
+                    None => "-".to_owned(),
+                    Some(t) if t <= now => format!("expired {}", t.to_rfc3339()),
+                    Some(t) => t.to_rfc3339(),
+                };
                 println!(
-                    "{}\t{}\t{}\t{}\t{last}",
+                    "{}\t{}\t{}\t{}\t{last}\t{expires}",
                     k.name,
                     k.role,
                     k.created_at.to_rfc3339(),

@@ -33,6 +33,8 @@ pub struct AdminKey {
     pub created_by: String,
     /// Last request made with it, to within a minute; `null` if none yet.
     pub last_used_at: Option<DateTime<Utc>>,
+    /// From when it is refused (as a revoked key is); `null`: never.
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 /// Who a live key is, as a request authenticated with it acts.
@@ -42,28 +44,35 @@ pub struct KeyHolder {
     pub role: AdminRole,
 }
 
-const COLUMNS: &str = "id, name, role, created_at, created_by, last_used_at";
+const COLUMNS: &str = "id, name, role, created_at, created_by, last_used_at, expires_at";
+
+/// Longest a key may be made to last, in days (about ten years).
+pub const MAX_KEY_DAYS: u32 = 3650;
 
 impl Registry {
-    /// Store a new key by its token's hash, audited; a live key of the same
-    /// name is a unique violation of [`LIVE_KEY_NAME_INDEX`].
+    /// Store a new key by its token's hash, audited, expiring after
+    /// `expires_in_days` (by the control database's clock) if given; a live
+    /// key of the same name is a unique violation of [`LIVE_KEY_NAME_INDEX`].
     pub async fn create_admin_key(
         &self,
         name: &str,
         role: AdminRole,
         token_hash: &[u8; 32],
+        expires_in_days: Option<u32>,
         actor: &str,
     ) -> Result<AdminKey> {
         let mut tx = self.pool.begin().await?;
         let key: AdminKey = sqlx::query_as(&format!(
-            "INSERT INTO admin_keys (id, name, role, token_hash, created_by)
-             VALUES ($1, $2, $3, $4, $5) RETURNING {COLUMNS}"
+            "INSERT INTO admin_keys (id, name, role, token_hash, created_by, expires_at)
+             VALUES ($1, $2, $3, $4, $5, now() + make_interval(days => $6))
+             RETURNING {COLUMNS}"
         ))
         .bind(Uuid::now_v7())
         .bind(name)
         .bind(role)
         .bind(&token_hash[..])
         .bind(actor)
+        .bind(expires_in_days.map(|d| d.min(MAX_KEY_DAYS) as i32))
         .fetch_one(&mut *tx)
         .await?;
         Self::audit_in(
@@ -71,14 +80,16 @@ impl Registry {
             actor,
             "key.create",
             None,
-            serde_json::json!({"key_id": key.id, "name": key.name, "role": key.role}),
+            serde_json::json!({
+                "key_id": key.id, "name": key.name, "role": key.role, "expires_at": key.expires_at,
+            }),
         )
         .await?;
         tx.commit().await?;
         Ok(key)
     }
 
-    /// Live keys, oldest first.
+    /// Keys not revoked (expired ones too), oldest first.
     pub async fn admin_keys(&self) -> Result<Vec<AdminKey>> {
         sqlx::query_as(&format!(
             "SELECT {COLUMNS} FROM admin_keys WHERE revoked_at IS NULL ORDER BY created_at, id"
@@ -114,7 +125,8 @@ impl Registry {
         Ok(key)
     }
 
-    /// The live key whose token hashes to `token_hash`, if any; its
+    /// The live key (neither revoked nor expired) whose token hashes to
+    /// `token_hash`, if any; its
     /// `last_used_at` is brought up to date in the same statement when it
     /// is older than [`LAST_USED_EVERY`].
     pub async fn admin_key_holder(&self, token_hash: &[u8; 32]) -> Result<Option<KeyHolder>> {
@@ -122,6 +134,7 @@ impl Registry {
             "WITH k AS (
                  SELECT id, name, role, last_used_at FROM admin_keys
                   WHERE token_hash = $1 AND revoked_at IS NULL
+                    AND (expires_at IS NULL OR expires_at > now())
              ), touched AS (
                  UPDATE admin_keys a SET last_used_at = now() FROM k
                   WHERE a.id = k.id

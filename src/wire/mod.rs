@@ -186,7 +186,7 @@ impl Drop for AddressSlot {
 
 /// What one client address counts as: an IPv4 address (IPv4-mapped IPv6
 /// ones too), or an IPv6 /64, which one host or site usually has whole.
-fn address_key(peer: IpAddr) -> IpAddr {
+pub fn address_key(peer: IpAddr) -> IpAddr {
     match peer {
         IpAddr::V4(_) => peer,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {

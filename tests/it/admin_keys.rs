@@ -3,6 +3,7 @@
 //! cannot be rewritten, a revoke holds at once on another replica, tokens
 //! are stored hashed, and `silo keys` works with only the database URL.
 
+use std::future::IntoFuture;
 use std::process::{Command, Output};
 
 use axum::http::{Method, StatusCode};
@@ -616,7 +617,50 @@ async fn key_commands_work_from_a_shell_with_only_the_database_url() {
     assert_eq!(fields[..2], ["shell-ops", "operator"], "{line}");
     assert_eq!(fields[3], "cli", "made by the CLI: {line}");
     assert_ne!(fields[4], "-", "used on the API above: {line}");
+    assert_eq!(fields[5], "-", "made without an expiry: {line}");
     assert!(!out.contains(&token));
+
+    // A key made to expire says when, and the list too.
+    let (code, out, err) = run(&[
+        "keys",
+        "create",
+        "temp-ops",
+        "--role",
+        "viewer",
+        "--expires-in-days",
+        "7",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let temp: Value = serde_json::from_str(&out).unwrap();
+    let expires = temp["expires_at"].as_str().expect("an expiry");
+    let (code, out, _) = run(&["keys", "list"]);
+    assert_eq!(code, Some(0));
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("temp-ops\t"))
+        .expect(&out);
+    let listed = chrono::DateTime::parse_from_rfc3339(line.split('\t').nth(5).unwrap()).unwrap();
+    assert_eq!(
+        listed,
+        chrono::DateTime::parse_from_rfc3339(expires).unwrap()
+    );
+    sqlx::query(
+        "UPDATE admin_keys SET expires_at = now() - interval '1 minute' WHERE name = 'temp-ops'",
+    )
+    .execute(env.registry().pool())
+    .await
+    .unwrap();
+    let (_, out, _) = run(&["keys", "list"]);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("temp-ops\t"))
+        .expect(&out);
+    assert!(
+        line.split('\t').nth(5).unwrap().starts_with("expired "),
+        "{line}"
+    );
+    let (code, _, _) = run(&["keys", "revoke", "temp-ops"]);
+    assert_eq!(code, Some(0));
 
     // Refusals are usage errors (2) and change nothing.
     let keys_before = env.count("SELECT count(*) FROM admin_keys").await;
@@ -626,6 +670,33 @@ async fn key_commands_work_from_a_shell_with_only_the_database_url() {
         &["keys", "create", "admin", "--role", "admin"],
         &["keys", "create", "someone", "--role", "root"],
         &["keys", "create", "someone"],
+        &[
+            "keys",
+            "create",
+            "someone",
+            "--role",
+            "viewer",
+            "--expires-in-days",
+            "0",
+        ],
+        &[
+            "keys",
+            "create",
+            "someone",
+            "--role",
+            "viewer",
+            "--expires-in-days",
+            "3651",
+        ],
+        &[
+            "keys",
+            "create",
+            "someone",
+            "--role",
+            "viewer",
+            "--expires-in-days",
+            "soon",
+        ],
         &["keys", "revoke", "nobody"],
     ] {
         let (code, out, err) = run(args);
@@ -655,7 +726,10 @@ async fn key_commands_work_from_a_shell_with_only_the_database_url() {
         .iter()
         .map(|e| e["action"].as_str().unwrap())
         .collect();
-    assert_eq!(actions, ["key.revoke", "key.create"]);
+    assert_eq!(
+        actions,
+        ["key.revoke", "key.revoke", "key.create", "key.create"]
+    );
 
     // To bootstrap: the first key of a fresh control database, nothing else set.
     silo::cli::ensure_database(&env.pg.url("postgres"), "silo_fresh")
@@ -696,6 +770,12 @@ async fn bad_key_requests_get_a_clear_4xx_and_change_nothing() {
         create(json!({"name": "fine"})).is(422),
         create(json!({"name": "fine", "role": "viewer", "token": "my own"})).is(422),
         create(json!({"name": "taken", "role": "admin"})).is(409).says("taken"),
+        create(json!({"name": "fine", "role": "viewer", "expires_in_days": 0})).is(422).says("expires_in_days"),
+        create(json!({"name": "fine", "role": "viewer", "expires_in_days": 3651})).is(422).says("expires_in_days"),
+        create(json!({"name": "fine", "role": "viewer", "expires_in_days": -1})).is(422),
+        create(json!({"name": "fine", "role": "viewer", "expires_in_days": 1.5})).is(422),
+        create(json!({"name": "fine", "role": "viewer", "expires_in_days": "30"})).is(422),
+        create(json!({"name": "fine", "role": "viewer", "expires_in_days": 4294967296_u64})).is(422),
         post(keys).raw("{").is(400),
         delete("/admin/v1/keys/nobody").is(404),
         delete("/admin/v1/keys/gone").is(404).what("a revoked key"),
@@ -711,4 +791,273 @@ async fn bad_key_requests_get_a_clear_4xx_and_change_nothing() {
     .await;
     let (_, listed) = env.call(Method::GET, keys, None).await;
     assert_eq!(listed["items"].as_array().unwrap().len(), 1, "{listed}");
+}
+
+/// A client sending from the loopback address `from`.
+fn client_from(from: [u8; 4]) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from(from))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+async fn bearer_status(http: &reqwest::Client, url: &str, token: &str) -> reqwest::Response {
+    http.get(url).bearer_auth(token).send().await.unwrap()
+}
+
+/// A console sign-in from `http` with `token`: the answer to the form.
+async fn console_sign_in(http: &reqwest::Client, base: &str, token: &str) -> reqwest::Response {
+    let page = http
+        .get(format!("{base}/console/sign-in"))
+        .send()
+        .await
+        .unwrap();
+    let nonce = page
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok()?.split(';').next()?.split_once('='))
+        .find(|(k, _)| *k == "silo_console_sign_in")
+        .map(|(_, v)| v.to_owned())
+        .expect("a sign-in cookie");
+    http.post(format!("{base}/console/sign-in"))
+        .header("cookie", format!("silo_console_sign_in={nonce}"))
+        .form(&[("csrf", nonce.as_str()), ("token", token)])
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_address_that_keeps_presenting_wrong_tokens_is_answered_429_before_any_is_looked_at() {
+    // 6 failures a minute: one more every 10 s, a burst of 6.
+    let env = TestEnv::setup()
+        .limits(silo::api::limits::HttpLimits {
+            admin_auth_failures: 6,
+            ..Default::default()
+        })
+        .start()
+        .await;
+    let key = make_key(&env, "ops", "viewer").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let served =
+        tokio::spawn(axum::serve(listener, silo::startup::with_peers(env.app())).into_future());
+    let base = format!("http://127.0.0.1:{port}");
+    let tenants = format!("{base}/admin/v1/tenants");
+    let (guesser, other) = (client_from([127, 0, 0, 2]), client_from([127, 0, 0, 3]));
+
+    // Successes cost nothing: many, then the whole allowance of failures.
+    for _ in 0..20 {
+        assert_eq!(bearer_status(&guesser, &tenants, &key).await.status(), 200);
+    }
+    let started = std::time::Instant::now();
+    let wrong_key = format!("{}x", &key[..key.len() - 1]);
+    let wrong = [
+        bearer_status(&guesser, &tenants, &wrong_key).await,
+        bearer_status(&guesser, &tenants, "not-the-bootstrap-token-at-all").await,
+        bearer_status(&guesser, &format!("{base}/metrics"), &wrong_key).await,
+        console_sign_in(&guesser, &base, "not-the-bootstrap-token-at-all").await,
+        bearer_status(&guesser, &tenants, &wrong_key).await,
+        bearer_status(&guesser, &tenants, &wrong_key).await,
+    ];
+    for res in &wrong {
+        assert_eq!(
+            res.status(),
+            401,
+            "each failure within the allowance is a 401"
+        );
+    }
+    // Past it, no token is looked at, the right one included.
+    let mut refused = bearer_status(&guesser, &tenants, &key).await;
+    if refused.status() == 401 {
+        // The allowance refilled by one while the six ran (one each 10 s).
+        assert!(started.elapsed() >= std::time::Duration::from_secs(9));
+        refused = bearer_status(&guesser, &tenants, &wrong_key).await;
+    }
+    assert_eq!(refused.status(), 429);
+    let wait: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=10).contains(&wait), "Retry-After {wait}");
+    assert_eq!(
+        refused.headers()["content-type"],
+        "application/problem+json"
+    );
+    let problem: Value = refused.json().await.unwrap();
+    assert_eq!(problem["status"], 429);
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains("SILO_ADMIN_AUTH_FAILURES"), "{detail}");
+    assert!(
+        !detail.contains(&key) && !detail.contains(&wrong_key),
+        "{detail}"
+    );
+    for res in [
+        bearer_status(&guesser, &tenants, ADMIN_TOKEN).await,
+        bearer_status(&guesser, &format!("{base}/metrics"), ADMIN_TOKEN).await,
+    ] {
+        assert_eq!(res.status(), 429, "the right token is not looked at either");
+    }
+    let page = console_sign_in(&guesser, &base, ADMIN_TOKEN).await;
+    assert_eq!(page.status(), 429);
+    assert!(page.headers().contains_key("retry-after"));
+    let html = page.text().await.unwrap();
+    assert!(html.contains("Too many failed sign-ins"), "{html}");
+    // Requests without a token are not guesses: still a plain 401.
+    let bare = guesser.get(&tenants).send().await.unwrap();
+    assert_eq!(bare.status(), 401);
+
+    // Another address is not held back, and its failures are its own.
+    assert_eq!(bearer_status(&other, &tenants, &key).await.status(), 200);
+    assert_eq!(
+        bearer_status(&other, &tenants, &wrong_key).await.status(),
+        401
+    );
+    let signed_in = console_sign_in(&other, &base, ADMIN_TOKEN).await;
+    assert_eq!(
+        signed_in.status(),
+        303,
+        "the console signs in from elsewhere"
+    );
+
+    // After Retry-After, one more try.
+    tokio::time::sleep(
+        std::time::Duration::from_secs(wait) + std::time::Duration::from_millis(200),
+    )
+    .await;
+    assert_eq!(bearer_status(&guesser, &tenants, &key).await.status(), 200);
+    assert_eq!(
+        bearer_status(&guesser, &tenants, &wrong_key).await.status(),
+        401
+    );
+    assert_eq!(bearer_status(&guesser, &tenants, &key).await.status(), 429);
+    served.abort();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_made_to_expire_works_until_then_and_is_refused_everywhere_after() {
+    let env = TestEnv::start().await;
+    let before = chrono::Utc::now();
+    let (status, made) = env
+        .call(
+            Method::POST,
+            "/admin/v1/keys",
+            Some(json!({"name": "contractor", "role": "operator", "expires_in_days": 30})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{made}");
+    let token = made["token"].as_str().unwrap().to_owned();
+    let expires: chrono::DateTime<chrono::Utc> =
+        made["expires_at"].as_str().unwrap().parse().unwrap();
+    let days = (expires - before).num_seconds() as f64 / 86_400.0;
+    assert!((29.99..=30.01).contains(&days), "expires in {days} days");
+    let (_, audit) = env
+        .call(Method::GET, "/admin/v1/audit?action=key.create", None)
+        .await;
+    assert_eq!(
+        audit[0]["detail"]["expires_at"], made["expires_at"],
+        "{audit}"
+    );
+    let forever = make_key(&env, "forever", "viewer").await;
+
+    // Until then: the API, /metrics and the console.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let served =
+        tokio::spawn(axum::serve(listener, silo::startup::with_peers(env.app())).into_future());
+    let base = format!("http://127.0.0.1:{port}");
+    let http = client_from([127, 0, 0, 1]);
+    let tenants = format!("{base}/admin/v1/tenants");
+    let metrics = format!("{base}/metrics");
+    assert_eq!(bearer_status(&http, &tenants, &token).await.status(), 200);
+    let scraped = bearer_status(&http, &metrics, &token).await;
+    assert_eq!(scraped.status(), 200, "any live key reads the metrics");
+    assert!(scraped.text().await.unwrap().contains("silo_tenants"));
+    assert_eq!(bearer_status(&http, &metrics, &forever).await.status(), 200);
+    let signed_in = console_sign_in(&http, &base, &token).await;
+    assert_eq!(signed_in.status(), 303);
+    let session = signed_in
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok()?.split(';').next()?.split_once('='))
+        .find(|(k, v)| *k == "silo_console" && !v.is_empty())
+        .map(|(_, v)| v.to_owned())
+        .expect("a session cookie");
+    let console = |path: &'static str| {
+        http.get(format!("{base}{path}"))
+            .header("cookie", format!("silo_console={session}"))
+            .send()
+    };
+    assert_eq!(console("/console/tenants").await.unwrap().status(), 200);
+    let (_, listed) = env.call(Method::GET, "/admin/v1/keys", None).await;
+    let entry = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "contractor")
+        .unwrap();
+    assert_eq!(entry["expires_at"], made["expires_at"]);
+
+    // Its time passes (moved, rather than waited for).
+    sqlx::query(
+        "UPDATE admin_keys SET expires_at = now() - interval '1 second' WHERE name = 'contractor'",
+    )
+    .execute(env.registry().pool())
+    .await
+    .unwrap();
+    assert_eq!(bearer_status(&http, &tenants, &token).await.status(), 401);
+    assert_eq!(bearer_status(&http, &metrics, &token).await.status(), 401);
+    let ended = console("/console/tenants").await.unwrap();
+    assert_eq!(ended.status(), 303, "its console session ended");
+    assert_eq!(ended.headers()["location"], "/console/sign-in");
+    assert_eq!(console_sign_in(&http, &base, &token).await.status(), 401);
+    // Other keys are not affected.
+    assert_eq!(bearer_status(&http, &tenants, &forever).await.status(), 200);
+
+    // Listed as expired, holding its name until revoked.
+    let keys_page = {
+        let admin = console_sign_in(&http, &base, ADMIN_TOKEN).await;
+        let cookie = admin
+            .headers()
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok()?.split(';').next()?.split_once('='))
+            .find(|(k, v)| *k == "silo_console" && !v.is_empty())
+            .map(|(_, v)| v.to_owned())
+            .unwrap();
+        http.get(format!("{base}/console/keys"))
+            .header("cookie", format!("silo_console={cookie}"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    assert!(keys_page.contains("expired"), "{keys_page}");
+    let again = json!({"name": "contractor", "role": "operator", "expires_in_days": 1});
+    let (status, body) = env
+        .call(Method::POST, "/admin/v1/keys", Some(again.clone()))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("revoked"),
+        "{body}"
+    );
+    let (status, _) = env
+        .call(Method::DELETE, "/admin/v1/keys/contractor", None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, body) = env.call(Method::POST, "/admin/v1/keys", Some(again)).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(
+        bearer_status(&http, &tenants, &token).await.status(),
+        401,
+        "the old token stays dead"
+    );
+    served.abort();
 }

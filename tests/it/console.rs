@@ -461,11 +461,29 @@ async fn an_admin_runs_tenants_backups_moves_and_a_fleet_migration_from_the_cons
     .await;
     b.click("form[action='/console/keys'] select[name=role] option[value=operator]")
         .await;
+    b.fill(
+        "form[action='/console/keys'] input[name=expires_in_days]",
+        "90",
+    )
+    .await;
     b.click("form[action='/console/keys'] button[type=submit]")
         .await;
     let shown = b.wait_text("[role=status]", "Admin key created").await;
     assert!(shown.contains("operator"), "{shown}");
-    assert_eq!(b.count(".secret").await, 2, "its role and its token");
+    assert_eq!(b.count(".secret").await, 3, "its role, expiry and token");
+    let (_, keys) = env
+        .call(axum::http::Method::GET, "/admin/v1/keys", None)
+        .await;
+    let made = keys["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "night-shift")
+        .expect("the key made");
+    let expires: chrono::DateTime<chrono::Utc> =
+        made["expires_at"].as_str().unwrap().parse().unwrap();
+    let days = (expires - chrono::Utc::now()).num_hours() / 24;
+    assert!((89..=90).contains(&days), "expires in {days} days");
     c.check("key-created").await;
     c.goto("/console/keys").await;
     c.check("keys").await;

@@ -20,7 +20,7 @@ use crate::api::responses::{AdminErrors, JsonBody};
 use crate::api::AppState;
 use crate::crypto::AdminKeyToken;
 use crate::domain::{AdminRole, KeyName};
-use crate::registry::{AdminKey, LIVE_KEY_NAME_INDEX};
+use crate::registry::{AdminKey, LIVE_KEY_NAME_INDEX, MAX_KEY_DAYS};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -39,6 +39,11 @@ pub struct CreateKeyBody {
     /// replace no data, moves, migrations and app credentials; `admin` does
     /// everything, deletes and keys included.
     role: AdminRole,
+    /// Days until the key expires (1–3650): from then on it is refused as a
+    /// revoked key is. Absent: it does not expire.
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 3650)]
+    expires_in_days: Option<u32>,
 }
 
 /// A key with its token: answered once, by the request that made it. No
@@ -51,6 +56,8 @@ pub struct IssuedKey {
     created_at: DateTime<Utc>,
     created_by: String,
     last_used_at: Option<DateTime<Utc>>,
+    /// From when it is refused; `null`: never.
+    expires_at: Option<DateTime<Utc>>,
     /// `Authorization: Bearer <token>` on `/admin/v1`. Shown only in this
     /// answer; silo keeps a SHA-256 of it.
     token: String,
@@ -58,7 +65,8 @@ pub struct IssuedKey {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct KeyList {
-    /// Live keys, oldest first (no token, no hash).
+    /// Keys not revoked, expired ones included (see `expires_at`), oldest
+    /// first (no token, no hash).
     items: Vec<AdminKey>,
 }
 
@@ -69,7 +77,7 @@ pub struct KeyList {
         AdminErrors, JsonBody,
         (status = 409, description = "a live key has this name"),
         (status = 422, description = "the body does not fit, the name is malformed or reserved, \
-            or the role is not `viewer`, `operator` or `admin`"),
+            the role is not `viewer`, `operator` or `admin`, or `expires_in_days` is not 1–3650"),
     ))]
 async fn create_key(
     State(state): State<AppState>,
@@ -77,14 +85,30 @@ async fn create_key(
     Json(body): Json<CreateKeyBody>,
 ) -> ApiResult<(StatusCode, Json<IssuedKey>)> {
     let name = KeyName::parse(&body.name)?;
+    if body
+        .expires_in_days
+        .is_some_and(|d| !(1..=MAX_KEY_DAYS).contains(&d))
+    {
+        return Err(ApiError::Unprocessable(format!(
+            "expires_in_days must be 1–{MAX_KEY_DAYS} (or absent: the key does not expire)"
+        )));
+    }
     let issued = AdminKeyToken::generate();
     let key = state
         .registry()
-        .create_admin_key(name.as_str(), body.role, &issued.hash, actor.name())
+        .create_admin_key(
+            name.as_str(),
+            body.role,
+            &issued.hash,
+            body.expires_in_days,
+            actor.name(),
+        )
         .await
         .map_err(|e| {
             if e.is_unique_violation(LIVE_KEY_NAME_INDEX) {
-                ApiError::Conflict(format!("a live admin key is named '{name}'"))
+                ApiError::Conflict(format!(
+                    "an admin key not revoked is named '{name}' (an expired key keeps its name until it is revoked)"
+                ))
             } else {
                 e.into()
             }
@@ -98,12 +122,14 @@ async fn create_key(
             created_at: key.created_at,
             created_by: key.created_by,
             last_used_at: key.last_used_at,
+            expires_at: key.expires_at,
             token: issued.token,
         }),
     ))
 }
 
-/// Live admin keys: name, role, who made them and when, last use.
+/// Admin keys not revoked: name, role, who made them and when, last use,
+/// expiry.
 #[utoipa::path(get, path = "/keys", tag = "keys",
     responses((status = 200, body = KeyList), AdminErrors))]
 async fn list_keys(State(state): State<AppState>) -> ApiResult<Json<KeyList>> {

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use axum::extract::{Path, State};
-use axum::http::header::SET_COOKIE;
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::header::{RETRY_AFTER, SET_COOKIE};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::{Extension, Form};
 use serde::Deserialize;
@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use super::pages;
 use super::session::{self, cookie, random_token, set_cookie, Posted, SIGN_IN_COOKIE};
 use super::{seg, Console, Failure};
-use crate::api::auth::{self, Actor};
+use crate::api::auth::{self, Actor, Peer};
 use crate::api::error::ApiError;
 use crate::api::AppState;
 use crate::crypto::secret_eq;
@@ -55,6 +55,7 @@ pub struct SignInForm {
 /// session. The token itself is kept nowhere.
 pub async fn sign_in(
     State(state): State<AppState>,
+    peer: Peer,
     headers: HeaderMap,
     form: Result<Form<SignInForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
@@ -83,7 +84,7 @@ pub async fn sign_in(
             Some("That is not an admin key or the bootstrap token."),
         );
     }
-    match auth::sign_in(&state, token).await {
+    match auth::sign_in(&state, peer, token).await {
         Ok((actor, holder)) => {
             tracing::info!(key = actor.name(), role = %actor.role(), "console sign-in");
             match session::open(&state, &holder).await {
@@ -96,6 +97,18 @@ pub async fn sign_in(
             StatusCode::UNAUTHORIZED,
             Some("That is not a live admin key or the bootstrap token."),
         ),
+        Err(ApiError::TooManyRequests(_, seconds)) => {
+            let mut res = sign_in_form(
+                &headers,
+                StatusCode::TOO_MANY_REQUESTS,
+                Some(&format!(
+                    "Too many failed sign-ins from this address. Try again in {seconds} s."
+                )),
+            );
+            res.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(seconds));
+            res
+        }
         Err(e) => pages::api_failure(e),
     }
 }
@@ -778,6 +791,8 @@ pub struct KeyForm {
     #[serde(default)]
     role: String,
     #[serde(default)]
+    expires_in_days: String,
+    #[serde(default)]
     confirm: String,
 }
 
@@ -787,7 +802,16 @@ pub async fn create_key(
     posted: Posted<KeyForm>,
 ) -> Response {
     let f = &posted.form;
-    let body = json!({"name": f.name.trim(), "role": f.role.trim()});
+    let mut body = json!({"name": f.name.trim(), "role": f.role.trim()});
+    match f.expires_in_days.trim() {
+        "" => {}
+        // A number as a number; anything else as typed, for the API to refuse.
+        days => {
+            body["expires_in_days"] = days
+                .parse::<u64>()
+                .map_or_else(|_| json!(days), |d| json!(d));
+        }
+    }
     match console
         .call(&posted.signed.actor, Method::POST, "/keys", Some(body))
         .await
@@ -796,6 +820,10 @@ pub async fn create_key(
             let name = v["name"].as_str().unwrap_or_default().to_owned();
             let lines = [
                 ("Role", v["role"].as_str().unwrap_or_default().to_owned()),
+                (
+                    "Expires",
+                    v["expires_at"].as_str().unwrap_or("never").to_owned(),
+                ),
                 ("Token", v["token"].as_str().unwrap_or_default().to_owned()),
             ];
             let subject = format!("the key {name}");

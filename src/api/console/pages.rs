@@ -1152,7 +1152,8 @@ pub fn keys(signed: &Signed, keys: &Value) -> Markup {
         table {
             thead { tr {
                 th scope="col" { "Key" } th scope="col" { "Role" } th scope="col" { "Created" }
-                th scope="col" { "Created by" } th scope="col" { "Last used" } th scope="col" { "Revoke" }
+                th scope="col" { "Created by" } th scope="col" { "Last used" } th scope="col" { "Expires" }
+                th scope="col" { "Revoke" }
             } }
             tbody {
                 @for k in keys["items"].as_array().into_iter().flatten() {
@@ -1163,6 +1164,7 @@ pub fn keys(signed: &Signed, keys: &Value) -> Markup {
                         td { (k["created_at"].as_str().unwrap_or("")) }
                         td { (k["created_by"].as_str().unwrap_or("")) }
                         td { (k["last_used_at"].as_str().unwrap_or("never")) }
+                        td { (expiry(&k["expires_at"])) }
                         td {
                             form method="post" action=(format!("/console/keys/{}/revoke", seg(name))) {
                                 (csrf(signed))
@@ -1186,11 +1188,26 @@ pub fn keys(signed: &Signed, keys: &Value) -> Markup {
                     option value="admin" { "admin (everything)" }
                 }
             }
+            label { "Expires in days (empty: never) "
+                input type="number" name="expires_in_days" min="1" max="3650" inputmode="numeric";
+            }
             " "
             button type="submit" { "Create key" }
         }
     };
     page(signed, Part::Keys, "Admin keys", false, body)
+}
+
+/// A key's expiry: `never`, the time, or that it has passed (such a key
+/// is refused until revoked and made again).
+fn expiry(at: &Value) -> Markup {
+    let Some(text) = at.as_str() else {
+        return html! { "never" };
+    };
+    let passed = chrono::DateTime::parse_from_rfc3339(text).is_ok_and(|t| t <= chrono::Utc::now());
+    html! {
+        @if passed { strong { "expired" } " " (text) } @else { (text) }
+    }
 }
 
 // ------------------------------------------------------------ operation
