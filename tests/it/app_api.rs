@@ -528,6 +528,69 @@ async fn workflow(env: &TestEnv, t: &Tenant) {
         (Some("555 0100"), Some("Patient 2"))
     );
 
+    // `null` clears a field that may be empty, and only what it names.
+    let cleared = t
+        .call(
+            env,
+            Method::PATCH,
+            &format!("/patients/{}", patients[2]),
+            Some(json!({"phone": null})),
+        )
+        .await;
+    assert_eq!(cleared.status, StatusCode::OK, "{}", cleared.body);
+    assert_eq!(cleared.body["phone"], Value::Null);
+    assert_eq!(cleared.body["full_name"], patched.body["full_name"]);
+    assert_eq!(cleared.body["email"], patched.body["email"]);
+    let before = t.get(env, &path).await;
+    assert!(before["reason"].is_string() && before["staff_id"].is_string());
+    let unassigned = t
+        .call(
+            env,
+            Method::PATCH,
+            &path,
+            Some(json!({"staff_id": null, "reason": null})),
+        )
+        .await;
+    assert_eq!(unassigned.status, StatusCode::OK, "{}", unassigned.body);
+    assert_eq!(
+        (&unassigned.body["staff_id"], &unassigned.body["reason"]),
+        (&Value::Null, &Value::Null)
+    );
+    assert_eq!(unassigned.body["status"], before["status"]);
+    let no_address = t
+        .call(
+            env,
+            Method::PATCH,
+            &format!("/clinics/{}", id(&main)),
+            Some(json!({"address": null})),
+        )
+        .await;
+    assert_eq!(no_address.status, StatusCode::OK, "{}", no_address.body);
+    assert_eq!(no_address.body["address"], Value::Null);
+    assert_eq!(no_address.body["name"].as_str(), Some("Main St."));
+    let unplaced = t
+        .call(
+            env,
+            Method::PATCH,
+            &format!("/staff/{nur}"),
+            Some(json!({"clinic_id": null})),
+        )
+        .await;
+    assert_eq!(unplaced.status, StatusCode::OK, "{}", unplaced.body);
+    assert_eq!(unplaced.body["clinic_id"], Value::Null);
+    assert_eq!(unplaced.body["active"].as_bool(), Some(true));
+    // An empty patch changes nothing but the time of the change.
+    let same = t.call(env, Method::PATCH, &path, Some(json!({}))).await;
+    assert_eq!(same.status, StatusCode::OK, "{}", same.body);
+    assert_eq!(
+        (
+            &same.body["staff_id"],
+            &same.body["reason"],
+            &same.body["status"]
+        ),
+        (&Value::Null, &Value::Null, &before["status"])
+    );
+
     // DELETE: refused while appointments refer to the row, then allowed.
     let refused = t
         .call(env, Method::DELETE, &format!("/patients/{p0}"), None)
@@ -640,6 +703,18 @@ async fn invalid_requests_get_problem_json_and_change_nothing() {
         patch(&appointment_path).json(json!({"staff_id": nobody})).is(422),
         patch(&appointment_path).json(json!({"status": "SCHEDULED"})).is(422),
         patch(format!("/appointments/{nobody}")).raw("{}").is(404),
+        // `null` for a field that may not be empty, on every resource.
+        patch(&appointment_path).json(json!({"status": null})).is(422),
+        patch(&appointment_path).json(json!({"starts_at": null})).is(422),
+        patch(&appointment_path).json(json!({"clinic_id": null})).is(422),
+        patch(&appointment_path).json(json!({"reason": ""})).is(422).what("empty is not null"),
+        patch(format!("/patients/{patient}")).json(json!({"full_name": null})).is(422),
+        patch(format!("/patients/{patient}")).json(json!({"email": "nope"})).is(422),
+        patch(&staff_path).json(json!({"full_name": null})).is(422),
+        patch(&staff_path).json(json!({"active": null})).is(422),
+        patch(&staff_path).json(json!({"role": null})).is(422),
+        patch(&clinic_path).json(json!({"name": null})).is(422),
+        patch(&clinic_path).json(json!({"timezone": null})).is(422),
         // Unknown fields, on every resource.
         post("/patients").json(json!({"full_name": "X", "tenant_id": 1})).is(422),
         post("/clinics").json(json!({"name": "X", "colour": "red"})).is(422),

@@ -12,7 +12,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use super::common::{delete_row, next_cursor, one_of, page_of, parse_id, text};
+use super::common::{
+    delete_row, next_cursor, not_null, one_of, page_of, parse_id, text, Clearable,
+};
 use super::{TenantDb, TenantHeader};
 use crate::api::error::{ApiError, ApiResult, Json, Path, Query};
 use crate::api::responses::{AppErrors, JsonBody, QueryErrors};
@@ -70,17 +72,32 @@ pub struct NewAppointment {
     reason: Option<String>,
 }
 
-/// Fields to change; absent fields stay as they are.
+/// Fields to change; absent fields stay as they are. `null` clears
+/// `staff_id` and `reason`; for any other field it is refused (422).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AppointmentPatch {
+    #[serde(default, deserialize_with = "not_null")]
+    #[schema(value_type = Uuid)]
     clinic_id: Option<Uuid>,
+    #[serde(default, deserialize_with = "not_null")]
+    #[schema(value_type = Uuid)]
     patient_id: Option<Uuid>,
-    staff_id: Option<Uuid>,
+    #[serde(default)]
+    #[schema(value_type = Option<Uuid>)]
+    staff_id: Clearable<Uuid>,
+    #[serde(default, deserialize_with = "not_null")]
+    #[schema(value_type = DateTime<Utc>)]
     starts_at: Option<DateTime<Utc>>,
+    #[serde(default, deserialize_with = "not_null")]
+    #[schema(value_type = DateTime<Utc>)]
     ends_at: Option<DateTime<Utc>>,
+    #[serde(default, deserialize_with = "not_null")]
+    #[schema(value_type = String)]
     status: Option<String>,
-    reason: Option<String>,
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    reason: Clearable<String>,
 }
 
 /// Paging and filters; filters combine with AND, pages follow `id`.
@@ -210,23 +227,26 @@ async fn update_appointment(
         body.starts_at,
         body.ends_at,
         body.status.as_deref(),
-        body.reason.as_deref(),
+        body.reason.text(),
     )?;
     sqlx::query_as(&format!(
         "UPDATE appointments SET clinic_id = COALESCE($2, clinic_id), patient_id = COALESCE($3, patient_id),
-                staff_id = COALESCE($4, staff_id), starts_at = COALESCE($5, starts_at),
-                ends_at = COALESCE($6, ends_at), status = COALESCE($7, status), reason = COALESCE($8, reason),
+                staff_id = CASE WHEN $4 THEN $5 ELSE staff_id END, starts_at = COALESCE($6, starts_at),
+                ends_at = COALESCE($7, ends_at), status = COALESCE($8, status),
+                reason = CASE WHEN $9 THEN $10 ELSE reason END,
                 updated_at = now()
           WHERE id = $1 RETURNING {COLUMNS}"
     ))
     .bind(id)
     .bind(body.clinic_id)
     .bind(body.patient_id)
-    .bind(body.staff_id)
+    .bind(body.staff_id.given())
+    .bind(body.staff_id.into_value())
     .bind(body.starts_at)
     .bind(body.ends_at)
     .bind(body.status)
-    .bind(body.reason)
+    .bind(body.reason.given())
+    .bind(body.reason.into_value())
     .fetch_optional(&mut *db.conn)
     .await
     .map_err(|e| db.fail(e))?

@@ -9,7 +9,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use super::common::{contact, delete_row, next_cursor, page, parse_id, text, PageParams};
+use super::common::{
+    contact, delete_row, next_cursor, not_null, page, parse_id, text, Clearable, PageParams,
+};
 use super::{TenantDb, TenantHeader};
 use crate::api::error::{ApiError, ApiResult, Json, Path, Query};
 use crate::api::responses::{AppErrors, JsonBody, QueryErrors};
@@ -43,13 +45,22 @@ pub struct NewClinic {
     timezone: Option<String>,
 }
 
-/// Fields to change; absent fields stay as they are.
+/// Fields to change; absent fields stay as they are. `null` clears
+/// `address` and `phone`; for any other field it is refused (422).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClinicPatch {
+    #[serde(default, deserialize_with = "not_null")]
+    #[schema(value_type = String)]
     name: Option<String>,
-    address: Option<String>,
-    phone: Option<String>,
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    address: Clearable<String>,
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    phone: Clearable<String>,
+    #[serde(default, deserialize_with = "not_null")]
+    #[schema(value_type = String)]
     timezone: Option<String>,
 }
 
@@ -144,20 +155,24 @@ async fn update_clinic(
     let id = parse_id(&id, "clinic")?;
     check(
         body.name.as_deref(),
-        body.address.as_deref(),
-        body.phone.as_deref(),
+        body.address.text(),
+        body.phone.text(),
         body.timezone.as_deref(),
     )?;
     known_timezone(&mut db, body.timezone.as_deref()).await?;
     sqlx::query_as(&format!(
-        "UPDATE clinics SET name = COALESCE($2, name), address = COALESCE($3, address),
-                phone = COALESCE($4, phone), timezone = COALESCE($5, timezone), updated_at = now()
+        "UPDATE clinics SET name = COALESCE($2, name),
+                address = CASE WHEN $3 THEN $4 ELSE address END,
+                phone = CASE WHEN $5 THEN $6 ELSE phone END,
+                timezone = COALESCE($7, timezone), updated_at = now()
           WHERE id = $1 RETURNING {COLUMNS}"
     ))
     .bind(id)
     .bind(body.name.as_deref().map(str::trim))
-    .bind(body.address)
-    .bind(body.phone)
+    .bind(body.address.given())
+    .bind(body.address.into_value())
+    .bind(body.phone.given())
+    .bind(body.phone.into_value())
     .bind(body.timezone)
     .fetch_optional(&mut *db.conn)
     .await

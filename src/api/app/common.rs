@@ -3,7 +3,7 @@
 //! row is still referred to.
 
 use axum::http::StatusCode;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use utoipa::IntoParams;
 use uuid::Uuid;
 
@@ -33,6 +33,61 @@ pub(super) fn page_of(limit: Option<i64>, cursor: Option<&str>) -> ApiResult<(i6
 }
 
 pub(super) use crate::api::paging::next_cursor;
+
+/// A field a `PATCH` may clear: absent (left as it is), `null` (cleared),
+/// or a new value. Its field needs `#[serde(default)]`.
+#[derive(Debug, Default)]
+pub(super) enum Clearable<T> {
+    #[default]
+    Keep,
+    Clear,
+    Set(T),
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Clearable<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Option::<T>::deserialize(d)?.map_or(Self::Clear, Self::Set))
+    }
+}
+
+impl<T> Clearable<T> {
+    /// Whether the patch names the field (with a value or `null`).
+    pub(super) fn given(&self) -> bool {
+        !matches!(self, Self::Keep)
+    }
+
+    /// The new value, if the patch gives one.
+    pub(super) fn value(&self) -> Option<&T> {
+        match self {
+            Self::Set(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    pub(super) fn into_value(self) -> Option<T> {
+        match self {
+            Self::Set(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+impl Clearable<String> {
+    pub(super) fn text(&self) -> Option<&str> {
+        self.value().map(String::as_str)
+    }
+}
+
+/// For a field a `PATCH` may change but not clear (`#[serde(default,
+/// deserialize_with = "not_null")]`): `null` is refused (422) rather than
+/// read as "leave it".
+pub(super) fn not_null<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
 
 /// A path id; anything that is not a UUID cannot exist, so 404.
 pub(super) fn parse_id(id: &str, what: &str) -> ApiResult<Uuid> {

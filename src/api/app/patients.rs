@@ -10,7 +10,8 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::common::{
-    contact, delete_row, insert_within, next_cursor, page, parse_id, text, PageParams, RowLimit,
+    contact, delete_row, insert_within, next_cursor, not_null, page, parse_id, text, Clearable,
+    PageParams, RowLimit,
 };
 use super::{TenantDb, TenantHeader};
 use crate::api::error::{ApiError, ApiResult, Json, Path, Query};
@@ -45,15 +46,26 @@ pub struct NewPatient {
     notes: Option<String>,
 }
 
-/// Fields to change; absent fields stay as they are.
+/// Fields to change; absent fields stay as they are. `null` clears
+/// `date_of_birth`, `email`, `phone` and `notes`; for any other field it is refused (422).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatientPatch {
+    #[serde(default, deserialize_with = "not_null")]
+    #[schema(value_type = String)]
     full_name: Option<String>,
-    date_of_birth: Option<NaiveDate>,
-    email: Option<String>,
-    phone: Option<String>,
-    notes: Option<String>,
+    #[serde(default)]
+    #[schema(value_type = Option<NaiveDate>)]
+    date_of_birth: Clearable<NaiveDate>,
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    email: Clearable<String>,
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    phone: Clearable<String>,
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    notes: Clearable<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -149,20 +161,27 @@ async fn update_patient(
 ) -> ApiResult<Json<Patient>> {
     let id = parse_id(&id, "patient")?;
     text("full_name", body.full_name.as_deref(), 200)?;
-    contact(body.email.as_deref(), body.phone.as_deref())?;
-    text("notes", body.notes.as_deref(), 10_000)?;
+    contact(body.email.text(), body.phone.text())?;
+    text("notes", body.notes.text(), 10_000)?;
     sqlx::query_as(&format!(
-        "UPDATE patients SET full_name = COALESCE($2, full_name), date_of_birth = COALESCE($3, date_of_birth),
-                email = COALESCE($4, email), phone = COALESCE($5, phone), notes = COALESCE($6, notes),
+        "UPDATE patients SET full_name = COALESCE($2, full_name),
+                date_of_birth = CASE WHEN $3 THEN $4 ELSE date_of_birth END,
+                email = CASE WHEN $5 THEN $6 ELSE email END,
+                phone = CASE WHEN $7 THEN $8 ELSE phone END,
+                notes = CASE WHEN $9 THEN $10 ELSE notes END,
                 updated_at = now()
           WHERE id = $1 RETURNING {COLUMNS}"
     ))
     .bind(id)
     .bind(body.full_name.as_deref().map(str::trim))
-    .bind(body.date_of_birth)
-    .bind(body.email)
-    .bind(body.phone)
-    .bind(body.notes)
+    .bind(body.date_of_birth.given())
+    .bind(body.date_of_birth.into_value())
+    .bind(body.email.given())
+    .bind(body.email.into_value())
+    .bind(body.phone.given())
+    .bind(body.phone.into_value())
+    .bind(body.notes.given())
+    .bind(body.notes.into_value())
     .fetch_optional(&mut *db.conn)
     .await
     .map_err(|e| db.fail(e))?

@@ -11,8 +11,8 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::common::{
-    contact, delete_row, insert_within, next_cursor, one_of, page, parse_id, text, PageParams,
-    RowLimit,
+    contact, delete_row, insert_within, next_cursor, not_null, one_of, page, parse_id, text,
+    Clearable, PageParams, RowLimit,
 };
 use super::{TenantDb, TenantHeader};
 use crate::api::error::{ApiError, ApiResult, Json, Path, Query};
@@ -54,14 +54,25 @@ pub struct NewStaff {
     active: Option<bool>,
 }
 
-/// Fields to change; absent fields stay as they are.
+/// Fields to change; absent fields stay as they are. `null` clears
+/// `clinic_id` and `email`; for any other field it is refused (422).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StaffPatch {
-    clinic_id: Option<Uuid>,
+    #[serde(default)]
+    #[schema(value_type = Option<Uuid>)]
+    clinic_id: Clearable<Uuid>,
+    #[serde(default, deserialize_with = "not_null")]
+    #[schema(value_type = String)]
     full_name: Option<String>,
+    #[serde(default, deserialize_with = "not_null")]
+    #[schema(value_type = String)]
     role: Option<String>,
-    email: Option<String>,
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    email: Clearable<String>,
+    #[serde(default, deserialize_with = "not_null")]
+    #[schema(value_type = bool)]
     active: Option<bool>,
 }
 
@@ -161,19 +172,22 @@ async fn update_staff(
     check(
         body.full_name.as_deref(),
         body.role.as_deref(),
-        body.email.as_deref(),
+        body.email.text(),
     )?;
     sqlx::query_as(&format!(
-        "UPDATE staff SET clinic_id = COALESCE($2, clinic_id), full_name = COALESCE($3, full_name),
-                role = COALESCE($4, role), email = COALESCE($5, email), active = COALESCE($6, active),
+        "UPDATE staff SET clinic_id = CASE WHEN $2 THEN $3 ELSE clinic_id END,
+                full_name = COALESCE($4, full_name), role = COALESCE($5, role),
+                email = CASE WHEN $6 THEN $7 ELSE email END, active = COALESCE($8, active),
                 updated_at = now()
           WHERE id = $1 RETURNING {COLUMNS}"
     ))
     .bind(id)
-    .bind(body.clinic_id)
+    .bind(body.clinic_id.given())
+    .bind(body.clinic_id.into_value())
     .bind(body.full_name.as_deref().map(str::trim))
     .bind(body.role)
-    .bind(body.email)
+    .bind(body.email.given())
+    .bind(body.email.into_value())
     .bind(body.active)
     .fetch_optional(&mut *db.conn)
     .await
