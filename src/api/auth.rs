@@ -250,7 +250,7 @@ pub async fn sign_in(
     Peer(peer): Peer,
     presented: &str,
 ) -> Result<(Actor, Holder), ApiError> {
-    state.limits.may_authenticate(peer)?;
+    let _turn = state.limits.authenticating(peer).await?;
     let found = holder_of(state, presented).await;
     if matches!(found, Err(ApiError::Unauthorized)) {
         state.limits.authentication_failed(peer);

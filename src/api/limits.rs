@@ -25,7 +25,7 @@ use axum::extract::{Request, State};
 use axum::http::header::CONTENT_LENGTH;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -82,7 +82,14 @@ pub struct Limits {
     other: Arc<Semaphore>,
     rate: RateLimiter<Uuid>,
     auth_failures: RateLimiter<IpAddr>,
+    /// Tokens being checked per client address: a few at once, so parallel
+    /// guesses cannot all pass the allowance before the first is counted.
+    auth_checks: moka::sync::Cache<IpAddr, Arc<Semaphore>>,
 }
+
+/// Tokens of one client address checked at once; past the allowance at
+/// most this many less one more are looked at (each is counted).
+const AUTH_CHECKS_PER_ADDRESS: usize = 4;
 
 impl std::fmt::Debug for Limits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -99,7 +106,14 @@ impl Limits {
             admin: Arc::new(Semaphore::new(settings.admin_max_in_flight.max(1))),
             other: Arc::new(Semaphore::new(OTHER_MAX_IN_FLIGHT)),
             rate: RateLimiter::new(),
+            // Its cells go after 10 idle minutes, longer than any lockout
+            // lasts: at most (allowance + AUTH_CHECKS_PER_ADDRESS) failures
+            // ahead, 5 minutes at an allowance of 1 a minute.
             auth_failures: RateLimiter::new(),
+            auth_checks: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(Duration::from_secs(600))
+                .build(),
             settings,
         }
     }
@@ -152,6 +166,27 @@ impl Limits {
             })
     }
 
+    /// Wait for a turn to check a token of `peer` (one of
+    /// [`AUTH_CHECKS_PER_ADDRESS`]), then [`Self::may_authenticate`]: the
+    /// turn is held while the token is looked at and its failure counted,
+    /// so the allowance is read after the failures before it were counted.
+    pub async fn authenticating(
+        &self,
+        peer: Option<IpAddr>,
+    ) -> Result<Option<OwnedSemaphorePermit>, ApiError> {
+        let Some(address) = peer.filter(|_| self.auth_failure_interval().is_some()) else {
+            return Ok(None);
+        };
+        // Refused at once when already over, without waiting for a turn.
+        self.may_authenticate(peer)?;
+        let turns = self.auth_checks.get_with(address_key(address), || {
+            Arc::new(Semaphore::new(AUTH_CHECKS_PER_ADDRESS))
+        });
+        let turn = turns.acquire_owned().await.expect("never closed");
+        self.may_authenticate(peer)?;
+        Ok(Some(turn))
+    }
+
     /// Count a failed admin authentication (a token that is neither a live
     /// admin key nor the bootstrap token) against `peer`.
     pub fn authentication_failed(&self, peer: Option<IpAddr>) {
@@ -167,7 +202,7 @@ impl Limits {
             .charge(address_key(peer), interval, allowed)
         {
             tracing::warn!(
-                address = %peer,
+                address = %address_key(peer),
                 "failed admin sign-ins from this address are over SILO_ADMIN_AUTH_FAILURES a minute: its next attempts are answered 429"
             );
         }

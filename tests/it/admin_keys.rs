@@ -12,6 +12,7 @@ use silo::backup::BackupKind;
 
 use crate::common::table::{self, delete, get, patch, post, Client, Row};
 use crate::common::{Silo, TestEnv, ADMIN_TOKEN};
+use crate::console::set_cookie;
 
 /// An admin key made through the API with the bootstrap token; its token.
 async fn make_key(env: &TestEnv, name: &str, role: &str) -> String {
@@ -607,18 +608,22 @@ async fn key_commands_work_from_a_shell_with_only_the_database_url() {
     let (status, _) = call_as(&env, &token, Method::GET, "/admin/v1/keys", None).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 
-    let (code, out, _) = run(&["keys", "list"]);
-    assert_eq!(code, Some(0));
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("shell-ops\t"))
-        .expect(&out);
-    let fields: Vec<&str> = line.split('\t').collect();
-    assert_eq!(fields[..2], ["shell-ops", "operator"], "{line}");
-    assert_eq!(fields[3], "cli", "made by the CLI: {line}");
-    assert_ne!(fields[4], "-", "used on the API above: {line}");
-    assert_eq!(fields[5], "-", "made without an expiry: {line}");
-    assert!(!out.contains(&token));
+    // The fields of a key's line in `silo keys list`.
+    let listed = |name: &str| -> Vec<String> {
+        let (code, out, err) = run(&["keys", "list"]);
+        assert_eq!(code, Some(0), "{err}");
+        assert!(!out.contains(&token));
+        let line = out.lines().find(|l| l.starts_with(&format!("{name}\t")));
+        line.unwrap_or_else(|| panic!("{name} is not listed: {out}"))
+            .split('\t')
+            .map(str::to_owned)
+            .collect()
+    };
+    let fields = listed("shell-ops");
+    assert_eq!(fields[..2], ["shell-ops", "operator"], "{fields:?}");
+    assert_eq!(fields[3], "cli", "made by the CLI: {fields:?}");
+    assert_ne!(fields[4], "-", "used on the API above: {fields:?}");
+    assert_eq!(fields[5], "-", "made without an expiry: {fields:?}");
 
     // A key made to expire says when, and the list too.
     let (code, out, err) = run(&[
@@ -633,15 +638,8 @@ async fn key_commands_work_from_a_shell_with_only_the_database_url() {
     assert_eq!(code, Some(0), "{err}");
     let temp: Value = serde_json::from_str(&out).unwrap();
     let expires = temp["expires_at"].as_str().expect("an expiry");
-    let (code, out, _) = run(&["keys", "list"]);
-    assert_eq!(code, Some(0));
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("temp-ops\t"))
-        .expect(&out);
-    let listed = chrono::DateTime::parse_from_rfc3339(line.split('\t').nth(5).unwrap()).unwrap();
     assert_eq!(
-        listed,
+        chrono::DateTime::parse_from_rfc3339(&listed("temp-ops")[5]).unwrap(),
         chrono::DateTime::parse_from_rfc3339(expires).unwrap()
     );
     sqlx::query(
@@ -650,15 +648,8 @@ async fn key_commands_work_from_a_shell_with_only_the_database_url() {
     .execute(env.registry().pool())
     .await
     .unwrap();
-    let (_, out, _) = run(&["keys", "list"]);
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("temp-ops\t"))
-        .expect(&out);
-    assert!(
-        line.split('\t').nth(5).unwrap().starts_with("expired "),
-        "{line}"
-    );
+    let expired = &listed("temp-ops")[5];
+    assert!(expired.starts_with("expired "), "{expired}");
     let (code, _, _) = run(&["keys", "revoke", "temp-ops"]);
     assert_eq!(code, Some(0));
 
@@ -813,14 +804,7 @@ async fn console_sign_in(http: &reqwest::Client, base: &str, token: &str) -> req
         .send()
         .await
         .unwrap();
-    let nonce = page
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| v.to_str().ok()?.split(';').next()?.split_once('='))
-        .find(|(k, _)| *k == "silo_console_sign_in")
-        .map(|(_, v)| v.to_owned())
-        .expect("a sign-in cookie");
+    let nonce = set_cookie(&page, "silo_console_sign_in").expect("a sign-in cookie");
     http.post(format!("{base}/console/sign-in"))
         .header("cookie", format!("silo_console_sign_in={nonce}"))
         .form(&[("csrf", nonce.as_str()), ("token", token)])
@@ -923,6 +907,31 @@ async fn an_address_that_keeps_presenting_wrong_tokens_is_answered_429_before_an
         "the console signs in from elsewhere"
     );
 
+    // Guesses sent in parallel do not all pass before the first is
+    // counted: a few are looked at at once, each counted.
+    let racer = client_from([127, 0, 0, 4]);
+    let guesses = (0..100).map(|_| bearer_status(&racer, &tenants, &wrong_key));
+    let answers: Vec<u16> = futures::future::join_all(guesses)
+        .await
+        .iter()
+        .map(|r| r.status().as_u16())
+        .collect();
+    let looked_at = answers.iter().filter(|s| **s == 401).count();
+    assert!(
+        (6..=9).contains(&looked_at),
+        "{looked_at} of 100 parallel guesses were looked at (6 allowed, 3 more at most in turn): {answers:?}"
+    );
+    assert!(
+        answers.iter().all(|s| [401, 429, 503].contains(s)),
+        "{answers:?}"
+    );
+    // Right tokens in parallel take turns; none is refused.
+    let admin = client_from([127, 0, 0, 5]);
+    let rights = (0..40).map(|_| bearer_status(&admin, &tenants, &key));
+    for res in futures::future::join_all(rights).await {
+        assert_eq!(res.status(), 200);
+    }
+
     // After Retry-After, one more try.
     tokio::time::sleep(
         std::time::Duration::from_secs(wait) + std::time::Duration::from_millis(200),
@@ -979,14 +988,7 @@ async fn a_key_made_to_expire_works_until_then_and_is_refused_everywhere_after()
     assert_eq!(bearer_status(&http, &metrics, &forever).await.status(), 200);
     let signed_in = console_sign_in(&http, &base, &token).await;
     assert_eq!(signed_in.status(), 303);
-    let session = signed_in
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| v.to_str().ok()?.split(';').next()?.split_once('='))
-        .find(|(k, v)| *k == "silo_console" && !v.is_empty())
-        .map(|(_, v)| v.to_owned())
-        .expect("a session cookie");
+    let session = set_cookie(&signed_in, "silo_console").expect("a session cookie");
     let console = |path: &'static str| {
         http.get(format!("{base}{path}"))
             .header("cookie", format!("silo_console={session}"))
@@ -1021,14 +1023,7 @@ async fn a_key_made_to_expire_works_until_then_and_is_refused_everywhere_after()
     // Listed as expired, holding its name until revoked.
     let keys_page = {
         let admin = console_sign_in(&http, &base, ADMIN_TOKEN).await;
-        let cookie = admin
-            .headers()
-            .get_all("set-cookie")
-            .iter()
-            .filter_map(|v| v.to_str().ok()?.split(';').next()?.split_once('='))
-            .find(|(k, v)| *k == "silo_console" && !v.is_empty())
-            .map(|(_, v)| v.to_owned())
-            .unwrap();
+        let cookie = set_cookie(&admin, "silo_console").expect("a session cookie");
         http.get(format!("{base}/console/keys"))
             .header("cookie", format!("silo_console={cookie}"))
             .send()

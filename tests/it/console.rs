@@ -678,7 +678,9 @@ async fn sign_in_http(http: &reqwest::Client, base: &str, token: &str) -> String
     set_cookie(&res, "silo_console").expect("a session cookie")
 }
 
-fn set_cookie(res: &reqwest::Response, name: &str) -> Option<String> {
+/// The value a response's `Set-Cookie` gives the cookie `name`, unless it
+/// removes it.
+pub fn set_cookie(res: &reqwest::Response, name: &str) -> Option<String> {
     res.headers()
         .get_all("set-cookie")
         .iter()

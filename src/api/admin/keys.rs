@@ -43,7 +43,7 @@ pub struct CreateKeyBody {
     /// revoked key is. Absent: it does not expire.
     #[serde(default)]
     #[schema(minimum = 1, maximum = 3650)]
-    expires_in_days: Option<u32>,
+    expires_in_days: Option<i64>,
 }
 
 /// A key with its token: answered once, by the request that made it. No
@@ -87,7 +87,7 @@ async fn create_key(
     let name = KeyName::parse(&body.name)?;
     if body
         .expires_in_days
-        .is_some_and(|d| !(1..=MAX_KEY_DAYS).contains(&d))
+        .is_some_and(|d| !(1..=i64::from(MAX_KEY_DAYS)).contains(&d))
     {
         return Err(ApiError::Unprocessable(format!(
             "expires_in_days must be 1–{MAX_KEY_DAYS} (or absent: the key does not expire)"
@@ -100,7 +100,7 @@ async fn create_key(
             name.as_str(),
             body.role,
             &issued.hash,
-            body.expires_in_days,
+            body.expires_in_days.map(|d| d as u32),
             actor.name(),
         )
         .await

@@ -808,7 +808,7 @@ pub async fn create_key(
         // A number as a number; anything else as typed, for the API to refuse.
         days => {
             body["expires_in_days"] = days
-                .parse::<u64>()
+                .parse::<i64>()
                 .map_or_else(|_| json!(days), |d| json!(d));
         }
     }
