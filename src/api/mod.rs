@@ -14,12 +14,15 @@ pub mod limits;
 pub mod paging;
 mod responses;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use axum::extract::DefaultBodyLimit;
 use axum::response::IntoResponse;
 use axum::{Extension, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
+use tower_http::classify::ServerErrorsFailureClass;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
@@ -247,8 +250,109 @@ pub fn app(state: AppState) -> Router {
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("-");
                     tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = id, tenant_id = tracing::field::Empty)
-                }))
+                }).on_failure(log_failure))
                 .layer(PropagateRequestIdLayer::x_request_id()),
         )
         .with_state(state)
+}
+
+/// A response the trace layer counts as failed (a 5xx, or one cut short):
+/// at most one warning a second, saying how many more there were since, so
+/// a flood of shed requests (`503`, which anyone can cause without a
+/// token) cannot flood the log. A `500` is also logged with its cause where
+/// it happens ([`error::ApiError`]); sheds are counted on `/metrics`.
+fn log_failure(class: ServerErrorsFailureClass, latency: Duration, span: &tracing::Span) {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    // The second (since the first failure, counted from 1) of the last
+    // warning, and failures not logged since.
+    static LOGGED: AtomicU64 = AtomicU64::new(0);
+    static UNLOGGED: AtomicU64 = AtomicU64::new(0);
+    let second = BASE.get_or_init(Instant::now).elapsed().as_secs() + 1;
+    let last = LOGGED.load(Ordering::Relaxed);
+    let turn = second > last
+        && LOGGED
+            .compare_exchange(last, second, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok();
+    if !turn {
+        UNLOGGED.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let more = UNLOGGED.swap(0, Ordering::Relaxed);
+    tracing::warn!(
+        parent: span,
+        classification = %class,
+        latency_ms = latency.as_millis() as u64,
+        failed_unlogged_before = more,
+        "response failed (at most one such line a second; failed_unlogged_before counts the others since the last)"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use axum::http::StatusCode;
+
+    use super::*;
+
+    /// Log lines written, kept for the test to read.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_flood_of_failed_responses_writes_a_line_a_second_and_counts_the_rest() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let shed = || ServerErrorsFailureClass::StatusCode(StatusCode::SERVICE_UNAVAILABLE);
+        let lines = || {
+            let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+            text.lines().map(str::to_owned).collect::<Vec<_>>()
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("http");
+            let started = Instant::now();
+            for _ in 0..10_000 {
+                log_failure(shed(), Duration::ZERO, &span);
+            }
+            let seconds = started.elapsed().as_secs();
+            let written = lines().len() as u64;
+            // One a second: the first, and one per second boundary crossed.
+            assert!(
+                (1..=seconds + 2).contains(&written),
+                "{written} lines in {seconds} s"
+            );
+            std::thread::sleep(Duration::from_millis(1100));
+            log_failure(shed(), Duration::ZERO, &span);
+        });
+        let lines = lines();
+        let last = lines.last().unwrap();
+        assert!(last.contains("503"), "{last}");
+        let unlogged: u64 = lines
+            .iter()
+            .map(|line| {
+                line.split("failed_unlogged_before=")
+                    .nth(1)
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or_else(|| panic!("{line}"))
+            })
+            .sum();
+        // Every failure is a line, or counted in the line after it.
+        assert_eq!(unlogged + lines.len() as u64, 10_001, "{lines:?}");
+    }
 }
