@@ -437,6 +437,25 @@ fn parse_optional_addr(s: &str) -> Result<OptionalAddr, String> {
         .map_err(|_| format!("`{s}` is not an address like 127.0.0.1:6432 (empty turns it off)"))
 }
 
+/// Networks: addresses (each a network of one) and CIDR blocks.
+#[derive(Debug, Clone, Default)]
+pub struct Networks(pub Vec<ipnet::IpNet>);
+
+/// Comma-separated addresses and CIDR blocks; empty entries are skipped.
+fn parse_networks(s: &str) -> Result<Networks, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|net| !net.is_empty())
+        .map(|net| {
+            net.parse::<ipnet::IpNet>()
+                .or_else(|_| net.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map(|n| n.trunc())
+                .map_err(|_| format!("`{net}` is not an address or a CIDR block like 10.0.0.0/8"))
+        })
+        .collect::<Result<_, _>>()
+        .map(Networks)
+}
+
 /// Settings for the long-running server (`serve`, and `dev` underneath).
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
@@ -519,6 +538,13 @@ pub struct ServerArgs {
     /// `Retry-After` until the allowance refills. `0` turns it off.
     #[arg(long, env = "SILO_ADMIN_AUTH_FAILURES", default_value_t = DEFAULT_ADMIN_AUTH_FAILURES)]
     pub admin_auth_failures: u32,
+
+    /// Proxies whose `X-Forwarded-For` names the client (addresses or CIDR
+    /// blocks, comma-separated): a request from one of them counts against
+    /// the address that header gives, for `SILO_ADMIN_AUTH_FAILURES`.
+    /// Empty: the connection's own address, always.
+    #[arg(long, env = "SILO_TRUSTED_PROXIES", default_value = "", value_parser = parse_networks)]
+    pub trusted_proxies: Networks,
 
     /// Largest app API request body in bytes; larger ones are answered 413.
     #[arg(long, env = "SILO_APP_MAX_BODY_BYTES", default_value_t = DEFAULT_APP_MAX_BODY_BYTES as u64, value_parser = clap::value_parser!(u64).range(1024..=16 * 1024 * 1024))]
@@ -840,6 +866,28 @@ mod tests {
     fn every_command_line_is_well_formed() {
         // clap checks clashing names and ids only when a command is used.
         <Cli as clap::CommandFactory>::command().debug_assert();
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_and_blocks_and_empty_is_none() {
+        let nets = |s: &str| {
+            parse_networks(s).map(|n| n.0.iter().map(ToString::to_string).collect::<Vec<_>>())
+        };
+        assert_eq!(nets(""), Ok(vec![]));
+        assert_eq!(nets(" , "), Ok(vec![]));
+        assert_eq!(
+            nets("10.0.0.0/8, 192.0.2.1,2001:db8::/32"),
+            Ok(vec![
+                "10.0.0.0/8".into(),
+                "192.0.2.1/32".into(),
+                "2001:db8::/32".into()
+            ])
+        );
+        // A block's host bits are dropped.
+        assert_eq!(nets("10.1.2.3/8"), Ok(vec!["10.0.0.0/8".into()]));
+        for bad in ["bogus", "10.0.0.1/33", "10.0.0.0/8;", "*"] {
+            assert!(nets(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -157,6 +157,7 @@ impl RunSettings {
                 app_rate_burst: args.app_rate_burst,
                 admin_max_in_flight: args.admin_max_in_flight as usize,
                 admin_auth_failures: args.admin_auth_failures,
+                trusted_proxies: args.trusted_proxies.0.clone(),
             },
             wire: WireSettings::from_args(args),
         }

@@ -145,6 +145,7 @@ impl SiloServer {
             app_max_in_flight: silo::config::DEFAULT_APP_MAX_IN_FLIGHT as u64,
             admin_max_in_flight: silo::config::DEFAULT_ADMIN_MAX_IN_FLIGHT as u64,
             admin_auth_failures: silo::config::DEFAULT_ADMIN_AUTH_FAILURES,
+            trusted_proxies: silo::config::Networks::default(),
             app_max_body_bytes: silo::config::DEFAULT_APP_MAX_BODY_BYTES as u64,
             app_rate_limit: silo::config::DEFAULT_APP_RATE_LIMIT,
             app_rate_burst: silo::config::DEFAULT_APP_RATE_BURST,

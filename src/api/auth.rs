@@ -28,6 +28,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 
 use super::error::ApiError;
+use super::limits::client_address;
 use super::AppState;
 use crate::crypto::{admin_key_hash, is_admin_key_shaped, secret_eq};
 use crate::domain::{AdminRole, BOOTSTRAP_ACTOR};
@@ -44,25 +45,28 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// The address of the client that sent a request, when it came over the
-/// network (`silo serve` records it); `None` for a request made in-process.
+/// network (`silo serve` records it; behind a trusted proxy, the address
+/// its `X-Forwarded-For` gives, [`client_address`]); `None` for a request
+/// made in-process.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub Option<IpAddr>);
 
 impl Peer {
-    fn of(extensions: &Extensions) -> Self {
+    fn of(state: &AppState, extensions: &Extensions, headers: &HeaderMap) -> Self {
+        let trusted = &state.limits.settings.trusted_proxies;
         Self(
             extensions
                 .get::<ConnectInfo<SocketAddr>>()
-                .map(|ConnectInfo(addr)| addr.ip()),
+                .map(|ConnectInfo(addr)| client_address(addr.ip(), headers, trusted)),
         )
     }
 }
 
-impl<S: Send + Sync> FromRequestParts<S> for Peer {
+impl FromRequestParts<AppState> for Peer {
     type Rejection = Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
-        Ok(Self::of(&parts.extensions))
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Infallible> {
+        Ok(Self::of(state, &parts.extensions, &parts.headers))
     }
 }
 
@@ -225,7 +229,10 @@ pub async fn require_admin(
 ) -> Result<Response, ApiError> {
     let actor = match req.extensions().get::<Authenticated>() {
         Some(Authenticated(actor)) => actor.clone(),
-        None => authenticate(&state, Peer::of(req.extensions()), req.headers()).await?,
+        None => {
+            let peer = Peer::of(&state, req.extensions(), req.headers());
+            authenticate(&state, peer, req.headers()).await?
+        }
     };
     let mut req = authorize(&actor, req).await?;
     req.extensions_mut().insert(actor);

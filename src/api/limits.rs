@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
 use axum::http::header::CONTENT_LENGTH;
+use axum::http::HeaderMap;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -56,6 +57,8 @@ pub struct HttpLimits {
     /// Failed admin authentications one client address may make per
     /// minute (0: no limit).
     pub admin_auth_failures: u32,
+    /// Proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Default for HttpLimits {
@@ -70,6 +73,7 @@ impl Default for HttpLimits {
             app_rate_burst: crate::config::DEFAULT_APP_RATE_BURST,
             admin_max_in_flight: crate::config::DEFAULT_ADMIN_MAX_IN_FLIGHT,
             admin_auth_failures: crate::config::DEFAULT_ADMIN_AUTH_FAILURES,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -213,6 +217,36 @@ impl Limits {
         let per_minute = self.settings.admin_auth_failures;
         (per_minute > 0).then(|| 60 * NANOS_PER_SECOND / u64::from(per_minute))
     }
+}
+
+/// The client a request came from: the connection's address, or, when
+/// that is a trusted proxy's, the nearest address in `X-Forwarded-For`
+/// that is not a trusted proxy's (each proxy appends the address it saw;
+/// what lies left of that was written by the client, and is ignored). A
+/// header silo cannot read whole counts as none: the proxy's address.
+pub fn client_address(peer: IpAddr, forwarded: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let mut hops = Vec::new();
+    for value in forwarded.get_all("x-forwarded-for") {
+        let Ok(value) = value.to_str() else {
+            return peer;
+        };
+        for hop in value.split(',').map(str::trim) {
+            let ip = hop
+                .parse::<IpAddr>()
+                .or_else(|_| hop.parse::<std::net::SocketAddr>().map(|a| a.ip()));
+            match ip {
+                Ok(ip) => hops.push(ip),
+                Err(_) => return peer,
+            }
+        }
+    }
+    let client = hops.iter().rev().find(|ip| !is_trusted(ip));
+    // Every hop a proxy: the farthest one.
+    client.or(hops.first()).copied().unwrap_or(peer)
 }
 
 const NANOS_PER_SECOND: u64 = 1_000_000_000;
@@ -395,6 +429,64 @@ mod tests {
         assert!(
             limiter.check(a, tenth, 5).is_ok(),
             "admitted again after the wait"
+        );
+    }
+
+    #[test]
+    fn behind_a_trusted_proxy_the_client_is_the_nearest_hop_no_proxy_wrote() {
+        let trusted: Vec<ipnet::IpNet> = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "192.0.2.1/32".parse().unwrap(),
+        ];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let with = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append("x-forwarded-for", v.parse().unwrap());
+            }
+            h
+        };
+        let cases: &[(&str, &[&str], &str)] = &[
+            // Not a trusted proxy: its own address, whatever it says.
+            ("203.0.113.5", &["198.51.100.7"], "203.0.113.5"),
+            // A trusted proxy: the address it appended.
+            ("10.1.2.3", &["198.51.100.7"], "198.51.100.7"),
+            // What the client wrote itself, left of that, is ignored.
+            ("10.1.2.3", &["1.1.1.1, 198.51.100.7"], "198.51.100.7"),
+            // Through two trusted proxies, in one header or two.
+            (
+                "10.1.2.3",
+                &["6.6.6.6, 198.51.100.7, 192.0.2.1"],
+                "198.51.100.7",
+            ),
+            (
+                "10.1.2.3",
+                &["6.6.6.6, 198.51.100.7", "10.9.9.9"],
+                "198.51.100.7",
+            ),
+            // With a port (some proxies add one), and IPv6.
+            ("10.1.2.3", &["198.51.100.7:4711"], "198.51.100.7"),
+            ("10.1.2.3", &["2001:db8::1"], "2001:db8::1"),
+            ("10.1.2.3", &["[2001:db8::1]:443"], "2001:db8::1"),
+            // No header, or one silo cannot read whole: the proxy's own.
+            ("10.1.2.3", &[], "10.1.2.3"),
+            ("10.1.2.3", &["unknown"], "10.1.2.3"),
+            ("10.1.2.3", &["198.51.100.7, junk"], "10.1.2.3"),
+            ("10.1.2.3", &[""], "10.1.2.3"),
+            // Every hop a trusted proxy: the farthest.
+            ("10.1.2.3", &["10.0.0.7, 10.0.0.8"], "10.0.0.7"),
+        ];
+        for (peer, header, want) in cases {
+            assert_eq!(
+                client_address(ip(peer), &with(header), &trusted),
+                ip(want),
+                "{peer} with {header:?}"
+            );
+        }
+        assert_eq!(
+            client_address(ip("10.1.2.3"), &with(&["198.51.100.7"]), &[]),
+            ip("10.1.2.3"),
+            "no trusted proxy: never the header"
         );
     }
 

@@ -1056,3 +1056,53 @@ async fn a_key_made_to_expire_works_until_then_and_is_refused_everywhere_after()
     );
     served.abort();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn behind_a_trusted_proxy_wrong_tokens_count_against_the_client_it_names() {
+    // 127.0.0.1 is the proxy; 3 failures a minute per client.
+    let env = TestEnv::setup()
+        .limits(silo::api::limits::HttpLimits {
+            admin_auth_failures: 3,
+            trusted_proxies: vec!["127.0.0.1/32".parse().unwrap()],
+            ..Default::default()
+        })
+        .start()
+        .await;
+    let key = make_key(&env, "ops", "viewer").await;
+    let wrong_key = format!("{}x", &key[..key.len() - 1]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let served =
+        tokio::spawn(axum::serve(listener, silo::startup::with_peers(env.app())).into_future());
+    let tenants = format!("http://127.0.0.1:{port}/admin/v1/tenants");
+    let (proxy, direct) = (client_from([127, 0, 0, 1]), client_from([127, 0, 0, 2]));
+    let via = |client: &reqwest::Client, forwarded: &str, token: &str| {
+        client
+            .get(&tenants)
+            .header("x-forwarded-for", forwarded)
+            .bearer_auth(token)
+            .send()
+    };
+    let status = |res: reqwest::Result<reqwest::Response>| res.unwrap().status().as_u16();
+
+    // One client behind the proxy uses up its allowance...
+    for _ in 0..3 {
+        assert_eq!(status(via(&proxy, "203.0.113.9", &wrong_key).await), 401);
+    }
+    assert_eq!(status(via(&proxy, "203.0.113.9", &key).await), 429);
+    // ...and cannot shed it by writing another address left of its own.
+    assert_eq!(
+        status(via(&proxy, "198.51.100.1, 203.0.113.9", &key).await),
+        429
+    );
+    // Another client behind the same proxy is not held back.
+    assert_eq!(status(via(&proxy, "203.0.113.10", &key).await), 200);
+    // A client that is not a trusted proxy is counted by its own address,
+    // whatever its header says.
+    for _ in 0..3 {
+        assert_eq!(status(via(&direct, "203.0.113.10", &wrong_key).await), 401);
+    }
+    assert_eq!(status(via(&direct, "203.0.113.10", &key).await), 429);
+    assert_eq!(status(via(&proxy, "203.0.113.10", &key).await), 200);
+    served.abort();
+}
