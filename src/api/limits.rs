@@ -136,13 +136,9 @@ impl Limits {
         let interval = NANOS_PER_SECOND / u64::from(per_second.max(1));
         self.rate.check(tenant, interval, burst).map_err(|wait| {
             metrics::counter!("silo_app_rate_limited_total").increment(1);
-            let seconds = whole_seconds(wait);
-            ApiError::TooManyRequests(
-                format!(
-                    "the tenant sends more than {per_second} requests per second ({source}); retry after {seconds} s"
-                ),
-                seconds,
-            )
+            too_many(wait, |seconds| {
+                format!("the tenant sends more than {per_second} requests per second ({source}); retry after {seconds} s")
+            })
         })
     }
 
@@ -160,13 +156,9 @@ impl Limits {
             .peek(address_key(peer), interval, allowed)
             .map_err(|wait| {
                 metrics::counter!("silo_admin_auth_refused_total").increment(1);
-                let seconds = whole_seconds(wait);
-                ApiError::TooManyRequests(
-                    format!(
-                        "too many failed sign-ins from this address (more than {allowed} a minute, SILO_ADMIN_AUTH_FAILURES); retry after {seconds} s"
-                    ),
-                    seconds,
-                )
+                too_many(wait, |seconds| {
+                    format!("too many failed sign-ins from this address (more than {allowed} a minute, SILO_ADMIN_AUTH_FAILURES); retry after {seconds} s")
+                })
             })
     }
 
@@ -251,9 +243,11 @@ pub fn client_address(peer: IpAddr, forwarded: &HeaderMap, trusted: &[ipnet::IpN
 
 const NANOS_PER_SECOND: u64 = 1_000_000_000;
 
-/// A wait in whole seconds, rounded up, at least 1 (for `Retry-After`).
-fn whole_seconds(wait: Duration) -> u64 {
-    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+/// A 429 whose `Retry-After` is `wait` in whole seconds (rounded up, at
+/// least 1), its detail written from those seconds.
+fn too_many(wait: Duration, detail: impl FnOnce(u64) -> String) -> ApiError {
+    let seconds = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+    ApiError::TooManyRequests(detail(seconds), seconds)
 }
 
 fn busy(what: &str, setting: &str) -> Response {

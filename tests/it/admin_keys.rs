@@ -655,41 +655,19 @@ async fn key_commands_work_from_a_shell_with_only_the_database_url() {
 
     // Refusals are usage errors (2) and change nothing.
     let keys_before = env.count("SELECT count(*) FROM admin_keys").await;
-    for args in [
-        &["keys", "create", "shell-ops", "--role", "viewer"][..],
+    #[rustfmt::skip]
+    let refused: &[&[&str]] = &[
+        &["keys", "create", "shell-ops", "--role", "viewer"],
         &["keys", "create", "Bad Name", "--role", "viewer"],
         &["keys", "create", "admin", "--role", "admin"],
         &["keys", "create", "someone", "--role", "root"],
         &["keys", "create", "someone"],
-        &[
-            "keys",
-            "create",
-            "someone",
-            "--role",
-            "viewer",
-            "--expires-in-days",
-            "0",
-        ],
-        &[
-            "keys",
-            "create",
-            "someone",
-            "--role",
-            "viewer",
-            "--expires-in-days",
-            "3651",
-        ],
-        &[
-            "keys",
-            "create",
-            "someone",
-            "--role",
-            "viewer",
-            "--expires-in-days",
-            "soon",
-        ],
+        &["keys", "create", "someone", "--role", "viewer", "--expires-in-days", "0"],
+        &["keys", "create", "someone", "--role", "viewer", "--expires-in-days", "3651"],
+        &["keys", "create", "someone", "--role", "viewer", "--expires-in-days", "soon"],
         &["keys", "revoke", "nobody"],
-    ] {
+    ];
+    for args in refused {
         let (code, out, err) = run(args);
         assert_eq!(code, Some(2), "{args:?}: {out}{err}");
     }
