@@ -6,7 +6,9 @@
 //! 1. **Observe** what silo's prefixes name on the server ([`Observed`]),
 //!    *before* reading the registry: every tenant row is written before its
 //!    database or role exists, so whatever the server shows is covered by the
-//!    registry read that follows ([`Accounted`]).
+//!    registry read that follows ([`Accounted`]). Spares and templates are
+//!    made under the same lock, so none is in the making, except a clone
+//!    a dead process left running in PostgreSQL: it is ended first.
 //! 2. **Plan**: [`plan`] is a pure function from the two to a list of
 //!    [`Action`]s, unit-tested on tables of cases without PostgreSQL.
 //! 3. **Apply** exactly what the plan says, logging each action.
@@ -68,6 +70,9 @@ pub struct ReconcileReport {
     pub move_leftovers_dropped: u32,
     /// Databases a move left behind without verifying its copy, renamed `silo_kept_*`.
     pub unverified_sources_kept: u32,
+    /// Spare and template clones a dead process left running on a server,
+    /// ended before its sweep (else they could commit behind it).
+    pub abandoned_clones_ended: u32,
     /// Sessions of roles that may not log in (a suspend that stopped half-way), ended.
     pub sessions_ended: u32,
     /// Tenant databases granted through the legacy shared group, regranted
@@ -495,6 +500,11 @@ impl ControlPlane {
             report.halted.push(format!("server {}: {why}", server.name));
             return Ok(());
         }
+        // Before anything is looked at: a dead process's clone still running
+        // would otherwise commit behind the sweep.
+        report.abandoned_clones_ended += roles::end_abandoned_clones(&admin)
+            .await
+            .context("end clones left running by a dead process")?;
         self.provisioner().ensure_template(server, &admin).await?;
         // Observed first (see the module comment), then what the registry says.
         let observed = observe(&admin).await?;

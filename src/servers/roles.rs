@@ -235,6 +235,33 @@ pub async fn set_connection_limits(
     Ok(())
 }
 
+/// End the clones of spares and of the template that a dead silo process
+/// left running: PostgreSQL finishes a statement whose client is gone, so
+/// such a clone can commit after a sweep looked and leave a database (or
+/// role) nobody sweeps until the next pass. Only the holder of the server's
+/// maintenance lock makes spares and templates, so the caller, holding it,
+/// knows any such statement still running is a dead process's. Each
+/// session is waited for (up to five seconds): once this returns, the clone
+/// either committed, and the sweep sees it, or never will.
+pub async fn end_abandoned_clones(admin: &ServerAdmin) -> Result<u32> {
+    let abandoned = format!(
+        "^CREATE (DATABASE \"({spare}|{template}\")|ROLE \"{role})",
+        spare = super::names::SPARE_DB_PREFIX,
+        template = super::names::TEMPLATE_DB,
+        role = super::names::SPARE_ROLE_PREFIX,
+    );
+    sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity
+          WHERE usename = current_user AND pid <> pg_backend_pid()
+            AND state = 'active' AND query ~ $1",
+    )
+    .bind(abandoned)
+    .fetch_one(&admin.pool)
+    .await
+    .map(|n| n as u32)
+    .map_err(|e| admin.error(None, e))
+}
+
 /// End every session of the role.
 pub async fn terminate_sessions(admin: &ServerAdmin, role: &str) -> Result<()> {
     let reader = super::names::reader_role(role).unwrap_or_default();

@@ -1,10 +1,13 @@
 //! The reconciler and the warm pool against a real server: orphans quarantined,
 //! logins made to agree with the registry, spares kept ready and used.
 
+use std::time::{Duration, Instant};
+
 use crate::common::TestEnv;
 use silo::control::ControlConfig;
 use silo::provision::ProvisionConfig;
 use silo::servers::names::TEMPLATE_DB;
+use sqlx::Connection;
 
 async fn exec(env: &TestEnv, sql: &str) {
     sqlx::raw_sql(sql).execute(&env.admin).await.unwrap();
@@ -248,4 +251,66 @@ async fn a_stale_template_is_rebuilt_and_stale_spares_replaced() {
     assert_eq!(fresh.len(), 2);
     assert!(fresh.iter().all(|f| !old.contains(f)));
     assert!(env.orphans().await.is_empty());
+}
+
+/// A spare clone whose process died is still running in PostgreSQL (a
+/// statement outlives its client): the pass ends it before it looks, so it
+/// can never commit behind the sweep as a database nobody accounts for.
+#[tokio::test]
+async fn a_clone_left_running_by_a_dead_process_is_ended_before_the_sweep() {
+    let env = TestEnv::start().await;
+    env.control.reconcile_once().await.unwrap(); // the template exists
+    let spare = format!(
+        "{}{}",
+        silo::servers::names::SPARE_DB_PREFIX,
+        "0".repeat(31) + "d"
+    );
+    // Hold the template (as a comment does) so the clone waits, mid-statement.
+    let mut holder = env.admin.acquire().await.unwrap();
+    sqlx::raw_sql(&format!(
+        "BEGIN; COMMENT ON DATABASE {TEMPLATE_DB} IS 'held by the test'"
+    ))
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    // The clone, sent the way silo sends it, by a client that then dies.
+    let cloner = {
+        let sql = format!(
+            "CREATE DATABASE \"{spare}\" TEMPLATE \"{TEMPLATE_DB}\"  ALLOW_CONNECTIONS false"
+        );
+        let url = env.pg.url("postgres");
+        tokio::spawn(async move {
+            let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+            sqlx::Executor::execute(&mut conn, sql.as_str()).await.ok();
+        })
+    };
+    let waiting = "SELECT count(*) FROM pg_stat_activity
+                    WHERE query LIKE 'CREATE DATABASE \"silo\\_spare\\_%' AND wait_event_type = 'Lock'";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.count(waiting).await == 0 {
+        assert!(Instant::now() < deadline, "the clone never started waiting");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cloner.abort(); // its socket closes, as when a process is killed
+    assert!(cloner.await.unwrap_err().is_cancelled());
+
+    let report = env.control.reconcile_once().await.unwrap();
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(report.abandoned_clones_ended, 1, "{report:?}");
+    // The template is let go: a clone that were still alive would now commit.
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let running = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'CREATE DATABASE \"silo\\_spare\\_%'";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.count(running).await > 0 {
+        assert!(Instant::now() < deadline, "the clone is still running");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !env.database_exists(&spare).await,
+        "the dead clone committed"
+    );
+    assert!(env.orphans().await.is_empty(), "{:?}", env.orphans().await);
 }
