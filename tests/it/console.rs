@@ -910,6 +910,7 @@ async fn a_nul_byte_in_a_query_parameter_is_refused_with_a_clear_4xx_never_a_500
         ("/admin/v1/audit", "tenant", 422), ("/admin/v1/audit", "key", 422),
         ("/admin/v1/audit", "action", 422), ("/admin/v1/usage", "sort", 422),
         ("/admin/v1/tenants/plain/backups", "cursor", 422),
+        ("/console/tenants/plain", "cursor", 400),
     ];
     for (path, param, want) in rows {
         for value in ["%00", "a%00b"] {
@@ -945,5 +946,100 @@ async fn a_nul_byte_in_a_query_parameter_is_refused_with_a_clear_4xx_never_a_500
         let answer = get(url.to_owned()).await.unwrap();
         assert_eq!(answer.status(), 200, "{url}");
         assert!(answer.text().await.unwrap().contains("plain"), "{url}");
+    }
+}
+
+/// A tenant's page shows its 20 newest backups and pages to the older ones
+/// (the rows are seeded: only the page's listing is under test), and a
+/// cursor that is not one is refused with a clear 4xx.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_s_older_backups_are_reached_page_by_page() {
+    let env = TestEnv::start().await;
+    env.create("paged").await;
+    // 45 failed backups, ids in the order they were taken (as UUIDv7's are).
+    sqlx::query(
+        "INSERT INTO backups (id, tenant_id, kind, status, bucket, object_key, manifest_key,
+                              error, started_at, finished_at)
+         SELECT ('01900000-0000-7000-8000-' || lpad(to_hex(i), 12, '0'))::uuid,
+                (SELECT id FROM tenants WHERE slug = 'paged'), 'scheduled', 'failed', 'b', 'k', 'm',
+                'seeded backup ' || lpad(i::text, 2, '0') || '.', now() - make_interval(mins => 50 - i), now()
+           FROM generate_series(1, 45) AS i",
+    )
+    .execute(env.registry().pool())
+    .await
+    .unwrap();
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("console-backup-pages.log");
+    let silo = Silo::start(&env, None, 0, &log).await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let cookie = sign_in_http(&http, &silo.base, ADMIN_TOKEN).await;
+    let get = |path: String| {
+        let request = http
+            .get(format!("{}{path}", silo.base))
+            .header("cookie", format!("silo_console={cookie}"));
+        async move {
+            let res = request.send().await.unwrap();
+            (res.status().as_u16(), res.text().await.unwrap())
+        }
+    };
+    let shown = |html: &str| -> Vec<u32> {
+        html.split("seeded backup ")
+            .skip(1)
+            .map(|s| s[..2].parse().unwrap())
+            .collect()
+    };
+    let link = |html: &str, text: &str| -> Option<String> {
+        let at = html.find(&format!(">{text}</a>"))?;
+        let start = html[..at].rfind("href=\"")? + 6;
+        let href = &html[start..];
+        Some(href[..href.find('"').unwrap()].replace("&amp;", "&"))
+    };
+
+    let (status, first) = get("/console/tenants/paged".into()).await;
+    assert_eq!(status, 200);
+    assert_eq!(shown(&first), (26..=45).rev().collect::<Vec<_>>());
+    assert_eq!(link(&first, "Newest backups"), None);
+    let older = link(&first, "Older backups").expect("a link to older backups");
+    let (status, second) = get(older).await;
+    assert_eq!(status, 200);
+    assert_eq!(shown(&second), (6..=25).rev().collect::<Vec<_>>());
+    assert_eq!(
+        link(&second, "Newest backups").as_deref(),
+        Some("/console/tenants/paged#backups")
+    );
+    let older = link(&second, "Older backups").expect("a link to the oldest backups");
+    // In a browser too: the paged page passes the same checks as the others.
+    let console = Console::open(&silo.base, "paged").await;
+    console.sign_in(ADMIN_TOKEN).await;
+    console.goto("/console/tenants/paged").await;
+    console.browser.click("a[rel=next]").await;
+    console
+        .browser
+        .wait_url(|u| u.contains("?cursor="), "the older backups")
+        .await;
+    assert!(console
+        .browser
+        .text("#backup-list")
+        .await
+        .contains("seeded backup 25."));
+    console.check("tenant-older-backups").await;
+    let (_, third) = get(older).await;
+    assert_eq!(shown(&third), (1..=5).rev().collect::<Vec<_>>());
+    assert_eq!(
+        link(&third, "Older backups"),
+        None,
+        "the oldest page is the last"
+    );
+    // Past the oldest: none, said so.
+    let (status, past) =
+        get("/console/tenants/paged?cursor=01900000-0000-7000-8000-000000000001".into()).await;
+    assert_eq!(status, 200);
+    assert!(past.contains("No older backup."), "{past:.300}");
+    for bad in ["not-a-cursor", "01900000-0000-7000-8000-00000000000g"] {
+        let (status, page) = get(format!("/console/tenants/paged?cursor={bad}")).await;
+        assert_eq!(status, 422, "{bad}: {page:.300}");
+        assert!(page.contains("cursor"), "{bad}: {page:.300}");
     }
 }

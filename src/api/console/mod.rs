@@ -310,13 +310,24 @@ async fn new_tenant(State(state): State<AppState>, signed: Signed) -> Result<Mar
     Ok(pages::new_tenant(&signed, &servers))
 }
 
+/// The tenant page's query string: `cursor` pages its backups (the last
+/// one shown, older ones follow).
+#[derive(Debug, Default, Deserialize)]
+pub struct TenantParams {
+    #[serde(default)]
+    cursor: String,
+}
+
 async fn tenant(
     State(state): State<AppState>,
     Extension(console): Extension<Console>,
     signed: Signed,
     Path(tenant): Path<String>,
+    uri: Uri,
+    params: Result<Query<TenantParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Markup, Response> {
-    let data = pages::TenantData::read(&state, &console, &signed, &tenant).await?;
+    let p = query_params(&uri, params)?;
+    let data = pages::TenantData::read(&state, &console, &signed, &tenant, &p.cursor).await?;
     Ok(pages::tenant(&signed, &data))
 }
 

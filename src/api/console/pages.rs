@@ -565,10 +565,17 @@ pub fn new_tenant(signed: &Signed, servers: &[DbServer]) -> Markup {
 
 // --------------------------------------------------------------- tenant
 
+/// Backups on one page of a tenant's.
+const BACKUPS_SHOWN: i64 = 20;
+
 /// What the tenant page shows.
 pub struct TenantData {
     t: TenantRecord,
+    /// A page of its backups, newest first: after `cursor` when paged.
     backups: Vec<Backup>,
+    cursor: Option<Uuid>,
+    /// The cursor of the next (older) page, when there is one.
+    older: Option<String>,
     operations: Vec<Operation>,
     audit: Vec<AuditEntry>,
     credentials: Vec<Value>,
@@ -590,9 +597,13 @@ impl TenantData {
         console: &Console,
         signed: &Signed,
         slug_or_id: &str,
+        cursor: &str,
     ) -> Result<Self, Response> {
         let reg = state.registry();
         let db = |e: crate::registry::Error| api_failure(e.into());
+        let (shown, cursor) =
+            crate::api::paging::page(Some(BACKUPS_SHOWN), param(cursor), BACKUPS_SHOWN)
+                .map_err(api_failure)?;
         let t = match slug_or_id.len() <= 64 {
             true => reg.find_tenant(slug_or_id).await.map_err(db)?,
             false => None,
@@ -637,6 +648,8 @@ impl TenantData {
             .iter()
             .find(|p| p.tenant_id == t.id)
             .map(|p| (p.open, p.in_use, p.cap));
+        let backups = reg.backups_of(t.id, cursor, shown).await.map_err(db)?;
+        let older = crate::api::paging::next_cursor(&backups, shown, |b| b.id);
         let mut daily = reg.daily_usage(t.id, 30).await.map_err(db)?;
         daily.sort_by_key(|d| d.day);
         Ok(Self {
@@ -651,7 +664,9 @@ impl TenantData {
                 .map(|p| p.name.to_string())
                 .collect(),
             daily,
-            backups: reg.backups_of(t.id, None, 20).await.map_err(db)?,
+            backups,
+            cursor,
+            older,
             operations: reg.operations_of(t.id, 20).await.map_err(db)?,
             audit: reg.audit_entries(&filter, 20).await.map_err(db)?,
             servers: reg
@@ -671,6 +686,15 @@ impl TenantData {
         self.backups
             .iter()
             .any(|b| b.status == "queued" || b.status == "running")
+    }
+}
+
+/// The tenant page showing the backups after `cursor` (the newest without).
+fn backups_page(t: &TenantRecord, cursor: Option<String>) -> String {
+    let base = format!("/console/tenants/{}", seg(&t.slug));
+    match cursor {
+        Some(c) => format!("{base}?cursor={c}"),
+        None => base,
     }
 }
 
@@ -868,10 +892,12 @@ pub fn tenant(signed: &Signed, d: &TenantData) -> Markup {
             @if change && live {
                 (action(signed, t, "backup", "Run a backup now", false, false, html!{}))
             }
-            div id="backup-list" hx-get=[d.busy().then(|| format!("/console/tenants/{}", seg(&t.slug)))]
+            div id="backup-list" hx-get=[d.busy().then(|| backups_page(t, d.cursor.map(|c| c.to_string())))]
                 hx-trigger=[d.busy().then_some("every 1s")] hx-select="#backup-list" hx-swap="outerHTML"
                 aria-live="polite" {
-                @if d.backups.is_empty() { p { "No backup yet." } } @else {
+                @if d.backups.is_empty() {
+                    p { @if d.cursor.is_some() { "No older backup." } @else { "No backup yet." } }
+                } @else {
                     table {
                         thead { tr {
                             th scope="col" { "Started" } th scope="col" { "Kind" } th scope="col" { "Status" }
@@ -896,6 +922,12 @@ pub fn tenant(signed: &Signed, d: &TenantData) -> Markup {
                                 }
                             }
                         }
+                    }
+                }
+                @if d.cursor.is_some() || d.older.is_some() {
+                    nav.pages aria-label="Backup pages" {
+                        @if d.cursor.is_some() { a href=(backups_page(t, None) + "#backups") { "Newest backups" } " " }
+                        @if let Some(c) = &d.older { a href=(backups_page(t, Some(c.clone())) + "#backups") rel="next" { "Older backups" } }
                     }
                 }
             }
