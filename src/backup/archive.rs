@@ -425,11 +425,31 @@ impl Backups {
 
 /// Drop scratch databases (`silo_x_*`) whose restore or verification died
 /// (their runner's lock is free). Runs whether or not storage is configured:
-/// a scratch database may outlive the configuration that made it.
+/// a scratch database may outlive the configuration that made it. A dead
+/// runner's `CREATE DATABASE` still running in PostgreSQL is ended first,
+/// else it could commit once the databases were listed.
 pub async fn sweep_scratch_databases(
     registry: &Registry,
     admin: &ServerAdmin,
 ) -> anyhow::Result<u32> {
+    for (name, pid) in roles::creations_running(admin, SCRATCH_DB_PREFIX).await? {
+        let Some(id) = name
+            .strip_prefix(SCRATCH_DB_PREFIX)
+            .and_then(|h| Uuid::parse_str(h).ok())
+        else {
+            continue;
+        };
+        if let Some(lock) = registry.try_lock_backup(id).await? {
+            let ended = roles::end_session(admin, pid).await;
+            lock.release().await;
+            if ended? {
+                tracing::info!(
+                    database = name,
+                    "ended a dead runner's scratch database creation"
+                );
+            }
+        }
+    }
     let names: Vec<String> = sqlx::query_scalar(
         "SELECT datname::text FROM pg_database WHERE datname LIKE 'silo\\_x\\_%'",
     )

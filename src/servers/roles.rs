@@ -262,6 +262,32 @@ pub async fn end_abandoned_clones(admin: &ServerAdmin) -> Result<u32> {
     .map_err(|e| admin.error(None, e))
 }
 
+/// Databases under `prefix` whose `CREATE DATABASE` is running now in
+/// another session of silo's login, with that session's pid: a clone of a
+/// live process, or one a dead process left running (see
+/// [`end_abandoned_clones`]); the caller tells which by its lock.
+pub async fn creations_running(admin: &ServerAdmin, prefix: &str) -> Result<Vec<(String, i32)>> {
+    sqlx::query_as(
+        "SELECT substring(query from '^CREATE DATABASE \"([^\"]+)\"'), pid FROM pg_stat_activity
+          WHERE usename = current_user AND pid <> pg_backend_pid() AND state = 'active'
+            AND starts_with(query, 'CREATE DATABASE \"' || $1)",
+    )
+    .bind(prefix)
+    .fetch_all(&admin.pool)
+    .await
+    .map_err(|e| admin.error(None, e))
+}
+
+/// End the session `pid` and wait (up to five seconds) for it to be gone:
+/// its statement has then either committed or never will.
+pub async fn end_session(admin: &ServerAdmin, pid: i32) -> Result<bool> {
+    sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
+        .bind(pid)
+        .fetch_one(&admin.pool)
+        .await
+        .map_err(|e| admin.error(None, e))
+}
+
 /// End every session of the role.
 pub async fn terminate_sessions(admin: &ServerAdmin, role: &str) -> Result<()> {
     let reader = super::names::reader_role(role).unwrap_or_default();

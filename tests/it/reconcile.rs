@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use crate::common::TestEnv;
 use silo::control::ControlConfig;
 use silo::provision::ProvisionConfig;
-use silo::servers::names::TEMPLATE_DB;
+use silo::servers::names::{self, TEMPLATE_DB};
 use sqlx::Connection;
 
 async fn exec(env: &TestEnv, sql: &str) {
@@ -253,64 +253,88 @@ async fn a_stale_template_is_rebuilt_and_stale_spares_replaced() {
     assert!(env.orphans().await.is_empty());
 }
 
-/// A spare clone whose process died is still running in PostgreSQL (a
-/// statement outlives its client): the pass ends it before it looks, so it
-/// can never commit behind the sweep as a database nobody accounts for.
+/// A `CREATE DATABASE` whose process died is still running in PostgreSQL
+/// (a statement outlives its client): a spare's clone, or a restore's
+/// scratch database. The pass ends it before it looks, so it can never
+/// commit behind the sweep as a database nobody accounts for.
 #[tokio::test]
 async fn a_clone_left_running_by_a_dead_process_is_ended_before_the_sweep() {
     let env = TestEnv::start().await;
     env.control.reconcile_once().await.unwrap(); // the template exists
-    let spare = format!(
+    let spare = format!("{}{}", names::SPARE_DB_PREFIX, "0".repeat(31) + "d");
+    let scratch = format!(
         "{}{}",
-        silo::servers::names::SPARE_DB_PREFIX,
-        "0".repeat(31) + "d"
+        names::SCRATCH_DB_PREFIX,
+        uuid::Uuid::now_v7().simple()
     );
-    // Hold the template (as a comment does) so the clone waits, mid-statement.
-    let mut holder = env.admin.acquire().await.unwrap();
-    sqlx::raw_sql(&format!(
-        "BEGIN; COMMENT ON DATABASE {TEMPLATE_DB} IS 'held by the test'"
-    ))
-    .execute(&mut *holder)
-    .await
-    .unwrap();
-    // The clone, sent the way silo sends it, by a client that then dies.
-    let cloner = {
-        let sql = format!(
-            "CREATE DATABASE \"{spare}\" TEMPLATE \"{TEMPLATE_DB}\"  ALLOW_CONNECTIONS false"
-        );
-        let url = env.pg.url("postgres");
-        tokio::spawn(async move {
-            let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
-            sqlx::Executor::execute(&mut conn, sql.as_str()).await.ok();
-        })
-    };
-    let waiting = "SELECT count(*) FROM pg_stat_activity
-                    WHERE query LIKE 'CREATE DATABASE \"silo\\_spare\\_%' AND wait_event_type = 'Lock'";
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while env.count(waiting).await == 0 {
-        assert!(Instant::now() < deadline, "the clone never started waiting");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    cloner.abort(); // its socket closes, as when a process is killed
-    assert!(cloner.await.unwrap_err().is_cancelled());
-
-    let report = env.control.reconcile_once().await.unwrap();
-    assert!(report.errors.is_empty(), "{report:?}");
-    assert_eq!(report.abandoned_clones_ended, 1, "{report:?}");
-    // The template is let go: a clone that were still alive would now commit.
-    sqlx::raw_sql("ROLLBACK")
+    for (database, template) in [(spare, TEMPLATE_DB), (scratch, "template0")] {
+        // Hold the template (as a comment does) so the clone waits, mid-statement.
+        let mut holder = env.admin.acquire().await.unwrap();
+        sqlx::raw_sql(&format!(
+            "BEGIN; COMMENT ON DATABASE {template} IS 'held by the test'"
+        ))
         .execute(&mut *holder)
         .await
         .unwrap();
-    let running = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'CREATE DATABASE \"silo\\_spare\\_%'";
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while env.count(running).await > 0 {
-        assert!(Instant::now() < deadline, "the clone is still running");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The clone, sent the way silo sends it, by a client that then dies.
+        let sql = format!(
+            "CREATE DATABASE \"{database}\" TEMPLATE \"{template}\"  ALLOW_CONNECTIONS false"
+        );
+        let cloner = {
+            let (url, sql) = (env.pg.url("postgres"), sql.clone());
+            tokio::spawn(async move {
+                let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+                sqlx::Executor::execute(&mut conn, sql.as_str()).await.ok();
+            })
+        };
+        let running = |waiting: bool| {
+            let sql = sql.clone();
+            let admin = env.admin.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT count(*) FROM pg_stat_activity
+                      WHERE query = $1 AND (NOT $2 OR wait_event_type = 'Lock')",
+                )
+                .bind(sql)
+                .bind(waiting)
+                .fetch_one(&admin)
+                .await
+                .unwrap()
+            }
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while running(true).await == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{database}: the clone never waited"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        cloner.abort(); // its socket closes, as when a process is killed
+        assert!(cloner.await.unwrap_err().is_cancelled());
+
+        let report = env.control.reconcile_once().await.unwrap();
+        assert!(report.errors.is_empty(), "{report:?}");
+        if database.starts_with(names::SPARE_DB_PREFIX) {
+            assert_eq!(report.abandoned_clones_ended, 1, "{report:?}");
+        }
+        // The template is let go: a clone that were still alive would now commit.
+        sqlx::raw_sql("ROLLBACK")
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while running(false).await > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{database}: the clone is still running"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            !env.database_exists(&database).await,
+            "the dead clone of {database} committed"
+        );
     }
-    assert!(
-        !env.database_exists(&spare).await,
-        "the dead clone committed"
-    );
     assert!(env.orphans().await.is_empty(), "{:?}", env.orphans().await);
 }
