@@ -241,6 +241,18 @@ pub enum KeysCommand {
     List,
     /// Revoke a key: refused at once on every replica; its name is free again.
     Revoke { name: KeyName },
+    /// Change a live key's expiry: in so many days from now, or never. An
+    /// expired key stays expired (make a new one).
+    #[command(group = clap::ArgGroup::new("expiry").required(true))]
+    Expire {
+        name: KeyName,
+        /// Days from now until the key expires (1–3650).
+        #[arg(long, group = "expiry", value_parser = clap::value_parser!(u32).range(1..=3650))]
+        in_days: Option<u32>,
+        /// The key does not expire.
+        #[arg(long, group = "expiry")]
+        never: bool,
+    },
 }
 
 /// Rows `silo master-key rotate` reads and re-seals per batch.

@@ -377,6 +377,7 @@ mod tests {
             (Method::GET, "/keys", None, Admin),
             (Method::POST, "/keys", None, Admin),
             (Method::DELETE, "/keys/{name}", None, Admin),
+            (Method::PATCH, "/keys/{name}", None, Admin),
             (Method::GET, "/keys/anything/else", None, Admin),
         ];
         let wrong: Vec<String> = cases

@@ -291,10 +291,31 @@ impl From<PathRejection> for ApiError {
 /// the app API's is `SILO_APP_MAX_BODY_BYTES`.
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 
-/// `Json` whose rejections are problem+json answers.
-#[derive(Debug, axum::extract::FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// `Json` whose rejections are problem+json answers. The body must be a
+/// JSON object: serde would otherwise read a struct from an array of its
+/// fields in order (`[5]` for `{"days": 5}`), which no client means.
+#[derive(Debug)]
 pub struct Json<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let axum::Json(body) = axum::Json::<serde_json::Value>::from_request(req, state).await?;
+        if !body.is_object() {
+            return Err(ApiError::Unprocessable(
+                "the body must be a JSON object".into(),
+            ));
+        }
+        serde_path_to_error::deserialize(body)
+            .map(Self)
+            .map_err(|e| {
+                ApiError::Unprocessable(format!(
+                    "Failed to deserialize the JSON body into the target type: {e}"
+                ))
+            })
+    }
+}
 
 impl<T: Serialize> IntoResponse for Json<T> {
     fn into_response(self) -> Response {

@@ -8,7 +8,7 @@ use anyhow::Context;
 use super::{print_json, CliError};
 use crate::config::{KeysCommand, Secret};
 use crate::crypto::AdminKeyToken;
-use crate::registry::{Registry, LIVE_KEY_NAME_INDEX};
+use crate::registry::{KeyExpiry, Registry, LIVE_KEY_NAME_INDEX};
 
 /// The audit log's actor of what these commands do.
 const ACTOR: &str = "cli";
@@ -71,6 +71,26 @@ pub(super) async fn keys(cmd: KeysCommand) -> Result<(), CliError> {
                     k.created_at.to_rfc3339(),
                     k.created_by
                 );
+            }
+        }
+        KeysCommand::Expire { name, in_days, .. } => {
+            match registry
+                .set_admin_key_expiry(name.as_str(), in_days, ACTOR)
+                .await
+                .context("change the admin key's expiry")?
+            {
+                KeyExpiry::Set(key) => match key.expires_at {
+                    Some(t) => println!("admin key {name} expires {}", t.to_rfc3339()),
+                    None => println!("admin key {name} does not expire"),
+                },
+                KeyExpiry::NoSuchKey => {
+                    return Err(CliError::Usage(format!("no live admin key is named '{name}'")))
+                }
+                KeyExpiry::Expired => {
+                    return Err(CliError::Usage(format!(
+                        "admin key '{name}' has expired and stays refused: make a new key (and revoke this one to free its name)"
+                    )))
+                }
             }
         }
         KeysCommand::Revoke { name } => {

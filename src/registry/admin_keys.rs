@@ -49,6 +49,16 @@ const COLUMNS: &str = "id, name, role, created_at, created_by, last_used_at, exp
 /// Longest a key may be made to last, in days (about ten years).
 pub const MAX_KEY_DAYS: u32 = 3650;
 
+/// What [`Registry::set_admin_key_expiry`] did.
+#[derive(Debug)]
+pub enum KeyExpiry {
+    Set(AdminKey),
+    /// No key of that name is live.
+    NoSuchKey,
+    /// The key has expired: it stays so (make a new one).
+    Expired,
+}
+
 impl Registry {
     /// Store a new key by its token's hash, audited, expiring after
     /// `expires_in_days` (by the control database's clock) if given; a live
@@ -97,6 +107,52 @@ impl Registry {
         .fetch_all(&self.pool)
         .await
         .map_err(Error::from)
+    }
+
+    /// Give the live key of this name a new expiry, `expires_in_days` from
+    /// now (by the control database's clock) or never, audited with the
+    /// old one. An expired key is not changed: it stays refused
+    /// ([`KeyExpiry::Expired`]).
+    pub async fn set_admin_key_expiry(
+        &self,
+        name: &str,
+        expires_in_days: Option<u32>,
+        actor: &str,
+    ) -> Result<KeyExpiry> {
+        let mut tx = self.pool.begin().await?;
+        let before: Option<(Uuid, Option<DateTime<Utc>>, bool)> = sqlx::query_as(
+            "SELECT id, expires_at, expires_at IS NOT NULL AND expires_at <= now() FROM admin_keys
+              WHERE name = $1 AND revoked_at IS NULL FOR UPDATE",
+        )
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((id, was, expired)) = before else {
+            return Ok(KeyExpiry::NoSuchKey);
+        };
+        if expired {
+            return Ok(KeyExpiry::Expired);
+        }
+        let key: AdminKey = sqlx::query_as(&format!(
+            "UPDATE admin_keys SET expires_at = now() + make_interval(days => $2)
+              WHERE id = $1 RETURNING {COLUMNS}"
+        ))
+        .bind(id)
+        .bind(expires_in_days.map(|d| d.min(MAX_KEY_DAYS) as i32))
+        .fetch_one(&mut *tx)
+        .await?;
+        Self::audit_in(
+            &mut tx,
+            actor,
+            "key.expiry",
+            None,
+            serde_json::json!({
+                "key_id": key.id, "name": key.name, "was": was, "expires_at": key.expires_at,
+            }),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(KeyExpiry::Set(key))
     }
 
     /// Revoke the live key of this name, audited; `None` if there is none.

@@ -20,7 +20,9 @@ mod spares;
 mod tenants;
 mod usage;
 
-pub use admin_keys::{AdminKey, KeyHolder, LAST_USED_EVERY, LIVE_KEY_NAME_INDEX, MAX_KEY_DAYS};
+pub use admin_keys::{
+    AdminKey, KeyExpiry, KeyHolder, LAST_USED_EVERY, LIVE_KEY_NAME_INDEX, MAX_KEY_DAYS,
+};
 pub use app_credentials::{AppCredential, AppCredentialView, LIVE_NAME_INDEX};
 pub use audit::{AuditEntry, AuditFilter};
 pub use backups::{Backup, BackupDone, NewBackup, Schedulable};

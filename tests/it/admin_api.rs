@@ -132,6 +132,8 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
         create(json!({"slug": "okay", "name": "x", "server": "nowhere"})).is(422),
         create(json!({"slug": 7, "name": "x"})).is(422),
         create(json!([1, 2])).is(422),
+        // A struct's fields as an array, in order, is not a body either.
+        create(json!(["okay", "Okay Clinic"])).is(422),
         create(json!({"slug": "existing", "name": "x"})).is(409),
         create(json!({"slug": "okay", "name": "x"})).header("idempotency-key", "").is(422),
         post(tenants).raw("").is(400).what("an empty JSON body"),

@@ -642,6 +642,17 @@ async fn key_commands_work_from_a_shell_with_only_the_database_url() {
         chrono::DateTime::parse_from_rfc3339(&listed("temp-ops")[5]).unwrap(),
         chrono::DateTime::parse_from_rfc3339(expires).unwrap()
     );
+    // Its expiry moved, then taken away.
+    let (code, out, err) = run(&["keys", "expire", "temp-ops", "--in-days", "30"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("temp-ops expires"), "{out}");
+    let moved = chrono::DateTime::parse_from_rfc3339(&listed("temp-ops")[5]).unwrap();
+    let days = (moved.with_timezone(&chrono::Utc) - chrono::Utc::now()).num_hours() as f64 / 24.0;
+    assert!((29.9..=30.0).contains(&days), "expires in {days} days");
+    let (code, out, err) = run(&["keys", "expire", "temp-ops", "--never"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("does not expire"), "{out}");
+    assert_eq!(listed("temp-ops")[5], "-");
     sqlx::query(
         "UPDATE admin_keys SET expires_at = now() - interval '1 minute' WHERE name = 'temp-ops'",
     )
@@ -650,6 +661,11 @@ async fn key_commands_work_from_a_shell_with_only_the_database_url() {
     .unwrap();
     let expired = &listed("temp-ops")[5];
     assert!(expired.starts_with("expired "), "{expired}");
+    // An expired key stays expired.
+    let (code, _, err) = run(&["keys", "expire", "temp-ops", "--never"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("has expired"), "{err}");
+    assert!(listed("temp-ops")[5].starts_with("expired "));
     let (code, _, _) = run(&["keys", "revoke", "temp-ops"]);
     assert_eq!(code, Some(0));
 
@@ -666,6 +682,11 @@ async fn key_commands_work_from_a_shell_with_only_the_database_url() {
         &["keys", "create", "someone", "--role", "viewer", "--expires-in-days", "3651"],
         &["keys", "create", "someone", "--role", "viewer", "--expires-in-days", "soon"],
         &["keys", "revoke", "nobody"],
+        &["keys", "expire", "nobody", "--never"],
+        &["keys", "expire", "shell-ops"],
+        &["keys", "expire", "shell-ops", "--in-days", "0"],
+        &["keys", "expire", "shell-ops", "--in-days", "3651"],
+        &["keys", "expire", "shell-ops", "--in-days", "5", "--never"],
     ];
     for args in refused {
         let (code, out, err) = run(args);
@@ -675,6 +696,7 @@ async fn key_commands_work_from_a_shell_with_only_the_database_url() {
         env.count("SELECT count(*) FROM admin_keys").await,
         keys_before
     );
+    assert_eq!(listed("shell-ops")[5], "-", "its expiry is unchanged");
     // Without the database URL: a configuration error naming it.
     let (code, _, err) = silo(&["keys", "list"], &[]);
     assert_eq!(code, Some(2));
@@ -697,7 +719,14 @@ async fn key_commands_work_from_a_shell_with_only_the_database_url() {
         .collect();
     assert_eq!(
         actions,
-        ["key.revoke", "key.revoke", "key.create", "key.create"]
+        [
+            "key.revoke",
+            "key.revoke",
+            "key.expiry",
+            "key.expiry",
+            "key.create",
+            "key.create"
+        ]
     );
 
     // To bootstrap: the first key of a fresh control database, nothing else set.
@@ -1083,4 +1112,133 @@ async fn behind_a_trusted_proxy_wrong_tokens_count_against_the_client_it_names()
     assert_eq!(status(via(&direct, "203.0.113.10", &key).await), 429);
     assert_eq!(status(via(&proxy, "203.0.113.10", &key).await), 200);
     served.abort();
+}
+
+/// A live key's expiry is moved or taken away (audited with what it was);
+/// bad changes get a clear 4xx and change nothing; an expired key stays
+/// expired, and only an admin changes keys.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_live_key_s_expiry_is_changed_and_an_expired_key_stays_refused() {
+    let env = TestEnv::start().await;
+    let (status, made) = env
+        .call(
+            Method::POST,
+            "/admin/v1/keys",
+            Some(json!({"name": "contractor", "role": "operator", "expires_in_days": 30})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{made}");
+    let token = made["token"].as_str().unwrap().to_owned();
+    let expires_at = |key: &Value| -> Option<chrono::DateTime<chrono::Utc>> {
+        key["expires_at"].as_str().map(|t| t.parse().unwrap())
+    };
+    let listed = || async {
+        let (_, keys) = env.call(Method::GET, "/admin/v1/keys", None).await;
+        keys["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["name"] == "contractor")
+            .cloned()
+            .unwrap()
+    };
+    let patch = |body: Value| env.call(Method::PATCH, "/admin/v1/keys/contractor", Some(body));
+
+    // Shortened to two days from now.
+    let before = chrono::Utc::now();
+    let (status, changed) = patch(json!({"expires_in_days": 2})).await;
+    assert_eq!(status, StatusCode::OK, "{changed}");
+    assert!(changed.get("token").is_none(), "{changed}");
+    let days = (expires_at(&changed).unwrap() - before).num_seconds() as f64 / 86_400.0;
+    assert!((1.99..=2.01).contains(&days), "expires in {days} days");
+    assert_eq!(listed().await["expires_at"], changed["expires_at"]);
+    let (_, audit) = env
+        .call(Method::GET, "/admin/v1/audit?action=key.expiry", None)
+        .await;
+    assert_eq!(audit[0]["detail"]["was"], made["expires_at"], "{audit}");
+    assert_eq!(audit[0]["detail"]["expires_at"], changed["expires_at"]);
+    assert_eq!(audit[0]["actor"], "admin");
+
+    // Taken away: it does not expire.
+    let (status, changed) = patch(json!({"expires_in_days": null})).await;
+    assert_eq!(status, StatusCode::OK, "{changed}");
+    assert_eq!(changed["expires_at"], Value::Null);
+    let (status, _) = call_as(&env, &token, Method::GET, "/admin/v1/tenants", None).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // Bad changes: a clear 4xx, nothing changed.
+    let bad = [
+        (json!({}), StatusCode::UNPROCESSABLE_ENTITY),
+        (
+            json!({"expires_in_days": 0}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"expires_in_days": 3651}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"expires_in_days": -1}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"expires_in_days": "soon"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"expires_in_days": 1.5}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"expires_in_days": 5, "role": "admin"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (json!([5]), StatusCode::UNPROCESSABLE_ENTITY),
+    ];
+    for (body, want) in bad {
+        let (status, answer) = patch(body.clone()).await;
+        assert_eq!(status, want, "{body}: {answer}");
+        assert!(answer["detail"].as_str().is_some(), "{body}: {answer}");
+    }
+    for path in ["/admin/v1/keys/nobody", "/admin/v1/keys/Bad%20Name"] {
+        let (status, answer) = env
+            .call(Method::PATCH, path, Some(json!({"expires_in_days": 5})))
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {answer}");
+    }
+    // Only an admin: the operator key cannot give itself more time.
+    let (status, _) = call_as(
+        &env,
+        &token,
+        Method::PATCH,
+        "/admin/v1/keys/contractor",
+        Some(json!({"expires_in_days": 5})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(listed().await["expires_at"], Value::Null, "nothing changed");
+    assert_eq!(listed().await["role"], "operator");
+
+    // Expired: it stays so, and refused.
+    sqlx::query(
+        "UPDATE admin_keys SET expires_at = now() - interval '1 second' WHERE name = 'contractor'",
+    )
+    .execute(env.registry().pool())
+    .await
+    .unwrap();
+    let was = listed().await["expires_at"].clone();
+    for body in [
+        json!({"expires_in_days": 30}),
+        json!({"expires_in_days": null}),
+    ] {
+        let (status, answer) = patch(body).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+        assert!(
+            answer["detail"].as_str().unwrap().contains("has expired"),
+            "{answer}"
+        );
+    }
+    assert_eq!(listed().await["expires_at"], was);
+    let (status, _) = call_as(&env, &token, Method::GET, "/admin/v1/tenants", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
 }

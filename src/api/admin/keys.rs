@@ -20,12 +20,12 @@ use crate::api::responses::{AdminErrors, JsonBody};
 use crate::api::AppState;
 use crate::crypto::AdminKeyToken;
 use crate::domain::{AdminRole, KeyName};
-use crate::registry::{AdminKey, LIVE_KEY_NAME_INDEX, MAX_KEY_DAYS};
+use crate::registry::{AdminKey, KeyExpiry, LIVE_KEY_NAME_INDEX, MAX_KEY_DAYS};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(create_key, list_keys))
-        .routes(routes!(revoke_key))
+        .routes(routes!(revoke_key, change_key))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -85,14 +85,7 @@ async fn create_key(
     Json(body): Json<CreateKeyBody>,
 ) -> ApiResult<(StatusCode, Json<IssuedKey>)> {
     let name = KeyName::parse(&body.name)?;
-    if body
-        .expires_in_days
-        .is_some_and(|d| !(1..=i64::from(MAX_KEY_DAYS)).contains(&d))
-    {
-        return Err(ApiError::Unprocessable(format!(
-            "expires_in_days must be 1–{MAX_KEY_DAYS} (or absent: the key does not expire)"
-        )));
-    }
+    let expires_in_days = days(body.expires_in_days, "absent")?;
     let issued = AdminKeyToken::generate();
     let key = state
         .registry()
@@ -100,7 +93,7 @@ async fn create_key(
             name.as_str(),
             body.role,
             &issued.hash,
-            body.expires_in_days.map(|d| d as u32),
+            expires_in_days,
             actor.name(),
         )
         .await
@@ -126,6 +119,65 @@ async fn create_key(
             token: issued.token,
         }),
     ))
+}
+
+/// `expires_in_days`, checked: 1–3650 days, or none (`none` says how a
+/// request asks for none).
+fn days(expires_in_days: Option<i64>, none: &str) -> ApiResult<Option<u32>> {
+    match expires_in_days {
+        None => Ok(None),
+        Some(d) if (1..=i64::from(MAX_KEY_DAYS)).contains(&d) => Ok(Some(d as u32)),
+        Some(_) => Err(ApiError::Unprocessable(format!(
+            "expires_in_days must be 1–{MAX_KEY_DAYS} (or {none}: the key does not expire)"
+        ))),
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeKeyBody {
+    /// Days from now until the key expires (1–3650), or `null`: it does
+    /// not expire. Required.
+    #[serde(deserialize_with = "present")]
+    #[schema(required = true, minimum = 1, maximum = 3650)]
+    expires_in_days: Option<i64>,
+}
+
+/// A field that must be given, `null` allowed.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    Option::deserialize(d)
+}
+
+/// Change a live key's expiry: `expires_in_days` from now, or never. An
+/// expired key stays expired (its token is refused; make a new key).
+#[utoipa::path(patch, path = "/keys/{name}", tag = "keys", request_body = ChangeKeyBody,
+    params(("name" = String, Path, description = "the key's name")),
+    responses(
+        (status = 200, body = AdminKey),
+        AdminErrors, JsonBody,
+        (status = 404, description = "no live key has this name"),
+        (status = 409, description = "the key has expired"),
+        (status = 422, description = "`expires_in_days` is missing, or neither 1–3650 nor `null`"),
+    ))]
+async fn change_key(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(name): Path<String>,
+    Json(body): Json<ChangeKeyBody>,
+) -> ApiResult<Json<AdminKey>> {
+    let name = KeyName::parse(&name).map_err(|_| ApiError::not_found("admin key"))?;
+    let expires_in_days = days(body.expires_in_days, "null")?;
+    match state
+        .registry()
+        .set_admin_key_expiry(name.as_str(), expires_in_days, actor.name())
+        .await?
+    {
+        KeyExpiry::Set(key) => Ok(Json(key)),
+        KeyExpiry::NoSuchKey => Err(ApiError::not_found("admin key")),
+        KeyExpiry::Expired => Err(ApiError::Conflict(format!(
+            "admin key '{name}' has expired and stays refused: make a new key (and revoke this one to free its name)"
+        ))),
+    }
 }
 
 /// Admin keys not revoked: name, role, who made them and when, last use,
