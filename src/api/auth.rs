@@ -211,13 +211,21 @@ fn asks_direct(query: Option<&str>) -> bool {
         .any(|(k, v)| k == "direct" && v != "false")
 }
 
-/// `true` when a restore's JSON body has an `overwrite` member that is not
-/// `false`. A body that is not JSON asks nothing: its handler refuses it.
+/// Whether a restore's body may ask to overwrite: `false` only for no body,
+/// a body that is not JSON (its handler refuses it, 400) and an object
+/// whose `overwrite` is absent or `false`. Any other JSON counts as asking
+/// (an array, say: serde could read one as the body's fields in order).
 fn asks_overwrite(body: &[u8]) -> bool {
-    serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| {
-        v.get("overwrite")
-            .is_some_and(|o| *o != serde_json::Value::Bool(false))
-    })
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return false;
+    }
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(v)) => v
+            .get("overwrite")
+            .is_some_and(|o| *o != serde_json::Value::Bool(false)),
+        Ok(_) => true,
+        Err(_) => false,
+    }
 }
 
 /// Authenticate the request, then authorize it for its key's role; the

@@ -291,9 +291,8 @@ impl From<PathRejection> for ApiError {
 /// the app API's is `SILO_APP_MAX_BODY_BYTES`.
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 
-/// `Json` whose rejections are problem+json answers. The body must be a
-/// JSON object: serde would otherwise read a struct from an array of its
-/// fields in order (`[5]` for `{"days": 5}`), which no client means.
+/// `Json` whose rejections are problem+json answers: `415` without a JSON
+/// content type, and the body read by [`json_object`].
 #[derive(Debug)]
 pub struct Json<T>(pub T);
 
@@ -301,19 +300,13 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let axum::Json(body) = axum::Json::<serde_json::Value>::from_request(req, state).await?;
-        if !body.is_object() {
-            return Err(ApiError::Unprocessable(
-                "the body must be a JSON object".into(),
+        if !json_content_type(req.headers()) {
+            return Err(ApiError::UnsupportedMediaType(
+                "Expected request with `Content-Type: application/json`".into(),
             ));
         }
-        serde_path_to_error::deserialize(body)
-            .map(Self)
-            .map_err(|e| {
-                ApiError::Unprocessable(format!(
-                    "Failed to deserialize the JSON body into the target type: {e}"
-                ))
-            })
+        let body = Bytes::from_request(req, state).await?;
+        json_object(&body).map(Self)
     }
 }
 
@@ -321,6 +314,56 @@ impl<T: Serialize> IntoResponse for Json<T> {
     fn into_response(self) -> Response {
         axum::Json(self.0).into_response()
     }
+}
+
+/// `application/json`, or any `application/*+json`.
+fn json_content_type(headers: &axum::http::HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or("").trim();
+    let Some((kind, subtype)) = essence.split_once('/') else {
+        return false;
+    };
+    kind.eq_ignore_ascii_case("application")
+        && (subtype.eq_ignore_ascii_case("json") || subtype.to_ascii_lowercase().ends_with("+json"))
+}
+
+/// A body that must be one JSON object, read into `T`: `400` when it is
+/// not JSON, `422` when it is JSON but not an object, or does not fit `T`
+/// (a field named twice included). Not an object matters: serde reads a
+/// struct from an array of its fields in order, so `[null, true]` would
+/// be a restore's `{"into_slug": null, "overwrite": true}`, past any check
+/// that looked for an `overwrite` member.
+pub fn json_object<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    use serde_json::error::Category;
+    let syntax = |e: serde_json::Error| {
+        ApiError::BadRequest(format!("Failed to parse the request body as JSON: {e}"))
+    };
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        // Whatever it is, nothing is kept of it (`IgnoredAny`).
+        return Err(
+            match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+                Err(e) if e.classify() != Category::Data => syntax(e),
+                _ => ApiError::Unprocessable("the body must be a JSON object".into()),
+            },
+        );
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        if e.inner().classify() == Category::Data {
+            ApiError::Unprocessable(format!(
+                "Failed to deserialize the JSON body into the target type: {e}"
+            ))
+        } else {
+            syntax(e.into_inner())
+        }
+    })?;
+    de.end().map_err(syntax)?;
+    Ok(value)
 }
 
 /// `Query` whose rejections are problem+json answers. A parameter holding
@@ -370,8 +413,8 @@ pub fn nul_in_query(query: Option<&str>) -> Option<String> {
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
 pub struct Path<T>(pub T);
 
-/// A JSON body that may be left out: empty (or blank) means `None`. Its
-/// content type is not checked.
+/// A JSON body that may be left out: empty (or blank) means `None`, else
+/// it is read by [`json_object`]. Its content type is not checked.
 #[derive(Debug)]
 pub struct OptionalJson<T>(pub Option<T>);
 
@@ -383,12 +426,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OptionalJson<T> {
         if body.iter().all(u8::is_ascii_whitespace) {
             return Ok(Self(None));
         }
-        serde_json::from_slice(&body)
-            .map(|v| Self(Some(v)))
-            .map_err(|e| match e.classify() {
-                serde_json::error::Category::Data => ApiError::invalid(e.to_string()),
-                _ => ApiError::BadRequest(format!("malformed JSON: {e}")),
-            })
+        json_object(&body).map(|v| Self(Some(v)))
     }
 }
 

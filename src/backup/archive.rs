@@ -440,13 +440,17 @@ pub async fn sweep_scratch_databases(
             continue;
         };
         if let Some(lock) = registry.try_lock_backup(id).await? {
-            let ended = roles::end_session(admin, pid).await;
+            let ended = roles::end_creation(admin, pid, &name).await;
             lock.release().await;
-            if ended? {
-                tracing::info!(
+            match ended? {
+                Some(true) => tracing::info!(
                     database = name,
                     "ended a dead runner's scratch database creation"
-                );
+                ),
+                Some(false) => anyhow::bail!(
+                    "the creation of {name}, left running by a dead runner, did not end within 5 s"
+                ),
+                None => {}
             }
         }
     }

@@ -502,9 +502,14 @@ impl ControlPlane {
         }
         // Before anything is looked at: a dead process's clone still running
         // would otherwise commit behind the sweep.
-        report.abandoned_clones_ended += roles::end_abandoned_clones(&admin)
+        let (ended, stuck) = roles::end_abandoned_clones(&admin)
             .await
             .context("end clones left running by a dead process")?;
+        report.abandoned_clones_ended += ended;
+        anyhow::ensure!(
+            stuck == 0,
+            "{stuck} clone(s) a dead process left running did not end within 5 s: not swept this pass"
+        );
         self.provisioner().ensure_template(server, &admin).await?;
         // Observed first (see the module comment), then what the registry says.
         let observed = observe(&admin).await?;

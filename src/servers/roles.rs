@@ -241,25 +241,27 @@ pub async fn set_connection_limits(
 /// role) nobody sweeps until the next pass. Only the holder of the server's
 /// maintenance lock makes spares and templates, so the caller, holding it,
 /// knows any such statement still running is a dead process's. Each
-/// session is waited for (up to five seconds): once this returns, the clone
-/// either committed, and the sweep sees it, or never will.
-pub async fn end_abandoned_clones(admin: &ServerAdmin) -> Result<u32> {
+/// session is waited for (up to five seconds); the answer is how many
+/// ended and how many are still there after that wait (the caller must
+/// not sweep then: the clone could still commit).
+pub async fn end_abandoned_clones(admin: &ServerAdmin) -> Result<(u32, u32)> {
     let abandoned = format!(
         "^CREATE (DATABASE \"({spare}|{template}\")|ROLE \"{role})",
         spare = super::names::SPARE_DB_PREFIX,
         template = super::names::TEMPLATE_DB,
         role = super::names::SPARE_ROLE_PREFIX,
     );
-    sqlx::query_scalar::<_, i64>(
-        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity
-          WHERE usename = current_user AND pid <> pg_backend_pid()
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
+          WHERE usename = session_user AND pid <> pg_backend_pid()
             AND state = 'active' AND query ~ $1",
     )
     .bind(abandoned)
-    .fetch_one(&admin.pool)
+    .fetch_all(&admin.pool)
     .await
-    .map(|n| n as u32)
-    .map_err(|e| admin.error(None, e))
+    .map_err(|e| admin.error(None, e))?;
+    let done = ended.iter().filter(|e| **e).count() as u32;
+    Ok((done, ended.len() as u32 - done))
 }
 
 /// Databases under `prefix` whose `CREATE DATABASE` is running now in
@@ -269,7 +271,7 @@ pub async fn end_abandoned_clones(admin: &ServerAdmin) -> Result<u32> {
 pub async fn creations_running(admin: &ServerAdmin, prefix: &str) -> Result<Vec<(String, i32)>> {
     sqlx::query_as(
         "SELECT substring(query from '^CREATE DATABASE \"([^\"]+)\"'), pid FROM pg_stat_activity
-          WHERE usename = current_user AND pid <> pg_backend_pid() AND state = 'active'
+          WHERE usename = session_user AND pid <> pg_backend_pid() AND state = 'active'
             AND starts_with(query, 'CREATE DATABASE \"' || $1)",
     )
     .bind(prefix)
@@ -278,14 +280,22 @@ pub async fn creations_running(admin: &ServerAdmin, prefix: &str) -> Result<Vec<
     .map_err(|e| admin.error(None, e))
 }
 
-/// End the session `pid` and wait (up to five seconds) for it to be gone:
-/// its statement has then either committed or never will.
-pub async fn end_session(admin: &ServerAdmin, pid: i32) -> Result<bool> {
-    sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
-        .bind(pid)
-        .fetch_one(&admin.pool)
-        .await
-        .map_err(|e| admin.error(None, e))
+/// End session `pid` if it is still creating `database` (checked in the
+/// same statement, so a pid reused since it was listed is never ended),
+/// and wait up to five seconds for it to be gone: `Some(true)` when it is
+/// (the creation committed before, or never will), `Some(false)` when it
+/// is still there, `None` when it had already stopped creating it.
+pub async fn end_creation(admin: &ServerAdmin, pid: i32, database: &str) -> Result<Option<bool>> {
+    sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
+          WHERE pid = $1 AND usename = session_user AND state = 'active'
+            AND starts_with(query, 'CREATE DATABASE \"' || $2 || '\"')",
+    )
+    .bind(pid)
+    .bind(database)
+    .fetch_optional(&admin.pool)
+    .await
+    .map_err(|e| admin.error(None, e))
 }
 
 /// End every session of the role.

@@ -273,6 +273,11 @@ async fn an_operator_key_runs_lifecycle_but_may_not_delete_manage_keys_overwrite
         post(format!("{backup}/restore")).json(json!({"overwrite": true})).is(403).says("overwrite"),
         post(format!("{backup}/restore")).raw(r#"{"overwrite": "yes"}"#).is(403)
             .what("anything but false asks to overwrite"),
+        // serde reads a struct from an array of its fields, in order.
+        post(format!("{backup}/restore")).raw("[null, true]").is(403)
+            .what("an array may ask to overwrite"),
+        post(format!("{tenant}/restore")).raw(r#"[null, true]"#).is(403)
+            .what("an array may ask to overwrite"),
         get(format!("{tenant}/connection?direct=true")).is(403).says("direct connection URI"),
         get(format!("{tenant}/connection?direct=false&direct=true")).is(403),
     ]);

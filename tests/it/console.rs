@@ -487,6 +487,54 @@ async fn an_admin_runs_tenants_backups_moves_and_a_fleet_migration_from_the_cons
     c.check("key-created").await;
     c.goto("/console/keys").await;
     c.check("keys").await;
+    // Its expiry changed to a week from now, then taken away.
+    let expiry_form = "form[action='/console/keys/night-shift/expiry']";
+    let night_shift = || async {
+        let (_, keys) = env
+            .call(axum::http::Method::GET, "/admin/v1/keys", None)
+            .await;
+        keys["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["name"] == "night-shift")
+            .cloned()
+            .expect("the key")
+    };
+    b.fill(&format!("{expiry_form} input[name=expires_in_days]"), "7")
+        .await;
+    b.click(&format!("{expiry_form} button")).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    let expires = loop {
+        let key = night_shift().await;
+        let at: chrono::DateTime<chrono::Utc> =
+            key["expires_at"].as_str().unwrap().parse().unwrap();
+        if at < expires {
+            break at;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the expiry did not change: {key}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let days = (expires - chrono::Utc::now()).num_hours() / 24;
+    assert!((6..=7).contains(&days), "expires in {days} days");
+    b.wait_url(|u| u.ends_with("/console/keys"), "the keys page")
+        .await;
+    b.find(expiry_form).await;
+    b.click(&format!("{expiry_form} button")).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while !night_shift().await["expires_at"].is_null() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the expiry was not taken away"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b.wait_url(|u| u.ends_with("/console/keys"), "the keys page")
+        .await;
+    b.find(expiry_form).await;
     b.fill(
         "form[action='/console/keys/night-shift/revoke'] input[name=confirm]",
         "night-shift",
@@ -1019,11 +1067,10 @@ async fn a_tenant_s_older_backups_are_reached_page_by_page() {
         .browser
         .wait_url(|u| u.contains("?cursor="), "the older backups")
         .await;
-    assert!(console
+    console
         .browser
-        .text("#backup-list")
-        .await
-        .contains("seeded backup 25."));
+        .wait_text("#backup-list", "seeded backup 25.")
+        .await;
     console.check("tenant-older-backups").await;
     let (_, third) = get(older).await;
     assert_eq!(shown(&third), (1..=5).rev().collect::<Vec<_>>());

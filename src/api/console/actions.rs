@@ -796,6 +796,17 @@ pub struct KeyForm {
     confirm: String,
 }
 
+/// `expires_in_days` as a form gives it: empty is none (`null`), a number
+/// a number, anything else as typed (for the API to refuse).
+fn days_field(typed: &str) -> Value {
+    match typed.trim() {
+        "" => Value::Null,
+        days => days
+            .parse::<i64>()
+            .map_or_else(|_| json!(days), |d| json!(d)),
+    }
+}
+
 /// Make an admin key (`POST /keys`); its token is shown once.
 pub async fn create_key(
     Extension(console): Extension<Console>,
@@ -803,14 +814,9 @@ pub async fn create_key(
 ) -> Response {
     let f = &posted.form;
     let mut body = json!({"name": f.name.trim(), "role": f.role.trim()});
-    match f.expires_in_days.trim() {
-        "" => {}
-        // A number as a number; anything else as typed, for the API to refuse.
-        days => {
-            body["expires_in_days"] = days
-                .parse::<i64>()
-                .map_or_else(|_| json!(days), |d| json!(d));
-        }
+    let days = days_field(&f.expires_in_days);
+    if !days.is_null() {
+        body["expires_in_days"] = days;
     }
     match console
         .call(&posted.signed.actor, Method::POST, "/keys", Some(body))
@@ -838,6 +844,24 @@ pub async fn create_key(
         }
         Err(f) => f.into_response(),
     }
+}
+
+/// Change a live admin key's expiry (`PATCH /keys/{name}`): so many days
+/// from now, or never when the field is left empty.
+pub async fn change_key_expiry(
+    Extension(console): Extension<Console>,
+    Path(name): Path<String>,
+    posted: Posted<KeyForm>,
+) -> Response {
+    change_then_see(
+        &console,
+        &posted.signed.actor,
+        Method::PATCH,
+        &format!("/keys/{}", seg(&name)),
+        Some(json!({"expires_in_days": days_field(&posted.form.expires_in_days)})),
+        "/console/keys",
+    )
+    .await
 }
 
 /// Revoke an admin key (`DELETE /keys/{name}`), its name typed.

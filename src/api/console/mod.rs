@@ -182,6 +182,10 @@ pub fn router(admin: Router) -> Router<AppState> {
         .route("/console/plans/{name}/delete", post(actions::delete_plan))
         .route("/console/keys", get(keys).post(actions::create_key))
         .route("/console/keys/{name}/revoke", post(actions::revoke_key))
+        .route(
+            "/console/keys/{name}/expiry",
+            post(actions::change_key_expiry),
+        )
         .route("/console/operations/{id}", get(operation))
         .route("/console/operations/{id}/progress", get(operation_progress))
         .route(

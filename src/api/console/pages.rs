@@ -1196,7 +1196,19 @@ pub fn keys(signed: &Signed, keys: &Value) -> Markup {
                         td { (k["created_at"].as_str().unwrap_or("")) }
                         td { (k["created_by"].as_str().unwrap_or("")) }
                         td { (k["last_used_at"].as_str().unwrap_or("never")) }
-                        td { (expiry(&k["expires_at"])) }
+                        td {
+                            (expiry(&k["expires_at"]))
+                            @if !expired(&k["expires_at"]) {
+                                form method="post" action=(format!("/console/keys/{}/expiry", seg(name))) {
+                                    (csrf(signed))
+                                    label { "New expiry, in days from now (empty: never) "
+                                        input type="number" name="expires_in_days" min="1" max="3650" inputmode="numeric";
+                                    }
+                                    " "
+                                    button type="submit" { "Change expiry" }
+                                }
+                            }
+                        }
                         td {
                             form method="post" action=(format!("/console/keys/{}/revoke", seg(name))) {
                                 (csrf(signed))
@@ -1236,10 +1248,17 @@ fn expiry(at: &Value) -> Markup {
     let Some(text) = at.as_str() else {
         return html! { "never" };
     };
-    let passed = chrono::DateTime::parse_from_rfc3339(text).is_ok_and(|t| t <= chrono::Utc::now());
     html! {
-        @if passed { strong { "expired" } " " (text) } @else { (text) }
+        @if expired(at) { strong { "expired" } " " (text) } @else { (text) }
     }
+}
+
+/// Whether a key's `expires_at` has passed (it stays refused: no new
+/// expiry is offered for it).
+fn expired(at: &Value) -> bool {
+    at.as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .is_some_and(|t| t <= chrono::Utc::now())
 }
 
 // ------------------------------------------------------------ operation
