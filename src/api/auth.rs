@@ -259,16 +259,30 @@ async fn authenticate(
 
 /// Who holds the token `presented`: the bootstrap token or a live admin
 /// key; 401 for anything else, counted against the client's address (429
-/// once it failed too often, without looking at the token).
+/// once it failed too often, without looking at the token, unless that
+/// token signed in on this process lately: see [`Limits::recently_good`]).
+///
+/// [`Limits::recently_good`]: crate::api::limits::Limits::recently_good
 pub async fn sign_in(
     state: &AppState,
     Peer(peer): Peer,
     presented: &str,
 ) -> Result<(Actor, Holder), ApiError> {
-    let _turn = state.limits.authenticating(peer).await?;
+    let hash = admin_key_hash(presented);
+    let _turn = match state.limits.recently_good(&hash) {
+        true => None,
+        false => state.limits.authenticating(peer).await?,
+    };
     let found = holder_of(state, presented).await;
-    if matches!(found, Err(ApiError::Unauthorized)) {
-        state.limits.authentication_failed(peer);
+    match &found {
+        // From a client: in-process requests are neither limited nor remembered.
+        Ok(_) if peer.is_some() => state.limits.signed_in(hash, true),
+        Ok(_) => {}
+        Err(ApiError::Unauthorized) => {
+            state.limits.signed_in(hash, false);
+            state.limits.authentication_failed(peer);
+        }
+        Err(_) => {}
     }
     found
 }

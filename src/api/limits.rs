@@ -89,7 +89,16 @@ pub struct Limits {
     /// Tokens being checked per client address: a few at once, so parallel
     /// guesses cannot all pass the allowance before the first is counted.
     auth_checks: moka::sync::Cache<IpAddr, Arc<Semaphore>>,
+    /// SHA-256s of tokens that signed in on this process lately: looked up
+    /// even from an address over its allowance, so the admins behind one
+    /// address (a NAT, an unlisted proxy) keep working while a guesser
+    /// among them is held back. A guess is never in it.
+    recently_good: moka::sync::Cache<[u8; 32], ()>,
 }
+
+/// How long a token that signed in stays known to pass an address's
+/// lockout, unused.
+pub const RECENTLY_GOOD_FOR: Duration = Duration::from_secs(3600);
 
 /// Tokens of one client address checked at once; past the allowance at
 /// most this many less one more are looked at (each is counted).
@@ -117,6 +126,10 @@ impl Limits {
             auth_checks: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_idle(Duration::from_secs(600))
+                .build(),
+            recently_good: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_idle(RECENTLY_GOOD_FOR)
                 .build(),
             settings,
         }
@@ -181,6 +194,24 @@ impl Limits {
         let turn = turns.acquire_owned().await.expect("never closed");
         self.may_authenticate(peer)?;
         Ok(Some(turn))
+    }
+
+    /// Whether the token hashing to `hash` signed in on this process
+    /// within [`RECENTLY_GOOD_FOR`]: it is looked up whatever its
+    /// address's allowance (it is no guess; a revoke still takes effect,
+    /// the lookup says so).
+    pub fn recently_good(&self, hash: &[u8; 32]) -> bool {
+        self.recently_good.contains_key(hash)
+    }
+
+    /// Remember that the token hashing to `hash` signed in (`true`), or
+    /// forget it (`false`: it was refused).
+    pub fn signed_in(&self, hash: [u8; 32], good: bool) {
+        if good {
+            self.recently_good.insert(hash, ());
+        } else {
+            self.recently_good.invalidate(&hash);
+        }
     }
 
     /// Count a failed admin authentication (a token that is neither a live
