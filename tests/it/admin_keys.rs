@@ -15,6 +15,19 @@ use crate::common::{Silo, TestEnv, ADMIN_TOKEN};
 use crate::console::set_cookie;
 
 /// An admin key made through the API with the bootstrap token; its token.
+/// The operator key `contractor`, made to expire in 30 days: the answer.
+async fn make_contractor(env: &TestEnv) -> Value {
+    let (status, made) = env
+        .call(
+            Method::POST,
+            "/admin/v1/keys",
+            Some(json!({"name": "contractor", "role": "operator", "expires_in_days": 30})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{made}");
+    made
+}
+
 async fn make_key(env: &TestEnv, name: &str, role: &str) -> String {
     let (status, body) = env
         .call(
@@ -976,14 +989,7 @@ async fn an_address_that_keeps_presenting_wrong_tokens_is_answered_429_before_an
 async fn a_key_made_to_expire_works_until_then_and_is_refused_everywhere_after() {
     let env = TestEnv::start().await;
     let before = chrono::Utc::now();
-    let (status, made) = env
-        .call(
-            Method::POST,
-            "/admin/v1/keys",
-            Some(json!({"name": "contractor", "role": "operator", "expires_in_days": 30})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{made}");
+    let made = make_contractor(&env).await;
     let token = made["token"].as_str().unwrap().to_owned();
     let expires: chrono::DateTime<chrono::Utc> =
         made["expires_at"].as_str().unwrap().parse().unwrap();
@@ -1142,14 +1148,7 @@ async fn behind_a_trusted_proxy_wrong_tokens_count_against_the_client_it_names()
 #[tokio::test(flavor = "multi_thread")]
 async fn a_live_key_s_expiry_is_changed_and_an_expired_key_stays_refused() {
     let env = TestEnv::start().await;
-    let (status, made) = env
-        .call(
-            Method::POST,
-            "/admin/v1/keys",
-            Some(json!({"name": "contractor", "role": "operator", "expires_in_days": 30})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{made}");
+    let made = make_contractor(&env).await;
     let token = made["token"].as_str().unwrap().to_owned();
     let expires_at = |key: &Value| -> Option<chrono::DateTime<chrono::Utc>> {
         key["expires_at"].as_str().map(|t| t.parse().unwrap())

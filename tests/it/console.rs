@@ -699,6 +699,19 @@ async fn a_viewer_sees_no_control_it_cannot_use_and_forged_or_forbidden_posts_ch
         .await;
 }
 
+/// A `silo serve` of `env` (logging to `{log}.log`), a client that does not
+/// follow redirects, and the cookie of an admin's console session on it.
+async fn signed_in_silo(env: &TestEnv, log: &str) -> (Silo, reqwest::Client, String) {
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{log}.log"));
+    let silo = Silo::start(env, None, 0, &log).await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let cookie = sign_in_http(&http, &silo.base, ADMIN_TOKEN).await;
+    (silo, http, cookie)
+}
+
 /// Sign in to the console of `base` with `token` over plain HTTP; the
 /// session cookie's value.
 async fn sign_in_http(http: &reqwest::Client, base: &str, token: &str) -> String {
@@ -933,13 +946,7 @@ async fn an_operator_is_offered_lifecycle_but_not_delete_or_keys_and_is_refused_
 async fn a_nul_byte_in_a_query_parameter_is_refused_with_a_clear_4xx_never_a_500() {
     let env = TestEnv::start().await;
     env.create("plain").await;
-    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("console-nul.log");
-    let silo = Silo::start(&env, None, 0, &log).await;
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let cookie = sign_in_http(&http, &silo.base, ADMIN_TOKEN).await;
+    let (silo, http, cookie) = signed_in_silo(&env, "console-nul").await;
     let get = |path: String| {
         http.get(format!("{}{path}", silo.base))
             .header("cookie", format!("silo_console={cookie}"))
@@ -1016,13 +1023,7 @@ async fn a_tenant_s_older_backups_are_reached_page_by_page() {
     .execute(env.registry().pool())
     .await
     .unwrap();
-    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("console-backup-pages.log");
-    let silo = Silo::start(&env, None, 0, &log).await;
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let cookie = sign_in_http(&http, &silo.base, ADMIN_TOKEN).await;
+    let (silo, http, cookie) = signed_in_silo(&env, "console-backup-pages").await;
     let get = |path: String| {
         let request = http
             .get(format!("{}{path}", silo.base))
