@@ -275,11 +275,9 @@ pub async fn sign_in(
     };
     let found = holder_of(state, presented).await;
     match &found {
-        // From a client: in-process requests are neither limited nor remembered.
-        Ok(_) if peer.is_some() => state.limits.signed_in(hash, true),
-        Ok(_) => {}
+        Ok(_) => state.limits.signed_in(peer, hash, true),
         Err(ApiError::Unauthorized) => {
-            state.limits.signed_in(hash, false);
+            state.limits.signed_in(peer, hash, false);
             state.limits.authentication_failed(peer);
         }
         Err(_) => {}

@@ -354,6 +354,12 @@ pub fn json_object<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     }
     let mut de = serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        // A field found missing at the object's end is named before what
+        // follows is read: malformed JSON is a 400 whatever else is wrong.
+        let malformed = || serde_json::from_slice::<serde::de::IgnoredAny>(body).err();
+        if let (Category::Data, Some(syntax_error)) = (e.inner().classify(), malformed()) {
+            return syntax(syntax_error);
+        }
         if e.inner().classify() == Category::Data {
             ApiError::Unprocessable(format!(
                 "Failed to deserialize the JSON body into the target type: {e}"

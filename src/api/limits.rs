@@ -204,13 +204,14 @@ impl Limits {
         self.recently_good.contains_key(hash)
     }
 
-    /// Remember that the token hashing to `hash` signed in (`true`), or
-    /// forget it (`false`: it was refused).
-    pub fn signed_in(&self, hash: [u8; 32], good: bool) {
-        if good {
-            self.recently_good.insert(hash, ());
-        } else {
+    /// Remember that the token hashing to `hash` signed in from `peer`
+    /// (`true`), or forget it (`false`: it was refused). Requests made
+    /// in-process (no peer) are neither limited nor remembered.
+    pub fn signed_in(&self, peer: Option<IpAddr>, hash: [u8; 32], good: bool) {
+        if !good {
             self.recently_good.invalidate(&hash);
+        } else if peer.is_some() {
+            self.recently_good.insert(hash, ());
         }
     }
 

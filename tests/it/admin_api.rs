@@ -134,6 +134,8 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
         create(json!([1, 2])).is(422),
         // A struct's fields as an array, in order, is not a body either.
         create(json!(["okay", "Okay Clinic"])).is(422),
+        // Malformed is a 400 even when a field is missing too.
+        post(tenants).raw("{} x").is(400).what("a missing field and trailing characters"),
         create(json!({"slug": "existing", "name": "x"})).is(409),
         create(json!({"slug": "okay", "name": "x"})).header("idempotency-key", "").is(422),
         post(tenants).raw("").is(400).what("an empty JSON body"),

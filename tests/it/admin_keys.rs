@@ -884,6 +884,12 @@ async fn an_address_that_keeps_presenting_wrong_tokens_is_answered_429_before_an
     // signed in lately: the admins behind one address (a NAT) keep
     // working while a guesser among them is held back.
     assert_eq!(bearer_status(&guesser, &tenants, &key).await.status(), 200);
+    let metrics = format!("{base}/metrics");
+    assert_eq!(
+        bearer_status(&guesser, &metrics, &key).await.status(),
+        200,
+        "on /metrics too"
+    );
     let mut refused = bearer_status(&guesser, &tenants, &unseen).await;
     if refused.status() == 401 {
         // The allowance refilled by one while the six ran (one each 10 s).
