@@ -273,7 +273,7 @@ pub async fn sign_in(
         true => None,
         false => state.limits.authenticating(peer).await?,
     };
-    let found = holder_of(state, presented).await;
+    let found = holder_of(state, presented, hash).await;
     match &found {
         Ok(_) => state.limits.signed_in(peer, hash, true),
         Err(ApiError::Unauthorized) => {
@@ -285,14 +285,19 @@ pub async fn sign_in(
     found
 }
 
-async fn holder_of(state: &AppState, presented: &str) -> Result<(Actor, Holder), ApiError> {
+/// `hash` is the SHA-256 of `presented` (an admin key is found by it).
+async fn holder_of(
+    state: &AppState,
+    presented: &str,
+    hash: [u8; 32],
+) -> Result<(Actor, Holder), ApiError> {
     if secret_eq(presented.as_bytes(), state.admin_token.expose().as_bytes()) {
         return Ok((Actor::bootstrap(), Holder::Bootstrap));
     }
     if !is_admin_key_shaped(presented) {
         return Err(ApiError::Unauthorized);
     }
-    let holder = Holder::Key(admin_key_hash(presented));
+    let holder = Holder::Key(hash);
     Ok((actor_of(state, &holder).await?, holder))
 }
 

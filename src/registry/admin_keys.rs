@@ -59,6 +59,12 @@ pub enum KeyExpiry {
     Expired,
 }
 
+/// `expires_in_days` as the `make_interval(days => …)` parameter (`NULL`:
+/// no expiry), at most [`MAX_KEY_DAYS`].
+fn days_param(expires_in_days: Option<u32>) -> Option<i32> {
+    expires_in_days.map(|d| d.min(MAX_KEY_DAYS) as i32)
+}
+
 impl Registry {
     /// Store a new key by its token's hash, audited, expiring after
     /// `expires_in_days` (by the control database's clock) if given; a live
@@ -82,7 +88,7 @@ impl Registry {
         .bind(role)
         .bind(&token_hash[..])
         .bind(actor)
-        .bind(expires_in_days.map(|d| d.min(MAX_KEY_DAYS) as i32))
+        .bind(days_param(expires_in_days))
         .fetch_one(&mut *tx)
         .await?;
         Self::audit_in(
@@ -138,7 +144,7 @@ impl Registry {
               WHERE id = $1 RETURNING {COLUMNS}"
         ))
         .bind(id)
-        .bind(expires_in_days.map(|d| d.min(MAX_KEY_DAYS) as i32))
+        .bind(days_param(expires_in_days))
         .fetch_one(&mut *tx)
         .await?;
         Self::audit_in(
