@@ -430,6 +430,13 @@ pub fn weak_tls(url: &str) -> Option<String> {
     })
 }
 
+/// How often PostgreSQL checks, while one of silo's admin statements runs,
+/// that silo is still connected. A statement whose client died (silo
+/// killed mid-`CREATE DATABASE`, mid-migration) is then cancelled within
+/// this long instead of running, and committing, to its end behind the
+/// reconciler's back. Tenant servers are PostgreSQL 14+ (which has it).
+pub const CLIENT_CHECK_INTERVAL: &str = "2s";
+
 /// Parse an admin URL; the error never repeats the URL (it holds a password).
 pub fn admin_options(url: &str) -> anyhow::Result<PgConnectOptions> {
     let opts: PgConnectOptions = url
@@ -437,6 +444,7 @@ pub fn admin_options(url: &str) -> anyhow::Result<PgConnectOptions> {
         .map_err(|_| anyhow::anyhow!("not a valid postgres:// connection URL"))?;
     Ok(opts
         .application_name("silo-admin")
+        .options([("client_connection_check_interval", CLIENT_CHECK_INTERVAL)])
         .log_statements(tracing::log::LevelFilter::Trace))
 }
 

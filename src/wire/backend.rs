@@ -222,11 +222,18 @@ impl ServerConn {
         let (read, mut writer) = tokio::io::split(stream);
         let mut reader = FramedRead::new(read, Codec::server(max_message));
         let mut out = BytesMut::new();
+        // A statement of a killed silo is cancelled by the server (as on
+        // silo's other logins: see `servers::CLIENT_CHECK_INTERVAL`).
+        let options = format!(
+            "-c client_connection_check_interval={}",
+            crate::servers::CLIENT_CHECK_INTERVAL
+        );
         frontend::startup_message(
             [
                 ("user", user),
                 ("database", database),
                 ("application_name", "silo-wire"),
+                ("options", &options),
             ],
             &mut out,
         )

@@ -34,7 +34,8 @@ pub const PART: u8 = 0;
 #[derive(Debug, Clone)]
 pub struct Codec {
     max: usize,
-    /// Whether rows and `COPY` data longer than `max` are passed on in parts.
+    /// Whether rows, `COPY` data, errors and notices longer than `max` are
+    /// passed on in parts.
     stream_large: bool,
     /// Bytes still to come of the message being passed on in parts.
     rest: usize,
@@ -50,11 +51,13 @@ impl Codec {
         }
     }
 
-    /// A server's messages: a row (`DataRow`) or `COPY` data longer than
-    /// `max` is not held whole but given in parts as they arrive, the
-    /// first with the message's tag and header, the others tagged
-    /// [`PART`], to be relayed as they are (PostgreSQL bounds them at
-    /// 1 GiB); any other message longer than `max` is refused.
+    /// A server's messages: a row (`DataRow`), `COPY` data, an error or a
+    /// notice longer than `max` is not held whole but given in parts as
+    /// they arrive, the first with the message's tag and header, the
+    /// others tagged [`PART`], to be relayed as they are (PostgreSQL
+    /// bounds them at 1 GiB; an error's severity and code come first, so
+    /// its first part has them); any other message longer than `max` is
+    /// refused.
     pub fn server(max: usize) -> Self {
         Self {
             stream_large: true,
@@ -80,7 +83,7 @@ impl Codec {
     fn streamed(&self, buf: &[u8]) -> bool {
         let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
         self.stream_large
-            && matches!(buf[0], b'D' | b'd')
+            && matches!(buf[0], b'D' | b'd' | b'E' | b'N')
             && len >= 4
             && len as usize + 1 > self.max
     }
@@ -328,7 +331,7 @@ mod tests {
     }
 
     #[test]
-    fn a_server_s_large_rows_come_in_parts_and_other_large_messages_are_refused() {
+    fn a_server_s_large_rows_and_errors_come_in_parts_and_other_large_messages_are_refused() {
         let mut c = Codec::server(64);
         let row = |n: usize| {
             let mut b = BytesMut::new();
@@ -367,15 +370,34 @@ mod tests {
         assert_eq!(c.decode(&mut first).unwrap().unwrap().tag, b'D');
         assert!(c.mid_message(), "the rest of the row is still to come");
 
+        // A server's large error: in parts too, its severity and code in
+        // the first.
+        let mut c = Codec::server(64);
+        let mut failed = BytesMut::new();
+        error(&mut failed, "ERROR", "P0001", &"e".repeat(100));
+        let whole = failed.clone().freeze();
+        let first = c.decode(&mut failed.split_to(40)).unwrap().unwrap();
+        assert_eq!(first.tag, b'E');
+        let (severity, code, _) = error_fields(first.body());
+        assert_eq!((severity.as_str(), code.as_str()), ("ERROR", "P0001"));
+        assert!(c.mid_message());
+        let rest = c.decode(&mut failed).unwrap().unwrap();
+        assert_eq!(rest.tag, PART);
+        assert_eq!([&first.frame[..], &rest.frame[..]].concat(), whole);
+        assert!(!c.mid_message());
+
         // A client's large row, or a server's large other message: refused.
         assert!(matches!(
             Codec::client(64).decode(&mut row(200)),
             Err(FrameError::TooLarge(_))
         ));
-        let mut notice = BytesMut::new();
-        error(&mut notice, "NOTICE", "00000", &"x".repeat(100));
+        let mut status = BytesMut::new();
+        let at = begin(&mut status, b'S');
+        cstr(&mut status, "application_name");
+        cstr(&mut status, &"x".repeat(100));
+        finish(&mut status, at);
         assert!(matches!(
-            Codec::server(64).decode(&mut notice),
+            Codec::server(64).decode(&mut status),
             Err(FrameError::TooLarge(_))
         ));
     }

@@ -268,50 +268,10 @@ async fn a_clone_left_running_by_a_dead_process_is_ended_before_the_sweep() {
         uuid::Uuid::now_v7().simple()
     );
     for (database, template) in [(spare, TEMPLATE_DB), (scratch, "template0")] {
-        // Hold the template (as a comment does) so the clone waits, mid-statement.
-        let mut holder = env.admin.acquire().await.unwrap();
-        sqlx::raw_sql(&format!(
-            "BEGIN; COMMENT ON DATABASE {template} IS 'held by the test'"
-        ))
-        .execute(&mut *holder)
-        .await
-        .unwrap();
-        // The clone, sent the way silo sends it, by a client that then dies.
-        let sql = format!(
-            "CREATE DATABASE \"{database}\" TEMPLATE \"{template}\"  ALLOW_CONNECTIONS false"
-        );
-        let cloner = {
-            let (url, sql) = (env.pg.url("postgres"), sql.clone());
-            tokio::spawn(async move {
-                let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
-                sqlx::Executor::execute(&mut conn, sql.as_str()).await.ok();
-            })
-        };
-        let running = |waiting: bool| {
-            let sql = sql.clone();
-            let admin = env.admin.clone();
-            async move {
-                sqlx::query_scalar::<_, i64>(
-                    "SELECT count(*) FROM pg_stat_activity
-                      WHERE query = $1 AND (NOT $2 OR wait_event_type = 'Lock')",
-                )
-                .bind(sql)
-                .bind(waiting)
-                .fetch_one(&admin)
-                .await
-                .unwrap()
-            }
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while running(true).await == 0 {
-            assert!(
-                Instant::now() < deadline,
-                "{database}: the clone never waited"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        cloner.abort(); // its socket closes, as when a process is killed
-        assert!(cloner.await.unwrap_err().is_cancelled());
+        // A plain login (no connection check): the statement outlives its
+        // client until silo ends it.
+        let login = env.pg.url("postgres").parse().unwrap();
+        let (mut holder, sql) = abandon_a_clone(&env, login, &database, template).await;
 
         let report = env.control.reconcile_once().await.unwrap();
         assert!(report.errors.is_empty(), "{report:?}");
@@ -323,18 +283,119 @@ async fn a_clone_left_running_by_a_dead_process_is_ended_before_the_sweep() {
             .execute(&mut *holder)
             .await
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while running(false).await > 0 {
-            assert!(
-                Instant::now() < deadline,
-                "{database}: the clone is still running"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until_no_clone(&env, &sql, &database).await;
         assert!(
             !env.database_exists(&database).await,
             "the dead clone of {database} committed"
         );
     }
     assert!(env.orphans().await.is_empty(), "{:?}", env.orphans().await);
+}
+
+/// silo's own admin login asks PostgreSQL to check that silo is still
+/// there while a statement runs: a statement of a killed silo is cancelled
+/// by the server itself, no reconcile pass needed.
+#[tokio::test]
+async fn a_statement_of_silo_s_admin_login_ends_when_silo_dies() {
+    let env = TestEnv::start().await;
+    env.control.reconcile_once().await.unwrap(); // the template exists
+    let login = silo::servers::admin_options(&env.pg.url("postgres")).unwrap();
+    let mut conn = sqlx::PgConnection::connect_with(&login).await.unwrap();
+    let interval: String = sqlx::query_scalar("SHOW client_connection_check_interval")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(interval, silo::servers::CLIENT_CHECK_INTERVAL);
+    conn.close().await.unwrap();
+    // So do the tenant connections silo routes (a dead replica's app query).
+    env.create("watched").await;
+    let router = silo::router::TenantRouter::new(
+        env.registry().clone(),
+        env.keyring.clone(),
+        silo::router::RouterConfig::default(),
+    );
+    let mut routed = router.acquire("watched").await.unwrap();
+    let interval: String = sqlx::query_scalar("SHOW client_connection_check_interval")
+        .fetch_one(&mut *routed)
+        .await
+        .unwrap();
+    assert_eq!(interval, silo::servers::CLIENT_CHECK_INTERVAL);
+    drop(routed);
+
+    let database = format!("{}{}", names::SPARE_DB_PREFIX, "0".repeat(31) + "e");
+    let (mut holder, sql) = abandon_a_clone(&env, login, &database, TEMPLATE_DB).await;
+    // No pass runs: the server notices the dead client on its own.
+    wait_until_no_clone(&env, &sql, &database).await;
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    assert!(
+        !env.database_exists(&database).await,
+        "the dead clone of {database} committed"
+    );
+}
+
+/// Start `CREATE DATABASE database TEMPLATE template` as silo sends it, on
+/// a connection made with `login`, wait until it waits on the template
+/// (held by the returned transaction), then drop its client, as when a
+/// process is killed. Returns the holder and the statement.
+async fn abandon_a_clone(
+    env: &TestEnv,
+    login: sqlx::postgres::PgConnectOptions,
+    database: &str,
+    template: &str,
+) -> (sqlx::pool::PoolConnection<sqlx::Postgres>, String) {
+    // Hold the template (as a comment does) so the clone waits, mid-statement.
+    let mut holder = env.admin.acquire().await.unwrap();
+    sqlx::raw_sql(&format!(
+        "BEGIN; COMMENT ON DATABASE {template} IS 'held by the test'"
+    ))
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    let sql =
+        format!("CREATE DATABASE \"{database}\" TEMPLATE \"{template}\"  ALLOW_CONNECTIONS false");
+    let cloner = {
+        let sql = sql.clone();
+        tokio::spawn(async move {
+            let mut conn = sqlx::PgConnection::connect_with(&login).await.unwrap();
+            sqlx::Executor::execute(&mut conn, sql.as_str()).await.ok();
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while clones(env, &sql, true).await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{database}: the clone never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cloner.abort(); // its socket closes, as when a process is killed
+    assert!(cloner.await.unwrap_err().is_cancelled());
+    (holder, sql)
+}
+
+/// Sessions running `sql` (only those waiting on a lock if `waiting`).
+async fn clones(env: &TestEnv, sql: &str, waiting: bool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE query = $1 AND (NOT $2 OR wait_event_type = 'Lock')",
+    )
+    .bind(sql)
+    .bind(waiting)
+    .fetch_one(&env.admin)
+    .await
+    .unwrap()
+}
+
+async fn wait_until_no_clone(env: &TestEnv, sql: &str, database: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while clones(env, sql, false).await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{database}: the clone is still running"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

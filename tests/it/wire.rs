@@ -125,13 +125,22 @@ async fn psql_reaches_its_own_tenant_and_nothing_else() {
 
     let out = psql(
         &uri(&env, "app", &pw, "north"),
-        &["-c", "SELECT current_database() || ' ' || current_user"],
+        &[
+            "-c",
+            "SELECT current_database() || ' ' || current_user || ' ' || current_setting('client_connection_check_interval')",
+        ],
     )
     .await;
     assert!(out.status.success(), "{}", text(&out));
+    // silo's server connection asks the server to notice a dead silo.
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        format!("{} {}", north.database_name, north.role_name)
+        format!(
+            "{} {} {}",
+            north.database_name,
+            north.role_name,
+            silo::servers::CLIENT_CHECK_INTERVAL
+        )
     );
 
     // A wrong password, north's credential naming south's database, an
@@ -611,6 +620,49 @@ async fn rows_larger_than_the_message_limit_come_through_whole() {
         for (n, line) in lines.iter().enumerate() {
             assert_eq!(*line, format!("{}\t{}", n + 1, "y".repeat(100_000)));
         }
+
+        // A tenant's notice and error of 20 kB each (over the 8 KiB
+        // limit): both reach the client whole, and its session goes on.
+        let out = psql(
+            &u,
+            &[
+                "-v",
+                "ON_ERROR_STOP=0",
+                "-c",
+                "DO $$BEGIN RAISE NOTICE 'n%', repeat('n', 20000); END$$",
+                "-c",
+                "DO $$BEGIN RAISE EXCEPTION 'e%', repeat('e', 20000); END$$",
+                "-c",
+                "SELECT 'after' || 'wards'",
+            ],
+        )
+        .await;
+        let (said, answered) = (
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout),
+        );
+        // Not the 20 kB messages, should this fail.
+        let brief = || {
+            let tail = said.char_indices().rev().nth(300).map_or(0, |(i, _)| i);
+            format!("stdout {answered:?}, stderr ends {:?}", &said[tail..])
+        };
+        assert!(said.contains(&"n".repeat(20_001)), "{}", brief());
+        assert!(said.contains(&"e".repeat(20_001)), "{}", brief());
+        assert_eq!(answered.lines().last(), Some("afterwards"), "{}", brief());
+        let mut c = sqlx::PgConnection::connect(&u).await.unwrap();
+        let huge = sqlx::query("DO $$BEGIN RAISE EXCEPTION USING MESSAGE = repeat('m', 30000), ERRCODE = 'P0042'; END$$")
+            .execute(&mut c)
+            .await
+            .unwrap_err();
+        let huge = huge.as_database_error().expect("a database error");
+        assert_eq!(huge.code().as_deref(), Some("P0042"));
+        assert_eq!(huge.message(), "m".repeat(30_000));
+        let next: i32 = sqlx::query_scalar("SELECT 7")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(next, 7);
+        drop(c);
 
         // What a client sends is still bounded: COPY data of 20 kB in one
         // message ends its session (sqlx reports the closed connection
