@@ -33,7 +33,7 @@ pub(super) async fn keys(cmd: KeysCommand) -> Result<(), CliError> {
                 .map_err(|e| {
                     if e.is_unique_violation(LIVE_KEY_NAME_INDEX) {
                         CliError::Usage(format!(
-                            "an admin key not revoked (perhaps expired) is named '{name}'; revoke it first or pick another name"
+                            "a live admin key is named '{name}'; revoke it first or pick another name"
                         ))
                     } else {
                         CliError::Failed(anyhow::Error::from(e).context("create the admin key"))

@@ -78,6 +78,29 @@ impl Registry {
         actor: &str,
     ) -> Result<AdminKey> {
         let mut tx = self.pool.begin().await?;
+        // An expired key of this name gives it up: revoked (audited) in the
+        // same transaction, so the name is free for its successor.
+        let expired: Option<(Uuid, AdminRole)> = sqlx::query_as(
+            "UPDATE admin_keys SET revoked_at = now(), revoked_by = $2
+              WHERE name = $1 AND revoked_at IS NULL AND expires_at <= now()
+              RETURNING id, role",
+        )
+        .bind(name)
+        .bind(actor)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some((id, role)) = expired {
+            Self::audit_in(
+                &mut tx,
+                actor,
+                "key.revoke",
+                None,
+                serde_json::json!({
+                    "key_id": id, "name": name, "role": role, "reason": "expired; name reused",
+                }),
+            )
+            .await?;
+        }
         let key: AdminKey = sqlx::query_as(&format!(
             "INSERT INTO admin_keys (id, name, role, token_hash, created_by, expires_at)
              VALUES ($1, $2, $3, $4, $5, now() + make_interval(days => $6))

@@ -1058,7 +1058,7 @@ async fn a_key_made_to_expire_works_until_then_and_is_refused_everywhere_after()
     // Other keys are not affected.
     assert_eq!(bearer_status(&http, &tenants, &forever).await.status(), 200);
 
-    // Listed as expired, holding its name until revoked.
+    // Listed as expired.
     let keys_page = {
         let admin = console_sign_in(&http, &base, ADMIN_TOKEN).await;
         let cookie = set_cookie(&admin, "silo_console").expect("a session cookie");
@@ -1072,25 +1072,57 @@ async fn a_key_made_to_expire_works_until_then_and_is_refused_everywhere_after()
             .unwrap()
     };
     assert!(keys_page.contains("expired"), "{keys_page}");
+    // Its name is free for a successor: the expired key is revoked as
+    // the new one is made (audited), and the old token stays dead.
     let again = json!({"name": "contractor", "role": "operator", "expires_in_days": 1});
-    let (status, body) = env
+    let (status, successor) = env
         .call(Method::POST, "/admin/v1/keys", Some(again.clone()))
         .await;
-    assert_eq!(status, StatusCode::CONFLICT, "{body}");
-    assert!(
-        body["detail"].as_str().unwrap().contains("revoked"),
-        "{body}"
+    assert_eq!(status, StatusCode::CREATED, "{successor}");
+    assert_ne!(successor["id"], made["id"]);
+    let new_token = successor["token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        bearer_status(&http, &tenants, &new_token).await.status(),
+        200
     );
-    let (status, _) = env
-        .call(Method::DELETE, "/admin/v1/keys/contractor", None)
-        .await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
-    let (status, body) = env.call(Method::POST, "/admin/v1/keys", Some(again)).await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
     assert_eq!(
         bearer_status(&http, &tenants, &token).await.status(),
         401,
         "the old token stays dead"
+    );
+    let revoked: (Option<String>, serde_json::Value) = sqlx::query_as(
+        "SELECT k.revoked_by, a.detail FROM admin_keys k
+           JOIN audit_log a ON a.action = 'key.revoke' AND a.detail->>'key_id' = k.id::text
+          WHERE k.id = $1::uuid",
+    )
+    .bind(made["id"].as_str().unwrap())
+    .fetch_one(env.registry().pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        revoked.0.as_deref(),
+        Some(silo::domain::BOOTSTRAP_ACTOR),
+        "{revoked:?}"
+    );
+    assert_eq!(revoked.1["reason"], "expired; name reused", "{revoked:?}");
+    let (_, listed) = env.call(Method::GET, "/admin/v1/keys", None).await;
+    let named: Vec<&serde_json::Value> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["name"] == "contractor")
+        .collect();
+    assert_eq!(named.len(), 1, "{listed}");
+    assert_eq!(named[0]["id"], successor["id"]);
+    // A live key's name is still its own.
+    let (status, body) = env.call(Method::POST, "/admin/v1/keys", Some(again)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("a live admin key is named"),
+        "{body}"
     );
     served.abort();
 }

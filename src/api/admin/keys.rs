@@ -100,7 +100,7 @@ async fn create_key(
         .map_err(|e| {
             if e.is_unique_violation(LIVE_KEY_NAME_INDEX) {
                 ApiError::Conflict(format!(
-                    "an admin key not revoked is named '{name}' (an expired key keeps its name until it is revoked)"
+                    "a live admin key is named '{name}'; revoke it first or pick another name"
                 ))
             } else {
                 e.into()
