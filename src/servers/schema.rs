@@ -38,19 +38,56 @@ ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT USAGE, SELECT ON SEQUENCES TO \"
 {LEGACY_REVOKES}
 {HIDE_ACTIVITY}
 {}
+{}
 {}",
         reader_grants(role),
-        keep_read_only(role)
+        keep_read_only(role),
+        server_file_revokes(Some(role))
     )
 }
 
 /// The functions that create or change large objects. Every role may call
 /// them by default (large objects need no table privilege); where a reader
-/// role exists they are the tenant role's alone.
+/// role exists they are the tenant role's alone. Never the server-side
+/// `lo_import`/`lo_export`: they read and write the server's files.
 pub const LARGE_OBJECT_WRITES: &str = "lo_creat(integer), lo_create(oid), \
 lo_from_bytea(oid, bytea), lowrite(integer, bytea), lo_put(oid, bigint, bytea), \
-lo_truncate(integer, integer), lo_truncate64(integer, bigint), lo_unlink(oid), lo_import(text), \
-lo_import(text, oid)";
+lo_truncate(integer, integer), lo_truncate64(integer, bigint), lo_unlink(oid)";
+
+/// The large-object functions that read or write files of the server
+/// (any data file, any tenant's, the server's own secrets): PostgreSQL
+/// lets only superusers call them, and so does silo. Earlier code of
+/// silo granted `lo_import` with the large-object writes; this takes any
+/// such grant back, from PUBLIC, the tenant role and its reader.
+pub const SERVER_FILE_FUNCTIONS: &str = "pg_catalog.lo_import(text), \
+pg_catalog.lo_import(text, oid), pg_catalog.lo_export(oid, text)";
+
+/// Take [`SERVER_FILE_FUNCTIONS`] from everyone but superusers in this
+/// database (only a superuser can have granted them, so only where silo's
+/// login is one is there anything to take).
+fn server_file_revokes(role: Option<&str>) -> String {
+    let roles = role
+        .into_iter()
+        .flat_map(|r| [Some(r.to_owned()), super::names::reader_role(r)])
+        .flatten()
+        .map(|r| {
+            format!(
+                "IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{r}') THEN
+      REVOKE EXECUTE ON FUNCTION {SERVER_FILE_FUNCTIONS} FROM \"{r}\";
+    END IF;"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n    ");
+    format!(
+        "DO $$ BEGIN
+  IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+    REVOKE EXECUTE ON FUNCTION {SERVER_FILE_FUNCTIONS} FROM PUBLIC;
+    {roles}
+  END IF;
+END $$;"
+    )
+}
 
 /// Privileges inside a tenant database for its reader role, if the tenant
 /// has one: SELECT on tables and sequences, now and for what migrations
@@ -310,7 +347,10 @@ pub async fn ensure_reader(
 pub async fn grant(db: &sqlx::PgPool, role: Option<&str>) -> anyhow::Result<()> {
     let sql = match role {
         Some(role) => tenant_grants(role),
-        None => format!("{TEMPLATE_GRANTS}\n{LEGACY_REVOKES}\n{HIDE_ACTIVITY}"),
+        None => format!(
+            "{TEMPLATE_GRANTS}\n{LEGACY_REVOKES}\n{HIDE_ACTIVITY}\n{}",
+            server_file_revokes(None)
+        ),
     };
     sqlx::raw_sql(&sql)
         .execute(db)

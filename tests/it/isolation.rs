@@ -716,3 +716,116 @@ async fn a_database_granted_through_the_old_shared_group_is_regranted_to_its_rol
         0
     );
 }
+
+/// The server-side large-object functions read and write the server's own
+/// files: every tenant's data files, the server's secrets. No tenant role
+/// (nor its reader) may call them, whether its database came from a spare
+/// or was made read-only-capable by a reader role; and a database an older
+/// silo granted `lo_import` in (it did, with the large-object writes) is
+/// regranted by the reconciler once the control database is migrated.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_tenant_role_reads_or_writes_the_server_s_files() {
+    let env = TestEnv::setup().warm_pool(1).start().await;
+    env.control.reconcile_once().await.unwrap(); // the template and a spare
+    env.create("plain").await;
+    env.create("readers").await;
+    let (status, made) = env
+        .call(
+            Method::POST,
+            "/admin/v1/tenants/readers/app-credentials",
+            Some(json!({"name": "ro", "read_only": true})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{made}");
+
+    let attacks = [
+        "SELECT lo_import('/etc/passwd')",
+        "SELECT lo_import('PG_VERSION', 424242)",
+        "SELECT lo_export(lo_from_bytea(0, 'planted'), '/tmp/silo-planted-by-a-tenant')",
+    ];
+    let refused_everywhere = |slug: &'static str| {
+        let env = &env;
+        async move {
+            let mut failures = Vec::new();
+            let mut conn = env.connect_tenant(slug).await.unwrap();
+            for sql in attacks {
+                match sqlx::query(sql).execute(&mut conn).await {
+                    Err(e)
+                        if e.as_database_error().and_then(|d| d.code()).as_deref()
+                            == Some("42501") => {}
+                    other => failures.push(format!("{slug}: {sql}: {other:?}")),
+                }
+            }
+            conn.close().await.ok();
+            // No grant of them to anyone in the database.
+            let t = env.record(slug).await;
+            let mut db = PgConnection::connect(&env.pg.url(&t.database_name))
+                .await
+                .unwrap();
+            let reader = silo::servers::names::reader_role(&t.role_name).unwrap();
+            let granted: Vec<String> = sqlx::query_scalar(
+                "SELECT p.oid::regprocedure::text || ' to ' || r.name
+                   FROM pg_proc p, (VALUES ('public'), ($1), ($2)) r(name)
+                  WHERE p.proname IN ('lo_import', 'lo_export')
+                    AND p.pronamespace = 'pg_catalog'::regnamespace
+                    AND (r.name = 'public' AND p.proacl::text LIKE '%,=X/%'
+                         OR r.name = 'public' AND p.proacl::text LIKE '{=X/%'
+                         OR r.name <> 'public' AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r.name)
+                            AND has_function_privilege(r.name, p.oid, 'EXECUTE'))",
+            )
+            .bind(&t.role_name)
+            .bind(&reader)
+            .fetch_all(&mut db)
+            .await
+            .unwrap();
+            db.close().await.ok();
+            failures.extend(granted.into_iter().map(|g| format!("{slug}: {g}")));
+            failures
+        }
+    };
+    for slug in ["plain", "readers"] {
+        let failures = refused_everywhere(slug).await;
+        assert!(failures.is_empty(), "{failures:#?}");
+    }
+
+    // What an older silo left: `lo_import` granted to PUBLIC and to the
+    // role. Migration 0019 marks every live database for a regrant.
+    let t = env.record("plain").await;
+    let mut db = PgConnection::connect(&env.pg.url(&t.database_name))
+        .await
+        .unwrap();
+    sqlx::raw_sql(&format!(
+        "GRANT EXECUTE ON FUNCTION lo_import(text), lo_import(text, oid) TO PUBLIC, \"{}\"",
+        t.role_name
+    ))
+    .execute(&mut db)
+    .await
+    .unwrap();
+    db.close().await.ok();
+    assert!(
+        !refused_everywhere("plain").await.is_empty(),
+        "the old grant is in place"
+    );
+    sqlx::query("UPDATE tenants SET own_privileges = false WHERE id = $1")
+        .bind(t.id)
+        .execute(env.registry().pool())
+        .await
+        .unwrap();
+    let report = env.control.reconcile_once().await.unwrap();
+    assert_eq!(report.privileges_regranted, 1, "{report:?}");
+    let failures = refused_everywhere("plain").await;
+    assert!(failures.is_empty(), "{failures:#?}");
+    // Its own large objects still work.
+    let mut conn = env.connect_tenant("plain").await.unwrap();
+    let oid: sqlx::postgres::types::Oid = sqlx::query_scalar("SELECT lo_from_bytea(0, 'mine')")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    let back: Vec<u8> = sqlx::query_scalar("SELECT lo_get($1)")
+        .bind(oid)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(back, b"mine");
+    conn.close().await.ok();
+}
