@@ -1610,6 +1610,8 @@ fn is_one_of(word: &str, words: &[&str]) -> bool {
 fn changes_session(sql: &str) -> bool {
     const ANYWHERE: &[&str] = &[
         "SET_CONFIG",
+        // `UPDATE pg_settings SET setting = ...` is a `SET`.
+        "PG_SETTINGS",
         "TEMP",
         "TEMPORARY",
         "HOLD",
@@ -1697,6 +1699,11 @@ mod tests {
             ("select 1; set statement_timeout='1ms'", true),
             ("set local work_mem='1MB'; set work_mem='77MB'", true),
             ("begin; set x.y='leaked'; commit", true),
+            (
+                "update pg_settings set setting = 'on' where name = 'default_transaction_read_only'",
+                true,
+            ),
+            ("UPDATE pg_catalog.PG_SETTINGS SET setting = 'x'", true),
             ("do $$begin execute 'set work_mem=''66MB'''; end$$", true),
             ("select pg_try_advisory_lock(4242)", true),
             ("select 1 as a into temp leak_t", true),

@@ -1063,6 +1063,7 @@ async fn transaction_mode_keeps_each_clients_settings_and_leaks_none_to_the_next
         "begin; set statement_timeout='2ms'; commit",
         "do $$begin execute 'set statement_timeout=''3ms'''; end$$",
         "select pg_try_advisory_lock(4242)",
+        "update pg_settings set setting = '4ms' where name = 'statement_timeout'",
     ] {
         let out = psql_with(&u, &plain, leak).await;
         assert!(out.status.success(), "{leak}: {}", text(&out));
