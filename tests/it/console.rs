@@ -991,6 +991,30 @@ async fn a_nul_byte_in_a_query_parameter_is_refused_with_a_clear_4xx_never_a_500
             failures.push(format!("{url}: {status} {body:.300}"));
         }
     }
+    // A path segment that is not UTF-8 once decoded: a console page too
+    // (it was axum's plain text), as the API's is problem+json.
+    for (url, html) in [
+        ("/console/tenants/%ff", true),
+        ("/console/operations/%ff", true),
+        ("/console/operations/%ff/progress", true),
+        ("/admin/v1/tenants/%ff", false),
+    ] {
+        let answer = get(url.to_owned()).await.unwrap();
+        let status = answer.status().as_u16();
+        let kind = answer.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let body = answer.text().await.unwrap();
+        let shaped = if html {
+            kind.starts_with("text/html") && body.contains("Bad request")
+        } else {
+            kind == "application/problem+json"
+        };
+        if !(400..500).contains(&status) || !shaped {
+            failures.push(format!("{url}: {status} {kind} {body:.300}"));
+        }
+    }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     // Without it, the same pages answer.
     for url in [

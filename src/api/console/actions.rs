@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::header::{RETRY_AFTER, SET_COOKIE};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use super::pages;
 use super::session::{self, cookie, random_token, set_cookie, Posted, SIGN_IN_COOKIE};
-use super::{seg, Console, Failure};
+use super::{seg, Console, Failure, Path};
 use crate::api::auth::{self, Actor, Peer};
 use crate::api::error::ApiError;
 use crate::api::AppState;

@@ -24,7 +24,7 @@ mod pages;
 mod session;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{FromRequestParts, Query, Request, State};
 use axum::http::header::{
     CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS,
     X_FRAME_OPTIONS,
@@ -307,6 +307,29 @@ fn capitalized(s: &str) -> String {
 
 fn bad_request(detail: &str) -> Response {
     pages::refusal(StatusCode::BAD_REQUEST, "Bad request", detail)
+}
+
+/// `Path` whose rejections (a segment that is not UTF-8 once decoded,
+/// such as `%ff`) are console pages, as the API's are problem+json.
+#[derive(Debug)]
+pub struct Path<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Path<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Response> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(t)| Self(t))
+            .map_err(|e| bad_request(&e.body_text()))
+    }
 }
 
 async fn new_tenant(State(state): State<AppState>, signed: Signed) -> Result<Markup, Response> {
