@@ -71,6 +71,9 @@ pub struct ServerAdmin {
     pub name: Arc<str>,
     /// Pool on the server's maintenance database (the admin URL's database).
     pub pool: PgPool,
+    /// The same, with no statement ever logged (not even a slow one): for
+    /// statements that carry a secret, such as a role's SCRAM verifier.
+    quiet: PgPool,
     opts: PgConnectOptions,
     /// The same login for `pg_dump`/`pg_restore`.
     pub libpq: LibpqEnv,
@@ -142,6 +145,15 @@ impl ServerAdmin {
             .map_err(|e| self.error(None, e))
     }
 
+    /// As [`Self::exec`], never logged: for statements that carry a secret.
+    pub async fn exec_quietly(&self, sql: &str) -> Result<()> {
+        sqlx::raw_sql(sql)
+            .execute(&self.quiet)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error(None, e))
+    }
+
     /// `SELECT 1` on the server within `timeout`, through the admin pool. If
     /// that fails (the pool is busy with DDL, holds a broken connection, or
     /// the server refuses, which sqlx retries until its acquire timeout), one
@@ -205,10 +217,17 @@ impl ServerPools {
             .acquire_timeout(Duration::from_secs(10))
             .idle_timeout(Duration::from_secs(120))
             .connect_lazy_with(opts.clone());
+        let quiet = PgPoolOptions::new()
+            .max_connections(2)
+            .min_connections(0)
+            .acquire_timeout(Duration::from_secs(10))
+            .idle_timeout(Duration::from_secs(60))
+            .connect_lazy_with(opts.clone().disable_statement_logging());
         let admin = ServerAdmin {
             server_id: server.id,
             name: Arc::from(server.name.as_str()),
             pool,
+            quiet,
             opts,
             libpq,
         };

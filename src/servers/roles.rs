@@ -15,6 +15,38 @@ fn role_attributes(password: &str, limit: i32) -> String {
     )
 }
 
+/// How long one of silo's statements on a tenant role waits for the role's
+/// catalog row. A tenant role may alter itself (its own password or
+/// settings) and keep that row locked in an open transaction as long as it
+/// likes; silo's suspend, rotation or plan change must not wait on it.
+const ROLE_LOCK_WAIT: &str = "5s";
+
+/// Run `sql` (statements on `role` and its reader only) waiting at most
+/// [`ROLE_LOCK_WAIT`] for their catalog rows. Only the role's own sessions
+/// can hold them (no other role may alter it): if one does, the role's and
+/// its reader's sessions are ended (a tenant that locks its own role loses
+/// its sessions when silo must change it) and `sql` runs again. Never
+/// logged when `quiet` (a verifier in it).
+async fn on_role(admin: &ServerAdmin, role: &str, sql: &str, quiet: bool) -> Result<()> {
+    let guarded = format!("SET LOCAL lock_timeout = '{ROLE_LOCK_WAIT}'; {sql}");
+    let run = |sql: String| async move {
+        if quiet {
+            admin.exec_quietly(&sql).await
+        } else {
+            admin.exec(&sql).await
+        }
+    };
+    match run(guarded.clone()).await {
+        Err(e) if e.is(sqlstate::LOCK_NOT_AVAILABLE) => {
+            tracing::warn!(server = %admin.name, role,
+                "one of the role's own sessions holds its catalog row: ending its sessions");
+            terminate_sessions(admin, role).await?;
+            run(guarded).await
+        }
+        other => other,
+    }
+}
+
 /// The role leaves the legacy group (which once held data privileges in
 /// every tenant database), where that group exists.
 pub async fn leave_legacy_group(admin: &ServerAdmin, role: &str) -> Result<()> {
@@ -81,14 +113,16 @@ pub async fn create_login_role(
     limit: i32,
 ) -> Result<()> {
     let attrs = role_attributes(password, limit);
-    match admin.exec(&format!("CREATE ROLE \"{role}\" {attrs}")).await {
+    match admin
+        .exec_quietly(&format!("CREATE ROLE \"{role}\" {attrs}"))
+        .await
+    {
         Err(e) if e.is(sqlstate::DUPLICATE_OBJECT) => {
-            admin
-                .exec(&format!(
-                    "ALTER ROLE \"{role}\" {attrs}; {}",
-                    leave_legacy_group_sql(role)
-                ))
-                .await
+            let reset = format!(
+                "ALTER ROLE \"{role}\" {attrs}; {}",
+                leave_legacy_group_sql(role)
+            );
+            on_role(admin, role, &reset, true).await
         }
         other => other,
     }
@@ -107,13 +141,13 @@ pub async fn create_role(
     let grants = database_grants(database, Some(role));
     // A multi-statement string runs as one implicit transaction: one commit.
     let create = format!("CREATE ROLE \"{role}\" {attrs}; {grants}");
-    match admin.exec(&create).await {
+    match admin.exec_quietly(&create).await {
         Err(e) if e.is(sqlstate::DUPLICATE_OBJECT) => {
             let reset = format!(
                 "ALTER ROLE \"{role}\" {attrs}; {}; {grants}",
                 leave_legacy_group_sql(role)
             );
-            admin.exec(&reset).await
+            on_role(admin, role, &reset, true).await
         }
         other => other,
     }
@@ -199,12 +233,12 @@ pub async fn set_role_login(admin: &ServerAdmin, role: &str, login: bool) -> Res
              ALTER ROLE \"{reader}\" {attr}; END IF; END $$;"
         ));
     }
-    admin.exec(&sql).await
+    on_role(admin, role, &sql, false).await
 }
 
 /// Set the role's connection limit (and its reader's, if it has one).
 pub async fn set_connection_limit(admin: &ServerAdmin, role: &str, limit: i32) -> Result<()> {
-    admin.exec(&connection_limit_sql(role, limit)).await
+    on_role(admin, role, &connection_limit_sql(role, limit), false).await
 }
 
 fn connection_limit_sql(role: &str, limit: i32) -> String {
@@ -218,18 +252,34 @@ fn connection_limit_sql(role: &str, limit: i32) -> String {
     sql
 }
 
+/// How long the batch of [`set_connection_limits`] waits for any one role.
+const BATCH_ROLE_LOCK_WAIT: &str = "1s";
+
 /// Set the connection limit of each of these roles (silo's own role names),
-/// a few hundred statements per round trip.
+/// a few hundred statements per round trip. A role one of its own sessions
+/// holds locked (see [`ROLE_LOCK_WAIT`]) is skipped after a short wait,
+/// with a warning from the server: the others are set, and the usage pass,
+/// which compares every role's limit with its plan's, sets it later.
 pub async fn set_connection_limits(
     admin: &ServerAdmin,
     roles: &[String],
     limit: i32,
 ) -> Result<()> {
     for chunk in roles.chunks(500) {
-        let sql: String = chunk
-            .iter()
-            .map(|role| connection_limit_sql(role, limit))
-            .collect();
+        let mut sql = format!("SET LOCAL lock_timeout = '{BATCH_ROLE_LOCK_WAIT}';");
+        for role in chunk {
+            let mut each = format!("ALTER ROLE \"{role}\" CONNECTION LIMIT {limit};");
+            if let Some(reader) = super::names::reader_role(role) {
+                each.push_str(&format!(
+                    " IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{reader}') THEN \
+                     ALTER ROLE \"{reader}\" CONNECTION LIMIT {limit}; END IF;"
+                ));
+            }
+            sql.push_str(&format!(
+                " DO $$ BEGIN {each} EXCEPTION WHEN lock_not_available THEN \
+                 RAISE WARNING 'role {role} is held by one of its sessions: its connection limit is left for a later pass'; END $$;"
+            ));
+        }
         admin.exec(&sql).await?;
     }
     Ok(())
@@ -315,12 +365,11 @@ pub async fn terminate_sessions(admin: &ServerAdmin, role: &str) -> Result<()> {
 /// Give a tenant role a new password (as a SCRAM verifier: the password
 /// itself never reaches the server's logs).
 pub async fn set_password(admin: &ServerAdmin, role: &str, password: &str) -> Result<()> {
-    admin
-        .exec(&format!(
-            "ALTER ROLE \"{role}\" PASSWORD '{}'",
-            scram::verifier(password)
-        ))
-        .await
+    let sql = format!(
+        "ALTER ROLE \"{role}\" PASSWORD '{}'",
+        scram::verifier(password)
+    );
+    on_role(admin, role, &sql, true).await
 }
 
 /// End the sessions `role` has open now (after its password changed: they
@@ -410,7 +459,7 @@ pub async fn drop_role(admin: &ServerAdmin, role: &str) -> Result<()> {
 
 async fn drop_one_role(admin: &ServerAdmin, role: &str) -> Result<()> {
     let drop = format!("DROP ROLE IF EXISTS \"{role}\"");
-    match admin.exec(&drop).await {
+    match on_role(admin, role, &drop, false).await {
         Err(e) if e.is(sqlstate::DEPENDENT_OBJECTS_STILL_EXIST) => {
             let databases: Vec<String> = sqlx::query_scalar(
                 "SELECT DISTINCT d.datname::text FROM pg_shdepend s
@@ -431,7 +480,7 @@ async fn drop_one_role(admin: &ServerAdmin, role: &str) -> Result<()> {
                 pool.close().await;
                 revoked.map_err(|e| admin.error(Some(&db), e))?;
             }
-            admin.exec(&drop).await
+            on_role(admin, role, &drop, false).await
         }
         other => other,
     }
@@ -467,13 +516,12 @@ pub async fn create_reader(
     let attrs = role_attributes(password, limit);
     let connect = format!("GRANT CONNECT ON DATABASE \"{database}\" TO \"{reader}\"");
     match admin
-        .exec(&format!("CREATE ROLE \"{reader}\" {attrs}; {connect}"))
+        .exec_quietly(&format!("CREATE ROLE \"{reader}\" {attrs}; {connect}"))
         .await
     {
         Err(e) if e.is(sqlstate::DUPLICATE_OBJECT) => {
-            admin
-                .exec(&format!("ALTER ROLE \"{reader}\" {attrs}; {connect}"))
-                .await
+            let reset = format!("ALTER ROLE \"{reader}\" {attrs}; {connect}");
+            on_role(admin, reader, &reset, true).await
         }
         other => other,
     }
@@ -544,9 +592,13 @@ pub async fn keep_role(
     drop_after: Option<i64>,
 ) -> Result<String> {
     let kept = super::names::kept_db(tenant);
-    admin
-        .exec(&format!("ALTER ROLE \"{role}\" NOLOGIN"))
-        .await?;
+    on_role(
+        admin,
+        role,
+        &format!("ALTER ROLE \"{role}\" NOLOGIN"),
+        false,
+    )
+    .await?;
     terminate_sessions(admin, role).await?;
     let mark = kept_mark_sql("ROLE", &kept, drop_after);
     admin

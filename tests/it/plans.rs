@@ -703,3 +703,89 @@ async fn plan_commands_work_from_a_shell() {
         .await;
     assert_eq!(audit[0]["actor"], "cli", "{audit}");
 }
+
+/// A tenant role may alter itself, and so hold its own catalog row locked
+/// in an open transaction for as long as it likes. Silo's changes to roles
+/// must not wait on it: a plan change sets every other tenant's limit and
+/// answers (the held one is set by a later usage pass), and a suspend or a
+/// rotation of the holder ends its sessions and goes through.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_holding_its_own_role_locked_stalls_no_change_to_roles() {
+    let env = TestEnv::start().await;
+    make_plan(
+        &env,
+        json!({"name": "shared", "connection_limit": 4, "max_staff": 2}),
+    )
+    .await;
+    create_on_plan(&env, "holder", "shared").await;
+    create_on_plan(&env, "bystander", "shared").await;
+    let t = env.record("holder").await;
+    // A plan change: answered in seconds, the bystander set, the holder
+    // left for later.
+    let mut held = hold_own_role(&env, "holder").await;
+    let started = Instant::now();
+    let (status, changed) = env
+        .call(
+            Method::PATCH,
+            "/admin/v1/plans/shared",
+            Some(json!({"connection_limit": 6})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{changed}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the plan change waited {:?}",
+        started.elapsed()
+    );
+    assert_eq!(role_limit(&env, "bystander").await, 6);
+    assert_eq!(role_limit(&env, "holder").await, 4, "held: left for later");
+    // Let go: the usage pass sets it.
+    sqlx::raw_sql("ROLLBACK").execute(&mut held).await.unwrap();
+    drop(held);
+    let pass = env.control.collect_usage_once().await.unwrap().unwrap();
+    assert_eq!(pass.connection_limits_fixed, 1, "{pass:?}");
+    assert_eq!(role_limit(&env, "holder").await, 6);
+
+    // A rotation and a suspend of the holder: its sessions end, and each
+    // goes through.
+    for (path, what) in [
+        ("/admin/v1/tenants/holder/credentials/rotate", "rotate"),
+        ("/admin/v1/tenants/holder/suspend", "suspend"),
+    ] {
+        let mut held = hold_own_role(&env, "holder").await;
+        let started = Instant::now();
+        let (status, body) = env.call(Method::POST, path, None).await;
+        assert!(status.is_success(), "{what}: {status} {body}");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{what} waited {:?}",
+            started.elapsed()
+        );
+        assert!(
+            sqlx::query("SELECT 1").execute(&mut held).await.is_err(),
+            "{what}: the holding session was ended"
+        );
+    }
+    let can_login: bool = sqlx::query_scalar("SELECT rolcanlogin FROM pg_roles WHERE rolname = $1")
+        .bind(&t.role_name)
+        .fetch_one(&env.admin)
+        .await
+        .unwrap();
+    assert!(!can_login, "suspended");
+}
+
+/// A session of `slug`'s own role holding that role's catalog row: it
+/// altered itself (to the same password) in a transaction left open.
+async fn hold_own_role(env: &TestEnv, slug: &str) -> sqlx::PgConnection {
+    let t = env.record(slug).await;
+    let mut conn = env.connect_tenant(slug).await.unwrap();
+    sqlx::raw_sql(&format!(
+        "BEGIN; ALTER ROLE \"{}\" PASSWORD '{}'",
+        t.role_name,
+        env.password(&t)
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn
+}
