@@ -46,7 +46,7 @@ impl ControlPlane {
                     .push(format!("server {}: {why}", server.name));
                 continue;
             }
-            let marks = owner::tenant_marks(&admin).await?;
+            let marks = owner::tenant_marks(&admin, self.keyring()).await?;
             let ids: Vec<Uuid> = marks.iter().map(|(_, m)| m.tenant).collect();
             let known: std::collections::HashSet<Uuid> = self
                 .registry()
@@ -73,6 +73,15 @@ impl ControlPlane {
                     ));
                     continue;
                 }
+                let mark = match mark.mark {
+                    Ok(mark) => mark,
+                    Err(why) => {
+                        report
+                            .skipped
+                            .push(format!("{database} on {}: {why}", server.name));
+                        continue;
+                    }
+                };
                 let adopted = self
                     .registry()
                     .with_tenant_lock(mark.tenant, || {

@@ -489,6 +489,7 @@ impl Provisioner {
         Ok(crate::servers::owner::tenant_mark_sql(
             &t.database_name,
             &mark,
+            self.keyring(),
         ))
     }
 

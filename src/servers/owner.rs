@@ -10,13 +10,18 @@
 //!
 //! Tenant databases carry a comment too ([`TenantMark`]): whose they are,
 //! and enough of their registry row to register them again if the control
-//! DB lost it (restored to an earlier point).
+//! DB lost it (restored to an earlier point). Every role of the cluster can
+//! read database comments, tenant roles included: only ids are in the
+//! clear, the slug, name and plan are sealed with the master key.
 
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use base64::Engine as _;
+
 use super::{Result, ServerAdmin};
+use crate::crypto::Keyring;
 
 /// The marker role on every cluster silo manages.
 pub const OWNER_ROLE: &str = "silo_owner";
@@ -157,7 +162,7 @@ pub async fn remark(admin: &ServerAdmin, owner: Owner) -> Result<()> {
 }
 
 /// What a tenant database's comment says about it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TenantMark {
     pub control: Uuid,
     pub tenant: Uuid,
@@ -166,15 +171,63 @@ pub struct TenantMark {
     pub plan: String,
 }
 
+/// A mark as written: ids in the clear, the rest sealed (bound to the
+/// tenant's id). Marks written before sealing hold the rest in the clear.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredMark {
+    control: Uuid,
+    tenant: Uuid,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sealed: Option<String>,
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    clear: Option<MarkDetails>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct MarkDetails {
+    slug: String,
+    name: String,
+    plan: String,
+}
+
 /// `COMMENT ON DATABASE` marking `database` as `mark`'s tenant's.
-pub fn tenant_mark_sql(database: &str, mark: &TenantMark) -> String {
-    let comment = quote_literal(&serde_json::to_string(mark).expect("mark serializes"));
+pub fn tenant_mark_sql(database: &str, mark: &TenantMark, keyring: &Keyring) -> String {
+    let details = MarkDetails {
+        slug: mark.slug.clone(),
+        name: mark.name.clone(),
+        plan: mark.plan.clone(),
+    };
+    let plain = serde_json::to_vec(&details).expect("mark serializes");
+    let stored = StoredMark {
+        control: mark.control,
+        tenant: mark.tenant,
+        key_id: Some(keyring.key_id().to_owned()),
+        sealed: Some(
+            base64::engine::general_purpose::STANDARD
+                .encode(keyring.seal(&plain, mark.tenant.as_bytes())),
+        ),
+        clear: None,
+    };
+    let comment = quote_literal(&serde_json::to_string(&stored).expect("mark serializes"));
     format!("COMMENT ON DATABASE \"{database}\" IS {comment}")
+}
+
+/// A tenant database's mark as read: its ids, and the rest, or why it
+/// cannot be read (sealed under a key this keyring does not hold).
+pub struct ReadMark {
+    pub control: Uuid,
+    pub tenant: Uuid,
+    pub mark: std::result::Result<TenantMark, String>,
 }
 
 /// Read the marks of tenant databases: `(database, mark)`; databases with no
 /// mark (made before marks, or by someone else) are left out.
-pub async fn tenant_marks(admin: &ServerAdmin) -> Result<Vec<(String, TenantMark)>> {
+pub async fn tenant_marks(
+    admin: &ServerAdmin,
+    keyring: &Keyring,
+) -> Result<Vec<(String, ReadMark)>> {
     let rows: Vec<(String, Option<String>)> = sqlx::query_as(
         "SELECT datname::text, shobj_description(oid, 'pg_database')
            FROM pg_database WHERE datname LIKE 'silo\\_t\\_%'",
@@ -184,8 +237,41 @@ pub async fn tenant_marks(admin: &ServerAdmin) -> Result<Vec<(String, TenantMark
     .map_err(|e| admin.error(None, e))?;
     Ok(rows
         .into_iter()
-        .filter_map(|(db, c)| Some((db, serde_json::from_str(&c?).ok()?)))
+        .filter_map(|(db, c)| {
+            let stored: StoredMark = serde_json::from_str(&c?).ok()?;
+            Some((db, open_mark(stored, keyring)))
+        })
         .collect())
+}
+
+fn open_mark(stored: StoredMark, keyring: &Keyring) -> ReadMark {
+    let details = match (stored.clear, &stored.key_id, &stored.sealed) {
+        (_, Some(key_id), Some(sealed)) => base64::engine::general_purpose::STANDARD
+            .decode(sealed)
+            .map_err(|_| "its mark is not valid base64".to_owned())
+            .and_then(|bytes| {
+                keyring
+                    .open(key_id, &bytes, stored.tenant.as_bytes())
+                    .map_err(|e| format!("its mark cannot be opened: {e}"))
+            })
+            .and_then(|plain| {
+                serde_json::from_slice::<MarkDetails>(&plain)
+                    .map_err(|_| "its mark is not silo's".to_owned())
+            }),
+        (Some(clear), _, _) => Ok(clear),
+        _ => Err("its mark holds neither sealed nor clear details".to_owned()),
+    };
+    ReadMark {
+        control: stored.control,
+        tenant: stored.tenant,
+        mark: details.map(|d| TenantMark {
+            control: stored.control,
+            tenant: stored.tenant,
+            slug: d.slug,
+            name: d.name,
+            plan: d.plan,
+        }),
+    }
 }
 
 /// What silo wrote on something it set aside: when it may drop it.
@@ -242,6 +328,47 @@ mod tests {
                 matches!(want, Ownership::Ours | Ownership::Unmarked)
             );
         }
+    }
+
+    #[test]
+    fn a_tenant_mark_names_nobody_in_the_clear_and_reads_back() {
+        let keyring = Keyring::from_base64(&Keyring::generate_base64()).unwrap();
+        let mark = TenantMark {
+            control: Uuid::from_u128(1),
+            tenant: Uuid::from_u128(2),
+            slug: "north-clinic".into(),
+            name: "North Dental O'Brien".into(),
+            plan: "premium".into(),
+        };
+        let sql = tenant_mark_sql("silo_t_x", &mark, &keyring);
+        for clear in ["north-clinic", "North Dental", "premium"] {
+            assert!(!sql.contains(clear), "{clear} in {sql}");
+        }
+        let comment = sql
+            .split_once(" IS '")
+            .unwrap()
+            .1
+            .trim_end_matches('\'')
+            .replace("''", "'");
+        let read = |c: &str, k: &Keyring| open_mark(serde_json::from_str(c).unwrap(), k);
+        let back = read(&comment, &keyring);
+        assert_eq!((back.control, back.tenant), (mark.control, mark.tenant));
+        assert_eq!(back.mark.unwrap(), mark);
+        // Another master key: the ids, and why the rest cannot be read.
+        let other = Keyring::from_base64(&Keyring::generate_base64()).unwrap();
+        let sealed_away = read(&comment, &other);
+        assert_eq!(sealed_away.tenant, mark.tenant);
+        assert!(sealed_away.mark.is_err());
+        // Moved onto another tenant's database: its seal is bound to its id.
+        let moved = comment.replace(&mark.tenant.to_string(), &Uuid::from_u128(3).to_string());
+        assert!(read(&moved, &keyring).mark.is_err());
+        // A mark written before sealing still reads.
+        let legacy = serde_json::json!({
+            "control": mark.control, "tenant": mark.tenant,
+            "slug": "north-clinic", "name": "North Dental O'Brien", "plan": "premium",
+        })
+        .to_string();
+        assert_eq!(read(&legacy, &keyring).mark.unwrap(), mark);
     }
 
     #[test]

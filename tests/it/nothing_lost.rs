@@ -134,6 +134,22 @@ async fn a_control_db_restored_to_before_five_tenants_loses_none_and_adopts_them
         v
     };
 
+    // Their marks (readable by every role of the cluster) name nobody.
+    for (db, _) in &made {
+        let comment: String = sqlx::query_scalar(
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1",
+        )
+        .bind(db)
+        .fetch_one(&env.admin)
+        .await
+        .unwrap();
+        assert!(comment.contains("\"sealed\""), "{comment}");
+        assert!(
+            !comment.contains("newer") && !comment.contains("Clinic"),
+            "{comment}"
+        );
+    }
+
     // Disaster recovery: the control DB goes back to the dump.
     for sql in [
         "DROP DATABASE silo_control WITH (FORCE)",
