@@ -164,7 +164,10 @@ impl ControlPlane {
 }
 
 /// The newest tenant migration applied to `database`, if any is.
-async fn schema_version(admin: &ServerAdmin, database: &str) -> anyhow::Result<Option<i64>> {
+pub(super) async fn schema_version(
+    admin: &ServerAdmin,
+    database: &str,
+) -> anyhow::Result<Option<i64>> {
     let db = admin.single_pool(database).await?;
     let version = sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
         .fetch_one(&db)

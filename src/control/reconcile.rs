@@ -52,6 +52,10 @@ pub struct ReconcileReport {
     /// control DB restored to an earlier point): kept, and reported here
     /// until `silo reconcile --adopt` registers them again.
     pub unregistered: Vec<String>,
+    /// Live tenants whose registered database was gone while one other
+    /// database of theirs was there (a control DB restored to before a
+    /// restore swapped that one in): pointed at it.
+    pub databases_found: u32,
     /// Servers whose sweep stopped: their cluster is another's, or the pass
     /// would have quarantined too many tenants at once.
     pub halted: Vec<String>,
@@ -147,6 +151,10 @@ pub struct RowOf {
     /// On another server, on another cluster, where its database was found:
     /// what the server being swept holds under its name is a copy.
     pub copy: bool,
+    /// Active or suspended here, but the database the registry names is
+    /// not on the server: another database of the tenant here is its data
+    /// (the registry is older than a restore's swap), not a leftover.
+    pub lost: bool,
 }
 
 /// Most tenants one pass may quarantine on a server: a tenth of those it
@@ -169,6 +177,9 @@ pub enum Action {
     QuarantineRole { role: String, tenant: Uuid },
     /// A tenant database or role the registry has no row for: kept, reported.
     Unregistered(String),
+    /// The one database here of a live tenant whose registered database is
+    /// gone: the registry is pointed at it.
+    Found { database: String, tenant: Uuid },
     /// A kept database whose grace period is over.
     DropKept(String),
     /// A kept role whose grace period is over (after the kept databases).
@@ -190,6 +201,8 @@ pub enum Action {
 /// What to do with a tenant database or role no live tenant here accounts for.
 enum Fate {
     Quarantine(Uuid),
+    /// Its tenant's registered database is gone: this may be its data.
+    Found(Uuid),
     Unregistered,
     /// Live on another server (the same cluster registered twice), or not a
     /// tenant name silo makes: not this pass's business.
@@ -205,6 +218,9 @@ fn fate(name: &str, tenant: Option<Uuid>, accounted: &Accounted) -> Fate {
         Some(row) if matches!(row.status, TenantStatus::Deleted | TenantStatus::Failed) => {
             Fate::Quarantine(tenant)
         }
+        // Its registered database is gone: never quarantined (it may be
+        // the only copy of the tenant's data).
+        Some(row) if row.here && row.lost => Fate::Found(tenant),
         // Live here under another name: what a restore replaced.
         Some(row) if row.here => Fate::Quarantine(tenant),
         // Live on another cluster, where its database is: a copy (a failed move's).
@@ -259,6 +275,7 @@ pub fn plan(observed: &Observed, accounted: &Accounted) -> Vec<Action> {
 
     let mut actions = Vec::new();
     let mut quarantines = Vec::new();
+    let mut found: HashMap<Uuid, Vec<String>> = HashMap::new();
     for db in &observed.databases {
         if db.starts_with(TENANT_DB_PREFIX) && !live_dbs.contains(db.as_str()) {
             let tenant = names::tenant_of_database(db);
@@ -274,6 +291,7 @@ pub fn plan(observed: &Observed, accounted: &Accounted) -> Vec<Action> {
                         database: db.clone(),
                         tenant,
                     }),
+                    Fate::Found(tenant) => found.entry(tenant).or_default().push(db.clone()),
                     Fate::Unregistered => actions.push(Action::Unregistered(db.clone())),
                     Fate::Leave => {}
                 },
@@ -283,6 +301,17 @@ pub fn plan(observed: &Observed, accounted: &Accounted) -> Vec<Action> {
             && !accounted.spares_elsewhere.contains(db)
         {
             actions.push(Action::DropSpare(db.clone()));
+        }
+    }
+    // One candidate: the tenant's database. Several: kept, for a person.
+    let mut found: Vec<(Uuid, Vec<String>)> = found.into_iter().collect();
+    found.sort();
+    for (tenant, mut databases) in found {
+        if databases.len() == 1 {
+            let database = databases.pop().expect("one");
+            actions.push(Action::Found { database, tenant });
+        } else {
+            actions.extend(databases.into_iter().map(Action::Unregistered));
         }
     }
     for spare in &accounted.spares {
@@ -295,10 +324,12 @@ pub fn plan(observed: &Observed, accounted: &Accounted) -> Vec<Action> {
     for (role, can_login) in &observed.roles {
         match live_roles.get(role.as_str()) {
             None => match fate(role, names::tenant_of_role(role), accounted) {
-                Fate::Quarantine(tenant) => quarantines.push(Action::QuarantineRole {
-                    role: role.clone(),
-                    tenant,
-                }),
+                Fate::Quarantine(tenant) | Fate::Found(tenant) => {
+                    quarantines.push(Action::QuarantineRole {
+                        role: role.clone(),
+                        tenant,
+                    })
+                }
                 Fate::Unregistered => actions.push(Action::Unregistered(role.clone())),
                 Fate::Leave => {}
             },
@@ -690,7 +721,18 @@ impl ControlPlane {
         for (id, status, server_id, database) in reg.tenant_states(&ids).await? {
             let here = server_id == server.id;
             let copy = !here && self.live_elsewhere(admin, server_id, &database).await;
-            rows.insert(id, RowOf { status, here, copy });
+            let lost = here
+                && matches!(status, TenantStatus::Active | TenantStatus::Suspended)
+                && !observed.databases.contains(&database);
+            rows.insert(
+                id,
+                RowOf {
+                    status,
+                    here,
+                    copy,
+                    lost,
+                },
+            );
         }
         let spares = reg
             .spares(server.id)
@@ -744,6 +786,50 @@ impl ControlPlane {
         })
     }
 
+    /// Point a live tenant whose registered database is gone at `database`,
+    /// the one other database of it on its server, once re-checked under
+    /// its lock (busy: the next pass). Audited.
+    async fn point_at_found(
+        &self,
+        server: &DbServer,
+        admin: &ServerAdmin,
+        database: &str,
+        tenant: Uuid,
+    ) -> anyhow::Result<bool> {
+        let reg = self.registry();
+        let Some(lock) = reg.try_lock_tenant(tenant).await? else {
+            return Ok(false);
+        };
+        let pointed = async {
+            let t = reg.tenant(tenant).await?.context("re-read the tenant")?;
+            if t.server_id != server.id
+                || !matches!(t.status, TenantStatus::Active | TenantStatus::Suspended)
+                || t.database_name == database
+                || roles::database_exists(admin, &t.database_name).await?
+                || !roles::database_exists(admin, database).await?
+            {
+                return anyhow::Ok(false);
+            }
+            let version = super::adopt::schema_version(admin, database).await?;
+            reg.set_tenant_database(t.id, &[t.status], t.status, database, version)
+                .await?
+                .context("record the tenant's database")?;
+            reg.audit(
+                "reconciler",
+                "tenant.database_found",
+                Some(t.id),
+                serde_json::json!({"registered": t.database_name, "found": database}),
+            )
+            .await?;
+            tracing::warn!(tenant_id = %t.id, registered = t.database_name, found = database,
+                "a live tenant's registered database is gone (a control DB restored to an earlier point?): pointed it at its other database on the server");
+            anyhow::Ok(true)
+        }
+        .await;
+        lock.release().await;
+        pointed
+    }
+
     async fn apply(
         &self,
         server: &DbServer,
@@ -766,6 +852,14 @@ impl ControlPlane {
                 let kept = roles::keep_role(admin, role, *tenant, Some(self.drop_after())).await?;
                 tracing::warn!(tenant_id = %tenant, role, kept, "quarantined a tenant role no live tenant accounts for (dropped after the grace period)");
                 report.roles_quarantined += 1;
+            }
+            Action::Found { database, tenant } => {
+                if self
+                    .point_at_found(server, admin, database, *tenant)
+                    .await?
+                {
+                    report.databases_found += 1;
+                }
             }
             Action::Unregistered(name) => {
                 tracing::warn!(server = %server.name, name, "the registry has no tenant for this database or role (a control DB restored to an earlier point?): kept; `silo reconcile --adopt` registers it again");
@@ -918,6 +1012,7 @@ mod tests {
                         status: t.status,
                         here: true,
                         copy: false,
+                        lost: false,
                     },
                 )
             })
@@ -940,6 +1035,7 @@ mod tests {
                     status: *status,
                     here: *here,
                     copy: false,
+                    lost: false,
                 },
             );
         }
@@ -1011,6 +1107,7 @@ mod tests {
                             status: Active,
                             here: false,
                             copy: true,
+                            lost: false,
                         },
                     );
                     a
@@ -1183,6 +1280,32 @@ mod tests {
                     database: a_db.clone(),
                     tenant: id(A),
                 }],
+            },
+            Case {
+                name: "a live tenant's registered database is gone: its one other database is its data, found",
+                observed: on_server(&[&restored], &[(&a_role, true)]),
+                accounted: {
+                    let mut a = registry(vec![tenant(A, Active)]);
+                    a.rows.get_mut(&id(A)).unwrap().lost = true;
+                    a
+                },
+                want: vec![Action::Found {
+                    database: restored.clone(),
+                    tenant: id(A),
+                }],
+            },
+            Case {
+                name: "a live tenant's registered database is gone and two others are there: both kept, reported",
+                observed: on_server(&[&restored, &format!("{restored}2")], &[(&a_role, true)]),
+                accounted: {
+                    let mut a = registry(vec![tenant(A, Active)]);
+                    a.rows.get_mut(&id(A)).unwrap().lost = true;
+                    a
+                },
+                want: vec![
+                    Action::Unregistered(restored.clone()),
+                    Action::Unregistered(format!("{restored}2")),
+                ],
             },
             Case {
                 name: "a move's unverified source is set aside, never dropped",

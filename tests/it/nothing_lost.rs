@@ -439,3 +439,65 @@ async fn restores_never_overwrite_a_live_tenant_unasked_and_keep_what_they_repla
     assert_eq!(report.kept_dropped, 1, "{report:?}");
     assert!(kept_of(&env, alpha.id).await.is_empty());
 }
+
+/// A control DB restored to before a tenant's restore names the database
+/// that restore replaced (set aside since, on its grace period); the
+/// tenant's data is in the database the restore swapped in. The reconciler
+/// points the tenant at that one (it quarantined it, to be dropped after
+/// the grace period: both copies on the clock).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_control_db_restored_to_before_a_restore_points_the_tenant_at_its_data() {
+    let env = TestEnv::setup().storage().start().await;
+    env.create("alpha").await;
+    add_patient(&env, "alpha", "A1").await;
+    let before = env.record("alpha").await;
+    env.backups()
+        .backup_now(before.id, silo::backup::BackupKind::Manual, None)
+        .await
+        .unwrap();
+    let dump = tempfile::tempdir().unwrap();
+    let file = dump.path().join("control.dump");
+    let file = file.to_str().unwrap();
+    pg_tool(&env, "pg_dump", &["-Fc", "-f", file, &env.control_url()]);
+
+    let (s, op) = env
+        .call(
+            Method::POST,
+            "/admin/v1/tenants/alpha/restore",
+            Some(json!({"overwrite": true})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{op}");
+    let done = crate::common::wait_op(&env, &op).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    add_patient(&env, "alpha", "A3").await;
+    let restored = env.record("alpha").await.database_name;
+    assert_ne!(restored, before.database_name);
+
+    for sql in [
+        "DROP DATABASE silo_control WITH (FORCE)",
+        "CREATE DATABASE silo_control",
+    ] {
+        sqlx::raw_sql(sql).execute(&env.admin).await.unwrap();
+    }
+    pg_tool(&env, "pg_restore", &["-d", &env.control_url(), file]);
+
+    let silo = env.replica(Default::default());
+    let report = silo.reconcile_once().await.unwrap();
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(report.databases_found, 1, "{report:?}");
+    assert_eq!(report.databases_quarantined, 0, "{report:?}");
+    let t = silo.registry().find_tenant("alpha").await.unwrap().unwrap();
+    assert_eq!(t.database_name, restored);
+    assert_eq!(patients_in(&env, &t.database_name).await, ["A1", "A3"]);
+    let audited = env
+        .count("SELECT count(*) FROM audit_log WHERE action = 'tenant.database_found'")
+        .await;
+    assert_eq!(audited, 1);
+    let again = silo.reconcile_once().await.unwrap();
+    assert_eq!(
+        (again.databases_found, again.databases_quarantined),
+        (0, 0),
+        "{again:?}"
+    );
+}
