@@ -503,15 +503,24 @@ impl Backups {
                 // Archiving dropped its reader role with its role.
                 crate::servers::readers::follow_reader(self.keyring(), &admin, target, &new_name)
                     .await?;
+                // Back as it was archived: a tenant suspended then (or whose
+                // trial has ended since) comes back suspended, its role
+                // unable to log in, as `resume` would have it.
+                let trial_over = target.expires_at.is_some_and(|at| at <= chrono::Utc::now());
+                let was_suspended =
+                    reg.archived_from(target.id).await? == Some(TenantStatus::Suspended);
+                let back = if was_suspended || trial_over {
+                    roles::set_role_login(&admin, &target.role_name, false)
+                        .await
+                        .context("keep the suspended tenant's role from logging in")?;
+                    TenantStatus::Suspended
+                } else {
+                    TenantStatus::Active
+                };
                 let active = reg
-                    .transition(
-                        target.id,
-                        &[TenantStatus::Restoring],
-                        TenantStatus::Active,
-                        None,
-                    )
+                    .transition(target.id, &[TenantStatus::Restoring], back, None)
                     .await?
-                    .context("mark the tenant active")?;
+                    .context("mark the tenant back")?;
                 // Just brought back: not idle, whatever its traffic before.
                 reg.touch_tenants(&[target.id]).await?;
                 Ok(active)

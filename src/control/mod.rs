@@ -345,17 +345,37 @@ impl ControlPlane {
                             plan: source.plan,
                             server: None,
                         };
-                        self.provisioner().create(&req, None, actor).await?
+                        let made = self.provisioner().create(&req, None, actor).await?;
+                        // Held suspended until the backup's data is in: no
+                        // token, login or write reaches the empty database
+                        // the restore is about to replace.
+                        let held = self.provisioner().suspend(made.id, actor).await?;
+                        let restored = self.restore_into(&b, &held, actor, progress).await?;
+                        return self.provisioner().resume(restored.id, actor).await;
                     }
                 }
             }
         };
+        self.restore_into(&b, &target, actor, progress).await
+    }
+
+    /// Restore `b` into `target`, keeping the database it replaces aside.
+    async fn restore_into(
+        &self,
+        b: &crate::registry::Backup,
+        target: &TenantRecord,
+        actor: &str,
+        progress: Option<Progress>,
+    ) -> Result<TenantRecord> {
         let replaced = matches!(
             target.status,
             TenantStatus::Active | TenantStatus::Suspended
         )
         .then(|| target.database_name.clone());
-        let restored = backups.restore_into(&b, &target, actor, progress).await?;
+        let restored = self
+            .backups()?
+            .restore_into(b, target, actor, progress)
+            .await?;
         if let Some(old) = replaced.filter(|old| *old != restored.database_name) {
             self.keep_replaced(&restored, &old).await;
         }

@@ -1130,7 +1130,8 @@ fn check_status(entry: &TenantEntry) -> Result<(), RouteError> {
     match entry.status {
         TenantStatus::Active if entry.frozen => Err(RouteError::NotReady("moving")),
         TenantStatus::Active => Ok(()),
-        TenantStatus::Suspended | TenantStatus::Archived => {
+        // Archiving: on its way to archived (a queued or running archival).
+        TenantStatus::Suspended | TenantStatus::Archiving | TenantStatus::Archived => {
             Err(RouteError::Locked(entry.status.as_str()))
         }
         TenantStatus::Deleted => Err(RouteError::NotFound),

@@ -1045,3 +1045,121 @@ async fn a_backup_is_never_restored_into_another_existing_tenant() {
     assert_eq!(contents(&mut conn).await, before["owner"]);
     crate::common::close(conn).await;
 }
+
+/// A restore into a new tenant (`into_slug`) holds that tenant suspended
+/// until the backup's data is in: nothing written to the empty database
+/// meanwhile is set aside by the swap (it was: the new tenant served at
+/// once, and what it took landed in the replaced database).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_into_a_new_tenant_serves_it_only_once_its_data_is_in() {
+    let env = TestEnv::setup().storage().start().await;
+    env.create("origin").await;
+    let mut conn = env.connect_tenant("origin").await.unwrap();
+    seed(&mut conn, "origin", 3).await;
+    let want = contents(&mut conn).await;
+    crate::common::close(conn).await;
+    let origin = env.record("origin").await;
+    let b = env
+        .backups()
+        .backup_now(origin.id, BackupKind::Manual, None)
+        .await
+        .unwrap();
+
+    // The swap waits for the server's maintenance lock, held here: the
+    // restore is caught between its new tenant's creation and its data.
+    let held = env.registry().lock_server(origin.server_id).await.unwrap();
+    let (status, op) = env
+        .call(
+            Method::POST,
+            &format!("/admin/v1/backups/{}/restore", b.id),
+            Some(json!({"into_slug": "fresh-copy"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{op}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let copy = loop {
+        if let Some(t) = env.registry().find_tenant("fresh-copy").await.unwrap() {
+            if t.status == TenantStatus::Suspended {
+                break t;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new tenant never showed, suspended"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Its role's login goes just after its status.
+    while env.connect_tenant("fresh-copy").await.is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "its role may still log in"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let token = env.app_token("fresh-copy").await;
+    let (status, body) = env
+        .call_with(
+            Method::POST,
+            "/api/v1/patients",
+            Some(json!({"full_name": "Written too early"})),
+            &[
+                ("authorization", &format!("Bearer {token}")),
+                ("x-tenant-id", "fresh-copy"),
+            ],
+        )
+        .await;
+    assert!(
+        status.is_client_error(),
+        "no write reaches it yet: {status} {body}"
+    );
+    held.release().await;
+
+    assert_eq!(wait_operation(&env, &op).await["status"], "succeeded");
+    let now = env.record("fresh-copy").await;
+    assert_eq!(now.id, copy.id);
+    assert_eq!(now.status, TenantStatus::Active);
+    let mut conn = env.connect_tenant("fresh-copy").await.unwrap();
+    assert_eq!(contents(&mut conn).await, want);
+    crate::common::close(conn).await;
+}
+
+/// A tenant archived while suspended comes back from the archive
+/// suspended (it came back active: a way around a suspension, and around
+/// the rule that an ended trial is not resumed); `resume` lets it in.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_archived_while_suspended_comes_back_suspended() {
+    let env = TestEnv::setup().storage().start().await;
+    env.create("benched").await;
+    let mut conn = env.connect_tenant("benched").await.unwrap();
+    seed(&mut conn, "b", 5).await;
+    let before = contents(&mut conn).await;
+    crate::common::close(conn).await;
+    let run = |path: &'static str| {
+        let env = &env;
+        async move {
+            let (status, op) = env.call(Method::POST, path, Some(json!({}))).await;
+            assert!(status.is_success(), "{path}: {status} {op}");
+            if status == StatusCode::ACCEPTED {
+                let op = wait_operation(env, &op).await;
+                assert_eq!(op["status"], "succeeded", "{path}: {op}");
+            }
+        }
+    };
+    run("/admin/v1/tenants/benched/suspend").await;
+    run("/admin/v1/tenants/benched/archive").await;
+    assert_eq!(env.record("benched").await.status, TenantStatus::Archived);
+    run("/admin/v1/tenants/benched/restore").await;
+
+    let back = env.record("benched").await;
+    assert_eq!(back.status, TenantStatus::Suspended);
+    assert!(
+        env.connect_tenant("benched").await.is_err(),
+        "its role may not log in"
+    );
+    run("/admin/v1/tenants/benched/resume").await;
+    assert_eq!(env.record("benched").await.status, TenantStatus::Active);
+    let mut conn = env.connect_tenant("benched").await.unwrap();
+    assert_eq!(contents(&mut conn).await, before);
+    crate::common::close(conn).await;
+}

@@ -388,11 +388,33 @@ async fn queued_work_of_a_killed_silo_is_settled_like_running_work() {
     assert_eq!(busy["status"], "running", "{busy}");
     let backup = post("/admin/v1/tenants/waiting/backups".into()).await;
     let verify = post(format!("/admin/v1/backups/{}/verify", earlier.id)).await;
+    let token = env.app_token("idle").await;
     let archive = post("/admin/v1/tenants/idle/archive".into()).await;
     for queued in [&backup, &verify, &archive] {
         assert_eq!(queued["status"], "queued", "{queued}");
     }
     assert_eq!(env.record("idle").await.status.as_str(), "archiving");
+    // Its app traffic is refused as locked already (423, as the README
+    // says; it answered 503 "retry later").
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = env
+            .call_with(
+                Method::GET,
+                "/api/v1/patients",
+                None,
+                &[
+                    ("authorization", &format!("Bearer {token}")),
+                    ("x-tenant-id", "idle"),
+                ],
+            )
+            .await;
+        if status == StatusCode::LOCKED {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status} {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // kill -9: the running backup and everything queued lose their process.
     drop(silo);
