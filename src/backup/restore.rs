@@ -16,6 +16,7 @@ use crate::domain::Slug;
 use crate::ops::{Error, Result};
 use crate::registry::{Backup, Lock, TenantRecord, TenantStatus};
 use crate::servers::names::{scratch_db, tenant_names};
+use crate::servers::owner;
 use crate::servers::tools::{capture_stderr, error_lines};
 use crate::servers::{roles, schema, ServerAdmin};
 
@@ -366,9 +367,14 @@ impl Backups {
                         kept?;
                     }
                     let privileges = if over_quota { "CONNECT" } else { "CONNECT, TEMPORARY" };
+                    let mark = owner::tenant_mark_sql(
+                        &new_name,
+                        &owner::TenantMark::of(reg.control_id().await?, &t),
+                        self.keyring(),
+                    );
                     admin
                         .exec(&format!(
-                            "ALTER DATABASE \"{}\" RENAME TO \"{new_name}\"; GRANT {privileges} ON DATABASE \"{new_name}\" TO \"{}\"",
+                            "ALTER DATABASE \"{}\" RENAME TO \"{new_name}\"; GRANT {privileges} ON DATABASE \"{new_name}\" TO \"{}\"; {mark}",
                             scratch.name, t.role_name
                         ))
                         .await
@@ -454,11 +460,16 @@ impl Backups {
                     }
                 };
                 let new_name = restored_name(target.id, &scratch.name);
+                let mark = owner::tenant_mark_sql(
+                    &new_name,
+                    &owner::TenantMark::of(reg.control_id().await?, target),
+                    self.keyring(),
+                );
                 let placed = reg
                     .with_server_lock(target.server_id, || async {
                         admin
                             .exec(&format!(
-                                "ALTER DATABASE \"{}\" RENAME TO \"{new_name}\"",
+                                "ALTER DATABASE \"{}\" RENAME TO \"{new_name}\"; {mark}",
                                 scratch.name
                             ))
                             .await

@@ -505,6 +505,16 @@ impl ControlPlane {
                 db.close().await;
                 granted?;
                 roles::leave_legacy_group(&admin, &t.role_name).await?;
+                // Its mark written again, as today's code writes it (sealed;
+                // databases a restore or a move made before had none).
+                let mark = owner::TenantMark::of(reg.control_id().await?, &t);
+                admin
+                    .exec(&owner::tenant_mark_sql(
+                        &t.database_name,
+                        &mark,
+                        self.keyring(),
+                    ))
+                    .await?;
                 reg.set_own_privileges(t.id).await?;
                 anyhow::Ok(true)
             }

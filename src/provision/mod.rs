@@ -479,13 +479,7 @@ impl Provisioner {
     /// The comment that marks a tenant's database as this control plane's
     /// tenant's, with what it takes to register it again (`silo reconcile --adopt`).
     async fn tenant_mark(&self, t: &TenantRecord) -> anyhow::Result<String> {
-        let mark = crate::servers::owner::TenantMark {
-            control: self.registry().control_id().await?,
-            tenant: t.id,
-            slug: t.slug.clone(),
-            name: t.name.clone(),
-            plan: t.plan.as_str().to_owned(),
-        };
+        let mark = crate::servers::owner::TenantMark::of(self.registry().control_id().await?, t);
         Ok(crate::servers::owner::tenant_mark_sql(
             &t.database_name,
             &mark,

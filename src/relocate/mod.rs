@@ -433,6 +433,17 @@ impl Mover {
         )
         .await
         .context("create the tenant role on the target")?;
+        // Marked as this control plane's tenant's, as a provisioned
+        // database is (`silo reconcile --adopt` reads it).
+        let mark = crate::servers::owner::TenantMark::of(reg.control_id().await?, &t);
+        ends.dst
+            .exec(&crate::servers::owner::tenant_mark_sql(
+                db,
+                &mark,
+                &self.keyring,
+            ))
+            .await
+            .context("mark the database on the target")?;
         if let Some(op) = op {
             reg.set_progress(op, progress("schema", json!({}))).await?;
         }

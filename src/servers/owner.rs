@@ -171,6 +171,19 @@ pub struct TenantMark {
     pub plan: String,
 }
 
+impl TenantMark {
+    /// The mark of tenant `t` of control plane `control`.
+    pub fn of(control: Uuid, t: &crate::registry::TenantRecord) -> Self {
+        Self {
+            control,
+            tenant: t.id,
+            slug: t.slug.clone(),
+            name: t.name.clone(),
+            plan: t.plan.as_str().to_owned(),
+        }
+    }
+}
+
 /// A mark as written: ids in the clear, the rest sealed (bound to the
 /// tenant's id). Marks written before sealing hold the rest in the clear.
 #[derive(Debug, Serialize, Deserialize)]

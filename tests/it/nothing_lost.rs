@@ -451,10 +451,12 @@ async fn a_control_db_restored_to_before_a_restore_points_the_tenant_at_its_data
     env.create("alpha").await;
     add_patient(&env, "alpha", "A1").await;
     let before = env.record("alpha").await;
-    env.backups()
+    let backup = env
+        .backups()
         .backup_now(before.id, silo::backup::BackupKind::Manual, None)
         .await
-        .unwrap();
+        .unwrap()
+        .id;
     let dump = tempfile::tempdir().unwrap();
     let file = dump.path().join("control.dump");
     let file = file.to_str().unwrap();
@@ -473,6 +475,20 @@ async fn a_control_db_restored_to_before_a_restore_points_the_tenant_at_its_data
     add_patient(&env, "alpha", "A3").await;
     let restored = env.record("alpha").await.database_name;
     assert_ne!(restored, before.database_name);
+    // And a new tenant made by a restore, after the dump: its database is
+    // the restored one, marked as a provisioned one is (it had no mark, so
+    // `--adopt` could not bring it back).
+    let (s, op) = env
+        .call(
+            Method::POST,
+            &format!("/admin/v1/backups/{backup}/restore"),
+            Some(json!({"into_slug": "alpha-copy"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{op}");
+    let done = crate::common::wait_op(&env, &op).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let copy = env.record("alpha-copy").await;
 
     for sql in [
         "DROP DATABASE silo_control WITH (FORCE)",
@@ -500,4 +516,19 @@ async fn a_control_db_restored_to_before_a_restore_points_the_tenant_at_its_data
         (0, 0),
         "{again:?}"
     );
+    assert!(!again.unregistered.is_empty(), "{again:?}");
+    let adopted = silo.adopt("test").await.unwrap();
+    assert_eq!(adopted.adopted.len(), 1, "{adopted:?}");
+    assert!(adopted.skipped.is_empty(), "{adopted:?}");
+    let back = silo
+        .registry()
+        .find_tenant("alpha-copy")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (back.id, &back.database_name),
+        (copy.id, &copy.database_name)
+    );
+    assert_eq!(patients_in(&env, &back.database_name).await, ["A1"]);
 }

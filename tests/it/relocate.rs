@@ -378,6 +378,20 @@ async fn a_tenant_moves_to_another_server_under_live_traffic_with_no_lost_write(
         .map(String::as_str)
         .collect();
     assert!(present.iter().all(|n| attempted.contains(n)));
+    // The target's database is marked as a provisioned one is (sealed):
+    // `silo reconcile --adopt` can bring it back after a control DB restore.
+    let mark: Option<String> = sqlx::query_scalar(
+        "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1",
+    )
+    .bind(&after.database_name)
+    .fetch_one(&target)
+    .await
+    .unwrap();
+    let mark = mark.expect("a mark on the moved database");
+    assert!(
+        mark.contains(&after.id.to_string()) && mark.contains("\"sealed\""),
+        "{mark}"
+    );
     let seeded: i64 =
         sqlx::query_scalar("SELECT count(*) FROM patients WHERE full_name LIKE 'seed %'")
             .fetch_one(&target)
