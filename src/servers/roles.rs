@@ -553,6 +553,19 @@ pub async fn keep_database(
     }
     let kept = super::names::kept_db(tenant);
     let mark = kept_mark_sql("DATABASE", &kept, drop_after);
+    // Closed to every role but its owner: a tenant role could connect to
+    // the database a restore replaced and keep writing there, unmeasured.
+    let closed = format!(
+        "DO $$ DECLARE r text; BEGIN
+           FOR r IN SELECT a.grantee::regrole::text
+                      FROM pg_database d, aclexplode(d.datacl) a
+                     WHERE d.datname = '{kept}' AND a.grantee <> 0 AND a.grantee <> d.datdba
+           LOOP
+             EXECUTE format('REVOKE ALL ON DATABASE %I FROM %s', '{kept}', r);
+           END LOOP;
+           REVOKE ALL ON DATABASE \"{kept}\" FROM PUBLIC;
+         END $$"
+    );
     let mut tries = 0;
     loop {
         // A rename needs the database to itself.
@@ -566,7 +579,7 @@ pub async fn keep_database(
         // Rename and mark: one transaction.
         match admin
             .exec(&format!(
-                "ALTER DATABASE \"{db}\" RENAME TO \"{kept}\"; {mark}"
+                "ALTER DATABASE \"{db}\" RENAME TO \"{kept}\"; {mark}; {closed}"
             ))
             .await
         {

@@ -405,6 +405,19 @@ async fn restores_never_overwrite_a_live_tenant_unasked_and_keep_what_they_repla
     let kept = kept_of(&env, alpha.id).await;
     assert_eq!(kept.len(), 1, "{kept:?}");
     assert_eq!(patients_in(&env, &kept[0]).await, ["A1", "A2"]);
+    // Closed to the tenant's role: it could write there, unmeasured.
+    let refused = env
+        .connect_as(&kept[0], &now.role_name, &env.password(&now))
+        .await
+        .expect_err("the tenant's role connected to the replaced database");
+    assert_eq!(
+        refused
+            .as_database_error()
+            .and_then(|e| e.code())
+            .as_deref(),
+        Some("42501"),
+        "{refused}"
+    );
 
     // Into another live tenant: never, `overwrite` or not (see
     // isolation::a_backup_is_never_restored_into_another_tenant).
