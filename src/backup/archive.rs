@@ -372,6 +372,29 @@ impl Backups {
                     Err("interrupted: the silo process archiving it stopped; the tenant was put back".into())
                 }
             }
+            (OperationKind::BackupRestore, TenantStatus::Active | TenantStatus::Suspended) => {
+                // Swapped before the process died: the tenant serves the
+                // restored database, and the one it replaced (no longer
+                // named) is quarantined by the reconciler for the grace
+                // period, as the runner would have set it aside.
+                let params = reg.operation_params(op.id).await.unwrap_or_default();
+                match params["replaces"].as_str() {
+                    Some(replaced) if replaced != t.database_name => {
+                        reg.audit(
+                            "reconciler",
+                            "tenant.restore",
+                            Some(t.id),
+                            json!({"backup_id": params["backup_id"], "settled": "the silo process running it stopped after the swap"}),
+                        )
+                        .await
+                        .ok();
+                        Ok(
+                            json!({"tenant_id": t.id, "slug": t.slug, "status": t.status, "database": t.database_name, "backup_id": params["backup_id"], "settled": "the silo process running it stopped after the restored database was swapped in"}),
+                        )
+                    }
+                    _ => Err(interrupted),
+                }
+            }
             (OperationKind::BackupRestore, TenantStatus::Restoring) => {
                 self.undo_unarchive(t.id, "interrupted: the silo process restoring it stopped")
                     .await;

@@ -441,11 +441,16 @@ impl ControlPlane {
                     "the tenant's backup key was erased: its backups can no longer be read",
                 ));
             }
+            // The database the restore will replace, if any: a process that
+            // dies after the swap is known to have swapped by it.
+            let mut replaces: Option<String> = None;
             if let Some(t) = target_tenant {
                 self.ops()
                     .refuse_if_busy(OperationKind::BackupRestore, t)
                     .await?;
                 if let Some(t) = reg.tenant(t).await? {
+                    replaces = matches!(t.status, TenantStatus::Active | TenantStatus::Suspended)
+                        .then(|| t.database_name.clone());
                     if !matches!(
                         t.status,
                         TenantStatus::Active | TenantStatus::Suspended | TenantStatus::Archived
@@ -464,7 +469,7 @@ impl ControlPlane {
                 .spawn(
                     OperationKind::BackupRestore,
                     Some(recorded_on),
-                    json!({"backup_id": backup, "into_slug": into, "overwrite": overwrite}),
+                    json!({"backup_id": backup, "into_slug": into, "overwrite": overwrite, "replaces": replaces}),
                     move || async move {
                         let t = this.restore(backup, target, &owned_actor, None).await?;
                         Ok(json!({"tenant_id": t.id, "slug": t.slug, "status": t.status, "database": t.database_name, "backup_id": backup}))

@@ -1163,3 +1163,47 @@ async fn a_tenant_archived_while_suspended_comes_back_suspended() {
     assert_eq!(contents(&mut conn).await, before);
     crate::common::close(conn).await;
 }
+
+/// silo killed just after a restore swapped its database in: the tenant
+/// serves the backup's data, so the operation is settled `succeeded`
+/// (it was reported failed, "interrupted", for a restore that took effect).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_killed_after_its_swap_is_settled_as_succeeded() {
+    let env = TestEnv::setup().storage().start().await;
+    env.create("swapped").await;
+    let mut conn = env.connect_tenant("swapped").await.unwrap();
+    seed(&mut conn, "kept", 4).await;
+    let want = contents(&mut conn).await;
+    let t = env.record("swapped").await;
+    env.backups()
+        .backup_now(t.id, BackupKind::Manual, None)
+        .await
+        .unwrap();
+    seed(&mut conn, "later", 2).await;
+    crate::common::close(conn).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("silo.log");
+    let silo = crate::common::Silo::start(&env, Some("restore_swap"), 0, &log).await;
+    let (status, op) = silo
+        .request(
+            reqwest::Method::POST,
+            "/admin/v1/tenants/swapped/restore",
+            Some(json!({"overwrite": true})),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{op}");
+    silo.expect_abort();
+    // The restart's pass settles what the dead process left.
+    let silo = crate::common::Silo::start(&env, None, 0, &log).await;
+    let done = crate::common::wait_op(&env, &op).await;
+    silo.stop();
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let now = env.record("swapped").await;
+    assert_ne!(now.database_name, t.database_name);
+    let mut conn = env.connect_tenant("swapped").await.unwrap();
+    assert_eq!(contents(&mut conn).await, want);
+    crate::common::close(conn).await;
+}
