@@ -66,6 +66,8 @@ pub struct ReconcileReport {
     /// Reader roles (of read-only app credentials) made again where their
     /// tenant lacked one, or dropped where their tenant's role is gone.
     pub readers_fixed: u32,
+    /// Settings tenant roles gave themselves (`ALTER ROLE … SET`), reset.
+    pub role_settings_reset: u32,
     /// Restore/verify scratch databases whose runner died, dropped.
     pub scratch_databases_dropped: u32,
     /// Moves whose process died, finished or rolled back.
@@ -572,6 +574,7 @@ impl ControlPlane {
         report.scratch_databases_dropped +=
             crate::backup::sweep_scratch_databases(self.registry(), &admin).await?;
         report.readers_fixed += self.fix_readers(server, &admin).await?;
+        report.role_settings_reset += roles::reset_role_settings(&admin).await?;
         let server = self
             .registry()
             .server(server.id)

@@ -285,6 +285,50 @@ pub async fn set_connection_limits(
     Ok(())
 }
 
+/// Reset the settings tenant roles (and readers) gave themselves: a role
+/// may `ALTER ROLE` itself `SET …` (for every database or its own), which
+/// silo never does. Such a setting breaks what silo runs as the role (a
+/// `search_path` without `public` turned the app API's answers into 500s,
+/// `default_transaction_read_only` its writes) and grows a catalog shared
+/// by every tenant of the cluster. A role one of its own sessions holds
+/// locked is left for a later pass. Returns how many settings were reset.
+pub async fn reset_role_settings(admin: &ServerAdmin) -> Result<u32> {
+    let rows: Vec<(String, Option<String>)> = sqlx::query_as(&format!(
+        "SELECT r.rolname::text, d.datname::text
+           FROM pg_db_role_setting s
+           JOIN pg_roles r ON r.oid = s.setrole
+           LEFT JOIN pg_database d ON d.oid = s.setdatabase
+          WHERE starts_with(r.rolname, '{}') OR starts_with(r.rolname, '{}')",
+        super::names::TENANT_ROLE_PREFIX,
+        super::names::READER_ROLE_PREFIX
+    ))
+    .fetch_all(&admin.pool)
+    .await
+    .map_err(|e| admin.error(None, e))?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let ident = |name: &str| format!("\"{}\"", name.replace('"', "\"\""));
+    let mut sql = format!("SET LOCAL lock_timeout = '{BATCH_ROLE_LOCK_WAIT}';");
+    for (role, database) in &rows {
+        let reset = match database {
+            Some(db) => format!(
+                "ALTER ROLE {} IN DATABASE {} RESET ALL",
+                ident(role),
+                ident(db)
+            ),
+            None => format!("ALTER ROLE {} RESET ALL", ident(role)),
+        };
+        sql.push_str(&format!(
+            " DO $$ BEGIN {reset}; EXCEPTION WHEN lock_not_available THEN \
+             RAISE WARNING 'a session of the role holds its settings: reset on a later pass'; END $$;"
+        ));
+    }
+    admin.exec(&sql).await?;
+    tracing::warn!(server = %admin.name, settings = rows.len(), "reset settings tenant roles gave themselves (ALTER ROLE ... SET)");
+    Ok(rows.len() as u32)
+}
+
 /// End the clones of spares and of the template that a dead silo process
 /// left running: PostgreSQL finishes a statement whose client is gone, so
 /// such a clone can commit after a sweep looked and leave a database (or

@@ -399,3 +399,53 @@ async fn wait_until_no_clone(env: &TestEnv, sql: &str, database: &str) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A tenant role may give itself settings (`ALTER ROLE … SET`), for every
+/// database or its own; silo gives its roles none. The next pass resets
+/// them: a `search_path` without `public` hid the tenant's tables from
+/// everything silo runs as the role (the app API answered 500).
+#[tokio::test]
+async fn settings_a_tenant_role_gives_itself_are_reset_by_the_next_pass() {
+    let env = TestEnv::start().await;
+    env.create("tinkerer").await;
+    let t = env.record("tinkerer").await;
+    let mut conn = env.connect_tenant("tinkerer").await.unwrap();
+    sqlx::raw_sql(&format!(
+        "ALTER ROLE \"{role}\" SET search_path = pg_catalog;
+         ALTER ROLE \"{role}\" IN DATABASE \"{db}\" SET default_transaction_read_only = on",
+        role = t.role_name,
+        db = t.database_name
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+    let mut conn = env.connect_tenant("tinkerer").await.unwrap();
+    assert!(
+        sqlx::query("SELECT count(*) FROM patients")
+            .execute(&mut conn)
+            .await
+            .is_err(),
+        "its tables are hidden from its next session"
+    );
+    conn.close().await.unwrap();
+
+    let report = env.control.reconcile_once().await.unwrap();
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(report.role_settings_reset, 2, "{report:?}");
+    let left = env
+        .count(&format!(
+            "SELECT count(*) FROM pg_db_role_setting WHERE setrole = '{}'::regrole",
+            t.role_name
+        ))
+        .await;
+    assert_eq!(left, 0);
+    let mut conn = env.connect_tenant("tinkerer").await.unwrap();
+    sqlx::query("INSERT INTO patients (full_name) VALUES ('back to normal')")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    let again = env.control.reconcile_once().await.unwrap();
+    assert_eq!(again.role_settings_reset, 0, "{again:?}");
+}
