@@ -229,6 +229,13 @@ DO $$ BEGIN
   IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
     REVOKE SELECT ON pg_catalog.pg_stat_activity FROM PUBLIC;
     REVOKE EXECUTE ON FUNCTION pg_catalog.pg_stat_get_activity(integer) FROM PUBLIC;
+    -- The same sessions, one field at a time (their pids, databases, roles).
+    REVOKE EXECUTE ON FUNCTION pg_catalog.pg_stat_get_backend_idset(),
+      pg_catalog.pg_stat_get_backend_pid(integer),
+      pg_catalog.pg_stat_get_backend_dbid(integer),
+      pg_catalog.pg_stat_get_backend_userid(integer),
+      pg_catalog.pg_stat_get_backend_client_addr(integer),
+      pg_catalog.pg_stat_get_backend_activity_start(integer) FROM PUBLIC;
   END IF;
 END $$;";
 

@@ -250,10 +250,15 @@ async fn a_tenant_role_reaches_its_own_database_and_nothing_else() {
         .await
         .is_err());
     // Nor who else is connected to the cluster (the server's admin is a superuser here).
-    assert!(sqlx::query("SELECT count(*) FROM pg_stat_activity")
-        .execute(&mut own)
-        .await
-        .is_err());
+    for peek in [
+        "SELECT count(*) FROM pg_stat_activity",
+        // The same, one field at a time.
+        "SELECT pg_stat_get_backend_pid(b) FROM pg_stat_get_backend_idset() b",
+        "SELECT pg_stat_get_backend_dbid(1)",
+        "SELECT pg_stat_get_backend_userid(1)",
+    ] {
+        assert!(sqlx::query(peek).execute(&mut own).await.is_err(), "{peek}");
+    }
     own.close().await.ok();
 }
 
