@@ -111,15 +111,40 @@ fn pg_tool(env: &TestEnv, tool: &str, args: &[&str]) {
     );
 }
 
+/// A `pg_dump` of the control database, in a directory of its own.
+fn dump_control(env: &TestEnv) -> tempfile::TempDir {
+    let dump = tempfile::tempdir().unwrap();
+    let file = dump.path().join("control.dump");
+    pg_tool(
+        env,
+        "pg_dump",
+        &["-Fc", "-f", file.to_str().unwrap(), &env.control_url()],
+    );
+    dump
+}
+
+/// Disaster recovery: the control database goes back to the dump.
+async fn restore_control(env: &TestEnv, dump: &tempfile::TempDir) {
+    for sql in [
+        "DROP DATABASE silo_control WITH (FORCE)",
+        "CREATE DATABASE silo_control",
+    ] {
+        sqlx::raw_sql(sql).execute(&env.admin).await.unwrap();
+    }
+    let file = dump.path().join("control.dump");
+    pg_tool(
+        env,
+        "pg_restore",
+        &["-d", &env.control_url(), file.to_str().unwrap()],
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_control_db_restored_to_before_five_tenants_loses_none_and_adopts_them() {
     let env = TestEnv::start().await;
     env.create("older").await;
     env.control.reconcile_once().await.unwrap();
-    let dump = tempfile::tempdir().unwrap();
-    let file = dump.path().join("control.dump");
-    let file = file.to_str().unwrap();
-    pg_tool(&env, "pg_dump", &["-Fc", "-f", file, &env.control_url()]);
+    let dump = dump_control(&env);
 
     let newer: Vec<String> = (1..=5).map(|i| format!("newer-{i}")).collect();
     for slug in &newer {
@@ -150,14 +175,7 @@ async fn a_control_db_restored_to_before_five_tenants_loses_none_and_adopts_them
         );
     }
 
-    // Disaster recovery: the control DB goes back to the dump.
-    for sql in [
-        "DROP DATABASE silo_control WITH (FORCE)",
-        "CREATE DATABASE silo_control",
-    ] {
-        sqlx::raw_sql(sql).execute(&env.admin).await.unwrap();
-    }
-    pg_tool(&env, "pg_restore", &["-d", &env.control_url(), file]);
+    restore_control(&env, &dump).await;
 
     // A restarted silo (fresh pools on the restored DB): ten passes.
     let silo = env.replica(Default::default());
@@ -470,10 +488,7 @@ async fn a_control_db_restored_to_before_a_restore_points_the_tenant_at_its_data
         .await
         .unwrap()
         .id;
-    let dump = tempfile::tempdir().unwrap();
-    let file = dump.path().join("control.dump");
-    let file = file.to_str().unwrap();
-    pg_tool(&env, "pg_dump", &["-Fc", "-f", file, &env.control_url()]);
+    let dump = dump_control(&env);
 
     let (s, op) = env
         .call(
@@ -503,13 +518,7 @@ async fn a_control_db_restored_to_before_a_restore_points_the_tenant_at_its_data
     assert_eq!(done["status"], "succeeded", "{done}");
     let copy = env.record("alpha-copy").await;
 
-    for sql in [
-        "DROP DATABASE silo_control WITH (FORCE)",
-        "CREATE DATABASE silo_control",
-    ] {
-        sqlx::raw_sql(sql).execute(&env.admin).await.unwrap();
-    }
-    pg_tool(&env, "pg_restore", &["-d", &env.control_url(), file]);
+    restore_control(&env, &dump).await;
 
     let silo = env.replica(Default::default());
     let report = silo.reconcile_once().await.unwrap();
