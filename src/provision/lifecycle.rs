@@ -12,7 +12,7 @@ use crate::domain::OperationKind;
 use crate::failpoint;
 use crate::ops::{Error, Result};
 use crate::registry::{Operation, TenantPatch, TenantRecord, TenantStatus};
-use crate::servers::roles;
+use crate::servers::{roles, sqlstate};
 
 /// How long a statement running under the old password may take to finish
 /// before its session is ended by a rotation.
@@ -137,9 +137,21 @@ impl Provisioner {
                 reg.transition(id, &[from], to, None).await?;
                 reg.revoke_tokens(id).await?;
             }
-            roles::set_role_login(&admin, &t.role_name, login)
-                .await
-                .context("change whether the tenant role may log in")?;
+            match roles::set_role_login(&admin, &t.role_name, login).await {
+                // No role to log in as (gone from its server, e.g. with a
+                // control database restored to an earlier point): suspended
+                // all the same; nothing to resume.
+                Err(e) if e.is(sqlstate::UNDEFINED_OBJECT) => {
+                    if login {
+                        return Err(Error::conflict(format!(
+                            "the tenant's role {} is not on its server: it cannot log in; see the reconciler's report",
+                            t.role_name
+                        )));
+                    }
+                    tracing::warn!(tenant_id = %id, role = t.role_name, "suspended a tenant whose role is not on its server");
+                }
+                other => other.context("change whether the tenant role may log in")?,
+            }
             if !login {
                 roles::terminate_sessions(&admin, &t.role_name)
                     .await

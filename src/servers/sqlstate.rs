@@ -17,6 +17,8 @@ pub const INVALID_CATALOG_NAME: &str = "3D000";
 pub const DUPLICATE_DATABASE: &str = "42P04";
 /// `42710`: the role (or another object) exists already.
 pub const DUPLICATE_OBJECT: &str = "42710";
+/// `undefined_object`: e.g. a role that does not exist.
+pub const UNDEFINED_OBJECT: &str = "42704";
 /// A privilege is missing (a tenant over its storage quota writing).
 pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
 /// `53300`: too many connections (for the server, or for the role).

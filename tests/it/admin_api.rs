@@ -498,3 +498,52 @@ async fn health_metrics_and_the_openapi_document_are_served() {
         sha2::Sha256::digest(&vendored)
     );
 }
+
+/// A tenant whose role is gone from its server (a control database
+/// restored to an earlier point, a person's mistake): a suspend answers
+/// and records it suspended (nothing can log in as it anyway), a resume is
+/// refused with a `409` that says why. Both answered `500`.
+#[tokio::test(flavor = "multi_thread")]
+async fn lifecycle_calls_on_a_tenant_whose_role_is_gone_answer_clearly() {
+    use sqlx::Connection;
+    let env = TestEnv::start().await;
+    env.create("roleless").await;
+    let t = env.record("roleless").await;
+    let mut db = sqlx::PgConnection::connect(&env.pg.url(&t.database_name))
+        .await
+        .unwrap();
+    sqlx::raw_sql(&format!("DROP OWNED BY \"{}\"", t.role_name))
+        .execute(&mut db)
+        .await
+        .unwrap();
+    db.close().await.unwrap();
+    sqlx::raw_sql(&format!(
+        "REVOKE ALL ON DATABASE \"{db}\" FROM \"{role}\"; DROP ROLE \"{role}\"",
+        db = t.database_name,
+        role = t.role_name
+    ))
+    .execute(&env.admin)
+    .await
+    .unwrap();
+
+    let (status, body) = env
+        .call(Method::POST, "/admin/v1/tenants/roleless/suspend", None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "suspended", "{body}");
+    let (status, body) = env
+        .call(Method::POST, "/admin/v1/tenants/roleless/resume", None)
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("not on its server"),
+        "{body}"
+    );
+    assert_eq!(
+        env.record("roleless").await.status,
+        silo::registry::TenantStatus::Suspended
+    );
+}
