@@ -1636,7 +1636,10 @@ fn changes_session(sql: &str) -> bool {
     }) {
         return true;
     }
-    sql.split(';').any(|statement| {
+    let Some(statements) = statements(sql) else {
+        return true; // unterminated: nothing runs, but never guess
+    };
+    statements.iter().any(|statement| {
         let (first, rest) = first_word(statement);
         if first.eq_ignore_ascii_case("SET") {
             let (second, _) = first_word(rest);
@@ -1661,8 +1664,124 @@ fn changes_session(sql: &str) -> bool {
 }
 
 fn drops_statements(sql: &str) -> bool {
-    sql.split(';')
-        .any(|statement| is_one_of(first_word(statement).0, &["DISCARD", "DEALLOCATE"]))
+    statements(sql).is_none_or(|all| {
+        all.iter()
+            .any(|statement| is_one_of(first_word(statement).0, &["DISCARD", "DEALLOCATE"]))
+    })
+}
+
+/// The statements of SQL text as PostgreSQL splits them: at each `;`
+/// outside comments (`--`, nested `/* */`), string literals (`'…'`,
+/// `E'…'` with backslash escapes), quoted identifiers and dollar-quoted
+/// strings. Comments and the insides of literals are left out (a `;` in a
+/// comment must not hide the statement after it, nor a `/*` in a literal
+/// hide the rest); identifiers are kept. `None` when something is left
+/// unterminated (PostgreSQL runs none of such text).
+fn statements(sql: &str) -> Option<Vec<String>> {
+    let b = sql.as_bytes();
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80;
+    let (mut out, mut current) = (Vec::new(), Vec::<u8>::new());
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+                current.push(b' ');
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                let mut depth = 0;
+                loop {
+                    match (b.get(i), b.get(i + 1)) {
+                        (Some(b'/'), Some(b'*')) => {
+                            depth += 1;
+                            i += 2;
+                        }
+                        (Some(b'*'), Some(b'/')) => {
+                            depth -= 1;
+                            i += 2;
+                            if depth == 0 {
+                                break;
+                            }
+                        }
+                        (Some(_), _) => i += 1,
+                        (None, _) => return None,
+                    }
+                }
+                current.push(b' ');
+            }
+            b'\'' => {
+                let escapes =
+                    i > 0 && b[i - 1].eq_ignore_ascii_case(&b'e') && (i < 2 || !ident(b[i - 2]));
+                i += 1;
+                loop {
+                    match b.get(i) {
+                        None => return None,
+                        Some(b'\\') if escapes => i += 2,
+                        Some(b'\'') if b.get(i + 1) == Some(&b'\'') => i += 2,
+                        Some(b'\'') => {
+                            i += 1;
+                            break;
+                        }
+                        Some(_) => i += 1,
+                    }
+                }
+                current.extend_from_slice(b"''");
+            }
+            b'"' => {
+                let start = i;
+                i += 1;
+                loop {
+                    match b.get(i) {
+                        None => return None,
+                        Some(b'"') if b.get(i + 1) == Some(&b'"') => i += 2,
+                        Some(b'"') => {
+                            i += 1;
+                            break;
+                        }
+                        Some(_) => i += 1,
+                    }
+                }
+                current.extend_from_slice(&b[start..i]);
+            }
+            b'$' if i == 0 || !ident(b[i - 1]) => {
+                // `$tag$` (or `$$`) opens a dollar-quoted string; `$1` is a
+                // parameter.
+                let tag_end = b[i + 1..]
+                    .iter()
+                    .position(|&c| !(c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80))
+                    .map(|n| i + 1 + n);
+                let opens =
+                    tag_end.filter(|&e| b[e] == b'$' && (e == i + 1 || !b[i + 1].is_ascii_digit()));
+                match opens {
+                    Some(e) => {
+                        let tag = &b[i..=e];
+                        let body = e + 1;
+                        let close = b[body..].windows(tag.len()).position(|w| w == tag)?;
+                        i = body + close + tag.len();
+                        current.extend_from_slice(b"''");
+                    }
+                    None => {
+                        current.push(c);
+                        i += 1;
+                    }
+                }
+            }
+            b';' => {
+                out.push(String::from_utf8_lossy(&current).into_owned());
+                current.clear();
+                i += 1;
+            }
+            _ => {
+                current.push(c);
+                i += 1;
+            }
+        }
+    }
+    out.push(String::from_utf8_lossy(&current).into_owned());
+    Some(out)
 }
 
 /// `set_config(name, value, false)`: a setting as `-c name=value` gives it
@@ -1704,6 +1823,24 @@ mod tests {
                 true,
             ),
             ("UPDATE pg_catalog.PG_SETTINGS SET setting = 'x'", true),
+            // A `;` in a comment must not hide the statement after it.
+            ("/*;*/SET default_transaction_read_only=on", true),
+            ("SELECT 1;/*;*/SET search_path=pg_catalog", true),
+            ("/* a /* nested ; */ comment */ LISTEN chan", true),
+            ("-- ;\nRESET work_mem", true),
+            ("SELECT 1; /*;*/ DO $x$ begin execute 'se'||'t x=1'; end $x$", true),
+            // Nor a `/*` or `--` in a literal the rest of the text.
+            ("SELECT '/*'; SET search_path = x; SELECT '*/'", true),
+            ("SELECT E'it\\'s' ; SET x.y = 1", true),
+            // (an escaped quote: all one literal, nothing is SET)
+            ("SELECT E'\\' ; SET x.y = 1 ; SELECT 1 -- '", false),
+            ("SELECT $q$ /* $q$; PREPARE p AS SELECT 1; SELECT $q$ */ $q$", true),
+            // Unterminated: never guessed clean.
+            ("SELECT 1 /* ; SET x = 1", true),
+            // What is only text stays clean.
+            ("SELECT 'SET x = 1; LISTEN y'", false),
+            ("SELECT $$; SET x = 1$$, $1", false),
+            ("SELECT \"a;b\" FROM t -- ; SET x", false),
             ("do $$begin execute 'set work_mem=''66MB'''; end$$", true),
             ("select pg_try_advisory_lock(4242)", true),
             ("select 1 as a into temp leak_t", true),

@@ -1064,6 +1064,9 @@ async fn transaction_mode_keeps_each_clients_settings_and_leaks_none_to_the_next
         "do $$begin execute 'set statement_timeout=''3ms'''; end$$",
         "select pg_try_advisory_lock(4242)",
         "update pg_settings set setting = '4ms' where name = 'statement_timeout'",
+        // A `;` in a comment hid the statement after it.
+        "/*;*/set statement_timeout='5ms'",
+        "select 1;/*;*/set search_path=pg_catalog",
     ] {
         let out = psql_with(&u, &plain, leak).await;
         assert!(out.status.success(), "{leak}: {}", text(&out));
