@@ -291,7 +291,9 @@ pub async fn set_connection_limits(
 /// `search_path` without `public` turned the app API's answers into 500s,
 /// `default_transaction_read_only` its writes) and grows a catalog shared
 /// by every tenant of the cluster. A role one of its own sessions holds
-/// locked is left for a later pass. Returns how many settings were reset.
+/// locked is left for a later pass. The roles' sessions are ended (they
+/// keep the settings they started with). Returns how many settings were
+/// reset.
 pub async fn reset_role_settings(admin: &ServerAdmin) -> Result<u32> {
     let rows: Vec<(String, Option<String>)> = sqlx::query_as(&format!(
         "SELECT r.rolname::text, d.datname::text
@@ -325,7 +327,15 @@ pub async fn reset_role_settings(admin: &ServerAdmin) -> Result<u32> {
         ));
     }
     admin.exec(&sql).await?;
-    tracing::warn!(server = %admin.name, settings = rows.len(), "reset settings tenant roles gave themselves (ALTER ROLE ... SET)");
+    // Sessions opened under them keep them (the router's pooled
+    // connections too): ended, so what replaces them starts clean.
+    let roles: Vec<&str> = rows.iter().map(|(r, _)| r.as_str()).collect();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1)")
+        .bind(&roles)
+        .execute(&admin.pool)
+        .await
+        .map_err(|e| admin.error(None, e))?;
+    tracing::warn!(server = %admin.name, settings = rows.len(), "reset settings tenant roles gave themselves (ALTER ROLE ... SET), and ended their sessions");
     Ok(rows.len() as u32)
 }
 

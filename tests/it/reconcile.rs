@@ -428,7 +428,15 @@ async fn settings_a_tenant_role_gives_itself_are_reset_by_the_next_pass() {
             .is_err(),
         "its tables are hidden from its next session"
     );
-    conn.close().await.unwrap();
+    // And from the app API, through connections the router opened now.
+    let bearer = format!("Bearer {}", env.app_token("tinkerer").await);
+    let headers = [
+        ("authorization", bearer.as_str()),
+        ("x-tenant-id", "tinkerer"),
+    ];
+    let app = || env.call_with(axum::http::Method::GET, "/api/v1/patients", None, &headers);
+    let (status, body) = app().await;
+    assert!(status.is_server_error(), "{status} {body}");
 
     let report = env.control.reconcile_once().await.unwrap();
     assert!(report.errors.is_empty(), "{report:?}");
@@ -440,6 +448,15 @@ async fn settings_a_tenant_role_gives_itself_are_reset_by_the_next_pass() {
         ))
         .await;
     assert_eq!(left, 0);
+    // Sessions opened under the settings are ended: the router's pooled
+    // connections start again clean (they kept the settings, and the app
+    // API its 500s), and so does the tenant's own.
+    assert!(
+        sqlx::query("SELECT 1").execute(&mut conn).await.is_err(),
+        "a session opened under the settings was ended"
+    );
+    let (status, body) = app().await;
+    assert_eq!(status, axum::http::StatusCode::OK, "{body}");
     let mut conn = env.connect_tenant("tinkerer").await.unwrap();
     sqlx::query("INSERT INTO patients (full_name) VALUES ('back to normal')")
         .execute(&mut conn)
