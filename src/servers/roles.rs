@@ -328,13 +328,16 @@ pub async fn reset_role_settings(admin: &ServerAdmin) -> Result<u32> {
     }
     admin.exec(&sql).await?;
     // Sessions opened under them keep them (the router's pooled
-    // connections too): ended, so what replaces them starts clean.
+    // connections too): ended, and waited for (up to 5 s each), so what
+    // replaces them starts clean.
     let roles: Vec<&str> = rows.iter().map(|(r, _)| r.as_str()).collect();
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1)")
-        .bind(&roles)
-        .execute(&admin.pool)
-        .await
-        .map_err(|e| admin.error(None, e))?;
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE usename = ANY($1)",
+    )
+    .bind(&roles)
+    .execute(&admin.pool)
+    .await
+    .map_err(|e| admin.error(None, e))?;
     tracing::warn!(server = %admin.name, settings = rows.len(), "reset settings tenant roles gave themselves (ALTER ROLE ... SET), and ended their sessions");
     Ok(rows.len() as u32)
 }
