@@ -89,10 +89,10 @@ async fn run() -> Result<()> {
     let setup = Instant::now();
     sqlx::query(
         "INSERT INTO tenants (id, slug, name, plan, status, server_id, database_name, role_name,
-                              password_enc, key_id, own_privileges, schema_version)
+                              password_enc, key_id, own_privileges, grants_version, schema_version)
          SELECT gen_random_uuid(), 'u-' || lpad(i::text, 6, '0'), 'Bench ' || i, 'standard', 'active',
                 CASE WHEN i % 2 = 0 THEN $2 ELSE $3 END,
-                'silo_t_bench_' || i, 'silo_r_bench_' || i, '\\x00'::bytea, 'bench', true, 1
+                'silo_t_bench_' || i, 'silo_r_bench_' || i, '\\x00'::bytea, 'bench', true, 1, 1
            FROM generate_series(0, $1 - 1) AS i",
     )
     .bind(tenants as i64)

@@ -37,8 +37,8 @@ impl Registry {
     /// created, granted and verified.
     pub async fn insert_spare(&self, spare: &Spare) -> Result<()> {
         sqlx::query(
-            "INSERT INTO spares (database_name, server_id, schema_version, role_name, password_enc, key_id, own_privileges)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO spares (database_name, server_id, schema_version, role_name, password_enc, key_id, own_privileges, grants_version)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(&spare.database_name)
         .bind(spare.server_id)
@@ -47,6 +47,7 @@ impl Registry {
         .bind(&spare.password_enc)
         .bind(&spare.key_id)
         .bind(spare.own_privileges)
+        .bind(super::tenants::GRANTS_VERSION)
         .execute(&self.pool)
         .await
         .map(|_| ())

@@ -220,6 +220,13 @@ const SELECT_RECORD: &str =
         p.max_staff, p.max_patients
    FROM tenants t JOIN db_servers s ON s.id = t.server_id JOIN plans p ON p.name = t.plan";
 
+/// The version of the grants silo's code gives a tenant database (see
+/// control migration 0020): a row written by older code is below it, and
+/// is regranted (or, for a spare, replaced). Bump it, with a migration
+/// that sets every row below, when the grants change in a way that must
+/// reach every database.
+pub const GRANTS_VERSION: i32 = 1;
+
 impl Registry {
     /// Insert the tenant row and, with it, the idempotency key and an audit row.
     /// A taken slug fails on `tenants_slug_key`, a reused key on `idempotency_keys_pkey`.
@@ -234,8 +241,8 @@ impl Registry {
         let mut tx = self.begin_lazy().await?;
         sqlx::query(
             "INSERT INTO tenants (id, slug, name, plan, status, server_id, database_name, role_name,
-                                  password_enc, key_id, provision_step, own_privileges, expires_at)
-             VALUES ($1, $2, $3, $4, 'provisioning', $5, $6, $7, $8, $9, 'registered', true,
+                                  password_enc, key_id, provision_step, own_privileges, grants_version, expires_at)
+             VALUES ($1, $2, $3, $4, 'provisioning', $5, $6, $7, $8, $9, 'registered', true, $10,
                      now() + make_interval(days => (SELECT trial_days FROM plans WHERE name = $4)))",
         )
         .bind(t.id)
@@ -247,6 +254,7 @@ impl Registry {
         .bind(t.role_name)
         .bind(t.password_enc)
         .bind(t.key_id)
+        .bind(GRANTS_VERSION)
         .execute(&mut *tx)
         .await?;
         if let Some((key, hash)) = idempotency {
@@ -856,8 +864,9 @@ impl Registry {
 impl Registry {
     /// The tenant's database is granted to its role alone now.
     pub async fn set_own_privileges(&self, id: Uuid) -> Result<()> {
-        sqlx::query("UPDATE tenants SET own_privileges = true WHERE id = $1")
+        sqlx::query("UPDATE tenants SET own_privileges = true, grants_version = $2 WHERE id = $1")
             .bind(id)
+            .bind(GRANTS_VERSION)
             .execute(&self.pool)
             .await?;
         Ok(())

@@ -811,15 +811,48 @@ async fn no_tenant_role_reads_or_writes_the_server_s_files() {
         !refused_everywhere("plain").await.is_empty(),
         "the old grant is in place"
     );
-    sqlx::query("UPDATE tenants SET own_privileges = false WHERE id = $1")
+    // Migration 0020's mark; then a replica still on the older code
+    // "regrants" it (with the old grants) and marks it done, as it would
+    // during a rolling upgrade: the mark holds (its grants_version is 0).
+    let pool = env.registry().pool();
+    sqlx::query("UPDATE tenants SET own_privileges = false, grants_version = 0 WHERE id = $1")
         .bind(t.id)
-        .execute(env.registry().pool())
+        .execute(pool)
         .await
         .unwrap();
+    sqlx::query("UPDATE tenants SET own_privileges = true WHERE id = $1")
+        .bind(t.id)
+        .execute(pool)
+        .await
+        .unwrap();
+    assert!(
+        !env.record("plain").await.own_privileges,
+        "still to regrant"
+    );
+    // A spare the older code records is never taken as current either.
+    sqlx::query(
+        "INSERT INTO spares (database_name, server_id, schema_version, role_name, own_privileges)
+         VALUES ('silo_spare_from_older_code', $1, 1, 'silo_r_from_older_code', true)",
+    )
+    .bind(t.server_id)
+    .execute(pool)
+    .await
+    .unwrap();
+    let older: bool = sqlx::query_scalar(
+        "SELECT own_privileges FROM spares WHERE database_name = 'silo_spare_from_older_code'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert!(!older, "a spare of the older code is not current");
     let report = env.control.reconcile_once().await.unwrap();
     assert_eq!(report.privileges_regranted, 1, "{report:?}");
     let failures = refused_everywhere("plain").await;
     assert!(failures.is_empty(), "{failures:#?}");
+    assert!(
+        env.record("plain").await.own_privileges,
+        "regranted, current"
+    );
     // Its own large objects still work.
     let mut conn = env.connect_tenant("plain").await.unwrap();
     let oid: sqlx::postgres::types::Oid = sqlx::query_scalar("SELECT lo_from_bytea(0, 'mine')")

@@ -920,8 +920,8 @@ async fn reseal_throughput() {
         })
         .collect();
     sqlx::query(
-        "INSERT INTO spares (database_name, server_id, schema_version, role_name, password_enc, key_id, own_privileges)
-         SELECT n, $2, 1, n, s, $4, true FROM unnest($1::text[], $3::bytea[]) AS u(n, s)",
+        "INSERT INTO spares (database_name, server_id, schema_version, role_name, password_enc, key_id, own_privileges, grants_version)
+         SELECT n, $2, 1, n, s, $4, true, 1 FROM unnest($1::text[], $3::bytea[]) AS u(n, s)",
     )
     .bind(&names)
     .bind(server)
