@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::crypt::Opener;
 use super::run::{hex, row_counts, Manifest};
 use super::{Backups, Progress, Storage};
-use crate::domain::Slug;
+use crate::domain::{OperationKind, Slug};
 use crate::ops::{Error, Result};
 use crate::registry::{Backup, Lock, TenantRecord, TenantStatus};
 use crate::servers::names::{scratch_db, tenant_names};
@@ -518,8 +518,12 @@ impl Backups {
                 // trial has ended since) comes back suspended, its role
                 // unable to log in, as `resume` would have it.
                 let trial_over = target.expires_at.is_some_and(|at| at <= chrono::Utc::now());
-                let was_suspended =
-                    reg.archived_from(target.id).await? == Some(TenantStatus::Suspended);
+                // (An archived tenant's latest archival is the one that
+                // archived it: it records the status it came from.)
+                let was_suspended = reg
+                    .latest_operation_params(OperationKind::TenantArchive, target.id)
+                    .await?
+                    .is_some_and(|p| p["from"] == TenantStatus::Suspended.as_str());
                 let back = if was_suspended || trial_over {
                     roles::set_role_login(&admin, &target.role_name, false)
                         .await

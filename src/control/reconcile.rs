@@ -326,13 +326,14 @@ pub fn plan(observed: &Observed, accounted: &Accounted) -> Vec<Action> {
     for (role, can_login) in &observed.roles {
         match live_roles.get(role.as_str()) {
             None => match fate(role, names::tenant_of_role(role), accounted) {
-                Fate::Quarantine(tenant) | Fate::Found(tenant) => {
-                    quarantines.push(Action::QuarantineRole {
-                        role: role.clone(),
-                        tenant,
-                    })
+                Fate::Quarantine(tenant) => quarantines.push(Action::QuarantineRole {
+                    role: role.clone(),
+                    tenant,
+                }),
+                // A role of a tenant whose data is being found again: kept.
+                Fate::Found(_) | Fate::Unregistered => {
+                    actions.push(Action::Unregistered(role.clone()))
                 }
-                Fate::Unregistered => actions.push(Action::Unregistered(role.clone())),
                 Fate::Leave => {}
             },
             Some(status) => {

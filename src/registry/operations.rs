@@ -6,7 +6,7 @@ use sqlx::FromRow;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{Error, Registry, Result, TenantStatus};
+use super::{Error, Registry, Result};
 use crate::domain::OperationKind;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema, sqlx::Type)]
@@ -170,21 +170,6 @@ impl Registry {
             .fetch_one(&self.pool)
             .await
             .map_err(Error::from)
-    }
-
-    /// The status a tenant was archived from (`from` of its latest
-    /// archival that succeeded), if it was archived by one.
-    pub async fn archived_from(&self, tenant: Uuid) -> Result<Option<TenantStatus>> {
-        let from: Option<String> = sqlx::query_scalar(
-            "SELECT params->>'from' FROM operations
-              WHERE tenant_id = $1 AND kind = 'tenant.archive' AND status = 'succeeded'
-              ORDER BY created_at DESC, id DESC LIMIT 1",
-        )
-        .bind(tenant)
-        .fetch_optional(&self.pool)
-        .await?
-        .flatten();
-        Ok(from.as_deref().and_then(TenantStatus::parse))
     }
 
     pub async fn set_progress(&self, id: Uuid, progress: serde_json::Value) -> Result<()> {

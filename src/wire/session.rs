@@ -1584,8 +1584,11 @@ fn first_word(sql: &str) -> (&str, &str) {
     loop {
         if let Some(rest) = s.strip_prefix("--") {
             s = rest.split_once('\n').map_or("", |(_, r)| r).trim_start();
-        } else if let Some(rest) = s.strip_prefix("/*") {
-            s = rest.split_once("*/").map_or("", |(_, r)| r).trim_start();
+        } else if s.starts_with("/*") {
+            // Nested, as PostgreSQL reads them.
+            s = comment_end(s.as_bytes(), 0)
+                .map_or("", |end| &s[end..])
+                .trim_start();
         } else {
             break;
         }
@@ -1636,10 +1639,8 @@ fn changes_session(sql: &str) -> bool {
     }) {
         return true;
     }
-    let Some(statements) = statements(sql) else {
-        return true; // unterminated: nothing runs, but never guess
-    };
-    statements.iter().any(|statement| {
+    // Unterminated (`None`): nothing runs, but never guess.
+    any_statement(sql, |statement| {
         let (first, rest) = first_word(statement);
         if first.eq_ignore_ascii_case("SET") {
             let (second, _) = first_word(rest);
@@ -1661,127 +1662,106 @@ fn changes_session(sql: &str) -> bool {
             ],
         )
     })
+    .unwrap_or(true)
 }
 
 fn drops_statements(sql: &str) -> bool {
-    statements(sql).is_none_or(|all| {
-        all.iter()
-            .any(|statement| is_one_of(first_word(statement).0, &["DISCARD", "DEALLOCATE"]))
+    any_statement(sql, |statement| {
+        is_one_of(first_word(statement).0, &["DISCARD", "DEALLOCATE"])
     })
+    .unwrap_or(true)
 }
 
-/// The statements of SQL text as PostgreSQL splits them: at each `;`
-/// outside comments (`--`, nested `/* */`), string literals (`'…'`,
-/// `E'…'` with backslash escapes), quoted identifiers and dollar-quoted
-/// strings. Comments and the insides of literals are left out (a `;` in a
-/// comment must not hide the statement after it, nor a `/*` in a literal
-/// hide the rest); identifiers are kept. `None` when something is left
-/// unterminated (PostgreSQL runs none of such text).
-fn statements(sql: &str) -> Option<Vec<String>> {
+/// Whether `f` holds for a statement of SQL text, its statements split as
+/// PostgreSQL splits them: at each `;` outside comments (`--`, nested
+/// `/* */`), string literals (`'…'`, `E'…'` with backslash escapes),
+/// quoted identifiers and dollar-quoted strings (a `;` in a comment must
+/// not hide the statement after it, nor a `/*` in a literal the rest).
+/// Each is a slice of `sql`, nothing copied: every simple query and `Parse`
+/// goes through here. `None` when something is left unterminated
+/// (PostgreSQL runs none of such text).
+fn any_statement(sql: &str, mut f: impl FnMut(&str) -> bool) -> Option<bool> {
     let b = sql.as_bytes();
     let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80;
-    let (mut out, mut current) = (Vec::new(), Vec::<u8>::new());
-    let mut i = 0;
+    let (mut start, mut i) = (0, 0);
     while i < b.len() {
-        let c = b[i];
-        match c {
-            b'-' if b.get(i + 1) == Some(&b'-') => {
-                while i < b.len() && b[i] != b'\n' {
-                    i += 1;
-                }
-                current.push(b' ');
-            }
-            b'/' if b.get(i + 1) == Some(&b'*') => {
-                let mut depth = 0;
-                loop {
-                    match (b.get(i), b.get(i + 1)) {
-                        (Some(b'/'), Some(b'*')) => {
-                            depth += 1;
-                            i += 2;
-                        }
-                        (Some(b'*'), Some(b'/')) => {
-                            depth -= 1;
-                            i += 2;
-                            if depth == 0 {
-                                break;
-                            }
-                        }
-                        (Some(_), _) => i += 1,
-                        (None, _) => return None,
-                    }
-                }
-                current.push(b' ');
-            }
+        i = match b[i] {
+            b'-' if b.get(i + 1) == Some(&b'-') => b[i..]
+                .iter()
+                .position(|&c| c == b'\n')
+                .map_or(b.len(), |n| i + n),
+            b'/' if b.get(i + 1) == Some(&b'*') => comment_end(b, i)?,
             b'\'' => {
                 let escapes =
                     i > 0 && b[i - 1].eq_ignore_ascii_case(&b'e') && (i < 2 || !ident(b[i - 2]));
-                i += 1;
-                loop {
-                    match b.get(i) {
-                        None => return None,
-                        Some(b'\\') if escapes => i += 2,
-                        Some(b'\'') if b.get(i + 1) == Some(&b'\'') => i += 2,
-                        Some(b'\'') => {
-                            i += 1;
-                            break;
-                        }
-                        Some(_) => i += 1,
-                    }
-                }
-                current.extend_from_slice(b"''");
+                quoted_end(b, i, b'\'', escapes)?
             }
-            b'"' => {
-                let start = i;
-                i += 1;
-                loop {
-                    match b.get(i) {
-                        None => return None,
-                        Some(b'"') if b.get(i + 1) == Some(&b'"') => i += 2,
-                        Some(b'"') => {
-                            i += 1;
-                            break;
-                        }
-                        Some(_) => i += 1,
-                    }
-                }
-                current.extend_from_slice(&b[start..i]);
-            }
+            b'"' => quoted_end(b, i, b'"', false)?,
+            // `$tag$` (or `$$`) opens a dollar-quoted string; `$1` is a
+            // parameter, `a$b` an identifier.
             b'$' if i == 0 || !ident(b[i - 1]) => {
-                // `$tag$` (or `$$`) opens a dollar-quoted string; `$1` is a
-                // parameter.
                 let tag_end = b[i + 1..]
                     .iter()
                     .position(|&c| !(c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80))
-                    .map(|n| i + 1 + n);
-                let opens =
-                    tag_end.filter(|&e| b[e] == b'$' && (e == i + 1 || !b[i + 1].is_ascii_digit()));
-                match opens {
+                    .map(|n| i + 1 + n)
+                    .filter(|&e| b[e] == b'$' && (e == i + 1 || !b[i + 1].is_ascii_digit()));
+                match tag_end {
                     Some(e) => {
                         let tag = &b[i..=e];
-                        let body = e + 1;
-                        let close = b[body..].windows(tag.len()).position(|w| w == tag)?;
-                        i = body + close + tag.len();
-                        current.extend_from_slice(b"''");
+                        let close = b[e + 1..].windows(tag.len()).position(|w| w == tag)?;
+                        e + 1 + close + tag.len()
                     }
-                    None => {
-                        current.push(c);
-                        i += 1;
-                    }
+                    None => i + 1,
                 }
             }
             b';' => {
-                out.push(String::from_utf8_lossy(&current).into_owned());
-                current.clear();
-                i += 1;
+                if f(&sql[start..i]) {
+                    return Some(true);
+                }
+                start = i + 1;
+                i + 1
             }
-            _ => {
-                current.push(c);
-                i += 1;
+            _ => i + 1,
+        };
+    }
+    Some(f(&sql[start..]))
+}
+
+/// Where the (nested) comment opening at `b[at..]` ends, past its `*/`.
+fn comment_end(b: &[u8], at: usize) -> Option<usize> {
+    let (mut depth, mut i) = (0, at);
+    loop {
+        match (b.get(i), b.get(i + 1)) {
+            (Some(b'/'), Some(b'*')) => {
+                depth += 1;
+                i += 2;
             }
+            (Some(b'*'), Some(b'/')) => {
+                depth -= 1;
+                i += 2;
+                if depth == 0 {
+                    return Some(i);
+                }
+            }
+            (Some(_), _) => i += 1,
+            (None, _) => return None,
         }
     }
-    out.push(String::from_utf8_lossy(&current).into_owned());
-    Some(out)
+}
+
+/// Where the literal or identifier opening with `quote` at `b[at]` ends,
+/// past its closing quote (a doubled quote is one character; with
+/// `escapes`, a backslash escapes the next byte).
+fn quoted_end(b: &[u8], at: usize, quote: u8, escapes: bool) -> Option<usize> {
+    let mut i = at + 1;
+    loop {
+        match *b.get(i)? {
+            b'\\' if escapes => i += 2,
+            c if c == quote && b.get(i + 1) == Some(&quote) => i += 2,
+            c if c == quote => return Some(i + 1),
+            _ => i += 1,
+        }
+    }
 }
 
 /// `set_config(name, value, false)`: a setting as `-c name=value` gives it
@@ -1827,6 +1807,8 @@ mod tests {
             ("/*;*/SET default_transaction_read_only=on", true),
             ("SELECT 1;/*;*/SET search_path=pg_catalog", true),
             ("/* a /* nested ; */ comment */ LISTEN chan", true),
+            ("/* /* */ SELECT */ SET x.y = 1", true),
+            ("SET /* a /* b */ c */ LOCAL work_mem = '1MB'", false),
             ("-- ;\nRESET work_mem", true),
             ("SELECT 1; /*;*/ DO $x$ begin execute 'se'||'t x=1'; end $x$", true),
             // Nor a `/*` or `--` in a literal the rest of the text.
