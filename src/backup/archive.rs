@@ -378,8 +378,21 @@ impl Backups {
                 // named) is quarantined by the reconciler for the grace
                 // period, as the runner would have set it aside.
                 let params = reg.operation_params(op.id).await.unwrap_or_default();
+                let created = params["created"].as_bool() == Some(true);
                 match params["replaces"].as_str() {
+                    // A tenant created for the restore, its data never in:
+                    // deleted, so its slug is free for the next try.
+                    Some(replaced)
+                        if created
+                            && replaced == t.database_name
+                            && t.status == TenantStatus::Suspended =>
+                    {
+                        Err(self.discard_created(op, &t).await)
+                    }
                     Some(replaced) if replaced != t.database_name => {
+                        if created && t.status == TenantStatus::Suspended {
+                            self.let_in_created(&t).await;
+                        }
                         reg.audit(
                             "reconciler",
                             "tenant.restore",
@@ -401,6 +414,72 @@ impl Backups {
                 Err(interrupted)
             }
             _ => Err(interrupted),
+        }
+    }
+
+    /// Let in a tenant a restore created and filled, whose process died
+    /// before it resumed the tenant: as a resume does, the role first, then
+    /// the registry. If this fails, the tenant stays suspended (with its
+    /// data) for an operator to resume.
+    async fn let_in_created(&self, t: &TenantRecord) {
+        let reg = self.registry();
+        let resumed = async {
+            let admin = self.admin_for(t).await?;
+            roles::set_role_login(&admin, &t.role_name, true).await?;
+            reg.transition(t.id, &[TenantStatus::Suspended], TenantStatus::Active, None)
+                .await?;
+            reg.audit(
+                "reconciler",
+                "tenant.resume",
+                Some(t.id),
+                json!({"settled": "the restore that created it had its data in"}),
+            )
+            .await?;
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(e) = resumed {
+            tracing::warn!(tenant_id = %t.id, "failed to resume a tenant its interrupted restore had filled (resume it): {e:#}");
+        }
+    }
+
+    /// Start deleting a tenant a restore created and never filled (its
+    /// process died first), as a delete does: `deleting` with a delete
+    /// operation, which the reconciler finishes. Returns the restore's error.
+    async fn discard_created(&self, op: &Operation, t: &TenantRecord) -> String {
+        let reg = self.registry();
+        let started = async {
+            if reg
+                .transition(t.id, &[t.status], TenantStatus::Deleting, None)
+                .await?
+                .is_some()
+            {
+                let delete = reg
+                    .create_operation_as(Uuid::now_v7(), OperationKind::TenantDelete, Some(t.id), json!({}))
+                    .await?;
+                reg.audit(
+                    "reconciler",
+                    "tenant.delete",
+                    Some(t.id),
+                    json!({"operation": delete.id, "why": "the restore that created it stopped before its data was in", "restore": op.id}),
+                )
+                .await?;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        match started {
+            Ok(()) => format!(
+                "interrupted: the silo process running it stopped before the backup's data was in; the tenant it had created ('{}') is being deleted, so the slug is free again for another try",
+                t.slug
+            ),
+            Err(e) => {
+                tracing::warn!(tenant_id = %t.id, "failed to start deleting the tenant an interrupted restore had created: {e:#}");
+                format!(
+                    "interrupted: the silo process running it stopped before the backup's data was in; the tenant it had created ('{}') holds none of it: delete it",
+                    t.slug
+                )
+            }
         }
     }
 

@@ -333,6 +333,7 @@ impl Backups {
                 return Err(e.into());
             }
         };
+        crate::failpoint::hit("restore_scratch");
         let new_name = restored_name(target.id, &scratch.name);
         // The tenant's lock serializes with its other operations; the server's
         // lock keeps the sweep from seeing the renamed database before the

@@ -152,7 +152,9 @@ pub(super) async fn tenants(cmd: TenantsCommand) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Restore with a byte counter on a terminal.
+/// Restore with a byte counter on a terminal. It runs as an operation
+/// (as the admin API's restore does), so a restore whose process is killed
+/// is settled by any silo's sweep, and shows in `GET /admin/v1/operations`.
 pub(super) async fn restore_with_progress(
     p: &ControlPlane,
     backup: uuid::Uuid,
@@ -160,20 +162,6 @@ pub(super) async fn restore_with_progress(
     overwrite: bool,
 ) -> Result<TenantRecord, CliError> {
     p.backups()?;
-    p.refuse_restore(backup, &target, overwrite).await?;
-    let into = match &target {
-        RestoreTarget::InPlace => None,
-        RestoreTarget::IntoSlug(s) => Some(s.to_string()),
-    };
-    // Audited when asked for, whether or not it succeeds.
-    p.registry()
-        .audit(
-            "cli",
-            "tenant.restore_requested",
-            None,
-            serde_json::json!({"backup_id": backup, "into_slug": into, "overwrite": overwrite}),
-        )
-        .await?;
     let size = p
         .registry()
         .backup(backup)
@@ -183,9 +171,32 @@ pub(super) async fn restore_with_progress(
     let progress = bar
         .clone()
         .map(|bar| std::sync::Arc::new(move |n: u64| bar.set_position(n)) as Progress);
-    let t = p.restore(backup, target, "cli", progress).await;
+    let ended = match p
+        .start_restore(backup, target, overwrite, "cli", progress)
+        .await
+    {
+        Ok(op) => p.wait_operation(op.id).await,
+        Err(e) => Err(e),
+    };
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
-    Ok(t?)
+    let op = ended?;
+    let restored = op
+        .result
+        .as_ref()
+        .and_then(|r| r["tenant_id"].as_str())
+        .and_then(|id| uuid::Uuid::parse_str(id).ok());
+    match (op.status, restored) {
+        (crate::registry::OperationStatus::Succeeded, Some(id)) => p
+            .registry()
+            .tenant(id)
+            .await?
+            .ok_or_else(|| CliError::Failed(anyhow::anyhow!("find the restored tenant {id}"))),
+        _ => Err(CliError::Failed(anyhow::anyhow!(
+            "restore backup {backup} (operation {}): {}",
+            op.id,
+            op.error.as_deref().unwrap_or("it did not finish")
+        ))),
+    }
 }

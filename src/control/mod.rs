@@ -23,7 +23,9 @@ use crate::domain::{OperationKind, TenantName};
 use crate::migrate::{Fleet, FleetProgress, FleetReport, FleetRun, TenantResult};
 use crate::ops::{Error, Operations, Result};
 use crate::provision::{CreateTenant, ProvisionConfig, Provisioner};
-use crate::registry::{Backup, DbServer, Operation, Registry, TenantRecord, TenantStatus};
+use crate::registry::{
+    Backup, DbServer, Operation, OperationStatus, Registry, TenantRecord, TenantStatus,
+};
 use crate::relocate::Mover;
 use crate::servers::{roles, ServerCheck, ServerPools, TenantSchema};
 
@@ -339,19 +341,8 @@ impl ControlPlane {
                         t
                     }
                     None => {
-                        let req = CreateTenant {
-                            slug,
-                            name: TenantName::parse(&source.name)?,
-                            plan: source.plan,
-                            server: None,
-                        };
-                        let made = self.provisioner().create(&req, None, actor).await?;
-                        // Held suspended until the backup's data is in: no
-                        // token, login or write reaches the empty database
-                        // the restore is about to replace.
-                        let held = self.provisioner().suspend(made.id, actor).await?;
-                        let restored = self.restore_into(&b, &held, actor, progress).await?;
-                        return self.provisioner().resume(restored.id, actor).await;
+                        let held = self.create_held(&source, slug, actor).await?;
+                        return self.restore_created(&b, &held, actor, progress).await;
                     }
                 }
             }
@@ -380,6 +371,80 @@ impl ControlPlane {
             self.keep_replaced(&restored, &old).await;
         }
         Ok(restored)
+    }
+
+    /// The tenant a restore into a free slug creates, with the backed-up
+    /// tenant's name and plan, held suspended until the backup's data is
+    /// in: no token, login or write reaches the empty database the restore
+    /// is about to replace. If it cannot be held, it is deleted again.
+    async fn create_held(
+        &self,
+        source: &TenantRecord,
+        slug: crate::domain::Slug,
+        actor: &str,
+    ) -> Result<TenantRecord> {
+        let req = CreateTenant {
+            slug,
+            name: TenantName::parse(&source.name)?,
+            plan: source.plan.clone(),
+            server: None,
+        };
+        let made = self.provisioner().create(&req, None, actor).await?;
+        match self.provisioner().suspend(made.id, actor).await {
+            Ok(held) => Ok(held),
+            Err(e) => {
+                self.discard_created(made.id, actor).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Restore `b` into `held`, a tenant [`Self::create_held`] made for it,
+    /// and let it in. A restore that fails before its data is in deletes
+    /// that tenant again (its slug is free for the next try); once the data
+    /// is in, the tenant is kept whatever fails after.
+    async fn restore_created(
+        &self,
+        b: &Backup,
+        held: &TenantRecord,
+        actor: &str,
+        progress: Option<Progress>,
+    ) -> Result<TenantRecord> {
+        match self.restore_into(b, held, actor, progress).await {
+            Ok(restored) => self.provisioner().resume(restored.id, actor).await,
+            Err(e) => {
+                let swapped = self
+                    .registry()
+                    .tenant(held.id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|t| t.database_name != held.database_name);
+                if !swapped {
+                    self.discard_created(held.id, actor).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Delete a tenant a restore created and could not fill (as any delete:
+    /// a final backup first, then the drop). If this fails, the tenant stays
+    /// `deleting` and the reconciler finishes it.
+    async fn discard_created(&self, id: Uuid, actor: &str) {
+        let deleted = async {
+            self.provisioner().begin_delete(id, actor).await?;
+            self.finish_delete(id).await.map_err(Error::from)
+        }
+        .await;
+        match deleted {
+            Ok(()) => {
+                tracing::info!(tenant_id = %id, "deleted the tenant a failed restore had created")
+            }
+            Err(e) => {
+                tracing::warn!(tenant_id = %id, "failed to delete the tenant a failed restore had created (the reconciler finishes it if it is deleting): {}", e.detail())
+            }
+        }
     }
 
     /// Set the database a restore replaced aside until the grace period
@@ -416,6 +481,7 @@ impl ControlPlane {
         target: RestoreTarget,
         overwrite: bool,
         actor: &str,
+        progress: Option<Progress>,
     ) -> Result<Operation> {
         let backups = self.backups()?;
         let reg = self.registry();
@@ -428,6 +494,11 @@ impl ControlPlane {
             Some(slug) => reg.find_tenant(slug.as_str()).await?.map(|t| t.id),
             None => Some(b.tenant_id),
         };
+        if let (RestoreTarget::IntoSlug(slug), None) = (&target, target_tenant) {
+            return self
+                .start_restore_into_new(&b, slug.clone(), overwrite, actor, progress)
+                .await;
+        }
         // The operation is recorded on the tenant restored into (the
         // backup's own when a new one is created).
         let recorded_on = target_tenant.unwrap_or(b.tenant_id);
@@ -471,7 +542,7 @@ impl ControlPlane {
                     Some(recorded_on),
                     json!({"backup_id": backup, "into_slug": into, "overwrite": overwrite, "replaces": replaces}),
                     move || async move {
-                        let t = this.restore(backup, target, &owned_actor, None).await?;
+                        let t = this.restore(backup, target, &owned_actor, progress).await?;
                         Ok(json!({"tenant_id": t.id, "slug": t.slug, "status": t.status, "database": t.database_name, "backup_id": backup}))
                     },
                 )
@@ -487,6 +558,79 @@ impl ControlPlane {
             Ok(op)
         })
         .await
+    }
+
+    /// A restore into a slug no tenant has: the tenant is created and held
+    /// suspended now, and the operation is recorded on it with the database
+    /// it was created with (`replaces`) and `created`. A process that dies
+    /// mid-restore leaves what the sweep settles from those alone: swapped
+    /// (the tenant names another database) is let in, not swapped is
+    /// deleted, so the slug is free for the next try.
+    async fn start_restore_into_new(
+        &self,
+        b: &Backup,
+        slug: crate::domain::Slug,
+        overwrite: bool,
+        actor: &str,
+        progress: Option<Progress>,
+    ) -> Result<Operation> {
+        let reg = self.registry();
+        if reg.backup_key_erased(b.tenant_id).await? {
+            return Err(Error::conflict(
+                "the tenant's backup key was erased: its backups can no longer be read",
+            ));
+        }
+        let (_, source) = self.backups()?.backup_and_tenant(b.id).await?;
+        let held = self.create_held(&source, slug.clone(), actor).await?;
+        let (this, b_run, held_run, owned_actor) =
+            (self.clone(), b.clone(), held.clone(), actor.to_owned());
+        let spawned = self
+            .ops()
+            .spawn(
+                OperationKind::BackupRestore,
+                Some(held.id),
+                json!({"backup_id": b.id, "into_slug": slug, "overwrite": overwrite, "replaces": held.database_name, "created": true}),
+                move || async move {
+                    let t = this
+                        .restore_created(&b_run, &held_run, &owned_actor, progress)
+                        .await?;
+                    Ok(json!({"tenant_id": t.id, "slug": t.slug, "status": t.status, "database": t.database_name, "backup_id": b_run.id}))
+                },
+            )
+            .await;
+        let op = match spawned {
+            Ok(op) => op,
+            Err(e) => {
+                self.discard_created(held.id, actor).await;
+                return Err(e);
+            }
+        };
+        reg.audit(
+            actor,
+            "tenant.restore_requested",
+            Some(held.id),
+            json!({"backup_id": b.id, "from_tenant": b.tenant_id, "into_slug": slug, "overwrite": overwrite, "operation": op.id}),
+        )
+        .await?;
+        Ok(op)
+    }
+
+    /// Wait for an operation to end (`succeeded` or `failed`).
+    pub async fn wait_operation(&self, id: Uuid) -> Result<Operation> {
+        loop {
+            let op = self
+                .registry()
+                .operation(id)
+                .await?
+                .ok_or(Error::NotFound("operation"))?;
+            if matches!(
+                op.status,
+                OperationStatus::Succeeded | OperationStatus::Failed
+            ) {
+                return Ok(op);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
     }
 
     /// Run a started fleet migration to its end; if it changed any tenant's

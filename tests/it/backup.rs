@@ -263,6 +263,27 @@ async fn a_corrupted_object_is_refused_and_the_tenant_keeps_its_data() {
     );
     crate::common::close(conn).await;
 
+    // Into a new slug: the tenant made for it is deleted again, so the
+    // slug is free (it was left suspended and empty, holding the slug).
+    let into = || RestoreTarget::IntoSlug("corrupt-copy".parse().unwrap());
+    for _ in 0..2 {
+        let err = env
+            .control
+            .restore(b.id, into(), "test", None)
+            .await
+            .expect_err("a corrupt backup is refused");
+        assert!(
+            format!("{err:#}").contains("nothing was changed"),
+            "{err:#}"
+        );
+        assert!(env
+            .registry()
+            .find_tenant("corrupt-copy")
+            .await
+            .unwrap()
+            .is_none());
+    }
+
     assert!(env.backups().verify_backup(b.id, None).await.is_err());
     let b = env.registry().backup(b.id).await.unwrap().unwrap();
     assert!(
@@ -1204,6 +1225,91 @@ async fn a_restore_killed_after_its_swap_is_settled_as_succeeded() {
     let now = env.record("swapped").await;
     assert_ne!(now.database_name, t.database_name);
     let mut conn = env.connect_tenant("swapped").await.unwrap();
+    assert_eq!(contents(&mut conn).await, want);
+    crate::common::close(conn).await;
+}
+
+/// silo killed in a restore into a new slug (`into_slug`). Before the
+/// backup's data is in, the tenant it created is deleted, so the slug is
+/// free for the next try (it was left suspended and empty, holding the
+/// slug). After the swap, the tenant is let in with the data (it was left
+/// suspended).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_into_a_new_tenant_killed_midway_frees_the_slug_or_lets_the_tenant_in() {
+    let env = TestEnv::setup().storage().start().await;
+    env.create("source").await;
+    let mut conn = env.connect_tenant("source").await.unwrap();
+    seed(&mut conn, "kept", 3).await;
+    let want = contents(&mut conn).await;
+    crate::common::close(conn).await;
+    let source = env.record("source").await;
+    let b = env
+        .backups()
+        .backup_now(source.id, BackupKind::Manual, None)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("silo.log");
+    let path = format!("/admin/v1/backups/{}/restore", b.id);
+    let body = json!({"into_slug": "copy"});
+
+    // Killed with the backup restored into a scratch database, before the swap.
+    let silo = crate::common::Silo::start(&env, Some("restore_scratch"), 0, &log).await;
+    let (status, op) = silo
+        .request(reqwest::Method::POST, &path, Some(body.clone()), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{op}");
+    silo.expect_abort();
+    let created = env.record("copy").await;
+    assert_eq!(created.status, TenantStatus::Suspended);
+    let silo = crate::common::Silo::start(&env, None, 0, &log).await;
+    let done = crate::common::wait_op(&env, &op).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert!(
+        done["error"].as_str().unwrap().contains("is being deleted"),
+        "{done}"
+    );
+    // The delete it started is finished by a reconcile pass (a final
+    // backup, then the drop), as any delete whose process died: this
+    // one's, or the restarted silo's (which holds the tenant meanwhile).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let report = env.control.reconcile_once().await.unwrap();
+        let now = env.registry().tenant(created.id).await.unwrap().unwrap();
+        if now.status == TenantStatus::Deleted {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tenant the restore created is {}: {:?}",
+            now.status.as_str(),
+            report.errors
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(env.registry().find_tenant("copy").await.unwrap().is_none());
+    // Its database and role are dropped, and so is the scratch database.
+    assert_eq!(env.orphans().await, Vec::<String>::new());
+    silo.stop();
+
+    // The next try takes the slug again; killed just after its swap.
+    let silo = crate::common::Silo::start(&env, Some("restore_swap"), 0, &log).await;
+    let (status, op) = silo
+        .request(reqwest::Method::POST, &path, Some(body.clone()), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{op}");
+    silo.expect_abort();
+    assert_eq!(env.record("copy").await.status, TenantStatus::Suspended);
+    let silo = crate::common::Silo::start(&env, None, 0, &log).await;
+    let done = crate::common::wait_op(&env, &op).await;
+    silo.stop();
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let copy = env.record("copy").await;
+    assert_eq!(copy.status, TenantStatus::Active);
+    assert_ne!(copy.id, created.id);
+    let mut conn = env.connect_tenant("copy").await.unwrap();
     assert_eq!(contents(&mut conn).await, want);
     crate::common::close(conn).await;
 }

@@ -252,3 +252,75 @@ async fn dev_serves_its_demo_clinic_and_again_after_a_restart() {
         assert!(exit.success(), "{round}: silo dev exited {exit} on Ctrl-C");
     }
 }
+
+/// `silo backup restore --into` from a shell runs as an operation, as the
+/// admin API's does: listed with its outcome, the new tenant serving the
+/// backup's data. A CLI killed before the data is in leaves nothing
+/// behind once a pass settles it: the tenant it made is deleted and the
+/// slug is free.
+#[tokio::test(flavor = "multi_thread")]
+async fn backup_restore_from_a_shell_runs_as_an_operation_settled_if_killed() {
+    let env = TestEnv::setup().storage().start().await;
+    env.create("shell-source").await;
+    let t = env.record("shell-source").await;
+    let mut conn = env.connect_tenant("shell-source").await.unwrap();
+    sqlx::query("INSERT INTO clinics (name) VALUES ('from the backup')")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    crate::common::close(conn).await;
+    let b = env
+        .backups()
+        .backup_now(t.id, silo::backup::BackupKind::Manual, None)
+        .await
+        .unwrap();
+    let vars = env.silo_env();
+    let envs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let id = b.id.to_string();
+
+    // Killed with the backup in a scratch database, before the swap.
+    let mut killed = envs.clone();
+    killed.push(("SILO_FAILPOINT", "restore_scratch"));
+    let out = silo(&["backup", "restore", &id, "--into", "shell-copy"], &killed);
+    assert!(!out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        env.record("shell-copy").await.status,
+        silo::registry::TenantStatus::Suspended
+    );
+    // A pass settles it (the dead process's session may take a moment to
+    // end on a busy server, and with it the operation's lease), and the
+    // delete it started finishes in that pass or the next.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while env
+        .registry()
+        .find_tenant("shell-copy")
+        .await
+        .unwrap()
+        .is_some()
+    {
+        assert!(std::time::Instant::now() < deadline, "never settled");
+        let out = silo(&["reconcile"], &envs);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let failed = env
+        .count("SELECT count(*) FROM operations WHERE kind = 'backup.restore' AND status = 'failed' AND error LIKE '%is being deleted%'")
+        .await;
+    assert_eq!(failed, 1);
+
+    let out = silo(&["backup", "restore", &id, "--into", "shell-copy"], &envs);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let restored: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(restored["status"], "active", "{restored}");
+    assert_eq!(restored["slug"], "shell-copy", "{restored}");
+    let succeeded = env
+        .count("SELECT count(*) FROM operations WHERE kind = 'backup.restore' AND status = 'succeeded'")
+        .await;
+    assert_eq!(succeeded, 1);
+    let mut conn = env.connect_tenant("shell-copy").await.unwrap();
+    let names: Vec<String> = sqlx::query_scalar("SELECT name FROM clinics")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(names, ["from the backup"]);
+    crate::common::close(conn).await;
+}

@@ -203,7 +203,7 @@ async fn restore_backup(
     };
     let op = state
         .control
-        .start_restore(id, target, overwrite, actor.name())
+        .start_restore(id, target, overwrite, actor.name(), None)
         .await?;
     Ok((StatusCode::ACCEPTED, Json(op)))
 }
@@ -265,7 +265,13 @@ async fn restore_tenant(
     };
     let op = state
         .control
-        .start_restore(backup.id, RestoreTarget::InPlace, overwrite, actor.name())
+        .start_restore(
+            backup.id,
+            RestoreTarget::InPlace,
+            overwrite,
+            actor.name(),
+            None,
+        )
         .await?;
     Ok((StatusCode::ACCEPTED, Json(op)))
 }
