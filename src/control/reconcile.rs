@@ -66,6 +66,9 @@ pub struct ReconcileReport {
     /// Reader roles (of read-only app credentials) made again where their
     /// tenant lacked one, or dropped where their tenant's role is gone.
     pub readers_fixed: u32,
+    /// Roles of live tenants gone from their server (their databases
+    /// there), made again with the recorded password.
+    pub roles_made_again: u32,
     /// Settings tenant roles gave themselves (`ALTER ROLE … SET`), reset.
     pub role_settings_reset: u32,
     /// Restore/verify scratch databases whose runner died, dropped.
@@ -574,6 +577,7 @@ impl ControlPlane {
         });
         report.scratch_databases_dropped +=
             crate::backup::sweep_scratch_databases(self.registry(), &admin).await?;
+        report.roles_made_again += self.make_missing_roles(server, &admin).await?;
         report.readers_fixed += self.fix_readers(server, &admin).await?;
         report.role_settings_reset += roles::reset_role_settings(&admin).await?;
         let server = self
@@ -585,6 +589,40 @@ impl ControlPlane {
             .refill_warm_pool(&server, &admin, crate::provision::REFILL_BATCH)
             .await?;
         Ok(())
+    }
+
+    /// Roles of live tenants of `server` that are gone from it while their
+    /// databases are there, made again ([`crate::provision::Provisioner::make_role_again`]).
+    async fn make_missing_roles(
+        &self,
+        server: &DbServer,
+        admin: &ServerAdmin,
+    ) -> anyhow::Result<u32> {
+        let present: HashSet<String> = sqlx::query_scalar(
+            "SELECT rolname::text FROM pg_roles WHERE rolname LIKE 'silo\\_r\\_%'",
+        )
+        .fetch_all(&admin.pool)
+        .await
+        .map_err(|e| admin.error(None, e))
+        .context("list tenant roles")?
+        .into_iter()
+        .collect();
+        let mut made = 0;
+        for t in self.registry().tenants_on_server(server.id).await? {
+            if !matches!(t.status, TenantStatus::Active | TenantStatus::Suspended)
+                || present.contains(&t.role_name)
+            {
+                continue;
+            }
+            match self.provisioner().make_role_again(t.id).await {
+                Ok(true) => made += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(tenant_id = %t.id, "failed to make a live tenant's missing role again: {}", e.detail())
+                }
+            }
+        }
+        Ok(made)
     }
 
     /// Reader roles put right on `server`: made again for a tenant of it

@@ -18,6 +18,15 @@ use crate::servers::{roles, sqlstate};
 /// before its session is ended by a rotation.
 const SESSION_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Operations that make a tenant's role and database elsewhere or anew:
+/// while one is under way, a role missing on its server is its business.
+const MAKE_ROLES_ANEW: [OperationKind; 4] = [
+    OperationKind::TenantMove,
+    OperationKind::BackupRestore,
+    OperationKind::TenantArchive,
+    OperationKind::TenantDelete,
+];
+
 /// A delete that was started: its operation, and the tenant as it was.
 #[derive(Debug)]
 pub struct DeleteStarted {
@@ -144,7 +153,7 @@ impl Provisioner {
                 Err(e) if e.is(sqlstate::UNDEFINED_OBJECT) => {
                     if login {
                         return Err(Error::conflict(format!(
-                            "the tenant's role {} is not on its server: it cannot log in; see the reconciler's report",
+                            "the tenant's role {} is not on its server: it cannot log in until the reconciler's next pass makes it again (silo reconcile runs one now)",
                             t.role_name
                         )));
                     }
@@ -249,6 +258,7 @@ impl Provisioner {
                     "only an active or suspended tenant has credentials to rotate",
                 ));
             }
+            self.refuse_if_role_gone(&t).await?;
             // Audited when asked for, whether or not it gets to the end.
             reg.audit(actor, "tenant.rotate_credentials", Some(id), json!({}))
                 .await?;
@@ -294,6 +304,97 @@ impl Provisioner {
         failpoint::hit("rotate_promoted");
         tracing::info!(tenant_id = %id, sessions_ended = ended, "tenant credentials rotated");
         Ok(true)
+    }
+
+    /// `409` for a tenant whose role is gone from its server: nothing can
+    /// be done with a role that is not there until the reconciler makes it
+    /// again.
+    pub async fn refuse_if_role_gone(&self, t: &TenantRecord) -> Result<()> {
+        let admin = self.admin_for(t).await?;
+        if roles::role_exists(&admin, &t.role_name).await? {
+            return Ok(());
+        }
+        Err(Error::conflict(format!(
+            "the tenant's role {} is not on its server: the reconciler's next pass makes it again (silo reconcile runs one now); try again after it",
+            t.role_name
+        )))
+    }
+
+    /// Make a live tenant's role again where it is gone from its server
+    /// while its database is there (a control database restored to an
+    /// earlier point, a person's `DROP ROLE`): with its recorded password,
+    /// logging in only while active, granted its database as provisioning
+    /// grants it (read-only if over its quota). A tenant with an operation
+    /// under way is left to it. Audited; `false` when there was nothing to do.
+    #[tracing::instrument(skip(self), fields(tenant_id = %id))]
+    pub async fn make_role_again(&self, id: Uuid) -> Result<bool> {
+        let reg = self.registry();
+        reg.with_tenant_lock(id, || async {
+            let Some(t) = reg.tenant(id).await? else {
+                return Ok(false);
+            };
+            if !matches!(t.status, TenantStatus::Active | TenantStatus::Suspended)
+                || reg
+                    .open_operation_of(id, &MAKE_ROLES_ANEW)
+                    .await?
+                    .is_some()
+            {
+                return Ok(false);
+            }
+            let admin = self.admin_for(&t).await?;
+            if roles::role_exists(&admin, &t.role_name).await?
+                || !roles::database_exists(&admin, &t.database_name).await?
+            {
+                return Ok(false);
+            }
+            let password = self
+                .keyring()
+                .open_string(&t.key_id, &t.password_enc, id.as_bytes())
+                .context("open the tenant's password")?;
+            let login = t.status == TenantStatus::Active;
+            if !roles::make_role_again(
+                &admin,
+                &t.role_name,
+                &t.database_name,
+                &password,
+                t.limits.connection_limit,
+                login,
+            )
+            .await?
+            {
+                return Ok(false);
+            }
+            let db = admin
+                .single_pool(&t.database_name)
+                .await
+                .context("connect to the tenant's database")?;
+            let granted = async {
+                crate::servers::schema::grant(&db, Some(&t.role_name)).await?;
+                if t.over_quota_at.is_some() {
+                    crate::servers::schema::set_read_only(
+                        &db,
+                        &t.database_name,
+                        &t.role_name,
+                        true,
+                    )
+                    .await?;
+                }
+                anyhow::Ok(())
+            }
+            .await;
+            db.close().await;
+            granted.context("grant the tenant's role its database again")?;
+            reg.audit(
+                "reconciler",
+                "tenant.role_made_again",
+                Some(id),
+                json!({"role": t.role_name, "login": login}),
+            )
+            .await?;
+            tracing::warn!(tenant_id = %id, role = t.role_name, "made a live tenant's missing role again");
+            Ok(true)
+        })
+        .await
     }
 
     /// Refuse every app token of the tenant minted so far (a leak, a

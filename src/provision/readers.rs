@@ -39,6 +39,7 @@ impl Provisioner {
             if let Some(op) = reg.open_operation_of(id, &moving).await? {
                 return Err(Error::busy(op));
             }
+            self.refuse_if_role_gone(&t).await?;
             let password = match self.reader_password(&t)? {
                 Some(p) => p,
                 None => {

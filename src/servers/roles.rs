@@ -9,9 +9,14 @@ use super::{scram, sqlstate, Result, ServerAdmin};
 
 /// Attributes of every tenant login role; the password as a SCRAM verifier.
 fn role_attributes(password: &str, limit: i32) -> String {
+    role_attributes_as(password, limit, true)
+}
+
+fn role_attributes_as(password: &str, limit: i32, login: bool) -> String {
     let verifier = scram::verifier(password);
+    let login = if login { "LOGIN" } else { "NOLOGIN" };
     format!(
-        "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT CONNECTION LIMIT {limit} PASSWORD '{verifier}'"
+        "{login} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT CONNECTION LIMIT {limit} PASSWORD '{verifier}'"
     )
 }
 
@@ -473,6 +478,38 @@ pub async fn end_sessions_open_now(
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         ended += end(false).await.map_err(wrap)? as u64;
+    }
+}
+
+pub async fn role_exists(admin: &ServerAdmin, role: &str) -> Result<bool> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
+        .bind(role)
+        .fetch_one(&admin.pool)
+        .await
+        .map_err(|e| admin.error(None, e))
+}
+
+/// Make a tenant's login role again where it is gone from its server, in
+/// one transaction: its recorded password, `LOGIN` only if `login`, and
+/// its database's grants (as [`create_role`]). `false`, changing nothing,
+/// if the role is there after all.
+pub async fn make_role_again(
+    admin: &ServerAdmin,
+    role: &str,
+    database: &str,
+    password: &str,
+    limit: i32,
+    login: bool,
+) -> Result<bool> {
+    let attrs = role_attributes_as(password, limit, login);
+    let grants = database_grants(database, Some(role));
+    match admin
+        .exec_quietly(&format!("CREATE ROLE \"{role}\" {attrs}; {grants}"))
+        .await
+    {
+        Ok(()) => Ok(true),
+        Err(e) if e.is(sqlstate::DUPLICATE_OBJECT) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 

@@ -501,8 +501,9 @@ async fn health_metrics_and_the_openapi_document_are_served() {
 
 /// A tenant whose role is gone from its server (a control database
 /// restored to an earlier point, a person's mistake): a suspend answers
-/// and records it suspended (nothing can log in as it anyway), a resume is
-/// refused with a `409` that says why. Both answered `500`.
+/// and records it suspended (nothing can log in as it anyway); a resume, a
+/// rotation and a read-only credential are refused with a `409` that says
+/// why (all answered `500`). The next reconcile pass makes the role again.
 #[tokio::test(flavor = "multi_thread")]
 async fn lifecycle_calls_on_a_tenant_whose_role_is_gone_answer_clearly() {
     use sqlx::Connection;
@@ -546,4 +547,67 @@ async fn lifecycle_calls_on_a_tenant_whose_role_is_gone_answer_clearly() {
         env.record("roleless").await.status,
         silo::registry::TenantStatus::Suspended
     );
+    // A rotation and a read-only credential (which needs the role's
+    // reader) are refused the same way, changing nothing (both answered 500).
+    let before = env.record("roleless").await;
+    for (path, body) in [
+        ("/admin/v1/tenants/roleless/credentials/rotate", None),
+        (
+            "/admin/v1/tenants/roleless/app-credentials",
+            Some(serde_json::json!({"name": "ro", "read_only": true})),
+        ),
+    ] {
+        let (status, answer) = env.call(Method::POST, path, body).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{path}: {answer}");
+        assert!(
+            answer["detail"]
+                .as_str()
+                .unwrap()
+                .contains("not on its server"),
+            "{answer}"
+        );
+    }
+    let after = env.record("roleless").await;
+    assert_eq!(after.password_enc, before.password_enc);
+    assert!(after.pending_password_enc.is_none());
+    assert_eq!(
+        env.count("SELECT count(*) FROM app_credentials").await,
+        0,
+        "no credential was made"
+    );
+
+    // The next reconcile pass makes the role again, with the recorded
+    // password and its database's grants, not logging in while suspended.
+    let report = env.control.reconcile_once().await.unwrap();
+    assert_eq!(report.roles_made_again, 1, "{report:?}");
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(env.connect_tenant("roleless").await.is_err());
+    let (status, body) = env
+        .call(Method::POST, "/admin/v1/tenants/roleless/resume", None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut conn = env.connect_tenant("roleless").await.unwrap();
+    sqlx::query("INSERT INTO clinics (name) VALUES ('made again')")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let names: i64 = sqlx::query_scalar("SELECT count(*) FROM clinics")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert!(names >= 1);
+    crate::common::close(conn).await;
+    for (path, body) in [
+        ("/admin/v1/tenants/roleless/credentials/rotate", None),
+        (
+            "/admin/v1/tenants/roleless/app-credentials",
+            Some(serde_json::json!({"name": "ro", "read_only": true})),
+        ),
+    ] {
+        let (status, answer) = env.call(Method::POST, path, body).await;
+        assert!(status.is_success(), "{path}: {status} {answer}");
+    }
+    assert!(env.connect_tenant("roleless").await.is_ok());
+    let report = env.control.reconcile_once().await.unwrap();
+    assert_eq!(report.roles_made_again, 0, "{report:?}");
 }
