@@ -275,20 +275,24 @@ impl Backups {
     pub async fn run_backup(
         &self,
         backup: Backup,
-        lock: Lock,
+        mut lock: Lock,
         progress: Option<Progress>,
     ) -> Result<Backup> {
         let storage = self.storage();
         let started = Instant::now();
         let reg = self.registry();
-        let outcome = async {
-            let t = reg
-                .tenant(backup.tenant_id)
-                .await?
-                .context("find the tenant")?;
-            self.take_backup(storage, &backup, &t, progress).await
-        }
-        .await;
+        // Its lock lost (the control database restarted), the backup stops:
+        // a sweep may be marking it failed and aborting its upload meanwhile.
+        let outcome = lock
+            .hold(async {
+                let t = reg
+                    .tenant(backup.tenant_id)
+                    .await?
+                    .context("find the tenant")?;
+                self.take_backup(storage, &backup, &t, progress).await
+            })
+            .await
+            .unwrap_or_else(|lost| Err(anyhow::Error::from(lost)));
         let result = match outcome {
             Ok(done) => {
                 metrics::counter!("silo_backups_total", "outcome" => "succeeded").increment(1);

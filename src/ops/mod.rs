@@ -128,11 +128,13 @@ impl Operations {
         };
         let registry = self.registry.clone();
         self.tasks.spawn(async move {
-            let run = run_to_end(&registry, id, kind, work);
-            match slot {
+            let mut lease = lease;
+            let run = lease.hold(run_to_end(&registry, id, kind, work));
+            let held = match slot {
                 Some(slot) => slot.scope(run).await,
                 None => run.await,
-            }
+            };
+            stopped_if_lost(id, kind, held);
             lease.release().await;
         });
         Ok(op)
@@ -170,7 +172,7 @@ impl Operations {
                 }
             };
             // The lease first: the row says `running` only while someone holds it.
-            let lease = match registry.try_lock_operation(id).await {
+            let mut lease = match registry.try_lock_operation(id).await {
                 Ok(Some(lease)) => lease,
                 outcome => {
                     let why = match outcome {
@@ -184,7 +186,8 @@ impl Operations {
             };
             match registry.start_queued_operation(id).await {
                 Ok(true) => {
-                    slot.scope(run_to_end(&registry, id, kind, work)).await;
+                    let run = lease.hold(run_to_end(&registry, id, kind, work));
+                    stopped_if_lost(id, kind, slot.scope(run).await);
                 }
                 // A sweep settled it meanwhile (this process's lease was lost).
                 Ok(false) => {}
@@ -216,6 +219,15 @@ impl Operations {
             }
         }
         Ok(released)
+    }
+}
+
+/// An operation whose lease was lost mid-run (its control database
+/// session ended) stopped there, as if its process had died: its outcome
+/// is the sweep's to record, as after a crash.
+fn stopped_if_lost(id: Uuid, kind: OperationKind, held: crate::registry::Result<()>) {
+    if let Err(e) = held {
+        tracing::warn!(operation_id = %id, %kind, "stopped: {e:#}; a sweep settles it as after a crash");
     }
 }
 

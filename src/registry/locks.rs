@@ -70,10 +70,10 @@ impl Registry {
         Fut: Future<Output = Result<T, E>>,
         E: From<super::Error>,
     {
-        let lock = self.lock_tenant(tenant).await?;
-        let out = work().await;
+        let mut lock = self.lock_tenant(tenant).await?;
+        let out = lock.hold(work()).await;
         lock.release().await;
-        out
+        out?
     }
 
     /// Run `work` holding the maintenance lock of `server`.
@@ -86,10 +86,10 @@ impl Registry {
         Fut: Future<Output = Result<T, E>>,
         E: From<super::Error>,
     {
-        let lock = self.lock_server(server).await?;
-        let out = work().await;
+        let mut lock = self.lock_server(server).await?;
+        let out = lock.hold(work()).await;
         lock.release().await;
-        out
+        out?
     }
 
     /// Run `work` holding the registration lock of the PostgreSQL cluster
@@ -108,10 +108,10 @@ impl Registry {
     {
         let digest = sha2::Sha256::digest(format!("{system_identifier}:{port}"));
         let id = Uuid::from_slice(&digest[..16]).expect("16 bytes");
-        let lock = self.lock(key_of(CLUSTER_NS, id)).await?;
-        let out = work().await;
+        let mut lock = self.lock(key_of(CLUSTER_NS, id)).await?;
+        let out = lock.hold(work()).await;
         lock.release().await;
-        out
+        out?
     }
 
     /// Take the maintenance lock of a server (template, warm pool, orphan sweep).
@@ -184,7 +184,43 @@ impl Registry {
     }
 }
 
+/// How often a held lock's session is checked while work runs under it.
+const HOLD_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Lock {
+    /// Run `work` while holding this lock. If the lock's session ends under
+    /// it (the control database restarted or failed over, the session was
+    /// terminated), PostgreSQL has let the lock go and another holder may
+    /// take it: `work` is dropped at its next await, as if its process had
+    /// died, and an error is returned. Whoever takes the lock next settles
+    /// what it left, as after a crash (everything under a lock is written
+    /// to be crash-safe), and no two holders ever run at once.
+    pub async fn hold<F: std::future::Future>(&mut self, work: F) -> Result<F::Output> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(work.await);
+        };
+        let lost = async {
+            loop {
+                tokio::time::sleep(HOLD_CHECK).await;
+                if let Err(e) = sqlx::Connection::ping(&mut **conn).await {
+                    return e;
+                }
+            }
+        };
+        tokio::select! {
+            out = work => Ok(out),
+            e = lost => {
+                tracing::warn!(key = self.key, "lost a lock (its control database session ended: {e}): the work under it stops, as if its process had died");
+                metrics::counter!("silo_locks_lost_total").increment(1);
+                Err(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    format!("the session holding a lock ended, so the work under it stopped: {e}"),
+                ))
+                .into())
+            }
+        }
+    }
+
     /// Release the lock and return its connection to the pool. A connection
     /// that cannot prove it let go is closed instead (which releases it).
     pub async fn release(mut self) {

@@ -1313,3 +1313,98 @@ async fn a_restore_into_a_new_tenant_killed_midway_frees_the_slug_or_lets_the_te
     assert_eq!(contents(&mut conn).await, want);
     crate::common::close(conn).await;
 }
+
+/// The control database's sessions end under a running restore (a restart
+/// or failover of the control cluster): its lease and the tenant's lock are
+/// gone, so a sweep may settle it and another replica may act on the tenant.
+/// The runner stops where it is, as if its process had died, and changes
+/// nothing after (it went on to swap the database in once it could).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_whose_control_session_ends_stops_and_changes_nothing_after() {
+    let env = TestEnv::setup().storage().start().await;
+    env.create("fenced").await;
+    let mut conn = env.connect_tenant("fenced").await.unwrap();
+    seed(&mut conn, "backed-up", 3).await;
+    let t = env.record("fenced").await;
+    env.backups()
+        .backup_now(t.id, BackupKind::Manual, None)
+        .await
+        .unwrap();
+    seed(&mut conn, "later", 2).await;
+    let want = contents(&mut conn).await;
+    crate::common::close(conn).await;
+
+    let holders = || async {
+        sqlx::query_scalar::<_, i32>(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted",
+        )
+        .fetch_all(env.registry().pool())
+        .await
+        .unwrap()
+    };
+    // The swap waits for the server's maintenance lock, held here (by a
+    // session this test tells apart from silo's).
+    let before = holders().await;
+    let held = env.registry().lock_server(t.server_id).await.unwrap();
+    let mine: Vec<i32> = holders()
+        .await
+        .into_iter()
+        .filter(|p| !before.contains(p))
+        .collect();
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    let (status, op) = env
+        .call(
+            Method::POST,
+            "/admin/v1/tenants/fenced/restore",
+            Some(json!({"overwrite": true})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{op}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while env
+        .count("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+        .await
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restore never reached its swap"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Every session of silo's holding a lock ends, as in a restart.
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks
+          WHERE locktype = 'advisory' AND granted AND pid <> ALL($1)",
+    )
+    .bind(&mine)
+    .execute(env.registry().pool())
+    .await
+    .unwrap();
+    let slots = env.control.ops().slots();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while slots.in_use() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restore runs on without its lease"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    held.release().await;
+
+    // Nothing was swapped, then or later; a pass settles what it left.
+    let report = env.control.reconcile_once().await.unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let done = crate::common::wait_op(&env, &op).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert!(
+        done["error"].as_str().unwrap().contains("interrupted"),
+        "{done}"
+    );
+    assert_eq!(env.record("fenced").await.database_name, t.database_name);
+    let mut conn = env.connect_tenant("fenced").await.unwrap();
+    assert_eq!(contents(&mut conn).await, want);
+    crate::common::close(conn).await;
+    assert_eq!(env.orphans().await, Vec::<String>::new());
+}
