@@ -48,6 +48,10 @@ pub struct ControlConfig {
     pub work_slots: Option<usize>,
 }
 
+/// Longest a delete waits for a backup of its tenant under way before its
+/// final backup (the reconciler retries it after).
+const DELETE_WAITS_FOR_BACKUP: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// The control plane. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct ControlPlane {
@@ -248,12 +252,35 @@ impl ControlPlane {
     pub async fn finish_delete(&self, id: Uuid) -> anyhow::Result<()> {
         let result = self
             .registry()
-            .with_tenant_lock(id, || self.finish_delete_locked(id))
+            .with_tenant_lock(id, || async {
+                // A backup of it under way (scheduled or asked for before
+                // the delete) is waited for, then the final one is taken.
+                self.wait_for_running_backup(id).await?;
+                self.finish_delete_locked(id).await
+            })
             .await;
         self.provisioner()
             .finish_delete_operations(id, &result)
             .await?;
         result
+    }
+
+    /// Wait for a queued or running backup of tenant `id` to end (at most
+    /// [`DELETE_WAITS_FOR_BACKUP`]): a delete's final backup follows it, where
+    /// it would be refused as "already running".
+    async fn wait_for_running_backup(&self, id: Uuid) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + DELETE_WAITS_FOR_BACKUP;
+        while let Some(b) = self.registry().running_backup(id).await? {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "wait for backup {} of the tenant, {} for over {} minutes (the reconciler retries the delete once it has ended)",
+                b.id,
+                b.status,
+                DELETE_WAITS_FOR_BACKUP.as_secs() / 60
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+        Ok(())
     }
 
     /// Drop a `deleting` tenant (the caller holds its lock): nothing is

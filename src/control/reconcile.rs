@@ -432,6 +432,12 @@ impl ControlPlane {
             let Some(lock) = reg.try_lock_tenant(t.id).await? else {
                 continue; // its operation is alive somewhere
             };
+            // A backup of a deleting tenant under way: its final backup
+            // follows it, at a later pass (its delete stays open meanwhile).
+            if t.status == TenantStatus::Deleting && reg.running_backup(t.id).await?.is_some() {
+                lock.release().await;
+                continue;
+            }
             let outcome = match t.status {
                 TenantStatus::Provisioning => self
                     .provisioner()

@@ -1408,3 +1408,64 @@ async fn a_restore_whose_control_session_ends_stops_and_changes_nothing_after() 
     crate::common::close(conn).await;
     assert_eq!(env.orphans().await, Vec::<String>::new());
 }
+
+/// A delete asked for while a backup of the tenant runs waits for it, then
+/// takes its final backup and drops the tenant: its operation succeeds (it
+/// failed at once, "a backup of this tenant is already running", and the
+/// reconciler finished the delete later all the same).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delete_asked_for_during_a_backup_waits_for_it_and_succeeds() {
+    use sqlx::Connection;
+    let env = TestEnv::setup().storage().start().await;
+    env.create("busy").await;
+    let mut conn = env.connect_tenant("busy").await.unwrap();
+    seed(&mut conn, "busy", 2).await;
+    crate::common::close(conn).await;
+    let t = env.record("busy").await;
+    // The backup's pg_dump waits for a table lock held here.
+    let mut holder = PgConnection::connect(&env.pg.url(&t.database_name))
+        .await
+        .unwrap();
+    sqlx::raw_sql("BEGIN; LOCK TABLE patients IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let (status, backup) = env
+        .call(Method::POST, "/admin/v1/tenants/busy/backups", None)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{backup}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while env
+        .count("SELECT count(*) FROM pg_locks WHERE NOT granted AND relation IS NOT NULL")
+        .await
+        == 0
+    {
+        assert!(std::time::Instant::now() < deadline, "pg_dump never waited");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, op) = env
+        .call(Method::DELETE, "/admin/v1/tenants/busy", None)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{op}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sqlx::raw_sql("ROLLBACK").execute(&mut holder).await.unwrap();
+    holder.close().await.unwrap();
+
+    let done = crate::common::wait_op(&env, &op).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert!(env.registry().find_tenant("busy").await.unwrap().is_none());
+    let kinds: Vec<(String, String)> = sqlx::query_as(
+        "SELECT kind, status FROM backups WHERE tenant_id = $1 ORDER BY started_at",
+    )
+    .bind(t.id)
+    .fetch_all(env.registry().pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        kinds,
+        [
+            ("manual".to_owned(), "succeeded".to_owned()),
+            ("final".to_owned(), "succeeded".to_owned())
+        ]
+    );
+}
