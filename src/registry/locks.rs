@@ -195,7 +195,25 @@ impl Lock {
     /// died, and an error is returned. Whoever takes the lock next settles
     /// what it left, as after a crash (everything under a lock is written
     /// to be crash-safe), and no two holders ever run at once.
-    pub async fn hold<F: std::future::Future>(&mut self, work: F) -> Result<F::Output> {
+    ///
+    /// `work` is boxed here: the futures of nested locked sections would
+    /// otherwise each carry the next one inline (a debug build's worker
+    /// stack overflowed).
+    pub fn hold<'a, F>(
+        &'a mut self,
+        work: F,
+    ) -> impl std::future::Future<Output = Result<F::Output>> + 'a
+    where
+        F: std::future::Future + 'a,
+    {
+        let work = Box::pin(work);
+        self.hold_boxed(work)
+    }
+
+    async fn hold_boxed<F: std::future::Future>(
+        &mut self,
+        work: std::pin::Pin<Box<F>>,
+    ) -> Result<F::Output> {
         let Some(conn) = self.conn.as_mut() else {
             return Ok(work.await);
         };

@@ -1448,19 +1448,21 @@ async fn a_delete_asked_for_during_a_backup_waits_for_it_and_succeeds() {
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{op}");
     tokio::time::sleep(Duration::from_secs(1)).await;
-    sqlx::raw_sql("ROLLBACK").execute(&mut holder).await.unwrap();
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut holder)
+        .await
+        .unwrap();
     holder.close().await.unwrap();
 
     let done = crate::common::wait_op(&env, &op).await;
     assert_eq!(done["status"], "succeeded", "{done}");
     assert!(env.registry().find_tenant("busy").await.unwrap().is_none());
-    let kinds: Vec<(String, String)> = sqlx::query_as(
-        "SELECT kind, status FROM backups WHERE tenant_id = $1 ORDER BY started_at",
-    )
-    .bind(t.id)
-    .fetch_all(env.registry().pool())
-    .await
-    .unwrap();
+    let kinds: Vec<(String, String)> =
+        sqlx::query_as("SELECT kind, status FROM backups WHERE tenant_id = $1 ORDER BY started_at")
+            .bind(t.id)
+            .fetch_all(env.registry().pool())
+            .await
+            .unwrap();
     assert_eq!(
         kinds,
         [
