@@ -69,6 +69,9 @@ pub struct ReconcileReport {
     /// Roles of live tenants gone from their server (their databases
     /// there), made again with the recorded password.
     pub roles_made_again: u32,
+    /// Marks of live tenants' databases written again: under the current
+    /// master key, naming the tenant as the registry has it.
+    pub marks_refreshed: u32,
     /// Settings tenant roles gave themselves (`ALTER ROLE … SET`), reset.
     pub role_settings_reset: u32,
     /// Restore/verify scratch databases whose runner died, dropped.
@@ -202,6 +205,10 @@ pub enum Action {
     /// A tenant role that may not log in still has sessions: end them.
     EndSessions(String),
 }
+
+/// Tenant database marks one reconcile pass writes again, at most (a
+/// master-key rotation retires every mark at once).
+const MARKS_PER_PASS: u32 = 500;
 
 /// What to do with a tenant database or role no live tenant here accounts for.
 enum Fate {
@@ -584,6 +591,7 @@ impl ControlPlane {
         report.scratch_databases_dropped +=
             crate::backup::sweep_scratch_databases(self.registry(), &admin).await?;
         report.roles_made_again += self.make_missing_roles(server, &admin).await?;
+        report.marks_refreshed += self.refresh_marks(server, &admin).await?;
         report.readers_fixed += self.fix_readers(server, &admin).await?;
         report.role_settings_reset += roles::reset_role_settings(&admin).await?;
         let server = self
@@ -629,6 +637,47 @@ impl ControlPlane {
             }
         }
         Ok(made)
+    }
+
+    /// Marks of live tenants' databases on `server` written again where
+    /// they are not the tenant as the registry has it, or are sealed under
+    /// the master key a rotation retires ([`owner::mark_needs_refresh`]): a
+    /// rename, a plan change, a rotation (a mark under a retired key could
+    /// no longer be read by `--adopt`). At most [`MARKS_PER_PASS`] a pass.
+    async fn refresh_marks(&self, server: &DbServer, admin: &ServerAdmin) -> anyhow::Result<u32> {
+        let comments = owner::tenant_comments(admin).await?;
+        let control = self.registry().control_id().await?;
+        let mut refreshed = 0;
+        for t in self.registry().tenants_on_server(server.id).await? {
+            if refreshed >= MARKS_PER_PASS {
+                break;
+            }
+            let Some(comment) = comments.get(&t.database_name) else {
+                continue; // not here (yet): the sweep's business
+            };
+            if !matches!(t.status, TenantStatus::Active | TenantStatus::Suspended) {
+                continue;
+            }
+            let want = owner::TenantMark::of(control, &t);
+            if !owner::mark_needs_refresh(comment.as_deref(), &want, self.keyring()) {
+                continue;
+            }
+            match admin
+                .exec(&owner::tenant_mark_sql(
+                    &t.database_name,
+                    &want,
+                    self.keyring(),
+                ))
+                .await
+            {
+                Ok(()) => refreshed += 1,
+                // Renamed meanwhile (a restore's swap): the next pass.
+                Err(e) => {
+                    tracing::debug!(tenant_id = %t.id, "left a tenant's mark for the next pass: {e}")
+                }
+            }
+        }
+        Ok(refreshed)
     }
 
     /// Reader roles put right on `server`: made again for a tenant of it

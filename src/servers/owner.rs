@@ -227,6 +227,39 @@ pub fn tenant_mark_sql(database: &str, mark: &TenantMark, keyring: &Keyring) -> 
     format!("COMMENT ON DATABASE \"{database}\" IS {comment}")
 }
 
+/// The comments of `server`'s tenant databases (`silo_t_*`), by database.
+pub async fn tenant_comments(
+    admin: &ServerAdmin,
+) -> Result<std::collections::HashMap<String, Option<String>>> {
+    let rows: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT datname::text, shobj_description(oid, 'pg_database')
+           FROM pg_database WHERE datname LIKE 'silo\\_t\\_%'",
+    )
+    .fetch_all(&admin.pool)
+    .await
+    .map_err(|e| admin.error(None, e))?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Whether the mark `comment` should be written again as `want`: it is
+/// missing, in the clear (written before sealing), names an old slug, name
+/// or plan, or is sealed under the key a rotation retires (the keyring's
+/// previous one, which `--adopt` could not open once it is gone). A mark
+/// this keyring cannot open (sealed by a replica already on a newer key) is
+/// left alone, so replicas mid-rotation do not take turns rewriting it.
+pub fn mark_needs_refresh(comment: Option<&str>, want: &TenantMark, keyring: &Keyring) -> bool {
+    let Some(stored) = comment.and_then(|c| serde_json::from_str::<StoredMark>(c).ok()) else {
+        return true;
+    };
+    let Some(key_id) = stored.key_id.clone() else {
+        return true;
+    };
+    match open_mark(stored, keyring).mark {
+        Ok(mark) => mark != *want || keyring.previous_key_id() == Some(key_id.as_str()),
+        Err(_) => false,
+    }
+}
+
 /// A tenant database's mark as read: its ids, and the rest, or why it
 /// cannot be read (sealed under a key this keyring does not hold).
 pub struct ReadMark {
@@ -241,14 +274,8 @@ pub async fn tenant_marks(
     admin: &ServerAdmin,
     keyring: &Keyring,
 ) -> Result<Vec<(String, ReadMark)>> {
-    let rows: Vec<(String, Option<String>)> = sqlx::query_as(
-        "SELECT datname::text, shobj_description(oid, 'pg_database')
-           FROM pg_database WHERE datname LIKE 'silo\\_t\\_%'",
-    )
-    .fetch_all(&admin.pool)
-    .await
-    .map_err(|e| admin.error(None, e))?;
-    Ok(rows
+    Ok(tenant_comments(admin)
+        .await?
         .into_iter()
         .filter_map(|(db, c)| {
             let stored: StoredMark = serde_json::from_str(&c?).ok()?;

@@ -554,3 +554,84 @@ async fn a_control_db_restored_to_before_a_restore_points_the_tenant_at_its_data
     );
     assert_eq!(patients_in(&env, &back.database_name).await, ["A1"]);
 }
+
+/// A tenant database's mark (what `--adopt` reads back) follows the
+/// registry: written again by the next pass after a rename or a plan
+/// change, and after a master-key rotation, sealed under the new key (a
+/// mark under a retired key could no longer be read by `--adopt`).
+#[tokio::test(flavor = "multi_thread")]
+async fn marks_follow_renames_and_the_master_key() {
+    use silo::crypto::Keyring;
+    use silo::servers::owner::{mark_needs_refresh, TenantMark};
+    let env = TestEnv::start().await;
+    env.create("marked").await;
+    let report = env.control.reconcile_once().await.unwrap();
+    assert_eq!(report.marks_refreshed, 0, "{report:?}");
+    let mark = || async {
+        let t = env.record("marked").await;
+        let comment: Option<String> = sqlx::query_scalar(
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1",
+        )
+        .bind(&t.database_name)
+        .fetch_one(&env.admin)
+        .await
+        .unwrap();
+        let control = env.registry().control_id().await.unwrap();
+        (comment, TenantMark::of(control, &t))
+    };
+    let (comment, want) = mark().await;
+    assert!(!mark_needs_refresh(
+        comment.as_deref(),
+        &want,
+        env.control.keyring()
+    ));
+
+    let (status, body) = env
+        .call(
+            axum::http::Method::PATCH,
+            "/admin/v1/tenants/marked",
+            Some(serde_json::json!({"name": "Renamed Clinic", "plan": "premium"})),
+        )
+        .await;
+    assert!(status.is_success(), "{body}");
+    let (comment, want) = mark().await;
+    assert!(mark_needs_refresh(
+        comment.as_deref(),
+        &want,
+        env.control.keyring()
+    ));
+    let report = env.control.reconcile_once().await.unwrap();
+    assert_eq!(report.marks_refreshed, 1, "{report:?}");
+    let (comment, want) = mark().await;
+    assert_eq!(want.name, "Renamed Clinic");
+    assert!(!mark_needs_refresh(
+        comment.as_deref(),
+        &want,
+        env.control.keyring()
+    ));
+
+    // A plane on a new master key (the old one as previous, as during a
+    // rotation) seals the mark again; the new key alone then reads it.
+    let new_key = Keyring::generate_base64();
+    let rotated = Keyring::from_base64(&new_key)
+        .unwrap()
+        .with_previous(&env.master_key)
+        .unwrap();
+    let plane = silo::control::ControlPlane::new(
+        silo::registry::Registry::connect_lazy(&env.control_url()).unwrap(),
+        rotated,
+        Default::default(),
+    );
+    let report = plane.reconcile_once().await.unwrap();
+    assert_eq!(report.marks_refreshed, 1, "{report:?}");
+    let (comment, want) = mark().await;
+    let alone = Keyring::from_base64(&new_key).unwrap();
+    assert!(!mark_needs_refresh(comment.as_deref(), &want, &alone));
+    let report = plane.reconcile_once().await.unwrap();
+    assert_eq!(report.marks_refreshed, 0, "{report:?}");
+    // A replica still on the old key alone leaves the newer mark be.
+    let report = env.control.reconcile_once().await.unwrap();
+    assert_eq!(report.marks_refreshed, 0, "{report:?}");
+    let alone_old = Keyring::from_base64(&env.master_key).unwrap();
+    assert!(!mark_needs_refresh(comment.as_deref(), &want, &alone_old));
+}
