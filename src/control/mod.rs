@@ -106,6 +106,7 @@ impl ControlPlane {
             servers.clone(),
             ops.clone(),
             tools,
+            config.keep_for,
         );
         let fleet = Fleet::new(registry.clone(), servers.clone(), schema.clone());
         let usage = crate::usage::Collector::new(registry.clone(), servers.clone());

@@ -69,6 +69,9 @@ pub struct ReconcileReport {
     /// Roles of live tenants gone from their server (their databases
     /// there), made again with the recorded password.
     pub roles_made_again: u32,
+    /// Sources of failed moves whose publication and fence schema were
+    /// left (the source was down when the move failed), cleaned up.
+    pub move_sources_cleaned: u32,
     /// Marks of live tenants' databases written again: under the current
     /// master key, naming the tenant as the registry has it.
     pub marks_refreshed: u32,
@@ -421,6 +424,12 @@ impl ControlPlane {
             Err(e) => report
                 .errors
                 .push(format!("settle interrupted moves: {e:#}")),
+        }
+        match self.mover().clean_failed_sources().await {
+            Ok(n) => report.move_sources_cleaned = n,
+            Err(e) => report
+                .errors
+                .push(format!("clean up after failed moves: {e:#}")),
         }
         for server in reg.servers().await? {
             // Wait (not try): the warm pool holds this lock only for a clone or

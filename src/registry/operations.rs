@@ -230,6 +230,27 @@ impl Registry {
         .map_err(Error::from)
     }
 
+    /// Failed operations of `kind` whose params lack `key` (what a sweep
+    /// marks once it has cleaned up after one), oldest first, at most `limit`.
+    pub async fn failed_without(
+        &self,
+        kind: OperationKind,
+        key: &str,
+        limit: i64,
+    ) -> Result<Vec<(Uuid, serde_json::Value)>> {
+        sqlx::query_as(
+            "SELECT id, params FROM operations
+              WHERE kind = $1 AND status = 'failed' AND NOT params ? $2
+              ORDER BY created_at LIMIT $3",
+        )
+        .bind(kind)
+        .bind(key)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::from)
+    }
+
     /// Add fields to an operation's params (a move records `verified` there).
     pub async fn mark_operation(&self, id: Uuid, fields: serde_json::Value) -> Result<()> {
         sqlx::query("UPDATE operations SET params = params || $2, updated_at = now() WHERE id = $1")

@@ -58,6 +58,9 @@ use steps::*;
 pub const MOVE_PREFIX: &str = "silo_move_";
 /// Schema of the fence table in a database being moved.
 const FENCE_SCHEMA: &str = "silo_move";
+
+/// What a failed move's params say once its source has been cleaned up.
+const SOURCE_CLEANED: &str = "source_cleaned";
 /// How long requests in flight may finish after the freeze before their
 /// sessions are ended.
 const DRAIN: Duration = Duration::from_secs(2);
@@ -216,6 +219,9 @@ pub struct Mover {
     ops: Operations,
     /// `pg_dump`/`pg_restore` (the schema copy); found on first use if not given.
     tools: Option<PgTools>,
+    /// How long a database found under the tenant's name on a target is
+    /// kept aside before the reconciler drops it.
+    keep_for: crate::domain::KeepFor,
 }
 
 impl Mover {
@@ -225,6 +231,7 @@ impl Mover {
         servers: ServerPools,
         ops: Operations,
         tools: Option<PgTools>,
+        keep_for: crate::domain::KeepFor,
     ) -> Self {
         Self {
             registry,
@@ -232,6 +239,7 @@ impl Mover {
             servers,
             ops,
             tools,
+            keep_for,
         }
     }
 
@@ -316,7 +324,7 @@ impl Mover {
         let ends = self.ends(plan.from_server, &to).await?;
         let started = Instant::now();
         // A crashed earlier attempt may have left pieces under the same names.
-        discard_target(&ends, &plan).await;
+        discard_target(&ends, &plan, self.keep_for.drop_after()).await;
         let moved = async {
             let password = self.copy_to_target(&ends, &plan).await?;
             crate::failpoint::hit("move_copied");
@@ -669,7 +677,7 @@ impl Mover {
             return Ok(Settled::Kept(keep_source(ends, plan).await?));
         }
         unfreeze(&self.registry, ends, plan).await;
-        discard_target(ends, plan).await;
+        discard_target(ends, plan, self.keep_for.drop_after()).await;
         Ok(Settled::Source)
     }
 
@@ -833,6 +841,68 @@ impl Mover {
             dropped += 1;
         }
         Ok(dropped)
+    }
+
+    /// Sources of failed moves whose clean-up did not get through (the
+    /// source was down when the move failed): the move's publication and
+    /// fence schema are dropped from the tenant's database now, unless a
+    /// move of the tenant is under way, and the move is marked
+    /// `source_cleaned`. Left behind, the fence table made every later
+    /// verification and archival of the tenant fail. Returns how many.
+    pub(crate) async fn clean_failed_sources(&self) -> anyhow::Result<u32> {
+        let reg = &self.registry;
+        let mut cleaned = 0;
+        for (id, params) in reg
+            .failed_without(OperationKind::TenantMove, SOURCE_CLEANED, 100)
+            .await?
+        {
+            let Ok(plan) = serde_json::from_value::<MovePlan>(params) else {
+                reg.mark_operation(id, json!({ SOURCE_CLEANED: true }))
+                    .await?;
+                continue;
+            };
+            if self
+                .open_moves()
+                .await?
+                .iter()
+                .any(|p| p.tenant_id == plan.tenant_id)
+            {
+                continue;
+            }
+            let Some(t) = reg.tenant(plan.tenant_id).await? else {
+                reg.mark_operation(id, json!({ SOURCE_CLEANED: true }))
+                    .await?;
+                continue;
+            };
+            let clean = async {
+                let server = reg.server(t.server_id).await?.context("find the tenant's server")?;
+                let admin = self.servers.admin(&server)?;
+                if roles::database_exists(&admin, &t.database_name).await? {
+                    let conn = admin.single_pool(&t.database_name).await?;
+                    let dropped = sqlx::raw_sql(&format!(
+                        "DROP PUBLICATION IF EXISTS {}; DROP SCHEMA IF EXISTS {FENCE_SCHEMA} CASCADE",
+                        plan.name()
+                    ))
+                    .execute(&conn)
+                    .await;
+                    conn.close().await;
+                    dropped.context("drop a failed move's publication and fence")?;
+                }
+                anyhow::Ok(())
+            }
+            .await;
+            match clean {
+                Ok(()) => {
+                    reg.mark_operation(id, json!({ SOURCE_CLEANED: true }))
+                        .await?;
+                    cleaned += 1;
+                }
+                Err(e) => {
+                    tracing::debug!(tenant_id = %plan.tenant_id, "left a failed move's source clean-up for the next pass: {e:#}")
+                }
+            }
+        }
+        Ok(cleaned)
     }
 
     /// Plans of every unfinished move.

@@ -425,7 +425,7 @@ pub(super) async fn drop_slot(admin: &ServerAdmin, name: &str) -> anyhow::Result
 /// Undo the target side of a move and the source's publication: the
 /// registry names the source. Each step is tried even if another failed (one
 /// server may be down); what is left, the sweep drops.
-pub(super) async fn discard_target(ends: &Ends, plan: &MovePlan) {
+pub(super) async fn discard_target(ends: &Ends, plan: &MovePlan, drop_after: i64) {
     let name = plan.name();
     let db = &plan.database;
     let source = async {
@@ -453,10 +453,17 @@ pub(super) async fn discard_target(ends: &Ends, plan: &MovePlan) {
     }
     .await;
     let slot = drop_slots(&ends.src, plan).await;
+    // Whatever is under the tenant's database name on the target is kept
+    // aside, never dropped here: an operator's database of that name, or
+    // the tenant's live data itself after a control database restored to
+    // before an earlier move, look the same as a failed attempt's copy.
     let database = async {
-        roles::drop_database(&ends.dst, db)
-            .await
-            .context("drop the target database")?;
+        if roles::database_exists(&ends.dst, db).await? {
+            let kept = roles::keep_database(&ends.dst, db, plan.tenant_id, Some(drop_after))
+                .await
+                .context("keep the target database aside")?;
+            tracing::warn!(tenant_id = %plan.tenant_id, database = kept, "kept a database under the tenant's name on the move's target aside until its grace period ends");
+        }
         roles::drop_role(&ends.dst, &plan.role)
             .await
             .context("drop the target role")

@@ -953,3 +953,107 @@ async fn a_restore_and_a_move_of_one_tenant_asked_at_once_start_exactly_one() {
     }
     assert_serves(&env, "contested").await;
 }
+
+/// A database already under the tenant's database name on the target (an
+/// operator's, or the tenant's own data there after a control database
+/// restored to before an earlier move) is kept aside by a move, never
+/// dropped (it was dropped before the copy, with whatever it held).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_already_under_the_tenant_s_name_on_the_target_is_kept_not_dropped() {
+    let env = TestEnv::start().await;
+    let second = second_server(&env).await;
+    create_on(&env, "squatted", "default").await;
+    let t = env.record("squatted").await;
+    let admin = superuser(&second, "postgres").await;
+    sqlx::raw_sql(&format!("CREATE DATABASE \"{}\"", t.database_name))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    let db = superuser(&second, &t.database_name).await;
+    sqlx::raw_sql("CREATE TABLE precious (x int); INSERT INTO precious VALUES (42)")
+        .execute(&db)
+        .await
+        .unwrap();
+    db.close().await;
+
+    let op = start_move(&env, "squatted", "second").await;
+    let done = finished(&env, &op, Duration::from_secs(120)).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_serves(&env, "squatted").await;
+    let kept = kept_databases(&second).await;
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let db = superuser(&second, &kept[0]).await;
+    let x: i32 = sqlx::query_scalar("SELECT x FROM precious")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    db.close().await;
+    assert_eq!(x, 42);
+}
+
+/// A move whose *source* stops mid-copy fails, and its clean-up of the
+/// source cannot get through. Once the source is back, a reconcile pass
+/// drops the move's publication and fence schema there: left behind, the
+/// fence table made every later verification and archival of the tenant
+/// fail ("silo_move.fence: expected 1, missing").
+#[tokio::test(flavor = "multi_thread")]
+async fn a_move_whose_source_stops_is_cleaned_up_on_the_source_once_it_is_back() {
+    let env = TestEnv::setup().storage().start().await;
+    let mut second = second_server(&env).await;
+    create_on(&env, "unmoored", "second").await;
+    let t = env.record("unmoored").await;
+    seed(&second, &t.database_name, 400_000).await;
+
+    let op = start_move(&env, "unmoored", "default").await;
+    copying(&env, &op).await;
+    second.stop().unwrap();
+    let done = finished(&env, &op, Duration::from_secs(120)).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    second.start_again().unwrap();
+    let leftovers = |pg: &EmbeddedPostgres| {
+        let url = pg.url(&t.database_name);
+        async move {
+            let db = PgPoolOptions::new()
+                .max_connections(1)
+                .connect(&url)
+                .await
+                .unwrap();
+            let n: i64 = sqlx::query_scalar(
+                "SELECT (SELECT count(*) FROM pg_publication)
+                      + (SELECT count(*) FROM pg_namespace WHERE nspname = 'silo_move')",
+            )
+            .fetch_one(&db)
+            .await
+            .unwrap();
+            db.close().await;
+            n
+        }
+    };
+    assert!(
+        leftovers(&second).await > 0,
+        "the source kept the move's pieces"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let report = env.control.reconcile_once().await.unwrap();
+        if report.move_sources_cleaned == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{report:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(leftovers(&second).await, 0);
+    let report = env.control.reconcile_once().await.unwrap();
+    assert_eq!(report.move_sources_cleaned, 0, "{report:?}");
+
+    // Its backups verify again.
+    let b = env
+        .backups()
+        .backup_now(t.id, silo::backup::BackupKind::Manual, None)
+        .await
+        .unwrap();
+    env.backups().verify_backup(b.id, None).await.unwrap();
+    assert_eq!(env.record("unmoored").await.server_name, "second");
+}
