@@ -216,6 +216,11 @@ const MARKS_PER_PASS: u32 = 500;
 /// What to do with a tenant database or role no live tenant here accounts for.
 enum Fate {
     Quarantine(Uuid),
+    /// A copy of a tenant whose registered database is shown to live on
+    /// another cluster (a failed move's target): quarantined, and not
+    /// counted against the halt, which guards against what the registry
+    /// cannot vouch for.
+    Copy(Uuid),
     /// Its tenant's registered database is gone: this may be its data.
     Found(Uuid),
     Unregistered,
@@ -239,7 +244,7 @@ fn fate(name: &str, tenant: Option<Uuid>, accounted: &Accounted) -> Fate {
         // Live here under another name: what a restore replaced.
         Some(row) if row.here => Fate::Quarantine(tenant),
         // Live on another cluster, where its database is: a copy (a failed move's).
-        Some(row) if row.copy => Fate::Quarantine(tenant),
+        Some(row) if row.copy => Fate::Copy(tenant),
         Some(_) => {
             tracing::debug!(name, "left alone: its tenant lives on another server");
             Fate::Leave
@@ -290,6 +295,7 @@ pub fn plan(observed: &Observed, accounted: &Accounted) -> Vec<Action> {
 
     let mut actions = Vec::new();
     let mut quarantines = Vec::new();
+    let mut copies = Vec::new();
     let mut found: HashMap<Uuid, Vec<String>> = HashMap::new();
     for db in &observed.databases {
         if db.starts_with(TENANT_DB_PREFIX) && !live_dbs.contains(db.as_str()) {
@@ -303,6 +309,10 @@ pub fn plan(observed: &Observed, accounted: &Accounted) -> Vec<Action> {
                 }
                 _ => match fate(db, tenant, accounted) {
                     Fate::Quarantine(tenant) => quarantines.push(Action::Quarantine {
+                        database: db.clone(),
+                        tenant,
+                    }),
+                    Fate::Copy(tenant) => copies.push(Action::Quarantine {
                         database: db.clone(),
                         tenant,
                     }),
@@ -340,6 +350,10 @@ pub fn plan(observed: &Observed, accounted: &Accounted) -> Vec<Action> {
         match live_roles.get(role.as_str()) {
             None => match fate(role, names::tenant_of_role(role), accounted) {
                 Fate::Quarantine(tenant) => quarantines.push(Action::QuarantineRole {
+                    role: role.clone(),
+                    tenant,
+                }),
+                Fate::Copy(tenant) => copies.push(Action::QuarantineRole {
                     role: role.clone(),
                     tenant,
                 }),
@@ -383,10 +397,11 @@ pub fn plan(observed: &Observed, accounted: &Accounted) -> Vec<Action> {
             live,
         });
     } else {
-        // Databases before roles: a role is renamed after its database went aside.
-        quarantines.sort_by_key(|a| matches!(a, Action::QuarantineRole { .. }));
-        actions.extend(quarantines);
+        copies.extend(quarantines);
     }
+    // Databases before roles: a role is renamed after its database went aside.
+    copies.sort_by_key(|a| matches!(a, Action::QuarantineRole { .. }));
+    actions.extend(copies);
     for role in &observed.spare_roles {
         if !good_spare_roles.contains(role.as_str()) && !accounted.spares_elsewhere.contains(role) {
             actions.push(Action::DropSpareRole(role.clone()));
@@ -1236,6 +1251,35 @@ mod tests {
                     Action::QuarantineRole {
                         role: a_role.clone(),
                         tenant: id(A),
+                    },
+                ],
+            },
+            Case {
+                name: "copies of tenants living on another cluster do not count toward the halt",
+                observed: on_server(&[&a_db, &b_db], &[]),
+                accounted: {
+                    let mut a = registry(vec![]);
+                    for t in [A, B] {
+                        a.rows.insert(
+                            id(t),
+                            RowOf {
+                                status: Active,
+                                here: false,
+                                copy: true,
+                                lost: false,
+                            },
+                        );
+                    }
+                    a
+                },
+                want: vec![
+                    Action::Quarantine {
+                        database: a_db.clone(),
+                        tenant: id(A),
+                    },
+                    Action::Quarantine {
+                        database: b_db.clone(),
+                        tenant: id(B),
                     },
                 ],
             },
