@@ -24,6 +24,9 @@ pub(super) async fn dev(args: DevArgs) -> Result<(), CliError> {
     let dir = args.dir.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     let dir = dir.canonicalize().context("resolve the dev directory")?;
+    // One `silo dev` per folder: a second one would stop the first one's
+    // PostgreSQL as a leftover. Held until this process ends.
+    let _running = hold_dev_dir(&dir)?;
     let pg_dir = dir.join("pg");
     let pg = tokio::task::spawn_blocking(move || EmbeddedPostgres::start_persistent(&pg_dir))
         .await
@@ -271,4 +274,29 @@ pub async fn ensure_database(admin_url: &str, name: &str) -> anyhow::Result<()> 
     }
     conn.close().await.ok();
     Ok(())
+}
+
+/// Take the folder's `silo-dev.lock` (an exclusive `flock`, let go by the
+/// system when this process ends however it ends), or refuse: another
+/// `silo dev` is running on the folder.
+fn hold_dev_dir(dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>, CliError> {
+    use nix::fcntl::{Flock, FlockArg};
+    let path = dir.join("silo-dev.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("open {}", path.display()))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(held) => Ok(held),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(CliError::Usage(format!(
+            "another `silo dev` is running on {} (it holds {}): stop it first, or give this one another --dir",
+            dir.display(),
+            path.display()
+        ))),
+        Err((_, e)) => Err(anyhow::Error::new(e)
+            .context(format!("lock {}", path.display()))
+            .into()),
+    }
 }

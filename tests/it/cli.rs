@@ -170,6 +170,7 @@ async fn tenant_commands_work_from_a_shell() {
 /// `silo dev` as the README runs it, started, stopped (Ctrl-C) and started
 /// again on the same folder: the printed app API line works both times (the
 /// private cluster keeps its port, so the server URL silo stored stays right).
+/// A second `silo dev` on the folder while the first runs is refused.
 #[tokio::test]
 async fn dev_serves_its_demo_clinic_and_again_after_a_restart() {
     use std::io::{BufRead, BufReader};
@@ -226,6 +227,30 @@ async fn dev_serves_its_demo_clinic_and_again_after_a_restart() {
             "{round}: the printed psql line failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if round == "first start" {
+            // A second `silo dev` on the same folder is refused, and leaves
+            // the first one's PostgreSQL alone (it stopped it as a leftover).
+            let second = silo(
+                &[
+                    "dev",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--pg-listen",
+                    "127.0.0.1:0",
+                    "--dir",
+                ]
+                .into_iter()
+                .chain([dir.path().to_str().unwrap()])
+                .collect::<Vec<_>>(),
+                &[("SILO_WARM_POOL_SIZE", "0")],
+            );
+            assert_eq!(second.status.code(), Some(2), "{}", stderr(&second));
+            assert!(
+                stderr(&second).contains("another `silo dev` is running"),
+                "{}",
+                stderr(&second)
+            );
+        }
         let quoted: Vec<&str> = line.split('\'').collect();
         let tenant = quoted[1].strip_prefix("X-Tenant-ID: ").unwrap();
         let auth = quoted[3].strip_prefix("Authorization: ").unwrap();
