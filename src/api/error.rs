@@ -177,6 +177,14 @@ impl IntoResponse for ApiError {
 impl From<ops::Error> for ApiError {
     fn from(e: ops::Error) -> Self {
         use ops::Error as E;
+        if let E::Internal(inner) = &e {
+            if let Some(server) = refused_admin_login(inner) {
+                tracing::warn!("failed to {inner:#}");
+                return Self::Unavailable(format!(
+                    "tenant server '{server}' refuses silo's admin login (authentication failed): if its admin password changed, register the new one with PATCH /admin/v1/servers/{server} {{\"admin_url\": …}}"
+                ));
+            }
+        }
         match e {
             E::NotFound(what) => Self::not_found(what),
             E::Invalid(msg) => Self::Unprocessable(msg),
@@ -224,6 +232,18 @@ impl From<crate::registry::Error> for ApiError {
 }
 
 /// A database was down or saturated: the client should retry (503), not a bug (500).
+/// The tenant server whose admin login was refused on the way to `e`, if
+/// one was: nothing a request can change, so `503` naming it, not `500`.
+fn refused_admin_login(e: &anyhow::Error) -> Option<String> {
+    use crate::servers::sqlstate::{INVALID_AUTHORIZATION, INVALID_PASSWORD};
+    e.chain().find_map(|cause| {
+        cause
+            .downcast_ref::<crate::servers::Error>()
+            .filter(|s| s.is(INVALID_PASSWORD) || s.is(INVALID_AUTHORIZATION))
+            .map(|s| s.server.clone())
+    })
+}
+
 fn is_unavailable(e: &anyhow::Error) -> bool {
     e.chain().any(|cause| {
         matches!(

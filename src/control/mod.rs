@@ -219,6 +219,19 @@ impl ControlPlane {
             .await
     }
 
+    /// Change a registered server's admin URL (see
+    /// [`ServerPools::change_admin_url`]).
+    pub async fn change_server_admin_url(
+        &self,
+        server: &DbServer,
+        admin_url: &str,
+    ) -> anyhow::Result<DbServer> {
+        self.inner
+            .servers
+            .change_admin_url(&self.inner.registry, server, admin_url)
+            .await
+    }
+
     /// On first start, register the default server.
     pub async fn ensure_default_server(&self, admin_url: &str) -> anyhow::Result<()> {
         self.inner

@@ -235,6 +235,22 @@ impl Registry {
         }
     }
 
+    /// A server's admin URL, sealed again (a changed login password).
+    pub async fn set_server_admin_url(
+        &self,
+        id: Uuid,
+        sealed: &[u8],
+        key_id: &str,
+    ) -> Result<Option<DbServer>> {
+        sqlx::query("UPDATE db_servers SET admin_url_enc = $2, key_id = $3, updated_at = now() WHERE id = $1")
+            .bind(id)
+            .bind(sealed)
+            .bind(key_id)
+            .execute(&self.pool)
+            .await?;
+        self.server(id).await
+    }
+
     /// Record a passed health check: an `unhealthy` server becomes `active`
     /// again (`draining` stays). Safe to run from several replicas at once.
     pub async fn record_server_ok(&self, id: Uuid) -> Result<Option<StatusChange>> {

@@ -121,6 +121,9 @@ async fn owned(admin: &super::ServerAdmin, control: Uuid, server: Uuid) -> Optio
 }
 
 /// A fixed description of why a check failed: no host, user or URL in it.
+/// What a check says when the server refuses silo's admin login.
+pub(super) const AUTH_FAILED: &str = "authentication failed";
+
 pub(super) fn failure(e: &sqlx::Error) -> &'static str {
     use super::sqlstate;
     use std::io::ErrorKind;
@@ -137,9 +140,7 @@ pub(super) fn failure(e: &sqlx::Error) -> &'static str {
         sqlx::Error::PoolTimedOut => "timed out",
         sqlx::Error::PoolClosed => "admin pool closed",
         sqlx::Error::Database(db) => match db.code().as_deref() {
-            Some(sqlstate::INVALID_PASSWORD | sqlstate::INVALID_AUTHORIZATION) => {
-                "authentication failed"
-            }
+            Some(sqlstate::INVALID_PASSWORD | sqlstate::INVALID_AUTHORIZATION) => AUTH_FAILED,
             Some(sqlstate::CANNOT_CONNECT_NOW) => {
                 "not accepting connections (starting up or shutting down)"
             }

@@ -154,15 +154,20 @@ impl ServerAdmin {
             .map_err(|e| self.error(None, e))
     }
 
-    /// `SELECT 1` on the server within `timeout`, through the admin pool. If
-    /// that fails (the pool is busy with DDL, holds a broken connection, or
-    /// the server refuses, which sqlx retries until its acquire timeout), one
-    /// direct connection settles it and names the cause.
+    /// `SELECT 1` on the server within `timeout`, through the admin pool and
+    /// on one direct connection. If the pool fails (busy with DDL, holding a
+    /// broken connection, or the server refusing, which sqlx retries until
+    /// its acquire timeout), the direct connection settles it and names the
+    /// cause.
+    ///
+    /// The direct login runs every time: pooled connections opened before
+    /// the admin login's password changed keep working, while every new
+    /// one (a new pool, a move's target, a tenant database's first
+    /// connection) is refused. A refused login fails the check even when
+    /// the pool answered; other direct failures (a full server) do not.
     pub async fn ping(&self, timeout: Duration) -> std::result::Result<(), &'static str> {
         let pooled = sqlx::query("SELECT 1").execute(&self.pool);
-        if let Ok(Ok(_)) = tokio::time::timeout(timeout, pooled).await {
-            return Ok(());
-        }
+        let pooled = matches!(tokio::time::timeout(timeout, pooled).await, Ok(Ok(_)));
         let direct = async {
             let mut conn = self.opts.connect().await?;
             let done = sqlx::query("SELECT 1").execute(&mut conn).await.map(|_| ());
@@ -171,8 +176,11 @@ impl ServerAdmin {
         };
         match tokio::time::timeout(timeout, direct).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(health::failure(&e)),
-            Err(_) => Err("timed out"),
+            Ok(Err(e)) if !pooled || health::failure(&e) == health::AUTH_FAILED => {
+                Err(health::failure(&e))
+            }
+            Err(_) if !pooled => Err("timed out"),
+            _ => Ok(()),
         }
     }
 }
@@ -181,8 +189,13 @@ impl ServerAdmin {
 #[derive(Debug, Clone)]
 pub struct ServerPools {
     keyring: Keyring,
-    pools: Arc<RwLock<HashMap<Uuid, ServerAdmin>>>,
+    /// Each with the sealed admin URL it was built from: a changed URL (or
+    /// a re-seal) builds the pool again at its next use, on every replica.
+    pools: Arc<RwLock<HashMap<Uuid, BuiltFrom>>>,
 }
+
+/// An admin pool and the sealed admin URL it was built from.
+type BuiltFrom = (Vec<u8>, ServerAdmin);
 
 impl ServerPools {
     pub fn new(keyring: Keyring) -> Self {
@@ -193,11 +206,12 @@ impl ServerPools {
     }
 
     pub fn admin(&self, server: &DbServer) -> anyhow::Result<ServerAdmin> {
-        if let Some(a) = self
+        if let Some((_, a)) = self
             .pools
             .read()
             .expect("server pools lock")
             .get(&server.id)
+            .filter(|(sealed, _)| *sealed == server.admin_url_enc)
         {
             return Ok(a.clone());
         }
@@ -231,12 +245,53 @@ impl ServerPools {
             opts,
             libpq,
         };
-        self.pools
-            .write()
-            .expect("server pools lock")
-            .entry(server.id)
-            .or_insert(admin.clone());
-        Ok(admin)
+        let mut pools = self.pools.write().expect("server pools lock");
+        match pools.get(&server.id) {
+            // Built meanwhile from the same URL: that one, so all share one pool.
+            Some((sealed, a)) if *sealed == server.admin_url_enc => Ok(a.clone()),
+            _ => {
+                pools.insert(server.id, (server.admin_url_enc.clone(), admin.clone()));
+                Ok(admin)
+            }
+        }
+    }
+
+    /// Change a registered server's admin URL (its login's password
+    /// changed, say). The URL must reach the same cluster (its recorded
+    /// identity, else its marker naming this server) with the powers a
+    /// registration needs; it is sealed as at registration. Every
+    /// replica's admin pool for the server is built again from it at its
+    /// next use.
+    pub async fn change_admin_url(
+        &self,
+        registry: &Registry,
+        server: &DbServer,
+        admin_url: &str,
+    ) -> anyhow::Result<DbServer> {
+        let db = connect_admin(admin_url).await?;
+        let changed = async {
+            check_admin_powers(&db).await?;
+            let (cluster, marker) = owner::identify(&db)
+                .await
+                .context("read the cluster's identity")?;
+            let same = match (&server.system_identifier, server.cluster_port) {
+                (Some(id), Some(port)) => *id == cluster.system_identifier && port == cluster.port,
+                _ => matches!(marker, Some(Ok(o)) if o.server == server.id),
+            };
+            if !same {
+                return Err(OtherCluster(server.name.clone()).into());
+            }
+            let sealed = self
+                .keyring
+                .seal(admin_url.as_bytes(), server.id.as_bytes());
+            registry
+                .set_server_admin_url(server.id, &sealed, self.keyring.key_id())
+                .await?
+                .context("find the server again")
+        }
+        .await;
+        db.close().await;
+        changed
     }
 
     /// Admin access to the server with this id, read from the registry.
@@ -477,6 +532,12 @@ pub struct ServerUnreachable;
 #[derive(Debug, thiserror::Error)]
 #[error("this PostgreSQL cluster is registered already {0}; register each cluster once")]
 pub struct AlreadyRegistered(pub String);
+
+/// A new admin URL reaches another cluster than the server's (the caller's
+/// input is wrong: 422).
+#[derive(Debug, thiserror::Error)]
+#[error("admin_url reaches another PostgreSQL cluster than server '{0}' is; register that one as a server of its own")]
+pub struct OtherCluster(pub String);
 
 /// The admin login lacks what silo needs of it (the caller's input is wrong).
 #[derive(Debug, thiserror::Error)]

@@ -377,3 +377,93 @@ async fn concurrent_registrations_of_one_cluster_create_it_once_and_refuse_the_r
     }
     cluster.close().await;
 }
+
+/// The password of a server's admin login changed behind silo's back: the
+/// health check says so (it logged in through the pool's old connections
+/// and said healthy), requests that need the server answer `503` naming
+/// it (they answered `500`), and `PATCH … {"admin_url"}` with the new
+/// password puts it right: checked against the same cluster, never echoed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_admin_password_is_reported_and_a_new_admin_url_puts_it_right() {
+    const SECOND: &str = "second-p";
+    let env = TestEnv::start().await;
+    let second = server_named(&env, SECOND).await;
+    let (s, body) = create(&env, "on-second", Some(SECOND)).await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let old_url = second.url("postgres");
+    let old_password = password_in(&old_url);
+    let new_password = "a-new-Admin-password-0123456789";
+    let new_url = old_url.replacen(&old_password, new_password, 1);
+
+    // The password changes, and every session of the login ends but this one.
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&old_url)
+        .await
+        .unwrap();
+    sqlx::raw_sql(&format!(
+        "ALTER ROLE CURRENT_USER PASSWORD '{new_password}';
+         SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE usename = current_user AND pid <> pg_backend_pid()"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+
+    let checks = env
+        .control
+        .check_servers(Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let c = checks.iter().find(|c| c.name == SECOND).unwrap();
+    assert_eq!(c.error, Some("authentication failed"), "{c:?}");
+    let (s, body) = env
+        .call(
+            Method::POST,
+            "/admin/v1/tenants/on-second/credentials/rotate",
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("refuses silo's admin login"),
+        "{body}"
+    );
+
+    // A URL of another cluster, a wrong password: refused, nothing changes.
+    for (url, why) in [
+        (env.pg.url("postgres"), "another PostgreSQL cluster"),
+        (old_url.clone(), "could not connect"),
+    ] {
+        let (s, body) = patch(&env, SECOND, json!({ "admin_url": url })).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert!(body["detail"].as_str().unwrap().contains(why), "{body}");
+        assert!(!body.to_string().contains(&password_in(&url)), "{body}");
+    }
+    let (s, body) = patch(&env, SECOND, json!({ "admin_url": new_url })).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert!(!body.to_string().contains(new_password), "{body}");
+    let checks = env
+        .control
+        .check_servers(Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let c = checks.iter().find(|c| c.name == SECOND).unwrap();
+    assert!(c.error.is_none(), "{c:?}");
+    let (s, body) = env
+        .call(
+            Method::POST,
+            "/admin/v1/tenants/on-second/credentials/rotate",
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let audit = env
+        .count("SELECT count(*) FROM audit_log WHERE action = 'server.update' AND detail->>'admin_url_changed' = 'true'")
+        .await;
+    assert_eq!(audit, 1);
+    <sqlx::PgConnection as sqlx::Connection>::close(conn)
+        .await
+        .unwrap();
+}

@@ -15,7 +15,7 @@ use crate::api::AppState;
 use crate::config::{DEFAULT_SERVER_MAX_CONNECTIONS, DEFAULT_SERVER_MAX_TENANTS};
 use crate::domain::ServerName;
 use crate::registry::DbServer;
-use crate::servers::{AlreadyRegistered, MissingPrivilege, ServerUnreachable};
+use crate::servers::{AlreadyRegistered, MissingPrivilege, OtherCluster, ServerUnreachable};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -122,9 +122,14 @@ pub struct UpdateServerBody {
     max_connections: Option<i32>,
     /// Lower than the server's tenant count makes it full; no tenant moves.
     max_tenants: Option<i32>,
+    /// A new admin URL for the same cluster (its login's password changed):
+    /// checked as at registration (it must connect, with the same powers,
+    /// to the cluster the server is), then sealed; never echoed.
+    admin_url: Option<String>,
 }
 
-/// Drain a server or make it active again, or change its limits.
+/// Drain a server or make it active again, change its limits, or give it
+/// a new admin URL for the same cluster.
 #[utoipa::path(patch, path = "/servers/{name}", tag = "servers", request_body = UpdateServerBody,
     params(("name" = String, Path, description = "server name")),
     responses((status = 200, body = DbServer), AdminErrors, JsonBody,
@@ -147,6 +152,20 @@ async fn update_server(
         Some(_) => return Err(ApiError::invalid("status must be 'active' or 'draining'")),
     }
     check_limits(body.max_connections, body.max_tenants)?;
+    if let Some(url) = &body.admin_url {
+        crate::servers::admin_options(url)
+            .map_err(|e| ApiError::invalid(format!("admin_url: {e}")))?;
+        let server = state
+            .registry()
+            .server_by_name(name.as_str())
+            .await?
+            .ok_or_else(|| ApiError::not_found("server"))?;
+        state
+            .control
+            .change_server_admin_url(&server, url)
+            .await
+            .map_err(admin_url_refused)?;
+    }
     let server = state
         .registry()
         .update_server(
@@ -168,8 +187,22 @@ async fn update_server(
                 "status": body.status,
                 "max_connections": body.max_connections,
                 "max_tenants": body.max_tenants,
+                "admin_url_changed": body.admin_url.is_some(),
             }),
         )
         .await?;
     Ok(Json(server))
+}
+
+/// Why a new admin URL was refused, as a clear answer (no URL in it).
+fn admin_url_refused(e: anyhow::Error) -> ApiError {
+    if e.downcast_ref::<ServerUnreachable>().is_some() {
+        ApiError::invalid("admin_url: could not connect to the server with it")
+    } else if e.downcast_ref::<MissingPrivilege>().is_some()
+        || e.downcast_ref::<OtherCluster>().is_some()
+    {
+        ApiError::invalid(format!("admin_url: {e}"))
+    } else {
+        ApiError::from(crate::ops::Error::Internal(e))
+    }
 }
