@@ -36,6 +36,25 @@ pub(super) async fn check_servers(ends: &Ends, t: &TenantRecord) -> Result<()> {
             "the tenant's server runs with wal_level = {wal_level}: moving a tenant needs wal_level = logical there (a server restart)"
         )));
     }
+    // The target subscribes: PostgreSQL refuses that to an admin login that
+    // is not a superuser (or, from 16, a member of pg_create_subscription),
+    // and writes the refused statement, the source's password in it, to the
+    // target's log. Refused here, before anything is made.
+    let may_subscribe: bool = sqlx::query_scalar(
+        "SELECT rolsuper OR EXISTS (SELECT 1 FROM pg_roles g
+                                     WHERE g.rolname = 'pg_create_subscription'
+                                       AND pg_has_role(current_user, g.oid, 'USAGE'))
+           FROM pg_roles WHERE rolname = current_user",
+    )
+    .fetch_one(&ends.dst.pool)
+    .await
+    .context("read what the target server's admin login may do")?;
+    if !may_subscribe {
+        return Err(Error::Conflict(
+            "the target server's admin login may not create subscriptions (a superuser, or from PostgreSQL 16 a member of pg_create_subscription, may): a move copies through one"
+                .into(),
+        ));
+    }
     let id_of = |pool: &sqlx::PgPool| {
         let pool = pool.clone();
         async move {

@@ -1057,3 +1057,57 @@ async fn a_move_whose_source_stops_is_cleaned_up_on_the_source_once_it_is_back()
     env.backups().verify_backup(b.id, None).await.unwrap();
     assert_eq!(env.record("unmoored").await.server_name, "second");
 }
+
+/// A move to a server whose admin login may not create subscriptions (not
+/// a superuser) is refused before anything is made: it failed at `CREATE
+/// SUBSCRIPTION`, which PostgreSQL wrote to the target's log with the
+/// source's admin password in it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_move_to_a_server_whose_login_may_not_subscribe_is_refused_up_front() {
+    let env = TestEnv::start().await;
+    create_on(&env, "grounded", "default").await;
+    let pg = tokio::task::spawn_blocking(EmbeddedPostgres::start_throwaway)
+        .await
+        .unwrap()
+        .unwrap();
+    let admin = superuser(&pg, "postgres").await;
+    sqlx::raw_sql(
+        "CREATE ROLE mover LOGIN CREATEDB CREATEROLE PASSWORD 'mover-password-0123456789';
+         GRANT pg_signal_backend TO mover",
+    )
+    .execute(&admin)
+    .await
+    .unwrap();
+    admin.close().await;
+    let url = pg.url("postgres");
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let host = rest.split_once('@').unwrap().1;
+    let mover_url = format!("{scheme}://mover:mover-password-0123456789@{host}");
+    let (s, body) = env
+        .call(
+            Method::POST,
+            "/admin/v1/servers",
+            Some(json!({"name": "no-subscribe", "admin_url": mover_url})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+
+    let (s, body) = env
+        .call(
+            Method::POST,
+            "/admin/v1/tenants/grounded/move",
+            Some(json!({"server": "no-subscribe"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("may not create subscriptions"),
+        "{body}"
+    );
+    assert_eq!(env.record("grounded").await.server_name, "default");
+    let t = env.record("grounded").await;
+    assert!(!database_on(&pg, &t.database_name).await);
+}
