@@ -38,6 +38,34 @@ async fn seed(conn: &mut PgConnection, tag: &str, patients: i32) {
     .unwrap();
 }
 
+/// What tenant `slug` reads now.
+async fn holds(env: &TestEnv, slug: &str) -> String {
+    let mut conn = env.connect_tenant(slug).await.unwrap();
+    let now = contents(&mut conn).await;
+    crate::common::close(conn).await;
+    now
+}
+
+/// A new tenant `slug` seeded with `patients` rows (tagged `slug`), then
+/// backed up: its record, what it held, and the backup.
+async fn backed_up(
+    env: &TestEnv,
+    slug: &str,
+    patients: i32,
+) -> (silo::registry::TenantRecord, String, silo::registry::Backup) {
+    env.create(slug).await;
+    let mut conn = env.connect_tenant(slug).await.unwrap();
+    seed(&mut conn, slug, patients).await;
+    crate::common::close(conn).await;
+    let t = env.record(slug).await;
+    let b = env
+        .backups()
+        .backup_now(t.id, BackupKind::Manual, None)
+        .await
+        .unwrap();
+    (t, holds(env, slug).await, b)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_backup_round_trip_restores_exactly_the_rows_of_the_backup_point() {
     let env = TestEnv::setup().storage().start().await;
@@ -1237,17 +1265,7 @@ async fn a_restore_killed_after_its_swap_is_settled_as_succeeded() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restore_into_a_new_tenant_killed_midway_frees_the_slug_or_lets_the_tenant_in() {
     let env = TestEnv::setup().storage().start().await;
-    env.create("source").await;
-    let mut conn = env.connect_tenant("source").await.unwrap();
-    seed(&mut conn, "kept", 3).await;
-    let want = contents(&mut conn).await;
-    crate::common::close(conn).await;
-    let source = env.record("source").await;
-    let b = env
-        .backups()
-        .backup_now(source.id, BackupKind::Manual, None)
-        .await
-        .unwrap();
+    let (_, want, b) = backed_up(&env, "source", 3).await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("silo.log");
     let path = format!("/admin/v1/backups/{}/restore", b.id);
@@ -1309,9 +1327,7 @@ async fn a_restore_into_a_new_tenant_killed_midway_frees_the_slug_or_lets_the_te
     let copy = env.record("copy").await;
     assert_eq!(copy.status, TenantStatus::Active);
     assert_ne!(copy.id, created.id);
-    let mut conn = env.connect_tenant("copy").await.unwrap();
-    assert_eq!(contents(&mut conn).await, want);
-    crate::common::close(conn).await;
+    assert_eq!(holds(&env, "copy").await, want);
 }
 
 /// The control database's sessions end under a running restore (a restart
@@ -1322,17 +1338,11 @@ async fn a_restore_into_a_new_tenant_killed_midway_frees_the_slug_or_lets_the_te
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restore_whose_control_session_ends_stops_and_changes_nothing_after() {
     let env = TestEnv::setup().storage().start().await;
-    env.create("fenced").await;
+    let (t, _, _) = backed_up(&env, "fenced", 3).await;
     let mut conn = env.connect_tenant("fenced").await.unwrap();
-    seed(&mut conn, "backed-up", 3).await;
-    let t = env.record("fenced").await;
-    env.backups()
-        .backup_now(t.id, BackupKind::Manual, None)
-        .await
-        .unwrap();
     seed(&mut conn, "later", 2).await;
-    let want = contents(&mut conn).await;
     crate::common::close(conn).await;
+    let want = holds(&env, "fenced").await;
 
     let holders = || async {
         sqlx::query_scalar::<_, i32>(
@@ -1403,9 +1413,7 @@ async fn a_restore_whose_control_session_ends_stops_and_changes_nothing_after() 
         "{done}"
     );
     assert_eq!(env.record("fenced").await.database_name, t.database_name);
-    let mut conn = env.connect_tenant("fenced").await.unwrap();
-    assert_eq!(contents(&mut conn).await, want);
-    crate::common::close(conn).await;
+    assert_eq!(holds(&env, "fenced").await, want);
     assert_eq!(env.orphans().await, Vec::<String>::new());
 }
 

@@ -390,6 +390,13 @@ async fn a_changed_admin_password_is_reported_and_a_new_admin_url_puts_it_right(
     let second = server_named(&env, SECOND).await;
     let (s, body) = create(&env, "on-second", Some(SECOND)).await;
     assert_eq!(s, StatusCode::CREATED, "{body}");
+    let rotate = || {
+        env.call(
+            Method::POST,
+            "/admin/v1/tenants/on-second/credentials/rotate",
+            None,
+        )
+    };
     let old_url = second.url("postgres");
     let old_password = password_in(&old_url);
     let new_password = "a-new-Admin-password-0123456789";
@@ -415,13 +422,7 @@ async fn a_changed_admin_password_is_reported_and_a_new_admin_url_puts_it_right(
         .unwrap();
     let c = checks.iter().find(|c| c.name == SECOND).unwrap();
     assert_eq!(c.error, Some("authentication failed"), "{c:?}");
-    let (s, body) = env
-        .call(
-            Method::POST,
-            "/admin/v1/tenants/on-second/credentials/rotate",
-            None,
-        )
-        .await;
+    let (s, body) = rotate().await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(
         body["detail"]
@@ -451,13 +452,7 @@ async fn a_changed_admin_password_is_reported_and_a_new_admin_url_puts_it_right(
         .unwrap();
     let c = checks.iter().find(|c| c.name == SECOND).unwrap();
     assert!(c.error.is_none(), "{c:?}");
-    let (s, body) = env
-        .call(
-            Method::POST,
-            "/admin/v1/tenants/on-second/credentials/rotate",
-            None,
-        )
-        .await;
+    let (s, body) = rotate().await;
     assert_eq!(s, StatusCode::OK, "{body}");
     let audit = env
         .count("SELECT count(*) FROM audit_log WHERE action = 'server.update' AND detail->>'admin_url_changed' = 'true'")
