@@ -604,6 +604,18 @@ impl Mover {
                 t.schema_version
             )));
         }
+        // The target may have been drained, marked unhealthy or filled
+        // (another move) during the copy: checked again before the freeze.
+        let target = reg
+            .server(plan.to_server)
+            .await?
+            .context("find the target server")?;
+        if let Err(refused) = check_target(&target) {
+            return Err(Error::Conflict(format!(
+                "{}; it changed during the copy: the tenant stays where it was",
+                refused
+            )));
+        }
         // Its reader role (if it has one) on the target too, and the plan
         // may have changed during the copy.
         crate::servers::readers::follow_reader(&self.keyring, &ends.dst, &t, &plan.database)
@@ -633,7 +645,7 @@ impl Mover {
                 None => plan.from_server.to_string(),
             };
             return Err(anyhow::Error::new(Unverified(format!(
-                "verify the copy: {differ}; it was not switched to: the tenant stays on server '{from}' with all its data, and the copy is dropped"
+                "verify the copy: {differ}; it was not switched to: the tenant stays on server '{from}' with all its data, and the copy is kept aside"
             )))
             .into());
         }

@@ -1111,3 +1111,37 @@ async fn a_move_to_a_server_whose_login_may_not_subscribe_is_refused_up_front() 
     let t = env.record("grounded").await;
     assert!(!database_on(&pg, &t.database_name).await);
 }
+
+/// A target drained while a move copies to it takes no tenant: the move
+/// checks it again before the freeze and fails, the tenant staying on its
+/// source (it was checked only when the move started, and the drained
+/// server took the tenant).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_drained_during_the_copy_takes_no_tenant() {
+    let env = TestEnv::start().await;
+    let _second = second_server(&env).await;
+    create_on(&env, "undrained", "default").await;
+    let before = env.record("undrained").await;
+    seed(&env.pg, &before.database_name, 400_000).await;
+
+    let op = start_move(&env, "undrained", "second").await;
+    copying(&env, &op).await;
+    let (s, body) = env
+        .call(
+            Method::PATCH,
+            "/admin/v1/servers/second",
+            Some(json!({"status": "draining"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let done = finished(&env, &op, Duration::from_secs(180)).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert!(
+        done["error"].as_str().unwrap().contains("draining"),
+        "{done}"
+    );
+    let t = env.record("undrained").await;
+    assert_eq!(t.server_name, "default");
+    assert!(t.frozen_at.is_none());
+    assert_serves(&env, "undrained").await;
+}
