@@ -523,6 +523,12 @@ impl Mover {
             if left == 0 {
                 break;
             }
+            // A source that stops answering counts no error on the target
+            // (its workers only fail to connect): the copy would wait forever.
+            sqlx::query("SELECT 1")
+                .execute(&src)
+                .await
+                .context("the tenant's server stopped answering during the copy")?;
             if let Some(op) = op {
                 let p = progress(
                     "copying",
