@@ -454,14 +454,14 @@ impl ControlPlane {
         match self.restore_into(b, held, actor, progress).await {
             Ok(restored) => self.provisioner().resume(restored.id, actor).await,
             Err(e) => {
-                let swapped = self
-                    .registry()
-                    .tenant(held.id)
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some_and(|t| t.database_name != held.database_name);
-                if !swapped {
+                // Deleted only when surely not swapped: a registry that
+                // cannot be read now (a control database restarting) leaves
+                // the tenant to the sweep, which settles it either way.
+                let not_swapped = matches!(
+                    self.registry().tenant(held.id).await,
+                    Ok(Some(t)) if t.database_name == held.database_name
+                );
+                if not_swapped {
                     self.discard_created(held.id, actor).await;
                 }
                 Err(e)
@@ -656,9 +656,13 @@ impl ControlPlane {
         Ok(op)
     }
 
-    /// Wait for an operation to end (`succeeded` or `failed`).
+    /// Wait for an operation to end (`succeeded` or `failed`). One left
+    /// `running` with nobody holding its lease (its runner stopped when
+    /// its control database session ended) is not waited for: a reconcile
+    /// pass settles it.
     pub async fn wait_operation(&self, id: Uuid) -> Result<Operation> {
-        loop {
+        let mut unheld = 0;
+        for tick in 0u64.. {
             let op = self
                 .registry()
                 .operation(id)
@@ -670,8 +674,23 @@ impl ControlPlane {
             ) {
                 return Ok(op);
             }
+            if op.status == OperationStatus::Running && tick % 10 == 9 {
+                match self.registry().try_lock_operation(id).await? {
+                    Some(lease) => {
+                        lease.release().await;
+                        unheld += 1;
+                    }
+                    None => unheld = 0,
+                }
+                if unheld >= 3 {
+                    return Err(Error::Unavailable(format!(
+                        "operation {id} lost its runner (its control database session ended): a reconcile pass settles it (silo reconcile)"
+                    )));
+                }
+            }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
+        unreachable!("the ticks never run out")
     }
 
     /// Run a started fleet migration to its end; if it changed any tenant's

@@ -325,11 +325,17 @@ impl Provisioner {
     /// earlier point, a person's `DROP ROLE`): with its recorded password,
     /// logging in only while active, granted its database as provisioning
     /// grants it (read-only if over its quota). A tenant with an operation
-    /// under way is left to it. Audited; `false` when there was nothing to do.
+    /// under way, or whose lock is held, is left to it (the next pass).
+    /// Audited; `false` when there was nothing to do.
     #[tracing::instrument(skip(self), fields(tenant_id = %id))]
     pub async fn make_role_again(&self, id: Uuid) -> Result<bool> {
         let reg = self.registry();
-        reg.with_tenant_lock(id, || async {
+        // Tried, not waited for: the reconciler calls this holding the
+        // server's lock, which a restore's swap takes after the tenant's.
+        let Some(mut lock) = reg.try_lock_tenant(id).await? else {
+            return Ok(false);
+        };
+        let made = lock.hold(async {
             let Some(t) = reg.tenant(id).await? else {
                 return Ok(false);
             };
@@ -394,7 +400,9 @@ impl Provisioner {
             tracing::warn!(tenant_id = %id, role = t.role_name, "made a live tenant's missing role again");
             Ok(true)
         })
-        .await
+        .await;
+        lock.release().await;
+        made?
     }
 
     /// Refuse every app token of the tenant minted so far (a leak, a

@@ -186,6 +186,8 @@ impl Registry {
 
 /// How often a held lock's session is checked while work runs under it.
 const HOLD_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a check may wait for its answer.
+const HOLD_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Lock {
     /// Run `work` while holding this lock. If the lock's session ends under
@@ -194,7 +196,9 @@ impl Lock {
     /// take it: `work` is dropped at its next await, as if its process had
     /// died, and an error is returned. Whoever takes the lock next settles
     /// what it left, as after a crash (everything under a lock is written
-    /// to be crash-safe), and no two holders ever run at once.
+    /// to be crash-safe). Two holders can overlap only for about one check
+    /// (a second; ten more if the session went silent), plus whatever
+    /// statement the dropped work had already sent to a tenant server.
     ///
     /// `work` is boxed here: the futures of nested locked sections would
     /// otherwise each carry the next one inline (a debug build's worker
@@ -220,8 +224,13 @@ impl Lock {
         let lost = async {
             loop {
                 tokio::time::sleep(HOLD_CHECK).await;
-                if let Err(e) = sqlx::Connection::ping(&mut **conn).await {
-                    return e;
+                // A session left half-open by a failover answers nothing,
+                // ever: no answer within the timeout is a lost lock too.
+                let ping = sqlx::Connection::ping(&mut **conn);
+                match tokio::time::timeout(HOLD_CHECK_TIMEOUT, ping).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return e.to_string(),
+                    Err(_) => return format!("no answer within {HOLD_CHECK_TIMEOUT:?}"),
                 }
             }
         };

@@ -231,7 +231,7 @@ impl Registry {
     }
 
     /// Failed operations of `kind` whose params lack `key` (what a sweep
-    /// marks once it has cleaned up after one), oldest first, at most `limit`.
+    /// marks once it has cleaned up after one), newest first, at most `limit`.
     pub async fn failed_without(
         &self,
         kind: OperationKind,
@@ -241,7 +241,7 @@ impl Registry {
         sqlx::query_as(
             "SELECT id, params FROM operations
               WHERE kind = $1 AND status = 'failed' AND NOT params ? $2
-              ORDER BY created_at LIMIT $3",
+              ORDER BY created_at DESC LIMIT $3",
         )
         .bind(kind)
         .bind(key)

@@ -879,48 +879,66 @@ impl Mover {
                     .await?;
                 continue;
             };
-            if self
-                .open_moves()
-                .await?
-                .iter()
-                .any(|p| p.tenant_id == plan.tenant_id)
-            {
-                continue;
-            }
-            let Some(t) = reg.tenant(plan.tenant_id).await? else {
-                reg.mark_operation(id, json!({ SOURCE_CLEANED: true }))
-                    .await?;
+            // Under the tenant's lock: no move of it starts meanwhile (the
+            // fence schema's name is the same for every move).
+            let Some(mut lock) = reg.try_lock_tenant(plan.tenant_id).await? else {
                 continue;
             };
-            let clean = async {
-                let server = reg.server(t.server_id).await?.context("find the tenant's server")?;
-                let admin = self.servers.admin(&server)?;
-                if roles::database_exists(&admin, &t.database_name).await? {
-                    let conn = admin.single_pool(&t.database_name).await?;
-                    let dropped = sqlx::raw_sql(&format!(
-                        "DROP PUBLICATION IF EXISTS {}; DROP SCHEMA IF EXISTS {FENCE_SCHEMA} CASCADE",
-                        plan.name()
-                    ))
-                    .execute(&conn)
-                    .await;
-                    conn.close().await;
-                    dropped.context("drop a failed move's publication and fence")?;
-                }
-                anyhow::Ok(())
-            }
-            .await;
-            match clean {
-                Ok(()) => {
-                    reg.mark_operation(id, json!({ SOURCE_CLEANED: true }))
-                        .await?;
-                    cleaned += 1;
-                }
+            let done = lock.hold(self.clean_failed_source(id, &plan)).await;
+            lock.release().await;
+            match done.map_err(anyhow::Error::from).and_then(|r| r) {
+                Ok(true) => cleaned += 1,
+                Ok(false) => {}
                 Err(e) => {
                     tracing::debug!(tenant_id = %plan.tenant_id, "left a failed move's source clean-up for the next pass: {e:#}")
                 }
             }
         }
         Ok(cleaned)
+    }
+
+    /// [`Self::clean_failed_sources`] for one failed move, under its
+    /// tenant's lock: `true` when its source was cleaned now. One with
+    /// nothing left to clean (no live tenant, its server gone) is marked
+    /// too, so it never holds up the others.
+    async fn clean_failed_source(&self, id: Uuid, plan: &MovePlan) -> anyhow::Result<bool> {
+        let reg = &self.registry;
+        if self
+            .open_moves()
+            .await?
+            .iter()
+            .any(|p| p.tenant_id == plan.tenant_id)
+        {
+            return Ok(false);
+        }
+        let t = reg
+            .tenant(plan.tenant_id)
+            .await?
+            .filter(|t| matches!(t.status, TenantStatus::Active | TenantStatus::Suspended));
+        let server = match &t {
+            Some(t) => reg.server(t.server_id).await?,
+            None => None,
+        };
+        let (Some(t), Some(server)) = (t, server) else {
+            reg.mark_operation(id, json!({ SOURCE_CLEANED: true }))
+                .await?;
+            return Ok(false);
+        };
+        let admin = self.servers.admin(&server)?;
+        if roles::database_exists(&admin, &t.database_name).await? {
+            let conn = admin.single_pool(&t.database_name).await?;
+            let dropped = sqlx::raw_sql(&format!(
+                "DROP PUBLICATION IF EXISTS {}; DROP SCHEMA IF EXISTS {FENCE_SCHEMA} CASCADE",
+                plan.name()
+            ))
+            .execute(&conn)
+            .await;
+            conn.close().await;
+            dropped.context("drop a failed move's publication and fence")?;
+        }
+        reg.mark_operation(id, json!({ SOURCE_CLEANED: true }))
+            .await?;
+        Ok(true)
     }
 
     /// Plans of every unfinished move.
