@@ -236,19 +236,13 @@ impl From<crate::registry::Error> for ApiError {
 /// one was: nothing a request can change, so `503` naming it, not `500`.
 fn refused_admin_login(e: &anyhow::Error) -> Option<String> {
     use crate::servers::sqlstate::{INVALID_AUTHORIZATION, INVALID_PASSWORD};
-    // A tenant role's refused login (silo checking that a role it made
-    // can log in) is not the admin login's: PostgreSQL names the user.
-    let tenant_role = |s: &crate::servers::Error| {
-        s.source.as_database_error().is_some_and(|d| {
-            let m = d.message();
-            m.contains("user \"silo_r") || m.contains("user \"silo_q_")
-        })
-    };
+    // Only the admin login's refusal: a tenant role's (silo checking that
+    // a role it made can log in) says nothing about the admin URL.
     e.chain().find_map(|cause| {
         cause
             .downcast_ref::<crate::servers::Error>()
+            .filter(|s| s.role.is_none())
             .filter(|s| s.is(INVALID_PASSWORD) || s.is(INVALID_AUTHORIZATION))
-            .filter(|s| !tenant_role(s))
             .map(|s| s.server.clone())
     })
 }

@@ -614,8 +614,16 @@ impl ControlPlane {
         });
         report.scratch_databases_dropped +=
             crate::backup::sweep_scratch_databases(self.registry(), &admin).await?;
-        report.roles_made_again += self.make_missing_roles(server, &admin).await?;
-        report.marks_refreshed += self.refresh_marks(server, &admin).await?;
+        // Live tenants of this server, read once for both.
+        let live: Vec<_> = self
+            .registry()
+            .tenants_on_server(server.id)
+            .await?
+            .into_iter()
+            .filter(|t| matches!(t.status, TenantStatus::Active | TenantStatus::Suspended))
+            .collect();
+        report.roles_made_again += self.make_missing_roles(&admin, &live).await?;
+        report.marks_refreshed += self.refresh_marks(&admin, &live).await?;
         report.readers_fixed += self.fix_readers(server, &admin).await?;
         report.role_settings_reset += roles::reset_role_settings(&admin).await?;
         let server = self
@@ -633,8 +641,8 @@ impl ControlPlane {
     /// databases are there, made again ([`crate::provision::Provisioner::make_role_again`]).
     async fn make_missing_roles(
         &self,
-        server: &DbServer,
         admin: &ServerAdmin,
+        live: &[crate::registry::TenantRecord],
     ) -> anyhow::Result<u32> {
         let present: HashSet<String> = sqlx::query_scalar(
             "SELECT rolname::text FROM pg_roles WHERE rolname LIKE 'silo\\_r\\_%'",
@@ -646,10 +654,8 @@ impl ControlPlane {
         .into_iter()
         .collect();
         let mut made = 0;
-        for t in self.registry().tenants_on_server(server.id).await? {
-            if !matches!(t.status, TenantStatus::Active | TenantStatus::Suspended)
-                || present.contains(&t.role_name)
-            {
+        for t in live {
+            if present.contains(&t.role_name) {
                 continue;
             }
             match self.provisioner().make_role_again(t.id).await {
@@ -668,21 +674,22 @@ impl ControlPlane {
     /// the master key a rotation retires ([`owner::mark_needs_refresh`]): a
     /// rename, a plan change, a rotation (a mark under a retired key could
     /// no longer be read by `--adopt`). At most [`MARKS_PER_PASS`] a pass.
-    async fn refresh_marks(&self, server: &DbServer, admin: &ServerAdmin) -> anyhow::Result<u32> {
+    async fn refresh_marks(
+        &self,
+        admin: &ServerAdmin,
+        live: &[crate::registry::TenantRecord],
+    ) -> anyhow::Result<u32> {
         let comments = owner::tenant_comments(admin).await?;
         let control = self.registry().control_id().await?;
         let mut refreshed = 0;
-        for t in self.registry().tenants_on_server(server.id).await? {
+        for t in live {
             if refreshed >= MARKS_PER_PASS {
                 break;
             }
             let Some(comment) = comments.get(&t.database_name) else {
                 continue; // not here (yet): the sweep's business
             };
-            if !matches!(t.status, TenantStatus::Active | TenantStatus::Suspended) {
-                continue;
-            }
-            let want = owner::TenantMark::of(control, &t);
+            let want = owner::TenantMark::of(control, t);
             if !owner::mark_needs_refresh(comment.as_deref(), &want, self.keyring()) {
                 continue;
             }

@@ -97,6 +97,7 @@ mod tests {
         let tenant = Error::from(crate::servers::Error {
             server: "eu-2".into(),
             database: Some("silo_t_1".into()),
+            role: None,
             source: sqlx::Error::PoolTimedOut,
         });
         let detail = tenant.detail();

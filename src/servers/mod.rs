@@ -45,6 +45,10 @@ pub const ADMIN_POOL_MAX: u32 = 4;
 pub struct Error {
     pub server: String,
     pub database: Option<String>,
+    /// The tenant role the failed connection logged in as; `None`: silo's
+    /// admin login (a refused admin login means the server's admin URL is
+    /// out of date, a refused tenant role does not).
+    pub role: Option<String>,
     #[source]
     pub source: sqlx::Error,
 }
@@ -85,6 +89,7 @@ impl ServerAdmin {
         Error {
             server: self.name.to_string(),
             database: database.map(str::to_owned),
+            role: None,
             source,
         }
     }

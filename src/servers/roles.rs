@@ -212,7 +212,10 @@ pub async fn verify_login(
     role: &str,
     password: &str,
 ) -> Result<()> {
-    let wrap = |e| admin.error(Some(database), e);
+    let wrap = |e| super::Error {
+        role: Some(role.to_owned()),
+        ..admin.error(Some(database), e)
+    };
     let mut conn = admin
         .tenant_options(database, role, password)
         .connect()

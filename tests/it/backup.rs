@@ -148,9 +148,7 @@ async fn a_backup_round_trip_restores_exactly_the_rows_of_the_backup_point() {
         .await
         .unwrap();
     assert_eq!(copy.slug, "roundtrip-copy");
-    let mut conn = env.connect_tenant("roundtrip-copy").await.unwrap();
-    assert_eq!(contents(&mut conn).await, at_backup);
-    crate::common::close(conn).await;
+    assert_eq!(holds(&env, "roundtrip-copy").await, at_backup);
 
     let report = env.backups().verify_backup(b.id, None).await.unwrap();
     assert!(report.ok && report.tables >= 6, "{report:?}");
@@ -363,9 +361,7 @@ async fn archive_then_restore_returns_the_tenant_with_all_its_data() {
     let back = env.record("sleepy").await;
     assert_eq!(back.status, TenantStatus::Active);
     assert_eq!(back.schema_version, Some(env.control.latest_version()));
-    let mut conn = env.connect_tenant("sleepy").await.unwrap();
-    assert_eq!(contents(&mut conn).await, before);
-    crate::common::close(conn).await;
+    assert_eq!(holds(&env, "sleepy").await, before);
     assert!(env.orphans().await.is_empty(), "{:?}", env.orphans().await);
 
     // Delete takes a final backup first.
@@ -679,9 +675,7 @@ async fn the_backup_commands_back_up_list_verify_restore_and_archive_from_a_shel
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut conn = env.connect_tenant("shell").await.unwrap();
-    assert_eq!(contents(&mut conn).await, at_backup);
-    crate::common::close(conn).await;
+    assert_eq!(holds(&env, "shell").await, at_backup);
 
     let out = silo_cli(&env, &["tenants", "archive", "shell"], true).await;
     assert!(
@@ -697,9 +691,7 @@ async fn the_backup_commands_back_up_list_verify_restore_and_archive_from_a_shel
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(env.record("shell").await.status, TenantStatus::Active);
-    let mut conn = env.connect_tenant("shell").await.unwrap();
-    assert_eq!(contents(&mut conn).await, at_backup);
-    crate::common::close(conn).await;
+    assert_eq!(holds(&env, "shell").await, at_backup);
 
     // Without storage: a usage error naming the setting.
     let out = silo_cli(&env, &["backup", "run", "--tenant", "shell"], false).await;
@@ -1059,18 +1051,14 @@ async fn a_backup_is_never_restored_into_another_existing_tenant() {
     // rows from the same database, the archived one comes back with its own.
     assert_eq!(restores().await, 0);
     assert_eq!(env.record("other").await.database_name, other.database_name);
-    let mut conn = env.connect_tenant("other").await.unwrap();
-    assert_eq!(contents(&mut conn).await, before["other"]);
-    crate::common::close(conn).await;
+    assert_eq!(holds(&env, "other").await, before["other"]);
     assert_eq!(env.record("sleeper").await.status, TenantStatus::Archived);
     let (status, op) = env
         .call(Method::POST, "/admin/v1/tenants/sleeper/restore", None)
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{op}");
     assert_eq!(wait_operation(&env, &op).await["status"], "succeeded");
-    let mut conn = env.connect_tenant("sleeper").await.unwrap();
-    assert_eq!(contents(&mut conn).await, before["sleeper"]);
-    crate::common::close(conn).await;
+    assert_eq!(holds(&env, "sleeper").await, before["sleeper"]);
 
     // Its own tenant's slug, and a slug no tenant has, still work.
     env.control
@@ -1090,9 +1078,7 @@ async fn a_backup_is_never_restored_into_another_existing_tenant() {
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{op}");
     assert_eq!(wait_operation(&env, &op).await["status"], "succeeded");
-    let mut conn = env.connect_tenant("owner-copy").await.unwrap();
-    assert_eq!(contents(&mut conn).await, before["owner"]);
-    crate::common::close(conn).await;
+    assert_eq!(holds(&env, "owner-copy").await, before["owner"]);
 }
 
 /// A restore into a new tenant (`into_slug`) holds that tenant suspended
@@ -1168,9 +1154,7 @@ async fn a_restore_into_a_new_tenant_serves_it_only_once_its_data_is_in() {
     let now = env.record("fresh-copy").await;
     assert_eq!(now.id, copy.id);
     assert_eq!(now.status, TenantStatus::Active);
-    let mut conn = env.connect_tenant("fresh-copy").await.unwrap();
-    assert_eq!(contents(&mut conn).await, want);
-    crate::common::close(conn).await;
+    assert_eq!(holds(&env, "fresh-copy").await, want);
 }
 
 /// A tenant archived while suspended comes back from the archive
@@ -1208,9 +1192,7 @@ async fn a_tenant_archived_while_suspended_comes_back_suspended() {
     );
     run("/admin/v1/tenants/benched/resume").await;
     assert_eq!(env.record("benched").await.status, TenantStatus::Active);
-    let mut conn = env.connect_tenant("benched").await.unwrap();
-    assert_eq!(contents(&mut conn).await, before);
-    crate::common::close(conn).await;
+    assert_eq!(holds(&env, "benched").await, before);
 }
 
 /// silo killed just after a restore swapped its database in: the tenant
@@ -1252,9 +1234,7 @@ async fn a_restore_killed_after_its_swap_is_settled_as_succeeded() {
     assert_eq!(done["status"], "succeeded", "{done}");
     let now = env.record("swapped").await;
     assert_ne!(now.database_name, t.database_name);
-    let mut conn = env.connect_tenant("swapped").await.unwrap();
-    assert_eq!(contents(&mut conn).await, want);
-    crate::common::close(conn).await;
+    assert_eq!(holds(&env, "swapped").await, want);
 }
 
 /// silo killed in a restore into a new slug (`into_slug`). Before the

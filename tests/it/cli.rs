@@ -183,17 +183,18 @@ async fn dev_serves_its_demo_clinic_and_again_after_a_restart() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
+    let dev = [
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--pg-listen",
+        "127.0.0.1:0",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ];
     for round in ["first start", "restart"] {
         let mut child = Command::new(env!("CARGO_BIN_EXE_silo"))
-            .args([
-                "dev",
-                "--listen",
-                "127.0.0.1:0",
-                "--pg-listen",
-                "127.0.0.1:0",
-                "--dir",
-            ])
-            .arg(dir.path())
+            .args(dev)
             .env_remove("SILO_DATABASE_URL")
             .env_remove("SILO_FAILPOINT")
             .env("SILO_WARM_POOL_SIZE", "0")
@@ -230,20 +231,7 @@ async fn dev_serves_its_demo_clinic_and_again_after_a_restart() {
         if round == "first start" {
             // A second `silo dev` on the same folder is refused, and leaves
             // the first one's PostgreSQL alone (it stopped it as a leftover).
-            let second = silo(
-                &[
-                    "dev",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--pg-listen",
-                    "127.0.0.1:0",
-                    "--dir",
-                ]
-                .into_iter()
-                .chain([dir.path().to_str().unwrap()])
-                .collect::<Vec<_>>(),
-                &[("SILO_WARM_POOL_SIZE", "0")],
-            );
+            let second = silo(&dev, &[("SILO_WARM_POOL_SIZE", "0")]);
             assert_eq!(second.status.code(), Some(2), "{}", stderr(&second));
             assert!(
                 stderr(&second).contains("another `silo dev` is running"),
