@@ -28,7 +28,11 @@
 //!    (rate limit off, so every attack request reaches the lookup). Then,
 //!    as the control, the victim under as many requests with a token silo
 //!    did not sign (refused before any lookup): what any flood of that size
-//!    costs the victim on the same cores.
+//!    costs the victim on the same cores. 5b: the same attack for as long
+//!    as the victim's load runs, against silo's defaults for misdirected
+//!    requests (their allowance, refusals held), from 16 clients
+//!    (`SILO_BENCH_ATTACK_CLIENTS`): the victim's p99 alone, under it, and
+//!    alone again.
 //!
 //! Everything (load generator, silo, PostgreSQL) shares the machine's cores.
 //! Percentiles are nearest-rank over the sorted samples. The baseline pools
@@ -796,36 +800,31 @@ async fn phase_hostile(
     report: &mut Report,
 ) -> Result<()> {
     // The per-tenant rate limit off: the victim alone sends more than the
-    // default rate here, and with it off every attack request reaches the
-    // tenant lookup (the strictest case for the lookup count).
-    let silo = SiloServer::start_with(env.provisioner(), 0, |a| a.app_rate_limit = 0).await?;
+    // default rate here; and the misdirected allowance off, so every
+    // attack request reaches the tenant lookup (the strictest case for the
+    // lookup count) and none is held.
+    let silo = SiloServer::start_with(env.provisioner(), 0, |a| {
+        a.app_rate_limit = 0;
+        a.app_misdirected_limit = 0;
+    })
+    .await?;
     let base = format!("http://{}", silo.addr);
     let outcome = async {
-        let (victim_token, _) =
-            silo::tokens::mint(&env.keyring, victim.id, victim.token_generation, 3600);
-        let (attacker_token, _) =
-            silo::tokens::mint(&env.keyring, attacker.id, attacker.token_generation, 3600);
-        let url = format!("{base}/api/v1/patients/{patient}");
-        let headers = [
-            ("x-tenant-id", victim.slug.clone()),
-            ("authorization", format!("Bearer {victim_token}")),
-        ];
-        check_patient(&url, &headers, patient).await?;
-        let victim_load = |length| {
-            let (url, headers) = (url.clone(), headers.clone());
-            async move { http_load_with(&url, &headers, length, VICTIM_CLIENTS).await }
-        };
-        victim_load(HTTP_WARMUP).await?;
+        let sides = Hostile::ready(env, &base, victim, attacker, patient).await?;
+        let victim_load = |length| sides.victim_load(length);
+        let attacker_token = &sides.attacker_token;
         let lookups_before = registry_lookups(&base).await?;
         let commits_before = control_commits(env).await?;
         let alone = victim_load(VICTIM_SECONDS).await?;
 
         // The attack, with the victim's traffic beside it.
         let attack_started = Instant::now();
-        let (attacked, answers) = under_flood(
+        let (attacked, answers, _) = under_flood(
             victim_load(VICTIM_SECONDS),
             &base,
             format!("Bearer {attacker_token}"),
+            FloodLength::Requests(HOSTILE_REQUESTS),
+            HOSTILE_CLIENTS,
         )
         .await?;
         let attack_secs = attack_started.elapsed().as_secs_f64();
@@ -837,10 +836,12 @@ async fn phase_hostile(
         // The control: a flood as large that silo refuses before any
         // tenant is looked up (a token it did not sign), with the victim
         // beside it; what any flood costs the victim on these cores.
-        let (control, control_answers) = under_flood(
+        let (control, control_answers, _) = under_flood(
             victim_load(VICTIM_SECONDS),
             &base,
             "Bearer not-a-token".into(),
+            FloodLength::Requests(HOSTILE_REQUESTS),
+            HOSTILE_CLIENTS,
         )
         .await?;
         Ok::<_, anyhow::Error>((
@@ -929,27 +930,183 @@ async fn phase_hostile(
         "= 0",
         failed == 0,
     );
+    phase_hostile_defaults(env, victim, attacker, patient, report).await
+}
+
+/// Phase 5, second part: the same attack against silo's defaults for
+/// misdirected requests (`SILO_APP_MISDIRECTED_LIMIT`, refusals held
+/// `SILO_APP_REFUSAL_HOLD_MS`), the rate limit off (the victim alone sends
+/// more than its default): the victim alone, under the attack for as long
+/// as its load runs, and alone again.
+async fn phase_hostile_defaults(
+    env: &Env<'_>,
+    victim: &TenantRecord,
+    attacker: &TenantRecord,
+    patient: Uuid,
+    report: &mut Report,
+) -> Result<()> {
+    let attackers = env_number("SILO_BENCH_ATTACK_CLIENTS", HOSTILE_CLIENTS as u64)? as usize;
+    let silo = SiloServer::start_with(env.provisioner(), 0, |a| a.app_rate_limit = 0).await?;
+    let base = format!("http://{}", silo.addr);
+    let outcome = async {
+        let sides = Hostile::ready(env, &base, victim, attacker, patient).await?;
+        let victim_load = |length| sides.victim_load(length);
+        let attacker_token = &sides.attacker_token;
+        let alone = victim_load(VICTIM_SECONDS).await?;
+        let attack_started = Instant::now();
+        let (attacked, answers, sent) = under_flood(
+            victim_load(VICTIM_SECONDS),
+            &base,
+            format!("Bearer {attacker_token}"),
+            FloodLength::Victim,
+            attackers,
+        )
+        .await?;
+        let attack_secs = attack_started.elapsed().as_secs_f64();
+        let again = victim_load(VICTIM_SECONDS).await?;
+        Ok::<_, anyhow::Error>((alone, attacked, again, answers, sent, attack_secs))
+    }
+    .await;
+    silo.stop().await?;
+    let (alone, attacked, again, answers, sent, attack_secs) = outcome?;
+    let p99 = |l: &HttpLoad| l.latencies.pct(99).as_secs_f64() * 1000.0;
+    let p = |l: &HttpLoad| {
+        format!(
+            "{:.2} / {:.2} ms ({} ok, {} failed)",
+            ms(l.latencies.pct(50)),
+            p99(l),
+            l.ok,
+            l.failed
+        )
+    };
+    println!(
+        "[hostile, defaults] victim alone: {}; under attack: {}; alone again: {}; attack: {sent} requests in {attack_secs:.1} s, answers {answers:?}",
+        p(&alone),
+        p(&attacked),
+        p(&again),
+    );
+    report.section(&format!(
+        "5b. The same attack from {attackers} clients against silo's defaults for misdirected requests (SILO_APP_MISDIRECTED_LIMIT {}/min, refusals held up to {} ms; rate limit off for the victim)",
+        silo::config::DEFAULT_APP_MISDIRECTED_LIMIT,
+        silo::config::DEFAULT_APP_REFUSAL_HOLD_MS
+    ));
+    report.info("victim p50 / p99, alone", p(&alone));
+    report.info("victim p50 / p99, under attack", p(&attacked));
+    report.info("victim p50 / p99, alone again", p(&again));
+    report.info(
+        "attack requests answered while the victim's load ran",
+        format!(
+            "{sent} in {attack_secs:.1} s ({})",
+            answers
+                .iter()
+                .map(|(s, n)| format!("{s}: {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+    // Unchanged within noise: the p99 under attack against the two runs
+    // alone around it, within the spread those two show (at least 20 %).
+    let (low, high) = (p99(&alone).min(p99(&again)), p99(&alone).max(p99(&again)));
+    let noise = (high / low).max(1.2);
+    let ratio = p99(&attacked) / high;
+    report.target(
+        "victim p99 under attack / the higher p99 alone",
+        format!(
+            "{ratio:.2} (the two runs alone differ {:.2}x; bound {noise:.2})",
+            high / low
+        ),
+        "<= the runs alone's spread, at least 1.2",
+        ratio <= noise,
+    );
+    let failed = alone.failed + attacked.failed + again.failed;
+    report.target(
+        "victim failed requests",
+        failed.to_string(),
+        "= 0",
+        failed == 0,
+    );
     Ok(())
 }
 
-/// `victim` run while `HOSTILE_CLIENTS` clients send `HOSTILE_REQUESTS`
-/// requests with `bearer`, each naming a random tenant; the victim's load
-/// and the flood's answers by status.
+/// Phase 5's two sides on a running silo: the victim's requests, and the
+/// attacker's token.
+struct Hostile {
+    url: String,
+    headers: [(&'static str, String); 2],
+    attacker_token: String,
+}
+
+impl Hostile {
+    /// Tokens minted for both, the victim's patient read once through silo,
+    /// and its load warmed up.
+    async fn ready(
+        env: &Env<'_>,
+        base: &str,
+        victim: &TenantRecord,
+        attacker: &TenantRecord,
+        patient: Uuid,
+    ) -> Result<Self> {
+        let (victim_token, _) =
+            silo::tokens::mint(&env.keyring, victim.id, victim.token_generation, 3600);
+        let (attacker_token, _) =
+            silo::tokens::mint(&env.keyring, attacker.id, attacker.token_generation, 3600);
+        let sides = Self {
+            url: format!("{base}/api/v1/patients/{patient}"),
+            headers: [
+                ("x-tenant-id", victim.slug.clone()),
+                ("authorization", format!("Bearer {victim_token}")),
+            ],
+            attacker_token,
+        };
+        check_patient(&sides.url, &sides.headers, patient).await?;
+        sides.victim_load(HTTP_WARMUP).await?;
+        Ok(sides)
+    }
+
+    /// The victim's `VICTIM_CLIENTS` clients for `length`.
+    fn victim_load(
+        &self,
+        length: Duration,
+    ) -> impl std::future::Future<Output = Result<HttpLoad>> + Send + 'static {
+        let (url, headers) = (self.url.clone(), self.headers.clone());
+        async move { http_load_with(&url, &headers, length, VICTIM_CLIENTS).await }
+    }
+}
+
+/// How long a flood lasts.
+#[derive(Clone, Copy)]
+enum FloodLength {
+    /// Until this many requests are sent.
+    Requests(usize),
+    /// Until the victim's load ends.
+    Victim,
+}
+
+/// `victim` run while `clients` clients send requests with `bearer`, each
+/// naming a random tenant, for `length`; the victim's load, the flood's
+/// answers by status, and how many it sent.
 async fn under_flood(
     victim: impl std::future::Future<Output = Result<HttpLoad>> + Send + 'static,
     base: &str,
     bearer: String,
-) -> Result<(HttpLoad, std::collections::BTreeMap<u16, u64>)> {
+    length: FloodLength,
+    clients: usize,
+) -> Result<(HttpLoad, std::collections::BTreeMap<u16, u64>, u64)> {
     let sent = Arc::new(AtomicU64::new(0));
     let answers: Arc<Mutex<std::collections::BTreeMap<u16, u64>>> = Arc::default();
-    let flood: Vec<JoinHandle<Result<()>>> = (0..HOSTILE_CLIENTS)
+    let victim_done = Arc::new(AtomicBool::new(false));
+    let flood: Vec<JoinHandle<Result<()>>> = (0..clients)
         .map(|c| {
             let client = reqwest::Client::new();
             let (sent, answers, bearer) = (sent.clone(), answers.clone(), bearer.clone());
+            let victim_done = victim_done.clone();
             let url = format!("{base}/api/v1/patients?limit=1");
             tokio::spawn(async move {
                 let mut rng = StdRng::seed_from_u64(1000 + c as u64);
-                while sent.fetch_add(1, Ordering::Relaxed) < HOSTILE_REQUESTS as u64 {
+                while match length {
+                    FloodLength::Requests(n) => sent.fetch_add(1, Ordering::Relaxed) < n as u64,
+                    FloodLength::Victim => !victim_done.load(Ordering::Relaxed),
+                } {
                     let status = client
                         .get(&url)
                         .header("authorization", &bearer)
@@ -964,13 +1121,21 @@ async fn under_flood(
             })
         })
         .collect();
-    let victim = tokio::spawn(victim);
+    let load = {
+        let victim_done = victim_done.clone();
+        tokio::spawn(async move {
+            let load = victim.await;
+            victim_done.store(true, Ordering::Relaxed);
+            load
+        })
+    };
+    let load = load.await??;
     for f in flood {
         f.await??;
     }
-    let load = victim.await??;
     let answers = answers.lock().expect("answers").clone();
-    Ok((load, answers))
+    let sent = answers.values().sum();
+    Ok((load, answers, sent))
 }
 
 /// `registry_lookups` of a running silo's router (`GET /admin/v1/pools`).

@@ -46,6 +46,12 @@ pub const DEFAULT_APP_MAX_BODY_BYTES: usize = 64 * 1024;
 pub const DEFAULT_APP_RATE_LIMIT: u32 = 2000;
 /// Default requests a tenant may send at once above its rate.
 pub const DEFAULT_APP_RATE_BURST: u32 = 2000;
+/// Default app API requests per minute per tenant that name a tenant other
+/// than the token's (or carry a revoked token): a client never needs them.
+pub const DEFAULT_APP_MISDIRECTED_LIMIT: u32 = 60;
+/// Default longest a `429` to a tenant over its rate is held before it is
+/// sent, in milliseconds.
+pub const DEFAULT_APP_REFUSAL_HOLD_MS: u64 = 1000;
 /// Seconds between tenant server health checks; a server failing checks for
 /// three intervals becomes `unhealthy`.
 pub const DEFAULT_HEALTH_INTERVAL_SECS: u64 = 10;
@@ -571,6 +577,19 @@ pub struct ServerArgs {
     /// Requests a tenant may send at once beyond its rate.
     #[arg(long, env = "SILO_APP_RATE_BURST", default_value_t = DEFAULT_APP_RATE_BURST, value_parser = clap::value_parser!(u32).range(1..))]
     pub app_rate_burst: u32,
+
+    /// App API requests per minute one process accepts per tenant that
+    /// name another tenant than the token's, or carry a revoked token
+    /// (each answered 404); more are answered 429. `0` turns it off.
+    #[arg(long, env = "SILO_APP_MISDIRECTED_LIMIT", default_value_t = DEFAULT_APP_MISDIRECTED_LIMIT)]
+    pub app_misdirected_limit: u32,
+
+    /// Longest a 429 to a tenant over its rate (or its misdirected
+    /// allowance) is held before it is sent, in milliseconds: until the
+    /// tenant may send again, so a client that retries at once is slowed to
+    /// its rate. `0` answers at once.
+    #[arg(long, env = "SILO_APP_REFUSAL_HOLD_MS", default_value_t = DEFAULT_APP_REFUSAL_HOLD_MS, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub app_refusal_hold_ms: u64,
 
     /// Tenant connections to a server on this machine go through its Unix
     /// socket (checked to be the same cluster) rather than TCP.

@@ -149,6 +149,8 @@ impl SiloServer {
             app_max_body_bytes: silo::config::DEFAULT_APP_MAX_BODY_BYTES as u64,
             app_rate_limit: silo::config::DEFAULT_APP_RATE_LIMIT,
             app_rate_burst: silo::config::DEFAULT_APP_RATE_BURST,
+            app_misdirected_limit: silo::config::DEFAULT_APP_MISDIRECTED_LIMIT,
+            app_refusal_hold_ms: silo::config::DEFAULT_APP_REFUSAL_HOLD_MS,
             local_sockets: true,
             pg_listen: silo::config::OptionalAddr(None),
             pg_public_address: None,

@@ -40,9 +40,10 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{0}")]
     Locked(String),
-    /// Over a request rate limit: retry after this many seconds.
+    /// Over a request rate limit: retry after this many seconds; with a
+    /// tenant's rate, the answer is to be held (see `limits::app`).
     #[error("{0}")]
-    TooManyRequests(String, u64),
+    TooManyRequests(String, u64, Option<super::limits::RefusalHold>),
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error")]
@@ -160,9 +161,12 @@ impl IntoResponse for ApiError {
             res.headers_mut()
                 .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }
-        if let Self::TooManyRequests(_, seconds) = &self {
+        if let Self::TooManyRequests(_, seconds, hold) = &self {
             res.headers_mut()
                 .insert(header::RETRY_AFTER, header::HeaderValue::from(*seconds));
+            if let Some(hold) = hold {
+                res.extensions_mut().insert(*hold);
+            }
         }
         if matches!(self, Self::Unauthorized) {
             res.headers_mut().insert(

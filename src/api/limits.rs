@@ -5,7 +5,7 @@
 //!
 //! | routes | in flight | time | body | rate |
 //! |---|---|---|---|---|
-//! | `/api/v1` | `SILO_APP_MAX_IN_FLIGHT` | `SILO_APP_REQUEST_TIMEOUT` | `SILO_APP_MAX_BODY_BYTES` | `SILO_APP_RATE_LIMIT` per tenant |
+//! | `/api/v1` | `SILO_APP_MAX_IN_FLIGHT` | `SILO_APP_REQUEST_TIMEOUT` | `SILO_APP_MAX_BODY_BYTES` | `SILO_APP_RATE_LIMIT` and `SILO_APP_MISDIRECTED_LIMIT` per tenant |
 //! | `/admin/v1` | `SILO_ADMIN_MAX_IN_FLIGHT` | `SILO_ADMIN_REQUEST_TIMEOUT` | 2 MiB | — |
 //! | health, metrics, the document | [`OTHER_MAX_IN_FLIGHT`] | [`OTHER_REQUEST_TIMEOUT`] | 2 MiB | — |
 //!
@@ -14,6 +14,15 @@
 //! statement timeout): a query is never abandoned mid-way, so its tenant
 //! connection goes back to the pool clean. The in-flight slot is held until
 //! the handler really ends, so requests that timed out still count.
+//!
+//! A `429` to a tenant over its rate is held (outside the in-flight limit
+//! and the deadline) until the tenant may send again, at most
+//! `SILO_APP_REFUSAL_HOLD_MS`: a client that retries at once, or a flood
+//! from a few connections, is slowed to the tenant's rate instead of
+//! taking the cores from other tenants with refusals. At most
+//! [`HttpLimits::app_refusal_holds_per_tenant`] of a tenant's and
+//! [`HOLDS_TOTAL`] in all are held;
+//! past them a refusal is sent at once.
 
 use std::hash::Hash;
 use std::net::IpAddr;
@@ -52,6 +61,13 @@ pub struct HttpLimits {
     pub app_rate_limit: u32,
     /// App requests a tenant may send at once above its rate.
     pub app_rate_burst: u32,
+    /// App requests per minute per tenant that name another tenant than
+    /// the token's or carry a revoked token (0: no limit).
+    pub app_misdirected_limit: u32,
+    /// Longest a 429 to a tenant over a rate is held before it is sent.
+    pub app_refusal_hold: Duration,
+    /// A tenant's refusals held at once ([`HOLDS_PER_TENANT`]).
+    pub app_refusal_holds_per_tenant: usize,
     /// Admin requests in flight at once; more are answered 503 at once.
     pub admin_max_in_flight: usize,
     /// Failed admin authentications one client address may make per
@@ -71,6 +87,9 @@ impl Default for HttpLimits {
             app_max_body_bytes: crate::config::DEFAULT_APP_MAX_BODY_BYTES,
             app_rate_limit: crate::config::DEFAULT_APP_RATE_LIMIT,
             app_rate_burst: crate::config::DEFAULT_APP_RATE_BURST,
+            app_misdirected_limit: crate::config::DEFAULT_APP_MISDIRECTED_LIMIT,
+            app_refusal_hold: Duration::from_millis(crate::config::DEFAULT_APP_REFUSAL_HOLD_MS),
+            app_refusal_holds_per_tenant: HOLDS_PER_TENANT,
             admin_max_in_flight: crate::config::DEFAULT_ADMIN_MAX_IN_FLIGHT,
             admin_auth_failures: crate::config::DEFAULT_ADMIN_AUTH_FAILURES,
             trusted_proxies: Vec::new(),
@@ -85,6 +104,10 @@ pub struct Limits {
     admin: Arc<Semaphore>,
     other: Arc<Semaphore>,
     rate: RateLimiter<Uuid>,
+    misdirected: RateLimiter<Uuid>,
+    /// Refusals being held, in all and per tenant.
+    held: Arc<Semaphore>,
+    held_per_tenant: moka::sync::Cache<Uuid, Arc<Semaphore>>,
     auth_failures: RateLimiter<IpAddr>,
     /// Tokens being checked per client address: a few at once, so parallel
     /// guesses cannot all pass the allowance before the first is counted.
@@ -99,6 +122,13 @@ pub struct Limits {
 /// How long a token that signed in stays known to pass an address's
 /// lockout, unused.
 pub const RECENTLY_GOOD_FOR: Duration = Duration::from_secs(3600);
+
+/// A tenant's refusals held at once by default; more are sent at once. A
+/// held refusal costs a timer and its answer on top of the open connection
+/// it waits on: what bounds them is how many connections the process takes.
+pub const HOLDS_PER_TENANT: usize = 8192;
+/// Refusals held at once in all.
+pub const HOLDS_TOTAL: usize = 16_384;
 
 /// Tokens of one client address checked at once; past the allowance at
 /// most this many less one more are looked at (each is counted).
@@ -119,6 +149,12 @@ impl Limits {
             admin: Arc::new(Semaphore::new(settings.admin_max_in_flight.max(1))),
             other: Arc::new(Semaphore::new(OTHER_MAX_IN_FLIGHT)),
             rate: RateLimiter::new(),
+            misdirected: RateLimiter::new(),
+            held: Arc::new(Semaphore::new(HOLDS_TOTAL)),
+            held_per_tenant: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(Duration::from_secs(600))
+                .build(),
             // Its cells go after 10 idle minutes, longer than any lockout
             // lasts: at most (allowance + AUTH_CHECKS_PER_ADDRESS) failures
             // ahead, 5 minutes at an allowance of 1 a minute.
@@ -136,7 +172,8 @@ impl Limits {
     }
 
     /// Count one app request of `tenant` against its rate (its plan's
-    /// `plan_rate`, else `SILO_APP_RATE_LIMIT`): 429 when over it.
+    /// `plan_rate`, else `SILO_APP_RATE_LIMIT`): 429 when over it, to be
+    /// held by [`app`] until the tenant may send again.
     pub fn admit(&self, tenant: Uuid, plan_rate: Option<i32>) -> Result<(), ApiError> {
         let (per_second, source) = match plan_rate {
             Some(r) => (r.max(1) as u32, "its plan's requests_per_second"),
@@ -149,10 +186,57 @@ impl Limits {
         let interval = NANOS_PER_SECOND / u64::from(per_second.max(1));
         self.rate.check(tenant, interval, burst).map_err(|wait| {
             metrics::counter!("silo_app_rate_limited_total").increment(1);
-            too_many(wait, |seconds| {
+            too_many(wait, Some(tenant), |seconds| {
                 format!("the tenant sends more than {per_second} requests per second ({source}); retry after {seconds} s")
             })
         })
+    }
+
+    /// The answer to a request of `tenant`'s token that names another
+    /// tenant or carries a revoked generation: `not_found` (the same as
+    /// for an unknown tenant) within `SILO_APP_MISDIRECTED_LIMIT` a
+    /// minute, 429 (held like a rate refusal) past it. A client never
+    /// needs such requests; a token sending them names made-up tenants.
+    pub fn misdirected(&self, tenant: Uuid, not_found: ApiError) -> ApiError {
+        let per_minute = self.settings.app_misdirected_limit;
+        if per_minute == 0 {
+            return not_found;
+        }
+        let interval = 60 * NANOS_PER_SECOND / u64::from(per_minute);
+        match self.misdirected.check(tenant, interval, per_minute) {
+            Ok(()) => not_found,
+            Err(wait) => {
+                metrics::counter!("silo_app_misdirected_limited_total").increment(1);
+                too_many(wait, Some(tenant), |seconds| {
+                    format!("the token named a tenant other than its own (or was revoked) more than {per_minute} times a minute (SILO_APP_MISDIRECTED_LIMIT); retry after {seconds} s")
+                })
+            }
+        }
+    }
+
+    /// Hold a refusal of `tenant` for `wait` (at most
+    /// `SILO_APP_REFUSAL_HOLD_MS`), unless `app_refusal_holds_per_tenant`
+    /// of its own or [`HOLDS_TOTAL`] in all are held already.
+    /// Returns how long it was held.
+    async fn hold(&self, tenant: Uuid, wait: Duration) -> Duration {
+        let wait = wait.min(self.settings.app_refusal_hold);
+        if wait.is_zero() {
+            return Duration::ZERO;
+        }
+        let Ok(_all) = self.held.clone().try_acquire_owned() else {
+            return Duration::ZERO;
+        };
+        let own = self.held_per_tenant.get_with(tenant, || {
+            Arc::new(Semaphore::new(
+                self.settings.app_refusal_holds_per_tenant.max(1),
+            ))
+        });
+        let Ok(_own) = own.try_acquire_owned() else {
+            return Duration::ZERO;
+        };
+        metrics::counter!("silo_app_refusals_held_total").increment(1);
+        tokio::time::sleep(wait).await;
+        wait
     }
 
     /// Whether the client at `peer` may try an admin key or the bootstrap
@@ -169,7 +253,7 @@ impl Limits {
             .peek(address_key(peer), interval, allowed)
             .map_err(|wait| {
                 metrics::counter!("silo_admin_auth_refused_total").increment(1);
-                too_many(wait, |seconds| {
+                too_many(wait, None, |seconds| {
                     format!("too many failed sign-ins from this address (more than {allowed} a minute, SILO_ADMIN_AUTH_FAILURES); retry after {seconds} s")
                 })
             })
@@ -276,10 +360,12 @@ pub fn client_address(peer: IpAddr, forwarded: &HeaderMap, trusted: &[ipnet::IpN
 const NANOS_PER_SECOND: u64 = 1_000_000_000;
 
 /// A 429 whose `Retry-After` is `wait` in whole seconds (rounded up, at
-/// least 1), its detail written from those seconds.
-fn too_many(wait: Duration, detail: impl FnOnce(u64) -> String) -> ApiError {
+/// least 1), its detail written from those seconds; held by [`app`] when
+/// it refuses `tenant` for its rate.
+fn too_many(wait: Duration, tenant: Option<Uuid>, detail: impl FnOnce(u64) -> String) -> ApiError {
     let seconds = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
-    ApiError::TooManyRequests(detail(seconds), seconds)
+    let hold = tenant.map(|tenant| RefusalHold { tenant, wait });
+    ApiError::TooManyRequests(detail(seconds), seconds, hold)
 }
 
 fn busy(what: &str, setting: &str) -> Response {
@@ -321,7 +407,20 @@ pub async fn app(State(state): State<AppState>, req: Request, next: Next) -> Res
         .instrument(span),
     );
     match tokio::time::timeout(deadline, handler).await {
-        Ok(Ok(res)) => res,
+        Ok(Ok(mut res)) => {
+            if let Some(&RefusalHold { tenant, wait }) = res.extensions().get::<RefusalHold>() {
+                let held = limits.hold(tenant, wait).await;
+                if !held.is_zero() {
+                    // What is left of the wait after the hold, in whole
+                    // seconds up (0: send again now).
+                    let left = wait.saturating_sub(held);
+                    let seconds = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+                    res.headers_mut()
+                        .insert(axum::http::header::RETRY_AFTER, seconds.into());
+                }
+            }
+            res
+        }
         Ok(Err(e)) => {
             ApiError::Internal(anyhow::anyhow!("run an app request: {e}")).into_response()
         }
@@ -334,6 +433,14 @@ pub async fn app(State(state): State<AppState>, req: Request, next: Next) -> Res
             .into_response()
         }
     }
+}
+
+/// On a 429's response when it refuses a tenant for its rate: which
+/// tenant, and how long until it may send again ([`app`] holds the answer).
+#[derive(Debug, Clone, Copy)]
+pub struct RefusalHold {
+    tenant: Uuid,
+    wait: Duration,
 }
 
 /// `/admin/v1`: requests in flight (its deadline is [`super::error::deadline`]).

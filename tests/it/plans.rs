@@ -407,8 +407,10 @@ async fn clinic_plan_limits_answer_422_at_the_limit_and_not_before() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_plan_s_request_rate_answers_429_with_retry_after_and_spares_other_plans() {
+    // Refusals sent at once: a held one would let the next request in.
     let limits = silo::api::limits::HttpLimits {
         app_rate_burst: 3,
+        app_refusal_hold: Duration::ZERO,
         ..Default::default()
     };
     let env = TestEnv::setup().limits(limits).start().await;

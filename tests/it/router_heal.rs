@@ -496,9 +496,10 @@ async fn random_tenant_names_with_a_valid_token_never_reach_the_control_database
             ..RouterConfig::default()
         })
         // Off: every request must reach the lookup for this count to mean
-        // anything (with it on, the flood is also answered 429 sooner).
+        // anything (with them on, the flood is answered 429 and held).
         .limits(HttpLimits {
             app_rate_limit: 0,
+            app_misdirected_limit: 0,
             ..HttpLimits::default()
         })
         .start()
@@ -581,6 +582,8 @@ async fn a_tenant_over_its_rate_gets_429_with_retry_after_and_others_do_not() {
         .limits(HttpLimits {
             app_rate_limit: 1,
             app_rate_burst: 3,
+            // Sent at once: a held refusal would let the next request in.
+            app_refusal_hold: Duration::ZERO,
             ..HttpLimits::default()
         })
         .start()
@@ -619,6 +622,127 @@ async fn a_tenant_over_its_rate_gets_429_with_retry_after_and_others_do_not() {
     // After the wait, admitted again.
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     until_listed(&app, "chatty", &chatty, Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_token_naming_other_tenants_is_held_back_past_its_allowance_and_nobody_else_is() {
+    // One a minute: past it, the wait until the next is longer than the
+    // hold for the rest of the test (about 60 s less what it took).
+    const ALLOWANCE: u32 = 1;
+    const HOLD: Duration = Duration::from_secs(6);
+    const IN_FLIGHT: usize = 256;
+    // Lower than silo's default, for a flood an in-process test can send.
+    const HELD_AT_MOST: usize = 512;
+    let env = TestEnv::setup()
+        .limits(HttpLimits {
+            app_rate_limit: 0,
+            app_misdirected_limit: ALLOWANCE,
+            app_refusal_hold: HOLD,
+            app_refusal_holds_per_tenant: HELD_AT_MOST,
+            app_max_in_flight: IN_FLIGHT,
+            ..HttpLimits::default()
+        })
+        .start()
+        .await;
+    env.create("prober").await;
+    env.create("bystander").await;
+    let (prober, bystander) = (
+        env.app_token("prober").await,
+        env.app_token("bystander").await,
+    );
+    let app = env.app();
+    // A held answer's time is at least the hold (a sleep never ends
+    // early); an answer in less was not held.
+    let timed = |name: &'static str, token: String| {
+        let app = app.clone();
+        move || {
+            let (app, token) = (app.clone(), token.clone());
+            async move {
+                let started = Instant::now();
+                let answer = list_patients(&app, name, &token).await;
+                (answer, started.elapsed(), Instant::now())
+            }
+        }
+    };
+
+    // Within the allowance: the 404 of an unknown tenant, for a neighbour
+    // (a made-up name gets the same: `random_tenant_names_…`).
+    let ((s, _, content_type, body), ..) = timed("bystander", prober.clone())().await;
+    assert_eq!(
+        (s, content_type.as_str()),
+        (404, "application/problem+json"),
+        "{body}"
+    );
+    // Past it: 429, held, for either name.
+    for name in ["bystander", "made-up"] {
+        let ((s, retry_after, _, body), took, _) = timed(name, prober.clone())().await;
+        assert_eq!(s, 429, "{body}");
+        assert!(
+            body["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("SILO_APP_MISDIRECTED_LIMIT"),
+            "{body}"
+        );
+        let seconds: u64 = retry_after.expect("Retry-After").parse().unwrap();
+        assert!(seconds >= 1, "{seconds}");
+        assert!(
+            took >= HOLD,
+            "a refusal past the allowance came back in {took:?}"
+        );
+    }
+    // The prober's own requests, and the bystander's, are served.
+    let ((s, ..), ..) = timed("prober", prober.clone())().await;
+    assert_eq!(s, 200);
+    let ((s, ..), ..) = timed("bystander", bystander.clone())().await;
+    assert_eq!(s, 200);
+
+    // A flood from more connections than may be in flight: held refusals
+    // take no in-flight slot (more are held at once than may be in
+    // flight), and at most HELD_AT_MOST of a tenant's are held (the
+    // rest are sent at once, in less than the hold). Shed ones are retried.
+    let many = HELD_AT_MOST + 44;
+    let flood: Vec<_> = (0..many)
+        .map(|_| {
+            let attempt = timed("made-up", prober.clone());
+            tokio::spawn(async move {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    let ((s, _, _, body), took, ended) = attempt().await;
+                    match s {
+                        429 => return (took, ended),
+                        503 if Instant::now() < deadline => {
+                            tokio::time::sleep(Duration::from_millis(10)).await
+                        }
+                        _ => panic!("{s}: {body}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    let mut quick = 0;
+    for f in flood {
+        let (took, ended) = f.await.unwrap();
+        match took >= HOLD {
+            true => held.push((ended - took, ended)),
+            false => quick += 1,
+        }
+    }
+    let most_at_once = held
+        .iter()
+        .map(|(start, _)| held.iter().filter(|(s, e)| s <= start && start < e).count())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        most_at_once > IN_FLIGHT,
+        "at most {most_at_once} refusals were held at once, {IN_FLIGHT} requests may be in flight"
+    );
+    assert!(
+        held.len() <= HELD_AT_MOST && quick >= 44,
+        "{} held, {quick} sent at once",
+        held.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

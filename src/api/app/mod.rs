@@ -201,8 +201,11 @@ impl FromRequestParts<AppState> for AppTenant {
         let named = name == tenant.slug || name == tenant.id.to_string();
         if !named || claims.generation != tenant.token_generation {
             // Same answer as an unknown tenant: a token cannot probe for
-            // others, and a revoked one learns nothing.
-            return Err(ApiError::not_found("tenant"));
+            // others, and a revoked one learns nothing. Past a small
+            // allowance of them, 429, held.
+            return Err(state
+                .limits
+                .misdirected(claims.tenant, ApiError::not_found("tenant")));
         }
         tracing::Span::current().record("tenant_id", tracing::field::display(tenant.id));
         if let Some(slot) = parts.extensions.get::<MeteredTenant>() {

@@ -97,7 +97,7 @@ pub async fn sign_in(
             StatusCode::UNAUTHORIZED,
             Some("That is not a live admin key or the bootstrap token."),
         ),
-        Err(ApiError::TooManyRequests(_, seconds)) => {
+        Err(ApiError::TooManyRequests(_, seconds, _)) => {
             let mut res = sign_in_form(
                 &headers,
                 StatusCode::TOO_MANY_REQUESTS,
