@@ -248,6 +248,20 @@ impl ControlPlane {
         crate::servers::check_all(&self.inner.registry, &self.inner.servers, unhealthy_after).await
     }
 
+    /// Check one tenant server now and record the result (an `unhealthy`
+    /// one that passes is `active` again; a failure changes no status).
+    pub async fn check_server(&self, server: &DbServer) -> anyhow::Result<ServerCheck> {
+        // Long: a failure here only records its cause.
+        let unhealthy_after = std::time::Duration::from_secs(365 * 86_400);
+        crate::servers::check_server(
+            &self.inner.registry,
+            &self.inner.servers,
+            server,
+            unhealthy_after,
+        )
+        .await
+    }
+
     /// Start deleting a tenant: `deleting` now, then (in the background) a
     /// final backup when storage is configured, then the drop. Returns the
     /// operation to poll.

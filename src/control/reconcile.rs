@@ -1138,6 +1138,22 @@ mod tests {
         }
     }
 
+    /// The registry with these tenants active on another cluster, where
+    /// their databases were found: what the server holds of them are copies.
+    fn copies_elsewhere(tenants: &[&str]) -> Accounted {
+        let mut a = registry(vec![]);
+        for t in tenants {
+            let row = RowOf {
+                status: Active,
+                here: false,
+                copy: true,
+                lost: false,
+            };
+            a.rows.insert(id(t), row);
+        }
+        a
+    }
+
     /// The registry with these tenants live on the server (and their rows).
     fn registry(tenants: Vec<AccountedTenant>) -> Accounted {
         let rows = tenants
@@ -1237,19 +1253,7 @@ mod tests {
                 name:
                     "a copy of a tenant living on another cluster (a failed move's) is quarantined",
                 observed: on_server(&[&a_db], &[(&a_role, false)]),
-                accounted: {
-                    let mut a = registry(vec![]);
-                    a.rows.insert(
-                        id(A),
-                        RowOf {
-                            status: Active,
-                            here: false,
-                            copy: true,
-                            lost: false,
-                        },
-                    );
-                    a
-                },
+                accounted: copies_elsewhere(&[A]),
                 want: vec![
                     Action::Quarantine {
                         database: a_db.clone(),
@@ -1264,21 +1268,7 @@ mod tests {
             Case {
                 name: "copies of tenants living on another cluster do not count toward the halt",
                 observed: on_server(&[&a_db, &b_db], &[]),
-                accounted: {
-                    let mut a = registry(vec![]);
-                    for t in [A, B] {
-                        a.rows.insert(
-                            id(t),
-                            RowOf {
-                                status: Active,
-                                here: false,
-                                copy: true,
-                                lost: false,
-                            },
-                        );
-                    }
-                    a
-                },
+                accounted: copies_elsewhere(&[A, B]),
                 want: vec![
                     Action::Quarantine {
                         database: a_db.clone(),

@@ -45,7 +45,9 @@ use crate::crypto::{random_password, Keyring};
 use crate::domain::{Plan, ProvisionStep, ServerName, Slug, TenantName};
 use crate::failpoint;
 use crate::ops::{Error, Result};
-use crate::registry::{DbServer, NewTenant, Registry, Spare, TenantRecord, TenantStatus};
+use crate::registry::{
+    DbServer, NewTenant, Registered, Registry, Spare, TenantRecord, TenantStatus,
+};
 use crate::servers::names::{tenant_names, TEMPLATE_DB};
 use crate::servers::{roles, schema, sqlstate, ServerAdmin, ServerPools, TenantSchema};
 
@@ -145,44 +147,50 @@ impl Provisioner {
             }
         }
         self.known_plan(&req.plan).await?;
-        let server = match &req.server {
-            Some(name) => {
-                let s = reg
-                    .server_by_name(name.as_str())
-                    .await?
-                    .ok_or_else(|| Error::Invalid(format!("no server named '{name}'")))?;
-                if let Some(why) = s.refusal() {
-                    return Err(Error::conflict(format!(
-                        "server '{name}' cannot take new tenants: {why}"
-                    )));
-                }
-                s
-            }
-            None => reg.least_loaded_server().await?.ok_or_else(|| {
-                Error::Unavailable(
-                    "no tenant DB server has room for a new tenant (each is full, draining or unhealthy)".into(),
-                )
-            })?,
-        };
-
-        let id = Uuid::now_v7();
-        tracing::Span::current().record("tenant_id", tracing::field::display(id));
-        let password = random_password(32);
-        let sealed = self.keyring().seal(password.as_bytes(), id.as_bytes());
-        let (database, role) = tenant_names(id);
-        let new = NewTenant {
-            id,
-            slug: &req.slug,
-            name: &req.name,
-            plan: req.plan.clone(),
-            server_id: server.id,
-            database_name: &database,
-            role_name: &role,
-            password_enc: &sealed,
-            key_id: self.keyring().key_id(),
-        };
         let idem = idempotency_key.map(|k| (k, hash.as_slice()));
-        if let Err(e) = reg.register_tenant(&new, idem, actor).await {
+        // A slug held already is answered before a server is chosen: a full
+        // one (a failed create's own place counts there) hides nothing.
+        if let Some(done) = self.answer_for_taken_slug(req, idem).await? {
+            return done;
+        }
+        // Unnamed, a server whose last place another create took since it
+        // was chosen is passed over for the next one with room.
+        let mut attempts = 0;
+        let id = loop {
+            attempts += 1;
+            let server = self.place(req).await?;
+            let id = Uuid::now_v7();
+            let password = random_password(32);
+            let sealed = self.keyring().seal(password.as_bytes(), id.as_bytes());
+            let (database, role) = tenant_names(id);
+            let new = NewTenant {
+                id,
+                slug: &req.slug,
+                name: &req.name,
+                plan: req.plan.clone(),
+                server_id: server.id,
+                database_name: &database,
+                role_name: &role,
+                password_enc: &sealed,
+                key_id: self.keyring().key_id(),
+            };
+            let e = match reg.register_tenant(&new, idem, actor).await {
+                Ok(Registered::Yes) => break id,
+                Ok(Registered::ServerFull) => match &req.server {
+                    Some(name) => {
+                        return Err(Error::conflict(format!(
+                            "server '{name}' cannot take new tenants: it is full"
+                        )))
+                    }
+                    None if attempts < 3 => continue,
+                    None => {
+                        return Err(Error::Unavailable(
+                            "no tenant DB server has room for a new tenant (the last places were just taken); retry".into(),
+                        ))
+                    }
+                },
+                Err(e) => e,
+            };
             let slug_taken = e.is_unique_violation("tenants_slug_key");
             if slug_taken || e.is_unique_violation("idempotency_keys_pkey") {
                 // A concurrent request with the same key may have won the race
@@ -194,21 +202,102 @@ impl Provisioner {
                 }
             }
             if slug_taken {
-                return Err(Error::conflict(format!(
-                    "a tenant with slug '{}' already exists",
-                    req.slug
-                )));
+                return match self.answer_for_taken_slug(req, idem).await? {
+                    Some(done) => done,
+                    None => Err(Error::conflict(format!(
+                        "a tenant with slug '{}' already exists",
+                        req.slug
+                    ))),
+                };
             }
             if crate::registry::is_plan_reference(&e) {
                 return Err(Error::Invalid(format!("no plan is named '{}'", req.plan)));
             }
             return Err(e.into());
-        }
+        };
+        tracing::Span::current().record("tenant_id", tracing::field::display(id));
         step_timer(started, ProvisionStep::Registered);
         failpoint::hit(ProvisionStep::Registered.as_str());
         let tenant = self.finish(id).await?;
         metrics::histogram!("silo_provision_seconds").record(started.elapsed().as_secs_f64());
         Ok(tenant)
+    }
+
+    /// The server a new tenant goes to: the one the request names, if it
+    /// takes tenants, else the active one with the most headroom.
+    async fn place(&self, req: &CreateTenant) -> Result<DbServer> {
+        let reg = self.registry();
+        match &req.server {
+            Some(name) => {
+                let s = reg
+                    .server_by_name(name.as_str())
+                    .await?
+                    .ok_or_else(|| Error::Invalid(format!("no server named '{name}'")))?;
+                if let Some(why) = s.refusal() {
+                    return Err(Error::conflict(format!(
+                        "server '{name}' cannot take new tenants: {why}"
+                    )));
+                }
+                Ok(s)
+            }
+            None => reg.least_loaded_server().await?.ok_or_else(|| {
+                Error::Unavailable(
+                    "no tenant DB server has room for a new tenant (each is full, draining or unhealthy)".into(),
+                )
+            }),
+        }
+    }
+
+    /// The answer to a create whose slug a tenant holds already, `None`
+    /// when none does. A live tenant: `409` (or, for a replayed key, that
+    /// tenant). A failed create (one that never became active, so holds no
+    /// data): the same request again (same name, plan and server) retries
+    /// that create's remaining steps, as its Idempotency-Key would, and
+    /// records this request's key for it; another request is refused,
+    /// saying how to free the slug. Asked before a server is chosen, so a
+    /// full one does not hide either answer.
+    async fn answer_for_taken_slug(
+        &self,
+        req: &CreateTenant,
+        idempotency: Option<(&str, &[u8])>,
+    ) -> Result<Option<Result<TenantRecord>>> {
+        let Some(t) = self.registry().find_tenant(req.slug.as_str()).await? else {
+            return Ok(None);
+        };
+        if t.slug != req.slug.as_str() {
+            return Ok(None);
+        }
+        if t.status != TenantStatus::Failed || t.provision_step.is_none() {
+            // A live tenant: the same key's first request may have
+            // committed it since the key was looked up.
+            if let Some((key, hash)) = idempotency {
+                if let Some(id) = self.replayed(key, hash).await? {
+                    return Ok(Some(self.finish(id).await));
+                }
+            }
+            return Ok(Some(Err(Error::conflict(format!(
+                "a tenant with slug '{}' already exists",
+                req.slug
+            )))));
+        }
+        let same = t.name == req.name.as_str()
+            && t.plan == req.plan
+            && req
+                .server
+                .as_ref()
+                .is_none_or(|s| s.as_str() == t.server_name);
+        if !same {
+            return Ok(Some(Err(Error::conflict(format!(
+                "a failed create of slug '{}' holds it: send that request again (same name, plan and server) to retry it, or delete the tenant first",
+                req.slug
+            )))));
+        }
+        if let Some((key, hash)) = idempotency {
+            self.registry()
+                .record_idempotency_key(key, hash, t.id)
+                .await?;
+        }
+        Ok(Some(self.finish(t.id).await))
     }
 
     async fn replayed(&self, key: &str, hash: &[u8]) -> Result<Option<Uuid>> {

@@ -33,7 +33,9 @@ pub use operations::{Operation, OperationStatus};
 pub use plans::{is_plan_reference, PlanFields, PlanRecord, PLAN_IN_USE};
 pub use servers::{DbServer, NewServer};
 pub use spares::Spare;
-pub use tenants::{NewTenant, PlanLimits, Tenant, TenantPatch, TenantRecord, TenantStatus};
+pub use tenants::{
+    NewTenant, PlanLimits, Registered, Tenant, TenantPatch, TenantRecord, TenantStatus,
+};
 pub use usage::{
     CurrentUsage, DailyUsage, PassRecord, QuotaChange, TenantUsageRow, UsagePass, UsageSample,
     UsageSort, UsageTarget, UsageTotals, USAGE_ACTOR,

@@ -26,6 +26,10 @@ pub struct DbServer {
     pub template_version: Option<i64>,
     /// Tenants on the server that are not deleted.
     pub tenant_count: i64,
+    /// Tenants being moved to the server (unfinished moves): they count
+    /// against `max_tenants` from the start of their move.
+    #[serde(skip)]
+    pub moving_in: i64,
     pub created_at: DateTime<Utc>,
     /// When a health check last ran (from any silo replica).
     pub checked_at: Option<DateTime<Utc>>,
@@ -43,11 +47,24 @@ pub struct DbServer {
 impl DbServer {
     /// Why this server takes no new tenants, if it does not.
     pub fn refusal(&self) -> Option<String> {
+        let used = self.tenant_count + self.moving_in;
+        self.refusal_given_room(used < i64::from(self.max_tenants))
+    }
+
+    /// [`Self::refusal`], with whether the server has room counted apart
+    /// (for a move, by [`Registry::move_has_room`]).
+    pub fn refusal_given_room(&self, has_room: bool) -> Option<String> {
         match self.status.as_str() {
-            "active" if self.tenant_count >= i64::from(self.max_tenants) => Some(format!(
-                "it is full ({} of {} tenants)",
-                self.tenant_count, self.max_tenants
-            )),
+            "active" if !has_room => Some(match self.moving_in {
+                0 => format!(
+                    "it is full ({} of {} tenants)",
+                    self.tenant_count, self.max_tenants
+                ),
+                n => format!(
+                    "it is full ({} of {} tenants, {n} more being moved to it)",
+                    self.tenant_count, self.max_tenants
+                ),
+            }),
             "active" => None,
             "unhealthy" => Some(match &self.health_error {
                 Some(e) => format!("it is unhealthy (last check: {e})"),
@@ -86,8 +103,27 @@ impl std::fmt::Debug for DbServer {
 const SELECT_SERVER: &str = "SELECT s.id, s.name, s.admin_url_enc, s.key_id, s.max_connections, s.max_tenants,
         s.status, s.template_version, s.created_at, s.checked_at, s.last_ok_at, s.health_error,
         s.system_identifier, s.cluster_port,
-        (SELECT count(*) FROM tenants t WHERE t.server_id = s.id AND t.status <> 'deleted') AS tenant_count
+        (SELECT count(*) FROM tenants t WHERE t.server_id = s.id AND t.status <> 'deleted') AS tenant_count,
+        (SELECT count(*) FROM operations o JOIN tenants t ON t.id = o.tenant_id
+          WHERE o.kind = 'tenant.move' AND o.status IN ('queued', 'pending', 'running')
+            AND o.params->>'to_server' = s.id::text
+            AND t.server_id <> s.id AND t.status <> 'deleted') AS moving_in
    FROM db_servers s";
+
+/// Whether server `$1` has room for one more tenant: its tenants that are
+/// not deleted, and those being moved to it, other than tenant `$2`; a
+/// move counts only when its operation's `(created_at, id)` is before `$3`
+/// (all of them when `$3` is null).
+const HAS_ROOM: &str = "SELECT (SELECT count(*) FROM tenants t
+                  WHERE t.server_id = $1 AND t.status <> 'deleted' AND t.id IS DISTINCT FROM $2)
+      + (SELECT count(*) FROM operations o JOIN tenants t ON t.id = o.tenant_id
+          WHERE o.kind = 'tenant.move' AND o.status IN ('queued', 'pending', 'running')
+            AND o.params->>'to_server' = $1::text
+            AND t.server_id <> $1 AND t.status <> 'deleted'
+            AND t.id IS DISTINCT FROM $2
+            AND ($3::uuid IS NULL
+                 OR (o.created_at, o.id) < (SELECT created_at, id FROM operations WHERE id = $3)))
+      < (SELECT max_tenants FROM db_servers WHERE id = $1)";
 
 impl Registry {
     /// Register a server; a taken name fails on `db_servers_name_key`, a
@@ -193,15 +229,50 @@ impl Registry {
     pub async fn least_loaded_server(&self) -> Result<Option<DbServer>> {
         sqlx::query_as(&format!(
             "SELECT * FROM ({SELECT_SERVER} WHERE s.status = 'active') x
-              WHERE tenant_count < max_tenants
-              ORDER BY tenant_count::float8 / max_tenants,
-                       max_connections::float8 / (tenant_count + 1) DESC,
+              WHERE tenant_count + moving_in < max_tenants
+              ORDER BY (tenant_count + moving_in)::float8 / max_tenants,
+                       max_connections::float8 / (tenant_count + moving_in + 1) DESC,
                        created_at, id
               LIMIT 1"
         ))
         .fetch_optional(&self.pool)
         .await
         .map_err(Error::from)
+    }
+
+    /// Whether server `server` has room for one more tenant, counted under
+    /// a lock on its row held until `tx` ends: whoever counts next waits
+    /// for what `tx` adds. `tenant` and `move_op`: see [`HAS_ROOM`].
+    pub(crate) async fn has_room_in(
+        tx: &mut sqlx::PgConnection,
+        server: Uuid,
+        tenant: Option<Uuid>,
+        move_op: Option<Uuid>,
+    ) -> Result<bool> {
+        // Not `FOR UPDATE`: that would also wait for (and hold up) the
+        // foreign-key checks of rows naming the server, a move's switch.
+        sqlx::query("SELECT 1 FROM db_servers WHERE id = $1 FOR NO KEY UPDATE")
+            .bind(server)
+            .execute(&mut *tx)
+            .await?;
+        Ok(sqlx::query_scalar::<_, Option<bool>>(HAS_ROOM)
+            .bind(server)
+            .bind(tenant)
+            .bind(move_op)
+            .fetch_one(&mut *tx)
+            .await?
+            .unwrap_or(false))
+    }
+
+    /// Whether the move `op` of `tenant` may go on to `server`: the
+    /// server's tenants and the moves to it started before this one leave
+    /// room. Two moves started at once cannot both fill its last place, nor
+    /// a move and a create (which counts every unfinished move).
+    pub async fn move_has_room(&self, server: Uuid, tenant: Uuid, op: Uuid) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let room = Self::has_room_in(&mut tx, server, Some(tenant), Some(op)).await?;
+        tx.commit().await?;
+        Ok(room)
     }
 
     /// Change a server's status or limits; `None` leaves a field as it is.

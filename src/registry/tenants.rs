@@ -227,16 +227,26 @@ const SELECT_RECORD: &str =
 /// reach every database.
 pub const GRANTS_VERSION: i32 = 1;
 
+/// What [`Registry::register_tenant`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registered {
+    Yes,
+    /// Nothing: the server has no room left (`max_tenants`, counting
+    /// tenants being moved to it).
+    ServerFull,
+}
+
 impl Registry {
-    /// Insert the tenant row and, with it, the idempotency key and an audit row.
-    /// A taken slug fails on `tenants_slug_key`, a reused key on `idempotency_keys_pkey`.
+    /// Insert the tenant row and, with it, the idempotency key and an audit row,
+    /// if its server has room. A taken slug fails on `tenants_slug_key`, a
+    /// reused key on `idempotency_keys_pkey`.
     #[tracing::instrument(skip_all, fields(tenant_id = %t.id, slug = %t.slug))]
     pub async fn register_tenant(
         &self,
         t: &NewTenant<'_>,
         idempotency: Option<(&str, &[u8])>,
         actor: &str,
-    ) -> Result<()> {
+    ) -> Result<Registered> {
         // Durable with the final `active` commit (see `begin_lazy`).
         let mut tx = self.begin_lazy().await?;
         sqlx::query(
@@ -257,6 +267,12 @@ impl Registry {
         .bind(GRANTS_VERSION)
         .execute(&mut *tx)
         .await?;
+        // After the insert, so a taken slug or key is told first (a replay
+        // or a retry is not refused as "full"); counted under the server
+        // row's lock, so creates at once cannot both take its last place.
+        if !Self::has_room_in(&mut tx, t.server_id, Some(t.id), None).await? {
+            return Ok(Registered::ServerFull);
+        }
         if let Some((key, hash)) = idempotency {
             sqlx::query(
                 "INSERT INTO idempotency_keys (key, request_hash, tenant_id) VALUES ($1, $2, $3)",
@@ -275,7 +291,8 @@ impl Registry {
             serde_json::json!({"slug": t.slug, "plan": t.plan.as_str()}),
         )
         .await?;
-        tx.commit().await.map_err(Error::from)
+        tx.commit().await?;
+        Ok(Registered::Yes)
     }
 
     /// Register again a tenant whose database and role exist but whose row
@@ -311,6 +328,21 @@ impl Registry {
     }
 
     /// The tenant an idempotency key created, with the hash of that request.
+    /// Record `key` (of a request hashing to `hash`) as naming `tenant`,
+    /// unless it names something already.
+    pub async fn record_idempotency_key(&self, key: &str, hash: &[u8], tenant: Uuid) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO idempotency_keys (key, request_hash, tenant_id) VALUES ($1, $2, $3)
+             ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(hash)
+        .bind(tenant)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     pub async fn idempotency_key(&self, key: &str) -> Result<Option<(Vec<u8>, Uuid)>> {
         sqlx::query_as("SELECT request_hash, tenant_id FROM idempotency_keys WHERE key = $1")
             .bind(key)

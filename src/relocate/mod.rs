@@ -386,6 +386,19 @@ impl Mover {
         };
         let op = self.open_move_operation(plan.tenant_id).await?;
         let reg = &self.registry;
+        // Counted again with the move recorded: of moves (and creates) that
+        // passed `check_target` at once, only those the server has room for
+        // go on.
+        if let Some(op) = op {
+            if !reg
+                .move_has_room(plan.to_server, plan.tenant_id, op)
+                .await?
+            {
+                return Err(Error::Conflict(
+                    "the target server is full: other tenants took its last places since the move was asked for".into(),
+                ));
+            }
+        }
         let src = ends.src_db(db).await?;
         sqlx::raw_sql(&format!(
             "CREATE SCHEMA IF NOT EXISTS {FENCE_SCHEMA};
@@ -611,12 +624,21 @@ impl Mover {
             )));
         }
         // The target may have been drained, marked unhealthy or filled
-        // (another move) during the copy: checked again before the freeze.
+        // (its limit lowered) during the copy: checked again before the
+        // freeze. This move holds its place: itself and the moves asked for
+        // after it are not counted.
         let target = reg
             .server(plan.to_server)
             .await?
             .context("find the target server")?;
-        if let Err(refused) = check_target(&target) {
+        let has_room = match self.open_move_operation(plan.tenant_id).await? {
+            Some(op) => {
+                reg.move_has_room(plan.to_server, plan.tenant_id, op)
+                    .await?
+            }
+            None => true,
+        };
+        if let Err(refused) = check_target_given_room(&target, has_room) {
             return Err(Error::Conflict(format!(
                 "{}; it changed during the copy: the tenant stays where it was",
                 refused

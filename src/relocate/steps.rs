@@ -16,7 +16,17 @@ use crate::servers::{roles, PgTools, ServerAdmin};
 
 /// A server new tenants (and moved ones) may go to.
 pub(super) fn check_target(target: &DbServer) -> Result<()> {
-    match target.refusal() {
+    refuse_target(target, target.refusal())
+}
+
+/// [`check_target`] for a move under way, whose place on the target was
+/// counted apart (`has_room`: itself and later moves left out).
+pub(super) fn check_target_given_room(target: &DbServer, has_room: bool) -> Result<()> {
+    refuse_target(target, target.refusal_given_room(has_room))
+}
+
+fn refuse_target(target: &DbServer, refusal: Option<String>) -> Result<()> {
+    match refusal {
         Some(why) => Err(Error::Conflict(format!(
             "server '{}' takes no tenants: {why}",
             target.name

@@ -55,6 +55,20 @@ pub async fn check_all(
     Ok(checks.into_iter().map(|(_, c)| c).collect())
 }
 
+/// Check one server now and record the result, as [`check_all`] does.
+pub async fn check_server(
+    registry: &Registry,
+    pools: &ServerPools,
+    server: &DbServer,
+    unhealthy_after: Duration,
+) -> anyhow::Result<ServerCheck> {
+    let control = registry
+        .control_id()
+        .await
+        .context("read the control plane's identity")?;
+    check_one(registry, pools, server, control, unhealthy_after).await
+}
+
 async fn check_one(
     registry: &Registry,
     pools: &ServerPools,

@@ -17,7 +17,7 @@ pub mod scram;
 pub mod sqlstate;
 pub mod tools;
 
-pub use health::{check_all, ServerCheck, HEALTH_CHECK_TIMEOUT};
+pub use health::{check_all, check_server, ServerCheck, HEALTH_CHECK_TIMEOUT};
 pub use schema::TenantSchema;
 pub use tools::{LibpqEnv, PgTools};
 

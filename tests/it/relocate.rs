@@ -1145,3 +1145,69 @@ async fn a_target_drained_during_the_copy_takes_no_tenant() {
     assert!(t.frozen_at.is_none());
     assert_serves(&env, "undrained").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_moves_at_once_to_a_server_with_one_place_move_one_tenant() {
+    let env = TestEnv::start().await;
+    let _second = second_server(&env).await;
+    create_on(&env, "mover-a", "default").await;
+    create_on(&env, "mover-b", "default").await;
+    let (s, body) = env
+        .call(
+            Method::PATCH,
+            "/admin/v1/servers/second",
+            Some(json!({"max_tenants": 1})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+
+    let ask = |slug: &'static str| {
+        let env = &env;
+        async move {
+            env.call(
+                Method::POST,
+                &format!("/admin/v1/tenants/{slug}/move"),
+                Some(json!({"server": "second"})),
+            )
+            .await
+        }
+    };
+    let (a, b) = tokio::join!(ask("mover-a"), ask("mover-b"));
+    let mut moved = 0;
+    for (s, body) in [a, b] {
+        match s {
+            // Refused up front: the other move holds the last place.
+            StatusCode::CONFLICT => {
+                assert!(body["detail"].as_str().unwrap().contains("full"), "{body}")
+            }
+            StatusCode::ACCEPTED => {
+                let op = body["id"].as_str().unwrap();
+                let done = finished(&env, op, Duration::from_secs(180)).await;
+                match done["status"].as_str() {
+                    Some("succeeded") => moved += 1,
+                    // Both passed the first check: the later one is stopped
+                    // before anything is made on the target.
+                    _ => assert!(done["error"].as_str().unwrap().contains("full"), "{done}"),
+                }
+            }
+            _ => panic!("{s}: {body}"),
+        }
+    }
+    assert_eq!(moved, 1);
+    let on_second = [env.record("mover-a").await, env.record("mover-b").await]
+        .iter()
+        .filter(|t| t.server_name == "second")
+        .count();
+    assert_eq!(on_second, 1);
+    assert_serves(&env, "mover-a").await;
+    assert_serves(&env, "mover-b").await;
+    // Full now: a create naming it is refused.
+    let (s, body) = env
+        .call(
+            Method::POST,
+            "/admin/v1/tenants",
+            Some(json!({"slug": "late", "name": "Late", "server": "second"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+}

@@ -209,6 +209,126 @@ async fn a_full_server_is_skipped_and_refused_by_name() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn creates_at_once_never_take_more_places_than_a_server_has() {
+    let env = TestEnv::start().await;
+    let (s, _) = patch(&env, "default", json!({"max_tenants": 3})).await;
+    assert_eq!(s, StatusCode::OK);
+    let answers = futures::future::join_all((0..8).map(|i| {
+        let env = &env;
+        async move { create(env, &format!("racer-{i}"), Some("default")).await }
+    }))
+    .await;
+    let created = answers
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::CREATED)
+        .count();
+    for (s, body) in answers.iter().filter(|(s, _)| *s != StatusCode::CREATED) {
+        assert_conflict(*s, body, "full");
+    }
+    assert_eq!(created, 3, "{answers:?}");
+    assert_eq!(
+        env.count("SELECT count(*) FROM tenants WHERE status <> 'deleted'")
+            .await,
+        3
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn creates_at_once_naming_no_server_fill_every_last_place() {
+    const SECOND: &str = "second-f";
+    let env = TestEnv::start().await;
+    let _second = server_named(&env, SECOND).await;
+    for name in ["default", SECOND] {
+        let (s, _) = patch(&env, name, json!({"max_tenants": 1})).await;
+        assert_eq!(s, StatusCode::OK);
+    }
+    // Most pick the same server first; those that lose its one place go
+    // on to the other.
+    let answers = futures::future::join_all((0..6).map(|i| {
+        let env = &env;
+        async move { create(env, &format!("unplaced-{i}"), None).await }
+    }))
+    .await;
+    let mut placed: Vec<String> = answers
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::CREATED)
+        .map(|(_, body)| body["server"].as_str().unwrap().to_owned())
+        .collect();
+    placed.sort();
+    assert_eq!(placed, ["default", SECOND], "{answers:?}");
+    for (s, body) in answers.iter().filter(|(s, _)| *s != StatusCode::CREATED) {
+        assert_eq!(*s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body["detail"].as_str().unwrap().contains("room"), "{body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_create_is_retried_by_the_same_request_and_no_other_takes_its_slug() {
+    const ELSEWHERE: &str = "elsewhere-r";
+    let env = TestEnv::start().await;
+    let mut other = server_named(&env, ELSEWHERE).await;
+    other.stop().unwrap();
+    // Still `active` (no health check yet): the create fails on it.
+    let (st, body) = create(&env, "retried", Some(ELSEWHERE)).await;
+    assert!(st.is_server_error(), "{st}: {body}");
+    assert_eq!(env.record("retried").await.status.as_str(), "failed");
+
+    // Another request for the slug is told how to free it; nothing changes.
+    let (st, body) = env
+        .call(
+            Method::POST,
+            "/admin/v1/tenants",
+            Some(json!({"slug": "retried", "name": "Someone else", "server": ELSEWHERE})),
+        )
+        .await;
+    assert_conflict(st, &body, "a failed create of slug 'retried' holds it");
+    assert_eq!(env.record("retried").await.status.as_str(), "failed");
+
+    // The same request again, with the server back and now full (its
+    // failed create holds its one place): the create is finished, and the
+    // request's Idempotency-Key recorded for it.
+    let (st, _) = patch(&env, ELSEWHERE, json!({"max_tenants": 1})).await;
+    assert_eq!(st, StatusCode::OK);
+    other.start_again().unwrap();
+    let request = json!({"slug": "retried", "name": "Clinic retried", "server": ELSEWHERE});
+    let send = |key: &'static str| {
+        let (env, request) = (&env, request.to_string());
+        async move {
+            let answer = env
+                .send(
+                    Method::POST,
+                    "/admin/v1/tenants",
+                    Some(&request),
+                    &[
+                        (
+                            "authorization",
+                            &format!("Bearer {}", crate::common::ADMIN_TOKEN),
+                        ),
+                        ("content-type", "application/json"),
+                        ("idempotency-key", key),
+                    ],
+                )
+                .await;
+            (answer.status, answer.body)
+        }
+    };
+    let (st, body) = send("retry-of-retried").await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    assert_eq!(body["status"], "active", "{body}");
+    let (st, again) = send("retry-of-retried").await;
+    assert_eq!(st, StatusCode::CREATED, "{again}");
+    assert_eq!(again["id"], body["id"]);
+    assert_eq!(
+        env.count("SELECT count(*) FROM tenants WHERE slug = 'retried'")
+            .await,
+        1
+    );
+    // Active now: the same request is a duplicate.
+    let (st, body) = create(&env, "retried", Some(ELSEWHERE)).await;
+    assert_conflict(st, &body, "already exists");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_stopped_server_becomes_unhealthy_gets_no_tenants_and_recovers() {
     const SECOND: &str = "second-d";
     let env = TestEnv::start().await;
@@ -250,9 +370,19 @@ async fn a_stopped_server_becomes_unhealthy_gets_no_tenants_and_recovers() {
     assert_eq!(body["server"], "default");
     let (st, body) = create(&env, "on-the-dead", Some(SECOND)).await;
     assert_conflict(st, &body, "unhealthy (last check: connection refused)");
+    // Made active by hand while it still does not answer: checked, refused,
+    // and left unhealthy.
+    let (st, body) = patch(&env, SECOND, json!({"status": "active"})).await;
+    assert_conflict(st, &body, "unhealthy (checked now: connection refused)");
+    assert_eq!(server(&env, SECOND).await["status"], "unhealthy");
 
-    // Back up: the next check makes it active again.
+    // Back up: made active by hand, it is checked and taken at once.
     second.start_again().unwrap();
+    let (st, body) = patch(&env, SECOND, json!({"status": "active"})).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "active", "{body}");
+    assert!(body["health_error"].is_null(), "{body}");
+    // And the next check keeps it so.
     let checks = env.control.check_servers(long).await.unwrap();
     assert!(checks.iter().all(|c| c.error.is_none()), "{checks:?}");
     let s = server(&env, SECOND).await;
@@ -453,8 +583,18 @@ async fn a_changed_admin_password_is_reported_and_a_new_admin_url_puts_it_right(
         assert!(!body.to_string().contains(&password_in(&url)), "{body}");
     }
     assert_eq!(check().await, Some("authentication failed"), "unchanged");
-    let (s, body) = patch(&env, SECOND, json!({ "admin_url": new_url })).await;
+    // Failing long enough to be unhealthy: the new URL and `active` in one
+    // request put it right (the check runs with the new URL).
+    env.control.check_servers(Duration::ZERO).await.unwrap();
+    assert_eq!(server(&env, SECOND).await["status"], "unhealthy");
+    let (s, body) = patch(
+        &env,
+        SECOND,
+        json!({ "admin_url": new_url, "status": "active" }),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "active", "{body}");
     assert!(!body.to_string().contains(new_password), "{body}");
     assert_eq!(check().await, None);
     let (s, body) = rotate().await;

@@ -166,6 +166,10 @@ async fn update_server(
             .await
             .map_err(admin_url_refused)?;
     }
+    // Checked with the new admin URL, if the request gives one.
+    if body.status.as_deref() == Some("active") {
+        refuse_if_still_unhealthy(&state, &name).await?;
+    }
     let server = state
         .registry()
         .update_server(
@@ -192,6 +196,30 @@ async fn update_server(
         )
         .await?;
     Ok(Json(server))
+}
+
+/// An `unhealthy` server made `active` by hand: checked now, and refused
+/// (409, nothing changed) unless the check passes, which makes it `active`;
+/// otherwise new tenants would be placed on a server that does not answer.
+async fn refuse_if_still_unhealthy(state: &AppState, name: &ServerName) -> ApiResult<()> {
+    let Some(server) = state.registry().server_by_name(name.as_str()).await? else {
+        return Ok(());
+    };
+    if server.status != "unhealthy" {
+        return Ok(());
+    }
+    let check = state
+        .control
+        .check_server(&server)
+        .await
+        .map_err(|e| ApiError::from(crate::ops::Error::Internal(e)))?;
+    match check.error {
+        None => Ok(()),
+        Some(e) => Err(ApiError::Conflict(format!(
+            "server '{}' is unhealthy (checked now: {e}); it becomes active by itself once a health check passes",
+            server.name
+        ))),
+    }
 }
 
 /// Why a new admin URL was refused, as a clear answer (no URL in it).
