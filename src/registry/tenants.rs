@@ -739,7 +739,8 @@ impl Registry {
         let done = sqlx::query(
             "UPDATE tenants SET server_id = $3, password_enc = $4, key_id = $5, frozen_at = NULL,
                     updated_at = now()
-              WHERE id = $1 AND server_id = $2 AND status = 'active' AND frozen_at IS NOT NULL",
+              WHERE id = $1 AND server_id = $2 AND status IN ('active', 'suspended')
+                AND frozen_at IS NOT NULL",
         )
         .bind(id)
         .bind(from)

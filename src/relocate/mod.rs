@@ -145,6 +145,8 @@ pub mod testing {
 
     /// In the freeze, sequences copied, before the copy is verified.
     pub const BEFORE_VERIFY: &str = "before_verify";
+    /// Copied and caught up, before the cut-over takes the tenant's lock.
+    pub const COPIED: &str = "copied";
 
     type Armed = Vec<(&'static str, Uuid, Arc<Pause>)>;
     static ARMED: Mutex<Armed> = Mutex::new(Vec::new());
@@ -260,9 +262,11 @@ impl Mover {
             self.ops
                 .refuse_if_busy(OperationKind::TenantMove, id)
                 .await?;
-            if t.status != TenantStatus::Active {
+            // A suspended tenant moves too (draining a server takes it
+            // along) and arrives suspended: its role may not log in there.
+            if !matches!(t.status, TenantStatus::Active | TenantStatus::Suspended) {
                 return Err(Error::Conflict(format!(
-                    "tenant is {}: only an active tenant can be moved",
+                    "tenant is {}: only an active or suspended tenant can be moved",
                     t.status.as_str()
                 )));
             }
@@ -328,6 +332,7 @@ impl Mover {
         let moved = async {
             let password = self.copy_to_target(&ends, &plan).await?;
             crate::failpoint::hit("move_copied");
+            testing::reach(testing::COPIED, plan.tenant_id).await;
             self.cut_over(&ends, &plan, &password).await
         }
         .await;
@@ -612,7 +617,7 @@ impl Mover {
             .tenant(plan.tenant_id)
             .await?
             .ok_or(Error::NotFound("tenant"))?;
-        if t.status != TenantStatus::Active
+        if !matches!(t.status, TenantStatus::Active | TenantStatus::Suspended)
             || t.server_id != plan.from_server
             || t.database_name != plan.database
             || t.schema_version != plan.schema_version
@@ -651,6 +656,12 @@ impl Mover {
         roles::set_connection_limit(&ends.dst, &plan.role, t.limits.connection_limit)
             .await
             .context("set the tenant role's connection limit on the target")?;
+        // Its logins as its state says now (suspended or resumed during the
+        // copy too; neither changes while this lock is held).
+        let active = t.status == TenantStatus::Active;
+        roles::set_role_login(&ends.dst, &plan.role, active)
+            .await
+            .context("set whether the tenant role may log in on the target")?;
         let frozen = Instant::now();
         let mut phases = Phases::start();
         reg.set_frozen(plan.tenant_id, true).await?;

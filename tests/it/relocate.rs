@@ -614,12 +614,8 @@ async fn silo_killed_between_the_verification_and_the_switch_rolls_the_move_back
 
 /// Where "still" and "sleepy" are, and whether each is frozen for a move.
 async fn placed(env: &TestEnv) -> Vec<(String, bool)> {
-    let mut placed = Vec::new();
-    for slug in ["still", "sleepy"] {
-        let t = env.record(slug).await;
-        placed.push((t.server_name, t.frozen_at.is_some()));
-    }
-    placed
+    let t = env.record("still").await;
+    vec![(t.server_name, t.frozen_at.is_some())]
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -627,11 +623,6 @@ async fn bad_move_requests_get_a_clear_answer_and_change_nothing() {
     let env = TestEnv::start().await;
     let second = second_server(&env).await;
     create_on(&env, "still", "default").await;
-    create_on(&env, "sleepy", "default").await;
-    let (s, _) = env
-        .call(Method::POST, "/admin/v1/tenants/sleepy/suspend", None)
-        .await;
-    assert_eq!(s, StatusCode::OK);
     let still = "/admin/v1/tenants/still/move";
     #[rustfmt::skip]
     let rows = vec![
@@ -643,7 +634,6 @@ async fn bad_move_requests_get_a_clear_answer_and_change_nothing() {
         post(still).json(json!({"server": "second", "now": true})).is(422),
         post(still).is(415),
         post("/admin/v1/tenants/nobody/move").json(json!({"server": "second"})).is(404),
-        post("/admin/v1/tenants/sleepy/move").json(json!({"server": "second"})).is(409),
     ];
     table::run(&Client::admin(&env), rows, async || placed(&env).await).await;
     // A table without a primary key cannot be replicated: refused up front.
@@ -669,11 +659,9 @@ async fn bad_move_requests_get_a_clear_answer_and_change_nothing() {
             .contains("notes_without_key"),
         "{answer}"
     );
-    for slug in ["still", "sleepy"] {
-        let t = env.record(slug).await;
-        assert_eq!(t.server_name, "default");
-        assert!(t.frozen_at.is_none());
-    }
+    let t = env.record("still").await;
+    assert_eq!(t.server_name, "default");
+    assert!(t.frozen_at.is_none());
     assert!(move_leftovers(&env.pg, &second).await.is_empty());
 
     // From a shell: refused with the reason, then done once the table has a key.
@@ -1210,4 +1198,114 @@ async fn two_moves_at_once_to_a_server_with_one_place_move_one_tenant() {
         )
         .await;
     assert_eq!(s, StatusCode::CONFLICT, "{body}");
+}
+
+/// Whether `role` exists on `pg` and may log in.
+async fn may_log_in_on(pg: &EmbeddedPostgres, role: &str) -> bool {
+    exists_on(
+        pg,
+        "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1 AND rolcanlogin)",
+        role,
+    )
+    .await
+}
+
+/// Patients in a tenant's database on `pg`, counted as the superuser.
+async fn patients_on(pg: &EmbeddedPostgres, database: &str) -> i64 {
+    let db = superuser(pg, database).await;
+    let n = sqlx::query_scalar("SELECT count(*) FROM patients")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    db.close().await;
+    n
+}
+
+async fn set_suspended(env: &TestEnv, slug: &str, suspended: bool) {
+    let action = if suspended { "suspend" } else { "resume" };
+    let (s, body) = env
+        .call(
+            Method::POST,
+            &format!("/admin/v1/tenants/{slug}/{action}"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{action} {slug}: {body}");
+}
+
+/// A suspended tenant moves (draining a server takes it along), arrives
+/// suspended with every row, its role unable to log in anywhere, and serves
+/// from its new server once resumed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_suspended_tenant_moves_and_stays_suspended_until_resumed() {
+    let env = TestEnv::start().await;
+    let second = second_server(&env).await;
+    create_on(&env, "dormant", "default").await;
+    let before = env.record("dormant").await;
+    seed(&env.pg, &before.database_name, 2_000).await;
+    set_suspended(&env, "dormant", true).await;
+
+    let op = start_move(&env, "dormant", "second").await;
+    let done = finished(&env, &op, Duration::from_secs(120)).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let t = env.record("dormant").await;
+    assert_eq!(t.server_name, "second");
+    assert_eq!(t.status.as_str(), "suspended");
+    assert!(t.frozen_at.is_none());
+    assert!(role_on(&second, &t.role_name).await);
+    assert!(
+        !may_log_in_on(&second, &t.role_name).await,
+        "a suspended tenant's role may not log in on its new server"
+    );
+    assert!(!database_on(&env.pg, &t.database_name).await);
+    assert!(!role_on(&env.pg, &t.role_name).await);
+    assert!(move_leftovers(&env.pg, &second).await.is_empty());
+    assert_eq!(patients_on(&second, &t.database_name).await, 2_000);
+
+    set_suspended(&env, "dormant", false).await;
+    assert!(may_log_in_on(&second, &t.role_name).await);
+    assert_serves(&env, "dormant").await;
+}
+
+/// A tenant suspended while its move copies arrives suspended; one resumed
+/// meanwhile arrives active and serves. Each move waits after its copy,
+/// before the cut-over, while its tenant's state changes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_suspended_or_resumed_during_its_move_arrives_as_it_is_at_the_cut_over() {
+    use silo::relocate::testing::{arm, COPIED};
+    let env = TestEnv::start().await;
+    let second = second_server(&env).await;
+    create_on(&env, "napper", "default").await;
+    create_on(&env, "waker", "default").await;
+    set_suspended(&env, "waker", true).await;
+    for (slug, suspend) in [("napper", true), ("waker", false)] {
+        let t = env.record(slug).await;
+        seed(&env.pg, &t.database_name, 500).await;
+        let pause = arm(COPIED, t.id);
+        let op = start_move(&env, slug, "second").await;
+        tokio::time::timeout(Duration::from_secs(120), pause.reached())
+            .await
+            .expect("the move copied its tenant");
+        set_suspended(&env, slug, suspend).await;
+        pause.resume();
+        let done = finished(&env, &op, Duration::from_secs(120)).await;
+        assert_eq!(done["status"], "succeeded", "{slug}: {done}");
+        let t = env.record(slug).await;
+        assert_eq!(t.server_name, "second", "{slug}");
+        let (status, may_log_in) = if suspend {
+            ("suspended", false)
+        } else {
+            ("active", true)
+        };
+        assert_eq!(t.status.as_str(), status, "{slug}");
+        assert_eq!(
+            may_log_in_on(&second, &t.role_name).await,
+            may_log_in,
+            "{slug}"
+        );
+        assert!(!database_on(&env.pg, &t.database_name).await, "{slug}");
+        assert_eq!(patients_on(&second, &t.database_name).await, 500, "{slug}");
+    }
+    assert_serves(&env, "waker").await;
+    assert!(move_leftovers(&env.pg, &second).await.is_empty());
 }

@@ -380,8 +380,8 @@ pub struct MoveTenantBody {
     params(("tenant" = String, Path, description = "slug or id")),
     responses((status = 202, body = Operation), AdminErrors, JsonBody,
         (status = 404, description = "no such tenant"),
-        (status = 409, description = "the tenant cannot move now (not active, already there, another \
-            operation running), or the target server cannot take it"),
+        (status = 409, description = "the tenant cannot move now (neither active nor suspended, \
+            already there, another operation running), or the target server cannot take it"),
         (status = 422, description = "`server` names no registered server")))]
 async fn move_tenant(
     State(state): State<AppState>,
