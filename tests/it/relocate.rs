@@ -1309,3 +1309,69 @@ async fn a_tenant_suspended_or_resumed_during_its_move_arrives_as_it_is_at_the_c
     assert_serves(&env, "waker").await;
     assert!(move_leftovers(&env.pg, &second).await.is_empty());
 }
+
+/// A move waiting for a work slot holds its place on its target: with the
+/// process's one slot taken by another move to the same server, a create
+/// naming that server finds it full, counting both moves, and both moves
+/// then finish there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queued_move_holds_its_place_on_its_target() {
+    use silo::relocate::testing::{arm, COPIED};
+    let mut args = crate::common::storage_args();
+    args.backup_concurrency = 1;
+    let env = TestEnv::setup().storage_args(args).start().await;
+    let _second = second_server(&env).await;
+    create_on(&env, "first-in", "default").await;
+    create_on(&env, "next-in", "default").await;
+    let (s, body) = env
+        .call(
+            Method::PATCH,
+            "/admin/v1/servers/second",
+            Some(json!({"max_tenants": 2})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+
+    let first = env.record("first-in").await;
+    let pause = arm(COPIED, first.id);
+    let running = start_move(&env, "first-in", "second").await;
+    tokio::time::timeout(Duration::from_secs(120), pause.reached())
+        .await
+        .expect("the first move copied its tenant");
+    let queued = start_move(&env, "next-in", "second").await;
+    let (_, op) = env
+        .call(Method::GET, &format!("/admin/v1/operations/{queued}"), None)
+        .await;
+    assert_eq!(op["status"], "queued", "{op}");
+    let late = json!({"slug": "late", "name": "Late", "server": "second"});
+    let (s, body) = env
+        .call(Method::POST, "/admin/v1/tenants", Some(late.clone()))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+    let detail = body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("full (0 of 2 tenants, 2 more being moved to it)"),
+        "{body}"
+    );
+
+    pause.resume();
+    for op in [running, queued] {
+        let done = finished(&env, &op, Duration::from_secs(180)).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+    }
+    for slug in ["first-in", "next-in"] {
+        assert_eq!(env.record(slug).await.server_name, "second", "{slug}");
+        assert_serves(&env, slug).await;
+    }
+    let (s, body) = env
+        .call(Method::POST, "/admin/v1/tenants", Some(late))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("full (2 of 2 tenants)"),
+        "{body}"
+    );
+}
