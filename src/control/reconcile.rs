@@ -77,6 +77,9 @@ pub struct ReconcileReport {
     pub marks_refreshed: u32,
     /// Settings tenant roles gave themselves (`ALTER ROLE … SET`), reset.
     pub role_settings_reset: u32,
+    /// Tenants whose role (or reader) had set itself another password than
+    /// the registry's, given theirs back.
+    pub passwords_restored: u32,
     /// Restore/verify scratch databases whose runner died, dropped.
     pub scratch_databases_dropped: u32,
     /// Moves whose process died, finished or rolled back.
@@ -623,6 +626,7 @@ impl ControlPlane {
             .filter(|t| matches!(t.status, TenantStatus::Active | TenantStatus::Suspended))
             .collect();
         report.roles_made_again += self.make_missing_roles(&admin, &live).await?;
+        report.passwords_restored += self.restore_passwords(&admin, &live).await?;
         report.marks_refreshed += self.refresh_marks(&admin, &live).await?;
         report.readers_fixed += self.fix_readers(server, &admin).await?;
         report.role_settings_reset += roles::reset_role_settings(&admin).await?;
@@ -667,6 +671,56 @@ impl ControlPlane {
             }
         }
         Ok(made)
+    }
+
+    /// Live tenants of `server` whose role (or reader) holds a verifier
+    /// other than silo's of the recorded password, given theirs back
+    /// ([`crate::provision::Provisioner::restore_passwords`]). One read of
+    /// `pg_authid` and a 16-iteration check per role; with an admin login
+    /// that may not read `pg_authid` (not a superuser), nothing is checked.
+    async fn restore_passwords(
+        &self,
+        admin: &ServerAdmin,
+        live: &[crate::registry::TenantRecord],
+    ) -> anyhow::Result<u32> {
+        let mut wanted = Vec::new();
+        for t in live.iter().filter(|t| t.pending_password_enc.is_none()) {
+            match self.provisioner().recorded_passwords(t) {
+                Ok(roles) => wanted.extend(roles.into_iter().map(|(r, p)| (t.id, r, p))),
+                Err(e) => {
+                    tracing::warn!(tenant_id = %t.id, "cannot check the tenant role's password: {e:#}")
+                }
+            }
+        }
+        let names: Vec<String> = wanted.iter().map(|(_, role, _)| role.clone()).collect();
+        let Some(stored) = roles::password_verifiers(admin, &names)
+            .await
+            .context("read the tenant roles' password verifiers")?
+        else {
+            return Ok(0);
+        };
+        let mut changed: Vec<Uuid> = wanted
+            .iter()
+            .filter(|(_, role, password)| {
+                stored.get(role).is_some_and(|v| {
+                    crate::servers::scram::check(v.as_deref(), password)
+                        != crate::servers::scram::Stored::Ours
+                })
+            })
+            .map(|(id, _, _)| *id)
+            .collect();
+        changed.dedup();
+        let mut restored = 0;
+        for id in changed {
+            match self.provisioner().restore_passwords(id).await {
+                Ok(true) => restored += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(tenant_id = %id, "failed to give a tenant's role its recorded password back: {}", e.detail())
+                }
+            }
+        }
+        Ok(restored)
     }
 
     /// Marks of live tenants' databases on `server` written again where

@@ -12,7 +12,7 @@ use crate::domain::OperationKind;
 use crate::failpoint;
 use crate::ops::{Error, Result};
 use crate::registry::{Operation, TenantPatch, TenantRecord, TenantStatus};
-use crate::servers::{roles, sqlstate};
+use crate::servers::{roles, scram, sqlstate};
 
 /// How long a statement running under the old password may take to finish
 /// before its session is ended by a rotation.
@@ -318,6 +318,97 @@ impl Provisioner {
             "the tenant's role {} is not on its server: the reconciler's next pass makes it again (silo reconcile runs one now); try again after it",
             t.role_name
         )))
+    }
+
+    /// The passwords the registry records for `t`'s roles: its own role's,
+    /// and its reader's if it has one.
+    pub fn recorded_passwords(&self, t: &TenantRecord) -> anyhow::Result<Vec<(String, String)>> {
+        let mut wanted = vec![(
+            t.role_name.clone(),
+            self.keyring()
+                .open_string(&t.key_id, &t.password_enc, t.id.as_bytes())
+                .context("open the tenant's password")?,
+        )];
+        let reader = crate::servers::names::reader_role(&t.role_name);
+        if let (Some(reader), Some(password)) = (
+            reader,
+            crate::servers::readers::reader_password(self.keyring(), t)?,
+        ) {
+            wanted.push((reader, password));
+        }
+        Ok(wanted)
+    }
+
+    /// Give a live tenant's role (and its reader) back the password the
+    /// registry records, where the role set another itself: any role may
+    /// `ALTER ROLE … PASSWORD` itself, and a customer may hold the role's
+    /// password (a direct connection URI) or run SQL as it (the front door
+    /// in session mode). Left alone, that locks silo's router and front
+    /// door out of the tenant until a rotation. Under the tenant's lock,
+    /// tried, not waited for; a tenant with an operation that makes its
+    /// roles anew under way, or a rotation half done, is left to it.
+    /// Sessions are kept (the role's own). A verifier of the same password
+    /// made before silo made its own is replaced without a word. Audited
+    /// as `tenant.password_restored`; `false` when nothing was restored.
+    #[tracing::instrument(skip(self), fields(tenant_id = %id))]
+    pub async fn restore_passwords(&self, id: Uuid) -> Result<bool> {
+        let reg = self.registry();
+        // Tried, not waited for: the reconciler holds the server's lock.
+        let Some(mut lock) = reg.try_lock_tenant(id).await? else {
+            return Ok(false);
+        };
+        let restored = lock.hold(async {
+            let Some(t) = reg.tenant(id).await? else {
+                return Ok(false);
+            };
+            if !matches!(t.status, TenantStatus::Active | TenantStatus::Suspended)
+                || t.pending_password_enc.is_some()
+                || reg
+                    .open_operation_of(id, &MAKE_ROLES_ANEW)
+                    .await?
+                    .is_some()
+            {
+                return Ok(false);
+            }
+            let admin = self.admin_for(&t).await?;
+            let wanted = self.recorded_passwords(&t)?;
+            let names: Vec<String> = wanted.iter().map(|(role, _)| role.clone()).collect();
+            let Some(stored) = roles::password_verifiers(&admin, &names).await? else {
+                return Ok(false);
+            };
+            let mut restored = Vec::new();
+            for (role, password) in &wanted {
+                // A role that is not there is the reconciler's other business.
+                let Some(verifier) = stored.get(role) else {
+                    continue;
+                };
+                let found = scram::check(verifier.as_deref(), password);
+                if found == scram::Stored::Ours {
+                    continue;
+                }
+                roles::set_password(&admin, role, password)
+                    .await
+                    .context("give the role its recorded password")?;
+                if found == scram::Stored::Other {
+                    restored.push(role.clone());
+                }
+            }
+            if restored.is_empty() {
+                return Ok(false);
+            }
+            reg.audit(
+                "reconciler",
+                "tenant.password_restored",
+                Some(id),
+                json!({ "roles": restored }),
+            )
+            .await?;
+            tracing::warn!(tenant_id = %id, roles = ?restored, "gave a tenant's role back the password silo records (it had set another itself)");
+            Ok(true)
+        })
+        .await;
+        lock.release().await;
+        restored?
     }
 
     /// Make a live tenant's role again where it is gone from its server

@@ -427,6 +427,26 @@ pub async fn terminate_sessions(admin: &ServerAdmin, role: &str) -> Result<()> {
     .map_err(|e| admin.error(None, e))
 }
 
+/// The stored password verifiers (`pg_authid.rolpassword`) of those of
+/// `roles` that exist; `None` when this admin login may not read them
+/// (only a superuser may).
+pub async fn password_verifiers(
+    admin: &ServerAdmin,
+    roles: &[String],
+) -> Result<Option<std::collections::HashMap<String, Option<String>>>> {
+    let rows = sqlx::query_as::<_, (String, Option<String>)>(
+        "SELECT rolname::text, rolpassword FROM pg_authid WHERE rolname = ANY($1)",
+    )
+    .bind(roles)
+    .fetch_all(&admin.pool)
+    .await;
+    match rows {
+        Ok(rows) => Ok(Some(rows.into_iter().collect())),
+        Err(e) if sqlstate::is(&e, sqlstate::INSUFFICIENT_PRIVILEGE) => Ok(None),
+        Err(e) => Err(admin.error(None, e)),
+    }
+}
+
 /// Give a tenant role a new password (as a SCRAM verifier: the password
 /// itself never reaches the server's logs).
 pub async fn set_password(admin: &ServerAdmin, role: &str, password: &str) -> Result<()> {

@@ -470,3 +470,109 @@ async fn settings_a_tenant_role_gives_itself_are_reset_by_the_next_pass() {
     let again = env.control.reconcile_once().await.unwrap();
     assert_eq!(again.role_settings_reset, 0, "{again:?}");
 }
+
+/// The stored verifier of `role`, read as the superuser.
+async fn verifier_of(env: &TestEnv, role: &str) -> Option<String> {
+    sqlx::query_scalar("SELECT rolpassword FROM pg_authid WHERE rolname = $1")
+        .bind(role)
+        .fetch_one(&env.admin)
+        .await
+        .unwrap()
+}
+
+/// Any role may give itself a password (`ALTER ROLE … PASSWORD`), and a
+/// customer may hold the tenant role's or run SQL as it: every connection
+/// silo opens for the tenant from then on is refused. The next pass gives
+/// the role (and its reader) the password the registry records; audited.
+/// A verifier of the recorded password with PostgreSQL's iteration count
+/// (set before silo made its own) is replaced without a report.
+#[tokio::test]
+async fn a_password_a_tenant_role_gives_itself_is_taken_back_by_the_next_pass() {
+    let env = TestEnv::start().await;
+    env.create("locksmith").await;
+    env.create("oldtimer").await;
+    let (status, body) = env
+        .call(
+            axum::http::Method::POST,
+            "/admin/v1/tenants/locksmith/app-credentials",
+            Some(serde_json::json!({"name": "ro", "read_only": true})),
+        )
+        .await;
+    assert_eq!(status, axum::http::StatusCode::CREATED, "{body}");
+    let t = env.record("locksmith").await;
+    let reader = names::reader_role(&t.role_name).unwrap();
+    let reader_before = verifier_of(&env, &reader).await.unwrap();
+
+    // The tenant role sets its own; someone sets the reader's (and removes nothing else).
+    let mut conn = env.connect_tenant("locksmith").await.unwrap();
+    sqlx::raw_sql(&format!(
+        "ALTER ROLE \"{}\" PASSWORD 'chosen-by-the-customer'",
+        t.role_name
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    exec(&env, &format!("ALTER ROLE \"{reader}\" PASSWORD NULL")).await;
+    assert!(
+        env.connect_tenant("locksmith").await.is_err(),
+        "the recorded password no longer logs in"
+    );
+    // An older tenant's verifier: the same password, PostgreSQL's count.
+    let old = env.record("oldtimer").await;
+    let old_verifier = silo::servers::scram::verifier_with(&env.password(&old), 4096);
+    exec(
+        &env,
+        &format!("ALTER ROLE \"{}\" PASSWORD '{old_verifier}'", old.role_name),
+    )
+    .await;
+
+    let report = env.control.reconcile_once().await.unwrap();
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(report.passwords_restored, 1, "{report:?}");
+    // The recorded password logs in again, the customer's no longer does,
+    // and the session opened meanwhile is the role's own: kept.
+    env.connect_tenant("locksmith")
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
+    assert!(env
+        .connect_as(&t.database_name, &t.role_name, "chosen-by-the-customer")
+        .await
+        .is_err());
+    sqlx::query("SELECT 1").execute(&mut conn).await.unwrap();
+    conn.close().await.unwrap();
+    let reader_after = verifier_of(&env, &reader).await.unwrap();
+    assert!(
+        reader_after.starts_with(&format!(
+            "SCRAM-SHA-256${}:",
+            silo::servers::scram::ITERATIONS
+        )),
+        "{reader_after}"
+    );
+    assert_ne!(reader_after, reader_before, "a fresh salt");
+    let audited = env
+        .count(&format!(
+            "SELECT count(*) FROM audit_log WHERE action = 'tenant.password_restored' AND tenant_id = '{}'",
+            t.id
+        ))
+        .await;
+    assert_eq!(audited, 1);
+    // The older tenant: silo's verifier now, the same password, no report.
+    let now = verifier_of(&env, &old.role_name).await.unwrap();
+    assert_eq!(
+        silo::servers::scram::check(Some(&now), &env.password(&old)),
+        silo::servers::scram::Stored::Ours
+    );
+    env.connect_tenant("oldtimer")
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
+
+    let again = env.control.reconcile_once().await.unwrap();
+    assert_eq!(again.passwords_restored, 0, "{again:?}");
+    assert_eq!(verifier_of(&env, &old.role_name).await.unwrap(), now);
+}
