@@ -49,6 +49,8 @@ pub const DEFAULT_APP_RATE_BURST: u32 = 2000;
 /// Default app API requests per minute per tenant that name a tenant other
 /// than the token's (or carry a revoked token): a client never needs them.
 pub const DEFAULT_APP_MISDIRECTED_LIMIT: u32 = 60;
+/// Default `temp_file_limit` of tenant roles, in MiB (10 GiB a session).
+pub const DEFAULT_TENANT_TEMP_FILE_LIMIT_MB: u64 = 10_240;
 /// Default longest a `429` to a tenant over its rate is held before it is
 /// sent, in milliseconds.
 pub const DEFAULT_APP_REFUSAL_HOLD_MS: u64 = 1000;
@@ -343,6 +345,12 @@ pub struct ControlArgs {
     /// replaced, is kept (renamed `silo_kept_*`) before the reconciler drops it.
     #[arg(long, env = "SILO_KEEP_DAYS", default_value_t = crate::domain::KeepFor::DEFAULT_DAYS, value_parser = clap::value_parser!(u32).range(1..=3650))]
     pub keep_days: u32,
+
+    /// Most temporary-file space one session of a tenant role (or its
+    /// reader) may use, in MiB (PostgreSQL's `temp_file_limit`, set on the
+    /// role); `0` sets none. Needs a superuser admin login on the server.
+    #[arg(long, env = "SILO_TENANT_TEMP_FILE_LIMIT_MB", default_value_t = DEFAULT_TENANT_TEMP_FILE_LIMIT_MB, value_parser = clap::value_parser!(u64).range(0..=2_097_151))]
+    pub tenant_temp_file_limit_mb: u64,
 
     #[command(flatten)]
     pub storage: StorageArgs,

@@ -49,6 +49,8 @@ pub struct Connection {
     pub keep_for: crate::domain::KeepFor,
     /// Backup-like work run at once by this process (`SILO_BACKUP_CONCURRENCY`).
     pub work_slots: usize,
+    /// Settings given to every tenant role (`SILO_TENANT_TEMP_FILE_LIMIT_MB`).
+    pub role_settings: crate::servers::RoleSettings,
 }
 
 /// Connect to the control DB, apply its migrations, build the control
@@ -75,6 +77,7 @@ pub async fn connect(c: Connection) -> anyhow::Result<ControlPlane> {
         ControlConfig {
             provision: ProvisionConfig {
                 warm_pool_size: c.warm_pool_size,
+                role_settings: c.role_settings,
             },
             schema: c.schema,
             storage: c.storage,

@@ -92,7 +92,10 @@ pub fn control(
         registry.clone(),
         keyring.clone(),
         silo::control::ControlConfig {
-            provision: silo::provision::ProvisionConfig { warm_pool_size },
+            provision: silo::provision::ProvisionConfig {
+                warm_pool_size,
+                ..Default::default()
+            },
             storage,
             ..Default::default()
         },

@@ -86,6 +86,9 @@ async fn dev_with(args: &DevArgs, dir: &Path, pg: &EmbeddedPostgres) -> Result<(
         warm_pool_size: args.server.warm_pool_size,
         keep_for: Default::default(),
         work_slots: storage_args.backup_concurrency as usize,
+        role_settings: crate::servers::RoleSettings::from_mib(
+            crate::config::DEFAULT_TENANT_TEMP_FILE_LIMIT_MB,
+        ),
     })
     .await?;
     for (slug, name) in DEMO_CLINICS {

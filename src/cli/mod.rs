@@ -99,6 +99,7 @@ async fn connect(control: &ControlArgs, warm_pool_size: u32) -> Result<ControlPl
         warm_pool_size,
         keep_for: crate::domain::KeepFor::days(control.keep_days),
         work_slots: control.storage.backup_concurrency as usize,
+        role_settings: crate::servers::RoleSettings::from_mib(control.tenant_temp_file_limit_mb),
     })
     .await?;
     Ok(plane)

@@ -75,7 +75,7 @@ struct Inner {
 
 impl ControlPlane {
     pub fn new(registry: Registry, keyring: Keyring, config: ControlConfig) -> Self {
-        let servers = ServerPools::new(keyring.clone());
+        let servers = ServerPools::new(keyring.clone(), config.provision.role_settings);
         let slots = config
             .work_slots
             .or(config.storage.as_ref().map(|s| s.settings.concurrency))

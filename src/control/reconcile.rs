@@ -77,6 +77,9 @@ pub struct ReconcileReport {
     pub marks_refreshed: u32,
     /// Settings tenant roles gave themselves (`ALTER ROLE … SET`), reset.
     pub role_settings_reset: u32,
+    /// Tenant roles given silo's own settings (`SILO_TENANT_TEMP_FILE_LIMIT_MB`),
+    /// which they lacked or held with another value.
+    pub role_settings_set: u32,
     /// Tenants whose role (or reader) had set itself another password than
     /// the registry's, given theirs back.
     pub passwords_restored: u32,
@@ -629,7 +632,9 @@ impl ControlPlane {
         report.passwords_restored += self.restore_passwords(&admin, &live).await?;
         report.marks_refreshed += self.refresh_marks(&admin, &live).await?;
         report.readers_fixed += self.fix_readers(server, &admin).await?;
-        report.role_settings_reset += roles::reset_role_settings(&admin).await?;
+        let settings = roles::settle_role_settings(&admin).await?;
+        report.role_settings_reset += settings.reset;
+        report.role_settings_set += settings.set;
         let server = self
             .registry()
             .server(server.id)

@@ -73,6 +73,8 @@ pub struct CreateTenant {
 pub struct ProvisionConfig {
     /// Spares kept ready per server.
     pub warm_pool_size: u32,
+    /// Settings silo gives every tenant role and reader.
+    pub role_settings: crate::servers::RoleSettings,
 }
 
 /// Creates, changes and removes tenant databases and roles. Cheap to clone.

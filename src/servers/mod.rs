@@ -81,6 +81,8 @@ pub struct ServerAdmin {
     opts: PgConnectOptions,
     /// The same login for `pg_dump`/`pg_restore`.
     pub libpq: LibpqEnv,
+    /// What silo gives every tenant role it makes here.
+    pub role_settings: RoleSettings,
 }
 
 impl ServerAdmin {
@@ -190,10 +192,44 @@ impl ServerAdmin {
     }
 }
 
+/// Settings silo gives every tenant role and reader (`ALTER ROLE … SET`):
+/// ones a role cannot change itself (superuser-only parameters), so they
+/// hold for every session it opens. The reconciler keeps them and resets
+/// any other a role gives itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoleSettings {
+    /// `temp_file_limit` in kB; `None` sets none.
+    pub temp_file_limit_kb: Option<u64>,
+}
+
+impl RoleSettings {
+    /// A `temp_file_limit` of `mib` MiB (`0`: none).
+    pub fn from_mib(mib: u64) -> Self {
+        Self {
+            temp_file_limit_kb: (mib > 0).then(|| mib * 1024),
+        }
+    }
+
+    /// The role's `pg_db_role_setting.setconfig` (for every database) as
+    /// PostgreSQL stores these settings; empty when there are none.
+    pub fn setconfig(&self) -> Vec<String> {
+        self.temp_file_limit_kb
+            .map(|kb| format!("temp_file_limit={kb}kB"))
+            .into_iter()
+            .collect()
+    }
+
+    /// The parameter names silo sets.
+    pub fn names() -> &'static [&'static str] {
+        &["temp_file_limit"]
+    }
+}
+
 /// Admin pools by server id, built on first use from the sealed admin URL.
 #[derive(Debug, Clone)]
 pub struct ServerPools {
     keyring: Keyring,
+    role_settings: RoleSettings,
     /// Each with the sealed admin URL it was built from: a changed URL (or
     /// a re-seal) builds the pool again at its next use, on every replica.
     pools: Arc<RwLock<HashMap<Uuid, BuiltFrom>>>,
@@ -203,9 +239,10 @@ pub struct ServerPools {
 type BuiltFrom = (Vec<u8>, ServerAdmin);
 
 impl ServerPools {
-    pub fn new(keyring: Keyring) -> Self {
+    pub fn new(keyring: Keyring, role_settings: RoleSettings) -> Self {
         Self {
             keyring,
+            role_settings,
             pools: Default::default(),
         }
     }
@@ -249,6 +286,7 @@ impl ServerPools {
             quiet,
             opts,
             libpq,
+            role_settings: self.role_settings,
         };
         let mut pools = self.pools.write().expect("server pools lock");
         match pools.get(&server.id) {

@@ -20,6 +20,21 @@ fn role_attributes_as(password: &str, limit: i32, login: bool) -> String {
     )
 }
 
+/// `ALTER ROLE … SET` of the settings silo gives every tenant role (see
+/// [`super::RoleSettings`]), to follow a statement that makes `role`. An
+/// admin login that may not set them (not a superuser) makes the role
+/// without them, with a warning in the server's log.
+fn settings_sql(admin: &ServerAdmin, role: &str) -> String {
+    let Some(kb) = admin.role_settings.temp_file_limit_kb else {
+        return String::new();
+    };
+    format!(
+        " DO $$ BEGIN ALTER ROLE \"{role}\" SET temp_file_limit = '{kb}kB'; \
+         EXCEPTION WHEN insufficient_privilege THEN \
+         RAISE WARNING 'silo could not limit a tenant role''s temporary files: %', SQLERRM; END $$;"
+    )
+}
+
 /// How long one of silo's statements on a tenant role waits for the role's
 /// catalog row. A tenant role may alter itself (its own password or
 /// settings) and keep that row locked in an open transaction as long as it
@@ -118,13 +133,14 @@ pub async fn create_login_role(
     limit: i32,
 ) -> Result<()> {
     let attrs = role_attributes(password, limit);
+    let settings = settings_sql(admin, role);
     match admin
-        .exec_quietly(&format!("CREATE ROLE \"{role}\" {attrs}"))
+        .exec_quietly(&format!("CREATE ROLE \"{role}\" {attrs};{settings}"))
         .await
     {
         Err(e) if e.is(sqlstate::DUPLICATE_OBJECT) => {
             let reset = format!(
-                "ALTER ROLE \"{role}\" {attrs}; {}",
+                "ALTER ROLE \"{role}\" {attrs}; {};{settings}",
                 leave_legacy_group_sql(role)
             );
             on_role(admin, role, &reset, true).await
@@ -144,12 +160,13 @@ pub async fn create_role(
 ) -> Result<()> {
     let attrs = role_attributes(password, limit);
     let grants = database_grants(database, Some(role));
+    let settings = settings_sql(admin, role);
     // A multi-statement string runs as one implicit transaction: one commit.
-    let create = format!("CREATE ROLE \"{role}\" {attrs}; {grants}");
+    let create = format!("CREATE ROLE \"{role}\" {attrs}; {grants};{settings}");
     match admin.exec_quietly(&create).await {
         Err(e) if e.is(sqlstate::DUPLICATE_OBJECT) => {
             let reset = format!(
-                "ALTER ROLE \"{role}\" {attrs}; {}; {grants}",
+                "ALTER ROLE \"{role}\" {attrs}; {}; {grants};{settings}",
                 leave_legacy_group_sql(role)
             );
             on_role(admin, role, &reset, true).await
@@ -293,61 +310,139 @@ pub async fn set_connection_limits(
     Ok(())
 }
 
-/// Reset the settings tenant roles (and readers) gave themselves: a role
-/// may `ALTER ROLE` itself `SET …` (for every database or its own), which
-/// silo never does. Such a setting breaks what silo runs as the role (a
-/// `search_path` without `public` turned the app API's answers into 500s,
-/// `default_transaction_read_only` its writes) and grows a catalog shared
-/// by every tenant of the cluster. A role one of its own sessions holds
-/// locked is left for a later pass. The roles' sessions are ended (they
-/// keep the settings they started with). Returns how many settings were
-/// reset.
-pub async fn reset_role_settings(admin: &ServerAdmin) -> Result<u32> {
-    let rows: Vec<(String, Option<String>)> = sqlx::query_as(&format!(
-        "SELECT r.rolname::text, d.datname::text
+/// What [`settle_role_settings`] did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SettingsSettled {
+    /// Settings roles gave themselves, reset (rows of `pg_db_role_setting`).
+    pub reset: u32,
+    /// Roles given silo's own settings (see [`super::RoleSettings`]), which
+    /// they lacked or held with another value.
+    pub set: u32,
+}
+
+/// Most roles given silo's settings in one pass (the first pass after an
+/// upgrade finds every role without them).
+const SETTINGS_PER_PASS: i64 = 500;
+
+/// Make the settings of tenant roles (and readers) silo's own and nothing
+/// else. A role may `ALTER ROLE` itself `SET …` (for every database or its
+/// own), which silo never does but for its own superuser-only settings
+/// ([`super::RoleSettings`], which a role cannot change). Such a setting
+/// breaks what silo runs as the role (a `search_path` without `public`
+/// turned the app API's answers into 500s, `default_transaction_read_only`
+/// its writes) and grows a catalog shared by every tenant of the cluster:
+/// reset, and the role's sessions ended (they keep the settings they
+/// started with). A role one of its own sessions holds locked is left for a
+/// later pass. Then every role that lacks silo's settings, or holds them
+/// with another value (the configuration changed), gets them, its sessions
+/// kept: up to [`SETTINGS_PER_PASS`] a pass, and only where this admin
+/// login may set them (a superuser).
+pub async fn settle_role_settings(admin: &ServerAdmin) -> Result<SettingsSettled> {
+    let wrap = |e| admin.error(None, e);
+    let want = admin.role_settings.setconfig();
+    let prefixes = format!(
+        "(starts_with(r.rolname, '{}') OR starts_with(r.rolname, '{}'))",
+        super::names::TENANT_ROLE_PREFIX,
+        super::names::READER_ROLE_PREFIX
+    );
+    let rows: Vec<(String, Option<String>, Vec<String>)> = sqlx::query_as(&format!(
+        "SELECT r.rolname::text, d.datname::text, coalesce(s.setconfig, '{{}}')
            FROM pg_db_role_setting s
            JOIN pg_roles r ON r.oid = s.setrole
            LEFT JOIN pg_database d ON d.oid = s.setdatabase
-          WHERE starts_with(r.rolname, '{}') OR starts_with(r.rolname, '{}')",
-        super::names::TENANT_ROLE_PREFIX,
-        super::names::READER_ROLE_PREFIX
+          WHERE {prefixes}"
     ))
     .fetch_all(&admin.pool)
     .await
-    .map_err(|e| admin.error(None, e))?;
-    if rows.is_empty() {
-        return Ok(0);
-    }
+    .map_err(wrap)?;
+    let silos = |entry: &String| {
+        entry.split_once('=').is_some_and(|(name, _)| {
+            super::RoleSettings::names()
+                .iter()
+                .any(|n| name.eq_ignore_ascii_case(n))
+        })
+    };
+    // Given by the role: any setting in one database, or one of its own
+    // among those for every database.
+    let given: Vec<&(String, Option<String>, Vec<String>)> = rows
+        .iter()
+        .filter(|(_, db, config)| db.is_some() || !config.iter().all(silos))
+        .collect();
     let ident = |name: &str| format!("\"{}\"", name.replace('"', "\"\""));
+    let mut settled = SettingsSettled::default();
+    if !given.is_empty() {
+        let mut sql = format!("SET LOCAL lock_timeout = '{BATCH_ROLE_LOCK_WAIT}';");
+        for (role, database, _) in &given {
+            let reset = match database {
+                Some(db) => format!(
+                    "ALTER ROLE {} IN DATABASE {} RESET ALL",
+                    ident(role),
+                    ident(db)
+                ),
+                None => format!("ALTER ROLE {} RESET ALL", ident(role)),
+            };
+            sql.push_str(&format!(
+                " DO $$ BEGIN {reset}; EXCEPTION WHEN lock_not_available THEN \
+                 RAISE WARNING 'a session of the role holds its settings: reset on a later pass'; END $$;"
+            ));
+        }
+        admin.exec(&sql).await?;
+        // Sessions opened under them keep them (the router's pooled
+        // connections too): ended, and waited for (up to 5 s each), so what
+        // replaces them starts clean.
+        let roles: Vec<&str> = given.iter().map(|(r, _, _)| r.as_str()).collect();
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE usename = ANY($1)",
+        )
+        .bind(&roles)
+        .execute(&admin.pool)
+        .await
+        .map_err(wrap)?;
+        tracing::warn!(server = %admin.name, settings = given.len(), "reset settings tenant roles gave themselves (ALTER ROLE ... SET), and ended their sessions");
+        settled.reset = given.len() as u32;
+    }
+    // silo's own: to roles whose settings for every database are not
+    // exactly them (none, reset above, or another value).
+    let may_set: bool =
+        sqlx::query_scalar("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+            .fetch_one(&admin.pool)
+            .await
+            .map_err(wrap)?;
+    if !may_set {
+        return Ok(settled);
+    }
+    let unsettled: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT r.rolname::text FROM pg_roles r
+          WHERE {prefixes}
+            AND coalesce((SELECT s.setconfig FROM pg_db_role_setting s
+                           WHERE s.setrole = r.oid AND s.setdatabase = 0), '{{}}') <> $1::text[]
+          ORDER BY r.rolname LIMIT {SETTINGS_PER_PASS}"
+    ))
+    .bind(&want)
+    .fetch_all(&admin.pool)
+    .await
+    .map_err(wrap)?;
+    if unsettled.is_empty() {
+        return Ok(settled);
+    }
     let mut sql = format!("SET LOCAL lock_timeout = '{BATCH_ROLE_LOCK_WAIT}';");
-    for (role, database) in &rows {
-        let reset = match database {
-            Some(db) => format!(
-                "ALTER ROLE {} IN DATABASE {} RESET ALL",
+    for role in &unsettled {
+        let set = match admin.role_settings.temp_file_limit_kb {
+            Some(kb) => format!(
+                "ALTER ROLE {} RESET ALL; ALTER ROLE {} SET temp_file_limit = '{kb}kB'",
                 ident(role),
-                ident(db)
+                ident(role)
             ),
             None => format!("ALTER ROLE {} RESET ALL", ident(role)),
         };
         sql.push_str(&format!(
-            " DO $$ BEGIN {reset}; EXCEPTION WHEN lock_not_available THEN \
-             RAISE WARNING 'a session of the role holds its settings: reset on a later pass'; END $$;"
+            " DO $$ BEGIN {set}; EXCEPTION WHEN lock_not_available THEN \
+             RAISE WARNING 'a session of the role holds its settings: set on a later pass'; END $$;"
         ));
     }
     admin.exec(&sql).await?;
-    // Sessions opened under them keep them (the router's pooled
-    // connections too): ended, and waited for (up to 5 s each), so what
-    // replaces them starts clean.
-    let roles: Vec<&str> = rows.iter().map(|(r, _)| r.as_str()).collect();
-    sqlx::query(
-        "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE usename = ANY($1)",
-    )
-    .bind(&roles)
-    .execute(&admin.pool)
-    .await
-    .map_err(|e| admin.error(None, e))?;
-    tracing::warn!(server = %admin.name, settings = rows.len(), "reset settings tenant roles gave themselves (ALTER ROLE ... SET), and ended their sessions");
-    Ok(rows.len() as u32)
+    settled.set = unsettled.len() as u32;
+    Ok(settled)
 }
 
 /// End the clones of spares and of the template that a dead silo process
@@ -526,8 +621,11 @@ pub async fn make_role_again(
 ) -> Result<bool> {
     let attrs = role_attributes_as(password, limit, login);
     let grants = database_grants(database, Some(role));
+    let settings = settings_sql(admin, role);
     match admin
-        .exec_quietly(&format!("CREATE ROLE \"{role}\" {attrs}; {grants}"))
+        .exec_quietly(&format!(
+            "CREATE ROLE \"{role}\" {attrs}; {grants};{settings}"
+        ))
         .await
     {
         Ok(()) => Ok(true),
@@ -632,12 +730,15 @@ pub async fn create_reader(
 ) -> Result<()> {
     let attrs = role_attributes(password, limit);
     let connect = format!("GRANT CONNECT ON DATABASE \"{database}\" TO \"{reader}\"");
+    let settings = settings_sql(admin, reader);
     match admin
-        .exec_quietly(&format!("CREATE ROLE \"{reader}\" {attrs}; {connect}"))
+        .exec_quietly(&format!(
+            "CREATE ROLE \"{reader}\" {attrs}; {connect};{settings}"
+        ))
         .await
     {
         Err(e) if e.is(sqlstate::DUPLICATE_OBJECT) => {
-            let reset = format!("ALTER ROLE \"{reader}\" {attrs}; {connect}");
+            let reset = format!("ALTER ROLE \"{reader}\" {attrs}; {connect};{settings}");
             on_role(admin, reader, &reset, true).await
         }
         other => other,

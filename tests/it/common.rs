@@ -69,6 +69,7 @@ pub struct Setup {
     limits: Option<silo::api::limits::HttpLimits>,
     wire: Option<fn(&mut silo::wire::WireSettings)>,
     pg_public_address: Option<String>,
+    temp_file_limit_mb: Option<u64>,
 }
 
 impl Setup {
@@ -102,6 +103,12 @@ impl Setup {
     }
 
     /// How long quarantined and replaced databases are kept (7 days by default).
+    /// Tenant roles' `temp_file_limit` in MiB (default: silo's default).
+    pub fn temp_file_limit_mb(mut self, mb: u64) -> Self {
+        self.temp_file_limit_mb = Some(mb);
+        self
+    }
+
     pub fn keep_for(mut self, keep: silo::domain::KeepFor) -> Self {
         self.keep_for = Some(keep);
         self
@@ -167,6 +174,10 @@ impl Setup {
                 .map_or(silo::config::DEFAULT_BACKUP_CONCURRENCY, |a| {
                     a.backup_concurrency
                 }) as usize,
+            role_settings: silo::servers::RoleSettings::from_mib(
+                self.temp_file_limit_mb
+                    .unwrap_or(silo::config::DEFAULT_TENANT_TEMP_FILE_LIMIT_MB),
+            ),
         })
         .await
         .unwrap();

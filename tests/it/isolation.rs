@@ -277,6 +277,7 @@ async fn no_other_role_gets_into_a_database_silo_creates_a_spare_or_the_template
     let warm = env.replica(silo::control::ControlConfig {
         provision: silo::provision::ProvisionConfig {
             warm_pool_size: n as u32,
+            ..Default::default()
         },
         ..Default::default()
     });
@@ -866,4 +867,88 @@ async fn no_tenant_role_reads_or_writes_the_server_s_files() {
         .unwrap();
     assert_eq!(back, b"mine");
     conn.close().await.ok();
+}
+
+/// A tenant's sessions may not write more temporary files than
+/// `SILO_TENANT_TEMP_FILE_LIMIT_MB` (here 1 MiB): a sort that spills more
+/// fails, so no tenant can fill the disk its server's other tenants share.
+/// Nor can the tenant lift the limit: not in a session, not at login, not
+/// on its role (and a pass of the reconciler leaves silo's setting as it is).
+#[tokio::test]
+async fn a_tenant_s_temporary_files_are_limited_and_it_cannot_lift_the_limit() {
+    let env = TestEnv::setup().temp_file_limit_mb(1).start().await;
+    env.create("sorter").await;
+    let (t, password) = credentials(&env, "sorter").await;
+    let mut conn = env.connect_tenant("sorter").await.unwrap();
+    let shown: String = sqlx::query_scalar("SHOW temp_file_limit")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(shown, "1MB");
+    sqlx::raw_sql("SET work_mem = '64kB'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let sort = |n: u32| {
+        format!("SELECT count(*) FROM (SELECT g, md5(g::text) FROM generate_series(1, {n}) g ORDER BY 2) s")
+    };
+    let refused = sqlx::query(&sort(200_000))
+        .execute(&mut conn)
+        .await
+        .unwrap_err();
+    let db = refused.as_database_error().expect("refused by the server");
+    assert_eq!(db.code().as_deref(), Some("53400"), "{db}");
+    assert!(db.message().contains("temp_file_limit"), "{db}");
+    sqlx::query(&sort(1_000))
+        .execute(&mut conn)
+        .await
+        .expect("a sort within the limit");
+
+    for lift in [
+        "SET temp_file_limit = -1".to_owned(),
+        "BEGIN; SET LOCAL temp_file_limit = -1".to_owned(),
+        "SELECT set_config('temp_file_limit', '-1', false)".to_owned(),
+        "ALTER ROLE CURRENT_USER SET temp_file_limit = -1".to_owned(),
+        "ALTER ROLE CURRENT_USER RESET temp_file_limit".to_owned(),
+        format!(
+            "ALTER ROLE CURRENT_USER IN DATABASE \"{}\" SET temp_file_limit = -1",
+            t.database_name
+        ),
+        format!(
+            "ALTER DATABASE \"{}\" SET temp_file_limit = -1",
+            t.database_name
+        ),
+    ] {
+        let err = sqlx::raw_sql(&lift).execute(&mut conn).await.unwrap_err();
+        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut conn).await;
+        let code = err.as_database_error().and_then(|e| e.code());
+        assert_eq!(code.as_deref(), Some("42501"), "{lift}: {err}");
+    }
+    // RESET ALL on itself removes only what it may set: the limit stays.
+    let _ = sqlx::raw_sql("ALTER ROLE CURRENT_USER RESET ALL")
+        .execute(&mut conn)
+        .await;
+    conn.close().await.unwrap();
+    let at_login = PgConnectOptions::new()
+        .host("127.0.0.1")
+        .port(env.pg.port())
+        .database(&t.database_name)
+        .username(&t.role_name)
+        .password(&password)
+        .options([("temp_file_limit", "-1")])
+        .connect()
+        .await;
+    assert!(at_login.is_err(), "a login asking for no limit is refused");
+    let mut conn = env.connect_tenant("sorter").await.unwrap();
+    let shown: String = sqlx::query_scalar("SHOW temp_file_limit")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(shown, "1MB");
+    conn.close().await.unwrap();
+
+    let report = env.control.reconcile_once().await.unwrap();
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(report.role_settings_reset, 0, "{report:?}");
+    assert_eq!(report.role_settings_set, 0, "{report:?}");
 }

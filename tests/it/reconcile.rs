@@ -172,7 +172,10 @@ async fn the_reconciler_makes_role_logins_agree_with_tenant_state() {
 async fn the_warm_pool_keeps_spares_ready_and_creates_take_them() {
     let env = TestEnv::start().await;
     let warm = env.replica(ControlConfig {
-        provision: ProvisionConfig { warm_pool_size: 3 },
+        provision: ProvisionConfig {
+            warm_pool_size: 3,
+            ..Default::default()
+        },
         ..Default::default()
     });
     let warm = warm.provisioner();
@@ -214,7 +217,10 @@ async fn the_warm_pool_keeps_spares_ready_and_creates_take_them() {
 async fn a_stale_template_is_rebuilt_and_stale_spares_replaced() {
     let env = TestEnv::start().await;
     let warm = env.replica(ControlConfig {
-        provision: ProvisionConfig { warm_pool_size: 2 },
+        provision: ProvisionConfig {
+            warm_pool_size: 2,
+            ..Default::default()
+        },
         ..Default::default()
     });
     warm.provisioner().refill_all().await.unwrap();
@@ -441,13 +447,9 @@ async fn settings_a_tenant_role_gives_itself_are_reset_by_the_next_pass() {
     let report = env.control.reconcile_once().await.unwrap();
     assert!(report.errors.is_empty(), "{report:?}");
     assert_eq!(report.role_settings_reset, 2, "{report:?}");
-    let left = env
-        .count(&format!(
-            "SELECT count(*) FROM pg_db_role_setting WHERE setrole = '{}'::regrole",
-            t.role_name
-        ))
-        .await;
-    assert_eq!(left, 0);
+    // silo's own setting given back (the reset took it too), nothing else left.
+    assert_eq!(report.role_settings_set, 1, "{report:?}");
+    assert_eq!(settings_of(&env, &t.role_name).await, [silo_s_settings()]);
     // Sessions opened under the settings are ended: the router's pooled
     // connections start again clean (they kept the settings, and the app
     // API its 500s), and so does the tenant's own.
@@ -469,6 +471,86 @@ async fn settings_a_tenant_role_gives_itself_are_reset_by_the_next_pass() {
     conn.close().await.unwrap();
     let again = env.control.reconcile_once().await.unwrap();
     assert_eq!(again.role_settings_reset, 0, "{again:?}");
+    assert_eq!(again.role_settings_set, 0, "{again:?}");
+}
+
+/// Every `pg_db_role_setting` row of `role`, as `database: settings`.
+async fn settings_of(env: &TestEnv, role: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT coalesce(d.datname::text, '*') || ': ' || array_to_string(s.setconfig, ', ')
+           FROM pg_db_role_setting s LEFT JOIN pg_database d ON d.oid = s.setdatabase
+          WHERE s.setrole = $1::regrole ORDER BY 1",
+    )
+    .bind(role)
+    .fetch_all(&env.admin)
+    .await
+    .unwrap()
+}
+
+/// The settings silo gives a tenant role by default, as [`settings_of`] shows them.
+fn silo_s_settings() -> String {
+    format!(
+        "*: temp_file_limit={}kB",
+        silo::config::DEFAULT_TENANT_TEMP_FILE_LIMIT_MB * 1024
+    )
+}
+
+/// silo's own settings (the temporary-file limit) reach roles that lack
+/// them (made before silo set any, or someone removed them) or hold them
+/// with another value, on the next pass, without ending their sessions;
+/// readers too.
+#[tokio::test]
+async fn silo_s_role_settings_reach_every_tenant_role_without_ending_its_sessions() {
+    let env = TestEnv::start().await;
+    env.create("unlimited").await;
+    env.create("loosened").await;
+    let (status, body) = env
+        .call(
+            axum::http::Method::POST,
+            "/admin/v1/tenants/loosened/app-credentials",
+            Some(serde_json::json!({"name": "ro", "read_only": true})),
+        )
+        .await;
+    assert_eq!(status, axum::http::StatusCode::CREATED, "{body}");
+    let unlimited = env.record("unlimited").await;
+    let loosened = env.record("loosened").await;
+    let reader = names::reader_role(&loosened.role_name).unwrap();
+    for role in [&unlimited.role_name, &loosened.role_name, &reader] {
+        assert_eq!(settings_of(&env, role).await, [silo_s_settings()], "{role}");
+    }
+    exec(
+        &env,
+        &format!("ALTER ROLE \"{}\" RESET ALL", unlimited.role_name),
+    )
+    .await;
+    for role in [&loosened.role_name, &reader] {
+        exec(
+            &env,
+            &format!("ALTER ROLE \"{role}\" SET temp_file_limit = '5MB'"),
+        )
+        .await;
+    }
+    let mut session = env.connect_tenant("unlimited").await.unwrap();
+
+    let report = env.control.reconcile_once().await.unwrap();
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(report.role_settings_set, 3, "{report:?}");
+    assert_eq!(report.role_settings_reset, 0, "{report:?}");
+    for role in [&unlimited.role_name, &loosened.role_name, &reader] {
+        assert_eq!(settings_of(&env, role).await, [silo_s_settings()], "{role}");
+    }
+    // The session opened without the limit is kept; the next one has it.
+    sqlx::query("SELECT 1").execute(&mut session).await.unwrap();
+    session.close().await.unwrap();
+    let mut session = env.connect_tenant("unlimited").await.unwrap();
+    let shown: String = sqlx::query_scalar("SHOW temp_file_limit")
+        .fetch_one(&mut session)
+        .await
+        .unwrap();
+    assert_eq!(shown, "10GB");
+    session.close().await.unwrap();
+    let again = env.control.reconcile_once().await.unwrap();
+    assert_eq!(again.role_settings_set, 0, "{again:?}");
 }
 
 /// The stored verifier of `role`, read as the superuser.
