@@ -722,8 +722,8 @@ impl Registry {
         operation: Uuid,
         from: Uuid,
         to: Uuid,
-        password_enc: &[u8],
-        key_id: &str,
+        status: TenantStatus,
+        (password_enc, key_id): (&[u8], &str),
     ) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let live: Option<i32> = sqlx::query_scalar(
@@ -739,14 +739,14 @@ impl Registry {
         let done = sqlx::query(
             "UPDATE tenants SET server_id = $3, password_enc = $4, key_id = $5, frozen_at = NULL,
                     updated_at = now()
-              WHERE id = $1 AND server_id = $2 AND status IN ('active', 'suspended')
-                AND frozen_at IS NOT NULL",
+              WHERE id = $1 AND server_id = $2 AND status = $6 AND frozen_at IS NOT NULL",
         )
         .bind(id)
         .bind(from)
         .bind(to)
         .bind(password_enc)
         .bind(key_id)
+        .bind(status.as_str())
         .execute(&mut *tx)
         .await?;
         if done.rows_affected() != 1 {

@@ -698,8 +698,9 @@ impl Mover {
                 op,
                 plan.from_server,
                 plan.to_server,
-                sealed,
-                self.keyring.key_id(),
+                // The state the target's LOGIN was set for.
+                t.status,
+                (sealed, self.keyring.key_id()),
             )
             .await?;
         if !moved {

@@ -447,8 +447,9 @@ async fn settings_a_tenant_role_gives_itself_are_reset_by_the_next_pass() {
     let report = env.control.reconcile_once().await.unwrap();
     assert!(report.errors.is_empty(), "{report:?}");
     assert_eq!(report.role_settings_reset, 2, "{report:?}");
-    // silo's own setting given back (the reset took it too), nothing else left.
-    assert_eq!(report.role_settings_set, 1, "{report:?}");
+    // silo's own setting kept by the same statement (never committed
+    // without it, so no session starts unlimited), nothing else left.
+    assert_eq!(report.role_settings_set, 0, "{report:?}");
     assert_eq!(settings_of(&env, &t.role_name).await, [silo_s_settings()]);
     // Sessions opened under the settings are ended: the router's pooled
     // connections start again clean (they kept the settings, and the app
@@ -504,6 +505,7 @@ async fn silo_s_role_settings_reach_every_tenant_role_without_ending_its_session
     let env = TestEnv::start().await;
     env.create("unlimited").await;
     env.create("loosened").await;
+    env.create("holdout").await;
     let (status, body) = env
         .call(
             axum::http::Method::POST,
@@ -531,14 +533,36 @@ async fn silo_s_role_settings_reach_every_tenant_role_without_ending_its_session
         .await;
     }
     let mut session = env.connect_tenant("unlimited").await.unwrap();
+    // A role without the limit whose own session holds its settings in a
+    // transaction left open: that session is ended, and the limit set.
+    let holdout = env.record("holdout").await;
+    exec(
+        &env,
+        &format!("ALTER ROLE \"{}\" RESET ALL", holdout.role_name),
+    )
+    .await;
+    let mut holding = env.connect_tenant("holdout").await.unwrap();
+    sqlx::raw_sql("BEGIN; ALTER ROLE CURRENT_USER SET work_mem = '1MB'")
+        .execute(&mut holding)
+        .await
+        .unwrap();
 
     let report = env.control.reconcile_once().await.unwrap();
     assert!(report.errors.is_empty(), "{report:?}");
-    assert_eq!(report.role_settings_set, 3, "{report:?}");
+    assert_eq!(report.role_settings_set, 4, "{report:?}");
     assert_eq!(report.role_settings_reset, 0, "{report:?}");
-    for role in [&unlimited.role_name, &loosened.role_name, &reader] {
+    for role in [
+        &unlimited.role_name,
+        &loosened.role_name,
+        &reader,
+        &holdout.role_name,
+    ] {
         assert_eq!(settings_of(&env, role).await, [silo_s_settings()], "{role}");
     }
+    assert!(
+        sqlx::raw_sql("COMMIT").execute(&mut holding).await.is_err(),
+        "the session holding the role's settings was ended"
+    );
     // The session opened without the limit is kept; the next one has it.
     sqlx::query("SELECT 1").execute(&mut session).await.unwrap();
     session.close().await.unwrap();
