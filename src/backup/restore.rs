@@ -373,13 +373,16 @@ impl Backups {
                         &owner::TenantMark::of(reg.control_id().await?, &t),
                         self.keyring(),
                     );
-                    admin
-                        .exec(&format!(
+                    roles::on_database(
+                        &admin,
+                        &scratch.name,
+                        &format!(
                             "ALTER DATABASE \"{}\" RENAME TO \"{new_name}\"; GRANT {privileges} ON DATABASE \"{new_name}\" TO \"{}\"; {mark}",
                             scratch.name, t.role_name
-                        ))
-                        .await
-                        .context("put the restored database in place")?;
+                        ),
+                    )
+                    .await
+                    .context("put the restored database in place")?;
                     let updated = reg
                         .set_tenant_database(t.id, &[t.status], t.status, &new_name, Some(version))
                         .await?
@@ -468,13 +471,16 @@ impl Backups {
                 );
                 let placed = reg
                     .with_server_lock(target.server_id, || async {
-                        admin
-                            .exec(&format!(
+                        roles::on_database(
+                            &admin,
+                            &scratch.name,
+                            &format!(
                                 "ALTER DATABASE \"{}\" RENAME TO \"{new_name}\"; {mark}",
                                 scratch.name
-                            ))
-                            .await
-                            .context("put the restored database in place")?;
+                            ),
+                        )
+                        .await
+                        .context("put the restored database in place")?;
                         reg.set_tenant_database(
                             target.id,
                             &[TenantStatus::Restoring],
@@ -587,13 +593,7 @@ fn restored_name(tenant: Uuid, scratch: &str) -> String {
 }
 
 async fn drop_scratch(admin: &ServerAdmin, scratch: Scratch) {
-    if let Err(e) = admin
-        .exec(&format!(
-            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-            scratch.name
-        ))
-        .await
-    {
+    if let Err(e) = roles::drop_database(admin, &scratch.name).await {
         tracing::warn!(
             database = scratch.name,
             "failed to drop a scratch database (the sweep will): {e}"

@@ -595,17 +595,20 @@ impl Provisioner {
             self.keyring()
                 .open_string(key_id, sealed, spare.database_name.as_bytes())?;
         let mark = self.tenant_mark(t).await?;
-        admin
-            .exec(&format!(
+        roles::on_database(
+            admin,
+            &spare.database_name,
+            &format!(
                 "ALTER DATABASE \"{spare_db}\" RENAME TO \"{db}\"; ALTER ROLE \"{role}\" RENAME TO \"{tenant_role}\";
                  ALTER ROLE \"{tenant_role}\" CONNECTION LIMIT {limit}; {mark}",
                 spare_db = spare.database_name,
                 db = t.database_name,
                 tenant_role = t.role_name,
                 limit = t.limits.connection_limit,
-            ))
-            .await
-            .context("rename the spare's database and role")?;
+            ),
+        )
+        .await
+        .context("rename the spare's database and role")?;
         Ok(password)
     }
 }

@@ -152,6 +152,27 @@ impl ServerAdmin {
             .map_err(|e| self.error(None, e))
     }
 
+    /// As [`Self::exec`], on a connection of its own whose lock waits end
+    /// after `lock_timeout` (a PostgreSQL interval, e.g. `5s`).
+    pub async fn exec_waiting_at_most(&self, sql: &str, lock_timeout: &str) -> Result<()> {
+        // A one-connection pool, not a bare connection: `&mut PgConnection`
+        // as an executor defeats the compiler's `Send` inference in
+        // spawned tasks (see `schema::TenantSchema::apply`).
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(self.opts.clone().options([("lock_timeout", lock_timeout)]))
+            .await
+            .map_err(|e| self.error(None, e))?;
+        let done = sqlx::raw_sql(sql)
+            .execute(&pool)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error(None, e));
+        pool.close().await;
+        done
+    }
+
     /// As [`Self::exec`], never logged: for statements that carry a secret.
     pub async fn exec_quietly(&self, sql: &str) -> Result<()> {
         sqlx::raw_sql(sql)

@@ -679,11 +679,63 @@ pub async fn database_exists(admin: &ServerAdmin, database: &str) -> Result<bool
 
 /// Drop a database, ending its sessions; nothing if it is gone.
 pub async fn drop_database(admin: &ServerAdmin, database: &str) -> Result<()> {
-    admin
-        .exec(&format!(
-            "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
-        ))
-        .await
+    on_database(
+        admin,
+        database,
+        &format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"),
+    )
+    .await
+}
+
+/// How long a drop or rename of a database waits for the locks on it
+/// before the tenant sessions holding them are ended.
+const DATABASE_LOCK_WAIT: &str = "5s";
+
+/// Run `sql`, a drop or rename of `database` (with statements in the same
+/// transaction, if it is a rename). Such DDL waits for every lock on the
+/// database, and any role can take one on any database: `ALTER ROLE
+/// CURRENT_USER IN DATABASE <another tenant's> SET …` in a transaction
+/// left open would stall another tenant's delete, archive, restore or move
+/// forever (and, queued behind it, every new connection to that database).
+/// So it waits at most [`DATABASE_LOCK_WAIT`]; then the sessions of tenant
+/// roles and readers holding a lock on the database are ended and it runs
+/// again, three times at most. A lock held by any other session (an
+/// operator's) fails it with PostgreSQL's lock timeout error.
+pub async fn on_database(admin: &ServerAdmin, database: &str, sql: &str) -> Result<()> {
+    let mut tries = 0;
+    loop {
+        match admin.exec_waiting_at_most(sql, DATABASE_LOCK_WAIT).await {
+            Err(e) if e.is(sqlstate::LOCK_NOT_AVAILABLE) && tries < 2 => {
+                tries += 1;
+                let ended = end_tenant_lock_holders(admin, database).await?;
+                tracing::warn!(server = %admin.name, database, ended,
+                    "tenant sessions held a lock on a database silo drops or renames: ended");
+            }
+            other => return other,
+        }
+    }
+}
+
+/// End the sessions of tenant roles and readers holding a lock on the
+/// database object `database` (not sessions connected to it: those hold
+/// none); how many.
+async fn end_tenant_lock_holders(admin: &ServerAdmin, database: &str) -> Result<u64> {
+    let ended: Vec<bool> = sqlx::query_scalar(&format!(
+        "SELECT pg_terminate_backend(l.pid, 5000)
+           FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+          WHERE l.locktype = 'object' AND l.granted
+            AND l.classid = 'pg_database'::regclass
+            AND l.objid = (SELECT oid FROM pg_database WHERE datname = $1)
+            AND l.pid <> pg_backend_pid()
+            AND (starts_with(a.usename, '{}') OR starts_with(a.usename, '{}'))",
+        super::names::TENANT_ROLE_PREFIX,
+        super::names::READER_ROLE_PREFIX
+    ))
+    .bind(database)
+    .fetch_all(&admin.pool)
+    .await
+    .map_err(|e| admin.error(None, e))?;
+    Ok(ended.len() as u64)
 }
 
 /// Drop a role (and a tenant role's reader); nothing if it is gone. A
@@ -830,11 +882,12 @@ pub async fn keep_database(
         .await
         .map_err(|e| admin.error(None, e))?;
         // Rename and mark: one transaction.
-        match admin
-            .exec(&format!(
-                "ALTER DATABASE \"{db}\" RENAME TO \"{kept}\"; {mark}; {closed}"
-            ))
-            .await
+        match on_database(
+            admin,
+            db,
+            &format!("ALTER DATABASE \"{db}\" RENAME TO \"{kept}\"; {mark}; {closed}"),
+        )
+        .await
         {
             Ok(()) => break,
             Err(e) if tries < 5 => {

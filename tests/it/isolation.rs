@@ -952,3 +952,55 @@ async fn a_tenant_s_temporary_files_are_limited_and_it_cannot_lift_the_limit() {
     assert_eq!(report.role_settings_reset, 0, "{report:?}");
     assert_eq!(report.role_settings_set, 0, "{report:?}");
 }
+
+/// A tenant role may name any database in `ALTER ROLE … IN DATABASE`,
+/// which locks that database against a drop or a rename while the
+/// statement's transaction is open. A tenant holding such a transaction on
+/// another tenant's database must not stall that tenant's delete (or any
+/// drop or rename silo makes of it).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_holding_a_lock_on_another_tenant_s_database_does_not_stall_its_delete() {
+    let env = TestEnv::start().await;
+    env.create("blocker").await;
+    env.create("blocked").await;
+    let victim = env.record("blocked").await;
+    let mut holding = env.connect_tenant("blocker").await.unwrap();
+    sqlx::raw_sql(&format!(
+        "BEGIN; ALTER ROLE CURRENT_USER IN DATABASE \"{}\" SET work_mem = '1MB'",
+        victim.database_name
+    ))
+    .execute(&mut holding)
+    .await
+    .unwrap();
+
+    let (s, op) = env
+        .call(Method::DELETE, "/admin/v1/tenants/blocked", None)
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{op}");
+    let id = op["id"].as_str().unwrap().to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let (_, op) = env
+            .call(Method::GET, &format!("/admin/v1/operations/{id}"), None)
+            .await;
+        if op["status"] == "succeeded" || op["status"] == "failed" {
+            break op;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the delete is stalled by the other tenant's lock: {op}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert!(!env.database_exists(&victim.database_name).await);
+    // The session holding the lock was ended; its tenant is otherwise untouched.
+    assert!(sqlx::raw_sql("COMMIT").execute(&mut holding).await.is_err());
+    let mut again = env.connect_tenant("blocker").await.unwrap();
+    sqlx::query("SELECT 1").execute(&mut again).await.unwrap();
+    again.close().await.unwrap();
+    assert_eq!(
+        env.record("blocker").await.status,
+        silo::registry::TenantStatus::Active
+    );
+}
