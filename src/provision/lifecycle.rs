@@ -352,22 +352,8 @@ impl Provisioner {
     /// as `tenant.password_restored`; `false` when nothing was restored.
     #[tracing::instrument(skip(self), fields(tenant_id = %id))]
     pub async fn restore_passwords(&self, id: Uuid) -> Result<bool> {
-        let reg = self.registry();
-        // Tried, not waited for: the reconciler holds the server's lock.
-        let Some(mut lock) = reg.try_lock_tenant(id).await? else {
-            return Ok(false);
-        };
-        let restored = lock.hold(async {
-            let Some(t) = reg.tenant(id).await? else {
-                return Ok(false);
-            };
-            if !matches!(t.status, TenantStatus::Active | TenantStatus::Suspended)
-                || t.pending_password_enc.is_some()
-                || reg
-                    .open_operation_of(id, &MAKE_ROLES_ANEW)
-                    .await?
-                    .is_some()
-            {
+        self.with_live_roles(id, |t| async move {
+            if t.pending_password_enc.is_some() {
                 return Ok(false);
             }
             let admin = self.admin_for(&t).await?;
@@ -396,7 +382,7 @@ impl Provisioner {
             if restored.is_empty() {
                 return Ok(false);
             }
-            reg.audit(
+            self.registry().audit(
                 "reconciler",
                 "tenant.password_restored",
                 Some(id),
@@ -406,9 +392,7 @@ impl Provisioner {
             tracing::warn!(tenant_id = %id, roles = ?restored, "gave a tenant's role back the password silo records (it had set another itself)");
             Ok(true)
         })
-        .await;
-        lock.release().await;
-        restored?
+        .await
     }
 
     /// Make a live tenant's role again where it is gone from its server
@@ -420,24 +404,7 @@ impl Provisioner {
     /// Audited; `false` when there was nothing to do.
     #[tracing::instrument(skip(self), fields(tenant_id = %id))]
     pub async fn make_role_again(&self, id: Uuid) -> Result<bool> {
-        let reg = self.registry();
-        // Tried, not waited for: the reconciler calls this holding the
-        // server's lock, which a restore's swap takes after the tenant's.
-        let Some(mut lock) = reg.try_lock_tenant(id).await? else {
-            return Ok(false);
-        };
-        let made = lock.hold(async {
-            let Some(t) = reg.tenant(id).await? else {
-                return Ok(false);
-            };
-            if !matches!(t.status, TenantStatus::Active | TenantStatus::Suspended)
-                || reg
-                    .open_operation_of(id, &MAKE_ROLES_ANEW)
-                    .await?
-                    .is_some()
-            {
-                return Ok(false);
-            }
+        self.with_live_roles(id, |t| async move {
             let admin = self.admin_for(&t).await?;
             if roles::role_exists(&admin, &t.role_name).await?
                 || !roles::database_exists(&admin, &t.database_name).await?
@@ -481,7 +448,7 @@ impl Provisioner {
             .await;
             db.close().await;
             granted.context("grant the tenant's role its database again")?;
-            reg.audit(
+            self.registry().audit(
                 "reconciler",
                 "tenant.role_made_again",
                 Some(id),
@@ -491,9 +458,38 @@ impl Provisioner {
             tracing::warn!(tenant_id = %id, role = t.role_name, "made a live tenant's missing role again");
             Ok(true)
         })
-        .await;
+        .await
+    }
+
+    /// `work` with tenant `id` as the registry has it, under its lock, if
+    /// it is active or suspended and no operation that makes its roles
+    /// anew is under way; `false` otherwise. The lock is tried, not waited
+    /// for: the reconciler calls this holding the server's lock, which a
+    /// restore's swap takes after the tenant's.
+    async fn with_live_roles<F, Fut>(&self, id: Uuid, work: F) -> Result<bool>
+    where
+        F: FnOnce(TenantRecord) -> Fut,
+        Fut: std::future::Future<Output = Result<bool>>,
+    {
+        let reg = self.registry();
+        let Some(mut lock) = reg.try_lock_tenant(id).await? else {
+            return Ok(false);
+        };
+        let done = lock
+            .hold(async {
+                let Some(t) = reg.tenant(id).await? else {
+                    return Ok(false);
+                };
+                if !matches!(t.status, TenantStatus::Active | TenantStatus::Suspended)
+                    || reg.open_operation_of(id, &MAKE_ROLES_ANEW).await?.is_some()
+                {
+                    return Ok(false);
+                }
+                work(t).await
+            })
+            .await;
         lock.release().await;
-        made?
+        done?
     }
 
     /// Refuse every app token of the tenant minted so far (a leak, a
