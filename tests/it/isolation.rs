@@ -977,21 +977,8 @@ async fn a_tenant_holding_a_lock_on_another_tenant_s_database_does_not_stall_its
         .call(Method::DELETE, "/admin/v1/tenants/blocked", None)
         .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{op}");
-    let id = op["id"].as_str().unwrap().to_owned();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let done = loop {
-        let (_, op) = env
-            .call(Method::GET, &format!("/admin/v1/operations/{id}"), None)
-            .await;
-        if op["status"] == "succeeded" || op["status"] == "failed" {
-            break op;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the delete is stalled by the other tenant's lock: {op}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    // Stalled, it would never end (`wait_op` gives up after two minutes).
+    let done = crate::common::wait_op(&env, &op).await;
     assert_eq!(done["status"], "succeeded", "{done}");
     assert!(!env.database_exists(&victim.database_name).await);
     // The session holding the lock was ended; its tenant is otherwise untouched.
