@@ -217,10 +217,17 @@ impl ServerAdmin {
 /// ones a role cannot change itself (superuser-only parameters), so they
 /// hold for every session it opens. The reconciler keeps them and resets
 /// any other a role gives itself.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoleSettings {
     /// `temp_file_limit` in kB; `None` sets none.
     pub temp_file_limit_kb: Option<u64>,
+}
+
+/// silo's defaults (`SILO_TENANT_TEMP_FILE_LIMIT_MB`'s).
+impl Default for RoleSettings {
+    fn default() -> Self {
+        Self::from_mib(crate::config::DEFAULT_TENANT_TEMP_FILE_LIMIT_MB)
+    }
 }
 
 impl RoleSettings {
