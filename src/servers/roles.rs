@@ -677,13 +677,15 @@ pub async fn database_exists(admin: &ServerAdmin, database: &str) -> Result<bool
         .map_err(|e| admin.error(None, e))
 }
 
-/// Drop a database, ending its sessions; nothing if it is gone.
+/// Drop a database, ending its sessions; nothing if it is gone. On a
+/// connection of its own (`DROP DATABASE` runs outside any transaction, so
+/// its lock wait is bounded by the connection's setting): see
+/// [`on_database`].
 pub async fn drop_database(admin: &ServerAdmin, database: &str) -> Result<()> {
-    on_database(
-        admin,
-        database,
-        &format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"),
-    )
+    let drop = format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)");
+    freeing_locks(admin, database, || {
+        admin.exec_waiting_at_most(&drop, DATABASE_LOCK_WAIT)
+    })
     .await
 }
 
@@ -691,20 +693,31 @@ pub async fn drop_database(admin: &ServerAdmin, database: &str) -> Result<()> {
 /// before the tenant sessions holding them are ended.
 const DATABASE_LOCK_WAIT: &str = "5s";
 
-/// Run `sql`, a drop or rename of `database` (with statements in the same
-/// transaction, if it is a rename). Such DDL waits for every lock on the
-/// database, and any role can take one on any database: `ALTER ROLE
-/// CURRENT_USER IN DATABASE <another tenant's> SET …` in a transaction
-/// left open would stall another tenant's delete, archive, restore or move
-/// forever (and, queued behind it, every new connection to that database).
-/// So it waits at most [`DATABASE_LOCK_WAIT`]; then the sessions of tenant
-/// roles and readers holding a lock on the database are ended and it runs
-/// again, three times at most. A lock held by any other session (an
-/// operator's) fails it with PostgreSQL's lock timeout error.
+/// Run `sql`, a rename of `database` with statements in the same
+/// transaction, through the admin pool. Such DDL (and a drop) waits for
+/// every lock on the database, and any role can take one on any database:
+/// `ALTER ROLE CURRENT_USER IN DATABASE <another tenant's> SET …` in a
+/// transaction left open would stall another tenant's delete, archive,
+/// restore or move forever (and, queued behind it, every new connection to
+/// that database). So it waits at most [`DATABASE_LOCK_WAIT`]; then the
+/// sessions of tenant roles and readers holding a lock on the database are
+/// ended and it runs again, three times at most. A lock held by any other
+/// session (an operator's) fails it with PostgreSQL's lock timeout error.
 pub async fn on_database(admin: &ServerAdmin, database: &str, sql: &str) -> Result<()> {
+    let guarded = format!("SET LOCAL lock_timeout = '{DATABASE_LOCK_WAIT}'; {sql}");
+    freeing_locks(admin, database, || admin.exec(&guarded)).await
+}
+
+/// `run` until it does not time out on a lock, ending the tenant sessions
+/// that hold one on `database` after each time out (three tries).
+async fn freeing_locks<'a, F, Fut>(admin: &ServerAdmin, database: &str, run: F) -> Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<()>> + 'a,
+{
     let mut tries = 0;
     loop {
-        match admin.exec_waiting_at_most(sql, DATABASE_LOCK_WAIT).await {
+        match run().await {
             Err(e) if e.is(sqlstate::LOCK_NOT_AVAILABLE) && tries < 2 => {
                 tries += 1;
                 let ended = end_tenant_lock_holders(admin, database).await?;

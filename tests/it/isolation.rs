@@ -959,7 +959,8 @@ async fn a_tenant_s_temporary_files_are_limited_and_it_cannot_lift_the_limit() {
 /// another tenant's database must not stall that tenant's delete (or any
 /// drop or rename silo makes of it).
 #[tokio::test(flavor = "multi_thread")]
-async fn a_tenant_holding_a_lock_on_another_tenant_s_database_does_not_stall_its_delete() {
+async fn a_tenant_holding_a_lock_on_another_tenant_s_database_stalls_neither_its_drop_nor_a_rename()
+{
     let env = TestEnv::start().await;
     env.create("blocker").await;
     env.create("blocked").await;
@@ -990,4 +991,35 @@ async fn a_tenant_holding_a_lock_on_another_tenant_s_database_does_not_stall_its
         env.record("blocker").await.status,
         silo::registry::TenantStatus::Active
     );
+
+    // The same on a rename: a spare (its name is in `pg_database` for all
+    // to read) locked by a tenant is still claimed by the next create.
+    let warm = env.replica(silo::control::ControlConfig {
+        provision: silo::provision::ProvisionConfig {
+            warm_pool_size: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+    let warm = warm.provisioner();
+    warm.refill_all().await.unwrap();
+    let spare: String = sqlx::query_scalar("SELECT database_name FROM spares")
+        .fetch_one(env.registry().pool())
+        .await
+        .unwrap();
+    let mut holding = env.connect_tenant("blocker").await.unwrap();
+    sqlx::raw_sql(&format!(
+        "BEGIN; ALTER ROLE CURRENT_USER IN DATABASE \"{spare}\" SET work_mem = '1MB'"
+    ))
+    .execute(&mut holding)
+    .await
+    .unwrap();
+    let req = TestEnv::request("claimer", "Claimer");
+    let claimed = tokio::time::timeout(Duration::from_secs(60), warm.create(&req, None, "test"))
+        .await
+        .expect("the create is not stalled by the lock on its spare")
+        .unwrap();
+    assert!(!env.database_exists(&spare).await, "the spare was claimed");
+    assert!(env.database_exists(&claimed.database_name).await);
+    assert!(sqlx::raw_sql("COMMIT").execute(&mut holding).await.is_err());
 }
