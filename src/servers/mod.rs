@@ -247,6 +247,13 @@ impl RoleSettings {
             .collect()
     }
 
+    /// `ALTER ROLE … SET` of these settings for `role` (a quoted
+    /// identifier); `None` when there are none.
+    pub fn alter_sql(&self, role: &str) -> Option<String> {
+        self.temp_file_limit_kb
+            .map(|kb| format!("ALTER ROLE {role} SET temp_file_limit = '{kb}kB'"))
+    }
+
     /// The parameter names silo sets.
     pub fn names() -> &'static [&'static str] {
         &["temp_file_limit"]

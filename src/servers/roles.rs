@@ -2,8 +2,6 @@
 //! and drops them. Every statement names only silo's own objects, whose
 //! names come from [`super::names`] (never from a client).
 
-use std::collections::HashSet;
-
 use sqlx::{ConnectOptions, Connection};
 
 use super::schema::LEGACY_GROUP_ROLE;
@@ -27,12 +25,11 @@ fn role_attributes_as(password: &str, limit: i32, login: bool) -> String {
 /// admin login that may not set them (not a superuser) makes the role
 /// without them, with a warning in the server's log.
 fn settings_sql(admin: &ServerAdmin, role: &str) -> String {
-    let Some(kb) = admin.role_settings.temp_file_limit_kb else {
+    let Some(set) = admin.role_settings.alter_sql(&format!("\"{role}\"")) else {
         return String::new();
     };
     format!(
-        " DO $$ BEGIN ALTER ROLE \"{role}\" SET temp_file_limit = '{kb}kB'; \
-         EXCEPTION WHEN insufficient_privilege THEN \
+        " DO $$ BEGIN {set}; EXCEPTION WHEN insufficient_privilege THEN \
          RAISE WARNING 'silo could not limit a tenant role''s temporary files: %', SQLERRM; END $$;"
     )
 }
@@ -371,27 +368,14 @@ pub async fn settle_role_settings(admin: &ServerAdmin) -> Result<SettingsSettled
         .filter(|(_, db, config)| db.is_some() || !config.iter().all(silos))
         .collect();
     let ident = |name: &str| format!("\"{}\"", name.replace('"', "\"\""));
-    // The body of a DO block, under a tag no name in it contains (a
-    // database's name, which a role may name in `ALTER ROLE … IN
-    // DATABASE`, could hold `$$`).
-    let block = |body: &str, on_lock: &str| {
-        let mut tag = format!("silo_{}", uuid::Uuid::new_v4().simple());
-        while body.contains(&tag) {
-            tag = format!("silo_{}", uuid::Uuid::new_v4().simple());
-        }
-        format!(
-            " DO ${tag}$ BEGIN {body}; EXCEPTION WHEN lock_not_available THEN \
-             RAISE WARNING '{on_lock}'; END ${tag}$;"
-        )
-    };
     // silo's own settings for every database, after a `RESET ALL` of that
     // row in the same statement: never committed without them.
-    let ours = |role: &str| match admin.role_settings.temp_file_limit_kb {
-        Some(kb) => format!(
-            "; ALTER ROLE {} SET temp_file_limit = '{kb}kB'",
-            ident(role)
-        ),
-        None => String::new(),
+    let ours = |role: &str| {
+        admin
+            .role_settings
+            .alter_sql(&ident(role))
+            .map(|set| format!("; {set}"))
+            .unwrap_or_default()
     };
     let mut settled = SettingsSettled::default();
     if !given.is_empty() {
@@ -405,9 +389,16 @@ pub async fn settle_role_settings(admin: &ServerAdmin) -> Result<SettingsSettled
                 ),
                 None => format!("ALTER ROLE {} RESET ALL{}", ident(role), ours(role)),
             };
-            sql.push_str(&block(
-                &reset,
-                "a session of the role holds its settings: reset on a later pass",
+            // In a DO block under a tag no name in it contains (a
+            // database's name, which a role may name in `ALTER ROLE … IN
+            // DATABASE`, could hold `$$`).
+            let mut tag = format!("silo_{}", uuid::Uuid::new_v4().simple());
+            while reset.contains(&tag) {
+                tag = format!("silo_{}", uuid::Uuid::new_v4().simple());
+            }
+            sql.push_str(&format!(
+                " DO ${tag}$ BEGIN {reset}; EXCEPTION WHEN lock_not_available THEN \
+                 RAISE WARNING 'a session of the role holds its settings: reset on a later pass'; END ${tag}$;"
             ));
         }
         admin.exec(&sql).await?;
@@ -427,6 +418,20 @@ pub async fn settle_role_settings(admin: &ServerAdmin) -> Result<SettingsSettled
     }
     // silo's own: to roles whose settings for every database are not
     // exactly them (none, or another value), where this login may set them.
+    let unsettled: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT r.rolname::text FROM pg_roles r
+          WHERE {prefixes}
+            AND coalesce((SELECT s.setconfig FROM pg_db_role_setting s
+                           WHERE s.setrole = r.oid AND s.setdatabase = 0), '{{}}') <> $1::text[]
+          ORDER BY r.rolname LIMIT {SETTINGS_PER_PASS}"
+    ))
+    .bind(&want)
+    .fetch_all(&admin.pool)
+    .await
+    .map_err(wrap)?;
+    if unsettled.is_empty() {
+        return Ok(settled);
+    }
     let may_set: bool =
         sqlx::query_scalar("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
             .fetch_one(&admin.pool)
@@ -435,48 +440,18 @@ pub async fn settle_role_settings(admin: &ServerAdmin) -> Result<SettingsSettled
     if !may_set {
         return Ok(settled);
     }
-    let unsettled = |limit: i64| {
-        let sql = format!(
-            "SELECT r.rolname::text FROM pg_roles r
-              WHERE {prefixes}
-                AND coalesce((SELECT s.setconfig FROM pg_db_role_setting s
-                               WHERE s.setrole = r.oid AND s.setdatabase = 0), '{{}}') <> $1::text[]
-              ORDER BY r.rolname LIMIT {limit}"
-        );
-        let want = want.clone();
-        async move {
-            sqlx::query_scalar::<_, String>(&sql)
-                .bind(&want)
-                .fetch_all(&admin.pool)
-                .await
-                .map_err(wrap)
-        }
-    };
-    let roles = unsettled(SETTINGS_PER_PASS).await?;
-    if roles.is_empty() {
-        return Ok(settled);
-    }
-    let set = |role: &str| format!("ALTER ROLE {} RESET ALL{}", ident(role), ours(role));
-    let mut sql = format!("SET LOCAL lock_timeout = '{BATCH_ROLE_LOCK_WAIT}';");
-    for role in &roles {
-        sql.push_str(&block(
-            &set(role),
-            "a session of the role holds its settings: set one at a time",
-        ));
-    }
-    admin.exec(&sql).await?;
-    // A role whose own session held its row (an open transaction that
-    // altered it) was skipped: one at a time, ending its sessions if they
-    // hold it still (as every statement of silo's on a role does).
-    let mut left: HashSet<String> = unsettled(SETTINGS_PER_PASS).await?.into_iter().collect();
-    left.retain(|r| roles.contains(r));
-    for role in &left {
-        if let Err(e) = on_role(admin, role, &set(role), false).await {
-            tracing::warn!(server = %admin.name, role, "failed to give a tenant role silo's settings (next pass): {e}");
+    // One role at a time, as every statement of silo's on a role: a role
+    // whose own session holds its row (an open transaction that altered
+    // it) has its sessions ended after a wait, then is set.
+    for role in &unsettled {
+        let set = format!("ALTER ROLE {} RESET ALL{}", ident(role), ours(role));
+        match on_role(admin, role, &set, false).await {
+            Ok(()) => settled.set += 1,
+            Err(e) => {
+                tracing::warn!(server = %admin.name, role, "failed to give a tenant role silo's settings (next pass): {e}")
+            }
         }
     }
-    let still: HashSet<String> = unsettled(SETTINGS_PER_PASS).await?.into_iter().collect();
-    settled.set = roles.iter().filter(|r| !still.contains(*r)).count() as u32;
     Ok(settled)
 }
 
@@ -710,10 +685,10 @@ pub async fn on_database(admin: &ServerAdmin, database: &str, sql: &str) -> Resu
 
 /// `run` until it does not time out on a lock, ending the tenant sessions
 /// that hold one on `database` after each time out (three tries).
-async fn freeing_locks<'a, F, Fut>(admin: &ServerAdmin, database: &str, run: F) -> Result<()>
+async fn freeing_locks<F, Fut>(admin: &ServerAdmin, database: &str, run: F) -> Result<()>
 where
     F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Result<()>> + 'a,
+    Fut: std::future::Future<Output = Result<()>>,
 {
     let mut tries = 0;
     loop {

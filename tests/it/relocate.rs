@@ -1098,6 +1098,26 @@ async fn a_move_to_a_server_whose_login_may_not_subscribe_is_refused_up_front() 
     assert_eq!(env.record("grounded").await.server_name, "default");
     let t = env.record("grounded").await;
     assert!(!database_on(&pg, &t.database_name).await);
+
+    // Such a login may not set a role's temp_file_limit nor read
+    // pg_authid: tenants are made there all the same (without the limit),
+    // and a reconcile pass checks neither and fails nothing.
+    create_on(&env, "plainly", "no-subscribe").await;
+    let plain = env.record("plainly").await;
+    let su = superuser(&pg, "postgres").await;
+    let settings: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_db_role_setting WHERE setrole = $1::regrole")
+            .bind(&plain.role_name)
+            .fetch_one(&su)
+            .await
+            .unwrap();
+    su.close().await;
+    assert_eq!(settings, 0);
+    let report = env.control.reconcile_once().await.unwrap();
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(report.role_settings_set, 0, "{report:?}");
+    assert_eq!(report.passwords_restored, 0, "{report:?}");
+    assert_serves(&env, "plainly").await;
 }
 
 /// A target drained while a move copies to it takes no tenant: the move
