@@ -7,7 +7,9 @@
 //! `SILO_BENCH_SECONDS`, default 10; scale `SILO_BENCH_SCALE`, default 10;
 //! some cases only: `SILO_BENCH_ONLY=1,50,C`; this process's runtime
 //! threads, which silo runs on here: `SILO_BENCH_WORKERS`, default 2;
-//! `SILO_BENCH_MODE=session` puts silo's credential in session mode).
+//! `SILO_BENCH_MODE=session` puts silo's credential in session mode;
+//! `SILO_BENCH_SPIN_MICROS` sets silo's `SILO_PG_SPIN_MICROS`, 0 to turn
+//! busy-polling off).
 //!
 //! One PostgreSQL cluster, one tenant (premium plan: 50 connections). The
 //! same pgbench runs three ways, SCRAM-SHA-256 on every path:
@@ -231,8 +233,14 @@ async fn pgbench_case() -> Result<()> {
         )
         .await?;
     let wire_port = free_port()?;
+    let spin: u64 = env_number(
+        "SILO_BENCH_SPIN_MICROS",
+        silo::config::DEFAULT_PG_SPIN_MICROS,
+    )?;
+    println!("silo busy-polls up to {spin} µs (SILO_PG_SPIN_MICROS)");
     let server = support::SiloServer::start_with(control, 0, |a| {
         a.pg_listen = OptionalAddr(Some(format!("127.0.0.1:{wire_port}").parse().unwrap()));
+        a.pg_spin_micros = spin;
     })
     .await?;
     let direct = format!(

@@ -17,6 +17,8 @@ use crate::domain::{AdminRole, KeyName, Plan, Schedule, ServerName, Slug, Tenant
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// Default address of the PostgreSQL-protocol front door.
 pub const DEFAULT_PG_LISTEN: &str = "127.0.0.1:6432";
+/// `SILO_PG_SPIN_MICROS`'s default.
+pub const DEFAULT_PG_SPIN_MICROS: u64 = 50;
 /// Front-door connections from one address logging in at once: a quarter
 /// of the room for logins (1,024), so no one address can hold it all.
 pub const DEFAULT_PG_MAX_LOGINS_PER_ADDRESS: u32 = 256;
@@ -658,6 +660,13 @@ pub struct ServerArgs {
     /// move's cut-over) before it is refused.
     #[arg(long, env = "SILO_PG_WAIT_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub pg_wait_timeout: u64,
+
+    /// Microseconds a front-door session may busy-poll the socket it
+    /// expects to speak next, while at most one server connection is
+    /// checked out in the process (0: never; it saves a thread wake-up
+    /// per message when traffic is light).
+    #[arg(long, env = "SILO_PG_SPIN_MICROS", default_value_t = DEFAULT_PG_SPIN_MICROS, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub pg_spin_micros: u64,
 }
 
 #[derive(Debug, Clone, Args)]

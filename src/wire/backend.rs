@@ -19,6 +19,7 @@ use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_util::codec::FramedRead;
 
 use super::proto::{self, Codec, Msg};
+use super::spin::{Side, Spinning};
 use crate::router::pool::{Claim, Held};
 use crate::router::tls::ServerTls;
 
@@ -38,7 +39,7 @@ impl Target {
                 let s = TcpStream::connect((host.as_str(), *port)).await?;
                 s.set_nodelay(true)?;
                 match tls.as_ref() {
-                    ServerTls::Off => Stream::Tcp(s),
+                    ServerTls::Off => Stream::tcp(s),
                     ServerTls::Unusable(why) => {
                         return Err(std::io::Error::other(format!(
                             "the server's TLS settings cannot be used: {why}"
@@ -48,7 +49,10 @@ impl Target {
                     ServerTls::Require(c) => encrypt(s, host, c, true).await?,
                 }
             }
-            Self::Unix(path) => Stream::Unix(UnixStream::connect(path).await?),
+            Self::Unix(path) => Stream::Unix(Spinning::new(
+                UnixStream::connect(path).await?,
+                Side::Server,
+            )),
         })
     }
 
@@ -87,7 +91,7 @@ async fn encrypt(
             let stream = tls.connect(name, s).await?;
             Ok(Stream::Tls(Box::new(stream)))
         }
-        b'N' if !required => Ok(Stream::Tcp(s)),
+        b'N' if !required => Ok(Stream::tcp(s)),
         b'N' => Err(std::io::Error::other(
             "the server does not offer TLS, which its admin URL's sslmode requires",
         )),
@@ -97,11 +101,18 @@ async fn encrypt(
     }
 }
 
-/// TCP, TLS over TCP, or a Unix socket.
-pub enum Stream {
-    Tcp(TcpStream),
+/// TCP, TLS over TCP, or a Unix socket (the plain ones busy-poll while
+/// the front door is nearly idle, see `wire::spin`).
+pub(super) enum Stream {
+    Tcp(Spinning<TcpStream>),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-    Unix(UnixStream),
+    Unix(Spinning<UnixStream>),
+}
+
+impl Stream {
+    fn tcp(s: TcpStream) -> Self {
+        Self::Tcp(Spinning::new(s, Side::Server))
+    }
 }
 
 impl AsyncRead for Stream {

@@ -27,6 +27,9 @@ pub struct WireSettings {
     pub max_message_bytes: usize,
     /// Longest a client waits for a server connection (or a move's cut-over).
     pub wait_timeout: Duration,
+    /// How long a session may busy-poll the socket it expects to speak
+    /// next while the front door is nearly idle (see `wire::spin`).
+    pub spin: Duration,
 }
 
 impl WireSettings {
@@ -49,6 +52,7 @@ impl WireSettings {
                 .then(|| Duration::from_secs(args.pg_client_idle_timeout)),
             max_message_bytes: args.pg_max_message_bytes as usize,
             wait_timeout: Duration::from_secs(args.pg_wait_timeout),
+            spin: Duration::from_micros(args.pg_spin_micros),
         })
     }
 
@@ -66,6 +70,7 @@ impl WireSettings {
             client_idle_timeout: None,
             max_message_bytes: 16 * 1024 * 1024,
             wait_timeout: Duration::from_secs(30),
+            spin: Duration::from_micros(crate::config::DEFAULT_PG_SPIN_MICROS),
         }
     }
 }
@@ -75,6 +80,7 @@ mod pool;
 mod proto;
 mod scram;
 mod session;
+mod spin;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

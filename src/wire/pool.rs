@@ -161,6 +161,7 @@ impl WirePool {
             conn: Some(conn),
             _slot: slot,
             pool: self.clone(),
+            _counted: super::spin::CheckedOut::new(),
         }
     }
 
@@ -239,6 +240,7 @@ pub struct Checkout {
     conn: Option<Box<ServerConn>>,
     _slot: OwnedSemaphorePermit,
     pool: Arc<WirePool>,
+    _counted: super::spin::CheckedOut,
 }
 
 impl Checkout {

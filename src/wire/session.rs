@@ -27,6 +27,7 @@ use uuid::Uuid;
 use super::pool::{Checkout, CheckoutError};
 use super::proto::{self, Codec, Msg};
 use super::scram::{Channel, Exchange, Failure, Verifier};
+use super::spin::{self, Side, Spinning};
 use super::{CancelSlot, Ender, Io, Shared, TenantCounters};
 use crate::domain::PoolMode;
 use crate::router::{AcquireError, RouteError, TenantRouter};
@@ -64,7 +65,7 @@ type Reader = FramedRead<ReadHalf<Box<dyn Io>>, Codec>;
 pub(super) async fn handle(shared: Arc<Shared>, tcp: TcpStream, sessions: TaskTracker) {
     let _ = tcp.set_nodelay(true);
     let Ok(peer) = tcp.peer_addr() else { return };
-    let mut io: Box<dyn Io> = Box::new(tcp);
+    let mut io: Box<dyn Io> = Box::new(Spinning::new(tcp, Side::Client));
     // Connections not logged in yet have slots of their own: a flood of
     // silent connections cannot take the logged-in clients' room; and one
     // address may hold only its share of them, so a flood from one
@@ -761,6 +762,7 @@ impl Session {
     /// must end with an error to it.
     async fn serve(&mut self) -> Result<(), Fatal> {
         let idle_limit = self.shared.settings.client_idle_timeout;
+        let spin_window = self.shared.settings.spin;
         let token = self.ender.token.clone();
         // Made once: a waiter registered anew each round trip would lock
         // the token's list twice per message.
@@ -774,24 +776,36 @@ impl Session {
                     _ => std::future::pending().await,
                 }
             };
+            // The side that speaks next: the server while it owes answers.
+            let side = if self.sent_syncs > self.done_syncs {
+                Side::Server
+            } else {
+                Side::Client
+            };
+            // `biased`: polled in this order, no random draw per message;
+            // the server's answers go first, so a client sending fast
+            // cannot hold them back. The first and last branches mark
+            // what is polled between them as waiting for `side`.
             let event = match self.server.as_mut() {
-                // `biased`: polled in this order, no random draw per
-                // message; the server's answers go first, so a client
-                // sending fast cannot hold them back.
                 Some(server) => tokio::select! {
                     biased;
+                    never = spin::expect(side, spin_window) => match never {},
                     _ = &mut ended => Event::Ended,
                     m = server.conn().recv_frame() => Event::Server(m),
                     m = self.reader.next() => Event::Client(m),
                     _ = idle_wait => Event::Idle,
+                    never = spin::Unexpect => match never {},
                 },
                 None => tokio::select! {
                     biased;
+                    never = spin::expect(side, spin_window) => match never {},
                     _ = &mut ended => Event::Ended,
                     m = self.reader.next() => Event::Client(m),
                     _ = idle_wait => Event::Idle,
+                    never = spin::Unexpect => match never {},
                 },
             };
+            spin::clear();
             let step = match event {
                 Event::Client(Some(Ok(m))) => self.on_client(m).await,
                 Event::Client(Some(Err(proto::FrameError::TooLarge(n)))) => Err(Fatal(

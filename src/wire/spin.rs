@@ -1,0 +1,341 @@
+//! Busy-polling while the front door is nearly idle.
+//!
+//! With one client, a round trip through silo wakes silo twice (the
+//! client's query, the server's answer), and each wake-up of a parked
+//! thread costs about as much as the work it wakes for. So while at most
+//! one server connection is checked out across the whole front door, a
+//! session that waits for the side it expects to speak next (the server
+//! while it owes an answer, the client otherwise) reads that socket
+//! without blocking for up to `SILO_PG_SPIN_MICROS` before parking as usual.
+//! Under load there are many checkouts and nobody spins: the CPU is
+//! PostgreSQL's.
+//!
+//! The reads go to the socket itself (`socket2`), not through tokio's
+//! readiness, which only the thread that holds the I/O driver updates.
+//! Bytes read so are the same bytes tokio would have read: its readiness
+//! may then be stale, which costs it one `WouldBlock`.
+
+use std::cell::Cell;
+use std::convert::Infallible;
+use std::future::Future;
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The side a session waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Side {
+    Client,
+    Server,
+}
+
+thread_local! {
+    /// Set while a session's wait is polled (see [`Expecting`]): the side
+    /// it waits for, and how long a read of it may spin.
+    static EXPECTING: Cell<Option<(Side, u32)>> = const { Cell::new(None) };
+}
+
+/// Server connections checked out by clients right now, in the whole
+/// process (its CPUs are what spinning spends).
+static CHECKED_OUT: AtomicUsize = AtomicUsize::new(0);
+
+/// One checked-out server connection, counted while it lives.
+pub(super) struct CheckedOut(());
+
+impl CheckedOut {
+    pub(super) fn new() -> Self {
+        CHECKED_OUT.fetch_add(1, Ordering::Relaxed);
+        Self(())
+    }
+}
+
+impl Drop for CheckedOut {
+    fn drop(&mut self) {
+        CHECKED_OUT.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The first branch of a session's `biased` `select!` of its wait:
+/// until [`Unexpect`] (its last branch) or [`clear`] (after it), reads of
+/// `side` may spin up to `window` each (`Duration::ZERO`: not at all). It
+/// never completes.
+///
+/// Branches, not a future wrapping the `select!`: such a wrapper grows
+/// every waiting session's task by a third (10,000 idle clients).
+pub(super) fn expect(side: Side, window: Duration) -> Expect {
+    let micros = u32::try_from(window.as_micros()).unwrap_or(u32::MAX);
+    Expect { side, micros }
+}
+
+pub(super) struct Expect {
+    side: Side,
+    micros: u32,
+}
+
+impl Future for Expect {
+    type Output = Infallible;
+    fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Infallible> {
+        EXPECTING.with(|e| e.set(Some((self.side, self.micros))));
+        Poll::Pending
+    }
+}
+
+/// The last branch of that `select!`: reads spin no more once every
+/// branch is pending (and the task yields). It never completes.
+pub(super) struct Unexpect;
+
+impl Future for Unexpect {
+    type Output = Infallible;
+    fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Infallible> {
+        clear();
+        Poll::Pending
+    }
+}
+
+/// Reads spin no more: called when a branch of that `select!` completed.
+pub(super) fn clear() {
+    EXPECTING.with(|e| e.set(None));
+}
+
+/// Until when a read of `side` may spin, if it may.
+fn deadline(side: Side) -> Option<Instant> {
+    match EXPECTING.with(Cell::get) {
+        Some((expected, micros))
+            if expected == side && micros > 0 && CHECKED_OUT.load(Ordering::Relaxed) <= 1 =>
+        {
+            Some(Instant::now() + Duration::from_micros(micros.into()))
+        }
+        _ => None,
+    }
+}
+
+/// Read `socket` without blocking until bytes (or its end, or an error)
+/// come or `until` passes (`None`: nothing came).
+fn read_until<S: AsFd>(
+    socket: &S,
+    buf: &mut ReadBuf<'_>,
+    until: Instant,
+) -> Option<std::io::Result<()>> {
+    if buf.remaining() == 0 {
+        return Some(Ok(()));
+    }
+    let sock = socket2::SockRef::from(socket);
+    let want = buf.remaining().min(16 * 1024);
+    let room = buf.initialize_unfilled_to(want);
+    let mut spins = 0u32;
+    loop {
+        match (&*sock).read(room) {
+            Ok(n) => {
+                buf.advance(n);
+                return Some(Ok(()));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Some(Err(e)),
+        }
+        spins += 1;
+        // The clock is read every few tries, not every one.
+        if spins % 4 == 0 && Instant::now() >= until {
+            return None;
+        }
+        std::hint::spin_loop();
+    }
+}
+
+/// A socket whose reads may spin: a client's (it speaks next when the
+/// server owes nothing) or a server connection's.
+///
+/// Each socket backs off on its own: a spin that ends with nothing read
+/// doubles the number of waits it sits out (up to 64), and one that reads
+/// something ends that. A client that pauses between its messages (most
+/// apps) or a server running slow statements costs a spin now and then,
+/// not one per message.
+pub(super) struct Spinning<S> {
+    io: S,
+    side: Side,
+    /// Waits still to sit out, and how many the next miss sits out.
+    skip: u8,
+    next_skip: u8,
+}
+
+impl<S> Spinning<S> {
+    pub(super) fn new(io: S, side: Side) -> Self {
+        Self {
+            io,
+            side,
+            skip: 0,
+            next_skip: 1,
+        }
+    }
+}
+
+impl<S: AsFd + AsyncRead + Unpin> AsyncRead for Spinning<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(until) = deadline(this.side) {
+            if this.skip > 0 {
+                this.skip -= 1;
+            } else if let Some(read) = read_until(&this.io, buf, until) {
+                this.next_skip = 1;
+                return Poll::Ready(read);
+            } else {
+                this.skip = this.next_skip;
+                this.next_skip = this.next_skip.saturating_mul(2).min(MAX_SKIP);
+            }
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+/// The most waits a socket sits out after spinning in vain.
+const MAX_SKIP: u8 = 64;
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Spinning<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::Waker;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::UnixStream;
+
+    /// The checkout count is the process's: these tests take turns.
+    static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    /// One poll of a read of `s` while its session waits for `side`.
+    fn poll_once(s: &mut Spinning<UnixStream>, side: Side, window: Duration) -> Poll<Vec<u8>> {
+        let mut room = [0u8; 64];
+        let mut buf = ReadBuf::new(&mut room);
+        let mut cx = Context::from_waker(Waker::noop());
+        let _ = Pin::new(&mut expect(side, window)).poll(&mut cx);
+        let read = Pin::new(&mut *s).poll_read(&mut cx, &mut buf);
+        let _ = Pin::new(&mut Unexpect).poll(&mut cx);
+        assert_eq!(EXPECTING.with(Cell::get), None);
+        match read {
+            Poll::Ready(r) => {
+                r.expect("read");
+                Poll::Ready(buf.filled().to_vec())
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_read_spins_only_for_the_side_expected_and_backs_off_after_spinning_in_vain() {
+        let _turn = TURN.lock().await;
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut a = Spinning::new(a, Side::Server);
+        let window = Duration::from_millis(2);
+
+        // Bytes already there are read by the spin, at once.
+        b.write_all(b"hello").await.unwrap();
+        assert_eq!(
+            poll_once(&mut a, Side::Server, window),
+            Poll::Ready(b"hello".to_vec())
+        );
+
+        // Nothing there: the spin gives up after its window, and the read
+        // parks as usual.
+        let started = Instant::now();
+        assert_eq!(poll_once(&mut a, Side::Server, window), Poll::Pending);
+        assert!(started.elapsed() >= window, "spun {:?}", started.elapsed());
+        assert_eq!((a.skip, a.next_skip), (1, 2));
+        // The next wait is sat out (no spin), the one after spins again
+        // and, in vain, doubles what the next miss sits out.
+        assert_eq!(poll_once(&mut a, Side::Server, window), Poll::Pending);
+        assert_eq!((a.skip, a.next_skip), (0, 2));
+        assert_eq!(poll_once(&mut a, Side::Server, window), Poll::Pending);
+        assert_eq!((a.skip, a.next_skip), (2, 4));
+        for _ in 0..2 {
+            assert_eq!(poll_once(&mut a, Side::Server, window), Poll::Pending);
+        }
+        // A spin that reads something ends the backing off.
+        b.write_all(b"again").await.unwrap();
+        assert_eq!(
+            poll_once(&mut a, Side::Server, window),
+            Poll::Ready(b"again".to_vec())
+        );
+        assert_eq!((a.skip, a.next_skip), (0, 1));
+
+        // Waiting for the other side, or with no window: no spin, and no
+        // backing off either.
+        let started = Instant::now();
+        assert_eq!(
+            poll_once(&mut a, Side::Client, Duration::from_secs(5)),
+            Poll::Pending
+        );
+        assert_eq!(
+            poll_once(&mut a, Side::Server, Duration::ZERO),
+            Poll::Pending
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!((a.skip, a.next_skip), (0, 1));
+
+        // The backing off stops at 64 waits.
+        for _ in 0..20 {
+            a.skip = 0;
+            assert_eq!(
+                poll_once(&mut a, Side::Server, Duration::from_micros(1)),
+                Poll::Pending
+            );
+        }
+        assert_eq!((a.skip, a.next_skip), (MAX_SKIP, MAX_SKIP));
+
+        // The peer's end is read as the end.
+        a.skip = 0;
+        drop(b);
+        assert_eq!(
+            poll_once(&mut a, Side::Server, window),
+            Poll::Ready(Vec::new())
+        );
+    }
+
+    #[tokio::test]
+    async fn nobody_spins_while_two_server_connections_are_checked_out() {
+        let _turn = TURN.lock().await;
+        let (a, _b) = UnixStream::pair().unwrap();
+        let mut a = Spinning::new(a, Side::Client);
+        let busy = (CheckedOut::new(), CheckedOut::new());
+        let started = Instant::now();
+        assert_eq!(
+            poll_once(&mut a, Side::Client, Duration::from_secs(5)),
+            Poll::Pending
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!((a.skip, a.next_skip), (0, 1), "no spin, so no miss");
+        drop(busy);
+    }
+}
