@@ -20,8 +20,8 @@
 //!   logging in to the server as the tenant's role (skipped if not installed).
 //!
 //! Cases: 1 client; 50 clients; a `-C` storm (8 clients, a new connection
-//! per transaction). Reported: TPS per path and the ratios silo/direct and
-//! silo/pgbouncer.
+//! per transaction). Reported: TPS per path, the ratios silo/direct and
+//! silo/pgbouncer, and silo's CPU time (user and system) per transaction.
 //!
 //! **idle**: 10,000 idle clients (`SILO_BENCH_IDLE_CLIENTS`) held by a
 //! `silo serve` child process with its default settings, measured alone
@@ -180,6 +180,16 @@ async fn pgbench(uri: &str, clients: u32, seconds: u64, reconnect: bool) -> Resu
         .with_context(|| format!("no TPS in: {said}"))
 }
 
+/// CPU time (user and system) this process has used.
+fn own_cpu() -> Result<Duration> {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let usage = getrusage(UsageWho::RUSAGE_SELF)?;
+    let micros = |t: nix::sys::time::TimeVal| t.tv_sec() as u64 * 1_000_000 + t.tv_usec() as u64;
+    Ok(Duration::from_micros(
+        micros(usage.user_time()) + micros(usage.system_time()),
+    ))
+}
+
 async fn pgbench_case() -> Result<()> {
     let seconds: u64 = env_number("SILO_BENCH_SECONDS", 10)?;
     let scale: u32 = env_number("SILO_BENCH_SCALE", 10)?;
@@ -271,8 +281,14 @@ async fn pgbench_case() -> Result<()> {
     }
 
     println!(
-        "\n{:<22} {:>12} {:>12} {:>12} {:>12} {:>14}",
-        "case", "direct tps", "silo tps", "pgbouncer", "silo/direct", "silo/pgbouncer"
+        "\n{:<22} {:>12} {:>12} {:>12} {:>12} {:>14} {:>14}",
+        "case",
+        "direct tps",
+        "silo tps",
+        "pgbouncer",
+        "silo/direct",
+        "silo/pgbouncer",
+        "silo cpu µs/tx"
     );
     // `SILO_BENCH_ONLY=1,50,C`: some of the cases.
     let only = std::env::var("SILO_BENCH_ONLY").unwrap_or_else(|_| "1,50,C".into());
@@ -286,18 +302,26 @@ async fn pgbench_case() -> Result<()> {
             continue;
         }
         let mut tps = Vec::new();
-        for (_, uri) in &paths {
+        let mut silo_cpu = Duration::ZERO;
+        for (name, uri) in &paths {
+            // silo runs in this process: its CPU time is this process's
+            // (pgbench is a child, counted apart).
+            let before = own_cpu()?;
             tps.push(pgbench(uri, clients, seconds, reconnect).await?);
+            if *name == "silo" {
+                silo_cpu = own_cpu()?.saturating_sub(before);
+            }
         }
         let bouncer = tps.get(2).copied();
         println!(
-            "{:<22} {:>12.0} {:>12.0} {:>12} {:>12.2} {:>14}",
+            "{:<22} {:>12.0} {:>12.0} {:>12} {:>12.2} {:>14} {:>14.1}",
             case,
             tps[0],
             tps[1],
             bouncer.map_or("-".into(), |b| format!("{b:.0}")),
             tps[1] / tps[0],
             bouncer.map_or("-".into(), |b| format!("{:.2}", tps[1] / b)),
+            silo_cpu.as_secs_f64() * 1e6 / (tps[1] * seconds as f64),
         );
     }
     if let Ok((mut child, _)) = bouncer {

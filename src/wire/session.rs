@@ -806,6 +806,7 @@ impl Session {
                 },
             };
             spin::clear();
+            spin::note_activity();
             let step = match event {
                 Event::Client(Some(Ok(m))) => self.on_client(m).await,
                 Event::Client(Some(Err(proto::FrameError::TooLarge(n)))) => Err(Fatal(

@@ -8,7 +8,9 @@
 //! while it owes an answer, the client otherwise) reads that socket
 //! without blocking for up to `SILO_PG_SPIN_MICROS` before parking as usual.
 //! Under load there are many checkouts and nobody spins: the CPU is
-//! PostgreSQL's.
+//! PostgreSQL's. A spin also stops as soon as another session handles a
+//! message: a thread spinning then would hold up the work queued behind
+//! it, and take a CPU that PostgreSQL or the clients need.
 //!
 //! The reads go to the socket itself (`socket2`), not through tokio's
 //! readiness, which only the thread that holds the I/O driver updates.
@@ -21,7 +23,7 @@ use std::future::Future;
 use std::io::Read;
 use std::os::fd::AsFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -105,25 +107,44 @@ pub(super) fn clear() {
 /// Until when a read of `side` may spin, if it may.
 fn deadline(side: Side) -> Option<Instant> {
     match EXPECTING.with(Cell::get) {
-        Some((expected, micros))
-            if expected == side && micros > 0 && CHECKED_OUT.load(Ordering::Relaxed) <= 1 =>
-        {
+        Some((expected, micros)) if expected == side && micros > 0 && alone() => {
             Some(Instant::now() + Duration::from_micros(micros.into()))
         }
         _ => None,
     }
 }
 
+/// At most one server connection is checked out in the process.
+fn alone() -> bool {
+    CHECKED_OUT.load(Ordering::Relaxed) <= 1
+}
+
+/// Messages sessions have handled (see [`note_activity`]).
+static ACTIVITY: AtomicU64 = AtomicU64::new(0);
+
+/// A session handled a message: anyone spinning stops, as the front door
+/// has other work.
+pub(super) fn note_activity() {
+    ACTIVITY.fetch_add(1, Ordering::Relaxed);
+}
+
+/// How a spin ended.
+enum Spun {
+    Read(std::io::Result<()>),
+    /// Nothing came before the deadline.
+    Missed,
+    /// Another session handled a message, or took a server connection:
+    /// the front door is not idle, and this thread is better parked.
+    Busy,
+}
+
 /// Read `socket` without blocking until bytes (or its end, or an error)
-/// come or `until` passes (`None`: nothing came).
-fn read_until<S: AsFd>(
-    socket: &S,
-    buf: &mut ReadBuf<'_>,
-    until: Instant,
-) -> Option<std::io::Result<()>> {
+/// come, `until` passes, or another session is busy.
+fn read_until<S: AsFd>(socket: &S, buf: &mut ReadBuf<'_>, until: Instant) -> Spun {
     if buf.remaining() == 0 {
-        return Some(Ok(()));
+        return Spun::Read(Ok(()));
     }
+    let activity = ACTIVITY.load(Ordering::Relaxed);
     let sock = socket2::SockRef::from(socket);
     let want = buf.remaining().min(16 * 1024);
     let room = buf.initialize_unfilled_to(want);
@@ -132,16 +153,19 @@ fn read_until<S: AsFd>(
         match (&*sock).read(room) {
             Ok(n) => {
                 buf.advance(n);
-                return Some(Ok(()));
+                return Spun::Read(Ok(()));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Some(Err(e)),
+            Err(e) => return Spun::Read(Err(e)),
+        }
+        if ACTIVITY.load(Ordering::Relaxed) != activity || !alone() {
+            return Spun::Busy;
         }
         spins += 1;
         // The clock is read every few tries, not every one.
         if spins % 4 == 0 && Instant::now() >= until {
-            return None;
+            return Spun::Missed;
         }
         std::hint::spin_loop();
     }
@@ -184,12 +208,18 @@ impl<S: AsFd + AsyncRead + Unpin> AsyncRead for Spinning<S> {
         if let Some(until) = deadline(this.side) {
             if this.skip > 0 {
                 this.skip -= 1;
-            } else if let Some(read) = read_until(&this.io, buf, until) {
-                this.next_skip = 1;
-                return Poll::Ready(read);
             } else {
-                this.skip = this.next_skip;
-                this.next_skip = this.next_skip.saturating_mul(2).min(MAX_SKIP);
+                match read_until(&this.io, buf, until) {
+                    Spun::Read(read) => {
+                        this.next_skip = 1;
+                        return Poll::Ready(read);
+                    }
+                    Spun::Missed => {
+                        this.skip = this.next_skip;
+                        this.next_skip = this.next_skip.saturating_mul(2).min(MAX_SKIP);
+                    }
+                    Spun::Busy => {}
+                }
             }
         }
         Pin::new(&mut this.io).poll_read(cx, buf)
@@ -324,7 +354,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn nobody_spins_while_two_server_connections_are_checked_out() {
+    async fn nobody_spins_while_two_server_connections_are_checked_out_or_another_session_is_busy()
+    {
         let _turn = TURN.lock().await;
         let (a, _b) = UnixStream::pair().unwrap();
         let mut a = Spinning::new(a, Side::Client);
@@ -337,5 +368,27 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5));
         assert_eq!((a.skip, a.next_skip), (0, 1), "no spin, so no miss");
         drop(busy);
+
+        // A spin stops when another session handles a message, and that
+        // is not a miss either.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let other = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(1));
+                    note_activity();
+                }
+            }
+        });
+        let started = Instant::now();
+        assert_eq!(
+            poll_once(&mut a, Side::Client, Duration::from_secs(5)),
+            Poll::Pending
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!((a.skip, a.next_skip), (0, 1), "given up, not missed");
+        stop.store(true, Ordering::Relaxed);
+        other.join().unwrap();
     }
 }
