@@ -124,6 +124,7 @@ async fn first_packet(io: &mut Box<dyn Io>) -> Option<(i32, Vec<u8>)> {
     }
     let mut body = vec![0u8; len as usize - 4];
     io.read_exact(&mut body).await.ok()?;
+    spin::note_activity();
     let code = i32::from_be_bytes(body[..4].try_into().ok()?);
     Some((code, body[4..].to_vec()))
 }
@@ -137,6 +138,7 @@ async fn startup_message(io: &mut Box<dyn Io>) -> Option<(u8, Vec<u8>)> {
     }
     let mut body = vec![0u8; len as usize - 4];
     io.read_exact(&mut body).await.ok()?;
+    spin::note_activity();
     Some((tag, body))
 }
 

@@ -122,8 +122,8 @@ fn alone() -> bool {
 /// Messages sessions have handled (see [`note_activity`]).
 static ACTIVITY: AtomicU64 = AtomicU64::new(0);
 
-/// A session handled a message: anyone spinning stops, as the front door
-/// has other work.
+/// A session handled a message (a login's too): anyone spinning stops, as
+/// the front door has other work.
 pub(super) fn note_activity() {
     ACTIVITY.fetch_add(1, Ordering::Relaxed);
 }
