@@ -347,6 +347,7 @@ impl Front {
                 };
                 match accepted {
                     Ok((tcp, _)) => {
+                        spin::note_activity();
                         let shared = shared.clone();
                         let stop = stop_accept.clone();
                         let sessions = clients.clone();
