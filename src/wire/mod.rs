@@ -295,6 +295,12 @@ impl Front {
             m.update(b"silo wire decoy verifiers");
             m.finalize().into_bytes().into()
         };
+        let mut settings = settings;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        settings.spin = spin::window(settings.spin, cpus);
+        if settings.spin.is_zero() && cpus < 2 {
+            tracing::info!("the front door does not busy-poll: this process has one CPU");
+        }
         let startups_room = settings.max_clients.clamp(16, MAX_STARTUPS);
         Ok(Self {
             inner: Arc::new(Shared {

@@ -122,10 +122,43 @@ fn alone() -> bool {
 /// Messages sessions have handled (see [`note_activity`]).
 static ACTIVITY: AtomicU64 = AtomicU64::new(0);
 
+/// Reads spinning right now.
+static SPINNING: AtomicUsize = AtomicUsize::new(0);
+
 /// A session handled a message (a login's too): anyone spinning stops, as
-/// the front door has other work.
+/// the front door has other work. With nobody spinning (any load) this
+/// only reads a line no one writes, not a counter every message bumps.
 pub(super) fn note_activity() {
-    ACTIVITY.fetch_add(1, Ordering::Relaxed);
+    if SPINNING.load(Ordering::Relaxed) > 0 {
+        ACTIVITY.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One read spinning, counted while it lives.
+struct Spinner;
+
+impl Spinner {
+    fn new() -> Self {
+        SPINNING.fetch_add(1, Ordering::Relaxed);
+        Self
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        SPINNING.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The spin window a front door uses: none with fewer than two CPUs to
+/// run on, where a spinning thread would only hold the CPU that the
+/// server or the client it waits for needs.
+pub(super) fn window(configured: Duration, cpus: usize) -> Duration {
+    if cpus < 2 {
+        Duration::ZERO
+    } else {
+        configured
+    }
 }
 
 /// How a spin ended.
@@ -144,6 +177,7 @@ fn read_until<S: AsFd>(socket: &S, buf: &mut ReadBuf<'_>, until: Instant) -> Spu
     if buf.remaining() == 0 {
         return Spun::Read(Ok(()));
     }
+    let _spinning = Spinner::new();
     let activity = ACTIVITY.load(Ordering::Relaxed);
     let sock = socket2::SockRef::from(socket);
     let want = buf.remaining().min(16 * 1024);
@@ -369,6 +403,14 @@ mod tests {
             poll_once(&mut a, Side::Server, window),
             Poll::Ready(Vec::new())
         );
+    }
+
+    #[test]
+    fn a_process_with_one_cpu_never_spins() {
+        let configured = Duration::from_micros(50);
+        assert_eq!(window(configured, 1), Duration::ZERO);
+        assert_eq!(window(configured, 0), Duration::ZERO);
+        assert_eq!(window(configured, 2), configured);
     }
 
     #[tokio::test]
