@@ -656,6 +656,13 @@ pub struct ServerArgs {
     #[arg(long, env = "SILO_PG_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(8192..=1024 * 1024 * 1024))]
     pub pg_max_message_bytes: u64,
 
+    /// Bytes of named prepared statements one front-door client may keep
+    /// (their names and text, plus a fixed 160 bytes each): silo keeps each
+    /// one's text to prepare it again on whichever server connection the
+    /// client gets. A `Parse` past it ends the session.
+    #[arg(long, env = "SILO_PG_MAX_PREPARED_BYTES", default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(65_536..=1024 * 1024 * 1024))]
+    pub pg_max_prepared_bytes: u64,
+
     /// Seconds a client waits for a server connection (budget full, or a
     /// move's cut-over) before it is refused.
     #[arg(long, env = "SILO_PG_WAIT_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]

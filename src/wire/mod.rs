@@ -25,6 +25,9 @@ pub struct WireSettings {
     /// `None`: idle clients are never disconnected.
     pub client_idle_timeout: Option<Duration>,
     pub max_message_bytes: usize,
+    /// Bytes of named prepared statements one client may keep (see
+    /// `session::statement_cost`).
+    pub max_prepared_bytes: usize,
     /// Longest a client waits for a server connection (or a move's cut-over).
     pub wait_timeout: Duration,
     /// How long a session may busy-poll the socket it expects to speak
@@ -51,6 +54,7 @@ impl WireSettings {
             client_idle_timeout: (args.pg_client_idle_timeout > 0)
                 .then(|| Duration::from_secs(args.pg_client_idle_timeout)),
             max_message_bytes: args.pg_max_message_bytes as usize,
+            max_prepared_bytes: args.pg_max_prepared_bytes as usize,
             wait_timeout: Duration::from_secs(args.pg_wait_timeout),
             spin: Duration::from_micros(args.pg_spin_micros),
         })
@@ -69,6 +73,7 @@ impl WireSettings {
             startup_timeout: Duration::from_secs(10),
             client_idle_timeout: None,
             max_message_bytes: 16 * 1024 * 1024,
+            max_prepared_bytes: 16 * 1024 * 1024,
             wait_timeout: Duration::from_secs(30),
             spin: Duration::from_micros(crate::config::DEFAULT_PG_SPIN_MICROS),
         }

@@ -224,6 +224,13 @@ pub fn ready_for_query(out: &mut BytesMut, status: u8) {
     finish(out, at);
 }
 
+/// `CommandComplete` with its tag.
+pub fn command_complete(out: &mut BytesMut, tag: &str) {
+    let at = begin(out, b'C');
+    cstr(out, tag);
+    finish(out, at);
+}
+
 /// A simple `Query`.
 pub fn query(out: &mut BytesMut, sql: &str) {
     let at = begin(out, b'Q');

@@ -408,6 +408,7 @@ async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
         errors: metrics::counter!("silo_wire_errors_total"),
         wanted,
         statements: HashMap::new(),
+        prepared_bytes: 0,
         sent_syncs: 0,
         done_syncs: 0,
         in_batch: false,
@@ -697,6 +698,9 @@ pub(super) struct Session {
     /// Settings the client asked for at startup.
     wanted: Vec<(String, String)>,
     statements: HashMap<String, Prepared>,
+    /// What `statements` takes, by [`statement_cost`]; at most the
+    /// front door's `max_prepared_bytes`.
+    prepared_bytes: usize,
     /// `Sync`s (and simple queries, function calls) sent, and
     /// `ReadyForQuery`s received.
     sent_syncs: u64,
@@ -892,6 +896,15 @@ impl Session {
         if m.tag == b'X' {
             return Ok(false);
         }
+        if m.tag == b'P' {
+            self.admit_statement(m.body())?;
+        }
+        if m.tag == b'Q' && self.deallocated_here(m.body()) {
+            self.flush_client()
+                .await
+                .map_err(|_| Fatal("08006", "client went away".into()))?;
+            return Ok(true);
+        }
         if self.server.is_none() {
             Box::pin(self.attach()).await.inspect_err(|_| {
                 metrics::counter!("silo_wire_refused_total", "reason" => "no_server").increment(1);
@@ -909,6 +922,90 @@ impl Session {
             })?;
         }
         Ok(true)
+    }
+
+    /// Before a `Parse`: a named statement may be kept only within the
+    /// client's share of memory (its text is kept to prepare it again on
+    /// other server connections; without a bound, one client could make
+    /// silo hold any amount of it, for every tenant's loss).
+    fn admit_statement(&self, body: &[u8]) -> Result<(), Fatal> {
+        let Some((name, rest)) = proto::split_cstr(body).filter(|(n, _)| !n.is_empty()) else {
+            return Ok(());
+        };
+        let replaced = self
+            .statements
+            .get(name)
+            .map_or(0, |p| statement_cost(name, &p.rest));
+        let limit = self.shared.settings.max_prepared_bytes;
+        if self.prepared_bytes - replaced + statement_cost(name, rest) > limit {
+            metrics::counter!("silo_wire_refused_total", "reason" => "prepared_bytes").increment(1);
+            return Err(Fatal(
+                "54000",
+                format!(
+                    "prepared statements of this connection would take more than {limit} bytes \
+                     (SILO_PG_MAX_PREPARED_BYTES); close statements no longer used"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `DEALLOCATE name` of a statement the client prepared by the
+    /// protocol, alone in a simple query with nothing else under way: its
+    /// server connections know it by silo's name, not the client's (and it
+    /// may be prepared on none), so silo forgets it and answers as
+    /// PostgreSQL would. Drivers evict their statements so (Rails,
+    /// psycopg on libpq before 17). Queued answers in `out` if so.
+    fn deallocated_here(&mut self, body: &[u8]) -> bool {
+        if self.sent_syncs != self.done_syncs || self.in_batch || self.copy_in {
+            return false;
+        }
+        let Some((sql, _)) = proto::split_cstr(body) else {
+            return false;
+        };
+        let (mut statements, mut drops) = (0, None);
+        let whole = any_statement(sql, |s| {
+            let (word, rest) = first_word(s);
+            if !word.is_empty() || !rest.trim().is_empty() {
+                statements += 1;
+                drops = dropped(s);
+            }
+            false
+        });
+        let (Some(_), 1, Some(Dropped::Named(name))) = (whole, statements, drops) else {
+            return false;
+        };
+        if !self.statements.contains_key(&name) {
+            return false;
+        }
+        if self.status == b'E' {
+            proto::error(
+                &mut self.out,
+                "ERROR",
+                "25P02",
+                "current transaction is aborted, commands ignored until end of transaction block",
+            );
+        } else {
+            self.forget_statement(&name);
+            proto::command_complete(&mut self.out, "DEALLOCATE");
+        }
+        proto::ready_for_query(&mut self.out, self.status);
+        true
+    }
+
+    /// Keep (or replace) the client's statement `name`, counting its cost.
+    fn keep_statement(&mut self, name: &str, prepared: Prepared) {
+        self.prepared_bytes += statement_cost(name, &prepared.rest);
+        if let Some(old) = self.statements.insert(name.to_owned(), prepared) {
+            self.prepared_bytes -= statement_cost(name, &old.rest);
+        }
+    }
+
+    /// Forget the client's statement `name`; silo's name for it, if it had it.
+    fn forget_statement(&mut self, name: &str) -> Option<String> {
+        let old = self.statements.remove(name)?;
+        self.prepared_bytes -= statement_cost(name, &old.rest);
+        Some(old.server_name)
     }
 
     /// Queue a client message for the server, renaming prepared statements.
@@ -949,8 +1046,9 @@ impl Session {
                     rest,
                     false,
                 );
-                self.statements.insert(
-                    name.to_owned(),
+                let name = name.to_owned();
+                self.keep_statement(
+                    &name,
                     Prepared {
                         server_name,
                         rest: Bytes::copy_from_slice(rest),
@@ -1028,7 +1126,8 @@ impl Session {
                         proto::renamed(server.out(), b'D', b"S", &server_name, &[]);
                     }
                     (b'C', Some((name, server_name, _))) => {
-                        self.statements.remove(&name);
+                        self.forget_statement(&name);
+                        let server = self.server.as_mut().expect("attached").conn();
                         server.prepared.remove(&server_name);
                         self.pending.remove(&server_name);
                         proto::renamed(server.out(), b'C', b"S", &server_name, &[]);
@@ -1059,18 +1158,26 @@ impl Session {
                 }
             }
             b'Q' => {
+                server.push(&m.frame);
+                // A simple query ends the unnamed statement.
+                self.unnamed = None;
+                self.unnamed_here = false;
+                self.sent_syncs += 1;
                 if let Some((sql, _)) = proto::split_cstr(m.body()) {
                     self.dirty |= changes_session(sql);
                     if drops_statements(sql) {
                         // Made again (closed first) when next used.
                         server.prepared.clear();
+                        // The client's statements are gone too, as
+                        // PostgreSQL has it (psycopg deallocates all after
+                        // a rollback, then prepares under new names).
+                        if any_statement(sql, |s| dropped(s) == Some(Dropped::All)).unwrap_or(false)
+                        {
+                            self.statements = HashMap::new();
+                            self.prepared_bytes = 0;
+                        }
                     }
                 }
-                // A simple query ends the unnamed statement.
-                self.unnamed = None;
-                self.unnamed_here = false;
-                self.sent_syncs += 1;
-                server.push(&m.frame);
             }
             b'S' => {
                 self.in_batch = false;
@@ -1682,6 +1789,57 @@ fn changes_session(sql: &str) -> bool {
     .unwrap_or(true)
 }
 
+/// What one named statement of a client takes in silo: its name, its
+/// `Parse` body, and room for silo's name and the map's entry.
+fn statement_cost(name: &str, parse_rest: &[u8]) -> usize {
+    name.len() + parse_rest.len() + 160
+}
+
+/// Which prepared statements one SQL statement drops.
+#[derive(Debug, PartialEq)]
+enum Dropped {
+    /// `DEALLOCATE [PREPARE] ALL`, `DISCARD ALL`.
+    All,
+    /// `DEALLOCATE [PREPARE] name` (an unquoted name folded to lower
+    /// case, as PostgreSQL folds it).
+    Named(String),
+}
+
+fn dropped(statement: &str) -> Option<Dropped> {
+    let (word, rest) = first_word(statement);
+    let all = |rest: &str| {
+        let (word, after) = first_word(rest);
+        word.eq_ignore_ascii_case("ALL") && after.trim().is_empty()
+    };
+    if word.eq_ignore_ascii_case("DISCARD") {
+        return all(rest).then_some(Dropped::All);
+    }
+    if !word.eq_ignore_ascii_case("DEALLOCATE") {
+        return None;
+    }
+    let (word, after) = first_word(rest);
+    let rest = if word.eq_ignore_ascii_case("PREPARE") {
+        after
+    } else {
+        rest
+    };
+    if all(rest) {
+        return Some(Dropped::All);
+    }
+    let rest = rest.trim();
+    let name = match rest.strip_prefix('"') {
+        Some(quoted) => quoted
+            .strip_suffix('"')
+            .filter(|q| !q.is_empty() && !q.replace("\"\"", "").contains('"'))
+            .map(|q| q.replace("\"\"", "\"")),
+        None => {
+            let (word, after) = first_word(rest);
+            (!word.is_empty() && after.trim().is_empty()).then(|| word.to_lowercase())
+        }
+    };
+    name.map(Dropped::Named)
+}
+
 fn drops_statements(sql: &str) -> bool {
     any_statement(sql, |statement| {
         is_one_of(first_word(statement).0, &["DISCARD", "DEALLOCATE"])
@@ -1905,6 +2063,25 @@ mod tests {
         assert_eq!(tenant_of_host("clinics.example.com", d), None);
         assert_eq!(tenant_of_host("acme.other.com", d), None);
         assert_eq!(tenant_of_host("acme.clinics.example.com", None), None);
+    }
+
+    #[test]
+    fn deallocations_are_read_as_postgresql_reads_them() {
+        let named = |n: &str| Some(Dropped::Named(n.into()));
+        assert_eq!(dropped("DEALLOCATE a1"), named("a1"));
+        assert_eq!(dropped(" deallocate prepare _PG3_7 "), named("_pg3_7"));
+        assert_eq!(
+            dropped("/* evict */ DEALLOCATE \"My \"\"S\"\"\""),
+            named("My \"S\"")
+        );
+        assert_eq!(dropped("DEALLOCATE ALL"), Some(Dropped::All));
+        assert_eq!(dropped("deallocate prepare all"), Some(Dropped::All));
+        assert_eq!(dropped("DISCARD ALL"), Some(Dropped::All));
+        assert_eq!(dropped("DISCARD PLANS"), None);
+        assert_eq!(dropped("DEALLOCATE"), None);
+        assert_eq!(dropped("DEALLOCATE a b"), None);
+        assert_eq!(dropped("DEALLOCATE \"a\" b"), None);
+        assert_eq!(dropped("SELECT 'DEALLOCATE a'"), None);
     }
 
     #[test]

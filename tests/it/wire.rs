@@ -1509,17 +1509,20 @@ async fn a_client_s_own_set_follows_it_across_transactions() {
     );
 }
 
-/// `DEALLOCATE` of a statement of the client's own, in SQL, leaves the
-/// statements it prepared by the protocol working; a tenant named in
-/// capitals is the tenant (slugs are lower case).
+/// `DEALLOCATE` in SQL drops what it drops on PostgreSQL: a statement
+/// prepared in SQL leaves the client's protocol statements working, and so
+/// does `DISCARD PLANS`; `DEALLOCATE ALL` drops them too, as PostgreSQL
+/// does (the next use of one is refused as unknown), and new ones work. A
+/// tenant named in capitals is the tenant (slugs are lower case).
 #[tokio::test]
-async fn sql_deallocate_leaves_protocol_statements_working() {
+async fn sql_deallocate_drops_what_postgresql_drops() {
     let env = env().await;
     env.create("dealer").await;
     let pw = credential(&env, "dealer", "app", PoolMode::Session).await;
     let mut c = sqlx::PgConnection::connect(&uri(&env, "app", &pw, "DEALER"))
         .await
         .unwrap();
+    let plus_one = "SELECT $1::int + 1";
     // The first round prepares the statement; each next one follows SQL
     // that drops statements, or none.
     for sql in [
@@ -1527,15 +1530,136 @@ async fn sql_deallocate_leaves_protocol_statements_working() {
         "PREPARE mine AS SELECT 1",
         "DEALLOCATE mine",
         "DISCARD PLANS",
-        "DEALLOCATE ALL",
     ] {
         sqlx::raw_sql(sql).execute(&mut c).await.unwrap();
-        let n: i32 = sqlx::query_scalar("SELECT $1::int + 1")
+        let n: i32 = sqlx::query_scalar(plus_one)
             .bind(41)
             .fetch_one(&mut c)
             .await
             .unwrap_or_else(|e| panic!("after {sql}: {e}"));
         assert_eq!(n, 42);
+    }
+    sqlx::raw_sql("DEALLOCATE ALL")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    let gone = sqlx::query_scalar::<_, i32>(plus_one)
+        .bind(41)
+        .fetch_one(&mut c)
+        .await
+        .expect_err("a statement dropped by DEALLOCATE ALL is gone");
+    let db = gone.as_database_error().expect("refused by the database");
+    assert_eq!(db.code().as_deref(), Some("26000"), "{gone}");
+    let n: i32 = sqlx::query_scalar("SELECT $1::int + 2")
+        .bind(40)
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(n, 42);
+}
+
+/// A client's prepared statements take at most `max_prepared_bytes` of
+/// silo (it keeps their text to prepare them on any server connection):
+/// past it the session ends saying why, while other clients go on.
+/// Statements closed by the protocol (sqlx's cache), deallocated by name in
+/// SQL (as Rails and psycopg before libpq 17 evict theirs: answered as
+/// PostgreSQL answers) or all at once give their room back.
+#[tokio::test]
+async fn a_client_s_prepared_statements_are_bounded_and_give_back_their_room() {
+    use sqlx::postgres::PgConnectOptions;
+    let env = TestEnv::setup()
+        .wire(|w| w.max_prepared_bytes = 64 * 1024)
+        .start()
+        .await;
+    env.create("hoarder").await;
+    let pw = credential(&env, "hoarder", "app", PoolMode::Transaction).await;
+    let u = uri(&env, "app", &pw, "hoarder");
+    let keep_all: PgConnectOptions = u
+        .parse::<PgConnectOptions>()
+        .unwrap()
+        .statement_cache_capacity(1000);
+    // About 2 kB of text each: 64 kB hold about 30.
+    let statement = |i: usize| format!("SELECT {i} AS n /* {} */", "x".repeat(2000));
+    async fn run(c: &mut sqlx::PgConnection, sql: &str) -> Result<i32, sqlx::Error> {
+        sqlx::query_scalar(sql).fetch_one(c).await
+    }
+
+    // Never closed: the session ends once 64 kB are held.
+    let mut other = sqlx::PgConnection::connect(&u).await.unwrap();
+    let mut hoarder = sqlx::PgConnection::connect_with(&keep_all).await.unwrap();
+    let mut refused = None;
+    for i in 0..100 {
+        match run(&mut hoarder, &statement(i)).await {
+            Ok(n) => assert_eq!(n as usize, i),
+            Err(e) => {
+                refused = Some((i, e));
+                break;
+            }
+        }
+    }
+    let (at, e) = refused.expect("a client keeping 200 kB of statements is refused");
+    assert!((25..=32).contains(&at), "refused at statement {at}");
+    let db = e.as_database_error().expect("said by the front door");
+    assert_eq!(db.code().as_deref(), Some("54000"), "{e}");
+    assert!(db.message().contains("SILO_PG_MAX_PREPARED_BYTES"), "{e}");
+    assert_eq!(run(&mut other, "SELECT 7").await.unwrap(), 7);
+
+    // Closed by the protocol as sqlx's cache of 5 evicts them.
+    let mut closing =
+        sqlx::PgConnection::connect_with(&keep_all.clone().statement_cache_capacity(5))
+            .await
+            .unwrap();
+    for i in 0..100 {
+        assert_eq!(run(&mut closing, &statement(i)).await.unwrap() as usize, i);
+    }
+
+    // Deallocated by name in SQL (sqlx numbers its statements from 1).
+    let mut dealer = sqlx::PgConnection::connect_with(&keep_all).await.unwrap();
+    for i in 0..100 {
+        assert_eq!(run(&mut dealer, &statement(i)).await.unwrap() as usize, i);
+        let done = sqlx::raw_sql(&format!("DEALLOCATE sqlx_s_{}", i + 1))
+            .execute(&mut dealer)
+            .await
+            .unwrap_or_else(|e| panic!("DEALLOCATE of statement {i}: {e}"));
+        assert_eq!(done.rows_affected(), 0);
+    }
+    // In a failed transaction it is refused, as PostgreSQL refuses it.
+    sqlx::raw_sql("BEGIN").execute(&mut dealer).await.unwrap();
+    run(&mut dealer, &statement(1000)).await.unwrap();
+    sqlx::raw_sql("SELECT 1/0")
+        .execute(&mut dealer)
+        .await
+        .expect_err("division by zero");
+    let aborted = sqlx::raw_sql("DEALLOCATE sqlx_s_101")
+        .execute(&mut dealer)
+        .await
+        .expect_err("refused in a failed transaction");
+    let db = aborted.as_database_error().unwrap();
+    assert_eq!(db.code().as_deref(), Some("25P02"), "{aborted}");
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut dealer)
+        .await
+        .unwrap();
+    // A name the client never prepared goes to the server, which says so.
+    let unknown = sqlx::raw_sql("DEALLOCATE nope")
+        .execute(&mut dealer)
+        .await
+        .expect_err("no such statement");
+    assert_eq!(
+        unknown.as_database_error().unwrap().code().as_deref(),
+        Some("26000")
+    );
+
+    // All at once, each 20 statements (psycopg does so after a rollback).
+    let mut resetter = sqlx::PgConnection::connect_with(&keep_all).await.unwrap();
+    for i in 0..100 {
+        assert_eq!(run(&mut resetter, &statement(i)).await.unwrap() as usize, i);
+        if i % 20 == 19 {
+            sqlx::raw_sql("DEALLOCATE ALL")
+                .execute(&mut resetter)
+                .await
+                .unwrap();
+        }
     }
 }
 
