@@ -266,3 +266,37 @@ async fn an_extended_protocol_copy_keeps_the_session_in_step() {
         "{pools}"
     );
 }
+
+/// psycopg 3 on the system's libpq (pure Python, libpq before 17) evicts
+/// the statements it prepared with SQL `DEALLOCATE name`, and after a
+/// rollback drops them all with `DEALLOCATE ALL` (Rails does the same), in
+/// transaction mode: each is answered as PostgreSQL answers it (silo's
+/// server connections know the statement by silo's name, not psycopg's),
+/// and gives back its room under a `max_prepared_bytes` that 60 statements
+/// of 2 kB kept would pass (`tests/drivers/evict.py`).
+#[tokio::test]
+async fn psycopg_evicting_statements_in_sql_keeps_working_in_transaction_mode() {
+    Driver::Psycopg.ensure_installed();
+    let env = TestEnv::setup()
+        .wire(|w| w.max_prepared_bytes = 64 * 1024)
+        .start()
+        .await;
+    env.create("evictor").await;
+    let pw = credential(&env, "evictor", "txn", PoolMode::Transaction).await;
+    let mut cmd = tokio::process::Command::new(PathBuf::from(TOOLS).join("pydrivers/bin/python"));
+    cmd.arg(PathBuf::from(SCRIPTS).join("evict.py"))
+        .arg(uri(&env, "txn", &pw, "evictor"))
+        .env("PSYCOPG_IMPL", "python")
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(RUN_TIMEOUT, cmd.output())
+        .await
+        .expect("the eviction script ends")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.lines().last() == Some("ok 120"),
+        "{}\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
