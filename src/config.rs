@@ -19,6 +19,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_PG_LISTEN: &str = "127.0.0.1:6432";
 /// `SILO_PG_SPIN_MICROS`'s default.
 pub const DEFAULT_PG_SPIN_MICROS: u64 = 50;
+/// Prepared statements the front door keeps on one tenant server connection
+/// (PgBouncer's `max_prepared_statements` defaults to the same).
+pub const DEFAULT_PG_MAX_SERVER_STATEMENTS: u32 = 200;
 /// Front-door connections from one address logging in at once: a quarter
 /// of the room for logins (1,024), so no one address can hold it all.
 pub const DEFAULT_PG_MAX_LOGINS_PER_ADDRESS: u32 = 256;
@@ -662,6 +665,13 @@ pub struct ServerArgs {
     /// client gets. A `Parse` past it ends the session.
     #[arg(long, env = "SILO_PG_MAX_PREPARED_BYTES", default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(65_536..=1024 * 1024 * 1024))]
     pub pg_max_prepared_bytes: u64,
+
+    /// Prepared statements the front door keeps on one tenant server
+    /// connection (its clients' statements, shared in transaction mode);
+    /// past it the least recently used is closed, and prepared again when
+    /// next used. PostgreSQL's memory for them is bounded so.
+    #[arg(long, env = "SILO_PG_MAX_SERVER_STATEMENTS", default_value_t = DEFAULT_PG_MAX_SERVER_STATEMENTS, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub pg_max_server_statements: u32,
 
     /// Seconds a client waits for a server connection (budget full, or a
     /// move's cut-over) before it is refused.

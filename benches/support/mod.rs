@@ -167,6 +167,7 @@ impl SiloServer {
             pg_client_idle_timeout: 0,
             pg_max_message_bytes: 16 * 1024 * 1024,
             pg_max_prepared_bytes: 16 * 1024 * 1024,
+            pg_max_server_statements: silo::config::DEFAULT_PG_MAX_SERVER_STATEMENTS,
             pg_wait_timeout: 30,
             pg_spin_micros: silo::config::DEFAULT_PG_SPIN_MICROS,
             // No usage pass in the middle of another bench's figures.

@@ -192,8 +192,12 @@ pub struct ServerConn {
     pub params: HashMap<String, String>,
     /// Their values at login (what `DISCARD ALL` returns them to).
     pub initial: HashMap<String, String>,
-    /// Prepared statements (silo's names for them) it holds.
-    pub prepared: std::collections::HashSet<String>,
+    /// Prepared statements it holds (silo's names for them), with when
+    /// each was last used: at most `statement_cap`, the least recently
+    /// used closed to make room.
+    prepared: HashMap<String, u64>,
+    uses: u64,
+    pub statement_cap: usize,
     pub id: u64,
     pub born: Instant,
     held: Held,
@@ -380,11 +384,62 @@ impl ServerConn {
             target: target.clone(),
             initial: params.clone(),
             params,
-            prepared: Default::default(),
+            prepared: HashMap::new(),
+            uses: 0,
+            statement_cap: usize::MAX,
             id: budget,
             born: Instant::now(),
             held,
         })
+    }
+
+    /// Whether it holds statement `name`; a use of it, if so.
+    pub fn holds(&mut self, name: &str) -> bool {
+        self.uses += 1;
+        match self.prepared.get_mut(name) {
+            Some(used) => {
+                *used = self.uses;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// It holds statement `name` now (its `ParseComplete` came).
+    pub fn note_prepared(&mut self, name: String) {
+        self.uses += 1;
+        self.prepared.insert(name, self.uses);
+    }
+
+    /// It may no longer hold statement `name`.
+    pub fn forget_prepared(&mut self, name: &str) {
+        self.prepared.remove(name);
+    }
+
+    /// It may hold none of its statements any more.
+    pub fn forget_all_prepared(&mut self) {
+        self.prepared = HashMap::new();
+    }
+
+    /// Statements it holds.
+    pub fn prepared_count(&self) -> usize {
+        self.prepared.len()
+    }
+
+    /// Before another statement is prepared here: the least recently
+    /// used one, forgotten, when it holds `statement_cap` already (the
+    /// caller closes it). A linear walk, only when full.
+    pub fn evict_prepared(&mut self) -> Option<String> {
+        if self.prepared.len() < self.statement_cap {
+            return None;
+        }
+        let oldest = self
+            .prepared
+            .iter()
+            .min_by_key(|(_, used)| **used)
+            .map(|(name, _)| name.clone())?;
+        self.prepared.remove(&oldest);
+        Some(oldest)
     }
 
     /// The next message from the server (`None`: it closed the connection).

@@ -28,6 +28,9 @@ pub struct WireSettings {
     /// Bytes of named prepared statements one client may keep (see
     /// `session::statement_cost`).
     pub max_prepared_bytes: usize,
+    /// Prepared statements one server connection keeps (the least
+    /// recently used closed past it).
+    pub max_server_statements: usize,
     /// Longest a client waits for a server connection (or a move's cut-over).
     pub wait_timeout: Duration,
     /// How long a session may busy-poll the socket it expects to speak
@@ -55,6 +58,7 @@ impl WireSettings {
                 .then(|| Duration::from_secs(args.pg_client_idle_timeout)),
             max_message_bytes: args.pg_max_message_bytes as usize,
             max_prepared_bytes: args.pg_max_prepared_bytes as usize,
+            max_server_statements: args.pg_max_server_statements as usize,
             wait_timeout: Duration::from_secs(args.pg_wait_timeout),
             spin: Duration::from_micros(args.pg_spin_micros),
         })
@@ -74,6 +78,7 @@ impl WireSettings {
             client_idle_timeout: None,
             max_message_bytes: 16 * 1024 * 1024,
             max_prepared_bytes: 16 * 1024 * 1024,
+            max_server_statements: crate::config::DEFAULT_PG_MAX_SERVER_STATEMENTS as usize,
             wait_timeout: Duration::from_secs(30),
             spin: Duration::from_micros(crate::config::DEFAULT_PG_SPIN_MICROS),
         }
@@ -627,7 +632,6 @@ impl Shared {
             .max(1)
             .min(login.budget.max);
         let fresh = WirePool::new(
-            entry.id,
             login.key,
             login.budget,
             target,
@@ -636,6 +640,7 @@ impl Shared {
             login.database,
             cap,
             self.settings.max_message_bytes,
+            self.settings.max_server_statements,
         );
         let mut pools = self.pools.lock().expect("pools lock");
         let pool = pools

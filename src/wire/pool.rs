@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use uuid::Uuid;
 
 use super::backend::{ConnectError, ServerConn, Target};
 use crate::config::Secret;
@@ -42,6 +41,8 @@ pub struct WirePool {
     cap: usize,
     /// Largest message read from the server.
     max_message: usize,
+    /// Prepared statements one connection keeps.
+    max_statements: usize,
     /// The server's parameters at login, from the first connection made.
     initial: Mutex<Option<std::collections::HashMap<String, String>>>,
     idle: Mutex<Vec<Idle>>,
@@ -51,7 +52,6 @@ pub struct WirePool {
 impl WirePool {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        tenant: Uuid,
         key: PoolKey,
         budget: Arc<ServerBudget>,
         target: Target,
@@ -60,8 +60,8 @@ impl WirePool {
         database: String,
         cap: usize,
         max_message: usize,
+        max_statements: usize,
     ) -> Arc<Self> {
-        let _ = tenant;
         Arc::new(Self {
             key,
             budget,
@@ -72,6 +72,7 @@ impl WirePool {
             slots: Arc::new(Semaphore::new(cap.max(1))),
             cap: cap.max(1),
             max_message,
+            max_statements: max_statements.max(1),
             initial: Mutex::default(),
             idle: Mutex::default(),
             closed: AtomicBool::new(false),
@@ -137,7 +138,10 @@ impl WirePool {
             )
             .await
             {
-                Ok(c) => break Box::new(c),
+                Ok(mut c) => {
+                    c.statement_cap = self.max_statements;
+                    break Box::new(c);
+                }
                 // The role's CONNECTION LIMIT, shared with the router and
                 // other replicas: busy, not down; try again until the deadline.
                 Err(ConnectError::Refused(code, m))

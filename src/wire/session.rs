@@ -1035,7 +1035,7 @@ impl Session {
                     return;
                 }
                 let server_name = statement_name(rest);
-                server.prepared.remove(&server_name);
+                server.forget_prepared(&server_name);
                 prepare(
                     server,
                     &mut self.pending,
@@ -1128,7 +1128,7 @@ impl Session {
                     (b'C', Some((name, server_name, _))) => {
                         self.forget_statement(&name);
                         let server = self.server.as_mut().expect("attached").conn();
-                        server.prepared.remove(&server_name);
+                        server.forget_prepared(&server_name);
                         self.pending.remove(&server_name);
                         proto::renamed(server.out(), b'C', b"S", &server_name, &[]);
                         self.closes.push_back(Owed {
@@ -1167,7 +1167,7 @@ impl Session {
                     self.dirty |= changes_session(sql);
                     if drops_statements(sql) {
                         // Made again (closed first) when next used.
-                        server.prepared.clear();
+                        server.forget_all_prepared();
                         // The client's statements are gone too, as
                         // PostgreSQL has it (psycopg deallocates all after
                         // a rollback, then prepares under new names).
@@ -1258,7 +1258,7 @@ impl Session {
                     if let Some(name) = owed.statement {
                         self.pending.remove(&name);
                         if let Some(s) = self.server.as_mut() {
-                            s.conn().prepared.insert(name);
+                            s.conn().note_prepared(name);
                         }
                     }
                     hide = owed.hidden;
@@ -1579,7 +1579,7 @@ impl Session {
             if conn.run_quietly("DISCARD ALL").await.is_err() {
                 return;
             }
-            conn.prepared.clear();
+            conn.forget_all_prepared();
             self.dirty = false;
         }
         checkout.release();
@@ -1599,7 +1599,7 @@ fn ensure_prepared(
     name: &str,
     parse: &[u8],
 ) {
-    if server.prepared.contains(name) || pending.get(name) == Some(&sync) {
+    if server.holds(name) || pending.get(name) == Some(&sync) {
         return;
     }
     prepare(server, pending, parses, closes, sync, name, parse, true);
@@ -1621,12 +1621,17 @@ fn prepare(
     parse: &[u8],
     hidden: bool,
 ) {
-    proto::close_statement(server.out(), name);
-    closes.push_back(Owed {
-        sync,
-        hidden: true,
-        statement: None,
-    });
+    // Room for it: the least recently used statement there is closed (a
+    // `Bind` of it queued before runs first; one after prepares it again).
+    let evicted = server.evict_prepared();
+    for close in evicted.iter().map(String::as_str).chain([name]) {
+        proto::close_statement(server.out(), close);
+        closes.push_back(Owed {
+            sync,
+            hidden: true,
+            statement: None,
+        });
+    }
     proto::parse_renamed(server.out(), name, parse);
     parses.push_back(Owed {
         sync,

@@ -1663,6 +1663,55 @@ async fn a_client_s_prepared_statements_are_bounded_and_give_back_their_room() {
     }
 }
 
+/// A server connection keeps at most `max_server_statements` prepared
+/// statements (PostgreSQL holds each one's plans): past it the least
+/// recently used is closed, and prepared again when a client next uses it,
+/// in either pool mode, the clients seeing nothing of it.
+#[tokio::test]
+async fn a_server_connection_keeps_its_few_most_recently_used_statements() {
+    use sqlx::postgres::PgConnectOptions;
+    let env = TestEnv::setup()
+        .wire(|w| w.max_server_statements = 3)
+        .start()
+        .await;
+    env.create("churn").await;
+    // Both credentials before the first login (the front door caches a
+    // tenant's list of them). Transaction mode first: one client, so one
+    // server connection, the one each count below reads.
+    let mut logins = Vec::new();
+    for (user, mode) in [("txn", PoolMode::Transaction), ("sess", PoolMode::Session)] {
+        let pw = credential(&env, "churn", user, mode).await;
+        logins.push((mode, uri(&env, user, &pw, "churn")));
+    }
+    for (mode, u) in logins {
+        let opts = u
+            .parse::<PgConnectOptions>()
+            .unwrap()
+            .statement_cache_capacity(100);
+        let mut c = sqlx::PgConnection::connect_with(&opts).await.unwrap();
+        // Ten statements, round and round: each use after the first
+        // three finds its statement closed.
+        for round in 0..5 {
+            for i in 0..10 {
+                let n: i32 = sqlx::query_scalar(&format!("SELECT $1::int + {i}"))
+                    .bind(round)
+                    .fetch_one(&mut c)
+                    .await
+                    .unwrap_or_else(|e| panic!("{mode:?}, round {round}, statement {i}: {e}"));
+                assert_eq!(n, round + i);
+            }
+        }
+        // What the server connection under this client holds.
+        let held: i64 =
+            sqlx::raw_sql("SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'silo\\_%'")
+                .fetch_one(&mut c)
+                .await
+                .unwrap()
+                .get(0);
+        assert!((1..=3).contains(&held), "{mode:?}: {held} statements held");
+    }
+}
+
 /// A client that goes away while its statement runs (killed, its socket
 /// closed by the kernel) leaves no statement running: its backend, and
 /// the budget slot it holds, are gone long before the statement would end.
