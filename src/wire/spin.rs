@@ -244,7 +244,16 @@ impl<S: AsFd + AsyncRead + Unpin> AsyncRead for Spinning<S> {
             if this.skip > 0 {
                 this.skip -= 1;
             } else {
-                match read_until(&this.io, buf, until) {
+                let spun = read_until(&this.io, buf, until);
+                // How spins end, for operators weighing the knob (only
+                // counted while spinning, that is under light traffic).
+                let outcome = match spun {
+                    Spun::Read(_) => "read",
+                    Spun::Missed => "missed",
+                    Spun::Busy => "busy",
+                };
+                metrics::counter!("silo_wire_spins_total", "outcome" => outcome).increment(1);
+                match spun {
                     Spun::Read(read) => {
                         this.next_skip = 1;
                         return Poll::Ready(read);

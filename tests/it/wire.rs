@@ -1750,3 +1750,81 @@ async fn a_client_killed_mid_statement_leaves_nothing_running() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The count a `/metrics` text gives `series` (0 when absent).
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// Busy-polling through a real session, watched from outside a `silo
+/// serve` of its own (one client: nothing else in that process checks out
+/// a server connection or stops a spin): a client's statements one after
+/// another are read by spins, on both sides; with `SILO_PG_SPIN_MICROS=0`
+/// nothing spins. The window is 10 ms, so an answer delayed on a busy
+/// machine still mostly arrives within it.
+#[tokio::test]
+async fn a_lone_client_is_busy_polled_unless_it_is_turned_off() {
+    use crate::common::{Silo, ADMIN_TOKEN};
+    let env = TestEnv::setup().start().await;
+    env.create("spinner").await;
+    let pw = credential(&env, "spinner", "app", PoolMode::Transaction).await;
+    let logs = tempfile::tempdir().unwrap();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for micros in ["10000", "0"] {
+        let listen = format!(
+            "127.0.0.1:{}",
+            silo::embedded::postgres::free_port().unwrap()
+        );
+        let silo = Silo::start_with(
+            &env,
+            None,
+            0,
+            &logs.path().join(format!("spin-{micros}.log")),
+            &[("SILO_PG_LISTEN", &listen), ("SILO_PG_SPIN_MICROS", micros)],
+        )
+        .await;
+        let u = format!("postgresql://app:{pw}@{listen}/spinner?sslmode=disable");
+        let mut c = sqlx::PgConnection::connect(&u).await.unwrap();
+        for i in 0..200 {
+            let n: i32 = sqlx::query_scalar("SELECT $1::int")
+                .bind(i)
+                .fetch_one(&mut c)
+                .await
+                .unwrap();
+            assert_eq!(n, i);
+        }
+        c.close().await.unwrap();
+        let text = reqwest::Client::new()
+            .get(format!("{}/metrics", silo.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let read = metric(&text, "silo_wire_spins_total{outcome=\"read\"}");
+        let all = read
+            + metric(&text, "silo_wire_spins_total{outcome=\"missed\"}")
+            + metric(&text, "silo_wire_spins_total{outcome=\"busy\"}");
+        assert!(
+            metric(&text, "silo_wire_transactions_total") >= 200,
+            "the statements went through this silo"
+        );
+        if micros == "0" || cpus < 2 {
+            // Off, or one CPU (where silo never spins).
+            assert_eq!(
+                all, 0,
+                "spins with SILO_PG_SPIN_MICROS={micros}, {cpus} CPUs"
+            );
+        } else {
+            // 200 round trips, each a wait for the server's answer and
+            // one for the client's next statement: about 400 spins read
+            // here, beside a CPU hog too.
+            assert!(read >= 100, "{read} of {all} spins read something");
+        }
+        silo.stop();
+    }
+}
