@@ -1761,8 +1761,9 @@ fn metric(text: &str, series: &str) -> u64 {
 /// Busy-polling through a real session, watched from outside a `silo
 /// serve` of its own (one client: nothing else in that process checks out
 /// a server connection or stops a spin): a client's statements one after
-/// another are read by spins, on both sides; with `SILO_PG_SPIN_MICROS=0`
-/// nothing spins. The window is 10 ms, so an answer delayed on a busy
+/// another are read by spins, on both sides, and a server connection
+/// that ends mid-wait ends its session cleanly; with
+/// `SILO_PG_SPIN_MICROS=0` nothing spins. The window is 10 ms, so an answer delayed on a busy
 /// machine still mostly arrives within it.
 #[tokio::test]
 async fn a_lone_client_is_busy_polled_unless_it_is_turned_off() {
@@ -1796,6 +1797,30 @@ async fn a_lone_client_is_busy_polled_unless_it_is_turned_off() {
             assert_eq!(n, i);
         }
         c.close().await.unwrap();
+        // A server that ends while the session waits (spins) for its
+        // answer: its last word reaches the client, and the next client
+        // is served.
+        let mut doomed = sqlx::PgConnection::connect(&u).await.unwrap();
+        for _ in 0..10 {
+            sqlx::query("SELECT 1").execute(&mut doomed).await.unwrap();
+        }
+        let ended = sqlx::query("SELECT pg_terminate_backend(pg_backend_pid())")
+            .execute(&mut doomed)
+            .await
+            .expect_err("its backend ended");
+        assert!(
+            ended
+                .as_database_error()
+                .is_some_and(|e| e.code().as_deref() == Some("57P01")),
+            "{ended}"
+        );
+        let mut next = sqlx::PgConnection::connect(&u).await.unwrap();
+        let n: i32 = sqlx::query_scalar("SELECT 7")
+            .fetch_one(&mut next)
+            .await
+            .unwrap();
+        assert_eq!(n, 7);
+        next.close().await.unwrap();
         let text = reqwest::Client::new()
             .get(format!("{}/metrics", silo.base))
             .bearer_auth(ADMIN_TOKEN)
