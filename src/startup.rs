@@ -219,6 +219,7 @@ pub fn start(control: ControlPlane, settings: RunSettings) -> anyhow::Result<Sil
         })
         .transpose()?;
     router.spawn_maintenance(&token, &tracker);
+    spawn_lockout_repair(&control, &router, &token, &tracker);
     let state = AppState::new(AppParts {
         control: control.clone(),
         router: router.clone(),
@@ -243,6 +244,53 @@ pub fn start(control: ControlPlane, settings: RunSettings) -> anyhow::Result<Sil
         token,
         tracker,
     })
+}
+
+/// Least time between two repairs of one tenant's password.
+const LOCKOUT_PAUSE: Duration = Duration::from_secs(5);
+
+/// A tenant whose role refused the password silo records (it gave itself
+/// another; any role may) gets the recorded one back as soon as the router
+/// or the front door is refused, not at the next reconcile pass: minutes of
+/// the tenant's traffic refused become one request's. The same repair as
+/// the pass's ([`crate::provision::Provisioner::restore_passwords`]: under
+/// the tenant's lock, audited), at most once per tenant every
+/// [`LOCKOUT_PAUSE`]; then the tenant is read again everywhere.
+fn spawn_lockout_repair(
+    control: &ControlPlane,
+    router: &TenantRouter,
+    token: &CancellationToken,
+    tracker: &TaskTracker,
+) {
+    let mut lockouts = router.subscribe_lockouts();
+    let (control, router, token) = (control.clone(), router.clone(), token.clone());
+    tracker.spawn(async move {
+        let mut last: std::collections::HashMap<uuid::Uuid, tokio::time::Instant> =
+            Default::default();
+        loop {
+            let id = tokio::select! {
+                _ = token.cancelled() => return,
+                got = lockouts.recv() => match got {
+                    Ok(id) => id,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return,
+                },
+            };
+            let now = tokio::time::Instant::now();
+            last.retain(|_, at| now.duration_since(*at) < LOCKOUT_PAUSE);
+            if last.contains_key(&id) {
+                continue;
+            }
+            last.insert(id, now);
+            match control.provisioner().restore_passwords(id).await {
+                Ok(true) => router.invalidate(id).await,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(tenant_id = %id, "failed to give a locked-out tenant's role its recorded password: {}", e.detail())
+                }
+            }
+        }
+    });
 }
 
 /// `app` as served: each request knows its client's address (which the

@@ -360,6 +360,9 @@ struct Inner {
     /// Tenants that changed (`Uuid::nil()`: any may have), for the front
     /// doors that hold sessions of their own.
     changed: tokio::sync::broadcast::Sender<Uuid>,
+    /// Tenants whose role refused the password the registry records (see
+    /// [`TenantRouter::note_lockout`]).
+    lockouts: tokio::sync::broadcast::Sender<Uuid>,
     /// Tenants that got a connection since the last activity flush.
     active: Mutex<HashSet<Uuid>>,
     /// App requests and errors per tenant since the last flush (usage).
@@ -417,6 +420,7 @@ impl TenantRouter {
                 fetched: AtomicU64::new(0),
                 epoch: AtomicU64::new(0),
                 changed: tokio::sync::broadcast::channel(1024).0,
+                lockouts: tokio::sync::broadcast::channel(256).0,
                 active: Mutex::default(),
                 requests: Default::default(),
                 senders: moka::sync::Cache::builder()
@@ -431,6 +435,22 @@ impl TenantRouter {
     /// when any may have (notices missed).
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Uuid> {
         self.inner.changed.subscribe()
+    }
+
+    /// Tenants whose role refused the password the registry records, as
+    /// they are seen (see [`TenantRouter::note_lockout`]).
+    pub fn subscribe_lockouts(&self) -> tokio::sync::broadcast::Receiver<Uuid> {
+        self.inner.lockouts.subscribe()
+    }
+
+    /// `tenant`'s role refused the password the registry records, after a
+    /// re-read found nothing newer: the role most likely gave itself
+    /// another (`ALTER ROLE … PASSWORD`). Whoever listens (`silo serve`)
+    /// gives it back the recorded one now, rather than at the next
+    /// reconcile pass.
+    pub fn note_lockout(&self, tenant: Uuid) {
+        metrics::counter!("silo_router_lockouts_total").increment(1);
+        let _ = self.inner.lockouts.send(tenant);
     }
 
     /// How the front door logs in to `entry`'s database: the server's
@@ -706,6 +726,9 @@ impl TenantRouter {
                         // The registry names what was just refused: nothing
                         // newer to try.
                         tracing::warn!(tenant_id = %entry.id, "failed to connect to tenant database with its recorded credentials: {e}");
+                        if pool::is_wrong_password(&e) {
+                            self.note_lockout(entry.id);
+                        }
                         self.inner.down.insert(entry.id, ());
                         metrics::counter!("silo_router_tenant_down_total").increment(1);
                         return Err(RouteError::TenantDown);

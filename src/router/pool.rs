@@ -1218,6 +1218,11 @@ impl Drop for TenantConn {
     }
 }
 
+/// A login refused for its password.
+pub fn is_wrong_password(e: &sqlx::Error) -> bool {
+    sqlstate::is(e, sqlstate::INVALID_PASSWORD)
+}
+
 /// A login refused by the server (wrong password, no `pg_hba.conf` entry,
 /// or a role that may not log in).
 pub fn is_auth_refusal(e: &sqlx::Error) -> bool {

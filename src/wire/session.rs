@@ -1478,6 +1478,10 @@ impl Session {
                 }
                 Err(CheckoutError::Connect(e)) => {
                     tracing::warn!(tenant_id = %self.tenant, "front door failed to connect to the tenant database: {e}");
+                    if e.sqlstate() == Some(crate::servers::sqlstate::INVALID_PASSWORD) {
+                        // Re-read, and still refused: the role set its own.
+                        self.shared.router.note_lockout(self.tenant);
+                    }
                     return Err(Fatal(
                         "08006",
                         format!(

@@ -682,3 +682,84 @@ async fn a_password_a_tenant_role_gives_itself_is_taken_back_by_the_next_pass() 
     assert_eq!(again.passwords_restored, 0, "{again:?}");
     assert_eq!(verifier_of(&env, &old.role_name).await.unwrap(), now);
 }
+
+/// A tenant role that gives itself a password locks silo out for one
+/// request, not until the next reconcile pass (none runs here): the router
+/// and the front door, refused with the recorded password after a re-read,
+/// report the lockout, and the role gets its recorded password back at
+/// once (audited as the pass audits it).
+#[tokio::test]
+async fn a_password_a_tenant_role_gives_itself_is_taken_back_when_silo_is_refused() {
+    let env = TestEnv::setup().wire(|_| {}).start().await;
+    env.create("router-side").await;
+    env.create("wire-side").await;
+    let pw =
+        crate::wire::credential(&env, "wire-side", "app", silo::domain::PoolMode::Session).await;
+    let audited = |t: uuid::Uuid| {
+        format!(
+            "SELECT count(*) FROM audit_log WHERE action = 'tenant.password_restored' AND tenant_id = '{t}'"
+        )
+    };
+    for slug in ["router-side", "wire-side"] {
+        let t = env.record(slug).await;
+        let mut own = env.connect_tenant(slug).await.unwrap();
+        sqlx::raw_sql(&format!(
+            "ALTER ROLE \"{}\" PASSWORD 'chosen-by-the-customer'",
+            t.role_name
+        ))
+        .execute(&mut own)
+        .await
+        .unwrap();
+        own.close().await.unwrap();
+        assert!(env.connect_tenant(slug).await.is_err(), "locked out");
+        // Requests until one is served: the first is refused, the repair
+        // follows it at once.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut refused = 0;
+        loop {
+            let served = if slug == "router-side" {
+                env.router
+                    .acquire(slug)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            } else {
+                let u = crate::wire::uri(&env, "app", &pw, slug);
+                match sqlx::PgConnection::connect(&u).await {
+                    Ok(mut c) => sqlx::query("SELECT 1")
+                        .execute(&mut c)
+                        .await
+                        .map(drop)
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
+            };
+            match served {
+                Ok(()) => break,
+                Err(e) => {
+                    refused += 1;
+                    assert!(
+                        Instant::now() < deadline,
+                        "{slug}: still refused after {refused} tries: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        assert!(
+            refused >= 1,
+            "{slug}: the first request found the role locked"
+        );
+        env.connect_tenant(slug)
+            .await
+            .unwrap()
+            .close()
+            .await
+            .unwrap();
+        assert!(env
+            .connect_as(&t.database_name, &t.role_name, "chosen-by-the-customer")
+            .await
+            .is_err());
+        assert_eq!(env.count(&audited(t.id)).await, 1, "{slug}");
+    }
+}
