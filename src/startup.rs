@@ -282,7 +282,11 @@ fn spawn_lockout_repair(
                 continue;
             }
             last.insert(id, now);
-            match control.provisioner().restore_passwords(id).await {
+            let restored = tokio::select! {
+                _ = token.cancelled() => return,
+                r = control.provisioner().restore_passwords(id) => r,
+            };
+            match restored {
                 Ok(true) => router.invalidate(id).await,
                 Ok(false) => {}
                 Err(e) => {

@@ -421,16 +421,12 @@ impl ServerConn {
         self.prepared = HashMap::new();
     }
 
-    /// Statements it holds.
-    pub fn prepared_count(&self) -> usize {
-        self.prepared.len()
-    }
-
-    /// Before another statement is prepared here: the least recently
-    /// used one, forgotten, when it holds `statement_cap` already (the
-    /// caller closes it). A linear walk, only when full.
-    pub fn evict_prepared(&mut self) -> Option<String> {
-        if self.prepared.len() < self.statement_cap {
+    /// Before another statement is prepared here, with `in_flight` more
+    /// on their way: the least recently used one, forgotten, while that
+    /// would make more than `statement_cap` (the caller closes it). A
+    /// linear walk, only when full.
+    pub fn evict_prepared(&mut self, in_flight: usize) -> Option<String> {
+        if self.prepared.len() + in_flight < self.statement_cap {
             return None;
         }
         let oldest = self
@@ -440,6 +436,22 @@ impl ServerConn {
             .map(|(name, _)| name.clone())?;
         self.prepared.remove(&oldest);
         Some(oldest)
+    }
+
+    /// The least recently used statements beyond `statement_cap`,
+    /// forgotten (the caller closes them).
+    pub fn over_cap(&mut self) -> Vec<String> {
+        let Some(over) = self.prepared.len().checked_sub(self.statement_cap) else {
+            return Vec::new();
+        };
+        let mut by_use: Vec<(u64, String)> =
+            self.prepared.iter().map(|(n, u)| (*u, n.clone())).collect();
+        by_use.sort_unstable();
+        by_use.truncate(over);
+        for (_, name) in &by_use {
+            self.prepared.remove(name);
+        }
+        by_use.into_iter().map(|(_, n)| n).collect()
     }
 
     /// The next message from the server (`None`: it closed the connection).

@@ -409,6 +409,8 @@ async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
         wanted,
         statements: HashMap::new(),
         prepared_bytes: 0,
+        statement_seq: 0,
+        drop_all_mark: None,
         sent_syncs: 0,
         done_syncs: 0,
         in_batch: false,
@@ -663,6 +665,9 @@ const TOLD: &str = "";
 /// body after the name (query text and parameter types).
 struct Prepared {
     server_name: String,
+    /// When it was kept (the client's statements in order): a
+    /// `DEALLOCATE ALL` drops those kept before it was sent.
+    seq: u64,
     rest: Bytes,
     /// Running it may change session state (see [`changes_session`]): a
     /// server connection it runs on is reset before another client has it.
@@ -701,6 +706,11 @@ pub(super) struct Session {
     /// What `statements` takes, by [`statement_cost`]; at most the
     /// front door's `max_prepared_bytes`.
     prepared_bytes: usize,
+    /// The last statement kept (see [`Prepared::seq`]), and the last
+    /// kept when a `DEALLOCATE ALL` or `DISCARD ALL` went to the server:
+    /// those up to it go when the server says it ran.
+    statement_seq: u64,
+    drop_all_mark: Option<u64>,
     /// `Sync`s (and simple queries, function calls) sent, and
     /// `ReadyForQuery`s received.
     sent_syncs: u64,
@@ -989,16 +999,35 @@ impl Session {
             self.forget_statement(&name);
             proto::command_complete(&mut self.out, "DEALLOCATE");
         }
+        // As any simple query, it ends the unnamed statement.
+        self.unnamed = None;
+        self.unnamed_here = false;
         proto::ready_for_query(&mut self.out, self.status);
         true
     }
 
     /// Keep (or replace) the client's statement `name`, counting its cost.
-    fn keep_statement(&mut self, name: &str, prepared: Prepared) {
+    fn keep_statement(&mut self, name: &str, mut prepared: Prepared) {
+        self.statement_seq += 1;
+        prepared.seq = self.statement_seq;
         self.prepared_bytes += statement_cost(name, &prepared.rest);
         if let Some(old) = self.statements.insert(name.to_owned(), prepared) {
             self.prepared_bytes -= statement_cost(name, &old.rest);
         }
+    }
+
+    /// Forget the client's statements kept up to `seq` (the server ran a
+    /// `DEALLOCATE ALL` or `DISCARD ALL` sent after them).
+    fn drop_statements_up_to(&mut self, seq: u64) {
+        let mut freed = 0;
+        self.statements.retain(|name, p| {
+            let keep = p.seq > seq;
+            if !keep {
+                freed += statement_cost(name, &p.rest);
+            }
+            keep
+        });
+        self.prepared_bytes -= freed;
     }
 
     /// Forget the client's statement `name`; silo's name for it, if it had it.
@@ -1051,6 +1080,7 @@ impl Session {
                     &name,
                     Prepared {
                         server_name,
+                        seq: 0,
                         rest: Bytes::copy_from_slice(rest),
                         changes,
                     },
@@ -1129,7 +1159,9 @@ impl Session {
                         self.forget_statement(&name);
                         let server = self.server.as_mut().expect("attached").conn();
                         server.forget_prepared(&server_name);
-                        self.pending.remove(&server_name);
+                        // Closed after its `Parse`: that one's answer
+                        // must not mark it held again.
+                        disown(&mut self.parses, &mut self.pending, Some(&server_name));
                         proto::renamed(server.out(), b'C', b"S", &server_name, &[]);
                         self.closes.push_back(Owed {
                             sync,
@@ -1166,15 +1198,17 @@ impl Session {
                 if let Some((sql, _)) = proto::split_cstr(m.body()) {
                     self.dirty |= changes_session(sql);
                     if drops_statements(sql) {
-                        // Made again (closed first) when next used.
+                        // Made again (closed first) when next used; a
+                        // `Parse` before it answered later holds nothing.
                         server.forget_all_prepared();
-                        // The client's statements are gone too, as
-                        // PostgreSQL has it (psycopg deallocates all after
-                        // a rollback, then prepares under new names).
+                        disown(&mut self.parses, &mut self.pending, None);
+                        // The client's statements are gone too once the
+                        // server says it ran, as PostgreSQL has it
+                        // (psycopg deallocates all after a rollback, then
+                        // prepares under new names).
                         if any_statement(sql, |s| dropped(s) == Some(Dropped::All)).unwrap_or(false)
                         {
-                            self.statements = HashMap::new();
-                            self.prepared_bytes = 0;
+                            self.drop_all_mark = Some(self.statement_seq);
                         }
                     }
                 }
@@ -1201,10 +1235,13 @@ impl Session {
                 self.copy_in = false;
                 server.push(&m.frame);
             }
-            b'E' | b'H' => {
+            b'E' => {
                 self.in_batch = true;
                 server.push(&m.frame);
             }
+            // `Flush` starts nothing: after a `Sync` (psycopg's pipelines
+            // send one) the client is still between transactions, and its
+            // server connection goes back to the pool.
             _ => server.push(&m.frame),
         }
     }
@@ -1276,6 +1313,12 @@ impl Session {
                 self.client_sees(&m);
             }
             b'2' => self.bound = true,
+            b'C' if self.drop_all_mark.is_some() => {
+                let tag = proto::split_cstr(m.body()).map_or("", |(t, _)| t);
+                if matches!(tag, "DEALLOCATE ALL" | "DISCARD ALL") {
+                    self.drop_statements_up_to(self.drop_all_mark.unwrap_or(0));
+                }
+            }
             b'G' if self.bound => {
                 // `COPY FROM STDIN` by `Bind`/`Execute`: the `Sync` sent
                 // after the `Execute` (libpq, tokio-postgres) is ignored
@@ -1322,6 +1365,7 @@ impl Session {
                 self.closes.retain(|o| o.sync >= done);
                 if self.sent_syncs == self.done_syncs {
                     self.pending.clear();
+                    self.drop_all_mark = None;
                 }
             }
             _ => {}
@@ -1586,6 +1630,17 @@ impl Session {
             conn.forget_all_prepared();
             self.dirty = false;
         }
+        // More statements than it may keep (a client pipelined more
+        // `Parse`s than that before one `Sync`): closed down to it before
+        // another client has it.
+        let conn = checkout.conn();
+        let over = conn.over_cap();
+        if !over.is_empty() {
+            let sql: Vec<String> = over.iter().map(|n| format!("DEALLOCATE {n}")).collect();
+            if conn.run_quietly(&sql.join("; ")).await.is_err() {
+                return;
+            }
+        }
         checkout.release();
     }
 }
@@ -1627,15 +1682,21 @@ fn prepare(
 ) {
     // Room for it: the least recently used statement there is closed (a
     // `Bind` of it queued before runs first; one after prepares it again).
-    let evicted = server.evict_prepared();
-    for close in evicted.iter().map(String::as_str).chain([name]) {
-        proto::close_statement(server.out(), close);
+    while let Some(victim) = server.evict_prepared(pending.len()) {
+        proto::close_statement(server.out(), &victim);
         closes.push_back(Owed {
             sync,
             hidden: true,
             statement: None,
         });
+        disown(parses, pending, Some(&victim));
     }
+    proto::close_statement(server.out(), name);
+    closes.push_back(Owed {
+        sync,
+        hidden: true,
+        statement: None,
+    });
     proto::parse_renamed(server.out(), name, parse);
     parses.push_back(Owed {
         sync,
@@ -1643,6 +1704,23 @@ fn prepare(
         statement: Some(name.to_owned()),
     });
     pending.insert(name.to_owned(), sync);
+}
+
+/// Answers still owed to `Parse`s of statement `name` (all, for `None`)
+/// sent before it was closed: they no longer mark it held, and it is no
+/// longer on its way.
+fn disown(parses: &mut VecDeque<Owed>, pending: &mut HashMap<String, u64>, name: Option<&str>) {
+    for owed in parses.iter_mut() {
+        if name.is_none() || owed.statement.as_deref() == name {
+            owed.statement = None;
+        }
+    }
+    match name {
+        Some(n) => {
+            pending.remove(n);
+        }
+        None => pending.clear(),
+    }
 }
 
 fn route_fatal(slug: &str, e: &RouteError) -> Fatal {
@@ -1815,11 +1893,16 @@ enum Dropped {
 }
 
 fn dropped(statement: &str) -> Option<Dropped> {
-    let (word, rest) = first_word(statement);
+    // Nothing but blanks and comments left.
+    let ends = |rest: &str| {
+        let (word, after) = first_word(rest);
+        word.is_empty() && after.trim().is_empty()
+    };
     let all = |rest: &str| {
         let (word, after) = first_word(rest);
-        word.eq_ignore_ascii_case("ALL") && after.trim().is_empty()
+        word.eq_ignore_ascii_case("ALL") && ends(after)
     };
+    let (word, rest) = first_word(statement);
     if word.eq_ignore_ascii_case("DISCARD") {
         return all(rest).then_some(Dropped::All);
     }
@@ -1827,7 +1910,8 @@ fn dropped(statement: &str) -> Option<Dropped> {
         return None;
     }
     let (word, after) = first_word(rest);
-    let rest = if word.eq_ignore_ascii_case("PREPARE") {
+    // `DEALLOCATE PREPARE x`; `DEALLOCATE prepare` names `prepare`.
+    let rest = if word.eq_ignore_ascii_case("PREPARE") && !ends(after) {
         after
     } else {
         rest
@@ -1835,18 +1919,25 @@ fn dropped(statement: &str) -> Option<Dropped> {
     if all(rest) {
         return Some(Dropped::All);
     }
-    let rest = rest.trim();
-    let name = match rest.strip_prefix('"') {
-        Some(quoted) => quoted
-            .strip_suffix('"')
-            .filter(|q| !q.is_empty() && !q.replace("\"\"", "").contains('"'))
-            .map(|q| q.replace("\"\"", "\"")),
-        None => {
-            let (word, after) = first_word(rest);
-            (!word.is_empty() && after.trim().is_empty()).then(|| word.to_lowercase())
+    let (word, after) = first_word(rest);
+    if !word.is_empty() {
+        return ends(after).then(|| Dropped::Named(word.to_lowercase()));
+    }
+    // A quoted name: `""` inside is one `"`.
+    let quoted = after.strip_prefix('"')?;
+    let mut name = String::new();
+    let mut chars = quoted.char_indices();
+    while let Some((i, c)) = chars.next() {
+        if c != '"' {
+            name.push(c);
+        } else if quoted[i + 1..].starts_with('"') {
+            name.push('"');
+            chars.next();
+        } else {
+            return (!name.is_empty() && ends(&quoted[i + 1..])).then_some(Dropped::Named(name));
         }
-    };
-    name.map(Dropped::Named)
+    }
+    None
 }
 
 fn drops_statements(sql: &str) -> bool {
@@ -2091,6 +2182,11 @@ mod tests {
         assert_eq!(dropped("DEALLOCATE a b"), None);
         assert_eq!(dropped("DEALLOCATE \"a\" b"), None);
         assert_eq!(dropped("SELECT 'DEALLOCATE a'"), None);
+        assert_eq!(dropped("DEALLOCATE a -- evicted"), named("a"));
+        assert_eq!(dropped("DEALLOCATE /* x */ \"B\" /* y */"), named("B"));
+        assert_eq!(dropped("DEALLOCATE prepare"), named("prepare"));
+        assert_eq!(dropped("DEALLOCATE ALL -- all"), Some(Dropped::All));
+        assert_eq!(dropped("DEALLOCATE \"\""), None);
     }
 
     #[test]

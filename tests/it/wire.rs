@@ -1539,6 +1539,24 @@ async fn sql_deallocate_drops_what_postgresql_drops() {
             .unwrap_or_else(|e| panic!("after {sql}: {e}"));
         assert_eq!(n, 42);
     }
+    // Refused by the server (not in a transaction block, nor in a failed
+    // one): nothing is dropped.
+    sqlx::raw_sql("BEGIN").execute(&mut c).await.unwrap();
+    sqlx::raw_sql("DISCARD ALL")
+        .execute(&mut c)
+        .await
+        .expect_err("DISCARD ALL cannot run in a transaction block");
+    sqlx::raw_sql("DEALLOCATE ALL")
+        .execute(&mut c)
+        .await
+        .expect_err("the transaction failed");
+    sqlx::raw_sql("ROLLBACK").execute(&mut c).await.unwrap();
+    let n: i32 = sqlx::query_scalar(plus_one)
+        .bind(41)
+        .fetch_one(&mut c)
+        .await
+        .expect("kept through the refused drops");
+    assert_eq!(n, 42);
     sqlx::raw_sql("DEALLOCATE ALL")
         .execute(&mut c)
         .await

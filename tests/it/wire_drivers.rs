@@ -300,3 +300,67 @@ async fn psycopg_evicting_statements_in_sql_keeps_working_in_transaction_mode() 
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// More statements prepared in one pipeline (psycopg 3's pipeline mode,
+/// one `Sync`) than a server connection may keep, in transaction mode:
+/// all answer, and the connection is closed down to its cap before the
+/// client's next transaction has it; run again by name, the closed ones
+/// are prepared again (`tests/drivers/pipeline.py`).
+#[tokio::test]
+async fn a_pipeline_of_more_statements_than_a_connection_keeps_is_trimmed_to_its_cap() {
+    Driver::Psycopg.ensure_installed();
+    let env = TestEnv::setup()
+        .wire(|w| w.max_server_statements = 5)
+        .start()
+        .await;
+    env.create("piper").await;
+    let pw = credential(&env, "piper", "txn", PoolMode::Transaction).await;
+    let mut cmd = tokio::process::Command::new(PathBuf::from(TOOLS).join("pydrivers/bin/python"));
+    cmd.arg(PathBuf::from(SCRIPTS).join("pipeline.py"))
+        .arg(uri(&env, "txn", &pw, "piper"))
+        .arg("5")
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(RUN_TIMEOUT, cmd.output())
+        .await
+        .expect("the pipeline script ends")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    let held: u32 = last
+        .strip_prefix("ok ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "{}\n{stdout}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    assert!((1..=5).contains(&held), "{held} statements held");
+    // psycopg sends a `Flush` after each pipeline's `Sync`: between
+    // transactions all the same, so the client left its server connection
+    // in the pool, not closed.
+    let t = env.record("piper").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, pools) = env
+            .call(axum::http::Method::GET, "/admin/v1/pools", None)
+            .await;
+        let tenant = pools["wire"]["tenants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["tenant_id"] == t.id.to_string())
+            .cloned()
+            .unwrap_or_default();
+        if tenant["server_idle"].as_u64() == Some(1) && tenant["server_in_use"].as_u64() == Some(0)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pipeline's server connection is not back in the pool: {pools}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
