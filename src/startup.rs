@@ -250,12 +250,17 @@ pub fn start(control: ControlPlane, settings: RunSettings) -> anyhow::Result<Sil
 const LOCKOUT_PAUSE: Duration = Duration::from_secs(5);
 
 /// A tenant whose role refused the password silo records (it gave itself
-/// another; any role may) gets the recorded one back as soon as the router
-/// or the front door is refused, not at the next reconcile pass: minutes of
-/// the tenant's traffic refused become one request's. The same repair as
-/// the pass's ([`crate::provision::Provisioner::restore_passwords`]: under
-/// the tenant's lock, audited), at most once per tenant every
-/// [`LOCKOUT_PAUSE`]; then the tenant is read again everywhere.
+/// another, as any role may; or it is gone from its server, which
+/// PostgreSQL answers the same way) is repaired as soon as the router or
+/// the front door is refused, not at the next reconcile pass: minutes of
+/// the tenant's traffic refused become one request's. The same repairs as
+/// the pass's, each under the tenant's lock and audited: the role made
+/// again ([`crate::provision::Provisioner::make_role_again`]), its
+/// password given back ([`crate::provision::Provisioner::restore_passwords`]),
+/// and for a read-only login its reader made again
+/// ([`crate::provision::Provisioner::ensure_reader`]). At most once per
+/// tenant (and reader) every [`LOCKOUT_PAUSE`]; then the tenant is read
+/// again everywhere.
 fn spawn_lockout_repair(
     control: &ControlPlane,
     router: &TenantRouter,
@@ -263,12 +268,17 @@ fn spawn_lockout_repair(
     tracker: &TaskTracker,
 ) {
     let mut lockouts = router.subscribe_lockouts();
-    let (control, router, token) = (control.clone(), router.clone(), token.clone());
+    let (control, router, token, tasks) = (
+        control.clone(),
+        router.clone(),
+        token.clone(),
+        tracker.clone(),
+    );
     tracker.spawn(async move {
-        let mut last: std::collections::HashMap<uuid::Uuid, tokio::time::Instant> =
+        let mut last: std::collections::HashMap<(uuid::Uuid, bool), tokio::time::Instant> =
             Default::default();
         loop {
-            let id = tokio::select! {
+            let (id, reader) = tokio::select! {
                 _ = token.cancelled() => return,
                 got = lockouts.recv() => match got {
                     Ok(id) => id,
@@ -278,21 +288,43 @@ fn spawn_lockout_repair(
             };
             let now = tokio::time::Instant::now();
             last.retain(|_, at| now.duration_since(*at) < LOCKOUT_PAUSE);
-            if last.contains_key(&id) {
+            if last.contains_key(&(id, reader)) {
                 continue;
             }
-            last.insert(id, now);
-            let restored = tokio::select! {
-                _ = token.cancelled() => return,
-                r = control.provisioner().restore_passwords(id) => r,
-            };
-            match restored {
-                Ok(true) => router.invalidate(id).await,
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(tenant_id = %id, "failed to give a locked-out tenant's role its recorded password: {}", e.detail())
+            last.insert((id, reader), now);
+            // A task of its own: a repair may wait for the tenant's lock
+            // (an operation holding it), and others should not wait behind.
+            let (control, router, token) = (control.clone(), router.clone(), token.clone());
+            tasks.spawn(async move {
+                let provisioner = control.provisioner();
+                // Each step on its own: one that fails (the tenant busy
+                // with an operation) does not keep the others from running.
+                let repair = async {
+                    let remade = provisioner.make_role_again(id).await;
+                    let restored = provisioner.restore_passwords(id).await;
+                    let reader_made = match reader {
+                        true => provisioner.ensure_reader(id).await.map(|()| true),
+                        false => Ok(false),
+                    };
+                    [remade, restored, reader_made]
+                };
+                let outcomes = tokio::select! {
+                    _ = token.cancelled() => return,
+                    r = repair => r,
+                };
+                let mut repaired = false;
+                for outcome in outcomes {
+                    match outcome {
+                        Ok(done) => repaired |= done,
+                        Err(e) => {
+                            tracing::warn!(tenant_id = %id, "failed to repair a locked-out tenant's role: {}", e.detail())
+                        }
+                    }
                 }
-            }
+                if repaired {
+                    router.invalidate(id).await;
+                }
+            });
         }
     });
 }

@@ -362,7 +362,7 @@ struct Inner {
     changed: tokio::sync::broadcast::Sender<Uuid>,
     /// Tenants whose role refused the password the registry records (see
     /// [`TenantRouter::note_lockout`]).
-    lockouts: tokio::sync::broadcast::Sender<Uuid>,
+    lockouts: tokio::sync::broadcast::Sender<(Uuid, bool)>,
     /// Tenants that got a connection since the last activity flush.
     active: Mutex<HashSet<Uuid>>,
     /// App requests and errors per tenant since the last flush (usage).
@@ -439,18 +439,19 @@ impl TenantRouter {
 
     /// Tenants whose role refused the password the registry records, as
     /// they are seen (see [`TenantRouter::note_lockout`]).
-    pub fn subscribe_lockouts(&self) -> tokio::sync::broadcast::Receiver<Uuid> {
+    pub fn subscribe_lockouts(&self) -> tokio::sync::broadcast::Receiver<(Uuid, bool)> {
         self.inner.lockouts.subscribe()
     }
 
-    /// `tenant`'s role refused the password the registry records, after a
-    /// re-read found nothing newer: the role most likely gave itself
-    /// another (`ALTER ROLE … PASSWORD`). Whoever listens (`silo serve`)
-    /// gives it back the recorded one now, rather than at the next
-    /// reconcile pass.
-    pub fn note_lockout(&self, tenant: Uuid) {
+    /// `tenant`'s role (its reader, for `reader`) refused the password the
+    /// registry records, after a re-read found nothing newer: the role
+    /// gave itself another (`ALTER ROLE … PASSWORD`), or it is gone from
+    /// its server (PostgreSQL refuses a role that does not exist as a
+    /// wrong password). Whoever listens (`silo serve`) repairs it now,
+    /// rather than at the next reconcile pass.
+    pub fn note_lockout(&self, tenant: Uuid, reader: bool) {
         metrics::counter!("silo_router_lockouts_total").increment(1);
-        let _ = self.inner.lockouts.send(tenant);
+        let _ = self.inner.lockouts.send((tenant, reader));
     }
 
     /// How the front door logs in to `entry`'s database: the server's
@@ -727,7 +728,7 @@ impl TenantRouter {
                         // newer to try.
                         tracing::warn!(tenant_id = %entry.id, "failed to connect to tenant database with its recorded credentials: {e}");
                         if pool::is_wrong_password(&e) {
-                            self.note_lockout(entry.id);
+                            self.note_lockout(entry.id, false);
                         }
                         self.inner.down.insert(entry.id, ());
                         metrics::counter!("silo_router_tenant_down_total").increment(1);

@@ -1524,7 +1524,7 @@ impl Session {
                     tracing::warn!(tenant_id = %self.tenant, "front door failed to connect to the tenant database: {e}");
                     if e.sqlstate() == Some(crate::servers::sqlstate::INVALID_PASSWORD) {
                         // Re-read, and still refused: the role set its own.
-                        self.shared.router.note_lockout(self.tenant);
+                        self.shared.router.note_lockout(self.tenant, self.read_only);
                     }
                     return Err(Fatal(
                         "08006",

@@ -230,3 +230,49 @@ async fn a_read_only_credential_follows_its_tenant_to_another_server() {
         "and gone from the old one"
     );
 }
+
+/// A reader role lost on its server (dropped by hand, as a crash between
+/// making a tenant's roles and its reader would leave it) refuses the
+/// read-only login that finds it so, and is made again at once, not at the
+/// next reconcile pass (none runs here): the next login reads.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_reader_role_is_made_again_when_a_read_only_login_is_refused() {
+    let env = TestEnv::setup().wire(|_| {}).start().await;
+    env.create("stacks").await;
+    let session = issue(&env, "stacks", json!({"name": "ro", "read_only": true})).await;
+    let (ok, out) = psql(&session, "SELECT 1").await;
+    assert!(ok && out == "1", "{out}");
+    let t = env.record("stacks").await;
+    let reader = silo::servers::names::reader_role(&t.role_name).unwrap();
+    let mut su = <sqlx::PgConnection as sqlx::Connection>::connect(&env.pg.url(&t.database_name))
+        .await
+        .unwrap();
+    sqlx::raw_sql(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{reader}';
+         DROP OWNED BY \"{reader}\"; DROP ROLE \"{reader}\";"
+    ))
+    .execute(&mut su)
+    .await
+    .unwrap();
+    crate::common::close(su).await;
+    assert!(!role_exists(&env, &reader).await);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut refused = 0;
+    loop {
+        let (ok, out) = psql(&session, "SELECT count(*) FROM patients").await;
+        if ok {
+            assert_eq!(out, "0");
+            break;
+        }
+        refused += 1;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still refused after {refused} tries: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refused >= 1, "the first login found the reader gone");
+    assert!(role_exists(&env, &reader).await);
+    let (ok, out) = psql(&session, "DELETE FROM patients").await;
+    assert!(!ok && out.contains("permission denied"), "{out}");
+}
