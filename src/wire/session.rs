@@ -410,7 +410,7 @@ async fn startup(shared: &Arc<Shared>, mut io: Box<dyn Io>) -> Option<Session> {
         statements: HashMap::new(),
         prepared_bytes: 0,
         statement_seq: 0,
-        drop_all_mark: None,
+        answered_seq: 0,
         sent_syncs: 0,
         done_syncs: 0,
         in_batch: false,
@@ -681,6 +681,9 @@ struct Owed {
     sync: u64,
     hidden: bool,
     statement: Option<String>,
+    /// For a client's `Parse` of a named statement: its
+    /// [`Prepared::seq`] (0 otherwise).
+    client_seq: u64,
 }
 
 pub(super) struct Session {
@@ -707,10 +710,11 @@ pub(super) struct Session {
     /// front door's `max_prepared_bytes`.
     prepared_bytes: usize,
     /// The last statement kept (see [`Prepared::seq`]), and the last
-    /// kept when a `DEALLOCATE ALL` or `DISCARD ALL` went to the server:
-    /// those up to it go when the server says it ran.
+    /// whose `Parse` the server answered: a `DEALLOCATE ALL` or `DISCARD
+    /// ALL` the server says it ran, by either protocol, dropped those up
+    /// to it (their `Parse`s came before it; later ones come after).
     statement_seq: u64,
-    drop_all_mark: Option<u64>,
+    answered_seq: u64,
     /// `Sync`s (and simple queries, function calls) sent, and
     /// `ReadyForQuery`s received.
     sent_syncs: u64,
@@ -1055,6 +1059,7 @@ impl Session {
                         sync,
                         hidden: false,
                         statement: None,
+                        client_seq: 0,
                     });
                     // Copied: the frame shares its read buffer, which an
                     // idle client should not keep.
@@ -1076,6 +1081,9 @@ impl Session {
                     false,
                 );
                 let name = name.to_owned();
+                if let Some(owed) = self.parses.back_mut() {
+                    owed.client_seq = self.statement_seq + 1;
+                }
                 self.keep_statement(
                     &name,
                     Prepared {
@@ -1167,6 +1175,7 @@ impl Session {
                             sync,
                             hidden: false,
                             statement: None,
+                            client_seq: 0,
                         });
                     }
                     (tag, _) => {
@@ -1183,6 +1192,7 @@ impl Session {
                                 sync,
                                 hidden: false,
                                 statement: None,
+                                client_seq: 0,
                             });
                         }
                         server.push(&m.frame);
@@ -1202,14 +1212,6 @@ impl Session {
                         // `Parse` before it answered later holds nothing.
                         server.forget_all_prepared();
                         disown(&mut self.parses, &mut self.pending, None);
-                        // The client's statements are gone too once the
-                        // server says it ran, as PostgreSQL has it
-                        // (psycopg deallocates all after a rollback, then
-                        // prepares under new names).
-                        if any_statement(sql, |s| dropped(s) == Some(Dropped::All)).unwrap_or(false)
-                        {
-                            self.drop_all_mark = Some(self.statement_seq);
-                        }
                     }
                 }
             }
@@ -1282,6 +1284,7 @@ impl Session {
             sync,
             hidden: true,
             statement: None,
+            client_seq: 0,
         });
         self.unnamed_here = true;
     }
@@ -1292,6 +1295,7 @@ impl Session {
         match m.tag {
             b'1' => {
                 if let Some(owed) = self.parses.pop_front() {
+                    self.answered_seq = self.answered_seq.max(owed.client_seq);
                     if let Some(name) = owed.statement {
                         self.pending.remove(&name);
                         if let Some(s) = self.server.as_mut() {
@@ -1313,10 +1317,17 @@ impl Session {
                 self.client_sees(&m);
             }
             b'2' => self.bound = true,
-            b'C' if self.drop_all_mark.is_some() => {
+            b'C' => {
                 let tag = proto::split_cstr(m.body()).map_or("", |(t, _)| t);
                 if matches!(tag, "DEALLOCATE ALL" | "DISCARD ALL") {
-                    self.drop_statements_up_to(self.drop_all_mark.unwrap_or(0));
+                    // Whatever the server held is gone (a `Parse` sent
+                    // after it is answered after this); the client's
+                    // statements too, as PostgreSQL has it (psycopg drops
+                    // all after a rollback, then prepares under new names).
+                    if let Some(s) = self.server.as_mut() {
+                        s.conn().forget_all_prepared();
+                    }
+                    self.drop_statements_up_to(self.answered_seq);
                 }
             }
             b'G' if self.bound => {
@@ -1365,7 +1376,6 @@ impl Session {
                 self.closes.retain(|o| o.sync >= done);
                 if self.sent_syncs == self.done_syncs {
                     self.pending.clear();
-                    self.drop_all_mark = None;
                 }
             }
             _ => {}
@@ -1688,6 +1698,7 @@ fn prepare(
             sync,
             hidden: true,
             statement: None,
+            client_seq: 0,
         });
         disown(parses, pending, Some(&victim));
     }
@@ -1696,12 +1707,14 @@ fn prepare(
         sync,
         hidden: true,
         statement: None,
+        client_seq: 0,
     });
     proto::parse_renamed(server.out(), name, parse);
     parses.push_back(Owed {
         sync,
         hidden,
         statement: Some(name.to_owned()),
+        client_seq: 0,
     });
     pending.insert(name.to_owned(), sync);
 }

@@ -1668,15 +1668,23 @@ async fn a_client_s_prepared_statements_are_bounded_and_give_back_their_room() {
         Some("26000")
     );
 
-    // All at once, each 20 statements (psycopg does so after a rollback).
-    let mut resetter = sqlx::PgConnection::connect_with(&keep_all).await.unwrap();
-    for i in 0..100 {
-        assert_eq!(run(&mut resetter, &statement(i)).await.unwrap() as usize, i);
-        if i % 20 == 19 {
-            sqlx::raw_sql("DEALLOCATE ALL")
-                .execute(&mut resetter)
-                .await
-                .unwrap();
+    // All at once, each 20 statements (psycopg does so after a rollback),
+    // by the simple protocol and by the extended one (psycopg's pipelines).
+    for extended in [false, true] {
+        let mut resetter = sqlx::PgConnection::connect_with(&keep_all).await.unwrap();
+        for i in 0..100 {
+            assert_eq!(run(&mut resetter, &statement(i)).await.unwrap() as usize, i);
+            if i % 20 == 19 {
+                let done = if extended {
+                    sqlx::query("DEALLOCATE ALL")
+                        .persistent(false)
+                        .execute(&mut resetter)
+                        .await
+                } else {
+                    sqlx::raw_sql("DEALLOCATE ALL").execute(&mut resetter).await
+                };
+                done.unwrap_or_else(|e| panic!("extended {extended}: {e}"));
+            }
         }
     }
 }
