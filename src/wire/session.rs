@@ -913,6 +913,11 @@ impl Session {
         if m.tag == b'P' {
             self.admit_statement(m.body())?;
         }
+        if m.tag == b'H' && self.server.is_none() {
+            // A `Flush` between transactions (libpq may send it apart
+            // from the `Sync` before it) asks nothing of a server.
+            return Ok(true);
+        }
         if m.tag == b'Q' && self.deallocated_here(m.body()) {
             self.flush_client()
                 .await
@@ -1372,6 +1377,11 @@ impl Session {
                 // Whatever the finished sync still owed (skipped after an
                 // error) will not come.
                 let done = self.done_syncs;
+                // A client's `Parse` skipped (or failed) came before all
+                // that follows too: a later `DEALLOCATE ALL` drops it.
+                let skipped = self.parses.iter().filter(|o| o.sync < done);
+                let skipped = skipped.map(|o| o.client_seq).max().unwrap_or(0);
+                self.answered_seq = self.answered_seq.max(skipped);
                 self.parses.retain(|o| o.sync >= done);
                 self.closes.retain(|o| o.sync >= done);
                 if self.sent_syncs == self.done_syncs {
@@ -1615,7 +1625,12 @@ impl Session {
 
     async fn detach_or_close(&mut self) {
         *self.cancel_slot.server.lock().expect("cancel slot") = None;
-        let idle = self.status == b'I' && self.sent_syncs == self.done_syncs && !self.in_batch;
+        // Not in a copy either: one started by `Bind`/`Execute` owes no
+        // `ReadyForQuery` until it ends.
+        let idle = self.status == b'I'
+            && self.sent_syncs == self.done_syncs
+            && !self.in_batch
+            && !self.copy_in;
         if !idle {
             self.stop_running();
         }

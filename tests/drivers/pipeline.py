@@ -9,7 +9,9 @@ psycopg 3's pipeline mode prepares STATEMENTS statements (prepare=True) and
 runs each before one Sync, more than the CAP statements silo keeps on one
 server connection; then checks what that connection holds (at most CAP)
 and runs them all again, by their names (silo prepares the ones it closed
-again). Every result is checked; the last line is `ok <statements held>`.
+again). Then it runs one more pipeline, prints `idle` and waits, connected,
+for a line on stdin. Every result is checked; the last line is
+`ok <statements held>`.
 """
 
 import sys
@@ -36,6 +38,14 @@ def main(uri, cap):
             ).fetchone()[0]
             if held > cap:
                 raise AssertionError(f"round {round_}: {held} statements held, more than {cap}")
+        # A last pipeline, then idle between transactions (still connected)
+        # until told to go: the test looks at the pool meanwhile.
+        with conn.pipeline():
+            cur = conn.execute("SELECT 1", prepare=True)
+        if cur.fetchone()[0] != 1:
+            raise AssertionError("the last pipeline")
+        print("idle", flush=True)
+        sys.stdin.readline()
     print(f"ok {held}")
 
 

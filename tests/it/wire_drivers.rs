@@ -305,7 +305,8 @@ async fn psycopg_evicting_statements_in_sql_keeps_working_in_transaction_mode() 
 /// one `Sync`) than a server connection may keep, in transaction mode:
 /// all answer, and the connection is closed down to its cap before the
 /// client's next transaction has it; run again by name, the closed ones
-/// are prepared again (`tests/drivers/pipeline.py`).
+/// are prepared again; and a client idle after a pipeline holds no server
+/// connection (`tests/drivers/pipeline.py`).
 #[tokio::test]
 async fn a_pipeline_of_more_statements_than_a_connection_keeps_is_trimmed_to_its_cap() {
     Driver::Psycopg.ensure_installed();
@@ -319,27 +320,29 @@ async fn a_pipeline_of_more_statements_than_a_connection_keeps_is_trimmed_to_its
     cmd.arg(PathBuf::from(SCRIPTS).join("pipeline.py"))
         .arg(uri(&env, "txn", &pw, "piper"))
         .arg("5")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
-    let out = tokio::time::timeout(RUN_TIMEOUT, cmd.output())
+    let mut child = cmd.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().unwrap()));
+    let first = tokio::time::timeout(RUN_TIMEOUT, lines.next_line())
         .await
-        .expect("the pipeline script ends")
+        .expect("the pipeline script says it is idle")
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().last().unwrap_or_default();
-    let held: u32 = last
-        .strip_prefix("ok ")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "{}\n{stdout}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-    assert!((1..=5).contains(&held), "{held} statements held");
-    // psycopg sends a `Flush` after each pipeline's `Sync`: between
-    // transactions all the same, so the client left its server connection
-    // in the pool, not closed.
+    if first.as_deref() != Some("idle") {
+        let out = child.wait_with_output().await.unwrap();
+        panic!(
+            "{first:?}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Idle between transactions after a pipeline (psycopg sends a `Flush`
+    // after its `Sync`, which may come after the answer): no server
+    // connection in use, the one it had back in the pool.
     let t = env.record("piper").await;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -359,8 +362,23 @@ async fn a_pipeline_of_more_statements_than_a_connection_keeps_is_trimmed_to_its
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "the pipeline's server connection is not back in the pool: {pools}"
+            "an idle pipeline client holds its server connection: {pools}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, b"go\n")
+        .await
+        .unwrap();
+    let last = tokio::time::timeout(RUN_TIMEOUT, lines.next_line())
+        .await
+        .expect("the pipeline script ends")
+        .unwrap()
+        .unwrap_or_default();
+    let status = child.wait().await.unwrap();
+    assert!(status.success(), "{status}: {last}");
+    let held: u32 = last
+        .strip_prefix("ok ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{last}"));
+    assert!((1..=5).contains(&held), "{held} statements held");
 }
