@@ -586,6 +586,22 @@ async fn verifier_of(env: &TestEnv, role: &str) -> Option<String> {
         .unwrap()
 }
 
+/// `slug`'s role logs in with the password the registry records again,
+/// and no longer with the one it gave itself.
+async fn assert_recorded_password_logs_in(env: &TestEnv, slug: &str) {
+    let t = env.record(slug).await;
+    env.connect_tenant(slug)
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
+    assert!(env
+        .connect_as(&t.database_name, &t.role_name, "chosen-by-the-customer")
+        .await
+        .is_err());
+}
+
 /// Any role may give itself a password (`ALTER ROLE … PASSWORD`), and a
 /// customer may hold the tenant role's or run SQL as it: every connection
 /// silo opens for the tenant from then on is refused. The next pass gives
@@ -637,16 +653,7 @@ async fn a_password_a_tenant_role_gives_itself_is_taken_back_by_the_next_pass() 
     assert_eq!(report.passwords_restored, 1, "{report:?}");
     // The recorded password logs in again, the customer's no longer does,
     // and the session opened meanwhile is the role's own: kept.
-    env.connect_tenant("locksmith")
-        .await
-        .unwrap()
-        .close()
-        .await
-        .unwrap();
-    assert!(env
-        .connect_as(&t.database_name, &t.role_name, "chosen-by-the-customer")
-        .await
-        .is_err());
+    assert_recorded_password_logs_in(&env, "locksmith").await;
     sqlx::query("SELECT 1").execute(&mut conn).await.unwrap();
     conn.close().await.unwrap();
     let reader_after = verifier_of(&env, &reader).await.unwrap();
@@ -750,16 +757,7 @@ async fn a_password_a_tenant_role_gives_itself_is_taken_back_when_silo_is_refuse
             refused >= 1,
             "{slug}: the first request found the role locked"
         );
-        env.connect_tenant(slug)
-            .await
-            .unwrap()
-            .close()
-            .await
-            .unwrap();
-        assert!(env
-            .connect_as(&t.database_name, &t.role_name, "chosen-by-the-customer")
-            .await
-            .is_err());
+        assert_recorded_password_logs_in(&env, slug).await;
         assert_eq!(env.count(&audited(t.id)).await, 1, "{slug}");
     }
 }

@@ -123,6 +123,52 @@ async fn notes_table(env: &TestEnv, slug: &str) {
     .unwrap();
 }
 
+/// Run `tests/drivers/<script>` with the venv's Python and `args`, with
+/// `envs` set; what it said, once it ended.
+async fn python(script: &str, args: &[&str], envs: &[(&str, &str)]) -> Output {
+    Driver::Psycopg.ensure_installed();
+    let mut cmd = tokio::process::Command::new(PathBuf::from(TOOLS).join("pydrivers/bin/python"));
+    cmd.arg(PathBuf::from(SCRIPTS).join(script))
+        .args(args)
+        .envs(envs.iter().copied())
+        .kill_on_drop(true);
+    tokio::time::timeout(RUN_TIMEOUT, cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("{script} still running after {RUN_TIMEOUT:?}"))
+        .unwrap()
+}
+
+/// The script succeeded, its last line `want`.
+fn assert_said(out: &Output, want: &str) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.lines().last() == Some(want),
+        "{}\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The front door's figures of `slug` (`GET /admin/v1/pools`): server
+/// connections in use and idle.
+async fn server_connections(env: &TestEnv, slug: &str) -> (Option<u64>, Option<u64>) {
+    let t = env.record(slug).await;
+    let (_, pools) = env
+        .call(axum::http::Method::GET, "/admin/v1/pools", None)
+        .await;
+    let tenant = pools["wire"]["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["tenant_id"] == t.id.to_string())
+        .cloned()
+        .unwrap_or_default();
+    (
+        tenant["server_in_use"].as_u64(),
+        tenant["server_idle"].as_u64(),
+    )
+}
+
 /// Run `driver`'s script once per pool mode, each with its own credential
 /// and tag; check what it said and what it left.
 async fn runs_clean_in_both_pool_modes(driver: Driver) {
@@ -230,41 +276,11 @@ async fn an_extended_protocol_copy_keeps_the_session_in_step() {
             .unwrap();
     }
     let pw = credential(&env, "copier", "txn", PoolMode::Transaction).await;
-    let mut cmd = tokio::process::Command::new(PathBuf::from(TOOLS).join("pydrivers/bin/python"));
-    cmd.arg(PathBuf::from(SCRIPTS).join("copy_extended.py"))
-        .arg(uri(&env, "txn", &pw, "copier"))
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(RUN_TIMEOUT, cmd.output())
-        .await
-        .expect("the copy script ends")
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.lines().last() == Some("ok 300"),
-        "{}\n{stdout}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = python("copy_extended.py", &[&uri(&env, "txn", &pw, "copier")], &[]).await;
+    assert_said(&out, "ok 300");
     // The client gone between transactions: its server connection went
     // back to the tenant's pool (it is closed at once otherwise).
-    let (_, pools) = env
-        .call(axum::http::Method::GET, "/admin/v1/pools", None)
-        .await;
-    let tenant = pools["wire"]["tenants"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["tenant_id"] == t.id.to_string())
-        .cloned()
-        .unwrap_or_default();
-    assert_eq!(
-        (
-            tenant["server_in_use"].as_u64(),
-            tenant["server_idle"].as_u64()
-        ),
-        (Some(0), Some(1)),
-        "{pools}"
-    );
+    assert_eq!(server_connections(&env, "copier").await, (Some(0), Some(1)));
 }
 
 /// psycopg 3 on the system's libpq (pure Python, libpq before 17) evicts
@@ -283,22 +299,13 @@ async fn psycopg_evicting_statements_in_sql_keeps_working_in_transaction_mode() 
         .await;
     env.create("evictor").await;
     let pw = credential(&env, "evictor", "txn", PoolMode::Transaction).await;
-    let mut cmd = tokio::process::Command::new(PathBuf::from(TOOLS).join("pydrivers/bin/python"));
-    cmd.arg(PathBuf::from(SCRIPTS).join("evict.py"))
-        .arg(uri(&env, "txn", &pw, "evictor"))
-        .env("PSYCOPG_IMPL", "python")
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(RUN_TIMEOUT, cmd.output())
-        .await
-        .expect("the eviction script ends")
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.lines().last() == Some("ok 120"),
-        "{}\n{stdout}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = python(
+        "evict.py",
+        &[&uri(&env, "txn", &pw, "evictor")],
+        &[("PSYCOPG_IMPL", "python")],
+    )
+    .await;
+    assert_said(&out, "ok 120");
 }
 
 /// More statements prepared in one pipeline (psycopg 3's pipeline mode,
@@ -343,26 +350,15 @@ async fn a_pipeline_of_more_statements_than_a_connection_keeps_is_trimmed_to_its
     // Idle between transactions after a pipeline (psycopg sends a `Flush`
     // after its `Sync`, which may come after the answer): no server
     // connection in use, the one it had back in the pool.
-    let t = env.record("piper").await;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let (_, pools) = env
-            .call(axum::http::Method::GET, "/admin/v1/pools", None)
-            .await;
-        let tenant = pools["wire"]["tenants"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|x| x["tenant_id"] == t.id.to_string())
-            .cloned()
-            .unwrap_or_default();
-        if tenant["server_idle"].as_u64() == Some(1) && tenant["server_in_use"].as_u64() == Some(0)
-        {
+        let held = server_connections(&env, "piper").await;
+        if held == (Some(0), Some(1)) {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "an idle pipeline client holds its server connection: {pools}"
+            "an idle pipeline client holds its server connection: (in use, idle) {held:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
