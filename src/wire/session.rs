@@ -982,16 +982,21 @@ impl Session {
         let Some((sql, _)) = proto::split_cstr(body) else {
             return false;
         };
+        // Every simple query passes here: only a `DEALLOCATE` of a client
+        // with statements is read further.
+        if self.statements.is_empty() || !first_word(sql).0.eq_ignore_ascii_case("DEALLOCATE") {
+            return false;
+        }
         let (mut statements, mut drops) = (0, None);
         let whole = any_statement(sql, |s| {
             let (word, rest) = first_word(s);
             if !word.is_empty() || !rest.trim().is_empty() {
                 statements += 1;
-                drops = dropped(s);
+                drops = deallocated_name(s);
             }
             false
         });
-        let (Some(_), 1, Some(Dropped::Named(name))) = (whole, statements, drops) else {
+        let (Some(_), 1, Some(name)) = (whole, statements, drops) else {
             return false;
         };
         if !self.statements.contains_key(&name) {
@@ -1910,30 +1915,16 @@ fn statement_cost(name: &str, parse_rest: &[u8]) -> usize {
     name.len() + parse_rest.len() + 160
 }
 
-/// Which prepared statements one SQL statement drops.
-#[derive(Debug, PartialEq)]
-enum Dropped {
-    /// `DEALLOCATE [PREPARE] ALL`, `DISCARD ALL`.
-    All,
-    /// `DEALLOCATE [PREPARE] name` (an unquoted name folded to lower
-    /// case, as PostgreSQL folds it).
-    Named(String),
-}
-
-fn dropped(statement: &str) -> Option<Dropped> {
+/// The statement `DEALLOCATE [PREPARE] name` drops (an unquoted name
+/// folded to lower case, as PostgreSQL folds it); `None` for any other
+/// statement, `DEALLOCATE ALL` included.
+fn deallocated_name(statement: &str) -> Option<String> {
     // Nothing but blanks and comments left.
     let ends = |rest: &str| {
         let (word, after) = first_word(rest);
         word.is_empty() && after.trim().is_empty()
     };
-    let all = |rest: &str| {
-        let (word, after) = first_word(rest);
-        word.eq_ignore_ascii_case("ALL") && ends(after)
-    };
     let (word, rest) = first_word(statement);
-    if word.eq_ignore_ascii_case("DISCARD") {
-        return all(rest).then_some(Dropped::All);
-    }
     if !word.eq_ignore_ascii_case("DEALLOCATE") {
         return None;
     }
@@ -1944,12 +1935,12 @@ fn dropped(statement: &str) -> Option<Dropped> {
     } else {
         rest
     };
-    if all(rest) {
-        return Some(Dropped::All);
-    }
     let (word, after) = first_word(rest);
+    if word.eq_ignore_ascii_case("ALL") {
+        return None;
+    }
     if !word.is_empty() {
-        return ends(after).then(|| Dropped::Named(word.to_lowercase()));
+        return ends(after).then(|| word.to_lowercase());
     }
     // A quoted name: `""` inside is one `"`.
     let quoted = after.strip_prefix('"')?;
@@ -1962,7 +1953,7 @@ fn dropped(statement: &str) -> Option<Dropped> {
             name.push('"');
             chars.next();
         } else {
-            return (!name.is_empty() && ends(&quoted[i + 1..])).then_some(Dropped::Named(name));
+            return (!name.is_empty() && ends(&quoted[i + 1..])).then_some(name);
         }
     }
     None
@@ -2195,17 +2186,19 @@ mod tests {
 
     #[test]
     fn deallocations_are_read_as_postgresql_reads_them() {
-        let named = |n: &str| Some(Dropped::Named(n.into()));
+        let named = |n: &str| Some(n.to_owned());
+        let dropped = deallocated_name;
         assert_eq!(dropped("DEALLOCATE a1"), named("a1"));
         assert_eq!(dropped(" deallocate prepare _PG3_7 "), named("_pg3_7"));
         assert_eq!(
             dropped("/* evict */ DEALLOCATE \"My \"\"S\"\"\""),
             named("My \"S\"")
         );
-        assert_eq!(dropped("DEALLOCATE ALL"), Some(Dropped::All));
-        assert_eq!(dropped("deallocate prepare all"), Some(Dropped::All));
-        assert_eq!(dropped("DISCARD ALL"), Some(Dropped::All));
-        assert_eq!(dropped("DISCARD PLANS"), None);
+        // All of them: not a name.
+        assert_eq!(dropped("DEALLOCATE ALL"), None);
+        assert_eq!(dropped("deallocate prepare all"), None);
+        assert_eq!(dropped("DEALLOCATE \"all\""), named("all"));
+        assert_eq!(dropped("DISCARD ALL"), None);
         assert_eq!(dropped("DEALLOCATE"), None);
         assert_eq!(dropped("DEALLOCATE a b"), None);
         assert_eq!(dropped("DEALLOCATE \"a\" b"), None);
@@ -2213,7 +2206,6 @@ mod tests {
         assert_eq!(dropped("DEALLOCATE a -- evicted"), named("a"));
         assert_eq!(dropped("DEALLOCATE /* x */ \"B\" /* y */"), named("B"));
         assert_eq!(dropped("DEALLOCATE prepare"), named("prepare"));
-        assert_eq!(dropped("DEALLOCATE ALL -- all"), Some(Dropped::All));
         assert_eq!(dropped("DEALLOCATE \"\""), None);
     }
 
