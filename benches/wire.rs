@@ -9,7 +9,8 @@
 //! threads, which silo runs on here: `SILO_BENCH_WORKERS`, default 2;
 //! `SILO_BENCH_MODE=session` puts silo's credential in session mode;
 //! `SILO_BENCH_SPIN_MICROS` sets silo's `SILO_PG_SPIN_MICROS`, 0 to turn
-//! busy-polling off).
+//! busy-polling off; `SILO_BENCH_SHARED_CONNECTIONS` sets its
+//! `SILO_PG_SHARED_CONNECTIONS`, default 0: off).
 //!
 //! One PostgreSQL cluster, one tenant (premium plan: 50 connections). The
 //! same pgbench runs three ways, SCRAM-SHA-256 on every path:
@@ -248,9 +249,14 @@ async fn pgbench_case() -> Result<()> {
         silo::config::DEFAULT_PG_SPIN_MICROS,
     )?;
     println!("silo busy-polls up to {spin} µs (SILO_PG_SPIN_MICROS)");
+    let shared: u32 = env_number("SILO_BENCH_SHARED_CONNECTIONS", 0)?;
+    println!(
+        "silo shares {shared} server connections per busy tenant (SILO_PG_SHARED_CONNECTIONS)"
+    );
     let server = support::SiloServer::start_with(control, 0, |a| {
         a.pg_listen = OptionalAddr(Some(format!("127.0.0.1:{wire_port}").parse().unwrap()));
         a.pg_spin_micros = spin;
+        a.pg_shared_connections = shared;
     })
     .await?;
     let direct = format!(

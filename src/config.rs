@@ -684,6 +684,13 @@ pub struct ServerArgs {
     /// per message when traffic is light).
     #[arg(long, env = "SILO_PG_SPIN_MICROS", default_value_t = DEFAULT_PG_SPIN_MICROS, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub pg_spin_micros: u64,
+
+    /// Server connections per tenant that its clients' single `SELECT`s
+    /// (simple queries, between transactions) may share, pipelined, once
+    /// that many of its connections are busy; 0 turns sharing off. A
+    /// shared query waits for those given to its connection before it.
+    #[arg(long, env = "SILO_PG_SHARED_CONNECTIONS", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=64))]
+    pub pg_shared_connections: u32,
 }
 
 #[derive(Debug, Clone, Args)]

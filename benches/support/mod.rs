@@ -170,6 +170,7 @@ impl SiloServer {
             pg_max_server_statements: silo::config::DEFAULT_PG_MAX_SERVER_STATEMENTS,
             pg_wait_timeout: 30,
             pg_spin_micros: silo::config::DEFAULT_PG_SPIN_MICROS,
+            pg_shared_connections: 0,
             // No usage pass in the middle of another bench's figures.
             usage_interval: 86_400,
             usage_keep_days: silo::usage::DEFAULT_KEEP_DAYS,

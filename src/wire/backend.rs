@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use futures_util::{FutureExt, StreamExt};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
@@ -181,6 +181,12 @@ impl ConnectError {
 }
 
 /// A logged-in connection to a tenant database.
+/// What [`ServerConn::recv_or_send`] did.
+pub enum Traffic {
+    Frame(Option<Result<Msg, proto::FrameError>>),
+    Sent(std::io::Result<()>),
+}
+
 pub struct ServerConn {
     reader: FramedRead<ReadHalf<Stream>, Codec>,
     writer: WriteHalf<Stream>,
@@ -462,6 +468,34 @@ impl ServerConn {
     /// The next message, cancel-safe (for `select!`).
     pub async fn recv_frame(&mut self) -> Option<Result<Msg, proto::FrameError>> {
         self.reader.next().await
+    }
+
+    /// The next message, or what is queued sent (some of it): whichever
+    /// comes first, cancel-safe. A connection written to while its answers
+    /// are read (queries pipelined) must not stop reading to write: the
+    /// server may be waiting for its answers to be taken before it reads.
+    pub async fn recv_or_send(&mut self) -> Traffic {
+        if self.out.is_empty() {
+            return Traffic::Frame(self.reader.next().await);
+        }
+        let written = tokio::select! {
+            biased;
+            n = self.writer.write(&self.out) => n,
+            m = self.reader.next() => return Traffic::Frame(m),
+        };
+        Traffic::Sent(match written {
+            Ok(0) => Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                self.out.advance(n);
+                if self.out.is_empty() {
+                    // Through TLS: what it holds goes out too.
+                    self.writer.flush().await
+                } else {
+                    Ok(())
+                }
+            }
+            Err(e) => Err(e),
+        })
     }
 
     /// Whether a whole message is already read and waiting.

@@ -36,6 +36,9 @@ pub struct WireSettings {
     /// How long a session may busy-poll the socket it expects to speak
     /// next while the front door is nearly idle (see `wire::spin`).
     pub spin: Duration,
+    /// Server connections per tenant pool its clients' single reads may
+    /// share, pipelined, while it is busy (0: none; see `wire::mux`).
+    pub shared_connections: usize,
 }
 
 impl WireSettings {
@@ -61,6 +64,7 @@ impl WireSettings {
             max_server_statements: args.pg_max_server_statements as usize,
             wait_timeout: Duration::from_secs(args.pg_wait_timeout),
             spin: Duration::from_micros(args.pg_spin_micros),
+            shared_connections: args.pg_shared_connections as usize,
         })
     }
 
@@ -81,11 +85,13 @@ impl WireSettings {
             max_server_statements: crate::config::DEFAULT_PG_MAX_SERVER_STATEMENTS as usize,
             wait_timeout: Duration::from_secs(30),
             spin: Duration::from_micros(crate::config::DEFAULT_PG_SPIN_MICROS),
+            shared_connections: 0,
         }
     }
 }
 
 pub mod backend;
+mod mux;
 mod pool;
 mod proto;
 mod scram;
@@ -154,6 +160,8 @@ struct TenantCounters {
     transactions: AtomicU64,
     /// Errors the server sent.
     errors: AtomicU64,
+    /// Of the transactions, queries answered on a shared connection.
+    shared: AtomicU64,
     /// Total time clients waited for a server connection.
     wait_nanos: AtomicU64,
 }
@@ -238,6 +246,9 @@ pub struct WireTenantStats {
     pub server_idle: usize,
     /// Since its first client of this process's current run of them.
     pub transactions: u64,
+    /// Of those, single reads answered on a shared server connection
+    /// (`SILO_PG_SHARED_CONNECTIONS`).
+    pub shared_queries: u64,
     pub errors: u64,
     pub wait_seconds_total: f64,
 }
@@ -246,6 +257,8 @@ pub struct WireTenantStats {
 #[derive(Default)]
 struct CancelSlot {
     server: Mutex<Option<(Target, i32, i32)>>,
+    /// A query on a shared connection: its line and ticket.
+    shared: Mutex<Option<(Arc<mux::LineState>, u64)>>,
 }
 
 pub(crate) struct Shared {
@@ -451,6 +464,7 @@ impl Front {
                     server_in_use: in_use,
                     server_idle: idle,
                     transactions: load(|c| c.transactions.load(Ordering::Relaxed)),
+                    shared_queries: load(|c| c.shared.load(Ordering::Relaxed)),
                     errors: load(|c| c.errors.load(Ordering::Relaxed)),
                     wait_seconds_total: load(|c| c.wait_nanos.load(Ordering::Relaxed)) as f64 / 1e9,
                 }

@@ -47,6 +47,8 @@ pub struct WirePool {
     initial: Mutex<Option<std::collections::HashMap<String, String>>>,
     idle: Mutex<Vec<Idle>>,
     closed: AtomicBool,
+    /// Its shared connections (see `wire::mux`).
+    pub(super) lines: super::mux::Lines,
 }
 
 impl WirePool {
@@ -76,6 +78,7 @@ impl WirePool {
             initial: Mutex::default(),
             idle: Mutex::default(),
             closed: AtomicBool::new(false),
+            lines: Default::default(),
         })
     }
 
@@ -87,6 +90,25 @@ impl WirePool {
     /// The server's parameters at login, once a connection was made.
     pub fn initial_params(&self) -> Option<std::collections::HashMap<String, String>> {
         self.initial.lock().expect("initial lock").clone()
+    }
+
+    /// The `tracked` settings a client asking for `wanted` has (its own,
+    /// else the server's at login), as one key: clients with the same may
+    /// share a connection. `None` until a connection was made.
+    pub fn settings_key(&self, wanted: &[(String, String)], tracked: &[&str]) -> Option<u64> {
+        use std::hash::{Hash, Hasher};
+        let initial = self.initial.lock().expect("initial lock");
+        let initial = initial.as_ref()?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for k in tracked {
+            let value = wanted
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v)
+                .or_else(|| initial.get(*k));
+            value.hash(&mut h);
+        }
+        Some(h.finish())
     }
 
     pub fn is_closed(&self) -> bool {

@@ -24,6 +24,7 @@ use tokio_util::codec::FramedRead;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+use super::mux;
 use super::pool::{Checkout, CheckoutError};
 use super::proto::{self, Codec, Msg};
 use super::scram::{Channel, Exchange, Failure, Verifier};
@@ -35,7 +36,7 @@ use crate::router::{AcquireError, RouteError, TenantRouter};
 /// Parameters a client may set at startup that silo keeps in step on the
 /// server connection it gets (reported ones, so their value is known
 /// without asking). `application_name` follows in session mode only.
-const TRACKED: &[&str] = &[
+pub(super) const TRACKED: &[&str] = &[
     "client_encoding",
     "DateStyle",
     "TimeZone",
@@ -592,6 +593,11 @@ async fn cancel(shared: &Shared, pid: i32, key: i32) {
         .get(&(pid, key))
         .cloned();
     let Some(slot) = slot else { return };
+    if let Some((line, ticket)) = slot.shared.lock().expect("cancel slot").as_ref() {
+        metrics::counter!("silo_wire_cancels_total").increment(1);
+        line.cancel(*ticket);
+        return;
+    }
     let server = slot.server.lock().expect("cancel slot").clone();
     if let Some((target, pid, secret)) = server {
         metrics::counter!("silo_wire_cancels_total").increment(1);
@@ -924,6 +930,17 @@ impl Session {
                 .map_err(|_| Fatal("08006", "client went away".into()))?;
             return Ok(true);
         }
+        let m = if m.tag == b'Q'
+            && self.server.is_none()
+            && self.shared.settings.shared_connections > 0
+        {
+            match Box::pin(self.try_shared(m)).await? {
+                Some(m) => m,
+                None => return Ok(true),
+            }
+        } else {
+            m
+        };
         if self.server.is_none() {
             Box::pin(self.attach()).await.inspect_err(|_| {
                 metrics::counter!("silo_wire_refused_total", "reason" => "no_server").increment(1);
@@ -941,6 +958,103 @@ impl Session {
             })?;
         }
         Ok(true)
+    }
+
+    /// A simple query between transactions, run on a shared connection
+    /// of its tenant if it may be (see `wire::mux`); `Some` gives it back
+    /// to run as usual.
+    async fn try_shared(&mut self, m: Msg) -> Result<Option<Msg>, Fatal> {
+        if self.mode != PoolMode::Transaction
+            || self.status != b'I'
+            || self.in_batch
+            || self.sent_syncs != self.done_syncs
+        {
+            return Ok(Some(m));
+        }
+        let Some(pool) = self.pool.as_ref().filter(|p| !p.is_closed()).cloned() else {
+            return Ok(Some(m));
+        };
+        if !sharable(m.body()) {
+            return Ok(Some(m));
+        }
+        let lines = self.shared.settings.shared_connections;
+        let Some(mut ticket) = mux::submit(&pool, lines, &m.frame, &self.ender, &self.wanted).await
+        else {
+            return Ok(Some(m));
+        };
+        *self.cancel_slot.shared.lock().expect("cancel slot") =
+            Some((ticket.line.clone(), ticket.id));
+        let answered = self.shared_answer(&mut ticket).await;
+        *self.cancel_slot.shared.lock().expect("cancel slot") = None;
+        Ok((!answered?).then_some(m))
+    }
+
+    /// Pass a shared query's answer on to the client; `Ok(false)`: it was
+    /// not sent, and must run as usual.
+    async fn shared_answer(&mut self, ticket: &mut mux::Ticket) -> Result<bool, Fatal> {
+        let gone = |_| Fatal("08006", "client went away".into());
+        let mut started = false;
+        loop {
+            let answer = tokio::select! {
+                biased;
+                () = self.ender.token.cancelled() => {
+                    ticket.line.cancel(ticket.id);
+                    return Err(self.ended());
+                }
+                a = ticket.answers.recv() => a,
+            };
+            match answer {
+                Some(mux::Answer::Retry) if !started => return Ok(false),
+                Some(mux::Answer::Part(bytes)) => {
+                    started = true;
+                    self.flush_client().await.map_err(gone)?;
+                    self.write_client(&bytes).await.map_err(gone)?;
+                }
+                Some(mux::Answer::Done {
+                    bytes,
+                    errors,
+                    status,
+                }) => {
+                    self.count_errors(errors);
+                    self.status = status;
+                    let counters = &self.tenant_slot.counters;
+                    counters.shared.fetch_add(1, Ordering::Relaxed);
+                    if status == b'I' {
+                        self.tenant_slot
+                            .counters
+                            .transactions
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.transactions.increment(1);
+                    }
+                    self.flush_client().await.map_err(gone)?;
+                    self.write_client(&bytes).await.map_err(gone)?;
+                    return Ok(true);
+                }
+                Some(mux::Answer::Lost(Some(last_word))) => {
+                    // The server's own last word is the client's.
+                    self.count_errors(1);
+                    self.out.extend_from_slice(&last_word);
+                    self.flush_client().await.ok();
+                    return Err(Fatal(TOLD, String::new()));
+                }
+                _ => {
+                    return Err(Fatal(
+                        "08006",
+                        "the connection to the tenant database was lost".into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    fn count_errors(&self, n: u32) {
+        if n > 0 {
+            self.tenant_slot
+                .counters
+                .errors
+                .fetch_add(u64::from(n), Ordering::Relaxed);
+            self.errors.increment(u64::from(n));
+        }
     }
 
     /// Before a `Parse`: a named statement may be kept only within the
@@ -1909,6 +2023,49 @@ fn changes_session(sql: &str) -> bool {
     .unwrap_or(true)
 }
 
+/// Whether a simple query may run on a shared connection (see
+/// `wire::mux`): small, one `SELECT`, nothing it leaves on the connection
+/// (see [`changes_session`]), and none of what would make the queries
+/// behind it wait long for nothing (sleeps, row and advisory locks) or
+/// reach beyond its own query (cancelling or ending a backend, a reload).
+fn sharable(body: &[u8]) -> bool {
+    const NOT_SHARED: &[&str] = &[
+        "PG_SLEEP",
+        "PG_SLEEP_FOR",
+        "PG_SLEEP_UNTIL",
+        "PG_CANCEL_BACKEND",
+        "PG_TERMINATE_BACKEND",
+        "PG_RELOAD_CONF",
+        "PG_ADVISORY_XACT_LOCK",
+        "PG_ADVISORY_XACT_LOCK_SHARED",
+        "DBLINK_CONNECT",
+        "DBLINK_CONNECT_U",
+        // `FOR UPDATE`, `FOR NO KEY UPDATE`, `FOR SHARE`, `FOR KEY SHARE`.
+        "UPDATE",
+        "SHARE",
+    ];
+    if body.len() > mux::MAX_QUERY {
+        return false;
+    }
+    let Some((sql, _)) = proto::split_cstr(body) else {
+        return false;
+    };
+    let (mut statements, mut selects) = (0, 0);
+    let split = any_statement(sql, |statement| {
+        let first = first_word(statement).0;
+        if !first.is_empty() {
+            statements += 1;
+            selects += usize::from(first.eq_ignore_ascii_case("SELECT"));
+        }
+        false
+    });
+    if split != Some(false) || statements != 1 || selects != 1 || changes_session(sql) {
+        return false;
+    }
+    !sql.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .any(|w| NOT_SHARED.iter().any(|n| n.eq_ignore_ascii_case(w)))
+}
+
 /// What one named statement of a client takes in silo: its name, its
 /// `Parse` body, and room for silo's name and the map's entry.
 fn statement_cost(name: &str, parse_rest: &[u8]) -> usize {
@@ -2060,7 +2217,7 @@ fn quoted_end(b: &[u8], at: usize, quote: u8, escapes: bool) -> Option<usize> {
 
 /// `set_config(name, value, false)`: a setting as `-c name=value` gives it
 /// (a list such as `search_path` parsed from the text, as at login).
-fn set_config(name: &str, value: &str) -> String {
+pub(super) fn set_config(name: &str, value: &str) -> String {
     format!(
         "pg_catalog.set_config({}, {}, false)",
         quote_literal(name),
@@ -2182,6 +2339,43 @@ mod tests {
         assert_eq!(tenant_of_host("clinics.example.com", d), None);
         assert_eq!(tenant_of_host("acme.other.com", d), None);
         assert_eq!(tenant_of_host("acme.clinics.example.com", None), None);
+    }
+
+    #[test]
+    fn only_single_reads_that_leave_nothing_behind_are_shared() {
+        let q = |sql: &str| {
+            let mut body = sql.as_bytes().to_vec();
+            body.push(0);
+            sharable(&body)
+        };
+        for yes in [
+            "SELECT 1",
+            "select 1;",
+            "/* a; b */ SELECT ';' -- ;\n",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 7",
+            "SELECT * FROM updates",
+        ] {
+            assert!(q(yes), "{yes}");
+        }
+        for no in [
+            "SELECT 1; SELECT 2",
+            "BEGIN",
+            "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
+            "INSERT INTO t VALUES (1)",
+            "SELECT set_config('a.b', 'c', false)",
+            "SELECT pg_sleep(1)",
+            "SELECT * FROM t FOR UPDATE",
+            "SELECT * FROM t FOR KEY SHARE",
+            "SELECT pg_advisory_lock(1)",
+            "SELECT pg_advisory_xact_lock(1)",
+            "SELECT pg_terminate_backend(pg_backend_pid())",
+            "SELECT * INTO TEMP t FROM u",
+            "SELECT 'unterminated",
+            "",
+        ] {
+            assert!(!q(no), "{no}");
+        }
+        assert!(!q(&format!("SELECT '{}'", "x".repeat(mux::MAX_QUERY))));
     }
 
     #[test]

@@ -35,3 +35,4 @@ mod usage;
 mod wire;
 mod wire_drivers;
 mod wire_readers;
+mod wire_shared;

@@ -40,7 +40,7 @@ pub(crate) fn uri(env: &TestEnv, user: &str, password: &str, database: &str) -> 
     format!("postgresql://{user}:{password}@{addr}/{database}?sslmode=disable")
 }
 
-async fn psql(uri: &str, args: &[&str]) -> Output {
+pub(crate) async fn psql(uri: &str, args: &[&str]) -> Output {
     tokio::process::Command::new("psql")
         .arg(uri)
         .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
@@ -52,7 +52,7 @@ async fn psql(uri: &str, args: &[&str]) -> Output {
         .expect("run psql")
 }
 
-fn text(o: &Output) -> String {
+pub(crate) fn text(o: &Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),
@@ -62,7 +62,12 @@ fn text(o: &Output) -> String {
 
 /// Wait (at most 30 s) until a statement whose text is `LIKE like` runs in
 /// `slug`'s database, waiting on `wait_event` when one is given.
-async fn wait_until_running(env: &TestEnv, slug: &str, like: &str, wait_event: Option<&str>) {
+pub(crate) async fn wait_until_running(
+    env: &TestEnv,
+    slug: &str,
+    like: &str,
+    wait_event: Option<&str>,
+) {
     let database = env.record(slug).await.database_name;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -90,7 +95,7 @@ async fn wait_until_running(env: &TestEnv, slug: &str, like: &str, wait_event: O
 /// pgbench's tables in `slug`'s database, made by the server's superuser
 /// (tenant roles may not create tables; the tenant's default privileges
 /// give its role the data).
-async fn pgbench_tables(env: &TestEnv, slug: &str) {
+pub(crate) async fn pgbench_tables(env: &TestEnv, slug: &str) {
     let t = env.record(slug).await;
     let out = tokio::process::Command::new("pgbench")
         .arg("-i")
@@ -719,9 +724,15 @@ fn logged_latencies(dir: &std::path::Path) -> Vec<u64> {
     all
 }
 
+/// Beside the transactions, as many clients run single reads, which
+/// share a server connection (`SILO_PG_SHARED_CONNECTIONS=1`) while the
+/// tenant is busy: a move pauses and resumes them too.
 #[tokio::test]
 async fn a_move_under_pgbench_in_transaction_mode_fails_no_transaction() {
-    let env = env().await;
+    let env = TestEnv::setup()
+        .wire(|w| w.shared_connections = 1)
+        .start()
+        .await;
     let _second = crate::common::second_server(&env).await;
     crate::common::create_on(&env, "mover", "default").await;
     pgbench_tables(&env, "mover").await;
@@ -754,6 +765,12 @@ async fn a_move_under_pgbench_in_transaction_mode_fails_no_transaction() {
         .kill_on_drop(true)
         .output();
     let bench = tokio::spawn(bench);
+    let reads = tokio::process::Command::new("pgbench")
+        .args(["-n", "-c", "4", "-j", "2", "-T", "40", "-M", "simple", "-S"])
+        .arg(uri(&env, "txn", &pw, "mover"))
+        .kill_on_drop(true)
+        .output();
+    let reads = tokio::spawn(reads);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (s, op) = env
         .call(
@@ -782,7 +799,20 @@ async fn a_move_under_pgbench_in_transaction_mode_fails_no_transaction() {
         !bench.is_finished(),
         "pgbench ended before the move did: its cut-over was not under traffic"
     );
+    // Read while its clients are there (the figures go with them).
+    let (_, pools) = env.call(Method::GET, "/admin/v1/pools", None).await;
+    let shared: u64 = pools["wire"]["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["shared_queries"].as_u64().unwrap())
+        .sum();
+    assert!(shared > 0, "no read was shared: {pools}");
     let out = bench.await.unwrap().unwrap();
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("number of failed transactions: 0 "), "{said}");
+    let out = reads.await.unwrap().unwrap();
     let said = text(&out);
     assert!(out.status.success(), "{said}");
     assert!(said.contains("number of failed transactions: 0 "), "{said}");
