@@ -204,6 +204,8 @@ pub struct ServerConn {
     prepared: HashMap<String, u64>,
     uses: u64,
     pub statement_cap: usize,
+    /// Written by [`ServerConn::recv_or_send`] and not flushed yet.
+    unflushed: bool,
     pub id: u64,
     pub born: Instant,
     held: Held,
@@ -393,6 +395,7 @@ impl ServerConn {
             prepared: HashMap::new(),
             uses: 0,
             statement_cap: usize::MAX,
+            unflushed: false,
             id: budget,
             born: Instant::now(),
             held,
@@ -475,24 +478,35 @@ impl ServerConn {
     /// are read (queries pipelined) must not stop reading to write: the
     /// server may be waiting for its answers to be taken before it reads.
     pub async fn recv_or_send(&mut self) -> Traffic {
-        if self.out.is_empty() {
+        if self.out.is_empty() && !self.unflushed {
             return Traffic::Frame(self.reader.next().await);
         }
-        let written = tokio::select! {
+        // Through TLS what is written may wait in its buffer until flushed:
+        // flushed as writes are, beside the reads (a flush dropped half
+        // way is taken up again on the next call).
+        let (writer, out) = (&mut self.writer, &self.out);
+        let send = async move {
+            if out.is_empty() {
+                writer.flush().await.map(|()| None)
+            } else {
+                writer.write(out).await.map(Some)
+            }
+        };
+        let sent = tokio::select! {
             biased;
-            n = self.writer.write(&self.out) => n,
+            sent = send => sent,
             m = self.reader.next() => return Traffic::Frame(m),
         };
-        Traffic::Sent(match written {
-            Ok(0) => Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => {
+        Traffic::Sent(match sent {
+            Ok(Some(0)) => Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(Some(n)) => {
                 self.out.advance(n);
-                if self.out.is_empty() {
-                    // Through TLS: what it holds goes out too.
-                    self.writer.flush().await
-                } else {
-                    Ok(())
-                }
+                self.unflushed = true;
+                Ok(())
+            }
+            Ok(None) => {
+                self.unflushed = false;
+                Ok(())
             }
             Err(e) => Err(e),
         })

@@ -257,8 +257,10 @@ pub struct WireTenantStats {
 #[derive(Default)]
 struct CancelSlot {
     server: Mutex<Option<(Target, i32, i32)>>,
-    /// A query on a shared connection: its line and ticket.
-    shared: Mutex<Option<(Arc<mux::LineState>, u64)>>,
+    /// A query on a shared connection: its line, ticket, and what answers
+    /// it at once when it is queued.
+    #[allow(clippy::type_complexity)]
+    shared: Mutex<Option<(Arc<mux::LineState>, u64, Arc<tokio::sync::Notify>)>>,
 }
 
 pub(crate) struct Shared {

@@ -12,10 +12,14 @@
 //! Only what cannot leave anything behind on the connection is shared: a
 //! simple query of one `SELECT` (see `session::sharable`), which runs as
 //! a transaction of its own, so an error in it does not touch the queries
-//! after it. A line takes no more while the answer it is reading is large
-//! (a big result is not queued behind), nor more than [`MAX_DEPTH`]
-//! queries at once; the queries already behind a long one wait for it,
-//! which is the price of sharing (and why it is off unless asked for).
+//! after it. Each answer must look like one such query's (see
+//! [`Reading::check`]): one that does not (the text read otherwise than
+//! silo read it) ends the line and every query on it, never hands one
+//! client's answer to another. A line takes no more while the answer it
+//! is reading is large (a big result is not queued behind), nor more than
+//! [`MAX_DEPTH`] queries at once; the queries already behind a long one
+//! wait for it, which is the price of sharing (and why it is off unless
+//! asked for).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -23,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use super::backend::{Target, Traffic};
 use super::pool::{Checkout, WirePool};
@@ -34,28 +38,33 @@ use super::Ender;
 /// Queries one line has been given and not answered yet, at most.
 pub(super) const MAX_DEPTH: usize = 16;
 /// Longest query text shared: what a line has written and the server not
-/// read yet stays small (the answers are read meanwhile all the same).
+/// read yet stays small.
 pub(super) const MAX_QUERY: usize = 8 * 1024;
 /// Answers are handed on in parts of about this size; a line takes no
 /// more queries while the one it is reading has this much.
 const PART: usize = 64 * 1024;
-/// Longest a line waits for a client to take part of its answer.
+/// A client must take its answer at this rate at least, after
+/// [`STALL`]: one that does not holds up every query behind it.
 const STALL: Duration = Duration::from_secs(10);
-/// Longest a query waits for a line to be opened before it runs as usual.
-const OPEN_WAIT: Duration = Duration::from_secs(1);
+const MIN_RATE: u64 = 1024 * 1024;
 /// A line with nothing to do gives its connection back after this long.
 const LINGER: Duration = Duration::from_millis(50);
+/// Longest a query waits for a line to be opened before it runs as usual.
+const OPEN_WAIT: Duration = Duration::from_secs(1);
 
 /// What a client gets back for a shared query.
 pub(super) enum Answer {
-    /// Part of the answer, more to come.
-    Part(Bytes),
-    /// The rest of it, through its `ReadyForQuery`, with the errors the
-    /// server sent in the whole answer and the transaction status.
+    /// Part of the answer, more to come; `torn`: it ends inside a message.
+    Part { bytes: Bytes, torn: bool },
+    /// The rest of it, through its `ReadyForQuery`: the errors the server
+    /// sent in the whole answer, the transaction status, and the settings
+    /// it reported changed (`ParameterStatus`; the line ends after such
+    /// an answer, as the queries behind it saw the change).
     Done {
         bytes: Bytes,
         errors: u32,
         status: u8,
+        reported: Vec<Bytes>,
     },
     /// Never sent to the server: run it on a connection of its own.
     Retry,
@@ -78,6 +87,9 @@ pub(super) struct LineState {
     depth: AtomicUsize,
     /// The ticket whose answer is being read now (0: none).
     head: AtomicU64,
+    /// The last ticket a cancel was sent to the server for (0: none): a
+    /// query after it that the cancel reached instead runs again.
+    cancelled: AtomicU64,
     /// The tracked settings it has (see `WirePool::settings_key`).
     settings: u64,
     /// Whether it takes more queries now (not while it reads a large
@@ -89,20 +101,22 @@ pub(super) struct LineState {
 }
 
 impl LineState {
-    /// Cancel the query of `ticket` if it is the one the server is on.
-    /// Another client's query may have started just after the check: the
-    /// same race PostgreSQL's own cancel has between a client's queries,
-    /// here between the tenant's clients on a line.
-    pub(super) fn cancel(&self, ticket: u64) {
+    /// Cancel the query of `ticket` if it is the one whose answer the line
+    /// is reading (the server is on it, or has gone on to the next,
+    /// which then runs again: see [`Reading::check`]); `false`: it is not
+    /// (its client is answered by silo, see `Ticket::cancel`).
+    pub(super) fn cancel(&self, ticket: u64) -> bool {
         if self.head.load(Ordering::Acquire) != ticket {
-            return;
+            return false;
         }
+        self.cancelled.store(ticket, Ordering::Release);
         let (target, pid, secret) = (self.target.clone(), self.pid, self.secret);
         tokio::spawn(async move {
             if let Err(e) = target.cancel(pid, secret).await {
                 tracing::debug!("failed to forward a cancel request: {e}");
             }
         });
+        true
     }
 }
 
@@ -124,6 +138,10 @@ pub(super) struct Ticket {
     pub answers: mpsc::Receiver<Answer>,
     pub line: Arc<LineState>,
     pub id: u64,
+    /// Told when a cancel request for it could not be sent to the server
+    /// (it is queued behind another client's): its client is answered by
+    /// silo, and its answer dropped.
+    pub cancel: Arc<Notify>,
 }
 
 static TICKETS: AtomicU64 = AtomicU64::new(1);
@@ -157,6 +175,7 @@ impl Lines {
             answers,
             line: line.state.clone(),
             id,
+            cancel: Arc::new(Notify::new()),
         })
     }
 
@@ -165,10 +184,20 @@ impl Lines {
     }
 }
 
+/// A line being opened, counted until dropped.
+struct Opening<'a>(&'a AtomicUsize);
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Run `query` (a whole `Q` frame) on one of `pool`'s shared connections,
 /// if the pool is busy enough to share (`lines` connections of it in use
-/// at least) and a line has room or one can be opened at once; `None`:
-/// run it as usual.
+/// at least) and a line for clients with the `wanted` settings has room,
+/// or one can be opened; `None`: run it as usual. A pool keeps a
+/// connection of its cap out of lines, for what is not shared.
 pub(super) async fn submit(
     pool: &Arc<WirePool>,
     lines: usize,
@@ -176,21 +205,22 @@ pub(super) async fn submit(
     ender: &Arc<Ender>,
     wanted: &[(String, String)],
 ) -> Option<Ticket> {
-    if pool.is_closed() || pool.in_use() < lines {
+    let lines = lines.min(pool.cap().saturating_sub(1));
+    if lines == 0 || pool.is_closed() || pool.in_use() < lines {
         return None;
     }
     let settings = pool.settings_key(wanted, TRACKED)?;
     if let Some(t) = pool.lines.give(query, ender, settings) {
         return Some(t);
     }
-    // Every line full (or none yet): open one more if there may be.
+    // Every line full (or none yet for these settings): open one more if
+    // there may be, on a connection at hand.
     let opening = pool.lines.opening.fetch_add(1, Ordering::AcqRel);
-    let opened = if pool.lines.count() + opening < lines {
-        open(pool, wanted, settings).await
-    } else {
-        false
-    };
-    pool.lines.opening.fetch_sub(1, Ordering::AcqRel);
+    let counted = Opening(&pool.lines.opening);
+    let opened = pool.lines.count() + opening < lines
+        && pool.has_room()
+        && open(pool, wanted, settings).await;
+    drop(counted);
     if opened {
         pool.lines.give(query, ender, settings)
     } else {
@@ -198,15 +228,16 @@ pub(super) async fn submit(
     }
 }
 
-/// Open a line on a connection of `pool` (waiting at most [`OPEN_WAIT`])
-/// for clients with the `wanted` tracked settings.
+/// Open a line on a connection of `pool` for clients with the `wanted`
+/// tracked settings (`settings`, their key).
 async fn open(pool: &Arc<WirePool>, wanted: &[(String, String)], settings: u64) -> bool {
     let Ok(mut checkout) = pool.acquire(Instant::now() + OPEN_WAIT).await else {
         return false;
     };
-    let conn = checkout.conn();
     // The tracked settings as its clients have them (their own, else the
-    // server's at login), whatever a client before left.
+    // server's at login, as the key has them), whatever a client before left.
+    let initial = pool.initial_params().unwrap_or_default();
+    let conn = checkout.conn();
     let sets: Vec<String> = TRACKED
         .iter()
         .filter_map(|k| {
@@ -214,21 +245,21 @@ async fn open(pool: &Arc<WirePool>, wanted: &[(String, String)], settings: u64) 
                 .iter()
                 .find(|(n, _)| n == k)
                 .map(|(_, v)| v)
-                .or_else(|| conn.initial.get(*k))?;
+                .or_else(|| initial.get(*k))?;
             (conn.params.get(*k) != Some(want)).then(|| set_config(k, want))
         })
         .collect();
-    if !sets.is_empty()
-        && conn
-            .run_quietly(&format!("SELECT {}", sets.join(", ")))
-            .await
-            .is_err()
-    {
-        return false;
+    if !sets.is_empty() {
+        let sql = format!("SELECT {}", sets.join(", "));
+        let set = conn.run_quietly(&sql);
+        if !matches!(tokio::time::timeout(OPEN_WAIT, set).await, Ok(Ok(()))) {
+            return false;
+        }
     }
     let state = Arc::new(LineState {
         depth: AtomicUsize::new(0),
         head: AtomicU64::new(0),
+        cancelled: AtomicU64::new(0),
         settings,
         taking: AtomicBool::new(true),
         target: conn.target.clone(),
@@ -254,35 +285,122 @@ enum End {
 }
 
 /// The answer a line is reading, for the query at the head of its queue.
-#[derive(Default)]
 struct Reading {
     bytes: BytesMut,
-    /// Its size so far, and the errors in it.
+    /// Its size so far, what of it was handed on, and when it began.
     read: usize,
+    handed: u64,
+    began: Instant,
     errors: u32,
+    /// Results ended (`CommandComplete`, `EmptyQueryResponse`).
+    results: u32,
+    /// Settings the server reported changed in it.
+    reported: Vec<Bytes>,
     /// Its client was ended for not taking it: the rest is dropped.
     dropped: bool,
 }
 
+/// What a message of an answer means for the line.
+enum Check {
+    Fine,
+    /// Not what one `SELECT` answers: the line cannot tell whose the
+    /// messages after it are.
+    Foreign,
+    /// Its query was cancelled by a cancel meant for the query before it:
+    /// run it again.
+    Again,
+}
+
 impl Reading {
-    /// Hand `answer` to `job`'s client. One that has not taken what it
-    /// was given within [`STALL`] holds up every query behind it: it is
-    /// ended, and the rest of its answer dropped.
-    async fn hand(&mut self, job: &Job, answer: Answer) {
+    fn new() -> Self {
+        Self {
+            bytes: BytesMut::new(),
+            read: 0,
+            handed: 0,
+            began: Instant::now(),
+            errors: 0,
+            results: 0,
+            reported: Vec::new(),
+            dropped: false,
+        }
+    }
+
+    /// The next answer, in the same buffer.
+    fn next(&mut self) -> Self {
+        let mut next = Self::new();
+        next.bytes = std::mem::take(&mut self.bytes);
+        next
+    }
+
+    /// Whether `m` (of the answer to `ticket`) is what one `SELECT` in a
+    /// transaction of its own answers: rows, notices, one result or one
+    /// error (after a result, as a failed commit), settings reported.
+    fn check(&mut self, m: &proto::Msg, ticket: u64, line: &LineState) -> Check {
+        match m.tag {
+            b'T' | b'D' | b'N' | b'S' | proto::PART => Check::Fine,
+            b'C' | b'I' => {
+                self.results += 1;
+                if self.results > 1 || self.errors > 0 {
+                    Check::Foreign
+                } else {
+                    Check::Fine
+                }
+            }
+            b'E' => {
+                self.errors += 1;
+                if self.errors > 1 {
+                    return Check::Foreign;
+                }
+                let (_, code, message) = proto::error_fields(m.body());
+                let cancelled = line.cancelled.load(Ordering::Acquire);
+                if code == "57014"
+                    && message.contains("user request")
+                    && cancelled != 0
+                    && cancelled != ticket
+                    && self.handed == 0
+                {
+                    line.cancelled.store(0, Ordering::Release);
+                    return Check::Again;
+                }
+                if cancelled == ticket {
+                    line.cancelled.store(0, Ordering::Release);
+                }
+                Check::Fine
+            }
+            b'Z' => Check::Fine,
+            _ => Check::Foreign,
+        }
+    }
+
+    /// Hand `answer` to `job`'s client. One that takes its answer slower
+    /// than [`MIN_RATE`] after [`STALL`] holds up every query behind it:
+    /// it is ended, and the rest of its answer dropped.
+    async fn hand(&mut self, job: &Job, answer: Answer, size: usize) {
         if self.dropped {
             return;
         }
-        if tokio::time::timeout(STALL, job.reply.send(answer))
+        let allowed = STALL + Duration::from_secs(self.handed / MIN_RATE);
+        let left = allowed.saturating_sub(self.began.elapsed());
+        self.handed += size as u64;
+        if tokio::time::timeout(left, job.reply.send(answer))
             .await
             .is_err()
         {
             metrics::counter!("silo_wire_refused_total", "reason" => "shared_stall").increment(1);
             job.ender.end(&format!(
-                "it did not read its answer on a shared server connection for {} s",
-                STALL.as_secs()
+                "it did not take its answer on a shared server connection in time ({} s, then {} MiB/s)",
+                STALL.as_secs(),
+                MIN_RATE / (1024 * 1024)
             ));
             self.dropped = true;
         }
+    }
+
+    /// What is read so far, as a part to hand on.
+    fn part(&mut self, torn: bool) -> (Answer, usize) {
+        let bytes = self.bytes.split().freeze();
+        let size = bytes.len();
+        (Answer::Part { bytes, torn }, size)
     }
 }
 
@@ -295,9 +413,11 @@ async fn run(
     mut inbox: mpsc::UnboundedReceiver<Job>,
 ) {
     let mut waiting: VecDeque<Job> = VecDeque::with_capacity(MAX_DEPTH);
-    let mut reading = Reading::default();
-    // Set when the server reports a setting changed: the line takes no more.
+    let mut reading = Reading::new();
+    // Set when the line should take no more: a setting changed, or the
+    // connection is as old as connections are kept.
     let mut retiring = false;
+    let lifetime = pool.max_lifetime();
     let linger = tokio::time::sleep(LINGER);
     tokio::pin!(linger);
     let end = loop {
@@ -331,29 +451,40 @@ async fn run(
                             retiring = true;
                             continue;
                         }
-                        b'N' => continue,
+                        b'N' | proto::PART => continue,
                         _ => break End::Broken,
                     }
                 };
-                match m.tag {
-                    b'E' => {
-                        reading.errors += 1;
-                        let (severity, _, _) = proto::error_fields(m.body());
-                        if matches!(severity.as_str(), "FATAL" | "PANIC") {
-                            if !reading.bytes.is_empty() {
-                                let part = Answer::Part(reading.bytes.split().freeze());
-                                reading.hand(head, part).await;
-                            }
-                            reading.hand(head, Answer::Lost(Some(m.frame))).await;
-                            waiting.pop_front();
-                            break End::Broken;
+                if m.tag == b'E' {
+                    let (severity, _, _) = proto::error_fields(m.body());
+                    if matches!(severity.as_str(), "FATAL" | "PANIC") {
+                        if !reading.bytes.is_empty() {
+                            let (part, size) = reading.part(false);
+                            reading.hand(head, part, size).await;
                         }
+                        let size = m.frame.len();
+                        reading.hand(head, Answer::Lost(Some(m.frame)), size).await;
+                        waiting.pop_front();
+                        break End::Broken;
                     }
-                    b'S' => {
-                        conn.note_parameter(&m);
-                        retiring = true;
+                }
+                match reading.check(&m, head.ticket, &state) {
+                    Check::Fine => {}
+                    Check::Foreign => {
+                        metrics::counter!("silo_wire_shared_broken_total").increment(1);
+                        tracing::warn!(tag = m.tag, "a shared server connection sent what one SELECT does not answer: it is closed, with its queries");
+                        break End::Broken;
                     }
-                    _ => {}
+                    Check::Again if m.tag == b'E' => {
+                        // Its `ReadyForQuery` follows; then it runs again.
+                        reading.errors = u32::MAX;
+                    }
+                    Check::Again => {}
+                }
+                if m.tag == b'S' {
+                    conn.note_parameter(&m);
+                    reading.reported.push(m.frame.clone());
+                    retiring = true;
                 }
                 reading.read += m.frame.len();
                 if !reading.dropped {
@@ -361,29 +492,43 @@ async fn run(
                 }
                 if m.tag == b'Z' {
                     let status = m.body().first().copied().unwrap_or(b'I');
-                    let done = Answer::Done {
-                        bytes: reading.bytes.split().freeze(),
-                        errors: reading.errors,
-                        status,
-                    };
-                    reading.hand(head, done).await;
-                    reading = Reading { bytes: reading.bytes, ..Reading::default() };
-                    waiting.pop_front();
+                    let job = waiting.pop_front().expect("a head");
+                    if reading.errors == u32::MAX && status == b'I' {
+                        // Cancelled for another's sake: to the back of the line.
+                        metrics::counter!("silo_wire_shared_reruns_total").increment(1);
+                        reading = reading.next();
+                        reading.bytes.clear();
+                        conn.push(&job.query);
+                        waiting.push_back(job);
+                        state.head.store(waiting.front().map_or(0, |j| j.ticket), Ordering::Release);
+                        continue;
+                    }
+                    let reported = std::mem::take(&mut reading.reported);
+                    let changed = !reported.is_empty();
+                    let bytes = reading.bytes.split().freeze();
+                    let size = bytes.len();
+                    let done = Answer::Done { bytes, errors: reading.errors, status, reported };
+                    reading.hand(&job, done, size).await;
+                    reading = reading.next();
                     state.depth.fetch_sub(1, Ordering::AcqRel);
                     state.head.store(waiting.front().map_or(0, |j| j.ticket), Ordering::Release);
                     state.taking.store(!retiring, Ordering::Release);
                     metrics::counter!("silo_wire_shared_queries_total").increment(1);
-                    if status != b'I' {
-                        // A transaction left open: what follows would run
-                        // in it. Cannot be, for one `SELECT`; never trusted.
+                    if status != b'I' || (changed && !waiting.is_empty()) {
+                        // A transaction left open (cannot be, for one
+                        // `SELECT`; never trusted), or a setting changed
+                        // under the queries behind: they end with the line.
                         break End::Broken;
                     }
                     if waiting.is_empty() {
                         linger.as_mut().reset(tokio::time::Instant::now() + LINGER);
+                        if checkout.conn().born.elapsed() >= lifetime {
+                            retiring = true;
+                        }
                     }
                 } else if reading.bytes.len() >= PART {
-                    let part = Answer::Part(reading.bytes.split().freeze());
-                    reading.hand(head, part).await;
+                    let (part, size) = reading.part(conn.mid_message());
+                    reading.hand(head, part, size).await;
                 }
             }
             job = inbox.recv(), if taking && waiting.len() < MAX_DEPTH => {
@@ -395,8 +540,14 @@ async fn run(
                     state.depth.fetch_sub(1, Ordering::AcqRel);
                     continue;
                 }
+                if job.reply.is_closed() {
+                    // Its client is gone (ended, or answered by silo).
+                    state.depth.fetch_sub(1, Ordering::AcqRel);
+                    continue;
+                }
                 conn.push(&job.query);
                 if waiting.is_empty() {
+                    reading.began = Instant::now();
                     state.head.store(job.ticket, Ordering::Release);
                 }
                 waiting.push_back(job);
@@ -422,5 +573,92 @@ async fn run(
     match end {
         End::Done => checkout.release(),
         End::Broken => drop(checkout),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(tag: u8, body: &[u8]) -> proto::Msg {
+        let mut frame = vec![tag];
+        frame.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        frame.extend_from_slice(body);
+        proto::Msg {
+            tag,
+            frame: Bytes::from(frame),
+        }
+    }
+
+    fn error(code: &str, message: &str) -> proto::Msg {
+        let mut body = Vec::new();
+        for (f, v) in [(b'S', "ERROR"), (b'C', code), (b'M', message)] {
+            body.push(f);
+            body.extend_from_slice(v.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        msg(b'E', &body)
+    }
+
+    fn line() -> LineState {
+        LineState {
+            depth: AtomicUsize::new(0),
+            head: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            settings: 0,
+            taking: AtomicBool::new(true),
+            target: Target::Unix("/nowhere".into()),
+            pid: 0,
+            secret: 0,
+        }
+    }
+
+    /// Each message of an answer in turn; the last check.
+    fn checks(line: &LineState, ticket: u64, answer: &[proto::Msg]) -> Vec<&'static str> {
+        let mut r = Reading::new();
+        answer
+            .iter()
+            .map(|m| match r.check(m, ticket, line) {
+                Check::Fine => "fine",
+                Check::Foreign => "foreign",
+                Check::Again => "again",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn only_what_one_select_answers_is_taken_for_its_answer() {
+        let l = line();
+        let (t, d, c) = (msg(b'T', b""), msg(b'D', b""), msg(b'C', b"SELECT 1\0"));
+        let z = msg(b'Z', b"I");
+        assert_eq!(
+            checks(&l, 1, &[t.clone(), d.clone(), c.clone(), z.clone()]),
+            ["fine"; 4]
+        );
+        assert_eq!(
+            checks(&l, 1, &[error("22012", "division by zero"), z.clone()]),
+            ["fine"; 2]
+        );
+        // Two results, a copy, a result after an error: not one SELECT's.
+        assert_eq!(checks(&l, 1, &[c.clone(), c.clone()])[1], "foreign");
+        assert_eq!(checks(&l, 1, &[msg(b'G', b"")])[0], "foreign");
+        assert_eq!(
+            checks(&l, 1, &[error("22012", "x"), c.clone()])[1],
+            "foreign"
+        );
+        // A cancel meant for ticket 1 that reached ticket 2: 2 runs again,
+        // once; 1's own cancel is 1's.
+        let cancel = error("57014", "canceling statement due to user request");
+        l.cancelled.store(1, Ordering::Release);
+        assert_eq!(checks(&l, 2, std::slice::from_ref(&cancel)), ["again"]);
+        assert_eq!(checks(&l, 2, std::slice::from_ref(&cancel)), ["fine"]);
+        l.cancelled.store(1, Ordering::Release);
+        assert_eq!(checks(&l, 1, std::slice::from_ref(&cancel)), ["fine"]);
+        assert_eq!(l.cancelled.load(Ordering::Acquire), 0);
+        // A statement timeout is no one's cancel.
+        l.cancelled.store(1, Ordering::Release);
+        let timeout = error("57014", "canceling statement due to statement timeout");
+        assert_eq!(checks(&l, 2, &[timeout]), ["fine"]);
     }
 }

@@ -82,6 +82,21 @@ impl WirePool {
         })
     }
 
+    /// At most this many connections of the tenant at once.
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
+    /// Whether a connection may be checked out now without waiting.
+    pub fn has_room(&self) -> bool {
+        self.slots.available_permits() > 0
+    }
+
+    /// Longest a server connection is kept.
+    pub fn max_lifetime(&self) -> Duration {
+        self.budget.policy().max_lifetime
+    }
+
     /// Connections checked out right now.
     pub fn in_use(&self) -> usize {
         self.cap.saturating_sub(self.slots.available_permits())

@@ -593,9 +593,11 @@ async fn cancel(shared: &Shared, pid: i32, key: i32) {
         .get(&(pid, key))
         .cloned();
     let Some(slot) = slot else { return };
-    if let Some((line, ticket)) = slot.shared.lock().expect("cancel slot").as_ref() {
+    if let Some((line, ticket, queued)) = slot.shared.lock().expect("cancel slot").as_ref() {
         metrics::counter!("silo_wire_cancels_total").increment(1);
-        line.cancel(*ticket);
+        if !line.cancel(*ticket) {
+            queued.notify_one();
+        }
         return;
     }
     let server = slot.server.lock().expect("cancel slot").clone();
@@ -983,7 +985,7 @@ impl Session {
             return Ok(Some(m));
         };
         *self.cancel_slot.shared.lock().expect("cancel slot") =
-            Some((ticket.line.clone(), ticket.id));
+            Some((ticket.line.clone(), ticket.id, ticket.cancel.clone()));
         let answered = self.shared_answer(&mut ticket).await;
         *self.cancel_slot.shared.lock().expect("cancel slot") = None;
         Ok((!answered?).then_some(m))
@@ -1001,22 +1003,38 @@ impl Session {
                     ticket.line.cancel(ticket.id);
                     return Err(self.ended());
                 }
+                () = ticket.cancel.notified(), if !started => {
+                    // Cancelled while queued behind another client's query:
+                    // answered here, as the server would; it runs there to
+                    // its end all the same, its answer dropped.
+                    self.count_errors(1);
+                    proto::error(&mut self.out, "ERROR", "57014", "canceling statement due to user request");
+                    proto::ready_for_query(&mut self.out, b'I');
+                    self.flush_client().await.map_err(gone)?;
+                    return Ok(true);
+                }
                 a = ticket.answers.recv() => a,
             };
             match answer {
                 Some(mux::Answer::Retry) if !started => return Ok(false),
-                Some(mux::Answer::Part(bytes)) => {
+                Some(mux::Answer::Part { bytes, torn }) => {
                     started = true;
                     self.flush_client().await.map_err(gone)?;
                     self.write_client(&bytes).await.map_err(gone)?;
+                    // Inside a message: an error now would land in its bytes.
+                    self.torn = torn;
                 }
                 Some(mux::Answer::Done {
                     bytes,
                     errors,
                     status,
+                    reported,
                 }) => {
                     self.count_errors(errors);
                     self.status = status;
+                    for frame in reported {
+                        self.client_sees(&Msg { tag: b'S', frame });
+                    }
                     let counters = &self.tenant_slot.counters;
                     counters.shared.fetch_add(1, Ordering::Relaxed);
                     if status == b'I' {
@@ -1026,11 +1044,12 @@ impl Session {
                             .fetch_add(1, Ordering::Relaxed);
                         self.transactions.increment(1);
                     }
+                    self.torn = false;
                     self.flush_client().await.map_err(gone)?;
                     self.write_client(&bytes).await.map_err(gone)?;
                     return Ok(true);
                 }
-                Some(mux::Answer::Lost(Some(last_word))) => {
+                Some(mux::Answer::Lost(Some(last_word))) if !self.torn => {
                     // The server's own last word is the client's.
                     self.count_errors(1);
                     self.out.extend_from_slice(&last_word);
@@ -2044,7 +2063,11 @@ fn sharable(body: &[u8]) -> bool {
         "UPDATE",
         "SHARE",
     ];
-    if body.len() > mux::MAX_QUERY {
+    // A backslash may escape a quote as the server reads the text (with
+    // `standard_conforming_strings` off, or as the second byte of a
+    // character in SJIS, BIG5, GBK, …) where silo's reading does not:
+    // never shared, so that what silo takes for one statement is one.
+    if body.len() > mux::MAX_QUERY || body.contains(&b'\\') {
         return false;
     }
     let Some((sql, _)) = proto::split_cstr(body) else {
@@ -2371,6 +2394,8 @@ mod tests {
             "SELECT pg_terminate_backend(pg_backend_pid())",
             "SELECT * INTO TEMP t FROM u",
             "SELECT 'unterminated",
+            "SELECT 'a\\' , '; COPY t FROM STDIN; SELECT 'x\\''",
+            "SELECT E'\\''",
             "",
         ] {
             assert!(!q(no), "{no}");

@@ -73,6 +73,25 @@ async fn a_busy_tenant_s_single_reads_share_connections_and_each_client_gets_its
     let (_, after, _) = figures(&env, "busy").await;
     assert_eq!(after - before, 20, "every single read shared, nothing else");
 
+    // A client with a setting of its own shares with clients of the same
+    // only: each sees its own, on lines of their own.
+    let options: sqlx::postgres::PgConnectOptions = u.parse().unwrap();
+    let mut std =
+        sqlx::PgConnection::connect_with(&options.options([("IntervalStyle", "sql_standard")]))
+            .await
+            .unwrap();
+    std.execute("SELECT 1").await.unwrap();
+    let (_, before, _) = figures(&env, "busy").await;
+    let style = "SELECT current_setting('IntervalStyle')";
+    for _ in 0..10 {
+        let mine: String = std.fetch_one(style).await.unwrap().get(0);
+        assert_eq!(mine, "sql_standard");
+        let theirs: String = c.fetch_one(style).await.unwrap().get(0);
+        assert_eq!(theirs, "postgres");
+    }
+    let (_, after, _) = figures(&env, "busy").await;
+    assert_eq!(after - before, 20, "both kinds shared");
+
     // 24 clients at once, each with numbers of its own; some fail on
     // purpose, one reads answers larger than a line's part, one runs
     // transactions in between.
@@ -134,6 +153,48 @@ async fn a_busy_tenant_s_single_reads_share_connections_and_each_client_gets_its
     }
 }
 
+/// psql running `statements` in one session (a `-c` each), unaligned.
+fn psql_session(uri: &str, statements: &[&str]) -> tokio::process::Child {
+    let mut cmd = tokio::process::Command::new("psql");
+    cmd.arg(uri).args(["-X", "-A", "-t"]);
+    for s in statements {
+        cmd.args(["-c", s]);
+    }
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// The first line psql prints (its first statement answered: it sends
+/// the next then), and the rest of what it prints. A first statement
+/// that is not shared (`VALUES`) is not queued behind a line's long one.
+async fn first_line(
+    child: &mut tokio::process::Child,
+) -> (String, tokio::io::BufReader<tokio::process::ChildStdout>) {
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line)
+        .await
+        .unwrap();
+    (line.trim().to_owned(), out)
+}
+
+/// Ctrl-C to psql; what it said after.
+async fn interrupt(child: tokio::process::Child) -> std::process::Output {
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("psql ended after its cancel")
+        .unwrap()
+}
+
+const CANCELLED: &str = "canceling statement due to user request";
+
+/// One line (psql's clients only: one kind of settings), a transaction
+/// held beside it so that the tenant counts as busy.
 #[tokio::test]
 async fn a_shared_query_is_cancelled_alone_and_a_lost_shared_connection_ends_only_its_own() {
     let env = TestEnv::setup()
@@ -144,64 +205,63 @@ async fn a_shared_query_is_cancelled_alone_and_a_lost_shared_connection_ends_onl
     let pw = credential(&env, "line", "app", PoolMode::Transaction).await;
     let u = uri(&env, "app", &pw, "line");
     let mut held = in_transaction(&u).await;
-    let mut c = sqlx::PgConnection::connect(&u).await.unwrap();
-    assert_eq!(number(&mut c, "SELECT 1::int8").await.unwrap(), 1);
     let (_, before, _) = figures(&env, "line").await;
+    let long =
+        |name: &str| format!("SELECT count(*) FROM generate_series(1, 100000000000) AS {name}");
 
-    // psql's second statement is shared (its first finds the pool); the
-    // other client's query waits behind it on the one line. Ctrl-C
-    // cancels psql's alone.
-    let long = "SELECT count(*) FROM generate_series(1, 100000000000) AS shared_cancel";
-    let psql = tokio::process::Command::new("psql")
-        .arg(&u)
-        .args(["-X", "-c", "SELECT 1", "-c", long])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let pid = nix::unistd::Pid::from_raw(psql.id().unwrap() as i32);
-    wait_until_running(&env, "line", "%shared_cancel%", None).await;
-    let behind = tokio::spawn(async move {
-        let n = number(&mut c, "SELECT 42::int8").await;
-        (c, n)
-    });
-    // Given to the line (its answer owed) before the cancel is sent.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-    let out = tokio::time::timeout(Duration::from_secs(30), psql.wait_with_output())
-        .await
-        .expect("psql ended after its cancel")
-        .unwrap();
-    assert!(
-        text(&out).contains("canceling statement due to user request"),
-        "{}",
-        text(&out)
-    );
-    let (mut c, n) = tokio::time::timeout(Duration::from_secs(30), behind)
+    // A long query at the head of the line (psql's second statement: its
+    // first finds the pool), another client's queued behind it. Ctrl-C
+    // cancels the long one alone.
+    let head = psql_session(&u, &["SELECT 1", &long("shared_cancel")]);
+    wait_until_running(&env, "line", "%AS shared_cancel", None).await;
+    let mut behind = psql_session(&u, &["VALUES ('first')", "SELECT 42"]);
+    let (first, mut rest) = first_line(&mut behind).await;
+    assert_eq!(first, "first");
+    // Its second given to the line before the cancel is sent.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out = interrupt(head).await;
+    assert!(text(&out).contains(CANCELLED), "{}", text(&out));
+    let out = tokio::time::timeout(Duration::from_secs(30), behind.wait_with_output())
         .await
         .expect("the query behind answered")
         .unwrap();
+    let mut said = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut rest, &mut said)
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
     assert_eq!(
-        n.unwrap(),
-        42,
+        said.trim(),
+        "42",
         "the query behind the cancelled one is not cancelled"
     );
     let (_, after, _) = figures(&env, "line").await;
     assert!(after - before >= 2, "both ran shared ({before} -> {after})");
 
+    // A query queued behind another client's long one is cancelled at
+    // once, by silo: a cancel sent to the server would stop the long one.
+    let head = psql_session(&u, &["SELECT 1", &long("shared_head")]);
+    wait_until_running(&env, "line", "%AS shared_head", None).await;
+    let mut queued = psql_session(&u, &["VALUES ('first')", "SELECT 'queued'"]);
+    let (first, _) = first_line(&mut queued).await;
+    assert_eq!(first, "first");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out = interrupt(queued).await;
+    assert!(text(&out).contains(CANCELLED), "{}", text(&out));
+    let running: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%AS shared_head' AND state = 'active'",
+    )
+    .fetch_one(&env.admin)
+    .await
+    .unwrap();
+    assert_eq!(running, 1, "the long query goes on");
+    let out = interrupt(head).await;
+    assert!(text(&out).contains(CANCELLED), "{}", text(&out));
+
     // The shared connection ended under a long query: its client hears
     // why; the tenant's other clients go on, on a new one.
-    let long = "SELECT count(*) FROM generate_series(1, 100000000000) AS shared_lost";
-    let psql = tokio::process::Command::new("psql")
-        .arg(&u)
-        .args(["-X", "-c", "SELECT 1", "-c", long])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    wait_until_running(&env, "line", "%shared_lost%", None).await;
+    let lost = psql_session(&u, &["SELECT 1", &long("shared_lost")]);
+    wait_until_running(&env, "line", "%AS shared_lost", None).await;
     let ended: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity, pg_terminate_backend(pid)
           WHERE query LIKE '%AS shared_lost' AND pid <> pg_backend_pid()",
@@ -210,7 +270,7 @@ async fn a_shared_query_is_cancelled_alone_and_a_lost_shared_connection_ends_onl
     .await
     .unwrap();
     assert_eq!(ended, 1);
-    let out = tokio::time::timeout(Duration::from_secs(30), psql.wait_with_output())
+    let out = tokio::time::timeout(Duration::from_secs(30), lost.wait_with_output())
         .await
         .expect("psql ended with its connection")
         .unwrap();
@@ -220,7 +280,16 @@ async fn a_shared_query_is_cancelled_alone_and_a_lost_shared_connection_ends_onl
         "{}",
         text(&out)
     );
-    assert_eq!(number(&mut c, "SELECT 7::int8").await.unwrap(), 7);
+    let out = psql_session(&u, &["SELECT 1", "SELECT 7"])
+        .wait_with_output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "1\n7",
+        "{}",
+        text(&out)
+    );
     assert_eq!(number(&mut held, "SELECT 8::int8").await.unwrap(), 8);
     held.execute("COMMIT").await.unwrap();
 }
