@@ -47,6 +47,9 @@ const PART: usize = 64 * 1024;
 /// [`STALL`]: one that does not holds up every query behind it.
 const STALL: Duration = Duration::from_secs(10);
 const MIN_RATE: u64 = 1024 * 1024;
+/// A line takes no more queries behind one the server has been on this
+/// long without an answer.
+const PATIENCE: Duration = Duration::from_millis(20);
 /// A line with nothing to do gives its connection back after this long.
 const LINGER: Duration = Duration::from_millis(50);
 /// Longest a query waits for a line to be opened before it runs as usual.
@@ -287,16 +290,21 @@ enum End {
 /// The answer a line is reading, for the query at the head of its queue.
 struct Reading {
     bytes: BytesMut,
-    /// Its size so far, what of it was handed on, and when it began.
+    /// Its size so far, and what of it was handed on.
     read: usize,
     handed: u64,
-    began: Instant,
+    /// How long its client may still keep the line waiting to take a
+    /// part: [`STALL`] at first, spent while it does not take it, earned
+    /// back at [`MIN_RATE`] by what it takes, never above [`STALL`].
+    allowance: Duration,
     errors: u32,
     /// Results ended (`CommandComplete`, `EmptyQueryResponse`).
     results: u32,
     /// Settings the server reported changed in it.
     reported: Vec<Bytes>,
-    /// Its client was ended for not taking it: the rest is dropped.
+    /// Cancelled by a cancel meant for the query before it: it runs again.
+    again: bool,
+    /// Its client was ended, or left: the rest is dropped.
     dropped: bool,
 }
 
@@ -317,10 +325,11 @@ impl Reading {
             bytes: BytesMut::new(),
             read: 0,
             handed: 0,
-            began: Instant::now(),
+            allowance: STALL,
             errors: 0,
             results: 0,
             reported: Vec::new(),
+            again: false,
             dropped: false,
         }
     }
@@ -329,6 +338,7 @@ impl Reading {
     fn next(&mut self) -> Self {
         let mut next = Self::new();
         next.bytes = std::mem::take(&mut self.bytes);
+        next.bytes.clear();
         next
     }
 
@@ -352,18 +362,14 @@ impl Reading {
                     return Check::Foreign;
                 }
                 let (_, code, message) = proto::error_fields(m.body());
-                let cancelled = line.cancelled.load(Ordering::Acquire);
-                if code == "57014"
-                    && message.contains("user request")
-                    && cancelled != 0
-                    && cancelled != ticket
-                    && self.handed == 0
-                {
-                    line.cancelled.store(0, Ordering::Release);
-                    return Check::Again;
+                if code != "57014" || !message.contains("user request") {
+                    return Check::Fine;
                 }
-                if cancelled == ticket {
-                    line.cancelled.store(0, Ordering::Release);
+                // A cancel's own error: whoever it was meant for, it is used.
+                let cancelled = line.cancelled.swap(0, Ordering::AcqRel);
+                if cancelled != 0 && cancelled != ticket && self.handed == 0 {
+                    self.again = true;
+                    return Check::Again;
                 }
                 Check::Fine
             }
@@ -372,27 +378,36 @@ impl Reading {
         }
     }
 
-    /// Hand `answer` to `job`'s client. One that takes its answer slower
-    /// than [`MIN_RATE`] after [`STALL`] holds up every query behind it:
-    /// it is ended, and the rest of its answer dropped.
-    async fn hand(&mut self, job: &Job, answer: Answer, size: usize) {
+    /// Hand `answer` to `job`'s client. One that keeps the line waiting
+    /// longer than its allowance holds up every query behind it: it is
+    /// ended, its query cancelled and the rest of its answer dropped; so
+    /// is one that left.
+    async fn hand(&mut self, job: &Job, line: &LineState, answer: Answer, size: usize) {
         if self.dropped {
             return;
         }
-        let allowed = STALL + Duration::from_secs(self.handed / MIN_RATE);
-        let left = allowed.saturating_sub(self.began.elapsed());
+        let finished = !matches!(answer, Answer::Part { .. });
+        let started = Instant::now();
+        let sent = tokio::time::timeout(self.allowance, job.reply.send(answer)).await;
         self.handed += size as u64;
-        if tokio::time::timeout(left, job.reply.send(answer))
-            .await
-            .is_err()
-        {
-            metrics::counter!("silo_wire_refused_total", "reason" => "shared_stall").increment(1);
-            job.ender.end(&format!(
-                "it did not take its answer on a shared server connection in time ({} s, then {} MiB/s)",
-                STALL.as_secs(),
-                MIN_RATE / (1024 * 1024)
-            ));
-            self.dropped = true;
+        let earned = Duration::from_secs_f64(size as f64 / MIN_RATE as f64);
+        self.allowance = (self.allowance.saturating_sub(started.elapsed()) + earned).min(STALL);
+        match sent {
+            Ok(Ok(())) => return,
+            Ok(Err(_)) => {}
+            Err(_) => {
+                metrics::counter!("silo_wire_refused_total", "reason" => "shared_stall")
+                    .increment(1);
+                job.ender.end(&format!(
+                    "it did not take its answer on a shared server connection ({} s without a part, or less than {} MiB/s)",
+                    STALL.as_secs(),
+                    MIN_RATE / (1024 * 1024)
+                ));
+            }
+        }
+        self.dropped = true;
+        if !finished {
+            line.cancel(job.ticket);
         }
     }
 
@@ -404,6 +419,20 @@ impl Reading {
     }
 }
 
+/// Takes a line out of its pool's list when its task ends, however it ends.
+struct Leave<'a>(&'a WirePool, &'a Arc<LineState>);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.0
+            .lines
+            .open
+            .lock()
+            .expect("lines lock")
+            .retain(|l| !Arc::ptr_eq(&l.state, self.1));
+    }
+}
+
 /// A line's task: write the queries given, hand each answer to its
 /// client, until idle or broken.
 async fn run(
@@ -412,22 +441,29 @@ async fn run(
     state: Arc<LineState>,
     mut inbox: mpsc::UnboundedReceiver<Job>,
 ) {
+    let leave = Leave(&pool, &state);
     let mut waiting: VecDeque<Job> = VecDeque::with_capacity(MAX_DEPTH);
     let mut reading = Reading::new();
+    // When the head's query became the one the server is on (about).
+    let mut head_since = Instant::now();
     // Set when the line should take no more: a setting changed, or the
-    // connection is as old as connections are kept.
+    // connection is as old as connections are kept, or it listens.
     let mut retiring = false;
+    // The connection may hold session state: closed at the end.
+    let mut spoilt = false;
     let lifetime = pool.max_lifetime();
     let linger = tokio::time::sleep(LINGER);
     tokio::pin!(linger);
     let end = loop {
         if waiting.is_empty() && (retiring || pool.is_closed()) {
-            break End::Done;
+            break if spoilt { End::Broken } else { End::Done };
         }
-        let taking = !retiring && reading.read < PART;
+        // Not queued behind what may take long: a large answer, or a
+        // query the server has been on a while.
+        let slow = !waiting.is_empty() && reading.read == 0 && head_since.elapsed() > PATIENCE;
+        let taking = !retiring && reading.read < PART && !slow;
         if !taking && state.taking.swap(false, Ordering::AcqRel) {
-            // Not queued behind what may take long: those given and not
-            // written yet run elsewhere.
+            // Those given and not written yet run elsewhere.
             while let Ok(job) = inbox.try_recv() {
                 let _ = job.reply.try_send(Answer::Retry);
                 state.depth.fetch_sub(1, Ordering::AcqRel);
@@ -442,6 +478,12 @@ async fn run(
                     Traffic::Frame(Some(Ok(m))) => m,
                     Traffic::Sent(Err(_)) | Traffic::Frame(_) => break End::Broken,
                 };
+                if m.tag == b'A' {
+                    // A notification: something on it listens (a function
+                    // ran `LISTEN`). Dropped; the connection is not reused.
+                    (retiring, spoilt) = (true, true);
+                    continue;
+                }
                 let Some(head) = waiting.front() else {
                     // Nothing asked: a setting the server reports changed
                     // (its configuration reloaded), or its last word.
@@ -460,26 +502,21 @@ async fn run(
                     if matches!(severity.as_str(), "FATAL" | "PANIC") {
                         if !reading.bytes.is_empty() {
                             let (part, size) = reading.part(false);
-                            reading.hand(head, part, size).await;
+                            reading.hand(head, &state, part, size).await;
                         }
                         let size = m.frame.len();
-                        reading.hand(head, Answer::Lost(Some(m.frame)), size).await;
+                        reading.hand(head, &state, Answer::Lost(Some(m.frame)), size).await;
                         waiting.pop_front();
                         break End::Broken;
                     }
                 }
                 match reading.check(&m, head.ticket, &state) {
-                    Check::Fine => {}
+                    Check::Fine | Check::Again => {}
                     Check::Foreign => {
                         metrics::counter!("silo_wire_shared_broken_total").increment(1);
-                        tracing::warn!(tag = m.tag, "a shared server connection sent what one SELECT does not answer: it is closed, with its queries");
+                        tracing::warn!(tag = m.tag, "a shared server connection sent what one SELECT does not answer: it is closed, its queries run again elsewhere");
                         break End::Broken;
                     }
-                    Check::Again if m.tag == b'E' => {
-                        // Its `ReadyForQuery` follows; then it runs again.
-                        reading.errors = u32::MAX;
-                    }
-                    Check::Again => {}
                 }
                 if m.tag == b'S' {
                     conn.note_parameter(&m);
@@ -493,13 +530,20 @@ async fn run(
                 if m.tag == b'Z' {
                     let status = m.body().first().copied().unwrap_or(b'I');
                     let job = waiting.pop_front().expect("a head");
-                    if reading.errors == u32::MAX && status == b'I' {
-                        // Cancelled for another's sake: to the back of the line.
-                        metrics::counter!("silo_wire_shared_reruns_total").increment(1);
+                    head_since = Instant::now();
+                    if checkout.conn().born.elapsed() >= lifetime {
+                        retiring = true;
+                    }
+                    if reading.again && status == b'I' && reading.reported.is_empty() {
                         reading = reading.next();
-                        reading.bytes.clear();
-                        conn.push(&job.query);
-                        waiting.push_back(job);
+                        if job.reply.is_closed() {
+                            state.depth.fetch_sub(1, Ordering::AcqRel);
+                        } else {
+                            // Cancelled for another's sake: to the back of the line.
+                            metrics::counter!("silo_wire_shared_reruns_total").increment(1);
+                            checkout.conn().push(&job.query);
+                            waiting.push_back(job);
+                        }
                         state.head.store(waiting.front().map_or(0, |j| j.ticket), Ordering::Release);
                         continue;
                     }
@@ -507,8 +551,9 @@ async fn run(
                     let changed = !reported.is_empty();
                     let bytes = reading.bytes.split().freeze();
                     let size = bytes.len();
-                    let done = Answer::Done { bytes, errors: reading.errors, status, reported };
-                    reading.hand(&job, done, size).await;
+                    let errors = reading.errors;
+                    let done = Answer::Done { bytes, errors, status, reported };
+                    reading.hand(&job, &state, done, size).await;
                     reading = reading.next();
                     state.depth.fetch_sub(1, Ordering::AcqRel);
                     state.head.store(waiting.front().map_or(0, |j| j.ticket), Ordering::Release);
@@ -517,25 +562,23 @@ async fn run(
                     if status != b'I' || (changed && !waiting.is_empty()) {
                         // A transaction left open (cannot be, for one
                         // `SELECT`; never trusted), or a setting changed
-                        // under the queries behind: they end with the line.
+                        // under the queries behind: they run again elsewhere.
                         break End::Broken;
                     }
                     if waiting.is_empty() {
                         linger.as_mut().reset(tokio::time::Instant::now() + LINGER);
-                        if checkout.conn().born.elapsed() >= lifetime {
-                            retiring = true;
-                        }
                     }
-                } else if reading.bytes.len() >= PART {
+                } else if reading.bytes.len() >= PART && !reading.again {
                     let (part, size) = reading.part(conn.mid_message());
-                    reading.hand(head, part, size).await;
+                    reading.hand(head, &state, part, size).await;
                 }
             }
             job = inbox.recv(), if taking && waiting.len() < MAX_DEPTH => {
                 let Some(job) = job else {
                     break if waiting.is_empty() { End::Done } else { End::Broken };
                 };
-                if pool.is_closed() {
+                let slow = !waiting.is_empty() && reading.read == 0 && head_since.elapsed() > PATIENCE;
+                if pool.is_closed() || slow {
                     let _ = job.reply.try_send(Answer::Retry);
                     state.depth.fetch_sub(1, Ordering::AcqRel);
                     continue;
@@ -547,7 +590,7 @@ async fn run(
                 }
                 conn.push(&job.query);
                 if waiting.is_empty() {
-                    reading.began = Instant::now();
+                    head_since = Instant::now();
                     state.head.store(job.ticket, Ordering::Release);
                 }
                 waiting.push_back(job);
@@ -557,17 +600,25 @@ async fn run(
     };
     // Out of the list first: no job is given to it after this, and those
     // given before are in its inbox.
-    pool.lines
-        .open
-        .lock()
-        .expect("lines lock")
-        .retain(|l| !Arc::ptr_eq(&l.state, &state));
+    drop(leave);
     inbox.close();
     while let Ok(job) = inbox.try_recv() {
         let _ = job.reply.try_send(Answer::Retry);
     }
+    // Those behind the head that the server has not answered: each one
+    // `SELECT`, run again elsewhere (if the server ran it, it ran it in a
+    // transaction of its own that nothing saw).
+    let mut waiting = waiting.into_iter();
+    if let Some(head) = waiting.next() {
+        let lost = if reading.handed == 0 && !reading.dropped {
+            Answer::Retry
+        } else {
+            Answer::Lost(None)
+        };
+        let _ = head.reply.try_send(lost);
+    }
     for job in waiting {
-        let _ = job.reply.try_send(Answer::Lost(None));
+        let _ = job.reply.try_send(Answer::Retry);
     }
     state.head.store(0, Ordering::Release);
     match end {

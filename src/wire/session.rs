@@ -1044,9 +1044,16 @@ impl Session {
                             .fetch_add(1, Ordering::Relaxed);
                         self.transactions.increment(1);
                     }
-                    self.torn = false;
                     self.flush_client().await.map_err(gone)?;
                     self.write_client(&bytes).await.map_err(gone)?;
+                    self.torn = false;
+                    if status != b'I' {
+                        // Cannot be, for one `SELECT` (the line ends).
+                        return Err(Fatal(
+                            "08006",
+                            "the connection to the tenant database was lost".into(),
+                        ));
+                    }
                     return Ok(true);
                 }
                 Some(mux::Answer::Lost(Some(last_word))) if !self.torn => {
@@ -1588,7 +1595,7 @@ impl Session {
                         n => written += n,
                     },
                     _ = token.cancelled() => {
-                        *torn = written > 0;
+                        *torn |= written > 0;
                         return Err(std::io::Error::other("session ended"));
                     }
                 }
