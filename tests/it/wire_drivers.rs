@@ -149,20 +149,25 @@ fn assert_said(out: &Output, want: &str) {
     );
 }
 
-/// The front door's figures of `slug` (`GET /admin/v1/pools`): server
-/// connections in use and idle.
-async fn server_connections(env: &TestEnv, slug: &str) -> (Option<u64>, Option<u64>) {
+/// The front door's figures of `slug` (`GET /admin/v1/pools`), as JSON
+/// (null while it has neither clients nor server connections).
+pub(crate) async fn front_door_figures(env: &TestEnv, slug: &str) -> serde_json::Value {
     let t = env.record(slug).await;
     let (_, pools) = env
         .call(axum::http::Method::GET, "/admin/v1/pools", None)
         .await;
-    let tenant = pools["wire"]["tenants"]
+    pools["wire"]["tenants"]
         .as_array()
         .unwrap()
         .iter()
         .find(|x| x["tenant_id"] == t.id.to_string())
         .cloned()
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// Of those: server connections in use and idle.
+async fn server_connections(env: &TestEnv, slug: &str) -> (Option<u64>, Option<u64>) {
+    let tenant = front_door_figures(env, slug).await;
     (
         tenant["server_in_use"].as_u64(),
         tenant["server_idle"].as_u64(),

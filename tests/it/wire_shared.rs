@@ -15,17 +15,7 @@ use crate::wire::{credential, pgbench_tables, text, uri, wait_until_running};
 /// `slug`'s figures at the front door (`GET /admin/v1/pools`):
 /// transactions, of those shared, and errors.
 async fn figures(env: &TestEnv, slug: &str) -> (u64, u64, u64) {
-    let t = env.record(slug).await;
-    let (_, pools) = env
-        .call(axum::http::Method::GET, "/admin/v1/pools", None)
-        .await;
-    let tenant = pools["wire"]["tenants"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["tenant_id"] == t.id.to_string())
-        .cloned()
-        .unwrap_or_default();
+    let tenant = crate::wire_drivers::front_door_figures(env, slug).await;
     let n = |k: &str| tenant[k].as_u64().unwrap_or(0);
     (n("transactions"), n("shared_queries"), n("errors"))
 }
