@@ -1286,7 +1286,7 @@ async fn a_tenant_server_that_accepts_only_tls_is_reached_over_verified_tls() {
             local_sockets: false,
             ..Default::default()
         })
-        .wire(|_| {})
+        .wire(|w| w.shared_connections = 1)
         .start()
         .await;
     let pg =
@@ -1425,6 +1425,39 @@ async fn a_tenant_server_that_accepts_only_tls_is_reached_over_verified_tls() {
         "{}",
         text(&out)
     );
+
+    // A shared connection (`SILO_PG_SHARED_CONNECTIONS=1`) over TLS: its
+    // clients' reads, pipelined and flushed through TLS, each answered to
+    // its own client.
+    let u = uri(&env, "canceller", &pw, "locked");
+    let mut busy = sqlx::PgConnection::connect(&u).await.unwrap();
+    sqlx::Executor::execute(&mut busy, "BEGIN").await.unwrap();
+    sqlx::Executor::execute(&mut busy, "SELECT 1")
+        .await
+        .unwrap();
+    let shared = |f: serde_json::Value| f["shared_queries"].as_u64().unwrap_or(0);
+    let before = shared(crate::wire_drivers::front_door_figures(&env, "locked").await);
+    let mut clients = tokio::task::JoinSet::new();
+    for i in 0..8i64 {
+        let u = u.clone();
+        clients.spawn(async move {
+            let mut c = sqlx::PgConnection::connect(&u).await.unwrap();
+            for j in 0..30i64 {
+                let n = i * 100 + j;
+                let sql = format!("SELECT {n}::int8");
+                let row = sqlx::Executor::fetch_one(&mut c, sql.as_str())
+                    .await
+                    .unwrap();
+                assert_eq!(row.get::<i64, _>(0), n);
+            }
+        });
+    }
+    while let Some(done) = clients.join_next().await {
+        done.unwrap();
+    }
+    let after = shared(crate::wire_drivers::front_door_figures(&env, "locked").await);
+    assert!(after > before, "no read was shared over TLS");
+    sqlx::Executor::execute(&mut busy, "COMMIT").await.unwrap();
 }
 
 /// sqlx's unpersisted queries prepare the unnamed statement in one `Sync`
