@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, Notify};
 use super::backend::{Target, Traffic};
 use super::pool::{Checkout, WirePool};
 use super::proto;
-use super::session::{set_config, TRACKED};
+use super::session::{tracked_sets, TRACKED};
 use super::Ender;
 
 /// Queries one line has been given and not answered yet, at most.
@@ -208,10 +208,10 @@ pub(super) async fn submit(
     ender: &Arc<Ender>,
     wanted: &[(String, String)],
 ) -> Option<Ticket> {
-    let lines = lines.min(pool.cap().saturating_sub(1));
-    if lines == 0 || pool.is_closed() || pool.in_use() < lines {
+    if !busy(pool, lines) {
         return None;
     }
+    let lines = lines.min(pool.cap() - 1);
     let settings = pool.settings_key(wanted, TRACKED)?;
     if let Some(t) = pool.lines.give(query, ender, settings) {
         return Some(t);
@@ -231,6 +231,13 @@ pub(super) async fn submit(
     }
 }
 
+/// Whether `pool` shares now: open, with room for a line beside one
+/// connection kept for what is not shared, and `lines` connections in use.
+pub(super) fn busy(pool: &WirePool, lines: usize) -> bool {
+    let lines = lines.min(pool.cap().saturating_sub(1));
+    lines > 0 && !pool.is_closed() && pool.in_use() >= lines
+}
+
 /// Open a line on a connection of `pool` for clients with the `wanted`
 /// tracked settings (`settings`, their key).
 async fn open(pool: &Arc<WirePool>, wanted: &[(String, String)], settings: u64) -> bool {
@@ -241,17 +248,7 @@ async fn open(pool: &Arc<WirePool>, wanted: &[(String, String)], settings: u64) 
     // server's at login, as the key has them), whatever a client before left.
     let initial = pool.initial_params().unwrap_or_default();
     let conn = checkout.conn();
-    let sets: Vec<String> = TRACKED
-        .iter()
-        .filter_map(|k| {
-            let want = wanted
-                .iter()
-                .find(|(n, _)| n == k)
-                .map(|(_, v)| v)
-                .or_else(|| initial.get(*k))?;
-            (conn.params.get(*k) != Some(want)).then(|| set_config(k, want))
-        })
-        .collect();
+    let sets = tracked_sets(wanted, &initial, &conn.params);
     if !sets.is_empty() {
         let sql = format!("SELECT {}", sets.join(", "));
         let set = conn.run_quietly(&sql);

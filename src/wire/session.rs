@@ -850,10 +850,7 @@ impl Session {
                     "54000",
                     format!("a message of {n} bytes from the database is larger than this server relays (SILO_PG_MAX_MESSAGE_BYTES)"),
                 )),
-                Event::Server(_) => Err(Fatal(
-                    "08006",
-                    "the connection to the tenant database was lost".into(),
-                )),
+                Event::Server(_) => Err(lost()),
                 Event::Ended => Err(self.ended()),
                 Event::Idle => Err(Fatal(
                     "57P05",
@@ -952,12 +949,7 @@ impl Session {
         let more = proto::has_whole_message(self.reader.read_buffer());
         if !more {
             let server = self.server.as_mut().expect("attached");
-            server.conn().flush().await.map_err(|_| {
-                Fatal(
-                    "08006",
-                    "the connection to the tenant database was lost".into(),
-                )
-            })?;
+            server.conn().flush().await.map_err(|_| lost())?;
         }
         Ok(true)
     }
@@ -976,10 +968,12 @@ impl Session {
         let Some(pool) = self.pool.as_ref().filter(|p| !p.is_closed()).cloned() else {
             return Ok(Some(m));
         };
-        if !sharable(m.body()) {
+        let lines = self.shared.settings.shared_connections;
+        // The tenant's figures first: no text is read for a tenant that
+        // is not busy.
+        if !mux::busy(&pool, lines) || !sharable(m.body()) {
             return Ok(Some(m));
         }
-        let lines = self.shared.settings.shared_connections;
         let Some(mut ticket) = mux::submit(&pool, lines, &m.frame, &self.ender, &self.wanted).await
         else {
             return Ok(Some(m));
@@ -1049,10 +1043,7 @@ impl Session {
                     self.torn = false;
                     if status != b'I' {
                         // Cannot be, for one `SELECT` (the line ends).
-                        return Err(Fatal(
-                            "08006",
-                            "the connection to the tenant database was lost".into(),
-                        ));
+                        return Err(lost());
                     }
                     return Ok(true);
                 }
@@ -1063,12 +1054,7 @@ impl Session {
                     self.flush_client().await.ok();
                     return Err(Fatal(TOLD, String::new()));
                 }
-                _ => {
-                    return Err(Fatal(
-                        "08006",
-                        "the connection to the tenant database was lost".into(),
-                    ))
-                }
+                _ => return Err(lost()),
             }
         }
     }
@@ -1489,11 +1475,7 @@ impl Session {
                 self.copy_in = true;
             }
             b'E' => {
-                self.tenant_slot
-                    .counters
-                    .errors
-                    .fetch_add(1, Ordering::Relaxed);
-                self.errors.increment(1);
+                self.count_errors(1);
                 let (severity, _, _) = proto::error_fields(m.body());
                 if matches!(severity.as_str(), "FATAL" | "PANIC") {
                     // The server's own last word is the client's.
@@ -1706,18 +1688,7 @@ impl Session {
         // The tracked settings as this client has them (its own, else the
         // server's at login), whatever a client before it left; in session
         // mode also the rest it asked for.
-        let mut sets: Vec<String> = TRACKED
-            .iter()
-            .filter_map(|k| {
-                let want = self
-                    .wanted
-                    .iter()
-                    .find(|(n, _)| n == k)
-                    .map(|(_, v)| v)
-                    .or_else(|| conn.initial.get(*k))?;
-                (conn.params.get(*k) != Some(want)).then(|| set_config(k, want))
-            })
-            .collect();
+        let mut sets = tracked_sets(&self.wanted, &conn.initial, &conn.params);
         if self.mode == PoolMode::Session {
             sets.extend(
                 self.wanted
@@ -2049,6 +2020,14 @@ fn changes_session(sql: &str) -> bool {
     .unwrap_or(true)
 }
 
+/// The end of a session whose server connection was lost.
+fn lost() -> Fatal {
+    Fatal(
+        "08006",
+        "the connection to the tenant database was lost".into(),
+    )
+}
+
 /// Whether a simple query may run on a shared connection (see
 /// `wire::mux`): small, one `SELECT`, nothing it leaves on the connection
 /// (see [`changes_session`]), and none of what would make the queries
@@ -2247,6 +2226,27 @@ fn quoted_end(b: &[u8], at: usize, quote: u8, escapes: bool) -> Option<usize> {
 
 /// `set_config(name, value, false)`: a setting as `-c name=value` gives it
 /// (a list such as `search_path` parsed from the text, as at login).
+/// `set_config` calls that give a server connection now at `params` the
+/// tracked settings a client asking for `wanted` has: its own, else
+/// `initial` (the server's at login).
+pub(super) fn tracked_sets(
+    wanted: &[(String, String)],
+    initial: &HashMap<String, String>,
+    params: &HashMap<String, String>,
+) -> Vec<String> {
+    TRACKED
+        .iter()
+        .filter_map(|k| {
+            let want = wanted
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v)
+                .or_else(|| initial.get(*k))?;
+            (params.get(*k) != Some(want)).then(|| set_config(k, want))
+        })
+        .collect()
+}
+
 pub(super) fn set_config(name: &str, value: &str) -> String {
     format!(
         "pg_catalog.set_config({}, {}, false)",
